@@ -1,0 +1,362 @@
+//! The block store of one host: immutable blocks named by their BLAKE3 hash,
+//! kept as files on one or more devices (directories, usually one per disk).
+//!
+//! A put is verified against its hash and written temp → fsync → rename →
+//! fsync dir, so an acknowledged block survives a power cut. A get verifies the
+//! hash again; a block whose bytes no longer match is moved to the device's
+//! `quarantine/` and reported as corrupt, never served.
+//!
+//! This crate never touches the network and is synchronous: the daemon calls
+//! it from blocking threads.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use failsafe_core::{block_hash, hash_hex, HASH_LEN, MAX_BLOCK_BYTES};
+
+pub type Hash = [u8; HASH_LEN];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no device {0:#x} on this host")]
+    NoSuchDevice(u64),
+    #[error("block {0} not found")]
+    NotFound(String),
+    #[error("block bytes hash to {actual}, not {expected}")]
+    HashMismatch { expected: String, actual: String },
+    #[error("block {0} is corrupt on disk and was quarantined")]
+    Corrupt(String),
+    #[error("block of {0} bytes is over the {MAX_BLOCK_BYTES} byte limit")]
+    TooLarge(usize),
+    #[error("device {0:#x} is full")]
+    Full(u64),
+    #[error("device {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Usage of one device, as reported to the tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUsage {
+    pub device_id: u64,
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks: u64,
+}
+
+struct Device {
+    id: u64,
+    root: PathBuf,
+    used_bytes: AtomicU64,
+    blocks: AtomicU64,
+}
+
+impl Device {
+    /// Opens a device directory, giving it a persistent id on first use.
+    fn open(root: &Path) -> Result<Device, StoreError> {
+        for sub in ["blocks", "tmp", "quarantine"] {
+            fs::create_dir_all(root.join(sub)).map_err(io_err(root))?;
+        }
+        let id_path = root.join("device.id");
+        let id = match fs::read_to_string(&id_path) {
+            Ok(s) => u64::from_str_radix(s.trim(), 16).map_err(|e| StoreError::Io {
+                path: id_path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let id = rand::random::<u64>() | 1;
+                write_durably(&id_path, format!("{id:016x}\n").as_bytes())?;
+                id
+            }
+            Err(e) => return Err(io_err(&id_path)(e)),
+        };
+        // Leftovers of puts interrupted by a crash were never acknowledged.
+        if let Ok(entries) = fs::read_dir(root.join("tmp")) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        let dev = Device { id, root: root.to_path_buf(), used_bytes: AtomicU64::new(0), blocks: AtomicU64::new(0) };
+        let (mut used, mut count) = (0, 0);
+        dev.walk(|_, size| {
+            used += size;
+            count += 1;
+        })?;
+        dev.used_bytes.store(used, Ordering::Relaxed);
+        dev.blocks.store(count, Ordering::Relaxed);
+        Ok(dev)
+    }
+
+    /// `blocks/ab/cd/abcd…`: two fan-out levels keep directories small.
+    fn block_path(&self, hash: &Hash) -> PathBuf {
+        let hex = hash_hex(hash);
+        self.root.join("blocks").join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    fn walk(&self, mut f: impl FnMut(Hash, u64)) -> Result<(), StoreError> {
+        let top = self.root.join("blocks");
+        for l1 in fs::read_dir(&top).map_err(io_err(&top))?.flatten() {
+            for l2 in fs::read_dir(l1.path()).map_err(io_err(&top))?.flatten() {
+                for file in fs::read_dir(l2.path()).map_err(io_err(&top))?.flatten() {
+                    let name = file.file_name();
+                    let Some(hash) = name.to_str().and_then(parse_hex_hash) else { continue };
+                    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    f(hash, size);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_hex_hash(s: &str) -> Option<Hash> {
+    if s.len() != HASH_LEN * 2 {
+        return None;
+    }
+    let mut out = [0u8; HASH_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Writes `path` so that it is complete or absent after a crash.
+fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", rand::random::<u64>()));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+pub struct BlockStore {
+    devices: Vec<Device>,
+    by_id: HashMap<u64, usize>,
+}
+
+impl BlockStore {
+    pub fn open(paths: &[PathBuf]) -> Result<BlockStore, StoreError> {
+        let mut devices = Vec::new();
+        let mut by_id = HashMap::new();
+        for p in paths {
+            let dev = Device::open(p)?;
+            by_id.insert(dev.id, devices.len());
+            devices.push(dev);
+        }
+        Ok(BlockStore { devices, by_id })
+    }
+
+    fn device(&self, id: u64) -> Result<&Device, StoreError> {
+        self.by_id.get(&id).map(|&i| &self.devices[i]).ok_or(StoreError::NoSuchDevice(id))
+    }
+
+    pub fn device_ids(&self) -> Vec<u64> {
+        self.devices.iter().map(|d| d.id).collect()
+    }
+
+    pub fn usage(&self) -> Vec<DeviceUsage> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let (capacity_bytes, free_bytes) = fs_space(&d.root).unwrap_or((0, 0));
+                DeviceUsage {
+                    device_id: d.id,
+                    path: d.root.clone(),
+                    capacity_bytes,
+                    free_bytes,
+                    used_bytes: d.used_bytes.load(Ordering::Relaxed),
+                    blocks: d.blocks.load(Ordering::Relaxed),
+                }
+            })
+            .collect()
+    }
+
+    /// Stores `data` as block `hash` on `device_id`, durably, after checking
+    /// that the bytes hash to the name. Storing a block that is already there
+    /// succeeds without rewriting it.
+    pub fn put(&self, device_id: u64, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
+        if data.len() > MAX_BLOCK_BYTES {
+            return Err(StoreError::TooLarge(data.len()));
+        }
+        let actual = block_hash(data);
+        if &actual != hash {
+            return Err(StoreError::HashMismatch { expected: hash_hex(hash), actual: hash_hex(&actual) });
+        }
+        let dev = self.device(device_id)?;
+        let path = dev.block_path(hash);
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().unwrap_or(&dev.root);
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = dev.root.join("tmp").join(format!("{}.{}", hash_hex(hash), rand::random::<u32>()));
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(dir)?.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(StoreError::Full(device_id));
+            }
+            return Err(StoreError::Io { path, source: e });
+        }
+        dev.used_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        dev.blocks.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads block `hash`, from `device_id` or from any device that has it.
+    /// Returns the device it came from and the verified bytes.
+    pub fn get(&self, hash: &Hash, device_id: Option<u64>) -> Result<(u64, Vec<u8>), StoreError> {
+        let dev = match device_id {
+            Some(id) => self.device(id)?,
+            None => {
+                let id = self.has(hash).ok_or_else(|| StoreError::NotFound(hash_hex(hash)))?;
+                self.device(id)?
+            }
+        };
+        let path = dev.block_path(hash);
+        let mut data = Vec::new();
+        match File::open(&path) {
+            Ok(mut f) => f.read_to_end(&mut data).map_err(io_err(&path))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(hash_hex(hash))),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if &block_hash(&data) != hash {
+            let hex = hash_hex(hash);
+            tracing::error!(device = format!("{:#x}", dev.id), block = %hex, "corrupt block quarantined");
+            let _ = fs::rename(&path, dev.root.join("quarantine").join(&hex));
+            dev.used_bytes.fetch_sub((data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            dev.blocks.fetch_sub(1, Ordering::Relaxed);
+            return Err(StoreError::Corrupt(hex));
+        }
+        Ok((dev.id, data))
+    }
+
+    /// The device holding `hash`, if any (by presence, not verified).
+    pub fn has(&self, hash: &Hash) -> Option<u64> {
+        self.devices.iter().find(|d| d.block_path(hash).exists()).map(|d| d.id)
+    }
+
+    /// Every block on `device_id` (or on every device): hash, size, device.
+    pub fn inventory(&self, device_id: Option<u64>) -> Result<Vec<(Hash, u64, u64)>, StoreError> {
+        let devs: Vec<&Device> = match device_id {
+            Some(id) => vec![self.device(id)?],
+            None => self.devices.iter().collect(),
+        };
+        let mut out = Vec::new();
+        for d in devs {
+            d.walk(|h, size| out.push((h, size, d.id)))?;
+        }
+        Ok(out)
+    }
+
+    pub fn delete(&self, device_id: u64, hash: &Hash) -> Result<bool, StoreError> {
+        let dev = self.device(device_id)?;
+        let path = dev.block_path(hash);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        dev.used_bytes.fetch_sub(size.min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        dev.blocks.fetch_sub(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Where block `hash` lives on `device_id` (tests corrupt it there).
+    pub fn block_path(&self, device_id: u64, hash: &Hash) -> Result<PathBuf, StoreError> {
+        Ok(self.device(device_id)?.block_path(hash))
+    }
+}
+
+/// (capacity, free) bytes of the filesystem holding `path`.
+fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path, n: usize) -> BlockStore {
+        let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("dev{i}"))).collect();
+        BlockStore::open(&paths).unwrap()
+    }
+
+    #[test]
+    fn put_get_has_inventory_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 2);
+        let [d0, d1] = s.device_ids()[..] else { panic!() };
+        let data = b"hello block".to_vec();
+        let h = block_hash(&data);
+        s.put(d1, &h, &data).unwrap();
+        s.put(d1, &h, &data).unwrap(); // idempotent
+        assert_eq!(s.has(&h), Some(d1));
+        assert_eq!(s.get(&h, None).unwrap(), (d1, data.clone()));
+        assert!(matches!(s.get(&h, Some(d0)), Err(StoreError::NotFound(_))));
+        assert_eq!(s.inventory(None).unwrap(), vec![(h, data.len() as u64, d1)]);
+        assert_eq!(s.usage().iter().map(|u| u.blocks).sum::<u64>(), 1);
+        assert!(s.delete(d1, &h).unwrap());
+        assert!(!s.delete(d1, &h).unwrap());
+        assert_eq!(s.has(&h), None);
+    }
+
+    #[test]
+    fn device_ids_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = store(dir.path(), 2).device_ids();
+        assert_eq!(store(dir.path(), 2).device_ids(), ids);
+    }
+
+    #[test]
+    fn refuses_bytes_that_do_not_match_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1);
+        let d = s.device_ids()[0];
+        let err = s.put(d, &block_hash(b"one"), b"two").unwrap_err();
+        assert!(matches!(err, StoreError::HashMismatch { .. }));
+        assert_eq!(s.inventory(None).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn corrupt_block_is_detected_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1);
+        let d = s.device_ids()[0];
+        let data = vec![7u8; 1000];
+        let h = block_hash(&data);
+        s.put(d, &h, &data).unwrap();
+        let path = s.block_path(d, &h).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[500] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(s.get(&h, None), Err(StoreError::Corrupt(_))));
+        assert_eq!(s.has(&h), None);
+        assert!(dir.path().join("dev0/quarantine").join(hash_hex(&h)).exists());
+    }
+}

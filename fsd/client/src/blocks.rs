@@ -1,0 +1,245 @@
+//! Block I/O: writes to the write quorum of the devices the tracker chose,
+//! reads from the nearest intact copy.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use failsafe_core::{block_hash, hash_hex, MAX_BLOCK_BYTES};
+use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::{Client, ClientError};
+
+/// Chunk size of a block on the wire.
+const CHUNK: usize = 256 * 1024;
+/// After the quorum has acknowledged, how long to wait for the other copies
+/// before leaving them to finish in the background.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(200);
+
+impl Client {
+    /// Stores one block on one device.
+    pub async fn put_block(&self, addr: &str, device_id: u64, data: &[u8]) -> Result<(), tonic::Status> {
+        let hash = block_hash(data).to_vec();
+        let header = self.header();
+        let size = data.len() as u64;
+        let mut chunks: Vec<pb::PutChunk> = data
+            .chunks(CHUNK)
+            .map(|c| pb::PutChunk { header: None, hash: Vec::new(), device_id: 0, size: 0, data: c.to_vec() })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(pb::PutChunk::default());
+        }
+        chunks[0].header = header;
+        chunks[0].hash = hash;
+        chunks[0].device_id = device_id;
+        chunks[0].size = size;
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut req = tonic::Request::new(tokio_stream::iter(chunks));
+        req.set_timeout(self.inner.cfg.block_timeout);
+        match tokio::time::timeout(self.inner.cfg.block_timeout, blocks.put(req)).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(tonic::Status::cancelled(format!("block put to {addr} timed out"))),
+        }
+    }
+
+    /// Reads one block from one device and checks it against its name.
+    pub async fn get_block(&self, addr: &str, device_id: u64, hash: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::GetRequest { header: self.header(), hash: hash.to_vec(), device_id });
+        req.set_timeout(self.inner.cfg.block_timeout);
+        let fetch = async {
+            let mut stream = blocks.get(req).await?.into_inner();
+            let mut data = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                if data.len() + chunk.data.len() > MAX_BLOCK_BYTES {
+                    return Err(tonic::Status::out_of_range("block larger than the block limit"));
+                }
+                data.extend_from_slice(&chunk.data);
+            }
+            Ok(data)
+        };
+        let data = match tokio::time::timeout(self.inner.cfg.block_timeout, fetch).await {
+            Ok(r) => r?,
+            Err(_) => return Err(tonic::Status::cancelled(format!("block get from {addr} timed out"))),
+        };
+        if block_hash(&data)[..] != hash[..] {
+            return Err(tonic::Status::data_loss(format!("block {} from {addr} does not match its hash", hash_hex(hash))));
+        }
+        Ok(data)
+    }
+
+    /// Writes blocks to the devices the tracker places them on. Returns, per
+    /// block, the devices that hold it once at least the write quorum has it.
+    pub async fn put_blocks(&self, blocks: &[Vec<u8>]) -> Result<Vec<pb::BlockCopies>, ClientError> {
+        for b in blocks {
+            if b.len() > MAX_BLOCK_BYTES {
+                return Err(ClientError::Invalid(format!("block of {} bytes over the limit", b.len())));
+            }
+        }
+        let hashes: Vec<Vec<u8>> = blocks.iter().map(|b| block_hash(b).to_vec()).collect();
+        let copies_wanted = 3u32;
+        // Ask for spares: if a chosen device fails, the next one takes its copy.
+        let placement = match self.query(Query::Place(pb::Place { hashes: hashes.clone(), copies: copies_wanted + 2 })).await? {
+            Reply::Placement(p) => p,
+            _ => return Err(ClientError::Unavailable("unexpected reply to placement".into())),
+        };
+        let addrs: HashMap<u64, String> = placement.devices.iter().map(|d| (d.device_id, d.addr.clone())).collect();
+        let quorum = placement.write_quorum.max(1) as usize;
+        let mut out = Vec::with_capacity(blocks.len());
+        for ((data, hash), choice) in blocks.iter().zip(&hashes).zip(&placement.choices) {
+            let targets: Vec<(u64, String)> =
+                choice.device_ids.iter().filter_map(|d| addrs.get(d).map(|a| (*d, a.clone()))).collect();
+            let want = (copies_wanted as usize).min(targets.len());
+            let devices = self.put_to_quorum(data, &targets, want, quorum).await?;
+            out.push(pb::BlockCopies { hash: hash.clone(), size: data.len() as u64, device_ids: devices });
+        }
+        Ok(out)
+    }
+
+    async fn put_to_quorum(
+        &self,
+        data: &[u8],
+        targets: &[(u64, String)],
+        want: usize,
+        quorum: usize,
+    ) -> Result<Vec<u64>, ClientError> {
+        let data = std::sync::Arc::new(data.to_vec());
+        let mut spares = targets.iter().skip(want).cloned();
+        let start = |(dev, addr): (u64, String)| {
+            let client = self.clone();
+            let data = data.clone();
+            async move {
+                let r = client.put_block(&addr, dev, &data).await;
+                (dev, addr, r)
+            }
+        };
+        let mut running: FuturesUnordered<_> = targets.iter().take(want).cloned().map(start).collect();
+        let mut acked = Vec::new();
+        let mut last_error = String::from("no devices to write to");
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                Some(until) => match tokio::time::timeout_at(until, running.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                },
+                None => running.next().await,
+            };
+            let Some((dev, addr, r)) = next else { break };
+            match r {
+                Ok(()) => acked.push(dev),
+                Err(s) => {
+                    tracing::debug!(device = dev, %addr, error = %s.message(), "block put failed");
+                    last_error = format!("{addr}: {}", s.message());
+                    if let Some(spare) = spares.next() {
+                        running.push(start(spare));
+                    }
+                }
+            }
+            if acked.len() >= want {
+                break;
+            }
+            if acked.len() >= quorum && grace.is_none() {
+                grace = Some(tokio::time::Instant::now() + STRAGGLER_GRACE);
+            }
+        }
+        if acked.len() < quorum {
+            return Err(ClientError::Quorum { acked: acked.len(), needed: quorum, last_error });
+        }
+        if !running.is_empty() {
+            // Copies still in flight finish in the background and are recorded
+            // then; repair restores any that never arrive.
+            let client = self.clone();
+            let hash = block_hash(&data).to_vec();
+            let size = data.len() as u64;
+            tokio::spawn(async move {
+                let late: Vec<u64> =
+                    running.filter_map(|(dev, _, r)| async move { r.ok().map(|()| dev) }).collect().await;
+                if !late.is_empty() {
+                    let copies = vec![pb::BlockCopies { hash, size, device_ids: late }];
+                    let op = pb::command::Op::RecordCopies(pb::RecordCopies { copies });
+                    if let Err(e) = client.mutate(op).await {
+                        tracing::warn!(error = %e, "recording late block copies failed");
+                    }
+                }
+            });
+        }
+        Ok(acked)
+    }
+
+    /// Writes `data` at `offset` of file `ino`: blocks to the quorum first,
+    /// then the extents that point at them.
+    pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<pb::Attr, ClientError> {
+        if data.is_empty() {
+            return self.getattr(ino).await;
+        }
+        let blocks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
+        let copies = self.put_blocks(&blocks).await?;
+        let mut extents = Vec::with_capacity(blocks.len());
+        let mut at = offset;
+        for (b, c) in blocks.iter().zip(&copies) {
+            extents.push(pb::Extent { offset: at, length: b.len() as u64, hash: c.hash.clone(), block_offset: 0 });
+            at += b.len() as u64;
+        }
+        self.commit_extents(ino, extents, copies).await
+    }
+
+    /// Reads up to `length` bytes at `offset`; holes read as zeros.
+    pub async fn read(&self, ino: u64, offset: u64, length: u64) -> Result<Vec<u8>, ClientError> {
+        let fe = self.read_extents(ino, offset, length).await?;
+        let size = fe.attr.as_ref().map_or(0, |a| a.size);
+        let end = offset.saturating_add(length).min(size);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let copies: HashMap<&[u8], &pb::BlockCopies> = fe.copies.iter().map(|c| (c.hash.as_slice(), c)).collect();
+        let mut cache: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for e in &fe.extents {
+            if !cache.contains_key(&e.hash) {
+                let devices = copies.get(e.hash.as_slice()).map_or(&[][..], |c| c.device_ids.as_slice());
+                let data = self.read_block(&e.hash, devices, &fe.devices).await?;
+                cache.insert(e.hash.clone(), data);
+            }
+            let block = &cache[&e.hash];
+            let from = e.offset.max(offset);
+            let to = e.offset.saturating_add(e.length).min(end);
+            if from >= to {
+                continue;
+            }
+            let b0 = (e.block_offset + (from - e.offset)) as usize;
+            let b1 = b0 + (to - from) as usize;
+            let src = block.get(b0..b1).ok_or_else(|| ClientError::BlockUnreadable {
+                hash: hash_hex(&e.hash),
+                last_error: "extent reaches past the end of its block".into(),
+            })?;
+            out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+        }
+        Ok(out)
+    }
+
+    /// Reads a block from the first copy that answers intact: copies in this
+    /// client's zone first.
+    pub async fn read_block(
+        &self,
+        hash: &[u8],
+        device_ids: &[u64],
+        locations: &[pb::DeviceLocation],
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut candidates: Vec<&pb::DeviceLocation> =
+            locations.iter().filter(|l| device_ids.contains(&l.device_id)).collect();
+        let zone = self.inner.cfg.zone.as_deref();
+        candidates.sort_by_key(|l| Some(l.zone.as_str()) != zone);
+        let mut last_error = String::from("no copies recorded");
+        for l in candidates {
+            match self.get_block(&l.addr, l.device_id, hash).await {
+                Ok(data) => return Ok(data),
+                Err(s) => {
+                    tracing::debug!(addr = %l.addr, error = %s.message(), "block read failed, trying next copy");
+                    last_error = format!("{}: {}", l.addr, s.message());
+                }
+            }
+        }
+        Err(ClientError::BlockUnreadable { hash: hash_hex(hash), last_error })
+    }
+}

@@ -1,0 +1,34 @@
+use failsafe_proto::pb::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The tracker refused the operation (ENOENT, EEXIST, …): a clean answer.
+    #[error("{message} ({code:?})")]
+    Refused { code: ErrorCode, message: String },
+    /// No tracker member answered in time, or none could take the request
+    /// (no leader, no majority).
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// A member answered but refused the request itself (wrong cluster,
+    /// protocol version, malformed request).
+    #[error("request rejected by {addr}: {status}")]
+    Rejected { addr: String, status: tonic::Status },
+    /// Fewer devices than the write quorum stored a block.
+    #[error("block write reached {acked} of the {needed} copies it needs: {last_error}")]
+    Quorum { acked: usize, needed: usize, last_error: String },
+    /// No copy of a block could be read intact.
+    #[error("block {hash} unreadable from every copy: {last_error}")]
+    BlockUnreadable { hash: String, last_error: String },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// The tracker's error code, if the tracker refused the operation.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}

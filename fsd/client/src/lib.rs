@@ -1,0 +1,19 @@
+//! The client library of failsafe, used by `fsctl`, `mount.failsafe` and
+//! `failsafe-chaos`.
+//!
+//! Metadata requests go to the tracker leader, found by following leader hints
+//! and by trying every known member; every RPC has a deadline, and a mutation
+//! keeps its operation id across retries so the tracker applies it at most
+//! once. Block writes go to the devices the tracker chose and succeed once the
+//! write quorum has fsynced them; block reads verify the hash and fall back to
+//! the next copy on timeout, error or corruption.
+
+mod blocks;
+mod error;
+mod meta;
+mod net;
+
+pub use error::ClientError;
+pub use failsafe_proto::pb;
+pub use meta::{Session, LockRequest};
+pub use net::{Client, ClientConfig};

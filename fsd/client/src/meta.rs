@@ -1,0 +1,263 @@
+//! Metadata operations: each is one tracker command or query.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use failsafe_proto::pb::{self, command::Op, command_result, query_reply::Reply, query_request::Query, Consistency};
+
+use crate::{Client, ClientError};
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn refused(e: pb::CommandError) -> ClientError {
+    ClientError::Refused {
+        code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::ErrorUnspecified),
+        message: e.message,
+    }
+}
+
+fn unexpected(what: &str) -> ClientError {
+    ClientError::Unavailable(format!("unexpected reply to {what}"))
+}
+
+/// A lock request, POSIX byte range or flock.
+#[derive(Debug, Clone, Copy)]
+pub struct LockRequest {
+    pub ino: u64,
+    /// The lock owner: a process for POSIX locks, an open file for flock.
+    pub owner: u64,
+    pub kind: pb::LockKind,
+    pub ltype: pb::LockType,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Client {
+    /// Proposes a command; retries keep its operation id, so it is applied once.
+    pub async fn mutate(&self, op: Op) -> Result<command_result::Result, ClientError> {
+        let cmd = pb::Command { client_id: self.inner.client_id, op_id: self.next_op_id(), now_ns: now_ns(), op: Some(op) };
+        let reply = self
+            .with_leader("metadata change", |addr| {
+                let req = pb::MutateRequest { header: self.header(), command: Some(cmd.clone()) };
+                let c = self.meta(&addr);
+                async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.mutate(req).await }
+            })
+            .await?
+            .into_inner();
+        match reply.result.and_then(|r| r.result) {
+            Some(command_result::Result::Error(e)) => Err(refused(e)),
+            Some(r) => Ok(r),
+            None => Err(unexpected("mutate")),
+        }
+    }
+
+    async fn mutate_attr(&self, op: Op) -> Result<pb::Attr, ClientError> {
+        match self.mutate(op).await? {
+            command_result::Result::Attr(a) => Ok(a),
+            _ => Err(unexpected("mutate")),
+        }
+    }
+
+    async fn mutate_ok(&self, op: Op) -> Result<(), ClientError> {
+        self.mutate(op).await.map(|_| ())
+    }
+
+    /// A linearizable query, answered by the leader.
+    pub async fn query(&self, q: Query) -> Result<Reply, ClientError> {
+        self.query_with(q, Consistency::Linearizable).await
+    }
+
+    pub async fn query_with(&self, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
+        let reply = self
+            .with_leader("metadata read", |addr| {
+                let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q.clone()) };
+                let c = self.meta(&addr);
+                async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.query(req).await }
+            })
+            .await?
+            .into_inner();
+        match reply.reply {
+            Some(Reply::Error(e)) => Err(refused(e)),
+            Some(r) => Ok(r),
+            None => Err(unexpected("query")),
+        }
+    }
+
+    async fn query_attr(&self, q: Query) -> Result<pb::Attr, ClientError> {
+        match self.query(q).await? {
+            Reply::Attr(a) => Ok(a),
+            _ => Err(unexpected("query")),
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<pb::Attr, ClientError> {
+        self.query_attr(Query::Lookup(pb::Lookup { parent, name: name.to_vec() })).await
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<pb::Attr, ClientError> {
+        self.query_attr(Query::GetAttr(pb::GetAttr { ino })).await
+    }
+
+    pub async fn setattr(&self, set: pb::SetAttr) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::SetAttr(set)).await
+    }
+
+    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, exclusive: bool) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Create(pb::Create { parent, name: name.to_vec(), mode, uid: 0, gid: 0, exclusive })).await
+    }
+
+    pub async fn create_as(&self, c: pb::Create) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Create(c)).await
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Mkdir(pb::Mkdir { parent, name: name.to_vec(), mode, uid: 0, gid: 0 })).await
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
+        self.mutate_ok(Op::Unlink(pb::Unlink { parent, name: name.to_vec() })).await
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
+        self.mutate_ok(Op::Rmdir(pb::Rmdir { parent, name: name.to_vec() })).await
+    }
+
+    pub async fn rename(&self, r: pb::Rename) -> Result<(), ClientError> {
+        self.mutate_ok(Op::Rename(r)).await
+    }
+
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Link(pb::Link { ino, new_parent, new_name: new_name.to_vec() })).await
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8]) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Symlink(pb::Symlink { parent, name: name.to_vec(), target: target.to_vec(), uid: 0, gid: 0 }))
+            .await
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, ClientError> {
+        match self.query(Query::ReadLink(pb::ReadLink { ino })).await? {
+            Reply::Target(t) => Ok(t.target),
+            _ => Err(unexpected("readlink")),
+        }
+    }
+
+    /// One page of a directory: entries after `after`, in name order.
+    pub async fn readdir_page(&self, ino: u64, after: &[u8], limit: u32) -> Result<pb::DirPage, ClientError> {
+        match self.query(Query::ReadDir(pb::ReadDir { ino, after: after.to_vec(), limit })).await? {
+            Reply::DirPage(p) => Ok(p),
+            _ => Err(unexpected("readdir")),
+        }
+    }
+
+    /// A whole directory, page by page.
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<pb::DirEntry>, ClientError> {
+        let mut all: Vec<pb::DirEntry> = Vec::new();
+        loop {
+            let after = all.last().map(|e| e.name.clone()).unwrap_or_default();
+            let page = self.readdir_page(ino, &after, 1000).await?;
+            all.extend(page.entries);
+            if !page.more {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub async fn statfs(&self) -> Result<pb::FsStats, ClientError> {
+        match self.query(Query::StatFs(pb::StatFs {})).await? {
+            Reply::FsStats(s) => Ok(s),
+            _ => Err(unexpected("statfs")),
+        }
+    }
+
+    pub async fn read_extents(&self, ino: u64, offset: u64, length: u64) -> Result<pb::FileExtents, ClientError> {
+        match self.query(Query::ReadExtents(pb::ReadExtents { ino, offset, length })).await? {
+            Reply::FileExtents(f) => Ok(f),
+            _ => Err(unexpected("read extents")),
+        }
+    }
+
+    pub async fn commit_extents(
+        &self,
+        ino: u64,
+        extents: Vec<pb::Extent>,
+        copies: Vec<pb::BlockCopies>,
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies })).await
+    }
+
+    pub async fn list_locks(&self, ino: u64) -> Result<Vec<pb::LockInfo>, ClientError> {
+        match self.query(Query::ListLocks(pb::ListLocks { ino })).await? {
+            Reply::LockList(l) => Ok(l.locks),
+            _ => Err(unexpected("list locks")),
+        }
+    }
+
+    /// Opens a session with a lease of `ttl`, kept alive by a background
+    /// heartbeat until the `Session` is closed or dropped.
+    pub async fn open_session(&self, ttl: Duration) -> Result<Session, ClientError> {
+        let session_id = rand::random::<u64>() | 1;
+        self.mutate_ok(Op::OpenSession(pb::OpenSession {
+            session_id,
+            client_name: self.inner.cfg.name.clone(),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+        }))
+        .await?;
+        let client = self.clone();
+        let heartbeat = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if let Err(e) = client.mutate_ok(Op::Heartbeat(pb::Heartbeat { session_id })).await {
+                    tracing::warn!(session = session_id, error = %e, "session heartbeat failed");
+                    if e.code() == Some(pb::ErrorCode::NoSession) {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Session { client: self.clone(), id: session_id, heartbeat })
+    }
+
+    /// Takes, changes or releases a lock; `WouldBlock` if another owner holds
+    /// a conflicting one.
+    pub async fn lock(&self, session: &Session, l: LockRequest) -> Result<(), ClientError> {
+        self.mutate_ok(Op::Lock(pb::Lock {
+            session_id: session.id,
+            ino: l.ino,
+            owner: l.owner,
+            kind: l.kind as i32,
+            r#type: l.ltype as i32,
+            start: l.start,
+            end: l.end,
+        }))
+        .await
+    }
+}
+
+/// A client session: holds locks while its heartbeat keeps the lease alive.
+pub struct Session {
+    client: Client,
+    pub id: u64,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// Stops heartbeating without telling the tracker, as a crashed client
+    /// would: the lease then expires and the locks are released.
+    pub fn abandon(self) {
+        self.heartbeat.abort();
+    }
+
+    /// Ends the session and releases its locks now.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.heartbeat.abort();
+        self.client.mutate_ok(Op::CloseSession(pb::CloseSession { session_id: self.id })).await
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}

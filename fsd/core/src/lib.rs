@@ -1,0 +1,37 @@
+//! The pure domain of failsafe: what a valid name is, where copies of a block
+//! go, how many acknowledgements make a write durable, how extents overlay.
+//!
+//! Nothing here does I/O, reads the clock or draws random numbers: placement
+//! is a function of the block hash and the layout, so every tracker member
+//! and every test computes the same answer.
+
+pub mod extent;
+pub mod name;
+pub mod placement;
+
+pub use extent::{overlay, Extent};
+pub use name::{validate_name, NameError};
+pub use placement::{place, Candidate, ReplicationClass};
+
+/// Inode number of the root directory.
+pub const ROOT_INO: u64 = 1;
+
+/// Largest block the client writes and a block store accepts.
+pub const MAX_BLOCK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Length of a block hash (BLAKE3).
+pub const HASH_LEN: usize = 32;
+
+/// The name of a block: the BLAKE3 hash of its bytes.
+pub fn block_hash(data: &[u8]) -> [u8; HASH_LEN] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// A hash received from outside, checked for length.
+pub fn parse_hash(bytes: &[u8]) -> Option<[u8; HASH_LEN]> {
+    bytes.try_into().ok()
+}
+
+pub fn hash_hex(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}

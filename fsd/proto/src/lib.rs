@@ -1,0 +1,58 @@
+//! The wire protocol of failsafe: generated message types and gRPC services,
+//! plus the protocol version and the header every request carries.
+//!
+//! Metadata commands (`pb::Command`) are also the tracker's Raft log entries,
+//! so the log and the wire speak one language and need no translation layer.
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("failsafe.v1");
+}
+
+/// Bumped whenever a change to the `.proto` files is not backward compatible.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest gRPC message a client or server accepts (a block is sent in
+/// chunks well below this).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Response metadata key naming the leader's address on a NOT_LEADER refusal.
+pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
+
+pub fn header(cluster_id: &str) -> pb::Header {
+    pb::Header { cluster_id: cluster_id.to_string(), protocol_version: PROTOCOL_VERSION }
+}
+
+/// Checks the header of an incoming request against this host's cluster.
+/// A host not yet in a cluster (`cluster_id` empty) refuses everything but
+/// what the caller handles itself.
+pub fn check_header(h: Option<&pb::Header>, cluster_id: &str) -> Result<(), tonic::Status> {
+    let h = h.ok_or_else(|| tonic::Status::invalid_argument("request without a header"))?;
+    if h.protocol_version != PROTOCOL_VERSION {
+        return Err(tonic::Status::failed_precondition(format!(
+            "protocol version {} is not spoken here (this host speaks {PROTOCOL_VERSION})",
+            h.protocol_version
+        )));
+    }
+    if cluster_id.is_empty() {
+        return Err(tonic::Status::failed_precondition("this host is not part of a cluster yet"));
+    }
+    if h.cluster_id != cluster_id {
+        return Err(tonic::Status::permission_denied(format!(
+            "request for cluster {:?}, but this host belongs to cluster {cluster_id:?}",
+            h.cluster_id
+        )));
+    }
+    Ok(())
+}
+
+/// A refusal that tells the client where the leader is.
+pub fn not_leader(leader_addr: Option<&str>) -> tonic::Status {
+    let mut status = tonic::Status::unavailable("not the tracker leader");
+    if let Some(addr) = leader_addr {
+        if let Ok(v) = addr.parse() {
+            status.metadata_mut().insert(LEADER_ADDR_KEY, v);
+        }
+    }
+    status
+}

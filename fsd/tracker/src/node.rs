@@ -1,0 +1,323 @@
+//! One tracker member: the Raft node, its storage, and the operations the
+//! daemon's services call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use failsafe_core::ReplicationClass;
+use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+
+use crate::network::Network;
+use crate::raft::{LogStore, NodeId, Raft, StateMachine};
+use crate::state;
+
+/// The cluster this host belongs to; empty until `fsctl init` or a join.
+#[derive(Clone, Default)]
+pub struct ClusterId(Arc<RwLock<String>>);
+
+impl ClusterId {
+    pub fn new(id: String) -> ClusterId {
+        ClusterId(Arc::new(RwLock::new(id)))
+    }
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn set(&self, id: String) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+}
+
+/// Raft timing and log retention.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, for followers that lag a little.
+    pub keep_logs: u64,
+    pub class: ReplicationClass,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+            snapshot_logs: 5000,
+            keep_logs: 1000,
+            class: ReplicationClass::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("not the tracker leader")]
+    NotLeader { leader_addr: Option<String> },
+    #[error("no quorum of tracker members reachable: {0}")]
+    NoQuorum(String),
+    #[error("this host is not part of a cluster yet")]
+    NotInitialized,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("tracker storage failed: {0}")]
+    Storage(String),
+    #[error("tracker stopped: {0}")]
+    Stopped(String),
+}
+
+impl From<crate::db::DbGone> for TrackerError {
+    fn from(e: crate::db::DbGone) -> Self {
+        TrackerError::Stopped(e.to_string())
+    }
+}
+
+pub struct Tracker {
+    raft: Raft,
+    sm: StateMachine,
+    pub host_id: NodeId,
+    pub cluster: ClusterId,
+    pub class: ReplicationClass,
+}
+
+impl Tracker {
+    pub async fn open(dir: &Path, host_id: NodeId, cfg: &TrackerConfig, cluster: ClusterId) -> Result<Tracker, TrackerError> {
+        std::fs::create_dir_all(dir).map_err(|e| TrackerError::Storage(format!("{}: {e}", dir.display())))?;
+        let log = LogStore::open(&dir.join("raft.db")).map_err(|e| TrackerError::Storage(e.to_string()))?;
+        let sm = StateMachine::open(dir).map_err(|e| TrackerError::Storage(e.to_string()))?;
+        let config = openraft::Config {
+            cluster_name: "failsafe".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_min_ms,
+            election_timeout_max: cfg.election_max_ms,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
+            purge_batch_size: 64,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| TrackerError::Invalid(format!("raft config: {e}")))?;
+        let raft = Raft::new(host_id, Arc::new(config), Network::new(cluster.clone()), log, sm.clone())
+            .await
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        Ok(Tracker { raft, sm, host_id, cluster, class: cfg.class })
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Whether this member has ever been part of a membership.
+    pub fn is_initialized(&self) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let initialized = m.membership().nodes().next().is_some();
+        initialized
+    }
+
+    /// Makes this host a one-member cluster.
+    pub async fn initialize(&self, addr: &str) -> Result<(), TrackerError> {
+        let members = BTreeMap::from([(self.host_id, BasicNode::new(addr))]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(TrackerError::Membership(e.to_string())),
+        }
+    }
+
+    /// The leader's id and address, as this member knows them.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    fn not_leader(&self) -> TrackerError {
+        TrackerError::NotLeader { leader_addr: self.leader().map(|(_, a)| a).filter(|a| !a.is_empty()) }
+    }
+
+    /// Appends a command to the Raft log and returns its result once applied.
+    pub async fn propose(&self, cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(self.write_error(e)),
+        }
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> TrackerError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) }
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => TrackerError::Membership(e.to_string()),
+            RaftError::Fatal(f) => TrackerError::Stopped(f.to_string()),
+        }
+    }
+
+    /// Answers a query, after confirming leadership for a linearizable one.
+    pub async fn query(&self, q: Query, consistency: pb::Consistency) -> Result<Reply, TrackerError> {
+        if consistency == pb::Consistency::Linearizable {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => {}
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    return Err(TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                    return Err(TrackerError::NoQuorum(e.to_string()))
+                }
+                Err(RaftError::Fatal(f)) => return Err(TrackerError::Stopped(f.to_string())),
+            }
+        } else if !self.is_initialized() {
+            return Err(TrackerError::NotInitialized);
+        }
+        let class = self.class;
+        let r = self.sm.db().call(move |conn| state::query(conn, &q, class)).await?;
+        Ok(r.unwrap_or_else(|e| Reply::Error(pb::CommandError { code: e.code as i32, message: e.message })))
+    }
+
+    /// Makes `host_id` at `addr` a voter: first a learner that catches up,
+    /// then a voter. Already a voter: only its address is refreshed.
+    pub async fn add_member(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let voters: BTreeSet<NodeId> =
+            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if voters.contains(&host_id) {
+            return self.set_address(host_id, addr).await;
+        }
+        self.raft.add_learner(host_id, BasicNode::new(addr), true).await.map_err(|e| self.write_error(e))?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([host_id])), false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    pub async fn remove_member(&self, host_id: NodeId) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        if voters.contains(&host_id) {
+            if voters.len() == 1 {
+                return Err(TrackerError::Membership("cannot remove the last voter".into()));
+            }
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([host_id])), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        } else if m.membership().get_node(&host_id).is_some() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([host_id])), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Records a member's new address in the membership, so replication and
+    /// clients reach it there.
+    pub async fn set_address(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {
+        let current = self.raft.metrics().borrow().membership_config.membership().get_node(&host_id).cloned();
+        if current.as_ref().map(|n| n.addr.as_str()) == Some(addr) {
+            return Ok(());
+        }
+        self.raft
+            .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(host_id, BasicNode::new(addr))])), true)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// This member's view of the cluster.
+    pub async fn status(&self) -> Result<pb::StatusReply, TrackerError> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let (hosts, devices, (files, blocks)) = self
+            .sm
+            .db()
+            .call(|conn| -> rusqlite::Result<_> { Ok((state::hosts(conn)?, state::devices(conn)?, state::counts(conn)?)) })
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        let leader = m.current_leader;
+        let leader_addr = leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
+        let matched = m.replication.clone().unwrap_or_default();
+        let mut rows: BTreeMap<NodeId, pb::HostStatus> = BTreeMap::new();
+        for (id, node) in membership.nodes() {
+            rows.insert(
+                *id,
+                pb::HostStatus {
+                    host_id: *id,
+                    zone: String::new(),
+                    addr: node.addr.clone(),
+                    state: role_of(*id, leader, &voters),
+                    voter: voters.contains(id),
+                    matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
+                },
+            );
+        }
+        for (id, zone, addr) in hosts {
+            let row = rows.entry(id).or_insert_with(|| pb::HostStatus {
+                host_id: id,
+                addr: addr.clone(),
+                state: "not a member".into(),
+                ..Default::default()
+            });
+            row.zone = zone;
+        }
+        Ok(pb::StatusReply {
+            cluster_id: self.cluster.get(),
+            host_id: self.host_id,
+            leader_id: leader.unwrap_or(0),
+            leader_addr,
+            term: m.current_term,
+            role: format!("{:?}", m.state).to_lowercase(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            hosts: rows.into_values().collect(),
+            devices,
+            files,
+            blocks,
+        })
+    }
+
+    /// Waits until this member has applied at least `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+fn role_of(id: NodeId, leader: Option<NodeId>, voters: &BTreeSet<NodeId>) -> String {
+    if Some(id) == leader {
+        "leader".into()
+    } else if voters.contains(&id) {
+        "follower".into()
+    } else {
+        "learner".into()
+    }
+}

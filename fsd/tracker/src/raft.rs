@@ -1,0 +1,437 @@
+//! The tracker's Raft storage: the log and the state machine, each a SQLite
+//! database owned by its own thread (see `db`).
+
+use std::fmt::Debug;
+use std::io::{self, Cursor};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+
+use failsafe_proto::pb;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use rusqlite::{params, OptionalExtension};
+
+use crate::db::{open_connection, Db};
+use crate::state;
+
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = pb::Command,
+        R = pb::CommandResult,
+        NodeId = NodeId,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+type SResult<T> = Result<T, StorageError<NodeId>>;
+
+fn db_gone() -> io::Error {
+    io::Error::other("database thread stopped")
+}
+
+// ---------- log ----------
+
+const LOG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS raft_meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+";
+
+/// The Raft log and vote in `raft.db`. Writes commit (fsync) before they are
+/// acknowledged to openraft.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Db,
+}
+
+impl LogStore {
+    pub fn open(path: &Path) -> rusqlite::Result<LogStore> {
+        Ok(LogStore { db: Db::open("raft-log", path, LOG_SCHEMA)? })
+    }
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(conn: &rusqlite::Connection, table: &str, key: &str) -> rusqlite::Result<Option<T>> {
+    let raw: Option<Vec<u8>> = conn
+        .query_row(&format!("SELECT value FROM {table} WHERE key = ?1"), [key], |r| r.get(0))
+        .optional()?;
+    Ok(raw.and_then(|b| serde_json::from_slice(&b).ok()))
+}
+
+fn put_meta<T: serde::Serialize>(conn: &rusqlite::Connection, table: &str, key: &str, v: &T) -> rusqlite::Result<()> {
+    let bytes = serde_json::to_vec(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(&format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"), params![key, bytes])?;
+    Ok(())
+}
+
+fn decode_entry(bytes: &[u8]) -> rusqlite::Result<Entry<TypeConfig>> {
+    serde_json::from_slice(bytes).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
+}
+
+fn bound_range(range: &impl RangeBounds<u64>) -> (i64, i64) {
+    let start = match range.start_bound() {
+        Bound::Included(&x) => x,
+        Bound::Excluded(&x) => x.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&x) => x.saturating_add(1),
+        Bound::Excluded(&x) => x,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start.min(i64::MAX as u64) as i64, end.min(i64::MAX as u64) as i64)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry<TypeConfig>>> {
+        let (start, end) = bound_range(&range);
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<Vec<Entry<TypeConfig>>> {
+                let mut stmt = conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+                let rows = stmt.query_map([start, end], |r| r.get::<_, Vec<u8>>(0))?;
+                rows.map(|b| decode_entry(&b?)).collect()
+            })
+            .await
+            .map_err(|_| StorageIOError::read_logs(&db_gone()))?;
+        r.map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        let r = self
+            .db
+            .call(|conn| -> rusqlite::Result<LogState<TypeConfig>> {
+                let last_purged: Option<LogId<NodeId>> = get_meta(conn, "raft_meta", "last_purged")?;
+                let last: Option<Vec<u8>> =
+                    conn.query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0)).optional()?;
+                let last_log_id = match last {
+                    Some(b) => Some(decode_entry(&b)?.log_id),
+                    None => last_purged,
+                };
+                Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+            })
+            .await
+            .map_err(|_| StorageIOError::read_logs(&db_gone()))?;
+        r.map_err(|e| StorageIOError::read_logs(&e).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
+        let vote = *vote;
+        let r = self.db.call(move |conn| put_meta(conn, "raft_meta", "vote", &vote)).await;
+        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
+        let r = self.db.call(|conn| get_meta(conn, "raft_meta", "vote")).await;
+        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
+        let r = self.db.call(move |conn| put_meta(conn, "raft_meta", "committed", &committed)).await;
+        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write(&e).into())
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
+        let r = self.db.call(|conn| get_meta::<Option<LogId<NodeId>>>(conn, "raft_meta", "committed")).await;
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map(Option::flatten)
+            .map_err(|e| StorageIOError::read(&e).into())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for e in entries {
+            let bytes = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(&e))?;
+            rows.push((e.log_id.index as i64, bytes));
+        }
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<()> {
+                let tx = conn.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached("INSERT OR REPLACE INTO log VALUES (?1, ?2)")?;
+                    for (idx, bytes) in &rows {
+                        stmt.execute(params![idx, bytes])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await;
+        let r = r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other));
+        match r {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let err = StorageIOError::write_logs(&e);
+                callback.log_io_completed(Err(e));
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        let idx = log_id.index as i64;
+        let r = self.db.call(move |conn| conn.execute("DELETE FROM log WHERE idx >= ?1", [idx]).map(|_| ())).await;
+        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<()> {
+                let tx = conn.transaction()?;
+                put_meta(&tx, "raft_meta", "last_purged", &log_id)?;
+                tx.execute("DELETE FROM log WHERE idx <= ?1", [log_id.index as i64])?;
+                tx.commit()
+            })
+            .await;
+        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_logs(&e).into())
+    }
+}
+
+// ---------- state machine ----------
+
+/// The metadata state machine in `meta.db`, and its latest snapshot (a
+/// consistent copy of that database) in `snapshot.db` + `snapshot.json`.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Db,
+    dir: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+}
+
+impl StateMachine {
+    pub fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
+        Ok(StateMachine { db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?, dir: dir.to_path_buf() })
+    }
+
+    /// The database, for queries.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn snapshot_paths(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("snapshot.db"), self.dir.join("snapshot.json"))
+    }
+
+    fn load_snapshot(&self) -> io::Result<Option<Snapshot<TypeConfig>>> {
+        let (data_path, meta_path) = self.snapshot_paths();
+        let meta = match std::fs::read(&meta_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let file: SnapshotFile = serde_json::from_slice(&meta).map_err(io::Error::other)?;
+        let data = std::fs::read(data_path)?;
+        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+
+    fn store_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> io::Result<()> {
+        let (data_path, meta_path) = self.snapshot_paths();
+        write_durably(&data_path, data)?;
+        let json = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(io::Error::other)?;
+        write_durably(&meta_path, &json)
+    }
+}
+
+pub(crate) fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+type Applied = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
+
+fn read_applied(conn: &rusqlite::Connection) -> rusqlite::Result<Applied> {
+    let last: Option<LogId<NodeId>> = get_meta(conn, "meta", "last_applied")?;
+    let membership: Option<StoredMembership<NodeId, BasicNode>> = get_meta(conn, "meta", "membership")?;
+    Ok((last, membership.unwrap_or_default()))
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        let tmp = self.dir.join("snapshot-build.db");
+        let tmp2 = tmp.clone();
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<Applied> {
+                let _ = std::fs::remove_file(&tmp2);
+                // One statement, so the copy and `last_applied` agree.
+                conn.execute("VACUUM INTO ?1", [tmp2.to_string_lossy()])?;
+                read_applied(conn)
+            })
+            .await
+            .map_err(|_| StorageIOError::write_snapshot(None, &db_gone()))?;
+        let (last, membership) = r.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let data = std::fs::read(&tmp).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let _ = std::fs::remove_file(&tmp);
+        let snapshot_id = match last {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, rand_suffix()),
+            None => format!("0-0-{}", rand_suffix()),
+        };
+        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
+        self.store_snapshot(&meta, &data).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built tracker snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> SResult<Applied> {
+        let r = self.db.call(|conn| read_applied(conn)).await.map_err(|_| StorageIOError::read_state_machine(&db_gone()))?;
+        r.map_err(|e| StorageIOError::read_state_machine(&e).into())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<pb::CommandResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<Vec<pb::CommandResult>> {
+                // One transaction per batch; each command runs in its own
+                // savepoint inside it, and `last_applied` commits with them.
+                let tx = conn.transaction()?;
+                let mut out = Vec::with_capacity(entries.len());
+                for e in &entries {
+                    match &e.payload {
+                        EntryPayload::Blank => out.push(pb::CommandResult::default()),
+                        EntryPayload::Normal(cmd) => out.push(state::apply(&tx, cmd)?),
+                        EntryPayload::Membership(m) => {
+                            put_meta(&tx, "meta", "membership", &StoredMembership::new(Some(e.log_id), m.clone()))?;
+                            out.push(pb::CommandResult::default());
+                        }
+                    }
+                    put_meta(&tx, "meta", "last_applied", &e.log_id)?;
+                }
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+            .map_err(|_| StorageIOError::write_state_machine(&db_gone()))?;
+        r.map_err(|e| StorageIOError::write_state_machine(&e).into())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> SResult<()> {
+        let data = snapshot.into_inner();
+        let sig = meta.signature();
+        self.store_snapshot(meta, &data).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        let db_path = self.dir.join("meta.db");
+        let incoming = self.dir.join("meta-incoming.db");
+        write_durably(&incoming, &data).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        let meta = meta.clone();
+        let r = self
+            .db
+            .call(move |conn| -> rusqlite::Result<()> {
+                // Close the live database, swap in the snapshot's, reopen.
+                *conn = rusqlite::Connection::open_in_memory()?;
+                for suffix in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
+                }
+                std::fs::rename(&incoming, &db_path).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                let fresh = open_connection(&db_path)?;
+                fresh.execute_batch(state::SCHEMA)?;
+                put_meta(&fresh, "meta", "last_applied", &meta.last_log_id)?;
+                put_meta(&fresh, "meta", "membership", &meta.last_membership)?;
+                *conn = fresh;
+                Ok(())
+            })
+            .await
+            .map_err(|_| StorageIOError::write_snapshot(Some(sig.clone()), &db_gone()))?;
+        r.map_err(|e| StorageIOError::write_snapshot(Some(sig), &e))?;
+        tracing::info!(snapshot = %meta_id(&self.dir), "installed tracker snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
+        self.load_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+    }
+}
+
+fn meta_id(dir: &Path) -> String {
+    std::fs::read(dir.join("snapshot.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<SnapshotFile>(&b).ok())
+        .map(|f| f.meta.snapshot_id)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> SResult<(tempfile::TempDir, LogStore, StateMachine)> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+            let log = LogStore::open(&dir.path().join("raft.db")).map_err(|e| StorageIOError::write(&e))?;
+            let sm = StateMachine::open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own conformance suite for log and state machine storage.
+    #[test]
+    fn openraft_storage_suite() -> SResult<()> {
+        Suite::test_all(Builder)?;
+        Ok(())
+    }
+}

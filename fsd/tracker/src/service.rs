@@ -1,0 +1,117 @@
+//! The tracker's gRPC services: `Metadata` for clients, `RaftTransport` for
+//! the other members. Every request's header is checked first.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use failsafe_proto::pb::{self, command::Op, metadata_server::Metadata, raft_transport_server::RaftTransport};
+use failsafe_proto::{check_header, not_leader};
+use tonic::{Request, Response, Status};
+
+use crate::node::{Tracker, TrackerError};
+
+impl From<TrackerError> for Status {
+    fn from(e: TrackerError) -> Status {
+        match e {
+            TrackerError::NotLeader { leader_addr } => not_leader(leader_addr.as_deref()),
+            TrackerError::NoQuorum(_) | TrackerError::Stopped(_) | TrackerError::NotInitialized => {
+                Status::unavailable(e.to_string())
+            }
+            TrackerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            TrackerError::Membership(_) => Status::failed_precondition(e.to_string()),
+            TrackerError::Storage(_) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn wall_clock_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+pub struct MetadataService {
+    tracker: Arc<Tracker>,
+}
+
+impl MetadataService {
+    pub fn new(tracker: Arc<Tracker>) -> Self {
+        MetadataService { tracker }
+    }
+}
+
+fn refusal(code: pb::ErrorCode, message: String) -> pb::CommandResult {
+    pb::CommandResult { result: Some(pb::command_result::Result::Error(pb::CommandError { code: code as i32, message })) }
+}
+
+#[tonic::async_trait]
+impl Metadata for MetadataService {
+    async fn mutate(&self, req: Request<pb::MutateRequest>) -> Result<Response<pb::MutateReply>, Status> {
+        let req = req.into_inner();
+        check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
+        let mut cmd = req.command.ok_or_else(|| Status::invalid_argument("mutate without a command"))?;
+        match &cmd.op {
+            None => return Err(Status::invalid_argument("command without an operation")),
+            Some(Op::RegisterHost(_) | Op::RemoveHost(_)) => {
+                return Err(Status::permission_denied("host membership changes go through the Admin service"))
+            }
+            // Leases are judged by the leader's clock alone.
+            Some(Op::OpenSession(_) | Op::Heartbeat(_) | Op::ExpireSessions(_)) => cmd.now_ns = wall_clock_ns(),
+            Some(_) if cmd.now_ns <= 0 => cmd.now_ns = wall_clock_ns(),
+            Some(_) => {}
+        }
+        // Refuse what can never apply before it takes a place in the log.
+        if let Err(e) = crate::state::validate(&cmd) {
+            return Ok(Response::new(pb::MutateReply { result: Some(refusal(e.code, e.message)) }));
+        }
+        let result = self.tracker.propose(cmd).await?;
+        Ok(Response::new(pb::MutateReply { result: Some(result) }))
+    }
+
+    async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryReply>, Status> {
+        let req = req.into_inner();
+        check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
+        let q = req.query.ok_or_else(|| Status::invalid_argument("query without a question"))?;
+        let consistency = pb::Consistency::try_from(req.consistency)
+            .map_err(|_| Status::invalid_argument("unknown consistency level"))?;
+        let reply = self.tracker.query(q, consistency).await?;
+        Ok(Response::new(pb::QueryReply { reply: Some(reply) }))
+    }
+}
+
+pub struct RaftService {
+    tracker: Arc<Tracker>,
+}
+
+impl RaftService {
+    pub fn new(tracker: Arc<Tracker>) -> Self {
+        RaftService { tracker }
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, req: Request<pb::RaftMessage>) -> Result<T, Status> {
+        let msg = req.into_inner();
+        check_header(msg.header.as_ref(), &self.tracker.cluster.get())?;
+        serde_json::from_slice(&msg.payload).map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+    }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    let payload = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftMessage { header: None, payload }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = self.decode(req)?;
+        encode(&self.tracker.raft().append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = self.decode(req)?;
+        encode(&self.tracker.raft().vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let rpc = self.decode(req)?;
+        encode(&self.tracker.raft().install_snapshot(rpc).await)
+    }
+}
