@@ -16,4 +16,4 @@ mod net;
 pub use error::ClientError;
 pub use failsafe_proto::pb;
 pub use meta::{Session, LockRequest};
-pub use net::{Client, ClientConfig};
+pub use net::{admin_for, Client, ClientConfig};

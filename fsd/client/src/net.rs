@@ -206,7 +206,7 @@ impl Client {
     {
         let deadline = Instant::now() + self.inner.cfg.op_deadline;
         let mut backoff = Duration::from_millis(20);
-        let mut last = String::from("no attempt");
+        let mut last;
         let mut hinted: Option<String> = None;
         loop {
             let addr = hinted.take().unwrap_or_else(|| self.members()[0].clone());
@@ -220,7 +220,6 @@ impl Client {
                 Attempt::Retry(Some(hint)) if hint != addr => {
                     self.set_leader(&hint);
                     hinted = Some(hint);
-                    last = format!("{addr} is not the leader");
                     continue;
                 }
                 Attempt::Retry(_) => {
@@ -324,4 +323,35 @@ impl Client {
         .await
         .map(|_| ())
     }
+}
+
+impl Client {
+    /// Leader only: records that host `host_id` is now at `addr`.
+    pub async fn update_address(&self, host_id: u64, addr: &str) -> Result<(), ClientError> {
+        let addr = addr.to_string();
+        self.with_leader("update address", |leader| {
+            let req = pb::UpdateAddressRequest { header: self.header(), host_id, addr: addr.clone() };
+            let c = self.admin(&leader);
+            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.update_address(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// An admin stub for one member, for calls that are not routed to the
+    /// leader (init, adopt, hello).
+    pub fn admin_at(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
+        self.admin(addr)
+    }
+}
+
+/// Connects to one address without knowing any cluster: for `fsctl init` and
+/// for adopting a blank host.
+pub fn admin_for(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, ClientError> {
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_lazy();
+    Ok(AdminClient::new(ch))
 }

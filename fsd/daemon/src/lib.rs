@@ -1,1 +1,17 @@
-//! fsd
+//! fsd, the storage daemon of one host, and the pieces `fsctl` shares with it.
+//!
+//! One process is at once a tracker member (Raft + SQLite metadata), a block
+//! store for its devices, and a gRPC server for both, with `/metrics` on the
+//! same port. `run` takes its listener and a shutdown signal from the caller,
+//! so tests bind port 0 and stop it cleanly.
+
+mod admin;
+mod blocks;
+pub mod config;
+mod identity;
+pub mod local;
+mod metrics;
+mod server;
+
+pub use config::{Config, RawConfig};
+pub use server::run;

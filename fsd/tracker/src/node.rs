@@ -305,6 +305,11 @@ impl Tracker {
         self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
     }
 
+    /// Waits until this member leads; false on timeout.
+    pub async fn wait_leader(&self, timeout: Duration) -> bool {
+        self.raft.wait(Some(timeout)).state(ServerState::Leader, "leader").await.is_ok()
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");

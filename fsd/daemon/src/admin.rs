@@ -1,0 +1,208 @@
+//! The `Admin` service: cluster creation, membership, and status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use failsafe_blockstore::BlockStore;
+use failsafe_proto::pb::{self, admin_client::AdminClient, admin_server::Admin, command::Op};
+use failsafe_proto::{check_header, header, not_leader, PROTOCOL_VERSION};
+use failsafe_tracker::Tracker;
+use tonic::{Request, Response, Status};
+
+use crate::identity::Identity;
+
+pub struct AdminService {
+    pub tracker: Arc<Tracker>,
+    pub identity: Arc<Identity>,
+    pub store: Arc<BlockStore>,
+    pub zone: String,
+    pub advertise: String,
+    pub rpc_timeout: Duration,
+}
+
+pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
+    store
+        .usage()
+        .into_iter()
+        .map(|u| pb::DeviceInfo {
+            device_id: u.device_id,
+            host_id,
+            path: u.path.display().to_string(),
+            capacity_bytes: u.capacity_bytes,
+            used_bytes: u.used_bytes,
+            blocks: u.blocks,
+            free_bytes: u.free_bytes,
+        })
+        .collect()
+}
+
+/// Asks the host at `addr` who it is.
+pub async fn hello(addr: &str, cluster_id: &str, timeout: Duration) -> Result<pb::HelloReply, Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_lazy();
+    let req = pb::HelloRequest { header: Some(header(cluster_id)) };
+    match tokio::time::timeout(timeout, AdminClient::new(channel).hello(req)).await {
+        Ok(r) => r.map(Response::into_inner),
+        Err(_) => Err(Status::unavailable(format!("{addr} did not answer within {timeout:?}"))),
+    }
+}
+
+impl AdminService {
+    fn check(&self, h: Option<&pb::Header>) -> Result<(), Status> {
+        check_header(h, &self.tracker.cluster.get())
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.tracker.is_leader() {
+            Ok(())
+        } else {
+            Err(not_leader(self.tracker.leader().map(|(_, a)| a).as_deref().filter(|a| !a.is_empty())))
+        }
+    }
+
+    async fn register(&self, hello: &pb::HelloReply) -> Result<(), Status> {
+        let cmd = pb::Command {
+            client_id: 0,
+            op_id: 0,
+            now_ns: 0,
+            op: Some(Op::RegisterHost(pb::RegisterHost {
+                host_id: hello.host_id,
+                zone: hello.zone.clone(),
+                addr: hello.addr.clone(),
+                devices: hello.devices.clone(),
+            })),
+        };
+        let r = self.tracker.propose(cmd).await?;
+        if let Some(pb::command_result::Result::Error(e)) = r.result {
+            return Err(Status::invalid_argument(e.message));
+        }
+        Ok(())
+    }
+
+    fn own_hello(&self) -> pb::HelloReply {
+        pb::HelloReply {
+            cluster_id: self.tracker.cluster.get(),
+            host_id: self.tracker.host_id,
+            zone: self.zone.clone(),
+            addr: self.advertise.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            software_version: env!("CARGO_PKG_VERSION").to_string(),
+            devices: device_infos(&self.store, self.tracker.host_id),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+        let h = req.into_inner().header.unwrap_or_default();
+        if h.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not spoken here (this host speaks {PROTOCOL_VERSION})",
+                h.protocol_version
+            )));
+        }
+        Ok(Response::new(self.own_hello()))
+    }
+
+    async fn init(&self, _req: Request<pb::InitRequest>) -> Result<Response<pb::InitReply>, Status> {
+        let existing = self.tracker.cluster.get();
+        if !existing.is_empty() || self.tracker.is_initialized() {
+            return Err(Status::already_exists(format!("this host already belongs to cluster {existing:?}")));
+        }
+        let cluster_id = format!("{:032x}", rand::random::<u128>());
+        self.identity.set_cluster_id(&cluster_id).map_err(|e| Status::internal(e.to_string()))?;
+        self.tracker.cluster.set(cluster_id.clone());
+        self.tracker.initialize(&self.advertise).await?;
+        if !self.tracker.wait_leader(Duration::from_secs(10)).await {
+            return Err(Status::unavailable("the new cluster elected no leader"));
+        }
+        self.register(&self.own_hello()).await?;
+        tracing::info!(cluster = %cluster_id, "created a new cluster");
+        Ok(Response::new(pb::InitReply { cluster_id, host_id: self.tracker.host_id }))
+    }
+
+    async fn adopt(&self, req: Request<pb::AdoptRequest>) -> Result<Response<pb::AdoptReply>, Status> {
+        let req = req.into_inner();
+        let id = req.cluster_id.trim().to_string();
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(Status::invalid_argument("a cluster id is 1 to 64 letters, digits or '-'"));
+        }
+        let existing = self.tracker.cluster.get();
+        if existing == id {
+            return Ok(Response::new(pb::AdoptReply { host_id: self.tracker.host_id }));
+        }
+        if !existing.is_empty() || self.tracker.is_initialized() {
+            return Err(Status::already_exists(format!("this host already belongs to cluster {existing:?}")));
+        }
+        self.identity.set_cluster_id(&id).map_err(|e| Status::internal(e.to_string()))?;
+        self.tracker.cluster.set(id.clone());
+        tracing::info!(cluster = %id, "adopted into a cluster");
+        Ok(Response::new(pb::AdoptReply { host_id: self.tracker.host_id }))
+    }
+
+    async fn add_host(&self, req: Request<pb::AddHostRequest>) -> Result<Response<pb::AddHostReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        self.require_leader()?;
+        let cluster = self.tracker.cluster.get();
+        let hello = hello(&req.addr, &cluster, self.rpc_timeout).await?;
+        if hello.cluster_id != cluster {
+            return Err(Status::failed_precondition(format!(
+                "host at {} belongs to cluster {:?}, not this one (adopt it first)",
+                req.addr, hello.cluster_id
+            )));
+        }
+        // The host announces the address it was asked at; fsctl may use the
+        // advertised one.
+        let hello = pb::HelloReply { addr: req.addr.clone(), ..hello };
+        self.register(&hello).await?;
+        self.tracker.add_member(hello.host_id, &req.addr).await?;
+        tracing::info!(host = format!("{:016x}", hello.host_id), addr = %req.addr, zone = %hello.zone, "host added");
+        Ok(Response::new(pb::AddHostReply { host_id: hello.host_id }))
+    }
+
+    async fn remove_host(&self, req: Request<pb::RemoveHostRequest>) -> Result<Response<pb::RemoveHostReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        self.require_leader()?;
+        self.tracker.remove_member(req.host_id).await?;
+        let cmd = pb::Command { op: Some(Op::RemoveHost(pb::RemoveHost { host_id: req.host_id })), ..Default::default() };
+        self.tracker.propose(cmd).await?;
+        tracing::info!(host = format!("{:016x}", req.host_id), "host removed");
+        Ok(Response::new(pb::RemoveHostReply {}))
+    }
+
+    async fn update_address(
+        &self,
+        req: Request<pb::UpdateAddressRequest>,
+    ) -> Result<Response<pb::UpdateAddressReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        self.require_leader()?;
+        let hello = hello(&req.addr, &self.tracker.cluster.get(), self.rpc_timeout).await?;
+        if hello.host_id != req.host_id {
+            return Err(Status::failed_precondition(format!(
+                "{} is host {:016x}, not {:016x}",
+                req.addr, hello.host_id, req.host_id
+            )));
+        }
+        self.tracker.set_address(req.host_id, &req.addr).await?;
+        self.register(&pb::HelloReply { addr: req.addr.clone(), ..hello }).await?;
+        tracing::info!(host = format!("{:016x}", req.host_id), addr = %req.addr, "host address updated");
+        Ok(Response::new(pb::UpdateAddressReply {}))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let req = req.into_inner();
+        // A host outside any cluster still says so, with its own identity.
+        let cluster = self.tracker.cluster.get();
+        if !cluster.is_empty() {
+            self.check(req.header.as_ref())?;
+        }
+        Ok(Response::new(self.tracker.status().await?))
+    }
+}

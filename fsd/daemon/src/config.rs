@@ -1,0 +1,184 @@
+//! fsd's configuration: a TOML file whose every field is also a flag, read
+//! raw first and then validated into `Config` with errors that name the field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The raw file. Every field is optional; defaults are documented here.
+#[derive(Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where the host id, tracker databases and (by default) blocks live.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address the gRPC and /metrics server binds. Default 0.0.0.0:7000.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address other hosts and clients use to reach this one. Default: the
+    /// listen address (which then must not be a wildcard).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Failure domain of this host (a city, a building, a rack). Default "default".
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Block directories, usually one per disk. Default: DATA_DIR/blocks.
+    #[arg(long = "device", value_name = "DIR")]
+    #[serde(default)]
+    pub devices: Vec<PathBuf>,
+    /// Members of an existing cluster to ask for admission on first start.
+    #[arg(long = "join", value_name = "HOST:PORT")]
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// The cluster to join (printed by `fsctl init`); required with --join.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Deadline of one RPC this host makes, in ms. Default 2000.
+    #[arg(long)]
+    pub rpc_timeout_ms: Option<u64>,
+    /// Raft heartbeat interval, in ms. Default 100.
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout range, in ms. Default 500..1000.
+    #[arg(long)]
+    pub election_min_ms: Option<u64>,
+    #[arg(long)]
+    pub election_max_ms: Option<u64>,
+    /// Snapshot the tracker after this many log entries. Default 5000.
+    #[arg(long)]
+    pub snapshot_logs: Option<u64>,
+    /// Log entries kept behind a snapshot. Default 1000.
+    #[arg(long)]
+    pub keep_logs: Option<u64>,
+    /// Copies of every block. Default 3.
+    #[arg(long)]
+    pub copies: Option<usize>,
+    /// Copies that must be fsynced before a write succeeds. Default 2.
+    #[arg(long)]
+    pub write_quorum: Option<usize>,
+    /// How often this host reports its devices' usage, in ms. Default 5000.
+    #[arg(long)]
+    pub report_interval_ms: Option<u64>,
+}
+
+impl RawConfig {
+    /// Fields set on the command line win over the file's.
+    fn merge(self, file: RawConfig) -> RawConfig {
+        RawConfig {
+            data_dir: self.data_dir.or(file.data_dir),
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            zone: self.zone.or(file.zone),
+            devices: if self.devices.is_empty() { file.devices } else { self.devices },
+            join: if self.join.is_empty() { file.join } else { self.join },
+            cluster_id: self.cluster_id.or(file.cluster_id),
+            rpc_timeout_ms: self.rpc_timeout_ms.or(file.rpc_timeout_ms),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
+            election_min_ms: self.election_min_ms.or(file.election_min_ms),
+            election_max_ms: self.election_max_ms.or(file.election_max_ms),
+            snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
+            keep_logs: self.keep_logs.or(file.keep_logs),
+            copies: self.copies.or(file.copies),
+            write_quorum: self.write_quorum.or(file.write_quorum),
+            report_interval_ms: self.report_interval_ms.or(file.report_interval_ms),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub advertise: Option<String>,
+    pub zone: String,
+    pub devices: Vec<PathBuf>,
+    pub join: Vec<String>,
+    pub cluster_id: Option<String>,
+    pub rpc_timeout: Duration,
+    pub tracker: failsafe_tracker::TrackerConfig,
+    pub report_interval: Duration,
+}
+
+impl Config {
+    /// Reads `file` (if any), overlays the flags and validates the result.
+    pub fn load(file: Option<&std::path::Path>, flags: RawConfig) -> anyhow::Result<Config> {
+        let from_file = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => RawConfig::default(),
+        };
+        Config::validate(flags.merge(from_file))
+    }
+
+    pub fn validate(raw: RawConfig) -> anyhow::Result<Config> {
+        let Some(data_dir) = raw.data_dir else { bail!("data_dir: required (where this host keeps its state)") };
+        let listen = raw.listen.unwrap_or_else(|| "0.0.0.0:7000".into());
+        let listen_addr: SocketAddr = listen.parse().with_context(|| format!("listen: {listen:?} is not host:port"))?;
+        if let Some(a) = &raw.advertise {
+            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                bail!("advertise: {a:?} is not host:port");
+            }
+        } else if listen_addr.ip().is_unspecified() && listen_addr.port() != 0 {
+            bail!("advertise: required when listen ({listen}) is a wildcard address");
+        }
+        let zone = raw.zone.unwrap_or_else(|| "default".into());
+        if zone.is_empty() || zone.len() > 64 || zone.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!("zone: {zone:?} must be 1 to 64 printable characters without spaces");
+        }
+        if !raw.join.is_empty() && raw.cluster_id.is_none() {
+            bail!("cluster_id: required with join (fsctl init prints it; fsctl status shows it)");
+        }
+        let mut tracker = failsafe_tracker::TrackerConfig::default();
+        tracker.heartbeat_ms = raw.heartbeat_ms.unwrap_or(tracker.heartbeat_ms);
+        tracker.election_min_ms = raw.election_min_ms.unwrap_or(tracker.election_min_ms);
+        tracker.election_max_ms = raw.election_max_ms.unwrap_or(tracker.election_max_ms);
+        if tracker.election_min_ms <= tracker.heartbeat_ms || tracker.election_max_ms <= tracker.election_min_ms {
+            bail!("election_min_ms/election_max_ms: need heartbeat_ms < election_min_ms < election_max_ms");
+        }
+        tracker.snapshot_logs = raw.snapshot_logs.unwrap_or(tracker.snapshot_logs).max(1);
+        tracker.keep_logs = raw.keep_logs.unwrap_or(tracker.keep_logs);
+        tracker.class.copies = raw.copies.unwrap_or(tracker.class.copies);
+        tracker.class.write_quorum = raw.write_quorum.unwrap_or(tracker.class.write_quorum);
+        if tracker.class.copies == 0 || tracker.class.write_quorum == 0 || tracker.class.write_quorum > tracker.class.copies {
+            bail!("copies/write_quorum: need 1 <= write_quorum <= copies");
+        }
+        let devices = if raw.devices.is_empty() { vec![data_dir.join("blocks")] } else { raw.devices };
+        Ok(Config {
+            data_dir,
+            listen,
+            advertise: raw.advertise,
+            zone,
+            devices,
+            join: raw.join,
+            cluster_id: raw.cluster_id,
+            rpc_timeout: Duration::from_millis(raw.rpc_timeout_ms.unwrap_or(2000).max(10)),
+            tracker,
+            report_interval: Duration::from_millis(raw.report_interval_ms.unwrap_or(5000).max(100)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_errors_name_the_field() {
+        let file: RawConfig = toml::from_str("data_dir = '/d'\nzone = 'a'\nlisten = '127.0.0.1:1'").unwrap();
+        let flags = RawConfig { zone: Some("b".into()), ..Default::default() };
+        let c = Config::validate(flags.merge(file)).unwrap();
+        assert_eq!(c.zone, "b");
+        assert_eq!(c.devices, vec![PathBuf::from("/d/blocks")]);
+
+        let err = Config::validate(RawConfig { data_dir: Some("/d".into()), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().starts_with("advertise:"), "{err}");
+        let bad: Result<RawConfig, _> = toml::from_str("data_dir = '/d'\nzoen = 'a'");
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! What a host remembers about itself across restarts: its host id (created
+//! once, so a host that comes back at another address is the same host) and
+//! the cluster it belongs to.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+pub struct Identity {
+    dir: PathBuf,
+    pub host_id: u64,
+}
+
+fn write_durably(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Identity {
+    pub fn load_or_create(dir: &Path) -> anyhow::Result<Identity> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        let path = dir.join("host.id");
+        let host_id = match std::fs::read_to_string(&path) {
+            Ok(s) => u64::from_str_radix(s.trim(), 16)
+                .ok()
+                .filter(|&id| id != 0)
+                .with_context(|| format!("{} does not hold a host id", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Keep ids below 2^63 so they read the same in any tool.
+                let id = (rand::random::<u64>() >> 1).max(1);
+                write_durably(&path, &format!("{id:016x}\n"))?;
+                id
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Identity { dir: dir.to_path_buf(), host_id })
+    }
+
+    pub fn cluster_id(&self) -> anyhow::Result<String> {
+        match std::fs::read_to_string(self.dir.join("cluster.id")) {
+            Ok(s) => Ok(s.trim().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(e).context("reading cluster.id"),
+        }
+    }
+
+    pub fn set_cluster_id(&self, id: &str) -> anyhow::Result<()> {
+        write_durably(&self.dir.join("cluster.id"), &format!("{id}\n"))
+    }
+}

@@ -1,0 +1,248 @@
+//! A cluster of real `fsd` processes on this machine, on loopback: what the
+//! demo, the integration tests and the benchmark start.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use failsafe_client::{admin_for, pb, Client, ClientConfig};
+use failsafe_proto::header;
+
+pub struct LocalHost {
+    pub dir: PathBuf,
+    pub zone: String,
+    pub addr: String,
+    child: Option<Child>,
+    frozen: bool,
+}
+
+impl LocalHost {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("fsd.log")
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+        }
+    }
+}
+
+pub struct LocalCluster {
+    pub hosts: Vec<LocalHost>,
+    fsd: PathBuf,
+    extra: Vec<String>,
+    pub cluster_id: String,
+}
+
+/// The `fsd` binary next to the running one (target/debug or an install dir).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable without a directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} not found (build it with `cargo build --bin {name}`)", path.display());
+    }
+    Ok(path)
+}
+
+impl LocalCluster {
+    /// Starts one fsd per zone, data dirs under `root/<zone>`, each on
+    /// `base_port + i` (or a free port when `base_port` is 0).
+    pub fn start(root: &Path, zones: &[&str], fsd: &Path, base_port: u16, extra: &[String]) -> anyhow::Result<LocalCluster> {
+        let mut c = LocalCluster { hosts: Vec::new(), fsd: fsd.to_path_buf(), extra: extra.to_vec(), cluster_id: String::new() };
+        for (i, zone) in zones.iter().enumerate() {
+            let dir = root.join(format!("host-{zone}"));
+            c.hosts.push(LocalHost { dir, zone: zone.to_string(), addr: String::new(), child: None, frozen: false });
+            let port = if base_port == 0 { 0 } else { base_port + i as u16 };
+            c.spawn(i, port)?;
+        }
+        Ok(c)
+    }
+
+    fn spawn(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
+        let h = &mut self.hosts[i];
+        std::fs::create_dir_all(&h.dir)?;
+        let addr_file = h.dir.join("fsd.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = OpenOptions::new().create(true).append(true).open(h.dir.join("fsd.log"))?;
+        let child = Command::new(&self.fsd)
+            .arg("--data-dir")
+            .arg(&h.dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--zone")
+            .arg(&h.zone)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.fsd.display()))?;
+        h.child = Some(child);
+        h.frozen = false;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if s.ends_with('\n') {
+                    h.addr = s.trim().to_string();
+                    return Ok(());
+                }
+            }
+            if let Some(Ok(Some(status))) = h.child.as_mut().map(Child::try_wait) {
+                bail!("fsd in zone {} exited with {status}; see {}", h.zone, h.log_path().display());
+            }
+            if Instant::now() > deadline {
+                bail!("fsd in zone {} did not start listening; see {}", h.zone, h.log_path().display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.addr.clone()).collect()
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig { addrs: self.addrs(), cluster_id: Some(self.cluster_id.clone()), ..ClientConfig::default() }
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.client_config()).await?)
+    }
+
+    /// Creates the cluster on the first host and adds the others.
+    pub async fn bootstrap(&mut self) -> anyhow::Result<Client> {
+        let timeout = Duration::from_secs(10);
+        let first = self.hosts[0].addr.clone();
+        let init = admin_for(&first, timeout)?
+            .init(pb::InitRequest { header: None })
+            .await
+            .with_context(|| format!("init at {first}"))?
+            .into_inner();
+        self.cluster_id = init.cluster_id;
+        let client = Client::connect(ClientConfig { addrs: vec![first], ..self.client_config() }).await?;
+        for h in &self.hosts[1..] {
+            admin_for(&h.addr, timeout)?
+                .adopt(pb::AdoptRequest { header: Some(header("")), cluster_id: self.cluster_id.clone() })
+                .await
+                .with_context(|| format!("adopt at {}", h.addr))?;
+            client.add_host(&h.addr).await.with_context(|| format!("adding {}", h.addr))?;
+        }
+        let client = self.client().await?;
+        self.wait_for(Duration::from_secs(30), "all hosts voters and devices reported", |s| {
+            s.hosts.iter().filter(|h| h.voter).count() == self.hosts.len()
+                && s.devices.len() >= self.hosts.len()
+                && s.leader_id != 0
+        })
+        .await?;
+        Ok(client)
+    }
+
+    /// Polls the status until `cond` holds.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&pb::StatusReply) -> bool,
+    ) -> anyhow::Result<pb::StatusReply> {
+        let client = self.client().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = client.status().await {
+                if cond(&s) {
+                    return Ok(s);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        if let Some(mut child) = h.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        h.frozen = false;
+    }
+
+    /// SIGSTOP: the host is there but answers nothing.
+    pub fn freeze(&mut self, i: usize) {
+        self.hosts[i].signal(libc::SIGSTOP);
+        self.hosts[i].frozen = true;
+    }
+
+    pub fn thaw(&mut self, i: usize) {
+        self.hosts[i].signal(libc::SIGCONT);
+        self.hosts[i].frozen = false;
+    }
+
+    /// Restarts a killed host with its data dir, on its old port or a new one.
+    pub fn restart(&mut self, i: usize, same_port: bool) -> anyhow::Result<()> {
+        self.kill(i);
+        let port = if same_port {
+            self.hosts[i].addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+        } else {
+            0
+        };
+        self.spawn(i, port)
+    }
+
+    /// SIGTERM every host and wait for it; SIGKILL what does not stop.
+    pub fn stop_all(&mut self) {
+        for h in &mut self.hosts {
+            if h.frozen {
+                h.signal(libc::SIGCONT);
+                h.frozen = false;
+            }
+            h.signal(libc::SIGTERM);
+        }
+        for h in &mut self.hosts {
+            if let Some(mut child) = h.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() > deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if h.frozen {
+                h.signal(libc::SIGCONT);
+            }
+            if let Some(mut child) = h.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

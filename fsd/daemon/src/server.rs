@@ -1,0 +1,252 @@
+//! Starting and stopping one host: identity, block store, tracker, the gRPC
+//! server, and the named background workers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use failsafe_blockstore::BlockStore;
+use failsafe_client::{Client, ClientConfig};
+use failsafe_proto::pb::{
+    self, admin_server::AdminServer, blocks_server::BlocksServer, command::Op, metadata_server::MetadataServer,
+    raft_transport_server::RaftTransportServer,
+};
+use failsafe_proto::MAX_MESSAGE_BYTES;
+use failsafe_tracker::{ClusterId, MetadataService, RaftService, Tracker};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{device_infos, AdminService};
+use crate::blocks::BlocksService;
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::metrics::{gauge, Metrics};
+
+/// Everything the background workers share.
+struct Host {
+    cfg: Config,
+    advertise: String,
+    tracker: Arc<Tracker>,
+    store: Arc<BlockStore>,
+    /// Talks to the leader on this host's behalf (joins, reports, address
+    /// changes); its member list follows the membership.
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+/// Runs a host until `shutdown` completes.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let local = listener.local_addr().context("listener address")?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+    let identity = Arc::new(Identity::load_or_create(&cfg.data_dir)?);
+    let mut cluster_id = identity.cluster_id()?;
+    if cluster_id.is_empty() {
+        if let Some(id) = &cfg.cluster_id {
+            identity.set_cluster_id(id)?;
+            cluster_id = id.clone();
+        }
+    } else if let Some(id) = cfg.cluster_id.as_ref().filter(|id| **id != cluster_id) {
+        anyhow::bail!("cluster_id: this data dir belongs to cluster {cluster_id}, not {id}");
+    }
+    let store = Arc::new(BlockStore::open(&cfg.devices).context("opening devices")?);
+    let cluster = ClusterId::new(cluster_id);
+    let tracker = Arc::new(
+        Tracker::open(&cfg.data_dir.join("tracker"), identity.host_id, &cfg.tracker, cluster.clone())
+            .await
+            .context("opening the tracker")?,
+    );
+    tracing::info!(
+        host = format!("{:016x}", identity.host_id),
+        %advertise,
+        zone = %cfg.zone,
+        cluster = %cluster.get(),
+        devices = store.device_ids().len(),
+        "fsd starting"
+    );
+    let metrics = Arc::new(Metrics::default());
+
+    let admin = AdminService {
+        tracker: tracker.clone(),
+        identity: identity.clone(),
+        store: store.clone(),
+        zone: cfg.zone.clone(),
+        advertise: advertise.clone(),
+        rpc_timeout: cfg.rpc_timeout,
+    };
+    let blocks = BlocksService { store: store.clone(), cluster: cluster.clone(), metrics: metrics.clone() };
+    let render = {
+        let (tracker, store, metrics) = (tracker.clone(), store.clone(), metrics.clone());
+        move || render_metrics(&tracker, &store, &metrics)
+    };
+    let http = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(render())));
+    let routes = tonic::service::Routes::from(http)
+        .add_service(
+            AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            MetadataServer::new(MetadataService::new(tracker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RaftTransportServer::new(RaftService::new(tracker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            BlocksServer::new(blocks).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+
+    let host = Arc::new(Host { cfg, advertise, tracker: tracker.clone(), store, client: tokio::sync::Mutex::new(None) });
+    let workers = vec![
+        tokio::spawn(worker("announcer", host.clone(), Host::announce)),
+        tokio::spawn(worker("session-reaper", host.clone(), Host::reap_sessions)),
+    ];
+
+    let served = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    for w in &workers {
+        w.abort();
+    }
+    tracker.shutdown().await;
+    tracing::info!("fsd stopped");
+    served.context("gRPC server")
+}
+
+/// Runs one step of a named worker again and again; a failing step is logged
+/// and retried after a back-off.
+async fn worker<F, Fut>(name: &'static str, host: Arc<Host>, step: F)
+where
+    F: Fn(Arc<Host>) -> Fut,
+    Fut: Future<Output = anyhow::Result<Duration>>,
+{
+    let mut failures = 0u32;
+    loop {
+        let pause = match step(host.clone()).await {
+            Ok(next) => {
+                failures = 0;
+                next
+            }
+            Err(e) => {
+                failures += 1;
+                if failures <= 3 || failures % 20 == 0 {
+                    tracing::warn!(worker = name, error = %format!("{e:#}"), "worker step failed");
+                }
+                Duration::from_millis(250 * u64::from(failures.min(8)))
+            }
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+impl Host {
+    /// A client for the cluster, following the current membership.
+    async fn client(&self) -> anyhow::Result<Client> {
+        let cluster = self.tracker.cluster.get();
+        anyhow::ensure!(!cluster.is_empty(), "not part of a cluster yet");
+        let members: Vec<String> = self
+            .tracker
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.tracker.host_id)
+            .map(|(_, n)| n.addr.clone())
+            .chain(self.cfg.join.iter().cloned())
+            .collect();
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            c.learn_members(members);
+            return Ok(c.clone());
+        }
+        anyhow::ensure!(!members.is_empty(), "no other cluster member known");
+        let c = Client::connect(ClientConfig {
+            addrs: members,
+            cluster_id: Some(cluster),
+            rpc_timeout: self.cfg.rpc_timeout,
+            op_deadline: self.cfg.rpc_timeout * 3,
+            zone: Some(self.cfg.zone.clone()),
+            name: format!("fsd-{:016x}", self.tracker.host_id),
+            ..ClientConfig::default()
+        })
+        .await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Joins the cluster on first start, keeps this host's address in the
+    /// membership current (a host may come back elsewhere), and reports the
+    /// devices' usage.
+    async fn announce(self: Arc<Self>) -> anyhow::Result<Duration> {
+        let t = &self.tracker;
+        if t.cluster.get().is_empty() {
+            return Ok(Duration::from_millis(500));
+        }
+        if !t.is_initialized() {
+            if self.cfg.join.is_empty() {
+                // Waiting for `fsctl host add` to bring us in.
+                return Ok(Duration::from_millis(500));
+            }
+            let client = self.client().await?;
+            client.add_host(&self.advertise).await?;
+            tracing::info!(addr = %self.advertise, "joined the cluster");
+            return Ok(Duration::from_millis(100));
+        }
+        let known = t.raft().metrics().borrow().membership_config.membership().get_node(&t.host_id).map(|n| n.addr.clone());
+        let Some(known) = known else {
+            // Removed from, or not yet in, the membership.
+            return Ok(Duration::from_millis(500));
+        };
+        if known != self.advertise {
+            tracing::info!(old = %known, new = %self.advertise, "this host's address changed; telling the cluster");
+            if t.is_leader() {
+                t.set_address(t.host_id, &self.advertise).await?;
+            } else {
+                self.client().await?.update_address(t.host_id, &self.advertise).await?;
+            }
+            return Ok(Duration::from_millis(100));
+        }
+        let report = Op::ReportDevices(pb::ReportDevices { host_id: t.host_id, devices: device_infos(&self.store, t.host_id) });
+        if t.is_leader() {
+            t.propose(pb::Command { op: Some(report), ..Default::default() }).await?;
+        } else {
+            self.client().await?.mutate(report).await?;
+        }
+        Ok(self.cfg.report_interval)
+    }
+
+    /// The leader expires client sessions whose lease ran out, which
+    /// releases their locks.
+    async fn reap_sessions(self: Arc<Self>) -> anyhow::Result<Duration> {
+        if self.tracker.is_leader() {
+            let cmd = pb::Command { op: Some(Op::ExpireSessions(pb::ExpireSessions {})), ..Default::default() };
+            self.tracker.propose(cmd).await?;
+        }
+        Ok(Duration::from_secs(1))
+    }
+}
+
+fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> String {
+    let mut out = String::new();
+    let m = tracker.raft().metrics().borrow().clone();
+    let host = format!("{{host=\"{:016x}\"}}", tracker.host_id);
+    gauge(&mut out, "failsafe_raft_term", "Current Raft term", &host, m.current_term);
+    gauge(&mut out, "failsafe_raft_is_leader", "1 if this host leads the tracker", &host, u8::from(tracker.is_leader()));
+    gauge(&mut out, "failsafe_raft_last_log_index", "Last Raft log index", &host, m.last_log_index.unwrap_or(0));
+    gauge(&mut out, "failsafe_raft_last_applied", "Last applied Raft log index", &host, m.last_applied.map_or(0, |l| l.index));
+    gauge(&mut out, "failsafe_raft_voters", "Voting tracker members", &host, m.membership_config.membership().voter_ids().count());
+    for u in store.usage() {
+        let labels = format!("{{device=\"{:016x}\",path=\"{}\"}}", u.device_id, u.path.display());
+        gauge(&mut out, "failsafe_device_capacity_bytes", "Device capacity", &labels, u.capacity_bytes);
+        gauge(&mut out, "failsafe_device_free_bytes", "Device free space", &labels, u.free_bytes);
+        gauge(&mut out, "failsafe_device_used_bytes", "Bytes of blocks on the device", &labels, u.used_bytes);
+        gauge(&mut out, "failsafe_device_blocks", "Blocks on the device", &labels, u.blocks);
+    }
+    metrics.render(&mut out);
+    out
+}
