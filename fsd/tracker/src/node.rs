@@ -152,7 +152,12 @@ impl Tracker {
     }
 
     /// Appends a command to the Raft log and returns its result once applied.
-    pub async fn propose(&self, cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+    /// A command without a time gets this member's clock, before it enters
+    /// the log (so every member applies the same time).
+    pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        if cmd.now_ns <= 0 {
+            cmd.now_ns = wall_clock_ns();
+        }
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(e) => Err(self.write_error(e)),
@@ -315,6 +320,11 @@ impl Tracker {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+pub(crate) fn wall_clock_ns() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn role_of(id: NodeId, leader: Option<NodeId>, voters: &BTreeSet<NodeId>) -> String {

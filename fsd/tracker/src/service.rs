@@ -2,13 +2,12 @@
 //! the other members. Every request's header is checked first.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use failsafe_proto::pb::{self, command::Op, metadata_server::Metadata, raft_transport_server::RaftTransport};
 use failsafe_proto::{check_header, not_leader};
 use tonic::{Request, Response, Status};
 
-use crate::node::{Tracker, TrackerError};
+use crate::node::{wall_clock_ns, Tracker, TrackerError};
 
 impl From<TrackerError> for Status {
     fn from(e: TrackerError) -> Status {
@@ -24,9 +23,6 @@ impl From<TrackerError> for Status {
     }
 }
 
-fn wall_clock_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
 
 pub struct MetadataService {
     tracker: Arc<Tracker>,
@@ -55,7 +51,6 @@ impl Metadata for MetadataService {
             }
             // Leases are judged by the leader's clock alone.
             Some(Op::OpenSession(_) | Op::Heartbeat(_) | Op::ExpireSessions(_)) => cmd.now_ns = wall_clock_ns(),
-            Some(_) if cmd.now_ns <= 0 => cmd.now_ns = wall_clock_ns(),
             Some(_) => {}
         }
         // Refuse what can never apply before it takes a place in the log.

@@ -1,0 +1,101 @@
+//! Helpers for tests that start real fsd processes on loopback.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use failsafe_client::{pb, Client, ClientConfig};
+use failsafe_fsd::local::LocalCluster;
+
+pub struct TestCluster {
+    pub c: LocalCluster,
+    pub dir: tempfile::TempDir,
+    /// Log lines at ERROR level that this test provokes on purpose.
+    pub expected_errors: Vec<&'static str>,
+}
+
+impl TestCluster {
+    /// Three hosts in zones a, b, c, bootstrapped into one cluster.
+    pub async fn start(extra: &[&str]) -> (TestCluster, Client) {
+        Self::start_zones(&["a", "b", "c"], extra).await
+    }
+
+    pub async fn start_zones(zones: &[&str], extra: &[&str]) -> (TestCluster, Client) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut c = LocalCluster::start(dir.path(), zones, Path::new(env!("CARGO_BIN_EXE_fsd")), 0, &extra)
+            .expect("start fsd processes");
+        let client = c.bootstrap().await.expect("bootstrap");
+        (TestCluster { c, dir, expected_errors: Vec::new() }, client)
+    }
+
+    /// A fresh client with short deadlines, preferring `zone` for reads.
+    pub async fn client_in(&self, zone: &str) -> Client {
+        Client::connect(ClientConfig { zone: Some(zone.into()), ..self.c.client_config() }).await.expect("client")
+    }
+
+    pub async fn status(&self) -> pb::StatusReply {
+        self.c.client().await.expect("client").status().await.expect("status")
+    }
+
+    /// Index of the current leader among the hosts.
+    pub async fn leader(&self) -> usize {
+        let s = self.c.wait_for(Duration::from_secs(20), "a leader", |s| s.leader_id != 0).await.expect("leader");
+        self.c.hosts.iter().position(|h| h.addr == s.leader_addr).expect("leader is one of ours")
+    }
+
+    /// The status as the member at host `i` sees it.
+    pub async fn status_at(&self, i: usize) -> Option<pb::StatusReply> {
+        let client = self.c.client().await.ok()?;
+        client.status_of(&self.c.hosts[i].addr).await.ok()
+    }
+
+    /// Waits until host `i` has applied everything the leader has.
+    pub async fn wait_caught_up(&self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leader = self.status().await;
+            if let Some(s) = self.status_at(i).await {
+                if s.last_applied >= leader.last_applied && s.leader_id != 0 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "host {i} did not catch up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fails on ERROR lines in any host's log that the test did not expect.
+    pub fn check_logs(&self) {
+        for h in &self.c.hosts {
+            let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
+            for line in log.lines().filter(|l| l.contains(" ERROR ")) {
+                if !self.expected_errors.iter().any(|e| line.contains(e)) {
+                    panic!("unexpected error in {}: {line}", h.log_path().display());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for h in &self.c.hosts {
+                let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- last lines of {} ---", h.log_path().display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+pub const ROOT: u64 = 1;
+
+/// Deterministic test data.
+pub fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
