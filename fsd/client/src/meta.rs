@@ -261,3 +261,22 @@ impl Drop for Session {
         self.heartbeat.abort();
     }
 }
+
+impl Client {
+    /// A query answered by the member at `addr` alone, from what it has
+    /// applied (`Local`), or after it confirms it leads (`Linearizable`).
+    pub async fn query_at(&self, addr: &str, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
+        let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q) };
+        let mut meta = self.meta(addr)?;
+        let reply = match tokio::time::timeout(self.inner.cfg.rpc_timeout, meta.query(req)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(ClientError::Rejected { addr: addr.to_string(), status }),
+            Err(_) => return Err(ClientError::Unavailable(format!("{addr} did not answer"))),
+        };
+        match reply.reply {
+            Some(Reply::Error(e)) => Err(refused(e)),
+            Some(r) => Ok(r),
+            None => Err(unexpected("query")),
+        }
+    }
+}

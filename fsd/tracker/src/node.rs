@@ -47,9 +47,11 @@ pub struct TrackerConfig {
 impl Default for TrackerConfig {
     fn default() -> Self {
         TrackerConfig {
-            heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            // openraft also uses the heartbeat interval as the deadline of an
+            // AppendEntries round trip, which includes the follower's fsync.
+            heartbeat_ms: 150,
+            election_min_ms: 600,
+            election_max_ms: 1200,
             snapshot_logs: 5000,
             keep_logs: 1000,
             class: ReplicationClass::default(),
