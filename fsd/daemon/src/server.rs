@@ -132,7 +132,7 @@ where
             }
             Err(e) => {
                 failures += 1;
-                if failures <= 3 || failures % 20 == 0 {
+                if failures <= 3 || failures.is_multiple_of(20) {
                     tracing::warn!(worker = name, error = %format!("{e:#}"), "worker step failed");
                 }
                 Duration::from_millis(250 * u64::from(failures.min(8)))

@@ -430,8 +430,9 @@ mod tests {
 
     /// openraft's own conformance suite for log and state machine storage.
     #[test]
-    fn openraft_storage_suite() -> SResult<()> {
-        Suite::test_all(Builder)?;
-        Ok(())
+    fn openraft_storage_suite() {
+        if let Err(e) = Suite::test_all(Builder) {
+            panic!("openraft storage suite: {e}");
+        }
     }
 }
