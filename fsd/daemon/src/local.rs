@@ -14,6 +14,8 @@ pub struct LocalHost {
     pub dir: PathBuf,
     pub zone: String,
     pub addr: String,
+    /// Flags for this host alone, after the cluster-wide ones.
+    pub extra: Vec<String>,
     child: Option<Child>,
     frozen: bool,
 }
@@ -64,12 +66,25 @@ impl LocalCluster {
     pub fn start(root: &Path, zones: &[&str], fsd: &Path, base_port: u16, extra: &[String]) -> anyhow::Result<LocalCluster> {
         let mut c = LocalCluster { hosts: Vec::new(), fsd: fsd.to_path_buf(), extra: extra.to_vec(), cluster_id: String::new() };
         for (i, zone) in zones.iter().enumerate() {
-            let dir = root.join(format!("host-{zone}"));
-            c.hosts.push(LocalHost { dir, zone: zone.to_string(), addr: String::new(), child: None, frozen: false });
             let port = if base_port == 0 { 0 } else { base_port + i as u16 };
-            c.spawn(i, port)?;
+            c.add_host(&root.join(format!("host-{zone}")), zone, port, &[])?;
         }
         Ok(c)
+    }
+
+    /// Starts one more host (not yet a member) and returns its index.
+    pub fn add_host(&mut self, dir: &Path, zone: &str, port: u16, extra: &[String]) -> anyhow::Result<usize> {
+        self.hosts.push(LocalHost {
+            dir: dir.to_path_buf(),
+            zone: zone.to_string(),
+            addr: String::new(),
+            extra: extra.to_vec(),
+            child: None,
+            frozen: false,
+        });
+        let i = self.hosts.len() - 1;
+        self.spawn(i, port)?;
+        Ok(i)
     }
 
     fn spawn(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
@@ -86,6 +101,7 @@ impl LocalCluster {
             .arg("--zone")
             .arg(&h.zone)
             .args(&self.extra)
+            .args(&h.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -32,6 +32,19 @@ struct Host {
     /// Talks to the leader on this host's behalf (joins, reports, address
     /// changes); its member list follows the membership.
     client: tokio::sync::Mutex<Option<Client>>,
+    /// What this host last reported about its devices, and when. A std
+    /// Mutex: held for a comparison, never across an await.
+    last_report: std::sync::Mutex<Option<(Vec<pb::DeviceInfo>, std::time::Instant)>>,
+}
+
+/// Whether device usage changed enough to be worth a Raft entry.
+fn usage_moved(prev: &[pb::DeviceInfo], now: &[pb::DeviceInfo]) -> bool {
+    prev.len() != now.len()
+        || prev.iter().zip(now).any(|(a, b)| {
+            a.device_id != b.device_id
+                || a.blocks != b.blocks
+                || a.free_bytes.abs_diff(b.free_bytes) > a.capacity_bytes / 100
+        })
 }
 
 /// Runs a host until `shutdown` completes.
@@ -97,7 +110,11 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             BlocksServer::new(blocks).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
 
-    let host = Arc::new(Host { cfg, advertise, tracker: tracker.clone(), store, client: tokio::sync::Mutex::new(None) });
+    let host = Arc::new(Host { cfg, advertise, tracker: tracker.clone(),
+        store,
+        client: tokio::sync::Mutex::new(None),
+        last_report: std::sync::Mutex::new(None),
+    });
     let workers = vec![
         tokio::spawn(worker("announcer", host.clone(), Host::announce)),
         tokio::spawn(worker("session-reaper", host.clone(), Host::reap_sessions)),
@@ -105,6 +122,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
 
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
+        // A last resort against a handler stuck for ever; clients give up
+        // much sooner.
+        .timeout(Duration::from_secs(120))
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
@@ -211,22 +231,31 @@ impl Host {
             }
             return Ok(Duration::from_millis(100));
         }
-        let report = Op::ReportDevices(pb::ReportDevices { host_id: t.host_id, devices: device_infos(&self.store, t.host_id) });
+        let devices = device_infos(&self.store, t.host_id);
+        {
+            // Every report is a Raft entry: send one when usage moved, or
+            // once a minute as a sign of life.
+            let last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((prev, at)) = last.as_ref() {
+                if !usage_moved(prev, &devices) && at.elapsed() < Duration::from_secs(60) {
+                    return Ok(self.cfg.report_interval);
+                }
+            }
+        }
+        let report = Op::ReportDevices(pb::ReportDevices { host_id: t.host_id, devices: devices.clone() });
         if t.is_leader() {
             t.propose(pb::Command { op: Some(report), ..Default::default() }).await?;
         } else {
             self.client().await?.mutate(report).await?;
         }
+        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some((devices, std::time::Instant::now()));
         Ok(self.cfg.report_interval)
     }
 
     /// The leader expires client sessions whose lease ran out, which
     /// releases their locks.
     async fn reap_sessions(self: Arc<Self>) -> anyhow::Result<Duration> {
-        if self.tracker.is_leader() {
-            let cmd = pb::Command { op: Some(Op::ExpireSessions(pb::ExpireSessions {})), ..Default::default() };
-            self.tracker.propose(cmd).await?;
-        }
+        self.tracker.expire_sessions().await?;
         Ok(Duration::from_secs(1))
     }
 }

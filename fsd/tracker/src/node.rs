@@ -312,6 +312,26 @@ impl Tracker {
         self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
     }
 
+    /// The leader expires lapsed client sessions (releasing their locks) and
+    /// forgets old operation results, proposing only when there is work.
+    pub async fn expire_sessions(&self) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Ok(());
+        }
+        let now = wall_clock_ns();
+        let due = self
+            .sm
+            .db()
+            .call(move |conn| state::anything_expired(conn, now))
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        if due {
+            let op = pb::command::Op::ExpireSessions(pb::ExpireSessions {});
+            self.propose(pb::Command { now_ns: now, op: Some(op), ..Default::default() }).await?;
+        }
+        Ok(())
+    }
+
     /// Waits until this member leads; false on timeout.
     pub async fn wait_leader(&self, timeout: Duration) -> bool {
         self.raft.wait(Some(timeout)).state(ServerState::Leader, "leader").await.is_ok()

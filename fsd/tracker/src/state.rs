@@ -894,6 +894,17 @@ pub fn devices(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<pb::DeviceSt
         .collect()
 }
 
+/// Whether `ExpireSessions` at `now` would change anything.
+pub fn anything_expired(conn: &rusqlite::Connection, now: i64) -> rusqlite::Result<bool> {
+    let n: i64 = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM sessions WHERE last_seen + ttl_ms * 1000000 < ?1)
+              + (SELECT COUNT(*) FROM applied_ops WHERE at < ?2)",
+        params![now, now.saturating_sub(OP_RESULT_KEEP_NS)],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
 pub fn counts(conn: &rusqlite::Connection) -> rusqlite::Result<(u64, u64)> {
     let files: i64 = conn.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
     let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
