@@ -36,9 +36,18 @@ impl Client {
         let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let mut req = tonic::Request::new(tokio_stream::iter(chunks));
         req.set_timeout(self.inner.cfg.block_timeout);
+        let started = std::time::Instant::now();
         match tokio::time::timeout(self.inner.cfg.block_timeout, blocks.put(req)).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(tonic::Status::cancelled(format!("block put to {addr} timed out"))),
+            Ok(r) => {
+                if r.is_ok() {
+                    self.record_ok(addr, started.elapsed());
+                }
+                r.map(|_| ())
+            }
+            Err(_) => {
+                self.record_timeout(addr);
+                Err(tonic::Status::cancelled(format!("block put to {addr} timed out")))
+            }
         }
     }
 
@@ -58,10 +67,15 @@ impl Client {
             }
             Ok(data)
         };
+        let started = std::time::Instant::now();
         let data = match tokio::time::timeout(self.inner.cfg.block_timeout, fetch).await {
             Ok(r) => r?,
-            Err(_) => return Err(tonic::Status::cancelled(format!("block get from {addr} timed out"))),
+            Err(_) => {
+                self.record_timeout(addr);
+                return Err(tonic::Status::cancelled(format!("block get from {addr} timed out")));
+            }
         };
+        self.record_ok(addr, started.elapsed());
         if block_hash(&data)[..] != hash[..] {
             return Err(tonic::Status::data_loss(format!("block {} from {addr} does not match its hash", hash_hex(hash))));
         }
@@ -219,7 +233,8 @@ impl Client {
     }
 
     /// Reads a block from the first copy that answers intact: copies in this
-    /// client's zone first.
+    /// client's zone first, then by measured round trip; hosts that recently
+    /// timed out last.
     pub async fn read_block(
         &self,
         hash: &[u8],
@@ -229,7 +244,9 @@ impl Client {
         let mut candidates: Vec<&pb::DeviceLocation> =
             locations.iter().filter(|l| device_ids.contains(&l.device_id)).collect();
         let zone = self.inner.cfg.zone.as_deref();
-        candidates.sort_by_key(|l| Some(l.zone.as_str()) != zone);
+        candidates.sort_by_key(|l| {
+            (self.is_suspect(&l.addr), Some(l.zone.as_str()) != zone, self.rtt(&l.addr).unwrap_or(Duration::from_millis(50)))
+        });
         let mut last_error = String::from("no copies recorded");
         for l in candidates {
             match self.get_block(&l.addr, l.device_id, hash).await {

@@ -69,8 +69,34 @@ impl Client {
     }
 
     pub async fn query_with(&self, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
+        self.query_within(q, consistency, self.inner.cfg.op_deadline).await
+    }
+
+    /// A read that stays available without a majority: linearizable when the
+    /// cluster can answer within `read_fallback_after`, otherwise the
+    /// freshest answer of the nearest member that still answers.
+    pub async fn query_available(&self, q: Query) -> Result<Reply, ClientError> {
+        match self.query_within(q.clone(), Consistency::Linearizable, self.inner.cfg.read_fallback_after).await {
+            Err(ClientError::Unavailable(why)) => {
+                let mut members = self.members();
+                members.sort_by_key(|m| (self.is_suspect(m), self.rtt(m).unwrap_or(Duration::from_millis(50))));
+                for addr in members {
+                    match self.query_at(&addr, q.clone(), Consistency::Local).await {
+                        Ok(r) => return Ok(r),
+                        Err(e @ ClientError::Refused { .. }) => return Err(e),
+                        Err(_) => continue,
+                    }
+                }
+                Err(ClientError::Unavailable(why))
+            }
+            other => other,
+        }
+    }
+
+    async fn query_within(&self, q: Query, consistency: Consistency, deadline: Duration) -> Result<Reply, ClientError> {
+        let rpc_timeout = self.inner.cfg.rpc_timeout;
         let reply = self
-            .with_leader("metadata read", |addr| {
+            .with_leader_timeout("metadata read", rpc_timeout, deadline, |addr| {
                 let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q.clone()) };
                 let c = self.meta(&addr);
                 async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.query(req).await }
@@ -184,7 +210,17 @@ impl Client {
         extents: Vec<pb::Extent>,
         copies: Vec<pb::BlockCopies>,
     ) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies })).await
+        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies, append: false })).await
+    }
+
+    /// Appends: extent offsets are relative to the file's size at commit.
+    pub async fn commit_append(
+        &self,
+        ino: u64,
+        extents: Vec<pb::Extent>,
+        copies: Vec<pb::BlockCopies>,
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies, append: true })).await
     }
 
     pub async fn list_locks(&self, ino: u64) -> Result<Vec<pb::LockInfo>, ClientError> {
@@ -268,10 +304,17 @@ impl Client {
     pub async fn query_at(&self, addr: &str, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
         let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q) };
         let mut meta = self.meta(addr)?;
+        let started = std::time::Instant::now();
         let reply = match tokio::time::timeout(self.inner.cfg.rpc_timeout, meta.query(req)).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                self.record_ok(addr, started.elapsed());
+                r.into_inner()
+            }
             Ok(Err(status)) => return Err(ClientError::Rejected { addr: addr.to_string(), status }),
-            Err(_) => return Err(ClientError::Unavailable(format!("{addr} did not answer"))),
+            Err(_) => {
+                self.record_timeout(addr);
+                return Err(ClientError::Unavailable(format!("{addr} did not answer")));
+            }
         };
         match reply.reply {
             Some(Reply::Error(e)) => Err(refused(e)),

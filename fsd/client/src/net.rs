@@ -2,7 +2,7 @@
 //! tracking; and the retry loops that carry every request through a failover.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ pub struct ClientConfig {
     /// How long one operation may keep retrying through failovers before it
     /// fails with `Unavailable`.
     pub op_deadline: Duration,
+    /// How long a read waits for a linearizable answer before it settles
+    /// for the freshest answer a reachable member has (no majority).
+    pub read_fallback_after: Duration,
     /// The zone this client is in: block reads prefer copies there.
     pub zone: Option<String>,
     /// A name for this client in the tracker's session table.
@@ -41,6 +44,7 @@ impl Default for ClientConfig {
             rpc_timeout: Duration::from_secs(2),
             block_timeout: Duration::from_secs(10),
             op_deadline: Duration::from_secs(20),
+            read_fallback_after: Duration::from_secs(3),
             zone: None,
             name: "client".to_string(),
         }
@@ -53,9 +57,51 @@ pub(crate) struct Inner {
     pub(crate) client_id: u64,
     next_op: AtomicU64,
     channels: Mutex<HashMap<String, Channel>>,
-    /// Known tracker members; `leader` indexes the one believed to lead.
-    members: Mutex<Vec<String>>,
-    leader: AtomicUsize,
+    /// Where requests go. A std Mutex: held for bookkeeping, never across an
+    /// await.
+    routing: Mutex<Routing>,
+}
+
+/// Which members exist, which one leads, which are suspected down, and how
+/// far away each is.
+struct Routing {
+    members: Vec<String>,
+    leader: Option<String>,
+    /// Members that timed out recently, with when to trust them again. A
+    /// frozen leader keeps being named by followers until an election ends;
+    /// suspecting it avoids paying a full timeout for every such hint.
+    suspect: HashMap<String, Instant>,
+    next: usize,
+    /// Smoothed round-trip time of successful calls per member.
+    rtt: HashMap<String, Duration>,
+}
+
+impl Routing {
+    fn is_suspect(&self, addr: &str) -> bool {
+        self.suspect.get(addr).is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn pick(&mut self) -> String {
+        if let Some(l) = self.leader.clone().filter(|l| !self.is_suspect(l)) {
+            return l;
+        }
+        let n = self.members.len().max(1);
+        for k in 0..n {
+            let candidate = &self.members[(self.next + k) % n];
+            if !self.is_suspect(candidate) {
+                self.next = (self.next + k) % n;
+                return candidate.clone();
+            }
+        }
+        self.next = (self.next + 1) % n;
+        self.members[self.next % n].clone()
+    }
+
+    fn learn(&mut self, addr: &str) {
+        if !addr.is_empty() && !self.members.iter().any(|m| m == addr) {
+            self.members.push(addr.to_string());
+        }
+    }
 }
 
 /// A handle to a cluster. Cheap to clone; clones share connections.
@@ -82,8 +128,13 @@ impl Client {
             client_id: rand::random::<u64>() | 1,
             next_op: AtomicU64::new(1),
             channels: Mutex::new(HashMap::new()),
-            members: Mutex::new(cfg.addrs.clone()),
-            leader: AtomicUsize::new(0),
+            routing: Mutex::new(Routing {
+                members: cfg.addrs.clone(),
+                leader: None,
+                suspect: HashMap::new(),
+                next: 0,
+                rtt: HashMap::new(),
+            }),
             cfg,
         };
         if inner.cluster_id.is_empty() {
@@ -149,39 +200,60 @@ impl Client {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
+    fn routing(&self) -> std::sync::MutexGuard<'_, Routing> {
+        self.inner.routing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Known members, the presumed leader first.
     pub fn members(&self) -> Vec<String> {
-        let members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
-        let lead = self.inner.leader.load(Ordering::Relaxed) % members.len().max(1);
-        members.iter().cycle().skip(lead).take(members.len()).cloned().collect()
+        let r = self.routing();
+        let mut out: Vec<String> = r.leader.iter().cloned().collect();
+        out.extend(r.members.iter().filter(|m| Some(*m) != r.leader.as_ref()).cloned());
+        out
     }
 
     /// Adds addresses learned from the cluster (leader hints, host table).
     pub fn learn_members(&self, addrs: impl IntoIterator<Item = String>) {
-        let mut members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.routing();
         for a in addrs {
-            if !a.is_empty() && !members.contains(&a) {
-                members.push(a);
-            }
+            r.learn(&a);
         }
     }
 
     fn set_leader(&self, addr: &str) {
-        self.learn_members([addr.to_string()]);
-        let members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = members.iter().position(|m| m == addr) {
-            self.inner.leader.store(i, Ordering::Relaxed);
+        let mut r = self.routing();
+        r.learn(addr);
+        r.leader = Some(addr.to_string());
+    }
+
+    /// Records a successful call: the member is alive, and this far away.
+    pub(crate) fn record_ok(&self, addr: &str, elapsed: Duration) {
+        let mut r = self.routing();
+        r.suspect.remove(addr);
+        let smoothed = match r.rtt.get(addr) {
+            Some(prev) => (*prev * 7 + elapsed) / 8,
+            None => elapsed,
+        };
+        r.rtt.insert(addr.to_string(), smoothed);
+    }
+
+    /// Records a call that got no answer in time.
+    pub(crate) fn record_timeout(&self, addr: &str) {
+        let mut r = self.routing();
+        let until = Instant::now() + self.inner.cfg.rpc_timeout * 3;
+        r.suspect.insert(addr.to_string(), until);
+        if r.leader.as_deref() == Some(addr) {
+            r.leader = None;
         }
     }
 
-    fn rotate_leader(&self, from: &str) {
-        let members = self.inner.members.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = members.iter().position(|m| m == from) {
-            let _ = self.inner.leader.compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
-            if self.inner.leader.load(Ordering::Relaxed) >= members.len() {
-                self.inner.leader.store(0, Ordering::Relaxed);
-            }
-        }
+    /// The measured round trip to `addr`, if any call to it succeeded.
+    pub fn rtt(&self, addr: &str) -> Option<Duration> {
+        self.routing().rtt.get(addr).copied()
+    }
+
+    pub(crate) fn is_suspect(&self, addr: &str) -> bool {
+        self.routing().is_suspect(addr)
     }
 
     /// Runs `call` against the leader until it answers, following leader hints
@@ -191,44 +263,55 @@ impl Client {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        self.with_leader_timeout(what, self.inner.cfg.rpc_timeout, call).await
+        self.with_leader_timeout(what, self.inner.cfg.rpc_timeout, self.inner.cfg.op_deadline, call).await
     }
 
     pub(crate) async fn with_leader_timeout<T, F, Fut>(
         &self,
         what: &str,
         rpc_timeout: Duration,
+        op_deadline: Duration,
         mut call: F,
     ) -> Result<T, ClientError>
     where
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let deadline = Instant::now() + self.inner.cfg.op_deadline;
+        let deadline = Instant::now() + op_deadline;
         let mut backoff = Duration::from_millis(20);
         let mut last;
-        let mut hinted: Option<String> = None;
         loop {
-            let addr = hinted.take().unwrap_or_else(|| self.members()[0].clone());
+            let addr = self.routing().pick();
+            let started = Instant::now();
             let outcome = match tokio::time::timeout(rpc_timeout, call(addr.clone())).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.record_ok(&addr, started.elapsed());
+                    self.set_leader(&addr);
+                    return Ok(v);
+                }
                 Ok(Err(status)) => self.classify(&addr, status),
-                Err(_) => Attempt::Retry(None),
+                Err(_) => {
+                    self.record_timeout(&addr);
+                    Attempt::Retry(None)
+                }
             };
             match outcome {
                 Attempt::Fail(e) => return Err(e),
-                Attempt::Retry(Some(hint)) if hint != addr => {
+                Attempt::Retry(Some(hint)) if hint != addr && !self.is_suspect(&hint) => {
                     self.set_leader(&hint);
-                    hinted = Some(hint);
                     continue;
                 }
                 Attempt::Retry(_) => {
-                    last = format!("{addr} did not answer {what}");
-                    self.rotate_leader(&addr);
+                    last = format!("{addr} could not take {what}");
+                    let mut r = self.routing();
+                    if r.leader.as_deref() == Some(addr.as_str()) {
+                        r.leader = None;
+                    }
+                    r.next += 1;
                 }
             }
             if Instant::now() + backoff >= deadline {
-                return Err(ClientError::Unavailable(format!("{what}: gave up after {:?}; last: {last}", self.inner.cfg.op_deadline)));
+                return Err(ClientError::Unavailable(format!("{what}: gave up after {op_deadline:?}; last: {last}")));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -305,7 +388,7 @@ impl Client {
     pub async fn add_host(&self, addr: &str) -> Result<u64, ClientError> {
         let addr = addr.to_string();
         // Adding a host waits for it to catch up as a learner: allow more time.
-        self.with_leader_timeout("add host", self.inner.cfg.op_deadline, |leader| {
+        self.with_leader_timeout("add host", self.inner.cfg.op_deadline, self.inner.cfg.op_deadline, |leader| {
             let req = pb::AddHostRequest { header: self.header(), addr: addr.clone() };
             let c = self.admin(&leader);
             async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.add_host(req).await }

@@ -92,11 +92,17 @@ async fn t41_restarted_host_installs_a_snapshot_after_the_log_was_compacted() {
     let (mut tc, c) = TestCluster::start(&["--snapshot-logs", "20", "--keep-logs", "5"]).await;
     let leader = tc.leader().await;
     let victim = (leader + 2) % 3;
+    let victim_applied = tc.status_at(victim).await.unwrap().last_applied;
     tc.c.kill(victim);
-    for i in 0..80 {
-        c.create(ROOT, format!("f{i:02}").as_bytes(), 0o644, true).await.unwrap();
+    for i in 0..150 {
+        c.create(ROOT, format!("f{i:03}").as_bytes(), 0o644, true).await.unwrap();
     }
-    let s = tc.status().await;
+    // The leader snapshots and purges the entries the victim still lacks.
+    let s = tc
+        .c
+        .wait_for(Duration::from_secs(20), "log purged past the victim", |s| s.purged_index > victim_applied + 1)
+        .await
+        .unwrap();
     assert!(s.snapshot_index > 20, "the leader compacted its log: {s:?}");
     tc.c.restart(victim, true).unwrap();
     tc.wait_caught_up(victim, Duration::from_secs(30)).await;
@@ -106,7 +112,7 @@ async fn t41_restarted_host_installs_a_snapshot_after_the_log_was_compacted() {
     // And it keeps following the log after the snapshot.
     c.create(ROOT, b"later", 0o644, true).await.unwrap();
     tc.wait_caught_up(victim, Duration::from_secs(10)).await;
-    assert_eq!(names_at(&tc, &c, victim).await.len(), 81);
+    assert_eq!(names_at(&tc, &c, victim).await.len(), 151);
     tc.check_logs();
 }
 

@@ -300,6 +300,7 @@ impl Tracker {
             last_log_index: m.last_log_index.unwrap_or(0),
             last_applied: m.last_applied.map_or(0, |l| l.index),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
             hosts: rows.into_values().collect(),
             devices,
             files,

@@ -582,8 +582,10 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64) -> OpRe
         return err(ErrorCode::IsDir, "extents belong to regular files");
     }
     record_copies(tx, &c.copies)?;
+    let base = if c.append { a.size } else { 0 };
     let mut size = a.size;
     for e in &c.extents {
+        let e = &pb::Extent { offset: e.offset.saturating_add(base), ..e.clone() };
         if e.hash.len() != HASH_LEN || e.length == 0 {
             return err(ErrorCode::Invalid, "an extent needs a 32-byte hash and a length");
         }
