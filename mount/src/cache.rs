@@ -1,0 +1,84 @@
+//! The block cache on local disk. Blocks are immutable and named by their
+//! hash, so a cached block can never be stale; each read is verified anyway,
+//! so a damaged cache file is dropped, never served.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use failsafe_core::{block_hash, hash_hex};
+
+pub struct BlockCache {
+    dir: PathBuf,
+    limit: u64,
+    /// Insertion order and sizes, for eviction. A std Mutex: short sections,
+    /// no await inside.
+    state: Mutex<(VecDeque<(String, u64)>, u64)>,
+}
+
+impl BlockCache {
+    /// Opens (and empties) a cache directory holding at most `limit` bytes.
+    pub fn open(dir: &Path, limit: u64) -> std::io::Result<BlockCache> {
+        std::fs::create_dir_all(dir)?;
+        // Starting empty keeps the size accounting exact; the blocks are one
+        // fetch away.
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(BlockCache { dir: dir.to_path_buf(), limit, state: Mutex::new((VecDeque::new(), 0)) })
+    }
+
+    pub fn get(&self, hash: &[u8]) -> Option<Vec<u8>> {
+        let path = self.dir.join(hash_hex(hash));
+        let data = std::fs::read(&path).ok()?;
+        if block_hash(&data)[..] != hash[..] {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        Some(data)
+    }
+
+    pub fn put(&self, hash: &[u8], data: &[u8]) {
+        if self.limit == 0 || data.len() as u64 > self.limit {
+            return;
+        }
+        let name = hash_hex(hash);
+        let path = self.dir.join(&name);
+        if path.exists() {
+            return;
+        }
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        if std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0.push_back((name, data.len() as u64));
+        st.1 += data.len() as u64;
+        while st.1 > self.limit {
+            let Some((old, size)) = st.0.pop_front() else { break };
+            let _ = std::fs::remove_file(self.dir.join(old));
+            st.1 -= size;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caches_verifies_and_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlockCache::open(dir.path(), 25).unwrap();
+        let (a, b) = (vec![1u8; 10], vec![2u8; 20]);
+        let (ha, hb) = (block_hash(&a), block_hash(&b));
+        c.put(&ha, &a);
+        assert_eq!(c.get(&ha), Some(a.clone()));
+        std::fs::write(dir.path().join(hash_hex(&ha)), b"tampered!!").unwrap();
+        assert_eq!(c.get(&ha), None, "a damaged cache file is not served");
+        c.put(&hb, &b); // over the limit: the oldest goes
+        assert_eq!(c.get(&hb), Some(b));
+        assert!(!dir.path().join(hash_hex(&ha)).exists());
+    }
+}

@@ -1,0 +1,778 @@
+//! The filesystem's logic as async functions returning `Result<_, Errno>`;
+//! `fs.rs` only moves FUSE requests here and replies.
+//!
+//! Consistency: the kernel is told to cache nothing about names and
+//! attributes (TTL 0), so every lookup and stat asks the tracker, which is
+//! what makes an `open()` here see a `close()` on another host. File content
+//! stays in the kernel's page cache across opens only while the file's
+//! version is unchanged. Writes are buffered per file and stored (blocks to
+//! the write quorum, then extents) on flush, fsync, close, or when the buffer
+//! grows large: `close()` succeeds only once the data is durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use failsafe_client::pb::{self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind};
+use failsafe_client::{Client, ClientError, LockRequest, Session};
+use failsafe_core::MAX_BLOCK_BYTES;
+use fuser::{Errno, FileAttr, FileType};
+
+use crate::cache::BlockCache;
+use crate::dirty::Dirty;
+use crate::errno::errno;
+
+/// Buffered bytes per file before an upload starts on its own.
+const FLUSH_AT: usize = 8 << 20;
+/// Buffered plus uploading bytes per file at which writers wait.
+const WRITE_BACKPRESSURE: usize = 64 << 20;
+/// Verified blocks kept in memory, so 128 KiB reads do not re-read 4 MiB.
+const MEM_BLOCKS: usize = 8;
+
+pub type Res<T> = Result<T, Errno>;
+
+fn err(e: ClientError) -> Errno {
+    errno(&e)
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+pub fn system_time_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+/// An open file.
+struct Handle {
+    ino: u64,
+    append: bool,
+}
+
+/// What this mount knows about a file while it is open here.
+struct FileState {
+    inner: Mutex<FileInner>,
+    /// Serializes uploads of this file's buffer, so appends commit in order.
+    upload: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct FileInner {
+    opens: usize,
+    attr: Option<pb::Attr>,
+    extents: Option<Arc<pb::FileExtents>>,
+    dirty: Dirty,
+    /// Being uploaded now; still visible to reads until committed.
+    inflight: Option<Arc<Dirty>>,
+    /// A background upload failed: the next flush or fsync reports it.
+    error: Option<Errno>,
+    /// Gone from the tracker while open here: served from what we hold.
+    unlinked: bool,
+}
+
+impl FileInner {
+    fn local_size(&self) -> u64 {
+        let stored = self.attr.as_ref().map_or(0, |a| a.size);
+        let inflight = self.inflight.as_ref().map_or(0, |d| d.end().max(stored + d.appended()));
+        stored.max(inflight).max(self.dirty.end()).max(stored + self.dirty.appended())
+    }
+}
+
+pub struct Core {
+    pub client: Client,
+    root: u64,
+    pub read_only: bool,
+    cache: BlockCache,
+    mem: Mutex<VecDeque<(Vec<u8>, Arc<Vec<u8>>)>>,
+    files: Mutex<HashMap<u64, Arc<FileState>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, Vec<u8>)>>>>,
+    /// The version each file had when this mount last read or wrote it: the
+    /// kernel's cached pages are good while it is unchanged.
+    versions: Mutex<HashMap<u64, u64>>,
+    next_fh: AtomicU64,
+    session: tokio::sync::Mutex<Option<Session>>,
+    /// (inode, lock owner) pairs that took a lock through this mount.
+    lock_owners: Mutex<std::collections::HashSet<(u64, u64)>>,
+}
+
+// Locks held in these std Mutexes guard short bookkeeping and are never held
+// across an await.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn kind(k: i32) -> FileType {
+    match FileKind::try_from(k) {
+        Ok(FileKind::KindDir) => FileType::Directory,
+        Ok(FileKind::KindSymlink) => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn name_bytes(name: &std::ffi::OsStr) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().to_vec()
+}
+
+impl Core {
+    pub fn new(client: Client, root: u64, read_only: bool, cache: BlockCache) -> Core {
+        Core {
+            client,
+            root,
+            read_only,
+            cache,
+            mem: Mutex::new(VecDeque::new()),
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            session: tokio::sync::Mutex::new(None),
+            lock_owners: Mutex::new(Default::default()),
+        }
+    }
+
+    /// FUSE inode → tracker inode (the mounted directory is FUSE's root).
+    pub fn t(&self, ino: u64) -> u64 {
+        if ino == fuser::INodeNo::ROOT.0 {
+            self.root
+        } else {
+            ino
+        }
+    }
+
+    fn f(&self, ino: u64) -> u64 {
+        if ino == self.root {
+            fuser::INodeNo::ROOT.0
+        } else {
+            ino
+        }
+    }
+
+    fn writable(&self) -> Res<()> {
+        if self.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn file_attr(&self, a: &pb::Attr) -> FileAttr {
+        let size = match locked(&self.files).get(&a.ino) {
+            Some(st) => a.size.max(locked(&st.inner).local_size()),
+            None => a.size,
+        };
+        FileAttr {
+            ino: fuser::INodeNo(self.f(a.ino)),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time(a.atime_ns),
+            mtime: time(a.mtime_ns),
+            ctime: time(a.ctime_ns),
+            crtime: time(a.ctime_ns),
+            kind: kind(a.kind),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: 0,
+            blksize: 128 * 1024,
+            flags: 0,
+        }
+    }
+
+    async fn query_attr(&self, q: Query) -> Result<pb::Attr, ClientError> {
+        match self.client.query_available(q).await? {
+            Reply::Attr(a) => Ok(a),
+            _ => Err(ClientError::Unavailable("unexpected reply".into())),
+        }
+    }
+
+    async fn mutate_attr(&self, op: Op) -> Res<pb::Attr> {
+        match self.client.mutate(op).await.map_err(err)? {
+            pb::command_result::Result::Attr(a) => Ok(a),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
+        let q = Query::Lookup(pb::Lookup { parent: self.t(parent), name: name_bytes(name) });
+        let a = self.query_attr(q).await.map_err(err)?;
+        Ok(self.file_attr(&a))
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Res<FileAttr> {
+        let tino = self.t(ino);
+        match self.query_attr(Query::GetAttr(pb::GetAttr { ino: tino })).await {
+            Ok(a) => Ok(self.file_attr(&a)),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                // Unlinked elsewhere while open here: it lives on until closed.
+                let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ENOENT)?;
+                let mut inner = locked(&st.inner);
+                inner.unlinked = true;
+                let a = inner.attr.clone().ok_or(Errno::ENOENT)?;
+                drop(inner);
+                Ok(FileAttr { nlink: 0, ..self.file_attr(&a) })
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<i64>,
+        mtime: Option<i64>,
+    ) -> Res<FileAttr> {
+        self.writable()?;
+        let tino = self.t(ino);
+        if let Some(size) = size {
+            if let Some(st) = self.state(tino) {
+                locked(&st.inner).dirty.truncate(size);
+                self.upload(tino, &st).await?;
+            }
+        }
+        let set = pb::SetAttr { ino: tino, mode, uid, gid, size, atime_ns: atime, mtime_ns: mtime };
+        let a = self.client.setattr(set).await.map_err(err)?;
+        if let Some(st) = self.state(tino) {
+            let mut inner = locked(&st.inner);
+            inner.attr = Some(a.clone());
+            inner.extents = None;
+        }
+        Ok(self.file_attr(&a))
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
+        match self.client.query_available(Query::ReadLink(pb::ReadLink { ino: self.t(ino) })).await.map_err(err)? {
+            Reply::Target(t) => Ok(t.target),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32, uid: u32, gid: u32) -> Res<FileAttr> {
+        self.writable()?;
+        let a = self.mutate_attr(Op::Mkdir(pb::Mkdir { parent: self.t(parent), name: name_bytes(name), mode, uid, gid })).await?;
+        Ok(self.file_attr(&a))
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &std::ffi::OsStr, target: &[u8], uid: u32, gid: u32) -> Res<FileAttr> {
+        self.writable()?;
+        let op = Op::Symlink(pb::Symlink { parent: self.t(parent), name: name_bytes(name), target: target.to_vec(), uid, gid });
+        let a = self.mutate_attr(op).await?;
+        Ok(self.file_attr(&a))
+    }
+
+    pub async fn link(&self, ino: u64, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
+        self.writable()?;
+        let op = Op::Link(pb::Link { ino: self.t(ino), new_parent: self.t(parent), new_name: name_bytes(name) });
+        match self.mutate_attr(op).await {
+            Err(e) if e == Errno::EISDIR => Err(Errno::EPERM),
+            r => r.map(|a| self.file_attr(&a)),
+        }
+    }
+
+    /// Notes that `parent/name` is about to disappear: if it is open here,
+    /// it stays readable until closed.
+    async fn note_removal(&self, parent: u64, name: &[u8]) {
+        if locked(&self.files).is_empty() {
+            return;
+        }
+        let q = Query::Lookup(pb::Lookup { parent, name: name.to_vec() });
+        if let Ok(a) = self.query_attr(q).await {
+            if let Some(st) = self.state(a.ino) {
+                let mut inner = locked(&st.inner);
+                if a.nlink <= 1 {
+                    inner.unlinked = true;
+                }
+                inner.attr.get_or_insert(a);
+            }
+        }
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
+        self.writable()?;
+        let (parent, name) = (self.t(parent), name_bytes(name));
+        self.note_removal(parent, &name).await;
+        self.client.unlink(parent, &name).await.map_err(err)
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
+        self.writable()?;
+        self.client.rmdir(self.t(parent), &name_bytes(name)).await.map_err(err)
+    }
+
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        new_parent: u64,
+        new_name: &std::ffi::OsStr,
+        no_replace: bool,
+        exchange: bool,
+    ) -> Res<()> {
+        self.writable()?;
+        let (np, nn) = (self.t(new_parent), name_bytes(new_name));
+        if !exchange {
+            self.note_removal(np, &nn).await;
+        }
+        let r = pb::Rename { parent: self.t(parent), name: name_bytes(name), new_parent: np, new_name: nn, no_replace, exchange };
+        self.client.rename(r).await.map_err(err)
+    }
+
+    pub async fn statfs(&self) -> Res<pb::FsStats> {
+        match self.client.query_available(Query::StatFs(pb::StatFs {})).await.map_err(err)? {
+            Reply::FsStats(s) => Ok(s),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn state(&self, tino: u64) -> Option<Arc<FileState>> {
+        locked(&self.files).get(&tino).cloned()
+    }
+
+    /// Registers an open of `tino` with attributes `a`; returns the handle and
+    /// whether the kernel may keep its cached pages.
+    fn register_open(&self, a: pb::Attr, append: bool) -> (u64, bool) {
+        let tino = a.ino;
+        let keep = {
+            let mut versions = locked(&self.versions);
+            if versions.len() > 100_000 {
+                versions.clear();
+            }
+            let keep = versions.get(&tino) == Some(&a.version);
+            versions.insert(tino, a.version);
+            keep
+        };
+        let st = locked(&self.files)
+            .entry(tino)
+            .or_insert_with(|| Arc::new(FileState { inner: Mutex::new(FileInner::default()), upload: tokio::sync::Mutex::new(()) }))
+            .clone();
+        {
+            let mut inner = locked(&st.inner);
+            inner.opens += 1;
+            let changed = inner.attr.as_ref().map(|o| o.version) != Some(a.version);
+            if changed {
+                inner.extents = None;
+            }
+            inner.attr = Some(a);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        locked(&self.handles).insert(fh, Handle { ino: tino, append });
+        (fh, keep)
+    }
+
+    pub async fn open(&self, ino: u64, flags: i32) -> Res<(u64, bool)> {
+        let acc = flags & libc::O_ACCMODE;
+        if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            self.writable()?;
+        }
+        let tino = self.t(ino);
+        // Close-to-open: always ask the tracker what the file is now.
+        let a = match self.query_attr(Query::GetAttr(pb::GetAttr { ino: tino })).await {
+            Ok(a) => a,
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => {
+                let st = self.state(tino).ok_or(Errno::ENOENT)?;
+                let a = locked(&st.inner).attr.clone().ok_or(Errno::ENOENT)?;
+                a
+            }
+            Err(e) => return Err(err(e)),
+        };
+        if a.kind == FileKind::KindDir as i32 {
+            return Err(Errno::EISDIR);
+        }
+        Ok(self.register_open(a, flags & libc::O_APPEND != 0))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> Res<(FileAttr, u64)> {
+        self.writable()?;
+        let exclusive = flags & libc::O_EXCL != 0;
+        let c = pb::Create { parent: self.t(parent), name: name_bytes(name), mode, uid, gid, exclusive };
+        let mut a = self.mutate_attr(Op::Create(c)).await?;
+        if flags & libc::O_TRUNC != 0 && a.size > 0 {
+            a = self.client.setattr(pb::SetAttr { ino: a.ino, size: Some(0), ..Default::default() }).await.map_err(err)?;
+        }
+        locked(&self.versions).remove(&a.ino);
+        let (fh, _) = self.register_open(a.clone(), flags & libc::O_APPEND != 0);
+        Ok((self.file_attr(&a), fh))
+    }
+
+    fn handle_ino(&self, fh: u64) -> Res<(u64, bool)> {
+        locked(&self.handles).get(&fh).map(|h| (h.ino, h.append)).ok_or(Errno::EBADF)
+    }
+
+    /// A verified block, from memory, the disk cache, or the nearest copy.
+    async fn block(&self, hash: &[u8], fe: &pb::FileExtents) -> Res<Arc<Vec<u8>>> {
+        if let Some((_, b)) = locked(&self.mem).iter().find(|(h, _)| h == hash) {
+            return Ok(b.clone());
+        }
+        let data = match self.cache.get(hash) {
+            Some(d) => d,
+            None => {
+                let devices = fe.copies.iter().find(|c| c.hash == hash).map_or(&[][..], |c| c.device_ids.as_slice());
+                let d = self.client.read_block(hash, devices, &fe.devices).await.map_err(err)?;
+                self.cache.put(hash, &d);
+                d
+            }
+        };
+        let b = Arc::new(data);
+        let mut mem = locked(&self.mem);
+        mem.push_back((hash.to_vec(), b.clone()));
+        while mem.len() > MEM_BLOCKS {
+            mem.pop_front();
+        }
+        Ok(b)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
+        let (tino, _) = self.handle_ino(fh)?;
+        let st = self.state(tino).ok_or(Errno::EBADF)?;
+        let (extents, stored, total, unlinked) = {
+            let inner = locked(&st.inner);
+            (inner.extents.clone(), inner.attr.as_ref().map_or(0, |a| a.size), inner.local_size(), inner.unlinked)
+        };
+        let extents = match extents {
+            Some(e) => Some(e),
+            None if unlinked => None,
+            None => match self.client.read_extents(tino, 0, u64::MAX >> 4).await {
+                Ok(fe) => {
+                    let fe = Arc::new(fe);
+                    let mut inner = locked(&st.inner);
+                    if let Some(a) = fe.attr.clone() {
+                        // Someone else's change since our open: the version
+                        // we serve from is the one we fetched.
+                        inner.attr = Some(a);
+                    }
+                    inner.extents = Some(fe.clone());
+                    Some(fe)
+                }
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => None,
+                Err(e) => return Err(err(e)),
+            },
+        };
+        let stored = extents.as_ref().and_then(|fe| fe.attr.as_ref()).map_or(stored, |a| a.size);
+        let total = total.max(stored);
+        if offset >= total {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(u64::from(size)).min(total);
+        let mut buf = vec![0u8; (end - offset) as usize];
+        if let Some(fe) = &extents {
+            for e in &fe.extents {
+                let (from, to) = (e.offset.max(offset), (e.offset + e.length).min(end).min(stored));
+                if from >= to {
+                    continue;
+                }
+                let block = self.block(&e.hash, fe).await?;
+                let b0 = (e.block_offset + (from - e.offset)) as usize;
+                let src = block.get(b0..b0 + (to - from) as usize).ok_or(Errno::EIO)?;
+                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+            }
+        }
+        let inner = locked(&st.inner);
+        if let Some(d) = &inner.inflight {
+            d.overlay_appends(stored, offset, &mut buf);
+            d.overlay(offset, &mut buf);
+        }
+        inner.dirty.overlay_appends(stored + inner.inflight.as_ref().map_or(0, |d| d.appended()), offset, &mut buf);
+        inner.dirty.overlay(offset, &mut buf);
+        Ok(buf)
+    }
+
+    /// Buffers a write. Returns true when the buffer is big enough that an
+    /// upload should start, and whether the writer must wait for it.
+    pub fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Res<(u64, bool, bool)> {
+        self.writable()?;
+        let (tino, append) = self.handle_ino(fh)?;
+        let st = self.state(tino).ok_or(Errno::EBADF)?;
+        let mut inner = locked(&st.inner);
+        if append {
+            inner.dirty.append(data);
+        } else {
+            inner.dirty.write(offset, data);
+        }
+        let pending = inner.dirty.bytes() + inner.inflight.as_ref().map_or(0, |d| d.bytes());
+        Ok((tino, inner.dirty.bytes() >= FLUSH_AT, pending >= WRITE_BACKPRESSURE))
+    }
+
+    /// Stores this file's buffered bytes: blocks to the write quorum, then
+    /// the extents. Reports (once) an earlier background upload's failure.
+    pub async fn flush_ino(&self, tino: u64) -> Res<()> {
+        let Some(st) = self.state(tino) else { return Ok(()) };
+        self.upload(tino, &st).await?;
+        let earlier = locked(&st.inner).error.take();
+        match earlier {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn flush_fh(&self, fh: u64) -> Res<()> {
+        let (tino, _) = self.handle_ino(fh)?;
+        self.flush_ino(tino).await
+    }
+
+    async fn upload(&self, tino: u64, st: &FileState) -> Res<()> {
+        let _turn = st.upload.lock().await;
+        let batch = {
+            let mut inner = locked(&st.inner);
+            if inner.dirty.is_empty() || inner.unlinked {
+                return Ok(());
+            }
+            let d = Arc::new(std::mem::take(&mut inner.dirty));
+            inner.inflight = Some(d.clone());
+            d
+        };
+        let result = self.store(tino, &batch).await;
+        let mut inner = locked(&st.inner);
+        inner.inflight = None;
+        match result {
+            Ok(Some(a)) => {
+                let mut versions = locked(&self.versions);
+                let before = inner.attr.as_ref().map(|o| o.version);
+                // Our pages are still right if only our commits happened.
+                if before.is_some_and(|v| a.version <= v + 2) && versions.get(&tino) == before.as_ref() {
+                    versions.insert(tino, a.version);
+                }
+                inner.attr = Some(a);
+                inner.extents = None;
+                Ok(())
+            }
+            Ok(None) => {
+                inner.unlinked = true;
+                inner.dirty = Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
+                Ok(())
+            }
+            Err(e) => {
+                inner.dirty = Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores one batch. `None`: the file no longer exists on the tracker.
+    async fn store(&self, tino: u64, batch: &Dirty) -> Res<Option<pb::Attr>> {
+        let (segments, appends) = batch.clone().into_parts();
+        let mut attr = None;
+        for (extents_at, data, append) in segments.iter().map(|(o, d)| (*o, d.as_slice(), false)).chain(
+            (!appends.is_empty()).then_some((0u64, appends.as_slice(), true)),
+        ) {
+            let chunks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
+            let copies = self.client.put_blocks(&chunks).await.map_err(err)?;
+            let mut at = extents_at;
+            let extents = chunks
+                .iter()
+                .zip(&copies)
+                .map(|(c, b)| {
+                    let e = pb::Extent { offset: at, length: c.len() as u64, hash: b.hash.clone(), block_offset: 0 };
+                    at += c.len() as u64;
+                    e
+                })
+                .collect();
+            let r = if append {
+                self.client.commit_append(tino, extents, copies).await
+            } else {
+                self.client.commit_extents(tino, extents, copies).await
+            };
+            match r {
+                Ok(a) => attr = Some(a),
+                Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Ok(attr)
+    }
+
+    /// A background upload started by a write that filled the buffer.
+    pub async fn background_upload(&self, tino: u64) {
+        let Some(st) = self.state(tino) else { return };
+        if let Err(e) = self.upload(tino, &st).await {
+            tracing::warn!(ino = tino, error = ?e, "background upload failed; the next flush retries it");
+            locked(&st.inner).error = Some(e);
+        }
+    }
+
+    pub async fn release(&self, fh: u64, lock_owner: Option<u64>) -> Res<()> {
+        let (tino, _) = self.handle_ino(fh)?;
+        let flushed = self.flush_ino(tino).await;
+        if let Some(owner) = lock_owner {
+            self.unlock_owner(tino, owner).await;
+        }
+        locked(&self.handles).remove(&fh);
+        let mut files = locked(&self.files);
+        if let Some(st) = files.get(&tino).cloned() {
+            let mut inner = locked(&st.inner);
+            inner.opens = inner.opens.saturating_sub(1);
+            if inner.opens == 0 {
+                drop(inner);
+                files.remove(&tino);
+            }
+        }
+        if let Err(e) = &flushed {
+            tracing::error!(ino = tino, error = ?e, "data of a closed file could not be stored");
+        }
+        flushed
+    }
+
+    pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
+        if mode != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let (tino, _) = self.handle_ino(fh)?;
+        let want = offset.saturating_add(length);
+        let size = self.getattr(self.f(tino)).await?.size;
+        if want > size {
+            self.flush_ino(tino).await?;
+            self.setattr(self.f(tino), None, None, None, Some(want), None, None).await?;
+        }
+        Ok(())
+    }
+
+    // ---------- directories ----------
+
+    pub async fn opendir(&self, ino: u64) -> Res<u64> {
+        let tino = self.t(ino);
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![(ino, FileType::Directory, b".".to_vec())];
+        entries.push((ino, FileType::Directory, b"..".to_vec()));
+        let mut after = Vec::new();
+        loop {
+            let q = Query::ReadDir(pb::ReadDir { ino: tino, after: after.clone(), limit: 1000 });
+            let page = match self.client.query_available(q).await.map_err(err)? {
+                Reply::DirPage(p) => p,
+                _ => return Err(Errno::EIO),
+            };
+            if let Some(last) = page.entries.last() {
+                after = last.name.clone();
+            }
+            entries.extend(page.entries.into_iter().map(|e| (self.f(e.ino), kind(e.kind), e.name)));
+            if !page.more {
+                break;
+            }
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        locked(&self.dirs).insert(fh, Arc::new(entries));
+        Ok(fh)
+    }
+
+    pub fn dir_entries(&self, fh: u64) -> Option<Arc<Vec<(u64, FileType, Vec<u8>)>>> {
+        locked(&self.dirs).get(&fh).cloned()
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        locked(&self.dirs).remove(&fh);
+    }
+
+    // ---------- locks ----------
+
+    async fn with_session<T>(
+        &self,
+        f: impl for<'a> Fn(&'a Client, &'a Session) -> futures::future::BoxFuture<'a, Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let mut slot = self.session.lock().await;
+        for _ in 0..2 {
+            if slot.is_none() {
+                *slot = Some(self.client.open_session(Duration::from_secs(15)).await?);
+            }
+            let Some(session) = slot.as_ref() else { continue };
+            match f(&self.client, session).await {
+                Err(e) if e.code() == Some(ErrorCode::NoSession) => {
+                    // The lease lapsed (a long partition): locks are gone;
+                    // start a new session for this request.
+                    tracing::warn!("lock session expired; opening a new one");
+                    *slot = None;
+                }
+                r => return r,
+            }
+        }
+        Err(ClientError::Unavailable("no lock session".into()))
+    }
+
+    /// One attempt at a lock change. `typ` is F_RDLCK, F_WRLCK or F_UNLCK;
+    /// `end` is inclusive, as FUSE sends it.
+    pub async fn setlk(&self, ino: u64, owner: u64, start: u64, end: u64, typ: i32) -> Res<()> {
+        let tino = self.t(ino);
+        let ltype = match typ {
+            libc::F_RDLCK => pb::LockType::LockRead,
+            libc::F_WRLCK => pb::LockType::LockWrite,
+            libc::F_UNLCK => pb::LockType::LockUnlock,
+            _ => return Err(Errno::EINVAL),
+        };
+        let end = if end >= i64::MAX as u64 { u64::MAX } else { end + 1 };
+        let req = LockRequest { ino: tino, owner, kind: pb::LockKind::LockPosix, ltype, start, end };
+        self.with_session(|c, s| Box::pin(c.lock(s, req))).await.map_err(err)?;
+        if ltype != pb::LockType::LockUnlock {
+            locked(&self.lock_owners).insert((tino, owner));
+        }
+        Ok(())
+    }
+
+    /// The lock that would block `owner` from `typ` on [start, end], if any.
+    pub async fn getlk(&self, ino: u64, owner: u64, start: u64, end: u64, typ: i32) -> Res<Option<(u64, u64, i32)>> {
+        let tino = self.t(ino);
+        let end = if end >= i64::MAX as u64 { u64::MAX } else { end + 1 };
+        let locks = self.client.list_locks(tino).await.map_err(err)?;
+        let my_session = self.session.lock().await.as_ref().map(|s| s.id);
+        for l in locks {
+            let mine = Some(l.session_id) == my_session && l.owner == owner;
+            let overlaps = l.start < end && start < l.end;
+            let writes = l.r#type == pb::LockType::LockWrite as i32 || typ == libc::F_WRLCK;
+            if !mine && overlaps && writes {
+                let t = if l.r#type == pb::LockType::LockWrite as i32 { libc::F_WRLCK } else { libc::F_RDLCK };
+                let e = if l.end == u64::MAX { i64::MAX as u64 } else { l.end - 1 };
+                return Ok(Some((l.start, e, t)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Drops every lock `owner` holds on `tino` through this mount (close of
+    /// a POSIX lock owner's file, or the last close of a flock'ed file).
+    pub async fn unlock_owner(&self, tino: u64, owner: u64) {
+        if !locked(&self.lock_owners).remove(&(tino, owner)) {
+            return;
+        }
+        let req = LockRequest {
+            ino: tino,
+            owner,
+            kind: pb::LockKind::LockPosix,
+            ltype: pb::LockType::LockUnlock,
+            start: 0,
+            end: u64::MAX,
+        };
+        if let Err(e) = self.with_session(|c, s| Box::pin(c.lock(s, req))).await {
+            tracing::warn!(ino = tino, error = %e, "releasing locks failed; the session lease will release them");
+        }
+    }
+
+    pub async fn close_session(&self) {
+        if let Some(s) = self.session.lock().await.take() {
+            let _ = s.close().await;
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The one mapping from client errors to errno.
+
+use failsafe_client::{pb::ErrorCode, ClientError};
+use fuser::Errno;
+
+pub fn errno(e: &ClientError) -> Errno {
+    match e {
+        ClientError::Refused { code, .. } => match code {
+            ErrorCode::NotFound => Errno::ENOENT,
+            ErrorCode::Exists => Errno::EEXIST,
+            ErrorCode::NotDir => Errno::ENOTDIR,
+            ErrorCode::IsDir => Errno::EISDIR,
+            ErrorCode::NotEmpty => Errno::ENOTEMPTY,
+            ErrorCode::Invalid | ErrorCode::Loop => Errno::EINVAL,
+            ErrorCode::NameTooLong => Errno::ENAMETOOLONG,
+            ErrorCode::WouldBlock => Errno::EAGAIN,
+            ErrorCode::NoSpace => Errno::ENOSPC,
+            ErrorCode::NoSession | ErrorCode::ErrorUnspecified => Errno::EIO,
+        },
+        ClientError::Invalid(_) => Errno::EINVAL,
+        ClientError::Unavailable(_)
+        | ClientError::Rejected { .. }
+        | ClientError::Quorum { .. }
+        | ClientError::BlockUnreadable { .. } => Errno::EIO,
+    }
+}

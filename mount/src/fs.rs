@@ -1,0 +1,457 @@
+//! The FUSE callbacks: each moves its request into a task on the runtime
+//! and replies from there, so no callback blocks the FUSE loop. Writes are
+//! buffered right here, in the order the kernel sent them.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::core::{now_ns, system_time_ns, Core};
+
+/// The kernel keeps no names or attributes: every lookup and stat asks us,
+/// which is what keeps close-to-open consistency across hosts.
+const TTL: Duration = Duration::ZERO;
+
+pub struct Fs {
+    pub core: Arc<Core>,
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Fs {
+    fn run<F>(&self, f: impl FnOnce(Arc<Core>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.core.clone()));
+    }
+}
+
+fn time_ns(t: TimeOrNow) -> i64 {
+    match t {
+        TimeOrNow::SpecificTime(t) => system_time_ns(t),
+        TimeOrNow::Now => now_ns(),
+    }
+}
+
+/// How long a blocking lock request waits between attempts, at most.
+const LOCK_POLL_MAX: Duration = Duration::from_millis(500);
+
+impl Filesystem for Fs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Locks go to the cluster so they hold across web hosts; without
+        // these the kernel would keep them on this host only.
+        let want = InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
+        if let Err(missing) = config.add_capabilities(want) {
+            tracing::warn!(?missing, "kernel lacks lock capabilities; locks stay local to this host");
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        self.run(move |c| async move {
+            match c.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.run(move |c| async move {
+            match c.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &a),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.run(move |c| async move {
+            let r = c.setattr(ino.0, mode, uid, gid, size, atime.map(time_ns), mtime.map(time_ns)).await;
+            match r {
+                Ok(a) => reply.attr(&TTL, &a),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.run(move |c| async move {
+            match c.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Devices, FIFOs and sockets have no meaning on shared storage.
+            return reply.error(Errno::EPERM);
+        }
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.run(move |c| async move {
+            match c.create(parent.0, &name, mode & !umask & 0o7777, libc::O_EXCL, uid, gid).await {
+                Ok((a, fh)) => {
+                    let _ = c.release(fh, None).await;
+                    reply.entry(&TTL, &a, Generation(0))
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.run(move |c| async move {
+            match c.mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid).await {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.run(move |c| async move {
+            match c.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.run(move |c| async move {
+            match c.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        use std::os::unix::ffi::OsStrExt;
+        let (name, target, uid, gid) = (link_name.to_owned(), target.as_os_str().as_bytes().to_vec(), req.uid(), req.gid());
+        self.run(move |c| async move {
+            match c.symlink(parent.0, &name, &target, uid, gid).await {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.run(move |c| async move {
+            match c.rename(parent.0, &name, newparent.0, &newname, no_replace, exchange).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let newname = newname.to_owned();
+        self.run(move |c| async move {
+            match c.link(ino.0, newparent.0, &newname).await {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.run(move |c| async move {
+            match c.open(ino.0, flags.0).await {
+                Ok((fh, keep)) => {
+                    let f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.opened(FileHandle(fh), f)
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.run(move |c| async move {
+            match c.create(parent.0, &name, mode & !umask & 0o7777, flags, uid, gid).await {
+                Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.run(move |c| async move {
+            match c.read(fh.0, offset, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // Buffered synchronously, so writes keep the kernel's order.
+        match self.core.buffer_write(fh.0, offset, data) {
+            Err(e) => reply.error(e),
+            Ok((ino, start_upload, must_wait)) => {
+                let n = data.len() as u32;
+                if !start_upload {
+                    return reply.written(n);
+                }
+                self.run(move |c| async move {
+                    if must_wait {
+                        c.background_upload(ino).await;
+                        reply.written(n)
+                    } else {
+                        reply.written(n);
+                        c.background_upload(ino).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.run(move |c| async move {
+            let r = c.flush_fh(fh.0).await;
+            // close() drops the POSIX locks its process holds on the file.
+            c.unlock_owner(c.t(ino.0), lock_owner.0).await;
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.run(move |c| async move {
+            match c.release(fh.0, lock_owner.map(|o| o.0)).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.run(move |c| async move {
+            match c.flush_fh(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.run(move |c| async move {
+            match c.opendir(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(entries) = self.core.dir_entries(fh.0) else { return reply.error(Errno::EBADF) };
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            use std::os::unix::ffi::OsStrExt;
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directory changes are committed by a Raft majority before they return.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.run(move |c| async move {
+            match c.statfs().await {
+                Ok(s) => {
+                    const BS: u64 = 4096;
+                    let files = s.files.max(1);
+                    reply.statfs(s.total_bytes / BS, s.free_bytes / BS, s.free_bytes / BS, files, u64::MAX / 2 - files, BS as u32, 255, BS as u32)
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _value: &[u8], _flags: i32, _pos: u32, reply: ReplyEmpty) {
+        reply.error(Errno::ENOTSUP);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.run(move |c| async move {
+            match c.getlk(ino.0, lock_owner.0, start, end, typ).await {
+                Ok(Some((s, e, t))) => reply.locked(s, e, t, 0),
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let pid = req.pid();
+        self.run(move |c| async move {
+            let mut pause = Duration::from_millis(20);
+            loop {
+                match c.setlk(ino.0, lock_owner.0, start, end, typ).await {
+                    Ok(()) => return reply.ok(),
+                    Err(e) if e == Errno::EAGAIN && sleep => {
+                        // FUSE delivers no interrupts: stop waiting when the
+                        // process that asked is gone.
+                        if pid != 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+                            return reply.error(Errno::EINTR);
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(LOCK_POLL_MAX);
+                    }
+                    Err(e) => return reply.error(e),
+                }
+            }
+        });
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        self.run(move |c| async move {
+            match c.fallocate(fh.0, offset, length, mode).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn destroy(&mut self) {
+        let core = self.core.clone();
+        // Best effort: release this mount's locks now rather than at lease expiry.
+        let _ = self.rt.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(3), core.close_session()).await
+        });
+    }
+}
