@@ -32,6 +32,11 @@ const MEM_BLOCKS: usize = 8;
 
 pub type Res<T> = Result<T, Errno>;
 
+/// A directory listing as opened: (inode, kind, name), `.` and `..` first.
+pub type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
+/// Recently used verified blocks, by hash.
+type MemBlocks = VecDeque<(Vec<u8>, Arc<Vec<u8>>)>;
+
 fn err(e: ClientError) -> Errno {
     errno(&e)
 }
@@ -95,10 +100,10 @@ pub struct Core {
     root: u64,
     pub read_only: bool,
     cache: BlockCache,
-    mem: Mutex<VecDeque<(Vec<u8>, Arc<Vec<u8>>)>>,
+    mem: Mutex<MemBlocks>,
     files: Mutex<HashMap<u64, Arc<FileState>>>,
     handles: Mutex<HashMap<u64, Handle>>,
-    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, Vec<u8>)>>>>,
+    dirs: Mutex<HashMap<u64, Listing>>,
     /// The version each file had when this mount last read or wrote it: the
     /// kernel's cached pages are good while it is unchanged.
     versions: Mutex<HashMap<u64, u64>>,
@@ -223,7 +228,7 @@ impl Core {
                 let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ENOENT)?;
                 let mut inner = locked(&st.inner);
                 inner.unlinked = true;
-                let a = inner.attr.clone().ok_or(Errno::ENOENT)?;
+                let a = inner.attr.ok_or(Errno::ENOENT)?;
                 drop(inner);
                 Ok(FileAttr { nlink: 0, ..self.file_attr(&a) })
             }
@@ -254,7 +259,7 @@ impl Core {
         let a = self.client.setattr(set).await.map_err(err)?;
         if let Some(st) = self.state(tino) {
             let mut inner = locked(&st.inner);
-            inner.attr = Some(a.clone());
+            inner.attr = Some(a);
             inner.extents = None;
         }
         Ok(self.file_attr(&a))
@@ -298,7 +303,13 @@ impl Core {
         let q = Query::Lookup(pb::Lookup { parent, name: name.to_vec() });
         if let Ok(a) = self.query_attr(q).await {
             if let Some(st) = self.state(a.ino) {
+                // Keep what is needed to go on reading it: its extents.
+                let cached = locked(&st.inner).extents.is_some();
+                let fetched = if cached { None } else { self.client.read_extents(a.ino, 0, u64::MAX >> 4).await.ok() };
                 let mut inner = locked(&st.inner);
+                if let Some(fe) = fetched {
+                    inner.extents = Some(Arc::new(fe));
+                }
                 if a.nlink <= 1 {
                     inner.unlinked = true;
                 }
@@ -390,7 +401,7 @@ impl Core {
             Ok(a) => a,
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 let st = self.state(tino).ok_or(Errno::ENOENT)?;
-                let a = locked(&st.inner).attr.clone().ok_or(Errno::ENOENT)?;
+                let a = locked(&st.inner).attr.ok_or(Errno::ENOENT)?;
                 a
             }
             Err(e) => return Err(err(e)),
@@ -419,7 +430,7 @@ impl Core {
             a = self.client.setattr(pb::SetAttr { ino: a.ino, size: Some(0), ..Default::default() }).await.map_err(err)?;
         }
         locked(&self.versions).remove(&a.ino);
-        let (fh, _) = self.register_open(a.clone(), flags & libc::O_APPEND != 0);
+        let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0);
         Ok((self.file_attr(&a), fh))
     }
 
@@ -464,7 +475,7 @@ impl Core {
                 Ok(fe) => {
                     let fe = Arc::new(fe);
                     let mut inner = locked(&st.inner);
-                    if let Some(a) = fe.attr.clone() {
+                    if let Some(a) = fe.attr {
                         // Someone else's change since our open: the version
                         // we serve from is the one we fetched.
                         inner.attr = Some(a);
@@ -680,7 +691,7 @@ impl Core {
         Ok(fh)
     }
 
-    pub fn dir_entries(&self, fh: u64) -> Option<Arc<Vec<(u64, FileType, Vec<u8>)>>> {
+    pub fn dir_entries(&self, fh: u64) -> Option<Listing> {
         locked(&self.dirs).get(&fh).cloned()
     }
 

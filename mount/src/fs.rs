@@ -447,6 +447,21 @@ impl Filesystem for Fs {
         });
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Terminal and filesystem ioctls mean nothing here.
+        reply.error(Errno::ENOTTY);
+    }
+
     fn destroy(&mut self) {
         let core = self.core.clone();
         // Best effort: release this mount's locks now rather than at lease expiry.
