@@ -234,7 +234,9 @@ impl Client {
 
     /// Reads a block from the first copy that answers intact: copies in this
     /// client's zone first, then by measured round trip; hosts that recently
-    /// timed out last.
+    /// timed out last. A copy that is slow to answer (a frozen host) does not
+    /// stall the read: after `hedge_after` the next copy is asked as well,
+    /// and the first intact answer wins.
     pub async fn read_block(
         &self,
         hash: &[u8],
@@ -247,16 +249,69 @@ impl Client {
         candidates.sort_by_key(|l| {
             (self.is_suspect(&l.addr), Some(l.zone.as_str()) != zone, self.rtt(&l.addr).unwrap_or(Duration::from_millis(50)))
         });
+        let mut pending = candidates.into_iter();
+        let mut running = FuturesUnordered::new();
+        let fetch = |l: &pb::DeviceLocation| {
+            let (client, addr, dev, hash) = (self.clone(), l.addr.clone(), l.device_id, hash.to_vec());
+            async move {
+                let r = client.get_block(&addr, dev, &hash).await;
+                (addr, r)
+            }
+        };
         let mut last_error = String::from("no copies recorded");
-        for l in candidates {
-            match self.get_block(&l.addr, l.device_id, hash).await {
-                Ok(data) => return Ok(data),
-                Err(s) => {
-                    tracing::debug!(addr = %l.addr, error = %s.message(), "block read failed, trying next copy");
-                    last_error = format!("{}: {}", l.addr, s.message());
+        // Asked and not answered yet: when another copy wins, these were too
+        // slow, and later reads should try them last.
+        let mut outstanding: Vec<String> = Vec::new();
+        loop {
+            if running.is_empty() {
+                match pending.next() {
+                    Some(l) => {
+                        outstanding.push(l.addr.clone());
+                        running.push(fetch(l));
+                    }
+                    None => break,
+                }
+            }
+            let hedge = self.hedge_after();
+            let next = tokio::time::timeout(hedge, running.next()).await;
+            match next {
+                Err(_) => {
+                    // The copy asked last is slow: ask the next one too.
+                    match pending.next() {
+                        Some(l) => {
+                            outstanding.push(l.addr.clone());
+                            running.push(fetch(l));
+                        }
+                        None => {
+                            if let Some((addr, r)) = running.next().await {
+                                outstanding.retain(|a| *a != addr);
+                                match r {
+                                    Ok(data) => return Ok(data),
+                                    Err(s) => last_error = format!("{addr}: {}", s.message()),
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Ok(Some((addr, Ok(data)))) => {
+                    for other in outstanding.iter().filter(|a| **a != addr) {
+                        self.record_timeout(other);
+                    }
+                    return Ok(data);
+                }
+                Ok(Some((addr, Err(s)))) => {
+                    outstanding.retain(|a| *a != addr);
+                    tracing::debug!(%addr, error = %s.message(), "block read failed, trying next copy");
+                    last_error = format!("{addr}: {}", s.message());
                 }
             }
         }
         Err(ClientError::BlockUnreadable { hash: hash_hex(hash), last_error })
+    }
+
+    /// How long a block read waits for one copy before also asking the next.
+    fn hedge_after(&self) -> Duration {
+        (self.inner.cfg.rpc_timeout / 2).max(Duration::from_millis(100))
     }
 }

@@ -221,6 +221,34 @@ impl LocalCluster {
         self.spawn(i, port)
     }
 
+    /// SIGTERM one host and wait for it to exit (SIGKILL after 10 s).
+    pub fn stop(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        if h.frozen {
+            h.signal(libc::SIGCONT);
+            h.frozen = false;
+        }
+        h.signal(libc::SIGTERM);
+        if let Some(mut child) = h.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// A clean restart (SIGTERM, then start again on the same port).
+    pub fn restart_graceful(&mut self, i: usize) -> anyhow::Result<()> {
+        let port = self.hosts[i].addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
+        self.stop(i);
+        self.spawn(i, port)
+    }
+
     /// SIGTERM every host and wait for it; SIGKILL what does not stop.
     pub fn stop_all(&mut self) {
         for h in &mut self.hosts {

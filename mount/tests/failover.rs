@@ -1,0 +1,172 @@
+//! The wiki save pattern and page reads on two mounts while each host in
+//! turn is killed, frozen for 10 s, and restarted: nobody may notice.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+#[derive(Default)]
+struct Record {
+    ops: u64,
+    failures: Vec<String>,
+    longest: Duration,
+    longest_what: String,
+    /// page -> last acknowledged content
+    saved: BTreeMap<String, String>,
+    /// acknowledged change-log lines
+    logged: Vec<String>,
+}
+
+impl Record {
+    fn op<T>(&mut self, what: &str, r: std::io::Result<T>, started: Instant) -> Option<T> {
+        self.ops += 1;
+        let took = started.elapsed();
+        if took > self.longest {
+            self.longest = took;
+            self.longest_what = what.to_string();
+        }
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.failures.push(format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// One editor: saves pages the way DokuWiki does.
+fn editor(root: PathBuf, who: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) {
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let page = format!("p{who}-{}", seq % 4);
+        let content = format!("page {page} revision {seq} by editor {who}\n").repeat(1 + (seq % 7) as usize * 50);
+        let tmp = root.join(format!(".{page}.tmp"));
+        let started = Instant::now();
+        let saved = (|| -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(content.as_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, root.join(&page))
+        })();
+        let mut r = rec.lock().unwrap();
+        if r.op(&format!("save {page}"), saved, started).is_none() {
+            continue;
+        }
+        r.saved.insert(page.clone(), content);
+        drop(r);
+        let line = format!("{who} {seq} {page}\n");
+        let started = Instant::now();
+        let appended = (|| -> std::io::Result<()> {
+            let mut f = OpenOptions::new().append(true).create(true).open(root.join("changes.log"))?;
+            f.write_all(line.as_bytes())?;
+            f.sync_all()
+        })();
+        let mut r = rec.lock().unwrap();
+        if r.op("append changes.log", appended, started).is_some() {
+            r.logged.push(line.trim_end().to_string());
+        }
+    }
+}
+
+/// One reader: reads the other editor's pages and the change log.
+fn reader(root: PathBuf, other: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) {
+    let mut k = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        k += 1;
+        let page = format!("p{other}-{}", k % 4);
+        let started = Instant::now();
+        let read = match fs::read_to_string(root.join(&page)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()), // not saved yet
+            r => r,
+        };
+        let mut r = rec.lock().unwrap();
+        if let Some(text) = r.op(&format!("read {page}"), read, started) {
+            let first = text.lines().next().unwrap_or("");
+            if !text.is_empty() && !(first.starts_with(&format!("page {page} revision")) && text.lines().all(|l| l == first)) {
+                r.failures.push(format!("read {page}: torn or foreign content {:?}", &text[..text.len().min(80)]));
+            }
+        }
+        drop(r);
+        let started = Instant::now();
+        let log = fs::read(root.join("changes.log")).map(|_| ());
+        let log = match log {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        };
+        rec.lock().unwrap().op("read changes.log", log, started);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t40_wiki_saves_and_reads_go_on_while_each_host_fails_in_turn() {
+    let mut env = Env::start(2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let root = env.mounts[i].path.clone();
+        let (s, r) = (stop.clone(), rec.clone());
+        workers.push(std::thread::spawn(move || editor(root.clone(), i, s, r)));
+        let root = env.mounts[i].path.clone();
+        let (s, r) = (stop.clone(), rec.clone());
+        workers.push(std::thread::spawn(move || reader(root, 1 - i, s, r)));
+    }
+    let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
+    settle(3).await;
+    for h in 0..3 {
+        eprintln!("host {h}: kill -9");
+        env.cluster.kill(h);
+        settle(5).await;
+        env.cluster.restart(h, true).unwrap();
+        settle(4).await;
+        eprintln!("host {h}: SIGSTOP for 10 s");
+        env.cluster.freeze(h);
+        settle(10).await;
+        env.cluster.thaw(h);
+        settle(4).await;
+        eprintln!("host {h}: restart");
+        env.cluster.restart_graceful(h).unwrap();
+        settle(4).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let rec = rec.lock().unwrap();
+    eprintln!(
+        "{} operations, {} failed; longest single-operation stall {:?} ({})",
+        rec.ops,
+        rec.failures.len(),
+        rec.longest,
+        rec.longest_what
+    );
+    assert!(rec.failures.is_empty(), "failed operations: {:#?}", rec.failures);
+    assert!(rec.saved.len() == 8, "both editors saved all their pages");
+
+    // Every acknowledged save reads back intact, from both mounts.
+    for m in &env.mounts {
+        for (page, content) in &rec.saved {
+            let got = fs::read_to_string(m.p(page)).unwrap();
+            assert!(got == *content, "{page} on {} is not the last acknowledged save", m.path.display());
+        }
+        let log = fs::read_to_string(m.p("changes.log")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        for l in &rec.logged {
+            assert_eq!(lines.iter().filter(|x| *x == l).count(), 1, "change-log line {l:?} exactly once");
+        }
+    }
+    drop(rec);
+    let _ = &mut env;
+}
