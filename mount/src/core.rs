@@ -361,7 +361,7 @@ impl Core {
 
     /// Registers an open of `tino` with attributes `a`; returns the handle and
     /// whether the kernel may keep its cached pages.
-    fn register_open(&self, a: pb::Attr, append: bool) -> (u64, bool) {
+    fn register_open(&self, a: pb::Attr, append: bool, extents: Option<Arc<pb::FileExtents>>) -> (u64, bool) {
         let tino = a.ino;
         let keep = {
             let mut versions = locked(&self.versions);
@@ -383,6 +383,9 @@ impl Core {
             if changed {
                 inner.extents = None;
             }
+            if extents.is_some() {
+                inner.extents = extents;
+            }
             inner.attr = Some(a);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -396,20 +399,30 @@ impl Core {
             self.writable()?;
         }
         let tino = self.t(ino);
-        // Close-to-open: always ask the tracker what the file is now.
-        let a = match self.query_attr(Query::GetAttr(pb::GetAttr { ino: tino })).await {
-            Ok(a) => a,
+        // Close-to-open: always ask the tracker what the file is now, and
+        // where its bytes are, so it stays readable if another host deletes
+        // or replaces it while it is open here.
+        let (a, extents) = match self.file_extents(tino).await {
+            Ok(fe) => (fe.attr.ok_or(Errno::EIO)?, Some(Arc::new(fe))),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 let st = self.state(tino).ok_or(Errno::ENOENT)?;
                 let a = locked(&st.inner).attr.ok_or(Errno::ENOENT)?;
-                a
+                (a, None)
             }
+            Err(e) if e.code() == Some(ErrorCode::IsDir) => return Err(Errno::EISDIR),
             Err(e) => return Err(err(e)),
         };
         if a.kind == FileKind::KindDir as i32 {
             return Err(Errno::EISDIR);
         }
-        Ok(self.register_open(a, flags & libc::O_APPEND != 0))
+        Ok(self.register_open(a, flags & libc::O_APPEND != 0, extents))
+    }
+
+    async fn file_extents(&self, tino: u64) -> Result<pb::FileExtents, ClientError> {
+        match self.client.query_available(Query::ReadExtents(pb::ReadExtents { ino: tino, offset: 0, length: u64::MAX >> 4 })).await? {
+            Reply::FileExtents(fe) => Ok(fe),
+            _ => Err(ClientError::Unavailable("unexpected reply".into())),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -430,7 +443,12 @@ impl Core {
             a = self.client.setattr(pb::SetAttr { ino: a.ino, size: Some(0), ..Default::default() }).await.map_err(err)?;
         }
         locked(&self.versions).remove(&a.ino);
-        let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0);
+        let extents = if a.size == 0 {
+            Some(Arc::new(pb::FileExtents { attr: Some(a), ..Default::default() }))
+        } else {
+            self.file_extents(a.ino).await.ok().map(Arc::new)
+        };
+        let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
         Ok((self.file_attr(&a), fh))
     }
 
@@ -471,7 +489,7 @@ impl Core {
         let extents = match extents {
             Some(e) => Some(e),
             None if unlinked => None,
-            None => match self.client.read_extents(tino, 0, u64::MAX >> 4).await {
+            None => match self.file_extents(tino).await {
                 Ok(fe) => {
                     let fe = Arc::new(fe);
                     let mut inner = locked(&st.inner);
@@ -483,6 +501,9 @@ impl Core {
                     inner.extents = Some(fe.clone());
                     Some(fe)
                 }
+                // Deleted elsewhere, and we hold no map of its bytes: an
+                // error, never invented zeros.
+                Err(e) if e.code() == Some(ErrorCode::NotFound) && stored > 0 => return Err(Errno::ESTALE),
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => None,
                 Err(e) => return Err(err(e)),
             },

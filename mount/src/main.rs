@@ -205,7 +205,7 @@ fn serve(args: Args) -> Result<(), String> {
         rpc_timeout: args.opts.rpc_timeout,
         block_timeout: (args.opts.rpc_timeout * 8).max(Duration::from_secs(5)),
         op_deadline: Duration::from_secs(15),
-        read_fallback_after: (args.opts.rpc_timeout * 2).max(Duration::from_secs(1)),
+        read_fallback_after: args.opts.rpc_timeout.max(Duration::from_millis(500)),
         zone: args.opts.zone.clone(),
         name: format!("mount:{}", args.mountpoint.display()),
         ..ClientConfig::default()

@@ -29,6 +29,9 @@ impl Record {
     fn op<T>(&mut self, what: &str, r: std::io::Result<T>, started: Instant) -> Option<T> {
         self.ops += 1;
         let took = started.elapsed();
+        if took > Duration::from_millis(1500) {
+            eprintln!("slow: {what} took {took:?}, ended {:?}", std::time::SystemTime::now());
+        }
         if took > self.longest {
             self.longest = took;
             self.longest_what = what.to_string();
@@ -126,17 +129,17 @@ async fn t40_wiki_saves_and_reads_go_on_while_each_host_fails_in_turn() {
     let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
     settle(3).await;
     for h in 0..3 {
-        eprintln!("host {h}: kill -9");
+        eprintln!("host {h}: kill -9 at {:?}", std::time::SystemTime::now());
         env.cluster.kill(h);
         settle(5).await;
         env.cluster.restart(h, true).unwrap();
         settle(4).await;
-        eprintln!("host {h}: SIGSTOP for 10 s");
+        eprintln!("host {h}: SIGSTOP for 10 s at {:?}", std::time::SystemTime::now());
         env.cluster.freeze(h);
         settle(10).await;
         env.cluster.thaw(h);
         settle(4).await;
-        eprintln!("host {h}: restart");
+        eprintln!("host {h}: restart at {:?}", std::time::SystemTime::now());
         env.cluster.restart_graceful(h).unwrap();
         settle(4).await;
     }
@@ -169,4 +172,35 @@ async fn t40_wiki_saves_and_reads_go_on_while_each_host_fails_in_turn() {
     }
     drop(rec);
     let _ = &mut env;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t41_without_a_majority_reads_go_on_writes_fail_cleanly_and_recover() {
+    let mut env = Env::start(1).await;
+    let m = env.mounts[0].path.clone();
+    fs::write(m.join("page.txt"), b"readable in limp mode").unwrap();
+    env.cluster.kill(1);
+    env.cluster.kill(2);
+    // Reads of reachable data go on.
+    assert_eq!(fs::read(m.join("page.txt")).unwrap(), b"readable in limp mode");
+    assert!(fs::read_dir(&m).unwrap().count() >= 1);
+    // Writes fail with EIO after a bounded wait, not never.
+    let started = Instant::now();
+    let r = fs::write(m.join("new.txt"), b"x");
+    let waited = started.elapsed();
+    assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+    assert!(waited < Duration::from_secs(60), "bounded wait, took {waited:?}");
+    eprintln!("write without a majority failed after {waited:?}");
+    // The cluster comes back; the same mount recovers by itself.
+    env.cluster.restart(1, true).unwrap();
+    env.cluster.restart(2, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match fs::write(m.join("new.txt"), b"after recovery") {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "mount did not recover: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(fs::read(m.join("new.txt")).unwrap(), b"after recovery");
 }

@@ -93,7 +93,10 @@ impl Client {
         let hashes: Vec<Vec<u8>> = blocks.iter().map(|b| block_hash(b).to_vec()).collect();
         let copies_wanted = 3u32;
         // Ask for spares: if a chosen device fails, the next one takes its copy.
-        let placement = match self.query(Query::Place(pb::Place { hashes: hashes.clone(), copies: copies_wanted + 2 })).await? {
+        // Placement is a pure function of the layout: any member's view will
+        // do, so a leader election does not hold up block writes.
+        let place = Query::Place(pb::Place { hashes: hashes.clone(), copies: copies_wanted + 2 });
+        let placement = match self.query_available(place).await? {
             Reply::Placement(p) => p,
             _ => return Err(ClientError::Unavailable("unexpected reply to placement".into())),
         };

@@ -289,7 +289,14 @@ impl Client {
                     self.set_leader(&addr);
                     return Ok(v);
                 }
-                Ok(Err(status)) => self.classify(&addr, status),
+                Ok(Err(status)) => {
+                    if is_transport_failure(&status) {
+                        // Nothing listens there (killed, restarting): treat
+                        // like a timeout, so hints naming it are not followed.
+                        self.record_timeout(&addr);
+                    }
+                    self.classify(&addr, status)
+                }
                 Err(_) => {
                     self.record_timeout(&addr);
                     Attempt::Retry(None)
@@ -314,7 +321,9 @@ impl Client {
                 return Err(ClientError::Unavailable(format!("{what}: gave up after {op_deadline:?}; last: {last}")));
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            // Short: an election takes about a second, and every retry after
+            // it is over is a user waiting.
+            backoff = (backoff * 2).min(Duration::from_millis(150));
         }
     }
 
@@ -425,6 +434,15 @@ impl Client {
     /// leader (init, adopt, hello).
     pub fn admin_at(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
         self.admin(addr)
+    }
+}
+
+/// Whether a failed call never reached a server (as opposed to a server's
+/// refusal, which carries its own message).
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    status.code() == Code::Unavailable && status.metadata().get(LEADER_ADDR_KEY).is_none() && {
+        let m = status.message();
+        m.contains("tcp connect error") || m.contains("transport error") || m.contains("connection")
     }
 }
 

@@ -39,10 +39,10 @@ pub struct RawConfig {
     /// Deadline of one RPC this host makes, in ms. Default 2000.
     #[arg(long)]
     pub rpc_timeout_ms: Option<u64>,
-    /// Raft heartbeat interval, in ms; also the deadline of one replication round trip. Default 150.
+    /// Raft heartbeat interval, in ms; also the deadline of one replication round trip. Default 100.
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
-    /// Raft election timeout range, in ms. Default 600..1200.
+    /// Raft election timeout range, in ms. Default 350..700.
     #[arg(long)]
     pub election_min_ms: Option<u64>,
     #[arg(long)]

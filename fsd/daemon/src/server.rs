@@ -76,6 +76,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         devices = store.device_ids().len(),
         "fsd starting"
     );
+    tracker.guard_against_suspension(std::time::Duration::from_millis(cfg.tracker.election_max_ms));
     let metrics = Arc::new(Metrics::default());
 
     let admin = AdminService {

@@ -49,9 +49,13 @@ impl Default for TrackerConfig {
         TrackerConfig {
             // openraft also uses the heartbeat interval as the deadline of an
             // AppendEntries round trip, which includes the follower's fsync.
-            heartbeat_ms: 150,
-            election_min_ms: 600,
-            election_max_ms: 1200,
+            // A follower stands for election only after the leader lease
+            // (election_max) plus its election timeout: 1.05 to 1.4 s after
+            // the leader's last heartbeat, which keeps a failover under the
+            // 3 s after which DokuWiki calls a lock stale.
+            heartbeat_ms: 100,
+            election_min_ms: 350,
+            election_max_ms: 700,
             snapshot_logs: 5000,
             keep_logs: 1000,
             class: ReplicationClass::default(),
@@ -331,6 +335,42 @@ impl Tracker {
             self.propose(pb::Command { now_ns: now, op: Some(op), ..Default::default() }).await?;
         }
         Ok(())
+    }
+
+    /// Watches for this process having been suspended (SIGSTOP, a paused
+    /// VM): on waking, its election timer has long expired and it would call
+    /// an election with a stale log, whose higher term makes the healthy
+    /// leader step down. So after a suspension it holds off its own
+    /// elections until it has had time to hear from the current leader.
+    /// A plain thread, so it runs as soon as the process does.
+    pub fn guard_against_suspension(&self, election_max: Duration) {
+        let raft = self.raft.clone();
+        let spawned = std::thread::Builder::new().name("suspend-guard".into()).spawn(move || {
+            let step = Duration::from_millis(10);
+            let mut last = std::time::Instant::now();
+            let mut hold_until: Option<std::time::Instant> = None;
+            loop {
+                std::thread::sleep(step);
+                if raft.metrics().borrow().running_state.is_err() {
+                    return;
+                }
+                let now = std::time::Instant::now();
+                let gap = now.duration_since(last);
+                last = now;
+                if gap > election_max / 2 {
+                    raft.runtime_config().elect(false);
+                    hold_until = Some(now + election_max * 3);
+                    tracing::warn!(?gap, "this host was suspended; holding off elections until it hears from the leader");
+                }
+                if hold_until.is_some_and(|t| now >= t) {
+                    raft.runtime_config().elect(true);
+                    hold_until = None;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the suspension guard");
+        }
     }
 
     /// Waits until this member leads; false on timeout.
