@@ -96,7 +96,8 @@ fn reader(root: PathBuf, other: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Rec
         let mut r = rec.lock().unwrap();
         if let Some(text) = r.op(&format!("read {page}"), read, started) {
             let first = text.lines().next().unwrap_or("");
-            if !text.is_empty() && !(first.starts_with(&format!("page {page} revision")) && text.lines().all(|l| l == first)) {
+            let well_formed = first.starts_with(&format!("page {page} revision")) && text.lines().all(|l| l == first);
+            if !text.is_empty() && !well_formed {
                 r.failures.push(format!("read {page}: torn or foreign content {:?}", &text[..text.len().min(80)]));
             }
         }
