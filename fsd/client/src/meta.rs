@@ -17,6 +17,13 @@ fn refused(e: pb::CommandError) -> ClientError {
     }
 }
 
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Aborted
+    )
+}
+
 fn unexpected(what: &str) -> ClientError {
     ClientError::Unavailable(format!("unexpected reply to {what}"))
 }
@@ -72,25 +79,51 @@ impl Client {
         self.query_within(q, consistency, self.inner.cfg.op_deadline).await
     }
 
-    /// A read that stays available without a majority: linearizable when the
-    /// cluster can answer within `read_fallback_after`, otherwise the
-    /// freshest answer of the nearest member that still answers.
+    /// A linearizable read answered by the nearest member that can (it asks
+    /// the leader for the commit point and answers from its own state), so
+    /// replies come from nearby and only the confirmation crosses to the
+    /// leader. Without a majority for `read_fallback_after`, it settles for
+    /// the freshest answer a reachable member has: reads of reachable data
+    /// go on in limp mode.
     pub async fn query_available(&self, q: Query) -> Result<Reply, ClientError> {
-        match self.query_within(q.clone(), Consistency::Linearizable, self.inner.cfg.read_fallback_after).await {
-            Err(ClientError::Unavailable(why)) => {
-                let mut members = self.members();
-                members.sort_by_key(|m| (self.is_suspect(m), self.rtt(m).unwrap_or(Duration::from_millis(50))));
-                for addr in members {
-                    match self.query_at(&addr, q.clone(), Consistency::Local).await {
-                        Ok(r) => return Ok(r),
-                        Err(e @ ClientError::Refused { .. }) => return Err(e),
-                        Err(_) => continue,
+        let deadline = std::time::Instant::now() + self.inner.cfg.read_fallback_after;
+        let mut why = String::from("no members");
+        let mut pause = Duration::from_millis(20);
+        loop {
+            for addr in self.members_by_distance() {
+                match self.query_at(&addr, q.clone(), Consistency::ReadIndex).await {
+                    Ok(r) => return Ok(r),
+                    Err(e @ ClientError::Refused { .. }) => return Err(e),
+                    Err(ClientError::Rejected { status, .. }) if !is_transient(&status) => {
+                        return Err(ClientError::Rejected { addr, status })
                     }
+                    Err(e) => why = e.to_string(),
                 }
-                Err(ClientError::Unavailable(why))
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
             }
-            other => other,
+            if std::time::Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(150));
         }
+        for addr in self.members_by_distance() {
+            match self.query_at(&addr, q.clone(), Consistency::Local).await {
+                Ok(r) => return Ok(r),
+                Err(e @ ClientError::Refused { .. }) => return Err(e),
+                Err(_) => continue,
+            }
+        }
+        Err(ClientError::Unavailable(why))
+    }
+
+    /// Members, nearest first; those that recently timed out last.
+    fn members_by_distance(&self) -> Vec<String> {
+        let mut members = self.members();
+        members.sort_by_key(|m| (self.is_suspect(m), self.rtt(m).unwrap_or(Duration::from_millis(50))));
+        members
     }
 
     async fn query_within(&self, q: Query, consistency: Consistency, deadline: Duration) -> Result<Reply, ClientError> {

@@ -278,3 +278,20 @@ async fn t25_lock_of_a_session_that_stops_heartbeating_is_released() {
     let s3 = c1.open_session(Duration::from_secs(10)).await.unwrap();
     assert_eq!(code(c1.lock(&s3, req(3)).await), ErrorCode::WouldBlock);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
+    let (tc, c) = TestCluster::start(&[]).await;
+    let leader = tc.leader().await;
+    for i in 0..20 {
+        let name = format!("page{i}");
+        c.create(ROOT, name.as_bytes(), 0o644, true).await.unwrap();
+        // Right after the write commits, every follower's read-index answer
+        // includes it (a Local answer might not).
+        for f in (0..3).filter(|&f| f != leader) {
+            let q = pb::query_request::Query::Lookup(pb::Lookup { parent: ROOT, name: name.clone().into_bytes() });
+            let r = c.query_at(&tc.c.hosts[f].addr, q, pb::Consistency::ReadIndex).await;
+            assert!(matches!(r, Ok(pb::query_reply::Reply::Attr(_))), "follower {f}, {name}: {r:?}");
+        }
+    }
+}

@@ -50,6 +50,22 @@ impl Network {
     }
 }
 
+impl Network {
+    /// Asks the leader at `addr` for its read index.
+    pub(crate) async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, crate::TrackerError> {
+        use failsafe_proto::pb::metadata_client::MetadataClient;
+        let unreachable = |why: String| crate::TrackerError::NoQuorum(format!("leader {addr}: {why}"));
+        let channel = self.channel(addr).ok_or_else(|| unreachable("bad address".into()))?;
+        let mut req = tonic::Request::new(failsafe_proto::pb::ReadIndexRequest { header: Some(header(&self.cluster.get())) });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, MetadataClient::new(channel).read_index(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().index),
+            Ok(Err(s)) => Err(unreachable(s.message().to_string())),
+            Err(_) => Err(unreachable("no answer in time".into())),
+        }
+    }
+}
+
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 

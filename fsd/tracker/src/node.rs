@@ -89,6 +89,7 @@ impl From<crate::db::DbGone> for TrackerError {
 
 pub struct Tracker {
     raft: Raft,
+    network: Network,
     sm: StateMachine,
     pub host_id: NodeId,
     pub cluster: ClusterId,
@@ -114,10 +115,11 @@ impl Tracker {
         }
         .validate()
         .map_err(|e| TrackerError::Invalid(format!("raft config: {e}")))?;
-        let raft = Raft::new(host_id, Arc::new(config), Network::new(cluster.clone()), log, sm.clone())
+        let network = Network::new(cluster.clone());
+        let raft = Raft::new(host_id, Arc::new(config), network.clone(), log, sm.clone())
             .await
             .map_err(|e| TrackerError::Storage(e.to_string()))?;
-        Ok(Tracker { raft, sm, host_id, cluster, class: cfg.class })
+        Ok(Tracker { raft, network, sm, host_id, cluster, class: cfg.class })
     }
 
     pub fn raft(&self) -> &Raft {
@@ -180,21 +182,43 @@ impl Tracker {
         }
     }
 
+    /// Leader only: confirms leadership with a quorum; returns the index a
+    /// linearizable read must have applied.
+    pub async fn read_index(&self) -> Result<u64, TrackerError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(TrackerError::NoQuorum(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(TrackerError::Stopped(f.to_string())),
+        }
+    }
+
+    /// A follower's linearizable read: the leader's read index, then wait
+    /// until this member has applied it.
+    async fn follower_read_index(&self, timeout: Duration) -> Result<(), TrackerError> {
+        let (_, addr) = self.leader().filter(|(_, a)| !a.is_empty()).ok_or_else(|| TrackerError::NoQuorum("no known leader".into()))?;
+        let index = self.network.read_index(&addr, timeout).await?;
+        if self.wait_applied(index, timeout).await {
+            Ok(())
+        } else {
+            Err(TrackerError::NoQuorum(format!("did not apply up to {index} in time")))
+        }
+    }
+
     /// Answers a query, after confirming leadership for a linearizable one.
     pub async fn query(&self, q: Query, consistency: pb::Consistency) -> Result<Reply, TrackerError> {
-        if consistency == pb::Consistency::Linearizable {
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => {}
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    return Err(TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
-                }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                    return Err(TrackerError::NoQuorum(e.to_string()))
-                }
-                Err(RaftError::Fatal(f)) => return Err(TrackerError::Stopped(f.to_string())),
+        match consistency {
+            pb::Consistency::Linearizable => {
+                self.read_index().await?;
             }
-        } else if !self.is_initialized() {
-            return Err(TrackerError::NotInitialized);
+            pb::Consistency::ReadIndex if self.is_leader() => {
+                self.read_index().await?;
+            }
+            pb::Consistency::ReadIndex => self.follower_read_index(Duration::from_secs(2)).await?,
+            pb::Consistency::Local if !self.is_initialized() => return Err(TrackerError::NotInitialized),
+            pb::Consistency::Local => {}
         }
         let class = self.class;
         let r = self.sm.db().call(move |conn| state::query(conn, &q, class)).await?;

@@ -70,6 +70,12 @@ impl Metadata for MetadataService {
         let reply = self.tracker.query(q, consistency).await?;
         Ok(Response::new(pb::QueryReply { reply: Some(reply) }))
     }
+
+    async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
+        check_header(req.into_inner().header.as_ref(), &self.tracker.cluster.get())?;
+        let index = self.tracker.read_index().await?;
+        Ok(Response::new(pb::ReadIndexReply { index }))
+    }
 }
 
 pub struct RaftService {
