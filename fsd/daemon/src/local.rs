@@ -221,6 +221,14 @@ impl LocalCluster {
         self.spawn(i, port)
     }
 
+    /// Whether host `i`'s process has exited (killed from outside, crashed).
+    pub fn exited(&mut self, i: usize) -> bool {
+        match self.hosts[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
     /// SIGTERM one host and wait for it to exit (SIGKILL after 10 s).
     pub fn stop(&mut self, i: usize) {
         let h = &mut self.hosts[i];
