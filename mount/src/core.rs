@@ -85,13 +85,16 @@ struct FileInner {
     error: Option<Errno>,
     /// Gone from the tracker while open here: served from what we hold.
     unlinked: bool,
+    /// Bumped whenever a commit of ours changes where the bytes are.
+    generation: u64,
 }
 
 impl FileInner {
     fn local_size(&self) -> u64 {
         let stored = self.attr.as_ref().map_or(0, |a| a.size);
-        let inflight = self.inflight.as_ref().map_or(0, |d| d.end().max(stored + d.appended()));
-        stored.max(inflight).max(self.dirty.end()).max(stored + self.dirty.appended())
+        let inflight_appends = self.inflight.as_ref().map_or(0, |d| d.appended());
+        let inflight = self.inflight.as_ref().map_or(0, |d| d.end());
+        stored.max(inflight).max(self.dirty.end()).max(stored + inflight_appends + self.dirty.appended())
     }
 }
 
@@ -225,11 +228,10 @@ impl Core {
             Ok(a) => Ok(self.file_attr(&a)),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Unlinked elsewhere while open here: it lives on until closed.
+                // (Only a failed commit decides that the file is gone: a
+                // lagging member's answer must not make us drop writes.)
                 let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ENOENT)?;
-                let mut inner = locked(&st.inner);
-                inner.unlinked = true;
-                let a = inner.attr.ok_or(Errno::ENOENT)?;
-                drop(inner);
+                let a = locked(&st.inner).attr.ok_or(Errno::ENOENT)?;
                 Ok(FileAttr { nlink: 0, ..self.file_attr(&a) })
             }
             Err(e) => Err(err(e)),
@@ -249,11 +251,13 @@ impl Core {
     ) -> Res<FileAttr> {
         self.writable()?;
         let tino = self.t(ino);
-        if let Some(size) = size {
-            if let Some(st) = self.state(tino) {
+        if let Some(st) = self.state(tino) {
+            // Buffered bytes go first, so their commit cannot undo what this
+            // sets (a size, or times that `cp -p` preserves).
+            if let Some(size) = size {
                 locked(&st.inner).dirty.truncate(size);
-                self.upload(tino, &st).await?;
             }
+            self.upload(tino, &st).await?;
         }
         let set = pb::SetAttr { ino: tino, mode, uid, gid, size, atime_ns: atime, mtime_ns: mtime };
         let a = self.client.setattr(set).await.map_err(err)?;
@@ -296,24 +300,32 @@ impl Core {
 
     /// Notes that `parent/name` is about to disappear: if it is open here,
     /// it stays readable until closed.
-    async fn note_removal(&self, parent: u64, name: &[u8]) {
+    /// Before `parent/name` may disappear: if it is open here, keep what is
+    /// needed to go on reading it (its extents). Returns its inode.
+    async fn before_removal(&self, parent: u64, name: &[u8]) -> Option<u64> {
         if locked(&self.files).is_empty() {
-            return;
+            return None;
         }
         let q = Query::Lookup(pb::Lookup { parent, name: name.to_vec() });
-        if let Ok(a) = self.query_attr(q).await {
-            if let Some(st) = self.state(a.ino) {
-                // Keep what is needed to go on reading it: its extents.
-                let cached = locked(&st.inner).extents.is_some();
-                let fetched = if cached { None } else { self.client.read_extents(a.ino, 0, u64::MAX >> 4).await.ok() };
-                let mut inner = locked(&st.inner);
-                if let Some(fe) = fetched {
-                    inner.extents = Some(Arc::new(fe));
-                }
-                if a.nlink <= 1 {
-                    inner.unlinked = true;
-                }
-                inner.attr.get_or_insert(a);
+        let a = self.query_attr(q).await.ok()?;
+        let st = self.state(a.ino)?;
+        let cached = locked(&st.inner).extents.is_some();
+        if !cached {
+            if let Ok(fe) = self.file_extents(a.ino).await {
+                locked(&st.inner).extents = Some(Arc::new(fe));
+            }
+        }
+        Some(a.ino)
+    }
+
+    /// After a removal succeeded: if the inode is really gone from the
+    /// tracker, this mount serves it from what it holds until closed.
+    async fn after_removal(&self, ino: Option<u64>) {
+        let Some(ino) = ino else { return };
+        let Some(st) = self.state(ino) else { return };
+        if let Err(e) = self.client.getattr(ino).await {
+            if e.code() == Some(ErrorCode::NotFound) {
+                locked(&st.inner).unlinked = true;
             }
         }
     }
@@ -321,8 +333,10 @@ impl Core {
     pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
         let (parent, name) = (self.t(parent), name_bytes(name));
-        self.note_removal(parent, &name).await;
-        self.client.unlink(parent, &name).await.map_err(err)
+        let open = self.before_removal(parent, &name).await;
+        self.client.unlink(parent, &name).await.map_err(err)?;
+        self.after_removal(open).await;
+        Ok(())
     }
 
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
@@ -341,11 +355,11 @@ impl Core {
     ) -> Res<()> {
         self.writable()?;
         let (np, nn) = (self.t(new_parent), name_bytes(new_name));
-        if !exchange {
-            self.note_removal(np, &nn).await;
-        }
+        let replaced = if exchange || no_replace { None } else { self.before_removal(np, &nn).await };
         let r = pb::Rename { parent: self.t(parent), name: name_bytes(name), new_parent: np, new_name: nn, no_replace, exchange };
-        self.client.rename(r).await.map_err(err)
+        self.client.rename(r).await.map_err(err)?;
+        self.after_removal(replaced).await;
+        Ok(())
     }
 
     pub async fn statfs(&self) -> Res<pb::FsStats> {
@@ -372,21 +386,30 @@ impl Core {
             versions.insert(tino, a.version);
             keep
         };
-        let st = locked(&self.files)
-            .entry(tino)
-            .or_insert_with(|| Arc::new(FileState { inner: Mutex::new(FileInner::default()), upload: tokio::sync::Mutex::new(()) }))
-            .clone();
+        let st = {
+            let mut files = locked(&self.files);
+            let st = files
+                .entry(tino)
+                .or_insert_with(|| Arc::new(FileState { inner: Mutex::new(FileInner::default()), upload: tokio::sync::Mutex::new(()) }))
+                .clone();
+            // Counted under the table's lock, so a concurrent last release
+            // cannot drop the state this open is about to use.
+            locked(&st.inner).opens += 1;
+            st
+        };
         {
             let mut inner = locked(&st.inner);
-            inner.opens += 1;
             let changed = inner.attr.as_ref().map(|o| o.version) != Some(a.version);
             if changed {
                 inner.extents = None;
             }
-            if extents.is_some() {
-                inner.extents = extents;
+            let newer = inner.attr.as_ref().is_none_or(|o| a.version >= o.version);
+            if newer {
+                if extents.is_some() {
+                    inner.extents = extents;
+                }
+                inner.attr = Some(a);
             }
-            inner.attr = Some(a);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         locked(&self.handles).insert(fh, Handle { ino: tino, append });
@@ -482,23 +505,36 @@ impl Core {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
         let (tino, _) = self.handle_ino(fh)?;
         let st = self.state(tino).ok_or(Errno::EBADF)?;
-        let (extents, stored, total, unlinked) = {
+        // An upload that commits while we fetch blocks changes which bytes
+        // are where: then read again from the new state.
+        for _ in 0..4 {
+            if let Some(buf) = self.read_once(tino, &st, offset, size).await? {
+                return Ok(buf);
+            }
+        }
+        Err(Errno::EAGAIN)
+    }
+
+    async fn read_once(&self, tino: u64, st: &FileState, offset: u64, size: u32) -> Res<Option<Vec<u8>>> {
+        let (extents, stored, total, unlinked, generation) = {
             let inner = locked(&st.inner);
-            (inner.extents.clone(), inner.attr.as_ref().map_or(0, |a| a.size), inner.local_size(), inner.unlinked)
+            (inner.extents.clone(), inner.attr.as_ref().map_or(0, |a| a.size), inner.local_size(), inner.unlinked, inner.generation)
         };
         let extents = match extents {
             Some(e) => Some(e),
+            None if unlinked && stored > 0 => return Err(Errno::ESTALE),
             None if unlinked => None,
             None => match self.file_extents(tino).await {
                 Ok(fe) => {
                     let fe = Arc::new(fe);
                     let mut inner = locked(&st.inner);
-                    if let Some(a) = fe.attr {
+                    let newer = fe.attr.as_ref().map(|a| a.version) >= inner.attr.as_ref().map(|a| a.version);
+                    if inner.generation == generation && newer {
                         // Someone else's change since our open: the version
                         // we serve from is the one we fetched.
-                        inner.attr = Some(a);
+                        inner.attr = fe.attr;
+                        inner.extents = Some(fe.clone());
                     }
-                    inner.extents = Some(fe.clone());
                     Some(fe)
                 }
                 // Deleted elsewhere, and we hold no map of its bytes: an
@@ -511,7 +547,7 @@ impl Core {
         let stored = extents.as_ref().and_then(|fe| fe.attr.as_ref()).map_or(stored, |a| a.size);
         let total = total.max(stored);
         if offset >= total {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
         let end = offset.saturating_add(u64::from(size)).min(total);
         let mut buf = vec![0u8; (end - offset) as usize];
@@ -528,13 +564,16 @@ impl Core {
             }
         }
         let inner = locked(&st.inner);
+        if inner.generation != generation {
+            return Ok(None);
+        }
         if let Some(d) = &inner.inflight {
             d.overlay_appends(stored, offset, &mut buf);
             d.overlay(offset, &mut buf);
         }
         inner.dirty.overlay_appends(stored + inner.inflight.as_ref().map_or(0, |d| d.appended()), offset, &mut buf);
         inner.dirty.overlay(offset, &mut buf);
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// Buffers a write. Returns true when the buffer is big enough that an
@@ -581,15 +620,17 @@ impl Core {
             inner.inflight = Some(d.clone());
             d
         };
+        let commits = batch.segment_count() as u64 + u64::from(batch.appended() > 0);
         let result = self.store(tino, &batch).await;
         let mut inner = locked(&st.inner);
         inner.inflight = None;
+        inner.generation += 1;
         match result {
             Ok(Some(a)) => {
                 let mut versions = locked(&self.versions);
                 let before = inner.attr.as_ref().map(|o| o.version);
                 // Our pages are still right if only our commits happened.
-                if before.is_some_and(|v| a.version <= v + 2) && versions.get(&tino) == before.as_ref() {
+                if before.is_some_and(|v| a.version == v + commits) && versions.get(&tino) == before.as_ref() {
                     versions.insert(tino, a.version);
                 }
                 inner.attr = Some(a);

@@ -26,6 +26,11 @@ impl Dirty {
         self.segments.iter().next_back().map_or(0, |(o, d)| o + d.len() as u64)
     }
 
+    /// Positioned segments: each becomes one commit.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
     pub fn appended(&self) -> u64 {
         self.appends.len() as u64
     }

@@ -262,8 +262,7 @@ impl Client {
             }
         };
         let mut last_error = String::from("no copies recorded");
-        // Asked and not answered yet: when another copy wins, these were too
-        // slow, and later reads should try them last.
+        // Asked and not answered yet.
         let mut outstanding: Vec<String> = Vec::new();
         loop {
             if running.is_empty() {
@@ -297,12 +296,7 @@ impl Client {
                     }
                 }
                 Ok(None) => break,
-                Ok(Some((addr, Ok(data)))) => {
-                    for other in outstanding.iter().filter(|a| **a != addr) {
-                        self.record_timeout(other);
-                    }
-                    return Ok(data);
-                }
+                Ok(Some((_, Ok(data)))) => return Ok(data),
                 Ok(Some((addr, Err(s)))) => {
                     outstanding.retain(|a| *a != addr);
                     tracing::debug!(%addr, error = %s.message(), "block read failed, trying next copy");

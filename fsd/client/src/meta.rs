@@ -43,7 +43,7 @@ pub struct LockRequest {
 impl Client {
     /// Proposes a command; retries keep its operation id, so it is applied once.
     pub async fn mutate(&self, op: Op) -> Result<command_result::Result, ClientError> {
-        let cmd = pb::Command { client_id: self.inner.client_id, op_id: self.next_op_id(), now_ns: now_ns(), op: Some(op) };
+        let cmd = pb::Command { client_id: self.inner.client_id, op_id: self.next_op_id(), now_ns: now_ns(), leader_ns: 0, op: Some(op) };
         let reply = self
             .with_leader("metadata change", |addr| {
                 let req = pb::MutateRequest { header: self.header(), command: Some(cmd.clone()) };
@@ -109,14 +109,17 @@ impl Client {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(150));
         }
+        // A lagging member may not know what others have applied: a refusal
+        // from one is kept only if no member has an answer.
+        let mut refusal = None;
         for addr in self.members_by_distance() {
             match self.query_at(&addr, q.clone(), Consistency::Local).await {
                 Ok(r) => return Ok(r),
-                Err(e @ ClientError::Refused { .. }) => return Err(e),
+                Err(e @ ClientError::Refused { .. }) => refusal = Some(e),
                 Err(_) => continue,
             }
         }
-        Err(ClientError::Unavailable(why))
+        Err(refusal.unwrap_or(ClientError::Unavailable(why)))
     }
 
     /// Members, nearest first; those that recently timed out last.

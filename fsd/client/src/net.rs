@@ -280,6 +280,7 @@ impl Client {
         let deadline = Instant::now() + op_deadline;
         let mut backoff = Duration::from_millis(20);
         let mut last;
+        let mut hops = 0;
         loop {
             let addr = self.routing().pick();
             let started = Instant::now();
@@ -304,7 +305,10 @@ impl Client {
             };
             match outcome {
                 Attempt::Fail(e) => return Err(e),
-                Attempt::Retry(Some(hint)) if hint != addr && !self.is_suspect(&hint) => {
+                Attempt::Retry(Some(hint)) if hint != addr && !self.is_suspect(&hint) && hops < 8 && Instant::now() < deadline => {
+                    // Follow the hint at once, but not for ever: members
+                    // with stale views can point at each other.
+                    hops += 1;
                     self.set_leader(&hint);
                     continue;
                 }

@@ -48,6 +48,7 @@ pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
         .collect();
     ranked.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.device_id.cmp(&b.0.device_id)));
 
+    let copies = copies.min(candidates.len());
     let mut chosen: Vec<&Candidate> = Vec::with_capacity(copies);
     // Pass 1: one device per zone; pass 2: one per host; pass 3: anything left.
     for pass in 0..3 {

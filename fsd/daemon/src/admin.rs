@@ -65,15 +65,13 @@ impl AdminService {
 
     async fn register(&self, hello: &pb::HelloReply) -> Result<(), Status> {
         let cmd = pb::Command {
-            client_id: 0,
-            op_id: 0,
-            now_ns: 0,
             op: Some(Op::RegisterHost(pb::RegisterHost {
                 host_id: hello.host_id,
                 zone: hello.zone.clone(),
                 addr: hello.addr.clone(),
                 devices: hello.devices.clone(),
             })),
+            ..Default::default()
         };
         let r = self.tracker.propose(cmd).await?;
         if let Some(pb::command_result::Result::Error(e)) = r.result {

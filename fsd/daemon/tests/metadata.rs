@@ -194,6 +194,7 @@ async fn t23_a_retried_operation_is_applied_once() {
         client_id: 77,
         op_id: 1,
         now_ns: 1,
+        leader_ns: 0,
         op: Some(pb::command::Op::Create(pb::Create { parent: d.ino, name: b"once".to_vec(), mode: 0o644, exclusive: true, ..Default::default() })),
     };
     let mut raw = pb::metadata_client::MetadataClient::connect(format!("http://{}", c.members()[0])).await.unwrap();

@@ -163,9 +163,11 @@ impl Tracker {
     /// A command without a time gets this member's clock, before it enters
     /// the log (so every member applies the same time).
     pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        let now = wall_clock_ns();
         if cmd.now_ns <= 0 {
-            cmd.now_ns = wall_clock_ns();
+            cmd.now_ns = now;
         }
+        cmd.leader_ns = now;
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(e) => Err(self.write_error(e)),
@@ -216,7 +218,9 @@ impl Tracker {
             pb::Consistency::ReadIndex if self.is_leader() => {
                 self.read_index().await?;
             }
-            pb::Consistency::ReadIndex => self.follower_read_index(Duration::from_secs(2)).await?,
+            // Shorter than a client's RPC deadline: a follower that cannot
+            // confirm says so in time for the client to ask elsewhere.
+            pb::Consistency::ReadIndex => self.follower_read_index(Duration::from_millis(800)).await?,
             pb::Consistency::Local if !self.is_initialized() => return Err(TrackerError::NotInitialized),
             pb::Consistency::Local => {}
         }

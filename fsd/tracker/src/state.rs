@@ -270,7 +270,7 @@ pub fn apply(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<pb::Co
     if cmd.client_id != 0 {
         tx.execute(
             "INSERT OR REPLACE INTO applied_ops VALUES (?1, ?2, ?3, ?4)",
-            params![i(cmd.client_id), i(cmd.op_id), cmd.now_ns, result.encode_to_vec()],
+            params![i(cmd.client_id), i(cmd.op_id), if cmd.leader_ns > 0 { cmd.leader_ns } else { cmd.now_ns }, result.encode_to_vec()],
         )?;
     }
     Ok(result)
@@ -802,7 +802,8 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
             if p.hashes.len() > 1024 {
                 return err(ErrorCode::Invalid, "at most 1024 blocks per placement");
             }
-            let copies = if p.copies == 0 { class.copies } else { p.copies as usize };
+            // A client may ask for spares beyond the copy count, not for more.
+            let copies = if p.copies == 0 { class.copies } else { (p.copies as usize).min(class.copies + 4) };
             let locations = device_locations(conn)?;
             let free: BTreeMap<u64, u64> = conn
                 .prepare_cached("SELECT device_id, free FROM devices")?
@@ -814,20 +815,18 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
                 .filter(|d| free.get(&d.device_id).copied().unwrap_or(0) > reserve)
                 .map(|d| Candidate { device_id: d.device_id, host_id: d.host_id, zone: d.zone.clone() })
                 .collect();
-            if candidates.is_empty() {
-                return err(ErrorCode::NoSpace, "no device has room for new blocks");
+            // The quorum follows the replication class and the devices that
+            // exist, not the ones with room: full devices do not lower it.
+            let quorum = class.quorum_for(class.copies.min(locations.len()));
+            if candidates.len() < quorum {
+                return err(ErrorCode::NoSpace, "too few devices have room for new blocks");
             }
             let choices = p
                 .hashes
                 .iter()
                 .map(|h| pb::PlacementChoice { hash: h.clone(), device_ids: place(h, &candidates, copies) })
                 .collect::<Vec<_>>();
-            let chosen = choices.first().map_or(0, |c| c.device_ids.len());
-            Ok(Reply::Placement(pb::Placement {
-                choices,
-                devices: locations,
-                write_quorum: class.quorum_for(chosen) as u32,
-            }))
+            Ok(Reply::Placement(pb::Placement { choices, devices: locations, write_quorum: quorum as u32 }))
         }
         Query::ListLocks(l) => {
             let locks = conn

@@ -346,18 +346,18 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             Some(()) = enter_rx.recv() => {
-                for i in 0..cluster.hosts.len() {
+                for (i, seen) in reported.iter_mut().enumerate() {
                     if cluster.exited(i) {
                         cluster.restart(i, true)?;
-                        reported[i] = false;
+                        *seen = false;
                         println!("host {} restarted, pid {}", cluster.hosts[i].zone, cluster.hosts[i].pid().unwrap_or(0));
                     }
                 }
             }
             _ = tick.tick() => {
-                for i in 0..cluster.hosts.len() {
-                    if cluster.exited(i) && !reported[i] {
-                        reported[i] = true;
+                for (i, seen) in reported.iter_mut().enumerate() {
+                    if cluster.exited(i) && !*seen {
+                        *seen = true;
                         println!("host {} is down; the wiki keeps working. Press Enter to restart it.", cluster.hosts[i].zone);
                     }
                 }
