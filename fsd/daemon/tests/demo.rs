@@ -1,35 +1,16 @@
 //! The one-command demo end to end: fsctl demo (hosts, mount, wiki), two
 //! editors and two readers over HTTP while a host is killed and restarted.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Reply {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-fn http(port: u16, method: &str, path: &str, body: &str, cookie: &str) -> std::io::Result<Reply> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\
-Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok(Reply { status, headers: head.to_lowercase(), body: body.to_string() })
-}
+use common::http;
 
 fn field<'a>(html: &'a str, name: &str) -> Option<&'a str> {
     let at = html.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
