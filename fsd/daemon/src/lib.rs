@@ -8,6 +8,7 @@
 mod admin;
 mod blocks;
 pub mod config;
+pub mod httpc;
 mod identity;
 pub mod local;
 mod metrics;

@@ -11,11 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http;
-
-fn field<'a>(html: &'a str, name: &str) -> Option<&'a str> {
-    let at = html.find(&format!("name=\"{name}\" value=\""))? + name.len() + 15;
-    html[at..].split('"').next()
-}
+use failsafe_fsd::httpc::form_value as field;
 
 fn free_port_base() -> u16 {
     loop {

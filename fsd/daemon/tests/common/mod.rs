@@ -1,5 +1,5 @@
 //! Helpers for tests that start real fsd processes on loopback.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -106,28 +106,4 @@ pub fn data(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
-pub struct Reply {
-    pub status: u16,
-    /// The response head, lower-cased.
-    pub headers: String,
-    pub body: String,
-}
-
-/// One HTTP/1.1 request to 127.0.0.1:`port` (a test's own minimal client).
-pub fn http(port: u16, method: &str, path: &str, body: &str, cookie: &str) -> std::io::Result<Reply> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nCookie: {cookie}\r\n\
-Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok(Reply { status, headers: head.to_lowercase(), body: body.to_string() })
-}
+pub use failsafe_fsd::httpc::{request as http, Reply};
