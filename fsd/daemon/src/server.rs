@@ -15,7 +15,6 @@ use failsafe_proto::pb::{
 use failsafe_proto::MAX_MESSAGE_BYTES;
 use failsafe_tracker::{ClusterId, MetadataService, RaftService, Tracker};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{device_infos, AdminService};
 use crate::blocks::BlocksService;
@@ -127,7 +126,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         // much sooner.
         .timeout(Duration::from_secs(120))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Small replies must not wait for the peer's delayed ACK (Nagle).
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
     for w in &workers {
         w.abort();
