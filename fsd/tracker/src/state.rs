@@ -171,7 +171,9 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64) -> OpResult<()> {
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
         tx.execute("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
         tx.execute("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
-        tx.execute("DELETE FROM locks WHERE ino = ?1", [i(ino)])?;
+        // Locks stay: descriptors open elsewhere may still hold and release
+        // them (lock, unlink, unlock). Inode numbers are never reused, and
+        // session close or expiry removes them.
     } else {
         tx.execute("UPDATE inodes SET nlink = nlink - 1, ctime = ?2 WHERE ino = ?1", params![i(ino), now])?;
     }
@@ -668,7 +670,8 @@ fn lock(tx: &Transaction<'_>, c: &pb::Lock) -> OpResult<()> {
     if exists.is_none() {
         return err(ErrorCode::NoSession, "session expired or unknown");
     }
-    get_attr(tx, c.ino)?;
+    // No inode check: a file unlinked while open can still be locked and
+    // unlocked through its descriptors.
     let held: Vec<HeldLock> = tx
         .prepare_cached("SELECT session_id, owner, ltype, start, end FROM locks WHERE ino = ?1 AND kind = ?2")?
         .query_map(params![i(c.ino), c.kind], |r| {
