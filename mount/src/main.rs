@@ -228,6 +228,17 @@ fn serve(args: Args) -> Result<(), String> {
     let cache_dir = args.opts.cache_dir.join(format!("{}-{}", client.cluster_id(), std::process::id()));
     let cache = cache::BlockCache::open(&cache_dir, args.opts.cache_bytes)
         .map_err(|e| format!("cache_dir {}: {e}", cache_dir.display()))?;
+    // Hosts come and go (added, moved, migrated): keep learning them, so the
+    // mount still reaches the cluster when every host it was given is gone.
+    let learner = client.clone();
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if let Ok(s) = learner.status().await {
+                learner.learn_members(s.hosts.into_iter().map(|h| h.addr));
+            }
+        }
+    });
     let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
     let fs = fs::Fs { core: core.clone(), rt: rt.handle().clone() };
 
