@@ -3,9 +3,11 @@
 //! SQLite. A one-host cluster is a group of one: there is no second code path.
 //!
 //! Only `state::apply`, run by the Raft state machine, changes metadata.
-//! Reads are linearizable (openraft's ReadIndex: the leader confirms its
-//! leadership with a quorum, then answers from its applied state) unless the
-//! caller asks for a member's local view.
+//! Reads are linearizable unless the caller asks for a member's local view:
+//! the leader answers under its lease (a quorum acknowledged it within half
+//! the election timeout) or after confirming leadership with a quorum
+//! (openraft's `ensure_linearizable`); a follower asks the leader for that
+//! read index, waits until it has applied it, and answers itself.
 
 pub mod db;
 mod network;
