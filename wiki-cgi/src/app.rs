@@ -31,11 +31,19 @@ pub struct Response {
 
 impl Response {
     fn html(status: u16, body: String) -> Response {
-        Response { status, headers: vec![("Content-Type".into(), "text/html; charset=utf-8".into())], body }
+        Response {
+            status,
+            headers: vec![("Content-Type".into(), "text/html; charset=utf-8".into())],
+            body,
+        }
     }
 
     fn redirect(to: &str) -> Response {
-        Response { status: 303, headers: vec![("Location".into(), to.into())], body: String::new() }
+        Response {
+            status: 303,
+            headers: vec![("Location".into(), to.into())],
+            body: String::new(),
+        }
     }
 }
 
@@ -62,7 +70,10 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(b) => {
                         out.push(b);
                         i += 2;
@@ -88,7 +99,11 @@ pub fn parse_form(s: &str) -> HashMap<String, String> {
 }
 
 fn cookie(cookies: &str, name: &str) -> Option<String> {
-    cookies.split(';').filter_map(|c| c.trim().split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    cookies
+        .split(';')
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
 }
 
 fn layout(title: &str, body: &str) -> String {
@@ -115,7 +130,11 @@ fn time_str(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, rem % 3600 / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 pub struct App {
@@ -129,7 +148,10 @@ impl App {
             // Our own links are absolute from the wiki's root; user text is
             // escaped, so these patterns only occur in markup we wrote.
             let base = &req.base;
-            r.body = r.body.replace("href=\"/", &format!("href=\"{base}/")).replace("action=\"/", &format!("action=\"{base}/"));
+            r.body = r
+                .body
+                .replace("href=\"/", &format!("href=\"{base}/"))
+                .replace("action=\"/", &format!("action=\"{base}/"));
             for (k, v) in &mut r.headers {
                 if k == "Location" {
                     *v = format!("{base}{v}");
@@ -142,24 +164,7 @@ impl App {
     }
 
     fn handle_at_root(&self, req: &Request) -> Response {
-        match self.route(req) {
-            Ok(r) => r,
-            Err(StoreError::Unavailable(e)) => Response::html(
-                503,
-                layout(
-                    "Read-only for now",
-                    &format!(
-                        "<h1>Read-only for now</h1><p class=\"note\">The wiki's storage is not accepting changes at the moment \
-({}). Nothing was lost: pages can still be read, and saving works again once the storage recovers. \
-Please go back and try your save again in a minute.</p>",
-                        escape(&e.to_string())
-                    ),
-                ),
-            ),
-            Err(StoreError::Busy) => Response::html(503, layout("Busy", "<h1>Busy</h1><p>Someone else is saving this page right now. Please try again.</p>")),
-            Err(StoreError::TooLarge) => Response::html(413, layout("Too large", "<h1>Too large</h1><p>The page is larger than the wiki accepts.</p>")),
-            Err(StoreError::Io(e)) => Response::html(500, layout("Error", &format!("<h1>Error</h1><p>{}</p>", escape(&e.to_string())))),
-        }
+        self.route(req).unwrap_or_else(error_page)
     }
 
     fn route(&self, req: &Request) -> Result<Response, StoreError> {
@@ -210,12 +215,23 @@ Please go back and try your save again in a minute.</p>",
 
     /// The edit form; after a conflict, with the user's text kept and the
     /// other person's changes shown.
-    fn edit(&self, name: &str, req: &Request, conflict: Option<(&str, u64)>) -> Result<Response, StoreError> {
-        let (token, set_cookie) = match cookie(&req.cookies, CSRF_COOKIE).filter(|t| t.len() == 32) {
+    fn edit(
+        &self,
+        name: &str,
+        req: &Request,
+        conflict: Option<(&str, u64)>,
+    ) -> Result<Response, StoreError> {
+        let (token, set_cookie) = match cookie(&req.cookies, CSRF_COOKIE).filter(|t| t.len() == 32)
+        {
             Some(t) => (t, None),
             None => {
                 let t = format!("{:032x}", rand::random::<u128>());
-                (t.clone(), Some(format!("{CSRF_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict")))
+                (
+                    t.clone(),
+                    Some(format!(
+                        "{CSRF_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict"
+                    )),
+                )
             }
         };
         let (text, base, note) = match conflict {
@@ -228,7 +244,11 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
                 );
                 (mine.to_string(), current, note)
             }
-            None => (self.store.read(name)?.unwrap_or_default(), self.store.current_rev(name)?, String::new()),
+            None => (
+                self.store.read(name)?.unwrap_or_default(),
+                self.store.current_rev(name)?,
+                String::new(),
+            ),
         };
         let body = format!(
             "<h1>Editing {title}</h1>{note}<form method=\"post\" action=\"/save/{link}\">\
@@ -238,7 +258,10 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
             link = url_encode(name),
             text = escape(&text),
         );
-        let mut r = Response::html(if conflict.is_some() { 409 } else { 200 }, layout(&format!("Editing {name}"), &body));
+        let mut r = Response::html(
+            if conflict.is_some() { 409 } else { 200 },
+            layout(&format!("Editing {name}"), &body),
+        );
         if let Some(c) = set_cookie {
             r.headers.push(("Set-Cookie".into(), c));
         }
@@ -254,9 +277,15 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
         if expected.is_none() || form.get("csrf") != expected.as_ref() {
             return Ok(Response::html(403, layout("Forbidden", "<h1>Forbidden</h1><p>The form's security token is missing or stale. Reload the edit page and try again.</p>")));
         }
-        let text = form.get("text").map(|t| t.replace("\r\n", "\n")).unwrap_or_default();
+        let text = form
+            .get("text")
+            .map(|t| t.replace("\r\n", "\n"))
+            .unwrap_or_default();
         let base: u64 = form.get("base").and_then(|b| b.parse().ok()).unwrap_or(0);
-        let summary: String = form.get("summary").map(|s| s.chars().take(200).collect()).unwrap_or_default();
+        let summary: String = form
+            .get("summary")
+            .map(|s| s.chars().take(200).collect())
+            .unwrap_or_default();
         match self.store.save(name, &text, base, &req.author, &summary)? {
             SaveOutcome::Saved(rev) => {
                 let mut r = Response::redirect(&format!("/page/{}", url_encode(name)));
@@ -272,7 +301,15 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
         let link = url_encode(name);
         let mut rows = String::new();
         for r in self.store.history(name)?.iter().rev() {
-            let diff = if r.rev > 1 { format!(" <a href=\"/diff/{link}?from={}&amp;to={}\">diff</a>", r.rev - 1, r.rev) } else { String::new() };
+            let diff = if r.rev > 1 {
+                format!(
+                    " <a href=\"/diff/{link}?from={}&amp;to={}\">diff</a>",
+                    r.rev - 1,
+                    r.rev
+                )
+            } else {
+                String::new()
+            };
             rows.push_str(&format!(
                 "<li><a href=\"/rev/{link}/{rev}\">revision {rev}</a> {time} by {author} — {summary}{diff}</li>",
                 rev = r.rev,
@@ -281,26 +318,53 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
                 summary = escape(&r.summary)
             ));
         }
-        Ok(Response::html(200, layout(&format!("History of {name}"), &format!("<h1>History of {}</h1><ul>{rows}</ul>", escape(name)))))
+        Ok(Response::html(
+            200,
+            layout(
+                &format!("History of {name}"),
+                &format!("<h1>History of {}</h1><ul>{rows}</ul>", escape(name)),
+            ),
+        ))
     }
 
     fn old_revision(&self, name: &str, rev: u64) -> Result<Response, StoreError> {
         match self.store.revision(name, rev)? {
             Some(text) => Ok(Response::html(
                 200,
-                layout(name, &format!("<h1>{} (revision {rev})</h1>{}", escape(name), render(&text, |p| self.store.exists(p)))),
+                layout(
+                    name,
+                    &format!(
+                        "<h1>{} (revision {rev})</h1>{}",
+                        escape(name),
+                        render(&text, |p| self.store.exists(p))
+                    ),
+                ),
             )),
-            None => Ok(Response::html(404, layout("Not found", "<h1>No such revision</h1>"))),
+            None => Ok(Response::html(
+                404,
+                layout("Not found", "<h1>No such revision</h1>"),
+            )),
         }
     }
 
     fn diff(&self, name: &str, a: u64, b: u64) -> Result<Response, StoreError> {
-        let (Some(old), Some(new)) = (self.store.revision(name, a)?, self.store.revision(name, b)?) else {
-            return Ok(Response::html(404, layout("Not found", "<h1>No such revision</h1>")));
+        let (Some(old), Some(new)) = (self.store.revision(name, a)?, self.store.revision(name, b)?)
+        else {
+            return Ok(Response::html(
+                404,
+                layout("Not found", "<h1>No such revision</h1>"),
+            ));
         };
         Ok(Response::html(
             200,
-            layout(name, &format!("<h1>{}: revision {a} → {b}</h1>{}", escape(name), diff_html(&old, &new))),
+            layout(
+                name,
+                &format!(
+                    "<h1>{}: revision {a} → {b}</h1>{}",
+                    escape(name),
+                    diff_html(&old, &new)
+                ),
+            ),
         ))
     }
 
@@ -317,7 +381,13 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
                 summary = escape(&c.summary)
             ));
         }
-        Ok(Response::html(200, layout("Recent changes", &format!("<h1>Recent changes</h1><ul>{rows}</ul>"))))
+        Ok(Response::html(
+            200,
+            layout(
+                "Recent changes",
+                &format!("<h1>Recent changes</h1><ul>{rows}</ul>"),
+            ),
+        ))
     }
 
     fn index(&self) -> Result<Response, StoreError> {
@@ -325,21 +395,66 @@ Your text is below, not saved yet; their changes are shown here. Merge them and 
             .store
             .pages()?
             .iter()
-            .map(|p| format!("<li><a href=\"/page/{}\">{}</a></li>", url_encode(p), escape(p)))
+            .map(|p| {
+                format!(
+                    "<li><a href=\"/page/{}\">{}</a></li>",
+                    url_encode(p),
+                    escape(p)
+                )
+            })
             .collect();
-        Ok(Response::html(200, layout("Index", &format!("<h1>All pages</h1><ul>{items}</ul>"))))
+        Ok(Response::html(
+            200,
+            layout("Index", &format!("<h1>All pages</h1><ul>{items}</ul>")),
+        ))
     }
 
     fn search(&self, query: &str) -> Result<Response, StoreError> {
         let hits = self.store.search(query)?;
         let items: String = hits
             .iter()
-            .map(|(p, snip)| format!("<li><a href=\"/page/{}\">{}</a> — {}</li>", url_encode(p), escape(p), escape(snip)))
+            .map(|(p, snip)| {
+                format!(
+                    "<li><a href=\"/page/{}\">{}</a> — {}</li>",
+                    url_encode(p),
+                    escape(p),
+                    escape(snip)
+                )
+            })
             .collect();
         Ok(Response::html(
             200,
-            layout("Search", &format!("<h1>Search: {}</h1><p>{} pages</p><ul>{items}</ul>", escape(query), hits.len())),
+            layout(
+                "Search",
+                &format!(
+                    "<h1>Search: {}</h1><p>{} pages</p><ul>{items}</ul>",
+                    escape(query),
+                    hits.len()
+                ),
+            ),
         ))
+    }
+}
+
+/// What a user sees when the storage fails: never a crash, and a clear
+/// "read-only for now" page when it refuses writes (EROFS, EIO, no space).
+fn error_page(e: StoreError) -> Response {
+    match e {
+        StoreError::Unavailable(e) => Response::html(
+                503,
+                layout(
+                    "Read-only for now",
+                    &format!(
+                        "<h1>Read-only for now</h1><p class=\"note\">The wiki's storage is not accepting changes at the moment \
+({}). Nothing was lost: pages can still be read, and saving works again once the storage recovers. \
+Please go back and try your save again in a minute.</p>",
+                        escape(&e.to_string())
+                    ),
+                ),
+            ),
+        StoreError::Busy => Response::html(503, layout("Busy", "<h1>Busy</h1><p>Someone else is saving this page right now. Please try again.</p>")),
+        StoreError::TooLarge => Response::html(413, layout("Too large", "<h1>Too large</h1><p>The page is larger than the wiki accepts.</p>")),
+        StoreError::Io(e) => Response::html(500, layout("Error", &format!("<h1>Error</h1><p>{}</p>", escape(&e.to_string())))),
     }
 }
 
@@ -353,7 +468,10 @@ pub fn diff_html(old: &str, new: &str) -> String {
             similar::ChangeTag::Insert => ("ins", "+"),
             similar::ChangeTag::Equal => ("", " "),
         };
-        out.push_str(&format!("<span class=\"{class}\">{sign} {}</span>", escape(change.value())));
+        out.push_str(&format!(
+            "<span class=\"{class}\">{sign} {}</span>",
+            escape(change.value())
+        ));
     }
     out.push_str("</pre>");
     out
@@ -371,11 +489,27 @@ mod tests {
 
     fn get(app: &App, path: &str) -> Response {
         let (path, query) = path.split_once('?').unwrap_or((path, ""));
-        app.handle(&Request { method: "GET".into(), path: path.into(), query: query.into(), cookies: String::new(), body: vec![], author: "t".into(), base: String::new() })
+        app.handle(&Request {
+            method: "GET".into(),
+            path: path.into(),
+            query: query.into(),
+            cookies: String::new(),
+            body: vec![],
+            author: "t".into(),
+            base: String::new(),
+        })
     }
 
     fn post(app: &App, path: &str, body: &str, cookies: &str) -> Response {
-        app.handle(&Request { method: "POST".into(), path: path.into(), query: String::new(), cookies: cookies.into(), body: body.as_bytes().to_vec(), author: "t".into(), base: String::new() })
+        app.handle(&Request {
+            method: "POST".into(),
+            path: path.into(),
+            query: String::new(),
+            cookies: cookies.into(),
+            body: body.as_bytes().to_vec(),
+            author: "t".into(),
+            base: String::new(),
+        })
     }
 
     #[test]
@@ -385,11 +519,21 @@ mod tests {
         let r = post(&app, "/save/Start", "base=0&csrf=0123456789abcdef0123456789abcdef&text=Hello+%5B%5BOther%5D%5D&summary=first", c);
         assert_eq!(r.status, 303);
         let page = get(&app, "/page/Start").body;
-        assert!(page.contains("Hello") && page.contains("class=\"wikilink new\""), "{page}");
-        post(&app, "/save/Start", "base=1&csrf=0123456789abcdef0123456789abcdef&text=Hello+again", c);
+        assert!(
+            page.contains("Hello") && page.contains("class=\"wikilink new\""),
+            "{page}"
+        );
+        post(
+            &app,
+            "/save/Start",
+            "base=1&csrf=0123456789abcdef0123456789abcdef&text=Hello+again",
+            c,
+        );
         let hist = get(&app, "/history/Start").body;
         assert!(hist.contains("revision 1") && hist.contains("revision 2"));
-        assert!(get(&app, "/diff/Start?from=1&to=2").body.contains("class=\"ins\""));
+        assert!(get(&app, "/diff/Start?from=1&to=2")
+            .body
+            .contains("class=\"ins\""));
         assert!(get(&app, "/recent").body.contains("/page/Start"));
         assert!(get(&app, "/index").body.contains("/page/Start"));
         assert!(get(&app, "/search?q=again").body.contains("1 pages"));
@@ -399,7 +543,16 @@ mod tests {
     fn csrf_is_required() {
         let (_d, app) = app();
         assert_eq!(post(&app, "/save/Start", "base=0&text=x", "").status, 403);
-        assert_eq!(post(&app, "/save/Start", "base=0&text=x&csrf=aaaa", "wikicsrf=bbbb").status, 403);
+        assert_eq!(
+            post(
+                &app,
+                "/save/Start",
+                "base=0&text=x&csrf=aaaa",
+                "wikicsrf=bbbb"
+            )
+            .status,
+            403
+        );
         assert!(app.store.read("Start").unwrap().is_none());
     }
 
@@ -410,24 +563,57 @@ mod tests {
         let tok = "csrf=0123456789abcdef0123456789abcdef";
         post(&app, "/save/P", &format!("base=0&{tok}&text=one"), c);
         post(&app, "/save/P", &format!("base=1&{tok}&text=alice"), c);
-        let r = post(&app, "/save/P", &format!("base=1&{tok}&text=bob%27s+text"), c);
+        let r = post(
+            &app,
+            "/save/P",
+            &format!("base=1&{tok}&text=bob%27s+text"),
+            c,
+        );
         assert_eq!(r.status, 409);
-        assert!(r.body.contains("Edit conflict") && r.body.contains("bob&#39;s text"), "{}", r.body);
+        assert!(
+            r.body.contains("Edit conflict") && r.body.contains("bob&#39;s text"),
+            "{}",
+            r.body
+        );
         assert_eq!(app.store.read("P").unwrap().as_deref(), Some("alice"));
     }
 
     #[test]
     fn traversal_names_are_refused_and_html_is_escaped() {
         let (_d, app) = app();
-        for p in ["/page/..", "/page/%2e%2e%2fetc%2fpasswd", "/edit/.secret", "/history/a%2fb"] {
+        for p in [
+            "/page/..",
+            "/page/%2e%2e%2fetc%2fpasswd",
+            "/edit/.secret",
+            "/history/a%2fb",
+        ] {
             assert_eq!(get(&app, p).status, 400, "{p}");
         }
         let c = "wikicsrf=0123456789abcdef0123456789abcdef";
-        post(&app, "/save/X", "base=0&csrf=0123456789abcdef0123456789abcdef&text=%3Cscript%3Ealert(1)%3C%2Fscript%3E", c);
+        post(
+            &app,
+            "/save/X",
+            "base=0&csrf=0123456789abcdef0123456789abcdef&text=%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+            c,
+        );
         let body = get(&app, "/page/X").body;
         assert!(!body.contains("<script>alert"), "{body}");
         let search = get(&app, "/search?q=%3Cscript%3E").body;
         assert!(!search.contains("<script>"), "{search}");
+    }
+
+    #[test]
+    fn storage_that_refuses_writes_gets_a_read_only_page() {
+        let e = StoreError::from(std::io::Error::from_raw_os_error(libc_erofs()));
+        let r = error_page(e);
+        assert_eq!(r.status, 503);
+        assert!(r.body.contains("Read-only for now"), "{}", r.body);
+        let r = error_page(StoreError::from(std::io::Error::from_raw_os_error(5)));
+        assert!(r.body.contains("Read-only for now"), "EIO too");
+    }
+
+    fn libc_erofs() -> i32 {
+        30
     }
 
     #[test]

@@ -34,7 +34,9 @@ fn main() {
 }
 
 fn open_app(dir: PathBuf) -> Result<App, String> {
-    store::Store::open(&dir).map(|store| App { store }).map_err(|e| format!("{}: {e}", dir.display()))
+    store::Store::open(&dir)
+        .map(|store| App { store })
+        .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 fn write_cgi(out: &mut impl Write, r: &Response) -> std::io::Result<()> {
@@ -49,18 +51,28 @@ fn write_cgi(out: &mut impl Write, r: &Response) -> std::io::Result<()> {
 
 fn cgi() -> i32 {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let dir = std::env::var_os("WIKI_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/srv/wiki/data"));
+    let dir = std::env::var_os("WIKI_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/srv/wiki/data"));
     let mut stdout = std::io::stdout().lock();
     let app = match open_app(dir) {
         Ok(a) => a,
         Err(e) => {
-            let r = Response { status: 503, headers: vec![("Content-Type".into(), "text/plain".into())], body: format!("wiki storage unavailable: {e}\n") };
+            let r = Response {
+                status: 503,
+                headers: vec![("Content-Type".into(), "text/plain".into())],
+                body: format!("wiki storage unavailable: {e}\n"),
+            };
             return i32::from(write_cgi(&mut stdout, &r).is_err());
         }
     };
     let len: usize = env("CONTENT_LENGTH").parse().unwrap_or(0);
     if len > MAX_BODY {
-        let r = Response { status: 413, headers: vec![("Content-Type".into(), "text/plain".into())], body: "request too large\n".into() };
+        let r = Response {
+            status: 413,
+            headers: vec![("Content-Type".into(), "text/plain".into())],
+            body: "request too large\n".into(),
+        };
         return i32::from(write_cgi(&mut stdout, &r).is_err());
     }
     let mut body = vec![0u8; len];
@@ -120,7 +132,10 @@ fn serve(args: &[String]) -> i32 {
             return 1;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wiki-cgi: {e}");
@@ -151,34 +166,58 @@ async fn http_server(app: Arc<App>, addr: SocketAddr) -> std::io::Result<()> {
         };
         let app = app.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let app = app.clone();
-                async move {
-                    let method = req.method().to_string();
-                    let path = req.uri().path().to_string();
-                    let query = req.uri().query().unwrap_or("").to_string();
-                    let cookies = req.headers().get_all("cookie").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
-                    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                        Ok(b) => b.to_bytes().to_vec(),
-                        Err(_) => {
-                            let r = hyper::Response::builder().status(413).body(Full::new(Bytes::from("request too large\n")));
-                            return Ok::<_, std::convert::Infallible>(r.unwrap_or_default());
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let app = app.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or("").to_string();
+                        let cookies = req
+                            .headers()
+                            .get_all("cookie")
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                            Ok(b) => b.to_bytes().to_vec(),
+                            Err(_) => {
+                                let r = hyper::Response::builder()
+                                    .status(413)
+                                    .body(Full::new(Bytes::from("request too large\n")));
+                                return Ok::<_, std::convert::Infallible>(r.unwrap_or_default());
+                            }
+                        };
+                        let request = Request {
+                            method,
+                            path,
+                            query,
+                            cookies,
+                            body,
+                            author: peer.ip().to_string(),
+                            base: String::new(),
+                        };
+                        // Page files are read and written with blocking calls.
+                        let r =
+                            match tokio::task::spawn_blocking(move || app.handle(&request)).await {
+                                Ok(r) => r,
+                                Err(_) => Response {
+                                    status: 500,
+                                    headers: vec![],
+                                    body: "internal error\n".into(),
+                                },
+                            };
+                        let mut b = hyper::Response::builder().status(r.status);
+                        for (k, v) in &r.headers {
+                            b = b.header(k.as_str(), v.as_str());
                         }
-                    };
-                    let request = Request { method, path, query, cookies, body, author: peer.ip().to_string(), base: String::new() };
-                    // Page files are read and written with blocking calls.
-                    let r = match tokio::task::spawn_blocking(move || app.handle(&request)).await {
-                        Ok(r) => r,
-                        Err(_) => Response { status: 500, headers: vec![], body: "internal error\n".into() },
-                    };
-                    let mut b = hyper::Response::builder().status(r.status);
-                    for (k, v) in &r.headers {
-                        b = b.header(k.as_str(), v.as_str());
+                        Ok(b.body(Full::new(Bytes::from(r.body))).unwrap_or_default())
                     }
-                    Ok(b.body(Full::new(Bytes::from(r.body))).unwrap_or_default())
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

@@ -43,7 +43,9 @@ fn expand_wikilinks(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("[[") {
-        let Some(len) = rest[start + 2..].find("]]") else { break };
+        let Some(len) = rest[start + 2..].find("]]") else {
+            break;
+        };
         let inner = &rest[start + 2..start + 2 + len];
         out.push_str(&rest[..start]);
         let (target, label) = inner.split_once('|').unwrap_or((inner, inner));
@@ -63,7 +65,9 @@ fn expand_wikilinks(text: &str) -> String {
 fn safe_url(url: &str) -> bool {
     let lower = url.trim().to_ascii_lowercase();
     match lower.split_once(':') {
-        Some((scheme, _)) if !scheme.contains('/') && !scheme.contains('?') && !scheme.contains('#') => {
+        Some((scheme, _))
+            if !scheme.contains('/') && !scheme.contains('?') && !scheme.contains('#') =>
+        {
             matches!(scheme, "http" | "https" | "mailto")
         }
         _ => true,
@@ -80,15 +84,36 @@ pub fn render(text: &str, exists: impl Fn(&str) -> bool) -> String {
     let events = Parser::new_ext(&source, opts).map(|ev| match ev {
         // Raw HTML is shown, not run.
         Event::Html(s) | Event::InlineHtml(s) => Event::Text(s),
-        Event::Start(Tag::Link { link_type, dest_url, title, id }) => {
+        Event::Start(Tag::Link {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) => {
             if let Some(page) = dest_url.strip_prefix(WIKI_SCHEME) {
-                let class = if exists(page) { "wikilink" } else { "wikilink new" };
+                let class = if exists(page) {
+                    "wikilink"
+                } else {
+                    "wikilink new"
+                };
                 wiki_link_open.push(true);
-                Event::Html(CowStr::from(format!("<a class=\"{class}\" href=\"/page/{}\">", url_encode(page))))
+                Event::Html(CowStr::from(format!(
+                    "<a class=\"{class}\" href=\"/page/{}\">",
+                    url_encode(page)
+                )))
             } else {
                 wiki_link_open.push(false);
-                let dest = if safe_url(&dest_url) { dest_url } else { CowStr::from("#") };
-                Event::Start(Tag::Link { link_type, dest_url: dest, title, id })
+                let dest = if safe_url(&dest_url) {
+                    dest_url
+                } else {
+                    CowStr::from("#")
+                };
+                Event::Start(Tag::Link {
+                    link_type,
+                    dest_url: dest,
+                    title,
+                    id,
+                })
             }
         }
         Event::End(TagEnd::Link) => {
@@ -98,9 +123,27 @@ pub fn render(text: &str, exists: impl Fn(&str) -> bool) -> String {
                 Event::End(TagEnd::Link)
             }
         }
-        Event::Start(Tag::Image { link_type, dest_url, title, id }) => {
-            let dest = if safe_url(&dest_url) && !dest_url.starts_with(WIKI_SCHEME) { dest_url } else { CowStr::from("#") };
-            Event::Start(Tag::Image { link_type: if link_type == LinkType::Email { LinkType::Inline } else { link_type }, dest_url: dest, title, id })
+        Event::Start(Tag::Image {
+            link_type,
+            dest_url,
+            title,
+            id,
+        }) => {
+            let dest = if safe_url(&dest_url) && !dest_url.starts_with(WIKI_SCHEME) {
+                dest_url
+            } else {
+                CowStr::from("#")
+            };
+            Event::Start(Tag::Image {
+                link_type: if link_type == LinkType::Email {
+                    LinkType::Inline
+                } else {
+                    link_type
+                },
+                dest_url: dest,
+                title,
+                id,
+            })
         }
         other => other,
     });
@@ -115,26 +158,47 @@ mod tests {
 
     #[test]
     fn script_is_inert() {
-        let html = render("<script>alert(1)</script>\n\nhi <img src=x onerror=alert(1)>", |_| true);
+        let html = render(
+            "<script>alert(1)</script>\n\nhi <img src=x onerror=alert(1)>",
+            |_| true,
+        );
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;"), "{html}");
-        let html = render("[x](javascript:alert(1)) [y](JaVaScRiPt:alert(1))", |_| true);
+        let html = render("[x](javascript:alert(1)) [y](JaVaScRiPt:alert(1))", |_| {
+            true
+        });
         assert!(!html.to_lowercase().contains("javascript:"), "{html}");
     }
 
     #[test]
     fn wikilinks_and_missing_pages() {
-        let html = render("See [[Start]] and [[New Page|the new one]].", |p| p == "Start");
-        assert!(html.contains(r#"<a class="wikilink" href="/page/Start">Start</a>"#), "{html}");
-        assert!(html.contains(r#"<a class="wikilink new" href="/page/New_Page">the new one</a>"#), "{html}");
+        let html = render("See [[Start]] and [[New Page|the new one]].", |p| {
+            p == "Start"
+        });
+        assert!(
+            html.contains(r#"<a class="wikilink" href="/page/Start">Start</a>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"<a class="wikilink new" href="/page/New_Page">the new one</a>"#),
+            "{html}"
+        );
         let html = render("[[../etc/passwd]]", |_| true);
         assert!(!html.contains("href=\"/page/.."), "{html}");
     }
 
     #[test]
     fn commonmark_renders() {
-        let html = render("# Title\n\n*em* and `code`\n\n| a | b |\n|---|---|\n| 1 | 2 |", |_| true);
-        assert!(html.contains("<h1>Title</h1>") && html.contains("<em>em</em>") && html.contains("<table>"), "{html}");
+        let html = render(
+            "# Title\n\n*em* and `code`\n\n| a | b |\n|---|---|\n| 1 | 2 |",
+            |_| true,
+        );
+        assert!(
+            html.contains("<h1>Title</h1>")
+                && html.contains("<em>em</em>")
+                && html.contains("<table>"),
+            "{html}"
+        );
     }
 }

@@ -52,7 +52,9 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.chars().count() <= 100
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,7 +77,9 @@ pub struct Change {
 pub enum SaveOutcome {
     Saved(u64),
     /// Someone saved revision `current` since the editor started from `base`.
-    Conflict { current: u64 },
+    Conflict {
+        current: u64,
+    },
 }
 
 pub struct Store {
@@ -83,7 +87,10 @@ pub struct Store {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// One line of a tab-separated log, with tabs and newlines made harmless.
@@ -93,7 +100,11 @@ fn field(s: &str) -> String {
 
 fn write_durably(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("f"), rand::random::<u32>()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f"),
+        rand::random::<u32>()
+    ));
     let r = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
@@ -127,7 +138,9 @@ impl Store {
         for d in ["pages", "attic", "history", "locks"] {
             fs::create_dir_all(root.join(d))?;
         }
-        Ok(Store { root: root.to_path_buf() })
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
     }
 
     fn page_path(&self, name: &str) -> PathBuf {
@@ -141,7 +154,10 @@ impl Store {
             match fs::create_dir(&path) {
                 Ok(()) => return Ok(PageLock { path }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let age = fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    let age = fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
                     if age.is_some_and(|a| a > STALE_LOCK) {
                         // A saver that crashed holding the lock: break it.
                         let _ = fs::remove_dir(&path);
@@ -199,7 +215,14 @@ impl Store {
 
     /// Saves `text` as the next revision of `name`, if the page is still at
     /// revision `base` (the one the editor started from).
-    pub fn save(&self, name: &str, text: &str, base: u64, author: &str, summary: &str) -> Result<SaveOutcome, StoreError> {
+    pub fn save(
+        &self,
+        name: &str,
+        text: &str,
+        base: u64,
+        author: &str,
+        summary: &str,
+    ) -> Result<SaveOutcome, StoreError> {
         if text.len() > MAX_PAGE_BYTES {
             return Err(StoreError::TooLarge);
         }
@@ -215,8 +238,14 @@ impl Store {
         write_durably(&attic.join(format!("{rev}.md")), text.as_bytes())?;
         write_durably(&self.page_path(name), text.as_bytes())?;
         let (author, summary) = (field(author), field(summary));
-        append_line(&self.root.join("history").join(format!("{name}.log")), &format!("{rev}\t{time}\t{author}\t{summary}\n"))?;
-        append_line(&self.root.join("changes.log"), &format!("{time}\t{name}\t{rev}\t{author}\t{summary}\n"))?;
+        append_line(
+            &self.root.join("history").join(format!("{name}.log")),
+            &format!("{rev}\t{time}\t{author}\t{summary}\n"),
+        )?;
+        append_line(
+            &self.root.join("changes.log"),
+            &format!("{time}\t{name}\t{rev}\t{author}\t{summary}\n"),
+        )?;
         Ok(SaveOutcome::Saved(rev))
     }
 
@@ -261,16 +290,25 @@ impl Store {
     /// Pages whose name or text contains every word of `query`
     /// (case-insensitive), with a snippet.
     pub fn search(&self, query: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).take(10).collect();
+        let words: Vec<String> = query
+            .split_whitespace()
+            .map(str::to_lowercase)
+            .take(10)
+            .collect();
         if words.is_empty() {
             return Ok(Vec::new());
         }
         let mut hits = Vec::new();
         for name in self.pages()? {
-            let Some(text) = self.read(&name)? else { continue };
+            let Some(text) = self.read(&name)? else {
+                continue;
+            };
             let hay = format!("{}\n{}", name.to_lowercase(), text.to_lowercase());
             if words.iter().all(|w| hay.contains(w.as_str())) {
-                let line = text.lines().find(|l| l.to_lowercase().contains(words[0].as_str())).unwrap_or("");
+                let line = text
+                    .lines()
+                    .find(|l| l.to_lowercase().contains(words[0].as_str()))
+                    .unwrap_or("");
                 hits.push((name, line.chars().take(160).collect()));
             }
         }
@@ -284,7 +322,17 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_are_refused() {
-        for bad in ["", "..", "../etc/passwd", "a/b", ".hidden", "a\0b", "a b", "x\\y", &"n".repeat(101)] {
+        for bad in [
+            "",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            ".hidden",
+            "a\0b",
+            "a b",
+            "x\\y",
+            &"n".repeat(101),
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
         for good in ["Start", "wiki-links_2", "Ünïcode", "v1.2"] {
@@ -296,10 +344,19 @@ mod tests {
     fn saves_keep_every_revision_and_detect_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert!(matches!(s.save("P", "one", 0, "alice", "first").unwrap(), SaveOutcome::Saved(1)));
-        assert!(matches!(s.save("P", "two", 1, "bob", "second").unwrap(), SaveOutcome::Saved(2)));
+        assert!(matches!(
+            s.save("P", "one", 0, "alice", "first").unwrap(),
+            SaveOutcome::Saved(1)
+        ));
+        assert!(matches!(
+            s.save("P", "two", 1, "bob", "second").unwrap(),
+            SaveOutcome::Saved(2)
+        ));
         // An editor who started from revision 1 conflicts.
-        assert!(matches!(s.save("P", "stale", 1, "carol", "late").unwrap(), SaveOutcome::Conflict { current: 2 }));
+        assert!(matches!(
+            s.save("P", "stale", 1, "carol", "late").unwrap(),
+            SaveOutcome::Conflict { current: 2 }
+        ));
         assert_eq!(s.read("P").unwrap().as_deref(), Some("two"));
         let h = s.history("P").unwrap();
         assert_eq!(h.iter().map(|r| r.rev).collect::<Vec<_>>(), vec![1, 2]);
@@ -317,7 +374,10 @@ mod tests {
         fs::create_dir(&lock).unwrap();
         let old = SystemTime::now() - Duration::from_secs(60);
         File::open(&lock).unwrap().set_modified(old).unwrap();
-        assert!(matches!(s.save("P", "x", 0, "a", "").unwrap(), SaveOutcome::Saved(1)));
+        assert!(matches!(
+            s.save("P", "x", 0, "a", "").unwrap(),
+            SaveOutcome::Saved(1)
+        ));
         assert!(!lock.exists());
     }
 }

@@ -23,37 +23,71 @@ fn cgi(data: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("run wiki-cgi");
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text.strip_prefix("Status: ").and_then(|s| s.get(..3)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = text
+        .strip_prefix("Status: ")
+        .and_then(|s| s.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, text)
 }
 
 fn save_form(base: u64, text: &str) -> String {
-    format!("base={base}&csrf={TOKEN}&summary=s&text={}", text.replace(' ', "+"))
+    format!(
+        "base={base}&csrf={TOKEN}&summary=s&text={}",
+        text.replace(' ', "+")
+    )
 }
 
 #[test]
 fn two_processes_saving_the_same_page_never_lose_an_edit_silently() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    assert_eq!(cgi(data, "POST", "/save/Race", &save_form(0, "first")).0, 303);
+    assert_eq!(
+        cgi(data, "POST", "/save/Race", &save_form(0, "first")).0,
+        303
+    );
     for round in 1..=10u64 {
         // Two editors who both started from the current revision.
         let handles: Vec<_> = (0..2)
             .map(|who| {
                 let data = data.to_path_buf();
-                std::thread::spawn(move || cgi(&data, "POST", "/save/Race", &save_form(round, &format!("round {round} by {who}"))).0)
+                std::thread::spawn(move || {
+                    cgi(
+                        &data,
+                        "POST",
+                        "/save/Race",
+                        &save_form(round, &format!("round {round} by {who}")),
+                    )
+                    .0
+                })
             })
             .collect();
         let mut statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         statuses.sort();
-        assert_eq!(statuses, vec![303, 409], "round {round}: one saved, one told of the conflict");
+        assert_eq!(
+            statuses,
+            vec![303, 409],
+            "round {round}: one saved, one told of the conflict"
+        );
     }
     let (_, history) = cgi(data, "GET", "/history/Race", "");
-    assert_eq!(history.matches("revision ").count(), 11, "every acknowledged save is a revision");
-    assert!(history.contains("href=\"/wiki.cgi/rev/Race/11\""), "links carry the script name");
+    assert_eq!(
+        history.matches("revision ").count(),
+        11,
+        "every acknowledged save is a revision"
+    );
+    assert!(
+        history.contains("href=\"/wiki.cgi/rev/Race/11\""),
+        "links carry the script name"
+    );
 }
 
 #[test]
