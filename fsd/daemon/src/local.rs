@@ -39,6 +39,41 @@ impl LocalHost {
     }
 }
 
+/// SIGTERM `child` and wait for it to exit; SIGKILL after 10 s.
+pub fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process terminated (see `terminate`) when dropped.
+pub struct Stopped(pub Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        terminate(&mut self.0);
+    }
+}
+
+/// Whether something is mounted at `path` (as `/proc/self/mounts` spells it).
+pub fn is_mounted(path: &Path) -> bool {
+    let target = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
+}
+
 pub struct LocalCluster {
     pub hosts: Vec<LocalHost>,
     fsd: PathBuf,
@@ -236,17 +271,8 @@ impl LocalCluster {
             h.signal(libc::SIGCONT);
             h.frozen = false;
         }
-        h.signal(libc::SIGTERM);
         if let Some(mut child) = h.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            terminate(&mut child);
         }
     }
 
@@ -267,19 +293,9 @@ impl LocalCluster {
             h.signal(libc::SIGTERM);
         }
         for h in &mut self.hosts {
+            // All were signalled above, so they stop in parallel; this waits.
             if let Some(mut child) = h.child.take() {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(_)) | Err(_) => break,
-                        Ok(None) if Instant::now() > deadline => {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            break;
-                        }
-                        Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                    }
-                }
+                terminate(&mut child);
             }
         }
     }

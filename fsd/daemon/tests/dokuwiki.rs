@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http, Reply, TestCluster};
-use failsafe_fsd::local::sibling_binary;
+use failsafe_fsd::local::{is_mounted, sibling_binary};
 
 fn sh(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd).args(args).status().map(|s| s.success()).unwrap_or(false)
@@ -53,11 +53,6 @@ impl Drop for Setup {
         }
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
     }
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let target = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
 }
 
 fn cookies_from(reply: &Reply, jar: &mut Vec<String>) {

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use failsafe_fsd::local::{sibling_binary, LocalCluster};
+pub use failsafe_fsd::local::is_mounted;
+use failsafe_fsd::local::{sibling_binary, terminate, LocalCluster};
 
 pub struct Mount {
     pub path: PathBuf,
@@ -21,19 +22,7 @@ impl Mount {
     /// SIGTERM: the mount unmounts itself; a lazy detach if it does not.
     pub fn unmount(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child);
         }
         if is_mounted(&self.path) {
             let _ = Command::new("umount").arg("-l").arg(&self.path).status();
@@ -45,14 +34,6 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.unmount();
     }
-}
-
-pub fn is_mounted(path: &Path) -> bool {
-    let target = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
 }
 
 pub struct Env {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use failsafe_client::{admin_for, pb, Client, ClientConfig};
-use failsafe_fsd::local::{sibling_binary, LocalCluster};
+use failsafe_fsd::local::{is_mounted, sibling_binary, terminate, LocalCluster, Stopped};
 use failsafe_proto::header;
 
 /// Administer a failsafe cluster.
@@ -201,38 +201,6 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     out
 }
 
-/// A child process of the demo, stopped with SIGTERM (then SIGKILL).
-struct Child(std::process::Child);
-
-impl Child {
-    fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !matches!(self.0.try_wait(), Ok(Some(_)) | Err(_)) {
-            if std::time::Instant::now() > deadline {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn is_mounted(path: &std::path::Path) -> bool {
-    let target = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
-}
-
 async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -273,7 +241,7 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     let spec = format!("{}:/", cluster.addrs().join(","));
     let opts = format!("zone=a,cache_dir={},allow_other", dir.join("cache").display());
     let log = std::fs::File::create(dir.join("mount.log"))?;
-    let mut mount = Child(
+    let mut mount = Stopped(
         std::process::Command::new(&mount_bin)
             .arg(&spec)
             .arg(&mnt)
@@ -297,7 +265,7 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     let data = mnt.join("wiki");
     std::fs::create_dir_all(&data)?;
     let log = std::fs::File::create(dir.join("wiki.log"))?;
-    let mut wiki = Child(
+    let mut wiki = Stopped(
         std::process::Command::new(&wiki_bin)
             .args(["serve", "--data"])
             .arg(&data)
@@ -365,8 +333,8 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
         }
     }
     println!("stopping: wiki, mount, hosts");
-    wiki.stop();
-    mount.stop();
+    terminate(&mut wiki.0);
+    terminate(&mut mount.0);
     if is_mounted(&mnt) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&mnt).status();
     }

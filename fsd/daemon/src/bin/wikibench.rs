@@ -4,7 +4,7 @@
 //! the same run. Needs root (FUSE).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use failsafe_fsd::httpc::{form_value, request};
-use failsafe_fsd::local::{sibling_binary, LocalCluster};
+use failsafe_fsd::local::{is_mounted, sibling_binary, LocalCluster, Stopped};
 
 #[derive(Parser)]
 #[command(version, about = "Benchmark the wiki on a failsafe mount against a local directory")]
@@ -28,21 +28,11 @@ struct Args {
     readers: usize,
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        // SAFETY: SIGTERM to our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn start_wiki(data: &Path) -> anyhow::Result<(Killed, u16)> {
+fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
     std::fs::create_dir_all(data)?;
     let port = free_port()?;
     let child = Command::new(sibling_binary("wiki-cgi")?)
@@ -51,7 +41,7 @@ fn start_wiki(data: &Path) -> anyhow::Result<(Killed, u16)> {
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .stderr(Stdio::null())
         .spawn()?;
-    let w = Killed(child);
+    let w = Stopped(child);
     let deadline = Instant::now() + Duration::from_secs(15);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "wiki-cgi did not start");
@@ -113,11 +103,6 @@ fn drive(port: u16, secs: u64, editors: usize, readers: usize) -> (f64, f64, u64
     (saves.load(Ordering::Relaxed) as f64 / s, reads.load(Ordering::Relaxed) as f64 / s, errors.load(Ordering::Relaxed))
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let target = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // SAFETY: geteuid has no preconditions.
@@ -137,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&mnt)?;
     let spec = format!("{}:/", cluster.addrs().join(","));
     let opts = format!("zone=a,cache_dir={}", root.join("cache").display());
-    let mount = Killed(Command::new(sibling_binary("mount-failsafe")?).arg(&spec).arg(&mnt).args(["-f", "-o", &opts]).stderr(Stdio::null()).spawn()?);
+    let mount = Stopped(Command::new(sibling_binary("mount-failsafe")?).arg(&spec).arg(&mnt).args(["-f", "-o", &opts]).stderr(Stdio::null()).spawn()?);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_mounted(&mnt) {
         anyhow::ensure!(Instant::now() < deadline, "the mount did not come up");
