@@ -230,8 +230,10 @@ impl Core {
                 // Unlinked elsewhere while open here: it lives on until closed.
                 // (Only a failed commit decides that the file is gone: a
                 // lagging member's answer must not make us drop writes.)
-                let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ENOENT)?;
-                let a = locked(&st.inner).attr.ok_or(Errno::ENOENT)?;
+                // Otherwise the kernel's inode is stale (replaced by a rename
+                // since its lookup): ESTALE makes the VFS walk the path again.
+                let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ESTALE)?;
+                let a = locked(&st.inner).attr.ok_or(Errno::ESTALE)?;
                 Ok(FileAttr { nlink: 0, ..self.file_attr(&a) })
             }
             Err(e) => Err(err(e)),
@@ -428,8 +430,10 @@ impl Core {
         let (a, extents) = match self.file_extents(tino).await {
             Ok(fe) => (fe.attr.ok_or(Errno::EIO)?, Some(Arc::new(fe))),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
-                let st = self.state(tino).ok_or(Errno::ENOENT)?;
-                let a = locked(&st.inner).attr.ok_or(Errno::ENOENT)?;
+                // Replaced or removed between the kernel's lookup and this
+                // open: ESTALE makes the VFS look the name up again.
+                let st = self.state(tino).ok_or(Errno::ESTALE)?;
+                let a = locked(&st.inner).attr.ok_or(Errno::ESTALE)?;
                 (a, None)
             }
             Err(e) if e.code() == Some(ErrorCode::IsDir) => return Err(Errno::EISDIR),

@@ -16,6 +16,10 @@ pub struct LocalHost {
     pub addr: String,
     /// Flags for this host alone, after the cluster-wide ones.
     pub extra: Vec<String>,
+    /// The address it listens on (127.0.0.1 unless it has a network of its own).
+    pub listen_ip: String,
+    /// A network namespace (`/run/netns/NAME`) to run it in, or the caller's.
+    pub netns: Option<PathBuf>,
     child: Option<Child>,
     frozen: bool,
 }
@@ -74,11 +78,104 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
 }
 
+/// Makes `cmd` run in the network namespace at `ns` (`/run/netns/NAME`),
+/// and only that: it keeps the caller's mounts and everything else.
+pub fn in_netns(cmd: &mut Command, ns: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
+    // SAFETY: between fork and exec the closure only calls setns(2), which is
+    // async-signal-safe; `file` is moved in and outlives the call.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Makes `cmd`'s process get SIGKILL when the thread that spawned it exits.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running `mount-failsafe -f`: unmounted (SIGTERM, then a lazy detach)
+/// when dropped.
+pub struct LocalMount {
+    pub path: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalMount {
+    /// Mounts `spec` (`HOST:PORT,...:/`) at `path` with `-o opts`, logging to
+    /// `log`; `cmd` is the `mount-failsafe` command, possibly prepared (a
+    /// namespace, a parent-death signal). Returns once the path is mounted.
+    pub fn start(mut cmd: Command, spec: &str, path: &Path, opts: &str, log: &Path) -> anyhow::Result<LocalMount> {
+        std::fs::create_dir_all(path)?;
+        let child = cmd
+            .arg(spec)
+            .arg(path)
+            .arg("-f")
+            .arg("-o")
+            .arg(opts)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log)?)
+            .stderr(std::fs::File::options().append(true).open(log)?)
+            .spawn()
+            .context("starting mount-failsafe")?;
+        let mut m = LocalMount { path: path.to_path_buf(), log: log.to_path_buf(), child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(path) {
+            if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
+                bail!("mount-failsafe exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                bail!("{} was not mounted within 30 s; see {}", path.display(), log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(m)
+    }
+
+    /// SIGTERM: the mount unmounts itself; a lazy detach if it does not.
+    pub fn unmount(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+impl Drop for LocalMount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
 pub struct LocalCluster {
     pub hosts: Vec<LocalHost>,
     fsd: PathBuf,
     extra: Vec<String>,
     pub cluster_id: String,
+    /// Hosts get SIGKILL when the thread that started them exits (for tools
+    /// that may themselves be killed: nothing outlives them).
+    pub die_with_parent: bool,
 }
 
 /// The `fsd` binary next to the running one (target/debug or an install dir).
@@ -96,10 +193,21 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 impl LocalCluster {
+    /// A cluster of no hosts yet; `extra` flags go to every fsd.
+    pub fn new(fsd: &Path, extra: &[String]) -> LocalCluster {
+        LocalCluster {
+            hosts: Vec::new(),
+            fsd: fsd.to_path_buf(),
+            extra: extra.to_vec(),
+            cluster_id: String::new(),
+            die_with_parent: false,
+        }
+    }
+
     /// Starts one fsd per zone, data dirs under `root/<zone>`, each on
     /// `base_port + i` (or a free port when `base_port` is 0).
     pub fn start(root: &Path, zones: &[&str], fsd: &Path, base_port: u16, extra: &[String]) -> anyhow::Result<LocalCluster> {
-        let mut c = LocalCluster { hosts: Vec::new(), fsd: fsd.to_path_buf(), extra: extra.to_vec(), cluster_id: String::new() };
+        let mut c = LocalCluster::new(fsd, extra);
         for (i, zone) in zones.iter().enumerate() {
             let port = if base_port == 0 { 0 } else { base_port + i as u16 };
             c.add_host(&root.join(format!("host-{zone}")), zone, port, &[])?;
@@ -109,17 +217,30 @@ impl LocalCluster {
 
     /// Starts one more host (not yet a member) and returns its index.
     pub fn add_host(&mut self, dir: &Path, zone: &str, port: u16, extra: &[String]) -> anyhow::Result<usize> {
+        let i = self.define_host(dir, zone, extra);
+        self.spawn(i, port)?;
+        Ok(i)
+    }
+
+    /// Adds a host without starting it (`start_host` starts it), so it can be
+    /// given a network namespace and address first.
+    pub fn define_host(&mut self, dir: &Path, zone: &str, extra: &[String]) -> usize {
         self.hosts.push(LocalHost {
             dir: dir.to_path_buf(),
             zone: zone.to_string(),
             addr: String::new(),
             extra: extra.to_vec(),
+            listen_ip: "127.0.0.1".into(),
+            netns: None,
             child: None,
             frozen: false,
         });
-        let i = self.hosts.len() - 1;
-        self.spawn(i, port)?;
-        Ok(i)
+        self.hosts.len() - 1
+    }
+
+    /// Starts a host defined with `define_host` (or stopped) on `port`.
+    pub fn start_host(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
+        self.spawn(i, port)
     }
 
     fn spawn(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
@@ -128,11 +249,18 @@ impl LocalCluster {
         let addr_file = h.dir.join("fsd.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = OpenOptions::new().create(true).append(true).open(h.dir.join("fsd.log"))?;
-        let child = Command::new(&self.fsd)
+        let mut cmd = Command::new(&self.fsd);
+        if let Some(ns) = &h.netns {
+            in_netns(&mut cmd, ns)?;
+        }
+        if self.die_with_parent {
+            die_with_parent(&mut cmd);
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(&h.dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{}:{port}", h.listen_ip))
             .arg("--zone")
             .arg(&h.zone)
             .args(&self.extra)

@@ -2,37 +2,27 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-pub use failsafe_fsd::local::is_mounted;
-use failsafe_fsd::local::{sibling_binary, terminate, LocalCluster};
+use failsafe_fsd::local::{sibling_binary, LocalCluster, LocalMount};
 
-pub struct Mount {
-    pub path: PathBuf,
-    child: Option<Child>,
-    pub log: PathBuf,
+/// A mount of the test cluster.
+pub struct Mount(pub LocalMount);
+
+impl std::ops::Deref for Mount {
+    type Target = LocalMount;
+    fn deref(&self) -> &LocalMount {
+        &self.0
+    }
 }
 
 impl Mount {
     pub fn p(&self, rel: &str) -> PathBuf {
-        self.path.join(rel)
+        self.0.path.join(rel)
     }
 
-    /// SIGTERM: the mount unmounts itself; a lazy detach if it does not.
     pub fn unmount(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            terminate(&mut child);
-        }
-        if is_mounted(&self.path) {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        self.unmount();
+        self.0.unmount();
     }
 }
 
@@ -60,33 +50,12 @@ impl Env {
     pub fn mount(&mut self, zone: &str) -> usize {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt{i}"));
-        std::fs::create_dir_all(&path).unwrap();
         let log = self.dir.path().join(format!("mount{i}.log"));
         let spec = format!("{}:/", self.cluster.addrs().join(","));
         let opts = format!("zone={zone},cache_dir={}", self.dir.path().join(format!("cache{i}")).display());
-        let child = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"))
-            .arg(&spec)
-            .arg(&path)
-            .arg("-f")
-            .arg("-o")
-            .arg(opts)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("start mount-failsafe");
-        let mut m = Mount { path: path.clone(), child: Some(child), log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(&path) {
-            if let Some(Ok(Some(s))) = m.child.as_mut().map(Child::try_wait) {
-                panic!("mount exited with {s}: {}", std::fs::read_to_string(&m.log).unwrap_or_default());
-            }
-            assert!(Instant::now() < deadline, "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m.child.as_ref().expect("child");
-        self.mounts.push(m);
+        let cmd = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"));
+        let m = LocalMount::start(cmd, &spec, &path, &opts, &log).expect("mount");
+        self.mounts.push(Mount(m));
         i
     }
 }

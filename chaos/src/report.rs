@@ -1,0 +1,214 @@
+//! What a run reports: a human summary, `report.json`, the history
+//! (`history.jsonl`), and `latency.svg` — every operation's latency over
+//! time, failures in red, fault windows shaded.
+
+use std::io::Write;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::check::Violation;
+use crate::scenario::{FaultKind, Scenario};
+use crate::workload::{Kind, Op};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultWindow {
+    pub kind: FaultKind,
+    pub host: usize,
+    pub what: String,
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+fn latency<'a>(ops: impl Iterator<Item = &'a Op>) -> Latency {
+    let mut t: Vec<f64> = ops.map(Op::took_ms).collect();
+    if t.is_empty() {
+        return Latency::default();
+    }
+    t.sort_by(f64::total_cmp);
+    let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
+    Latency { count: t.len(), p50_ms: q(0.5), p90_ms: q(0.9), p99_ms: q(0.99), max_ms: q(1.0) }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub description: String,
+    pub seed: u64,
+    pub network_namespaces: bool,
+    pub hosts: usize,
+    pub mounts: usize,
+    pub operations: usize,
+    pub failed_operations: usize,
+    /// Failed operations by kind.
+    pub errors: std::collections::BTreeMap<String, usize>,
+    /// The longest single operation: what, when, how long.
+    pub longest_stall_ms: f64,
+    pub longest_stall: String,
+    pub latency: Latency,
+    pub latency_by_kind: std::collections::BTreeMap<String, Latency>,
+    /// Seconds from the last fault's end until every block was at its copy count.
+    pub failsafe_after_s: Option<f64>,
+    /// Most blocks seen below their copy count at once.
+    pub max_below_copy_count: u64,
+    pub bytes_rereplicated: u64,
+    pub faults: Vec<FaultWindow>,
+    /// Faults this run could not inject, and why.
+    pub skipped: Vec<String>,
+    pub violations: Vec<Violation>,
+    #[serde(skip)]
+    ops: Vec<Op>,
+}
+
+impl Report {
+    pub fn new(s: &Scenario, seed: u64, netns: bool) -> Report {
+        Report {
+            scenario: s.name.clone(),
+            description: s.description.clone(),
+            seed,
+            network_namespaces: netns,
+            hosts: s.zones.len(),
+            mounts: s.clients,
+            operations: 0,
+            failed_operations: 0,
+            errors: Default::default(),
+            longest_stall_ms: 0.0,
+            longest_stall: String::new(),
+            latency: Latency::default(),
+            latency_by_kind: Default::default(),
+            failsafe_after_s: None,
+            max_below_copy_count: 0,
+            bytes_rereplicated: 0,
+            faults: Vec::new(),
+            skipped: Vec::new(),
+            violations: Vec::new(),
+            ops: Vec::new(),
+        }
+    }
+
+    pub fn finish(&mut self, ops: Vec<Op>, faults: Vec<FaultWindow>, violations: Vec<Violation>) {
+        self.operations = ops.len();
+        self.failed_operations = ops.iter().filter(|o| !o.ok).count();
+        for o in ops.iter().filter(|o| !o.ok) {
+            *self.errors.entry(format!("{:?}", o.kind).to_lowercase()).or_default() += 1;
+        }
+        if let Some(o) = ops.iter().max_by(|a, b| a.took_ms().total_cmp(&b.took_ms())) {
+            self.longest_stall_ms = o.took_ms();
+            self.longest_stall = format!("{:?} {} by {} at {:.1} s", o.kind, o.path, o.worker, o.start_ms / 1000.0);
+        }
+        self.latency = latency(ops.iter());
+        for k in [Kind::Save, Kind::Append, Kind::Read, Kind::Lock, Kind::Unlock, Kind::Create, Kind::Delete, Kind::List] {
+            let l = latency(ops.iter().filter(|o| o.kind == k));
+            if l.count > 0 {
+                self.latency_by_kind.insert(format!("{k:?}").to_lowercase(), l);
+            }
+        }
+        self.faults = faults;
+        self.violations = violations;
+        self.ops = ops;
+    }
+
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.passed() { "PASS" } else { "FAIL" };
+        s += &format!("{verdict}  {} ({} hosts, {} mounts, seed {})\n", self.scenario, self.hosts, self.mounts, self.seed);
+        if !self.network_namespaces {
+            s += "  hosts ran as loopback processes (no network namespaces)\n";
+        }
+        for f in &self.faults {
+            s += &format!("  fault {:6.1}s–{:6.1}s  {}\n", f.start_s, f.end_s, f.what);
+        }
+        for k in &self.skipped {
+            s += &format!("  skipped: {k}\n");
+        }
+        s += &format!("  operations {}, failed {}", self.operations, self.failed_operations);
+        if !self.errors.is_empty() {
+            s += &format!(" {:?}", self.errors);
+        }
+        s += "\n";
+        s += &format!(
+            "  latency p50 {:.1} ms, p99 {:.1} ms, max {:.0} ms; longest stall {:.2} s ({})\n",
+            self.latency.p50_ms,
+            self.latency.p99_ms,
+            self.latency.max_ms,
+            self.longest_stall_ms / 1000.0,
+            self.longest_stall
+        );
+        match self.failsafe_after_s {
+            Some(t) => s += &format!("  fail-safe {:.1} s after the last fault ended", t),
+            None => s += "  never back in fail-safe mode",
+        }
+        s += &format!(
+            " (at most {} blocks below their copy count; {} bytes re-replicated)\n",
+            self.max_below_copy_count, self.bytes_rereplicated
+        );
+        for v in self.violations.iter().take(20) {
+            s += &format!("  VIOLATION {}: {}\n", v.rule, v.detail);
+        }
+        if self.violations.len() > 20 {
+            s += &format!("  … and {} more violations (report.json)\n", self.violations.len() - 20);
+        }
+        s
+    }
+
+    /// Writes summary.txt, report.json, history.jsonl and latency.svg.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("summary.txt"), self.summary())?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        let mut h = std::io::BufWriter::new(std::fs::File::create(dir.join("history.jsonl"))?);
+        for op in &self.ops {
+            serde_json::to_writer(&mut h, op)?;
+            h.write_all(b"\n")?;
+        }
+        h.flush()?;
+        self.plot(&dir.join("latency.svg"))
+    }
+
+    fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        let end_s = self.ops.iter().map(|o| o.end_ms / 1000.0).fold(1.0, f64::max);
+        let max_ms = self.ops.iter().map(Op::took_ms).fold(10.0, f64::max) * 1.5;
+        let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let title = format!("{} — operation latency (fault windows shaded)", self.scenario);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..end_s, (0.1..max_ms).log_scale())
+            .map_err(plot_err)?;
+        chart.configure_mesh().x_desc("seconds").y_desc("latency (ms)").draw().map_err(plot_err)?;
+        for f in &self.faults {
+            let end = if f.end_s > f.start_s { f.end_s } else { f.start_s + end_s / 300.0 };
+            chart
+                .draw_series(std::iter::once(Rectangle::new([(f.start_s, 0.1), (end, max_ms)], RGBColor(255, 200, 120).mix(0.35).filled())))
+                .map_err(plot_err)?;
+        }
+        let ok = self.ops.iter().filter(|o| o.ok).map(|o| Circle::new((o.start_ms / 1000.0, o.took_ms().max(0.11)), 1, BLUE.mix(0.5).filled()));
+        chart.draw_series(ok).map_err(plot_err)?.label("operation").legend(|(x, y)| Circle::new((x, y), 3, BLUE.filled()));
+        let failed = self.ops.iter().filter(|o| !o.ok).map(|o| Cross::new((o.start_ms / 1000.0, o.took_ms().max(0.11)), 4, RED.stroke_width(2)));
+        chart.draw_series(failed).map_err(plot_err)?.label("failed").legend(|(x, y)| Cross::new((x, y), 4, RED));
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+        Ok(())
+    }
+}
+
+fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("drawing the latency plot: {e}")
+}

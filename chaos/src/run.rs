@@ -1,0 +1,282 @@
+//! One run: build the world, start the workload, play the fault schedule,
+//! wait for the cluster to heal, read back the final state, and check.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::check::{self, FinalView};
+use crate::report::{FaultWindow, Report};
+use crate::scenario::{FaultKind, Sabotage, Scenario};
+use crate::workload::{self, History, Kind, LOG, PAGES, SCRATCH};
+use crate::world::World;
+
+/// Set by SIGINT/SIGTERM: the run stops early and cleans up.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// One step of the schedule.
+struct Step {
+    at_s: f64,
+    fault: usize,
+    rep: usize,
+    start: bool,
+}
+
+fn schedule(s: &Scenario) -> Vec<Step> {
+    let hosts = s.zones.len();
+    let mut steps = Vec::new();
+    for (fi, f) in s.faults.iter().enumerate() {
+        let reps = match f.kind {
+            FaultKind::RollingRestart => hosts,
+            FaultKind::LeaderKill => f.repeat.max(1),
+            _ => 1,
+        };
+        for rep in 0..reps {
+            let at = f.at_s + f.every_s * rep as f64;
+            steps.push(Step { at_s: at, fault: fi, rep, start: true });
+            let end = match f.kind {
+                FaultKind::RollingRestart | FaultKind::Bitrot => at,
+                _ => at + f.for_s,
+            };
+            steps.push(Step { at_s: end, fault: fi, rep, start: false });
+        }
+    }
+    // Stable: a step that starts and ends at once keeps its start first.
+    steps.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    steps
+}
+
+/// Sleeps until `t` seconds after `t0`, or until interrupted.
+async fn sleep_until(t0: Instant, t: f64) -> bool {
+    let target = t0 + Duration::from_secs_f64(t);
+    while Instant::now() < target {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            return false;
+        }
+        tokio::time::sleep((target - Instant::now()).min(Duration::from_millis(100))).await;
+    }
+    !INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Sums a counter over all hosts from their /metrics, across restarts.
+#[derive(Default)]
+struct CounterTrack {
+    last: Vec<f64>,
+    base: Vec<f64>,
+}
+
+impl CounterTrack {
+    async fn poll(&mut self, world: &World, name: &str) {
+        let addrs = world.cluster.addrs();
+        self.last.resize(addrs.len(), 0.0);
+        self.base.resize(addrs.len(), 0.0);
+        for (i, a) in addrs.iter().enumerate() {
+            if let Some(v) = metric(a, name).await {
+                if v < self.last[i] {
+                    self.base[i] += self.last[i];
+                }
+                self.last[i] = v;
+            }
+        }
+    }
+    fn total(&self) -> f64 {
+        self.last.iter().sum::<f64>() + self.base.iter().sum::<f64>()
+    }
+}
+
+/// One counter's value from a host's /metrics (plain HTTP on the gRPC port).
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+}
+
+/// Blocks below their copy count, as the leader sees it (None: no answer).
+pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> u64 {
+    let _ = s; 0 // PENDING: under_replicated
+}
+
+pub async fn run(s: &Scenario, work: &Path, report_dir: &Path, net: Option<crate::net::Net>, seed: u64) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(report_dir)?;
+    let use_net = net.is_some();
+    let mut report = Report::new(s, seed, use_net);
+    for f in &s.faults {
+        if f.kind.needs_netns() && !use_net {
+            report.skipped.push(format!("{:?} at {}s: needs network namespaces (root and iproute2)", f.kind, f.at_s));
+        }
+    }
+    println!("failsafe-chaos: {} — {} hosts, {} mounts, {} s", s.name, s.zones.len(), s.clients, s.duration_s);
+    let mut world = World::build(s, work, net).await?;
+    let result = drive(s, &mut world, &mut report, seed).await;
+    world.save_logs(report_dir);
+    world.teardown();
+    result?;
+    Ok(report)
+}
+
+async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) -> anyhow::Result<()> {
+    workload::prepare(&world.mounts[0].path)?;
+    let history = History::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (c, m) in world.mounts.iter().enumerate() {
+        let ctx = |history: &History| workload::Ctx {
+            history: history.clone(),
+            stop: stop.clone(),
+            cfg: s.workload.clone(),
+            client: c,
+            root: m.path.clone(),
+        };
+        for w in 0..s.workload.writers {
+            let ctx = ctx(&history);
+            threads.push(std::thread::spawn(move || workload::editor(ctx, w)));
+        }
+        for r in 0..s.workload.readers {
+            let ctx = ctx(&history);
+            let (clients, seed) = (s.clients, seed ^ ((c * 64 + r) as u64));
+            threads.push(std::thread::spawn(move || workload::reader(ctx, r, clients, seed)));
+        }
+    }
+    let t0 = history.t0();
+    let mut repaired = CounterTrack::default();
+    repaired.poll(world, "failsafe_repair_bytes_total").await;
+    let mut targets: std::collections::HashMap<(usize, usize), usize> = Default::default();
+    let mut windows: Vec<FaultWindow> = Vec::new();
+    let mut limp_seen = 0u64;
+    let mut last_end = 0.0f64;
+    for step in schedule(s) {
+        if !sleep_until(t0, step.at_s).await {
+            break;
+        }
+        let f = &s.faults[step.fault];
+        if f.kind.needs_netns() && world.net.is_none() {
+            continue;
+        }
+        let now = t0.elapsed().as_secs_f64();
+        if step.start {
+            let target = match f.kind {
+                FaultKind::RollingRestart => step.rep,
+                _ => world.resolve(&f.target, seed as usize + step.fault + step.rep).await?,
+            };
+            targets.insert((step.fault, step.rep), target);
+            let what = world.start_fault(f.kind, target)?;
+            println!("  {now:6.1}s  {what}");
+            windows.push(FaultWindow { kind: f.kind, host: target, what, start_s: now, end_s: now });
+        } else {
+            let Some(&target) = targets.get(&(step.fault, step.rep)) else { continue };
+            let what = world.end_fault(f.kind, target)?;
+            if !what.is_empty() {
+                println!("  {now:6.1}s  {what}");
+            }
+            if let Some(w) = windows.iter_mut().rev().find(|w| w.kind == f.kind && w.host == target) {
+                w.end_s = now;
+            }
+            last_end = last_end.max(now);
+        }
+        if let Some(st) = world.status().await {
+            limp_seen = limp_seen.max(below_copy_count(&st));
+        }
+    }
+    // Sabotage, if asked: behind the workload's back, through the mount.
+    if let Some(sab) = s.sabotage {
+        let _ = sleep_until(t0, s.duration_s / 2.0).await;
+        let root = &world.mounts[0].path;
+        match sab {
+            Sabotage::WriteBehindMount => {
+                let page = workload::page_name(0, 0, 0);
+                std::fs::write(root.join(PAGES).join(&page), workload::page_content(&page, 1_000_000, 100))?;
+                let mut f = std::fs::OpenOptions::new().append(true).open(root.join(LOG))?;
+                std::io::Write::write_all(&mut f, b"sabotage: a line nobody appended\n")?;
+            }
+            Sabotage::DeleteBehindMount => {
+                std::fs::remove_file(root.join(LOG))?;
+            }
+        }
+        println!("  sabotage {sab:?} done");
+    }
+    // Meanwhile and afterwards: when is every block back at its copy count?
+    let deadline_s = last_end + s.check.failsafe_within_s;
+    let mut failsafe_at: Option<f64> = None;
+    loop {
+        let now = t0.elapsed().as_secs_f64();
+        let workload_over = now >= s.duration_s;
+        if workload_over && !stop.load(Ordering::Relaxed) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            break;
+        }
+        if now >= last_end {
+            if let Some(st) = world.status().await {
+                let below = below_copy_count(&st);
+                limp_seen = limp_seen.max(below);
+                if below == 0 && st.leader_id != 0 {
+                    failsafe_at.get_or_insert(now);
+                } else {
+                    failsafe_at = None;
+                }
+            }
+        }
+        repaired.poll(world, "failsafe_repair_bytes_total").await;
+        if workload_over && (failsafe_at.is_some() || now > deadline_s) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    repaired.poll(world, "failsafe_repair_bytes_total").await;
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        anyhow::bail!("interrupted");
+    }
+    let ops = history.snapshot();
+    let views: Vec<FinalView> = world.mounts.iter().enumerate().map(|(c, m)| final_view(c, &m.path, &ops)).collect();
+    let mut violations = check::check_reads(&ops);
+    violations.extend(check::check_final(&ops, &views));
+    if s.check.no_failures {
+        violations.extend(check::check_failures(&ops));
+    }
+    match failsafe_at {
+        Some(t) => report.failsafe_after_s = Some((t - last_end).max(0.0)),
+        None => violations.push(check::Violation {
+            rule: "not_failsafe",
+            detail: format!("blocks still below their copy count {:.0} s after the last fault ended", s.check.failsafe_within_s),
+        }),
+    }
+    report.max_below_copy_count = limp_seen;
+    report.bytes_rereplicated = repaired.total() as u64;
+    report.finish(ops, windows, violations);
+    Ok(())
+}
+
+/// Reads back, through one mount, everything the history touched.
+fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
+    let mut view = FinalView { client, ..FinalView::default() };
+    for op in ops {
+        if matches!(op.kind, Kind::Save | Kind::Create | Kind::Delete) && !view.files.contains_key(&op.path) {
+            let content = std::fs::read(root.join(&op.path)).ok();
+            view.files.insert(op.path.clone(), content);
+        }
+    }
+    // Files nobody recorded are checked too: a scratch file the workload
+    // never wrote is content nobody wrote.
+    if let Ok(dir) = std::fs::read_dir(root.join(SCRATCH)) {
+        for e in dir.flatten() {
+            let rel = format!("{SCRATCH}/{}", e.file_name().to_string_lossy());
+            if !view.files.contains_key(&rel) {
+                view.files.insert(rel.clone(), std::fs::read(e.path()).ok());
+            }
+        }
+    }
+    view.log = std::fs::read(root.join(LOG)).unwrap_or_default();
+    view
+}

@@ -1,0 +1,317 @@
+//! A scenario: the cluster to build, the workload to run on it, and the
+//! faults to inject over time — read from TOML or drawn from a seed.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// One zone per host, in order: "a", "b", "c" gives three hosts in three zones.
+    #[serde(default = "default_zones")]
+    pub zones: Vec<String>,
+    /// Mounts; mount i sits in zone `zones[i % zones.len()]`.
+    #[serde(default = "default_clients")]
+    pub clients: usize,
+    /// Seconds of workload; faults are scheduled inside this window.
+    pub duration_s: f64,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub check: CheckConfig,
+    /// Extra flags for every fsd (for example a shorter dead_after).
+    #[serde(default)]
+    pub fsd_flags: Vec<String>,
+    /// Size of each host's block device, a tmpfs of this many MiB (0: a
+    /// directory on the work disk). Needed by the `device_full` fault.
+    #[serde(default)]
+    pub device_mb: u64,
+    /// Breaks a guarantee on purpose, to show the checker catches it.
+    #[serde(default)]
+    pub sabotage: Option<Sabotage>,
+}
+
+fn default_zones() -> Vec<String> {
+    vec!["a".into(), "b".into(), "c".into()]
+}
+fn default_clients() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Editors per mount: each owns its pages and saves them the way wikis do
+    /// (mkdir lock, temp file, fsync, rename, rmdir) and appends to a shared log.
+    #[serde(default = "one")]
+    pub writers: usize,
+    /// Readers per mount: read the pages of editors on the other mounts.
+    #[serde(default = "one")]
+    pub readers: usize,
+    /// Pages per editor.
+    #[serde(default = "four")]
+    pub pages: usize,
+    /// Typical page size in bytes (each save varies it).
+    #[serde(default = "page_bytes")]
+    pub page_bytes: usize,
+    /// Pause between one editor's operations, in ms.
+    #[serde(default = "think_ms")]
+    pub think_ms: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn page_bytes() -> usize {
+    6000
+}
+fn think_ms() -> u64 {
+    20
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload { writers: 1, readers: 1, pages: 4, page_bytes: page_bytes(), think_ms: think_ms() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// No operation may fail (true for single-host faults: nobody may notice).
+    #[serde(default = "yes")]
+    pub no_failures: bool,
+    /// After the last fault ends, every block must be back at its copy count
+    /// within this many seconds.
+    #[serde(default = "failsafe_within")]
+    pub failsafe_within_s: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn failsafe_within() -> f64 {
+    60.0
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig { no_failures: true, failsafe_within_s: failsafe_within() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// `kill -9`; restarted (same address) when the fault ends.
+    Kill9,
+    /// SIGSTOP; SIGCONT when it ends.
+    Freeze,
+    /// The host's cable is pulled (link down); plugged back in when it ends.
+    Unplug,
+    /// The target's zone cannot reach the other zones' hosts (its clients
+    /// still reach it); healed when it ends.
+    ZoneCut,
+    /// The reverse: no client reaches the target's zone, which still
+    /// reaches the other zones.
+    ClientsCut,
+    /// Stopped, moved to a new IP address (a shipped box), started there when it ends.
+    NewIp,
+    /// Stopped and its block device emptied (the disk was replaced); started when it ends.
+    WipeDevice,
+    /// A byte flipped in one stored block of the target (no end).
+    Bitrot,
+    /// The target's device filled up; freed when it ends.
+    DeviceFull,
+    /// The leader is killed (kill -9) `repeat` times, `every_s` apart, each
+    /// restarted after `for_s`.
+    LeaderKill,
+    /// Every host in turn restarted cleanly, `every_s` apart.
+    RollingRestart,
+}
+
+impl FaultKind {
+    /// Faults that need network namespaces (root and iproute2).
+    pub fn needs_netns(self) -> bool {
+        matches!(self, FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub at_s: f64,
+    pub kind: FaultKind,
+    /// "leader", "follower", "zone:NAME" or "host:N" (0-based). Default: a follower.
+    #[serde(default = "follower")]
+    pub target: String,
+    /// How long the fault lasts.
+    #[serde(default = "for_s", rename = "for_s")]
+    pub for_s: f64,
+    #[serde(default = "one")]
+    pub repeat: usize,
+    #[serde(default = "every_s")]
+    pub every_s: f64,
+}
+
+fn follower() -> String {
+    "follower".into()
+}
+fn for_s() -> f64 {
+    8.0
+}
+fn every_s() -> f64 {
+    10.0
+}
+
+impl Fault {
+    /// When the fault (all its repeats) is over.
+    pub fn end_s(&self, hosts: usize) -> f64 {
+        match self.kind {
+            FaultKind::RollingRestart => self.at_s + self.every_s * hosts as f64,
+            FaultKind::Bitrot => self.at_s,
+            _ => self.at_s + self.every_s * (self.repeat.max(1) - 1) as f64 + self.for_s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sabotage {
+    /// Halfway through, a page is overwritten behind the workload's back
+    /// (through the mount, not recorded): the checker must report it.
+    WriteBehindMount,
+    /// Halfway through, an acknowledged page is deleted behind the
+    /// workload's back: the checker must report a lost write.
+    DeleteBehindMount,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        s.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.zones.is_empty() || self.zones.len() > 9 {
+            bail!("zones: 1 to 9 hosts");
+        }
+        if self.clients == 0 || self.clients > 8 {
+            bail!("clients: 1 to 8 mounts");
+        }
+        if !(self.duration_s > 0.0) {
+            bail!("duration_s: must be positive");
+        }
+        if self.workload.writers == 0 || self.workload.pages == 0 {
+            bail!("workload: at least one writer and one page");
+        }
+        for f in &self.faults {
+            if f.at_s < 0.0 || f.end_s(self.zones.len()) > self.duration_s {
+                bail!("fault {:?} at {}s: must start and end within duration_s ({})", f.kind, f.at_s, self.duration_s);
+            }
+            let t = f.target.as_str();
+            let ok = t == "leader"
+                || t == "follower"
+                || t.strip_prefix("zone:").is_some_and(|z| self.zones.iter().any(|x| x == z))
+                || t.strip_prefix("host:").and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n < self.zones.len());
+            if !ok {
+                bail!("fault target {t:?}: leader, follower, zone:NAME or host:N");
+            }
+            if f.kind == FaultKind::DeviceFull && self.device_mb == 0 {
+                bail!("device_full needs device_mb (each host's device a tmpfs of that size)");
+            }
+        }
+        Ok(())
+    }
+
+    /// A long random soak: single-host faults one after another, each
+    /// followed by time to heal.
+    pub fn random(seed: u64, duration_s: f64, hosts: usize) -> Scenario {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let kinds = [
+            FaultKind::Kill9,
+            FaultKind::Freeze,
+            FaultKind::Unplug,
+            FaultKind::ZoneCut,
+            FaultKind::NewIp,
+            FaultKind::Bitrot,
+            FaultKind::LeaderKill,
+            FaultKind::RollingRestart,
+        ];
+        let zones: Vec<String> = (0..hosts).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+        let mut faults = Vec::new();
+        let mut t = 5.0;
+        loop {
+            let kind = kinds[rng.random_range(0..kinds.len())];
+            let target = match rng.random_range(0..3) {
+                0 => "leader".to_string(),
+                1 => "follower".to_string(),
+                _ => format!("host:{}", rng.random_range(0..hosts)),
+            };
+            let f = Fault {
+                at_s: t,
+                kind,
+                target,
+                for_s: rng.random_range(3.0..15.0_f64).round(),
+                repeat: if kind == FaultKind::LeaderKill { 3 } else { 1 },
+                every_s: 10.0,
+            };
+            let end = f.end_s(hosts);
+            if end + 20.0 > duration_s {
+                break;
+            }
+            t = end + rng.random_range(8.0..20.0_f64).round();
+            faults.push(f);
+        }
+        Scenario {
+            name: format!("soak-{seed}"),
+            description: format!("seeded random soak, seed {seed}"),
+            zones,
+            clients: 2,
+            duration_s,
+            workload: Workload::default(),
+            faults,
+            check: CheckConfig::default(),
+            fsd_flags: Vec::new(),
+            device_mb: 0,
+            sabotage: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_parse_and_bad_ones_say_why() {
+        let s: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 30\n[[fault]]\nat_s = 5\nkind = 'kill9'\ntarget = 'host:1'\nfor_s = 5\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.zones.len(), 3);
+        let late: Scenario =
+            toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'freeze'\nfor_s = 8\n").unwrap();
+        assert!(late.validate().unwrap_err().to_string().contains("within duration_s"));
+        let bad: Result<Scenario, _> = toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'melt'\n");
+        assert!(bad.is_err());
+        let r = Scenario::random(7, 600.0, 3);
+        r.validate().unwrap();
+        assert!(!r.faults.is_empty());
+        assert_eq!(format!("{:?}", Scenario::random(7, 600.0, 3).faults), format!("{:?}", r.faults), "same seed, same schedule");
+    }
+}

@@ -1,0 +1,311 @@
+//! The workload: wiki-like file operations through the mounts, every one
+//! recorded in the history with its start, end, outcome and content hash.
+//!
+//! Each editor owns its pages, so one page's saves are ordered by their
+//! revision number; readers read other editors' pages (on other mounts), and
+//! every editor appends to one shared change log.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Workload;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// mkdir of a page's lock directory (and its rmdir).
+    Lock,
+    Unlock,
+    /// temp file, write, fsync, rename over the page.
+    Save,
+    /// O_APPEND of one line to the change log, fsync.
+    Append,
+    Read,
+    /// A new file, written and fsynced.
+    Create,
+    Delete,
+    /// A directory listing.
+    List,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Op {
+    pub client: usize,
+    pub worker: String,
+    pub kind: Kind,
+    /// Relative to the mount's root.
+    pub path: String,
+    /// Milliseconds since the workload started.
+    pub start_ms: f64,
+    pub end_ms: f64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Saves: the revision written; reads: the revision read (0: no such
+    /// file); appends: the writer's sequence number.
+    pub rev: u64,
+    /// BLAKE3 of what was written or read ("" for none).
+    pub hash: String,
+    /// Appends: the line; reads that found no page header: what they found.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub note: String,
+}
+
+impl Op {
+    pub fn took_ms(&self) -> f64 {
+        self.end_ms - self.start_ms
+    }
+}
+
+#[derive(Clone)]
+pub struct History {
+    t0: Instant,
+    ops: Arc<Mutex<Vec<Op>>>,
+}
+
+impl History {
+    pub fn new() -> History {
+        History { t0: Instant::now(), ops: Arc::new(Mutex::new(Vec::new())) }
+    }
+
+    pub fn now_ms(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * 1000.0
+    }
+
+    pub fn t0(&self) -> Instant {
+        self.t0
+    }
+
+    fn push(&self, op: Op) {
+        if let Ok(mut ops) = self.ops.lock() {
+            ops.push(op);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Op> {
+        self.ops.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+}
+
+pub fn hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+pub const PAGES: &str = "pages";
+pub const SCRATCH: &str = "scratch";
+pub const LOG: &str = "changes.log";
+
+/// The page names of editor `w` on client `c`.
+pub fn page_name(c: usize, w: usize, p: usize) -> String {
+    format!("c{c}w{w}-p{p}.txt")
+}
+
+/// A page's content: a header naming page and revision, then filler whose
+/// length varies with the revision, so torn or mixed content shows.
+pub fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
+    let head = format!("page {page} rev {rev}\n");
+    let line = format!("{page} revision {rev} line of text for the wiki\n");
+    let target = size / 2 + (rev as usize * 997) % size.max(1);
+    let mut s = head;
+    while s.len() < target {
+        s.push_str(&line);
+    }
+    s.into_bytes()
+}
+
+/// The revision a page's content claims, if it has a well-formed header.
+pub fn parse_rev(page: &str, content: &[u8]) -> Option<u64> {
+    let first = content.split(|b| *b == b'\n').next()?;
+    let first = std::str::from_utf8(first).ok()?;
+    first.strip_prefix(&format!("page {page} rev "))?.parse().ok()
+}
+
+pub struct Ctx {
+    pub history: History,
+    pub stop: Arc<AtomicBool>,
+    pub cfg: Workload,
+    pub client: usize,
+    pub root: PathBuf,
+}
+
+impl Ctx {
+    /// Runs `f`, records it, returns its result.
+    fn record<T>(
+        &self,
+        worker: &str,
+        kind: Kind,
+        path: &str,
+        f: impl FnOnce() -> std::io::Result<T>,
+        describe: impl FnOnce(&T) -> (u64, String, String),
+    ) -> Option<T> {
+        let start_ms = self.history.now_ms();
+        let r = f();
+        let end_ms = self.history.now_ms();
+        let mut op = Op {
+            client: self.client,
+            worker: worker.to_string(),
+            kind,
+            path: path.to_string(),
+            start_ms,
+            end_ms,
+            ok: r.is_ok(),
+            error: None,
+            rev: 0,
+            hash: String::new(),
+            note: String::new(),
+        };
+        match r {
+            Ok(v) => {
+                (op.rev, op.hash, op.note) = describe(&v);
+                self.history.push(op);
+                Some(v)
+            }
+            Err(e) => {
+                op.error = Some(e.to_string());
+                self.history.push(op);
+                None
+            }
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn pause(&self) {
+        std::thread::sleep(Duration::from_millis(self.cfg.think_ms));
+    }
+}
+
+/// Creates the directories the workload uses (through one mount).
+pub fn prepare(root: &Path) -> std::io::Result<()> {
+    for d in [PAGES, SCRATCH, "locks"] {
+        match fs::create_dir(root.join(d)) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// One editor: saves its pages in turn, appends to the log, and now and then
+/// creates a scratch file and deletes the previous one.
+pub fn editor(ctx: Ctx, w: usize) {
+    let me = format!("c{}w{w}", ctx.client);
+    let mut rev = 0u64;
+    let mut prev_scratch: Option<String> = None;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        rev += 1;
+        let page = page_name(ctx.client, w, (rev as usize) % ctx.cfg.pages);
+        let lock = format!("locks/{page}.lock");
+        // A lock left by a failed unlock is ours; take it over.
+        let locked = ctx.record(&me, Kind::Lock, &lock, || match fs::create_dir(ctx.p(&lock)) {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        }, |_| (rev, String::new(), String::new()));
+        if locked.is_some() {
+            let content = page_content(&page, rev, ctx.cfg.page_bytes);
+            let tmp = format!("{PAGES}/.{page}.tmp");
+            let path = format!("{PAGES}/{page}");
+            let h = hash(&content);
+            // The save is recorded even when it fails: its outcome is then unknown.
+            let saved_ok = ctx
+                .record(
+                &me,
+                Kind::Save,
+                &path,
+                || {
+                    let mut f = File::create(ctx.p(&tmp))?;
+                    f.write_all(&content)?;
+                    f.sync_all()?;
+                    drop(f);
+                    fs::rename(ctx.p(&tmp), ctx.p(&path))
+                },
+                |_| (rev, h.clone(), String::new()),
+            )
+                .is_some();
+            ctx.record(&me, Kind::Unlock, &lock, || fs::remove_dir(ctx.p(&lock)), |_| (rev, String::new(), String::new()));
+            let line = format!("{me} {rev} {page}{}", if saved_ok { "" } else { " (save failed)" });
+            ctx.record(
+                &me,
+                Kind::Append,
+                LOG,
+                || {
+                    let mut f = OpenOptions::new().append(true).create(true).open(ctx.p(LOG))?;
+                    f.write_all(format!("{line}\n").as_bytes())?;
+                    f.sync_all()
+                },
+                |_| (rev, String::new(), line.clone()),
+            );
+        }
+        if rev % 5 == 0 {
+            let name = format!("{SCRATCH}/{me}-{rev}");
+            let content = format!("scratch {name}\n").repeat(20);
+            let h = hash(content.as_bytes());
+            let created = ctx.record(
+                &me,
+                Kind::Create,
+                &name,
+                || {
+                    let mut f = OpenOptions::new().write(true).create_new(true).open(ctx.p(&name))?;
+                    f.write_all(content.as_bytes())?;
+                    f.sync_all()
+                },
+                |_| (rev, h.clone(), String::new()),
+            );
+            if let Some(old) = prev_scratch.take() {
+                ctx.record(&me, Kind::Delete, &old, || fs::remove_file(ctx.p(&old)), |_| (rev, String::new(), String::new()));
+            }
+            if created.is_some() {
+                prev_scratch = Some(name);
+            }
+        }
+        ctx.pause();
+    }
+}
+
+/// One reader: reads pages of the editors on other mounts (all editors when
+/// there is one mount), now and then the log and the page directory.
+pub fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
+    let me = format!("c{}r{r}", ctx.client);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut k = 0u64;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        k += 1;
+        let c = if clients == 1 { 0 } else { (ctx.client + 1 + rng.random_range(0..clients - 1)) % clients };
+        let page = page_name(c, rng.random_range(0..ctx.cfg.writers), rng.random_range(0..ctx.cfg.pages));
+        let path = format!("{PAGES}/{page}");
+        ctx.record(
+            &me,
+            Kind::Read,
+            &path,
+            || match fs::read(ctx.p(&path)) {
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                r => r.map(Some),
+            },
+            |content| match content {
+                None => (0, String::new(), String::new()),
+                Some(b) => match parse_rev(&page, b) {
+                    Some(rev) => (rev, hash(b), String::new()),
+                    None => (u64::MAX, hash(b), String::from_utf8_lossy(&b[..b.len().min(60)]).to_string()),
+                },
+            },
+        );
+        if k % 10 == 0 {
+            ctx.record(&me, Kind::Read, LOG, || fs::read(ctx.p(LOG)).or_else(|e| if e.kind() == ErrorKind::NotFound { Ok(Vec::new()) } else { Err(e) }), |b| {
+                (0, hash(b), String::new())
+            });
+            ctx.record(&me, Kind::List, PAGES, || fs::read_dir(ctx.p(PAGES))?.map(|e| e.map(|_| ())).collect::<std::io::Result<Vec<()>>>(), |v| {
+                (v.len() as u64, String::new(), String::new())
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

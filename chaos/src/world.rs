@@ -1,0 +1,320 @@
+//! What a run builds: the network (when it can), the hosts, the mounts, and
+//! the faults done to them. Dropping a `World` removes all of it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use failsafe_client::{pb, Client};
+use failsafe_fsd::local::{die_with_parent, in_netns, sibling_binary, LocalCluster, LocalMount};
+
+use crate::net::Net;
+use crate::scenario::{FaultKind, Scenario};
+
+/// fsd's port when every host has an address of its own.
+const PORT: u16 = 7000;
+
+pub struct World {
+    pub net: Option<Net>,
+    pub cluster: LocalCluster,
+    pub mounts: Vec<LocalMount>,
+    pub work: PathBuf,
+    /// tmpfs devices to unmount at the end.
+    tmpfs: Vec<PathBuf>,
+    /// Fillers written by `device_full`, by host.
+    fillers: Vec<Option<PathBuf>>,
+    /// Each host's block device directory.
+    pub devices: Vec<PathBuf>,
+    zones: Vec<String>,
+}
+
+impl World {
+    /// Builds the network (if `use_net`), starts and bootstraps the hosts,
+    /// and mounts the clients.
+    pub async fn build(s: &Scenario, work: &Path, net: Option<Net>) -> anyhow::Result<World> {
+        let fsd = sibling_binary("fsd")?;
+        let mut flags = vec!["--report-interval-ms".to_string(), "1000".to_string()];
+        flags.extend(s.fsd_flags.iter().cloned());
+        let mut cluster = LocalCluster::new(&fsd, &flags);
+        cluster.die_with_parent = true;
+        let mut w = World {
+            net,
+            cluster,
+            mounts: Vec::new(),
+            work: work.to_path_buf(),
+            tmpfs: Vec::new(),
+            fillers: vec![None; s.zones.len()],
+            devices: Vec::new(),
+            zones: s.zones.clone(),
+        };
+        for (i, zone) in s.zones.iter().enumerate() {
+            let dir = work.join(format!("host{i}-{zone}"));
+            let dev = dir.join("dev");
+            std::fs::create_dir_all(&dev)?;
+            if s.device_mb > 0 {
+                let ok = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={}m", s.device_mb), "failsafe-chaos"])
+                    .arg(&dev)
+                    .status()
+                    .context("mount tmpfs")?;
+                if !ok.success() {
+                    bail!("could not mount a {} MiB tmpfs at {}", s.device_mb, dev.display());
+                }
+                w.tmpfs.push(dev.clone());
+            }
+            let h = w.cluster.define_host(&dir, zone, &["--device".to_string(), dev.display().to_string()]);
+            w.devices.push(dev);
+            let port = match &w.net {
+                Some(net) => {
+                    w.cluster.hosts[h].listen_ip = net.host_ips[i].clone();
+                    w.cluster.hosts[h].netns = Some(Net::ns_path(&net.host_ns(i)));
+                    PORT
+                }
+                None => 0,
+            };
+            w.cluster.start_host(h, port)?;
+        }
+        w.cluster.bootstrap().await?;
+        for c in 0..s.clients {
+            let zone = s.zones[c % s.zones.len()].clone();
+            w.mount(c, &zone)?;
+        }
+        Ok(w)
+    }
+
+    fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
+        let spec = format!("{}:/", self.cluster.addrs().join(","));
+        let opts = format!("zone={zone},cache_dir={}", self.work.join(format!("cache{i}")).display());
+        let mut cmd = Command::new(sibling_binary("mount-failsafe")?);
+        if let Some(net) = &self.net {
+            in_netns(&mut cmd, &Net::ns_path(&net.client_ns(i)))?;
+        }
+        die_with_parent(&mut cmd);
+        let path = self.work.join(format!("mnt{i}"));
+        let m = LocalMount::start(cmd, &spec, &path, &opts, &self.work.join(format!("mount{i}.log")))
+            .with_context(|| format!("mount {i}"))?;
+        self.mounts.push(m);
+        Ok(())
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        self.cluster.client().await
+    }
+
+    /// The cluster status, from whichever member answers.
+    pub async fn status(&self) -> Option<pb::StatusReply> {
+        let client = self.client().await.ok()?;
+        tokio::time::timeout(Duration::from_secs(3), client.status()).await.ok()?.ok()
+    }
+
+    /// The host index the status names as leader.
+    pub async fn leader(&self) -> Option<usize> {
+        let s = self.status().await?;
+        let addr = s.hosts.iter().find(|h| h.host_id == s.leader_id)?.addr.clone();
+        self.cluster.hosts.iter().position(|h| h.addr == addr)
+    }
+
+    /// Resolves a fault target to a host index.
+    pub async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
+        let n = self.cluster.hosts.len();
+        if let Some(i) = target.strip_prefix("host:").and_then(|s| s.parse::<usize>().ok()) {
+            return Ok(i);
+        }
+        if let Some(z) = target.strip_prefix("zone:") {
+            return self.zones.iter().position(|x| x == z).context("no such zone");
+        }
+        let leader = self.leader().await;
+        match target {
+            "leader" => leader.context("no leader to target"),
+            _ => {
+                let l = leader.unwrap_or(n);
+                let followers: Vec<usize> = (0..n).filter(|i| *i != l).collect();
+                Ok(followers[pick % followers.len()])
+            }
+        }
+    }
+
+    fn net(&mut self, kind: FaultKind) -> anyhow::Result<&mut Net> {
+        self.net.as_mut().with_context(|| format!("{kind:?} needs network namespaces (root and iproute2)"))
+    }
+
+    /// Starts fault `kind` on host `i`; returns a description.
+    pub fn start_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
+        let zone = self.zones[i].clone();
+        Ok(match kind {
+            FaultKind::Kill9 | FaultKind::LeaderKill => {
+                self.cluster.kill(i);
+                format!("kill -9 host {i} (zone {zone})")
+            }
+            FaultKind::Freeze => {
+                self.cluster.freeze(i);
+                format!("SIGSTOP host {i} (zone {zone})")
+            }
+            FaultKind::Unplug => {
+                self.net(kind)?.set_cable(i, false)?;
+                format!("cable of host {i} (zone {zone}) pulled")
+            }
+            FaultKind::ZoneCut => {
+                let zones = self.zones.clone();
+                let net = self.net(kind)?;
+                for a in (0..zones.len()).filter(|a| zones[*a] == zone) {
+                    for b in (0..zones.len()).filter(|b| zones[*b] != zone) {
+                        let (an, aip, bn, bip) = (net.host_ns(a), net.host_ips[a].clone(), net.host_ns(b), net.host_ips[b].clone());
+                        net.cut(&an, &aip, &bn, &bip)?;
+                    }
+                }
+                format!("zone {zone} cut off from the other zones (its clients still reach it)")
+            }
+            FaultKind::ClientsCut => {
+                let zones = self.zones.clone();
+                let clients = self.mounts.len();
+                let net = self.net(kind)?;
+                for a in (0..zones.len()).filter(|a| zones[*a] == zone) {
+                    for c in 0..clients {
+                        let (an, aip, cn, cip) = (net.host_ns(a), net.host_ips[a].clone(), net.client_ns(c), net.client_ip(c));
+                        net.cut(&an, &aip, &cn, &cip)?;
+                    }
+                }
+                format!("zone {zone} cut off from every client (it still reaches the other zones)")
+            }
+            FaultKind::NewIp => {
+                self.cluster.stop(i);
+                format!("host {i} (zone {zone}) shut down to be moved")
+            }
+            FaultKind::WipeDevice => {
+                self.cluster.kill(i);
+                let dev = &self.devices[i];
+                for e in std::fs::read_dir(dev)?.flatten() {
+                    let p = e.path();
+                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                }
+                format!("host {i} (zone {zone}) killed and its device wiped")
+            }
+            FaultKind::Bitrot => {
+                let block = newest_block(&self.devices[i]).context("no stored block to corrupt")?;
+                flip_a_byte(&block)?;
+                format!("a byte flipped in {}", block.display())
+            }
+            FaultKind::DeviceFull => {
+                let filler = self.devices[i].join("filler");
+                fill(&filler);
+                self.fillers[i] = Some(filler);
+                format!("device of host {i} (zone {zone}) filled")
+            }
+            FaultKind::RollingRestart => {
+                self.cluster.restart_graceful(i)?;
+                format!("host {i} (zone {zone}) restarted cleanly")
+            }
+        })
+    }
+
+    /// Ends fault `kind` on host `i`.
+    pub fn end_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
+        Ok(match kind {
+            FaultKind::Kill9 | FaultKind::LeaderKill | FaultKind::WipeDevice => {
+                self.cluster.restart(i, true)?;
+                format!("host {i} restarted")
+            }
+            FaultKind::Freeze => {
+                self.cluster.thaw(i);
+                format!("host {i} thawed")
+            }
+            FaultKind::Unplug => {
+                self.net(kind)?.set_cable(i, true)?;
+                format!("cable of host {i} plugged back in")
+            }
+            FaultKind::ZoneCut | FaultKind::ClientsCut => {
+                self.net(kind)?.heal()?;
+                "cut healed".into()
+            }
+            FaultKind::NewIp => match self.net.as_mut() {
+                Some(net) => {
+                    let ip = net.move_host(i)?;
+                    self.cluster.hosts[i].listen_ip = ip.clone();
+                    self.cluster.restart(i, true)?;
+                    format!("host {i} started at its new address {ip}")
+                }
+                None => {
+                    self.cluster.restart(i, false)?;
+                    format!("host {i} started on a new port: {}", self.cluster.hosts[i].addr)
+                }
+            },
+            FaultKind::DeviceFull => {
+                if let Some(f) = self.fillers[i].take() {
+                    let _ = std::fs::remove_file(f);
+                }
+                format!("device of host {i} freed")
+            }
+            FaultKind::Bitrot | FaultKind::RollingRestart => String::new(),
+        })
+    }
+
+    /// Copies every host's and mount's log into `dir`.
+    pub fn save_logs(&self, dir: &Path) {
+        for (i, h) in self.cluster.hosts.iter().enumerate() {
+            let _ = std::fs::copy(h.log_path(), dir.join(format!("fsd-{i}-{}.log", h.zone)));
+        }
+        for (i, m) in self.mounts.iter().enumerate() {
+            let _ = std::fs::copy(&m.log, dir.join(format!("mount-{i}.log")));
+        }
+    }
+
+    /// Unmounts, stops every process, removes tmpfs devices and namespaces.
+    pub fn teardown(&mut self) {
+        for m in &mut self.mounts {
+            m.unmount();
+        }
+        self.cluster.stop_all();
+        for t in std::mem::take(&mut self.tmpfs) {
+            let _ = Command::new("umount").arg("-l").arg(&t).status();
+        }
+        if let Some(net) = self.net.as_mut() {
+            net.destroy();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// The most recently written block file under a device.
+fn newest_block(dev: &Path) -> Option<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut stack = vec![dev.join("blocks")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.len() > 0 {
+                let t = md.modified().ok()?;
+                if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                    best = Some((t, p));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+fn flip_a_byte(path: &Path) -> anyhow::Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// Writes zeros to `path` until the filesystem is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(path) else { return };
+    let chunk = vec![0u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
