@@ -40,7 +40,13 @@ struct PageWrites<'a> {
 fn page_writes(ops: &[Op]) -> HashMap<&str, PageWrites<'_>> {
     let mut pages: HashMap<&str, PageWrites<'_>> = HashMap::new();
     for op in ops.iter().filter(|o| o.kind == Kind::Save) {
-        pages.entry(op.path.as_str()).or_insert_with(|| PageWrites { by_rev: BTreeMap::new() }).by_rev.insert(op.rev, op);
+        pages
+            .entry(op.path.as_str())
+            .or_insert_with(|| PageWrites {
+                by_rev: BTreeMap::new(),
+            })
+            .by_rev
+            .insert(op.rev, op);
     }
     pages
 }
@@ -49,19 +55,40 @@ fn page_writes(ops: &[Op]) -> HashMap<&str, PageWrites<'_>> {
 pub fn check_reads(ops: &[Op]) -> Vec<Violation> {
     let pages = page_writes(ops);
     let mut out = Vec::new();
-    for r in ops.iter().filter(|o| o.kind == Kind::Read && o.ok && o.path.starts_with(PAGES)) {
+    for r in ops
+        .iter()
+        .filter(|o| o.kind == Kind::Read && o.ok && o.path.starts_with(PAGES))
+    {
         let writes = pages.get(r.path.as_str());
         // The newest revision acknowledged before this read began.
         let floor = writes
-            .and_then(|w| w.by_rev.values().filter(|s| s.ok && s.end_ms < r.start_ms).map(|s| s.rev).max())
+            .and_then(|w| {
+                w.by_rev
+                    .values()
+                    .filter(|s| s.ok && s.end_ms < r.start_ms)
+                    .map(|s| s.rev)
+                    .max()
+            })
             .unwrap_or(0);
         if r.rev == u64::MAX {
-            out.push(v("read_never_written", format!("{} at {:.0} ms by {}: content without a page header: {:?}", r.path, r.start_ms, r.worker, r.note)));
+            out.push(v(
+                "read_never_written",
+                format!(
+                    "{} at {:.0} ms by {}: content without a page header: {:?}",
+                    r.path, r.start_ms, r.worker, r.note
+                ),
+            ));
             continue;
         }
         if r.rev == 0 {
             if floor > 0 {
-                out.push(v("stale_read", format!("{} at {:.0} ms by {}: absent, but rev {floor} was acknowledged before", r.path, r.start_ms, r.worker)));
+                out.push(v(
+                    "stale_read",
+                    format!(
+                        "{} at {:.0} ms by {}: absent, but rev {floor} was acknowledged before",
+                        r.path, r.start_ms, r.worker
+                    ),
+                ));
             }
             continue;
         }
@@ -96,21 +123,34 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
             let got = view.files.get(*path).cloned().flatten();
             let Some(last_ok) = last_ok else { continue };
             let Some(content) = got else {
-                out.push(v("lost_write", format!("mount {m}: {path} is gone; rev {last_ok} was acknowledged")));
+                out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {path} is gone; rev {last_ok} was acknowledged"),
+                ));
                 continue;
             };
             let h = crate::workload::hash(&content);
             let name = path.rsplit('/').next().unwrap_or(path);
             match crate::workload::parse_rev(name, &content) {
-                Some(rev) if rev < last_ok => {
-                    out.push(v("lost_write", format!("mount {m}: {path} holds rev {rev}; rev {last_ok} was acknowledged")))
-                }
+                Some(rev) if rev < last_ok => out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {path} holds rev {rev}; rev {last_ok} was acknowledged"),
+                )),
                 Some(rev) => match writes.by_rev.get(&rev) {
                     Some(w) if w.hash == h && (rev == last_ok || !w.ok) => {}
-                    Some(w) if w.hash != h => out.push(v("lost_write", format!("mount {m}: {path} rev {rev} holds other bytes than were written"))),
-                    _ => out.push(v("lost_write", format!("mount {m}: {path} holds rev {rev}, which nobody wrote"))),
+                    Some(w) if w.hash != h => out.push(v(
+                        "lost_write",
+                        format!("mount {m}: {path} rev {rev} holds other bytes than were written"),
+                    )),
+                    _ => out.push(v(
+                        "lost_write",
+                        format!("mount {m}: {path} holds rev {rev}, which nobody wrote"),
+                    )),
                 },
-                None => out.push(v("lost_write", format!("mount {m}: {path} holds content nobody wrote"))),
+                None => out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {path} holds content nobody wrote"),
+                )),
             }
         }
         // Scratch files: acknowledged creates present (unless deleted), acknowledged deletes gone.
@@ -121,23 +161,43 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
         for op in ops.iter().filter(|o| o.kind == Kind::Delete) {
             let got = view.files.get(op.path.as_str()).cloned().flatten();
             if op.ok && got.is_some() {
-                out.push(v("lost_write", format!("mount {m}: {} exists after its delete was acknowledged", op.path)));
+                out.push(v(
+                    "lost_write",
+                    format!(
+                        "mount {m}: {} exists after its delete was acknowledged",
+                        op.path
+                    ),
+                ));
             }
             created.remove(op.path.as_str());
         }
         for (path, op) in created {
             match view.files.get(path).cloned().flatten() {
-                None => out.push(v("lost_write", format!("mount {m}: {path} is gone; its create was acknowledged"))),
-                Some(c) if crate::workload::hash(&c) != op.hash => {
-                    out.push(v("lost_write", format!("mount {m}: {path} holds other bytes than were written")))
-                }
+                None => out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {path} is gone; its create was acknowledged"),
+                )),
+                Some(c) if crate::workload::hash(&c) != op.hash => out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {path} holds other bytes than were written"),
+                )),
                 Some(_) => {}
             }
         }
-        let present = view.files.iter().filter(|(_, c)| c.is_some()).map(|(p, _)| p);
+        let present = view
+            .files
+            .iter()
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| p);
         for path in present.filter(|p| p.starts_with(crate::workload::SCRATCH)) {
-            if !ops.iter().any(|o| o.kind == Kind::Create && o.path == *path) {
-                out.push(v("file_never_written", format!("mount {m}: {path} exists but nobody created it")));
+            if !ops
+                .iter()
+                .any(|o| o.kind == Kind::Create && o.path == *path)
+            {
+                out.push(v(
+                    "file_never_written",
+                    format!("mount {m}: {path} exists but nobody created it"),
+                ));
             }
         }
         // The log: acknowledged lines exactly once, others at most once, nothing unknown.
@@ -153,14 +213,23 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
         }
         for (line, n) in &count {
             match known.get(line) {
-                None => out.push(v("log_line_never_written", format!("mount {m}: {LOG} holds {line:?}, which nobody appended"))),
-                Some(_) if *n > 1 => out.push(v("log_line_duplicated", format!("mount {m}: {LOG} holds {line:?} {n} times"))),
+                None => out.push(v(
+                    "log_line_never_written",
+                    format!("mount {m}: {LOG} holds {line:?}, which nobody appended"),
+                )),
+                Some(_) if *n > 1 => out.push(v(
+                    "log_line_duplicated",
+                    format!("mount {m}: {LOG} holds {line:?} {n} times"),
+                )),
                 Some(_) => {}
             }
         }
         for (line, acked) in known {
             if acked && !count.contains_key(line) {
-                out.push(v("lost_write", format!("mount {m}: {LOG} lacks acknowledged line {line:?}")));
+                out.push(v(
+                    "lost_write",
+                    format!("mount {m}: {LOG} lacks acknowledged line {line:?}"),
+                ));
             }
         }
     }
@@ -174,7 +243,15 @@ pub fn check_failures(ops: &[Op]) -> Vec<Violation> {
         .map(|o| {
             v(
                 "failed_operation",
-                format!("{:?} {} by {} at {:.0} ms after {:.0} ms: {}", o.kind, o.path, o.worker, o.start_ms, o.took_ms(), o.error.as_deref().unwrap_or("?")),
+                format!(
+                    "{:?} {} by {} at {:.0} ms after {:.0} ms: {}",
+                    o.kind,
+                    o.path,
+                    o.worker,
+                    o.start_ms,
+                    o.took_ms(),
+                    o.error.as_deref().unwrap_or("?")
+                ),
             )
         })
         .collect()
@@ -204,21 +281,40 @@ mod tests {
 
     fn read(path: &str, rev: u64, start: f64) -> Op {
         let name = path.rsplit('/').next().unwrap();
-        Op { kind: Kind::Read, worker: "c1r0".into(), start_ms: start, end_ms: start + 1.0, hash: hash(&page_content(name, rev, 100)), ..save(path, rev, 0.0, 0.0, true) }
+        Op {
+            kind: Kind::Read,
+            worker: "c1r0".into(),
+            start_ms: start,
+            end_ms: start + 1.0,
+            hash: hash(&page_content(name, rev, 100)),
+            ..save(path, rev, 0.0, 0.0, true)
+        }
     }
 
     #[test]
     fn stale_and_invented_reads_are_caught() {
         let p = "pages/x.txt";
-        let ops = vec![save(p, 1, 0.0, 10.0, true), save(p, 2, 20.0, 30.0, true), read(p, 1, 15.0), read(p, 2, 25.0)];
+        let ops = vec![
+            save(p, 1, 0.0, 10.0, true),
+            save(p, 2, 20.0, 30.0, true),
+            read(p, 1, 15.0),
+            read(p, 2, 25.0),
+        ];
         assert!(check_reads(&ops).is_empty(), "{:?}", check_reads(&ops));
-        let stale = vec![save(p, 1, 0.0, 10.0, true), save(p, 2, 20.0, 30.0, true), read(p, 1, 31.0)];
+        let stale = vec![
+            save(p, 1, 0.0, 10.0, true),
+            save(p, 2, 20.0, 30.0, true),
+            read(p, 1, 31.0),
+        ];
         assert_eq!(check_reads(&stale)[0].rule, "stale_read");
         let invented = vec![save(p, 1, 0.0, 10.0, true), read(p, 7, 31.0)];
         assert_eq!(check_reads(&invented)[0].rule, "read_never_written");
         let mut forged = read(p, 1, 31.0);
         forged.hash = "00".into();
-        assert_eq!(check_reads(&[save(p, 1, 0.0, 10.0, true), forged])[0].rule, "read_never_written");
+        assert_eq!(
+            check_reads(&[save(p, 1, 0.0, 10.0, true), forged])[0].rule,
+            "read_never_written"
+        );
     }
 
     #[test]
@@ -231,7 +327,10 @@ mod tests {
             log: Vec::new(),
         };
         assert!(check_final(&ops, &[view(Some(1))]).is_empty());
-        assert!(check_final(&ops, &[view(Some(2))]).is_empty(), "a failed save may have landed");
+        assert!(
+            check_final(&ops, &[view(Some(2))]).is_empty(),
+            "a failed save may have landed"
+        );
         assert_eq!(check_final(&ops, &[view(None)])[0].rule, "lost_write");
         assert_eq!(check_final(&ops, &[view(Some(3))])[0].rule, "lost_write");
         let ok = vec![save(p, 1, 0.0, 10.0, true), save(p, 2, 20.0, 30.0, true)];
@@ -240,10 +339,23 @@ mod tests {
         let mut append = save(crate::workload::LOG, 1, 0.0, 1.0, true);
         append.kind = Kind::Append;
         append.note = "c0w0 1 x".into();
-        let log = |s: &str| FinalView { client: 0, files: BTreeMap::new(), log: s.as_bytes().to_vec() };
+        let log = |s: &str| FinalView {
+            client: 0,
+            files: BTreeMap::new(),
+            log: s.as_bytes().to_vec(),
+        };
         assert!(check_final(&[append.clone()], &[log("c0w0 1 x\n")]).is_empty());
-        assert_eq!(check_final(&[append.clone()], &[log("")])[0].rule, "lost_write");
-        assert_eq!(check_final(&[append.clone()], &[log("c0w0 1 x\nc0w0 1 x\n")])[0].rule, "log_line_duplicated");
-        assert_eq!(check_final(&[append], &[log("c0w0 1 x\nforged\n")])[0].rule, "log_line_never_written");
+        assert_eq!(
+            check_final(&[append.clone()], &[log("")])[0].rule,
+            "lost_write"
+        );
+        assert_eq!(
+            check_final(&[append.clone()], &[log("c0w0 1 x\nc0w0 1 x\n")])[0].rule,
+            "log_line_duplicated"
+        );
+        assert_eq!(
+            check_final(&[append], &[log("c0w0 1 x\nforged\n")])[0].rule,
+            "log_line_never_written"
+        );
     }
 }

@@ -24,7 +24,11 @@ use clap::{Parser, Subcommand};
 use crate::scenario::Scenario;
 
 #[derive(Parser)]
-#[command(name = "failsafe-chaos", version, about = "Fault injection against a real failsafe cluster, with a checker")]
+#[command(
+    name = "failsafe-chaos",
+    version,
+    about = "Fault injection against a real failsafe cluster, with a checker"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -71,7 +75,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -91,7 +97,11 @@ fn main() -> ExitCode {
             }
             (list, opts)
         }
-        Cmd::Soak { duration, hosts, opts } => {
+        Cmd::Soak {
+            duration,
+            hosts,
+            opts,
+        } => {
             if !(2..=9).contains(&hosts) {
                 eprintln!("failsafe-chaos: --hosts: 2 to 9");
                 return ExitCode::from(2);
@@ -110,7 +120,11 @@ fn main() -> ExitCode {
     let several = scenarios.len() > 1;
     let mut code = ExitCode::SUCCESS;
     for s in &scenarios {
-        let dir = if several { opts.report.join(&s.name) } else { opts.report.clone() };
+        let dir = if several {
+            opts.report.join(&s.name)
+        } else {
+            opts.report.clone()
+        };
         match run_one(s, &dir, use_net, &opts) {
             Ok(true) => {}
             Ok(false) => code = ExitCode::from(1),
@@ -141,7 +155,10 @@ fn run_one(s: &Scenario, report_dir: &Path, use_net: bool, opts: &RunOpts) -> an
     } else {
         None
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let result = rt.block_on(async {
         tokio::spawn(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -172,20 +189,34 @@ fn cleanup_stale() {
         let _ = net::ip(&["netns", "del", &ns]);
     }
     let tmp = std::env::temp_dir();
-    let Ok(dir) = std::fs::read_dir(&tmp) else { return };
+    let Ok(dir) = std::fs::read_dir(&tmp) else {
+        return;
+    };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix("failsafe-chaos-").and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name
+            .strip_prefix("failsafe-chaos-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
         let prefix = format!("{}/", e.path().display());
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut stale: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+        let mut stale: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
         stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in stale {
             eprintln!("failsafe-chaos: unmounting {m} of a run that is gone");
-            let _ = std::process::Command::new("umount").arg("-l").arg(m).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
         }
         let _ = std::fs::remove_dir_all(e.path());
     }

@@ -29,9 +29,16 @@ pub struct Net {
 }
 
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (install iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (install iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -98,17 +105,34 @@ impl Net {
         let sw = self.switch();
         ip(&["netns", "add", ns])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&["link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &sw])?;
+        ip(&[
+            "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &sw,
+        ])?;
         ip(&["-n", &sw, "link", "set", port, "master", "br0"])?;
         ip(&["-n", &sw, "link", "set", port, "up"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/16"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/16"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(())
     }
 
     /// Pulls host i's cable (or plugs it back in).
     pub fn set_cable(&self, i: usize, plugged: bool) -> anyhow::Result<()> {
-        ip(&["-n", &self.host_ns(i), "link", "set", "eth0", if plugged { "up" } else { "down" }])
+        ip(&[
+            "-n",
+            &self.host_ns(i),
+            "link",
+            "set",
+            "eth0",
+            if plugged { "up" } else { "down" },
+        ])
     }
 
     /// Drops all traffic between namespace `a` and address `b_ip` both ways
@@ -135,7 +159,15 @@ impl Net {
         let new = format!("10.199.3.{}", self.next_moved);
         self.next_moved += 1;
         ip(&["-n", &ns, "addr", "flush", "dev", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{new}/16"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{new}/16"),
+            "dev",
+            "eth0",
+        ])?;
         self.host_ips[i] = new.clone();
         Ok(new)
     }
@@ -167,13 +199,18 @@ impl Drop for Net {
 
 /// Namespaces left by runs whose process is gone (a run killed with -9).
 pub fn stale_namespaces() -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| {
-            let Some(rest) = n.strip_prefix(PREFIX) else { return false };
+            let Some(rest) = n.strip_prefix(PREFIX) else {
+                return false;
+            };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            pid.parse::<u32>().is_ok_and(|p| !PathBuf::from(format!("/proc/{p}")).exists())
+            pid.parse::<u32>()
+                .is_ok_and(|p| !PathBuf::from(format!("/proc/{p}")).exists())
         })
         .collect()
 }
@@ -182,10 +219,14 @@ pub fn stale_namespaces() -> Vec<String> {
 /// live in namespace `name`. Call before starting any other thread.
 pub fn enter(name: &str) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(Net::ns_path(name)).with_context(|| format!("opening namespace {name}"))?;
+    let f = std::fs::File::open(Net::ns_path(name))
+        .with_context(|| format!("opening namespace {name}"))?;
     // SAFETY: setns(2) on an fd we own; affects only this thread.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering namespace {name}: {}", std::io::Error::last_os_error());
+        bail!(
+            "entering namespace {name}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

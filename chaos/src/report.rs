@@ -37,7 +37,13 @@ fn latency<'a>(ops: impl Iterator<Item = &'a Op>) -> Latency {
     }
     t.sort_by(f64::total_cmp);
     let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize];
-    Latency { count: t.len(), p50_ms: q(0.5), p90_ms: q(0.9), p99_ms: q(0.99), max_ms: q(1.0) }
+    Latency {
+        count: t.len(),
+        p50_ms: q(0.5),
+        p90_ms: q(0.9),
+        p99_ms: q(0.99),
+        max_ms: q(1.0),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +68,8 @@ pub struct Report {
     /// Most blocks seen below their copy count at once.
     pub max_below_copy_count: u64,
     pub bytes_rereplicated: u64,
+    /// Stored copies whose bytes do not match their hash when the run ended.
+    pub corrupt_copies_at_end: usize,
     pub faults: Vec<FaultWindow>,
     /// Faults this run could not inject, and why.
     pub skipped: Vec<String>,
@@ -89,6 +97,7 @@ impl Report {
             failsafe_after_s: None,
             max_below_copy_count: 0,
             bytes_rereplicated: 0,
+            corrupt_copies_at_end: 0,
             faults: Vec::new(),
             skipped: Vec::new(),
             violations: Vec::new(),
@@ -100,17 +109,39 @@ impl Report {
         self.operations = ops.len();
         self.failed_operations = ops.iter().filter(|o| !o.ok).count();
         for o in ops.iter().filter(|o| !o.ok) {
-            *self.errors.entry(format!("{:?}", o.kind).to_lowercase()).or_default() += 1;
+            *self
+                .errors
+                .entry(format!("{:?}", o.kind).to_lowercase())
+                .or_default() += 1;
         }
-        if let Some(o) = ops.iter().max_by(|a, b| a.took_ms().total_cmp(&b.took_ms())) {
+        if let Some(o) = ops
+            .iter()
+            .max_by(|a, b| a.took_ms().total_cmp(&b.took_ms()))
+        {
             self.longest_stall_ms = o.took_ms();
-            self.longest_stall = format!("{:?} {} by {} at {:.1} s", o.kind, o.path, o.worker, o.start_ms / 1000.0);
+            self.longest_stall = format!(
+                "{:?} {} by {} at {:.1} s",
+                o.kind,
+                o.path,
+                o.worker,
+                o.start_ms / 1000.0
+            );
         }
         self.latency = latency(ops.iter());
-        for k in [Kind::Save, Kind::Append, Kind::Read, Kind::Lock, Kind::Unlock, Kind::Create, Kind::Delete, Kind::List] {
+        for k in [
+            Kind::Save,
+            Kind::Append,
+            Kind::Read,
+            Kind::Lock,
+            Kind::Unlock,
+            Kind::Create,
+            Kind::Delete,
+            Kind::List,
+        ] {
             let l = latency(ops.iter().filter(|o| o.kind == k));
             if l.count > 0 {
-                self.latency_by_kind.insert(format!("{k:?}").to_lowercase(), l);
+                self.latency_by_kind
+                    .insert(format!("{k:?}").to_lowercase(), l);
             }
         }
         self.faults = faults;
@@ -125,7 +156,10 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
-        s += &format!("{verdict}  {} ({} hosts, {} mounts, seed {})\n", self.scenario, self.hosts, self.mounts, self.seed);
+        s += &format!(
+            "{verdict}  {} ({} hosts, {} mounts, seed {})\n",
+            self.scenario, self.hosts, self.mounts, self.seed
+        );
         if !self.network_namespaces {
             s += "  hosts ran as loopback processes (no network namespaces)\n";
         }
@@ -135,7 +169,10 @@ impl Report {
         for k in &self.skipped {
             s += &format!("  skipped: {k}\n");
         }
-        s += &format!("  operations {}, failed {}", self.operations, self.failed_operations);
+        s += &format!(
+            "  operations {}, failed {}",
+            self.operations, self.failed_operations
+        );
         if !self.errors.is_empty() {
             s += &format!(" {:?}", self.errors);
         }
@@ -153,14 +190,17 @@ impl Report {
             None => s += "  never back in fail-safe mode",
         }
         s += &format!(
-            " (at most {} blocks below their copy count; {} bytes re-replicated)\n",
-            self.max_below_copy_count, self.bytes_rereplicated
+            " (at most {} blocks below their copy count; {} bytes re-replicated; {} corrupt copies at the end)\n",
+            self.max_below_copy_count, self.bytes_rereplicated, self.corrupt_copies_at_end
         );
         for v in self.violations.iter().take(20) {
             s += &format!("  VIOLATION {}: {}\n", v.rule, v.detail);
         }
         if self.violations.len() > 20 {
-            s += &format!("  … and {} more violations (report.json)\n", self.violations.len() - 20);
+            s += &format!(
+                "  … and {} more violations (report.json)\n",
+                self.violations.len() - 20
+            );
         }
         s
     }
@@ -180,11 +220,18 @@ impl Report {
     }
 
     fn plot(&self, path: &Path) -> anyhow::Result<()> {
-        let end_s = self.ops.iter().map(|o| o.end_ms / 1000.0).fold(1.0, f64::max);
+        let end_s = self
+            .ops
+            .iter()
+            .map(|o| o.end_ms / 1000.0)
+            .fold(1.0, f64::max);
         let max_ms = self.ops.iter().map(Op::took_ms).fold(10.0, f64::max) * 1.5;
         let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let title = format!("{} — operation latency (fault windows shaded)", self.scenario);
+        let title = format!(
+            "{} — operation latency (fault windows shaded)",
+            self.scenario
+        );
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(10)
@@ -192,18 +239,55 @@ impl Report {
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..end_s, (0.1..max_ms).log_scale())
             .map_err(plot_err)?;
-        chart.configure_mesh().x_desc("seconds").y_desc("latency (ms)").draw().map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc("latency (ms)")
+            .draw()
+            .map_err(plot_err)?;
         for f in &self.faults {
-            let end = if f.end_s > f.start_s { f.end_s } else { f.start_s + end_s / 300.0 };
+            let end = if f.end_s > f.start_s {
+                f.end_s
+            } else {
+                f.start_s + end_s / 300.0
+            };
             chart
-                .draw_series(std::iter::once(Rectangle::new([(f.start_s, 0.1), (end, max_ms)], RGBColor(255, 200, 120).mix(0.35).filled())))
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(f.start_s, 0.1), (end, max_ms)],
+                    RGBColor(255, 200, 120).mix(0.35).filled(),
+                )))
                 .map_err(plot_err)?;
         }
-        let ok = self.ops.iter().filter(|o| o.ok).map(|o| Circle::new((o.start_ms / 1000.0, o.took_ms().max(0.11)), 1, BLUE.mix(0.5).filled()));
-        chart.draw_series(ok).map_err(plot_err)?.label("operation").legend(|(x, y)| Circle::new((x, y), 3, BLUE.filled()));
-        let failed = self.ops.iter().filter(|o| !o.ok).map(|o| Cross::new((o.start_ms / 1000.0, o.took_ms().max(0.11)), 4, RED.stroke_width(2)));
-        chart.draw_series(failed).map_err(plot_err)?.label("failed").legend(|(x, y)| Cross::new((x, y), 4, RED));
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(plot_err)?;
+        let ok = self.ops.iter().filter(|o| o.ok).map(|o| {
+            Circle::new(
+                (o.start_ms / 1000.0, o.took_ms().max(0.11)),
+                1,
+                BLUE.mix(0.5).filled(),
+            )
+        });
+        chart
+            .draw_series(ok)
+            .map_err(plot_err)?
+            .label("operation")
+            .legend(|(x, y)| Circle::new((x, y), 3, BLUE.filled()));
+        let failed = self.ops.iter().filter(|o| !o.ok).map(|o| {
+            Cross::new(
+                (o.start_ms / 1000.0, o.took_ms().max(0.11)),
+                4,
+                RED.stroke_width(2),
+            )
+        });
+        chart
+            .draw_series(failed)
+            .map_err(plot_err)?
+            .label("failed")
+            .legend(|(x, y)| Cross::new((x, y), 4, RED));
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)?;
         Ok(())
     }

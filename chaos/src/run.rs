@@ -34,12 +34,22 @@ fn schedule(s: &Scenario) -> Vec<Step> {
         };
         for rep in 0..reps {
             let at = f.at_s + f.every_s * rep as f64;
-            steps.push(Step { at_s: at, fault: fi, rep, start: true });
+            steps.push(Step {
+                at_s: at,
+                fault: fi,
+                rep,
+                start: true,
+            });
             let end = match f.kind {
                 FaultKind::RollingRestart | FaultKind::Bitrot => at,
                 _ => at + f.for_s,
             };
-            steps.push(Step { at_s: end, fault: fi, rep, start: false });
+            steps.push(Step {
+                at_s: end,
+                fault: fi,
+                rep,
+                start: false,
+            });
         }
     }
     // Stable: a step that starts and ends at once keeps its start first.
@@ -90,29 +100,54 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut body = String::new();
         s.read_to_string(&mut body).await.ok()?;
-        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     };
-    tokio::time::timeout(Duration::from_secs(1), fetch).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(1), fetch)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Blocks below their copy count, as the leader sees it (None: no answer).
 pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> u64 {
-    let _ = s; 0 // PENDING: under_replicated
+    let _ = s;
+    0 // PENDING: under_replicated
 }
 
-pub async fn run(s: &Scenario, work: &Path, report_dir: &Path, net: Option<crate::net::Net>, seed: u64) -> anyhow::Result<Report> {
+pub async fn run(
+    s: &Scenario,
+    work: &Path,
+    report_dir: &Path,
+    net: Option<crate::net::Net>,
+    seed: u64,
+) -> anyhow::Result<Report> {
     std::fs::create_dir_all(report_dir)?;
     let use_net = net.is_some();
     let mut report = Report::new(s, seed, use_net);
     for f in &s.faults {
         if f.kind.needs_netns() && !use_net {
-            report.skipped.push(format!("{:?} at {}s: needs network namespaces (root and iproute2)", f.kind, f.at_s));
+            report.skipped.push(format!(
+                "{:?} at {}s: needs network namespaces (root and iproute2)",
+                f.kind, f.at_s
+            ));
         }
     }
-    println!("failsafe-chaos: {} — {} hosts, {} mounts, {} s", s.name, s.zones.len(), s.clients, s.duration_s);
+    println!(
+        "failsafe-chaos: {} — {} hosts, {} mounts, {} s",
+        s.name,
+        s.zones.len(),
+        s.clients,
+        s.duration_s
+    );
     let mut world = World::build(s, work, net).await?;
     let result = drive(s, &mut world, &mut report, seed).await;
     world.save_logs(report_dir);
@@ -121,9 +156,14 @@ pub async fn run(s: &Scenario, work: &Path, report_dir: &Path, net: Option<crate
     Ok(report)
 }
 
-async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) -> anyhow::Result<()> {
-    workload::prepare(&world.mounts[0].path)?;
+async fn drive(
+    s: &Scenario,
+    world: &mut World,
+    report: &mut Report,
+    seed: u64,
+) -> anyhow::Result<()> {
     let history = History::new();
+    world.bitrot_candidates = workload::prepare(&world.mounts[0].path, &history, &s.workload)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for (c, m) in world.mounts.iter().enumerate() {
@@ -141,7 +181,9 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
         for r in 0..s.workload.readers {
             let ctx = ctx(&history);
             let (clients, seed) = (s.clients, seed ^ ((c * 64 + r) as u64));
-            threads.push(std::thread::spawn(move || workload::reader(ctx, r, clients, seed)));
+            threads.push(std::thread::spawn(move || {
+                workload::reader(ctx, r, clients, seed)
+            }));
         }
     }
     let t0 = history.t0();
@@ -163,19 +205,35 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
         if step.start {
             let target = match f.kind {
                 FaultKind::RollingRestart => step.rep,
-                _ => world.resolve(&f.target, seed as usize + step.fault + step.rep).await?,
+                _ => {
+                    world
+                        .resolve(&f.target, seed as usize + step.fault + step.rep)
+                        .await?
+                }
             };
             targets.insert((step.fault, step.rep), target);
             let what = world.start_fault(f.kind, target)?;
             println!("  {now:6.1}s  {what}");
-            windows.push(FaultWindow { kind: f.kind, host: target, what, start_s: now, end_s: now });
+            windows.push(FaultWindow {
+                kind: f.kind,
+                host: target,
+                what,
+                start_s: now,
+                end_s: now,
+            });
         } else {
-            let Some(&target) = targets.get(&(step.fault, step.rep)) else { continue };
+            let Some(&target) = targets.get(&(step.fault, step.rep)) else {
+                continue;
+            };
             let what = world.end_fault(f.kind, target)?;
             if !what.is_empty() {
                 println!("  {now:6.1}s  {what}");
             }
-            if let Some(w) = windows.iter_mut().rev().find(|w| w.kind == f.kind && w.host == target) {
+            if let Some(w) = windows
+                .iter_mut()
+                .rev()
+                .find(|w| w.kind == f.kind && w.host == target)
+            {
                 w.end_s = now;
             }
             last_end = last_end.max(now);
@@ -191,8 +249,13 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
         match sab {
             Sabotage::WriteBehindMount => {
                 let page = workload::page_name(0, 0, 0);
-                std::fs::write(root.join(PAGES).join(&page), workload::page_content(&page, 1_000_000, 100))?;
-                let mut f = std::fs::OpenOptions::new().append(true).open(root.join(LOG))?;
+                std::fs::write(
+                    root.join(PAGES).join(&page),
+                    workload::page_content(&page, 1_000_000, 100),
+                )?;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(root.join(LOG))?;
                 std::io::Write::write_all(&mut f, b"sabotage: a line nobody appended\n")?;
             }
             Sabotage::DeleteBehindMount => {
@@ -239,7 +302,12 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
         anyhow::bail!("interrupted");
     }
     let ops = history.snapshot();
-    let views: Vec<FinalView> = world.mounts.iter().enumerate().map(|(c, m)| final_view(c, &m.path, &ops)).collect();
+    let views: Vec<FinalView> = world
+        .mounts
+        .iter()
+        .enumerate()
+        .map(|(c, m)| final_view(c, &m.path, &ops))
+        .collect();
     let mut violations = check::check_reads(&ops);
     violations.extend(check::check_final(&ops, &views));
     if s.check.no_failures {
@@ -249,8 +317,21 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
         Some(t) => report.failsafe_after_s = Some((t - last_end).max(0.0)),
         None => violations.push(check::Violation {
             rule: "not_failsafe",
-            detail: format!("blocks still below their copy count {:.0} s after the last fault ended", s.check.failsafe_within_s),
+            detail: format!(
+                "blocks still below their copy count {:.0} s after the last fault ended",
+                s.check.failsafe_within_s
+            ),
         }),
+    }
+    let corrupt = world.corrupt_copies();
+    report.corrupt_copies_at_end = corrupt.len();
+    if s.check.no_corrupt_copies {
+        for p in corrupt {
+            violations.push(check::Violation {
+                rule: "corrupt_copy",
+                detail: format!("{} is corrupt at the end", p.display()),
+            });
+        }
     }
     report.max_below_copy_count = limp_seen;
     report.bytes_rereplicated = repaired.total() as u64;
@@ -260,9 +341,14 @@ async fn drive(s: &Scenario, world: &mut World, report: &mut Report, seed: u64) 
 
 /// Reads back, through one mount, everything the history touched.
 fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
-    let mut view = FinalView { client, ..FinalView::default() };
+    let mut view = FinalView {
+        client,
+        ..FinalView::default()
+    };
     for op in ops {
-        if matches!(op.kind, Kind::Save | Kind::Create | Kind::Delete) && !view.files.contains_key(&op.path) {
+        if matches!(op.kind, Kind::Save | Kind::Create | Kind::Delete)
+            && !view.files.contains_key(&op.path)
+        {
             let content = std::fs::read(root.join(&op.path)).ok();
             view.files.insert(op.path.clone(), content);
         }

@@ -65,6 +65,13 @@ pub struct Workload {
     /// Pause between one editor's operations, in ms.
     #[serde(default = "think_ms")]
     pub think_ms: u64,
+    /// Pages written once at the start and read ever after.
+    #[serde(default = "static_pages")]
+    pub static_pages: usize,
+}
+
+fn static_pages() -> usize {
+    8
 }
 
 fn one() -> usize {
@@ -82,7 +89,14 @@ fn think_ms() -> u64 {
 
 impl Default for Workload {
     fn default() -> Self {
-        Workload { writers: 1, readers: 1, pages: 4, page_bytes: page_bytes(), think_ms: think_ms() }
+        Workload {
+            writers: 1,
+            readers: 1,
+            pages: 4,
+            page_bytes: page_bytes(),
+            think_ms: think_ms(),
+            static_pages: static_pages(),
+        }
     }
 }
 
@@ -96,6 +110,10 @@ pub struct CheckConfig {
     /// within this many seconds.
     #[serde(default = "failsafe_within")]
     pub failsafe_within_s: f64,
+    /// At the end no stored copy may be corrupt (needs scrub: a corrupt
+    /// copy nobody reads is otherwise only found by it).
+    #[serde(default)]
+    pub no_corrupt_copies: bool,
 }
 
 fn yes() -> bool {
@@ -107,7 +125,11 @@ fn failsafe_within() -> f64 {
 
 impl Default for CheckConfig {
     fn default() -> Self {
-        CheckConfig { no_failures: true, failsafe_within_s: failsafe_within() }
+        CheckConfig {
+            no_failures: true,
+            failsafe_within_s: failsafe_within(),
+            no_corrupt_copies: false,
+        }
     }
 }
 
@@ -130,7 +152,8 @@ pub enum FaultKind {
     NewIp,
     /// Stopped and its block device emptied (the disk was replaced); started when it ends.
     WipeDevice,
-    /// A byte flipped in one stored block of the target (no end).
+    /// A byte flipped in the target's copy of a static page's block (a
+    /// page nobody rewrites; readers read it), or else its newest block.
     Bitrot,
     /// The target's device filled up; freed when it ends.
     DeviceFull,
@@ -144,7 +167,10 @@ pub enum FaultKind {
 impl FaultKind {
     /// Faults that need network namespaces (root and iproute2).
     pub fn needs_netns(self) -> bool {
-        matches!(self, FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut)
+        matches!(
+            self,
+            FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut
+        )
     }
 }
 
@@ -199,9 +225,12 @@ pub enum Sabotage {
 
 impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let s: Scenario = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        s.validate().with_context(|| format!("in {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        s.validate()
+            .with_context(|| format!("in {}", path.display()))?;
         Ok(s)
     }
 
@@ -212,7 +241,7 @@ impl Scenario {
         if self.clients == 0 || self.clients > 8 {
             bail!("clients: 1 to 8 mounts");
         }
-        if !(self.duration_s > 0.0) {
+        if self.duration_s.is_nan() || self.duration_s <= 0.0 {
             bail!("duration_s: must be positive");
         }
         if self.workload.writers == 0 || self.workload.pages == 0 {
@@ -220,13 +249,21 @@ impl Scenario {
         }
         for f in &self.faults {
             if f.at_s < 0.0 || f.end_s(self.zones.len()) > self.duration_s {
-                bail!("fault {:?} at {}s: must start and end within duration_s ({})", f.kind, f.at_s, self.duration_s);
+                bail!(
+                    "fault {:?} at {}s: must start and end within duration_s ({})",
+                    f.kind,
+                    f.at_s,
+                    self.duration_s
+                );
             }
             let t = f.target.as_str();
             let ok = t == "leader"
                 || t == "follower"
-                || t.strip_prefix("zone:").is_some_and(|z| self.zones.iter().any(|x| x == z))
-                || t.strip_prefix("host:").and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n < self.zones.len());
+                || t.strip_prefix("zone:")
+                    .is_some_and(|z| self.zones.iter().any(|x| x == z))
+                || t.strip_prefix("host:")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n < self.zones.len());
             if !ok {
                 bail!("fault target {t:?}: leader, follower, zone:NAME or host:N");
             }
@@ -251,7 +288,9 @@ impl Scenario {
             FaultKind::LeaderKill,
             FaultKind::RollingRestart,
         ];
-        let zones: Vec<String> = (0..hosts).map(|i| ((b'a' + i as u8) as char).to_string()).collect();
+        let zones: Vec<String> = (0..hosts)
+            .map(|i| ((b'a' + i as u8) as char).to_string())
+            .collect();
         let mut faults = Vec::new();
         let mut t = 5.0;
         loop {
@@ -304,14 +343,25 @@ mod tests {
         .unwrap();
         s.validate().unwrap();
         assert_eq!(s.zones.len(), 3);
-        let late: Scenario =
-            toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'freeze'\nfor_s = 8\n").unwrap();
-        assert!(late.validate().unwrap_err().to_string().contains("within duration_s"));
-        let bad: Result<Scenario, _> = toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'melt'\n");
+        let late: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'freeze'\nfor_s = 8\n",
+        )
+        .unwrap();
+        assert!(late
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("within duration_s"));
+        let bad: Result<Scenario, _> =
+            toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'melt'\n");
         assert!(bad.is_err());
         let r = Scenario::random(7, 600.0, 3);
         r.validate().unwrap();
         assert!(!r.faults.is_empty());
-        assert_eq!(format!("{:?}", Scenario::random(7, 600.0, 3).faults), format!("{:?}", r.faults), "same seed, same schedule");
+        assert_eq!(
+            format!("{:?}", Scenario::random(7, 600.0, 3).faults),
+            format!("{:?}", r.faults),
+            "same seed, same schedule"
+        );
     }
 }

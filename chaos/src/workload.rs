@@ -72,7 +72,10 @@ pub struct History {
 
 impl History {
     pub fn new() -> History {
-        History { t0: Instant::now(), ops: Arc::new(Mutex::new(Vec::new())) }
+        History {
+            t0: Instant::now(),
+            ops: Arc::new(Mutex::new(Vec::new())),
+        }
     }
 
     pub fn now_ms(&self) -> f64 {
@@ -124,7 +127,10 @@ pub fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
 pub fn parse_rev(page: &str, content: &[u8]) -> Option<u64> {
     let first = content.split(|b| *b == b'\n').next()?;
     let first = std::str::from_utf8(first).ok()?;
-    first.strip_prefix(&format!("page {page} rev "))?.parse().ok()
+    first
+        .strip_prefix(&format!("page {page} rev "))?
+        .parse()
+        .ok()
 }
 
 pub struct Ctx {
@@ -184,15 +190,49 @@ impl Ctx {
     }
 }
 
-/// Creates the directories the workload uses (through one mount).
-pub fn prepare(root: &Path) -> std::io::Result<()> {
+/// The name of static page `i`: written once, read ever after, like most of a wiki.
+pub fn static_page(i: usize) -> String {
+    format!("static-{i}.txt")
+}
+
+/// Creates the directories the workload uses and its static pages (through
+/// one mount, recorded as saves); returns the static pages' hashes, which
+/// are also their block names (one block each).
+pub fn prepare(root: &Path, history: &History, cfg: &Workload) -> std::io::Result<Vec<String>> {
     for d in [PAGES, SCRATCH, "locks"] {
         match fs::create_dir(root.join(d)) {
             Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
             _ => {}
         }
     }
-    Ok(())
+    let ctx = Ctx {
+        history: history.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        cfg: cfg.clone(),
+        client: 0,
+        root: root.to_path_buf(),
+    };
+    let mut hashes = Vec::new();
+    for i in 0..cfg.static_pages {
+        let name = static_page(i);
+        let content = page_content(&name, 1, cfg.page_bytes);
+        let h = hash(&content);
+        let path = format!("{PAGES}/{name}");
+        ctx.record(
+            "setup",
+            Kind::Save,
+            &path,
+            || {
+                let mut f = File::create(ctx.p(&path))?;
+                f.write_all(&content)?;
+                f.sync_all()
+            },
+            |_| (1, h.clone(), String::new()),
+        )
+        .ok_or_else(|| std::io::Error::other(format!("writing {path}")))?;
+        hashes.push(h);
+    }
+    Ok(hashes)
 }
 
 /// One editor: saves its pages in turn, appends to the log, and now and then
@@ -206,10 +246,16 @@ pub fn editor(ctx: Ctx, w: usize) {
         let page = page_name(ctx.client, w, (rev as usize) % ctx.cfg.pages);
         let lock = format!("locks/{page}.lock");
         // A lock left by a failed unlock is ours; take it over.
-        let locked = ctx.record(&me, Kind::Lock, &lock, || match fs::create_dir(ctx.p(&lock)) {
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-            r => r,
-        }, |_| (rev, String::new(), String::new()));
+        let locked = ctx.record(
+            &me,
+            Kind::Lock,
+            &lock,
+            || match fs::create_dir(ctx.p(&lock)) {
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                r => r,
+            },
+            |_| (rev, String::new(), String::new()),
+        );
         if locked.is_some() {
             let content = page_content(&page, rev, ctx.cfg.page_bytes);
             let tmp = format!("{PAGES}/.{page}.tmp");
@@ -218,34 +264,46 @@ pub fn editor(ctx: Ctx, w: usize) {
             // The save is recorded even when it fails: its outcome is then unknown.
             let saved_ok = ctx
                 .record(
-                &me,
-                Kind::Save,
-                &path,
-                || {
-                    let mut f = File::create(ctx.p(&tmp))?;
-                    f.write_all(&content)?;
-                    f.sync_all()?;
-                    drop(f);
-                    fs::rename(ctx.p(&tmp), ctx.p(&path))
-                },
-                |_| (rev, h.clone(), String::new()),
-            )
+                    &me,
+                    Kind::Save,
+                    &path,
+                    || {
+                        let mut f = File::create(ctx.p(&tmp))?;
+                        f.write_all(&content)?;
+                        f.sync_all()?;
+                        drop(f);
+                        fs::rename(ctx.p(&tmp), ctx.p(&path))
+                    },
+                    |_| (rev, h.clone(), String::new()),
+                )
                 .is_some();
-            ctx.record(&me, Kind::Unlock, &lock, || fs::remove_dir(ctx.p(&lock)), |_| (rev, String::new(), String::new()));
-            let line = format!("{me} {rev} {page}{}", if saved_ok { "" } else { " (save failed)" });
+            ctx.record(
+                &me,
+                Kind::Unlock,
+                &lock,
+                || fs::remove_dir(ctx.p(&lock)),
+                |_| (rev, String::new(), String::new()),
+            );
+            let line = format!(
+                "{me} {rev} {page}{}",
+                if saved_ok { "" } else { " (save failed)" }
+            );
             ctx.record(
                 &me,
                 Kind::Append,
                 LOG,
                 || {
-                    let mut f = OpenOptions::new().append(true).create(true).open(ctx.p(LOG))?;
+                    let mut f = OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(ctx.p(LOG))?;
                     f.write_all(format!("{line}\n").as_bytes())?;
                     f.sync_all()
                 },
                 |_| (rev, String::new(), line.clone()),
             );
         }
-        if rev % 5 == 0 {
+        if rev.is_multiple_of(5) {
             let name = format!("{SCRATCH}/{me}-{rev}");
             let content = format!("scratch {name}\n").repeat(20);
             let h = hash(content.as_bytes());
@@ -254,14 +312,23 @@ pub fn editor(ctx: Ctx, w: usize) {
                 Kind::Create,
                 &name,
                 || {
-                    let mut f = OpenOptions::new().write(true).create_new(true).open(ctx.p(&name))?;
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(ctx.p(&name))?;
                     f.write_all(content.as_bytes())?;
                     f.sync_all()
                 },
                 |_| (rev, h.clone(), String::new()),
             );
             if let Some(old) = prev_scratch.take() {
-                ctx.record(&me, Kind::Delete, &old, || fs::remove_file(ctx.p(&old)), |_| (rev, String::new(), String::new()));
+                ctx.record(
+                    &me,
+                    Kind::Delete,
+                    &old,
+                    || fs::remove_file(ctx.p(&old)),
+                    |_| (rev, String::new(), String::new()),
+                );
             }
             if created.is_some() {
                 prev_scratch = Some(name);
@@ -279,8 +346,20 @@ pub fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
     let mut k = 0u64;
     while !ctx.stop.load(Ordering::Relaxed) {
         k += 1;
-        let c = if clients == 1 { 0 } else { (ctx.client + 1 + rng.random_range(0..clients - 1)) % clients };
-        let page = page_name(c, rng.random_range(0..ctx.cfg.writers), rng.random_range(0..ctx.cfg.pages));
+        let c = if clients == 1 {
+            0
+        } else {
+            (ctx.client + 1 + rng.random_range(0..clients - 1)) % clients
+        };
+        let page = if ctx.cfg.static_pages > 0 && k.is_multiple_of(3) {
+            static_page(rng.random_range(0..ctx.cfg.static_pages))
+        } else {
+            page_name(
+                c,
+                rng.random_range(0..ctx.cfg.writers),
+                rng.random_range(0..ctx.cfg.pages),
+            )
+        };
         let path = format!("{PAGES}/{page}");
         ctx.record(
             &me,
@@ -294,17 +373,41 @@ pub fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
                 None => (0, String::new(), String::new()),
                 Some(b) => match parse_rev(&page, b) {
                     Some(rev) => (rev, hash(b), String::new()),
-                    None => (u64::MAX, hash(b), String::from_utf8_lossy(&b[..b.len().min(60)]).to_string()),
+                    None => (
+                        u64::MAX,
+                        hash(b),
+                        String::from_utf8_lossy(&b[..b.len().min(60)]).to_string(),
+                    ),
                 },
             },
         );
-        if k % 10 == 0 {
-            ctx.record(&me, Kind::Read, LOG, || fs::read(ctx.p(LOG)).or_else(|e| if e.kind() == ErrorKind::NotFound { Ok(Vec::new()) } else { Err(e) }), |b| {
-                (0, hash(b), String::new())
-            });
-            ctx.record(&me, Kind::List, PAGES, || fs::read_dir(ctx.p(PAGES))?.map(|e| e.map(|_| ())).collect::<std::io::Result<Vec<()>>>(), |v| {
-                (v.len() as u64, String::new(), String::new())
-            });
+        if k.is_multiple_of(10) {
+            ctx.record(
+                &me,
+                Kind::Read,
+                LOG,
+                || {
+                    fs::read(ctx.p(LOG)).or_else(|e| {
+                        if e.kind() == ErrorKind::NotFound {
+                            Ok(Vec::new())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                },
+                |b| (0, hash(b), String::new()),
+            );
+            ctx.record(
+                &me,
+                Kind::List,
+                PAGES,
+                || {
+                    fs::read_dir(ctx.p(PAGES))?
+                        .map(|e| e.map(|_| ()))
+                        .collect::<std::io::Result<Vec<()>>>()
+                },
+                |v| (v.len() as u64, String::new(), String::new()),
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }

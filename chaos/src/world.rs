@@ -27,6 +27,9 @@ pub struct World {
     /// Each host's block device directory.
     pub devices: Vec<PathBuf>,
     zones: Vec<String>,
+    /// Blocks the bitrot fault prefers: ones that stay referenced and read.
+    pub bitrot_candidates: Vec<String>,
+    bitrot_next: usize,
 }
 
 impl World {
@@ -47,6 +50,8 @@ impl World {
             fillers: vec![None; s.zones.len()],
             devices: Vec::new(),
             zones: s.zones.clone(),
+            bitrot_candidates: Vec::new(),
+            bitrot_next: 0,
         };
         for (i, zone) in s.zones.iter().enumerate() {
             let dir = work.join(format!("host{i}-{zone}"));
@@ -54,16 +59,30 @@ impl World {
             std::fs::create_dir_all(&dev)?;
             if s.device_mb > 0 {
                 let ok = Command::new("mount")
-                    .args(["-t", "tmpfs", "-o", &format!("size={}m", s.device_mb), "failsafe-chaos"])
+                    .args([
+                        "-t",
+                        "tmpfs",
+                        "-o",
+                        &format!("size={}m", s.device_mb),
+                        "failsafe-chaos",
+                    ])
                     .arg(&dev)
                     .status()
                     .context("mount tmpfs")?;
                 if !ok.success() {
-                    bail!("could not mount a {} MiB tmpfs at {}", s.device_mb, dev.display());
+                    bail!(
+                        "could not mount a {} MiB tmpfs at {}",
+                        s.device_mb,
+                        dev.display()
+                    );
                 }
                 w.tmpfs.push(dev.clone());
             }
-            let h = w.cluster.define_host(&dir, zone, &["--device".to_string(), dev.display().to_string()]);
+            let h = w.cluster.define_host(
+                &dir,
+                zone,
+                &["--device".to_string(), dev.display().to_string()],
+            );
             w.devices.push(dev);
             let port = match &w.net {
                 Some(net) => {
@@ -85,15 +104,24 @@ impl World {
 
     fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
         let spec = format!("{}:/", self.cluster.addrs().join(","));
-        let opts = format!("zone={zone},cache_dir={}", self.work.join(format!("cache{i}")).display());
+        let opts = format!(
+            "zone={zone},cache_dir={}",
+            self.work.join(format!("cache{i}")).display()
+        );
         let mut cmd = Command::new(sibling_binary("mount-failsafe")?);
         if let Some(net) = &self.net {
             in_netns(&mut cmd, &Net::ns_path(&net.client_ns(i)))?;
         }
         die_with_parent(&mut cmd);
         let path = self.work.join(format!("mnt{i}"));
-        let m = LocalMount::start(cmd, &spec, &path, &opts, &self.work.join(format!("mount{i}.log")))
-            .with_context(|| format!("mount {i}"))?;
+        let m = LocalMount::start(
+            cmd,
+            &spec,
+            &path,
+            &opts,
+            &self.work.join(format!("mount{i}.log")),
+        )
+        .with_context(|| format!("mount {i}"))?;
         self.mounts.push(m);
         Ok(())
     }
@@ -105,24 +133,39 @@ impl World {
     /// The cluster status, from whichever member answers.
     pub async fn status(&self) -> Option<pb::StatusReply> {
         let client = self.client().await.ok()?;
-        tokio::time::timeout(Duration::from_secs(3), client.status()).await.ok()?.ok()
+        tokio::time::timeout(Duration::from_secs(3), client.status())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// The host index the status names as leader.
     pub async fn leader(&self) -> Option<usize> {
         let s = self.status().await?;
-        let addr = s.hosts.iter().find(|h| h.host_id == s.leader_id)?.addr.clone();
+        let addr = s
+            .hosts
+            .iter()
+            .find(|h| h.host_id == s.leader_id)?
+            .addr
+            .clone();
         self.cluster.hosts.iter().position(|h| h.addr == addr)
     }
 
     /// Resolves a fault target to a host index.
     pub async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
         let n = self.cluster.hosts.len();
-        if let Some(i) = target.strip_prefix("host:").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(i) = target
+            .strip_prefix("host:")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             return Ok(i);
         }
         if let Some(z) = target.strip_prefix("zone:") {
-            return self.zones.iter().position(|x| x == z).context("no such zone");
+            return self
+                .zones
+                .iter()
+                .position(|x| x == z)
+                .context("no such zone");
         }
         let leader = self.leader().await;
         match target {
@@ -136,7 +179,9 @@ impl World {
     }
 
     fn net(&mut self, kind: FaultKind) -> anyhow::Result<&mut Net> {
-        self.net.as_mut().with_context(|| format!("{kind:?} needs network namespaces (root and iproute2)"))
+        self.net
+            .as_mut()
+            .with_context(|| format!("{kind:?} needs network namespaces (root and iproute2)"))
     }
 
     /// Starts fault `kind` on host `i`; returns a description.
@@ -160,7 +205,12 @@ impl World {
                 let net = self.net(kind)?;
                 for a in (0..zones.len()).filter(|a| zones[*a] == zone) {
                     for b in (0..zones.len()).filter(|b| zones[*b] != zone) {
-                        let (an, aip, bn, bip) = (net.host_ns(a), net.host_ips[a].clone(), net.host_ns(b), net.host_ips[b].clone());
+                        let (an, aip, bn, bip) = (
+                            net.host_ns(a),
+                            net.host_ips[a].clone(),
+                            net.host_ns(b),
+                            net.host_ips[b].clone(),
+                        );
                         net.cut(&an, &aip, &bn, &bip)?;
                     }
                 }
@@ -172,7 +222,12 @@ impl World {
                 let net = self.net(kind)?;
                 for a in (0..zones.len()).filter(|a| zones[*a] == zone) {
                     for c in 0..clients {
-                        let (an, aip, cn, cip) = (net.host_ns(a), net.host_ips[a].clone(), net.client_ns(c), net.client_ip(c));
+                        let (an, aip, cn, cip) = (
+                            net.host_ns(a),
+                            net.host_ips[a].clone(),
+                            net.client_ns(c),
+                            net.client_ip(c),
+                        );
                         net.cut(&an, &aip, &cn, &cip)?;
                     }
                 }
@@ -187,12 +242,30 @@ impl World {
                 let dev = &self.devices[i];
                 for e in std::fs::read_dir(dev)?.flatten() {
                     let p = e.path();
-                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
                 }
                 format!("host {i} (zone {zone}) killed and its device wiped")
             }
             FaultKind::Bitrot => {
-                let block = newest_block(&self.devices[i]).context("no stored block to corrupt")?;
+                let n = self.bitrot_candidates.len();
+                let chosen = (0..n)
+                    .map(|k| &self.bitrot_candidates[(self.bitrot_next + k) % n])
+                    .map(|hex| {
+                        self.devices[i]
+                            .join("blocks")
+                            .join(&hex[0..2])
+                            .join(&hex[2..4])
+                            .join(hex)
+                    })
+                    .find(|p| p.exists());
+                self.bitrot_next += 1;
+                let block = chosen
+                    .or_else(|| newest_block(&self.devices[i]))
+                    .context("no stored block to corrupt")?;
                 flip_a_byte(&block)?;
                 format!("a byte flipped in {}", block.display())
             }
@@ -237,7 +310,10 @@ impl World {
                 }
                 None => {
                     self.cluster.restart(i, false)?;
-                    format!("host {i} started on a new port: {}", self.cluster.hosts[i].addr)
+                    format!(
+                        "host {i} started on a new port: {}",
+                        self.cluster.hosts[i].addr
+                    )
                 }
             },
             FaultKind::DeviceFull => {
@@ -281,6 +357,34 @@ impl Drop for World {
     }
 }
 
+impl World {
+    /// Stored copies whose bytes no longer match their name (the hash).
+    pub fn corrupt_copies(&self) -> Vec<PathBuf> {
+        let mut bad = Vec::new();
+        for dev in &self.devices {
+            let mut stack = vec![dev.join("blocks")];
+            while let Some(d) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&d) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if let Ok(bytes) = std::fs::read(&p) {
+                        if Some(crate::workload::hash(&bytes).as_str())
+                            != p.file_name().and_then(|n| n.to_str())
+                        {
+                            bad.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        bad
+    }
+}
+
 /// The most recently written block file under a device.
 fn newest_block(dev: &Path) -> Option<PathBuf> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
@@ -313,7 +417,9 @@ fn flip_a_byte(path: &Path) -> anyhow::Result<()> {
 /// Writes zeros to `path` until the filesystem is full.
 fn fill(path: &Path) {
     use std::io::Write;
-    let Ok(mut f) = std::fs::File::create(path) else { return };
+    let Ok(mut f) = std::fs::File::create(path) else {
+        return;
+    };
     let chunk = vec![0u8; 1 << 20];
     while f.write_all(&chunk).is_ok() {}
     let _ = f.sync_all();
