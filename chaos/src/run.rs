@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::check::{self, FinalView};
+use crate::check::{self, FinalView, Seen};
 use crate::report::{FaultWindow, Report};
 use crate::scenario::{FaultKind, Sabotage, Scenario};
 use crate::workload::{self, History, Kind, LOG, PAGES, SCRATCH};
@@ -117,10 +117,14 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
         .flatten()
 }
 
-/// Blocks below their copy count, as the leader sees it (None: no answer).
-pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> u64 {
-    let _ = s;
-    0 // PENDING: under_replicated
+/// Blocks below their copy count, as the leader judges it (None: the
+/// member that answered cannot judge).
+pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u64> {
+    match s.mode.as_str() {
+        "fail-safe" => Some(0),
+        "limp" => Some(s.under_replicated.max(1)),
+        _ => None,
+    }
 }
 
 pub async fn run(
@@ -238,8 +242,8 @@ async fn drive(
             }
             last_end = last_end.max(now);
         }
-        if let Some(st) = world.status().await {
-            limp_seen = limp_seen.max(below_copy_count(&st));
+        if let Some(below) = world.status().await.as_ref().and_then(below_copy_count) {
+            limp_seen = limp_seen.max(below);
         }
     }
     // Sabotage, if asked: behind the workload's back, through the mount.
@@ -277,14 +281,15 @@ async fn drive(
             break;
         }
         if now >= last_end {
-            if let Some(st) = world.status().await {
-                let below = below_copy_count(&st);
-                limp_seen = limp_seen.max(below);
-                if below == 0 && st.leader_id != 0 {
+            match world.status().await.as_ref().and_then(below_copy_count) {
+                Some(0) => {
                     failsafe_at.get_or_insert(now);
-                } else {
+                }
+                Some(below) => {
+                    limp_seen = limp_seen.max(below);
                     failsafe_at = None;
                 }
+                None => failsafe_at = None,
             }
         }
         repaired.poll(world, "failsafe_repair_bytes_total").await;
@@ -350,7 +355,9 @@ fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
             && !view.files.contains_key(&op.path)
         {
             let content = std::fs::read(root.join(&op.path)).ok();
-            view.files.insert(op.path.clone(), content);
+            let name = op.path.rsplit('/').next().unwrap_or(&op.path);
+            let seen = content.map(|c| if op.kind == Kind::Save { Seen::page(name, &c) } else { Seen::file(&c) });
+            view.files.insert(op.path.clone(), seen);
         }
     }
     // Files nobody recorded are checked too: a scratch file the workload
@@ -359,7 +366,7 @@ fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
         for e in dir.flatten() {
             let rel = format!("{SCRATCH}/{}", e.file_name().to_string_lossy());
             if !view.files.contains_key(&rel) {
-                view.files.insert(rel.clone(), std::fs::read(e.path()).ok());
+                view.files.insert(rel.clone(), std::fs::read(e.path()).ok().map(|c| Seen::file(&c)));
             }
         }
     }

@@ -27,8 +27,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("block bytes hash to {actual}, not {expected}")]
     HashMismatch { expected: String, actual: String },
-    #[error("block {0} is corrupt on disk and was quarantined")]
-    Corrupt(String),
+    #[error("block {hash} is corrupt on device {device:#x} and was quarantined")]
+    Corrupt { device: u64, hash: String },
     #[error("block of {0} bytes is over the {MAX_BLOCK_BYTES} byte limit")]
     TooLarge(usize),
     #[error("device {0:#x} is full")]
@@ -242,7 +242,7 @@ impl BlockStore {
             let _ = fs::rename(&path, dev.root.join("quarantine").join(&hex));
             dev.used_bytes.fetch_sub((data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
             dev.blocks.fetch_sub(1, Ordering::Relaxed);
-            return Err(StoreError::Corrupt(hex));
+            return Err(StoreError::Corrupt { device: dev.id, hash: hex });
         }
         Ok((dev.id, data))
     }
@@ -355,7 +355,7 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[500] ^= 1;
         fs::write(&path, bytes).unwrap();
-        assert!(matches!(s.get(&h, None), Err(StoreError::Corrupt(_))));
+        assert!(matches!(s.get(&h, None), Err(StoreError::Corrupt { device, .. }) if device == d));
         assert_eq!(s.has(&h), None);
         assert!(dir.path().join("dev0/quarantine").join(hash_hex(&h)).exists());
     }

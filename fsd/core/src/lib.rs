@@ -1,5 +1,6 @@
 //! The pure domain of failsafe: what a valid name is, where copies of a block
-//! go, how many acknowledgements make a write durable, how extents overlay.
+//! go, how many acknowledgements make a write durable, how extents overlay,
+//! and which copies repair makes.
 //!
 //! Nothing here does I/O, reads the clock or draws random numbers: placement
 //! is a function of the block hash and the layout, so every tracker member
@@ -8,10 +9,12 @@
 pub mod extent;
 pub mod name;
 pub mod placement;
+pub mod repair;
 
 pub use extent::{overlay, Extent};
 pub use name::{validate_name, NameError};
-pub use placement::{place, Candidate, ReplicationClass};
+pub use placement::{place, place_more, Candidate, ReplicationClass};
+pub use repair::{plan_repair, BlockView, DeviceView, HostHealth, RepairAction};
 
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;

@@ -37,6 +37,14 @@ pub struct Candidate {
 
 /// Devices for the copies of `hash`, best first, at most `copies` of them.
 pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
+    place_more(hash, candidates, &[], copies)
+}
+
+/// Up to `more` further devices for `hash` when the copies on `existing`
+/// are already there: the same ranking as `place`, with the zones and hosts
+/// of the existing copies counted as taken. Repair uses it, so a rebuilt
+/// copy lands where a fresh write would have put it.
+pub fn place_more(hash: &[u8], candidates: &[Candidate], existing: &[Candidate], more: usize) -> Vec<u64> {
     let mut ranked: Vec<(&Candidate, [u8; 32])> = candidates
         .iter()
         .map(|c| {
@@ -48,12 +56,12 @@ pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
         .collect();
     ranked.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.device_id.cmp(&b.0.device_id)));
 
-    let copies = copies.min(candidates.len());
-    let mut chosen: Vec<&Candidate> = Vec::with_capacity(copies);
+    let want = existing.len() + more.min(candidates.len());
+    let mut chosen: Vec<&Candidate> = existing.iter().collect();
     // Pass 1: one device per zone; pass 2: one per host; pass 3: anything left.
     for pass in 0..3 {
         for (c, _) in &ranked {
-            if chosen.len() >= copies {
+            if chosen.len() >= want {
                 break;
             }
             if chosen.iter().any(|d| d.device_id == c.device_id) {
@@ -69,7 +77,7 @@ pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
             }
         }
     }
-    chosen.into_iter().map(|c| c.device_id).collect()
+    chosen.into_iter().skip(existing.len()).map(|c| c.device_id).collect()
 }
 
 #[cfg(test)]
@@ -114,6 +122,20 @@ mod tests {
         let mut rev = cands.clone();
         rev.reverse();
         assert_eq!(place(b"block", &cands, 3), place(b"block", &rev, 3));
+    }
+
+    #[test]
+    fn more_copies_avoid_the_zones_already_holding_one() {
+        let cands = vec![dev(1, 1, "a"), dev(2, 2, "a"), dev(3, 3, "b"), dev(4, 4, "c")];
+        for i in 0u32..100 {
+            let existing = vec![dev(3, 3, "b")];
+            let more = place_more(&i.to_le_bytes(), &cands, &existing, 2);
+            assert_eq!(more.len(), 2);
+            assert!(more.contains(&4), "zone c is the only unused zone: {more:?}");
+            assert!(!more.contains(&3));
+        }
+        // With nothing existing it is `place`.
+        assert_eq!(place_more(b"x", &cands, &[], 3), place(b"x", &cands, 3));
     }
 
     #[test]

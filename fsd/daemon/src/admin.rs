@@ -10,6 +10,7 @@ use failsafe_tracker::Tracker;
 use tonic::{Request, Response, Status};
 
 use crate::identity::Identity;
+use crate::repair::Repair;
 
 pub struct AdminService {
     pub tracker: Arc<Tracker>,
@@ -18,6 +19,7 @@ pub struct AdminService {
     pub zone: String,
     pub advertise: String,
     pub rpc_timeout: Duration,
+    pub repair: Arc<Repair>,
 }
 
 pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -201,6 +203,8 @@ impl Admin for AdminService {
         if !cluster.is_empty() {
             self.check(req.header.as_ref())?;
         }
-        Ok(Response::new(self.tracker.status().await?))
+        let mut status = self.tracker.status().await?;
+        status.repair = Some(self.repair.status());
+        Ok(Response::new(status))
     }
 }

@@ -1,5 +1,7 @@
 //! The `Blocks` gRPC service over this host's block store. File I/O runs on
-//! blocking threads; the store itself never sees the network.
+//! blocking threads; the store itself never sees the network. A copy found
+//! corrupt on read is quarantined by the store and queued here for the
+//! `copy-dropper` worker, which drops its record off the request path.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::{inc, Metrics};
+use crate::repair::BadCopies;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -20,13 +23,17 @@ pub struct BlocksService {
     pub store: Arc<BlockStore>,
     pub cluster: ClusterId,
     pub metrics: Arc<Metrics>,
+    pub bad: Arc<BadCopies>,
 }
 
 fn to_status(e: StoreError) -> Status {
     match e {
-        StoreError::NoSuchDevice(_) | StoreError::NotFound(_) => Status::not_found(e.to_string()),
+        // NOT_FOUND means "this device lacks the block" (repair drops the
+        // record then); a device that is not here is another matter.
+        StoreError::NotFound(_) => Status::not_found(e.to_string()),
+        StoreError::NoSuchDevice(_) => Status::failed_precondition(e.to_string()),
         StoreError::HashMismatch { .. } | StoreError::TooLarge(_) => Status::invalid_argument(e.to_string()),
-        StoreError::Corrupt(_) => Status::data_loss(e.to_string()),
+        StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Io { .. } => Status::internal(e.to_string()),
     }
@@ -100,7 +107,13 @@ impl Blocks for BlocksService {
         let hash = hash_arg(&req.hash)?;
         let store = self.store.clone();
         let device = (req.device_id != 0).then_some(req.device_id);
-        let (_, data) = self.count_error(blocking(move || store.get(&hash, device)).await)?;
+        let got = tokio::task::spawn_blocking(move || store.get(&hash, device))
+            .await
+            .map_err(|e| Status::internal(format!("block I/O task: {e}")))?;
+        if let Err(StoreError::Corrupt { device, .. }) = &got {
+            self.bad.push(hash.to_vec(), *device);
+        }
+        let (_, data) = self.count_error(got.map_err(to_status))?;
         inc(&self.metrics.block_gets, 1);
         inc(&self.metrics.block_get_bytes, data.len() as u64);
         let chunks: Vec<Result<pb::GetChunk, Status>> = if data.is_empty() {

@@ -62,6 +62,22 @@ pub struct RawConfig {
     /// How often this host reports its devices' usage, in ms. Default 5000.
     #[arg(long)]
     pub report_interval_ms: Option<u64>,
+    /// How often the leader looks for blocks below their copy count and
+    /// copies them, in ms. Default 1000.
+    #[arg(long)]
+    pub repair_interval_ms: Option<u64>,
+    /// Blocks the repair worker copies at once. Default 4.
+    #[arg(long)]
+    pub repair_concurrency: Option<usize>,
+    /// Cap on the bytes repair reads and writes, in MiB/s. Default 64.
+    #[arg(long)]
+    pub repair_bandwidth_mb: Option<u64>,
+    /// A host the leader has not heard from for this long (ms) is dead: its
+    /// copies stop counting and are rebuilt elsewhere. Until then a down host
+    /// only makes the cluster limp, so a restart causes no copy storm.
+    /// Default 600000 (10 minutes).
+    #[arg(long)]
+    pub dead_after_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -84,6 +100,10 @@ impl RawConfig {
             copies: self.copies.or(file.copies),
             write_quorum: self.write_quorum.or(file.write_quorum),
             report_interval_ms: self.report_interval_ms.or(file.report_interval_ms),
+            repair_interval_ms: self.repair_interval_ms.or(file.repair_interval_ms),
+            repair_concurrency: self.repair_concurrency.or(file.repair_concurrency),
+            repair_bandwidth_mb: self.repair_bandwidth_mb.or(file.repair_bandwidth_mb),
+            dead_after_ms: self.dead_after_ms.or(file.dead_after_ms),
         }
     }
 }
@@ -101,6 +121,15 @@ pub struct Config {
     pub rpc_timeout: Duration,
     pub tracker: failsafe_tracker::TrackerConfig,
     pub report_interval: Duration,
+    pub repair: RepairConfig,
+}
+
+/// The repair worker's pace (who is dead is `tracker.dead_after_ms`).
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    pub interval: Duration,
+    pub concurrency: usize,
+    pub bytes_per_second: u64,
 }
 
 impl Config {
@@ -148,6 +177,23 @@ impl Config {
         if tracker.class.copies == 0 || tracker.class.write_quorum == 0 || tracker.class.write_quorum > tracker.class.copies {
             bail!("copies/write_quorum: need 1 <= write_quorum <= copies");
         }
+        tracker.dead_after_ms = raw.dead_after_ms.unwrap_or(tracker.dead_after_ms);
+        if tracker.dead_after_ms < (10 * tracker.heartbeat_ms).max(1000) {
+            bail!("dead_after_ms: must be at least 1000 and at least 10 heartbeats (a host is down after that long)");
+        }
+        let concurrency = raw.repair_concurrency.unwrap_or(4);
+        if !(1..=64).contains(&concurrency) {
+            bail!("repair_concurrency: {concurrency} is not between 1 and 64");
+        }
+        let bandwidth_mb = raw.repair_bandwidth_mb.unwrap_or(64);
+        if bandwidth_mb == 0 {
+            bail!("repair_bandwidth_mb: must be at least 1");
+        }
+        let repair = RepairConfig {
+            interval: Duration::from_millis(raw.repair_interval_ms.unwrap_or(1000).max(50)),
+            concurrency,
+            bytes_per_second: bandwidth_mb.saturating_mul(1024 * 1024),
+        };
         let devices = if raw.devices.is_empty() { vec![data_dir.join("blocks")] } else { raw.devices };
         Ok(Config {
             data_dir,
@@ -160,6 +206,7 @@ impl Config {
             rpc_timeout: Duration::from_millis(raw.rpc_timeout_ms.unwrap_or(2000).max(10)),
             tracker,
             report_interval: Duration::from_millis(raw.report_interval_ms.unwrap_or(5000).max(100)),
+            repair,
         })
     }
 }
@@ -180,5 +227,26 @@ mod tests {
         assert!(err.to_string().starts_with("advertise:"), "{err}");
         let bad: Result<RawConfig, _> = toml::from_str("data_dir = '/d'\nzoen = 'a'");
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn repair_settings_default_and_are_checked() {
+        let base = || RawConfig { data_dir: Some("/d".into()), listen: Some("127.0.0.1:1".into()), ..Default::default() };
+        let c = Config::validate(base()).unwrap();
+        assert_eq!(c.repair.interval, Duration::from_millis(1000));
+        assert_eq!(c.repair.concurrency, 4);
+        assert_eq!(c.repair.bytes_per_second, 64 << 20);
+        assert_eq!(c.tracker.dead_after_ms, 600_000);
+        let file: RawConfig = toml::from_str("repair_concurrency = 2\ndead_after_ms = 5000").unwrap();
+        let c = Config::validate(RawConfig { repair_bandwidth_mb: Some(8), ..base() }.merge(file)).unwrap();
+        assert_eq!((c.repair.concurrency, c.repair.bytes_per_second, c.tracker.dead_after_ms), (2, 8 << 20, 5000));
+        for (raw, field) in [
+            (RawConfig { repair_concurrency: Some(0), ..base() }, "repair_concurrency:"),
+            (RawConfig { repair_bandwidth_mb: Some(0), ..base() }, "repair_bandwidth_mb:"),
+            (RawConfig { dead_after_ms: Some(10), ..base() }, "dead_after_ms:"),
+        ] {
+            let err = Config::validate(raw).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{err}");
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod httpc;
 mod identity;
 pub mod local;
 mod metrics;
+mod repair;
 mod server;
 
 pub use config::{Config, RawConfig};

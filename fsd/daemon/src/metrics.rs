@@ -11,10 +11,24 @@ pub struct Metrics {
     pub block_get_bytes: AtomicU64,
     pub block_corrupt: AtomicU64,
     pub block_errors: AtomicU64,
+    /// Copies the repair worker on this host made, and their bytes.
+    pub repair_blocks: AtomicU64,
+    pub repair_bytes: AtomicU64,
+    /// Copies it attempted that did not land.
+    pub repair_failures: AtomicU64,
+    /// Copy records dropped because the copy was missing or corrupt.
+    pub copies_dropped: AtomicU64,
+    /// Blocks below their copy count, as this host last judged them while
+    /// it led the tracker.
+    pub under_replicated: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
+}
+
+pub fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
 }
 
 impl Metrics {
@@ -26,6 +40,10 @@ impl Metrics {
             ("failsafe_block_get_bytes_total", "Bytes of blocks served", &self.block_get_bytes),
             ("failsafe_block_corrupt_total", "Blocks found corrupt on read and quarantined", &self.block_corrupt),
             ("failsafe_block_errors_total", "Block requests that failed", &self.block_errors),
+            ("failsafe_repair_blocks_total", "Block copies made by repair on this host", &self.repair_blocks),
+            ("failsafe_repair_bytes_total", "Bytes of block copies made by repair on this host", &self.repair_bytes),
+            ("failsafe_repair_failures_total", "Block copies repair attempted that did not land", &self.repair_failures),
+            ("failsafe_copies_dropped_total", "Copy records dropped as missing or corrupt", &self.copies_dropped),
         ];
         for (name, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

@@ -20,7 +20,8 @@ use crate::admin::{device_infos, AdminService};
 use crate::blocks::BlocksService;
 use crate::config::Config;
 use crate::identity::Identity;
-use crate::metrics::{gauge, Metrics};
+use crate::metrics::{gauge, inc, Metrics};
+use crate::repair::{group_copies, BadCopies, Repair};
 
 /// Everything the background workers share.
 struct Host {
@@ -34,6 +35,13 @@ struct Host {
     /// What this host last reported about its devices, and when. A std
     /// Mutex: held for a comparison, never across an await.
     last_report: std::sync::Mutex<Option<(Vec<pb::DeviceInfo>, std::time::Instant)>>,
+    metrics: Arc<Metrics>,
+    /// Copies found missing or corrupt, for `copy-dropper`.
+    bad: Arc<BadCopies>,
+    repair: Arc<Repair>,
+    /// Moves blocks for repair; block I/O names its hosts, so it needs no
+    /// member list beyond this host.
+    block_client: tokio::sync::Mutex<Option<Client>>,
 }
 
 /// Whether device usage changed enough to be worth a Raft entry.
@@ -77,6 +85,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     );
     tracker.guard_against_suspension(std::time::Duration::from_millis(cfg.tracker.election_max_ms));
     let metrics = Arc::new(Metrics::default());
+    let bad = Arc::new(BadCopies::default());
+    let repair = Arc::new(Repair::new(cfg.repair.clone(), metrics.clone(), bad.clone()));
 
     let admin = AdminService {
         tracker: tracker.clone(),
@@ -85,8 +95,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         zone: cfg.zone.clone(),
         advertise: advertise.clone(),
         rpc_timeout: cfg.rpc_timeout,
+        repair: repair.clone(),
     };
-    let blocks = BlocksService { store: store.clone(), cluster: cluster.clone(), metrics: metrics.clone() };
+    let blocks = BlocksService { store: store.clone(), cluster: cluster.clone(), metrics: metrics.clone(), bad: bad.clone() };
     let render = {
         let (tracker, store, metrics) = (tracker.clone(), store.clone(), metrics.clone());
         move || render_metrics(&tracker, &store, &metrics)
@@ -110,14 +121,23 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
             BlocksServer::new(blocks).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
 
-    let host = Arc::new(Host { cfg, advertise, tracker: tracker.clone(),
+    let host = Arc::new(Host {
+        cfg,
+        advertise,
+        tracker: tracker.clone(),
         store,
         client: tokio::sync::Mutex::new(None),
         last_report: std::sync::Mutex::new(None),
+        metrics,
+        bad,
+        repair,
+        block_client: tokio::sync::Mutex::new(None),
     });
     let workers = vec![
         tokio::spawn(worker("announcer", host.clone(), Host::announce)),
         tokio::spawn(worker("session-reaper", host.clone(), Host::reap_sessions)),
+        tokio::spawn(worker("repair", host.clone(), Host::repair_round)),
+        tokio::spawn(worker("copy-dropper", host.clone(), Host::drop_bad_copies)),
     ];
 
     let served = tonic::transport::Server::builder()
@@ -259,6 +279,72 @@ impl Host {
         self.tracker.expire_sessions().await?;
         Ok(Duration::from_secs(1))
     }
+
+    /// Proposes a command: directly on the leader, else through the client.
+    async fn propose(&self, op: Op) -> anyhow::Result<()> {
+        if self.tracker.is_leader() {
+            let r = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+            if let Some(pb::command_result::Result::Error(e)) = r.result {
+                anyhow::bail!("refused: {}", e.message);
+            }
+        } else {
+            self.client().await?.mutate(op).await?;
+        }
+        Ok(())
+    }
+
+    /// The client repair moves blocks with.
+    async fn block_client(&self) -> anyhow::Result<Client> {
+        let cluster = self.tracker.cluster.get();
+        anyhow::ensure!(!cluster.is_empty(), "not part of a cluster yet");
+        let mut slot = self.block_client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Client::connect(ClientConfig {
+            addrs: vec![self.advertise.clone()],
+            cluster_id: Some(cluster),
+            rpc_timeout: self.cfg.rpc_timeout,
+            zone: Some(self.cfg.zone.clone()),
+            name: format!("fsd-repair-{:016x}", self.tracker.host_id),
+            ..ClientConfig::default()
+        })
+        .await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// On the leader, one round of repair (see `repair`).
+    async fn repair_round(self: Arc<Self>) -> anyhow::Result<Duration> {
+        if !self.tracker.is_leader() {
+            self.repair.set_state("not leader");
+            return Ok(self.cfg.repair.interval);
+        }
+        let client = self.block_client().await?;
+        self.repair.round(&self.tracker, &client).await
+    }
+
+    /// Drops the records of copies found missing or corrupt, in batches.
+    async fn drop_bad_copies(self: Arc<Self>) -> anyhow::Result<Duration> {
+        let batch = self.bad.next_batch(Duration::from_secs(1)).await;
+        if batch.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let op = Op::DropCopies(pb::DropCopies { copies: group_copies(&batch) });
+        match self.propose(op).await {
+            Ok(()) => {
+                inc(&self.metrics.copies_dropped, batch.len() as u64);
+                for (h, d) in &batch {
+                    tracing::info!(block = %failsafe_core::hash_hex(h), device = format!("{d:016x}"), "dropped the record of a bad copy");
+                }
+                Ok(Duration::ZERO)
+            }
+            Err(e) => {
+                self.bad.put_back(batch);
+                Err(e.context("dropping bad copy records"))
+            }
+        }
+    }
 }
 
 fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> String {
@@ -270,6 +356,10 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
     gauge(&mut out, "failsafe_raft_last_log_index", "Last Raft log index", &host, m.last_log_index.unwrap_or(0));
     gauge(&mut out, "failsafe_raft_last_applied", "Last applied Raft log index", &host, m.last_applied.map_or(0, |l| l.index));
     gauge(&mut out, "failsafe_raft_voters", "Voting tracker members", &host, m.membership_config.membership().voter_ids().count());
+    if tracker.is_leader() {
+        let under = metrics.under_replicated.load(std::sync::atomic::Ordering::Relaxed);
+        gauge(&mut out, "failsafe_blocks_under_replicated", "Referenced blocks with fewer live copies than the copy count (leader only)", "", under);
+    }
     for u in store.usage() {
         let labels = format!("{{device=\"{:016x}\",path=\"{}\"}}", u.device_id, u.path.display());
         gauge(&mut out, "failsafe_device_capacity_bytes", "Device capacity", &labels, u.capacity_bytes);

@@ -37,12 +37,15 @@ async fn t80_fsctl_init_add_status_remove() {
     c.wait_for(Duration::from_secs(20), "three voters", |s| s.hosts.iter().filter(|h| h.voter).count() == 3).await.unwrap();
 
     let table = ok(fsctl(&addrs, &["status"]));
-    for needle in ["leader", "ZONE", "127.0.0.1", "DEVICE", "up"] {
+    for needle in ["fail-safe: every block has 3 copies", "leader", "ZONE", "127.0.0.1", "DEVICE", "up", "repair"] {
         assert!(table.contains(needle), "{needle} missing in:\n{table}");
     }
     let json: serde_json::Value = serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();
     assert_eq!(json["cluster_id"], c.cluster_id.as_str());
     assert_eq!(json["hosts"].as_array().unwrap().len(), 3);
+    assert_eq!(json["mode"], "fail-safe");
+    assert_eq!(json["under_replicated"], 0);
+    assert!(json["hosts"].as_array().unwrap().iter().all(|h| h["state"] == "up"), "{json}");
     let zones: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["zone"].as_str().unwrap()).collect();
     assert!(zones.contains(&"a") && zones.contains(&"b") && zones.contains(&"c"));
 

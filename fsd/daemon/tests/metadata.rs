@@ -22,7 +22,9 @@ async fn t10_three_hosts_bootstrap_into_one_cluster() {
     assert!(s.hosts.iter().all(|h| h.voter));
     let zones: BTreeSet<&str> = s.hosts.iter().map(|h| h.zone.as_str()).collect();
     assert_eq!(zones, BTreeSet::from(["a", "b", "c"]));
-    assert_eq!(s.hosts.iter().filter(|h| h.state == "leader").count(), 1);
+    assert_eq!(s.hosts.iter().filter(|h| h.role == "leader").count(), 1);
+    assert!(s.hosts.iter().all(|h| h.state == "up"), "{s:?}");
+    assert_eq!(s.mode, "fail-safe");
     assert_eq!(s.devices.len(), 3);
     tc.check_logs();
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use failsafe_proto::pb::{raft_transport_client::RaftTransportClient, RaftMessage};
 use failsafe_proto::{header, MAX_MESSAGE_BYTES};
@@ -25,11 +25,78 @@ use crate::ClusterId;
 pub struct Network {
     cluster: ClusterId,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    heard: Heard,
+}
+
+/// When each peer last answered a Raft RPC from this member. The leader
+/// sends every peer a heartbeat each `heartbeat_ms` (and retries an
+/// unreachable one every half second), so on the leader this is a liveness
+/// signal at no extra cost; openraft 0.9's metrics carry no such map.
+#[derive(Clone, Default)]
+pub(crate) struct Heard(Arc<Mutex<HashMap<NodeId, Watch>>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    /// Since when this member has been calling the peer without a gap.
+    since: Instant,
+    last_call: Instant,
+    last_answer: Option<Instant>,
+}
+
+/// A gap in calls this long means this member stopped watching the peer (it
+/// was a follower meanwhile): what it saw before says nothing about now.
+const WATCH_GAP: Duration = Duration::from_secs(5);
+
+/// What this member has seen of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// Not called recently: no opinion.
+    Unwatched,
+    /// Silent for this long: since its last answer, or since watching began
+    /// if it has not `answered` since.
+    Silent { silent: Duration, answered: bool },
+}
+
+impl Heard {
+    fn calling(&self, peer: NodeId) {
+        let now = Instant::now();
+        // Held for a map update; never across an await.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let w = map.entry(peer).or_insert(Watch { since: now, last_call: now, last_answer: None });
+        if now.duration_since(w.last_call) > WATCH_GAP {
+            *w = Watch { since: now, last_call: now, last_answer: None };
+        }
+        w.last_call = now;
+    }
+
+    fn answered(&self, peer: NodeId) {
+        let now = Instant::now();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = map.get_mut(&peer) {
+            w.last_answer = Some(now);
+        }
+    }
+
+    pub(crate) fn seen(&self, peer: NodeId) -> Seen {
+        let now = Instant::now();
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&peer) {
+            Some(w) if now.duration_since(w.last_call) <= WATCH_GAP => Seen::Silent {
+                silent: now.duration_since(w.last_answer.unwrap_or(w.since)),
+                answered: w.last_answer.is_some(),
+            },
+            _ => Seen::Unwatched,
+        }
+    }
 }
 
 impl Network {
     pub fn new(cluster: ClusterId) -> Network {
-        Network { cluster, channels: Arc::new(Mutex::new(HashMap::new())) }
+        Network { cluster, channels: Arc::new(Mutex::new(HashMap::new())), heard: Heard::default() }
+    }
+
+    pub(crate) fn heard(&self) -> &Heard {
+        &self.heard
     }
 
     fn channel(&self, addr: &str) -> Option<Channel> {
@@ -70,7 +137,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
-        Peer { target, addr: node.addr.clone(), channel: self.channel(&node.addr), cluster: self.cluster.clone() }
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            channel: self.channel(&node.addr),
+            cluster: self.cluster.clone(),
+            heard: self.heard.clone(),
+        }
     }
 }
 
@@ -79,6 +152,7 @@ pub struct Peer {
     addr: String,
     channel: Option<Channel>,
     cluster: ClusterId,
+    heard: Heard,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -103,6 +177,7 @@ impl Peer {
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let mut request = tonic::Request::new(msg);
         request.set_timeout(ttl);
+        self.heard.calling(self.target);
         let fut = async {
             match method {
                 Method::Append => client.append_entries(request).await,
@@ -124,6 +199,8 @@ impl Peer {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        // Any answer, even a refusal, means the peer is there.
+        self.heard.answered(self.target);
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))

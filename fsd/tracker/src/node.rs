@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use failsafe_core::ReplicationClass;
+use failsafe_core::{BlockView, Candidate, DeviceView, HostHealth, ReplicationClass};
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 
-use crate::network::Network;
+use crate::network::{Network, Seen};
 use crate::raft::{LogStore, NodeId, Raft, StateMachine};
 use crate::state;
 
@@ -42,6 +42,9 @@ pub struct TrackerConfig {
     /// Log entries kept behind a snapshot, for followers that lag a little.
     pub keep_logs: u64,
     pub class: ReplicationClass,
+    /// A host the leader has not heard from for this long is dead: its
+    /// copies stop counting, and repair rebuilds them elsewhere.
+    pub dead_after_ms: u64,
 }
 
 impl Default for TrackerConfig {
@@ -59,6 +62,7 @@ impl Default for TrackerConfig {
             snapshot_logs: 5000,
             keep_logs: 1000,
             class: ReplicationClass::default(),
+            dead_after_ms: 600_000,
         }
     }
 }
@@ -87,11 +91,49 @@ impl From<crate::db::DbGone> for TrackerError {
     }
 }
 
+/// How the member answering sees a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Up,
+    /// No answer to the leader's heartbeats for `for_ms`; `dead` once that
+    /// is longer than `dead_after_ms`.
+    Down { for_ms: u64, dead: bool },
+    /// Not for this member to say (only the leader hears from every host),
+    /// or a leader that has not heard from it yet since it took over.
+    Unknown,
+}
+
+impl Liveness {
+    /// For repair, which acts only on what it knows: a host not known to be
+    /// up is neither read from nor written to, and its copies still count.
+    pub fn health(self) -> HostHealth {
+        match self {
+            Liveness::Up => HostHealth::Up,
+            Liveness::Down { dead: true, .. } => HostHealth::Dead,
+            Liveness::Down { dead: false, .. } | Liveness::Unknown => HostHealth::Down,
+        }
+    }
+}
+
+/// What the repair worker needs from the leader's state machine.
+#[derive(Debug, Clone)]
+pub struct RepairView {
+    /// Every device with its host's health, address, and room.
+    pub devices: Vec<(DeviceView, String)>,
+    /// Blocks repair can act on, fewest copies first.
+    pub blocks: Vec<BlockView>,
+    /// The same judgement `status` reports.
+    pub counts: state::ReplicationCounts,
+}
+
 pub struct Tracker {
     raft: Raft,
     network: Network,
     /// How fresh a quorum acknowledgement must be for a lease read (ms).
     lease_ms: u64,
+    /// A peer silent this long is down (ms).
+    down_after_ms: u64,
+    dead_after_ms: u64,
     sm: StateMachine,
     pub host_id: NodeId,
     pub cluster: ClusterId,
@@ -124,7 +166,20 @@ impl Tracker {
         // Well inside the followers' lease (election_max), leaving room for
         // clock-rate differences and scheduling delays.
         let lease_ms = cfg.election_min_ms / 2;
-        Ok(Tracker { raft, network, lease_ms, sm, host_id, cluster, class: cfg.class })
+        // Ten missed heartbeats, and never under a second: a follower busy
+        // with an fsync is not down.
+        let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
+        Ok(Tracker {
+            raft,
+            network,
+            lease_ms,
+            down_after_ms,
+            dead_after_ms: cfg.dead_after_ms,
+            sm,
+            host_id,
+            cluster,
+            class: cfg.class,
+        })
     }
 
     pub fn raft(&self) -> &Raft {
@@ -301,6 +356,32 @@ impl Tracker {
         Ok(())
     }
 
+    /// How this member sees host `id` now. Only the leader, which sends
+    /// every member a heartbeat, can tell; a follower knows only itself.
+    pub fn liveness(&self, id: NodeId) -> Liveness {
+        if id == self.host_id {
+            return Liveness::Up;
+        }
+        if !self.is_leader() {
+            return Liveness::Unknown;
+        }
+        match self.network.heard().seen(id) {
+            Seen::Silent { silent, answered } if (silent.as_millis() as u64) < self.down_after_ms => {
+                if answered {
+                    Liveness::Up
+                } else {
+                    Liveness::Unknown
+                }
+            }
+            Seen::Silent { silent, .. } => {
+                let for_ms = silent.as_millis() as u64;
+                Liveness::Down { for_ms, dead: for_ms >= self.dead_after_ms }
+            }
+            // Not a member the leader replicates to (removed, or not yet added).
+            Seen::Unwatched => Liveness::Down { for_ms: 0, dead: false },
+        }
+    }
+
     /// This member's view of the cluster.
     pub async fn status(&self) -> Result<pb::StatusReply, TrackerError> {
         let m = self.raft.metrics().borrow().clone();
@@ -323,9 +404,10 @@ impl Tracker {
                     host_id: *id,
                     zone: String::new(),
                     addr: node.addr.clone(),
-                    state: role_of(*id, leader, &voters),
+                    role: role_of(*id, leader, &voters),
                     voter: voters.contains(id),
                     matched_index: matched.get(id).copied().flatten().map_or(0, |l| l.index),
+                    ..Default::default()
                 },
             );
         }
@@ -333,11 +415,46 @@ impl Tracker {
             let row = rows.entry(id).or_insert_with(|| pb::HostStatus {
                 host_id: id,
                 addr: addr.clone(),
-                state: "not a member".into(),
+                role: "not a member".into(),
                 ..Default::default()
             });
             row.zone = zone;
         }
+        let is_leader = m.state == ServerState::Leader;
+        let mut live_hosts = BTreeSet::new();
+        for row in rows.values_mut() {
+            let l = self.liveness(row.host_id);
+            (row.state, row.down_ms, row.dead) = match l {
+                Liveness::Up => ("up".into(), 0, false),
+                Liveness::Down { for_ms, dead } => ("down".into(), for_ms, dead),
+                Liveness::Unknown => ("unknown".into(), 0, false),
+            };
+            // A member that is not the leader counts the recorded copies;
+            // the leader only those on hosts it has heard from.
+            let live = match l {
+                Liveness::Up => true,
+                Liveness::Unknown => !is_leader,
+                Liveness::Down { .. } => false,
+            };
+            if live {
+                live_hosts.insert(row.host_id);
+            }
+        }
+        let live: Vec<u64> = devices.iter().filter(|d| live_hosts.contains(&d.host_id)).map(|d| d.device_id).collect();
+        let copies = self.class.copies;
+        let counts = self
+            .sm
+            .db()
+            .call(move |conn| state::replication_counts(conn, &live, copies))
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        let mode = if leader.is_none() || (is_leader && counts.under_replicated > 0) {
+            "limp"
+        } else if is_leader {
+            "fail-safe"
+        } else {
+            "unknown"
+        };
         Ok(pb::StatusReply {
             cluster_id: self.cluster.get(),
             host_id: self.host_id,
@@ -353,7 +470,49 @@ impl Tracker {
             devices,
             files,
             blocks,
+            under_replicated: counts.under_replicated,
+            unavailable: counts.unavailable,
+            mode: mode.into(),
+            copies: copies as u32,
+            repair: None,
         })
+    }
+
+    /// Leader only (None otherwise): the devices with their hosts' health,
+    /// and up to `limit` blocks repair can act on, starting after `after`.
+    pub async fn repair_view(&self, after: Vec<u8>, limit: usize) -> Result<Option<RepairView>, TrackerError> {
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let room = self
+            .sm
+            .db()
+            .call(|conn| state::device_room(conn))
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        let mut devices = Vec::with_capacity(room.len());
+        for (loc, has_room) in room {
+            let health = self.liveness(loc.host_id).health();
+            let candidate = Candidate { device_id: loc.device_id, host_id: loc.host_id, zone: loc.zone };
+            devices.push((DeviceView { candidate, health, has_room }, loc.addr));
+        }
+        let ids = |f: &dyn Fn(&DeviceView) -> bool| -> Vec<u64> {
+            devices.iter().filter(|(d, _)| f(d)).map(|(d, _)| d.candidate.device_id).collect()
+        };
+        let counted = ids(&|d| d.health != HostHealth::Dead);
+        let up = ids(&|d| d.health == HostHealth::Up);
+        let targets = ids(&|d| d.health == HostHealth::Up && d.has_room);
+        let copies = self.class.copies;
+        let (blocks, counts) = self
+            .sm
+            .db()
+            .call(move |conn| -> rusqlite::Result<_> {
+                let blocks = state::repair_candidates(conn, &counted, &up, &targets, copies, &after, limit)?;
+                Ok((blocks, state::replication_counts(conn, &up, copies)?))
+            })
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+        Ok(Some(RepairView { devices, blocks, counts }))
     }
 
     /// Waits until this member has applied at least `index`.

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS extents(
   ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   hash BLOB NOT NULL, block_offset INTEGER NOT NULL,
   PRIMARY KEY(ino, offset)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS extents_by_hash ON extents(hash);
 CREATE TABLE IF NOT EXISTS blocks(hash BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS copies(
   hash BLOB NOT NULL, device_id INTEGER NOT NULL,
@@ -226,6 +227,8 @@ pub fn validate(cmd: &pb::Command) -> OpResult<()> {
         Some(Op::CommitExtents(c)) if c.extents.len() > 4096 || c.copies.len() > 4096 => {
             err(ErrorCode::Invalid, "at most 4096 extents per commit")
         }
+        Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per record"),
+        Some(Op::DropCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per drop"),
         Some(_) => Ok(()),
     }
 }
@@ -364,6 +367,10 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::CommitExtents(c) => commit_extents(tx, c, now).map(Some),
         Op::RecordCopies(c) => {
             record_copies(tx, &c.copies)?;
+            Ok(None)
+        }
+        Op::DropCopies(c) => {
+            drop_copies(tx, &c.copies)?;
             Ok(None)
         }
         Op::RegisterHost(c) => {
@@ -622,6 +629,20 @@ fn record_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies]) -> OpResult<(
         tx.execute("INSERT OR IGNORE INTO blocks VALUES (?1, ?2)", params![b.hash, i(b.size)])?;
         for d in &b.device_ids {
             tx.execute("INSERT OR IGNORE INTO copies VALUES (?1, ?2)", params![b.hash, i(*d)])?;
+        }
+    }
+    Ok(())
+}
+
+/// Forgets copies found missing or corrupt. The block's row (its size)
+/// stays: extents may still name it, and a repaired copy is recorded again.
+fn drop_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies]) -> OpResult<()> {
+    for b in copies {
+        if b.hash.len() != HASH_LEN {
+            return err(ErrorCode::Invalid, "block copies need a 32-byte hash");
+        }
+        for d in &b.device_ids {
+            tx.execute("DELETE FROM copies WHERE hash = ?1 AND device_id = ?2", params![b.hash, i(*d)])?;
         }
     }
     Ok(())
@@ -913,4 +934,171 @@ pub fn counts(conn: &rusqlite::Connection) -> rusqlite::Result<(u64, u64)> {
     let files: i64 = conn.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
     let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
     Ok((files as u64, blocks as u64))
+}
+
+// ---------- replication health (read by the leader) ----------
+
+/// Device ids as an SQL list. They are integers we produce ourselves, so
+/// formatting them into the statement is safe; `NULL` matches nothing.
+fn id_list(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        return "NULL".into();
+    }
+    ids.iter().map(|&d| i(d).to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Blocks referenced by files with fewer than `copies` copies on `live`
+/// devices, and those with none there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicationCounts {
+    pub under_replicated: u64,
+    pub unavailable: u64,
+}
+
+pub fn replication_counts(conn: &rusqlite::Connection, live: &[u64], copies: usize) -> rusqlite::Result<ReplicationCounts> {
+    let sql = format!(
+        "SELECT COALESCE(SUM(n < ?1), 0), COALESCE(SUM(n = 0), 0) FROM (
+           SELECT (SELECT COUNT(*) FROM copies c WHERE c.hash = r.hash AND c.device_id IN ({})) AS n
+           FROM (SELECT DISTINCT hash FROM extents) r)",
+        id_list(live)
+    );
+    conn.query_row(&sql, [copies as i64], |r| {
+        Ok(ReplicationCounts { under_replicated: r.get::<_, i64>(0)? as u64, unavailable: r.get::<_, i64>(1)? as u64 })
+    })
+}
+
+/// Referenced blocks that repair can do something about: fewer than
+/// `copies` copies on `counted` devices (hosts not dead), at least one on an
+/// `up` device to read from, and some `target` device without one. Fewest
+/// copies first; among equals, hashes after `after` first, so blocks that
+/// keep failing do not crowd out the rest. Each with all its recorded copies.
+pub fn repair_candidates(
+    conn: &rusqlite::Connection,
+    counted: &[u64],
+    up: &[u64],
+    targets: &[u64],
+    copies: usize,
+    after: &[u8],
+    limit: usize,
+) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+    let sql = format!(
+        "SELECT hash, size FROM (
+           SELECT b.hash AS hash, b.size AS size,
+             (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({counted})) AS counted,
+             (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({up})) AS live,
+             (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({targets})) AS on_targets
+           FROM blocks b WHERE EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash))
+         WHERE counted < ?1 AND live > 0 AND on_targets < ?2
+         ORDER BY counted, hash <= ?3, hash LIMIT ?4",
+        counted = id_list(counted),
+        up = id_list(up),
+        targets = id_list(targets),
+    );
+    let rows: Vec<(Vec<u8>, i64)> = conn
+        .prepare(&sql)?
+        .query_map(params![copies as i64, targets.len() as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut holders = conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
+    rows.into_iter()
+        .map(|(hash, size)| {
+            let devices = holders.query_map([&hash], |r| Ok(r.get::<_, i64>(0)? as u64))?.collect::<Result<_, _>>()?;
+            Ok(failsafe_core::BlockView { hash, size: size as u64, holders: devices })
+        })
+        .collect()
+}
+
+/// Every device with its host's zone and address, and whether it has room
+/// for another block (the same reserve placement keeps).
+pub fn device_room(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(pb::DeviceLocation, bool)>> {
+    let reserve = 2 * failsafe_core::MAX_BLOCK_BYTES as i64;
+    conn.prepare_cached(
+        "SELECT d.device_id, d.host_id, h.zone, h.addr, d.free FROM devices d JOIN hosts h ON h.host_id = d.host_id
+         ORDER BY d.device_id",
+    )?
+    .query_map([], |r| {
+        let loc = pb::DeviceLocation {
+            device_id: r.get::<_, i64>(0)? as u64,
+            host_id: r.get::<_, i64>(1)? as u64,
+            zone: r.get(2)?,
+            addr: r.get(3)?,
+        };
+        Ok((loc, r.get::<_, i64>(4)? > reserve))
+    })?
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_in_memory().expect("in-memory database");
+        conn.execute_batch(SCHEMA).expect("schema");
+        conn
+    }
+
+    fn run(conn: &mut rusqlite::Connection, op: Op) -> pb::CommandResult {
+        let tx = conn.transaction().expect("transaction");
+        let r = apply(&tx, &pb::Command { now_ns: 1, op: Some(op), ..Default::default() }).expect("apply");
+        tx.commit().expect("commit");
+        r
+    }
+
+    fn copies(hash: &[u8], devices: &[u64]) -> pb::BlockCopies {
+        pb::BlockCopies { hash: hash.to_vec(), size: 10, device_ids: devices.to_vec() }
+    }
+
+    fn ok(r: pb::CommandResult) {
+        assert!(!matches!(r.result, Some(pb::command_result::Result::Error(_))), "{r:?}");
+    }
+
+    /// A file whose one extent names block `hash`, recorded on `devices`.
+    fn file_with_block(conn: &mut rusqlite::Connection, name: &[u8], hash: &[u8], devices: &[u64]) {
+        let r = run(conn, Op::Create(pb::Create { parent: ROOT_INO, name: name.to_vec(), mode: 0o644, ..Default::default() }));
+        let Some(pb::command_result::Result::Attr(a)) = r.result else { panic!("create: {r:?}") };
+        let extent = pb::Extent { offset: 0, length: 10, hash: hash.to_vec(), block_offset: 0 };
+        ok(run(conn, Op::CommitExtents(pb::CommitExtents { ino: a.ino, extents: vec![extent], copies: vec![copies(hash, devices)], append: false })));
+    }
+
+    #[test]
+    fn dropping_copies_forgets_them_and_a_missing_record_is_a_no_op() {
+        let mut conn = db();
+        let (x, y) = ([1u8; 32], [2u8; 32]);
+        file_with_block(&mut conn, b"f", &x, &[1, 2, 3]);
+        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[2, 9]), copies(&y, &[1])] })));
+        assert_eq!(block_copies(&conn, &x).expect("copies").device_ids, vec![1, 3]);
+        // The size is still known, so the block can be recorded again.
+        ok(run(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&x, &[2])] })));
+        assert_eq!(block_copies(&conn, &x).expect("copies").device_ids.len(), 3);
+        let bad = run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(b"short", &[1])] }));
+        assert!(matches!(bad.result, Some(pb::command_result::Result::Error(_))));
+    }
+
+    #[test]
+    fn counts_judge_referenced_blocks_by_their_live_copies() {
+        let mut conn = db();
+        file_with_block(&mut conn, b"a", &[1u8; 32], &[1, 2, 3]);
+        file_with_block(&mut conn, b"b", &[2u8; 32], &[1, 2]);
+        file_with_block(&mut conn, b"c", &[3u8; 32], &[3]);
+        // An unreferenced block does not count.
+        ok(run(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&[4u8; 32], &[1])] })));
+        let all = replication_counts(&conn, &[1, 2, 3], 3).expect("counts");
+        assert_eq!(all, ReplicationCounts { under_replicated: 2, unavailable: 0 });
+        let without_3 = replication_counts(&conn, &[1, 2], 3).expect("counts");
+        assert_eq!(without_3, ReplicationCounts { under_replicated: 3, unavailable: 1 });
+        assert_eq!(replication_counts(&conn, &[], 3).expect("counts").unavailable, 3);
+
+        // Repair: device 3 down (still counted), device 4 a free target.
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 4], &[1, 2, 4], 3, &[], 10).expect("candidates");
+        let hashes: Vec<u8> = c.iter().map(|b| b.hash[0]).collect();
+        // Block 3 lives only on the down device: nothing to read it from.
+        assert_eq!(hashes, vec![2]);
+        assert_eq!(c[0].holders, vec![1, 2]);
+        // Fewest copies first; among equals, the cursor puts blocks after it first.
+        file_with_block(&mut conn, b"e", &[5u8; 32], &[1, 2]);
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[2u8; 32], 10).expect("candidates");
+        assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 5, 2]);
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[], 10).expect("candidates");
+        assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 2, 5]);
+    }
 }

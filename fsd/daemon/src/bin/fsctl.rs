@@ -27,7 +27,9 @@ struct Args {
 enum Cmd {
     /// Create a new cluster whose only member is the fsd at ADDR.
     Init { addr: String },
-    /// Hosts, zones, addresses, states, leader, term, devices and usage.
+    /// Whether the cluster is fail-safe or limping; hosts, zones, addresses,
+    /// roles, up/down as the leader sees them, reachability from here;
+    /// leader, term, repair, devices and usage.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -164,23 +166,62 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// The one line that says whether the cluster is fail-safe.
+fn mode_line(s: &pb::StatusReply) -> String {
+    let copies = s.copies;
+    match s.mode.as_str() {
+        "fail-safe" => {
+            let down = s.hosts.iter().filter(|h| h.state == "down").count();
+            match down {
+                0 => format!("fail-safe: every block has {copies} copies"),
+                n => format!("fail-safe: every block has {copies} copies ({n} host(s) down)"),
+            }
+        }
+        "limp" if s.leader_id == 0 => "LIMP: no tracker leader (no majority of hosts reachable)".to_string(),
+        "limp" => format!("LIMP: {} blocks below {copies} copies, {} unavailable", s.under_replicated, s.unavailable),
+        _ => "mode unknown: the member answering is not the leader".to_string(),
+    }
+}
+
+fn duration(ms: u64) -> String {
+    match ms / 1000 {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
 fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let leader = if s.leader_id == 0 { "none".to_string() } else { format!("{:016x} ({})", s.leader_id, s.leader_addr) };
     let _ = writeln!(out, "cluster {}", s.cluster_id);
+    let _ = writeln!(out, "{}", mode_line(s));
     let _ = writeln!(out, "leader  {leader}   term {}   log {}   applied {}", s.term, s.last_log_index, s.last_applied);
-    let _ = writeln!(out, "files   {}   blocks {}\n", s.files, s.blocks);
-    let _ = writeln!(out, "{:<18} {:<8} {:<22} {:<10} {:<6} {:<12}", "HOST", "ZONE", "ADDRESS", "ROLE", "VOTER", "REACHABLE");
+    let _ = writeln!(out, "files   {}   blocks {}", s.files, s.blocks);
+    if let Some(r) = &s.repair {
+        let _ = writeln!(out, "repair  {}   copies made {} ({})   failed {}", r.state, r.blocks, bytes(r.bytes), r.failures);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<18} {:<8} {:<22} {:<10} {:<6} {:<12} {:<10}",
+        "HOST", "ZONE", "ADDRESS", "ROLE", "VOTER", "STATE", "REACHABLE"
+    );
     for h in &s.hosts {
         let id = format!("{:016x}", h.host_id);
         let up = reach.iter().find(|(r, _)| *r == id).map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
+        let state = match h.state.as_str() {
+            "down" if h.dead => format!("DEAD {}", duration(h.down_ms)),
+            "down" => format!("DOWN {}", duration(h.down_ms)),
+            other => other.to_string(),
+        };
         let _ = writeln!(
             out,
-            "{id:<18} {:<8} {:<22} {:<10} {:<6} {up:<12}",
+            "{id:<18} {:<8} {:<22} {:<10} {:<6} {state:<12} {up:<10}",
             h.zone,
             h.addr,
-            h.state,
+            h.role,
             if h.voter { "yes" } else { "no" }
         );
     }
