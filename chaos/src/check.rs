@@ -17,9 +17,33 @@ use crate::workload::{Kind, Op, LOG, PAGES};
 #[derive(Debug, Default)]
 pub struct FinalView {
     pub client: usize,
-    /// Path (relative to the root) -> content; None when absent.
-    pub files: BTreeMap<String, Option<Vec<u8>>>,
+    /// Path (relative to the root) -> what it holds; None when absent.
+    pub files: BTreeMap<String, Option<Seen>>,
     pub log: Vec<u8>,
+}
+
+/// What a file or page was found to hold.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The revision its header claims (None: no header).
+    pub rev: Option<u64>,
+    /// The hash of its content, comparable with the write's.
+    pub hash: String,
+}
+
+impl Seen {
+    pub fn page(name: &str, content: &[u8]) -> Seen {
+        Seen {
+            rev: crate::workload::parse_rev(name, content),
+            hash: crate::workload::hash(content),
+        }
+    }
+    pub fn file(content: &[u8]) -> Seen {
+        Seen {
+            rev: None,
+            hash: crate::workload::hash(content),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,16 +146,15 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
             let last_ok = writes.by_rev.values().filter(|s| s.ok).map(|s| s.rev).max();
             let got = view.files.get(*path).cloned().flatten();
             let Some(last_ok) = last_ok else { continue };
-            let Some(content) = got else {
+            let Some(seen) = got else {
                 out.push(v(
                     "lost_write",
                     format!("mount {m}: {path} is gone; rev {last_ok} was acknowledged"),
                 ));
                 continue;
             };
-            let h = crate::workload::hash(&content);
-            let name = path.rsplit('/').next().unwrap_or(path);
-            match crate::workload::parse_rev(name, &content) {
+            let h = seen.hash;
+            match seen.rev {
                 Some(rev) if rev < last_ok => out.push(v(
                     "lost_write",
                     format!("mount {m}: {path} holds rev {rev}; rev {last_ok} was acknowledged"),
@@ -177,7 +200,7 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
                     "lost_write",
                     format!("mount {m}: {path} is gone; its create was acknowledged"),
                 )),
-                Some(c) if crate::workload::hash(&c) != op.hash => out.push(v(
+                Some(c) if c.hash != op.hash => out.push(v(
                     "lost_write",
                     format!("mount {m}: {path} holds other bytes than were written"),
                 )),
@@ -323,7 +346,11 @@ mod tests {
         let ops = vec![save(p, 1, 0.0, 10.0, true), save(p, 2, 20.0, 30.0, false)];
         let view = |rev: Option<u64>| FinalView {
             client: 0,
-            files: [(p.to_string(), rev.map(|r| page_content("x.txt", r, 100)))].into(),
+            files: [(
+                p.to_string(),
+                rev.map(|r| Seen::page("x.txt", &page_content("x.txt", r, 100))),
+            )]
+            .into(),
             log: Vec::new(),
         };
         assert!(check_final(&ops, &[view(Some(1))]).is_empty());

@@ -8,6 +8,7 @@
 //! violation, 2 when the run itself could not be done.
 
 mod check;
+mod http;
 mod net;
 mod report;
 mod run;

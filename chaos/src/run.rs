@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::check::{self, FinalView, Seen};
+use crate::http;
 use crate::report::{FaultWindow, Report};
-use crate::scenario::{FaultKind, Sabotage, Scenario};
+use crate::scenario::{FaultKind, Mode, Sabotage, Scenario};
 use crate::workload::{self, History, Kind, LOG, PAGES, SCRATCH};
 use crate::world::World;
 
@@ -170,6 +171,13 @@ async fn drive(
     world.bitrot_candidates = workload::prepare(&world.mounts[0].path, &history, &s.workload)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
+    // In HTTP mode, one wiki per mount: two web hosts over one wiki.
+    let mut wikis = Vec::new();
+    if s.workload.mode == Mode::Http {
+        for m in &world.mounts {
+            wikis.push(http::start_wiki(&m.path.join("wiki"))?);
+        }
+    }
     for (c, m) in world.mounts.iter().enumerate() {
         let ctx = |history: &History| workload::Ctx {
             history: history.clone(),
@@ -178,16 +186,21 @@ async fn drive(
             client: c,
             root: m.path.clone(),
         };
+        let port = wikis.get(c).map(|(_, p)| *p);
         for w in 0..s.workload.writers {
             let ctx = ctx(&history);
-            threads.push(std::thread::spawn(move || workload::editor(ctx, w)));
+            threads.push(match port {
+                Some(port) => std::thread::spawn(move || http::editor(ctx, w, port)),
+                None => std::thread::spawn(move || workload::editor(ctx, w)),
+            });
         }
         for r in 0..s.workload.readers {
             let ctx = ctx(&history);
             let (clients, seed) = (s.clients, seed ^ ((c * 64 + r) as u64));
-            threads.push(std::thread::spawn(move || {
-                workload::reader(ctx, r, clients, seed)
-            }));
+            threads.push(match port {
+                Some(port) => std::thread::spawn(move || http::reader(ctx, r, clients, port, seed)),
+                None => std::thread::spawn(move || workload::reader(ctx, r, clients, seed)),
+            });
         }
     }
     let t0 = history.t0();
@@ -307,12 +320,17 @@ async fn drive(
         anyhow::bail!("interrupted");
     }
     let ops = history.snapshot();
-    let views: Vec<FinalView> = world
+    let mut views: Vec<FinalView> = world
         .mounts
         .iter()
         .enumerate()
         .map(|(c, m)| final_view(c, &m.path, &ops))
         .collect();
+    // Wiki pages as the wikis show them.
+    for (view, (_, port)) in views.iter_mut().zip(&wikis) {
+        view.files.extend(http::final_pages(*port, &ops));
+    }
+    drop(wikis);
     let mut violations = check::check_reads(&ops);
     violations.extend(check::check_final(&ops, &views));
     if s.check.no_failures {
@@ -356,7 +374,13 @@ fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
         {
             let content = std::fs::read(root.join(&op.path)).ok();
             let name = op.path.rsplit('/').next().unwrap_or(&op.path);
-            let seen = content.map(|c| if op.kind == Kind::Save { Seen::page(name, &c) } else { Seen::file(&c) });
+            let seen = content.map(|c| {
+                if op.kind == Kind::Save {
+                    Seen::page(name, &c)
+                } else {
+                    Seen::file(&c)
+                }
+            });
             view.files.insert(op.path.clone(), seen);
         }
     }
@@ -366,7 +390,10 @@ fn final_view(client: usize, root: &Path, ops: &[workload::Op]) -> FinalView {
         for e in dir.flatten() {
             let rel = format!("{SCRATCH}/{}", e.file_name().to_string_lossy());
             if !view.files.contains_key(&rel) {
-                view.files.insert(rel.clone(), std::fs::read(e.path()).ok().map(|c| Seen::file(&c)));
+                view.files.insert(
+                    rel.clone(),
+                    std::fs::read(e.path()).ok().map(|c| Seen::file(&c)),
+                );
             }
         }
     }

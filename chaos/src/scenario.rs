@@ -49,6 +49,10 @@ fn default_clients() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
+    /// "files": file operations through the mounts; "http": wiki-cgi served
+    /// from each mount, driven through its edit form and page views.
+    #[serde(default)]
+    pub mode: Mode,
     /// Editors per mount: each owns its pages and saves them the way wikis do
     /// (mkdir lock, temp file, fsync, rename, rmdir) and appends to a shared log.
     #[serde(default = "one")]
@@ -74,6 +78,14 @@ fn static_pages() -> usize {
     8
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Files,
+    Http,
+}
+
 fn one() -> usize {
     1
 }
@@ -90,6 +102,7 @@ fn think_ms() -> u64 {
 impl Default for Workload {
     fn default() -> Self {
         Workload {
+            mode: Mode::Files,
             writers: 1,
             readers: 1,
             pages: 4,

@@ -143,7 +143,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// Runs `f`, records it, returns its result.
-    fn record<T>(
+    pub fn record<T>(
         &self,
         worker: &str,
         kind: Kind,

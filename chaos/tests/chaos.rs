@@ -19,7 +19,11 @@ fn repo() -> PathBuf {
 }
 
 fn show(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn report(dir: &Path) -> serde_json::Value {
@@ -32,11 +36,20 @@ fn leftovers(pid: u32) -> Vec<String> {
     let mut left = Vec::new();
     let prefix = format!("fschaos{pid}-");
     if let Ok(dir) = std::fs::read_dir("/run/netns") {
-        left.extend(dir.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with(&prefix)));
+        left.extend(
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&prefix)),
+        );
     }
     let work = format!("{}/failsafe-chaos-{pid}", std::env::temp_dir().display());
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    left.extend(mounts.lines().filter(|l| l.contains(&work)).map(str::to_string));
+    left.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&work))
+            .map(str::to_string),
+    );
     if Path::new(&work).exists() {
         left.push(work.clone());
     }
@@ -60,7 +73,13 @@ fn the_ci_scenarios_lose_nothing_and_nobody_notices() {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     scenarios.sort();
-    let out = chaos().arg("run").args(&scenarios).arg("--report").arg(out_dir.path()).output().unwrap();
+    let out = chaos()
+        .arg("run")
+        .args(&scenarios)
+        .arg("--report")
+        .arg(out_dir.path())
+        .output()
+        .unwrap();
     let text = show(&out);
     eprintln!("{text}");
     assert!(out.status.success(), "a CI scenario failed:\n{text}");
@@ -70,8 +89,14 @@ fn the_ci_scenarios_lose_nothing_and_nobody_notices() {
         let r = report(&dir);
         assert_eq!(r["violations"].as_array().map(Vec::len), Some(0), "{name}");
         assert_eq!(r["failed_operations"], 0, "{name}");
-        assert!(r["operations"].as_u64().unwrap() > 100, "{name}: the workload ran");
-        assert!(!r["faults"].as_array().unwrap().is_empty(), "{name}: its faults were injected");
+        assert!(
+            r["operations"].as_u64().unwrap() > 100,
+            "{name}: the workload ran"
+        );
+        assert!(
+            !r["faults"].as_array().unwrap().is_empty(),
+            "{name}: its faults were injected"
+        );
         assert!(dir.join("latency.svg").exists() && dir.join("history.jsonl").exists());
     }
 }
@@ -84,13 +109,31 @@ fn the_checker_fails_a_run_whose_files_change_behind_the_mounts_back() {
         ("delete-behind-mount.toml", &["lost_write"][..]),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let out = chaos().arg("run").arg(repo().join("scenarios/checker").join(file)).arg("--report").arg(dir.path()).output().unwrap();
+        let out = chaos()
+            .arg("run")
+            .arg(repo().join("scenarios/checker").join(file))
+            .arg("--report")
+            .arg(dir.path())
+            .output()
+            .unwrap();
         let text = show(&out);
-        assert_eq!(out.status.code(), Some(1), "{file}: the checker must fail the run:\n{text}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{file}: the checker must fail the run:\n{text}"
+        );
         let r = report(dir.path());
-        let found: Vec<&str> = r["violations"].as_array().unwrap().iter().filter_map(|v| v["rule"].as_str()).collect();
+        let found: Vec<&str> = r["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v["rule"].as_str())
+            .collect();
         for rule in rules {
-            assert!(found.contains(rule), "{file}: expected a {rule} violation, got {found:?}");
+            assert!(
+                found.contains(rule),
+                "{file}: expected a {rule} violation, got {found:?}"
+            );
         }
         assert!(text.contains("VIOLATION"), "{text}");
     }
@@ -114,7 +157,10 @@ fn an_interrupted_or_killed_run_leaves_nothing_behind() {
         // Wait until the run has built its world (mounts are up).
         let work = std::env::temp_dir().join(format!("failsafe-chaos-{pid}"));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().contains(&work.display().to_string()) {
+        while !std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .contains(&work.display().to_string())
+        {
             assert!(Instant::now() < deadline, "the run never mounted");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -130,6 +176,9 @@ fn an_interrupted_or_killed_run_leaves_nothing_behind() {
             assert!(out.status.success(), "{}", show(&out));
         }
         let left = leftovers(pid);
-        assert!(left.is_empty(), "after signal {signal}: left behind {left:#?}");
+        assert!(
+            left.is_empty(),
+            "after signal {signal}: left behind {left:#?}"
+        );
     }
 }

@@ -69,6 +69,28 @@ impl Drop for Stopped {
     }
 }
 
+/// Starts `wiki-cgi serve` (`cmd`, possibly prepared) on `data` at a free
+/// loopback port; returns once it accepts connections.
+pub fn start_wiki(mut cmd: Command, data: &Path) -> anyhow::Result<(Stopped, u16)> {
+    std::fs::create_dir_all(data)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = cmd
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting wiki-cgi")?;
+    let w = Stopped(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "wiki-cgi did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((w, port))
+}
+
 /// Whether something is mounted at `path` (as `/proc/self/mounts` spells it).
 pub fn is_mounted(path: &Path) -> bool {
     let target = path.display().to_string();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use failsafe_fsd::httpc::{form_value, request};
-use failsafe_fsd::local::{is_mounted, sibling_binary, LocalCluster, Stopped};
+use failsafe_fsd::local::{self, is_mounted, sibling_binary, LocalCluster, Stopped};
 
 #[derive(Parser)]
 #[command(version, about = "Benchmark the wiki on a failsafe mount against a local directory")]
@@ -28,29 +28,10 @@ struct Args {
     readers: usize,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
-    std::fs::create_dir_all(data)?;
-    let port = free_port()?;
-    let child = Command::new(sibling_binary("wiki-cgi")?)
-        .args(["serve", "--data"])
-        .arg(data)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::null())
-        .spawn()?;
-    let w = Stopped(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "wiki-cgi did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((w, port))
+    local::start_wiki(Command::new(sibling_binary("wiki-cgi")?), data)
 }
 
-/// (saves/s, reads/s, errors) over `secs` seconds.
 fn drive(port: u16, secs: u64, editors: usize, readers: usize) -> (f64, f64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
     let (saves, reads, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));

@@ -1,0 +1,210 @@
+//! The HTTP workload: wiki-cgi served from each mount (two web hosts over
+//! one wiki), editors saving through its edit form, readers viewing pages.
+//! Every page's text carries its revision and a checksum of its body, so a
+//! view shows which save it is.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use failsafe_fsd::httpc::{form_value, request};
+use failsafe_fsd::local::{self, die_with_parent, sibling_binary, Stopped};
+use rand::{Rng, SeedableRng};
+
+use crate::check::Seen;
+use crate::workload::{Ctx, Kind};
+
+/// The logical path of a wiki page in the history.
+pub fn page_path(name: &str) -> String {
+    format!("wiki/{name}")
+}
+
+pub fn page_name(c: usize, w: usize, p: usize) -> String {
+    format!("C{c}W{w}P{p}")
+}
+
+/// Starts `wiki-cgi serve` on `data` at a free loopback port.
+pub fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
+    let mut cmd = Command::new(sibling_binary("wiki-cgi")?);
+    die_with_parent(&mut cmd);
+    local::start_wiki(cmd, data)
+}
+
+/// A page's text and the checksum its view will show.
+fn page_text(name: &str, rev: u64, size: usize) -> (String, String) {
+    let line = format!("{name} revision {rev} line of text for the wiki\n");
+    let target = size / 2 + (rev as usize * 997) % size.max(1);
+    let mut body = String::new();
+    while body.len() < target {
+        body.push_str(&line);
+    }
+    let sum = crate::workload::hash(body.as_bytes())[..16].to_string();
+    (
+        format!("page {name} rev {rev}\n\nchecksum {sum}\n\n{body}"),
+        sum,
+    )
+}
+
+/// What a page view shows: its revision and checksum (None: no such page).
+pub fn parse_view(name: &str, html: &str) -> Option<Seen> {
+    if html.contains("does not exist yet") {
+        return None;
+    }
+    let rev = html
+        .split(&format!("page {name} rev "))
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse().ok());
+    let hash = html
+        .split("checksum ")
+        .nth(1)
+        .map(|r| r.chars().take(16).collect())
+        .unwrap_or_default();
+    Some(Seen { rev, hash })
+}
+
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            b' ' => "+".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn http_err(what: &str, status: u16) -> std::io::Error {
+    std::io::Error::other(format!("{what}: HTTP {status}"))
+}
+
+/// One editor: opens the edit form and saves, like a person with a browser.
+pub fn editor(ctx: Ctx, w: usize, port: u16) {
+    let me = format!("c{}w{w}", ctx.client);
+    let cookie = format!(
+        "wikicsrf={:032x}",
+        0xc4a0_0000u128 + (ctx.client * 64 + w) as u128
+    );
+    let mut rev = 0u64;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        rev += 1;
+        let name = page_name(ctx.client, w, rev as usize % ctx.cfg.pages);
+        let (text, sum) = page_text(&name, rev, ctx.cfg.page_bytes);
+        ctx.record(
+            &me,
+            Kind::Save,
+            &page_path(&name),
+            || {
+                let form = request(port, "GET", &format!("/edit/{name}"), "", &cookie)?;
+                if form.status != 200 {
+                    return Err(http_err("edit form", form.status));
+                }
+                let field = |f| {
+                    form_value(&form.body, f)
+                        .map(str::to_string)
+                        .ok_or_else(|| std::io::Error::other(format!("edit form without {f}")))
+                };
+                let (base, csrf) = (field("base")?, field("csrf")?);
+                let body = format!(
+                    "base={base}&csrf={csrf}&summary=chaos&text={}",
+                    form_encode(&text)
+                );
+                let r = request(port, "POST", &format!("/save/{name}"), &body, &cookie)?;
+                if r.status != 303 {
+                    return Err(http_err("save", r.status));
+                }
+                Ok(())
+            },
+            |_| (rev, sum.clone(), String::new()),
+        );
+        std::thread::sleep(Duration::from_millis(ctx.cfg.think_ms));
+    }
+}
+
+/// One reader: views pages of the editors on the other web host.
+pub fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
+    let me = format!("c{}r{r}", ctx.client);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let c = if clients == 1 {
+            0
+        } else {
+            (ctx.client + 1 + rng.random_range(0..clients - 1)) % clients
+        };
+        let name = page_name(
+            c,
+            rng.random_range(0..ctx.cfg.writers),
+            rng.random_range(0..ctx.cfg.pages),
+        );
+        ctx.record(
+            &me,
+            Kind::Read,
+            &page_path(&name),
+            || {
+                let page = request(port, "GET", &format!("/page/{name}"), "", "")?;
+                if page.status != 200 {
+                    return Err(http_err("view", page.status));
+                }
+                Ok(parse_view(&name, &page.body))
+            },
+            |seen| match seen {
+                None => (0, String::new(), String::new()),
+                Some(Seen {
+                    rev: Some(rev),
+                    hash,
+                }) => (*rev, hash.clone(), String::new()),
+                Some(Seen { rev: None, hash }) => (
+                    u64::MAX,
+                    hash.clone(),
+                    "a view without a page header".into(),
+                ),
+            },
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every page the history saved, as the wiki at `port` shows it now.
+pub fn final_pages(
+    port: u16,
+    ops: &[crate::workload::Op],
+) -> std::collections::BTreeMap<String, Option<Seen>> {
+    let mut out = std::collections::BTreeMap::new();
+    for op in ops.iter().filter(|o| o.kind == Kind::Save) {
+        let Some(name) = op.path.strip_prefix("wiki/") else {
+            continue;
+        };
+        if out.contains_key(&op.path) {
+            continue;
+        }
+        let seen = match request(port, "GET", &format!("/page/{name}"), "", "") {
+            Ok(p) if p.status == 200 => parse_view(name, &p.body),
+            Ok(p) => Some(Seen {
+                rev: None,
+                hash: format!("HTTP {}", p.status),
+            }),
+            Err(e) => Some(Seen {
+                rev: None,
+                hash: format!("unreachable: {e}"),
+            }),
+        };
+        out.insert(op.path.clone(), seen);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_shows_revision_and_checksum() {
+        let (text, sum) = page_text("C0W0P1", 12, 300);
+        let html = format!("<h1>C0W0P1</h1><p>{}</p>", text.replace("\n\n", "</p><p>"));
+        let seen = parse_view("C0W0P1", &html).unwrap();
+        assert_eq!(seen.rev, Some(12));
+        assert_eq!(seen.hash, sum);
+        assert!(parse_view("X", "<p>This page does not exist yet.</p>").is_none());
+        assert_eq!(form_encode("a b\n&"), "a+b%0A%26");
+    }
+}
