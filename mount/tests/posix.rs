@@ -195,6 +195,41 @@ async fn t20_close_to_open_across_two_mounts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
+    // A reader's lookup may find the old inode just before another mount's
+    // rename replaces it; the open must then find the new file, not ENOENT.
+    let env = Env::start(2).await;
+    let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
+    fs::write(a.join("page.txt"), "rev 0").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                fs::write(a.join("page.tmp"), format!("rev {n}")).unwrap();
+                fs::rename(a.join("page.tmp"), a.join("page.txt")).unwrap();
+            }
+            n
+        })
+    };
+    let (mut reads, mut missing) = (0, Vec::new());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        reads += 1;
+        match fs::read_to_string(b.join("page.txt")) {
+            Ok(text) => assert!(text.starts_with("rev "), "{text:?}"),
+            Err(e) => missing.push(e.to_string()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let saves = writer.join().unwrap();
+    eprintln!("{reads} reads during {saves} renames");
+    assert!(missing.is_empty(), "{} of {reads} reads failed: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn t21_lock_idioms_are_atomic_across_mounts() {
     let env = Env::start(2).await;
     let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
