@@ -123,6 +123,16 @@ impl Net {
         Ok(())
     }
 
+    /// Builds the namespace of one more host; returns its index.
+    pub fn add_host(&mut self) -> anyhow::Result<usize> {
+        let i = self.hosts;
+        let addr = format!("10.199.1.{}", i + 1);
+        self.hosts += 1;
+        self.host_ips.push(addr.clone());
+        self.attach(&self.host_ns(i), &format!("h{i}"), &addr)?;
+        Ok(i)
+    }
+
     /// Pulls host i's cable (or plugs it back in).
     pub fn set_cable(&self, i: usize, plugged: bool) -> anyhow::Result<()> {
         ip(&[

@@ -220,6 +220,16 @@ async fn drive(
         }
         let now = t0.elapsed().as_secs_f64();
         if step.start {
+            if f.kind == FaultKind::AddHost {
+                let zone = f.zone.clone().unwrap_or_default();
+                let h = world.add_host(&zone, s.device_mb).await?;
+                let what = format!("host {h} added in zone {zone} at {}", world.cluster.hosts[h].addr);
+                println!("  {now:6.1}s  {what}");
+                let end_s = t0.elapsed().as_secs_f64();
+                windows.push(FaultWindow { kind: f.kind, host: h, what, start_s: now, end_s });
+                last_end = last_end.max(end_s);
+                continue;
+            }
             let target = match f.kind {
                 FaultKind::RollingRestart => step.rep,
                 _ => {

@@ -175,6 +175,9 @@ pub enum FaultKind {
     LeaderKill,
     /// Every host in turn restarted cleanly, `every_s` apart.
     RollingRestart,
+    /// A blank box joins in zone `zone`: a learner, then a voter; copies
+    /// reach it by rebalancing.
+    AddHost,
 }
 
 impl FaultKind {
@@ -202,6 +205,9 @@ pub struct Fault {
     pub repeat: usize,
     #[serde(default = "every_s")]
     pub every_s: f64,
+    /// The zone of the host `add_host` brings.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 fn follower() -> String {
@@ -219,7 +225,7 @@ impl Fault {
     pub fn end_s(&self, hosts: usize) -> f64 {
         match self.kind {
             FaultKind::RollingRestart => self.at_s + self.every_s * hosts as f64,
-            FaultKind::Bitrot => self.at_s,
+            FaultKind::Bitrot | FaultKind::AddHost => self.at_s,
             _ => self.at_s + self.every_s * (self.repeat.max(1) - 1) as f64 + self.for_s,
         }
     }
@@ -260,7 +266,11 @@ impl Scenario {
         if self.workload.writers == 0 || self.workload.pages == 0 {
             bail!("workload: at least one writer and one page");
         }
+        let added = self.faults.iter().filter(|f| f.kind == FaultKind::AddHost).count();
         for f in &self.faults {
+            if f.kind == FaultKind::AddHost && f.zone.as_deref().is_none_or(str::is_empty) {
+                bail!("add_host at {}s: needs zone", f.at_s);
+            }
             if f.at_s < 0.0 || f.end_s(self.zones.len()) > self.duration_s {
                 bail!(
                     "fault {:?} at {}s: must start and end within duration_s ({})",
@@ -276,7 +286,7 @@ impl Scenario {
                     .is_some_and(|z| self.zones.iter().any(|x| x == z))
                 || t.strip_prefix("host:")
                     .and_then(|n| n.parse::<usize>().ok())
-                    .is_some_and(|n| n < self.zones.len());
+                    .is_some_and(|n| n < self.zones.len() + added);
             if !ok {
                 bail!("fault target {t:?}: leader, follower, zone:NAME or host:N");
             }
@@ -320,6 +330,7 @@ impl Scenario {
                 for_s: rng.random_range(3.0..15.0_f64).round(),
                 repeat: if kind == FaultKind::LeaderKill { 3 } else { 1 },
                 every_s: 10.0,
+                zone: None,
             };
             let end = f.end_s(hosts);
             if end + 20.0 > duration_s {

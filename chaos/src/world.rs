@@ -47,52 +47,15 @@ impl World {
             mounts: Vec::new(),
             work: work.to_path_buf(),
             tmpfs: Vec::new(),
-            fillers: vec![None; s.zones.len()],
+            fillers: Vec::new(),
             devices: Vec::new(),
-            zones: s.zones.clone(),
+            zones: Vec::new(),
             bitrot_candidates: Vec::new(),
             bitrot_next: 0,
         };
-        for (i, zone) in s.zones.iter().enumerate() {
-            let dir = work.join(format!("host{i}-{zone}"));
-            let dev = dir.join("dev");
-            std::fs::create_dir_all(&dev)?;
-            if s.device_mb > 0 {
-                let ok = Command::new("mount")
-                    .args([
-                        "-t",
-                        "tmpfs",
-                        "-o",
-                        &format!("size={}m", s.device_mb),
-                        "failsafe-chaos",
-                    ])
-                    .arg(&dev)
-                    .status()
-                    .context("mount tmpfs")?;
-                if !ok.success() {
-                    bail!(
-                        "could not mount a {} MiB tmpfs at {}",
-                        s.device_mb,
-                        dev.display()
-                    );
-                }
-                w.tmpfs.push(dev.clone());
-            }
-            let h = w.cluster.define_host(
-                &dir,
-                zone,
-                &["--device".to_string(), dev.display().to_string()],
-            );
-            w.devices.push(dev);
-            let port = match &w.net {
-                Some(net) => {
-                    w.cluster.hosts[h].listen_ip = net.host_ips[i].clone();
-                    w.cluster.hosts[h].netns = Some(Net::ns_path(&net.host_ns(i)));
-                    PORT
-                }
-                None => 0,
-            };
-            w.cluster.start_host(h, port)?;
+        for zone in &s.zones {
+            w.start_new_host(zone, s.device_mb)?;
+            w.zones.push(zone.clone());
         }
         w.cluster.bootstrap().await?;
         for c in 0..s.clients {
@@ -100,6 +63,49 @@ impl World {
             w.mount(c, &zone)?;
         }
         Ok(w)
+    }
+
+    /// Defines and starts one more fsd (not yet a member) in `zone`.
+    fn start_new_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
+        let i = self.cluster.hosts.len();
+        let dir = self.work.join(format!("host{i}-{zone}"));
+        let dev = dir.join("dev");
+        std::fs::create_dir_all(&dev)?;
+        if device_mb > 0 {
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={device_mb}m"), "failsafe-chaos"])
+                .arg(&dev)
+                .status()
+                .context("mount tmpfs")?;
+            if !ok.success() {
+                bail!("could not mount a {device_mb} MiB tmpfs at {}", dev.display());
+            }
+            self.tmpfs.push(dev.clone());
+        }
+        let h = self.cluster.define_host(&dir, zone, &["--device".to_string(), dev.display().to_string()]);
+        self.devices.push(dev);
+        self.fillers.push(None);
+        let port = match self.net.as_mut() {
+            Some(net) => {
+                let n = if h < net.host_ips.len() { h } else { net.add_host()? };
+                self.cluster.hosts[h].listen_ip = net.host_ips[n].clone();
+                self.cluster.hosts[h].netns = Some(Net::ns_path(&net.host_ns(n)));
+                PORT
+            }
+            None => 0,
+        };
+        self.cluster.start_host(h, port)?;
+        Ok(h)
+    }
+
+    /// A blank box joins: a new host in `zone`, admitted to the cluster (a
+    /// learner that catches up, then a voter); copies reach it by rebalancing.
+    pub async fn add_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
+        let h = self.start_new_host(zone, device_mb)?;
+        self.zones.push(zone.to_string());
+        let client = self.client().await?;
+        self.cluster.admit(h, &client).await?;
+        Ok(h)
     }
 
     fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
@@ -279,6 +285,7 @@ impl World {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
             }
+            FaultKind::AddHost => bail!("add_host is not a fault of an existing host"),
         })
     }
 
@@ -322,7 +329,7 @@ impl World {
                 }
                 format!("device of host {i} freed")
             }
-            FaultKind::Bitrot | FaultKind::RollingRestart => String::new(),
+            FaultKind::Bitrot | FaultKind::RollingRestart | FaultKind::AddHost => String::new(),
         })
     }
 

@@ -335,12 +335,8 @@ impl LocalCluster {
             .into_inner();
         self.cluster_id = init.cluster_id;
         let client = Client::connect(ClientConfig { addrs: vec![first], ..self.client_config() }).await?;
-        for h in &self.hosts[1..] {
-            admin_for(&h.addr, timeout)?
-                .adopt(pb::AdoptRequest { header: Some(header("")), cluster_id: self.cluster_id.clone() })
-                .await
-                .with_context(|| format!("adopt at {}", h.addr))?;
-            client.add_host(&h.addr).await.with_context(|| format!("adding {}", h.addr))?;
+        for i in 1..self.hosts.len() {
+            self.admit(i, &client).await?;
         }
         let client = self.client().await?;
         self.wait_for(Duration::from_secs(30), "all hosts voters and devices reported", |s| {
@@ -350,6 +346,18 @@ impl LocalCluster {
         })
         .await?;
         Ok(client)
+    }
+
+    /// Admits started host `i` to the cluster: it adopts the cluster id, then
+    /// joins as a learner that catches up and becomes a voter.
+    pub async fn admit(&self, i: usize, client: &Client) -> anyhow::Result<()> {
+        let addr = &self.hosts[i].addr;
+        admin_for(addr, Duration::from_secs(10))?
+            .adopt(pb::AdoptRequest { header: Some(header("")), cluster_id: self.cluster_id.clone() })
+            .await
+            .with_context(|| format!("adopt at {addr}"))?;
+        client.add_host(addr).await.with_context(|| format!("adding {addr}"))?;
+        Ok(())
     }
 
     /// Polls the status until `cond` holds.
