@@ -6,6 +6,11 @@
 //! hash again; a block whose bytes no longer match is moved to the device's
 //! `quarantine/` and reported as corrupt, never served.
 //!
+//! A block's file modification time says when it was last stored: a put of a
+//! block already there refreshes it, and a delete can be told to keep a block
+//! stored more recently than some age (a client may have just put it for a
+//! write it has not committed yet).
+//!
 //! This crate never touches the network and is synchronous: the daemon calls
 //! it from blocking threads.
 
@@ -14,6 +19,8 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
 use failsafe_core::{block_hash, hash_hex, HASH_LEN, MAX_BLOCK_BYTES};
 
@@ -50,6 +57,24 @@ pub struct DeviceUsage {
     pub free_bytes: u64,
     pub used_bytes: u64,
     pub blocks: u64,
+}
+
+/// A block file as a listing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub hash: Hash,
+    pub size: u64,
+    /// When it was last stored (written, or put again).
+    pub stored_at: SystemTime,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Absent,
+    /// Stored more recently than the minimum age asked for: kept.
+    TooRecent,
+    Removed { bytes: u64 },
 }
 
 struct Device {
@@ -142,6 +167,23 @@ fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 pub struct BlockStore {
     devices: Vec<Device>,
     by_id: HashMap<u64, usize>,
+    /// Serializes a put that finds its block already there (and refreshes
+    /// its time) with a delete that checks that time, so a delete never
+    /// removes a block a put has just answered for. A std Mutex: held for a
+    /// stat and a rename or an unlink, on a blocking thread.
+    refresh: Mutex<()>,
+}
+
+/// Sorted names in `dir`; a directory that is not there is empty.
+fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut names: Vec<String> = entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    names.sort();
+    Ok(names)
 }
 
 impl BlockStore {
@@ -153,7 +195,7 @@ impl BlockStore {
             by_id.insert(dev.id, devices.len());
             devices.push(dev);
         }
-        Ok(BlockStore { devices, by_id })
+        Ok(BlockStore { devices, by_id, refresh: Mutex::new(()) })
     }
 
     fn device(&self, id: u64) -> Result<&Device, StoreError> {
@@ -194,8 +236,14 @@ impl BlockStore {
         }
         let dev = self.device(device_id)?;
         let path = dev.block_path(hash);
-        if path.exists() {
-            return Ok(());
+        {
+            let _held = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+            match File::options().write(true).open(&path) {
+                // Already there: it counts as stored now.
+                Ok(f) => return f.set_modified(SystemTime::now()).map_err(io_err(&path)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
         }
         let dir = path.parent().unwrap_or(&dev.root);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -238,10 +286,13 @@ impl BlockStore {
         };
         if &block_hash(&data) != hash {
             let hex = hash_hex(hash);
-            tracing::error!(device = format!("{:#x}", dev.id), block = %hex, "corrupt block quarantined");
-            let _ = fs::rename(&path, dev.root.join("quarantine").join(&hex));
-            dev.used_bytes.fetch_sub((data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-            dev.blocks.fetch_sub(1, Ordering::Relaxed);
+            // A reader and the scrub may find it at once: whoever moves it
+            // out of the way reports it and counts it gone.
+            if fs::rename(&path, dev.root.join("quarantine").join(&hex)).is_ok() {
+                tracing::error!(device = format!("{:#x}", dev.id), block = %hex, "corrupt block quarantined");
+                dev.used_bytes.fetch_sub((data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                dev.blocks.fetch_sub(1, Ordering::Relaxed);
+            }
             return Err(StoreError::Corrupt { device: dev.id, hash: hex });
         }
         Ok((dev.id, data))
@@ -250,6 +301,11 @@ impl BlockStore {
     /// The device holding `hash`, if any (by presence, not verified).
     pub fn has(&self, hash: &Hash) -> Option<u64> {
         self.devices.iter().find(|d| d.block_path(hash).exists()).map(|d| d.id)
+    }
+
+    /// Whether `device_id` holds `hash` (by presence, not verified).
+    pub fn has_on(&self, device_id: u64, hash: &Hash) -> Result<bool, StoreError> {
+        Ok(self.device(device_id)?.block_path(hash).exists())
     }
 
     /// Every block on `device_id` (or on every device): hash, size, device.
@@ -265,18 +321,60 @@ impl BlockStore {
         Ok(out)
     }
 
-    pub fn delete(&self, device_id: u64, hash: &Hash) -> Result<bool, StoreError> {
+    /// Deletes block `hash` from `device_id`, unless it was stored less than
+    /// `min_age` ago (a zero age deletes whatever its time).
+    pub fn delete(&self, device_id: u64, hash: &Hash, min_age: Duration) -> Result<Removal, StoreError> {
         let dev = self.device(device_id)?;
         let path = dev.block_path(hash);
-        let size = match fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        let _held = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removal::Absent),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        if !min_age.is_zero() {
+            // A time in the future (the clock stepped back) counts as new.
+            let age = meta.modified().ok().and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or_default();
+            if age < min_age {
+                return Ok(Removal::TooRecent);
+            }
+        }
         fs::remove_file(&path).map_err(io_err(&path))?;
+        let size = meta.len();
         dev.used_bytes.fetch_sub(size.min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         dev.blocks.fetch_sub(1, Ordering::Relaxed);
-        Ok(true)
+        Ok(Removal::Removed { bytes: size })
+    }
+
+    /// Up to `limit` blocks on `device_id` in hash order, starting after
+    /// `after`: a walk (scrub, garbage collection) that resumes where it
+    /// stopped and holds only one batch in memory.
+    pub fn list(&self, device_id: u64, after: Option<&Hash>, limit: usize) -> Result<Vec<StoredBlock>, StoreError> {
+        let dev = self.device(device_id)?;
+        let after = after.map(|h| hash_hex(h));
+        let (a1, a2) = after.as_deref().map_or(("", ""), |a| (&a[0..2], &a[2..4]));
+        let top = dev.root.join("blocks");
+        let mut out = Vec::new();
+        for l1 in sorted_names(&top)?.into_iter().filter(|n| n.as_str() >= a1) {
+            let d1 = top.join(&l1);
+            for l2 in sorted_names(&d1)?.into_iter().filter(|n| l1.as_str() > a1 || n.as_str() >= a2) {
+                let d2 = d1.join(&l2);
+                for name in sorted_names(&d2)? {
+                    if after.as_deref().is_some_and(|a| name.as_str() <= a) {
+                        continue;
+                    }
+                    let Some(hash) = parse_hex_hash(&name) else { continue };
+                    // Gone since the directory was read: deleted meanwhile.
+                    let Ok(meta) = fs::metadata(d2.join(&name)) else { continue };
+                    let stored_at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    out.push(StoredBlock { hash, size: meta.len(), stored_at });
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Where block `hash` lives on `device_id` (tests corrupt it there).
@@ -317,13 +415,63 @@ mod tests {
         s.put(d1, &h, &data).unwrap();
         s.put(d1, &h, &data).unwrap(); // idempotent
         assert_eq!(s.has(&h), Some(d1));
+        assert!(s.has_on(d1, &h).unwrap() && !s.has_on(d0, &h).unwrap());
         assert_eq!(s.get(&h, None).unwrap(), (d1, data.clone()));
         assert!(matches!(s.get(&h, Some(d0)), Err(StoreError::NotFound(_))));
         assert_eq!(s.inventory(None).unwrap(), vec![(h, data.len() as u64, d1)]);
         assert_eq!(s.usage().iter().map(|u| u.blocks).sum::<u64>(), 1);
-        assert!(s.delete(d1, &h).unwrap());
-        assert!(!s.delete(d1, &h).unwrap());
+        assert_eq!(s.delete(d1, &h, Duration::ZERO).unwrap(), Removal::Removed { bytes: data.len() as u64 });
+        assert_eq!(s.delete(d1, &h, Duration::ZERO).unwrap(), Removal::Absent);
         assert_eq!(s.has(&h), None);
+    }
+
+    #[test]
+    fn a_recently_stored_block_survives_a_delete_with_a_minimum_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1);
+        let d = s.device_ids()[0];
+        let data = b"young block".to_vec();
+        let h = block_hash(&data);
+        s.put(d, &h, &data).unwrap();
+        let path = s.block_path(d, &h).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        // A put of a block already there makes it young again.
+        s.put(d, &h, &data).unwrap();
+        assert_eq!(s.delete(d, &h, Duration::from_secs(60)).unwrap(), Removal::TooRecent);
+        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        assert_eq!(s.list(d, None, 10).unwrap()[0].stored_at, old);
+        assert!(matches!(s.delete(d, &h, Duration::from_secs(60)).unwrap(), Removal::Removed { .. }));
+        assert_eq!(s.get(&h, Some(d)).unwrap_err().to_string(), StoreError::NotFound(hash_hex(&h)).to_string());
+    }
+
+    #[test]
+    fn listing_walks_a_device_in_hash_order_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1);
+        let d = s.device_ids()[0];
+        let mut hashes: Vec<Hash> = (0u32..40)
+            .map(|i| {
+                let data = i.to_le_bytes().repeat(10);
+                let h = block_hash(&data);
+                s.put(d, &h, &data).unwrap();
+                h
+            })
+            .collect();
+        hashes.sort();
+        let mut seen = Vec::new();
+        let mut after: Option<Hash> = None;
+        loop {
+            let batch = s.list(d, after.as_ref(), 7).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            assert!(batch.len() <= 7);
+            after = batch.last().map(|b| b.hash);
+            seen.extend(batch.into_iter().map(|b| b.hash));
+        }
+        assert_eq!(seen, hashes);
+        assert!(s.list(d, Some(&[0xff; 32]), 10).unwrap().is_empty());
     }
 
     #[test]

@@ -82,6 +82,50 @@ impl Client {
         Ok(data)
     }
 
+    /// Which of `hashes` device `device_id` at `addr` holds (by presence).
+    pub async fn has_blocks(&self, addr: &str, device_id: u64, hashes: &[Vec<u8>]) -> Result<Vec<bool>, tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::HasRequest { header: self.header(), hashes: hashes.to_vec(), device_id });
+        let timeout = self.inner.cfg.rpc_timeout;
+        req.set_timeout(timeout);
+        let reply = match tokio::time::timeout(timeout, blocks.has(req)).await {
+            Ok(r) => r?.into_inner(),
+            Err(_) => {
+                self.record_timeout(addr);
+                return Err(tonic::Status::cancelled(format!("block lookup at {addr} timed out")));
+            }
+        };
+        if reply.device_ids.len() != hashes.len() {
+            let (got, asked) = (reply.device_ids.len(), hashes.len());
+            return Err(tonic::Status::internal(format!("{addr} answered for {got} of {asked} blocks")));
+        }
+        Ok(reply.device_ids.into_iter().map(|d| d == device_id).collect())
+    }
+
+    /// Deletes one block from one device, unless it was stored there less
+    /// than `min_age` ago. Only repair and garbage collection call this, and
+    /// only once the tracker no longer records the copy.
+    pub async fn delete_block(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+        min_age: Duration,
+    ) -> Result<pb::DeleteReply, tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let min_age_ms = min_age.as_millis().min(u128::from(u64::MAX)) as u64;
+        let mut req = tonic::Request::new(pb::DeleteRequest { header: self.header(), hash: hash.to_vec(), device_id, min_age_ms });
+        let timeout = self.inner.cfg.rpc_timeout;
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, blocks.delete(req)).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => {
+                self.record_timeout(addr);
+                Err(tonic::Status::cancelled(format!("block delete at {addr} timed out")))
+            }
+        }
+    }
+
     /// Writes blocks to the devices the tracker places them on. Returns, per
     /// block, the devices that hold it once at least the write quorum has it.
     pub async fn put_blocks(&self, blocks: &[Vec<u8>]) -> Result<Vec<pb::BlockCopies>, ClientError> {

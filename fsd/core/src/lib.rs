@@ -1,6 +1,6 @@
 //! The pure domain of failsafe: what a valid name is, where copies of a block
 //! go, how many acknowledgements make a write durable, how extents overlay,
-//! and which copies repair makes.
+//! which copies repair makes and which extra copies it trims.
 //!
 //! Nothing here does I/O, reads the clock or draws random numbers: placement
 //! is a function of the block hash and the layout, so every tracker member
@@ -13,8 +13,8 @@ pub mod repair;
 
 pub use extent::{overlay, Extent};
 pub use name::{validate_name, NameError};
-pub use placement::{place, place_more, Candidate, ReplicationClass};
-pub use repair::{plan_repair, BlockView, DeviceView, HostHealth, RepairAction};
+pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
+pub use repair::{plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
 
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;

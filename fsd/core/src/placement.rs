@@ -35,6 +35,27 @@ pub struct Candidate {
     pub zone: String,
 }
 
+/// Free space a device keeps in reserve: 1% of its capacity, at most
+/// 64 MiB, and never less than two of the largest blocks (a put must fit).
+pub fn reserve_bytes(capacity_bytes: u64) -> u64 {
+    (capacity_bytes / 100).min(64 << 20).max(2 * crate::MAX_BLOCK_BYTES as u64)
+}
+
+/// A device with less free space than its reserve is *full*: placement and
+/// repair put no new copies there.
+pub fn is_full(capacity_bytes: u64, free_bytes: u64) -> bool {
+    free_bytes < reserve_bytes(capacity_bytes)
+}
+
+/// The rendezvous score of `device_id` for `hash`: placement prefers low
+/// scores, so the device with the highest is the one it would pick last.
+pub fn rendezvous_score(hash: &[u8], device_id: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(hash);
+    h.update(&device_id.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
 /// Devices for the copies of `hash`, best first, at most `copies` of them.
 pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
     place_more(hash, candidates, &[], copies)
@@ -45,15 +66,7 @@ pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
 /// of the existing copies counted as taken. Repair uses it, so a rebuilt
 /// copy lands where a fresh write would have put it.
 pub fn place_more(hash: &[u8], candidates: &[Candidate], existing: &[Candidate], more: usize) -> Vec<u64> {
-    let mut ranked: Vec<(&Candidate, [u8; 32])> = candidates
-        .iter()
-        .map(|c| {
-            let mut h = blake3::Hasher::new();
-            h.update(hash);
-            h.update(&c.device_id.to_le_bytes());
-            (c, *h.finalize().as_bytes())
-        })
-        .collect();
+    let mut ranked: Vec<(&Candidate, [u8; 32])> = candidates.iter().map(|c| (c, rendezvous_score(hash, c.device_id))).collect();
     ranked.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.device_id.cmp(&b.0.device_id)));
 
     let want = existing.len() + more.min(candidates.len());
@@ -98,10 +111,8 @@ mod tests {
         }
         for i in 0u32..200 {
             let chosen = place(&i.to_le_bytes(), &cands, 3);
-            let zones: std::collections::BTreeSet<_> = chosen
-                .iter()
-                .map(|d| &cands.iter().find(|c| c.device_id == *d).unwrap().zone)
-                .collect();
+            let zones: std::collections::BTreeSet<_> =
+                chosen.iter().map(|d| &cands.iter().find(|c| c.device_id == *d).unwrap().zone).collect();
             assert_eq!(zones.len(), 3, "block {i}: {chosen:?}");
         }
     }
@@ -136,6 +147,20 @@ mod tests {
         }
         // With nothing existing it is `place`.
         assert_eq!(place_more(b"x", &cands, &[], 3), place(b"x", &cands, 3));
+    }
+
+    #[test]
+    fn a_device_is_full_below_a_small_reserve() {
+        let gib = 1u64 << 30;
+        // 1% of a small disk, but never less than two blocks.
+        assert_eq!(reserve_bytes(2 * gib), (2 * gib) / 100);
+        assert_eq!(reserve_bytes(100 << 20), 8 << 20);
+        // 64 MiB on a large disk.
+        assert_eq!(reserve_bytes(1000 * gib), 64 << 20);
+        assert!(is_full(1000 * gib, 63 << 20));
+        assert!(!is_full(1000 * gib, 65 << 20));
+        // Unknown capacity and no free space: full.
+        assert!(is_full(0, 0));
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Repair planning: which blocks need another copy, where to fetch it, and
-//! where to put it.
+//! where to put it; and which copies beyond the copy count to trim.
 //!
-//! The repair worker gathers a view (the blocks below their copy count, the
-//! devices and how their hosts are doing) and carries out the plan; the
-//! decisions are here, as a plain function of that view.
+//! The repair worker gathers a view (the blocks below or above their copy
+//! count, the devices and how their hosts are doing) and carries out the
+//! plan; the decisions are here, as plain functions of that view.
 
-use crate::placement::{place_more, Candidate};
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+
+use crate::placement::{place_more, rendezvous_score, Candidate};
 
 /// How the tracker leader sees a device's host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +30,10 @@ pub struct DeviceView {
     pub health: HostHealth,
     /// Enough free space to take another block.
     pub has_room: bool,
+    /// Last reported size and free space: trimming takes copies off the
+    /// fullest devices first.
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
 }
 
 /// A block and the devices its copies are recorded on.
@@ -83,12 +90,76 @@ pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) 
     plan
 }
 
+/// Drop the copies of `hash` on `drop`: they are beyond the copy count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrimAction {
+    pub hash: Vec<u8>,
+    pub drop: Vec<u64>,
+}
+
+/// Whether device `a` is fuller (a larger fraction used) than `b`. A device
+/// whose capacity is unknown counts as full.
+fn fuller(a: &DeviceView, b: &DeviceView) -> Ordering {
+    let used = |d: &DeviceView| (u128::from(d.capacity_bytes.saturating_sub(d.free_bytes)), u128::from(d.capacity_bytes));
+    let ((ua, ca), (ub, cb)) = (used(a), used(b));
+    match (ca, cb) {
+        (0, 0) => Ordering::Equal,
+        (0, _) => Ordering::Greater,
+        (_, 0) => Ordering::Less,
+        _ => (ua * cb).cmp(&(ub * ca)),
+    }
+}
+
+/// Plans trimming: for every block with more than `copies` copies on up
+/// hosts (a dead host came back, or repair raced a late write), which of
+/// those to drop so that `copies` remain. Only copies on up hosts are
+/// considered, counted and dropped: a copy on a host that is not answering
+/// can be neither deleted nor relied on. One at a time, it drops the copy
+/// whose loss leaves the most zones, then the most hosts; among equals the
+/// one on the fullest device, then the one placement would pick last.
+pub fn plan_trim(blocks: &[BlockView], devices: &[DeviceView], copies: usize) -> Vec<TrimAction> {
+    let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
+    let mut plan = Vec::new();
+    for b in blocks {
+        let mut keep: Vec<&DeviceView> =
+            b.holders.iter().filter_map(|&id| find(id)).filter(|d| d.health == HostHealth::Up).collect();
+        if copies == 0 || keep.len() <= copies {
+            continue;
+        }
+        let spread = |rest: &[&DeviceView], skip: usize| -> (usize, usize) {
+            let others = rest.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, d)| &d.candidate);
+            let zones: BTreeSet<&str> = others.clone().map(|c| c.zone.as_str()).collect();
+            let hosts: BTreeSet<u64> = others.map(|c| c.host_id).collect();
+            (zones.len(), hosts.len())
+        };
+        let mut drop = Vec::new();
+        while keep.len() > copies {
+            let better_to_drop = |i: usize, j: usize| -> Ordering {
+                spread(&keep, i).cmp(&spread(&keep, j)).then_with(|| fuller(keep[i], keep[j])).then_with(|| {
+                    rendezvous_score(&b.hash, keep[i].candidate.device_id)
+                        .cmp(&rendezvous_score(&b.hash, keep[j].candidate.device_id))
+                })
+            };
+            let Some(victim) = (0..keep.len()).max_by(|&i, &j| better_to_drop(i, j)) else { break };
+            drop.push(keep.remove(victim).candidate.device_id);
+        }
+        plan.push(TrimAction { hash: b.hash.clone(), drop });
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn dev(id: u64, zone: &str, health: HostHealth) -> DeviceView {
-        DeviceView { candidate: Candidate { device_id: id, host_id: id * 10, zone: zone.into() }, health, has_room: true }
+        DeviceView {
+            candidate: Candidate { device_id: id, host_id: id * 10, zone: zone.into() },
+            health,
+            has_room: true,
+            capacity_bytes: 1000,
+            free_bytes: 500,
+        }
     }
 
     fn block(hash: &[u8], holders: &[u64]) -> BlockView {
@@ -152,5 +223,64 @@ mod tests {
         let plan = plan_repair(&[block(b"x", &[1, 99])], &devices, 2);
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].targets, vec![2]);
+    }
+
+    #[test]
+    fn trimming_keeps_the_copy_count_on_up_hosts_in_the_most_zones() {
+        // Zone a holds two copies, b and c one each: one of zone a's goes.
+        let devices = vec![
+            dev(1, "a", HostHealth::Up),
+            dev(2, "a", HostHealth::Up),
+            dev(3, "b", HostHealth::Up),
+            dev(4, "c", HostHealth::Up),
+        ];
+        let plan = plan_trim(&[block(b"x", &[1, 2, 3, 4])], &devices, 3);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].drop.len(), 1);
+        assert!(plan[0].drop[0] == 1 || plan[0].drop[0] == 2, "{plan:?}");
+        // At the copy count, or below it, nothing is trimmed.
+        assert!(plan_trim(&[block(b"y", &[1, 3, 4]), block(b"z", &[1])], &devices, 3).is_empty());
+    }
+
+    #[test]
+    fn trimming_prefers_the_fullest_device_among_equals() {
+        let mut devices: Vec<DeviceView> =
+            ["a", "b", "c", "d", "e"].iter().enumerate().map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up)).collect();
+        devices[3].free_bytes = 100; // device 4: 90% used
+        devices[1].free_bytes = 200; // device 2: 80% used
+        let plan = plan_trim(&[block(b"x", &[1, 2, 3, 4, 5])], &devices, 3);
+        assert_eq!(plan[0].drop, vec![4, 2]);
+    }
+
+    #[test]
+    fn copies_on_hosts_not_up_are_neither_counted_nor_trimmed() {
+        let devices = vec![
+            dev(1, "a", HostHealth::Up),
+            dev(2, "b", HostHealth::Up),
+            dev(3, "c", HostHealth::Up),
+            dev(4, "d", HostHealth::Down),
+            dev(5, "e", HostHealth::Dead),
+        ];
+        // Three up copies: nothing to trim while 4 and 5 are away.
+        assert!(plan_trim(&[block(b"x", &[1, 2, 3, 4, 5])], &devices, 3).is_empty());
+        // Device 5's host is back: one up copy too many, and only an up one goes.
+        let mut back = devices.clone();
+        back[4].health = HostHealth::Up;
+        let plan = plan_trim(&[block(b"x", &[1, 2, 3, 4, 5])], &back, 3);
+        assert_eq!(plan[0].drop.len(), 1);
+        assert_ne!(plan[0].drop[0], 4);
+    }
+
+    #[test]
+    fn trimming_is_deterministic() {
+        let devices: Vec<DeviceView> =
+            ["a", "b", "c", "d"].iter().enumerate().map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up)).collect();
+        let mut rev = devices.clone();
+        rev.reverse();
+        for i in 0u32..50 {
+            let b = block(&i.to_le_bytes(), &[1, 2, 3, 4]);
+            let b_rev = block(&i.to_le_bytes(), &[4, 3, 2, 1]);
+            assert_eq!(plan_trim(&[b], &devices, 3), plan_trim(&[b_rev], &rev, 3));
+        }
     }
 }

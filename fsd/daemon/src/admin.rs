@@ -9,8 +9,10 @@ use failsafe_proto::{check_header, header, not_leader, PROTOCOL_VERSION};
 use failsafe_tracker::Tracker;
 use tonic::{Request, Response, Status};
 
+use crate::gc::Gc;
 use crate::identity::Identity;
 use crate::repair::Repair;
+use crate::scrub::Scrub;
 
 pub struct AdminService {
     pub tracker: Arc<Tracker>,
@@ -20,6 +22,8 @@ pub struct AdminService {
     pub advertise: String,
     pub rpc_timeout: Duration,
     pub repair: Arc<Repair>,
+    pub scrub: Arc<Scrub>,
+    pub gc: Arc<Gc>,
 }
 
 pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -196,6 +200,7 @@ impl Admin for AdminService {
         Ok(Response::new(pb::UpdateAddressReply {}))
     }
 
+    /// The tracker's status, plus this host's repair, scrub and gc workers.
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let req = req.into_inner();
         // A host outside any cluster still says so, with its own identity.
@@ -205,6 +210,8 @@ impl Admin for AdminService {
         }
         let mut status = self.tracker.status().await?;
         status.repair = Some(self.repair.status());
+        status.scrub = Some(self.scrub.status());
+        status.gc = Some(self.gc.status());
         Ok(Response::new(status))
     }
 }

@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use failsafe_blockstore::{BlockStore, StoreError};
+use failsafe_blockstore::{BlockStore, Removal, StoreError};
 use failsafe_core::{parse_hash, MAX_BLOCK_BYTES};
 use failsafe_proto::check_header;
 use failsafe_proto::pb::{self, blocks_server::Blocks};
@@ -132,7 +132,20 @@ impl Blocks for BlocksService {
         }
         let hashes = req.hashes.iter().map(|h| hash_arg(h)).collect::<Result<Vec<_>, _>>()?;
         let store = self.store.clone();
-        let device_ids = blocking(move || Ok(hashes.iter().map(|h| store.has(h).unwrap_or(0)).collect())).await?;
+        let device = req.device_id;
+        let device_ids = blocking(move || {
+            hashes
+                .iter()
+                .map(|h| {
+                    if device == 0 {
+                        Ok(store.has(h).unwrap_or(0))
+                    } else {
+                        store.has_on(device, h).map(|on| if on { device } else { 0 })
+                    }
+                })
+                .collect()
+        })
+        .await?;
         Ok(Response::new(pb::HasReply { device_ids }))
     }
 
@@ -163,7 +176,12 @@ impl Blocks for BlocksService {
         self.check(req.header.as_ref())?;
         let hash = hash_arg(&req.hash)?;
         let store = self.store.clone();
-        let existed = blocking(move || store.delete(req.device_id, &hash)).await?;
-        Ok(Response::new(pb::DeleteReply { existed }))
+        let min_age = std::time::Duration::from_millis(req.min_age_ms);
+        let removal = blocking(move || store.delete(req.device_id, &hash, min_age)).await?;
+        if let Removal::Removed { bytes } = removal {
+            inc(&self.metrics.gc_files_deleted, 1);
+            inc(&self.metrics.gc_bytes_deleted, bytes);
+        }
+        Ok(Response::new(pb::DeleteReply { existed: removal != Removal::Absent, kept: removal == Removal::TooRecent }))
     }
 }

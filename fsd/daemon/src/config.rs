@@ -78,6 +78,26 @@ pub struct RawConfig {
     /// Default 600000 (10 minutes).
     #[arg(long)]
     pub dead_after_ms: Option<u64>,
+    /// Scrub: re-read and re-hash every block on this host's devices at this
+    /// many MiB/s, so a copy that rotted where nobody reads it is found,
+    /// quarantined and replaced. 0 turns scrubbing off. Default 8.
+    #[arg(long)]
+    pub scrub_mb_per_s: Option<u64>,
+    /// A scrub pass over all the devices starts at most this often, in ms; a
+    /// pass that takes longer at the rate above is followed by the next at
+    /// once. Default 86400000 (a day).
+    #[arg(long)]
+    pub scrub_interval_ms: Option<u64>,
+    /// Garbage collection: a block no file references any more (an old
+    /// version of a rewritten or replaced file) is deleted this long (ms)
+    /// after it lost its last reference; a block file on a device that the
+    /// tracker has no record of is deleted once it is this old. It must
+    /// cover the time between a client storing a block and committing the
+    /// write that uses it, and the time a file stays readable by those who
+    /// opened it before it was replaced. At least 1000. Default 600000
+    /// (10 minutes).
+    #[arg(long)]
+    pub gc_grace_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -104,6 +124,9 @@ impl RawConfig {
             repair_concurrency: self.repair_concurrency.or(file.repair_concurrency),
             repair_bandwidth_mb: self.repair_bandwidth_mb.or(file.repair_bandwidth_mb),
             dead_after_ms: self.dead_after_ms.or(file.dead_after_ms),
+            scrub_mb_per_s: self.scrub_mb_per_s.or(file.scrub_mb_per_s),
+            scrub_interval_ms: self.scrub_interval_ms.or(file.scrub_interval_ms),
+            gc_grace_ms: self.gc_grace_ms.or(file.gc_grace_ms),
         }
     }
 }
@@ -122,6 +145,8 @@ pub struct Config {
     pub tracker: failsafe_tracker::TrackerConfig,
     pub report_interval: Duration,
     pub repair: RepairConfig,
+    pub scrub: ScrubConfig,
+    pub gc: GcConfig,
 }
 
 /// The repair worker's pace (who is dead is `tracker.dead_after_ms`).
@@ -130,6 +155,31 @@ pub struct RepairConfig {
     pub interval: Duration,
     pub concurrency: usize,
     pub bytes_per_second: u64,
+}
+
+/// The scrub worker's pace.
+#[derive(Debug, Clone)]
+pub struct ScrubConfig {
+    /// 0: no scrubbing.
+    pub bytes_per_second: u64,
+    /// Least time between the starts of two passes.
+    pub interval: Duration,
+}
+
+/// Garbage collection and trimming.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    /// How long a block stays after it lost its last reference, and how old
+    /// a block file must be before a delete may take it.
+    pub grace: Duration,
+}
+
+impl GcConfig {
+    /// How often the `gc` worker looks for garbage: a few times per grace
+    /// period, and at least once a minute.
+    pub fn interval(&self) -> Duration {
+        (self.grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(60))
+    }
 }
 
 impl Config {
@@ -194,6 +244,16 @@ impl Config {
             concurrency,
             bytes_per_second: bandwidth_mb.saturating_mul(1024 * 1024),
         };
+        let scrub_mb = raw.scrub_mb_per_s.unwrap_or(8);
+        let scrub = ScrubConfig {
+            bytes_per_second: scrub_mb.saturating_mul(1024 * 1024),
+            interval: Duration::from_millis(raw.scrub_interval_ms.unwrap_or(86_400_000).max(100)),
+        };
+        let grace_ms = raw.gc_grace_ms.unwrap_or(600_000);
+        if grace_ms < 1000 {
+            bail!("gc_grace_ms: {grace_ms} is under 1000 (it must cover a write between storing its blocks and committing them)");
+        }
+        let gc = GcConfig { grace: Duration::from_millis(grace_ms) };
         let devices = if raw.devices.is_empty() { vec![data_dir.join("blocks")] } else { raw.devices };
         Ok(Config {
             data_dir,
@@ -207,6 +267,8 @@ impl Config {
             tracker,
             report_interval: Duration::from_millis(raw.report_interval_ms.unwrap_or(5000).max(100)),
             repair,
+            scrub,
+            gc,
         })
     }
 }
@@ -240,7 +302,19 @@ mod tests {
         let file: RawConfig = toml::from_str("repair_concurrency = 2\ndead_after_ms = 5000").unwrap();
         let c = Config::validate(RawConfig { repair_bandwidth_mb: Some(8), ..base() }.merge(file)).unwrap();
         assert_eq!((c.repair.concurrency, c.repair.bytes_per_second, c.tracker.dead_after_ms), (2, 8 << 20, 5000));
+        assert_eq!(c.scrub.bytes_per_second, 8 << 20);
+        assert_eq!(c.scrub.interval, Duration::from_secs(86_400));
+        assert_eq!(c.gc.grace, Duration::from_secs(600));
+        assert_eq!(c.gc.interval(), Duration::from_secs(60));
+        let file: RawConfig = toml::from_str("scrub_mb_per_s = 0\ngc_grace_ms = 2000").unwrap();
+        let c = Config::validate(RawConfig { scrub_interval_ms: Some(500), ..base() }.merge(file)).unwrap();
+        assert_eq!(
+            (c.scrub.bytes_per_second, c.scrub.interval, c.gc.grace),
+            (0, Duration::from_millis(500), Duration::from_secs(2))
+        );
+        assert_eq!(c.gc.interval(), Duration::from_millis(500));
         for (raw, field) in [
+            (RawConfig { gc_grace_ms: Some(999), ..base() }, "gc_grace_ms:"),
             (RawConfig { repair_concurrency: Some(0), ..base() }, "repair_concurrency:"),
             (RawConfig { repair_bandwidth_mb: Some(0), ..base() }, "repair_bandwidth_mb:"),
             (RawConfig { dead_after_ms: Some(10), ..base() }, "dead_after_ms:"),

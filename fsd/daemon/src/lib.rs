@@ -8,11 +8,14 @@
 mod admin;
 mod blocks;
 pub mod config;
+mod gc;
 pub mod httpc;
 mod identity;
 pub mod local;
 mod metrics;
+mod pace;
 mod repair;
+mod scrub;
 mod server;
 
 pub use config::{Config, RawConfig};

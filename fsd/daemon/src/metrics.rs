@@ -21,6 +21,17 @@ pub struct Metrics {
     /// Blocks below their copy count, as this host last judged them while
     /// it led the tracker.
     pub under_replicated: AtomicU64,
+    /// Copy records beyond the copy count dropped by repair on this host.
+    pub copies_trimmed: AtomicU64,
+    /// Bytes re-hashed by scrub, copies it found corrupt, passes finished.
+    pub scrub_bytes: AtomicU64,
+    pub scrub_corrupt: AtomicU64,
+    pub scrub_passes: AtomicU64,
+    /// Unreferenced blocks whose records this host (as leader) dropped.
+    pub gc_forgotten: AtomicU64,
+    /// Block files deleted on this host (garbage, trimmed copies), and bytes.
+    pub gc_files_deleted: AtomicU64,
+    pub gc_bytes_deleted: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64, by: u64) {
@@ -44,6 +55,25 @@ impl Metrics {
             ("failsafe_repair_bytes_total", "Bytes of block copies made by repair on this host", &self.repair_bytes),
             ("failsafe_repair_failures_total", "Block copies repair attempted that did not land", &self.repair_failures),
             ("failsafe_copies_dropped_total", "Copy records dropped as missing or corrupt", &self.copies_dropped),
+            (
+                "failsafe_copies_trimmed_total",
+                "Copy records beyond the copy count dropped by repair on this host",
+                &self.copies_trimmed,
+            ),
+            ("failsafe_scrub_bytes_total", "Bytes of blocks re-read and re-hashed by scrub", &self.scrub_bytes),
+            ("failsafe_scrub_corrupt_total", "Copies scrub found corrupt and quarantined", &self.scrub_corrupt),
+            ("failsafe_scrub_passes_total", "Scrub passes over this host's devices finished", &self.scrub_passes),
+            (
+                "failsafe_gc_blocks_forgotten_total",
+                "Unreferenced blocks whose records this host dropped as leader",
+                &self.gc_forgotten,
+            ),
+            (
+                "failsafe_gc_files_deleted_total",
+                "Block files deleted on this host (garbage, trimmed copies)",
+                &self.gc_files_deleted,
+            ),
+            ("failsafe_gc_bytes_deleted_total", "Bytes of block files deleted on this host", &self.gc_bytes_deleted),
         ];
         for (name, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

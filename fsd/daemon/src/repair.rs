@@ -1,27 +1,31 @@
 //! Self-repair: the `repair` worker, which on the tracker leader brings
-//! blocks back to their copy count, and the queue of bad copies that the
-//! `copy-dropper` worker removes from the tracker's records.
+//! blocks back to their copy count (and trims copies beyond it), and the
+//! queue of bad copies that the `copy-dropper` worker removes from the
+//! tracker's records.
 //!
-//! The leader judges, the plan is `failsafe_core::plan_repair`, and this
-//! module only carries it out: fetch a block from a live holder, put it on
-//! the devices placement picks (the put verifies the hash), record the new
-//! copies. A holder that answers "missing" or "corrupt" loses its record.
+//! The leader judges, the plans are `failsafe_core::plan_repair` and
+//! `plan_trim`, and this module only carries them out: fetch a block from a
+//! live holder, put it on the devices placement picks (the put verifies the
+//! hash), record the new copies. A holder that answers "missing" or
+//! "corrupt" loses its record. An extra copy loses its record first
+//! (`DropCopies`, which keeps the copy count whatever changed since the
+//! plan), and its holder is asked to delete it only once the record is gone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failsafe_client::Client;
-use failsafe_core::{hash_hex, plan_repair, DeviceView, RepairAction};
+use failsafe_core::{hash_hex, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
 use failsafe_proto::pb::{self, command::Op};
 use failsafe_tracker::Tracker;
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use crate::config::RepairConfig;
 use crate::metrics::{get, inc, Metrics};
+use crate::pace::Pacer;
 
 /// Copies found missing or corrupt on this host (or by repair elsewhere),
 /// waiting for `copy-dropper` to drop their records.
@@ -77,39 +81,20 @@ pub fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
     by_hash.into_iter().map(|(h, device_ids)| pb::BlockCopies { hash: h.to_vec(), size: 0, device_ids }).collect()
 }
 
-/// Spreads transfers so that they average at most `rate` bytes a second.
-struct Pacer {
-    rate: u64,
-    /// When the next transfer may start. A std Mutex: held for arithmetic.
-    next: Mutex<Instant>,
-}
-
-impl Pacer {
-    fn new(rate: u64) -> Pacer {
-        Pacer { rate: rate.max(1), next: Mutex::new(Instant::now()) }
-    }
-
-    /// Waits for a slot for `bytes`, reserving the time they take at the cap.
-    async fn take(&self, bytes: u64) {
-        let start = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let start = (*next).max(Instant::now());
-            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
-            start
-        };
-        tokio::time::sleep_until(start).await;
-    }
-}
-
 /// The repair worker's state, shared with `Admin.Status` and `/metrics`.
 pub struct Repair {
     cfg: RepairConfig,
+    /// A trimmed copy stored more recently than this stays on disk (a client
+    /// may have just put it again); the holder's sweep deletes it later.
+    grace: Duration,
     metrics: Arc<Metrics>,
     bad: Arc<BadCopies>,
     pacer: Pacer,
-    /// Where the next round's scan starts among blocks with equal copies.
-    /// A std Mutex: held for a clone or an assignment.
+    /// Where the next round's scan starts among blocks with equal copies,
+    /// and among blocks with extra copies. A std Mutex: held for a clone or
+    /// an assignment.
     cursor: Mutex<Vec<u8>>,
+    extra_cursor: Mutex<Vec<u8>>,
     state: Mutex<String>,
 }
 
@@ -120,9 +105,18 @@ enum Outcome {
 }
 
 impl Repair {
-    pub fn new(cfg: RepairConfig, metrics: Arc<Metrics>, bad: Arc<BadCopies>) -> Repair {
+    pub fn new(cfg: RepairConfig, grace: Duration, metrics: Arc<Metrics>, bad: Arc<BadCopies>) -> Repair {
         let pacer = Pacer::new(cfg.bytes_per_second);
-        Repair { cfg, metrics, bad, pacer, cursor: Mutex::new(Vec::new()), state: Mutex::new("starting".into()) }
+        Repair {
+            cfg,
+            grace,
+            metrics,
+            bad,
+            pacer,
+            cursor: Mutex::default(),
+            extra_cursor: Mutex::default(),
+            state: Mutex::new("starting".into()),
+        }
     }
 
     pub fn set_state(&self, s: impl Into<String>) {
@@ -135,6 +129,7 @@ impl Repair {
             blocks: get(&self.metrics.repair_blocks),
             bytes: get(&self.metrics.repair_bytes),
             failures: get(&self.metrics.repair_failures),
+            trimmed: get(&self.metrics.copies_trimmed),
         }
     }
 
@@ -144,11 +139,12 @@ impl Repair {
         self.cfg.concurrency * 16
     }
 
-    /// One round: on the leader, plan and carry out a batch of copies.
-    /// Returns how long to wait before the next round.
+    /// One round: on the leader, plan and carry out a batch of copies, then
+    /// a batch of trims. Returns how long to wait before the next round.
     pub async fn round(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<Duration> {
         let after = self.cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let view = match tracker.repair_view(after, self.batch()).await {
+        let extra_after = self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let view = match tracker.repair_view(after, extra_after, self.batch()).await {
             Ok(Some(v)) => v,
             Ok(None) => {
                 self.set_state("not leader");
@@ -160,19 +156,46 @@ impl Repair {
             }
         };
         self.metrics.under_replicated.store(view.counts.under_replicated, Ordering::Relaxed);
-        let full = view.blocks.len() >= self.batch();
+        let full = view.blocks.len() >= self.batch() || view.extra.len() >= self.batch();
         *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = view.blocks.last().map(|b| b.hash.clone()).unwrap_or_default();
+        *self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()) =
+            view.extra.last().map(|b| b.hash.clone()).unwrap_or_default();
         let addrs: HashMap<u64, String> = view.devices.iter().map(|(d, a)| (d.candidate.device_id, a.clone())).collect();
         let devices: Vec<DeviceView> = view.devices.into_iter().map(|(d, _)| d).collect();
         let plan = plan_repair(&view.blocks, &devices, tracker.class.copies);
-        if plan.is_empty() {
+        let trims = plan_trim(&view.extra, &devices, tracker.class.copies);
+        let trims = self.confirm_kept(trims, &view.extra, &devices, &addrs, client).await;
+        if plan.is_empty() && trims.is_empty() {
             self.set_state("idle");
             return Ok(self.cfg.interval);
+        }
+        let copied = self.repair(plan, &addrs, tracker, client).await;
+        let trimmed = if trims.is_empty() {
+            0
+        } else {
+            self.set_state(format!("trimming {} blocks", trims.len()));
+            match self.trim(trims, &addrs, tracker, client).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.set_state(format!("error: {e:#}"));
+                    return Err(e);
+                }
+            }
+        };
+        self.set_state(format!("idle (last round made {copied} copies, trimmed {trimmed})"));
+        // A full batch means more work waits: go on at once.
+        Ok(if full { Duration::from_millis(10) } else { self.cfg.interval })
+    }
+
+    /// Carries out a repair plan; returns the copies made.
+    async fn repair(&self, plan: Vec<RepairAction>, addrs: &HashMap<u64, String>, tracker: &Tracker, client: &Client) -> usize {
+        if plan.is_empty() {
+            return 0;
         }
         self.set_state(format!("repairing {} blocks", plan.len()));
         let done: Vec<(RepairAction, Outcome)> = futures::stream::iter(plan)
             .map(|a| async {
-                let outcome = self.copy(&a, &addrs, tracker, client).await;
+                let outcome = self.copy(&a, addrs, tracker, client).await;
                 (a, outcome)
             })
             .buffer_unordered(self.cfg.concurrency)
@@ -188,9 +211,109 @@ impl Repair {
                 Outcome::Failed(why) => tracing::warn!(block = %hash_hex(&a.hash), %why, "repair of block failed"),
             }
         }
-        self.set_state(format!("idle (last round made {copied} copies)"));
-        // A full batch means more work waits: go on at once.
-        Ok(if full { Duration::from_millis(10) } else { self.cfg.interval })
+        copied
+    }
+
+    /// Keeps the trims whose remaining copies are really there: a record
+    /// says a copy exists, and a trim trusts the others when it deletes one.
+    /// A kept copy its holder lacks is queued as a bad copy (repair then
+    /// replaces it); its block is not trimmed this round, nor one whose
+    /// holders could not be asked.
+    async fn confirm_kept(
+        &self,
+        plan: Vec<TrimAction>,
+        blocks: &[BlockView],
+        devices: &[DeviceView],
+        addrs: &HashMap<u64, String>,
+        client: &Client,
+    ) -> Vec<TrimAction> {
+        let up: BTreeSet<u64> = devices.iter().filter(|d| d.health == HostHealth::Up).map(|d| d.candidate.device_id).collect();
+        let mut asks: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        for a in &plan {
+            let Some(b) = blocks.iter().find(|b| b.hash == a.hash) else { continue };
+            for d in b.holders.iter().filter(|d| up.contains(d) && !a.drop.contains(d)) {
+                asks.entry(*d).or_default().push(a.hash.clone());
+            }
+        }
+        let answers = futures::stream::iter(asks)
+            .map(|(device, hashes)| async move {
+                let found = match addrs.get(&device) {
+                    Some(addr) => client.has_blocks(addr, device, &hashes).await.ok(),
+                    None => None,
+                };
+                (device, hashes, found)
+            })
+            .buffer_unordered(self.cfg.concurrency)
+            .collect::<Vec<_>>()
+            .await;
+        let mut unsure: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for (device, hashes, found) in answers {
+            match found {
+                Some(found) => {
+                    for (hash, there) in hashes.into_iter().zip(found) {
+                        if !there {
+                            tracing::warn!(block = %hash_hex(&hash), device = format!("{device:016x}"), "recorded copy is missing");
+                            self.bad.push(hash.clone(), device);
+                            unsure.insert(hash);
+                        }
+                    }
+                }
+                None => unsure.extend(hashes),
+            }
+        }
+        plan.into_iter().filter(|a| !unsure.contains(&a.hash)).collect()
+    }
+
+    /// Carries out a trim plan: drops the extra copies' records (keeping the
+    /// copy count whatever changed since the plan), then asks the holders
+    /// of the copies whose records are gone to delete them. Returns the
+    /// records dropped.
+    async fn trim(
+        &self,
+        plan: Vec<TrimAction>,
+        addrs: &HashMap<u64, String>,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> anyhow::Result<usize> {
+        let copies: Vec<pb::BlockCopies> =
+            plan.iter().map(|a| pb::BlockCopies { hash: a.hash.clone(), size: 0, device_ids: a.drop.clone() }).collect();
+        let keep = tracker.class.copies as u32;
+        let cmd = pb::Command { op: Some(Op::DropCopies(pb::DropCopies { copies, keep })), ..Default::default() };
+        propose(tracker, cmd).await?;
+        let now = tracker.recorded(plan.iter().map(|a| a.hash.clone()).collect()).await?;
+        let mut deletes = Vec::new();
+        let mut dropped = 0;
+        for (a, recorded) in plan.iter().zip(now) {
+            let recorded = recorded.unwrap_or_default();
+            for &device in a.drop.iter().filter(|d| !recorded.contains(d)) {
+                dropped += 1;
+                tracing::debug!(block = %hash_hex(&a.hash), device = format!("{device:016x}"), "trimmed an extra copy");
+                if let Some(addr) = addrs.get(&device) {
+                    deletes.push((a.hash.clone(), device, addr.clone()));
+                }
+            }
+        }
+        inc(&self.metrics.copies_trimmed, dropped as u64);
+        let grace = self.grace;
+        futures::stream::iter(deletes)
+            .map(|(hash, device, addr)| async move {
+                match client.delete_block(&addr, device, &hash, grace).await {
+                    Ok(r) if r.kept => {
+                        tracing::debug!(block = %hash_hex(&hash), %addr, "trimmed copy stored too recently to delete; its host sweeps it later")
+                    }
+                    Ok(_) => {}
+                    Err(s) => {
+                        tracing::debug!(block = %hash_hex(&hash), %addr, error = %s.message(), "deleting a trimmed copy failed; its host sweeps it later")
+                    }
+                }
+            })
+            .buffer_unordered(self.cfg.concurrency)
+            .collect::<Vec<()>>()
+            .await;
+        if dropped > 0 {
+            tracing::info!(copies = dropped, blocks = plan.len(), "trimmed copies beyond the copy count");
+        }
+        Ok(dropped)
     }
 
     /// Fetches the block from the first live holder that has it intact, puts
@@ -270,18 +393,6 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert_eq!(g[0].device_ids, vec![10, 11]);
         assert_eq!(g[1].device_ids, vec![20]);
-    }
-
-    #[tokio::test]
-    async fn the_pacer_holds_transfers_to_the_cap() {
-        tokio::time::pause();
-        let p = Pacer::new(1000);
-        let start = Instant::now();
-        p.take(500).await;
-        p.take(500).await;
-        p.take(500).await;
-        // The third 500-byte transfer may start only after 1000 bytes' time.
-        assert!(start.elapsed() >= Duration::from_millis(999), "{:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -19,9 +19,11 @@ use tokio::net::TcpListener;
 use crate::admin::{device_infos, AdminService};
 use crate::blocks::BlocksService;
 use crate::config::Config;
+use crate::gc::Gc;
 use crate::identity::Identity;
 use crate::metrics::{gauge, inc, Metrics};
 use crate::repair::{group_copies, BadCopies, Repair};
+use crate::scrub::Scrub;
 
 /// Everything the background workers share.
 struct Host {
@@ -39,6 +41,8 @@ struct Host {
     /// Copies found missing or corrupt, for `copy-dropper`.
     bad: Arc<BadCopies>,
     repair: Arc<Repair>,
+    scrub: Arc<Scrub>,
+    gc: Arc<Gc>,
     /// Moves blocks for repair; block I/O names its hosts, so it needs no
     /// member list beyond this host.
     block_client: tokio::sync::Mutex<Option<Client>>,
@@ -86,7 +90,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     tracker.guard_against_suspension(std::time::Duration::from_millis(cfg.tracker.election_max_ms));
     let metrics = Arc::new(Metrics::default());
     let bad = Arc::new(BadCopies::default());
-    let repair = Arc::new(Repair::new(cfg.repair.clone(), metrics.clone(), bad.clone()));
+    let repair = Arc::new(Repair::new(cfg.repair.clone(), cfg.gc.grace, metrics.clone(), bad.clone()));
+    let scrub = Arc::new(Scrub::new(cfg.scrub.clone(), store.clone(), metrics.clone(), bad.clone()));
+    let gc = Arc::new(Gc::new(cfg.gc.clone(), store.clone(), metrics.clone()));
 
     let admin = AdminService {
         tracker: tracker.clone(),
@@ -96,6 +102,8 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         advertise: advertise.clone(),
         rpc_timeout: cfg.rpc_timeout,
         repair: repair.clone(),
+        scrub: scrub.clone(),
+        gc: gc.clone(),
     };
     let blocks = BlocksService { store: store.clone(), cluster: cluster.clone(), metrics: metrics.clone(), bad: bad.clone() };
     let render = {
@@ -131,14 +139,20 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         metrics,
         bad,
         repair,
+        scrub,
+        gc,
         block_client: tokio::sync::Mutex::new(None),
     });
-    let workers = vec![
+    let mut workers = vec![
         tokio::spawn(worker("announcer", host.clone(), Host::announce)),
         tokio::spawn(worker("session-reaper", host.clone(), Host::reap_sessions)),
         tokio::spawn(worker("repair", host.clone(), Host::repair_round)),
         tokio::spawn(worker("copy-dropper", host.clone(), Host::drop_bad_copies)),
+        tokio::spawn(worker("gc", host.clone(), Host::gc_step)),
     ];
+    if host.scrub.enabled() {
+        workers.push(tokio::spawn(worker("scrub", host.clone(), Host::scrub_step)));
+    }
 
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
@@ -324,13 +338,29 @@ impl Host {
         self.repair.round(&self.tracker, &client).await
     }
 
+    /// Garbage collection: on the leader, unreferenced blocks; on every
+    /// host, block files the tracker has no record of (see `gc`).
+    async fn gc_step(self: Arc<Self>) -> anyhow::Result<Duration> {
+        if self.tracker.cluster.get().is_empty() {
+            self.gc.set_state("not in a cluster");
+            return Ok(Duration::from_millis(500));
+        }
+        let client = self.block_client().await?;
+        self.gc.step(&self.tracker, &client).await
+    }
+
+    /// Re-hashes a batch of this host's blocks (see `scrub`).
+    async fn scrub_step(self: Arc<Self>) -> anyhow::Result<Duration> {
+        self.scrub.step().await
+    }
+
     /// Drops the records of copies found missing or corrupt, in batches.
     async fn drop_bad_copies(self: Arc<Self>) -> anyhow::Result<Duration> {
         let batch = self.bad.next_batch(Duration::from_secs(1)).await;
         if batch.is_empty() {
             return Ok(Duration::ZERO);
         }
-        let op = Op::DropCopies(pb::DropCopies { copies: group_copies(&batch) });
+        let op = Op::DropCopies(pb::DropCopies { copies: group_copies(&batch), keep: 0 });
         match self.propose(op).await {
             Ok(()) => {
                 inc(&self.metrics.copies_dropped, batch.len() as u64);

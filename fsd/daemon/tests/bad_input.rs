@@ -124,7 +124,8 @@ async fn t73_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
     let get = pb::GetRequest { header: Some(header(c.cluster_id())), hash: vec![1; 5], device_id: 0 };
     assert_eq!(blocks.get(get).await.unwrap_err().code(), Code::InvalidArgument);
 
-    let has = blocks.has(pb::HasRequest { header: Some(header(c.cluster_id())), hashes: vec![claimed] }).await.unwrap();
+    let asked = pb::HasRequest { header: Some(header(c.cluster_id())), hashes: vec![claimed], device_id: 0 };
+    let has = blocks.has(asked).await.unwrap();
     assert_eq!(has.into_inner().device_ids, vec![0], "nothing stored");
     let mut inv = blocks
         .inventory(pb::InventoryRequest { header: Some(header(c.cluster_id())), device_id: 0 })

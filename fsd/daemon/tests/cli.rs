@@ -37,7 +37,9 @@ async fn t80_fsctl_init_add_status_remove() {
     c.wait_for(Duration::from_secs(20), "three voters", |s| s.hosts.iter().filter(|h| h.voter).count() == 3).await.unwrap();
 
     let table = ok(fsctl(&addrs, &["status"]));
-    for needle in ["fail-safe: every block has 3 copies", "leader", "ZONE", "127.0.0.1", "DEVICE", "up", "repair"] {
+    let needles =
+        ["fail-safe: every block has 3 copies", "leader", "ZONE", "127.0.0.1", "DEVICE", "STATE", "up", "repair", "scrub", "gc"];
+    for needle in needles {
         assert!(table.contains(needle), "{needle} missing in:\n{table}");
     }
     let json: serde_json::Value = serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();

@@ -1,9 +1,14 @@
-//! Self-repair against a real three-host cluster: a host that was down
-//! while blocks were written gets its copies once it is back, and a copy
-//! found corrupt on read is quarantined, forgotten and rebuilt.
+//! Self-repair against real clusters: a host that was down while blocks
+//! were written gets its copies once it is back; a copy found corrupt on
+//! read, or by the scrub where nobody reads it, is quarantined, forgotten
+//! and rebuilt; a replaced disk's blocks are rebuilt at once; copies beyond
+//! the copy count are trimmed; blocks nothing references any more are
+//! garbage-collected after the grace period.
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{data, TestCluster, ROOT};
@@ -195,5 +200,259 @@ async fn t62_a_host_down_past_dead_after_has_its_copies_rebuilt_elsewhere() {
     assert_eq!(now.len(), 4, "the dead host's record stays; a new copy joins it: {now:?}");
     assert!(now.contains(&victim_device));
     assert_eq!(c.read(f.ino, 0, body.len() as u64).await.unwrap(), body);
+    tc.check_logs();
+}
+
+/// Where block `hash` lives in host `i`'s one device.
+fn block_file(tc: &TestCluster, i: usize, hash: &[u8]) -> PathBuf {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    tc.c.hosts[i].dir.join("blocks").join("blocks").join(&hex[0..2]).join(&hex[2..4]).join(&hex)
+}
+
+/// The hosts (by index) holding a file for block `hash`.
+fn hosts_with_file(tc: &TestCluster, hash: &[u8]) -> BTreeSet<usize> {
+    (0..tc.c.hosts.len()).filter(|&i| block_file(tc, i, hash).exists()).collect()
+}
+
+/// A counter summed over every host's /metrics.
+fn metric_sum(tc: &TestCluster, name: &str) -> f64 {
+    (0..tc.c.hosts.len()).filter_map(|i| metric(tc, i, name)).sum()
+}
+
+/// Waits until every block of file `ino` has `n` recorded copies.
+async fn wait_copies(c: &Client, ino: u64, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !copies_of(c, ino).await.iter().all(|d| d.len() == n) {
+        assert!(Instant::now() < deadline, "{n} copies never recorded: {:?}", copies_of(c, ino).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t63_a_replaced_disk_is_gone_and_its_blocks_are_rebuilt_at_once() {
+    // dead_after stays at its default (10 minutes): a replaced disk's data
+    // is gone for good, so nothing waits for it.
+    let (mut tc, c) = TestCluster::start(FAST_REPAIR).await;
+    tc.expected_errors.push(KILLED_MID_RPC);
+    let body = data(300_000, 5);
+    let f = c.create(ROOT, b"on-a-disk-that-fails", 0o644, true).await.unwrap();
+    c.write(f.ino, 0, &body).await.unwrap();
+    wait_copies(&c, f.ino, 3).await;
+    wait_status(&tc, Duration::from_secs(10), "fail-safe", |s| s.mode == "fail-safe").await;
+    let leader = tc.leader().await;
+    let victim = (leader + 1) % 3;
+    let (victim_id, old_device) = ids_of(&tc.status().await, &tc, victim);
+    let hash = c.read_extents(f.ino, 0, 1).await.unwrap().extents[0].hash.clone();
+
+    // The disk is replaced: the host comes back with an empty block directory.
+    tc.c.kill(victim);
+    std::fs::remove_dir_all(tc.c.hosts[victim].dir.join("blocks")).expect("wipe the device");
+    tc.c.restart(victim, true).expect("restart");
+    let started = Instant::now();
+    let s = wait_status(&tc, Duration::from_secs(20), "the old device gone and the block rebuilt", |s| {
+        let gone = s.devices.iter().any(|d| d.device_id == old_device && d.state == "gone");
+        let fresh = s.devices.iter().any(|d| d.host_id == victim_id && d.device_id != old_device && d.state == "ok");
+        gone && fresh && s.mode == "fail-safe" && s.under_replicated == 0
+    })
+    .await;
+    eprintln!("fail-safe {:?} after the restart with a new disk", started.elapsed());
+    let new_device =
+        s.devices.iter().find(|d| d.host_id == victim_id && d.device_id != old_device).expect("the new device").device_id;
+    let holders = copies_of(&c, f.ino).await.remove(0);
+    assert!(holders.contains(&new_device) && !holders.contains(&old_device), "{holders:?}");
+    assert_eq!(std::fs::read(block_file(&tc, victim, &hash)).expect("the rebuilt copy"), body);
+    let logs: String = tc.c.hosts.iter().map(|h| std::fs::read_to_string(h.log_path()).unwrap_or_default()).collect();
+    assert!(logs.contains("WARN") && logs.contains("device no longer reported by its host"), "no warning about the gone device");
+    tc.check_logs();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t64_scrub_finds_a_corrupt_copy_nobody_reads_and_repair_replaces_it() {
+    let (mut tc, c) =
+        TestCluster::start(&["--repair-interval-ms=200", "--scrub-mb-per-s=256", "--scrub-interval-ms=300"]).await;
+    tc.expected_errors.push("corrupt block quarantined");
+    let body = data(300_000, 11);
+    let f = c.create(ROOT, b"rots-unread", 0o644, true).await.unwrap();
+    c.write(f.ino, 0, &body).await.unwrap();
+    wait_copies(&c, f.ino, 3).await;
+    wait_status(&tc, Duration::from_secs(10), "fail-safe", |s| s.mode == "fail-safe").await;
+
+    let victim = 1;
+    let (_, victim_device) = ids_of(&tc.status().await, &tc, victim);
+    let hash = c.read_extents(f.ino, 0, 1).await.unwrap().extents[0].hash.clone();
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let path = block_file(&tc, victim, &hash);
+    let mut bytes = std::fs::read(&path).expect("the block file on host b");
+    bytes[777] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    // Nobody reads the file: the scrub finds the bad copy, quarantines it,
+    // its record goes and repair puts a good copy back.
+    let quarantine = tc.c.hosts[victim].dir.join("blocks").join("quarantine").join(&hex);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let quarantined = quarantine.exists();
+        let back = std::fs::read(&path).is_ok_and(|b| b == body);
+        let recorded = copies_of(&c, f.ino).await[0].contains(&victim_device);
+        let s = tc.status().await;
+        if quarantined && back && recorded && s.mode == "fail-safe" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not scrubbed and repaired: quarantined {quarantined}, back {back}, recorded {recorded}, status {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&tc, victim, "failsafe_scrub_corrupt_total"), Some(1.0));
+    assert_eq!(metric(&tc, victim, "failsafe_block_corrupt_total"), Some(0.0), "no reader found it");
+    assert_eq!(metric(&tc, victim, "failsafe_copies_dropped_total"), Some(1.0));
+    // The next passes re-read the repaired copy, intact.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metric(&tc, victim, "failsafe_scrub_bytes_total").is_some_and(|b| b >= body.len() as f64) {
+        assert!(Instant::now() < deadline, "the repaired copy was never scrubbed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&tc, victim, "failsafe_scrub_corrupt_total"), Some(1.0));
+    let status = tc.client_in("b").await.status_of(&tc.c.hosts[victim].addr).await.expect("host b's status");
+    assert!(status.scrub.is_some_and(|s| s.corrupt == 1 && s.passes >= 1));
+    let log = std::fs::read_to_string(tc.c.hosts[victim].log_path()).unwrap_or_default();
+    assert!(log.contains("scrub pass finished"), "no INFO line for a finished pass");
+    assert_eq!(c.read(f.ino, 0, body.len() as u64).await.unwrap(), body);
+    tc.check_logs();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t65_a_dead_host_that_returns_has_its_extra_copies_trimmed() {
+    let (mut tc, c) = TestCluster::start_zones(
+        &["a", "b", "c", "d"],
+        &["--repair-interval-ms=200", "--dead-after-ms=3000", "--gc-grace-ms=2000"],
+    )
+    .await;
+    tc.expected_errors.push(KILLED_MID_RPC);
+    // Two blocks.
+    let body = data(5 * 1024 * 1024, 13);
+    let f = c.create(ROOT, b"outlives-a-host-then-slims", 0o644, true).await.unwrap();
+    c.write(f.ino, 0, &body).await.unwrap();
+    wait_copies(&c, f.ino, 3).await;
+    let s = wait_status(&tc, Duration::from_secs(10), "fail-safe", |s| s.mode == "fail-safe").await;
+    let leader = tc.leader().await;
+    let first = copies_of(&c, f.ino).await.remove(0);
+    let victim =
+        (0..4).find(|&i| i != leader && first.contains(&ids_of(&s, &tc, i).1)).expect("a follower holding a copy");
+    let (victim_id, victim_device) = ids_of(&s, &tc, victim);
+    let held: usize = copies_of(&c, f.ino).await.iter().filter(|d| d.contains(&victim_device)).count();
+    tc.c.kill(victim);
+
+    // Dead: what it held is rebuilt on the fourth host; its records stay.
+    wait_status(&tc, Duration::from_secs(20), "fail-safe without the dead host", |s| {
+        s.mode == "fail-safe" && s.hosts.iter().any(|h| h.host_id == victim_id && h.dead)
+    })
+    .await;
+    let copies = copies_of(&c, f.ino).await;
+    assert!(copies.iter().all(|d| d.len() == if d.contains(&victim_device) { 4 } else { 3 }), "{copies:?}");
+
+    // Back: one copy too many of what it held, trimmed back to three.
+    tc.c.restart(victim, true).expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let copies = copies_of(&c, f.ino).await;
+        let s = tc.status().await;
+        let up = s.hosts.iter().all(|h| h.state == "up");
+        if up && s.mode == "fail-safe" && copies.iter().all(|d| d.len() == 3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not trimmed: {copies:?}, status {s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric_sum(&tc, "failsafe_copies_trimmed_total") >= held as f64);
+
+    // On disk too: each block's files are where its records say, no more
+    // (a trimmed copy stored recently is left to its host's sweep).
+    let s = tc.status().await;
+    let host_of = |device: u64| {
+        let host = s.devices.iter().find(|d| d.device_id == device).expect("device").host_id;
+        let addr = &s.hosts.iter().find(|h| h.host_id == host).expect("host").addr;
+        tc.c.hosts.iter().position(|h| h.addr == *addr).expect("one of ours")
+    };
+    let fe = c.read_extents(f.ino, 0, u64::MAX / 2).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for b in &fe.copies {
+        let want: BTreeSet<usize> = b.device_ids.iter().map(|&d| host_of(d)).collect();
+        while hosts_with_file(&tc, &b.hash) != want {
+            assert!(Instant::now() < deadline, "files on {:?}, records on {want:?}", hosts_with_file(&tc, &b.hash));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(c.read(f.ino, 0, body.len() as u64).await.unwrap(), body);
+    tc.check_logs();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t66_blocks_nothing_references_are_collected_after_the_grace_period() {
+    let (tc, c) = TestCluster::start(&["--repair-interval-ms=200", "--gc-grace-ms=2000"]).await;
+    let hash_of = |fe: &pb::FileExtents| fe.extents[0].hash.clone();
+    // f is rewritten in place; g is replaced by a rename over it.
+    let f = c.create(ROOT, b"rewritten", 0o644, true).await.unwrap();
+    c.write(f.ino, 0, &data(300_000, 21)).await.unwrap();
+    let g = c.create(ROOT, b"replaced", 0o644, true).await.unwrap();
+    c.write(g.ino, 0, &data(200_000, 22)).await.unwrap();
+    wait_copies(&c, f.ino, 3).await;
+    wait_copies(&c, g.ino, 3).await;
+    let old_f = hash_of(&c.read_extents(f.ino, 0, 1).await.unwrap());
+    let old_g = hash_of(&c.read_extents(g.ino, 0, 1).await.unwrap());
+
+    let new_f = data(300_000, 23);
+    c.write(f.ino, 0, &new_f).await.unwrap();
+    let new_g = data(100_000, 24);
+    let tmp = c.create(ROOT, b"replaced.tmp", 0o644, true).await.unwrap();
+    c.write(tmp.ino, 0, &new_g).await.unwrap();
+    c.rename(pb::Rename {
+        parent: ROOT,
+        name: b"replaced.tmp".to_vec(),
+        new_parent: ROOT,
+        new_name: b"replaced".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A write abandoned after storing its block: never committed.
+    let abandoned = c.put_blocks(&[data(50_000, 25)]).await.unwrap().remove(0);
+    // A write that stores its block now and commits it a while later, but
+    // within the grace period: its block must survive.
+    let late_data = data(60_000, 26);
+    let late = c.put_blocks(std::slice::from_ref(&late_data)).await.unwrap().remove(0);
+    let h = c.create(ROOT, b"committed-late", 0o644, true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!hosts_with_file(&tc, &abandoned.hash).is_empty(), "an uncommitted block went within the grace period");
+    let extent = pb::Extent { offset: 0, length: late_data.len() as u64, hash: late.hash.clone(), block_offset: 0 };
+    c.commit_extents(h.ino, vec![extent], vec![late.clone()]).await.unwrap();
+
+    // Past the grace period the old versions and the abandoned block are
+    // gone from every device; what files reference stays.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<BTreeSet<usize>> =
+            [&old_f, &old_g, &abandoned.hash].iter().map(|h| hosts_with_file(&tc, h)).collect();
+        if left.iter().all(BTreeSet::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "garbage left on hosts (old f, old g, abandoned): {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = tc.status().await;
+    assert_eq!(s.blocks, 3, "the tracker forgot the old blocks: {s:#?}");
+    // `replaced` is now the inode written as `replaced.tmp`.
+    wait_copies(&c, h.ino, 3).await;
+    for ino in [f.ino, tmp.ino, h.ino] {
+        let hash = hash_of(&c.read_extents(ino, 0, 1).await.unwrap());
+        assert_eq!(hosts_with_file(&tc, &hash).len(), 3, "a referenced block lost a file (inode {ino})");
+    }
+    assert_eq!(c.read(f.ino, 0, new_f.len() as u64).await.unwrap(), new_f);
+    assert_eq!(c.lookup(ROOT, b"replaced").await.unwrap().ino, tmp.ino);
+    assert_eq!(c.read(tmp.ino, 0, new_g.len() as u64).await.unwrap(), new_g);
+    assert_eq!(c.read(h.ino, 0, late_data.len() as u64).await.unwrap(), late_data);
+    assert!(metric_sum(&tc, "failsafe_gc_blocks_forgotten_total") >= 2.0);
+    assert!(metric_sum(&tc, "failsafe_gc_files_deleted_total") >= 7.0);
     tc.check_logs();
 }

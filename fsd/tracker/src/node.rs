@@ -118,10 +118,12 @@ impl Liveness {
 /// What the repair worker needs from the leader's state machine.
 #[derive(Debug, Clone)]
 pub struct RepairView {
-    /// Every device with its host's health, address, and room.
+    /// Every device (not gone) with its host's health, address, and room.
     pub devices: Vec<(DeviceView, String)>,
     /// Blocks repair can act on, fewest copies first.
     pub blocks: Vec<BlockView>,
+    /// Blocks with more copies on up hosts than the copy count.
+    pub extra: Vec<BlockView>,
     /// The same judgement `status` reports.
     pub counts: state::ReplicationCounts,
 }
@@ -280,6 +282,15 @@ impl Tracker {
 
     /// Answers a query, after confirming leadership for a linearizable one.
     pub async fn query(&self, q: Query, consistency: pb::Consistency) -> Result<Reply, TrackerError> {
+        self.read_barrier(consistency).await?;
+        let class = self.class;
+        let r = self.sm.db().call(move |conn| state::query(conn, &q, class)).await?;
+        Ok(r.unwrap_or_else(|e| Reply::Error(pb::CommandError { code: e.code as i32, message: e.message })))
+    }
+
+    /// Waits until a read at `consistency` may be answered from this
+    /// member's state machine.
+    async fn read_barrier(&self, consistency: pb::Consistency) -> Result<(), TrackerError> {
         match consistency {
             pb::Consistency::Linearizable => {
                 let index = self.read_index().await?;
@@ -295,9 +306,15 @@ impl Tracker {
             pb::Consistency::Local if !self.is_initialized() => return Err(TrackerError::NotInitialized),
             pb::Consistency::Local => {}
         }
-        let class = self.class;
-        let r = self.sm.db().call(move |conn| state::query(conn, &q, class)).await?;
-        Ok(r.unwrap_or_else(|e| Reply::Error(pb::CommandError { code: e.code as i32, message: e.message })))
+        Ok(())
+    }
+
+    /// Runs a read-only `f` on the state machine's database.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, TrackerError> {
+        self.sm.db().call(move |conn| f(conn)).await?.map_err(|e| TrackerError::Storage(e.to_string()))
     }
 
     /// Makes `host_id` at `addr` a voter: first a learner that catches up,
@@ -475,26 +492,32 @@ impl Tracker {
             mode: mode.into(),
             copies: copies as u32,
             repair: None,
+            scrub: None,
+            gc: None,
         })
     }
 
     /// Leader only (None otherwise): the devices with their hosts' health,
-    /// and up to `limit` blocks repair can act on, starting after `after`.
-    pub async fn repair_view(&self, after: Vec<u8>, limit: usize) -> Result<Option<RepairView>, TrackerError> {
+    /// up to `limit` blocks repair can act on, starting after `after`, and up
+    /// to `limit` blocks with copies to trim, starting after `extra_after`.
+    pub async fn repair_view(
+        &self,
+        after: Vec<u8>,
+        extra_after: Vec<u8>,
+        limit: usize,
+    ) -> Result<Option<RepairView>, TrackerError> {
         if !self.is_leader() {
             return Ok(None);
         }
-        let room = self
-            .sm
-            .db()
-            .call(|conn| state::device_room(conn))
-            .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
-        let mut devices = Vec::with_capacity(room.len());
-        for (loc, has_room) in room {
+        let space = self.read(state::device_space).await?;
+        let mut devices = Vec::with_capacity(space.len());
+        for d in space {
+            let has_room = d.has_room();
+            let loc = d.location;
             let health = self.liveness(loc.host_id).health();
             let candidate = Candidate { device_id: loc.device_id, host_id: loc.host_id, zone: loc.zone };
-            devices.push((DeviceView { candidate, health, has_room }, loc.addr));
+            let view = DeviceView { candidate, health, has_room, capacity_bytes: d.capacity_bytes, free_bytes: d.free_bytes };
+            devices.push((view, loc.addr));
         }
         let ids = |f: &dyn Fn(&DeviceView) -> bool| -> Vec<u64> {
             devices.iter().filter(|(d, _)| f(d)).map(|(d, _)| d.candidate.device_id).collect()
@@ -503,16 +526,49 @@ impl Tracker {
         let up = ids(&|d| d.health == HostHealth::Up);
         let targets = ids(&|d| d.health == HostHealth::Up && d.has_room);
         let copies = self.class.copies;
-        let (blocks, counts) = self
-            .sm
-            .db()
-            .call(move |conn| -> rusqlite::Result<_> {
+        let (blocks, extra, counts) = self
+            .read(move |conn| {
                 let blocks = state::repair_candidates(conn, &counted, &up, &targets, copies, &after, limit)?;
-                Ok((blocks, state::replication_counts(conn, &up, copies)?))
+                let extra = state::over_replicated(conn, &up, copies, &extra_after, limit)?;
+                Ok((blocks, extra, state::replication_counts(conn, &up, copies)?))
             })
-            .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
-        Ok(Some(RepairView { devices, blocks, counts }))
+            .await?;
+        Ok(Some(RepairView { devices, blocks, extra, counts }))
+    }
+
+    /// Leader only (None otherwise): up to `limit` blocks no file references
+    /// that have been idle for longer than `grace`, with the time (the
+    /// leader's clock) they must have been idle before.
+    pub async fn garbage(&self, grace: Duration, limit: usize) -> Result<Option<(i64, Vec<BlockView>)>, TrackerError> {
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let idle_before = wall_clock_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
+        let blocks = self.read(move |conn| state::garbage(conn, idle_before, limit)).await?;
+        Ok(Some((idle_before, blocks)))
+    }
+
+    /// Where each device that is not gone lives: its host and address.
+    pub async fn device_locations(&self) -> Result<BTreeMap<u64, (NodeId, String)>, TrackerError> {
+        let space = self.read(state::device_space).await?;
+        Ok(space.into_iter().map(|d| (d.location.device_id, (d.location.host_id, d.location.addr))).collect())
+    }
+
+    /// The devices each of `hashes` is recorded on in this member's state
+    /// machine (`None`: an unknown block). On the leader, right after a
+    /// proposal, that includes its effect.
+    pub async fn recorded(&self, hashes: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u64>>>, TrackerError> {
+        self.read(move |conn| state::recorded(conn, &hashes)).await
+    }
+
+    /// Which of `hashes` have a copy recorded on this host's `device_id`, as
+    /// of a read index from the leader (a member that lags, having been
+    /// away, must not judge by its stale view). `None` when the tracker does
+    /// not know the device as this host's.
+    pub async fn copies_on(&self, device_id: u64, hashes: Vec<Vec<u8>>) -> Result<Option<BTreeSet<Vec<u8>>>, TrackerError> {
+        self.read_barrier(pb::Consistency::ReadIndex).await?;
+        let host = self.host_id;
+        self.read(move |conn| state::copies_on(conn, host, device_id, &hashes)).await
     }
 
     /// Waits until this member has applied at least `index`.

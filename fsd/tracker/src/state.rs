@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use failsafe_core::{overlay, place, validate_name, Candidate, Extent, ReplicationClass, HASH_LEN, ROOT_INO};
+use failsafe_core::{is_full, overlay, place, validate_name, Candidate, Extent, ReplicationClass, HASH_LEN, ROOT_INO};
 use failsafe_proto::pb::{self, command::Op, query_request::Query, ErrorCode, FileKind};
 use prost::Message;
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -43,6 +43,16 @@ CREATE TABLE IF NOT EXISTS locks(
   ino INTEGER NOT NULL, session_id INTEGER NOT NULL, owner INTEGER NOT NULL,
   kind INTEGER NOT NULL, ltype INTEGER NOT NULL, start INTEGER NOT NULL, end INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS locks_by_ino ON locks(ino);
+-- Devices their host no longer reports (a disk replaced or removed): their
+-- copies were dropped, and they take none. Tables of their own rather than
+-- columns, so that databases and snapshots from before them need no
+-- migration.
+CREATE TABLE IF NOT EXISTS gone_devices(device_id INTEGER PRIMARY KEY, since INTEGER NOT NULL);
+-- Blocks that may have no extent pointing at them, since when (the leader's
+-- clock): recorded before their extents were committed, or their last
+-- extent removed. Garbage collection forgets those unreferenced for longer
+-- than its grace period; a block without a row here counts as idle since 0.
+CREATE TABLE IF NOT EXISTS idle_blocks(hash BLOB PRIMARY KEY, since INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -167,11 +177,16 @@ fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpRe
 }
 
 /// Drops one link to `ino`; frees the inode, its extents and locks at zero.
-fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64) -> OpResult<()> {
+fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpResult<()> {
     let a = get_attr(tx, ino)?;
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
         tx.execute("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
+        let hashes: Vec<Vec<u8>> = tx
+            .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1")?
+            .query_map([i(ino)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         tx.execute("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
+        note_unreferenced(tx, &hashes, leader_now)?;
         // Locks stay: descriptors open elsewhere may still hold and release
         // them (lock, unlink, unlock). Inode numbers are never reused, and
         // session close or expiry removes them.
@@ -229,6 +244,7 @@ pub fn validate(cmd: &pb::Command) -> OpResult<()> {
         }
         Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per record"),
         Some(Op::DropCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per drop"),
+        Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per forget"),
         Some(_) => Ok(()),
     }
 }
@@ -283,6 +299,8 @@ pub fn apply(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<pb::Co
 
 fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr>> {
     let now = cmd.now_ns;
+    // What garbage collection judges by: the leader's clock, not a client's.
+    let leader_now = if cmd.leader_ns > 0 { cmd.leader_ns } else { cmd.now_ns };
     let Some(op) = &cmd.op else { return err(ErrorCode::Invalid, "command without an operation") };
     match op {
         Op::Create(c) => {
@@ -347,7 +365,7 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
                 return err(ErrorCode::IsDir, "is a directory");
             }
             unlink_entry(tx, c.parent, &c.name, now, 0)?;
-            drop_link(tx, ino, now)?;
+            drop_link(tx, ino, now, leader_now)?;
             Ok(None)
         }
         Op::Rmdir(c) => {
@@ -359,18 +377,22 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
                 return err(ErrorCode::NotEmpty, "directory not empty");
             }
             unlink_entry(tx, c.parent, &c.name, now, -1)?;
-            drop_link(tx, ino, now)?;
+            drop_link(tx, ino, now, leader_now)?;
             Ok(None)
         }
-        Op::Rename(c) => rename(tx, c, now).map(|()| None),
-        Op::SetAttr(c) => set_attr(tx, c, now).map(Some),
-        Op::CommitExtents(c) => commit_extents(tx, c, now).map(Some),
+        Op::Rename(c) => rename(tx, c, now, leader_now).map(|()| None),
+        Op::SetAttr(c) => set_attr(tx, c, now, leader_now).map(Some),
+        Op::CommitExtents(c) => commit_extents(tx, c, now, leader_now).map(Some),
         Op::RecordCopies(c) => {
-            record_copies(tx, &c.copies)?;
+            record_copies(tx, &c.copies, leader_now)?;
             Ok(None)
         }
         Op::DropCopies(c) => {
-            drop_copies(tx, &c.copies)?;
+            drop_copies(tx, &c.copies, c.keep as usize)?;
+            Ok(None)
+        }
+        Op::ForgetBlocks(c) => {
+            forget_blocks(tx, &c.hashes, c.idle_before_ns)?;
             Ok(None)
         }
         Op::RegisterHost(c) => {
@@ -381,7 +403,7 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
                 "INSERT INTO hosts VALUES (?1, ?2, ?3) ON CONFLICT(host_id) DO UPDATE SET zone = ?2, addr = ?3",
                 params![i(c.host_id), c.zone, c.addr],
             )?;
-            report_devices(tx, c.host_id, &c.devices)?;
+            report_devices(tx, c.host_id, &c.devices, leader_now)?;
             Ok(None)
         }
         Op::RemoveHost(c) => {
@@ -391,13 +413,14 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
                 .collect::<Result<_, _>>()?;
             for d in devices {
                 tx.execute("DELETE FROM copies WHERE device_id = ?1", [d])?;
+                tx.execute("DELETE FROM gone_devices WHERE device_id = ?1", [d])?;
             }
             tx.execute("DELETE FROM devices WHERE host_id = ?1", [i(c.host_id)])?;
             tx.execute("DELETE FROM hosts WHERE host_id = ?1", [i(c.host_id)])?;
             Ok(None)
         }
         Op::ReportDevices(c) => {
-            report_devices(tx, c.host_id, &c.devices)?;
+            report_devices(tx, c.host_id, &c.devices, leader_now)?;
             Ok(None)
         }
         Op::OpenSession(c) => {
@@ -448,7 +471,7 @@ fn unlink_entry(tx: &Transaction<'_>, parent: u64, name: &[u8], now: i64, nlink_
     touch_dir(tx, parent, now, nlink_delta)
 }
 
-fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64) -> OpResult<()> {
+fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> OpResult<()> {
     check_name(&c.name)?;
     check_name(&c.new_name)?;
     if c.no_replace && c.exchange {
@@ -499,7 +522,7 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64) -> OpResult<()> {
             _ => {}
         }
         unlink_entry(tx, c.new_parent, &c.new_name, now, if dst_is_dir { -1 } else { 0 })?;
-        drop_link(tx, dst, now)?;
+        drop_link(tx, dst, now, leader_now)?;
     }
     let delta = moves_dir_between(src_is_dir);
     unlink_entry(tx, c.parent, &c.name, now, -delta)?;
@@ -527,7 +550,7 @@ fn load_extents(tx: &rusqlite::Connection, ino: u64, start: u64, end: u64) -> Op
 }
 
 /// Makes `[start, end)` of `ino` a hole: extents inside go, straddling ones are cut.
-fn punch(tx: &Transaction<'_>, ino: u64, start: u64, end: u64) -> OpResult<()> {
+fn punch(tx: &Transaction<'_>, ino: u64, start: u64, end: u64, leader_now: i64) -> OpResult<()> {
     let old = load_extents(tx, ino, start, end)?;
     for e in &old {
         tx.execute("DELETE FROM extents WHERE ino = ?1 AND offset = ?2", params![i(ino), i(e.offset)])?;
@@ -535,7 +558,8 @@ fn punch(tx: &Transaction<'_>, ino: u64, start: u64, end: u64) -> OpResult<()> {
     for e in overlay(&old, start, end) {
         insert_extent(tx, ino, &e)?;
     }
-    Ok(())
+    let hashes: Vec<Vec<u8>> = old.into_iter().map(|e| e.hash).collect();
+    note_unreferenced(tx, &hashes, leader_now)
 }
 
 fn insert_extent(tx: &Transaction<'_>, ino: u64, e: &Extent) -> OpResult<()> {
@@ -543,13 +567,27 @@ fn insert_extent(tx: &Transaction<'_>, ino: u64, e: &Extent) -> OpResult<()> {
         "INSERT OR REPLACE INTO extents VALUES (?1, ?2, ?3, ?4, ?5)",
         params![i(ino), i(e.offset), i(e.length), e.hash, i(e.block_offset)],
     )?;
+    tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [&e.hash])?;
+    Ok(())
+}
+
+/// Of `hashes`, the recorded blocks no extent points at any more are idle
+/// from `at` on: garbage collection forgets them after its grace period.
+fn note_unreferenced(tx: &Transaction<'_>, hashes: &[Vec<u8>], at: i64) -> OpResult<()> {
+    let mut mark = tx.prepare_cached(
+        "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2
+         WHERE EXISTS (SELECT 1 FROM blocks WHERE hash = ?1) AND NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
+    )?;
+    for h in hashes {
+        mark.execute(params![h, at])?;
+    }
     Ok(())
 }
 
 /// Largest file offset we accept: keeps `offset + length` inside SQLite's i64.
 const MAX_FILE_BYTES: u64 = 1 << 60;
 
-fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64) -> OpResult<pb::Attr> {
+fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64, leader_now: i64) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
     if let Some(mode) = c.mode {
         tx.execute("UPDATE inodes SET mode = ?2 WHERE ino = ?1", params![i(c.ino), mode & 0o7777])?;
@@ -568,7 +606,7 @@ fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64) -> OpResult<pb::Att
             return err(ErrorCode::Invalid, "file size too large");
         }
         if size < a.size {
-            punch(tx, c.ino, size, u64::MAX)?;
+            punch(tx, c.ino, size, u64::MAX, leader_now)?;
         }
         tx.execute(
             "UPDATE inodes SET size = ?2, mtime = ?3, version = version + 1 WHERE ino = ?1",
@@ -585,12 +623,12 @@ fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64) -> OpResult<pb::Att
     get_attr(tx, c.ino)
 }
 
-fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64) -> OpResult<pb::Attr> {
+fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_now: i64) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
     if a.kind != FileKind::KindFile as i32 {
         return err(ErrorCode::IsDir, "extents belong to regular files");
     }
-    record_copies(tx, &c.copies)?;
+    record_copies(tx, &c.copies, leader_now)?;
     let base = if c.append { a.size } else { 0 };
     let mut size = a.size;
     for e in &c.extents {
@@ -609,7 +647,7 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64) -> OpRe
             }
             _ => {}
         }
-        punch(tx, c.ino, e.offset, end)?;
+        punch(tx, c.ino, e.offset, end, leader_now)?;
         let ext = Extent { offset: e.offset, length: e.length, hash: e.hash.clone(), block_offset: e.block_offset };
         insert_extent(tx, c.ino, &ext)?;
         size = size.max(end);
@@ -621,37 +659,104 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64) -> OpRe
     get_attr(tx, c.ino)
 }
 
-fn record_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies]) -> OpResult<()> {
+/// Records copies. A block no extent points at yet (its write is not
+/// committed) is idle from `leader_now`, which gives the write the grace
+/// period to commit before garbage collection may take it.
+fn record_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies], leader_now: i64) -> OpResult<()> {
     for b in copies {
         if b.hash.len() != HASH_LEN || b.size as usize > failsafe_core::MAX_BLOCK_BYTES {
             return err(ErrorCode::Invalid, "block copies need a 32-byte hash and a size within the block limit");
         }
-        tx.execute("INSERT OR IGNORE INTO blocks VALUES (?1, ?2)", params![b.hash, i(b.size)])?;
+        tx.execute("INSERT OR IGNORE INTO blocks (hash, size) VALUES (?1, ?2)", params![b.hash, i(b.size)])?;
         for d in &b.device_ids {
-            tx.execute("INSERT OR IGNORE INTO copies VALUES (?1, ?2)", params![b.hash, i(*d)])?;
+            tx.execute("INSERT OR IGNORE INTO copies (hash, device_id) VALUES (?1, ?2)", params![b.hash, i(*d)])?;
         }
+        tx.execute(
+            "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
+            params![b.hash, leader_now],
+        )?;
     }
     Ok(())
 }
 
-/// Forgets copies found missing or corrupt. The block's row (its size)
-/// stays: extents may still name it, and a repaired copy is recorded again.
-fn drop_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies]) -> OpResult<()> {
+/// Forgets copies found missing or corrupt, or trimmed. The block's row (its
+/// size) stays: extents may still name it, and a repaired copy is recorded
+/// again. With `keep`, a copy goes only while `keep` others stay recorded.
+fn drop_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies], keep: usize) -> OpResult<()> {
     for b in copies {
         if b.hash.len() != HASH_LEN {
             return err(ErrorCode::Invalid, "block copies need a 32-byte hash");
         }
         for d in &b.device_ids {
+            if keep > 0 {
+                let others: i64 = tx.query_row(
+                    "SELECT COUNT(*) FROM copies WHERE hash = ?1 AND device_id != ?2",
+                    params![b.hash, i(*d)],
+                    |r| r.get(0),
+                )?;
+                if (others as usize) < keep {
+                    continue;
+                }
+            }
             tx.execute("DELETE FROM copies WHERE hash = ?1 AND device_id = ?2", params![b.hash, i(*d)])?;
         }
     }
     Ok(())
 }
 
-fn report_devices(tx: &Transaction<'_>, host_id: u64, devices: &[pb::DeviceInfo]) -> OpResult<()> {
+/// Garbage collection: forgets the blocks of `hashes` that no extent points
+/// at and that have been idle since before `idle_before` (a block without an
+/// idle time predates them, and counts as idle since 0). A block referenced
+/// or recorded again since it was picked is left alone.
+fn forget_blocks(tx: &Transaction<'_>, hashes: &[Vec<u8>], idle_before: i64) -> OpResult<()> {
+    for h in hashes {
+        if h.len() != HASH_LEN {
+            return err(ErrorCode::Invalid, "a block hash is 32 bytes");
+        }
+        let referenced: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)", [h], |r| r.get(0))?;
+        let since: i64 =
+            tx.query_row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| r.get(0)).optional()?.unwrap_or(0);
+        if referenced || since >= idle_before {
+            continue;
+        }
+        tx.execute("DELETE FROM copies WHERE hash = ?1", [h])?;
+        tx.execute("DELETE FROM blocks WHERE hash = ?1", [h])?;
+        tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [h])?;
+    }
+    Ok(())
+}
+
+/// A host's report of its devices, which is the whole list: a device the
+/// tracker knows on this host that is not in it is *gone* (its directory
+/// was wiped or the disk replaced; a fresh directory gets a new device id).
+/// Its copies are dropped at once, so repair rebuilds them without waiting
+/// for anything: the data is not coming back. A gone device that is
+/// reported again is a device again, without copies.
+fn report_devices(tx: &Transaction<'_>, host_id: u64, devices: &[pb::DeviceInfo], leader_now: i64) -> OpResult<()> {
+    let known: Vec<i64> = tx
+        .prepare_cached(
+            "SELECT device_id FROM devices WHERE host_id = ?1
+             AND device_id NOT IN (SELECT device_id FROM gone_devices) ORDER BY device_id",
+        )?
+        .query_map([i(host_id)], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in known {
+        if devices.iter().any(|d| i(d.device_id) == id) {
+            continue;
+        }
+        let dropped = tx.execute("DELETE FROM copies WHERE device_id = ?1", [id])?;
+        tx.execute("INSERT OR REPLACE INTO gone_devices VALUES (?1, ?2)", params![id, leader_now])?;
+        tracing::warn!(
+            host = format!("{host_id:016x}"),
+            device = format!("{:016x}", id as u64),
+            copies = dropped,
+            "device no longer reported by its host: marked gone, its copies dropped for repair to rebuild"
+        );
+    }
     for d in devices {
+        tx.execute("DELETE FROM gone_devices WHERE device_id = ?1", [i(d.device_id)])?;
         tx.execute(
-            "INSERT INTO devices VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO devices (device_id, host_id, path, capacity, free, used, blocks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(device_id) DO UPDATE SET host_id = ?2, path = ?3, capacity = ?4, free = ?5, used = ?6, blocks = ?7",
             params![
                 i(d.device_id),
@@ -782,9 +887,11 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
         }
         Query::StatFs(_) => {
             let (total, free): (i64, i64) =
-                conn.query_row("SELECT COALESCE(SUM(capacity), 0), COALESCE(SUM(free), 0) FROM devices", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
+                conn.query_row(
+                    &format!("SELECT COALESCE(SUM(capacity), 0), COALESCE(SUM(free), 0) FROM devices WHERE {LIVE_DEVICE}"),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
             let files: i64 = conn.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
             let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
             // Every byte is stored `copies` times: report what a user can still write.
@@ -829,14 +936,13 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
             // A client may ask for spares beyond the copy count, not for more.
             let copies = if p.copies == 0 { class.copies } else { (p.copies as usize).min(class.copies + 4) };
             let locations = device_locations(conn)?;
-            let free: BTreeMap<u64, u64> = conn
-                .prepare_cached("SELECT device_id, free FROM devices")?
-                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?
+            let space: BTreeMap<u64, (u64, u64)> = conn
+                .prepare_cached("SELECT device_id, capacity, free FROM devices")?
+                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))))?
                 .collect::<Result<_, _>>()?;
-            let reserve = 2 * failsafe_core::MAX_BLOCK_BYTES as u64;
             let candidates: Vec<Candidate> = locations
                 .iter()
-                .filter(|d| free.get(&d.device_id).copied().unwrap_or(0) > reserve)
+                .filter(|d| space.get(&d.device_id).is_some_and(|&(capacity, free)| !is_full(capacity, free)))
                 .map(|d| Candidate { device_id: d.device_id, host_id: d.host_id, zone: d.zone.clone() })
                 .collect();
             // The quorum follows the replication class and the devices that
@@ -880,12 +986,16 @@ fn block_copies(conn: &rusqlite::Connection, hash: &[u8]) -> OpResult<pb::BlockC
     Ok(pb::BlockCopies { hash: hash.to_vec(), size: size as u64, device_ids })
 }
 
+/// A device that is not gone (SQL, over `devices` as `d` or unaliased).
+const LIVE_DEVICE: &str = "device_id NOT IN (SELECT device_id FROM gone_devices)";
+
+/// Every device that is not gone, with its host's zone and address.
 pub fn device_locations(conn: &rusqlite::Connection) -> OpResult<Vec<pb::DeviceLocation>> {
     Ok(conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT d.device_id, d.host_id, h.zone, h.addr FROM devices d JOIN hosts h ON h.host_id = d.host_id
-             ORDER BY d.device_id",
-        )?
+             WHERE d.{LIVE_DEVICE} ORDER BY d.device_id"
+        ))?
         .query_map([], |r| {
             Ok(pb::DeviceLocation {
                 device_id: r.get::<_, i64>(0)? as u64,
@@ -903,20 +1013,35 @@ pub fn hosts(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, String, 
         .collect()
 }
 
+/// Every device with its state: "gone" (no longer reported by its host),
+/// "full" (less free space than its reserve) or "ok".
 pub fn devices(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<pb::DeviceStatus>> {
-    conn.prepare_cached("SELECT device_id, host_id, path, capacity, used, blocks, free FROM devices ORDER BY host_id")?
-        .query_map([], |r| {
-            Ok(pb::DeviceStatus {
-                device_id: r.get::<_, i64>(0)? as u64,
-                host_id: r.get::<_, i64>(1)? as u64,
-                path: r.get(2)?,
-                capacity_bytes: r.get::<_, i64>(3)? as u64,
-                used_bytes: r.get::<_, i64>(4)? as u64,
-                blocks: r.get::<_, i64>(5)? as u64,
-                free_bytes: r.get::<_, i64>(6)? as u64,
-            })
-        })?
-        .collect()
+    conn.prepare_cached(
+        "SELECT device_id, host_id, path, capacity, used, blocks, free,
+                device_id IN (SELECT device_id FROM gone_devices)
+         FROM devices ORDER BY host_id, device_id",
+    )?
+    .query_map([], |r| {
+        let (capacity_bytes, free_bytes) = (r.get::<_, i64>(3)? as u64, r.get::<_, i64>(6)? as u64);
+        let state = if r.get::<_, bool>(7)? {
+            "gone"
+        } else if is_full(capacity_bytes, free_bytes) {
+            "full"
+        } else {
+            "ok"
+        };
+        Ok(pb::DeviceStatus {
+            device_id: r.get::<_, i64>(0)? as u64,
+            host_id: r.get::<_, i64>(1)? as u64,
+            path: r.get(2)?,
+            capacity_bytes,
+            used_bytes: r.get::<_, i64>(4)? as u64,
+            blocks: r.get::<_, i64>(5)? as u64,
+            free_bytes,
+            state: state.into(),
+        })
+    })?
+    .collect()
 }
 
 /// Whether `ExpireSessions` at `now` would change anything.
@@ -998,6 +1123,45 @@ pub fn repair_candidates(
         .prepare(&sql)?
         .query_map(params![copies as i64, targets.len() as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
+    holders_of(conn, rows)
+}
+
+/// A device as repair sees it: where it is, and its space.
+#[derive(Debug, Clone)]
+pub struct DeviceSpace {
+    pub location: pb::DeviceLocation,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+}
+
+impl DeviceSpace {
+    /// Room for another block: not full (the reserve placement keeps).
+    pub fn has_room(&self) -> bool {
+        !is_full(self.capacity_bytes, self.free_bytes)
+    }
+}
+
+/// Every device that is not gone, with its host's zone and address and its
+/// space.
+pub fn device_space(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<DeviceSpace>> {
+    conn.prepare_cached(&format!(
+        "SELECT d.device_id, d.host_id, h.zone, h.addr, d.capacity, d.free FROM devices d JOIN hosts h ON h.host_id = d.host_id
+         WHERE d.{LIVE_DEVICE} ORDER BY d.device_id"
+    ))?
+    .query_map([], |r| {
+        let location = pb::DeviceLocation {
+            device_id: r.get::<_, i64>(0)? as u64,
+            host_id: r.get::<_, i64>(1)? as u64,
+            zone: r.get(2)?,
+            addr: r.get(3)?,
+        };
+        Ok(DeviceSpace { location, capacity_bytes: r.get::<_, i64>(4)? as u64, free_bytes: r.get::<_, i64>(5)? as u64 })
+    })?
+    .collect()
+}
+
+/// Each block's recorded copies, in `hash`'s order.
+fn holders_of(conn: &rusqlite::Connection, rows: Vec<(Vec<u8>, i64)>) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
     let mut holders = conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
     rows.into_iter()
         .map(|(hash, size)| {
@@ -1007,29 +1171,89 @@ pub fn repair_candidates(
         .collect()
 }
 
-/// Every device with its host's zone and address, and whether it has room
-/// for another block (the same reserve placement keeps).
-pub fn device_room(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(pb::DeviceLocation, bool)>> {
-    let reserve = 2 * failsafe_core::MAX_BLOCK_BYTES as i64;
-    conn.prepare_cached(
-        "SELECT d.device_id, d.host_id, h.zone, h.addr, d.free FROM devices d JOIN hosts h ON h.host_id = d.host_id
-         ORDER BY d.device_id",
-    )?
-    .query_map([], |r| {
-        let loc = pb::DeviceLocation {
-            device_id: r.get::<_, i64>(0)? as u64,
-            host_id: r.get::<_, i64>(1)? as u64,
-            zone: r.get(2)?,
-            addr: r.get(3)?,
-        };
-        Ok((loc, r.get::<_, i64>(4)? > reserve))
-    })?
-    .collect()
+/// Referenced blocks with more than `copies` copies on `up` devices (a dead
+/// host came back, repair raced a late write), hashes after `after` first,
+/// each with all its recorded copies.
+pub fn over_replicated(
+    conn: &rusqlite::Connection,
+    up: &[u64],
+    copies: usize,
+    after: &[u8],
+    limit: usize,
+) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+    let sql = format!(
+        "SELECT c.hash, b.size FROM copies c JOIN blocks b ON b.hash = c.hash
+         WHERE c.device_id IN ({}) AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = c.hash)
+         GROUP BY c.hash HAVING COUNT(*) > ?1
+         ORDER BY c.hash <= ?2, c.hash LIMIT ?3",
+        id_list(up)
+    );
+    let rows: Vec<(Vec<u8>, i64)> = conn
+        .prepare(&sql)?
+        .query_map(params![copies as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    holders_of(conn, rows)
+}
+
+/// Blocks no extent references that have been idle since before
+/// `idle_before` (see `idle_blocks`), each with its recorded copies.
+pub fn garbage(conn: &rusqlite::Connection, idle_before: i64, limit: usize) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+    let rows: Vec<(Vec<u8>, i64)> = conn
+        .prepare_cached(
+            "SELECT b.hash, b.size FROM blocks b LEFT JOIN idle_blocks i ON i.hash = b.hash
+             WHERE NOT EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash) AND COALESCE(i.since, 0) < ?1
+             ORDER BY b.hash LIMIT ?2",
+        )?
+        .query_map(params![idle_before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    holders_of(conn, rows)
+}
+
+/// The devices each of `hashes` is recorded on; `None` for a block the
+/// tracker does not know (any more).
+pub fn recorded(conn: &rusqlite::Connection, hashes: &[Vec<u8>]) -> rusqlite::Result<Vec<Option<Vec<u64>>>> {
+    let mut known = conn.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?;
+    let mut holders = conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
+    hashes
+        .iter()
+        .map(|h| {
+            if !known.exists([h])? {
+                return Ok(None);
+            }
+            holders.query_map([h], |r| Ok(r.get::<_, i64>(0)? as u64))?.collect::<Result<_, _>>().map(Some)
+        })
+        .collect()
+}
+
+/// Which of `hashes` have a copy recorded on `device_id`, if that device is
+/// one of `host_id`'s and not gone; `None` otherwise (a host sweeping its
+/// own garbage must not act on a device the tracker does not know as its).
+pub fn copies_on(
+    conn: &rusqlite::Connection,
+    host_id: u64,
+    device_id: u64,
+    hashes: &[Vec<u8>],
+) -> rusqlite::Result<Option<std::collections::BTreeSet<Vec<u8>>>> {
+    let mine = conn
+        .prepare_cached(&format!("SELECT 1 FROM devices WHERE device_id = ?1 AND host_id = ?2 AND {LIVE_DEVICE}"))?
+        .exists(params![i(device_id), i(host_id)])?;
+    if !mine {
+        return Ok(None);
+    }
+    let mut has = conn.prepare_cached("SELECT 1 FROM copies WHERE hash = ?1 AND device_id = ?2")?;
+    let mut out = std::collections::BTreeSet::new();
+    for h in hashes {
+        if has.exists(params![h, i(device_id)])? {
+            out.insert(h.clone());
+        }
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pb::query_reply::Reply;
 
     fn db() -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_in_memory().expect("in-memory database");
@@ -1038,11 +1262,23 @@ mod tests {
     }
 
     fn run(conn: &mut rusqlite::Connection, op: Op) -> pb::CommandResult {
+        run_at(conn, op, 1)
+    }
+
+    /// Applies `op` as proposed by the leader at `leader_ns`.
+    fn run_at(conn: &mut rusqlite::Connection, op: Op, leader_ns: i64) -> pb::CommandResult {
         let tx = conn.transaction().expect("transaction");
-        let r = apply(&tx, &pb::Command { now_ns: 1, op: Some(op), ..Default::default() }).expect("apply");
+        let r = apply(&tx, &pb::Command { now_ns: 1, leader_ns, op: Some(op), ..Default::default() }).expect("apply");
         tx.commit().expect("commit");
         r
     }
+
+    fn device(id: u64, free: u64) -> pb::DeviceInfo {
+        let path = format!("/d{id}");
+        pb::DeviceInfo { device_id: id, host_id: 7, path, capacity_bytes: 1 << 40, free_bytes: free, ..Default::default() }
+    }
+
+    const ROOMY: u64 = 1 << 39;
 
     fn copies(hash: &[u8], devices: &[u64]) -> pb::BlockCopies {
         pb::BlockCopies { hash: hash.to_vec(), size: 10, device_ids: devices.to_vec() }
@@ -1065,12 +1301,12 @@ mod tests {
         let mut conn = db();
         let (x, y) = ([1u8; 32], [2u8; 32]);
         file_with_block(&mut conn, b"f", &x, &[1, 2, 3]);
-        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[2, 9]), copies(&y, &[1])] })));
+        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[2, 9]), copies(&y, &[1])], keep: 0 })));
         assert_eq!(block_copies(&conn, &x).expect("copies").device_ids, vec![1, 3]);
         // The size is still known, so the block can be recorded again.
         ok(run(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&x, &[2])] })));
         assert_eq!(block_copies(&conn, &x).expect("copies").device_ids.len(), 3);
-        let bad = run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(b"short", &[1])] }));
+        let bad = run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(b"short", &[1])], keep: 0 }));
         assert!(matches!(bad.result, Some(pb::command_result::Result::Error(_))));
     }
 
@@ -1100,5 +1336,131 @@ mod tests {
         assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 5, 2]);
         let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[], 10).expect("candidates");
         assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 2, 5]);
+    }
+
+    #[test]
+    fn a_device_its_host_no_longer_reports_is_gone_and_its_copies_are_dropped() {
+        let mut conn = db();
+        let host = Op::RegisterHost(pb::RegisterHost {
+            host_id: 7,
+            zone: "a".into(),
+            addr: "h:1".into(),
+            devices: vec![device(1, ROOMY), device(2, ROOMY)],
+        });
+        ok(run(&mut conn, host));
+        file_with_block(&mut conn, b"f", &[1u8; 32], &[1, 2]);
+        // The disk behind device 1 was replaced: a fresh directory, device 3.
+        let report = |devices| Op::ReportDevices(pb::ReportDevices { host_id: 7, devices });
+        ok(run_at(&mut conn, report(vec![device(2, ROOMY), device(3, ROOMY)]), 50));
+        assert_eq!(block_copies(&conn, &[1u8; 32]).expect("copies").device_ids, vec![2]);
+        let states: Vec<(u64, String)> = devices(&conn).expect("devices").into_iter().map(|d| (d.device_id, d.state)).collect();
+        assert_eq!(states, vec![(1, "gone".into()), (2, "ok".into()), (3, "ok".into())]);
+        // Short of copies at once: no waiting for the host to be declared dead.
+        assert_eq!(replication_counts(&conn, &[1, 2, 3], 2).expect("counts").under_replicated, 1);
+        // Neither placement nor repair sees it.
+        let place = Query::Place(pb::Place { hashes: vec![vec![9; 32]], copies: 0 });
+        let Reply::Placement(p) = query(&conn, &place, ReplicationClass::default()).expect("place") else { panic!() };
+        assert!(p.choices[0].device_ids.iter().all(|&d| d != 1), "{p:?}");
+        assert!(device_space(&conn).expect("space").iter().all(|d| d.location.device_id != 1));
+        // Reported again (it was only left out of the configuration): a device again.
+        ok(run(&mut conn, report(vec![device(1, ROOMY), device(2, ROOMY), device(3, ROOMY)])));
+        assert!(devices(&conn).expect("devices").iter().all(|d| d.state == "ok"));
+    }
+
+    #[test]
+    fn a_full_device_takes_no_new_copies() {
+        let mut conn = db();
+        let devices_now = vec![device(1, ROOMY), device(2, 1 << 20), device(3, ROOMY), device(4, ROOMY)];
+        let host = pb::RegisterHost { host_id: 7, zone: "a".into(), addr: "h:1".into(), devices: devices_now };
+        ok(run(&mut conn, Op::RegisterHost(host)));
+        let states: Vec<String> = devices(&conn).expect("devices").into_iter().map(|d| d.state).collect();
+        assert_eq!(states, vec!["ok", "full", "ok", "ok"]);
+        for n in 0u8..20 {
+            let place = Query::Place(pb::Place { hashes: vec![vec![n; 32]], copies: 0 });
+            let Reply::Placement(p) = query(&conn, &place, ReplicationClass::default()).expect("place") else { panic!() };
+            assert_eq!(p.choices[0].device_ids.len(), 3);
+            assert!(!p.choices[0].device_ids.contains(&2));
+        }
+        let space = device_space(&conn).expect("space");
+        assert_eq!(space.iter().filter(|d| !d.has_room()).map(|d| d.location.device_id).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[test]
+    fn trimming_drops_a_copy_only_while_enough_others_stay() {
+        let mut conn = db();
+        let x = [1u8; 32];
+        file_with_block(&mut conn, b"f", &x, &[1, 2, 3, 4]);
+        let over = over_replicated(&conn, &[1, 2, 3, 4], 3, &[], 10).expect("over");
+        assert_eq!(over.len(), 1);
+        assert_eq!(over[0].holders, vec![1, 2, 3, 4]);
+        // Only up copies count: with device 4 down it is not over.
+        assert!(over_replicated(&conn, &[1, 2, 3], 3, &[], 10).expect("over").is_empty());
+        // Two drops planned against a view that has since lost copies: only
+        // one goes, three stay.
+        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[1, 2])], keep: 3 })));
+        assert_eq!(block_copies(&conn, &x).expect("copies").device_ids, vec![2, 3, 4]);
+        assert!(over_replicated(&conn, &[1, 2, 3, 4], 3, &[], 10).expect("over").is_empty());
+    }
+
+    #[test]
+    fn unreferenced_blocks_become_garbage_after_the_grace_period() {
+        let mut conn = db();
+        let (old, new, stray) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let create =
+            |name: &[u8]| Op::Create(pb::Create { parent: ROOT_INO, name: name.to_vec(), mode: 0o644, ..Default::default() });
+        let f = run(&mut conn, create(b"f"));
+        let Some(pb::command_result::Result::Attr(a)) = f.result else { panic!("create: {f:?}") };
+        let commit = |hash: &[u8; 32]| {
+            let extent = pb::Extent { offset: 0, length: 10, hash: hash.to_vec(), block_offset: 0 };
+            let copies = vec![copies(hash, &[1, 2])];
+            Op::CommitExtents(pb::CommitExtents { ino: a.ino, extents: vec![extent], copies, append: false })
+        };
+        ok(run_at(&mut conn, commit(&old), 100));
+        assert!(garbage(&conn, i64::MAX, 10).expect("garbage").is_empty(), "referenced");
+        // Overwritten at 200: the old block is idle from then.
+        ok(run_at(&mut conn, commit(&new), 200));
+        // A block put and recorded at 300 whose commit has not come yet.
+        ok(run_at(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&stray, &[1])] }), 300));
+        let hashes = |v: Vec<failsafe_core::BlockView>| v.into_iter().map(|b| b.hash[0]).collect::<Vec<_>>();
+        assert!(garbage(&conn, 200, 10).expect("garbage").is_empty());
+        assert_eq!(hashes(garbage(&conn, 201, 10).expect("garbage")), vec![1]);
+        assert_eq!(hashes(garbage(&conn, 301, 10).expect("garbage")), vec![1, 3]);
+        assert_eq!(garbage(&conn, 201, 10).expect("garbage")[0].holders, vec![1, 2]);
+
+        // Forgetting re-checks: the stray block is too young at 250, the
+        // referenced one is never forgotten.
+        let all = vec![old.to_vec(), new.to_vec(), stray.to_vec()];
+        let forget = |before| Op::ForgetBlocks(pb::ForgetBlocks { hashes: all.clone(), idle_before_ns: before });
+        ok(run(&mut conn, forget(250)));
+        assert_eq!(recorded(&conn, &all).expect("recorded"), vec![None, Some(vec![1, 2]), Some(vec![1])]);
+        // The stray block's write commits after all: referenced, not garbage.
+        let late = pb::Extent { offset: 10, length: 10, hash: stray.to_vec(), block_offset: 0 };
+        let commit_late = pb::CommitExtents { ino: a.ino, extents: vec![late], copies: vec![copies(&stray, &[1])], append: false };
+        ok(run_at(&mut conn, Op::CommitExtents(commit_late), 400));
+        ok(run(&mut conn, forget(i64::MAX)));
+        assert!(recorded(&conn, &[stray.to_vec()]).expect("recorded")[0].is_some());
+
+        // Renamed over: the replaced file's blocks are idle from the rename.
+        let g = run(&mut conn, create(b"g"));
+        let Some(pb::command_result::Result::Attr(_)) = g.result else { panic!("create: {g:?}") };
+        let (name, new_name) = (b"g".to_vec(), b"f".to_vec());
+        let rename = pb::Rename { parent: ROOT_INO, name, new_parent: ROOT_INO, new_name, ..Default::default() };
+        let rename = Op::Rename(rename);
+        ok(run_at(&mut conn, rename, 500));
+        assert_eq!(hashes(garbage(&conn, 501, 10).expect("garbage")), vec![2, 3]);
+        assert!(garbage(&conn, 500, 10).expect("garbage").is_empty());
+    }
+
+    #[test]
+    fn a_host_sees_only_its_own_devices_records() {
+        let mut conn = db();
+        let host = pb::RegisterHost { host_id: 7, zone: "a".into(), addr: "h:1".into(), devices: vec![device(1, ROOMY)] };
+        ok(run(&mut conn, Op::RegisterHost(host)));
+        file_with_block(&mut conn, b"f", &[1u8; 32], &[1, 2]);
+        let asked = vec![vec![1u8; 32], vec![2u8; 32]];
+        assert_eq!(copies_on(&conn, 7, 1, &asked).expect("copies"), Some([vec![1u8; 32]].into_iter().collect()));
+        // Device 2 is not host 7's; device 1 is not host 8's.
+        assert_eq!(copies_on(&conn, 7, 2, &asked).expect("copies"), None);
+        assert_eq!(copies_on(&conn, 8, 1, &asked).expect("copies"), None);
     }
 }

@@ -29,7 +29,8 @@ enum Cmd {
     Init { addr: String },
     /// Whether the cluster is fail-safe or limping; hosts, zones, addresses,
     /// roles, up/down as the leader sees them, reachability from here;
-    /// leader, term, repair, devices and usage.
+    /// leader, term, repair, scrub and gc workers, devices (ok, full or
+    /// gone) and usage.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -200,7 +201,28 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     let _ = writeln!(out, "leader  {leader}   term {}   log {}   applied {}", s.term, s.last_log_index, s.last_applied);
     let _ = writeln!(out, "files   {}   blocks {}", s.files, s.blocks);
     if let Some(r) = &s.repair {
-        let _ = writeln!(out, "repair  {}   copies made {} ({})   failed {}", r.state, r.blocks, bytes(r.bytes), r.failures);
+        let _ = writeln!(
+            out,
+            "repair  {}   copies made {} ({})   failed {}   trimmed {}",
+            r.state,
+            r.blocks,
+            bytes(r.bytes),
+            r.failures,
+            r.trimmed
+        );
+    }
+    if let Some(r) = &s.scrub {
+        let _ = writeln!(out, "scrub   {}   passes {}   checked {}   corrupt {}", r.state, r.passes, bytes(r.bytes), r.corrupt);
+    }
+    if let Some(g) = &s.gc {
+        let _ = writeln!(
+            out,
+            "gc      {}   blocks forgotten {}   files deleted {} ({})",
+            g.state,
+            g.forgotten,
+            g.files_deleted,
+            bytes(g.bytes_deleted)
+        );
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -225,11 +247,20 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             if h.voter { "yes" } else { "no" }
         );
     }
-    let _ = writeln!(out, "\n{:<18} {:<18} {:>10} {:>10} {:>10} {:>8}  PATH", "DEVICE", "HOST", "USED", "FREE", "CAPACITY", "BLOCKS");
+    let _ = writeln!(
+        out,
+        "\n{:<18} {:<18} {:<5} {:>10} {:>10} {:>10} {:>8}  PATH",
+        "DEVICE", "HOST", "STATE", "USED", "FREE", "CAPACITY", "BLOCKS"
+    );
     for d in &s.devices {
+        let state = match d.state.as_str() {
+            "" => "?".to_string(),
+            "ok" => "ok".to_string(),
+            other => other.to_uppercase(),
+        };
         let _ = writeln!(
             out,
-            "{:016x}   {:016x}   {:>10} {:>10} {:>10} {:>8}  {}",
+            "{:016x}   {:016x}   {state:<5} {:>10} {:>10} {:>10} {:>8}  {}",
             d.device_id,
             d.host_id,
             bytes(d.used_bytes),

@@ -1,0 +1,172 @@
+//! Scrub: the `scrub` worker, on every host, re-reads and re-hashes the
+//! blocks on this host's own devices at a capped rate, so a copy that rotted
+//! where nobody reads it is found before the other copies are needed.
+//!
+//! It reads through the block store's verifying `get`, so a corrupt copy is
+//! quarantined exactly as on a client's read, and queued on `BadCopies`: the
+//! `copy-dropper` drops its record and the leader's repair worker copies the
+//! block again from a good copy. A pass walks each device in hash order, a
+//! batch at a time, and logs one INFO line when it has covered them all.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use failsafe_blockstore::{BlockStore, Hash, StoreError};
+use failsafe_core::hash_hex;
+use failsafe_proto::pb;
+use tokio::time::Instant;
+
+use crate::config::ScrubConfig;
+use crate::metrics::{get, inc, Metrics};
+use crate::pace::Pacer;
+use crate::repair::BadCopies;
+
+/// Blocks listed per step: a step ends between batches, so the worker
+/// notices shutdown and its state stays fresh.
+const BATCH: usize = 64;
+
+/// Where a pass is.
+#[derive(Default)]
+struct Progress {
+    /// Index into the store's devices, and the last block checked there.
+    device: usize,
+    after: Option<Hash>,
+    /// When the pass under way started (None: between passes).
+    started: Option<Instant>,
+    /// When the last pass started.
+    last_started: Option<Instant>,
+    blocks: u64,
+    bytes: u64,
+    corrupt: u64,
+}
+
+/// The scrub worker's state, shared with `Admin.Status`.
+pub struct Scrub {
+    cfg: ScrubConfig,
+    store: Arc<BlockStore>,
+    metrics: Arc<Metrics>,
+    bad: Arc<BadCopies>,
+    pacer: Pacer,
+    /// A std Mutex: held to read or update the cursor, never across an await.
+    progress: Mutex<Progress>,
+    state: Mutex<String>,
+}
+
+impl Scrub {
+    pub fn new(cfg: ScrubConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>, bad: Arc<BadCopies>) -> Scrub {
+        let pacer = Pacer::new(cfg.bytes_per_second);
+        let state = if cfg.bytes_per_second == 0 { "off" } else { "starting" };
+        Scrub { cfg, store, metrics, bad, pacer, progress: Mutex::default(), state: Mutex::new(state.into()) }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.bytes_per_second > 0
+    }
+
+    fn set_state(&self, s: impl Into<String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
+    }
+
+    pub fn status(&self) -> pb::ScrubStatus {
+        pb::ScrubStatus {
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            passes: get(&self.metrics.scrub_passes),
+            bytes: get(&self.metrics.scrub_bytes),
+            corrupt: get(&self.metrics.scrub_corrupt),
+        }
+    }
+
+    /// One step: checks a batch of blocks, or finishes a pass, or waits for
+    /// the next. Returns how long to wait before the next step.
+    pub async fn step(&self) -> anyhow::Result<Duration> {
+        let devices = self.store.device_ids();
+        let (device, after) = {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            if p.started.is_none() {
+                if let Some(last) = p.last_started {
+                    let due = last + self.cfg.interval;
+                    if Instant::now() < due {
+                        drop(p);
+                        let wait = due - Instant::now();
+                        self.set_state(format!("idle (next pass in {})", rough(wait)));
+                        return Ok(wait.min(Duration::from_secs(60)));
+                    }
+                }
+                *p = Progress { started: Some(Instant::now()), ..Progress::default() };
+            }
+            if p.device >= devices.len() {
+                self.finish_pass(&mut p);
+                return Ok(Duration::ZERO);
+            }
+            (devices[p.device], p.after)
+        };
+        self.set_state(format!("scrubbing pass {}", get(&self.metrics.scrub_passes) + 1));
+        let store = self.store.clone();
+        let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), BATCH)).await??;
+        if batch.is_empty() {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.device += 1;
+            p.after = None;
+            return Ok(Duration::ZERO);
+        }
+        for b in batch {
+            self.pacer.take(b.size).await;
+            let store = self.store.clone();
+            let read = tokio::task::spawn_blocking(move || store.get(&b.hash, Some(device))).await?;
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.after = Some(b.hash);
+            match read {
+                Ok((_, data)) => {
+                    p.blocks += 1;
+                    p.bytes += data.len() as u64;
+                    inc(&self.metrics.scrub_bytes, data.len() as u64);
+                }
+                Err(StoreError::Corrupt { device, .. }) => {
+                    p.corrupt += 1;
+                    inc(&self.metrics.scrub_corrupt, 1);
+                    tracing::warn!(block = %hash_hex(&b.hash), device = format!("{device:016x}"), "scrub found a corrupt copy; its record goes and repair replaces it");
+                    self.bad.push(b.hash.to_vec(), device);
+                }
+                // Deleted since it was listed (garbage collection, trimming).
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(block = %hash_hex(&b.hash), error = %e, "scrub could not read a block"),
+            }
+        }
+        Ok(Duration::ZERO)
+    }
+
+    fn finish_pass(&self, p: &mut Progress) {
+        let took = p.started.map(|s| s.elapsed()).unwrap_or_default();
+        inc(&self.metrics.scrub_passes, 1);
+        tracing::info!(
+            blocks = p.blocks,
+            bytes = p.bytes,
+            corrupt = p.corrupt,
+            took = ?took,
+            devices = p.device,
+            "scrub pass finished"
+        );
+        *p = Progress { last_started: p.started, ..Progress::default() };
+    }
+}
+
+/// A wait as a person reads it: "40s", "12m", "23h".
+fn rough(d: Duration) -> String {
+    match d.as_secs() {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_read_roughly() {
+        assert_eq!(rough(Duration::from_millis(400)), "0s");
+        assert_eq!(rough(Duration::from_secs(600)), "10m");
+        assert_eq!(rough(Duration::from_secs(86_399)), "23h");
+    }
+}
