@@ -126,6 +126,62 @@ impl Client {
         }
     }
 
+    /// The rsync signature of a block on `device_id` at `addr`.
+    pub async fn block_signature(&self, addr: &str, device_id: u64, hash: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let req = self.block_request(pb::SignatureRequest { header: self.header(), hash: hash.to_vec(), device_id });
+        Ok(self.within(addr, "signature", blocks.signature(req)).await?.signature)
+    }
+
+    /// The delta from the block behind `signature` to block `hash` at `addr`.
+    pub async fn block_delta(&self, addr: &str, device_id: u64, hash: &[u8], signature: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let req = self.block_request(pb::DeltaRequest { header: self.header(), hash: hash.to_vec(), device_id, signature });
+        Ok(self.within(addr, "delta", blocks.delta(req)).await?.delta)
+    }
+
+    /// Stores block `hash` on `device_id` at `addr` by applying `delta` to
+    /// the block `base` it holds there (refused unless the result has the hash).
+    pub async fn put_delta(&self, addr: &str, device_id: u64, hash: &[u8], base: &[u8], delta: Vec<u8>) -> Result<(), tonic::Status> {
+        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let req = self.block_request(pb::PutDeltaRequest {
+            header: self.header(),
+            hash: hash.to_vec(),
+            device_id,
+            base: base.to_vec(),
+            delta,
+        });
+        self.within(addr, "delta put", blocks.put_delta(req)).await?;
+        Ok(())
+    }
+
+    fn block_request<Q>(&self, msg: Q) -> tonic::Request<Q> {
+        let mut req = tonic::Request::new(msg);
+        req.set_timeout(self.inner.cfg.block_timeout);
+        req
+    }
+
+    /// Awaits one unary block call under the block deadline.
+    async fn within<R>(
+        &self,
+        addr: &str,
+        what: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    ) -> Result<R, tonic::Status> {
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(self.inner.cfg.block_timeout, call).await {
+            Ok(r) => {
+                let r = r?.into_inner();
+                self.record_ok(addr, started.elapsed());
+                Ok(r)
+            }
+            Err(_) => {
+                self.record_timeout(addr);
+                Err(tonic::Status::cancelled(format!("block {what} at {addr} timed out")))
+            }
+        }
+    }
+
     /// Writes blocks to the devices the tracker places them on. Returns, per
     /// block, the devices that hold it once at least the write quorum has it.
     pub async fn put_blocks(&self, blocks: &[Vec<u8>]) -> Result<Vec<pb::BlockCopies>, ClientError> {
@@ -356,3 +412,4 @@ impl Client {
         (self.inner.cfg.rpc_timeout / 2).max(Duration::from_millis(100))
     }
 }
+

@@ -6,6 +6,7 @@
 //! is a function of the block hash and the layout, so every tracker member
 //! and every test computes the same answer.
 
+pub mod delta;
 pub mod extent;
 pub mod name;
 pub mod placement;

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use failsafe_blockstore::{BlockStore, Removal, StoreError};
-use failsafe_core::{parse_hash, MAX_BLOCK_BYTES};
+use failsafe_core::{delta, parse_hash, MAX_BLOCK_BYTES};
 use failsafe_proto::check_header;
 use failsafe_proto::pb::{self, blocks_server::Blocks};
 use failsafe_tracker::ClusterId;
@@ -104,16 +104,7 @@ impl Blocks for BlocksService {
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<Self::GetStream>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
-        let hash = hash_arg(&req.hash)?;
-        let store = self.store.clone();
-        let device = (req.device_id != 0).then_some(req.device_id);
-        let got = tokio::task::spawn_blocking(move || store.get(&hash, device))
-            .await
-            .map_err(|e| Status::internal(format!("block I/O task: {e}")))?;
-        if let Err(StoreError::Corrupt { device, .. }) = &got {
-            self.bad.push(hash.to_vec(), *device);
-        }
-        let (_, data) = self.count_error(got.map_err(to_status))?;
+        let data = self.read_block(&req.hash, req.device_id).await?;
         inc(&self.metrics.block_gets, 1);
         inc(&self.metrics.block_get_bytes, data.len() as u64);
         let chunks: Vec<Result<pb::GetChunk, Status>> = if data.is_empty() {
@@ -183,5 +174,70 @@ impl Blocks for BlocksService {
             inc(&self.metrics.gc_bytes_deleted, bytes);
         }
         Ok(Response::new(pb::DeleteReply { existed: removal != Removal::Absent, kept: removal == Removal::TooRecent }))
+    }
+
+    async fn signature(&self, req: Request<pb::SignatureRequest>) -> Result<Response<pb::SignatureReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        let base = self.read_block(&req.hash, req.device_id).await?;
+        let signature = tokio::task::spawn_blocking(move || delta::signature(&base))
+            .await
+            .map_err(|e| Status::internal(format!("signature task: {e}")))?;
+        Ok(Response::new(pb::SignatureReply { signature }))
+    }
+
+    async fn delta(&self, req: Request<pb::DeltaRequest>) -> Result<Response<pb::DeltaReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        let data = self.read_block(&req.hash, req.device_id).await?;
+        let size = data.len() as u64;
+        let d = tokio::task::spawn_blocking(move || delta::diff(&req.signature, &data))
+            .await
+            .map_err(|e| Status::internal(format!("delta task: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(pb::DeltaReply { delta: d, size }))
+    }
+
+    async fn put_delta(&self, req: Request<pb::PutDeltaRequest>) -> Result<Response<pb::PutReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        let hash = hash_arg(&req.hash)?;
+        if req.delta.len() > MAX_BLOCK_BYTES * 2 {
+            return self.count_error(Err(Status::invalid_argument("delta larger than any block")));
+        }
+        let base = self.read_block(&req.base, req.device_id).await?;
+        let received = req.delta.len() as u64;
+        let store = self.store.clone();
+        let device = req.device_id;
+        let size = self
+            .count_error(
+                tokio::task::spawn_blocking(move || -> Result<u64, Status> {
+                    let data = delta::apply(&base, &req.delta, &hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    store.put(device, &hash, &data).map_err(to_status)?;
+                    Ok(data.len() as u64)
+                })
+                .await
+                .map_err(|e| Status::internal(format!("delta task: {e}")))?,
+            )?;
+        inc(&self.metrics.delta_puts, 1);
+        inc(&self.metrics.delta_put_bytes, received);
+        Ok(Response::new(pb::PutReply { device_id: device, size }))
+    }
+}
+
+impl BlocksService {
+    /// One verified block from this host (a given device, or any when 0);
+    /// a corrupt copy is quarantined and queued like on a `get`.
+    async fn read_block(&self, hash: &[u8], device_id: u64) -> Result<Vec<u8>, Status> {
+        let hash = hash_arg(hash)?;
+        let store = self.store.clone();
+        let device = (device_id != 0).then_some(device_id);
+        let got = tokio::task::spawn_blocking(move || store.get(&hash, device))
+            .await
+            .map_err(|e| Status::internal(format!("block I/O task: {e}")))?;
+        if let Err(StoreError::Corrupt { device, .. }) = &got {
+            self.bad.push(hash.to_vec(), *device);
+        }
+        Ok(self.count_error(got.map_err(to_status))?.1)
     }
 }

@@ -32,6 +32,15 @@ pub struct Metrics {
     /// Block files deleted on this host (garbage, trimmed copies), and bytes.
     pub gc_files_deleted: AtomicU64,
     pub gc_bytes_deleted: AtomicU64,
+    /// Blocks stored here by applying a delta to an older block, and the
+    /// delta bytes received for them.
+    pub delta_puts: AtomicU64,
+    pub delta_put_bytes: AtomicU64,
+    /// Copies repair on this host made as deltas, the delta bytes sent and
+    /// the signature bytes fetched for them.
+    pub repair_delta_blocks: AtomicU64,
+    pub repair_delta_bytes: AtomicU64,
+    pub repair_signature_bytes: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64, by: u64) {
@@ -74,6 +83,15 @@ impl Metrics {
                 &self.gc_files_deleted,
             ),
             ("failsafe_gc_bytes_deleted_total", "Bytes of block files deleted on this host", &self.gc_bytes_deleted),
+            ("failsafe_delta_puts_total", "Blocks stored by applying a delta to an older block", &self.delta_puts),
+            ("failsafe_delta_put_bytes_total", "Delta bytes received for blocks stored from deltas", &self.delta_put_bytes),
+            ("failsafe_repair_delta_blocks_total", "Copies repair on this host made as deltas", &self.repair_delta_blocks),
+            ("failsafe_repair_delta_bytes_total", "Delta bytes repair on this host sent", &self.repair_delta_bytes),
+            (
+                "failsafe_repair_signature_bytes_total",
+                "Signature bytes repair on this host fetched for deltas",
+                &self.repair_signature_bytes,
+            ),
         ];
         for (name, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

@@ -319,6 +319,76 @@ impl Repair {
     /// Fetches the block from the first live holder that has it intact, puts
     /// it on every target, and records the copies that landed.
     async fn copy(&self, a: &RepairAction, addrs: &HashMap<u64, String>, tracker: &Tracker, client: &Client) -> Outcome {
+        let mut landed = Vec::new();
+        let mut full = Vec::new();
+        // A target that holds an older version of the block gets a delta.
+        for &target in &a.targets {
+            match self.copy_as_delta(a, target, addrs, tracker, client).await {
+                Ok(true) => landed.push(target),
+                Ok(false) => full.push(target),
+                Err(why) => {
+                    tracing::debug!(block = %hash_hex(&a.hash), %why, "delta copy failed; sending the whole block");
+                    full.push(target);
+                }
+            }
+        }
+        if !full.is_empty() {
+            match self.copy_whole(a, &full, addrs, client).await {
+                Ok(more) => landed.extend(more),
+                Err(why) if landed.is_empty() => return Outcome::Failed(why),
+                Err(why) => tracing::warn!(block = %hash_hex(&a.hash), %why, "some copies of a block did not land"),
+            }
+        }
+        self.record(a, landed, tracker).await
+    }
+
+    /// Sends block `a` to `target` as a delta against an older version
+    /// recorded there: the target's signature of it, a source's delta, the
+    /// target applies and verifies it. Ok(false): no older version to use.
+    async fn copy_as_delta(
+        &self,
+        a: &RepairAction,
+        target: u64,
+        addrs: &HashMap<u64, String>,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> Result<bool, String> {
+        let Some(base) = tracker.delta_base(a.hash.clone(), target).await.map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        let taddr = addrs.get(&target).ok_or("target has no address")?;
+        let signature = client.block_signature(taddr, target, &base).await.map_err(|s| format!("{taddr}: {}", s.message()))?;
+        let sig_len = signature.len() as u64;
+        let mut why = String::from("no source");
+        for &src in &a.sources {
+            let Some(saddr) = addrs.get(&src) else { continue };
+            let delta = match client.block_delta(saddr, src, &a.hash, signature.clone()).await {
+                Ok(d) => d,
+                Err(s) => {
+                    why = format!("{saddr}: {}", s.message());
+                    continue;
+                }
+            };
+            // A delta no smaller than the block is no gain.
+            if delta.len() as u64 >= a.size {
+                return Ok(false);
+            }
+            let sent = delta.len() as u64;
+            self.pacer.take(sent + sig_len).await;
+            client.put_delta(taddr, target, &a.hash, &base, delta).await.map_err(|s| format!("{taddr}: {}", s.message()))?;
+            inc(&self.metrics.repair_blocks, 1);
+            inc(&self.metrics.repair_bytes, sent);
+            inc(&self.metrics.repair_delta_blocks, 1);
+            inc(&self.metrics.repair_delta_bytes, sent);
+            inc(&self.metrics.repair_signature_bytes, sig_len);
+            return Ok(true);
+        }
+        Err(why)
+    }
+
+    /// Reads block `a` from a live holder and puts it whole on `targets`;
+    /// returns those it landed on.
+    async fn copy_whole(&self, a: &RepairAction, targets: &[u64], addrs: &HashMap<u64, String>, client: &Client) -> Result<Vec<u64>, String> {
         let mut data = None;
         let mut why = String::from("no source");
         for &src in &a.sources {
@@ -341,11 +411,11 @@ impl Repair {
             }
         }
         let Some(data) = data else {
-            inc(&self.metrics.repair_failures, a.targets.len() as u64);
-            return Outcome::Failed(format!("no intact copy could be read ({why})"));
+            inc(&self.metrics.repair_failures, targets.len() as u64);
+            return Err(format!("no intact copy could be read ({why})"));
         };
         let mut landed = Vec::new();
-        for &target in &a.targets {
+        for &target in targets {
             let Some(addr) = addrs.get(&target) else { continue };
             self.pacer.take(a.size).await;
             match client.put_block(addr, target, &data).await {
@@ -361,9 +431,17 @@ impl Repair {
             }
         }
         if landed.is_empty() {
-            return Outcome::Failed(format!("no target took the copy ({why})"));
+            return Err(format!("no target took the copy ({why})"));
         }
-        let copies = vec![pb::BlockCopies { hash: a.hash.clone(), size: data.len() as u64, device_ids: landed.clone() }];
+        Ok(landed)
+    }
+
+    /// Records the copies that landed.
+    async fn record(&self, a: &RepairAction, landed: Vec<u64>, tracker: &Tracker) -> Outcome {
+        if landed.is_empty() {
+            return Outcome::Failed("no copy landed".into());
+        }
+        let copies = vec![pb::BlockCopies { hash: a.hash.clone(), size: a.size, device_ids: landed.clone() }];
         let cmd = pb::Command { op: Some(Op::RecordCopies(pb::RecordCopies { copies })), ..Default::default() };
         match propose(tracker, cmd).await {
             Ok(()) => Outcome::Copied { landed },

@@ -456,3 +456,95 @@ async fn t66_blocks_nothing_references_are_collected_after_the_grace_period() {
     assert!(metric_sum(&tc, "failsafe_gc_files_deleted_total") >= 7.0);
     tc.check_logs();
 }
+
+/// A wiki page of `lines` lines; the lines in `changed` differ in revision `rev`.
+fn page_text(lines: usize, changed: &[usize], rev: u32) -> Vec<u8> {
+    let mut s = String::new();
+    for l in 0..lines {
+        if changed.contains(&l) {
+            s += &format!("Line {l} was edited in revision {rev} by someone with a keyboard.\n");
+        } else {
+            s += &format!("Line {l} of a page about failsafe, which mostly stays as it was.\n");
+        }
+    }
+    s.into_bytes()
+}
+
+/// The wiki save: a temp file written, then renamed over the page.
+async fn save(c: &Client, name: &str, body: &[u8]) -> u64 {
+    let tmp = format!(".{name}.tmp");
+    let f = c.create(ROOT, tmp.as_bytes(), 0o644, true).await.expect("create temp");
+    c.write(f.ino, 0, body).await.expect("write temp");
+    c.rename(pb::Rename {
+        parent: ROOT,
+        name: tmp.into_bytes(),
+        new_parent: ROOT,
+        new_name: name.as_bytes().to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("rename over the page");
+    f.ino
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t67_a_returning_host_receives_changed_pages_as_deltas() {
+    let (mut tc, c) = TestCluster::start(FAST_REPAIR).await;
+    tc.expected_errors.push(KILLED_MID_RPC);
+    let (pages, lines) = (20usize, 500usize);
+    for p in 0..pages {
+        save(&c, &format!("page{p}"), &page_text(lines, &[], 0)).await;
+    }
+    wait_status(&tc, Duration::from_secs(20), "fail-safe with every page written", |s| {
+        s.mode == "fail-safe" && s.hosts.iter().all(|h| h.state == "up")
+    })
+    .await;
+    let leader = tc.leader().await;
+    let victim = (leader + 1) % 3;
+    let victim_id = ids_of(&tc.status().await, &tc, victim).0;
+    tc.c.kill(victim);
+    wait_status(&tc, Duration::from_secs(10), "the killed host down", |s| {
+        s.hosts.iter().any(|h| h.host_id == victim_id && h.state == "down")
+    })
+    .await;
+
+    // While it is away, every page changes by three lines.
+    let (mut changed_bytes, mut full_bytes) = (0u64, 0u64);
+    let mut inos = Vec::new();
+    for p in 0..pages {
+        let edits = [p * 7 % lines, 100 + p * 13 % 300, lines - 1 - p];
+        let old = page_text(lines, &[], 0);
+        let new = page_text(lines, &edits, 1);
+        let old_lines: Vec<&[u8]> = old.split(|b| *b == b'\n').collect();
+        changed_bytes += new.split(|b| *b == b'\n').zip(&old_lines).filter(|(n, o)| n != *o).map(|(n, _)| n.len() as u64 + 1).sum::<u64>();
+        full_bytes += new.len() as u64;
+        inos.push((save(&c, &format!("page{p}"), &new).await, new));
+    }
+
+    tc.c.restart(victim, true).expect("restart");
+    wait_status(&tc, Duration::from_secs(30), "fail-safe again", |s| {
+        s.mode == "fail-safe" && s.under_replicated == 0 && s.hosts.iter().all(|h| h.state == "up")
+    })
+    .await;
+    // What reached the returning host: deltas, and whole blocks if any.
+    let deltas = metric(&tc, victim, "failsafe_delta_put_bytes_total").unwrap_or(0.0) as u64;
+    let delta_puts = metric(&tc, victim, "failsafe_delta_puts_total").unwrap_or(0.0) as u64;
+    let whole = metric(&tc, victim, "failsafe_block_put_bytes_total").unwrap_or(0.0) as u64;
+    let leader = tc.leader().await;
+    let signatures = metric(&tc, leader, "failsafe_repair_signature_bytes_total").unwrap_or(0.0) as u64;
+    let received = deltas + whole;
+    eprintln!(
+        "{pages} pages of {} bytes, 3 lines each changed while away: {changed_bytes} changed bytes, {signatures} signature bytes; \
+         sent to the returning host {received} bytes ({delta_puts} deltas, {deltas} delta bytes, {whole} whole-block bytes) \
+         against {full_bytes} for a plain copy",
+        full_bytes / pages as u64
+    );
+    assert_eq!(delta_puts, pages as u64, "every changed page went as a delta");
+    assert!(received * 2 <= 3 * (changed_bytes + signatures), "{received} > 1.5 x ({changed_bytes} + {signatures})");
+    assert!(received * 10 < full_bytes, "deltas are a small part of a plain copy");
+    // The host's copies are whole: read each page from its zone.
+    let near = tc.client_in(&tc.c.hosts[victim].zone).await;
+    for (ino, body) in inos {
+        assert_eq!(near.read(ino, 0, body.len() as u64).await.expect("read"), body);
+    }
+}

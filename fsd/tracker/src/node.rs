@@ -317,6 +317,12 @@ impl Tracker {
         self.sm.db().call(move |conn| f(conn)).await?.map_err(|e| TrackerError::Storage(e.to_string()))
     }
 
+    /// An older version of block `hash` recorded on `device_id`, to send
+    /// the block there as a delta (this member's view).
+    pub async fn delta_base(&self, hash: Vec<u8>, device_id: u64) -> Result<Option<Vec<u8>>, TrackerError> {
+        self.read(move |conn| state::delta_base(conn, &hash, device_id)).await
+    }
+
     /// Makes `host_id` at `addr` a voter: first a learner that catches up,
     /// then a voter. Already a voter: only its address is refreshed.
     pub async fn add_member(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {

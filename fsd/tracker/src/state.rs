@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS gone_devices(device_id INTEGER PRIMARY KEY, since INT
 -- extent removed. Garbage collection forgets those unreferenced for longer
 -- than its grace period; a block without a row here counts as idle since 0.
 CREATE TABLE IF NOT EXISTS idle_blocks(hash BLOB PRIMARY KEY, since INTEGER NOT NULL) WITHOUT ROWID;
+-- A block's older version at the same place in the same file (a page saved
+-- again): a host that holds the older one receives the newer as a delta.
+-- One row per newer block, dropped when that block is forgotten.
+CREATE TABLE IF NOT EXISTS lineage(hash BLOB PRIMARY KEY, prev BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -522,6 +526,15 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
             _ => {}
         }
         unlink_entry(tx, c.new_parent, &c.new_name, now, if dst_is_dir { -1 } else { 0 })?;
+        if !dst_is_dir {
+            // The file that replaces another is its new version (a wiki save).
+            tx.execute(
+                "INSERT OR IGNORE INTO lineage(hash, prev)
+                 SELECT n.hash, o.hash FROM extents n JOIN extents o ON o.ino = ?2 AND o.offset = n.offset
+                 WHERE n.ino = ?1 AND n.hash != o.hash",
+                params![i(src), i(dst)],
+            )?;
+        }
         drop_link(tx, dst, now, leader_now)?;
     }
     let delta = moves_dir_between(src_is_dir);
@@ -647,6 +660,11 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_
             }
             _ => {}
         }
+        // Rewritten in place: the block it replaces at the same offset is its older version.
+        tx.execute(
+            "INSERT OR IGNORE INTO lineage(hash, prev) SELECT ?3, hash FROM extents WHERE ino = ?1 AND offset = ?2 AND hash != ?3",
+            params![i(c.ino), i(e.offset), e.hash],
+        )?;
         punch(tx, c.ino, e.offset, end, leader_now)?;
         let ext = Extent { offset: e.offset, length: e.length, hash: e.hash.clone(), block_offset: e.block_offset };
         insert_extent(tx, c.ino, &ext)?;
@@ -722,8 +740,30 @@ fn forget_blocks(tx: &Transaction<'_>, hashes: &[Vec<u8>], idle_before: i64) -> 
         tx.execute("DELETE FROM copies WHERE hash = ?1", [h])?;
         tx.execute("DELETE FROM blocks WHERE hash = ?1", [h])?;
         tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [h])?;
+        tx.execute("DELETE FROM lineage WHERE hash = ?1", [h])?;
     }
     Ok(())
+}
+
+/// An older version of block `hash` that `device_id` holds (by the records),
+/// following the lineage back a few versions: the base for a delta.
+pub fn delta_base(conn: &rusqlite::Connection, hash: &[u8], device_id: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    let mut at = hash.to_vec();
+    for _ in 0..8 {
+        let prev: Option<Vec<u8>> =
+            conn.query_row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| r.get(0)).optional()?;
+        let Some(prev) = prev else { return Ok(None) };
+        let held: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM copies WHERE hash = ?1 AND device_id = ?2)",
+            params![prev, i(device_id)],
+            |r| r.get(0),
+        )?;
+        if held {
+            return Ok(Some(prev));
+        }
+        at = prev;
+    }
+    Ok(None)
 }
 
 /// A host's report of its devices, which is the whole list: a device the
