@@ -410,6 +410,17 @@ impl Client {
         .map(|r| r.into_inner().host_id)
     }
 
+    /// Marks a host away (shipped), if that is safe or `force`d.
+    pub async fn ship_host(&self, host_id: u64, away_ms: u64, force: bool) -> Result<pb::ShipReply, ClientError> {
+        self.with_leader("ship host", |leader| {
+            let req = pb::ShipRequest { header: self.header(), host_id, away_ms, force };
+            let c = self.admin(&leader);
+            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.ship(req).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
     pub async fn remove_host(&self, host_id: u64) -> Result<(), ClientError> {
         self.with_leader("remove host", |leader| {
             let req = pb::RemoveHostRequest { header: self.header(), host_id };

@@ -14,6 +14,9 @@ use crate::identity::Identity;
 use crate::repair::Repair;
 use crate::scrub::Scrub;
 
+/// How long a shipped host may stay away unless told otherwise: a week.
+pub const DEFAULT_AWAY_MS: u64 = 7 * 24 * 3600 * 1000;
+
 pub struct AdminService {
     pub tracker: Arc<Tracker>,
     pub identity: Arc<Identity>,
@@ -178,6 +181,26 @@ impl Admin for AdminService {
         self.tracker.propose(cmd).await?;
         tracing::info!(host = format!("{:016x}", req.host_id), "host removed");
         Ok(Response::new(pb::RemoveHostReply {}))
+    }
+
+    async fn ship(&self, req: Request<pb::ShipRequest>) -> Result<Response<pb::ShipReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        self.require_leader()?;
+        let (blocks_held, at_risk) = self.tracker.ship_check(req.host_id).await?;
+        if !at_risk.is_empty() && !req.force {
+            tracing::warn!(host = format!("{:016x}", req.host_id), files = at_risk.len(), "refused to ship: files at risk");
+            return Ok(Response::new(pb::ShipReply { shipped: false, at_risk, blocks_held, until_ns: 0 }));
+        }
+        let away = Duration::from_millis(if req.away_ms == 0 { DEFAULT_AWAY_MS } else { req.away_ms });
+        let until_ns = failsafe_tracker::wall_clock_ns().saturating_add(away.as_nanos().min(i64::MAX as u128) as i64);
+        let op = Op::SetHostState(pb::SetHostState { host_id: req.host_id, state: "away".into(), until_ns });
+        let reply = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+        if let Some(pb::command_result::Result::Error(e)) = reply.result {
+            return Err(Status::invalid_argument(e.message));
+        }
+        tracing::info!(host = format!("{:016x}", req.host_id), ?away, blocks_held, "host shipped: its absence starts no re-replication");
+        Ok(Response::new(pb::ShipReply { shipped: true, at_risk, blocks_held, until_ns }))
     }
 
     async fn update_address(

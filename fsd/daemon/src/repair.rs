@@ -162,7 +162,10 @@ impl Repair {
             view.extra.last().map(|b| b.hash.clone()).unwrap_or_default();
         let addrs: HashMap<u64, String> = view.devices.iter().map(|(d, a)| (d.candidate.device_id, a.clone())).collect();
         let devices: Vec<DeviceView> = view.devices.into_iter().map(|(d, _)| d).collect();
-        let plan = plan_repair(&view.blocks, &devices, tracker.class.copies);
+        let mut plan = plan_repair(&view.blocks, &devices, tracker.class.copies);
+        for a in &mut plan {
+            a.sources.retain(|d| !view.no_source.contains(d));
+        }
         let trims = plan_trim(&view.extra, &devices, tracker.class.copies);
         let trims = self.confirm_kept(trims, &view.extra, &devices, &addrs, client).await;
         if plan.is_empty() && trims.is_empty() {

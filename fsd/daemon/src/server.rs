@@ -27,6 +27,9 @@ use crate::scrub::Scrub;
 
 /// Everything the background workers share.
 struct Host {
+    /// When this process started (wall clock): a host shipped before that
+    /// has come back.
+    started_ns: i64,
     cfg: Config,
     advertise: String,
     tracker: Arc<Tracker>,
@@ -142,6 +145,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         scrub,
         gc,
         block_client: tokio::sync::Mutex::new(None),
+        started_ns: failsafe_tracker::wall_clock_ns(),
     });
     let mut workers = vec![
         tokio::spawn(worker("announcer", host.clone(), Host::announce)),
@@ -149,6 +153,7 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         tokio::spawn(worker("repair", host.clone(), Host::repair_round)),
         tokio::spawn(worker("copy-dropper", host.clone(), Host::drop_bad_copies)),
         tokio::spawn(worker("gc", host.clone(), Host::gc_step)),
+        tokio::spawn(worker("return", host.clone(), Host::return_step)),
     ];
     if host.scrub.enabled() {
         workers.push(tokio::spawn(worker("scrub", host.clone(), Host::scrub_step)));
@@ -285,6 +290,48 @@ impl Host {
         }
         *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some((devices, std::time::Instant::now()));
         Ok(self.cfg.report_interval)
+    }
+
+    /// A shipped host that was started again after it was shipped (it is
+    /// back, at whatever address) verifies every block it holds — corrupt
+    /// ones go to repair — and then asks to serve again. Its catch-up (the
+    /// blocks written while it was away, as deltas where it holds an older
+    /// version) runs meanwhile: repair already sends it copies.
+    async fn return_step(self: Arc<Self>) -> anyhow::Result<Duration> {
+        let t = &self.tracker;
+        let away = t.away_since().await?;
+        let Some(&(until, since)) = away.get(&t.host_id) else { return Ok(Duration::from_secs(1)) };
+        let now = failsafe_tracker::wall_clock_ns();
+        if since >= self.started_ns && now < until {
+            // Shipped while running: still on its way out.
+            return Ok(Duration::from_secs(1));
+        }
+        let started = std::time::Instant::now();
+        tracing::info!("back from being shipped: verifying every stored block before serving reads");
+        let (mut blocks, mut corrupt) = (0u64, 0u64);
+        for device in self.store.device_ids() {
+            let mut after = None;
+            loop {
+                let store = self.store.clone();
+                let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), 1024)).await??;
+                let Some(last) = batch.last().map(|b| b.hash) else { break };
+                for b in batch {
+                    let store = self.store.clone();
+                    match tokio::task::spawn_blocking(move || store.get(&b.hash, Some(device))).await? {
+                        Ok(_) => blocks += 1,
+                        Err(failsafe_blockstore::StoreError::Corrupt { device, .. }) => {
+                            corrupt += 1;
+                            self.bad.push(b.hash.to_vec(), device);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                after = Some(last);
+            }
+        }
+        self.propose(Op::SetHostState(pb::SetHostState { host_id: t.host_id, state: "active".into(), until_ns: 0 })).await?;
+        tracing::info!(blocks, corrupt, took = ?started.elapsed(), "verified after shipping; serving reads again");
+        Ok(Duration::from_secs(1))
     }
 
     /// The leader expires client sessions whose lease ran out, which

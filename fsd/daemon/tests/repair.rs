@@ -548,3 +548,97 @@ async fn t67_a_returning_host_receives_changed_pages_as_deltas() {
         assert_eq!(near.read(ino, 0, body.len() as u64).await.expect("read"), body);
     }
 }
+
+/// Runs `fsctl --cluster ADDRS ARGS...`.
+fn fsctl(tc: &TestCluster, args: &[&str]) -> std::process::Output {
+    let addrs: Vec<String> = tc.c.hosts.iter().filter(|h| !h.addr.is_empty()).map(|h| h.addr.clone()).collect();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
+        .arg("--cluster")
+        .arg(addrs.join(","))
+        .args(args)
+        .output()
+        .expect("run fsctl")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t68_a_shipped_host_starts_no_repair_and_catches_up_by_deltas_at_a_new_address() {
+    let (mut tc, c) = TestCluster::start(&["--repair-interval-ms=200", "--dead-after-ms=1500"]).await;
+    tc.expected_errors.push(KILLED_MID_RPC);
+    let (pages, lines) = (10usize, 500usize);
+    for p in 0..pages {
+        save(&c, &format!("page{p}"), &page_text(lines, &[], 0)).await;
+    }
+    wait_status(&tc, Duration::from_secs(20), "fail-safe", |s| s.mode == "fail-safe" && s.hosts.iter().all(|h| h.state == "up"))
+        .await;
+    let leader = tc.leader().await;
+    let victim = (leader + 1) % 3;
+    let victim_id = ids_of(&tc.status().await, &tc, victim).0;
+
+    let out = fsctl(&tc, &["host", "ship", &format!("{victim_id:016x}")]);
+    assert!(out.status.success(), "ship: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("may now be shut down"));
+    let s = tc.status().await;
+    let base = s.repair.as_ref().map_or(0, |r| r.blocks);
+    tc.c.stop(victim);
+
+    // Away longer than dead_after while every page changes by three lines:
+    // no re-replication, and it is shown as shipped, not dead.
+    let mut inos = Vec::new();
+    for p in 0..pages {
+        let new = page_text(lines, &[p, 200 + p, 400 + p], 1);
+        inos.push((save(&c, &format!("page{p}"), &new).await, new));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = tc.status().await;
+    let row = s.hosts.iter().find(|h| h.host_id == victim_id).expect("victim row");
+    assert_eq!((row.admin.as_str(), row.state.as_str(), row.dead), ("away", "down", false), "{row:?}");
+    assert_eq!(s.mode, "limp", "two copies of what changed meanwhile");
+    assert_eq!(s.repair.as_ref().map(|r| r.blocks), Some(base), "no copies made while it was away");
+    let status_text = String::from_utf8_lossy(&fsctl(&tc, &["status"]).stdout).to_string();
+    assert!(status_text.contains("SHIPPED"), "{status_text}");
+
+    // Back, at a new address: it verifies, catches up by deltas only, serves again.
+    tc.c.restart(victim, false).expect("start at a new address");
+    wait_status(&tc, Duration::from_secs(30), "fail-safe with the shipped host back", |s| {
+        s.mode == "fail-safe"
+            && s.hosts.iter().any(|h| h.host_id == victim_id && h.admin == "active" && h.state == "up" && h.addr == tc.c.hosts[victim].addr)
+    })
+    .await;
+    let deltas = metric(&tc, victim, "failsafe_delta_puts_total").unwrap_or(0.0) as u64;
+    let delta_bytes = metric(&tc, victim, "failsafe_delta_put_bytes_total").unwrap_or(0.0) as u64;
+    let whole = metric(&tc, victim, "failsafe_block_put_bytes_total").unwrap_or(0.0) as u64;
+    eprintln!("catch-up after shipping: {deltas} deltas, {delta_bytes} delta bytes, {whole} whole-block bytes");
+    assert_eq!((deltas, whole), (pages as u64, 0), "only deltas");
+    let near = tc.client_in(&tc.c.hosts[victim].zone).await;
+    for (ino, body) in inos {
+        assert_eq!(near.read(ino, 0, body.len() as u64).await.expect("read"), body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t69_ship_refuses_a_host_holding_the_last_good_copy() {
+    // Repair waits an hour; scrub runs often and finds the rot.
+    let (mut tc, c) =
+        TestCluster::start(&["--repair-interval-ms=3600000", "--scrub-interval-ms=300", "--scrub-mb-per-s=100"]).await;
+    tc.expected_errors.push("corrupt");
+    let body = data(100_000, 5);
+    let f = c.create(ROOT, b"precious.txt", 0o644, true).await.unwrap();
+    c.write(f.ino, 0, &body).await.unwrap();
+    wait_copies(&c, f.ino, 3).await;
+    let hash = c.read_extents(f.ino, 0, 1).await.unwrap().extents[0].hash.clone();
+    let keeper = tc.leader().await;
+    // Rot on the other two hosts: scrub finds it, their records go.
+    for i in (0..3).filter(|&i| i != keeper) {
+        let p = block_file(&tc, i, &hash);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[10] ^= 0xff;
+        std::fs::write(&p, bytes).unwrap();
+    }
+    wait_copies(&c, f.ino, 1).await;
+    let keeper_id = ids_of(&tc.status().await, &tc, keeper).0;
+    let out = fsctl(&tc, &["host", "ship", &format!("{keeper_id:016x}")]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "ship of the last good copy must be refused");
+    assert!(err.contains("refusing to ship") && err.contains("precious.txt"), "{err}");
+    assert!(tc.status().await.hosts.iter().all(|h| h.admin == "active"), "nothing shipped");
+}

@@ -17,5 +17,5 @@ mod service;
 pub mod state;
 
 pub use network::Network;
-pub use node::{ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError};
+pub use node::{wall_clock_ns, ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError};
 pub use service::{MetadataService, RaftService};

@@ -126,6 +126,9 @@ pub struct RepairView {
     pub extra: Vec<BlockView>,
     /// The same judgement `status` reports.
     pub counts: state::ReplicationCounts,
+    /// Devices not to read from: those of shipped hosts, until they are back
+    /// and verified.
+    pub no_source: BTreeSet<u64>,
 }
 
 pub struct Tracker {
@@ -317,6 +320,41 @@ impl Tracker {
         self.sm.db().call(move |conn| f(conn)).await?.map_err(|e| TrackerError::Storage(e.to_string()))
     }
 
+    /// Leader only: what shipping `host_id` would put at risk — the blocks
+    /// it holds, and the files with a block that would have fewer than the
+    /// write quorum of live copies left (fewer hosts if there are fewer), or
+    /// none outside its zone while other zones are up.
+    pub async fn ship_check(&self, host_id: NodeId) -> Result<(u64, Vec<String>), TrackerError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let away = self.away().await?;
+        let space = self.read(state::device_space).await?;
+        let zone_of: BTreeMap<u64, String> = space.iter().map(|d| (d.location.host_id, d.location.zone.clone())).collect();
+        let zone = zone_of.get(&host_id).cloned().unwrap_or_default();
+        let others_up: BTreeSet<u64> = zone_of
+            .keys()
+            .copied()
+            .filter(|h| *h != host_id && !away.contains_key(h) && self.liveness(*h) == Liveness::Up)
+            .collect();
+        let live: Vec<u64> =
+            space.iter().filter(|d| others_up.contains(&d.location.host_id)).map(|d| d.location.device_id).collect();
+        let needed = self.class.write_quorum.min(others_up.len()).max(1);
+        let other_zones = others_up.iter().any(|h| zone_of.get(h).is_some_and(|z| *z != zone));
+        self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones)).await
+    }
+
+    /// Hosts that are away (shipped), with until when (the leader's clock).
+    pub async fn away(&self) -> Result<BTreeMap<u64, i64>, TrackerError> {
+        Ok(self.away_since().await?.into_iter().map(|(h, (until, _))| (h, until)).collect())
+    }
+
+    /// Hosts that are away, with (until, since) (this member's view).
+    pub async fn away_since(&self) -> Result<BTreeMap<u64, (i64, i64)>, TrackerError> {
+        let states = self.read(state::host_states).await?;
+        Ok(states.into_iter().filter(|(_, s, _, _)| s == "away").map(|(h, _, until, since)| (h, (until, since))).collect())
+    }
+
     /// An older version of block `hash` recorded on `device_id`, to send
     /// the block there as a delta (this member's view).
     pub async fn delta_base(&self, hash: Vec<u8>, device_id: u64) -> Result<Option<Vec<u8>>, TrackerError> {
@@ -444,12 +482,19 @@ impl Tracker {
             row.zone = zone;
         }
         let is_leader = m.state == ServerState::Leader;
+        let away = self.away().await?;
         let mut live_hosts = BTreeSet::new();
         for row in rows.values_mut() {
+            (row.admin, row.away_until_ns) = match away.get(&row.host_id) {
+                Some(&until) => ("away".into(), until),
+                None => ("active".into(), 0),
+            };
+            let shipped = away.get(&row.host_id).is_some_and(|&until| wall_clock_ns() < until);
             let l = self.liveness(row.host_id);
             (row.state, row.down_ms, row.dead) = match l {
                 Liveness::Up => ("up".into(), 0, false),
-                Liveness::Down { for_ms, dead } => ("down".into(), for_ms, dead),
+                // A shipped host is not dead before its time is up.
+                Liveness::Down { for_ms, dead } => ("down".into(), for_ms, dead && !shipped),
                 Liveness::Unknown => ("unknown".into(), 0, false),
             };
             // A member that is not the leader counts the recorded copies;
@@ -459,7 +504,7 @@ impl Tracker {
                 Liveness::Unknown => !is_leader,
                 Liveness::Down { .. } => false,
             };
-            if live {
+            if live && !away.contains_key(&row.host_id) {
                 live_hosts.insert(row.host_id);
             }
         }
@@ -516,11 +561,22 @@ impl Tracker {
             return Ok(None);
         }
         let space = self.read(state::device_space).await?;
+        let away = self.away().await?;
+        let now = wall_clock_ns();
         let mut devices = Vec::with_capacity(space.len());
+        let mut no_source = BTreeSet::new();
         for d in space {
             let has_room = d.has_room();
             let loc = d.location;
-            let health = self.liveness(loc.host_id).health();
+            let mut health = self.liveness(loc.host_id).health();
+            if let Some(&until) = away.get(&loc.host_id) {
+                // Shipped: not dead before its time is up, and not read from
+                // (nor counted as live) until it is back and verified.
+                if health == HostHealth::Dead && now < until {
+                    health = HostHealth::Down;
+                }
+                no_source.insert(loc.device_id);
+            }
             let candidate = Candidate { device_id: loc.device_id, host_id: loc.host_id, zone: loc.zone };
             let view = DeviceView { candidate, health, has_room, capacity_bytes: d.capacity_bytes, free_bytes: d.free_bytes };
             devices.push((view, loc.addr));
@@ -529,7 +585,8 @@ impl Tracker {
             devices.iter().filter(|(d, _)| f(d)).map(|(d, _)| d.candidate.device_id).collect()
         };
         let counted = ids(&|d| d.health != HostHealth::Dead);
-        let up = ids(&|d| d.health == HostHealth::Up);
+        let up = ids(&|d| d.health == HostHealth::Up && !no_source.contains(&d.candidate.device_id));
+        // A returning shipped host takes copies (its catch-up) before it serves.
         let targets = ids(&|d| d.health == HostHealth::Up && d.has_room);
         let copies = self.class.copies;
         let (blocks, extra, counts) = self
@@ -539,7 +596,7 @@ impl Tracker {
                 Ok((blocks, extra, state::replication_counts(conn, &up, copies)?))
             })
             .await?;
-        Ok(Some(RepairView { devices, blocks, extra, counts }))
+        Ok(Some(RepairView { devices, blocks, extra, counts, no_source }))
     }
 
     /// Leader only (None otherwise): up to `limit` blocks no file references
@@ -650,7 +707,7 @@ impl Tracker {
     }
 }
 
-pub(crate) fn wall_clock_ns() -> i64 {
+pub fn wall_clock_ns() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }

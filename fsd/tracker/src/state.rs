@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS idle_blocks(hash BLOB PRIMARY KEY, since INTEGER NOT 
 -- again): a host that holds the older one receives the newer as a delta.
 -- One row per newer block, dropped when that block is forgotten.
 CREATE TABLE IF NOT EXISTS lineage(hash BLOB PRIMARY KEY, prev BLOB NOT NULL) WITHOUT ROWID;
+-- Hosts in an administrative state other than active: away (shipped)
+-- until a time (the leader's clock).
+CREATE TABLE IF NOT EXISTS host_states(host_id INTEGER PRIMARY KEY, state TEXT NOT NULL, until INTEGER NOT NULL, since INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -249,6 +252,9 @@ pub fn validate(cmd: &pb::Command) -> OpResult<()> {
         Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per record"),
         Some(Op::DropCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per drop"),
         Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per forget"),
+        Some(Op::SetHostState(c)) if !matches!(c.state.as_str(), "active" | "away") => {
+            err(ErrorCode::Invalid, "a host state is active or away")
+        }
         Some(_) => Ok(()),
     }
 }
@@ -410,7 +416,19 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
             report_devices(tx, c.host_id, &c.devices, leader_now)?;
             Ok(None)
         }
+        Op::SetHostState(c) => {
+            if c.state == "active" {
+                tx.execute("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
+            } else {
+                tx.execute(
+                    "INSERT OR REPLACE INTO host_states VALUES (?1, ?2, ?3, ?4)",
+                    params![i(c.host_id), c.state, c.until_ns, leader_now],
+                )?;
+            }
+            Ok(None)
+        }
         Op::RemoveHost(c) => {
+            tx.execute("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
             let devices: Vec<i64> = tx
                 .prepare("SELECT device_id FROM devices WHERE host_id = ?1")?
                 .query_map([i(c.host_id)], |r| r.get(0))?
@@ -745,6 +763,75 @@ fn forget_blocks(tx: &Transaction<'_>, hashes: &[Vec<u8>], idle_before: i64) -> 
     Ok(())
 }
 
+/// Hosts in an administrative state: (host, state, until, since), times
+/// on the leader's clock.
+pub fn host_states(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, String, i64, i64)>> {
+    conn.prepare_cached("SELECT host_id, state, until, since FROM host_states")?
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect()
+}
+
+/// Devices of hosts that are away (shipped).
+pub fn away_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
+    conn.prepare_cached(
+        "SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id WHERE s.state = 'away'",
+    )?
+    .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
+    .collect()
+}
+
+/// What shipping `host_id` would put at risk: the blocks it holds, and the
+/// names of files with a block that has fewer than `needed` copies on
+/// devices in `live` (other hosts that are up and not away), or — when
+/// `other_zones` — none outside the host's own zone.
+pub fn ship_risk(
+    conn: &rusqlite::Connection,
+    host_id: u64,
+    live: &[u64],
+    needed: usize,
+    other_zones: bool,
+) -> rusqlite::Result<(u64, Vec<String>)> {
+    let zone: String =
+        conn.query_row("SELECT zone FROM hosts WHERE host_id = ?1", [i(host_id)], |r| r.get(0)).optional()?.unwrap_or_default();
+    let live: std::collections::BTreeSet<u64> = live.iter().copied().collect();
+    let held: Vec<Vec<u8>> = conn
+        .prepare(
+            "SELECT DISTINCT c.hash FROM copies c JOIN devices d ON d.device_id = c.device_id
+             WHERE d.host_id = ?1 AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = c.hash)",
+        )?
+        .query_map([i(host_id)], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut risky = Vec::new();
+    for h in &held {
+        let elsewhere: Vec<(u64, String)> = conn
+            .prepare_cached(
+                "SELECT c.device_id, h.zone FROM copies c JOIN devices d ON d.device_id = c.device_id
+                 JOIN hosts h ON h.host_id = d.host_id WHERE c.hash = ?1 AND d.host_id != ?2",
+            )?
+            .query_map(params![h, i(host_id)], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|(d, _)| live.contains(d))
+            .collect();
+        if elsewhere.len() < needed || (other_zones && elsewhere.iter().all(|(_, z)| *z == zone)) {
+            risky.push(h.clone());
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for h in risky.iter().take(1000) {
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT d.name FROM extents e JOIN dentries d ON d.ino = e.ino WHERE e.hash = ?1 LIMIT 5",
+        )?;
+        for n in stmt.query_map([h], |r| r.get::<_, Vec<u8>>(0))? {
+            names.insert(String::from_utf8_lossy(&n?).to_string());
+        }
+        if names.len() >= 50 {
+            break;
+        }
+    }
+    Ok((held.len() as u64, names.into_iter().collect()))
+}
+
 /// An older version of block `hash` that `device_id` holds (by the records),
 /// following the lineage back a few versions: the base for a delta.
 pub fn delta_base(conn: &rusqlite::Connection, hash: &[u8], device_id: u64) -> rusqlite::Result<Option<Vec<u8>>> {
@@ -947,6 +1034,7 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
             let attr = get_attr(conn, r.ino)?;
             let end = r.offset.saturating_add(r.length.max(1));
             let extents = load_extents(conn, r.ino, r.offset, end)?;
+            let away = away_devices(conn)?;
             let mut copies = Vec::new();
             let mut device_ids = std::collections::BTreeSet::new();
             let mut seen = std::collections::BTreeSet::new();
@@ -954,7 +1042,9 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
                 if !seen.insert(e.hash.clone()) {
                     continue;
                 }
-                let bc = block_copies(conn, &e.hash)?;
+                let mut bc = block_copies(conn, &e.hash)?;
+                // A shipped host serves no reads until it is back and verified.
+                bc.device_ids.retain(|d| !away.contains(d));
                 device_ids.extend(bc.device_ids.iter().copied());
                 copies.push(bc);
             }
@@ -1242,6 +1332,10 @@ pub fn garbage(conn: &rusqlite::Connection, idle_before: i64, limit: usize) -> r
         .prepare_cached(
             "SELECT b.hash, b.size FROM blocks b LEFT JOIN idle_blocks i ON i.hash = b.hash
              WHERE NOT EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash) AND COALESCE(i.since, 0) < ?1
+               -- A shipped host's old blocks stay known: its catch-up sends
+               -- deltas against them, and its sweep must not take them.
+               AND NOT EXISTS (SELECT 1 FROM copies c JOIN devices d ON d.device_id = c.device_id
+                               JOIN host_states s ON s.host_id = d.host_id WHERE c.hash = b.hash)
              ORDER BY b.hash LIMIT ?2",
         )?
         .query_map(params![idle_before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?

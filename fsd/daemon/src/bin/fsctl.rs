@@ -59,6 +59,25 @@ enum HostCmd {
     Add { addr: String },
     /// Remove a host (by its id, as `status` shows it) from the membership.
     Remove { host_id: String },
+    /// Planned absence (the box is shipped): first proves every block the
+    /// host holds has enough copies elsewhere (else refuses and names the
+    /// files at risk), then marks it away, so its absence starts no
+    /// re-replication. Back at any address, it catches up by deltas and
+    /// verifies its blocks before it serves reads again.
+    Ship {
+        host_id: String,
+        /// How long it may stay away before it counts as dead, in hours.
+        #[arg(long, default_value_t = 168)]
+        hours: u64,
+        /// Ship even with files at risk.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_host_id(host_id: &str) -> anyhow::Result<u64> {
+    u64::from_str_radix(host_id.trim_start_matches("0x"), 16)
+        .with_context(|| format!("{host_id:?} is not a host id (hex, as status shows)"))
 }
 
 fn main() {
@@ -126,9 +145,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let id = client.add_host(addr).await?;
             println!("host {id:016x} at {addr} is now a member");
         }
+        Cmd::Host(HostCmd::Ship { host_id, hours, force }) => {
+            let id = parse_host_id(host_id)?;
+            let client = connect(&args).await?;
+            let r = client.ship_host(id, hours.saturating_mul(3_600_000), *force).await?;
+            if !r.shipped {
+                eprintln!("refusing to ship host {id:016x}: these files have a block with too few live copies elsewhere:");
+                for f in &r.at_risk {
+                    eprintln!("  {f}");
+                }
+                anyhow::bail!("not shipped (wait for repair to finish, or --force)");
+            }
+            if !r.at_risk.is_empty() {
+                eprintln!("warning: shipped with {} files at risk (--force)", r.at_risk.len());
+            }
+            println!(
+                "host {id:016x} may now be shut down and shipped: its {} blocks have enough copies elsewhere; \
+                 its absence starts no re-replication for {hours} h. Start it anywhere to bring it back.",
+                r.blocks_held
+            );
+        }
         Cmd::Host(HostCmd::Remove { host_id }) => {
-            let id = u64::from_str_radix(host_id.trim_start_matches("0x"), 16)
-                .with_context(|| format!("{host_id:?} is not a host id (hex, as status shows)"))?;
+            let id = parse_host_id(host_id)?;
             let client = connect(&args).await?;
             client.remove_host(id).await?;
             println!("host {id:016x} removed");
@@ -234,6 +272,8 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         let id = format!("{:016x}", h.host_id);
         let up = reach.iter().find(|(r, _)| *r == id).map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
         let state = match h.state.as_str() {
+            _ if h.admin == "away" && h.state == "down" => format!("SHIPPED {}", duration(h.down_ms)),
+            _ if h.admin == "away" => "returning".to_string(),
             "down" if h.dead => format!("DEAD {}", duration(h.down_ms)),
             "down" => format!("DOWN {}", duration(h.down_ms)),
             other => other.to_string(),
