@@ -223,10 +223,19 @@ async fn drive(
             if f.kind == FaultKind::AddHost {
                 let zone = f.zone.clone().unwrap_or_default();
                 let h = world.add_host(&zone, s.device_mb).await?;
-                let what = format!("host {h} added in zone {zone} at {}", world.cluster.hosts[h].addr);
+                let what = format!(
+                    "host {h} added in zone {zone} at {}",
+                    world.cluster.hosts[h].addr
+                );
                 println!("  {now:6.1}s  {what}");
                 let end_s = t0.elapsed().as_secs_f64();
-                windows.push(FaultWindow { kind: f.kind, host: h, what, start_s: now, end_s });
+                windows.push(FaultWindow {
+                    kind: f.kind,
+                    host: h,
+                    what,
+                    start_s: now,
+                    end_s,
+                });
                 last_end = last_end.max(end_s);
                 continue;
             }
@@ -239,7 +248,12 @@ async fn drive(
                 }
             };
             targets.insert((step.fault, step.rep), target);
-            let what = world.start_fault(f.kind, target)?;
+            let what = if f.kind == FaultKind::DrainRemove {
+                let to_move = world.drain(target).await?;
+                format!("host {target} draining ({to_move} blocks to move), then removed")
+            } else {
+                world.start_fault(f.kind, target)?
+            };
             println!("  {now:6.1}s  {what}");
             windows.push(FaultWindow {
                 kind: f.kind,
@@ -252,7 +266,14 @@ async fn drive(
             let Some(&target) = targets.get(&(step.fault, step.rep)) else {
                 continue;
             };
-            let what = world.end_fault(f.kind, target)?;
+            let what = if f.kind == FaultKind::DrainRemove {
+                world
+                    .remove_drained(target, Duration::from_secs(120))
+                    .await?;
+                format!("host {target} drained, removed and stopped")
+            } else {
+                world.end_fault(f.kind, target)?
+            };
             if !what.is_empty() {
                 println!("  {now:6.1}s  {what}");
             }

@@ -178,6 +178,10 @@ pub enum FaultKind {
     /// A blank box joins in zone `zone`: a learner, then a voter; copies
     /// reach it by rebalancing.
     AddHost,
+    /// The target is drained (its copies move elsewhere); when the fault
+    /// ends it is removed from the cluster once nothing depends on it, and
+    /// stopped (the box is retired).
+    DrainRemove,
 }
 
 impl FaultKind {
@@ -266,7 +270,11 @@ impl Scenario {
         if self.workload.writers == 0 || self.workload.pages == 0 {
             bail!("workload: at least one writer and one page");
         }
-        let added = self.faults.iter().filter(|f| f.kind == FaultKind::AddHost).count();
+        let added = self
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::AddHost)
+            .count();
         for f in &self.faults {
             if f.kind == FaultKind::AddHost && f.zone.as_deref().is_none_or(str::is_empty) {
                 bail!("add_host at {}s: needs zone", f.at_s);

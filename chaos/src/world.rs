@@ -73,21 +73,38 @@ impl World {
         std::fs::create_dir_all(&dev)?;
         if device_mb > 0 {
             let ok = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={device_mb}m"), "failsafe-chaos"])
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={device_mb}m"),
+                    "failsafe-chaos",
+                ])
                 .arg(&dev)
                 .status()
                 .context("mount tmpfs")?;
             if !ok.success() {
-                bail!("could not mount a {device_mb} MiB tmpfs at {}", dev.display());
+                bail!(
+                    "could not mount a {device_mb} MiB tmpfs at {}",
+                    dev.display()
+                );
             }
             self.tmpfs.push(dev.clone());
         }
-        let h = self.cluster.define_host(&dir, zone, &["--device".to_string(), dev.display().to_string()]);
+        let h = self.cluster.define_host(
+            &dir,
+            zone,
+            &["--device".to_string(), dev.display().to_string()],
+        );
         self.devices.push(dev);
         self.fillers.push(None);
         let port = match self.net.as_mut() {
             Some(net) => {
-                let n = if h < net.host_ips.len() { h } else { net.add_host()? };
+                let n = if h < net.host_ips.len() {
+                    h
+                } else {
+                    net.add_host()?
+                };
                 self.cluster.hosts[h].listen_ip = net.host_ips[n].clone();
                 self.cluster.hosts[h].netns = Some(Net::ns_path(&net.host_ns(n)));
                 PORT
@@ -106,6 +123,46 @@ impl World {
         let client = self.client().await?;
         self.cluster.admit(h, &client).await?;
         Ok(h)
+    }
+
+    /// The cluster's id for host `i`.
+    async fn host_id(&self, i: usize) -> anyhow::Result<u64> {
+        let s = self.status().await.context("no status")?;
+        let addr = &self.cluster.hosts[i].addr;
+        Ok(s.hosts
+            .iter()
+            .find(|h| h.addr == *addr)
+            .with_context(|| format!("host {i} ({addr}) not in the status"))?
+            .host_id)
+    }
+
+    /// Starts draining host `i`; returns the blocks it must move.
+    pub async fn drain(&mut self, i: usize) -> anyhow::Result<u64> {
+        let id = self.host_id(i).await?;
+        Ok(self.client().await?.drain_host(id).await?.to_move)
+    }
+
+    /// Waits (up to `timeout`) until nothing depends on draining host `i`,
+    /// removes it from the cluster and stops it.
+    pub async fn remove_drained(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let id = self.host_id(i).await?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = self
+                .status()
+                .await
+                .and_then(|s| s.hosts.iter().find(|h| h.host_id == id).map(|h| h.to_move));
+            if left == Some(0) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("host {i} still has {left:?} blocks to move after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.client().await?.remove_host(id, false).await?;
+        self.cluster.stop(i);
+        Ok(())
     }
 
     fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
@@ -285,7 +342,7 @@ impl World {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
             }
-            FaultKind::AddHost => bail!("add_host is not a fault of an existing host"),
+            FaultKind::AddHost | FaultKind::DrainRemove => bail!("{kind:?} is asynchronous"),
         })
     }
 
@@ -330,6 +387,7 @@ impl World {
                 format!("device of host {i} freed")
             }
             FaultKind::Bitrot | FaultKind::RollingRestart | FaultKind::AddHost => String::new(),
+            FaultKind::DrainRemove => bail!("{kind:?} is asynchronous"),
         })
     }
 

@@ -421,9 +421,22 @@ impl Client {
         .map(tonic::Response::into_inner)
     }
 
-    pub async fn remove_host(&self, host_id: u64) -> Result<(), ClientError> {
+    /// Starts draining a host: its copies move elsewhere.
+    pub async fn drain_host(&self, host_id: u64) -> Result<pb::DrainReply, ClientError> {
+        self.with_leader("drain host", |leader| {
+            let req = pb::DrainRequest { header: self.header(), host_id };
+            let c = self.admin(&leader);
+            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.drain(req).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// Removes a host from the cluster; refused while that would leave a
+    /// block below its copy count, unless `force`.
+    pub async fn remove_host(&self, host_id: u64, force: bool) -> Result<(), ClientError> {
         self.with_leader("remove host", |leader| {
-            let req = pb::RemoveHostRequest { header: self.header(), host_id };
+            let req = pb::RemoveHostRequest { header: self.header(), host_id, force };
             let c = self.admin(&leader);
             async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.remove_host(req).await }
         })

@@ -21,6 +21,9 @@ pub enum HostHealth {
     /// Not answering for longer than the dead-after period: its copies no
     /// longer count, and repair rebuilds them elsewhere.
     Dead,
+    /// Up but leaving (drained): its copies can be read but do not count,
+    /// so repair copies them elsewhere; it takes no new ones.
+    Leaving,
 }
 
 /// A device as repair sees it.
@@ -64,12 +67,17 @@ pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) 
     let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
     let mut plan = Vec::new();
     for b in blocks {
-        let counted: Vec<&DeviceView> =
+        let held: Vec<&DeviceView> =
             b.holders.iter().filter_map(|&id| find(id)).filter(|d| d.health != HostHealth::Dead).collect();
+        let counted: Vec<&DeviceView> = held.iter().copied().filter(|d| d.health != HostHealth::Leaving).collect();
         if counted.len() >= copies {
             continue;
         }
-        let sources: Vec<u64> = counted.iter().filter(|d| d.health == HostHealth::Up).map(|d| d.candidate.device_id).collect();
+        let sources: Vec<u64> = held
+            .iter()
+            .filter(|d| matches!(d.health, HostHealth::Up | HostHealth::Leaving))
+            .map(|d| d.candidate.device_id)
+            .collect();
         if sources.is_empty() {
             continue;
         }
@@ -191,6 +199,24 @@ mod tests {
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].targets, vec![4]);
         assert_eq!(plan[0].sources, vec![1, 2], "a dead host is no source");
+    }
+
+    #[test]
+    fn a_leaving_hosts_copies_are_read_but_not_counted_and_it_takes_none() {
+        let devices = vec![
+            dev(1, "a", HostHealth::Leaving),
+            dev(2, "b", HostHealth::Up),
+            dev(3, "c", HostHealth::Up),
+            dev(4, "d", HostHealth::Up),
+            dev(5, "e", HostHealth::Leaving),
+        ];
+        let plan = plan_repair(&[block(b"x", &[1, 5, 2])], &devices, 3);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].counted, 1);
+        assert_eq!(plan[0].sources, vec![1, 5, 2], "leaving hosts are still sources");
+        let mut targets = plan[0].targets.clone();
+        targets.sort();
+        assert_eq!(targets, vec![3, 4], "and never targets");
     }
 
     #[test]

@@ -176,6 +176,13 @@ impl Admin for AdminService {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
+        let (_, to_move) = self.tracker.drain_remaining(req.host_id).await?;
+        if to_move > 0 && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "removing host {:016x} would leave {to_move} blocks below their copy count; drain it first (or force)",
+                req.host_id
+            )));
+        }
         self.tracker.remove_member(req.host_id).await?;
         let cmd = pb::Command { op: Some(Op::RemoveHost(pb::RemoveHost { host_id: req.host_id })), ..Default::default() };
         self.tracker.propose(cmd).await?;
@@ -201,6 +208,20 @@ impl Admin for AdminService {
         }
         tracing::info!(host = format!("{:016x}", req.host_id), ?away, blocks_held, "host shipped: its absence starts no re-replication");
         Ok(Response::new(pb::ShipReply { shipped: true, at_risk, blocks_held, until_ns }))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        self.require_leader()?;
+        let op = Op::SetHostState(pb::SetHostState { host_id: req.host_id, state: "draining".into(), until_ns: 0 });
+        let reply = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+        if let Some(pb::command_result::Result::Error(e)) = reply.result {
+            return Err(Status::invalid_argument(e.message));
+        }
+        let (blocks_held, to_move) = self.tracker.drain_remaining(req.host_id).await?;
+        tracing::info!(host = format!("{:016x}", req.host_id), blocks_held, to_move, "draining host: its copies move elsewhere");
+        Ok(Response::new(pb::DrainReply { blocks_held, to_move }))
     }
 
     async fn update_address(

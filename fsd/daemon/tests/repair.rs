@@ -642,3 +642,47 @@ async fn t69_ship_refuses_a_host_holding_the_last_good_copy() {
     assert!(err.contains("refusing to ship") && err.contains("precious.txt"), "{err}");
     assert!(tc.status().await.hosts.iter().all(|h| h.admin == "active"), "nothing shipped");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t70_a_drained_leader_hands_over_its_copies_and_leadership_and_leaves() {
+    let (mut tc, c) = TestCluster::start_zones(&["a", "b", "c", "d"], FAST_REPAIR).await;
+    tc.expected_errors.push(KILLED_MID_RPC);
+    // Six files: the leader holds copies of some (3 of 4 hosts hold each).
+    let mut files = Vec::new();
+    for n in 0..6u8 {
+        let body = data(300_000, n);
+        let f = c.create(ROOT, format!("moves-house-{n}").as_bytes(), 0o644, true).await.unwrap();
+        c.write(f.ino, 0, &body).await.unwrap();
+        wait_copies(&c, f.ino, 3).await;
+        files.push((f.ino, body));
+    }
+    let s = wait_status(&tc, Duration::from_secs(10), "fail-safe", |s| s.mode == "fail-safe").await;
+    let leader = tc.leader().await;
+    let (leader_id, leader_device) = ids_of(&s, &tc, leader);
+    let holders = copies_of(&c, files[0].0).await.remove(0);
+
+    // A holder cannot simply be removed: that would leave the block short.
+    let holder = (0..4).find(|&i| holders.contains(&ids_of(&s, &tc, i).1)).expect("a holder");
+    let holder_id = ids_of(&s, &tc, holder).0;
+    let out = fsctl(&tc, &["host", "remove", &format!("{holder_id:016x}")]);
+    assert!(!out.status.success(), "remove of a holder must be refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("below their copy count"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Draining the leader: copies move, then it leaves; another host leads.
+    let out = fsctl(&tc, &["host", "drain", &format!("{leader_id:016x}")]);
+    assert!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("drained and removed") && !said.contains(" 0 blocks held"), "{said}");
+    let s = wait_status(&tc, Duration::from_secs(15), "fail-safe under a new leader", |s| {
+        s.mode == "fail-safe" && s.leader_id != leader_id && s.hosts.iter().all(|h| h.host_id != leader_id)
+    })
+    .await;
+    assert_eq!(s.hosts.len(), 3);
+    tc.c.stop(leader);
+    for (ino, body) in files {
+        let copies = copies_of(&c, ino).await.remove(0);
+        assert_eq!(copies.len(), 3, "{copies:?}");
+        assert!(!copies.contains(&leader_device));
+        assert_eq!(c.read(ino, 0, body.len() as u64).await.unwrap(), body);
+    }
+}

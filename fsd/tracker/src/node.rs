@@ -325,6 +325,22 @@ impl Tracker {
     /// write quorum of live copies left (fewer hosts if there are fewer), or
     /// none outside its zone while other zones are up.
     pub async fn ship_check(&self, host_id: NodeId) -> Result<(u64, Vec<String>), TrackerError> {
+        let (held, _, names) = self.risk(host_id, None, true).await?;
+        Ok((held, names))
+    }
+
+    /// Leader only: blocks `host_id` holds, and how many of them have fewer
+    /// than the copy count elsewhere (on hosts up, active): what removing it
+    /// would drop below the copy count, what a drain still has to move.
+    pub async fn drain_remaining(&self, host_id: NodeId) -> Result<(u64, u64), TrackerError> {
+        let (held, risky, _) = self.risk(host_id, Some(self.class.copies), false).await?;
+        Ok((held, risky))
+    }
+
+    /// Blocks `host_id` holds and those with fewer than `needed` live copies
+    /// elsewhere (default: the write quorum, or fewer hosts, and one in
+    /// another zone while other zones are up).
+    async fn risk(&self, host_id: NodeId, needed: Option<usize>, names: bool) -> Result<(u64, u64, Vec<String>), TrackerError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -339,9 +355,18 @@ impl Tracker {
             .collect();
         let live: Vec<u64> =
             space.iter().filter(|d| others_up.contains(&d.location.host_id)).map(|d| d.location.device_id).collect();
-        let needed = self.class.write_quorum.min(others_up.len()).max(1);
-        let other_zones = others_up.iter().any(|h| zone_of.get(h).is_some_and(|z| *z != zone));
-        self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones)).await
+        let held_back = self.read(state::host_states).await?;
+        let others_up: BTreeSet<u64> =
+            others_up.into_iter().filter(|h| !held_back.iter().any(|(x, s, _, _)| x == h && s == "draining")).collect();
+        let live: Vec<u64> = live.into_iter().filter(|d| space.iter().any(|x| x.location.device_id == *d && others_up.contains(&x.location.host_id))).collect();
+        let (needed, other_zones) = match needed {
+            Some(n) => (n, false),
+            None => (
+                self.class.write_quorum.min(others_up.len()).max(1),
+                others_up.iter().any(|h| zone_of.get(h).is_some_and(|z| *z != zone)),
+            ),
+        };
+        self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones, names)).await
     }
 
     /// Hosts that are away (shipped), with until when (the leader's clock).
@@ -454,7 +479,9 @@ impl Tracker {
             .call(|conn| -> rusqlite::Result<_> { Ok((state::hosts(conn)?, state::devices(conn)?, state::counts(conn)?)) })
             .await?
             .map_err(|e| TrackerError::Storage(e.to_string()))?;
-        let leader = m.current_leader;
+        // A member removed from the cluster (a drained leader) no longer
+        // knows who leads, whatever it last believed.
+        let leader = m.current_leader.filter(|_| membership.get_node(&self.host_id).is_some());
         let leader_addr = leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
         let matched = m.replication.clone().unwrap_or_default();
         let mut rows: BTreeMap<NodeId, pb::HostStatus> = BTreeMap::new();
@@ -483,10 +510,13 @@ impl Tracker {
         }
         let is_leader = m.state == ServerState::Leader;
         let away = self.away().await?;
+        let draining: BTreeSet<u64> =
+            self.read(state::host_states).await?.into_iter().filter(|(_, s, _, _)| s == "draining").map(|(h, ..)| h).collect();
         let mut live_hosts = BTreeSet::new();
         for row in rows.values_mut() {
             (row.admin, row.away_until_ns) = match away.get(&row.host_id) {
                 Some(&until) => ("away".into(), until),
+                None if draining.contains(&row.host_id) => ("draining".into(), 0),
                 None => ("active".into(), 0),
             };
             let shipped = away.get(&row.host_id).is_some_and(|&until| wall_clock_ns() < until);
@@ -504,8 +534,13 @@ impl Tracker {
                 Liveness::Unknown => !is_leader,
                 Liveness::Down { .. } => false,
             };
-            if live && !away.contains_key(&row.host_id) {
+            if live && !away.contains_key(&row.host_id) && !draining.contains(&row.host_id) {
                 live_hosts.insert(row.host_id);
+            }
+        }
+        if is_leader {
+            for row in rows.values_mut().filter(|r| r.admin == "draining") {
+                row.to_move = self.drain_remaining(row.host_id).await.map_or(0, |(_, n)| n);
             }
         }
         let live: Vec<u64> = devices.iter().filter(|d| live_hosts.contains(&d.host_id)).map(|d| d.device_id).collect();
@@ -562,13 +597,25 @@ impl Tracker {
         }
         let space = self.read(state::device_space).await?;
         let away = self.away().await?;
+        let states = self.read(state::host_states).await?;
         let now = wall_clock_ns();
         let mut devices = Vec::with_capacity(space.len());
         let mut no_source = BTreeSet::new();
+        // A draining host's copies do not count (repair copies them away);
+        // it stays a source, and takes none.
+        let mut not_counted = BTreeSet::new();
         for d in space {
             let has_room = d.has_room();
             let loc = d.location;
             let mut health = self.liveness(loc.host_id).health();
+            let draining = states.iter().any(|(h, st, _, _)| *h == loc.host_id && st == "draining");
+            let has_room = has_room && !draining;
+            if draining {
+                not_counted.insert(loc.device_id);
+                if health == HostHealth::Up {
+                    health = HostHealth::Leaving;
+                }
+            }
             if let Some(&until) = away.get(&loc.host_id) {
                 // Shipped: not dead before its time is up, and not read from
                 // (nor counted as live) until it is back and verified.
@@ -584,8 +631,12 @@ impl Tracker {
         let ids = |f: &dyn Fn(&DeviceView) -> bool| -> Vec<u64> {
             devices.iter().filter(|(d, _)| f(d)).map(|(d, _)| d.candidate.device_id).collect()
         };
-        let counted = ids(&|d| d.health != HostHealth::Dead);
-        let up = ids(&|d| d.health == HostHealth::Up && !no_source.contains(&d.candidate.device_id));
+        let counted = ids(&|d| d.health != HostHealth::Dead && !not_counted.contains(&d.candidate.device_id));
+        let up = ids(&|d| {
+            d.health == HostHealth::Up
+                && !no_source.contains(&d.candidate.device_id)
+                && !not_counted.contains(&d.candidate.device_id)
+        });
         // A returning shipped host takes copies (its catch-up) before it serves.
         let targets = ids(&|d| d.health == HostHealth::Up && d.has_room);
         let copies = self.class.copies;

@@ -252,8 +252,8 @@ pub fn validate(cmd: &pb::Command) -> OpResult<()> {
         Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per record"),
         Some(Op::DropCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per drop"),
         Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per forget"),
-        Some(Op::SetHostState(c)) if !matches!(c.state.as_str(), "active" | "away") => {
-            err(ErrorCode::Invalid, "a host state is active or away")
+        Some(Op::SetHostState(c)) if !matches!(c.state.as_str(), "active" | "away" | "draining") => {
+            err(ErrorCode::Invalid, "a host state is active, away or draining")
         }
         Some(_) => Ok(()),
     }
@@ -771,6 +771,13 @@ pub fn host_states(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, St
         .collect()
 }
 
+/// Devices of hosts that are away or draining.
+pub fn held_back_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
+    conn.prepare_cached("SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id")?
+        .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
+        .collect()
+}
+
 /// Devices of hosts that are away (shipped).
 pub fn away_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
     conn.prepare_cached(
@@ -780,8 +787,9 @@ pub fn away_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collec
     .collect()
 }
 
-/// What shipping `host_id` would put at risk: the blocks it holds, and the
-/// names of files with a block that has fewer than `needed` copies on
+/// What shipping (or removing) `host_id` would put at risk: the blocks it
+/// holds, how many are at risk, and (`with_names`) the names of files with a
+/// block that has fewer than `needed` copies on
 /// devices in `live` (other hosts that are up and not away), or — when
 /// `other_zones` — none outside the host's own zone.
 pub fn ship_risk(
@@ -790,7 +798,8 @@ pub fn ship_risk(
     live: &[u64],
     needed: usize,
     other_zones: bool,
-) -> rusqlite::Result<(u64, Vec<String>)> {
+    with_names: bool,
+) -> rusqlite::Result<(u64, u64, Vec<String>)> {
     let zone: String =
         conn.query_row("SELECT zone FROM hosts WHERE host_id = ?1", [i(host_id)], |r| r.get(0)).optional()?.unwrap_or_default();
     let live: std::collections::BTreeSet<u64> = live.iter().copied().collect();
@@ -818,7 +827,7 @@ pub fn ship_risk(
         }
     }
     let mut names = std::collections::BTreeSet::new();
-    for h in risky.iter().take(1000) {
+    for h in risky.iter().take(if with_names { 1000 } else { 0 }) {
         let mut stmt = conn.prepare_cached(
             "SELECT DISTINCT d.name FROM extents e JOIN dentries d ON d.ino = e.ino WHERE e.hash = ?1 LIMIT 5",
         )?;
@@ -829,7 +838,7 @@ pub fn ship_risk(
             break;
         }
     }
-    Ok((held.len() as u64, names.into_iter().collect()))
+    Ok((held.len() as u64, risky.len() as u64, names.into_iter().collect()))
 }
 
 /// An older version of block `hash` that `device_id` holds (by the records),
@@ -1070,8 +1079,11 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
                 .prepare_cached("SELECT device_id, capacity, free FROM devices")?
                 .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))))?
                 .collect::<Result<_, _>>()?;
+            // Shipped and draining hosts take no new blocks.
+            let leaving = held_back_devices(conn)?;
             let candidates: Vec<Candidate> = locations
                 .iter()
+                .filter(|d| !leaving.contains(&d.device_id))
                 .filter(|d| space.get(&d.device_id).is_some_and(|&(capacity, free)| !is_full(capacity, free)))
                 .map(|d| Candidate { device_id: d.device_id, host_id: d.host_id, zone: d.zone.clone() })
                 .collect();

@@ -57,8 +57,25 @@ enum Cmd {
 enum HostCmd {
     /// Bring the blank fsd at ADDR into the cluster (as learner, then voter).
     Add { addr: String },
-    /// Remove a host (by its id, as `status` shows it) from the membership.
-    Remove { host_id: String },
+    /// Remove a host (by its id, as `status` shows it) from the cluster.
+    /// Refused while that would leave a block below its copy count.
+    Remove {
+        host_id: String,
+        /// Remove it even so.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move a host's copies and tracker membership away (a box retired in
+    /// a live migration): it takes no new copies, repair copies what it
+    /// holds elsewhere, and once nothing depends on it, it is removed (if it
+    /// leads, leadership moves on as it leaves). Shows progress; follow it
+    /// from another terminal with `fsctl status`.
+    Drain {
+        host_id: String,
+        /// Start the drain and return; remove the host later yourself.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Planned absence (the box is shipped): first proves every block the
     /// host holds has enough copies elsewhere (else refuses and names the
     /// files at risk), then marks it away, so its absence starts no
@@ -165,11 +182,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 r.blocks_held
             );
         }
-        Cmd::Host(HostCmd::Remove { host_id }) => {
+        Cmd::Host(HostCmd::Remove { host_id, force }) => {
             let id = parse_host_id(host_id)?;
             let client = connect(&args).await?;
-            client.remove_host(id).await?;
+            client.remove_host(id, *force).await?;
             println!("host {id:016x} removed");
+        }
+        Cmd::Host(HostCmd::Drain { host_id, no_wait }) => {
+            let id = parse_host_id(host_id)?;
+            let client = connect(&args).await?;
+            let r = client.drain_host(id).await?;
+            println!("draining host {id:016x}: {} blocks held, {} to copy elsewhere", r.blocks_held, r.to_move);
+            if *no_wait {
+                return Ok(());
+            }
+            let bar = indicatif::ProgressBar::new(r.to_move.max(1));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} blocks moved, {elapsed} elapsed, ETA {eta}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            loop {
+                let s = client.status().await?;
+                let Some(row) = s.hosts.iter().find(|h| h.host_id == id) else { anyhow::bail!("host {id:016x} is gone") };
+                if s.leader_id != 0 && row.admin == "draining" && s.role == "leader" {
+                    bar.set_position(r.to_move.saturating_sub(row.to_move));
+                    if row.to_move == 0 {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            bar.finish();
+            client.remove_host(id, false).await?;
+            println!("host {id:016x} drained and removed");
         }
         Cmd::Demo { dir, port } => demo(dir, *port).await?,
     }
