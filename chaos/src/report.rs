@@ -68,6 +68,8 @@ pub struct Report {
     /// Most blocks seen below their copy count at once.
     pub max_below_copy_count: u64,
     pub bytes_rereplicated: u64,
+    /// Of those copies, how many went as rsync deltas.
+    pub copies_as_deltas: u64,
     /// Stored copies whose bytes do not match their hash when the run ended.
     pub corrupt_copies_at_end: usize,
     pub faults: Vec<FaultWindow>,
@@ -97,6 +99,7 @@ impl Report {
             failsafe_after_s: None,
             max_below_copy_count: 0,
             bytes_rereplicated: 0,
+            copies_as_deltas: 0,
             corrupt_copies_at_end: 0,
             faults: Vec::new(),
             skipped: Vec::new(),
@@ -190,8 +193,8 @@ impl Report {
             None => s += "  never back in fail-safe mode",
         }
         s += &format!(
-            " (at most {} blocks below their copy count; {} bytes re-replicated; {} corrupt copies at the end)\n",
-            self.max_below_copy_count, self.bytes_rereplicated, self.corrupt_copies_at_end
+            " (at most {} blocks below their copy count; {} bytes re-replicated, {} copies as deltas; {} corrupt copies at the end)\n",
+            self.max_below_copy_count, self.bytes_rereplicated, self.copies_as_deltas, self.corrupt_copies_at_end
         );
         for v in self.violations.iter().take(20) {
             s += &format!("  VIOLATION {}: {}\n", v.rule, v.detail);

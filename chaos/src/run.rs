@@ -205,7 +205,9 @@ async fn drive(
     }
     let t0 = history.t0();
     let mut repaired = CounterTrack::default();
+    let mut deltas = CounterTrack::default();
     repaired.poll(world, "failsafe_repair_bytes_total").await;
+    deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
     let mut targets: std::collections::HashMap<(usize, usize), usize> = Default::default();
     let mut windows: Vec<FaultWindow> = Vec::new();
     let mut limp_seen = 0u64;
@@ -251,6 +253,9 @@ async fn drive(
             let what = if f.kind == FaultKind::DrainRemove {
                 let to_move = world.drain(target).await?;
                 format!("host {target} draining ({to_move} blocks to move), then removed")
+            } else if f.kind == FaultKind::Ship {
+                let held = world.ship(target).await?;
+                format!("host {target} shipped ({held} blocks held elsewhere too) and shut down")
             } else {
                 world.start_fault(f.kind, target)?
             };
@@ -341,6 +346,7 @@ async fn drive(
             }
         }
         repaired.poll(world, "failsafe_repair_bytes_total").await;
+        deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
         if workload_over && (failsafe_at.is_some() || now > deadline_s) {
             break;
         }
@@ -351,6 +357,7 @@ async fn drive(
         let _ = t.join();
     }
     repaired.poll(world, "failsafe_repair_bytes_total").await;
+    deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
     if INTERRUPTED.load(Ordering::Relaxed) {
         anyhow::bail!("interrupted");
     }
@@ -393,6 +400,7 @@ async fn drive(
     }
     report.max_below_copy_count = limp_seen;
     report.bytes_rereplicated = repaired.total() as u64;
+    report.copies_as_deltas = deltas.total() as u64;
     report.finish(ops, windows, violations);
     Ok(())
 }

@@ -163,6 +163,9 @@ pub enum FaultKind {
     ClientsCut,
     /// Stopped, moved to a new IP address (a shipped box), started there when it ends.
     NewIp,
+    /// `fsctl host ship` first (which must agree), then as `new_ip`: shut
+    /// down, and started at a new address when it ends.
+    Ship,
     /// Stopped and its block device emptied (the disk was replaced); started when it ends.
     WipeDevice,
     /// A byte flipped in the target's copy of a static page's block (a

@@ -110,15 +110,19 @@ pub fn page_name(c: usize, w: usize, p: usize) -> String {
     format!("c{c}w{w}-p{p}.txt")
 }
 
-/// A page's content: a header naming page and revision, then filler whose
-/// length varies with the revision, so torn or mixed content shows.
+/// A page's content: a header naming page and revision, then lines that
+/// mostly stay from one revision to the next, as wiki edits do: each
+/// revision rewrites a few lines and grows or shrinks the page a little, so
+/// torn or mixed content shows and a returning host can get deltas.
 pub fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
-    let head = format!("page {page} rev {rev}\n");
-    let line = format!("{page} revision {rev} line of text for the wiki\n");
-    let target = size / 2 + (rev as usize * 997) % size.max(1);
-    let mut s = head;
-    while s.len() < target {
-        s.push_str(&line);
+    let mut s = format!("page {page} rev {rev}\n");
+    let lines = size / 48 + (rev as usize % 5);
+    for i in 0..lines {
+        if (i as u64 + rev).is_multiple_of(29) {
+            s += &format!("line {i} of {page}, edited in revision {rev}\n");
+        } else {
+            s += &format!("line {i} of {page}, a wiki text that stays\n");
+        }
     }
     s.into_bytes()
 }

@@ -136,6 +136,18 @@ impl World {
             .host_id)
     }
 
+    /// Ships host `i` (refused if that would put files at risk), then shuts
+    /// it down; returns the blocks it holds.
+    pub async fn ship(&mut self, i: usize) -> anyhow::Result<u64> {
+        let id = self.host_id(i).await?;
+        let r = self.client().await?.ship_host(id, 3_600_000, false).await?;
+        if !r.shipped {
+            bail!("ship of host {i} refused: files at risk {:?}", r.at_risk);
+        }
+        self.cluster.stop(i);
+        Ok(r.blocks_held)
+    }
+
     /// Starts draining host `i`; returns the blocks it must move.
     pub async fn drain(&mut self, i: usize) -> anyhow::Result<u64> {
         let id = self.host_id(i).await?;
@@ -342,7 +354,7 @@ impl World {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
             }
-            FaultKind::AddHost | FaultKind::DrainRemove => bail!("{kind:?} is asynchronous"),
+            FaultKind::AddHost | FaultKind::DrainRemove | FaultKind::Ship => bail!("{kind:?} is asynchronous"),
         })
     }
 
@@ -365,7 +377,7 @@ impl World {
                 self.net(kind)?.heal()?;
                 "cut healed".into()
             }
-            FaultKind::NewIp => match self.net.as_mut() {
+            FaultKind::NewIp | FaultKind::Ship => match self.net.as_mut() {
                 Some(net) => {
                     let ip = net.move_host(i)?;
                     self.cluster.hosts[i].listen_ip = ip.clone();

@@ -98,6 +98,56 @@ pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) 
     plan
 }
 
+/// The fraction of a device in use (1 when its capacity is unknown).
+fn used_fraction(d: &DeviceView) -> f64 {
+    if d.capacity_bytes == 0 {
+        return 1.0;
+    }
+    d.capacity_bytes.saturating_sub(d.free_bytes) as f64 / d.capacity_bytes as f64
+}
+
+/// Plans rebalancing (a new box, or one that was empty): for blocks at their
+/// copy count, all on up hosts, but not where placement would put them now,
+/// one more copy on the device placement prefers that lacks it — only if
+/// that device is no fuller than the holder placement ranks last. Trimming
+/// then drops the extra copy (the fullest, or the one placement ranks last),
+/// so copies drift toward placement and toward emptier devices, and stop
+/// there.
+pub fn plan_rebalance(blocks: &[BlockView], devices: &[DeviceView], copies: usize) -> Vec<RepairAction> {
+    let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
+    let mut plan = Vec::new();
+    for b in blocks {
+        let holders: Vec<&DeviceView> = b.holders.iter().filter_map(|&id| find(id)).collect();
+        if holders.len() != copies || holders.iter().any(|d| d.health != HostHealth::Up) {
+            continue;
+        }
+        let eligible: Vec<Candidate> = devices
+            .iter()
+            .filter(|d| d.health == HostHealth::Up && (d.has_room || b.holders.contains(&d.candidate.device_id)))
+            .map(|d| d.candidate.clone())
+            .collect();
+        let ideal = crate::place(&b.hash, &eligible, copies);
+        let Some(target) = ideal.iter().copied().find(|id| !b.holders.contains(id)) else { continue };
+        // The holder placement ranks last: the one the extra copy replaces.
+        let ranked = crate::place(&b.hash, &eligible, eligible.len());
+        let Some(last) = ranked.iter().rev().find_map(|id| holders.iter().find(|h| h.candidate.device_id == *id)) else {
+            continue;
+        };
+        let Some(t) = find(target) else { continue };
+        if used_fraction(t) > used_fraction(last) {
+            continue;
+        }
+        plan.push(RepairAction {
+            hash: b.hash.clone(),
+            size: b.size,
+            sources: holders.iter().map(|d| d.candidate.device_id).collect(),
+            targets: vec![target],
+            counted: copies,
+        });
+    }
+    plan
+}
+
 /// Drop the copies of `hash` on `drop`: they are beyond the copy count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrimAction {
@@ -217,6 +267,21 @@ mod tests {
         let mut targets = plan[0].targets.clone();
         targets.sort();
         assert_eq!(targets, vec![3, 4], "and never targets");
+    }
+
+    #[test]
+    fn a_new_device_gets_the_copies_placement_gives_it_and_no_more() {
+        let mut devices = vec![dev(1, "a", HostHealth::Up), dev(2, "b", HostHealth::Up), dev(3, "c", HostHealth::Up)];
+        let blocks: Vec<BlockView> = (0..200u32).map(|i| block(&i.to_le_bytes(), &[1, 2, 3])).collect();
+        assert!(plan_rebalance(&blocks, &devices, 3).is_empty(), "balanced as it is");
+        devices.push(dev(4, "d", HostHealth::Up));
+        let plan = plan_rebalance(&blocks, &devices, 3);
+        assert!(plan.iter().all(|a| a.targets == vec![4] && a.sources.len() == 3));
+        // Rendezvous: about three quarters of the blocks rank the new device in their top three.
+        assert!((100..190).contains(&plan.len()), "{}", plan.len());
+        // Not onto a fuller device.
+        devices[3].free_bytes = 0;
+        assert!(plan_rebalance(&blocks, &devices, 3).is_empty());
     }
 
     #[test]

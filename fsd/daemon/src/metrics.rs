@@ -41,6 +41,8 @@ pub struct Metrics {
     pub repair_delta_blocks: AtomicU64,
     pub repair_delta_bytes: AtomicU64,
     pub repair_signature_bytes: AtomicU64,
+    /// Copies repair on this host made to move blocks toward placement.
+    pub rebalance_copies: AtomicU64,
 }
 
 pub fn inc(c: &AtomicU64, by: u64) {
@@ -87,6 +89,11 @@ impl Metrics {
             ("failsafe_delta_put_bytes_total", "Delta bytes received for blocks stored from deltas", &self.delta_put_bytes),
             ("failsafe_repair_delta_blocks_total", "Copies repair on this host made as deltas", &self.repair_delta_blocks),
             ("failsafe_repair_delta_bytes_total", "Delta bytes repair on this host sent", &self.repair_delta_bytes),
+            (
+                "failsafe_rebalance_copies_total",
+                "Copies repair on this host made to move blocks toward placement (a new box's share)",
+                &self.rebalance_copies,
+            ),
             (
                 "failsafe_repair_signature_bytes_total",
                 "Signature bytes repair on this host fetched for deltas",

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failsafe_client::Client;
-use failsafe_core::{hash_hex, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
+use failsafe_core::{hash_hex, plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
 use failsafe_proto::pb::{self, command::Op};
 use failsafe_tracker::Tracker;
 use futures::StreamExt;
@@ -95,8 +95,13 @@ pub struct Repair {
     /// an assignment.
     cursor: Mutex<Vec<u8>>,
     extra_cursor: Mutex<Vec<u8>>,
+    /// Where rebalancing looks next (all referenced blocks, in hash order).
+    rebalance_cursor: Mutex<Vec<u8>>,
     state: Mutex<String>,
 }
+
+/// Blocks rebalancing looks at per round.
+const REBALANCE_SLICE: usize = 256;
 
 /// A finished copy, or why it did not happen.
 enum Outcome {
@@ -115,6 +120,7 @@ impl Repair {
             pacer,
             cursor: Mutex::default(),
             extra_cursor: Mutex::default(),
+            rebalance_cursor: Mutex::default(),
             state: Mutex::new("starting".into()),
         }
     }
@@ -169,8 +175,26 @@ impl Repair {
         let trims = plan_trim(&view.extra, &devices, tracker.class.copies);
         let trims = self.confirm_kept(trims, &view.extra, &devices, &addrs, client).await;
         if plan.is_empty() && trims.is_empty() {
-            self.set_state("idle");
-            return Ok(self.cfg.interval);
+            // Nothing short and nothing extra: move copies toward placement
+            // (a new box gets its share), a slice of the blocks per round.
+            let after = self.rebalance_cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let blocks = tracker.referenced_after(after, REBALANCE_SLICE).await?;
+            *self.rebalance_cursor.lock().unwrap_or_else(|e| e.into_inner()) =
+                blocks.last().map(|b| b.hash.clone()).unwrap_or_default();
+            let mut moves = plan_rebalance(&blocks, &devices, tracker.class.copies);
+            for a in &mut moves {
+                a.sources.retain(|d| !view.no_source.contains(d));
+            }
+            moves.retain(|a| !a.sources.is_empty());
+            if moves.is_empty() {
+                self.set_state("idle");
+                return Ok(if blocks.len() == REBALANCE_SLICE { Duration::from_millis(10) } else { self.cfg.interval });
+            }
+            self.set_state(format!("rebalancing {} blocks", moves.len()));
+            let copied = self.repair(moves, &addrs, tracker, client).await;
+            inc(&self.metrics.rebalance_copies, copied as u64);
+            self.set_state(format!("idle (last round made {copied} copies for balance)"));
+            return Ok(Duration::from_millis(10));
         }
         let copied = self.repair(plan, &addrs, tracker, client).await;
         let trimmed = if trims.is_empty() {

@@ -686,3 +686,45 @@ async fn t70_a_drained_leader_hands_over_its_copies_and_leadership_and_leaves() 
         assert_eq!(c.read(ino, 0, body.len() as u64).await.unwrap(), body);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t71_a_blank_box_receives_its_share_of_copies_by_rebalancing() {
+    let (mut tc, c) = TestCluster::start(FAST_REPAIR).await;
+    let mut files = Vec::new();
+    for n in 0..16u8 {
+        let body = data(50_000, n);
+        let f = c.create(ROOT, format!("old-{n}").as_bytes(), 0o644, true).await.unwrap();
+        c.write(f.ino, 0, &body).await.unwrap();
+        wait_copies(&c, f.ino, 3).await;
+        files.push((f.ino, body));
+    }
+    let dir = tc.dir.path().join("host-d");
+    let d = tc.c.add_host(&dir, "d", 0, &[]).expect("start a blank box");
+    tc.c.admit(d, &c).await.expect("admit it");
+    // Its share: rendezvous placement ranks it in the top three of about
+    // three blocks in four; those move, and every block keeps three copies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let d_device = loop {
+        let s = tc.status().await;
+        let d_host = s.hosts.iter().find(|h| h.addr == tc.c.hosts[d].addr).map(|h| h.host_id);
+        let dev = s.devices.iter().find(|x| Some(x.host_id) == d_host).map(|x| x.device_id);
+        let mut on_d = 0;
+        let mut all_three = true;
+        for (ino, _) in &files {
+            let copies = copies_of(&c, *ino).await.remove(0);
+            all_three &= copies.len() == 3;
+            on_d += usize::from(dev.is_some_and(|dv| copies.contains(&dv)));
+        }
+        if all_three && on_d >= 6 && s.mode == "fail-safe" {
+            eprintln!("{on_d} of {} files now have a copy on the new box", files.len());
+            break dev;
+        }
+        assert!(Instant::now() < deadline, "no rebalance: {on_d} on the new box, all three copies: {all_three}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(d_device.is_some());
+    assert!(metric_sum(&tc, "failsafe_rebalance_copies_total") >= 6.0);
+    for (ino, body) in files {
+        assert_eq!(c.read(ino, 0, body.len() as u64).await.unwrap(), body);
+    }
+}

@@ -369,6 +369,12 @@ impl Tracker {
         self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones, names)).await
     }
 
+    /// Blocks files reference, after `after`, with their holders (this
+    /// member's view): what rebalancing looks at.
+    pub async fn referenced_after(&self, after: Vec<u8>, limit: usize) -> Result<Vec<BlockView>, TrackerError> {
+        self.read(move |conn| state::referenced_after(conn, &after, limit)).await
+    }
+
     /// Hosts that are away (shipped), with until when (the leader's clock).
     pub async fn away(&self) -> Result<BTreeMap<u64, i64>, TrackerError> {
         Ok(self.away_since().await?.into_iter().map(|(h, (until, _))| (h, until)).collect())

@@ -842,10 +842,11 @@ pub fn ship_risk(
 }
 
 /// An older version of block `hash` that `device_id` holds (by the records),
-/// following the lineage back a few versions: the base for a delta.
+/// following the lineage back up to 64 versions (a page saved many times
+/// while a host was away): the base for a delta.
 pub fn delta_base(conn: &rusqlite::Connection, hash: &[u8], device_id: u64) -> rusqlite::Result<Option<Vec<u8>>> {
     let mut at = hash.to_vec();
-    for _ in 0..8 {
+    for _ in 0..64 {
         let prev: Option<Vec<u8>> =
             conn.query_row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| r.get(0)).optional()?;
         let Some(prev) = prev else { return Ok(None) };
@@ -1264,6 +1265,19 @@ pub fn repair_candidates(
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare(&sql)?
         .query_map(params![copies as i64, targets.len() as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    holders_of(conn, rows)
+}
+
+/// Up to `limit` blocks files reference, after `after` in hash order, with
+/// their holders: what rebalancing looks at, a slice at a time.
+pub fn referenced_after(conn: &rusqlite::Connection, after: &[u8], limit: usize) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+    let rows: Vec<(Vec<u8>, i64)> = conn
+        .prepare_cached(
+            "SELECT b.hash, b.size FROM blocks b WHERE b.hash > ?1
+               AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash) ORDER BY b.hash LIMIT ?2",
+        )?
+        .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     holders_of(conn, rows)
 }
