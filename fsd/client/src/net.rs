@@ -102,6 +102,23 @@ impl Routing {
             self.members.push(addr.to_string());
         }
     }
+
+    /// The members are exactly `addrs` (the leader's host table): a host
+    /// that moved is no longer tried at its old address, nor a removed one.
+    fn replace(&mut self, addrs: Vec<String>) {
+        let addrs: Vec<String> = addrs.into_iter().filter(|a| !a.is_empty()).collect();
+        if addrs.is_empty() {
+            return;
+        }
+        self.members = addrs;
+        self.next = 0;
+        if self.leader.as_ref().is_some_and(|l| !self.members.contains(l)) {
+            self.leader = None;
+        }
+        let keep = self.members.clone();
+        self.suspect.retain(|a, _| keep.contains(a));
+        self.rtt.retain(|a, _| keep.contains(a));
+    }
 }
 
 /// A handle to a cluster. Cheap to clone; clones share connections.
@@ -375,8 +392,9 @@ impl Client {
         for addr in self.members() {
             match self.status_of(&addr).await {
                 Ok(s) if s.leader_id != 0 && s.leader_id == s.host_id => {
+                    // The leader's host table is the membership as it is.
+                    self.routing().replace(s.hosts.iter().map(|h| h.addr.clone()).collect());
                     self.set_leader(&addr);
-                    self.learn_members(s.hosts.iter().map(|h| h.addr.clone()));
                     return Ok(s);
                 }
                 Ok(s) => {
@@ -384,6 +402,7 @@ impl Client {
                     if !s.leader_addr.is_empty() && s.leader_addr != addr {
                         if let Ok(l) = self.status_of(&s.leader_addr).await {
                             if l.leader_id == l.host_id {
+                                self.routing().replace(l.hosts.iter().map(|h| h.addr.clone()).collect());
                                 self.set_leader(&s.leader_addr);
                                 return Ok(l);
                             }
