@@ -111,25 +111,20 @@ impl Scrub {
         }
         for b in batch {
             self.pacer.take(b.size).await;
-            let store = self.store.clone();
-            let read = tokio::task::spawn_blocking(move || store.get(&b.hash, Some(device))).await?;
+            let check = verify(&self.store, &self.bad, device, b.hash).await?;
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.after = Some(b.hash);
-            match read {
-                Ok((_, data)) => {
+            match check {
+                Verified::Intact(bytes) => {
                     p.blocks += 1;
-                    p.bytes += data.len() as u64;
-                    inc(&self.metrics.scrub_bytes, data.len() as u64);
+                    p.bytes += bytes;
+                    inc(&self.metrics.scrub_bytes, bytes);
                 }
-                Err(StoreError::Corrupt { device, .. }) => {
+                Verified::Corrupt => {
                     p.corrupt += 1;
                     inc(&self.metrics.scrub_corrupt, 1);
-                    tracing::warn!(block = %hash_hex(&b.hash), device = format!("{device:016x}"), "scrub found a corrupt copy; its record goes and repair replaces it");
-                    self.bad.push(b.hash.to_vec(), device);
                 }
-                // Deleted since it was listed (garbage collection, trimming).
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(block = %hash_hex(&b.hash), error = %e, "scrub could not read a block"),
+                Verified::Unreadable => {}
             }
         }
         Ok(Duration::ZERO)
@@ -151,6 +146,35 @@ impl Scrub {
 }
 
 /// A wait as a person reads it: "40s", "12m", "23h".
+/// What re-reading one stored block found.
+pub enum Verified {
+    /// Its bytes match its hash; this many.
+    Intact(u64),
+    /// Quarantined, and queued for its record to go (repair replaces it).
+    Corrupt,
+    /// Gone since it was listed (garbage collection, trimming), or unreadable.
+    Unreadable,
+}
+
+/// Re-reads block `hash` on `device` through the store's hash check; a
+/// corrupt copy is quarantined by the store and queued on `bad`.
+pub async fn verify(store: &Arc<BlockStore>, bad: &BadCopies, device: u64, hash: Hash) -> anyhow::Result<Verified> {
+    let s = store.clone();
+    Ok(match tokio::task::spawn_blocking(move || s.get(&hash, Some(device))).await? {
+        Ok((_, data)) => Verified::Intact(data.len() as u64),
+        Err(StoreError::Corrupt { device, .. }) => {
+            tracing::warn!(block = %hash_hex(&hash), device = format!("{device:016x}"), "found a corrupt copy; its record goes and repair replaces it");
+            bad.push(hash.to_vec(), device);
+            Verified::Corrupt
+        }
+        Err(StoreError::NotFound(_)) => Verified::Unreadable,
+        Err(e) => {
+            tracing::warn!(block = %hash_hex(&hash), error = %e, "could not read a block");
+            Verified::Unreadable
+        }
+    })
+}
+
 fn rough(d: Duration) -> String {
     match d.as_secs() {
         s if s < 120 => format!("{s}s"),

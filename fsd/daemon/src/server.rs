@@ -316,14 +316,10 @@ impl Host {
                 let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), 1024)).await??;
                 let Some(last) = batch.last().map(|b| b.hash) else { break };
                 for b in batch {
-                    let store = self.store.clone();
-                    match tokio::task::spawn_blocking(move || store.get(&b.hash, Some(device))).await? {
-                        Ok(_) => blocks += 1,
-                        Err(failsafe_blockstore::StoreError::Corrupt { device, .. }) => {
-                            corrupt += 1;
-                            self.bad.push(b.hash.to_vec(), device);
-                        }
-                        Err(_) => {}
+                    match crate::scrub::verify(&self.store, &self.bad, device, b.hash).await? {
+                        crate::scrub::Verified::Intact(_) => blocks += 1,
+                        crate::scrub::Verified::Corrupt => corrupt += 1,
+                        crate::scrub::Verified::Unreadable => {}
                     }
                 }
                 after = Some(last);

@@ -344,21 +344,18 @@ impl Tracker {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
-        let away = self.away().await?;
+        let states = self.read(state::host_states).await?;
         let space = self.read(state::device_space).await?;
         let zone_of: BTreeMap<u64, String> = space.iter().map(|d| (d.location.host_id, d.location.zone.clone())).collect();
         let zone = zone_of.get(&host_id).cloned().unwrap_or_default();
+        // Hosts that will still serve: up, and neither away nor draining.
         let others_up: BTreeSet<u64> = zone_of
             .keys()
             .copied()
-            .filter(|h| *h != host_id && !away.contains_key(h) && self.liveness(*h) == Liveness::Up)
+            .filter(|h| *h != host_id && !states.iter().any(|(x, ..)| x == h) && self.liveness(*h) == Liveness::Up)
             .collect();
         let live: Vec<u64> =
             space.iter().filter(|d| others_up.contains(&d.location.host_id)).map(|d| d.location.device_id).collect();
-        let held_back = self.read(state::host_states).await?;
-        let others_up: BTreeSet<u64> =
-            others_up.into_iter().filter(|h| !held_back.iter().any(|(x, s, _, _)| x == h && s == "draining")).collect();
-        let live: Vec<u64> = live.into_iter().filter(|d| space.iter().any(|x| x.location.device_id == *d && others_up.contains(&x.location.host_id))).collect();
         let (needed, other_zones) = match needed {
             Some(n) => (n, false),
             None => (
@@ -373,11 +370,6 @@ impl Tracker {
     /// member's view): what rebalancing looks at.
     pub async fn referenced_after(&self, after: Vec<u8>, limit: usize) -> Result<Vec<BlockView>, TrackerError> {
         self.read(move |conn| state::referenced_after(conn, &after, limit)).await
-    }
-
-    /// Hosts that are away (shipped), with until when (the leader's clock).
-    pub async fn away(&self) -> Result<BTreeMap<u64, i64>, TrackerError> {
-        Ok(self.away_since().await?.into_iter().map(|(h, (until, _))| (h, until)).collect())
     }
 
     /// Hosts that are away, with (until, since) (this member's view).
@@ -515,9 +507,9 @@ impl Tracker {
             row.zone = zone;
         }
         let is_leader = m.state == ServerState::Leader;
-        let away = self.away().await?;
-        let draining: BTreeSet<u64> =
-            self.read(state::host_states).await?.into_iter().filter(|(_, s, _, _)| s == "draining").map(|(h, ..)| h).collect();
+        let states = self.read(state::host_states).await?;
+        let away = away_until(&states);
+        let draining: BTreeSet<u64> = states.iter().filter(|(_, s, ..)| s == "draining").map(|(h, ..)| *h).collect();
         let mut live_hosts = BTreeSet::new();
         for row in rows.values_mut() {
             (row.admin, row.away_until_ns) = match away.get(&row.host_id) {
@@ -602,8 +594,8 @@ impl Tracker {
             return Ok(None);
         }
         let space = self.read(state::device_space).await?;
-        let away = self.away().await?;
         let states = self.read(state::host_states).await?;
+        let away = away_until(&states);
         let now = wall_clock_ns();
         let mut devices = Vec::with_capacity(space.len());
         let mut no_source = BTreeSet::new();
@@ -762,6 +754,11 @@ impl Tracker {
             tracing::warn!(error = %e, "raft shutdown");
         }
     }
+}
+
+/// The hosts that are away (shipped) among `states`, with until when.
+fn away_until(states: &[(u64, String, i64, i64)]) -> BTreeMap<u64, i64> {
+    states.iter().filter(|(_, s, ..)| s == "away").map(|(h, _, until, _)| (*h, *until)).collect()
 }
 
 pub fn wall_clock_ns() -> i64 {
