@@ -207,7 +207,9 @@ async fn drive(
     let mut repaired = CounterTrack::default();
     let mut deltas = CounterTrack::default();
     repaired.poll(world, "failsafe_repair_bytes_total").await;
-    deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
+    deltas
+        .poll(world, "failsafe_repair_delta_blocks_total")
+        .await;
     let mut targets: std::collections::HashMap<(usize, usize), usize> = Default::default();
     let mut windows: Vec<FaultWindow> = Vec::new();
     let mut limp_seen = 0u64;
@@ -346,7 +348,9 @@ async fn drive(
             }
         }
         repaired.poll(world, "failsafe_repair_bytes_total").await;
-        deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
+        deltas
+            .poll(world, "failsafe_repair_delta_blocks_total")
+            .await;
         if workload_over && (failsafe_at.is_some() || now > deadline_s) {
             break;
         }
@@ -357,7 +361,9 @@ async fn drive(
         let _ = t.join();
     }
     repaired.poll(world, "failsafe_repair_bytes_total").await;
-    deltas.poll(world, "failsafe_repair_delta_blocks_total").await;
+    deltas
+        .poll(world, "failsafe_repair_delta_blocks_total")
+        .await;
     if INTERRUPTED.load(Ordering::Relaxed) {
         anyhow::bail!("interrupted");
     }

@@ -354,7 +354,9 @@ impl World {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
             }
-            FaultKind::AddHost | FaultKind::DrainRemove | FaultKind::Ship => bail!("{kind:?} is asynchronous"),
+            FaultKind::AddHost | FaultKind::DrainRemove | FaultKind::Ship => {
+                bail!("{kind:?} is asynchronous")
+            }
         })
     }
 

@@ -25,7 +25,11 @@ impl BlockCache {
         for entry in std::fs::read_dir(dir)?.flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
-        Ok(BlockCache { dir: dir.to_path_buf(), limit, state: Mutex::new((VecDeque::new(), 0)) })
+        Ok(BlockCache {
+            dir: dir.to_path_buf(),
+            limit,
+            state: Mutex::new((VecDeque::new(), 0)),
+        })
     }
 
     pub fn get(&self, hash: &[u8]) -> Option<Vec<u8>> {
@@ -48,7 +52,10 @@ impl BlockCache {
             return;
         }
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        if std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+        if std::fs::write(&tmp, data)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
             let _ = std::fs::remove_file(&tmp);
             return;
         }
@@ -56,7 +63,9 @@ impl BlockCache {
         st.0.push_back((name, data.len() as u64));
         st.1 += data.len() as u64;
         while st.1 > self.limit {
-            let Some((old, size)) = st.0.pop_front() else { break };
+            let Some((old, size)) = st.0.pop_front() else {
+                break;
+            };
             let _ = std::fs::remove_file(self.dir.join(old));
             st.1 -= size;
         }

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use failsafe_client::pb::{self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind};
+use failsafe_client::pb::{
+    self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind,
+};
 use failsafe_client::{Client, ClientError, LockRequest, Session};
 use failsafe_core::MAX_BLOCK_BYTES;
 use fuser::{Errno, FileAttr, FileType};
@@ -42,7 +44,10 @@ fn err(e: ClientError) -> Errno {
 }
 
 pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn time(ns: i64) -> SystemTime {
@@ -94,7 +99,10 @@ impl FileInner {
         let stored = self.attr.as_ref().map_or(0, |a| a.size);
         let inflight_appends = self.inflight.as_ref().map_or(0, |d| d.appended());
         let inflight = self.inflight.as_ref().map_or(0, |d| d.end());
-        stored.max(inflight).max(self.dirty.end()).max(stored + inflight_appends + self.dirty.appended())
+        stored
+            .max(inflight)
+            .max(self.dirty.end())
+            .max(stored + inflight_appends + self.dirty.appended())
     }
 }
 
@@ -217,14 +225,20 @@ impl Core {
     }
 
     pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
-        let q = Query::Lookup(pb::Lookup { parent: self.t(parent), name: name_bytes(name) });
+        let q = Query::Lookup(pb::Lookup {
+            parent: self.t(parent),
+            name: name_bytes(name),
+        });
         let a = self.query_attr(q).await.map_err(err)?;
         Ok(self.file_attr(&a))
     }
 
     pub async fn getattr(&self, ino: u64) -> Res<FileAttr> {
         let tino = self.t(ino);
-        match self.query_attr(Query::GetAttr(pb::GetAttr { ino: tino })).await {
+        match self
+            .query_attr(Query::GetAttr(pb::GetAttr { ino: tino }))
+            .await
+        {
             Ok(a) => Ok(self.file_attr(&a)),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Unlinked elsewhere while open here: it lives on until closed.
@@ -232,9 +246,15 @@ impl Core {
                 // lagging member's answer must not make us drop writes.)
                 // Otherwise the kernel's inode is stale (replaced by a rename
                 // since its lookup): ESTALE makes the VFS walk the path again.
-                let st = locked(&self.files).get(&tino).cloned().ok_or(Errno::ESTALE)?;
+                let st = locked(&self.files)
+                    .get(&tino)
+                    .cloned()
+                    .ok_or(Errno::ESTALE)?;
                 let a = locked(&st.inner).attr.ok_or(Errno::ESTALE)?;
-                Ok(FileAttr { nlink: 0, ..self.file_attr(&a) })
+                Ok(FileAttr {
+                    nlink: 0,
+                    ..self.file_attr(&a)
+                })
             }
             Err(e) => Err(err(e)),
         }
@@ -261,7 +281,15 @@ impl Core {
             }
             self.upload(tino, &st).await?;
         }
-        let set = pb::SetAttr { ino: tino, mode, uid, gid, size, atime_ns: atime, mtime_ns: mtime };
+        let set = pb::SetAttr {
+            ino: tino,
+            mode,
+            uid,
+            gid,
+            size,
+            atime_ns: atime,
+            mtime_ns: mtime,
+        };
         let a = self.client.setattr(set).await.map_err(err)?;
         if let Some(st) = self.state(tino) {
             let mut inner = locked(&st.inner);
@@ -272,28 +300,65 @@ impl Core {
     }
 
     pub async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
-        match self.client.query_available(Query::ReadLink(pb::ReadLink { ino: self.t(ino) })).await.map_err(err)? {
+        match self
+            .client
+            .query_available(Query::ReadLink(pb::ReadLink { ino: self.t(ino) }))
+            .await
+            .map_err(err)?
+        {
             Reply::Target(t) => Ok(t.target),
             _ => Err(Errno::EIO),
         }
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &std::ffi::OsStr, mode: u32, uid: u32, gid: u32) -> Res<FileAttr> {
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Res<FileAttr> {
         self.writable()?;
-        let a = self.mutate_attr(Op::Mkdir(pb::Mkdir { parent: self.t(parent), name: name_bytes(name), mode, uid, gid })).await?;
+        let a = self
+            .mutate_attr(Op::Mkdir(pb::Mkdir {
+                parent: self.t(parent),
+                name: name_bytes(name),
+                mode,
+                uid,
+                gid,
+            }))
+            .await?;
         Ok(self.file_attr(&a))
     }
 
-    pub async fn symlink(&self, parent: u64, name: &std::ffi::OsStr, target: &[u8], uid: u32, gid: u32) -> Res<FileAttr> {
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Res<FileAttr> {
         self.writable()?;
-        let op = Op::Symlink(pb::Symlink { parent: self.t(parent), name: name_bytes(name), target: target.to_vec(), uid, gid });
+        let op = Op::Symlink(pb::Symlink {
+            parent: self.t(parent),
+            name: name_bytes(name),
+            target: target.to_vec(),
+            uid,
+            gid,
+        });
         let a = self.mutate_attr(op).await?;
         Ok(self.file_attr(&a))
     }
 
     pub async fn link(&self, ino: u64, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
         self.writable()?;
-        let op = Op::Link(pb::Link { ino: self.t(ino), new_parent: self.t(parent), new_name: name_bytes(name) });
+        let op = Op::Link(pb::Link {
+            ino: self.t(ino),
+            new_parent: self.t(parent),
+            new_name: name_bytes(name),
+        });
         match self.mutate_attr(op).await {
             Err(e) if e == Errno::EISDIR => Err(Errno::EPERM),
             r => r.map(|a| self.file_attr(&a)),
@@ -308,7 +373,10 @@ impl Core {
         if locked(&self.files).is_empty() {
             return None;
         }
-        let q = Query::Lookup(pb::Lookup { parent, name: name.to_vec() });
+        let q = Query::Lookup(pb::Lookup {
+            parent,
+            name: name.to_vec(),
+        });
         let a = self.query_attr(q).await.ok()?;
         let st = self.state(a.ino)?;
         let cached = locked(&st.inner).extents.is_some();
@@ -343,7 +411,10 @@ impl Core {
 
     pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
-        self.client.rmdir(self.t(parent), &name_bytes(name)).await.map_err(err)
+        self.client
+            .rmdir(self.t(parent), &name_bytes(name))
+            .await
+            .map_err(err)
     }
 
     pub async fn rename(
@@ -357,15 +428,31 @@ impl Core {
     ) -> Res<()> {
         self.writable()?;
         let (np, nn) = (self.t(new_parent), name_bytes(new_name));
-        let replaced = if exchange || no_replace { None } else { self.before_removal(np, &nn).await };
-        let r = pb::Rename { parent: self.t(parent), name: name_bytes(name), new_parent: np, new_name: nn, no_replace, exchange };
+        let replaced = if exchange || no_replace {
+            None
+        } else {
+            self.before_removal(np, &nn).await
+        };
+        let r = pb::Rename {
+            parent: self.t(parent),
+            name: name_bytes(name),
+            new_parent: np,
+            new_name: nn,
+            no_replace,
+            exchange,
+        };
         self.client.rename(r).await.map_err(err)?;
         self.after_removal(replaced).await;
         Ok(())
     }
 
     pub async fn statfs(&self) -> Res<pb::FsStats> {
-        match self.client.query_available(Query::StatFs(pb::StatFs {})).await.map_err(err)? {
+        match self
+            .client
+            .query_available(Query::StatFs(pb::StatFs {}))
+            .await
+            .map_err(err)?
+        {
             Reply::FsStats(s) => Ok(s),
             _ => Err(Errno::EIO),
         }
@@ -377,7 +464,12 @@ impl Core {
 
     /// Registers an open of `tino` with attributes `a`; returns the handle and
     /// whether the kernel may keep its cached pages.
-    fn register_open(&self, a: pb::Attr, append: bool, extents: Option<Arc<pb::FileExtents>>) -> (u64, bool) {
+    fn register_open(
+        &self,
+        a: pb::Attr,
+        append: bool,
+        extents: Option<Arc<pb::FileExtents>>,
+    ) -> (u64, bool) {
         let tino = a.ino;
         let keep = {
             let mut versions = locked(&self.versions);
@@ -392,7 +484,12 @@ impl Core {
             let mut files = locked(&self.files);
             let st = files
                 .entry(tino)
-                .or_insert_with(|| Arc::new(FileState { inner: Mutex::new(FileInner::default()), upload: tokio::sync::Mutex::new(()) }))
+                .or_insert_with(|| {
+                    Arc::new(FileState {
+                        inner: Mutex::new(FileInner::default()),
+                        upload: tokio::sync::Mutex::new(()),
+                    })
+                })
                 .clone();
             // Counted under the table's lock, so a concurrent last release
             // cannot drop the state this open is about to use.
@@ -446,7 +543,15 @@ impl Core {
     }
 
     async fn file_extents(&self, tino: u64) -> Result<pb::FileExtents, ClientError> {
-        match self.client.query_available(Query::ReadExtents(pb::ReadExtents { ino: tino, offset: 0, length: u64::MAX >> 4 })).await? {
+        match self
+            .client
+            .query_available(Query::ReadExtents(pb::ReadExtents {
+                ino: tino,
+                offset: 0,
+                length: u64::MAX >> 4,
+            }))
+            .await?
+        {
             Reply::FileExtents(fe) => Ok(fe),
             _ => Err(ClientError::Unavailable("unexpected reply".into())),
         }
@@ -464,14 +569,32 @@ impl Core {
     ) -> Res<(FileAttr, u64)> {
         self.writable()?;
         let exclusive = flags & libc::O_EXCL != 0;
-        let c = pb::Create { parent: self.t(parent), name: name_bytes(name), mode, uid, gid, exclusive };
+        let c = pb::Create {
+            parent: self.t(parent),
+            name: name_bytes(name),
+            mode,
+            uid,
+            gid,
+            exclusive,
+        };
         let mut a = self.mutate_attr(Op::Create(c)).await?;
         if flags & libc::O_TRUNC != 0 && a.size > 0 {
-            a = self.client.setattr(pb::SetAttr { ino: a.ino, size: Some(0), ..Default::default() }).await.map_err(err)?;
+            a = self
+                .client
+                .setattr(pb::SetAttr {
+                    ino: a.ino,
+                    size: Some(0),
+                    ..Default::default()
+                })
+                .await
+                .map_err(err)?;
         }
         locked(&self.versions).remove(&a.ino);
         let extents = if a.size == 0 {
-            Some(Arc::new(pb::FileExtents { attr: Some(a), ..Default::default() }))
+            Some(Arc::new(pb::FileExtents {
+                attr: Some(a),
+                ..Default::default()
+            }))
         } else {
             self.file_extents(a.ino).await.ok().map(Arc::new)
         };
@@ -480,7 +603,10 @@ impl Core {
     }
 
     fn handle_ino(&self, fh: u64) -> Res<(u64, bool)> {
-        locked(&self.handles).get(&fh).map(|h| (h.ino, h.append)).ok_or(Errno::EBADF)
+        locked(&self.handles)
+            .get(&fh)
+            .map(|h| (h.ino, h.append))
+            .ok_or(Errno::EBADF)
     }
 
     /// A verified block, from memory, the disk cache, or the nearest copy.
@@ -491,8 +617,16 @@ impl Core {
         let data = match self.cache.get(hash) {
             Some(d) => d,
             None => {
-                let devices = fe.copies.iter().find(|c| c.hash == hash).map_or(&[][..], |c| c.device_ids.as_slice());
-                let d = self.client.read_block(hash, devices, &fe.devices).await.map_err(err)?;
+                let devices = fe
+                    .copies
+                    .iter()
+                    .find(|c| c.hash == hash)
+                    .map_or(&[][..], |c| c.device_ids.as_slice());
+                let d = self
+                    .client
+                    .read_block(hash, devices, &fe.devices)
+                    .await
+                    .map_err(err)?;
                 self.cache.put(hash, &d);
                 d
             }
@@ -519,10 +653,22 @@ impl Core {
         Err(Errno::EAGAIN)
     }
 
-    async fn read_once(&self, tino: u64, st: &FileState, offset: u64, size: u32) -> Res<Option<Vec<u8>>> {
+    async fn read_once(
+        &self,
+        tino: u64,
+        st: &FileState,
+        offset: u64,
+        size: u32,
+    ) -> Res<Option<Vec<u8>>> {
         let (extents, stored, total, unlinked, generation) = {
             let inner = locked(&st.inner);
-            (inner.extents.clone(), inner.attr.as_ref().map_or(0, |a| a.size), inner.local_size(), inner.unlinked, inner.generation)
+            (
+                inner.extents.clone(),
+                inner.attr.as_ref().map_or(0, |a| a.size),
+                inner.local_size(),
+                inner.unlinked,
+                inner.generation,
+            )
         };
         let extents = match extents {
             Some(e) => Some(e),
@@ -532,7 +678,8 @@ impl Core {
                 Ok(fe) => {
                     let fe = Arc::new(fe);
                     let mut inner = locked(&st.inner);
-                    let newer = fe.attr.as_ref().map(|a| a.version) >= inner.attr.as_ref().map(|a| a.version);
+                    let newer = fe.attr.as_ref().map(|a| a.version)
+                        >= inner.attr.as_ref().map(|a| a.version);
                     if inner.generation == generation && newer {
                         // Someone else's change since our open: the version
                         // we serve from is the one we fetched.
@@ -543,12 +690,17 @@ impl Core {
                 }
                 // Deleted elsewhere, and we hold no map of its bytes: an
                 // error, never invented zeros.
-                Err(e) if e.code() == Some(ErrorCode::NotFound) && stored > 0 => return Err(Errno::ESTALE),
+                Err(e) if e.code() == Some(ErrorCode::NotFound) && stored > 0 => {
+                    return Err(Errno::ESTALE)
+                }
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => None,
                 Err(e) => return Err(err(e)),
             },
         };
-        let stored = extents.as_ref().and_then(|fe| fe.attr.as_ref()).map_or(stored, |a| a.size);
+        let stored = extents
+            .as_ref()
+            .and_then(|fe| fe.attr.as_ref())
+            .map_or(stored, |a| a.size);
         let total = total.max(stored);
         if offset >= total {
             return Ok(Some(Vec::new()));
@@ -557,7 +709,10 @@ impl Core {
         let mut buf = vec![0u8; (end - offset) as usize];
         if let Some(fe) = &extents {
             for e in &fe.extents {
-                let (from, to) = (e.offset.max(offset), (e.offset + e.length).min(end).min(stored));
+                let (from, to) = (
+                    e.offset.max(offset),
+                    (e.offset + e.length).min(end).min(stored),
+                );
                 if from >= to {
                     continue;
                 }
@@ -575,7 +730,11 @@ impl Core {
             d.overlay_appends(stored, offset, &mut buf);
             d.overlay(offset, &mut buf);
         }
-        inner.dirty.overlay_appends(stored + inner.inflight.as_ref().map_or(0, |d| d.appended()), offset, &mut buf);
+        inner.dirty.overlay_appends(
+            stored + inner.inflight.as_ref().map_or(0, |d| d.appended()),
+            offset,
+            &mut buf,
+        );
         inner.dirty.overlay(offset, &mut buf);
         Ok(Some(buf))
     }
@@ -593,13 +752,19 @@ impl Core {
             inner.dirty.write(offset, data);
         }
         let pending = inner.dirty.bytes() + inner.inflight.as_ref().map_or(0, |d| d.bytes());
-        Ok((tino, inner.dirty.bytes() >= FLUSH_AT, pending >= WRITE_BACKPRESSURE))
+        Ok((
+            tino,
+            inner.dirty.bytes() >= FLUSH_AT,
+            pending >= WRITE_BACKPRESSURE,
+        ))
     }
 
     /// Stores this file's buffered bytes: blocks to the write quorum, then
     /// the extents. Reports (once) an earlier background upload's failure.
     pub async fn flush_ino(&self, tino: u64) -> Res<()> {
-        let Some(st) = self.state(tino) else { return Ok(()) };
+        let Some(st) = self.state(tino) else {
+            return Ok(());
+        };
         self.upload(tino, &st).await?;
         let earlier = locked(&st.inner).error.take();
         match earlier {
@@ -634,7 +799,9 @@ impl Core {
                 let mut versions = locked(&self.versions);
                 let before = inner.attr.as_ref().map(|o| o.version);
                 // Our pages are still right if only our commits happened.
-                if before.is_some_and(|v| a.version == v + commits) && versions.get(&tino) == before.as_ref() {
+                if before.is_some_and(|v| a.version == v + commits)
+                    && versions.get(&tino) == before.as_ref()
+                {
                     versions.insert(tino, a.version);
                 }
                 inner.attr = Some(a);
@@ -657,9 +824,11 @@ impl Core {
     async fn store(&self, tino: u64, batch: &Dirty) -> Res<Option<pb::Attr>> {
         let (segments, appends) = batch.clone().into_parts();
         let mut attr = None;
-        for (extents_at, data, append) in segments.iter().map(|(o, d)| (*o, d.as_slice(), false)).chain(
-            (!appends.is_empty()).then_some((0u64, appends.as_slice(), true)),
-        ) {
+        for (extents_at, data, append) in segments
+            .iter()
+            .map(|(o, d)| (*o, d.as_slice(), false))
+            .chain((!appends.is_empty()).then_some((0u64, appends.as_slice(), true)))
+        {
             let chunks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
             let copies = self.client.put_blocks(&chunks).await.map_err(err)?;
             let mut at = extents_at;
@@ -667,7 +836,12 @@ impl Core {
                 .iter()
                 .zip(&copies)
                 .map(|(c, b)| {
-                    let e = pb::Extent { offset: at, length: c.len() as u64, hash: b.hash.clone(), block_offset: 0 };
+                    let e = pb::Extent {
+                        offset: at,
+                        length: c.len() as u64,
+                        hash: b.hash.clone(),
+                        block_offset: 0,
+                    };
                     at += c.len() as u64;
                     e
                 })
@@ -726,7 +900,8 @@ impl Core {
         let size = self.getattr(self.f(tino)).await?.size;
         if want > size {
             self.flush_ino(tino).await?;
-            self.setattr(self.f(tino), None, None, None, Some(want), None, None).await?;
+            self.setattr(self.f(tino), None, None, None, Some(want), None, None)
+                .await?;
         }
         Ok(())
     }
@@ -735,11 +910,16 @@ impl Core {
 
     pub async fn opendir(&self, ino: u64) -> Res<u64> {
         let tino = self.t(ino);
-        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![(ino, FileType::Directory, b".".to_vec())];
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> =
+            vec![(ino, FileType::Directory, b".".to_vec())];
         entries.push((ino, FileType::Directory, b"..".to_vec()));
         let mut after = Vec::new();
         loop {
-            let q = Query::ReadDir(pb::ReadDir { ino: tino, after: after.clone(), limit: 1000 });
+            let q = Query::ReadDir(pb::ReadDir {
+                ino: tino,
+                after: after.clone(),
+                limit: 1000,
+            });
             let page = match self.client.query_available(q).await.map_err(err)? {
                 Reply::DirPage(p) => p,
                 _ => return Err(Errno::EIO),
@@ -747,7 +927,11 @@ impl Core {
             if let Some(last) = page.entries.last() {
                 after = last.name.clone();
             }
-            entries.extend(page.entries.into_iter().map(|e| (self.f(e.ino), kind(e.kind), e.name)));
+            entries.extend(
+                page.entries
+                    .into_iter()
+                    .map(|e| (self.f(e.ino), kind(e.kind), e.name)),
+            );
             if !page.more {
                 break;
             }
@@ -769,14 +953,19 @@ impl Core {
 
     async fn with_session<T>(
         &self,
-        f: impl for<'a> Fn(&'a Client, &'a Session) -> futures::future::BoxFuture<'a, Result<T, ClientError>>,
+        f: impl for<'a> Fn(
+            &'a Client,
+            &'a Session,
+        ) -> futures::future::BoxFuture<'a, Result<T, ClientError>>,
     ) -> Result<T, ClientError> {
         let mut slot = self.session.lock().await;
         for _ in 0..2 {
             if slot.is_none() {
                 *slot = Some(self.client.open_session(Duration::from_secs(15)).await?);
             }
-            let Some(session) = slot.as_ref() else { continue };
+            let Some(session) = slot.as_ref() else {
+                continue;
+            };
             match f(&self.client, session).await {
                 Err(e) if e.code() == Some(ErrorCode::NoSession) => {
                     // The lease lapsed (a long partition): locks are gone;
@@ -800,9 +989,22 @@ impl Core {
             libc::F_UNLCK => pb::LockType::LockUnlock,
             _ => return Err(Errno::EINVAL),
         };
-        let end = if end >= i64::MAX as u64 { u64::MAX } else { end + 1 };
-        let req = LockRequest { ino: tino, owner, kind: pb::LockKind::LockPosix, ltype, start, end };
-        self.with_session(|c, s| Box::pin(c.lock(s, req))).await.map_err(err)?;
+        let end = if end >= i64::MAX as u64 {
+            u64::MAX
+        } else {
+            end + 1
+        };
+        let req = LockRequest {
+            ino: tino,
+            owner,
+            kind: pb::LockKind::LockPosix,
+            ltype,
+            start,
+            end,
+        };
+        self.with_session(|c, s| Box::pin(c.lock(s, req)))
+            .await
+            .map_err(err)?;
         if ltype != pb::LockType::LockUnlock {
             locked(&self.lock_owners).insert((tino, owner));
         }
@@ -810,9 +1012,20 @@ impl Core {
     }
 
     /// The lock that would block `owner` from `typ` on [start, end], if any.
-    pub async fn getlk(&self, ino: u64, owner: u64, start: u64, end: u64, typ: i32) -> Res<Option<(u64, u64, i32)>> {
+    pub async fn getlk(
+        &self,
+        ino: u64,
+        owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+    ) -> Res<Option<(u64, u64, i32)>> {
         let tino = self.t(ino);
-        let end = if end >= i64::MAX as u64 { u64::MAX } else { end + 1 };
+        let end = if end >= i64::MAX as u64 {
+            u64::MAX
+        } else {
+            end + 1
+        };
         let locks = self.client.list_locks(tino).await.map_err(err)?;
         let my_session = self.session.lock().await.as_ref().map(|s| s.id);
         for l in locks {
@@ -820,8 +1033,16 @@ impl Core {
             let overlaps = l.start < end && start < l.end;
             let writes = l.r#type == pb::LockType::LockWrite as i32 || typ == libc::F_WRLCK;
             if !mine && overlaps && writes {
-                let t = if l.r#type == pb::LockType::LockWrite as i32 { libc::F_WRLCK } else { libc::F_RDLCK };
-                let e = if l.end == u64::MAX { i64::MAX as u64 } else { l.end - 1 };
+                let t = if l.r#type == pb::LockType::LockWrite as i32 {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                };
+                let e = if l.end == u64::MAX {
+                    i64::MAX as u64
+                } else {
+                    l.end - 1
+                };
                 return Ok(Some((l.start, e, t)));
             }
         }

@@ -23,7 +23,10 @@ impl Dirty {
 
     /// End of the last positioned write.
     pub fn end(&self) -> u64 {
-        self.segments.iter().next_back().map_or(0, |(o, d)| o + d.len() as u64)
+        self.segments
+            .iter()
+            .next_back()
+            .map_or(0, |(o, d)| o + d.len() as u64)
     }
 
     /// Positioned segments: each becomes one commit.
@@ -46,7 +49,11 @@ impl Dirty {
         }
         let end = offset + data.len() as u64;
         // The common case, a sequential writer: extend the segment it ends.
-        let extends = self.segments.range(..=offset).next_back().map(|(&s, d)| (s, s + d.len() as u64));
+        let extends = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map(|(&s, d)| (s, s + d.len() as u64));
         if let Some((start, seg_end)) = extends {
             if seg_end == offset && self.segments.range(offset..end).next().is_none() {
                 if let Some(seg) = self.segments.get_mut(&start) {
@@ -106,7 +113,10 @@ impl Dirty {
 
     /// Cuts everything at and beyond `size` (a truncate).
     pub fn truncate(&mut self, size: u64) {
-        let mut kept = Dirty { appends: std::mem::take(&mut self.appends), ..Default::default() };
+        let mut kept = Dirty {
+            appends: std::mem::take(&mut self.appends),
+            ..Default::default()
+        };
         kept.bytes = kept.appends.len();
         for (s, mut d) in std::mem::take(&mut self.segments) {
             if s >= size {

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::core::{now_ns, system_time_ns, Core};
@@ -49,7 +50,10 @@ impl Filesystem for Fs {
         // these the kernel would keep them on this host only.
         let want = InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
         if let Err(missing) = config.add_capabilities(want) {
-            tracing::warn!(?missing, "kernel lacks lock capabilities; locks stay local to this host");
+            tracing::warn!(
+                ?missing,
+                "kernel lacks lock capabilities; locks stay local to this host"
+            );
         }
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -93,7 +97,17 @@ impl Filesystem for Fs {
         reply: ReplyAttr,
     ) {
         self.run(move |c| async move {
-            let r = c.setattr(ino.0, mode, uid, gid, size, atime.map(time_ns), mtime.map(time_ns)).await;
+            let r = c
+                .setattr(
+                    ino.0,
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime.map(time_ns),
+                    mtime.map(time_ns),
+                )
+                .await;
             match r {
                 Ok(a) => reply.attr(&TTL, &a),
                 Err(e) => reply.error(e),
@@ -110,14 +124,33 @@ impl Filesystem for Fs {
         });
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         if mode & libc::S_IFMT != libc::S_IFREG {
             // Devices, FIFOs and sockets have no meaning on shared storage.
             return reply.error(Errno::EPERM);
         }
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.run(move |c| async move {
-            match c.create(parent.0, &name, mode & !umask & 0o7777, libc::O_EXCL, uid, gid).await {
+            match c
+                .create(
+                    parent.0,
+                    &name,
+                    mode & !umask & 0o7777,
+                    libc::O_EXCL,
+                    uid,
+                    gid,
+                )
+                .await
+            {
                 Ok((a, fh)) => {
                     let _ = c.release(fh, None).await;
                     reply.entry(&TTL, &a, Generation(0))
@@ -127,10 +160,21 @@ impl Filesystem for Fs {
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.run(move |c| async move {
-            match c.mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid).await {
+            match c
+                .mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid)
+                .await
+            {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
                 Err(e) => reply.error(e),
             }
@@ -157,9 +201,21 @@ impl Filesystem for Fs {
         });
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         use std::os::unix::ffi::OsStrExt;
-        let (name, target, uid, gid) = (link_name.to_owned(), target.as_os_str().as_bytes().to_vec(), req.uid(), req.gid());
+        let (name, target, uid, gid) = (
+            link_name.to_owned(),
+            target.as_os_str().as_bytes().to_vec(),
+            req.uid(),
+            req.gid(),
+        );
         self.run(move |c| async move {
             match c.symlink(parent.0, &name, &target, uid, gid).await {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -185,14 +241,24 @@ impl Filesystem for Fs {
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.run(move |c| async move {
-            match c.rename(parent.0, &name, newparent.0, &newname, no_replace, exchange).await {
+            match c
+                .rename(parent.0, &name, newparent.0, &newname, no_replace, exchange)
+                .await
+            {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let newname = newname.to_owned();
         self.run(move |c| async move {
             match c.link(ino.0, newparent.0, &newname).await {
@@ -206,7 +272,11 @@ impl Filesystem for Fs {
         self.run(move |c| async move {
             match c.open(ino.0, flags.0).await {
                 Ok((fh, keep)) => {
-                    let f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    let f = if keep {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
                     reply.opened(FileHandle(fh), f)
                 }
                 Err(e) => reply.error(e),
@@ -214,11 +284,25 @@ impl Filesystem for Fs {
         });
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.run(move |c| async move {
-            match c.create(parent.0, &name, mode & !umask & 0o7777, flags, uid, gid).await {
-                Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty()),
+            match c
+                .create(parent.0, &name, mode & !umask & 0o7777, flags, uid, gid)
+                .await
+            {
+                Ok((a, fh)) => {
+                    reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(e),
             }
         });
@@ -276,7 +360,14 @@ impl Filesystem for Fs {
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.run(move |c| async move {
             let r = c.flush_fh(fh.0).await;
             // close() drops the POSIX locks its process holds on the file.
@@ -306,7 +397,14 @@ impl Filesystem for Fs {
         });
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.run(move |c| async move {
             match c.flush_fh(fh.0).await {
                 Ok(()) => reply.ok(),
@@ -324,23 +422,51 @@ impl Filesystem for Fs {
         });
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(entries) = self.core.dir_entries(fh.0) else { return reply.error(Errno::EBADF) };
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.core.dir_entries(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             use std::os::unix::ffi::OsStrExt;
-            if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, OsStr::from_bytes(name)) {
+            if reply.add(
+                INodeNo(*ino),
+                (i + 1) as u64,
+                *kind,
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.core.releasedir(fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Directory changes are committed by a Raft majority before they return.
         reply.ok();
     }
@@ -351,18 +477,43 @@ impl Filesystem for Fs {
                 Ok(s) => {
                     const BS: u64 = 4096;
                     let files = s.files.max(1);
-                    reply.statfs(s.total_bytes / BS, s.free_bytes / BS, s.free_bytes / BS, files, u64::MAX / 2 - files, BS as u32, 255, BS as u32)
+                    reply.statfs(
+                        s.total_bytes / BS,
+                        s.free_bytes / BS,
+                        s.free_bytes / BS,
+                        files,
+                        u64::MAX / 2 - files,
+                        BS as u32,
+                        255,
+                        BS as u32,
+                    )
                 }
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    fn setxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _value: &[u8], _flags: i32, _pos: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _pos: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::ENOTSUP);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::NO_XATTR);
     }
 
@@ -438,7 +589,16 @@ impl Filesystem for Fs {
         });
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         self.run(move |c| async move {
             match c.fallocate(fh.0, offset, length, mode).await {
                 Ok(()) => reply.ok(),

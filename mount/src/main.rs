@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use failsafe_client::{Client, ClientConfig};
 
-const USAGE: &str = "usage: mount.failsafe HOST:PORT[,HOST:PORT...][:/DIR] MOUNTPOINT [-f] [-o OPTIONS]
+const USAGE: &str =
+    "usage: mount.failsafe HOST:PORT[,HOST:PORT...][:/DIR] MOUNTPOINT [-f] [-o OPTIONS]
 options: zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH
          (generic options such as defaults, _netdev, noauto are accepted and ignored)";
 
@@ -60,13 +61,19 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let [spec, mountpoint] = <[String; 2]>::try_from(positional).map_err(|_| USAGE.to_string())?;
-    Ok(Args { spec: options::parse_spec(&spec)?, mountpoint: PathBuf::from(mountpoint), opts, log })
+    Ok(Args {
+        spec: options::parse_spec(&spec)?,
+        mountpoint: PathBuf::from(mountpoint),
+        opts,
+        log,
+    })
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,failsafe_mount=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,failsafe_mount=info".into()),
         )
         .with_ansi(false)
         .with_writer(std::io::stderr)
@@ -96,12 +103,23 @@ fn preflight(args: &Args) -> Result<(), String> {
     if !Path::new("/dev/fuse").exists() {
         return Err("/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a container, pass the device in".into());
     }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-        return Err(format!("cannot open /dev/fuse ({e}): run as root, or install fuse3 and give the user access"));
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Err(format!(
+            "cannot open /dev/fuse ({e}): run as root, or install fuse3 and give the user access"
+        ));
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && which("fusermount3").is_none() && which("fusermount").is_none() {
-        return Err("not root and no fusermount3 found: run as root, or install the fuse3 package".into());
+    if unsafe { libc::geteuid() } != 0
+        && which("fusermount3").is_none()
+        && which("fusermount").is_none()
+    {
+        return Err(
+            "not root and no fusermount3 found: run as root, or install the fuse3 package".into(),
+        );
     }
     clear_stale_mount(&args.mountpoint);
     match std::fs::metadata(&args.mountpoint) {
@@ -112,7 +130,11 @@ fn preflight(args: &Args) -> Result<(), String> {
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(bin)).find(|p| p.exists())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.exists())
 }
 
 /// A mount left by a crashed mount.failsafe answers ENOTCONN; detach it.
@@ -136,19 +158,24 @@ fn detach(mountpoint: &Path) {
 }
 
 fn is_mounted(mountpoint: &Path) -> bool {
-    let Ok(canon) = mountpoint.canonicalize() else { return false };
+    let Ok(canon) = mountpoint.canonicalize() else {
+        return false;
+    };
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         let (_, target, fstype) = (f.next(), f.next(), f.next());
-        target.map(|t| t.replace("\\040", " ")) == Some(canon.display().to_string()) && fstype.is_some_and(|t| t.starts_with("fuse"))
+        target.map(|t| t.replace("\\040", " ")) == Some(canon.display().to_string())
+            && fstype.is_some_and(|t| t.starts_with("fuse"))
     })
 }
 
 /// The mount helper returns once the directory is mounted; a copy of
 /// itself in the foreground keeps serving it.
 fn background(args: &Args) -> i32 {
-    let Ok(exe) = std::env::current_exe() else { return 1 };
+    let Ok(exe) = std::env::current_exe() else {
+        return 1;
+    };
     let mut argv: Vec<String> = std::env::args().skip(1).collect();
     argv.push("-f".into());
     let mut child = match std::process::Command::new(exe)
@@ -184,8 +211,14 @@ fn background(args: &Args) -> i32 {
 /// that ran `mount`.
 fn redirect_logs(log: Option<&Path>) {
     use std::os::fd::AsRawFd;
-    let path = log.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/dev/null"));
-    if let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+    let path = log
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/dev/null"));
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
         // SAFETY: duplicating a valid descriptor onto stdout and stderr.
         unsafe {
             libc::dup2(f.as_raw_fd(), 1);
@@ -211,13 +244,18 @@ fn serve(args: Args) -> Result<(), String> {
         ..ClientConfig::default()
     };
     let (client, root) = rt.block_on(async {
-        let client = Client::connect(cfg).await.map_err(|e| format!("cannot reach the cluster: {e}"))?;
+        let client = Client::connect(cfg)
+            .await
+            .map_err(|e| format!("cannot reach the cluster: {e}"))?;
         if let Ok(s) = client.status().await {
             client.learn_members(s.hosts.into_iter().map(|h| h.addr));
         }
         let mut ino = failsafe_core::ROOT_INO;
         for part in args.spec.subdir.split('/').filter(|p| !p.is_empty()) {
-            let a = client.lookup(ino, part.as_bytes()).await.map_err(|e| format!("{}: {e}", args.spec.subdir))?;
+            let a = client
+                .lookup(ino, part.as_bytes())
+                .await
+                .map_err(|e| format!("{}: {e}", args.spec.subdir))?;
             if a.kind != failsafe_client::pb::FileKind::KindDir as i32 {
                 return Err(format!("{} is not a directory", args.spec.subdir));
             }
@@ -225,7 +263,10 @@ fn serve(args: Args) -> Result<(), String> {
         }
         Ok::<_, String>((client, ino))
     })?;
-    let cache_dir = args.opts.cache_dir.join(format!("{}-{}", client.cluster_id(), std::process::id()));
+    let cache_dir =
+        args.opts
+            .cache_dir
+            .join(format!("{}-{}", client.cluster_id(), std::process::id()));
     let cache = cache::BlockCache::open(&cache_dir, args.opts.cache_bytes)
         .map_err(|e| format!("cache_dir {}: {e}", cache_dir.display()))?;
     // Hosts come and go (added, moved, migrated): keep learning them, so the
@@ -240,7 +281,10 @@ fn serve(args: Args) -> Result<(), String> {
         }
     });
     let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
-    let fs = fs::Fs { core: core.clone(), rt: rt.handle().clone() };
+    let fs = fs::Fs {
+        core: core.clone(),
+        rt: rt.handle().clone(),
+    };
 
     let mut config = fuser::Config::default();
     let source = format!("{}:{}", args.spec.hosts.join(","), args.spec.subdir);
@@ -267,7 +311,11 @@ fn serve(args: Args) -> Result<(), String> {
     let mut unmounter = session.unmount_callable();
     let mountpoint = args.mountpoint.clone();
     rt.spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -280,7 +328,8 @@ fn serve(args: Args) -> Result<(), String> {
     });
     let served = session.run();
     // Stored before exit: anything a close() already acknowledged is durable.
-    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), core.close_session()).await }).ok();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), core.close_session()).await })
+        .ok();
     tracing::info!("unmounted");
     served.map_err(|e| format!("serving the mount: {e}"))
 }

@@ -44,9 +44,16 @@ pub fn parse_spec(spec: &str) -> Result<MountSpec, String> {
         Some(i) => (&spec[..i], &spec[i + 1..]),
         None => (spec, "/"),
     };
-    let hosts: Vec<String> = hosts.split(',').map(str::trim).filter(|h| !h.is_empty()).map(String::from).collect();
+    let hosts: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .collect();
     if hosts.is_empty() {
-        return Err(format!("{spec:?}: no cluster hosts (expected host:port[,host:port...][:/dir])"));
+        return Err(format!(
+            "{spec:?}: no cluster hosts (expected host:port[,host:port...][:/dir])"
+        ));
     }
     for h in &hosts {
         let port = h.rsplit_once(':').map(|(_, p)| p);
@@ -55,9 +62,14 @@ pub fn parse_spec(spec: &str) -> Result<MountSpec, String> {
         }
     }
     if subdir.split('/').any(|c| c == "..") {
-        return Err(format!("{subdir:?}: '..' is not allowed in the mounted path"));
+        return Err(format!(
+            "{subdir:?}: '..' is not allowed in the mounted path"
+        ));
     }
-    Ok(MountSpec { hosts, subdir: subdir.to_string() })
+    Ok(MountSpec {
+        hosts,
+        subdir: subdir.to_string(),
+    })
 }
 
 fn parse_bytes(v: &str) -> Result<u64, String> {
@@ -69,7 +81,9 @@ fn parse_bytes(v: &str) -> Result<u64, String> {
         Some((i, 't' | 'T')) => (&v[..i], 1 << 40),
         _ => (v, 1),
     };
-    num.parse::<u64>().map(|n| n.saturating_mul(mult)).map_err(|_| format!("{v:?} is not a size (like 512M or 2G)"))
+    num.parse::<u64>()
+        .map(|n| n.saturating_mul(mult))
+        .map_err(|_| format!("{v:?} is not a size (like 512M or 2G)"))
 }
 
 /// `-o` options, comma-separated. Generic mount options that mean nothing to
@@ -80,21 +94,44 @@ pub fn parse_options(list: &str, opts: &mut Options) -> Result<(), String> {
             Some((k, v)) => (k, Some(v)),
             None => (item, None),
         };
-        let need = |v: Option<&str>| v.map(str::to_string).ok_or_else(|| format!("option {key} needs a value"));
+        let need = |v: Option<&str>| {
+            v.map(str::to_string)
+                .ok_or_else(|| format!("option {key} needs a value"))
+        };
         match key {
             "zone" => opts.zone = Some(need(value)?),
             "cache_dir" => opts.cache_dir = PathBuf::from(need(value)?),
             "cache_size" => opts.cache_bytes = parse_bytes(&need(value)?)?,
             "timeout" => {
-                let ms: u64 = need(value)?.parse().map_err(|_| "timeout is in milliseconds".to_string())?;
+                let ms: u64 = need(value)?
+                    .parse()
+                    .map_err(|_| "timeout is in milliseconds".to_string())?;
                 opts.rpc_timeout = Duration::from_millis(ms.max(50));
             }
             "allow_other" => opts.allow_other = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
             "foreground" => opts.foreground = true,
-            "defaults" | "auto" | "noauto" | "_netdev" | "nofail" | "user" | "users" | "nouser" | "exec" | "noexec"
-            | "suid" | "nosuid" | "dev" | "nodev" | "async" | "sync" | "atime" | "noatime" | "relatime" | "default_permissions" => {}
+            "defaults"
+            | "auto"
+            | "noauto"
+            | "_netdev"
+            | "nofail"
+            | "user"
+            | "users"
+            | "nouser"
+            | "exec"
+            | "noexec"
+            | "suid"
+            | "nosuid"
+            | "dev"
+            | "nodev"
+            | "async"
+            | "sync"
+            | "atime"
+            | "noatime"
+            | "relatime"
+            | "default_permissions" => {}
             k if k.starts_with("x-") || k == "comment" => {}
             _ => return Err(format!("unknown mount option {item:?}")),
         }

@@ -30,7 +30,10 @@ impl Record {
         self.ops += 1;
         let took = started.elapsed();
         if took > Duration::from_millis(1500) {
-            eprintln!("slow: {what} took {took:?}, ended {:?}", std::time::SystemTime::now());
+            eprintln!(
+                "slow: {what} took {took:?}, ended {:?}",
+                std::time::SystemTime::now()
+            );
         }
         if took > self.longest {
             self.longest = took;
@@ -52,7 +55,8 @@ fn editor(root: PathBuf, who: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Recor
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
         let page = format!("p{who}-{}", seq % 4);
-        let content = format!("page {page} revision {seq} by editor {who}\n").repeat(1 + (seq % 7) as usize * 50);
+        let content = format!("page {page} revision {seq} by editor {who}\n")
+            .repeat(1 + (seq % 7) as usize * 50);
         let tmp = root.join(format!(".{page}.tmp"));
         let started = Instant::now();
         let saved = (|| -> std::io::Result<()> {
@@ -71,7 +75,10 @@ fn editor(root: PathBuf, who: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Recor
         let line = format!("{who} {seq} {page}\n");
         let started = Instant::now();
         let appended = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new().append(true).create(true).open(root.join("changes.log"))?;
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(root.join("changes.log"))?;
             f.write_all(line.as_bytes())?;
             f.sync_all()
         })();
@@ -96,9 +103,13 @@ fn reader(root: PathBuf, other: usize, stop: Arc<AtomicBool>, rec: Arc<Mutex<Rec
         let mut r = rec.lock().unwrap();
         if let Some(text) = r.op(&format!("read {page}"), read, started) {
             let first = text.lines().next().unwrap_or("");
-            let well_formed = first.starts_with(&format!("page {page} revision")) && text.lines().all(|l| l == first);
+            let well_formed = first.starts_with(&format!("page {page} revision"))
+                && text.lines().all(|l| l == first);
             if !text.is_empty() && !well_formed {
-                r.failures.push(format!("read {page}: torn or foreign content {:?}", &text[..text.len().min(80)]));
+                r.failures.push(format!(
+                    "read {page}: torn or foreign content {:?}",
+                    &text[..text.len().min(80)]
+                ));
             }
         }
         drop(r);
@@ -135,7 +146,10 @@ async fn t40_wiki_saves_and_reads_go_on_while_each_host_fails_in_turn() {
         settle(5).await;
         env.cluster.restart(h, true).unwrap();
         settle(4).await;
-        eprintln!("host {h}: SIGSTOP for 10 s at {:?}", std::time::SystemTime::now());
+        eprintln!(
+            "host {h}: SIGSTOP for 10 s at {:?}",
+            std::time::SystemTime::now()
+        );
         env.cluster.freeze(h);
         settle(10).await;
         env.cluster.thaw(h);
@@ -156,19 +170,31 @@ async fn t40_wiki_saves_and_reads_go_on_while_each_host_fails_in_turn() {
         rec.longest,
         rec.longest_what
     );
-    assert!(rec.failures.is_empty(), "failed operations: {:#?}", rec.failures);
+    assert!(
+        rec.failures.is_empty(),
+        "failed operations: {:#?}",
+        rec.failures
+    );
     assert!(rec.saved.len() == 8, "both editors saved all their pages");
 
     // Every acknowledged save reads back intact, from both mounts.
     for m in &env.mounts {
         for (page, content) in &rec.saved {
             let got = fs::read_to_string(m.p(page)).unwrap();
-            assert!(got == *content, "{page} on {} is not the last acknowledged save", m.path.display());
+            assert!(
+                got == *content,
+                "{page} on {} is not the last acknowledged save",
+                m.path.display()
+            );
         }
         let log = fs::read_to_string(m.p("changes.log")).unwrap();
         let lines: Vec<&str> = log.lines().collect();
         for l in &rec.logged {
-            assert_eq!(lines.iter().filter(|x| *x == l).count(), 1, "change-log line {l:?} exactly once");
+            assert_eq!(
+                lines.iter().filter(|x| *x == l).count(),
+                1,
+                "change-log line {l:?} exactly once"
+            );
         }
     }
     drop(rec);
@@ -183,14 +209,20 @@ async fn t41_without_a_majority_reads_go_on_writes_fail_cleanly_and_recover() {
     env.cluster.kill(1);
     env.cluster.kill(2);
     // Reads of reachable data go on.
-    assert_eq!(fs::read(m.join("page.txt")).unwrap(), b"readable in limp mode");
+    assert_eq!(
+        fs::read(m.join("page.txt")).unwrap(),
+        b"readable in limp mode"
+    );
     assert!(fs::read_dir(&m).unwrap().count() >= 1);
     // Writes fail with EIO after a bounded wait, not never.
     let started = Instant::now();
     let r = fs::write(m.join("new.txt"), b"x");
     let waited = started.elapsed();
     assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
-    assert!(waited < Duration::from_secs(60), "bounded wait, took {waited:?}");
+    assert!(
+        waited < Duration::from_secs(60),
+        "bounded wait, took {waited:?}"
+    );
     eprintln!("write without a majority failed after {waited:?}");
     // The cluster comes back; the same mount recovers by itself.
     env.cluster.restart(1, true).unwrap();

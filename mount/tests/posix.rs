@@ -16,7 +16,15 @@ fn c(p: &Path) -> CString {
 
 fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> i32 {
     // SAFETY: valid C strings; AT_FDCWD.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, c(from).as_ptr(), libc::AT_FDCWD, c(to).as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(from).as_ptr(),
+            libc::AT_FDCWD,
+            c(to).as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         0
     } else {
@@ -32,27 +40,51 @@ async fn t10_posix_behaviour() {
     // create, write, read, O_EXCL, O_TRUNC, O_APPEND
     fs::write(m.p("page.txt"), b"first version\n").unwrap();
     assert_eq!(fs::read(m.p("page.txt")).unwrap(), b"first version\n");
-    assert_eq!(errno_of(OpenOptions::new().write(true).create_new(true).open(m.p("page.txt"))), libc::EEXIST);
+    assert_eq!(
+        errno_of(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.p("page.txt"))
+        ),
+        libc::EEXIST
+    );
     fs::write(m.p("page.txt"), b"short").unwrap();
     assert_eq!(fs::read(m.p("page.txt")).unwrap(), b"short");
-    let mut log = OpenOptions::new().append(true).create(true).open(m.p("changes.log")).unwrap();
+    let mut log = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(m.p("changes.log"))
+        .unwrap();
     log.write_all(b"one\n").unwrap();
     drop(log);
-    let mut log = OpenOptions::new().append(true).open(m.p("changes.log")).unwrap();
+    let mut log = OpenOptions::new()
+        .append(true)
+        .open(m.p("changes.log"))
+        .unwrap();
     log.write_all(b"two\n").unwrap();
     log.sync_all().unwrap();
     drop(log);
     assert_eq!(fs::read(m.p("changes.log")).unwrap(), b"one\ntwo\n");
 
     // read/write at offsets, within one open file
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.p("rw.bin")).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("rw.bin"))
+        .unwrap();
     f.write_all(b"0123456789").unwrap();
     f.seek(SeekFrom::Start(3)).unwrap();
     f.write_all(b"abc").unwrap();
     f.seek(SeekFrom::Start(0)).unwrap();
     let mut s = String::new();
     f.read_to_string(&mut s).unwrap();
-    assert_eq!(s, "012abc6789", "a read sees this file's own buffered writes");
+    assert_eq!(
+        s, "012abc6789",
+        "a read sees this file's own buffered writes"
+    );
     assert_eq!(f.metadata().unwrap().len(), 10);
     f.set_len(4).unwrap();
     drop(f);
@@ -69,12 +101,20 @@ async fn t10_posix_behaviour() {
 
     // chmod, chown, utimens (exactly what was asked), truncate
     fs::set_permissions(m.p("page.txt"), fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(fs::metadata(m.p("page.txt")).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(
+        fs::metadata(m.p("page.txt")).unwrap().mode() & 0o7777,
+        0o600
+    );
     std::os::unix::fs::chown(m.p("page.txt"), Some(33), Some(33)).unwrap();
     let md = fs::metadata(m.p("page.txt")).unwrap();
     assert_eq!((md.uid(), md.gid()), (33, 33));
     let when = std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000, 123_456_789);
-    File::options().write(true).open(m.p("page.txt")).unwrap().set_times(fs::FileTimes::new().set_modified(when).set_accessed(when)).unwrap();
+    File::options()
+        .write(true)
+        .open(m.p("page.txt"))
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(when).set_accessed(when))
+        .unwrap();
     let md = fs::metadata(m.p("page.txt")).unwrap();
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 123_456_789));
     // mtime of a write comes from this host's clock
@@ -88,7 +128,10 @@ async fn t10_posix_behaviour() {
     assert_eq!(errno_of(fs::create_dir(m.p("dir"))), libc::EEXIST);
     fs::write(m.p("dir/inner"), b"i").unwrap();
     assert_eq!(errno_of(fs::remove_dir(m.p("dir"))), libc::ENOTEMPTY);
-    let mut names: Vec<String> = fs::read_dir(m.p("dir")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(m.p("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, vec!["inner"]);
     fs::remove_file(m.p("dir/inner")).unwrap();
@@ -110,15 +153,24 @@ async fn t10_posix_behaviour() {
     fs::rename(m.p("tmp"), m.p("page.txt")).unwrap();
     assert_eq!(fs::read(m.p("page.txt")).unwrap(), b"new page");
     fs::write(m.p("other"), b"other").unwrap();
-    assert_eq!(rename2(&m.p("other"), &m.p("page.txt"), libc::RENAME_NOREPLACE), libc::EEXIST);
-    assert_eq!(rename2(&m.p("other"), &m.p("page.txt"), libc::RENAME_EXCHANGE), 0);
+    assert_eq!(
+        rename2(&m.p("other"), &m.p("page.txt"), libc::RENAME_NOREPLACE),
+        libc::EEXIST
+    );
+    assert_eq!(
+        rename2(&m.p("other"), &m.p("page.txt"), libc::RENAME_EXCHANGE),
+        0
+    );
     assert_eq!(fs::read(m.p("page.txt")).unwrap(), b"other");
     assert_eq!(fs::read(m.p("other")).unwrap(), b"new page");
 
     // link, symlink, readlink
     fs::hard_link(m.p("other"), m.p("hard")).unwrap();
     assert_eq!(fs::metadata(m.p("hard")).unwrap().nlink(), 2);
-    assert_eq!(fs::metadata(m.p("hard")).unwrap().ino(), fs::metadata(m.p("other")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(m.p("hard")).unwrap().ino(),
+        fs::metadata(m.p("other")).unwrap().ino()
+    );
     std::os::unix::fs::symlink("other", m.p("sym")).unwrap();
     assert_eq!(fs::read_link(m.p("sym")).unwrap(), Path::new("other"));
     assert_eq!(fs::read(m.p("sym")).unwrap(), b"new page");
@@ -126,7 +178,10 @@ async fn t10_posix_behaviour() {
     // access, statfs, xattrs
     let path = c(&m.p("other"));
     // SAFETY: valid C string.
-    assert_eq!(unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) }, 0);
+    assert_eq!(
+        unsafe { libc::access(path.as_ptr(), libc::R_OK | libc::W_OK) },
+        0
+    );
     // SAFETY: statvfs into a zeroed struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     assert_eq!(unsafe { libc::statvfs(c(&m.path).as_ptr(), &mut st) }, 0);
@@ -134,7 +189,10 @@ async fn t10_posix_behaviour() {
     let name = CString::new("user.test").unwrap();
     // SAFETY: valid pointers and lengths.
     let r = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
-    assert_eq!((r, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENOTSUP)));
+    assert_eq!(
+        (r, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENOTSUP))
+    );
 
     // mmap reads
     fs::write(m.p("mapped"), b"mapped bytes").unwrap();
@@ -142,22 +200,40 @@ async fn t10_posix_behaviour() {
     // SAFETY: a read-only private mapping of a 12-byte file, unmapped below.
     unsafe {
         use std::os::fd::AsRawFd;
-        let p = libc::mmap(std::ptr::null_mut(), 12, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            12,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        );
         assert_ne!(p, libc::MAP_FAILED);
-        assert_eq!(std::slice::from_raw_parts(p as *const u8, 12), b"mapped bytes");
+        assert_eq!(
+            std::slice::from_raw_parts(p as *const u8, 12),
+            b"mapped bytes"
+        );
         libc::munmap(p, 12);
     }
 
     // a large file in several blocks, streamed
-    let big: Vec<u8> = (0..40u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..40u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let mut f = File::create(m.p("big.bin")).unwrap();
     for chunk in big.chunks(1 << 20) {
         f.write_all(chunk).unwrap();
     }
     f.sync_all().unwrap();
     drop(f);
-    assert_eq!(fs::metadata(m.p("big.bin")).unwrap().len(), big.len() as u64);
-    assert!(fs::read(m.p("big.bin")).unwrap() == big, "large file intact");
+    assert_eq!(
+        fs::metadata(m.p("big.bin")).unwrap().len(),
+        big.len() as u64
+    );
+    assert!(
+        fs::read(m.p("big.bin")).unwrap() == big,
+        "large file intact"
+    );
     let mut f = File::open(m.p("big.bin")).unwrap();
     f.seek(SeekFrom::Start(13 << 20)).unwrap();
     let mut part = vec![0u8; 100];
@@ -178,15 +254,26 @@ async fn t20_close_to_open_across_two_mounts() {
         drop(f);
         fs::rename(a.p("page.tmp"), a.p("page.txt")).unwrap();
         // ...and an open on host B sees it at once.
-        assert_eq!(fs::read_to_string(b.p("page.txt")).unwrap(), content, "round {round}");
+        assert_eq!(
+            fs::read_to_string(b.p("page.txt")).unwrap(),
+            content,
+            "round {round}"
+        );
         // And the other way round, for an in-place rewrite.
         fs::write(b.p("notes"), format!("b{round}")).unwrap();
-        assert_eq!(fs::read_to_string(a.p("notes")).unwrap(), format!("b{round}"));
+        assert_eq!(
+            fs::read_to_string(a.p("notes")).unwrap(),
+            format!("b{round}")
+        );
     }
     // Appends from both hosts interleave; none is lost.
     for i in 0..10 {
         for (m, who) in [(a, "a"), (b, "b")] {
-            let mut f = OpenOptions::new().append(true).create(true).open(m.p("changes.log")).unwrap();
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(m.p("changes.log"))
+                .unwrap();
             f.write_all(format!("{who}{i}\n").as_bytes()).unwrap();
         }
     }
@@ -226,7 +313,12 @@ async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let saves = writer.join().unwrap();
     eprintln!("{reads} reads during {saves} renames");
-    assert!(missing.is_empty(), "{} of {reads} reads failed: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {reads} reads failed: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -241,9 +333,24 @@ async fn t21_lock_idioms_are_atomic_across_mounts() {
         let wins = [ta.join().unwrap(), tb.join().unwrap()];
         assert_eq!(wins.iter().filter(|&&w| w).count(), 1, "mkdir race {i}");
         // O_EXCL lock file
-        let (pa, pb) = (a.join(format!("lock{i}.lck")), b.join(format!("lock{i}.lck")));
-        let ta = std::thread::spawn(move || OpenOptions::new().write(true).create_new(true).open(pa).is_ok());
-        let tb = std::thread::spawn(move || OpenOptions::new().write(true).create_new(true).open(pb).is_ok());
+        let (pa, pb) = (
+            a.join(format!("lock{i}.lck")),
+            b.join(format!("lock{i}.lck")),
+        );
+        let ta = std::thread::spawn(move || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(pa)
+                .is_ok()
+        });
+        let tb = std::thread::spawn(move || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(pb)
+                .is_ok()
+        });
         let wins = [ta.join().unwrap(), tb.join().unwrap()];
         assert_eq!(wins.iter().filter(|&&w| w).count(), 1, "O_EXCL race {i}");
     }
@@ -254,9 +361,18 @@ async fn t21_lock_idioms_are_atomic_across_mounts() {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on open descriptors.
     unsafe {
-        assert_eq!(libc::flock(fa.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), 0);
-        assert_eq!(libc::flock(fb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB), -1);
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EWOULDBLOCK));
+        assert_eq!(
+            libc::flock(fa.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            0
+        );
+        assert_eq!(
+            libc::flock(fb.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB),
+            -1
+        );
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::EWOULDBLOCK)
+        );
     }
     // A blocking flock on B is granted when A lets go.
     let waiter = std::thread::spawn(move || {
@@ -269,10 +385,21 @@ async fn t21_lock_idioms_are_atomic_across_mounts() {
     drop(fa); // closing releases the flock
     let (r, waited) = waiter.join().unwrap();
     assert_eq!(r, 0);
-    assert!(waited >= std::time::Duration::from_millis(400), "B waited for A");
+    assert!(
+        waited >= std::time::Duration::from_millis(400),
+        "B waited for A"
+    );
     // fcntl byte-range locks across mounts
-    let ga = OpenOptions::new().read(true).write(true).open(a.join("flocked")).unwrap();
-    let gb = OpenOptions::new().read(true).write(true).open(b.join("flocked")).unwrap();
+    let ga = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.join("flocked"))
+        .unwrap();
+    let gb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("flocked"))
+        .unwrap();
     let lock = |f: &File, typ: i32, start: i64, len: i64| {
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = typ as i16;
@@ -283,26 +410,56 @@ async fn t21_lock_idioms_are_atomic_across_mounts() {
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }
     };
     assert_eq!(lock(&ga, libc::F_WRLCK, 0, 100), 0);
-    assert_eq!(lock(&gb, libc::F_WRLCK, 100, 100), 0, "disjoint ranges coexist");
+    assert_eq!(
+        lock(&gb, libc::F_WRLCK, 100, 100),
+        0,
+        "disjoint ranges coexist"
+    );
     assert_eq!(lock(&gb, libc::F_WRLCK, 50, 10), -1, "overlap conflicts");
     drop(ga); // close drops A's POSIX locks
     assert_eq!(lock(&gb, libc::F_WRLCK, 50, 10), 0);
 }
 
 fn run(cmd: &str, args: &[&str], cwd: &Path) {
-    let out = std::process::Command::new(cmd).args(args).current_dir(cwd).output().expect(cmd);
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t30_tar_a_source_tree_in_and_diff_it() {
     let env = Env::start(1).await;
     let m = &env.mounts[0];
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("fsd");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("fsd");
     let tarball = env.dir.path().join("src.tar");
-    run("tar", &["-C", src.parent().unwrap().to_str().unwrap(), "-cf", tarball.to_str().unwrap(), "--exclude=target", "fsd"], env.dir.path());
+    run(
+        "tar",
+        &[
+            "-C",
+            src.parent().unwrap().to_str().unwrap(),
+            "-cf",
+            tarball.to_str().unwrap(),
+            "--exclude=target",
+            "fsd",
+        ],
+        env.dir.path(),
+    );
     run("tar", &["-xf", tarball.to_str().unwrap()], &m.path);
-    run("diff", &["-r", src.to_str().unwrap(), m.p("fsd").to_str().unwrap()], &m.path);
+    run(
+        "diff",
+        &["-r", src.to_str().unwrap(), m.p("fsd").to_str().unwrap()],
+        &m.path,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -315,10 +472,38 @@ async fn t31_git_works_inside_the_mount() {
     fs::create_dir(repo.join("pages")).unwrap();
     fs::write(repo.join("pages/start.txt"), "====== Start ======\n").unwrap();
     run("git", &["add", "-A"], &repo);
-    run("git", &["-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "first"], &repo);
+    run(
+        "git",
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "commit",
+            "-qm",
+            "first",
+        ],
+        &repo,
+    );
     fs::write(repo.join("README"), "hello again\n").unwrap();
-    run("git", &["-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qam", "second"], &repo);
-    let out = std::process::Command::new("git").args(["log", "--oneline"]).current_dir(&repo).output().unwrap();
+    run(
+        "git",
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "commit",
+            "-qam",
+            "second",
+        ],
+        &repo,
+    );
+    let out = std::process::Command::new("git")
+        .args(["log", "--oneline"])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
     run("git", &["fsck", "--strict"], &repo);
 }

@@ -45,7 +45,10 @@ pub enum StoreError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Usage of one device, as reported to the tracker.
@@ -74,7 +77,9 @@ pub enum Removal {
     Absent,
     /// Stored more recently than the minimum age asked for: kept.
     TooRecent,
-    Removed { bytes: u64 },
+    Removed {
+        bytes: u64,
+    },
 }
 
 struct Device {
@@ -109,7 +114,12 @@ impl Device {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        let dev = Device { id, root: root.to_path_buf(), used_bytes: AtomicU64::new(0), blocks: AtomicU64::new(0) };
+        let dev = Device {
+            id,
+            root: root.to_path_buf(),
+            used_bytes: AtomicU64::new(0),
+            blocks: AtomicU64::new(0),
+        };
         let (mut used, mut count) = (0, 0);
         dev.walk(|_, size| {
             used += size;
@@ -123,7 +133,11 @@ impl Device {
     /// `blocks/ab/cd/abcd…`: two fan-out levels keep directories small.
     fn block_path(&self, hash: &Hash) -> PathBuf {
         let hex = hash_hex(hash);
-        self.root.join("blocks").join(&hex[0..2]).join(&hex[2..4]).join(hex)
+        self.root
+            .join("blocks")
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(hex)
     }
 
     fn walk(&self, mut f: impl FnMut(Hash, u64)) -> Result<(), StoreError> {
@@ -132,7 +146,9 @@ impl Device {
             for l2 in fs::read_dir(l1.path()).map_err(io_err(&top))?.flatten() {
                 for file in fs::read_dir(l2.path()).map_err(io_err(&top))?.flatten() {
                     let name = file.file_name();
-                    let Some(hash) = name.to_str().and_then(parse_hex_hash) else { continue };
+                    let Some(hash) = name.to_str().and_then(parse_hex_hash) else {
+                        continue;
+                    };
                     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
                     f(hash, size);
                 }
@@ -161,7 +177,9 @@ fn write_durably(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 pub struct BlockStore {
@@ -181,7 +199,10 @@ fn sorted_names(dir: &Path) -> Result<Vec<String>, StoreError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(dir)(e)),
     };
-    let mut names: Vec<String> = entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -195,11 +216,18 @@ impl BlockStore {
             by_id.insert(dev.id, devices.len());
             devices.push(dev);
         }
-        Ok(BlockStore { devices, by_id, refresh: Mutex::new(()) })
+        Ok(BlockStore {
+            devices,
+            by_id,
+            refresh: Mutex::new(()),
+        })
     }
 
     fn device(&self, id: u64) -> Result<&Device, StoreError> {
-        self.by_id.get(&id).map(|&i| &self.devices[i]).ok_or(StoreError::NoSuchDevice(id))
+        self.by_id
+            .get(&id)
+            .map(|&i| &self.devices[i])
+            .ok_or(StoreError::NoSuchDevice(id))
     }
 
     pub fn device_ids(&self) -> Vec<u64> {
@@ -232,7 +260,10 @@ impl BlockStore {
         }
         let actual = block_hash(data);
         if &actual != hash {
-            return Err(StoreError::HashMismatch { expected: hash_hex(hash), actual: hash_hex(&actual) });
+            return Err(StoreError::HashMismatch {
+                expected: hash_hex(hash),
+                actual: hash_hex(&actual),
+            });
         }
         let dev = self.device(device_id)?;
         let path = dev.block_path(hash);
@@ -247,7 +278,10 @@ impl BlockStore {
         }
         let dir = path.parent().unwrap_or(&dev.root);
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = dev.root.join("tmp").join(format!("{}.{}", hash_hex(hash), rand::random::<u32>()));
+        let tmp =
+            dev.root
+                .join("tmp")
+                .join(format!("{}.{}", hash_hex(hash), rand::random::<u32>()));
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(data)?;
@@ -262,7 +296,8 @@ impl BlockStore {
             }
             return Err(StoreError::Io { path, source: e });
         }
-        dev.used_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        dev.used_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         dev.blocks.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -273,7 +308,9 @@ impl BlockStore {
         let dev = match device_id {
             Some(id) => self.device(id)?,
             None => {
-                let id = self.has(hash).ok_or_else(|| StoreError::NotFound(hash_hex(hash)))?;
+                let id = self
+                    .has(hash)
+                    .ok_or_else(|| StoreError::NotFound(hash_hex(hash)))?;
                 self.device(id)?
             }
         };
@@ -281,7 +318,9 @@ impl BlockStore {
         let mut data = Vec::new();
         match File::open(&path) {
             Ok(mut f) => f.read_to_end(&mut data).map_err(io_err(&path))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound(hash_hex(hash))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(hash_hex(hash)))
+            }
             Err(e) => return Err(io_err(&path)(e)),
         };
         if &block_hash(&data) != hash {
@@ -290,17 +329,26 @@ impl BlockStore {
             // out of the way reports it and counts it gone.
             if fs::rename(&path, dev.root.join("quarantine").join(&hex)).is_ok() {
                 tracing::error!(device = format!("{:#x}", dev.id), block = %hex, "corrupt block quarantined");
-                dev.used_bytes.fetch_sub((data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                dev.used_bytes.fetch_sub(
+                    (data.len() as u64).min(dev.used_bytes.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
                 dev.blocks.fetch_sub(1, Ordering::Relaxed);
             }
-            return Err(StoreError::Corrupt { device: dev.id, hash: hex });
+            return Err(StoreError::Corrupt {
+                device: dev.id,
+                hash: hex,
+            });
         }
         Ok((dev.id, data))
     }
 
     /// The device holding `hash`, if any (by presence, not verified).
     pub fn has(&self, hash: &Hash) -> Option<u64> {
-        self.devices.iter().find(|d| d.block_path(hash).exists()).map(|d| d.id)
+        self.devices
+            .iter()
+            .find(|d| d.block_path(hash).exists())
+            .map(|d| d.id)
     }
 
     /// Whether `device_id` holds `hash` (by presence, not verified).
@@ -323,7 +371,12 @@ impl BlockStore {
 
     /// Deletes block `hash` from `device_id`, unless it was stored less than
     /// `min_age` ago (a zero age deletes whatever its time).
-    pub fn delete(&self, device_id: u64, hash: &Hash, min_age: Duration) -> Result<Removal, StoreError> {
+    pub fn delete(
+        &self,
+        device_id: u64,
+        hash: &Hash,
+        min_age: Duration,
+    ) -> Result<Removal, StoreError> {
         let dev = self.device(device_id)?;
         let path = dev.block_path(hash);
         let _held = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
@@ -334,14 +387,21 @@ impl BlockStore {
         };
         if !min_age.is_zero() {
             // A time in the future (the clock stepped back) counts as new.
-            let age = meta.modified().ok().and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or_default();
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .unwrap_or_default();
             if age < min_age {
                 return Ok(Removal::TooRecent);
             }
         }
         fs::remove_file(&path).map_err(io_err(&path))?;
         let size = meta.len();
-        dev.used_bytes.fetch_sub(size.min(dev.used_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        dev.used_bytes.fetch_sub(
+            size.min(dev.used_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         dev.blocks.fetch_sub(1, Ordering::Relaxed);
         Ok(Removal::Removed { bytes: size })
     }
@@ -349,7 +409,12 @@ impl BlockStore {
     /// Up to `limit` blocks on `device_id` in hash order, starting after
     /// `after`: a walk (scrub, garbage collection) that resumes where it
     /// stopped and holds only one batch in memory.
-    pub fn list(&self, device_id: u64, after: Option<&Hash>, limit: usize) -> Result<Vec<StoredBlock>, StoreError> {
+    pub fn list(
+        &self,
+        device_id: u64,
+        after: Option<&Hash>,
+        limit: usize,
+    ) -> Result<Vec<StoredBlock>, StoreError> {
         let dev = self.device(device_id)?;
         let after = after.map(|h| hash_hex(h));
         let (a1, a2) = after.as_deref().map_or(("", ""), |a| (&a[0..2], &a[2..4]));
@@ -357,17 +422,28 @@ impl BlockStore {
         let mut out = Vec::new();
         for l1 in sorted_names(&top)?.into_iter().filter(|n| n.as_str() >= a1) {
             let d1 = top.join(&l1);
-            for l2 in sorted_names(&d1)?.into_iter().filter(|n| l1.as_str() > a1 || n.as_str() >= a2) {
+            for l2 in sorted_names(&d1)?
+                .into_iter()
+                .filter(|n| l1.as_str() > a1 || n.as_str() >= a2)
+            {
                 let d2 = d1.join(&l2);
                 for name in sorted_names(&d2)? {
                     if after.as_deref().is_some_and(|a| name.as_str() <= a) {
                         continue;
                     }
-                    let Some(hash) = parse_hex_hash(&name) else { continue };
+                    let Some(hash) = parse_hex_hash(&name) else {
+                        continue;
+                    };
                     // Gone since the directory was read: deleted meanwhile.
-                    let Ok(meta) = fs::metadata(d2.join(&name)) else { continue };
+                    let Ok(meta) = fs::metadata(d2.join(&name)) else {
+                        continue;
+                    };
                     let stored_at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    out.push(StoredBlock { hash, size: meta.len(), stored_at });
+                    out.push(StoredBlock {
+                        hash,
+                        size: meta.len(),
+                        stored_at,
+                    });
                     if out.len() >= limit {
                         return Ok(out);
                     }
@@ -409,7 +485,9 @@ mod tests {
     fn put_get_has_inventory_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), 2);
-        let [d0, d1] = s.device_ids()[..] else { panic!() };
+        let [d0, d1] = s.device_ids()[..] else {
+            panic!()
+        };
         let data = b"hello block".to_vec();
         let h = block_hash(&data);
         s.put(d1, &h, &data).unwrap();
@@ -420,7 +498,12 @@ mod tests {
         assert!(matches!(s.get(&h, Some(d0)), Err(StoreError::NotFound(_))));
         assert_eq!(s.inventory(None).unwrap(), vec![(h, data.len() as u64, d1)]);
         assert_eq!(s.usage().iter().map(|u| u.blocks).sum::<u64>(), 1);
-        assert_eq!(s.delete(d1, &h, Duration::ZERO).unwrap(), Removal::Removed { bytes: data.len() as u64 });
+        assert_eq!(
+            s.delete(d1, &h, Duration::ZERO).unwrap(),
+            Removal::Removed {
+                bytes: data.len() as u64
+            }
+        );
         assert_eq!(s.delete(d1, &h, Duration::ZERO).unwrap(), Removal::Absent);
         assert_eq!(s.has(&h), None);
     }
@@ -435,14 +518,33 @@ mod tests {
         s.put(d, &h, &data).unwrap();
         let path = s.block_path(d, &h).unwrap();
         let old = SystemTime::now() - Duration::from_secs(3600);
-        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         // A put of a block already there makes it young again.
         s.put(d, &h, &data).unwrap();
-        assert_eq!(s.delete(d, &h, Duration::from_secs(60)).unwrap(), Removal::TooRecent);
-        File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        assert_eq!(
+            s.delete(d, &h, Duration::from_secs(60)).unwrap(),
+            Removal::TooRecent
+        );
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         assert_eq!(s.list(d, None, 10).unwrap()[0].stored_at, old);
-        assert!(matches!(s.delete(d, &h, Duration::from_secs(60)).unwrap(), Removal::Removed { .. }));
-        assert_eq!(s.get(&h, Some(d)).unwrap_err().to_string(), StoreError::NotFound(hash_hex(&h)).to_string());
+        assert!(matches!(
+            s.delete(d, &h, Duration::from_secs(60)).unwrap(),
+            Removal::Removed { .. }
+        ));
+        assert_eq!(
+            s.get(&h, Some(d)).unwrap_err().to_string(),
+            StoreError::NotFound(hash_hex(&h)).to_string()
+        );
     }
 
     #[test]
@@ -505,6 +607,10 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         assert!(matches!(s.get(&h, None), Err(StoreError::Corrupt { device, .. }) if device == d));
         assert_eq!(s.has(&h), None);
-        assert!(dir.path().join("dev0/quarantine").join(hash_hex(&h)).exists());
+        assert!(dir
+            .path()
+            .join("dev0/quarantine")
+            .join(hash_hex(&h))
+            .exists());
     }
 }

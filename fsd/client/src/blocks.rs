@@ -18,13 +18,24 @@ const STRAGGLER_GRACE: Duration = Duration::from_millis(200);
 
 impl Client {
     /// Stores one block on one device.
-    pub async fn put_block(&self, addr: &str, device_id: u64, data: &[u8]) -> Result<(), tonic::Status> {
+    pub async fn put_block(
+        &self,
+        addr: &str,
+        device_id: u64,
+        data: &[u8],
+    ) -> Result<(), tonic::Status> {
         let hash = block_hash(data).to_vec();
         let header = self.header();
         let size = data.len() as u64;
         let mut chunks: Vec<pb::PutChunk> = data
             .chunks(CHUNK)
-            .map(|c| pb::PutChunk { header: None, hash: Vec::new(), device_id: 0, size: 0, data: c.to_vec() })
+            .map(|c| pb::PutChunk {
+                header: None,
+                hash: Vec::new(),
+                device_id: 0,
+                size: 0,
+                data: c.to_vec(),
+            })
             .collect();
         if chunks.is_empty() {
             chunks.push(pb::PutChunk::default());
@@ -33,7 +44,9 @@ impl Client {
         chunks[0].hash = hash;
         chunks[0].device_id = device_id;
         chunks[0].size = size;
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let mut req = tonic::Request::new(tokio_stream::iter(chunks));
         req.set_timeout(self.inner.cfg.block_timeout);
         let started = std::time::Instant::now();
@@ -46,22 +59,37 @@ impl Client {
             }
             Err(_) => {
                 self.record_timeout(addr);
-                Err(tonic::Status::cancelled(format!("block put to {addr} timed out")))
+                Err(tonic::Status::cancelled(format!(
+                    "block put to {addr} timed out"
+                )))
             }
         }
     }
 
     /// Reads one block from one device and checks it against its name.
-    pub async fn get_block(&self, addr: &str, device_id: u64, hash: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::GetRequest { header: self.header(), hash: hash.to_vec(), device_id });
+    pub async fn get_block(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::GetRequest {
+            header: self.header(),
+            hash: hash.to_vec(),
+            device_id,
+        });
         req.set_timeout(self.inner.cfg.block_timeout);
         let fetch = async {
             let mut stream = blocks.get(req).await?.into_inner();
             let mut data = Vec::new();
             while let Some(chunk) = stream.message().await? {
                 if data.len() + chunk.data.len() > MAX_BLOCK_BYTES {
-                    return Err(tonic::Status::out_of_range("block larger than the block limit"));
+                    return Err(tonic::Status::out_of_range(
+                        "block larger than the block limit",
+                    ));
                 }
                 data.extend_from_slice(&chunk.data);
             }
@@ -72,34 +100,58 @@ impl Client {
             Ok(r) => r?,
             Err(_) => {
                 self.record_timeout(addr);
-                return Err(tonic::Status::cancelled(format!("block get from {addr} timed out")));
+                return Err(tonic::Status::cancelled(format!(
+                    "block get from {addr} timed out"
+                )));
             }
         };
         self.record_ok(addr, started.elapsed());
         if block_hash(&data)[..] != hash[..] {
-            return Err(tonic::Status::data_loss(format!("block {} from {addr} does not match its hash", hash_hex(hash))));
+            return Err(tonic::Status::data_loss(format!(
+                "block {} from {addr} does not match its hash",
+                hash_hex(hash)
+            )));
         }
         Ok(data)
     }
 
     /// Which of `hashes` device `device_id` at `addr` holds (by presence).
-    pub async fn has_blocks(&self, addr: &str, device_id: u64, hashes: &[Vec<u8>]) -> Result<Vec<bool>, tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let mut req = tonic::Request::new(pb::HasRequest { header: self.header(), hashes: hashes.to_vec(), device_id });
+    pub async fn has_blocks(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hashes: &[Vec<u8>],
+    ) -> Result<Vec<bool>, tonic::Status> {
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::HasRequest {
+            header: self.header(),
+            hashes: hashes.to_vec(),
+            device_id,
+        });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
         let reply = match tokio::time::timeout(timeout, blocks.has(req)).await {
             Ok(r) => r?.into_inner(),
             Err(_) => {
                 self.record_timeout(addr);
-                return Err(tonic::Status::cancelled(format!("block lookup at {addr} timed out")));
+                return Err(tonic::Status::cancelled(format!(
+                    "block lookup at {addr} timed out"
+                )));
             }
         };
         if reply.device_ids.len() != hashes.len() {
             let (got, asked) = (reply.device_ids.len(), hashes.len());
-            return Err(tonic::Status::internal(format!("{addr} answered for {got} of {asked} blocks")));
+            return Err(tonic::Status::internal(format!(
+                "{addr} answered for {got} of {asked} blocks"
+            )));
         }
-        Ok(reply.device_ids.into_iter().map(|d| d == device_id).collect())
+        Ok(reply
+            .device_ids
+            .into_iter()
+            .map(|d| d == device_id)
+            .collect())
     }
 
     /// Deletes one block from one device, unless it was stored there less
@@ -112,38 +164,83 @@ impl Client {
         hash: &[u8],
         min_age: Duration,
     ) -> Result<pb::DeleteReply, tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let min_age_ms = min_age.as_millis().min(u128::from(u64::MAX)) as u64;
-        let mut req = tonic::Request::new(pb::DeleteRequest { header: self.header(), hash: hash.to_vec(), device_id, min_age_ms });
+        let mut req = tonic::Request::new(pb::DeleteRequest {
+            header: self.header(),
+            hash: hash.to_vec(),
+            device_id,
+            min_age_ms,
+        });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, blocks.delete(req)).await {
             Ok(r) => r.map(tonic::Response::into_inner),
             Err(_) => {
                 self.record_timeout(addr);
-                Err(tonic::Status::cancelled(format!("block delete at {addr} timed out")))
+                Err(tonic::Status::cancelled(format!(
+                    "block delete at {addr} timed out"
+                )))
             }
         }
     }
 
     /// The rsync signature of a block on `device_id` at `addr`.
-    pub async fn block_signature(&self, addr: &str, device_id: u64, hash: &[u8]) -> Result<Vec<u8>, tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let req = self.block_request(pb::SignatureRequest { header: self.header(), hash: hash.to_vec(), device_id });
-        Ok(self.within(addr, "signature", blocks.signature(req)).await?.signature)
+    pub async fn block_signature(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let req = self.block_request(pb::SignatureRequest {
+            header: self.header(),
+            hash: hash.to_vec(),
+            device_id,
+        });
+        Ok(self
+            .within(addr, "signature", blocks.signature(req))
+            .await?
+            .signature)
     }
 
     /// The delta from the block behind `signature` to block `hash` at `addr`.
-    pub async fn block_delta(&self, addr: &str, device_id: u64, hash: &[u8], signature: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let req = self.block_request(pb::DeltaRequest { header: self.header(), hash: hash.to_vec(), device_id, signature });
+    pub async fn block_delta(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+        signature: Vec<u8>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        let req = self.block_request(pb::DeltaRequest {
+            header: self.header(),
+            hash: hash.to_vec(),
+            device_id,
+            signature,
+        });
         Ok(self.within(addr, "delta", blocks.delta(req)).await?.delta)
     }
 
     /// Stores block `hash` on `device_id` at `addr` by applying `delta` to
     /// the block `base` it holds there (refused unless the result has the hash).
-    pub async fn put_delta(&self, addr: &str, device_id: u64, hash: &[u8], base: &[u8], delta: Vec<u8>) -> Result<(), tonic::Status> {
-        let mut blocks = self.blocks(addr).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+    pub async fn put_delta(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+        base: &[u8],
+        delta: Vec<u8>,
+    ) -> Result<(), tonic::Status> {
+        let mut blocks = self
+            .blocks(addr)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let req = self.block_request(pb::PutDeltaRequest {
             header: self.header(),
             hash: hash.to_vec(),
@@ -151,7 +248,8 @@ impl Client {
             base: base.to_vec(),
             delta,
         });
-        self.within(addr, "delta put", blocks.put_delta(req)).await?;
+        self.within(addr, "delta put", blocks.put_delta(req))
+            .await?;
         Ok(())
     }
 
@@ -177,17 +275,25 @@ impl Client {
             }
             Err(_) => {
                 self.record_timeout(addr);
-                Err(tonic::Status::cancelled(format!("block {what} at {addr} timed out")))
+                Err(tonic::Status::cancelled(format!(
+                    "block {what} at {addr} timed out"
+                )))
             }
         }
     }
 
     /// Writes blocks to the devices the tracker places them on. Returns, per
     /// block, the devices that hold it once at least the write quorum has it.
-    pub async fn put_blocks(&self, blocks: &[Vec<u8>]) -> Result<Vec<pb::BlockCopies>, ClientError> {
+    pub async fn put_blocks(
+        &self,
+        blocks: &[Vec<u8>],
+    ) -> Result<Vec<pb::BlockCopies>, ClientError> {
         for b in blocks {
             if b.len() > MAX_BLOCK_BYTES {
-                return Err(ClientError::Invalid(format!("block of {} bytes over the limit", b.len())));
+                return Err(ClientError::Invalid(format!(
+                    "block of {} bytes over the limit",
+                    b.len()
+                )));
             }
         }
         let hashes: Vec<Vec<u8>> = blocks.iter().map(|b| block_hash(b).to_vec()).collect();
@@ -195,20 +301,38 @@ impl Client {
         // Ask for spares: if a chosen device fails, the next one takes its copy.
         // Placement is a pure function of the layout: any member's view will
         // do, so a leader election does not hold up block writes.
-        let place = Query::Place(pb::Place { hashes: hashes.clone(), copies: copies_wanted + 2 });
+        let place = Query::Place(pb::Place {
+            hashes: hashes.clone(),
+            copies: copies_wanted + 2,
+        });
         let placement = match self.query_available(place).await? {
             Reply::Placement(p) => p,
-            _ => return Err(ClientError::Unavailable("unexpected reply to placement".into())),
+            _ => {
+                return Err(ClientError::Unavailable(
+                    "unexpected reply to placement".into(),
+                ))
+            }
         };
-        let addrs: HashMap<u64, String> = placement.devices.iter().map(|d| (d.device_id, d.addr.clone())).collect();
+        let addrs: HashMap<u64, String> = placement
+            .devices
+            .iter()
+            .map(|d| (d.device_id, d.addr.clone()))
+            .collect();
         let quorum = placement.write_quorum.max(1) as usize;
         let mut out = Vec::with_capacity(blocks.len());
         for ((data, hash), choice) in blocks.iter().zip(&hashes).zip(&placement.choices) {
-            let targets: Vec<(u64, String)> =
-                choice.device_ids.iter().filter_map(|d| addrs.get(d).map(|a| (*d, a.clone()))).collect();
+            let targets: Vec<(u64, String)> = choice
+                .device_ids
+                .iter()
+                .filter_map(|d| addrs.get(d).map(|a| (*d, a.clone())))
+                .collect();
             let want = (copies_wanted as usize).min(targets.len());
             let devices = self.put_to_quorum(data, &targets, want, quorum).await?;
-            out.push(pb::BlockCopies { hash: hash.clone(), size: data.len() as u64, device_ids: devices });
+            out.push(pb::BlockCopies {
+                hash: hash.clone(),
+                size: data.len() as u64,
+                device_ids: devices,
+            });
         }
         Ok(out)
     }
@@ -230,7 +354,8 @@ impl Client {
                 (dev, addr, r)
             }
         };
-        let mut running: FuturesUnordered<_> = targets.iter().take(want).cloned().map(start).collect();
+        let mut running: FuturesUnordered<_> =
+            targets.iter().take(want).cloned().map(start).collect();
         let mut acked = Vec::new();
         let mut last_error = String::from("no devices to write to");
         let mut grace: Option<tokio::time::Instant> = None;
@@ -261,7 +386,11 @@ impl Client {
             }
         }
         if acked.len() < quorum {
-            return Err(ClientError::Quorum { acked: acked.len(), needed: quorum, last_error });
+            return Err(ClientError::Quorum {
+                acked: acked.len(),
+                needed: quorum,
+                last_error,
+            });
         }
         if !running.is_empty() {
             // Copies still in flight finish in the background and are recorded
@@ -270,10 +399,16 @@ impl Client {
             let hash = block_hash(&data).to_vec();
             let size = data.len() as u64;
             tokio::spawn(async move {
-                let late: Vec<u64> =
-                    running.filter_map(|(dev, _, r)| async move { r.ok().map(|()| dev) }).collect().await;
+                let late: Vec<u64> = running
+                    .filter_map(|(dev, _, r)| async move { r.ok().map(|()| dev) })
+                    .collect()
+                    .await;
                 if !late.is_empty() {
-                    let copies = vec![pb::BlockCopies { hash, size, device_ids: late }];
+                    let copies = vec![pb::BlockCopies {
+                        hash,
+                        size,
+                        device_ids: late,
+                    }];
                     let op = pb::command::Op::RecordCopies(pb::RecordCopies { copies });
                     if let Err(e) = client.mutate(op).await {
                         tracing::warn!(error = %e, "recording late block copies failed");
@@ -295,7 +430,12 @@ impl Client {
         let mut extents = Vec::with_capacity(blocks.len());
         let mut at = offset;
         for (b, c) in blocks.iter().zip(&copies) {
-            extents.push(pb::Extent { offset: at, length: b.len() as u64, hash: c.hash.clone(), block_offset: 0 });
+            extents.push(pb::Extent {
+                offset: at,
+                length: b.len() as u64,
+                hash: c.hash.clone(),
+                block_offset: 0,
+            });
             at += b.len() as u64;
         }
         self.commit_extents(ino, extents, copies).await
@@ -310,11 +450,14 @@ impl Client {
             return Ok(Vec::new());
         }
         let mut out = vec![0u8; (end - offset) as usize];
-        let copies: HashMap<&[u8], &pb::BlockCopies> = fe.copies.iter().map(|c| (c.hash.as_slice(), c)).collect();
+        let copies: HashMap<&[u8], &pb::BlockCopies> =
+            fe.copies.iter().map(|c| (c.hash.as_slice(), c)).collect();
         let mut cache: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         for e in &fe.extents {
             if !cache.contains_key(&e.hash) {
-                let devices = copies.get(e.hash.as_slice()).map_or(&[][..], |c| c.device_ids.as_slice());
+                let devices = copies
+                    .get(e.hash.as_slice())
+                    .map_or(&[][..], |c| c.device_ids.as_slice());
                 let data = self.read_block(&e.hash, devices, &fe.devices).await?;
                 cache.insert(e.hash.clone(), data);
             }
@@ -326,10 +469,12 @@ impl Client {
             }
             let b0 = (e.block_offset + (from - e.offset)) as usize;
             let b1 = b0 + (to - from) as usize;
-            let src = block.get(b0..b1).ok_or_else(|| ClientError::BlockUnreadable {
-                hash: hash_hex(&e.hash),
-                last_error: "extent reaches past the end of its block".into(),
-            })?;
+            let src = block
+                .get(b0..b1)
+                .ok_or_else(|| ClientError::BlockUnreadable {
+                    hash: hash_hex(&e.hash),
+                    last_error: "extent reaches past the end of its block".into(),
+                })?;
             out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
         }
         Ok(out)
@@ -346,16 +491,23 @@ impl Client {
         device_ids: &[u64],
         locations: &[pb::DeviceLocation],
     ) -> Result<Vec<u8>, ClientError> {
-        let mut candidates: Vec<&pb::DeviceLocation> =
-            locations.iter().filter(|l| device_ids.contains(&l.device_id)).collect();
+        let mut candidates: Vec<&pb::DeviceLocation> = locations
+            .iter()
+            .filter(|l| device_ids.contains(&l.device_id))
+            .collect();
         let zone = self.inner.cfg.zone.as_deref();
         candidates.sort_by_key(|l| {
-            (self.is_suspect(&l.addr), Some(l.zone.as_str()) != zone, self.rtt(&l.addr).unwrap_or(Duration::from_millis(50)))
+            (
+                self.is_suspect(&l.addr),
+                Some(l.zone.as_str()) != zone,
+                self.rtt(&l.addr).unwrap_or(Duration::from_millis(50)),
+            )
         });
         let mut pending = candidates.into_iter();
         let mut running = FuturesUnordered::new();
         let fetch = |l: &pb::DeviceLocation| {
-            let (client, addr, dev, hash) = (self.clone(), l.addr.clone(), l.device_id, hash.to_vec());
+            let (client, addr, dev, hash) =
+                (self.clone(), l.addr.clone(), l.device_id, hash.to_vec());
             async move {
                 let r = client.get_block(&addr, dev, &hash).await;
                 (addr, r)
@@ -404,7 +556,10 @@ impl Client {
                 }
             }
         }
-        Err(ClientError::BlockUnreadable { hash: hash_hex(hash), last_error })
+        Err(ClientError::BlockUnreadable {
+            hash: hash_hex(hash),
+            last_error,
+        })
     }
 
     /// How long a block read waits for one copy before also asking the next.
@@ -412,4 +567,3 @@ impl Client {
         (self.inner.cfg.rpc_timeout / 2).max(Duration::from_millis(100))
     }
 }
-

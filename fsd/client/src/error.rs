@@ -15,7 +15,11 @@ pub enum ClientError {
     Rejected { addr: String, status: tonic::Status },
     /// Fewer devices than the write quorum stored a block.
     #[error("block write reached {acked} of the {needed} copies it needs: {last_error}")]
-    Quorum { acked: usize, needed: usize, last_error: String },
+    Quorum {
+        acked: usize,
+        needed: usize,
+        last_error: String,
+    },
     /// No copy of a block could be read intact.
     #[error("block {hash} unreadable from every copy: {last_error}")]
     BlockUnreadable { hash: String, last_error: String },

@@ -15,5 +15,5 @@ mod net;
 
 pub use error::ClientError;
 pub use failsafe_proto::pb;
-pub use meta::{Session, LockRequest};
+pub use meta::{LockRequest, Session};
 pub use net::{admin_for, Client, ClientConfig};

@@ -2,12 +2,17 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use failsafe_proto::pb::{self, command::Op, command_result, query_reply::Reply, query_request::Query, Consistency};
+use failsafe_proto::pb::{
+    self, command::Op, command_result, query_reply::Reply, query_request::Query, Consistency,
+};
 
 use crate::{Client, ClientError};
 
 pub fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn refused(e: pb::CommandError) -> ClientError {
@@ -20,7 +25,11 @@ fn refused(e: pb::CommandError) -> ClientError {
 fn is_transient(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Aborted
+        tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Aborted
     )
 }
 
@@ -43,12 +52,25 @@ pub struct LockRequest {
 impl Client {
     /// Proposes a command; retries keep its operation id, so it is applied once.
     pub async fn mutate(&self, op: Op) -> Result<command_result::Result, ClientError> {
-        let cmd = pb::Command { client_id: self.inner.client_id, op_id: self.next_op_id(), now_ns: now_ns(), leader_ns: 0, op: Some(op) };
+        let cmd = pb::Command {
+            client_id: self.inner.client_id,
+            op_id: self.next_op_id(),
+            now_ns: now_ns(),
+            leader_ns: 0,
+            op: Some(op),
+        };
         let reply = self
             .with_leader("metadata change", |addr| {
-                let req = pb::MutateRequest { header: self.header(), command: Some(cmd.clone()) };
+                let req = pb::MutateRequest {
+                    header: self.header(),
+                    command: Some(cmd.clone()),
+                };
                 let c = self.meta(&addr);
-                async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.mutate(req).await }
+                async move {
+                    c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                        .mutate(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -75,8 +97,13 @@ impl Client {
         self.query_with(q, Consistency::Linearizable).await
     }
 
-    pub async fn query_with(&self, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
-        self.query_within(q, consistency, self.inner.cfg.op_deadline).await
+    pub async fn query_with(
+        &self,
+        q: Query,
+        consistency: Consistency,
+    ) -> Result<Reply, ClientError> {
+        self.query_within(q, consistency, self.inner.cfg.op_deadline)
+            .await
     }
 
     /// A linearizable read answered by the nearest member that can (it asks
@@ -91,7 +118,10 @@ impl Client {
         let mut pause = Duration::from_millis(20);
         loop {
             for addr in self.members_by_distance() {
-                match self.query_at(&addr, q.clone(), Consistency::ReadIndex).await {
+                match self
+                    .query_at(&addr, q.clone(), Consistency::ReadIndex)
+                    .await
+                {
                     Ok(r) => return Ok(r),
                     Err(e @ ClientError::Refused { .. }) => return Err(e),
                     Err(ClientError::Rejected { status, .. }) if !is_transient(&status) => {
@@ -125,17 +155,35 @@ impl Client {
     /// Members, nearest first; those that recently timed out last.
     fn members_by_distance(&self) -> Vec<String> {
         let mut members = self.members();
-        members.sort_by_key(|m| (self.is_suspect(m), self.rtt(m).unwrap_or(Duration::from_millis(50))));
+        members.sort_by_key(|m| {
+            (
+                self.is_suspect(m),
+                self.rtt(m).unwrap_or(Duration::from_millis(50)),
+            )
+        });
         members
     }
 
-    async fn query_within(&self, q: Query, consistency: Consistency, deadline: Duration) -> Result<Reply, ClientError> {
+    async fn query_within(
+        &self,
+        q: Query,
+        consistency: Consistency,
+        deadline: Duration,
+    ) -> Result<Reply, ClientError> {
         let rpc_timeout = self.inner.cfg.rpc_timeout;
         let reply = self
             .with_leader_timeout("metadata read", rpc_timeout, deadline, |addr| {
-                let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q.clone()) };
+                let req = pb::QueryRequest {
+                    header: self.header(),
+                    consistency: consistency as i32,
+                    query: Some(q.clone()),
+                };
                 let c = self.meta(&addr);
-                async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.query(req).await }
+                async move {
+                    c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                        .query(req)
+                        .await
+                }
             })
             .await?
             .into_inner();
@@ -154,7 +202,11 @@ impl Client {
     }
 
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<pb::Attr, ClientError> {
-        self.query_attr(Query::Lookup(pb::Lookup { parent, name: name.to_vec() })).await
+        self.query_attr(Query::Lookup(pb::Lookup {
+            parent,
+            name: name.to_vec(),
+        }))
+        .await
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<pb::Attr, ClientError> {
@@ -165,37 +217,92 @@ impl Client {
         self.mutate_attr(Op::SetAttr(set)).await
     }
 
-    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, exclusive: bool) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::Create(pb::Create { parent, name: name.to_vec(), mode, uid: 0, gid: 0, exclusive })).await
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Create(pb::Create {
+            parent,
+            name: name.to_vec(),
+            mode,
+            uid: 0,
+            gid: 0,
+            exclusive,
+        }))
+        .await
     }
 
     pub async fn create_as(&self, c: pb::Create) -> Result<pb::Attr, ClientError> {
         self.mutate_attr(Op::Create(c)).await
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::Mkdir(pb::Mkdir { parent, name: name.to_vec(), mode, uid: 0, gid: 0 })).await
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Mkdir(pb::Mkdir {
+            parent,
+            name: name.to_vec(),
+            mode,
+            uid: 0,
+            gid: 0,
+        }))
+        .await
     }
 
     pub async fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
-        self.mutate_ok(Op::Unlink(pb::Unlink { parent, name: name.to_vec() })).await
+        self.mutate_ok(Op::Unlink(pb::Unlink {
+            parent,
+            name: name.to_vec(),
+        }))
+        .await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), ClientError> {
-        self.mutate_ok(Op::Rmdir(pb::Rmdir { parent, name: name.to_vec() })).await
+        self.mutate_ok(Op::Rmdir(pb::Rmdir {
+            parent,
+            name: name.to_vec(),
+        }))
+        .await
     }
 
     pub async fn rename(&self, r: pb::Rename) -> Result<(), ClientError> {
         self.mutate_ok(Op::Rename(r)).await
     }
 
-    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &[u8]) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::Link(pb::Link { ino, new_parent, new_name: new_name.to_vec() })).await
+    pub async fn link(
+        &self,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Link(pb::Link {
+            ino,
+            new_parent,
+            new_name: new_name.to_vec(),
+        }))
+        .await
     }
 
-    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8]) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::Symlink(pb::Symlink { parent, name: name.to_vec(), target: target.to_vec(), uid: 0, gid: 0 }))
-            .await
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Symlink(pb::Symlink {
+            parent,
+            name: name.to_vec(),
+            target: target.to_vec(),
+            uid: 0,
+            gid: 0,
+        }))
+        .await
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, ClientError> {
@@ -206,8 +313,20 @@ impl Client {
     }
 
     /// One page of a directory: entries after `after`, in name order.
-    pub async fn readdir_page(&self, ino: u64, after: &[u8], limit: u32) -> Result<pb::DirPage, ClientError> {
-        match self.query(Query::ReadDir(pb::ReadDir { ino, after: after.to_vec(), limit })).await? {
+    pub async fn readdir_page(
+        &self,
+        ino: u64,
+        after: &[u8],
+        limit: u32,
+    ) -> Result<pb::DirPage, ClientError> {
+        match self
+            .query(Query::ReadDir(pb::ReadDir {
+                ino,
+                after: after.to_vec(),
+                limit,
+            }))
+            .await?
+        {
             Reply::DirPage(p) => Ok(p),
             _ => Err(unexpected("readdir")),
         }
@@ -233,8 +352,20 @@ impl Client {
         }
     }
 
-    pub async fn read_extents(&self, ino: u64, offset: u64, length: u64) -> Result<pb::FileExtents, ClientError> {
-        match self.query(Query::ReadExtents(pb::ReadExtents { ino, offset, length })).await? {
+    pub async fn read_extents(
+        &self,
+        ino: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<pb::FileExtents, ClientError> {
+        match self
+            .query(Query::ReadExtents(pb::ReadExtents {
+                ino,
+                offset,
+                length,
+            }))
+            .await?
+        {
             Reply::FileExtents(f) => Ok(f),
             _ => Err(unexpected("read extents")),
         }
@@ -246,7 +377,13 @@ impl Client {
         extents: Vec<pb::Extent>,
         copies: Vec<pb::BlockCopies>,
     ) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies, append: false })).await
+        self.mutate_attr(Op::CommitExtents(pb::CommitExtents {
+            ino,
+            extents,
+            copies,
+            append: false,
+        }))
+        .await
     }
 
     /// Appends: extent offsets are relative to the file's size at commit.
@@ -256,7 +393,13 @@ impl Client {
         extents: Vec<pb::Extent>,
         copies: Vec<pb::BlockCopies>,
     ) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::CommitExtents(pb::CommitExtents { ino, extents, copies, append: true })).await
+        self.mutate_attr(Op::CommitExtents(pb::CommitExtents {
+            ino,
+            extents,
+            copies,
+            append: true,
+        }))
+        .await
     }
 
     pub async fn list_locks(&self, ino: u64) -> Result<Vec<pb::LockInfo>, ClientError> {
@@ -280,7 +423,10 @@ impl Client {
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ttl / 3).await;
-                if let Err(e) = client.mutate_ok(Op::Heartbeat(pb::Heartbeat { session_id })).await {
+                if let Err(e) = client
+                    .mutate_ok(Op::Heartbeat(pb::Heartbeat { session_id }))
+                    .await
+                {
                     tracing::warn!(session = session_id, error = %e, "session heartbeat failed");
                     if e.code() == Some(pb::ErrorCode::NoSession) {
                         return;
@@ -288,7 +434,11 @@ impl Client {
                 }
             }
         });
-        Ok(Session { client: self.clone(), id: session_id, heartbeat })
+        Ok(Session {
+            client: self.clone(),
+            id: session_id,
+            heartbeat,
+        })
     }
 
     /// Takes, changes or releases a lock; `WouldBlock` if another owner holds
@@ -324,7 +474,11 @@ impl Session {
     /// Ends the session and releases its locks now.
     pub async fn close(self) -> Result<(), ClientError> {
         self.heartbeat.abort();
-        self.client.mutate_ok(Op::CloseSession(pb::CloseSession { session_id: self.id })).await
+        self.client
+            .mutate_ok(Op::CloseSession(pb::CloseSession {
+                session_id: self.id,
+            }))
+            .await
     }
 }
 
@@ -337,8 +491,17 @@ impl Drop for Session {
 impl Client {
     /// A query answered by the member at `addr` alone, from what it has
     /// applied (`Local`), or after it confirms it leads (`Linearizable`).
-    pub async fn query_at(&self, addr: &str, q: Query, consistency: Consistency) -> Result<Reply, ClientError> {
-        let req = pb::QueryRequest { header: self.header(), consistency: consistency as i32, query: Some(q) };
+    pub async fn query_at(
+        &self,
+        addr: &str,
+        q: Query,
+        consistency: Consistency,
+    ) -> Result<Reply, ClientError> {
+        let req = pb::QueryRequest {
+            header: self.header(),
+            consistency: consistency as i32,
+            query: Some(q),
+        };
         let mut meta = self.meta(addr)?;
         let started = std::time::Instant::now();
         let reply = match tokio::time::timeout(self.inner.cfg.rpc_timeout, meta.query(req)).await {
@@ -346,7 +509,12 @@ impl Client {
                 self.record_ok(addr, started.elapsed());
                 r.into_inner()
             }
-            Ok(Err(status)) => return Err(ClientError::Rejected { addr: addr.to_string(), status }),
+            Ok(Err(status)) => {
+                return Err(ClientError::Rejected {
+                    addr: addr.to_string(),
+                    status,
+                })
+            }
             Err(_) => {
                 self.record_timeout(addr);
                 return Err(ClientError::Unavailable(format!("{addr} did not answer")));

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use failsafe_proto::pb::{self, admin_client::AdminClient, blocks_client::BlocksClient, metadata_client::MetadataClient};
+use failsafe_proto::pb::{
+    self, admin_client::AdminClient, blocks_client::BlocksClient, metadata_client::MetadataClient,
+};
 use failsafe_proto::{header, LEADER_ADDR_KEY, MAX_MESSAGE_BYTES};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -78,7 +80,9 @@ struct Routing {
 
 impl Routing {
     fn is_suspect(&self, addr: &str) -> bool {
-        self.suspect.get(addr).is_some_and(|until| Instant::now() < *until)
+        self.suspect
+            .get(addr)
+            .is_some_and(|until| Instant::now() < *until)
     }
 
     fn pick(&mut self) -> String {
@@ -112,7 +116,11 @@ impl Routing {
         }
         self.members = addrs;
         self.next = 0;
-        if self.leader.as_ref().is_some_and(|l| !self.members.contains(l)) {
+        if self
+            .leader
+            .as_ref()
+            .is_some_and(|l| !self.members.contains(l))
+        {
             self.leader = None;
         }
         let keep = self.members.clone();
@@ -138,7 +146,9 @@ impl Client {
     /// Connects to the cluster that the members at `cfg.addrs` belong to.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
         if cfg.addrs.is_empty() {
-            return Err(ClientError::Invalid("no cluster member addresses given".into()));
+            return Err(ClientError::Invalid(
+                "no cluster member addresses given".into(),
+            ));
         }
         let mut inner = Inner {
             cluster_id: cfg.cluster_id.clone().unwrap_or_default(),
@@ -155,15 +165,22 @@ impl Client {
             cfg,
         };
         if inner.cluster_id.is_empty() {
-            let client = Client { inner: Arc::new(inner) };
+            let client = Client {
+                inner: Arc::new(inner),
+            };
             let hello = client.hello_any().await?;
             if hello.cluster_id.is_empty() {
-                return Err(ClientError::Unavailable("the host answering is not part of a cluster yet".into()));
+                return Err(ClientError::Unavailable(
+                    "the host answering is not part of a cluster yet".into(),
+                ));
             }
-            inner = Arc::try_unwrap(client.inner).map_err(|_| ClientError::Invalid("client shared too early".into()))?;
+            inner = Arc::try_unwrap(client.inner)
+                .map_err(|_| ClientError::Invalid("client shared too early".into()))?;
             inner.cluster_id = hello.cluster_id;
         }
-        Ok(Client { inner: Arc::new(inner) })
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn cluster_id(&self) -> &str {
@@ -183,7 +200,11 @@ impl Client {
     }
 
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
-        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
@@ -225,7 +246,12 @@ impl Client {
     pub fn members(&self) -> Vec<String> {
         let r = self.routing();
         let mut out: Vec<String> = r.leader.iter().cloned().collect();
-        out.extend(r.members.iter().filter(|m| Some(*m) != r.leader.as_ref()).cloned());
+        out.extend(
+            r.members
+                .iter()
+                .filter(|m| Some(*m) != r.leader.as_ref())
+                .cloned(),
+        );
         out
     }
 
@@ -280,7 +306,13 @@ impl Client {
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        self.with_leader_timeout(what, self.inner.cfg.rpc_timeout, self.inner.cfg.op_deadline, call).await
+        self.with_leader_timeout(
+            what,
+            self.inner.cfg.rpc_timeout,
+            self.inner.cfg.op_deadline,
+            call,
+        )
+        .await
     }
 
     pub(crate) async fn with_leader_timeout<T, F, Fut>(
@@ -322,7 +354,12 @@ impl Client {
             };
             match outcome {
                 Attempt::Fail(e) => return Err(e),
-                Attempt::Retry(Some(hint)) if hint != addr && !self.is_suspect(&hint) && hops < 8 && Instant::now() < deadline => {
+                Attempt::Retry(Some(hint))
+                    if hint != addr
+                        && !self.is_suspect(&hint)
+                        && hops < 8
+                        && Instant::now() < deadline =>
+                {
                     // Follow the hint at once, but not for ever: members
                     // with stale views can point at each other.
                     hops += 1;
@@ -339,7 +376,9 @@ impl Client {
                 }
             }
             if Instant::now() + backoff >= deadline {
-                return Err(ClientError::Unavailable(format!("{what}: gave up after {op_deadline:?}; last: {last}")));
+                return Err(ClientError::Unavailable(format!(
+                    "{what}: gave up after {op_deadline:?}; last: {last}"
+                )));
             }
             tokio::time::sleep(backoff).await;
             // Short: an election takes about a second, and every retry after
@@ -349,13 +388,22 @@ impl Client {
     }
 
     fn classify(&self, addr: &str, status: tonic::Status) -> Attempt {
-        let hint = status.metadata().get(LEADER_ADDR_KEY).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let hint = status
+            .metadata()
+            .get(LEADER_ADDR_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         match status.code() {
             // Transient: the member is down, frozen, electing, or not the leader.
-            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown | Code::Aborted => {
-                Attempt::Retry(hint.filter(|h| !h.is_empty()))
-            }
-            _ => Attempt::Fail(ClientError::Rejected { addr: addr.to_string(), status }),
+            Code::Unavailable
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Aborted => Attempt::Retry(hint.filter(|h| !h.is_empty())),
+            _ => Attempt::Fail(ClientError::Rejected {
+                addr: addr.to_string(),
+                status,
+            }),
         }
     }
 
@@ -364,24 +412,38 @@ impl Client {
         let mut last = String::new();
         for addr in self.members() {
             let mut admin = self.admin(&addr)?;
-            let req = pb::HelloRequest { header: Some(header(&self.inner.cluster_id)) };
+            let req = pb::HelloRequest {
+                header: Some(header(&self.inner.cluster_id)),
+            };
             match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.hello(req)).await {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => last = format!("{addr}: {}", s.message()),
-                Err(_) => last = format!("{addr}: no answer within {:?}", self.inner.cfg.rpc_timeout),
+                Err(_) => {
+                    last = format!("{addr}: no answer within {:?}", self.inner.cfg.rpc_timeout)
+                }
             }
         }
-        Err(ClientError::Unavailable(format!("no member answered ({last})")))
+        Err(ClientError::Unavailable(format!(
+            "no member answered ({last})"
+        )))
     }
 
     /// The cluster as the member at `addr` sees it.
     pub async fn status_of(&self, addr: &str) -> Result<pb::StatusReply, ClientError> {
         let mut admin = self.admin(addr)?;
-        let req = pb::StatusRequest { header: self.header() };
+        let req = pb::StatusRequest {
+            header: self.header(),
+        };
         match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.status(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(ClientError::Rejected { addr: addr.to_string(), status }),
-            Err(_) => Err(ClientError::Unavailable(format!("{addr}: no answer within {:?}", self.inner.cfg.rpc_timeout))),
+            Ok(Err(status)) => Err(ClientError::Rejected {
+                addr: addr.to_string(),
+                status,
+            }),
+            Err(_) => Err(ClientError::Unavailable(format!(
+                "{addr}: no answer within {:?}",
+                self.inner.cfg.rpc_timeout
+            ))),
         }
     }
 
@@ -393,7 +455,8 @@ impl Client {
             match self.status_of(&addr).await {
                 Ok(s) if s.leader_id != 0 && s.leader_id == s.host_id => {
                     // The leader's host table is the membership as it is.
-                    self.routing().replace(s.hosts.iter().map(|h| h.addr.clone()).collect());
+                    self.routing()
+                        .replace(s.hosts.iter().map(|h| h.addr.clone()).collect());
                     self.set_leader(&addr);
                     return Ok(s);
                 }
@@ -402,7 +465,8 @@ impl Client {
                     if !s.leader_addr.is_empty() && s.leader_addr != addr {
                         if let Ok(l) = self.status_of(&s.leader_addr).await {
                             if l.leader_id == l.host_id {
-                                self.routing().replace(l.hosts.iter().map(|h| h.addr.clone()).collect());
+                                self.routing()
+                                    .replace(l.hosts.iter().map(|h| h.addr.clone()).collect());
                                 self.set_leader(&s.leader_addr);
                                 return Ok(l);
                             }
@@ -413,28 +477,56 @@ impl Client {
                 Err(e) => last = Some(e),
             }
         }
-        fallback.ok_or_else(|| last.unwrap_or_else(|| ClientError::Unavailable("no members known".into())))
+        fallback.ok_or_else(|| {
+            last.unwrap_or_else(|| ClientError::Unavailable("no members known".into()))
+        })
     }
 
     /// Admin calls that only the leader answers.
     pub async fn add_host(&self, addr: &str) -> Result<u64, ClientError> {
         let addr = addr.to_string();
         // Adding a host waits for it to catch up as a learner: allow more time.
-        self.with_leader_timeout("add host", self.inner.cfg.op_deadline, self.inner.cfg.op_deadline, |leader| {
-            let req = pb::AddHostRequest { header: self.header(), addr: addr.clone() };
-            let c = self.admin(&leader);
-            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.add_host(req).await }
-        })
+        self.with_leader_timeout(
+            "add host",
+            self.inner.cfg.op_deadline,
+            self.inner.cfg.op_deadline,
+            |leader| {
+                let req = pb::AddHostRequest {
+                    header: self.header(),
+                    addr: addr.clone(),
+                };
+                let c = self.admin(&leader);
+                async move {
+                    c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                        .add_host(req)
+                        .await
+                }
+            },
+        )
         .await
         .map(|r| r.into_inner().host_id)
     }
 
     /// Marks a host away (shipped), if that is safe or `force`d.
-    pub async fn ship_host(&self, host_id: u64, away_ms: u64, force: bool) -> Result<pb::ShipReply, ClientError> {
+    pub async fn ship_host(
+        &self,
+        host_id: u64,
+        away_ms: u64,
+        force: bool,
+    ) -> Result<pb::ShipReply, ClientError> {
         self.with_leader("ship host", |leader| {
-            let req = pb::ShipRequest { header: self.header(), host_id, away_ms, force };
+            let req = pb::ShipRequest {
+                header: self.header(),
+                host_id,
+                away_ms,
+                force,
+            };
             let c = self.admin(&leader);
-            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.ship(req).await }
+            async move {
+                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                    .ship(req)
+                    .await
+            }
         })
         .await
         .map(tonic::Response::into_inner)
@@ -443,9 +535,16 @@ impl Client {
     /// Starts draining a host: its copies move elsewhere.
     pub async fn drain_host(&self, host_id: u64) -> Result<pb::DrainReply, ClientError> {
         self.with_leader("drain host", |leader| {
-            let req = pb::DrainRequest { header: self.header(), host_id };
+            let req = pb::DrainRequest {
+                header: self.header(),
+                host_id,
+            };
             let c = self.admin(&leader);
-            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.drain(req).await }
+            async move {
+                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                    .drain(req)
+                    .await
+            }
         })
         .await
         .map(tonic::Response::into_inner)
@@ -455,9 +554,17 @@ impl Client {
     /// block below its copy count, unless `force`.
     pub async fn remove_host(&self, host_id: u64, force: bool) -> Result<(), ClientError> {
         self.with_leader("remove host", |leader| {
-            let req = pb::RemoveHostRequest { header: self.header(), host_id, force };
+            let req = pb::RemoveHostRequest {
+                header: self.header(),
+                host_id,
+                force,
+            };
             let c = self.admin(&leader);
-            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.remove_host(req).await }
+            async move {
+                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                    .remove_host(req)
+                    .await
+            }
         })
         .await
         .map(|_| ())
@@ -469,9 +576,17 @@ impl Client {
     pub async fn update_address(&self, host_id: u64, addr: &str) -> Result<(), ClientError> {
         let addr = addr.to_string();
         self.with_leader("update address", |leader| {
-            let req = pb::UpdateAddressRequest { header: self.header(), host_id, addr: addr.clone() };
+            let req = pb::UpdateAddressRequest {
+                header: self.header(),
+                host_id,
+                addr: addr.clone(),
+            };
             let c = self.admin(&leader);
-            async move { c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?.update_address(req).await }
+            async move {
+                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                    .update_address(req)
+                    .await
+            }
         })
         .await
         .map(|_| ())

@@ -14,7 +14,9 @@ const STRONG_BYTES: u32 = 8;
 /// a changed line stay balanced — a few hundred bytes per changed line in a
 /// wiki page, a few KiB in a 4 MiB block.
 pub fn delta_block(len: usize) -> u32 {
-    ((len as f64).sqrt() as u32).next_power_of_two().clamp(128, 8192)
+    ((len as f64).sqrt() as u32)
+        .next_power_of_two()
+        .clamp(128, 8192)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,22 +31,28 @@ pub enum DeltaError {
 
 /// The signature of `base`.
 pub fn signature(base: &[u8]) -> Vec<u8> {
-    let opts = fast_rsync::SignatureOptions { block_size: delta_block(base.len()), crypto_hash_size: STRONG_BYTES };
+    let opts = fast_rsync::SignatureOptions {
+        block_size: delta_block(base.len()),
+        crypto_hash_size: STRONG_BYTES,
+    };
     fast_rsync::Signature::calculate(base, opts).into_serialized()
 }
 
 /// The delta that turns the block behind `signature` into `data`.
 pub fn diff(signature: &[u8], data: &[u8]) -> Result<Vec<u8>, DeltaError> {
-    let sig = fast_rsync::Signature::deserialize(signature.to_vec()).map_err(|e| DeltaError::BadSignature(e.to_string()))?;
+    let sig = fast_rsync::Signature::deserialize(signature.to_vec())
+        .map_err(|e| DeltaError::BadSignature(e.to_string()))?;
     let mut out = Vec::new();
-    fast_rsync::diff(&sig.index(), data, &mut out).map_err(|e| DeltaError::BadSignature(e.to_string()))?;
+    fast_rsync::diff(&sig.index(), data, &mut out)
+        .map_err(|e| DeltaError::BadSignature(e.to_string()))?;
     Ok(out)
 }
 
 /// Applies `delta` to `base`; the result must hash to `expected`.
 pub fn apply(base: &[u8], delta: &[u8], expected: &[u8]) -> Result<Vec<u8>, DeltaError> {
     let mut out = Vec::new();
-    fast_rsync::apply_limited(base, delta, &mut out, MAX_BLOCK_BYTES).map_err(|e| DeltaError::BadDelta(e.to_string()))?;
+    fast_rsync::apply_limited(base, delta, &mut out, MAX_BLOCK_BYTES)
+        .map_err(|e| DeltaError::BadDelta(e.to_string()))?;
     if block_hash(&out).as_slice() != expected {
         return Err(DeltaError::Mismatch);
     }
@@ -72,12 +80,25 @@ mod tests {
         let (old, new) = (page(1), page(2));
         let sig = signature(&old);
         let delta = diff(&sig, &new).unwrap();
-        assert!(sig.len() < old.len() / 16, "signature {} of {}", sig.len(), old.len());
-        assert!(delta.len() < new.len() / 20, "delta {} of {}", delta.len(), new.len());
+        assert!(
+            sig.len() < old.len() / 16,
+            "signature {} of {}",
+            sig.len(),
+            old.len()
+        );
+        assert!(
+            delta.len() < new.len() / 20,
+            "delta {} of {}",
+            delta.len(),
+            new.len()
+        );
         assert_eq!(apply(&old, &delta, &block_hash(&new)).unwrap(), new);
         // The wrong base, or the wrong expected hash, is refused.
         assert!(apply(&page(7)[..1000], &delta, &block_hash(&new)).is_err());
-        assert!(matches!(apply(&old, &delta, &block_hash(&old)), Err(DeltaError::Mismatch)));
+        assert!(matches!(
+            apply(&old, &delta, &block_hash(&old)),
+            Err(DeltaError::Mismatch)
+        ));
         assert!(apply(&old, b"garbage", &block_hash(&new)).is_err());
         assert!(diff(b"not a signature", &new).is_err());
     }

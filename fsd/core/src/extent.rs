@@ -29,7 +29,10 @@ pub fn overlay(old: &[Extent], start: u64, end: u64) -> Vec<Extent> {
             continue;
         }
         if e.offset < start {
-            kept.push(Extent { length: start - e.offset, ..e.clone() });
+            kept.push(Extent {
+                length: start - e.offset,
+                ..e.clone()
+            });
         }
         if e.end() > end {
             let cut = end - e.offset;
@@ -49,7 +52,12 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, length: u64, block_offset: u64) -> Extent {
-        Extent { offset, length, hash: vec![1], block_offset }
+        Extent {
+            offset,
+            length,
+            hash: vec![1],
+            block_offset,
+        }
     }
 
     #[test]
@@ -63,6 +71,9 @@ mod tests {
         let old = [ext(0, 10, 0), ext(10, 10, 0), ext(20, 10, 5)];
         assert_eq!(overlay(&old, 10, 20), vec![ext(0, 10, 0), ext(20, 10, 5)]);
         assert_eq!(overlay(&old, 0, 30), vec![]);
-        assert_eq!(overlay(&old, 25, 100), vec![ext(0, 10, 0), ext(10, 10, 0), ext(20, 5, 5)]);
+        assert_eq!(
+            overlay(&old, 25, 100),
+            vec![ext(0, 10, 0), ext(10, 10, 0), ext(20, 5, 5)]
+        );
     }
 }

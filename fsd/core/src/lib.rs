@@ -15,7 +15,10 @@ pub mod repair;
 pub use extent::{overlay, Extent};
 pub use name::{validate_name, NameError};
 pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
-pub use repair::{plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
+pub use repair::{
+    plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction,
+    TrimAction,
+};
 
 /// Inode number of the root directory.
 pub const ROOT_INO: u64 = 1;

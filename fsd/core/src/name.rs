@@ -44,7 +44,13 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_and_unusual_names() {
-        for n in [&b"page.txt"[..], b"...", b".hidden", "sé ñ".as_bytes(), &[0xff, 0xfe]] {
+        for n in [
+            &b"page.txt"[..],
+            b"...",
+            b".hidden",
+            "sé ñ".as_bytes(),
+            &[0xff, 0xfe],
+        ] {
             assert_eq!(validate_name(n), Ok(()), "{n:?}");
         }
         assert_eq!(validate_name(&[b'a'; 255]), Ok(()));

@@ -15,7 +15,10 @@ pub struct ReplicationClass {
 
 impl Default for ReplicationClass {
     fn default() -> Self {
-        ReplicationClass { copies: 3, write_quorum: 2 }
+        ReplicationClass {
+            copies: 3,
+            write_quorum: 2,
+        }
     }
 }
 
@@ -38,7 +41,9 @@ pub struct Candidate {
 /// Free space a device keeps in reserve: 1% of its capacity, at most
 /// 64 MiB, and never less than two of the largest blocks (a put must fit).
 pub fn reserve_bytes(capacity_bytes: u64) -> u64 {
-    (capacity_bytes / 100).min(64 << 20).max(2 * crate::MAX_BLOCK_BYTES as u64)
+    (capacity_bytes / 100)
+        .min(64 << 20)
+        .max(2 * crate::MAX_BLOCK_BYTES as u64)
 }
 
 /// A device with less free space than its reserve is *full*: placement and
@@ -65,8 +70,16 @@ pub fn place(hash: &[u8], candidates: &[Candidate], copies: usize) -> Vec<u64> {
 /// are already there: the same ranking as `place`, with the zones and hosts
 /// of the existing copies counted as taken. Repair uses it, so a rebuilt
 /// copy lands where a fresh write would have put it.
-pub fn place_more(hash: &[u8], candidates: &[Candidate], existing: &[Candidate], more: usize) -> Vec<u64> {
-    let mut ranked: Vec<(&Candidate, [u8; 32])> = candidates.iter().map(|c| (c, rendezvous_score(hash, c.device_id))).collect();
+pub fn place_more(
+    hash: &[u8],
+    candidates: &[Candidate],
+    existing: &[Candidate],
+    more: usize,
+) -> Vec<u64> {
+    let mut ranked: Vec<(&Candidate, [u8; 32])> = candidates
+        .iter()
+        .map(|c| (c, rendezvous_score(hash, c.device_id)))
+        .collect();
     ranked.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.device_id.cmp(&b.0.device_id)));
 
     let want = existing.len() + more.min(candidates.len());
@@ -90,7 +103,11 @@ pub fn place_more(hash: &[u8], candidates: &[Candidate], existing: &[Candidate],
             }
         }
     }
-    chosen.into_iter().skip(existing.len()).map(|c| c.device_id).collect()
+    chosen
+        .into_iter()
+        .skip(existing.len())
+        .map(|c| c.device_id)
+        .collect()
 }
 
 #[cfg(test)]
@@ -98,7 +115,11 @@ mod tests {
     use super::*;
 
     fn dev(device_id: u64, host_id: u64, zone: &str) -> Candidate {
-        Candidate { device_id, host_id, zone: zone.to_string() }
+        Candidate {
+            device_id,
+            host_id,
+            zone: zone.to_string(),
+        }
     }
 
     #[test]
@@ -111,8 +132,10 @@ mod tests {
         }
         for i in 0u32..200 {
             let chosen = place(&i.to_le_bytes(), &cands, 3);
-            let zones: std::collections::BTreeSet<_> =
-                chosen.iter().map(|d| &cands.iter().find(|c| c.device_id == *d).unwrap().zone).collect();
+            let zones: std::collections::BTreeSet<_> = chosen
+                .iter()
+                .map(|d| &cands.iter().find(|c| c.device_id == *d).unwrap().zone)
+                .collect();
             assert_eq!(zones.len(), 3, "block {i}: {chosen:?}");
         }
     }
@@ -121,15 +144,19 @@ mod tests {
     fn then_distinct_hosts_then_any_device() {
         let cands = vec![dev(1, 1, "a"), dev(2, 1, "a"), dev(3, 2, "a")];
         let chosen = place(b"x", &cands, 2);
-        let hosts: std::collections::BTreeSet<_> =
-            chosen.iter().map(|d| cands.iter().find(|c| c.device_id == *d).unwrap().host_id).collect();
+        let hosts: std::collections::BTreeSet<_> = chosen
+            .iter()
+            .map(|d| cands.iter().find(|c| c.device_id == *d).unwrap().host_id)
+            .collect();
         assert_eq!(hosts.len(), 2);
         assert_eq!(place(b"x", &cands, 5).len(), 3);
     }
 
     #[test]
     fn placement_is_deterministic() {
-        let cands: Vec<_> = (0..9).map(|i| dev(i, i, ["a", "b", "c"][i as usize % 3])).collect();
+        let cands: Vec<_> = (0..9)
+            .map(|i| dev(i, i, ["a", "b", "c"][i as usize % 3]))
+            .collect();
         let mut rev = cands.clone();
         rev.reverse();
         assert_eq!(place(b"block", &cands, 3), place(b"block", &rev, 3));
@@ -137,12 +164,20 @@ mod tests {
 
     #[test]
     fn more_copies_avoid_the_zones_already_holding_one() {
-        let cands = vec![dev(1, 1, "a"), dev(2, 2, "a"), dev(3, 3, "b"), dev(4, 4, "c")];
+        let cands = vec![
+            dev(1, 1, "a"),
+            dev(2, 2, "a"),
+            dev(3, 3, "b"),
+            dev(4, 4, "c"),
+        ];
         for i in 0u32..100 {
             let existing = vec![dev(3, 3, "b")];
             let more = place_more(&i.to_le_bytes(), &cands, &existing, 2);
             assert_eq!(more.len(), 2);
-            assert!(more.contains(&4), "zone c is the only unused zone: {more:?}");
+            assert!(
+                more.contains(&4),
+                "zone c is the only unused zone: {more:?}"
+            );
             assert!(!more.contains(&3));
         }
         // With nothing existing it is `place`.

@@ -63,13 +63,25 @@ pub struct RepairAction {
 /// from and the devices (up, with room, not holding it) that placement picks
 /// for the missing copies. Blocks with no live holder or no possible target
 /// are left for a later round. Fewest copies first.
-pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) -> Vec<RepairAction> {
+pub fn plan_repair(
+    blocks: &[BlockView],
+    devices: &[DeviceView],
+    copies: usize,
+) -> Vec<RepairAction> {
     let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
     let mut plan = Vec::new();
     for b in blocks {
-        let held: Vec<&DeviceView> =
-            b.holders.iter().filter_map(|&id| find(id)).filter(|d| d.health != HostHealth::Dead).collect();
-        let counted: Vec<&DeviceView> = held.iter().copied().filter(|d| d.health != HostHealth::Leaving).collect();
+        let held: Vec<&DeviceView> = b
+            .holders
+            .iter()
+            .filter_map(|&id| find(id))
+            .filter(|d| d.health != HostHealth::Dead)
+            .collect();
+        let counted: Vec<&DeviceView> = held
+            .iter()
+            .copied()
+            .filter(|d| d.health != HostHealth::Leaving)
+            .collect();
         if counted.len() >= copies {
             continue;
         }
@@ -83,7 +95,11 @@ pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) 
         }
         let candidates: Vec<Candidate> = devices
             .iter()
-            .filter(|d| d.health == HostHealth::Up && d.has_room && !b.holders.contains(&d.candidate.device_id))
+            .filter(|d| {
+                d.health == HostHealth::Up
+                    && d.has_room
+                    && !b.holders.contains(&d.candidate.device_id)
+            })
             .map(|d| d.candidate.clone())
             .collect();
         let existing: Vec<Candidate> = counted.iter().map(|d| d.candidate.clone()).collect();
@@ -91,7 +107,13 @@ pub fn plan_repair(blocks: &[BlockView], devices: &[DeviceView], copies: usize) 
         if targets.is_empty() {
             continue;
         }
-        plan.push(RepairAction { hash: b.hash.clone(), size: b.size, sources, targets, counted: counted.len() });
+        plan.push(RepairAction {
+            hash: b.hash.clone(),
+            size: b.size,
+            sources,
+            targets,
+            counted: counted.len(),
+        });
     }
     // Stable: among equals, the order the blocks came in.
     plan.sort_by_key(|a| a.counted);
@@ -113,7 +135,11 @@ fn used_fraction(d: &DeviceView) -> f64 {
 /// then drops the extra copy (the fullest, or the one placement ranks last),
 /// so copies drift toward placement and toward emptier devices, and stop
 /// there.
-pub fn plan_rebalance(blocks: &[BlockView], devices: &[DeviceView], copies: usize) -> Vec<RepairAction> {
+pub fn plan_rebalance(
+    blocks: &[BlockView],
+    devices: &[DeviceView],
+    copies: usize,
+) -> Vec<RepairAction> {
     let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
     let mut plan = Vec::new();
     for b in blocks {
@@ -123,14 +149,23 @@ pub fn plan_rebalance(blocks: &[BlockView], devices: &[DeviceView], copies: usiz
         }
         let eligible: Vec<Candidate> = devices
             .iter()
-            .filter(|d| d.health == HostHealth::Up && (d.has_room || b.holders.contains(&d.candidate.device_id)))
+            .filter(|d| {
+                d.health == HostHealth::Up
+                    && (d.has_room || b.holders.contains(&d.candidate.device_id))
+            })
             .map(|d| d.candidate.clone())
             .collect();
         let ideal = crate::place(&b.hash, &eligible, copies);
-        let Some(target) = ideal.iter().copied().find(|id| !b.holders.contains(id)) else { continue };
+        let Some(target) = ideal.iter().copied().find(|id| !b.holders.contains(id)) else {
+            continue;
+        };
         // The holder placement ranks last: the one the extra copy replaces.
         let ranked = crate::place(&b.hash, &eligible, eligible.len());
-        let Some(last) = ranked.iter().rev().find_map(|id| holders.iter().find(|h| h.candidate.device_id == *id)) else {
+        let Some(last) = ranked
+            .iter()
+            .rev()
+            .find_map(|id| holders.iter().find(|h| h.candidate.device_id == *id))
+        else {
             continue;
         };
         let Some(t) = find(target) else { continue };
@@ -158,7 +193,12 @@ pub struct TrimAction {
 /// Whether device `a` is fuller (a larger fraction used) than `b`. A device
 /// whose capacity is unknown counts as full.
 fn fuller(a: &DeviceView, b: &DeviceView) -> Ordering {
-    let used = |d: &DeviceView| (u128::from(d.capacity_bytes.saturating_sub(d.free_bytes)), u128::from(d.capacity_bytes));
+    let used = |d: &DeviceView| {
+        (
+            u128::from(d.capacity_bytes.saturating_sub(d.free_bytes)),
+            u128::from(d.capacity_bytes),
+        )
+    };
     let ((ua, ca), (ub, cb)) = (used(a), used(b));
     match (ca, cb) {
         (0, 0) => Ordering::Equal,
@@ -179,13 +219,21 @@ pub fn plan_trim(blocks: &[BlockView], devices: &[DeviceView], copies: usize) ->
     let find = |id: u64| devices.iter().find(|d| d.candidate.device_id == id);
     let mut plan = Vec::new();
     for b in blocks {
-        let mut keep: Vec<&DeviceView> =
-            b.holders.iter().filter_map(|&id| find(id)).filter(|d| d.health == HostHealth::Up).collect();
+        let mut keep: Vec<&DeviceView> = b
+            .holders
+            .iter()
+            .filter_map(|&id| find(id))
+            .filter(|d| d.health == HostHealth::Up)
+            .collect();
         if copies == 0 || keep.len() <= copies {
             continue;
         }
         let spread = |rest: &[&DeviceView], skip: usize| -> (usize, usize) {
-            let others = rest.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, d)| &d.candidate);
+            let others = rest
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, d)| &d.candidate);
             let zones: BTreeSet<&str> = others.clone().map(|c| c.zone.as_str()).collect();
             let hosts: BTreeSet<u64> = others.map(|c| c.host_id).collect();
             (zones.len(), hosts.len())
@@ -193,15 +241,23 @@ pub fn plan_trim(blocks: &[BlockView], devices: &[DeviceView], copies: usize) ->
         let mut drop = Vec::new();
         while keep.len() > copies {
             let better_to_drop = |i: usize, j: usize| -> Ordering {
-                spread(&keep, i).cmp(&spread(&keep, j)).then_with(|| fuller(keep[i], keep[j])).then_with(|| {
-                    rendezvous_score(&b.hash, keep[i].candidate.device_id)
-                        .cmp(&rendezvous_score(&b.hash, keep[j].candidate.device_id))
-                })
+                spread(&keep, i)
+                    .cmp(&spread(&keep, j))
+                    .then_with(|| fuller(keep[i], keep[j]))
+                    .then_with(|| {
+                        rendezvous_score(&b.hash, keep[i].candidate.device_id)
+                            .cmp(&rendezvous_score(&b.hash, keep[j].candidate.device_id))
+                    })
             };
-            let Some(victim) = (0..keep.len()).max_by(|&i, &j| better_to_drop(i, j)) else { break };
+            let Some(victim) = (0..keep.len()).max_by(|&i, &j| better_to_drop(i, j)) else {
+                break;
+            };
             drop.push(keep.remove(victim).candidate.device_id);
         }
-        plan.push(TrimAction { hash: b.hash.clone(), drop });
+        plan.push(TrimAction {
+            hash: b.hash.clone(),
+            drop,
+        });
     }
     plan
 }
@@ -212,7 +268,11 @@ mod tests {
 
     fn dev(id: u64, zone: &str, health: HostHealth) -> DeviceView {
         DeviceView {
-            candidate: Candidate { device_id: id, host_id: id * 10, zone: zone.into() },
+            candidate: Candidate {
+                device_id: id,
+                host_id: id * 10,
+                zone: zone.into(),
+            },
             health,
             has_room: true,
             capacity_bytes: 1000,
@@ -221,12 +281,20 @@ mod tests {
     }
 
     fn block(hash: &[u8], holders: &[u64]) -> BlockView {
-        BlockView { hash: hash.to_vec(), size: 7, holders: holders.to_vec() }
+        BlockView {
+            hash: hash.to_vec(),
+            size: 7,
+            holders: holders.to_vec(),
+        }
     }
 
     #[test]
     fn a_block_short_of_a_copy_is_copied_from_a_live_holder_to_a_free_device() {
-        let devices = vec![dev(1, "a", HostHealth::Up), dev(2, "b", HostHealth::Up), dev(3, "c", HostHealth::Up)];
+        let devices = vec![
+            dev(1, "a", HostHealth::Up),
+            dev(2, "b", HostHealth::Up),
+            dev(3, "c", HostHealth::Up),
+        ];
         let plan = plan_repair(&[block(b"x", &[1, 2])], &devices, 3);
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].sources, vec![1, 2]);
@@ -243,7 +311,10 @@ mod tests {
             dev(4, "d", HostHealth::Up),
         ];
         let blocks = [block(b"x", &[1, 2, 3])];
-        assert!(plan_repair(&blocks, &devices, 3).is_empty(), "no storm while a host restarts");
+        assert!(
+            plan_repair(&blocks, &devices, 3).is_empty(),
+            "no storm while a host restarts"
+        );
         devices[2].health = HostHealth::Dead;
         let plan = plan_repair(&blocks, &devices, 3);
         assert_eq!(plan.len(), 1);
@@ -263,7 +334,11 @@ mod tests {
         let plan = plan_repair(&[block(b"x", &[1, 5, 2])], &devices, 3);
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].counted, 1);
-        assert_eq!(plan[0].sources, vec![1, 5, 2], "leaving hosts are still sources");
+        assert_eq!(
+            plan[0].sources,
+            vec![1, 5, 2],
+            "leaving hosts are still sources"
+        );
         let mut targets = plan[0].targets.clone();
         targets.sort();
         assert_eq!(targets, vec![3, 4], "and never targets");
@@ -271,12 +346,23 @@ mod tests {
 
     #[test]
     fn a_new_device_gets_the_copies_placement_gives_it_and_no_more() {
-        let mut devices = vec![dev(1, "a", HostHealth::Up), dev(2, "b", HostHealth::Up), dev(3, "c", HostHealth::Up)];
-        let blocks: Vec<BlockView> = (0..200u32).map(|i| block(&i.to_le_bytes(), &[1, 2, 3])).collect();
-        assert!(plan_rebalance(&blocks, &devices, 3).is_empty(), "balanced as it is");
+        let mut devices = vec![
+            dev(1, "a", HostHealth::Up),
+            dev(2, "b", HostHealth::Up),
+            dev(3, "c", HostHealth::Up),
+        ];
+        let blocks: Vec<BlockView> = (0..200u32)
+            .map(|i| block(&i.to_le_bytes(), &[1, 2, 3]))
+            .collect();
+        assert!(
+            plan_rebalance(&blocks, &devices, 3).is_empty(),
+            "balanced as it is"
+        );
         devices.push(dev(4, "d", HostHealth::Up));
         let plan = plan_rebalance(&blocks, &devices, 3);
-        assert!(plan.iter().all(|a| a.targets == vec![4] && a.sources.len() == 3));
+        assert!(plan
+            .iter()
+            .all(|a| a.targets == vec![4] && a.sources.len() == 3));
         // Rendezvous: about three quarters of the blocks rank the new device in their top three.
         assert!((100..190).contains(&plan.len()), "{}", plan.len());
         // Not onto a fuller device.
@@ -286,7 +372,11 @@ mod tests {
 
     #[test]
     fn nothing_is_planned_without_a_live_source_or_a_target() {
-        let devices = vec![dev(1, "a", HostHealth::Down), dev(2, "b", HostHealth::Up), dev(3, "c", HostHealth::Down)];
+        let devices = vec![
+            dev(1, "a", HostHealth::Down),
+            dev(2, "b", HostHealth::Up),
+            dev(3, "c", HostHealth::Down),
+        ];
         // Only holder is down: unavailable for now, not repairable.
         assert!(plan_repair(&[block(b"x", &[1])], &devices, 3).is_empty());
         // The only up device already holds it.
@@ -299,10 +389,16 @@ mod tests {
 
     #[test]
     fn fewest_copies_first_and_all_missing_copies_at_once() {
-        let devices: Vec<DeviceView> =
-            ["a", "b", "c", "d"].iter().enumerate().map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up)).collect();
+        let devices: Vec<DeviceView> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up))
+            .collect();
         let plan = plan_repair(&[block(b"two", &[1, 2]), block(b"one", &[1])], &devices, 3);
-        assert_eq!(plan.iter().map(|a| a.hash.as_slice()).collect::<Vec<_>>(), vec![&b"one"[..], b"two"]);
+        assert_eq!(
+            plan.iter().map(|a| a.hash.as_slice()).collect::<Vec<_>>(),
+            vec![&b"one"[..], b"two"]
+        );
         assert_eq!(plan[0].targets.len(), 2);
         assert_eq!(plan[1].targets.len(), 1);
         assert!(plan.iter().all(|a| a.targets.iter().all(|t| *t != 1)));
@@ -335,8 +431,11 @@ mod tests {
 
     #[test]
     fn trimming_prefers_the_fullest_device_among_equals() {
-        let mut devices: Vec<DeviceView> =
-            ["a", "b", "c", "d", "e"].iter().enumerate().map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up)).collect();
+        let mut devices: Vec<DeviceView> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .enumerate()
+            .map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up))
+            .collect();
         devices[3].free_bytes = 100; // device 4: 90% used
         devices[1].free_bytes = 200; // device 2: 80% used
         let plan = plan_trim(&[block(b"x", &[1, 2, 3, 4, 5])], &devices, 3);
@@ -364,8 +463,11 @@ mod tests {
 
     #[test]
     fn trimming_is_deterministic() {
-        let devices: Vec<DeviceView> =
-            ["a", "b", "c", "d"].iter().enumerate().map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up)).collect();
+        let devices: Vec<DeviceView> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up))
+            .collect();
         let mut rev = devices.clone();
         rev.reverse();
         for i in 0u32..50 {

@@ -46,16 +46,24 @@ pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
 }
 
 /// Asks the host at `addr` who it is.
-pub async fn hello(addr: &str, cluster_id: &str, timeout: Duration) -> Result<pb::HelloReply, Status> {
+pub async fn hello(
+    addr: &str,
+    cluster_id: &str,
+    timeout: Duration,
+) -> Result<pb::HelloReply, Status> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect_lazy();
-    let req = pb::HelloRequest { header: Some(header(cluster_id)) };
+    let req = pb::HelloRequest {
+        header: Some(header(cluster_id)),
+    };
     match tokio::time::timeout(timeout, AdminClient::new(channel).hello(req)).await {
         Ok(r) => r.map(Response::into_inner),
-        Err(_) => Err(Status::unavailable(format!("{addr} did not answer within {timeout:?}"))),
+        Err(_) => Err(Status::unavailable(format!(
+            "{addr} did not answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -68,7 +76,13 @@ impl AdminService {
         if self.tracker.is_leader() {
             Ok(())
         } else {
-            Err(not_leader(self.tracker.leader().map(|(_, a)| a).as_deref().filter(|a| !a.is_empty())))
+            Err(not_leader(
+                self.tracker
+                    .leader()
+                    .map(|(_, a)| a)
+                    .as_deref()
+                    .filter(|a| !a.is_empty()),
+            ))
         }
     }
 
@@ -104,7 +118,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn hello(&self, req: Request<pb::HelloRequest>) -> Result<Response<pb::HelloReply>, Status> {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
         let h = req.into_inner().header.unwrap_or_default();
         if h.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -115,13 +132,20 @@ impl Admin for AdminService {
         Ok(Response::new(self.own_hello()))
     }
 
-    async fn init(&self, _req: Request<pb::InitRequest>) -> Result<Response<pb::InitReply>, Status> {
+    async fn init(
+        &self,
+        _req: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitReply>, Status> {
         let existing = self.tracker.cluster.get();
         if !existing.is_empty() || self.tracker.is_initialized() {
-            return Err(Status::already_exists(format!("this host already belongs to cluster {existing:?}")));
+            return Err(Status::already_exists(format!(
+                "this host already belongs to cluster {existing:?}"
+            )));
         }
         let cluster_id = format!("{:032x}", rand::random::<u128>());
-        self.identity.set_cluster_id(&cluster_id).map_err(|e| Status::internal(e.to_string()))?;
+        self.identity
+            .set_cluster_id(&cluster_id)
+            .map_err(|e| Status::internal(e.to_string()))?;
         self.tracker.cluster.set(cluster_id.clone());
         self.tracker.initialize(&self.advertise).await?;
         if !self.tracker.wait_leader(Duration::from_secs(10)).await {
@@ -129,29 +153,51 @@ impl Admin for AdminService {
         }
         self.register(&self.own_hello()).await?;
         tracing::info!(cluster = %cluster_id, "created a new cluster");
-        Ok(Response::new(pb::InitReply { cluster_id, host_id: self.tracker.host_id }))
+        Ok(Response::new(pb::InitReply {
+            cluster_id,
+            host_id: self.tracker.host_id,
+        }))
     }
 
-    async fn adopt(&self, req: Request<pb::AdoptRequest>) -> Result<Response<pb::AdoptReply>, Status> {
+    async fn adopt(
+        &self,
+        req: Request<pb::AdoptRequest>,
+    ) -> Result<Response<pb::AdoptReply>, Status> {
         let req = req.into_inner();
         let id = req.cluster_id.trim().to_string();
-        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(Status::invalid_argument("a cluster id is 1 to 64 letters, digits or '-'"));
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(Status::invalid_argument(
+                "a cluster id is 1 to 64 letters, digits or '-'",
+            ));
         }
         let existing = self.tracker.cluster.get();
         if existing == id {
-            return Ok(Response::new(pb::AdoptReply { host_id: self.tracker.host_id }));
+            return Ok(Response::new(pb::AdoptReply {
+                host_id: self.tracker.host_id,
+            }));
         }
         if !existing.is_empty() || self.tracker.is_initialized() {
-            return Err(Status::already_exists(format!("this host already belongs to cluster {existing:?}")));
+            return Err(Status::already_exists(format!(
+                "this host already belongs to cluster {existing:?}"
+            )));
         }
-        self.identity.set_cluster_id(&id).map_err(|e| Status::internal(e.to_string()))?;
+        self.identity
+            .set_cluster_id(&id)
+            .map_err(|e| Status::internal(e.to_string()))?;
         self.tracker.cluster.set(id.clone());
         tracing::info!(cluster = %id, "adopted into a cluster");
-        Ok(Response::new(pb::AdoptReply { host_id: self.tracker.host_id }))
+        Ok(Response::new(pb::AdoptReply {
+            host_id: self.tracker.host_id,
+        }))
     }
 
-    async fn add_host(&self, req: Request<pb::AddHostRequest>) -> Result<Response<pb::AddHostReply>, Status> {
+    async fn add_host(
+        &self,
+        req: Request<pb::AddHostRequest>,
+    ) -> Result<Response<pb::AddHostReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
@@ -165,14 +211,22 @@ impl Admin for AdminService {
         }
         // The host announces the address it was asked at; fsctl may use the
         // advertised one.
-        let hello = pb::HelloReply { addr: req.addr.clone(), ..hello };
+        let hello = pb::HelloReply {
+            addr: req.addr.clone(),
+            ..hello
+        };
         self.register(&hello).await?;
         self.tracker.add_member(hello.host_id, &req.addr).await?;
         tracing::info!(host = format!("{:016x}", hello.host_id), addr = %req.addr, zone = %hello.zone, "host added");
-        Ok(Response::new(pb::AddHostReply { host_id: hello.host_id }))
+        Ok(Response::new(pb::AddHostReply {
+            host_id: hello.host_id,
+        }))
     }
 
-    async fn remove_host(&self, req: Request<pb::RemoveHostRequest>) -> Result<Response<pb::RemoveHostReply>, Status> {
+    async fn remove_host(
+        &self,
+        req: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
@@ -184,7 +238,12 @@ impl Admin for AdminService {
             )));
         }
         self.tracker.remove_member(req.host_id).await?;
-        let cmd = pb::Command { op: Some(Op::RemoveHost(pb::RemoveHost { host_id: req.host_id })), ..Default::default() };
+        let cmd = pb::Command {
+            op: Some(Op::RemoveHost(pb::RemoveHost {
+                host_id: req.host_id,
+            })),
+            ..Default::default()
+        };
         self.tracker.propose(cmd).await?;
         tracing::info!(host = format!("{:016x}", req.host_id), "host removed");
         Ok(Response::new(pb::RemoveHostReply {}))
@@ -196,32 +255,87 @@ impl Admin for AdminService {
         self.require_leader()?;
         let (blocks_held, at_risk) = self.tracker.ship_check(req.host_id).await?;
         if !at_risk.is_empty() && !req.force {
-            tracing::warn!(host = format!("{:016x}", req.host_id), files = at_risk.len(), "refused to ship: files at risk");
-            return Ok(Response::new(pb::ShipReply { shipped: false, at_risk, blocks_held, until_ns: 0 }));
+            tracing::warn!(
+                host = format!("{:016x}", req.host_id),
+                files = at_risk.len(),
+                "refused to ship: files at risk"
+            );
+            return Ok(Response::new(pb::ShipReply {
+                shipped: false,
+                at_risk,
+                blocks_held,
+                until_ns: 0,
+            }));
         }
-        let away = Duration::from_millis(if req.away_ms == 0 { DEFAULT_AWAY_MS } else { req.away_ms });
-        let until_ns = failsafe_tracker::wall_clock_ns().saturating_add(away.as_nanos().min(i64::MAX as u128) as i64);
-        let op = Op::SetHostState(pb::SetHostState { host_id: req.host_id, state: "away".into(), until_ns });
-        let reply = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+        let away = Duration::from_millis(if req.away_ms == 0 {
+            DEFAULT_AWAY_MS
+        } else {
+            req.away_ms
+        });
+        let until_ns = failsafe_tracker::wall_clock_ns()
+            .saturating_add(away.as_nanos().min(i64::MAX as u128) as i64);
+        let op = Op::SetHostState(pb::SetHostState {
+            host_id: req.host_id,
+            state: "away".into(),
+            until_ns,
+        });
+        let reply = self
+            .tracker
+            .propose(pb::Command {
+                op: Some(op),
+                ..Default::default()
+            })
+            .await?;
         if let Some(pb::command_result::Result::Error(e)) = reply.result {
             return Err(Status::invalid_argument(e.message));
         }
-        tracing::info!(host = format!("{:016x}", req.host_id), ?away, blocks_held, "host shipped: its absence starts no re-replication");
-        Ok(Response::new(pb::ShipReply { shipped: true, at_risk, blocks_held, until_ns }))
+        tracing::info!(
+            host = format!("{:016x}", req.host_id),
+            ?away,
+            blocks_held,
+            "host shipped: its absence starts no re-replication"
+        );
+        Ok(Response::new(pb::ShipReply {
+            shipped: true,
+            at_risk,
+            blocks_held,
+            until_ns,
+        }))
     }
 
-    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
-        let op = Op::SetHostState(pb::SetHostState { host_id: req.host_id, state: "draining".into(), until_ns: 0 });
-        let reply = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+        let op = Op::SetHostState(pb::SetHostState {
+            host_id: req.host_id,
+            state: "draining".into(),
+            until_ns: 0,
+        });
+        let reply = self
+            .tracker
+            .propose(pb::Command {
+                op: Some(op),
+                ..Default::default()
+            })
+            .await?;
         if let Some(pb::command_result::Result::Error(e)) = reply.result {
             return Err(Status::invalid_argument(e.message));
         }
         let (blocks_held, to_move) = self.tracker.drain_remaining(req.host_id).await?;
-        tracing::info!(host = format!("{:016x}", req.host_id), blocks_held, to_move, "draining host: its copies move elsewhere");
-        Ok(Response::new(pb::DrainReply { blocks_held, to_move }))
+        tracing::info!(
+            host = format!("{:016x}", req.host_id),
+            blocks_held,
+            to_move,
+            "draining host: its copies move elsewhere"
+        );
+        Ok(Response::new(pb::DrainReply {
+            blocks_held,
+            to_move,
+        }))
     }
 
     async fn update_address(
@@ -239,13 +353,20 @@ impl Admin for AdminService {
             )));
         }
         self.tracker.set_address(req.host_id, &req.addr).await?;
-        self.register(&pb::HelloReply { addr: req.addr.clone(), ..hello }).await?;
+        self.register(&pb::HelloReply {
+            addr: req.addr.clone(),
+            ..hello
+        })
+        .await?;
         tracing::info!(host = format!("{:016x}", req.host_id), addr = %req.addr, "host address updated");
         Ok(Response::new(pb::UpdateAddressReply {}))
     }
 
     /// The tracker's status, plus this host's repair, scrub and gc workers.
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
         let req = req.into_inner();
         // A host outside any cluster still says so, with its own identity.
         let cluster = self.tracker.cluster.get();

@@ -32,7 +32,9 @@ fn to_status(e: StoreError) -> Status {
         // record then); a device that is not here is another matter.
         StoreError::NotFound(_) => Status::not_found(e.to_string()),
         StoreError::NoSuchDevice(_) => Status::failed_precondition(e.to_string()),
-        StoreError::HashMismatch { .. } | StoreError::TooLarge(_) => Status::invalid_argument(e.to_string()),
+        StoreError::HashMismatch { .. } | StoreError::TooLarge(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
         StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
         StoreError::Io { .. } => Status::internal(e.to_string()),
@@ -40,11 +42,18 @@ fn to_status(e: StoreError) -> Status {
 }
 
 fn hash_arg(bytes: &[u8]) -> Result<[u8; 32], Status> {
-    parse_hash(bytes).ok_or_else(|| Status::invalid_argument(format!("a block hash is 32 bytes, not {}", bytes.len())))
+    parse_hash(bytes).ok_or_else(|| {
+        Status::invalid_argument(format!("a block hash is 32 bytes, not {}", bytes.len()))
+    })
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("block I/O task: {e}")))?.map_err(to_status)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("block I/O task: {e}")))?
+        .map_err(to_status)
 }
 
 type ChunkStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -67,9 +76,15 @@ impl BlocksService {
 
 #[tonic::async_trait]
 impl Blocks for BlocksService {
-    async fn put(&self, req: Request<Streaming<pb::PutChunk>>) -> Result<Response<pb::PutReply>, Status> {
+    async fn put(
+        &self,
+        req: Request<Streaming<pb::PutChunk>>,
+    ) -> Result<Response<pb::PutReply>, Status> {
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty block stream"))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty block stream"))?;
         self.check(first.header.as_ref())?;
         let hash = hash_arg(&first.hash)?;
         let size = first.size as usize;
@@ -77,7 +92,11 @@ impl Blocks for BlocksService {
             return self.count_error(Err(to_status(StoreError::TooLarge(size))));
         }
         let device = if first.device_id == 0 {
-            self.store.device_ids().first().copied().ok_or_else(|| Status::failed_precondition("no devices"))?
+            self.store
+                .device_ids()
+                .first()
+                .copied()
+                .ok_or_else(|| Status::failed_precondition("no devices"))?
         } else {
             first.device_id
         };
@@ -85,18 +104,25 @@ impl Blocks for BlocksService {
         data.extend_from_slice(&first.data);
         while let Some(chunk) = stream.message().await? {
             if data.len() + chunk.data.len() > size {
-                return self.count_error(Err(Status::invalid_argument("block longer than its declared size")));
+                return self.count_error(Err(Status::invalid_argument(
+                    "block longer than its declared size",
+                )));
             }
             data.extend_from_slice(&chunk.data);
         }
         if data.len() != size {
-            return self.count_error(Err(Status::invalid_argument("block shorter than its declared size")));
+            return self.count_error(Err(Status::invalid_argument(
+                "block shorter than its declared size",
+            )));
         }
         let store = self.store.clone();
         self.count_error(blocking(move || store.put(device, &hash, &data)).await)?;
         inc(&self.metrics.block_puts, 1);
         inc(&self.metrics.block_put_bytes, size as u64);
-        Ok(Response::new(pb::PutReply { device_id: device, size: size as u64 }))
+        Ok(Response::new(pb::PutReply {
+            device_id: device,
+            size: size as u64,
+        }))
     }
 
     type GetStream = ChunkStream<pb::GetChunk>;
@@ -110,7 +136,9 @@ impl Blocks for BlocksService {
         let chunks: Vec<Result<pb::GetChunk, Status>> = if data.is_empty() {
             vec![Ok(pb::GetChunk { data: Vec::new() })]
         } else {
-            data.chunks(CHUNK).map(|c| Ok(pb::GetChunk { data: c.to_vec() })).collect()
+            data.chunks(CHUNK)
+                .map(|c| Ok(pb::GetChunk { data: c.to_vec() }))
+                .collect()
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
@@ -121,7 +149,11 @@ impl Blocks for BlocksService {
         if req.hashes.len() > 10_000 {
             return Err(Status::invalid_argument("at most 10000 hashes per request"));
         }
-        let hashes = req.hashes.iter().map(|h| hash_arg(h)).collect::<Result<Vec<_>, _>>()?;
+        let hashes = req
+            .hashes
+            .iter()
+            .map(|h| hash_arg(h))
+            .collect::<Result<Vec<_>, _>>()?;
         let store = self.store.clone();
         let device = req.device_id;
         let device_ids = blocking(move || {
@@ -131,7 +163,9 @@ impl Blocks for BlocksService {
                     if device == 0 {
                         Ok(store.has(h).unwrap_or(0))
                     } else {
-                        store.has_on(device, h).map(|on| if on { device } else { 0 })
+                        store
+                            .has_on(device, h)
+                            .map(|on| if on { device } else { 0 })
                     }
                 })
                 .collect()
@@ -142,7 +176,10 @@ impl Blocks for BlocksService {
 
     type InventoryStream = ChunkStream<pb::InventoryChunk>;
 
-    async fn inventory(&self, req: Request<pb::InventoryRequest>) -> Result<Response<Self::InventoryStream>, Status> {
+    async fn inventory(
+        &self,
+        req: Request<pb::InventoryRequest>,
+    ) -> Result<Response<Self::InventoryStream>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         let store = self.store.clone();
@@ -154,7 +191,11 @@ impl Blocks for BlocksService {
                 Ok(pb::InventoryChunk {
                     entries: c
                         .iter()
-                        .map(|(h, size, d)| pb::InventoryEntry { hash: h.to_vec(), size: *size, device_id: *d })
+                        .map(|(h, size, d)| pb::InventoryEntry {
+                            hash: h.to_vec(),
+                            size: *size,
+                            device_id: *d,
+                        })
                         .collect(),
                 })
             })
@@ -162,7 +203,10 @@ impl Blocks for BlocksService {
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
-    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteReply>, Status> {
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         let hash = hash_arg(&req.hash)?;
@@ -173,10 +217,16 @@ impl Blocks for BlocksService {
             inc(&self.metrics.gc_files_deleted, 1);
             inc(&self.metrics.gc_bytes_deleted, bytes);
         }
-        Ok(Response::new(pb::DeleteReply { existed: removal != Removal::Absent, kept: removal == Removal::TooRecent }))
+        Ok(Response::new(pb::DeleteReply {
+            existed: removal != Removal::Absent,
+            kept: removal == Removal::TooRecent,
+        }))
     }
 
-    async fn signature(&self, req: Request<pb::SignatureRequest>) -> Result<Response<pb::SignatureReply>, Status> {
+    async fn signature(
+        &self,
+        req: Request<pb::SignatureRequest>,
+    ) -> Result<Response<pb::SignatureReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         let base = self.read_block(&req.hash, req.device_id).await?;
@@ -186,7 +236,10 @@ impl Blocks for BlocksService {
         Ok(Response::new(pb::SignatureReply { signature }))
     }
 
-    async fn delta(&self, req: Request<pb::DeltaRequest>) -> Result<Response<pb::DeltaReply>, Status> {
+    async fn delta(
+        &self,
+        req: Request<pb::DeltaRequest>,
+    ) -> Result<Response<pb::DeltaReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         let data = self.read_block(&req.hash, req.device_id).await?;
@@ -198,7 +251,10 @@ impl Blocks for BlocksService {
         Ok(Response::new(pb::DeltaReply { delta: d, size }))
     }
 
-    async fn put_delta(&self, req: Request<pb::PutDeltaRequest>) -> Result<Response<pb::PutReply>, Status> {
+    async fn put_delta(
+        &self,
+        req: Request<pb::PutDeltaRequest>,
+    ) -> Result<Response<pb::PutReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         let hash = hash_arg(&req.hash)?;
@@ -209,19 +265,22 @@ impl Blocks for BlocksService {
         let received = req.delta.len() as u64;
         let store = self.store.clone();
         let device = req.device_id;
-        let size = self
-            .count_error(
-                tokio::task::spawn_blocking(move || -> Result<u64, Status> {
-                    let data = delta::apply(&base, &req.delta, &hash).map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    store.put(device, &hash, &data).map_err(to_status)?;
-                    Ok(data.len() as u64)
-                })
-                .await
-                .map_err(|e| Status::internal(format!("delta task: {e}")))?,
-            )?;
+        let size = self.count_error(
+            tokio::task::spawn_blocking(move || -> Result<u64, Status> {
+                let data = delta::apply(&base, &req.delta, &hash)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                store.put(device, &hash, &data).map_err(to_status)?;
+                Ok(data.len() as u64)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("delta task: {e}")))?,
+        )?;
         inc(&self.metrics.delta_puts, 1);
         inc(&self.metrics.delta_put_bytes, received);
-        Ok(Response::new(pb::PutReply { device_id: device, size }))
+        Ok(Response::new(pb::PutReply {
+            device_id: device,
+            size,
+        }))
     }
 }
 

@@ -108,8 +108,16 @@ impl RawConfig {
             listen: self.listen.or(file.listen),
             advertise: self.advertise.or(file.advertise),
             zone: self.zone.or(file.zone),
-            devices: if self.devices.is_empty() { file.devices } else { self.devices },
-            join: if self.join.is_empty() { file.join } else { self.join },
+            devices: if self.devices.is_empty() {
+                file.devices
+            } else {
+                self.devices
+            },
+            join: if self.join.is_empty() {
+                file.join
+            } else {
+                self.join
+            },
             cluster_id: self.cluster_id.or(file.cluster_id),
             rpc_timeout_ms: self.rpc_timeout_ms.or(file.rpc_timeout_ms),
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
@@ -187,7 +195,8 @@ impl Config {
     pub fn load(file: Option<&std::path::Path>, flags: RawConfig) -> anyhow::Result<Config> {
         let from_file = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => RawConfig::default(),
@@ -196,18 +205,28 @@ impl Config {
     }
 
     pub fn validate(raw: RawConfig) -> anyhow::Result<Config> {
-        let Some(data_dir) = raw.data_dir else { bail!("data_dir: required (where this host keeps its state)") };
+        let Some(data_dir) = raw.data_dir else {
+            bail!("data_dir: required (where this host keeps its state)")
+        };
         let listen = raw.listen.unwrap_or_else(|| "0.0.0.0:7000".into());
-        let listen_addr: SocketAddr = listen.parse().with_context(|| format!("listen: {listen:?} is not host:port"))?;
+        let listen_addr: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("listen: {listen:?} is not host:port"))?;
         if let Some(a) = &raw.advertise {
-            if a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if a.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 bail!("advertise: {a:?} is not host:port");
             }
         } else if listen_addr.ip().is_unspecified() && listen_addr.port() != 0 {
             bail!("advertise: required when listen ({listen}) is a wildcard address");
         }
         let zone = raw.zone.unwrap_or_else(|| "default".into());
-        if zone.is_empty() || zone.len() > 64 || zone.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if zone.is_empty()
+            || zone.len() > 64
+            || zone.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             bail!("zone: {zone:?} must be 1 to 64 printable characters without spaces");
         }
         if !raw.join.is_empty() && raw.cluster_id.is_none() {
@@ -217,14 +236,19 @@ impl Config {
         tracker.heartbeat_ms = raw.heartbeat_ms.unwrap_or(tracker.heartbeat_ms);
         tracker.election_min_ms = raw.election_min_ms.unwrap_or(tracker.election_min_ms);
         tracker.election_max_ms = raw.election_max_ms.unwrap_or(tracker.election_max_ms);
-        if tracker.election_min_ms <= tracker.heartbeat_ms || tracker.election_max_ms <= tracker.election_min_ms {
+        if tracker.election_min_ms <= tracker.heartbeat_ms
+            || tracker.election_max_ms <= tracker.election_min_ms
+        {
             bail!("election_min_ms/election_max_ms: need heartbeat_ms < election_min_ms < election_max_ms");
         }
         tracker.snapshot_logs = raw.snapshot_logs.unwrap_or(tracker.snapshot_logs).max(1);
         tracker.keep_logs = raw.keep_logs.unwrap_or(tracker.keep_logs);
         tracker.class.copies = raw.copies.unwrap_or(tracker.class.copies);
         tracker.class.write_quorum = raw.write_quorum.unwrap_or(tracker.class.write_quorum);
-        if tracker.class.copies == 0 || tracker.class.write_quorum == 0 || tracker.class.write_quorum > tracker.class.copies {
+        if tracker.class.copies == 0
+            || tracker.class.write_quorum == 0
+            || tracker.class.write_quorum > tracker.class.copies
+        {
             bail!("copies/write_quorum: need 1 <= write_quorum <= copies");
         }
         tracker.dead_after_ms = raw.dead_after_ms.unwrap_or(tracker.dead_after_ms);
@@ -253,8 +277,14 @@ impl Config {
         if grace_ms < 1000 {
             bail!("gc_grace_ms: {grace_ms} is under 1000 (it must cover a write between storing its blocks and committing them)");
         }
-        let gc = GcConfig { grace: Duration::from_millis(grace_ms) };
-        let devices = if raw.devices.is_empty() { vec![data_dir.join("blocks")] } else { raw.devices };
+        let gc = GcConfig {
+            grace: Duration::from_millis(grace_ms),
+        };
+        let devices = if raw.devices.is_empty() {
+            vec![data_dir.join("blocks")]
+        } else {
+            raw.devices
+        };
         Ok(Config {
             data_dir,
             listen,
@@ -279,13 +309,21 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_errors_name_the_field() {
-        let file: RawConfig = toml::from_str("data_dir = '/d'\nzone = 'a'\nlisten = '127.0.0.1:1'").unwrap();
-        let flags = RawConfig { zone: Some("b".into()), ..Default::default() };
+        let file: RawConfig =
+            toml::from_str("data_dir = '/d'\nzone = 'a'\nlisten = '127.0.0.1:1'").unwrap();
+        let flags = RawConfig {
+            zone: Some("b".into()),
+            ..Default::default()
+        };
         let c = Config::validate(flags.merge(file)).unwrap();
         assert_eq!(c.zone, "b");
         assert_eq!(c.devices, vec![PathBuf::from("/d/blocks")]);
 
-        let err = Config::validate(RawConfig { data_dir: Some("/d".into()), ..Default::default() }).unwrap_err();
+        let err = Config::validate(RawConfig {
+            data_dir: Some("/d".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(err.to_string().starts_with("advertise:"), "{err}");
         let bad: Result<RawConfig, _> = toml::from_str("data_dir = '/d'\nzoen = 'a'");
         assert!(bad.is_err());
@@ -293,31 +331,81 @@ mod tests {
 
     #[test]
     fn repair_settings_default_and_are_checked() {
-        let base = || RawConfig { data_dir: Some("/d".into()), listen: Some("127.0.0.1:1".into()), ..Default::default() };
+        let base = || RawConfig {
+            data_dir: Some("/d".into()),
+            listen: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
         let c = Config::validate(base()).unwrap();
         assert_eq!(c.repair.interval, Duration::from_millis(1000));
         assert_eq!(c.repair.concurrency, 4);
         assert_eq!(c.repair.bytes_per_second, 64 << 20);
         assert_eq!(c.tracker.dead_after_ms, 600_000);
-        let file: RawConfig = toml::from_str("repair_concurrency = 2\ndead_after_ms = 5000").unwrap();
-        let c = Config::validate(RawConfig { repair_bandwidth_mb: Some(8), ..base() }.merge(file)).unwrap();
-        assert_eq!((c.repair.concurrency, c.repair.bytes_per_second, c.tracker.dead_after_ms), (2, 8 << 20, 5000));
+        let file: RawConfig =
+            toml::from_str("repair_concurrency = 2\ndead_after_ms = 5000").unwrap();
+        let c = Config::validate(
+            RawConfig {
+                repair_bandwidth_mb: Some(8),
+                ..base()
+            }
+            .merge(file),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.repair.concurrency,
+                c.repair.bytes_per_second,
+                c.tracker.dead_after_ms
+            ),
+            (2, 8 << 20, 5000)
+        );
         assert_eq!(c.scrub.bytes_per_second, 8 << 20);
         assert_eq!(c.scrub.interval, Duration::from_secs(86_400));
         assert_eq!(c.gc.grace, Duration::from_secs(600));
         assert_eq!(c.gc.interval(), Duration::from_secs(60));
         let file: RawConfig = toml::from_str("scrub_mb_per_s = 0\ngc_grace_ms = 2000").unwrap();
-        let c = Config::validate(RawConfig { scrub_interval_ms: Some(500), ..base() }.merge(file)).unwrap();
+        let c = Config::validate(
+            RawConfig {
+                scrub_interval_ms: Some(500),
+                ..base()
+            }
+            .merge(file),
+        )
+        .unwrap();
         assert_eq!(
             (c.scrub.bytes_per_second, c.scrub.interval, c.gc.grace),
             (0, Duration::from_millis(500), Duration::from_secs(2))
         );
         assert_eq!(c.gc.interval(), Duration::from_millis(500));
         for (raw, field) in [
-            (RawConfig { gc_grace_ms: Some(999), ..base() }, "gc_grace_ms:"),
-            (RawConfig { repair_concurrency: Some(0), ..base() }, "repair_concurrency:"),
-            (RawConfig { repair_bandwidth_mb: Some(0), ..base() }, "repair_bandwidth_mb:"),
-            (RawConfig { dead_after_ms: Some(10), ..base() }, "dead_after_ms:"),
+            (
+                RawConfig {
+                    gc_grace_ms: Some(999),
+                    ..base()
+                },
+                "gc_grace_ms:",
+            ),
+            (
+                RawConfig {
+                    repair_concurrency: Some(0),
+                    ..base()
+                },
+                "repair_concurrency:",
+            ),
+            (
+                RawConfig {
+                    repair_bandwidth_mb: Some(0),
+                    ..base()
+                },
+                "repair_bandwidth_mb:",
+            ),
+            (
+                RawConfig {
+                    dead_after_ms: Some(10),
+                    ..base()
+                },
+                "dead_after_ms:",
+            ),
         ] {
             let err = Config::validate(raw).unwrap_err().to_string();
             assert!(err.starts_with(field), "{err}");

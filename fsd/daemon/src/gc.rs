@@ -57,7 +57,13 @@ pub struct Gc {
 
 impl Gc {
     pub fn new(cfg: GcConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>) -> Gc {
-        Gc { cfg, store, metrics, sweep: Mutex::default(), state: Mutex::new("starting".into()) }
+        Gc {
+            cfg,
+            store,
+            metrics,
+            sweep: Mutex::default(),
+            state: Mutex::new("starting".into()),
+        }
     }
 
     pub fn set_state(&self, s: impl Into<String>) {
@@ -90,7 +96,11 @@ impl Gc {
         let swept = match self.sweep(tracker).await {
             Ok(more) => more,
             // No leader to ask, or this member cannot catch up: sweep later.
-            Err(e @ (TrackerError::NoQuorum(_) | TrackerError::NotLeader { .. } | TrackerError::NotInitialized)) => {
+            Err(
+                e @ (TrackerError::NoQuorum(_)
+                | TrackerError::NotLeader { .. }
+                | TrackerError::NotInitialized),
+            ) => {
                 self.set_state(format!("sweep waits for the tracker: {e}"));
                 return Ok(self.cfg.interval());
             }
@@ -110,14 +120,19 @@ impl Gc {
     /// grace period, then asks their holders to delete them. True if there
     /// may be more.
     async fn collect(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<bool> {
-        let Some((idle_before, garbage)) = tracker.garbage(self.cfg.grace, BATCH).await? else { return Ok(false) };
+        let Some((idle_before, garbage)) = tracker.garbage(self.cfg.grace, BATCH).await? else {
+            return Ok(false);
+        };
         if garbage.is_empty() {
             return Ok(false);
         }
         self.set_state(format!("collecting {} blocks", garbage.len()));
         let hashes: Vec<Vec<u8>> = garbage.iter().map(|b| b.hash.clone()).collect();
         let cmd = pb::Command {
-            op: Some(Op::ForgetBlocks(pb::ForgetBlocks { hashes: hashes.clone(), idle_before_ns: idle_before })),
+            op: Some(Op::ForgetBlocks(pb::ForgetBlocks {
+                hashes: hashes.clone(),
+                idle_before_ns: idle_before,
+            })),
             ..Default::default()
         };
         if let Some(pb::command_result::Result::Error(e)) = tracker.propose(cmd).await?.result {
@@ -137,7 +152,9 @@ impl Gc {
             forgotten += 1;
             tracing::debug!(block = %hash_hex(&block.hash), holders = ?block.holders, "forgot unreferenced block");
             for &device in &block.holders {
-                let Some((host, addr)) = locations.get(&device) else { continue };
+                let Some((host, addr)) = locations.get(&device) else {
+                    continue;
+                };
                 // A holder that is not up sweeps its copy itself when it is back.
                 if tracker.liveness(*host).health() == HostHealth::Up {
                     deletes.push((block.hash.clone(), device, addr.clone()));
@@ -159,7 +176,11 @@ impl Gc {
             .buffer_unordered(DELETES_AT_ONCE)
             .fold(0, |n, f| async move { n + f })
             .await;
-        tracing::info!(blocks = forgotten, failed_deletes = failed, "collected unreferenced blocks");
+        tracing::info!(
+            blocks = forgotten,
+            failed_deletes = failed,
+            "collected unreferenced blocks"
+        );
         Ok(garbage.len() >= BATCH)
     }
 
@@ -175,13 +196,23 @@ impl Gc {
                 if s.last_started.is_some_and(|t| t.elapsed() < self.cfg.grace) {
                     return Ok(false);
                 }
-                *s = Sweep { started: Some(Instant::now()), last_started: s.last_started, ..Sweep::default() };
+                *s = Sweep {
+                    started: Some(Instant::now()),
+                    last_started: s.last_started,
+                    ..Sweep::default()
+                };
             }
             if s.device >= devices.len() {
                 if s.deleted > 0 {
-                    tracing::info!(files = s.deleted, "swept block files the tracker has no record of");
+                    tracing::info!(
+                        files = s.deleted,
+                        "swept block files the tracker has no record of"
+                    );
                 }
-                *s = Sweep { last_started: s.started, ..Sweep::default() };
+                *s = Sweep {
+                    last_started: s.started,
+                    ..Sweep::default()
+                };
                 return Ok(false);
             }
             (s.device, s.after)
@@ -200,24 +231,42 @@ impl Gc {
             }
         };
         let Some(last) = listed.last().map(|b| b.hash) else {
-            next(&mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()), None);
+            next(
+                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
+                None,
+            );
             return Ok(true);
         };
-        let cutoff = SystemTime::now().checked_sub(self.cfg.grace).unwrap_or(SystemTime::UNIX_EPOCH);
-        let old: Vec<Vec<u8>> = listed.iter().filter(|b| b.stored_at < cutoff).map(|b| b.hash.to_vec()).collect();
+        let cutoff = SystemTime::now()
+            .checked_sub(self.cfg.grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let old: Vec<Vec<u8>> = listed
+            .iter()
+            .filter(|b| b.stored_at < cutoff)
+            .map(|b| b.hash.to_vec())
+            .collect();
         if old.is_empty() {
-            next(&mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()), Some(last));
+            next(
+                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
+                Some(last),
+            );
             return Ok(true);
         }
         self.set_state(format!("sweeping device {device:016x}"));
         let Some(recorded) = tracker.copies_on(device, old.clone()).await? else {
             // Not a device the tracker knows as this host's (not reported
             // yet, or this host is no longer a member): not ours to judge.
-            next(&mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()), None);
+            next(
+                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
+                None,
+            );
             return Ok(true);
         };
-        let unrecorded: Vec<Hash> =
-            old.into_iter().filter(|h| !recorded.contains(h)).filter_map(|h| failsafe_core::parse_hash(&h)).collect();
+        let unrecorded: Vec<Hash> = old
+            .into_iter()
+            .filter(|h| !recorded.contains(h))
+            .filter_map(|h| failsafe_core::parse_hash(&h))
+            .collect();
         let store = self.store.clone();
         let grace = self.cfg.grace;
         let removed = tokio::task::spawn_blocking(move || {

@@ -11,7 +11,13 @@ pub struct Reply {
     pub body: String,
 }
 
-pub fn request(port: u16, method: &str, path: &str, body: &str, cookie: &str) -> std::io::Result<Reply> {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &str,
+    cookie: &str,
+) -> std::io::Result<Reply> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let req = format!(
@@ -24,8 +30,16 @@ Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{bo
     s.read_to_end(&mut raw)?;
     let raw = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok(Reply { status, headers: head.to_lowercase(), body: body.to_string() })
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok(Reply {
+        status,
+        headers: head.to_lowercase(),
+        body: body.to_string(),
+    })
 }
 
 /// The `value` of the form input named `name` in a page we generated.

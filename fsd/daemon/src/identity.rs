@@ -14,7 +14,8 @@ pub struct Identity {
 fn write_durably(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -26,7 +27,8 @@ fn write_durably(path: &Path, text: &str) -> anyhow::Result<()> {
 
 impl Identity {
     pub fn load_or_create(dir: &Path) -> anyhow::Result<Identity> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("host.id");
         let host_id = match std::fs::read_to_string(&path) {
             Ok(s) => u64::from_str_radix(s.trim(), 16)
@@ -41,7 +43,10 @@ impl Identity {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        Ok(Identity { dir: dir.to_path_buf(), host_id })
+        Ok(Identity {
+            dir: dir.to_path_buf(),
+            host_id,
+        })
     }
 
     pub fn cluster_id(&self) -> anyhow::Result<String> {

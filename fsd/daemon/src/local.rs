@@ -73,7 +73,9 @@ impl Drop for Stopped {
 /// loopback port; returns once it accepts connections.
 pub fn start_wiki(mut cmd: Command, data: &Path) -> anyhow::Result<(Stopped, u16)> {
     std::fs::create_dir_all(data)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let child = cmd
         .args(["serve", "--data"])
         .arg(data)
@@ -105,7 +107,8 @@ pub fn is_mounted(path: &Path) -> bool {
 pub fn in_netns(cmd: &mut Command, ns: &Path) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let file = std::fs::File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
+    let file = std::fs::File::open(ns)
+        .with_context(|| format!("opening network namespace {}", ns.display()))?;
     // SAFETY: between fork and exec the closure only calls setns(2), which is
     // async-signal-safe; `file` is moved in and outlives the call.
     unsafe {
@@ -145,7 +148,13 @@ impl LocalMount {
     /// Mounts `spec` (`HOST:PORT,...:/`) at `path` with `-o opts`, logging to
     /// `log`; `cmd` is the `mount-failsafe` command, possibly prepared (a
     /// namespace, a parent-death signal). Returns once the path is mounted.
-    pub fn start(mut cmd: Command, spec: &str, path: &Path, opts: &str, log: &Path) -> anyhow::Result<LocalMount> {
+    pub fn start(
+        mut cmd: Command,
+        spec: &str,
+        path: &Path,
+        opts: &str,
+        log: &Path,
+    ) -> anyhow::Result<LocalMount> {
         std::fs::create_dir_all(path)?;
         let child = cmd
             .arg(spec)
@@ -159,14 +168,25 @@ impl LocalMount {
             .stderr(std::fs::File::options().append(true).open(log)?)
             .spawn()
             .context("starting mount-failsafe")?;
-        let mut m = LocalMount { path: path.to_path_buf(), log: log.to_path_buf(), child: Some(child) };
+        let mut m = LocalMount {
+            path: path.to_path_buf(),
+            log: log.to_path_buf(),
+            child: Some(child),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(path) {
             if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
-                bail!("mount-failsafe exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
+                bail!(
+                    "mount-failsafe exited with {st}: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} was not mounted within 30 s; see {}", path.display(), log.display());
+                bail!(
+                    "{} was not mounted within 30 s; see {}",
+                    path.display(),
+                    log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -203,13 +223,19 @@ pub struct LocalCluster {
 /// The `fsd` binary next to the running one (target/debug or an install dir).
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("executable without a directory")?.to_path_buf();
+    let mut dir = exe
+        .parent()
+        .context("executable without a directory")?
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
     let path = dir.join(name);
     if !path.exists() {
-        bail!("{} not found (build it with `cargo build --bin {name}`)", path.display());
+        bail!(
+            "{} not found (build it with `cargo build --bin {name}`)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -228,17 +254,33 @@ impl LocalCluster {
 
     /// Starts one fsd per zone, data dirs under `root/<zone>`, each on
     /// `base_port + i` (or a free port when `base_port` is 0).
-    pub fn start(root: &Path, zones: &[&str], fsd: &Path, base_port: u16, extra: &[String]) -> anyhow::Result<LocalCluster> {
+    pub fn start(
+        root: &Path,
+        zones: &[&str],
+        fsd: &Path,
+        base_port: u16,
+        extra: &[String],
+    ) -> anyhow::Result<LocalCluster> {
         let mut c = LocalCluster::new(fsd, extra);
         for (i, zone) in zones.iter().enumerate() {
-            let port = if base_port == 0 { 0 } else { base_port + i as u16 };
+            let port = if base_port == 0 {
+                0
+            } else {
+                base_port + i as u16
+            };
             c.add_host(&root.join(format!("host-{zone}")), zone, port, &[])?;
         }
         Ok(c)
     }
 
     /// Starts one more host (not yet a member) and returns its index.
-    pub fn add_host(&mut self, dir: &Path, zone: &str, port: u16, extra: &[String]) -> anyhow::Result<usize> {
+    pub fn add_host(
+        &mut self,
+        dir: &Path,
+        zone: &str,
+        port: u16,
+        extra: &[String],
+    ) -> anyhow::Result<usize> {
         let i = self.define_host(dir, zone, extra);
         self.spawn(i, port)?;
         Ok(i)
@@ -270,7 +312,10 @@ impl LocalCluster {
         std::fs::create_dir_all(&h.dir)?;
         let addr_file = h.dir.join("fsd.addr");
         let _ = std::fs::remove_file(&addr_file);
-        let log = OpenOptions::new().create(true).append(true).open(h.dir.join("fsd.log"))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(h.dir.join("fsd.log"))?;
         let mut cmd = Command::new(&self.fsd);
         if let Some(ns) = &h.netns {
             in_netns(&mut cmd, ns)?;
@@ -303,10 +348,18 @@ impl LocalCluster {
                 }
             }
             if let Some(Ok(Some(status))) = h.child.as_mut().map(Child::try_wait) {
-                bail!("fsd in zone {} exited with {status}; see {}", h.zone, h.log_path().display());
+                bail!(
+                    "fsd in zone {} exited with {status}; see {}",
+                    h.zone,
+                    h.log_path().display()
+                );
             }
             if Instant::now() > deadline {
-                bail!("fsd in zone {} did not start listening; see {}", h.zone, h.log_path().display());
+                bail!(
+                    "fsd in zone {} did not start listening; see {}",
+                    h.zone,
+                    h.log_path().display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -317,7 +370,11 @@ impl LocalCluster {
     }
 
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig { addrs: self.addrs(), cluster_id: Some(self.cluster_id.clone()), ..ClientConfig::default() }
+        ClientConfig {
+            addrs: self.addrs(),
+            cluster_id: Some(self.cluster_id.clone()),
+            ..ClientConfig::default()
+        }
     }
 
     pub async fn client(&self) -> anyhow::Result<Client> {
@@ -334,16 +391,24 @@ impl LocalCluster {
             .with_context(|| format!("init at {first}"))?
             .into_inner();
         self.cluster_id = init.cluster_id;
-        let client = Client::connect(ClientConfig { addrs: vec![first], ..self.client_config() }).await?;
+        let client = Client::connect(ClientConfig {
+            addrs: vec![first],
+            ..self.client_config()
+        })
+        .await?;
         for i in 1..self.hosts.len() {
             self.admit(i, &client).await?;
         }
         let client = self.client().await?;
-        self.wait_for(Duration::from_secs(30), "all hosts voters and devices reported", |s| {
-            s.hosts.iter().filter(|h| h.voter).count() == self.hosts.len()
-                && s.devices.len() >= self.hosts.len()
-                && s.leader_id != 0
-        })
+        self.wait_for(
+            Duration::from_secs(30),
+            "all hosts voters and devices reported",
+            |s| {
+                s.hosts.iter().filter(|h| h.voter).count() == self.hosts.len()
+                    && s.devices.len() >= self.hosts.len()
+                    && s.leader_id != 0
+            },
+        )
         .await?;
         Ok(client)
     }
@@ -353,10 +418,16 @@ impl LocalCluster {
     pub async fn admit(&self, i: usize, client: &Client) -> anyhow::Result<()> {
         let addr = &self.hosts[i].addr;
         admin_for(addr, Duration::from_secs(10))?
-            .adopt(pb::AdoptRequest { header: Some(header("")), cluster_id: self.cluster_id.clone() })
+            .adopt(pb::AdoptRequest {
+                header: Some(header("")),
+                cluster_id: self.cluster_id.clone(),
+            })
             .await
             .with_context(|| format!("adopt at {addr}"))?;
-        client.add_host(addr).await.with_context(|| format!("adding {addr}"))?;
+        client
+            .add_host(addr)
+            .await
+            .with_context(|| format!("adding {addr}"))?;
         Ok(())
     }
 
@@ -407,7 +478,11 @@ impl LocalCluster {
     pub fn restart(&mut self, i: usize, same_port: bool) -> anyhow::Result<()> {
         self.kill(i);
         let port = if same_port {
-            self.hosts[i].addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+            self.hosts[i]
+                .addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(0)
         } else {
             0
         };
@@ -436,7 +511,11 @@ impl LocalCluster {
 
     /// A clean restart (SIGTERM, then start again on the same port).
     pub fn restart_graceful(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = self.hosts[i].addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
+        let port = self.hosts[i]
+            .addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(0);
         self.stop(i);
         self.spawn(i, port)
     }

@@ -101,12 +101,22 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
     }
 }
 
-pub fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
+pub fn gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    labels: &str,
+    value: impl std::fmt::Display,
+) {
     if !out.contains(&format!("# HELP {name} ")) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     }

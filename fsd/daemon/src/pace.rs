@@ -16,7 +16,10 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(rate: u64) -> Pacer {
-        Pacer { rate: rate.max(1), next: Mutex::new(Instant::now()) }
+        Pacer {
+            rate: rate.max(1),
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     /// Waits for a slot for `bytes`, reserving the time they take at the cap.
@@ -44,6 +47,10 @@ mod tests {
         p.take(500).await;
         p.take(500).await;
         // The third 500-byte transfer may start only after 1000 bytes' time.
-        assert!(start.elapsed() >= Duration::from_millis(999), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(999),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

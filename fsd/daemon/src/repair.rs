@@ -17,7 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failsafe_client::Client;
-use failsafe_core::{hash_hex, plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction, TrimAction};
+use failsafe_core::{
+    hash_hex, plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth,
+    RepairAction, TrimAction,
+};
 use failsafe_proto::pb::{self, command::Op};
 use failsafe_tracker::Tracker;
 use futures::StreamExt;
@@ -44,7 +47,9 @@ impl BadCopies {
     pub fn push(&self, hash: Vec<u8>, device: u64) {
         {
             let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-            if items.len() >= MAX_BAD_PENDING || items.iter().any(|(h, d)| *h == hash && *d == device) {
+            if items.len() >= MAX_BAD_PENDING
+                || items.iter().any(|(h, d)| *h == hash && *d == device)
+            {
                 return;
             }
             items.push((hash, device));
@@ -68,7 +73,10 @@ impl BadCopies {
     }
 
     fn is_empty(&self) -> bool {
-        self.items.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        self.items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }
 
@@ -78,7 +86,14 @@ pub fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
     for (h, d) in pairs {
         by_hash.entry(h.as_slice()).or_default().push(*d);
     }
-    by_hash.into_iter().map(|(h, device_ids)| pb::BlockCopies { hash: h.to_vec(), size: 0, device_ids }).collect()
+    by_hash
+        .into_iter()
+        .map(|(h, device_ids)| pb::BlockCopies {
+            hash: h.to_vec(),
+            size: 0,
+            device_ids,
+        })
+        .collect()
 }
 
 /// The repair worker's state, shared with `Admin.Status` and `/metrics`.
@@ -110,7 +125,12 @@ enum Outcome {
 }
 
 impl Repair {
-    pub fn new(cfg: RepairConfig, grace: Duration, metrics: Arc<Metrics>, bad: Arc<BadCopies>) -> Repair {
+    pub fn new(
+        cfg: RepairConfig,
+        grace: Duration,
+        metrics: Arc<Metrics>,
+        bad: Arc<BadCopies>,
+    ) -> Repair {
         let pacer = Pacer::new(cfg.bytes_per_second);
         Repair {
             cfg,
@@ -148,8 +168,16 @@ impl Repair {
     /// One round: on the leader, plan and carry out a batch of copies, then
     /// a batch of trims. Returns how long to wait before the next round.
     pub async fn round(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<Duration> {
-        let after = self.cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let extra_after = self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let after = self
+            .cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let extra_after = self
+            .extra_cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let view = match tracker.repair_view(after, extra_after, self.batch()).await {
             Ok(Some(v)) => v,
             Ok(None) => {
@@ -161,25 +189,47 @@ impl Repair {
                 return Err(e.into());
             }
         };
-        self.metrics.under_replicated.store(view.counts.under_replicated, Ordering::Relaxed);
+        self.metrics
+            .under_replicated
+            .store(view.counts.under_replicated, Ordering::Relaxed);
         let full = view.blocks.len() >= self.batch() || view.extra.len() >= self.batch();
-        *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = view.blocks.last().map(|b| b.hash.clone()).unwrap_or_default();
-        *self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()) =
-            view.extra.last().map(|b| b.hash.clone()).unwrap_or_default();
-        let addrs: HashMap<u64, String> = view.devices.iter().map(|(d, a)| (d.candidate.device_id, a.clone())).collect();
+        *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = view
+            .blocks
+            .last()
+            .map(|b| b.hash.clone())
+            .unwrap_or_default();
+        *self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()) = view
+            .extra
+            .last()
+            .map(|b| b.hash.clone())
+            .unwrap_or_default();
+        let addrs: HashMap<u64, String> = view
+            .devices
+            .iter()
+            .map(|(d, a)| (d.candidate.device_id, a.clone()))
+            .collect();
         let devices: Vec<DeviceView> = view.devices.into_iter().map(|(d, _)| d).collect();
         let mut plan = plan_repair(&view.blocks, &devices, tracker.class.copies);
         for a in &mut plan {
             a.sources.retain(|d| !view.no_source.contains(d));
         }
         let trims = plan_trim(&view.extra, &devices, tracker.class.copies);
-        let trims = self.confirm_kept(trims, &view.extra, &devices, &addrs, client).await;
+        let trims = self
+            .confirm_kept(trims, &view.extra, &devices, &addrs, client)
+            .await;
         if plan.is_empty() && trims.is_empty() {
             // Nothing short and nothing extra: move copies toward placement
             // (a new box gets its share), a slice of the blocks per round.
-            let after = self.rebalance_cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let after = self
+                .rebalance_cursor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             let blocks = tracker.referenced_after(after, REBALANCE_SLICE).await?;
-            *self.rebalance_cursor.lock().unwrap_or_else(|e| e.into_inner()) =
+            *self
+                .rebalance_cursor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
                 blocks.last().map(|b| b.hash.clone()).unwrap_or_default();
             let mut moves = plan_rebalance(&blocks, &devices, tracker.class.copies);
             for a in &mut moves {
@@ -188,12 +238,18 @@ impl Repair {
             moves.retain(|a| !a.sources.is_empty());
             if moves.is_empty() {
                 self.set_state("idle");
-                return Ok(if blocks.len() == REBALANCE_SLICE { Duration::from_millis(10) } else { self.cfg.interval });
+                return Ok(if blocks.len() == REBALANCE_SLICE {
+                    Duration::from_millis(10)
+                } else {
+                    self.cfg.interval
+                });
             }
             self.set_state(format!("rebalancing {} blocks", moves.len()));
             let copied = self.repair(moves, &addrs, tracker, client).await;
             inc(&self.metrics.rebalance_copies, copied as u64);
-            self.set_state(format!("idle (last round made {copied} copies for balance)"));
+            self.set_state(format!(
+                "idle (last round made {copied} copies for balance)"
+            ));
             return Ok(Duration::from_millis(10));
         }
         let copied = self.repair(plan, &addrs, tracker, client).await;
@@ -209,13 +265,25 @@ impl Repair {
                 }
             }
         };
-        self.set_state(format!("idle (last round made {copied} copies, trimmed {trimmed})"));
+        self.set_state(format!(
+            "idle (last round made {copied} copies, trimmed {trimmed})"
+        ));
         // A full batch means more work waits: go on at once.
-        Ok(if full { Duration::from_millis(10) } else { self.cfg.interval })
+        Ok(if full {
+            Duration::from_millis(10)
+        } else {
+            self.cfg.interval
+        })
     }
 
     /// Carries out a repair plan; returns the copies made.
-    async fn repair(&self, plan: Vec<RepairAction>, addrs: &HashMap<u64, String>, tracker: &Tracker, client: &Client) -> usize {
+    async fn repair(
+        &self,
+        plan: Vec<RepairAction>,
+        addrs: &HashMap<u64, String>,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> usize {
         if plan.is_empty() {
             return 0;
         }
@@ -235,7 +303,9 @@ impl Repair {
                     copied += landed.len();
                     tracing::info!(block = %hash_hex(&a.hash), copies = a.counted, to = ?landed, "repaired block");
                 }
-                Outcome::Failed(why) => tracing::warn!(block = %hash_hex(&a.hash), %why, "repair of block failed"),
+                Outcome::Failed(why) => {
+                    tracing::warn!(block = %hash_hex(&a.hash), %why, "repair of block failed")
+                }
             }
         }
         copied
@@ -254,11 +324,21 @@ impl Repair {
         addrs: &HashMap<u64, String>,
         client: &Client,
     ) -> Vec<TrimAction> {
-        let up: BTreeSet<u64> = devices.iter().filter(|d| d.health == HostHealth::Up).map(|d| d.candidate.device_id).collect();
+        let up: BTreeSet<u64> = devices
+            .iter()
+            .filter(|d| d.health == HostHealth::Up)
+            .map(|d| d.candidate.device_id)
+            .collect();
         let mut asks: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
         for a in &plan {
-            let Some(b) = blocks.iter().find(|b| b.hash == a.hash) else { continue };
-            for d in b.holders.iter().filter(|d| up.contains(d) && !a.drop.contains(d)) {
+            let Some(b) = blocks.iter().find(|b| b.hash == a.hash) else {
+                continue;
+            };
+            for d in b
+                .holders
+                .iter()
+                .filter(|d| up.contains(d) && !a.drop.contains(d))
+            {
                 asks.entry(*d).or_default().push(a.hash.clone());
             }
         }
@@ -288,7 +368,9 @@ impl Repair {
                 None => unsure.extend(hashes),
             }
         }
-        plan.into_iter().filter(|a| !unsure.contains(&a.hash)).collect()
+        plan.into_iter()
+            .filter(|a| !unsure.contains(&a.hash))
+            .collect()
     }
 
     /// Carries out a trim plan: drops the extra copies' records (keeping the
@@ -302,12 +384,23 @@ impl Repair {
         tracker: &Tracker,
         client: &Client,
     ) -> anyhow::Result<usize> {
-        let copies: Vec<pb::BlockCopies> =
-            plan.iter().map(|a| pb::BlockCopies { hash: a.hash.clone(), size: 0, device_ids: a.drop.clone() }).collect();
+        let copies: Vec<pb::BlockCopies> = plan
+            .iter()
+            .map(|a| pb::BlockCopies {
+                hash: a.hash.clone(),
+                size: 0,
+                device_ids: a.drop.clone(),
+            })
+            .collect();
         let keep = tracker.class.copies as u32;
-        let cmd = pb::Command { op: Some(Op::DropCopies(pb::DropCopies { copies, keep })), ..Default::default() };
+        let cmd = pb::Command {
+            op: Some(Op::DropCopies(pb::DropCopies { copies, keep })),
+            ..Default::default()
+        };
         propose(tracker, cmd).await?;
-        let now = tracker.recorded(plan.iter().map(|a| a.hash.clone()).collect()).await?;
+        let now = tracker
+            .recorded(plan.iter().map(|a| a.hash.clone()).collect())
+            .await?;
         let mut deletes = Vec::new();
         let mut dropped = 0;
         for (a, recorded) in plan.iter().zip(now) {
@@ -338,14 +431,24 @@ impl Repair {
             .collect::<Vec<()>>()
             .await;
         if dropped > 0 {
-            tracing::info!(copies = dropped, blocks = plan.len(), "trimmed copies beyond the copy count");
+            tracing::info!(
+                copies = dropped,
+                blocks = plan.len(),
+                "trimmed copies beyond the copy count"
+            );
         }
         Ok(dropped)
     }
 
     /// Fetches the block from the first live holder that has it intact, puts
     /// it on every target, and records the copies that landed.
-    async fn copy(&self, a: &RepairAction, addrs: &HashMap<u64, String>, tracker: &Tracker, client: &Client) -> Outcome {
+    async fn copy(
+        &self,
+        a: &RepairAction,
+        addrs: &HashMap<u64, String>,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> Outcome {
         let mut landed = Vec::new();
         let mut full = Vec::new();
         // A target that holds an older version of the block gets a delta.
@@ -363,7 +466,9 @@ impl Repair {
             match self.copy_whole(a, &full, addrs, client).await {
                 Ok(more) => landed.extend(more),
                 Err(why) if landed.is_empty() => return Outcome::Failed(why),
-                Err(why) => tracing::warn!(block = %hash_hex(&a.hash), %why, "some copies of a block did not land"),
+                Err(why) => {
+                    tracing::warn!(block = %hash_hex(&a.hash), %why, "some copies of a block did not land")
+                }
             }
         }
         self.record(a, landed, tracker).await
@@ -380,16 +485,28 @@ impl Repair {
         tracker: &Tracker,
         client: &Client,
     ) -> Result<bool, String> {
-        let Some(base) = tracker.delta_base(a.hash.clone(), target).await.map_err(|e| e.to_string())? else {
+        let Some(base) = tracker
+            .delta_base(a.hash.clone(), target)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
             return Ok(false);
         };
         let taddr = addrs.get(&target).ok_or("target has no address")?;
-        let signature = client.block_signature(taddr, target, &base).await.map_err(|s| format!("{taddr}: {}", s.message()))?;
+        let signature = client
+            .block_signature(taddr, target, &base)
+            .await
+            .map_err(|s| format!("{taddr}: {}", s.message()))?;
         let sig_len = signature.len() as u64;
         let mut why = String::from("no source");
         for &src in &a.sources {
-            let Some(saddr) = addrs.get(&src) else { continue };
-            let delta = match client.block_delta(saddr, src, &a.hash, signature.clone()).await {
+            let Some(saddr) = addrs.get(&src) else {
+                continue;
+            };
+            let delta = match client
+                .block_delta(saddr, src, &a.hash, signature.clone())
+                .await
+            {
                 Ok(d) => d,
                 Err(s) => {
                     why = format!("{saddr}: {}", s.message());
@@ -402,7 +519,10 @@ impl Repair {
             }
             let sent = delta.len() as u64;
             self.pacer.take(sent + sig_len).await;
-            client.put_delta(taddr, target, &a.hash, &base, delta).await.map_err(|s| format!("{taddr}: {}", s.message()))?;
+            client
+                .put_delta(taddr, target, &a.hash, &base, delta)
+                .await
+                .map_err(|s| format!("{taddr}: {}", s.message()))?;
             inc(&self.metrics.repair_blocks, 1);
             inc(&self.metrics.repair_bytes, sent);
             inc(&self.metrics.repair_delta_blocks, 1);
@@ -415,11 +535,19 @@ impl Repair {
 
     /// Reads block `a` from a live holder and puts it whole on `targets`;
     /// returns those it landed on.
-    async fn copy_whole(&self, a: &RepairAction, targets: &[u64], addrs: &HashMap<u64, String>, client: &Client) -> Result<Vec<u64>, String> {
+    async fn copy_whole(
+        &self,
+        a: &RepairAction,
+        targets: &[u64],
+        addrs: &HashMap<u64, String>,
+        client: &Client,
+    ) -> Result<Vec<u64>, String> {
         let mut data = None;
         let mut why = String::from("no source");
         for &src in &a.sources {
-            let Some(addr) = addrs.get(&src) else { continue };
+            let Some(addr) = addrs.get(&src) else {
+                continue;
+            };
             self.pacer.take(a.size).await;
             match client.get_block(addr, src, &a.hash).await {
                 Ok(d) => {
@@ -443,7 +571,9 @@ impl Repair {
         };
         let mut landed = Vec::new();
         for &target in targets {
-            let Some(addr) = addrs.get(&target) else { continue };
+            let Some(addr) = addrs.get(&target) else {
+                continue;
+            };
             self.pacer.take(a.size).await;
             match client.put_block(addr, target, &data).await {
                 Ok(()) => {
@@ -468,8 +598,15 @@ impl Repair {
         if landed.is_empty() {
             return Outcome::Failed("no copy landed".into());
         }
-        let copies = vec![pb::BlockCopies { hash: a.hash.clone(), size: a.size, device_ids: landed.clone() }];
-        let cmd = pb::Command { op: Some(Op::RecordCopies(pb::RecordCopies { copies })), ..Default::default() };
+        let copies = vec![pb::BlockCopies {
+            hash: a.hash.clone(),
+            size: a.size,
+            device_ids: landed.clone(),
+        }];
+        let cmd = pb::Command {
+            op: Some(Op::RecordCopies(pb::RecordCopies { copies })),
+            ..Default::default()
+        };
         match propose(tracker, cmd).await {
             Ok(()) => Outcome::Copied { landed },
             // The copies exist; a later round finds the block short again

@@ -53,10 +53,27 @@ pub struct Scrub {
 }
 
 impl Scrub {
-    pub fn new(cfg: ScrubConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>, bad: Arc<BadCopies>) -> Scrub {
+    pub fn new(
+        cfg: ScrubConfig,
+        store: Arc<BlockStore>,
+        metrics: Arc<Metrics>,
+        bad: Arc<BadCopies>,
+    ) -> Scrub {
         let pacer = Pacer::new(cfg.bytes_per_second);
-        let state = if cfg.bytes_per_second == 0 { "off" } else { "starting" };
-        Scrub { cfg, store, metrics, bad, pacer, progress: Mutex::default(), state: Mutex::new(state.into()) }
+        let state = if cfg.bytes_per_second == 0 {
+            "off"
+        } else {
+            "starting"
+        };
+        Scrub {
+            cfg,
+            store,
+            metrics,
+            bad,
+            pacer,
+            progress: Mutex::default(),
+            state: Mutex::new(state.into()),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -92,7 +109,10 @@ impl Scrub {
                         return Ok(wait.min(Duration::from_secs(60)));
                     }
                 }
-                *p = Progress { started: Some(Instant::now()), ..Progress::default() };
+                *p = Progress {
+                    started: Some(Instant::now()),
+                    ..Progress::default()
+                };
             }
             if p.device >= devices.len() {
                 self.finish_pass(&mut p);
@@ -100,9 +120,13 @@ impl Scrub {
             }
             (devices[p.device], p.after)
         };
-        self.set_state(format!("scrubbing pass {}", get(&self.metrics.scrub_passes) + 1));
+        self.set_state(format!(
+            "scrubbing pass {}",
+            get(&self.metrics.scrub_passes) + 1
+        ));
         let store = self.store.clone();
-        let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), BATCH)).await??;
+        let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), BATCH))
+            .await??;
         if batch.is_empty() {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.device += 1;
@@ -141,7 +165,10 @@ impl Scrub {
             devices = p.device,
             "scrub pass finished"
         );
-        *p = Progress { last_started: p.started, ..Progress::default() };
+        *p = Progress {
+            last_started: p.started,
+            ..Progress::default()
+        };
     }
 }
 
@@ -158,21 +185,28 @@ pub enum Verified {
 
 /// Re-reads block `hash` on `device` through the store's hash check; a
 /// corrupt copy is quarantined by the store and queued on `bad`.
-pub async fn verify(store: &Arc<BlockStore>, bad: &BadCopies, device: u64, hash: Hash) -> anyhow::Result<Verified> {
+pub async fn verify(
+    store: &Arc<BlockStore>,
+    bad: &BadCopies,
+    device: u64,
+    hash: Hash,
+) -> anyhow::Result<Verified> {
     let s = store.clone();
-    Ok(match tokio::task::spawn_blocking(move || s.get(&hash, Some(device))).await? {
-        Ok((_, data)) => Verified::Intact(data.len() as u64),
-        Err(StoreError::Corrupt { device, .. }) => {
-            tracing::warn!(block = %hash_hex(&hash), device = format!("{device:016x}"), "found a corrupt copy; its record goes and repair replaces it");
-            bad.push(hash.to_vec(), device);
-            Verified::Corrupt
-        }
-        Err(StoreError::NotFound(_)) => Verified::Unreadable,
-        Err(e) => {
-            tracing::warn!(block = %hash_hex(&hash), error = %e, "could not read a block");
-            Verified::Unreadable
-        }
-    })
+    Ok(
+        match tokio::task::spawn_blocking(move || s.get(&hash, Some(device))).await? {
+            Ok((_, data)) => Verified::Intact(data.len() as u64),
+            Err(StoreError::Corrupt { device, .. }) => {
+                tracing::warn!(block = %hash_hex(&hash), device = format!("{device:016x}"), "found a corrupt copy; its record goes and repair replaces it");
+                bad.push(hash.to_vec(), device);
+                Verified::Corrupt
+            }
+            Err(StoreError::NotFound(_)) => Verified::Unreadable,
+            Err(e) => {
+                tracing::warn!(block = %hash_hex(&hash), error = %e, "could not read a block");
+                Verified::Unreadable
+            }
+        },
+    )
 }
 
 fn rough(d: Duration) -> String {

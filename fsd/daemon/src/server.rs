@@ -9,8 +9,8 @@ use anyhow::Context;
 use failsafe_blockstore::BlockStore;
 use failsafe_client::{Client, ClientConfig};
 use failsafe_proto::pb::{
-    self, admin_server::AdminServer, blocks_server::BlocksServer, command::Op, metadata_server::MetadataServer,
-    raft_transport_server::RaftTransportServer,
+    self, admin_server::AdminServer, blocks_server::BlocksServer, command::Op,
+    metadata_server::MetadataServer, raft_transport_server::RaftTransportServer,
 };
 use failsafe_proto::MAX_MESSAGE_BYTES;
 use failsafe_tracker::{ClusterId, MetadataService, RaftService, Tracker};
@@ -62,7 +62,11 @@ fn usage_moved(prev: &[pb::DeviceInfo], now: &[pb::DeviceInfo]) -> bool {
 }
 
 /// Runs a host until `shutdown` completes.
-pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let local = listener.local_addr().context("listener address")?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
     let identity = Arc::new(Identity::load_or_create(&cfg.data_dir)?);
@@ -78,9 +82,14 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
     let store = Arc::new(BlockStore::open(&cfg.devices).context("opening devices")?);
     let cluster = ClusterId::new(cluster_id);
     let tracker = Arc::new(
-        Tracker::open(&cfg.data_dir.join("tracker"), identity.host_id, &cfg.tracker, cluster.clone())
-            .await
-            .context("opening the tracker")?,
+        Tracker::open(
+            &cfg.data_dir.join("tracker"),
+            identity.host_id,
+            &cfg.tracker,
+            cluster.clone(),
+        )
+        .await
+        .context("opening the tracker")?,
     );
     tracing::info!(
         host = format!("{:016x}", identity.host_id),
@@ -90,11 +99,23 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         devices = store.device_ids().len(),
         "fsd starting"
     );
-    tracker.guard_against_suspension(std::time::Duration::from_millis(cfg.tracker.election_max_ms));
+    tracker.guard_against_suspension(std::time::Duration::from_millis(
+        cfg.tracker.election_max_ms,
+    ));
     let metrics = Arc::new(Metrics::default());
     let bad = Arc::new(BadCopies::default());
-    let repair = Arc::new(Repair::new(cfg.repair.clone(), cfg.gc.grace, metrics.clone(), bad.clone()));
-    let scrub = Arc::new(Scrub::new(cfg.scrub.clone(), store.clone(), metrics.clone(), bad.clone()));
+    let repair = Arc::new(Repair::new(
+        cfg.repair.clone(),
+        cfg.gc.grace,
+        metrics.clone(),
+        bad.clone(),
+    ));
+    let scrub = Arc::new(Scrub::new(
+        cfg.scrub.clone(),
+        store.clone(),
+        metrics.clone(),
+        bad.clone(),
+    ));
     let gc = Arc::new(Gc::new(cfg.gc.clone(), store.clone(), metrics.clone()));
 
     let admin = AdminService {
@@ -108,15 +129,25 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         scrub: scrub.clone(),
         gc: gc.clone(),
     };
-    let blocks = BlocksService { store: store.clone(), cluster: cluster.clone(), metrics: metrics.clone(), bad: bad.clone() };
+    let blocks = BlocksService {
+        store: store.clone(),
+        cluster: cluster.clone(),
+        metrics: metrics.clone(),
+        bad: bad.clone(),
+    };
     let render = {
         let (tracker, store, metrics) = (tracker.clone(), store.clone(), metrics.clone());
         move || render_metrics(&tracker, &store, &metrics)
     };
-    let http = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(render())));
+    let http = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(render())),
+    );
     let routes = tonic::service::Routes::from(http)
         .add_service(
-            AdminServer::new(admin).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+            AdminServer::new(admin)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             MetadataServer::new(MetadataService::new(tracker.clone()))
@@ -129,7 +160,9 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            BlocksServer::new(blocks).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES),
+            BlocksServer::new(blocks)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
 
     let host = Arc::new(Host {
@@ -156,7 +189,11 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         tokio::spawn(worker("return", host.clone(), Host::return_step)),
     ];
     if host.scrub.enabled() {
-        workers.push(tokio::spawn(worker("scrub", host.clone(), Host::scrub_step)));
+        workers.push(tokio::spawn(worker(
+            "scrub",
+            host.clone(),
+            Host::scrub_step,
+        )));
     }
 
     let served = tonic::transport::Server::builder()
@@ -166,7 +203,10 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: impl Future<Outpu
         .timeout(Duration::from_secs(120))
         .add_routes(routes)
         // Small replies must not wait for the peer's delayed ACK (Nagle).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     for w in &workers {
         w.abort();
@@ -257,7 +297,14 @@ impl Host {
             tracing::info!(addr = %self.advertise, "joined the cluster");
             return Ok(Duration::from_millis(100));
         }
-        let known = t.raft().metrics().borrow().membership_config.membership().get_node(&t.host_id).map(|n| n.addr.clone());
+        let known = t
+            .raft()
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&t.host_id)
+            .map(|n| n.addr.clone());
         let Some(known) = known else {
             // Removed from, or not yet in, the membership.
             return Ok(Duration::from_millis(500));
@@ -267,7 +314,10 @@ impl Host {
             if t.is_leader() {
                 t.set_address(t.host_id, &self.advertise).await?;
             } else {
-                self.client().await?.update_address(t.host_id, &self.advertise).await?;
+                self.client()
+                    .await?
+                    .update_address(t.host_id, &self.advertise)
+                    .await?;
             }
             return Ok(Duration::from_millis(100));
         }
@@ -282,13 +332,21 @@ impl Host {
                 }
             }
         }
-        let report = Op::ReportDevices(pb::ReportDevices { host_id: t.host_id, devices: devices.clone() });
+        let report = Op::ReportDevices(pb::ReportDevices {
+            host_id: t.host_id,
+            devices: devices.clone(),
+        });
         if t.is_leader() {
-            t.propose(pb::Command { op: Some(report), ..Default::default() }).await?;
+            t.propose(pb::Command {
+                op: Some(report),
+                ..Default::default()
+            })
+            .await?;
         } else {
             self.client().await?.mutate(report).await?;
         }
-        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some((devices, std::time::Instant::now()));
+        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((devices, std::time::Instant::now()));
         Ok(self.cfg.report_interval)
     }
 
@@ -300,21 +358,29 @@ impl Host {
     async fn return_step(self: Arc<Self>) -> anyhow::Result<Duration> {
         let t = &self.tracker;
         let away = t.away_since().await?;
-        let Some(&(until, since)) = away.get(&t.host_id) else { return Ok(Duration::from_secs(1)) };
+        let Some(&(until, since)) = away.get(&t.host_id) else {
+            return Ok(Duration::from_secs(1));
+        };
         let now = failsafe_tracker::wall_clock_ns();
         if since >= self.started_ns && now < until {
             // Shipped while running: still on its way out.
             return Ok(Duration::from_secs(1));
         }
         let started = std::time::Instant::now();
-        tracing::info!("back from being shipped: verifying every stored block before serving reads");
+        tracing::info!(
+            "back from being shipped: verifying every stored block before serving reads"
+        );
         let (mut blocks, mut corrupt) = (0u64, 0u64);
         for device in self.store.device_ids() {
             let mut after = None;
             loop {
                 let store = self.store.clone();
-                let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), 1024)).await??;
-                let Some(last) = batch.last().map(|b| b.hash) else { break };
+                let batch =
+                    tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), 1024))
+                        .await??;
+                let Some(last) = batch.last().map(|b| b.hash) else {
+                    break;
+                };
                 for b in batch {
                     match crate::scrub::verify(&self.store, &self.bad, device, b.hash).await? {
                         crate::scrub::Verified::Intact(_) => blocks += 1,
@@ -325,7 +391,12 @@ impl Host {
                 after = Some(last);
             }
         }
-        self.propose(Op::SetHostState(pb::SetHostState { host_id: t.host_id, state: "active".into(), until_ns: 0 })).await?;
+        self.propose(Op::SetHostState(pb::SetHostState {
+            host_id: t.host_id,
+            state: "active".into(),
+            until_ns: 0,
+        }))
+        .await?;
         tracing::info!(blocks, corrupt, took = ?started.elapsed(), "verified after shipping; serving reads again");
         Ok(Duration::from_secs(1))
     }
@@ -340,7 +411,13 @@ impl Host {
     /// Proposes a command: directly on the leader, else through the client.
     async fn propose(&self, op: Op) -> anyhow::Result<()> {
         if self.tracker.is_leader() {
-            let r = self.tracker.propose(pb::Command { op: Some(op), ..Default::default() }).await?;
+            let r = self
+                .tracker
+                .propose(pb::Command {
+                    op: Some(op),
+                    ..Default::default()
+                })
+                .await?;
             if let Some(pb::command_result::Result::Error(e)) = r.result {
                 anyhow::bail!("refused: {}", e.message);
             }
@@ -403,7 +480,10 @@ impl Host {
         if batch.is_empty() {
             return Ok(Duration::ZERO);
         }
-        let op = Op::DropCopies(pb::DropCopies { copies: group_copies(&batch), keep: 0 });
+        let op = Op::DropCopies(pb::DropCopies {
+            copies: group_copies(&batch),
+            keep: 0,
+        });
         match self.propose(op).await {
             Ok(()) => {
                 inc(&self.metrics.copies_dropped, batch.len() as u64);
@@ -424,21 +504,87 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
     let mut out = String::new();
     let m = tracker.raft().metrics().borrow().clone();
     let host = format!("{{host=\"{:016x}\"}}", tracker.host_id);
-    gauge(&mut out, "failsafe_raft_term", "Current Raft term", &host, m.current_term);
-    gauge(&mut out, "failsafe_raft_is_leader", "1 if this host leads the tracker", &host, u8::from(tracker.is_leader()));
-    gauge(&mut out, "failsafe_raft_last_log_index", "Last Raft log index", &host, m.last_log_index.unwrap_or(0));
-    gauge(&mut out, "failsafe_raft_last_applied", "Last applied Raft log index", &host, m.last_applied.map_or(0, |l| l.index));
-    gauge(&mut out, "failsafe_raft_voters", "Voting tracker members", &host, m.membership_config.membership().voter_ids().count());
+    gauge(
+        &mut out,
+        "failsafe_raft_term",
+        "Current Raft term",
+        &host,
+        m.current_term,
+    );
+    gauge(
+        &mut out,
+        "failsafe_raft_is_leader",
+        "1 if this host leads the tracker",
+        &host,
+        u8::from(tracker.is_leader()),
+    );
+    gauge(
+        &mut out,
+        "failsafe_raft_last_log_index",
+        "Last Raft log index",
+        &host,
+        m.last_log_index.unwrap_or(0),
+    );
+    gauge(
+        &mut out,
+        "failsafe_raft_last_applied",
+        "Last applied Raft log index",
+        &host,
+        m.last_applied.map_or(0, |l| l.index),
+    );
+    gauge(
+        &mut out,
+        "failsafe_raft_voters",
+        "Voting tracker members",
+        &host,
+        m.membership_config.membership().voter_ids().count(),
+    );
     if tracker.is_leader() {
-        let under = metrics.under_replicated.load(std::sync::atomic::Ordering::Relaxed);
-        gauge(&mut out, "failsafe_blocks_under_replicated", "Referenced blocks with fewer live copies than the copy count (leader only)", "", under);
+        let under = metrics
+            .under_replicated
+            .load(std::sync::atomic::Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "failsafe_blocks_under_replicated",
+            "Referenced blocks with fewer live copies than the copy count (leader only)",
+            "",
+            under,
+        );
     }
     for u in store.usage() {
-        let labels = format!("{{device=\"{:016x}\",path=\"{}\"}}", u.device_id, u.path.display());
-        gauge(&mut out, "failsafe_device_capacity_bytes", "Device capacity", &labels, u.capacity_bytes);
-        gauge(&mut out, "failsafe_device_free_bytes", "Device free space", &labels, u.free_bytes);
-        gauge(&mut out, "failsafe_device_used_bytes", "Bytes of blocks on the device", &labels, u.used_bytes);
-        gauge(&mut out, "failsafe_device_blocks", "Blocks on the device", &labels, u.blocks);
+        let labels = format!(
+            "{{device=\"{:016x}\",path=\"{}\"}}",
+            u.device_id,
+            u.path.display()
+        );
+        gauge(
+            &mut out,
+            "failsafe_device_capacity_bytes",
+            "Device capacity",
+            &labels,
+            u.capacity_bytes,
+        );
+        gauge(
+            &mut out,
+            "failsafe_device_free_bytes",
+            "Device free space",
+            &labels,
+            u.free_bytes,
+        );
+        gauge(
+            &mut out,
+            "failsafe_device_used_bytes",
+            "Bytes of blocks on the device",
+            &labels,
+            u.used_bytes,
+        );
+        gauge(
+            &mut out,
+            "failsafe_device_blocks",
+            "Blocks on the device",
+            &labels,
+            u.blocks,
+        );
     }
     metrics.render(&mut out);
     out

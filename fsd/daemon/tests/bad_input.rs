@@ -23,22 +23,84 @@ async fn t70_hostile_names_are_refused_and_change_nothing() {
     ];
     for (name, want) in hostile {
         let shown = String::from_utf8_lossy(name).to_string();
-        assert_eq!(c.create(ROOT, name, 0o644, false).await.unwrap_err().code(), Some(want), "create {shown}");
-        assert_eq!(c.mkdir(ROOT, name, 0o755).await.unwrap_err().code(), Some(want), "mkdir {shown}");
-        assert_eq!(c.symlink(ROOT, name, b"ok").await.unwrap_err().code(), Some(want), "symlink {shown}");
-        assert_eq!(c.link(f.ino, ROOT, name).await.unwrap_err().code(), Some(want), "link {shown}");
-        assert_eq!(c.lookup(ROOT, name).await.unwrap_err().code(), Some(want), "lookup {shown}");
-        assert_eq!(c.unlink(ROOT, name).await.unwrap_err().code(), Some(want), "unlink {shown}");
-        let r = pb::Rename { parent: ROOT, name: b"ok".to_vec(), new_parent: ROOT, new_name: name.to_vec(), ..Default::default() };
-        assert_eq!(c.rename(r).await.unwrap_err().code(), Some(want), "rename to {shown}");
+        assert_eq!(
+            c.create(ROOT, name, 0o644, false).await.unwrap_err().code(),
+            Some(want),
+            "create {shown}"
+        );
+        assert_eq!(
+            c.mkdir(ROOT, name, 0o755).await.unwrap_err().code(),
+            Some(want),
+            "mkdir {shown}"
+        );
+        assert_eq!(
+            c.symlink(ROOT, name, b"ok").await.unwrap_err().code(),
+            Some(want),
+            "symlink {shown}"
+        );
+        assert_eq!(
+            c.link(f.ino, ROOT, name).await.unwrap_err().code(),
+            Some(want),
+            "link {shown}"
+        );
+        assert_eq!(
+            c.lookup(ROOT, name).await.unwrap_err().code(),
+            Some(want),
+            "lookup {shown}"
+        );
+        assert_eq!(
+            c.unlink(ROOT, name).await.unwrap_err().code(),
+            Some(want),
+            "unlink {shown}"
+        );
+        let r = pb::Rename {
+            parent: ROOT,
+            name: b"ok".to_vec(),
+            new_parent: ROOT,
+            new_name: name.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.rename(r).await.unwrap_err().code(),
+            Some(want),
+            "rename to {shown}"
+        );
     }
-    let names: Vec<Vec<u8>> = c.readdir(ROOT).await.unwrap().into_iter().map(|e| e.name).collect();
+    let names: Vec<Vec<u8>> = c
+        .readdir(ROOT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(names, vec![b"ok".to_vec()]);
     // Extents that point at nothing, or past their block, are refused too.
-    let bogus = pb::Extent { offset: 0, length: 10, hash: vec![0; 32], block_offset: 0 };
-    assert_eq!(c.commit_extents(f.ino, vec![bogus], vec![]).await.unwrap_err().code(), Some(ErrorCode::Invalid));
-    let short = pb::Extent { offset: 0, length: 10, hash: vec![1; 5], block_offset: 0 };
-    assert_eq!(c.commit_extents(f.ino, vec![short], vec![]).await.unwrap_err().code(), Some(ErrorCode::Invalid));
+    let bogus = pb::Extent {
+        offset: 0,
+        length: 10,
+        hash: vec![0; 32],
+        block_offset: 0,
+    };
+    assert_eq!(
+        c.commit_extents(f.ino, vec![bogus], vec![])
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::Invalid)
+    );
+    let short = pb::Extent {
+        offset: 0,
+        length: 10,
+        hash: vec![1; 5],
+        block_offset: 0,
+    };
+    assert_eq!(
+        c.commit_extents(f.ino, vec![short], vec![])
+            .await
+            .unwrap_err()
+            .code(),
+        Some(ErrorCode::Invalid)
+    );
     assert_eq!(c.getattr(f.ino).await.unwrap().size, 0);
     tc.check_logs();
 }
@@ -47,32 +109,81 @@ async fn t70_hostile_names_are_refused_and_change_nothing() {
 async fn t71_requests_for_another_cluster_or_version_are_refused() {
     let (tc, c) = TestCluster::start(&[]).await;
     let addr = format!("http://{}", tc.c.hosts[0].addr);
-    let mut meta = pb::metadata_client::MetadataClient::connect(addr.clone()).await.unwrap();
+    let mut meta = pb::metadata_client::MetadataClient::connect(addr.clone())
+        .await
+        .unwrap();
     let mkdir = |h: Option<pb::Header>| pb::MutateRequest {
         header: h,
         command: Some(pb::Command {
-            op: Some(pb::command::Op::Mkdir(pb::Mkdir { parent: ROOT, name: b"intruder".to_vec(), mode: 0o755, ..Default::default() })),
+            op: Some(pb::command::Op::Mkdir(pb::Mkdir {
+                parent: ROOT,
+                name: b"intruder".to_vec(),
+                mode: 0o755,
+                ..Default::default()
+            })),
             ..Default::default()
         }),
     };
-    let foreign = meta.mutate(mkdir(Some(header("another-cluster")))).await.unwrap_err();
+    let foreign = meta
+        .mutate(mkdir(Some(header("another-cluster"))))
+        .await
+        .unwrap_err();
     assert_eq!(foreign.code(), Code::PermissionDenied);
-    assert!(foreign.message().contains("another-cluster"), "{}", foreign.message());
-    let old = pb::Header { cluster_id: c.cluster_id().to_string(), protocol_version: PROTOCOL_VERSION + 1 };
-    assert_eq!(meta.mutate(mkdir(Some(old))).await.unwrap_err().code(), Code::FailedPrecondition);
-    assert_eq!(meta.mutate(mkdir(None)).await.unwrap_err().code(), Code::InvalidArgument);
+    assert!(
+        foreign.message().contains("another-cluster"),
+        "{}",
+        foreign.message()
+    );
+    let old = pb::Header {
+        cluster_id: c.cluster_id().to_string(),
+        protocol_version: PROTOCOL_VERSION + 1,
+    };
+    assert_eq!(
+        meta.mutate(mkdir(Some(old))).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        meta.mutate(mkdir(None)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
-    let mut raft = pb::raft_transport_client::RaftTransportClient::connect(addr.clone()).await.unwrap();
-    let vote = pb::RaftMessage { header: Some(header("another-cluster")), payload: b"{}".to_vec() };
-    assert_eq!(raft.vote(vote).await.unwrap_err().code(), Code::PermissionDenied);
-    let garbage = pb::RaftMessage { header: Some(header(c.cluster_id())), payload: b"not json".to_vec() };
-    assert_eq!(raft.append_entries(garbage).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut raft = pb::raft_transport_client::RaftTransportClient::connect(addr.clone())
+        .await
+        .unwrap();
+    let vote = pb::RaftMessage {
+        header: Some(header("another-cluster")),
+        payload: b"{}".to_vec(),
+    };
+    assert_eq!(
+        raft.vote(vote).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let garbage = pb::RaftMessage {
+        header: Some(header(c.cluster_id())),
+        payload: b"not json".to_vec(),
+    };
+    assert_eq!(
+        raft.append_entries(garbage).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
-    let mut blocks = pb::blocks_client::BlocksClient::connect(addr).await.unwrap();
-    let get = pb::GetRequest { header: Some(header("another-cluster")), hash: vec![0; 32], device_id: 0 };
-    assert_eq!(blocks.get(get).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut blocks = pb::blocks_client::BlocksClient::connect(addr)
+        .await
+        .unwrap();
+    let get = pb::GetRequest {
+        header: Some(header("another-cluster")),
+        hash: vec![0; 32],
+        device_id: 0,
+    };
+    assert_eq!(
+        blocks.get(get).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
 
-    assert!(c.readdir(ROOT).await.unwrap().is_empty(), "nothing was created");
+    assert!(
+        c.readdir(ROOT).await.unwrap().is_empty(),
+        "nothing was created"
+    );
     assert_eq!(tc.status().await.hosts.len(), 3);
     tc.check_logs();
 }
@@ -88,12 +199,22 @@ async fn t72_an_oversized_message_is_refused_and_the_daemon_stays_up() {
     let req = pb::MutateRequest {
         header: Some(header(c.cluster_id())),
         command: Some(pb::Command {
-            op: Some(pb::command::Op::Create(pb::Create { parent: ROOT, name: vec![b'a'; 20 * 1024 * 1024], ..Default::default() })),
+            op: Some(pb::command::Op::Create(pb::Create {
+                parent: ROOT,
+                name: vec![b'a'; 20 * 1024 * 1024],
+                ..Default::default()
+            })),
             ..Default::default()
         }),
     };
     let err = meta.mutate(req).await.unwrap_err();
-    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal), "{err:?}");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
     for i in 0..3 {
         assert!(tc.status_at(i).await.is_some(), "host {i} still answers");
     }
@@ -106,7 +227,9 @@ async fn t72_an_oversized_message_is_refused_and_the_daemon_stays_up() {
 async fn t73_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
     let (tc, c) = TestCluster::start(&[]).await;
     let addr = format!("http://{}", tc.c.hosts[2].addr);
-    let mut blocks = pb::blocks_client::BlocksClient::connect(addr).await.unwrap();
+    let mut blocks = pb::blocks_client::BlocksClient::connect(addr)
+        .await
+        .unwrap();
     let claimed = failsafe_core::block_hash(b"the real bytes").to_vec();
     let lie = pb::PutChunk {
         header: Some(header(c.cluster_id())),
@@ -119,16 +242,43 @@ async fn t73_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("hash"), "{}", err.message());
     // A stream longer than it declared, and a hash of the wrong length.
-    let long = pb::PutChunk { header: Some(header(c.cluster_id())), hash: claimed.clone(), size: 2, data: b"abc".to_vec(), ..Default::default() };
-    assert_eq!(blocks.put(tokio_stream::iter(vec![long])).await.unwrap_err().code(), Code::InvalidArgument);
-    let get = pb::GetRequest { header: Some(header(c.cluster_id())), hash: vec![1; 5], device_id: 0 };
-    assert_eq!(blocks.get(get).await.unwrap_err().code(), Code::InvalidArgument);
+    let long = pb::PutChunk {
+        header: Some(header(c.cluster_id())),
+        hash: claimed.clone(),
+        size: 2,
+        data: b"abc".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        blocks
+            .put(tokio_stream::iter(vec![long]))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let get = pb::GetRequest {
+        header: Some(header(c.cluster_id())),
+        hash: vec![1; 5],
+        device_id: 0,
+    };
+    assert_eq!(
+        blocks.get(get).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
-    let asked = pb::HasRequest { header: Some(header(c.cluster_id())), hashes: vec![claimed], device_id: 0 };
+    let asked = pb::HasRequest {
+        header: Some(header(c.cluster_id())),
+        hashes: vec![claimed],
+        device_id: 0,
+    };
     let has = blocks.has(asked).await.unwrap();
     assert_eq!(has.into_inner().device_ids, vec![0], "nothing stored");
     let mut inv = blocks
-        .inventory(pb::InventoryRequest { header: Some(header(c.cluster_id())), device_id: 0 })
+        .inventory(pb::InventoryRequest {
+            header: Some(header(c.cluster_id())),
+            device_id: 0,
+        })
         .await
         .unwrap()
         .into_inner();

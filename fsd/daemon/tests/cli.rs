@@ -19,14 +19,25 @@ fn fsctl(cluster: &[String], args: &[&str]) -> std::process::Output {
 }
 
 fn ok(out: std::process::Output) -> String {
-    assert!(out.status.success(), "fsctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fsctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t80_fsctl_init_add_status_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = LocalCluster::start(dir.path(), &["a", "b", "c"], Path::new(env!("CARGO_BIN_EXE_fsd")), 0, &[]).unwrap();
+    let mut c = LocalCluster::start(
+        dir.path(),
+        &["a", "b", "c"],
+        Path::new(env!("CARGO_BIN_EXE_fsd")),
+        0,
+        &[],
+    )
+    .unwrap();
     let addrs = c.addrs();
     let out = ok(fsctl(&addrs[..1], &["init", &addrs[0]]));
     assert!(out.starts_with("created cluster "), "{out}");
@@ -34,29 +45,62 @@ async fn t80_fsctl_init_add_status_remove() {
     for a in &addrs[1..] {
         ok(fsctl(&addrs[..1], &["host", "add", a]));
     }
-    c.wait_for(Duration::from_secs(20), "three voters", |s| s.hosts.iter().filter(|h| h.voter).count() == 3).await.unwrap();
+    c.wait_for(Duration::from_secs(20), "three voters", |s| {
+        s.hosts.iter().filter(|h| h.voter).count() == 3
+    })
+    .await
+    .unwrap();
 
     let table = ok(fsctl(&addrs, &["status"]));
-    let needles =
-        ["fail-safe: every block has 3 copies", "leader", "ZONE", "127.0.0.1", "DEVICE", "STATE", "up", "repair", "scrub", "gc"];
+    let needles = [
+        "fail-safe: every block has 3 copies",
+        "leader",
+        "ZONE",
+        "127.0.0.1",
+        "DEVICE",
+        "STATE",
+        "up",
+        "repair",
+        "scrub",
+        "gc",
+    ];
     for needle in needles {
         assert!(table.contains(needle), "{needle} missing in:\n{table}");
     }
-    let json: serde_json::Value = serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();
     assert_eq!(json["cluster_id"], c.cluster_id.as_str());
     assert_eq!(json["hosts"].as_array().unwrap().len(), 3);
     assert_eq!(json["mode"], "fail-safe");
     assert_eq!(json["under_replicated"], 0);
-    assert!(json["hosts"].as_array().unwrap().iter().all(|h| h["state"] == "up"), "{json}");
-    let zones: Vec<&str> = json["hosts"].as_array().unwrap().iter().map(|h| h["zone"].as_str().unwrap()).collect();
+    assert!(
+        json["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["state"] == "up"),
+        "{json}"
+    );
+    let zones: Vec<&str> = json["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["zone"].as_str().unwrap())
+        .collect();
     assert!(zones.contains(&"a") && zones.contains(&"b") && zones.contains(&"c"));
 
     // Remove a follower by its id.
     let leader = json["leader_id"].as_u64().unwrap();
-    let victim = json["hosts"].as_array().unwrap().iter().find(|h| h["host_id"].as_u64() != Some(leader)).unwrap();
+    let victim = json["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host_id"].as_u64() != Some(leader))
+        .unwrap();
     let id = format!("{:016x}", victim["host_id"].as_u64().unwrap());
     ok(fsctl(&addrs, &["host", "remove", &id]));
-    let after: serde_json::Value = serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();
+    let after: serde_json::Value =
+        serde_json::from_str(&ok(fsctl(&addrs, &["status", "--json"]))).unwrap();
     assert_eq!(after["hosts"].as_array().unwrap().len(), 2);
     // A host already in a cluster cannot be initialised again.
     let again = fsctl(&addrs[..1], &["init", &addrs[0]]);
@@ -70,9 +114,8 @@ async fn t81_a_host_started_with_join_admits_itself() {
     let cid = format!("--cluster-id={}", c.cluster_id());
     let dir = tc.dir.path().join("host-c");
     tc.c.add_host(&dir, "c", 0, &[join, cid]).unwrap();
-    let s = tc
-        .c
-        .wait_for(Duration::from_secs(20), "the joined host a voter", |s| {
+    let s =
+        tc.c.wait_for(Duration::from_secs(20), "the joined host a voter", |s| {
             s.hosts.iter().filter(|h| h.voter).count() == 3 && s.devices.len() == 3
         })
         .await
@@ -85,19 +128,36 @@ async fn t81_a_host_started_with_join_admits_itself() {
 
 #[test]
 fn t82_unreachable_cluster_is_one_clear_line() {
-    let out = fsctl(&["127.0.0.1:1".to_string()], &["--timeout-ms", "500", "status"]);
+    let out = fsctl(
+        &["127.0.0.1:1".to_string()],
+        &["--timeout-ms", "500", "status"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("cannot reach the cluster at 127.0.0.1:1"), "{err}");
+    assert!(
+        err.contains("cannot reach the cluster at 127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]
 fn t83_bad_config_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("fsd.toml");
-    std::fs::write(&cfg, format!("data_dir = {:?}\nlisten = '127.0.0.1:0'\nzone = 'has space'\n", dir.path())).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fsd")).arg("--config").arg(&cfg).output().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = {:?}\nlisten = '127.0.0.1:0'\nzone = 'has space'\n",
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fsd"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("zone:"), "{err}");

@@ -56,8 +56,16 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
         }
     };
     std::thread::spawn(move || for _ in lines.by_ref() {});
-    let pid_b: i32 = ready.split("b=").nth(1).and_then(|s| s.split(',').next()).and_then(|p| p.parse().ok()).expect("pid of host b");
-    assert!(ready.contains(&format!("url http://127.0.0.1:{port}")), "{ready}");
+    let pid_b: i32 = ready
+        .split("b=")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .expect("pid of host b");
+    assert!(
+        ready.contains(&format!("url http://127.0.0.1:{port}")),
+        "{ready}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -70,22 +78,39 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 // Each editor has its pages; both also edit a shared one.
-                let page = if n % 3 == 0 { "Shared".to_string() } else { format!("Page{who}_{}", n % 4) };
+                let page = if n % 3 == 0 {
+                    "Shared".to_string()
+                } else {
+                    format!("Page{who}_{}", n % 4)
+                };
                 let edit = match http(port, "GET", &format!("/edit/{page}"), "", &cookie) {
                     Ok(r) if r.status == 200 => r,
                     Ok(r) => {
-                        tally.lock().unwrap().errors.push(format!("edit form {page}: HTTP {}", r.status));
+                        tally
+                            .lock()
+                            .unwrap()
+                            .errors
+                            .push(format!("edit form {page}: HTTP {}", r.status));
                         continue;
                     }
                     Err(e) => {
-                        tally.lock().unwrap().errors.push(format!("edit form {page}: {e}"));
+                        tally
+                            .lock()
+                            .unwrap()
+                            .errors
+                            .push(format!("edit form {page}: {e}"));
                         continue;
                     }
                 };
                 let base = field(&edit.body, "base").unwrap_or("0").to_string();
                 let csrf = field(&edit.body, "csrf").unwrap_or("").to_string();
                 let text = format!("Edit {n} by editor {who} of [[{page}]]");
-                let form = format!("base={base}&csrf={csrf}&summary=e{n}&text={}", text.replace(' ', "+").replace('[', "%5B").replace(']', "%5D"));
+                let form = format!(
+                    "base={base}&csrf={csrf}&summary=e{n}&text={}",
+                    text.replace(' ', "+")
+                        .replace('[', "%5B")
+                        .replace(']', "%5D")
+                );
                 let mut t = tally.lock().unwrap();
                 drop(t);
                 let r = http(port, "POST", &format!("/save/{page}"), &form, &cookie);
@@ -157,7 +182,10 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
     assert!(t.edits > 10);
     for ((page, rev), text) in &t.acked {
         let h = http(port, "GET", &format!("/history/{page}"), "", "").unwrap();
-        assert!(h.body.contains(&format!("revision {rev}<")), "{page} r{rev} missing from history");
+        assert!(
+            h.body.contains(&format!("revision {rev}<")),
+            "{page} r{rev} missing from history"
+        );
         let r = http(port, "GET", &format!("/rev/{page}/{rev}"), "", "").unwrap();
         let shown = text.replace(&format!("[[{page}]]"), "");
         assert!(r.body.contains(shown.trim_end()), "{page} r{rev} content");
@@ -169,5 +197,8 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
     let status = demo.wait().unwrap();
     assert!(status.success(), "demo exit: {status}");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(!mounts.contains(&dir.path().display().to_string()), "the demo unmounted");
+    assert!(
+        !mounts.contains(&dir.path().display().to_string()),
+        "the demo unmounted"
+    );
 }

@@ -12,22 +12,43 @@ use common::{http, Reply, TestCluster};
 use failsafe_fsd::local::{is_mounted, sibling_binary};
 
 fn sh(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).status().map(|s| s.success()).unwrap_or(false)
+    Command::new(cmd)
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// Installs dokuwiki, php-cgi and lighttpd from Debian if they are missing.
 fn ensure_packages() {
-    let have = ["/usr/share/dokuwiki/doku.php", "/usr/bin/php-cgi", "/usr/sbin/lighttpd"].iter().all(|p| Path::new(p).exists());
+    let have = [
+        "/usr/share/dokuwiki/doku.php",
+        "/usr/bin/php-cgi",
+        "/usr/sbin/lighttpd",
+    ]
+    .iter()
+    .all(|p| Path::new(p).exists());
     if have {
         return;
     }
     let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "dokuwiki", "php-cgi", "lighttpd"])
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "dokuwiki",
+            "php-cgi",
+            "lighttpd",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "could not install dokuwiki, php-cgi and lighttpd with apt-get");
+    assert!(
+        ok,
+        "could not install dokuwiki, php-cgi and lighttpd with apt-get"
+    );
 }
 
 /// Everything this test set up outside its temp dir, undone on drop.
@@ -51,7 +72,11 @@ impl Drop for Setup {
             unsafe { libc::kill(m.id() as i32, libc::SIGTERM) };
             let _ = m.wait();
         }
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -78,20 +103,44 @@ fn input<'a>(html: &'a str, name: &str) -> Option<&'a str> {
 
 fn enc(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
 fn html_unescape(s: &str) -> String {
-    s.replace("&quot;", "\"").replace("&lt;", "<").replace("&gt;", ">").replace("&#039;", "'").replace("&amp;", "&")
+    s.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#039;", "'")
+        .replace("&amp;", "&")
 }
 
 /// Edits `id` through DokuWiki's edit form; returns the raw text it serves after.
 fn edit(port: u16, jar: &mut Vec<String>, id: &str, text: &str, summary: &str) -> String {
-    let form = http(port, "GET", &format!("/doku.php?id={id}&do=edit"), "", &jar.join("; ")).expect("edit form");
-    assert_eq!(form.status, 200, "edit form: {}", &form.body[..form.body.len().min(500)]);
+    let form = http(
+        port,
+        "GET",
+        &format!("/doku.php?id={id}&do=edit"),
+        "",
+        &jar.join("; "),
+    )
+    .expect("edit form");
+    assert_eq!(
+        form.status,
+        200,
+        "edit form: {}",
+        &form.body[..form.body.len().min(500)]
+    );
     cookies_from(&form, jar);
-    let sectok = input(&form.body, "sectok").expect("sectok in the edit form").to_string();
+    let sectok = input(&form.body, "sectok")
+        .expect("sectok in the edit form")
+        .to_string();
     let mut fields = vec![
         ("sectok".to_string(), sectok),
         ("id".to_string(), id.to_string()),
@@ -104,11 +153,25 @@ fn edit(port: u16, jar: &mut Vec<String>, id: &str, text: &str, summary: &str) -
             fields.push((name.to_string(), html_unescape(v)));
         }
     }
-    let body: Vec<String> = fields.iter().map(|(k, v)| format!("{}={}", enc(k), enc(v))).collect();
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect();
     let saved = http(port, "POST", "/doku.php", &body.join("&"), &jar.join("; ")).expect("save");
     cookies_from(&saved, jar);
-    assert!(saved.status == 302 || saved.status == 303 || saved.status == 200, "save: HTTP {}", saved.status);
-    let raw = http(port, "GET", &format!("/doku.php?id={id}&do=export_raw"), "", &jar.join("; ")).expect("raw");
+    assert!(
+        saved.status == 302 || saved.status == 303 || saved.status == 200,
+        "save: HTTP {}",
+        saved.status
+    );
+    let raw = http(
+        port,
+        "GET",
+        &format!("/doku.php?id={id}&do=export_raw"),
+        "",
+        &jar.join("; "),
+    )
+    .expect("raw");
     assert_eq!(raw.status, 200);
     raw.body
 }
@@ -125,10 +188,19 @@ async fn t95_dokuwiki_runs_unmodified_on_a_failsafe_mount() {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    let mount_bin = sibling_binary("mount-failsafe").expect("the mount binary (cargo build --bins)");
+    let mount_bin =
+        sibling_binary("mount-failsafe").expect("the mount binary (cargo build --bins)");
     let spec = format!("{}:/", tc.c.addrs().join(","));
-    let opts = format!("zone=a,allow_other,cache_dir={}", dir.join("cache").display());
-    let mut setup = Setup { binds: Vec::new(), mount: None, mnt: mnt.clone(), web: None };
+    let opts = format!(
+        "zone=a,allow_other,cache_dir={}",
+        dir.join("cache").display()
+    );
+    let mut setup = Setup {
+        binds: Vec::new(),
+        mount: None,
+        mnt: mnt.clone(),
+        web: None,
+    };
     setup.mount = Some(
         Command::new(mount_bin)
             .arg(&spec)
@@ -146,13 +218,45 @@ async fn t95_dokuwiki_runs_unmodified_on_a_failsafe_mount() {
 
     // DokuWiki's writable data (pages, attic, meta, locks, cache, index…)
     // and its ACL directory move onto the mount; the package stays as is.
-    assert!(sh("cp", &["-a", "/var/lib/dokuwiki/data", mnt.join("data").to_str().unwrap()]));
-    assert!(sh("cp", &["-a", "/var/lib/dokuwiki/acl", mnt.join("acl").to_str().unwrap()]));
+    assert!(sh(
+        "cp",
+        &[
+            "-a",
+            "/var/lib/dokuwiki/data",
+            mnt.join("data").to_str().unwrap()
+        ]
+    ));
+    assert!(sh(
+        "cp",
+        &[
+            "-a",
+            "/var/lib/dokuwiki/acl",
+            mnt.join("acl").to_str().unwrap()
+        ]
+    ));
     // The sysadmin's choice for this wiki: anyone may edit.
-    std::fs::write(mnt.join("acl/acl.auth.php"), "# acl\n*               @ALL          8\n").unwrap();
-    assert!(sh("chown", &["-R", "www-data:www-data", mnt.join("data").to_str().unwrap(), mnt.join("acl").to_str().unwrap()]));
-    for (from, to) in [("data", "/var/lib/dokuwiki/data"), ("acl", "/var/lib/dokuwiki/acl")] {
-        assert!(sh("mount", &["--bind", mnt.join(from).to_str().unwrap(), to]), "bind {to}");
+    std::fs::write(
+        mnt.join("acl/acl.auth.php"),
+        "# acl\n*               @ALL          8\n",
+    )
+    .unwrap();
+    assert!(sh(
+        "chown",
+        &[
+            "-R",
+            "www-data:www-data",
+            mnt.join("data").to_str().unwrap(),
+            mnt.join("acl").to_str().unwrap()
+        ]
+    ));
+    for (from, to) in [
+        ("data", "/var/lib/dokuwiki/data"),
+        ("acl", "/var/lib/dokuwiki/acl"),
+    ] {
+        assert!(
+            sh("mount", &["--bind", mnt.join(from).to_str().unwrap(), to]),
+            "bind {to}"
+        );
         setup.binds.push(PathBuf::from(to));
     }
 
@@ -188,20 +292,37 @@ fastcgi.server = (".php" => ((
         ),
     )
     .unwrap();
-    setup.web = Some(Command::new("/usr/sbin/lighttpd").args(["-D", "-f"]).arg(&conf).spawn().unwrap());
+    setup.web = Some(
+        Command::new("/usr/sbin/lighttpd")
+            .args(["-D", "-f"])
+            .arg(&conf)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "lighttpd did not start: {}", std::fs::read_to_string(dir.join("run/lighttpd-error.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "lighttpd did not start: {}",
+            std::fs::read_to_string(dir.join("run/lighttpd-error.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let mut jar = Vec::new();
     let start = http(port, "GET", "/doku.php?id=start", "", "").unwrap();
-    assert_eq!(start.status, 200, "{}", std::fs::read_to_string(dir.join("run/lighttpd-error.log")).unwrap_or_default());
+    assert_eq!(
+        start.status,
+        200,
+        "{}",
+        std::fs::read_to_string(dir.join("run/lighttpd-error.log")).unwrap_or_default()
+    );
     cookies_from(&start, &mut jar);
 
     for i in 1..=3 {
-        let text = format!("====== Failsafe ======\n\nRevision {i} of a page whose files live on three hosts.\n");
+        let text = format!(
+            "====== Failsafe ======\n\nRevision {i} of a page whose files live on three hosts.\n"
+        );
         let raw = edit(port, &mut jar, "failsafe:test", &text, &format!("edit {i}"));
         assert_eq!(raw.trim_end(), text.trim_end(), "edit {i} served back");
         // DokuWiki stores a revision's timestamp to the second.
@@ -210,10 +331,23 @@ fastcgi.server = (".php" => ((
     // With one storage host down, editing goes on.
     tc.c.kill(2);
     let text = "====== Failsafe ======\n\nSaved while a storage host was down.\n";
-    assert_eq!(edit(port, &mut jar, "failsafe:test", text, "host down").trim_end(), text.trim_end());
+    assert_eq!(
+        edit(port, &mut jar, "failsafe:test", text, "host down").trim_end(),
+        text.trim_end()
+    );
     let other = "A second page, also written with a host down.\n";
-    assert_eq!(edit(port, &mut jar, "failsafe:other", other, "new page").trim_end(), other.trim_end());
-    let revs = http(port, "GET", "/doku.php?id=failsafe:test&do=revisions", "", &jar.join("; ")).unwrap();
+    assert_eq!(
+        edit(port, &mut jar, "failsafe:other", other, "new page").trim_end(),
+        other.trim_end()
+    );
+    let revs = http(
+        port,
+        "GET",
+        "/doku.php?id=failsafe:test&do=revisions",
+        "",
+        &jar.join("; "),
+    )
+    .unwrap();
     for s in ["edit 1", "edit 2", "edit 3", "host down"] {
         assert!(revs.body.contains(s), "revision {s:?} in the history");
     }
@@ -223,7 +357,13 @@ fastcgi.server = (".php" => ((
     // The files are DokuWiki's own, on the mount.
     let page = std::fs::read_to_string(mnt.join("data/pages/failsafe/test.txt")).unwrap();
     assert_eq!(page.trim_end(), text.trim_end());
-    assert!(std::fs::read_dir(mnt.join("data/attic/failsafe")).unwrap().count() >= 4, "old revisions in the attic");
+    assert!(
+        std::fs::read_dir(mnt.join("data/attic/failsafe"))
+            .unwrap()
+            .count()
+            >= 4,
+        "old revisions in the attic"
+    );
     let changes = std::fs::read_to_string(mnt.join("data/meta/failsafe/test.changes")).unwrap();
     assert_eq!(changes.lines().count(), 4, "{changes}");
     drop(setup);

@@ -10,8 +10,16 @@ use failsafe_client::Client;
 
 /// The names in the root directory as the member at host `i` has applied them.
 async fn names_at(tc: &TestCluster, c: &Client, i: usize) -> Vec<Vec<u8>> {
-    let q = Query::ReadDir(pb::ReadDir { ino: ROOT, after: Vec::new(), limit: 10_000 });
-    match c.query_at(&tc.c.hosts[i].addr, q, Consistency::Local).await.expect("local readdir") {
+    let q = Query::ReadDir(pb::ReadDir {
+        ino: ROOT,
+        after: Vec::new(),
+        limit: 10_000,
+    });
+    match c
+        .query_at(&tc.c.hosts[i].addr, q, Consistency::Local)
+        .await
+        .expect("local readdir")
+    {
         Reply::DirPage(p) => p.entries.into_iter().map(|e| e.name).collect(),
         other => panic!("unexpected {other:?}"),
     }
@@ -24,7 +32,9 @@ async fn t30_leader_killed_next_write_succeeds_under_a_new_leader() {
     let old = tc.leader().await;
     let old_term = tc.status().await.term;
     tc.c.kill(old);
-    c.create(ROOT, b"after", 0o644, true).await.expect("write after the leader died");
+    c.create(ROOT, b"after", 0o644, true)
+        .await
+        .expect("write after the leader died");
     let new = tc.leader().await;
     assert_ne!(new, old);
     assert!(tc.status().await.term > old_term);
@@ -38,7 +48,9 @@ async fn t31_frozen_leader_is_replaced_and_steps_down_after_thaw() {
     c.create(ROOT, b"before", 0o644, true).await.unwrap();
     let old = tc.leader().await;
     tc.c.freeze(old);
-    c.create(ROOT, b"during", 0o644, true).await.expect("write while the leader is frozen");
+    c.create(ROOT, b"during", 0o644, true)
+        .await
+        .expect("write while the leader is frozen");
     let new = tc.leader().await;
     assert_ne!(new, old);
     let term = tc.status().await.term;
@@ -53,20 +65,37 @@ async fn t31_frozen_leader_is_replaced_and_steps_down_after_thaw() {
         // two leaders of the same term would be a split brain.
         let mut terms = std::collections::BTreeMap::new();
         for v in views.iter().filter(|v| v.role == "leader") {
-            assert!(terms.insert(v.term, v.host_id).is_none(), "two leaders in term {}: {views:?}", v.term);
+            assert!(
+                terms.insert(v.term, v.host_id).is_none(),
+                "two leaders in term {}: {views:?}",
+                v.term
+            );
         }
-        let old_view = views.iter().find(|v| v.host_id == views[0].hosts.iter().find(|h| h.addr == tc.c.hosts[old].addr).map_or(0, |h| h.host_id));
+        let old_view = views.iter().find(|v| {
+            v.host_id
+                == views[0]
+                    .hosts
+                    .iter()
+                    .find(|h| h.addr == tc.c.hosts[old].addr)
+                    .map_or(0, |h| h.host_id)
+        });
         if let Some(v) = old_view {
             if v.role == "follower" && v.leader_id != 0 && v.term >= term {
                 break;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "old leader did not step down");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old leader did not step down"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.create(ROOT, b"after", 0o644, true).await.unwrap();
     tc.wait_caught_up(old, Duration::from_secs(10)).await;
-    assert_eq!(names_at(&tc, &c, old).await, vec![b"after".to_vec(), b"before".to_vec(), b"during".to_vec()]);
+    assert_eq!(
+        names_at(&tc, &c, old).await,
+        vec![b"after".to_vec(), b"before".to_vec(), b"during".to_vec()]
+    );
     tc.check_logs();
 }
 
@@ -77,7 +106,9 @@ async fn t40_restarted_host_replays_the_log_and_answers_the_same() {
     let victim = (leader + 1) % 3;
     tc.c.kill(victim);
     for i in 0..20 {
-        c.create(ROOT, format!("f{i:02}").as_bytes(), 0o644, true).await.unwrap();
+        c.create(ROOT, format!("f{i:02}").as_bytes(), 0o644, true)
+            .await
+            .unwrap();
     }
     tc.c.restart(victim, true).unwrap();
     tc.wait_caught_up(victim, Duration::from_secs(20)).await;
@@ -95,20 +126,29 @@ async fn t41_restarted_host_installs_a_snapshot_after_the_log_was_compacted() {
     let victim_applied = tc.status_at(victim).await.unwrap().last_applied;
     tc.c.kill(victim);
     for i in 0..150 {
-        c.create(ROOT, format!("f{i:03}").as_bytes(), 0o644, true).await.unwrap();
+        c.create(ROOT, format!("f{i:03}").as_bytes(), 0o644, true)
+            .await
+            .unwrap();
     }
     // The leader snapshots and purges the entries the victim still lacks.
-    let s = tc
-        .c
-        .wait_for(Duration::from_secs(20), "log purged past the victim", |s| s.purged_index > victim_applied + 1)
+    let s =
+        tc.c.wait_for(Duration::from_secs(20), "log purged past the victim", |s| {
+            s.purged_index > victim_applied + 1
+        })
         .await
         .unwrap();
     assert!(s.snapshot_index > 20, "the leader compacted its log: {s:?}");
     tc.c.restart(victim, true).unwrap();
     tc.wait_caught_up(victim, Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(tc.c.hosts[victim].log_path()).unwrap();
-    assert!(log.contains("installed tracker snapshot"), "caught up by snapshot install");
-    assert_eq!(names_at(&tc, &c, victim).await, names_at(&tc, &c, leader).await);
+    assert!(
+        log.contains("installed tracker snapshot"),
+        "caught up by snapshot install"
+    );
+    assert_eq!(
+        names_at(&tc, &c, victim).await,
+        names_at(&tc, &c, leader).await
+    );
     // And it keeps following the log after the snapshot.
     c.create(ROOT, b"later", 0o644, true).await.unwrap();
     tc.wait_caught_up(victim, Duration::from_secs(10)).await;
@@ -123,17 +163,27 @@ async fn t42_host_restarted_on_another_port_rejoins_as_the_same_host() {
     let moved = (leader + 1) % 3;
     let before = tc.status().await;
     let old_addr = tc.c.hosts[moved].addr.clone();
-    let id = before.hosts.iter().find(|h| h.addr == old_addr).unwrap().host_id;
+    let id = before
+        .hosts
+        .iter()
+        .find(|h| h.addr == old_addr)
+        .unwrap()
+        .host_id;
     tc.c.kill(moved);
     c.create(ROOT, b"while-away", 0o644, true).await.unwrap();
     tc.c.restart(moved, false).unwrap();
     let new_addr = tc.c.hosts[moved].addr.clone();
     assert_ne!(new_addr, old_addr);
-    let s = tc
-        .c
-        .wait_for(Duration::from_secs(20), "the host at its new address", |s| {
-            s.hosts.iter().any(|h| h.host_id == id && h.addr == new_addr && h.voter)
-        })
+    let s =
+        tc.c.wait_for(
+            Duration::from_secs(20),
+            "the host at its new address",
+            |s| {
+                s.hosts
+                    .iter()
+                    .any(|h| h.host_id == id && h.addr == new_addr && h.voter)
+            },
+        )
         .await
         .unwrap();
     assert_eq!(s.hosts.len(), 3, "the same host, not a new one");
@@ -143,7 +193,9 @@ async fn t42_host_restarted_on_another_port_rejoins_as_the_same_host() {
     let now_leading = tc.leader().await;
     let other = (0..3).find(|&i| i != moved && i != now_leading).unwrap();
     tc.c.kill(other);
-    c.create(ROOT, b"needs-the-moved-host", 0o644, true).await.expect("majority with the moved host");
+    c.create(ROOT, b"needs-the-moved-host", 0o644, true)
+        .await
+        .expect("majority with the moved host");
     tc.check_logs();
 }
 
@@ -156,7 +208,10 @@ async fn t50_a_block_written_with_quorum_survives_the_loss_of_any_one_host() {
     for victim in 0..3 {
         tc.c.kill(victim);
         let reader = tc.client_in(&tc.c.hosts[victim].zone).await;
-        let got = reader.read(f.ino, 0, body.len() as u64).await.expect("read with one host down");
+        let got = reader
+            .read(f.ino, 0, body.len() as u64)
+            .await
+            .expect("read with one host down");
         assert!(got == body, "content intact with host {victim} down");
         tc.c.restart(victim, true).unwrap();
         tc.wait_caught_up(victim, Duration::from_secs(20)).await;
@@ -174,14 +229,22 @@ async fn t51_a_corrupt_block_is_detected_and_served_from_another_copy() {
     let fe = c.read_extents(f.ino, 0, body.len() as u64).await.unwrap();
     let hex = failsafe_core::hash_hex(&fe.extents[0].hash);
     // Flip a byte in every copy but one.
-    let mut copies: Vec<std::path::PathBuf> = tc
-        .c
-        .hosts
-        .iter()
-        .map(|h| h.dir.join("blocks/blocks").join(&hex[0..2]).join(&hex[2..4]).join(&hex))
-        .filter(|p| p.exists())
-        .collect();
-    assert!(copies.len() >= 2, "at least the write quorum holds the block");
+    let mut copies: Vec<std::path::PathBuf> =
+        tc.c.hosts
+            .iter()
+            .map(|h| {
+                h.dir
+                    .join("blocks/blocks")
+                    .join(&hex[0..2])
+                    .join(&hex[2..4])
+                    .join(&hex)
+            })
+            .filter(|p| p.exists())
+            .collect();
+    assert!(
+        copies.len() >= 2,
+        "at least the write quorum holds the block"
+    );
     let intact = copies.pop().unwrap();
     for p in &copies {
         let mut bytes = std::fs::read(p).unwrap();
@@ -190,11 +253,28 @@ async fn t51_a_corrupt_block_is_detected_and_served_from_another_copy() {
     }
     for h in 0..3 {
         let reader = tc.client_in(&tc.c.hosts[h].zone).await;
-        assert!(reader.read(f.ino, 0, body.len() as u64).await.unwrap() == body, "reader in zone {h} got good bytes");
+        assert!(
+            reader.read(f.ino, 0, body.len() as u64).await.unwrap() == body,
+            "reader in zone {h} got good bytes"
+        );
     }
     for p in &copies {
-        let quarantined = p.parent().unwrap().parent().unwrap().parent().unwrap().parent().unwrap().join("quarantine").join(&hex);
-        assert!(!p.exists() && quarantined.exists(), "corrupt copy {} quarantined", p.display());
+        let quarantined = p
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("quarantine")
+            .join(&hex);
+        assert!(
+            !p.exists() && quarantined.exists(),
+            "corrupt copy {} quarantined",
+            p.display()
+        );
     }
     assert!(intact.exists());
     // Every host is still up and serving.

@@ -11,7 +11,9 @@ use failsafe_client::{pb, LockRequest};
 use pb::{ErrorCode, FileKind};
 
 fn code<T: std::fmt::Debug>(r: Result<T, failsafe_client::ClientError>) -> ErrorCode {
-    r.expect_err("expected a refusal").code().expect("a tracker error code")
+    r.expect_err("expected a refusal")
+        .code()
+        .expect("a tracker error code")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -38,10 +40,22 @@ async fn t20_every_metadata_operation() {
     assert_eq!(dir.kind, FileKind::KindDir as i32);
     assert_eq!(code(c.mkdir(ROOT, b"wiki", 0o755).await), ErrorCode::Exists);
     let f = c.create(dir.ino, b"start.txt", 0o644, true).await.unwrap();
-    assert_eq!(code(c.create(dir.ino, b"start.txt", 0o644, true).await), ErrorCode::Exists);
-    assert_eq!(c.create(dir.ino, b"start.txt", 0o644, false).await.unwrap().ino, f.ino);
+    assert_eq!(
+        code(c.create(dir.ino, b"start.txt", 0o644, true).await),
+        ErrorCode::Exists
+    );
+    assert_eq!(
+        c.create(dir.ino, b"start.txt", 0o644, false)
+            .await
+            .unwrap()
+            .ino,
+        f.ino
+    );
     assert_eq!(c.lookup(dir.ino, b"start.txt").await.unwrap().ino, f.ino);
-    assert_eq!(code(c.lookup(dir.ino, b"missing").await), ErrorCode::NotFound);
+    assert_eq!(
+        code(c.lookup(dir.ino, b"missing").await),
+        ErrorCode::NotFound
+    );
     assert_eq!(c.getattr(dir.ino).await.unwrap().nlink, 2);
 
     // write and read (commit and read extents), overwrite in the middle, sparse
@@ -52,31 +66,68 @@ async fn t20_every_metadata_operation() {
     let mut expect = body.clone();
     expect[5_000..5_005].copy_from_slice(b"HELLO");
     assert_eq!(c.read(f.ino, 0, 20_000).await.unwrap(), expect);
-    assert_eq!(c.read(f.ino, 4_998, 9).await.unwrap(), expect[4_998..5_007].to_vec());
+    assert_eq!(
+        c.read(f.ino, 4_998, 9).await.unwrap(),
+        expect[4_998..5_007].to_vec()
+    );
     c.write(f.ino, 20_000, b"tail").await.unwrap();
     let sparse = c.read(f.ino, 9_990, 10_100).await.unwrap();
     assert_eq!(sparse.len(), 10_014);
-    assert!(sparse[10..10_010].iter().all(|&b| b == 0), "a hole reads as zeros");
+    assert!(
+        sparse[10..10_010].iter().all(|&b| b == 0),
+        "a hole reads as zeros"
+    );
     let fe = c.read_extents(f.ino, 0, 30_000).await.unwrap();
     assert_eq!(fe.extents.len(), 4);
-    assert!(fe.copies.iter().all(|b| b.device_ids.len() >= 2), "every block at least at the write quorum");
+    assert!(
+        fe.copies.iter().all(|b| b.device_ids.len() >= 2),
+        "every block at least at the write quorum"
+    );
 
     // setattr: mode, owner, size (truncate and extend), times
     let s = c
-        .setattr(pb::SetAttr { ino: f.ino, mode: Some(0o600), uid: Some(33), gid: Some(33), ..Default::default() })
+        .setattr(pb::SetAttr {
+            ino: f.ino,
+            mode: Some(0o600),
+            uid: Some(33),
+            gid: Some(33),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!((s.mode, s.uid, s.gid), (0o600, 33, 33));
-    let s = c.setattr(pb::SetAttr { ino: f.ino, size: Some(100), ..Default::default() }).await.unwrap();
+    let s = c
+        .setattr(pb::SetAttr {
+            ino: f.ino,
+            size: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(s.size, 100);
-    let s = c.setattr(pb::SetAttr { ino: f.ino, size: Some(200), ..Default::default() }).await.unwrap();
+    let s = c
+        .setattr(pb::SetAttr {
+            ino: f.ino,
+            size: Some(200),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let grown = c.read(f.ino, 0, 1000).await.unwrap();
     assert_eq!(grown.len(), 200);
     assert_eq!(&grown[..100], &expect[..100]);
-    assert!(grown[100..].iter().all(|&b| b == 0), "truncate then extend reads zeros");
+    assert!(
+        grown[100..].iter().all(|&b| b == 0),
+        "truncate then extend reads zeros"
+    );
     assert_eq!(s.size, 200);
     let t = c
-        .setattr(pb::SetAttr { ino: f.ino, atime_ns: Some(1_000), mtime_ns: Some(2_000_000_000), ..Default::default() })
+        .setattr(pb::SetAttr {
+            ino: f.ino,
+            atime_ns: Some(1_000),
+            mtime_ns: Some(2_000_000_000),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!((t.atime_ns, t.mtime_ns), (1_000, 2_000_000_000));
@@ -84,7 +135,10 @@ async fn t20_every_metadata_operation() {
     // link, symlink, readlink
     let l = c.link(f.ino, ROOT, b"hardlink").await.unwrap();
     assert_eq!(l.nlink, 2);
-    assert_eq!(code(c.link(dir.ino, ROOT, b"dirlink").await), ErrorCode::IsDir);
+    assert_eq!(
+        code(c.link(dir.ino, ROOT, b"dirlink").await),
+        ErrorCode::IsDir
+    );
     let sl = c.symlink(ROOT, b"sym", b"wiki/start.txt").await.unwrap();
     assert_eq!(sl.kind, FileKind::KindSymlink as i32);
     assert_eq!(c.readlink(sl.ino).await.unwrap(), b"wiki/start.txt");
@@ -94,13 +148,22 @@ async fn t20_every_metadata_operation() {
     c.write(old.ino, 0, b"old content").await.unwrap();
     let tmp = c.create(dir.ino, b"tmp.txt", 0o644, true).await.unwrap();
     c.write(tmp.ino, 0, b"new content").await.unwrap();
-    c.rename(pb::Rename { parent: dir.ino, name: b"tmp.txt".to_vec(), new_parent: dir.ino, new_name: b"old.txt".to_vec(), ..Default::default() })
-        .await
-        .unwrap();
+    c.rename(pb::Rename {
+        parent: dir.ino,
+        name: b"tmp.txt".to_vec(),
+        new_parent: dir.ino,
+        new_name: b"old.txt".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let now = c.lookup(dir.ino, b"old.txt").await.unwrap();
     assert_eq!(now.ino, tmp.ino);
     assert_eq!(c.read(now.ino, 0, 100).await.unwrap(), b"new content");
-    assert_eq!(code(c.lookup(dir.ino, b"tmp.txt").await), ErrorCode::NotFound);
+    assert_eq!(
+        code(c.lookup(dir.ino, b"tmp.txt").await),
+        ErrorCode::NotFound
+    );
     assert_eq!(code(c.getattr(old.ino).await), ErrorCode::NotFound);
     // rename without replacing
     let other = c.create(dir.ino, b"other.txt", 0o644, true).await.unwrap();
@@ -114,12 +177,24 @@ async fn t20_every_metadata_operation() {
     };
     assert_eq!(code(c.rename(noreplace.clone()).await), ErrorCode::Exists);
     // exchange
-    c.rename(pb::Rename { no_replace: false, exchange: true, ..noreplace }).await.unwrap();
+    c.rename(pb::Rename {
+        no_replace: false,
+        exchange: true,
+        ..noreplace
+    })
+    .await
+    .unwrap();
     assert_eq!(c.lookup(dir.ino, b"old.txt").await.unwrap().ino, other.ino);
     assert_eq!(c.lookup(dir.ino, b"other.txt").await.unwrap().ino, tmp.ino);
     // a directory cannot move into itself
     let sub = c.mkdir(dir.ino, b"sub", 0o755).await.unwrap();
-    let into_self = pb::Rename { parent: ROOT, name: b"wiki".to_vec(), new_parent: sub.ino, new_name: b"x".to_vec(), ..Default::default() };
+    let into_self = pb::Rename {
+        parent: ROOT,
+        name: b"wiki".to_vec(),
+        new_parent: sub.ino,
+        new_name: b"x".to_vec(),
+        ..Default::default()
+    };
     assert_eq!(code(c.rename(into_self).await), ErrorCode::Loop);
 
     // unlink, rmdir
@@ -143,18 +218,32 @@ async fn t21_readdir_pages_stay_stable_while_the_directory_changes() {
     let (_tc, c) = TestCluster::start(&[]).await;
     let d = c.mkdir(ROOT, b"big", 0o755).await.unwrap();
     for i in 0..60 {
-        c.create(d.ino, format!("page{i:03}").as_bytes(), 0o644, true).await.unwrap();
+        c.create(d.ino, format!("page{i:03}").as_bytes(), 0o644, true)
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     let mut after = Vec::new();
     let mut round = 0;
     loop {
         let page = c.readdir_page(d.ino, &after, 7).await.unwrap();
-        seen.extend(page.entries.iter().map(|e| String::from_utf8_lossy(&e.name).to_string()));
-        after = page.entries.last().map(|e| e.name.clone()).unwrap_or_default();
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| String::from_utf8_lossy(&e.name).to_string()),
+        );
+        after = page
+            .entries
+            .last()
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
         // Meanwhile others add and remove entries on both sides of the cursor.
-        c.create(d.ino, format!("new{round:03}").as_bytes(), 0o644, true).await.unwrap();
-        c.unlink(d.ino, format!("page{:03}", 59 - round).as_bytes()).await.ok();
+        c.create(d.ino, format!("new{round:03}").as_bytes(), 0o644, true)
+            .await
+            .unwrap();
+        c.unlink(d.ino, format!("page{:03}", 59 - round).as_bytes())
+            .await
+            .ok();
         round += 1;
         if !page.more {
             break;
@@ -175,14 +264,20 @@ async fn t22_exclusive_create_race_has_exactly_one_winner() {
     let d = c1.mkdir(ROOT, b"locks", 0o755).await.unwrap();
     for i in 0..25 {
         let name = format!("lock{i}");
-        let (r1, r2) = tokio::join!(c1.create(d.ino, name.as_bytes(), 0o644, true), c2.create(d.ino, name.as_bytes(), 0o644, true));
+        let (r1, r2) = tokio::join!(
+            c1.create(d.ino, name.as_bytes(), 0o644, true),
+            c2.create(d.ino, name.as_bytes(), 0o644, true)
+        );
         let wins = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
         assert_eq!(wins, 1, "round {i}: {r1:?} {r2:?}");
         let loser = if r1.is_ok() { r2 } else { r1 };
         assert_eq!(loser.unwrap_err().code(), Some(ErrorCode::Exists));
         // mkdir, the other lock idiom, likewise.
         let dir = format!("dir{i}");
-        let (m1, m2) = tokio::join!(c1.mkdir(d.ino, dir.as_bytes(), 0o755), c2.mkdir(d.ino, dir.as_bytes(), 0o755));
+        let (m1, m2) = tokio::join!(
+            c1.mkdir(d.ino, dir.as_bytes(), 0o755),
+            c2.mkdir(d.ino, dir.as_bytes(), 0o755)
+        );
         assert_eq!([m1.is_ok(), m2.is_ok()].iter().filter(|&&w| w).count(), 1);
     }
 }
@@ -197,25 +292,51 @@ async fn t23_a_retried_operation_is_applied_once() {
         op_id: 1,
         now_ns: 1,
         leader_ns: 0,
-        op: Some(pb::command::Op::Create(pb::Create { parent: d.ino, name: b"once".to_vec(), mode: 0o644, exclusive: true, ..Default::default() })),
+        op: Some(pb::command::Op::Create(pb::Create {
+            parent: d.ino,
+            name: b"once".to_vec(),
+            mode: 0o644,
+            exclusive: true,
+            ..Default::default()
+        })),
     };
-    let mut raw = pb::metadata_client::MetadataClient::connect(format!("http://{}", c.members()[0])).await.unwrap();
+    let mut raw =
+        pb::metadata_client::MetadataClient::connect(format!("http://{}", c.members()[0]))
+            .await
+            .unwrap();
     let mut results = Vec::new();
     for _ in 0..2 {
-        let req = pb::MutateRequest { header: Some(failsafe_proto::header(c.cluster_id())), command: Some(cmd.clone()) };
+        let req = pb::MutateRequest {
+            header: Some(failsafe_proto::header(c.cluster_id())),
+            command: Some(cmd.clone()),
+        };
         // Follow a leader hint if the first member is not the leader.
         let r = match raw.mutate(req.clone()).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                let leader = s.metadata().get(failsafe_proto::LEADER_ADDR_KEY).unwrap().to_str().unwrap().to_string();
-                raw = pb::metadata_client::MetadataClient::connect(format!("http://{leader}")).await.unwrap();
+                let leader = s
+                    .metadata()
+                    .get(failsafe_proto::LEADER_ADDR_KEY)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                raw = pb::metadata_client::MetadataClient::connect(format!("http://{leader}"))
+                    .await
+                    .unwrap();
                 raw.mutate(req).await.unwrap().into_inner()
             }
         };
         results.push(r.result.unwrap());
     }
-    assert!(matches!(results[0].result, Some(pb::command_result::Result::Attr(_))));
-    assert_eq!(results[0], results[1], "the retry got the first answer, not EEXIST");
+    assert!(matches!(
+        results[0].result,
+        Some(pb::command_result::Result::Attr(_))
+    ));
+    assert_eq!(
+        results[0], results[1],
+        "the retry got the first answer, not EEXIST"
+    );
     assert_eq!(c.readdir(d.ino).await.unwrap().len(), 1);
 }
 
@@ -226,30 +347,85 @@ async fn t24_cluster_wide_locks() {
     let f = c1.create(ROOT, b"locked", 0o644, true).await.unwrap();
     let s1 = c1.open_session(Duration::from_secs(10)).await.unwrap();
     let s2 = c2.open_session(Duration::from_secs(10)).await.unwrap();
-    let flock = |owner, ltype| LockRequest { ino: f.ino, owner, kind: pb::LockKind::LockFlock, ltype, start: 0, end: 0 };
-    c1.lock(&s1, flock(1, pb::LockType::LockWrite)).await.unwrap();
-    assert_eq!(code(c2.lock(&s2, flock(2, pb::LockType::LockRead)).await), ErrorCode::WouldBlock);
-    c1.lock(&s1, flock(1, pb::LockType::LockRead)).await.unwrap(); // downgrade
-    c2.lock(&s2, flock(2, pb::LockType::LockRead)).await.unwrap(); // shared
-    assert_eq!(code(c2.lock(&s2, flock(2, pb::LockType::LockWrite)).await), ErrorCode::WouldBlock);
-    c1.lock(&s1, flock(1, pb::LockType::LockUnlock)).await.unwrap();
-    c2.lock(&s2, flock(2, pb::LockType::LockWrite)).await.unwrap(); // upgrade now free
+    let flock = |owner, ltype| LockRequest {
+        ino: f.ino,
+        owner,
+        kind: pb::LockKind::LockFlock,
+        ltype,
+        start: 0,
+        end: 0,
+    };
+    c1.lock(&s1, flock(1, pb::LockType::LockWrite))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c2.lock(&s2, flock(2, pb::LockType::LockRead)).await),
+        ErrorCode::WouldBlock
+    );
+    c1.lock(&s1, flock(1, pb::LockType::LockRead))
+        .await
+        .unwrap(); // downgrade
+    c2.lock(&s2, flock(2, pb::LockType::LockRead))
+        .await
+        .unwrap(); // shared
+    assert_eq!(
+        code(c2.lock(&s2, flock(2, pb::LockType::LockWrite)).await),
+        ErrorCode::WouldBlock
+    );
+    c1.lock(&s1, flock(1, pb::LockType::LockUnlock))
+        .await
+        .unwrap();
+    c2.lock(&s2, flock(2, pb::LockType::LockWrite))
+        .await
+        .unwrap(); // upgrade now free
 
     // POSIX byte ranges: disjoint ranges coexist, overlapping writes conflict,
     // unlocking the middle of a range keeps its ends.
-    let posix = |owner, ltype, start, end| LockRequest { ino: f.ino, owner, kind: pb::LockKind::LockPosix, ltype, start, end };
-    c1.lock(&s1, posix(1, pb::LockType::LockWrite, 0, 100)).await.unwrap();
-    c2.lock(&s2, posix(2, pb::LockType::LockWrite, 100, 200)).await.unwrap();
-    assert_eq!(code(c2.lock(&s2, posix(2, pb::LockType::LockWrite, 50, 150)).await), ErrorCode::WouldBlock);
-    c1.lock(&s1, posix(1, pb::LockType::LockUnlock, 40, 60)).await.unwrap();
-    c2.lock(&s2, posix(2, pb::LockType::LockRead, 45, 55)).await.unwrap();
-    assert_eq!(code(c2.lock(&s2, posix(2, pb::LockType::LockRead, 30, 45)).await), ErrorCode::WouldBlock);
+    let posix = |owner, ltype, start, end| LockRequest {
+        ino: f.ino,
+        owner,
+        kind: pb::LockKind::LockPosix,
+        ltype,
+        start,
+        end,
+    };
+    c1.lock(&s1, posix(1, pb::LockType::LockWrite, 0, 100))
+        .await
+        .unwrap();
+    c2.lock(&s2, posix(2, pb::LockType::LockWrite, 100, 200))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            c2.lock(&s2, posix(2, pb::LockType::LockWrite, 50, 150))
+                .await
+        ),
+        ErrorCode::WouldBlock
+    );
+    c1.lock(&s1, posix(1, pb::LockType::LockUnlock, 40, 60))
+        .await
+        .unwrap();
+    c2.lock(&s2, posix(2, pb::LockType::LockRead, 45, 55))
+        .await
+        .unwrap();
+    assert_eq!(
+        code(c2.lock(&s2, posix(2, pb::LockType::LockRead, 30, 45)).await),
+        ErrorCode::WouldBlock
+    );
     let locks = c1.list_locks(f.ino).await.unwrap();
-    assert_eq!(locks.iter().filter(|l| l.session_id == s1.id && l.kind == pb::LockKind::LockPosix as i32).count(), 2);
+    assert_eq!(
+        locks
+            .iter()
+            .filter(|l| l.session_id == s1.id && l.kind == pb::LockKind::LockPosix as i32)
+            .count(),
+        2
+    );
 
     // Closing a session releases its locks.
     s2.close().await.unwrap();
-    c1.lock(&s1, flock(1, pb::LockType::LockWrite)).await.unwrap();
+    c1.lock(&s1, flock(1, pb::LockType::LockWrite))
+        .await
+        .unwrap();
     tc.check_logs();
 }
 
@@ -257,10 +433,20 @@ async fn t24_cluster_wide_locks() {
 async fn t25_lock_of_a_session_that_stops_heartbeating_is_released() {
     let (tc, c1) = TestCluster::start(&[]).await;
     let c2 = tc.client_in("b").await;
-    let f = c1.create(ROOT, b"dokuwiki.lock", 0o644, true).await.unwrap();
+    let f = c1
+        .create(ROOT, b"dokuwiki.lock", 0o644, true)
+        .await
+        .unwrap();
     let dead = c1.open_session(Duration::from_secs(2)).await.unwrap();
     let live = c2.open_session(Duration::from_secs(10)).await.unwrap();
-    let req = |owner| LockRequest { ino: f.ino, owner, kind: pb::LockKind::LockFlock, ltype: pb::LockType::LockWrite, start: 0, end: 0 };
+    let req = |owner| LockRequest {
+        ino: f.ino,
+        owner,
+        kind: pb::LockKind::LockFlock,
+        ltype: pb::LockType::LockWrite,
+        start: 0,
+        end: 0,
+    };
     c1.lock(&dead, req(1)).await.unwrap();
     assert_eq!(code(c2.lock(&live, req(2)).await), ErrorCode::WouldBlock);
     // The client crashes: no more heartbeats, no unlock.
@@ -292,9 +478,17 @@ async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
         // Right after the write commits, every follower's read-index answer
         // includes it (a Local answer might not).
         for f in (0..3).filter(|&f| f != leader) {
-            let q = pb::query_request::Query::Lookup(pb::Lookup { parent: ROOT, name: name.clone().into_bytes() });
-            let r = c.query_at(&tc.c.hosts[f].addr, q, pb::Consistency::ReadIndex).await;
-            assert!(matches!(r, Ok(pb::query_reply::Reply::Attr(_))), "follower {f}, {name}: {r:?}");
+            let q = pb::query_request::Query::Lookup(pb::Lookup {
+                parent: ROOT,
+                name: name.clone().into_bytes(),
+            });
+            let r = c
+                .query_at(&tc.c.hosts[f].addr, q, pb::Consistency::ReadIndex)
+                .await;
+            assert!(
+                matches!(r, Ok(pb::query_reply::Reply::Attr(_))),
+                "follower {f}, {name}: {r:?}"
+            );
         }
     }
 }

@@ -20,7 +20,10 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
 
 pub fn header(cluster_id: &str) -> pb::Header {
-    pb::Header { cluster_id: cluster_id.to_string(), protocol_version: PROTOCOL_VERSION }
+    pb::Header {
+        cluster_id: cluster_id.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+    }
 }
 
 /// Checks the header of an incoming request against this host's cluster.
@@ -35,7 +38,9 @@ pub fn check_header(h: Option<&pb::Header>, cluster_id: &str) -> Result<(), toni
         )));
     }
     if cluster_id.is_empty() {
-        return Err(tonic::Status::failed_precondition("this host is not part of a cluster yet"));
+        return Err(tonic::Status::failed_precondition(
+            "this host is not part of a cluster yet",
+        ));
     }
     if h.cluster_id != cluster_id {
         return Err(tonic::Status::permission_denied(format!(

@@ -55,7 +55,9 @@ pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     // FULL: a commit is on disk before it returns. The Raft log promises a vote
     // and appended entries are durable before it answers; the state machine
     // records `last_applied` with every effect, so they never disagree.
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+    )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }

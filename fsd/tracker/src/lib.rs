@@ -17,5 +17,7 @@ mod service;
 pub mod state;
 
 pub use network::Network;
-pub use node::{wall_clock_ns, ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError};
+pub use node::{
+    wall_clock_ns, ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError,
+};
 pub use service::{MetadataService, RaftService};

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use failsafe_proto::pb::{raft_transport_client::RaftTransportClient, RaftMessage};
 use failsafe_proto::{header, MAX_MESSAGE_BYTES};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use tonic::transport::{Channel, Endpoint};
@@ -62,9 +64,17 @@ impl Heard {
         let now = Instant::now();
         // Held for a map update; never across an await.
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let w = map.entry(peer).or_insert(Watch { since: now, last_call: now, last_answer: None });
+        let w = map.entry(peer).or_insert(Watch {
+            since: now,
+            last_call: now,
+            last_answer: None,
+        });
         if now.duration_since(w.last_call) > WATCH_GAP {
-            *w = Watch { since: now, last_call: now, last_answer: None };
+            *w = Watch {
+                since: now,
+                last_call: now,
+                last_answer: None,
+            };
         }
         w.last_call = now;
     }
@@ -92,7 +102,11 @@ impl Heard {
 
 impl Network {
     pub fn new(cluster: ClusterId) -> Network {
-        Network { cluster, channels: Arc::new(Mutex::new(HashMap::new())), heard: Heard::default() }
+        Network {
+            cluster,
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            heard: Heard::default(),
+        }
     }
 
     pub(crate) fn heard(&self) -> &Heard {
@@ -119,11 +133,20 @@ impl Network {
 
 impl Network {
     /// Asks the leader at `addr` for its read index.
-    pub(crate) async fn read_index(&self, addr: &str, timeout: Duration) -> Result<u64, crate::TrackerError> {
+    pub(crate) async fn read_index(
+        &self,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<u64, crate::TrackerError> {
         use failsafe_proto::pb::metadata_client::MetadataClient;
-        let unreachable = |why: String| crate::TrackerError::NoQuorum(format!("leader {addr}: {why}"));
-        let channel = self.channel(addr).ok_or_else(|| unreachable("bad address".into()))?;
-        let mut req = tonic::Request::new(failsafe_proto::pb::ReadIndexRequest { header: Some(header(&self.cluster.get())) });
+        let unreachable =
+            |why: String| crate::TrackerError::NoQuorum(format!("leader {addr}: {why}"));
+        let channel = self
+            .channel(addr)
+            .ok_or_else(|| unreachable("bad address".into()))?;
+        let mut req = tonic::Request::new(failsafe_proto::pb::ReadIndexRequest {
+            header: Some(header(&self.cluster.get())),
+        });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, MetadataClient::new(channel).read_index(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner().index),
@@ -158,20 +181,28 @@ pub struct Peer {
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl Peer {
-    async fn call<Req, Resp, E>(&self, method: Method, req: &Req, ttl: Duration) -> Result<Resp, RpcErr<E>>
+    async fn call<Req, Resp, E>(
+        &self,
+        method: Method,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RpcErr<E>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
         let Some(channel) = self.channel.clone() else {
-            return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
-                "bad peer address {:?}",
-                self.addr
-            )))));
+            return Err(RPCError::Unreachable(Unreachable::new(
+                &std::io::Error::other(format!("bad peer address {:?}", self.addr)),
+            )));
         };
-        let payload = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let msg = RaftMessage { header: Some(header(&self.cluster.get())), payload };
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let msg = RaftMessage {
+            header: Some(header(&self.cluster.get())),
+            payload,
+        };
         let mut client = RaftTransportClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -187,13 +218,18 @@ impl Peer {
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
             Err(_) => {
-                let e = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{} timed out", self.addr));
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{} timed out", self.addr),
+                );
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
             Ok(Err(status)) => {
                 let e = std::io::Error::other(format!("{}: {}", self.addr, status.message()));
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Cancelled => RPCError::Unreachable(Unreachable::new(&e)),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled => {
+                        RPCError::Unreachable(Unreachable::new(&e))
+                    }
                     _ => RPCError::Network(NetworkError::new(&e)),
                 });
             }
@@ -201,8 +237,8 @@ impl Peer {
         };
         // Any answer, even a refusal, means the peer is there.
         self.heard.answered(self.target);
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -231,7 +267,11 @@ impl RaftNetwork<TypeConfig> for Peer {
         self.call(Method::Snapshot, &rpc, option.hard_ttl()).await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.call(Method::Vote, &rpc, option.hard_ttl()).await
     }
 }

@@ -97,7 +97,10 @@ pub enum Liveness {
     Up,
     /// No answer to the leader's heartbeats for `for_ms`; `dead` once that
     /// is longer than `dead_after_ms`.
-    Down { for_ms: u64, dead: bool },
+    Down {
+        for_ms: u64,
+        dead: bool,
+    },
     /// Not for this member to say (only the leader hears from every host),
     /// or a leader that has not heard from it yet since it took over.
     Unknown,
@@ -146,9 +149,16 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub async fn open(dir: &Path, host_id: NodeId, cfg: &TrackerConfig, cluster: ClusterId) -> Result<Tracker, TrackerError> {
-        std::fs::create_dir_all(dir).map_err(|e| TrackerError::Storage(format!("{}: {e}", dir.display())))?;
-        let log = LogStore::open(&dir.join("raft.db")).map_err(|e| TrackerError::Storage(e.to_string()))?;
+    pub async fn open(
+        dir: &Path,
+        host_id: NodeId,
+        cfg: &TrackerConfig,
+        cluster: ClusterId,
+    ) -> Result<Tracker, TrackerError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| TrackerError::Storage(format!("{}: {e}", dir.display())))?;
+        let log = LogStore::open(&dir.join("raft.db"))
+            .map_err(|e| TrackerError::Storage(e.to_string()))?;
         let sm = StateMachine::open(dir).map_err(|e| TrackerError::Storage(e.to_string()))?;
         let config = openraft::Config {
             cluster_name: "failsafe".into(),
@@ -212,7 +222,12 @@ impl Tracker {
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow().clone();
         let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
         Some((id, addr))
     }
 
@@ -221,7 +236,9 @@ impl Tracker {
     }
 
     fn not_leader(&self) -> TrackerError {
-        TrackerError::NotLeader { leader_addr: self.leader().map(|(_, a)| a).filter(|a| !a.is_empty()) }
+        TrackerError::NotLeader {
+            leader_addr: self.leader().map(|(_, a)| a).filter(|a| !a.is_empty()),
+        }
     }
 
     /// Appends a command to the Raft log and returns its result once applied.
@@ -239,12 +256,17 @@ impl Tracker {
         }
     }
 
-    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> TrackerError {
+    fn write_error(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    ) -> TrackerError {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-                TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) }
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => TrackerError::NotLeader {
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                TrackerError::Membership(e.to_string())
             }
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => TrackerError::Membership(e.to_string()),
             RaftError::Fatal(f) => TrackerError::Stopped(f.to_string()),
         }
     }
@@ -258,15 +280,22 @@ impl Tracker {
         // since. Everything acknowledged to a client is applied here, so the
         // applied index is a valid read point without another round trip.
         let m = self.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms < self.lease_ms) {
+        if m.state == ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| ms < self.lease_ms)
+        {
             return Ok(m.last_applied.map_or(0, |l| l.index));
         }
         match self.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(TrackerError::NotLeader { leader_addr: f.leader_node.map(|n| n.addr) })
+                Err(TrackerError::NotLeader {
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
             }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(TrackerError::NoQuorum(e.to_string())),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(TrackerError::NoQuorum(e.to_string()))
+            }
             Err(RaftError::Fatal(f)) => Err(TrackerError::Stopped(f.to_string())),
         }
     }
@@ -274,21 +303,39 @@ impl Tracker {
     /// A follower's linearizable read: the leader's read index, then wait
     /// until this member has applied it.
     async fn follower_read_index(&self, timeout: Duration) -> Result<(), TrackerError> {
-        let (_, addr) = self.leader().filter(|(_, a)| !a.is_empty()).ok_or_else(|| TrackerError::NoQuorum("no known leader".into()))?;
+        let (_, addr) = self
+            .leader()
+            .filter(|(_, a)| !a.is_empty())
+            .ok_or_else(|| TrackerError::NoQuorum("no known leader".into()))?;
         let index = self.network.read_index(&addr, timeout).await?;
         if self.wait_applied(index, timeout).await {
             Ok(())
         } else {
-            Err(TrackerError::NoQuorum(format!("did not apply up to {index} in time")))
+            Err(TrackerError::NoQuorum(format!(
+                "did not apply up to {index} in time"
+            )))
         }
     }
 
     /// Answers a query, after confirming leadership for a linearizable one.
-    pub async fn query(&self, q: Query, consistency: pb::Consistency) -> Result<Reply, TrackerError> {
+    pub async fn query(
+        &self,
+        q: Query,
+        consistency: pb::Consistency,
+    ) -> Result<Reply, TrackerError> {
         self.read_barrier(consistency).await?;
         let class = self.class;
-        let r = self.sm.db().call(move |conn| state::query(conn, &q, class)).await?;
-        Ok(r.unwrap_or_else(|e| Reply::Error(pb::CommandError { code: e.code as i32, message: e.message })))
+        let r = self
+            .sm
+            .db()
+            .call(move |conn| state::query(conn, &q, class))
+            .await?;
+        Ok(r.unwrap_or_else(|e| {
+            Reply::Error(pb::CommandError {
+                code: e.code as i32,
+                message: e.message,
+            })
+        }))
     }
 
     /// Waits until a read at `consistency` may be answered from this
@@ -305,8 +352,12 @@ impl Tracker {
             }
             // Shorter than a client's RPC deadline: a follower that cannot
             // confirm says so in time for the client to ask elsewhere.
-            pb::Consistency::ReadIndex => self.follower_read_index(Duration::from_millis(800)).await?,
-            pb::Consistency::Local if !self.is_initialized() => return Err(TrackerError::NotInitialized),
+            pb::Consistency::ReadIndex => {
+                self.follower_read_index(Duration::from_millis(800)).await?
+            }
+            pb::Consistency::Local if !self.is_initialized() => {
+                return Err(TrackerError::NotInitialized)
+            }
             pb::Consistency::Local => {}
         }
         Ok(())
@@ -317,7 +368,11 @@ impl Tracker {
         &self,
         f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, TrackerError> {
-        self.sm.db().call(move |conn| f(conn)).await?.map_err(|e| TrackerError::Storage(e.to_string()))
+        self.sm
+            .db()
+            .call(move |conn| f(conn))
+            .await?
+            .map_err(|e| TrackerError::Storage(e.to_string()))
     }
 
     /// Leader only: what shipping `host_id` would put at risk — the blocks
@@ -340,48 +395,80 @@ impl Tracker {
     /// Blocks `host_id` holds and those with fewer than `needed` live copies
     /// elsewhere (default: the write quorum, or fewer hosts, and one in
     /// another zone while other zones are up).
-    async fn risk(&self, host_id: NodeId, needed: Option<usize>, names: bool) -> Result<(u64, u64, Vec<String>), TrackerError> {
+    async fn risk(
+        &self,
+        host_id: NodeId,
+        needed: Option<usize>,
+        names: bool,
+    ) -> Result<(u64, u64, Vec<String>), TrackerError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
         let states = self.read(state::host_states).await?;
         let space = self.read(state::device_space).await?;
-        let zone_of: BTreeMap<u64, String> = space.iter().map(|d| (d.location.host_id, d.location.zone.clone())).collect();
+        let zone_of: BTreeMap<u64, String> = space
+            .iter()
+            .map(|d| (d.location.host_id, d.location.zone.clone()))
+            .collect();
         let zone = zone_of.get(&host_id).cloned().unwrap_or_default();
         // Hosts that will still serve: up, and neither away nor draining.
         let others_up: BTreeSet<u64> = zone_of
             .keys()
             .copied()
-            .filter(|h| *h != host_id && !states.iter().any(|(x, ..)| x == h) && self.liveness(*h) == Liveness::Up)
+            .filter(|h| {
+                *h != host_id
+                    && !states.iter().any(|(x, ..)| x == h)
+                    && self.liveness(*h) == Liveness::Up
+            })
             .collect();
-        let live: Vec<u64> =
-            space.iter().filter(|d| others_up.contains(&d.location.host_id)).map(|d| d.location.device_id).collect();
+        let live: Vec<u64> = space
+            .iter()
+            .filter(|d| others_up.contains(&d.location.host_id))
+            .map(|d| d.location.device_id)
+            .collect();
         let (needed, other_zones) = match needed {
             Some(n) => (n, false),
             None => (
                 self.class.write_quorum.min(others_up.len()).max(1),
-                others_up.iter().any(|h| zone_of.get(h).is_some_and(|z| *z != zone)),
+                others_up
+                    .iter()
+                    .any(|h| zone_of.get(h).is_some_and(|z| *z != zone)),
             ),
         };
-        self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones, names)).await
+        self.read(move |conn| state::ship_risk(conn, host_id, &live, needed, other_zones, names))
+            .await
     }
 
     /// Blocks files reference, after `after`, with their holders (this
     /// member's view): what rebalancing looks at.
-    pub async fn referenced_after(&self, after: Vec<u8>, limit: usize) -> Result<Vec<BlockView>, TrackerError> {
-        self.read(move |conn| state::referenced_after(conn, &after, limit)).await
+    pub async fn referenced_after(
+        &self,
+        after: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<BlockView>, TrackerError> {
+        self.read(move |conn| state::referenced_after(conn, &after, limit))
+            .await
     }
 
     /// Hosts that are away, with (until, since) (this member's view).
     pub async fn away_since(&self) -> Result<BTreeMap<u64, (i64, i64)>, TrackerError> {
         let states = self.read(state::host_states).await?;
-        Ok(states.into_iter().filter(|(_, s, _, _)| s == "away").map(|(h, _, until, since)| (h, (until, since))).collect())
+        Ok(states
+            .into_iter()
+            .filter(|(_, s, _, _)| s == "away")
+            .map(|(h, _, until, since)| (h, (until, since)))
+            .collect())
     }
 
     /// An older version of block `hash` recorded on `device_id`, to send
     /// the block there as a delta (this member's view).
-    pub async fn delta_base(&self, hash: Vec<u8>, device_id: u64) -> Result<Option<Vec<u8>>, TrackerError> {
-        self.read(move |conn| state::delta_base(conn, &hash, device_id)).await
+    pub async fn delta_base(
+        &self,
+        hash: Vec<u8>,
+        device_id: u64,
+    ) -> Result<Option<Vec<u8>>, TrackerError> {
+        self.read(move |conn| state::delta_base(conn, &hash, device_id))
+            .await
     }
 
     /// Makes `host_id` at `addr` a voter: first a learner that catches up,
@@ -390,12 +477,21 @@ impl Tracker {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
-        let voters: BTreeSet<NodeId> =
-            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if voters.contains(&host_id) {
             return self.set_address(host_id, addr).await;
         }
-        self.raft.add_learner(host_id, BasicNode::new(addr), true).await.map_err(|e| self.write_error(e))?;
+        self.raft
+            .add_learner(host_id, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| self.write_error(e))?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([host_id])), false)
             .await
@@ -411,10 +507,15 @@ impl Tracker {
         let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
         if voters.contains(&host_id) {
             if voters.len() == 1 {
-                return Err(TrackerError::Membership("cannot remove the last voter".into()));
+                return Err(TrackerError::Membership(
+                    "cannot remove the last voter".into(),
+                ));
             }
             self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([host_id])), false)
+                .change_membership(
+                    ChangeMembers::RemoveVoters(BTreeSet::from([host_id])),
+                    false,
+                )
                 .await
                 .map_err(|e| self.write_error(e))?;
         } else if m.membership().get_node(&host_id).is_some() {
@@ -429,12 +530,22 @@ impl Tracker {
     /// Records a member's new address in the membership, so replication and
     /// clients reach it there.
     pub async fn set_address(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {
-        let current = self.raft.metrics().borrow().membership_config.membership().get_node(&host_id).cloned();
+        let current = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&host_id)
+            .cloned();
         if current.as_ref().map(|n| n.addr.as_str()) == Some(addr) {
             return Ok(());
         }
         self.raft
-            .change_membership(ChangeMembers::SetNodes(BTreeMap::from([(host_id, BasicNode::new(addr))])), true)
+            .change_membership(
+                ChangeMembers::SetNodes(BTreeMap::from([(host_id, BasicNode::new(addr))])),
+                true,
+            )
             .await
             .map_err(|e| self.write_error(e))?;
         Ok(())
@@ -450,7 +561,9 @@ impl Tracker {
             return Liveness::Unknown;
         }
         match self.network.heard().seen(id) {
-            Seen::Silent { silent, answered } if (silent.as_millis() as u64) < self.down_after_ms => {
+            Seen::Silent { silent, answered }
+                if (silent.as_millis() as u64) < self.down_after_ms =>
+            {
                 if answered {
                     Liveness::Up
                 } else {
@@ -459,10 +572,16 @@ impl Tracker {
             }
             Seen::Silent { silent, .. } => {
                 let for_ms = silent.as_millis() as u64;
-                Liveness::Down { for_ms, dead: for_ms >= self.dead_after_ms }
+                Liveness::Down {
+                    for_ms,
+                    dead: for_ms >= self.dead_after_ms,
+                }
             }
             // Not a member the leader replicates to (removed, or not yet added).
-            Seen::Unwatched => Liveness::Down { for_ms: 0, dead: false },
+            Seen::Unwatched => Liveness::Down {
+                for_ms: 0,
+                dead: false,
+            },
         }
     }
 
@@ -474,13 +593,24 @@ impl Tracker {
         let (hosts, devices, (files, blocks)) = self
             .sm
             .db()
-            .call(|conn| -> rusqlite::Result<_> { Ok((state::hosts(conn)?, state::devices(conn)?, state::counts(conn)?)) })
+            .call(|conn| -> rusqlite::Result<_> {
+                Ok((
+                    state::hosts(conn)?,
+                    state::devices(conn)?,
+                    state::counts(conn)?,
+                ))
+            })
             .await?
             .map_err(|e| TrackerError::Storage(e.to_string()))?;
         // A member removed from the cluster (a drained leader) no longer
         // knows who leads, whatever it last believed.
-        let leader = m.current_leader.filter(|_| membership.get_node(&self.host_id).is_some());
-        let leader_addr = leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone()).unwrap_or_default();
+        let leader = m
+            .current_leader
+            .filter(|_| membership.get_node(&self.host_id).is_some());
+        let leader_addr = leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
         let matched = m.replication.clone().unwrap_or_default();
         let mut rows: BTreeMap<NodeId, pb::HostStatus> = BTreeMap::new();
         for (id, node) in membership.nodes() {
@@ -509,7 +639,11 @@ impl Tracker {
         let is_leader = m.state == ServerState::Leader;
         let states = self.read(state::host_states).await?;
         let away = away_until(&states);
-        let draining: BTreeSet<u64> = states.iter().filter(|(_, s, ..)| s == "draining").map(|(h, ..)| *h).collect();
+        let draining: BTreeSet<u64> = states
+            .iter()
+            .filter(|(_, s, ..)| s == "draining")
+            .map(|(h, ..)| *h)
+            .collect();
         let mut live_hosts = BTreeSet::new();
         for row in rows.values_mut() {
             (row.admin, row.away_until_ns) = match away.get(&row.host_id) {
@@ -517,7 +651,9 @@ impl Tracker {
                 None if draining.contains(&row.host_id) => ("draining".into(), 0),
                 None => ("active".into(), 0),
             };
-            let shipped = away.get(&row.host_id).is_some_and(|&until| wall_clock_ns() < until);
+            let shipped = away
+                .get(&row.host_id)
+                .is_some_and(|&until| wall_clock_ns() < until);
             let l = self.liveness(row.host_id);
             (row.state, row.down_ms, row.dead) = match l {
                 Liveness::Up => ("up".into(), 0, false),
@@ -538,10 +674,17 @@ impl Tracker {
         }
         if is_leader {
             for row in rows.values_mut().filter(|r| r.admin == "draining") {
-                row.to_move = self.drain_remaining(row.host_id).await.map_or(0, |(_, n)| n);
+                row.to_move = self
+                    .drain_remaining(row.host_id)
+                    .await
+                    .map_or(0, |(_, n)| n);
             }
         }
-        let live: Vec<u64> = devices.iter().filter(|d| live_hosts.contains(&d.host_id)).map(|d| d.device_id).collect();
+        let live: Vec<u64> = devices
+            .iter()
+            .filter(|d| live_hosts.contains(&d.host_id))
+            .map(|d| d.device_id)
+            .collect();
         let copies = self.class.copies;
         let counts = self
             .sm
@@ -606,7 +749,9 @@ impl Tracker {
             let has_room = d.has_room();
             let loc = d.location;
             let mut health = self.liveness(loc.host_id).health();
-            let draining = states.iter().any(|(h, st, _, _)| *h == loc.host_id && st == "draining");
+            let draining = states
+                .iter()
+                .any(|(h, st, _, _)| *h == loc.host_id && st == "draining");
             let has_room = has_room && !draining;
             if draining {
                 not_counted.insert(loc.device_id);
@@ -622,14 +767,29 @@ impl Tracker {
                 }
                 no_source.insert(loc.device_id);
             }
-            let candidate = Candidate { device_id: loc.device_id, host_id: loc.host_id, zone: loc.zone };
-            let view = DeviceView { candidate, health, has_room, capacity_bytes: d.capacity_bytes, free_bytes: d.free_bytes };
+            let candidate = Candidate {
+                device_id: loc.device_id,
+                host_id: loc.host_id,
+                zone: loc.zone,
+            };
+            let view = DeviceView {
+                candidate,
+                health,
+                has_room,
+                capacity_bytes: d.capacity_bytes,
+                free_bytes: d.free_bytes,
+            };
             devices.push((view, loc.addr));
         }
         let ids = |f: &dyn Fn(&DeviceView) -> bool| -> Vec<u64> {
-            devices.iter().filter(|(d, _)| f(d)).map(|(d, _)| d.candidate.device_id).collect()
+            devices
+                .iter()
+                .filter(|(d, _)| f(d))
+                .map(|(d, _)| d.candidate.device_id)
+                .collect()
         };
-        let counted = ids(&|d| d.health != HostHealth::Dead && !not_counted.contains(&d.candidate.device_id));
+        let counted =
+            ids(&|d| d.health != HostHealth::Dead && !not_counted.contains(&d.candidate.device_id));
         let up = ids(&|d| {
             d.health == HostHealth::Up
                 && !no_source.contains(&d.candidate.device_id)
@@ -640,36 +800,56 @@ impl Tracker {
         let copies = self.class.copies;
         let (blocks, extra, counts) = self
             .read(move |conn| {
-                let blocks = state::repair_candidates(conn, &counted, &up, &targets, copies, &after, limit)?;
+                let blocks =
+                    state::repair_candidates(conn, &counted, &up, &targets, copies, &after, limit)?;
                 let extra = state::over_replicated(conn, &up, copies, &extra_after, limit)?;
                 Ok((blocks, extra, state::replication_counts(conn, &up, copies)?))
             })
             .await?;
-        Ok(Some(RepairView { devices, blocks, extra, counts, no_source }))
+        Ok(Some(RepairView {
+            devices,
+            blocks,
+            extra,
+            counts,
+            no_source,
+        }))
     }
 
     /// Leader only (None otherwise): up to `limit` blocks no file references
     /// that have been idle for longer than `grace`, with the time (the
     /// leader's clock) they must have been idle before.
-    pub async fn garbage(&self, grace: Duration, limit: usize) -> Result<Option<(i64, Vec<BlockView>)>, TrackerError> {
+    pub async fn garbage(
+        &self,
+        grace: Duration,
+        limit: usize,
+    ) -> Result<Option<(i64, Vec<BlockView>)>, TrackerError> {
         if !self.is_leader() {
             return Ok(None);
         }
-        let idle_before = wall_clock_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
-        let blocks = self.read(move |conn| state::garbage(conn, idle_before, limit)).await?;
+        let idle_before =
+            wall_clock_ns().saturating_sub(grace.as_nanos().min(i64::MAX as u128) as i64);
+        let blocks = self
+            .read(move |conn| state::garbage(conn, idle_before, limit))
+            .await?;
         Ok(Some((idle_before, blocks)))
     }
 
     /// Where each device that is not gone lives: its host and address.
     pub async fn device_locations(&self) -> Result<BTreeMap<u64, (NodeId, String)>, TrackerError> {
         let space = self.read(state::device_space).await?;
-        Ok(space.into_iter().map(|d| (d.location.device_id, (d.location.host_id, d.location.addr))).collect())
+        Ok(space
+            .into_iter()
+            .map(|d| (d.location.device_id, (d.location.host_id, d.location.addr)))
+            .collect())
     }
 
     /// The devices each of `hashes` is recorded on in this member's state
     /// machine (`None`: an unknown block). On the leader, right after a
     /// proposal, that includes its effect.
-    pub async fn recorded(&self, hashes: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u64>>>, TrackerError> {
+    pub async fn recorded(
+        &self,
+        hashes: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u64>>>, TrackerError> {
         self.read(move |conn| state::recorded(conn, &hashes)).await
     }
 
@@ -677,15 +857,24 @@ impl Tracker {
     /// of a read index from the leader (a member that lags, having been
     /// away, must not judge by its stale view). `None` when the tracker does
     /// not know the device as this host's.
-    pub async fn copies_on(&self, device_id: u64, hashes: Vec<Vec<u8>>) -> Result<Option<BTreeSet<Vec<u8>>>, TrackerError> {
+    pub async fn copies_on(
+        &self,
+        device_id: u64,
+        hashes: Vec<Vec<u8>>,
+    ) -> Result<Option<BTreeSet<Vec<u8>>>, TrackerError> {
         self.read_barrier(pb::Consistency::ReadIndex).await?;
         let host = self.host_id;
-        self.read(move |conn| state::copies_on(conn, host, device_id, &hashes)).await
+        self.read(move |conn| state::copies_on(conn, host, device_id, &hashes))
+            .await
     }
 
     /// Waits until this member has applied at least `index`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
-        self.raft.wait(Some(timeout)).applied_index_at_least(Some(index), "applied").await.is_ok()
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .is_ok()
     }
 
     /// The leader expires lapsed client sessions (releasing their locks) and
@@ -703,7 +892,12 @@ impl Tracker {
             .map_err(|e| TrackerError::Storage(e.to_string()))?;
         if due {
             let op = pb::command::Op::ExpireSessions(pb::ExpireSessions {});
-            self.propose(pb::Command { now_ns: now, op: Some(op), ..Default::default() }).await?;
+            self.propose(pb::Command {
+                now_ns: now,
+                op: Some(op),
+                ..Default::default()
+            })
+            .await?;
         }
         Ok(())
     }
@@ -746,7 +940,11 @@ impl Tracker {
 
     /// Waits until this member leads; false on timeout.
     pub async fn wait_leader(&self, timeout: Duration) -> bool {
-        self.raft.wait(Some(timeout)).state(ServerState::Leader, "leader").await.is_ok()
+        self.raft
+            .wait(Some(timeout))
+            .state(ServerState::Leader, "leader")
+            .await
+            .is_ok()
     }
 
     pub async fn shutdown(&self) {
@@ -758,12 +956,19 @@ impl Tracker {
 
 /// The hosts that are away (shipped) among `states`, with until when.
 fn away_until(states: &[(u64, String, i64, i64)]) -> BTreeMap<u64, i64> {
-    states.iter().filter(|(_, s, ..)| s == "away").map(|(h, _, until, _)| (*h, *until)).collect()
+    states
+        .iter()
+        .filter(|(_, s, ..)| s == "away")
+        .map(|(h, _, until, _)| (*h, *until))
+        .collect()
 }
 
 pub fn wall_clock_ns() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn role_of(id: NodeId, leader: Option<NodeId>, voters: &BTreeSet<NodeId>) -> String {

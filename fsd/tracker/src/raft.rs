@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use failsafe_proto::pb;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership, Vote,
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use rusqlite::{params, OptionalExtension};
 
@@ -53,25 +53,46 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn open(path: &Path) -> rusqlite::Result<LogStore> {
-        Ok(LogStore { db: Db::open("raft-log", path, LOG_SCHEMA)? })
+        Ok(LogStore {
+            db: Db::open("raft-log", path, LOG_SCHEMA)?,
+        })
     }
 }
 
-fn get_meta<T: serde::de::DeserializeOwned>(conn: &rusqlite::Connection, table: &str, key: &str) -> rusqlite::Result<Option<T>> {
+fn get_meta<T: serde::de::DeserializeOwned>(
+    conn: &rusqlite::Connection,
+    table: &str,
+    key: &str,
+) -> rusqlite::Result<Option<T>> {
     let raw: Option<Vec<u8>> = conn
-        .query_row(&format!("SELECT value FROM {table} WHERE key = ?1"), [key], |r| r.get(0))
+        .query_row(
+            &format!("SELECT value FROM {table} WHERE key = ?1"),
+            [key],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(raw.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
-fn put_meta<T: serde::Serialize>(conn: &rusqlite::Connection, table: &str, key: &str, v: &T) -> rusqlite::Result<()> {
-    let bytes = serde_json::to_vec(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(&format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"), params![key, bytes])?;
+fn put_meta<T: serde::Serialize>(
+    conn: &rusqlite::Connection,
+    table: &str,
+    key: &str,
+    v: &T,
+) -> rusqlite::Result<()> {
+    let bytes =
+        serde_json::to_vec(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(
+        &format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"),
+        params![key, bytes],
+    )?;
     Ok(())
 }
 
 fn decode_entry(bytes: &[u8]) -> rusqlite::Result<Entry<TypeConfig>> {
-    serde_json::from_slice(bytes).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e)))
+    serde_json::from_slice(bytes).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+    })
 }
 
 fn bound_range(range: &impl RangeBounds<u64>) -> (i64, i64) {
@@ -85,7 +106,10 @@ fn bound_range(range: &impl RangeBounds<u64>) -> (i64, i64) {
         Bound::Excluded(&x) => x,
         Bound::Unbounded => u64::MAX,
     };
-    (start.min(i64::MAX as u64) as i64, end.min(i64::MAX as u64) as i64)
+    (
+        start.min(i64::MAX as u64) as i64,
+        end.min(i64::MAX as u64) as i64,
+    )
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -97,7 +121,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let r = self
             .db
             .call(move |conn| -> rusqlite::Result<Vec<Entry<TypeConfig>>> {
-                let mut stmt = conn.prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+                let mut stmt = conn.prepare_cached(
+                    "SELECT entry FROM log WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+                )?;
                 let rows = stmt.query_map([start, end], |r| r.get::<_, Vec<u8>>(0))?;
                 rows.map(|b| decode_entry(&b?)).collect()
             })
@@ -114,14 +140,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let r = self
             .db
             .call(|conn| -> rusqlite::Result<LogState<TypeConfig>> {
-                let last_purged: Option<LogId<NodeId>> = get_meta(conn, "raft_meta", "last_purged")?;
-                let last: Option<Vec<u8>> =
-                    conn.query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| r.get(0)).optional()?;
+                let last_purged: Option<LogId<NodeId>> =
+                    get_meta(conn, "raft_meta", "last_purged")?;
+                let last: Option<Vec<u8>> = conn
+                    .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
                 let last_log_id = match last {
                     Some(b) => Some(decode_entry(&b)?.log_id),
                     None => last_purged,
                 };
-                Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+                Ok(LogState {
+                    last_purged_log_id: last_purged,
+                    last_log_id,
+                })
             })
             .await
             .map_err(|_| StorageIOError::read_logs(&db_gone()))?;
@@ -134,22 +167,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
         let vote = *vote;
-        let r = self.db.call(move |conn| put_meta(conn, "raft_meta", "vote", &vote)).await;
-        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_vote(&e).into())
+        let r = self
+            .db
+            .call(move |conn| put_meta(conn, "raft_meta", "vote", &vote))
+            .await;
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
     async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
-        let r = self.db.call(|conn| get_meta(conn, "raft_meta", "vote")).await;
-        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::read_vote(&e).into())
+        let r = self
+            .db
+            .call(|conn| get_meta(conn, "raft_meta", "vote"))
+            .await;
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
-        let r = self.db.call(move |conn| put_meta(conn, "raft_meta", "committed", &committed)).await;
-        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write(&e).into())
+        let r = self
+            .db
+            .call(move |conn| put_meta(conn, "raft_meta", "committed", &committed))
+            .await;
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        let r = self.db.call(|conn| get_meta::<Option<LogId<NodeId>>>(conn, "raft_meta", "committed")).await;
+        let r = self
+            .db
+            .call(|conn| get_meta::<Option<LogId<NodeId>>>(conn, "raft_meta", "committed"))
+            .await;
         r.map_err(|_| db_gone())
             .and_then(|r| r.map_err(io::Error::other))
             .map(Option::flatten)
@@ -171,7 +222,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .call(move |conn| -> rusqlite::Result<()> {
                 let tx = conn.transaction()?;
                 {
-                    let mut stmt = tx.prepare_cached("INSERT OR REPLACE INTO log VALUES (?1, ?2)")?;
+                    let mut stmt =
+                        tx.prepare_cached("INSERT OR REPLACE INTO log VALUES (?1, ?2)")?;
                     for (idx, bytes) in &rows {
                         stmt.execute(params![idx, bytes])?;
                     }
@@ -179,7 +231,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 tx.commit()
             })
             .await;
-        let r = r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other));
+        let r = r
+            .map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other));
         match r {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
@@ -195,8 +249,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
         let idx = log_id.index as i64;
-        let r = self.db.call(move |conn| conn.execute("DELETE FROM log WHERE idx >= ?1", [idx]).map(|_| ())).await;
-        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_logs(&e).into())
+        let r = self
+            .db
+            .call(move |conn| {
+                conn.execute("DELETE FROM log WHERE idx >= ?1", [idx])
+                    .map(|_| ())
+            })
+            .await;
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
@@ -209,7 +271,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 tx.commit()
             })
             .await;
-        r.map_err(|_| db_gone()).and_then(|r| r.map_err(io::Error::other)).map_err(|e| StorageIOError::write_logs(&e).into())
+        r.map_err(|_| db_gone())
+            .and_then(|r| r.map_err(io::Error::other))
+            .map_err(|e| StorageIOError::write_logs(&e).into())
     }
 }
 
@@ -230,7 +294,10 @@ struct SnapshotFile {
 
 impl StateMachine {
     pub fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
-        Ok(StateMachine { db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?, dir: dir.to_path_buf() })
+        Ok(StateMachine {
+            db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The database, for queries.
@@ -251,13 +318,21 @@ impl StateMachine {
         };
         let file: SnapshotFile = serde_json::from_slice(&meta).map_err(io::Error::other)?;
         let data = std::fs::read(data_path)?;
-        Ok(Some(Snapshot { meta: file.meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 
-    fn store_snapshot(&self, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> io::Result<()> {
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        data: &[u8],
+    ) -> io::Result<()> {
         let (data_path, meta_path) = self.snapshot_paths();
         write_durably(&data_path, data)?;
-        let json = serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(io::Error::other)?;
+        let json =
+            serde_json::to_vec(&SnapshotFile { meta: meta.clone() }).map_err(io::Error::other)?;
         write_durably(&meta_path, &json)
     }
 }
@@ -279,7 +354,8 @@ type Applied = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
 fn read_applied(conn: &rusqlite::Connection) -> rusqlite::Result<Applied> {
     let last: Option<LogId<NodeId>> = get_meta(conn, "meta", "last_applied")?;
-    let membership: Option<StoredMembership<NodeId, BasicNode>> = get_meta(conn, "meta", "membership")?;
+    let membership: Option<StoredMembership<NodeId, BasicNode>> =
+        get_meta(conn, "meta", "membership")?;
     Ok((last, membership.unwrap_or_default()))
 }
 
@@ -304,23 +380,38 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, rand_suffix()),
             None => format!("0-0-{}", rand_suffix()),
         };
-        let meta = SnapshotMeta { last_log_id: last, last_membership: membership, snapshot_id };
-        self.store_snapshot(&meta, &data).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id,
+        };
+        self.store_snapshot(&meta, &data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built tracker snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> SResult<Applied> {
-        let r = self.db.call(|conn| read_applied(conn)).await.map_err(|_| StorageIOError::read_state_machine(&db_gone()))?;
+        let r = self
+            .db
+            .call(|conn| read_applied(conn))
+            .await
+            .map_err(|_| StorageIOError::read_state_machine(&db_gone()))?;
         r.map_err(|e| StorageIOError::read_state_machine(&e).into())
     }
 
@@ -342,7 +433,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         EntryPayload::Blank => out.push(pb::CommandResult::default()),
                         EntryPayload::Normal(cmd) => out.push(state::apply(&tx, cmd)?),
                         EntryPayload::Membership(m) => {
-                            put_meta(&tx, "meta", "membership", &StoredMembership::new(Some(e.log_id), m.clone()))?;
+                            put_meta(
+                                &tx,
+                                "meta",
+                                "membership",
+                                &StoredMembership::new(Some(e.log_id), m.clone()),
+                            )?;
                             out.push(pb::CommandResult::default());
                         }
                     }
@@ -371,10 +467,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> SResult<()> {
         let data = snapshot.into_inner();
         let sig = meta.signature();
-        self.store_snapshot(meta, &data).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        self.store_snapshot(meta, &data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
         let db_path = self.dir.join("meta.db");
         let incoming = self.dir.join("meta-incoming.db");
-        write_durably(&incoming, &data).map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        write_durably(&incoming, &data)
+            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
         let meta = meta.clone();
         let r = self
             .db
@@ -384,7 +482,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for suffix in ["-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
                 }
-                std::fs::rename(&incoming, &db_path).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                std::fs::rename(&incoming, &db_path)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                 let fresh = open_connection(&db_path)?;
                 fresh.execute_batch(state::SCHEMA)?;
                 put_meta(&fresh, "meta", "last_applied", &meta.last_log_id)?;
@@ -400,7 +499,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        self.load_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e).into())
+        self.load_snapshot()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e).into())
     }
 }
 
@@ -422,7 +522,8 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> SResult<(tempfile::TempDir, LogStore, StateMachine)> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
-            let log = LogStore::open(&dir.path().join("raft.db")).map_err(|e| StorageIOError::write(&e))?;
+            let log = LogStore::open(&dir.path().join("raft.db"))
+                .map_err(|e| StorageIOError::write(&e))?;
             let sm = StateMachine::open(dir.path()).map_err(|e| StorageIOError::write(&e))?;
             Ok((dir, log, sm))
         }

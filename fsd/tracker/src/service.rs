@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use failsafe_proto::pb::{self, command::Op, metadata_server::Metadata, raft_transport_server::RaftTransport};
+use failsafe_proto::pb::{
+    self, command::Op, metadata_server::Metadata, raft_transport_server::RaftTransport,
+};
 use failsafe_proto::{check_header, not_leader};
 use tonic::{Request, Response, Status};
 
@@ -23,7 +25,6 @@ impl From<TrackerError> for Status {
     }
 }
 
-
 pub struct MetadataService {
     tracker: Arc<Tracker>,
 }
@@ -35,44 +36,73 @@ impl MetadataService {
 }
 
 fn refusal(code: pb::ErrorCode, message: String) -> pb::CommandResult {
-    pb::CommandResult { result: Some(pb::command_result::Result::Error(pb::CommandError { code: code as i32, message })) }
+    pb::CommandResult {
+        result: Some(pb::command_result::Result::Error(pb::CommandError {
+            code: code as i32,
+            message,
+        })),
+    }
 }
 
 #[tonic::async_trait]
 impl Metadata for MetadataService {
-    async fn mutate(&self, req: Request<pb::MutateRequest>) -> Result<Response<pb::MutateReply>, Status> {
+    async fn mutate(
+        &self,
+        req: Request<pb::MutateRequest>,
+    ) -> Result<Response<pb::MutateReply>, Status> {
         let req = req.into_inner();
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
-        let mut cmd = req.command.ok_or_else(|| Status::invalid_argument("mutate without a command"))?;
+        let mut cmd = req
+            .command
+            .ok_or_else(|| Status::invalid_argument("mutate without a command"))?;
         match &cmd.op {
             None => return Err(Status::invalid_argument("command without an operation")),
             Some(Op::RegisterHost(_) | Op::RemoveHost(_)) => {
-                return Err(Status::permission_denied("host membership changes go through the Admin service"))
+                return Err(Status::permission_denied(
+                    "host membership changes go through the Admin service",
+                ))
             }
             // Leases are judged by the leader's clock alone.
-            Some(Op::OpenSession(_) | Op::Heartbeat(_) | Op::ExpireSessions(_)) => cmd.now_ns = wall_clock_ns(),
+            Some(Op::OpenSession(_) | Op::Heartbeat(_) | Op::ExpireSessions(_)) => {
+                cmd.now_ns = wall_clock_ns()
+            }
             Some(_) => {}
         }
         // Refuse what can never apply before it takes a place in the log.
         if let Err(e) = crate::state::validate(&cmd) {
-            return Ok(Response::new(pb::MutateReply { result: Some(refusal(e.code, e.message)) }));
+            return Ok(Response::new(pb::MutateReply {
+                result: Some(refusal(e.code, e.message)),
+            }));
         }
         let result = self.tracker.propose(cmd).await?;
-        Ok(Response::new(pb::MutateReply { result: Some(result) }))
+        Ok(Response::new(pb::MutateReply {
+            result: Some(result),
+        }))
     }
 
-    async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryReply>, Status> {
+    async fn query(
+        &self,
+        req: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryReply>, Status> {
         let req = req.into_inner();
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
-        let q = req.query.ok_or_else(|| Status::invalid_argument("query without a question"))?;
+        let q = req
+            .query
+            .ok_or_else(|| Status::invalid_argument("query without a question"))?;
         let consistency = pb::Consistency::try_from(req.consistency)
             .map_err(|_| Status::invalid_argument("unknown consistency level"))?;
         let reply = self.tracker.query(q, consistency).await?;
         Ok(Response::new(pb::QueryReply { reply: Some(reply) }))
     }
 
-    async fn read_index(&self, req: Request<pb::ReadIndexRequest>) -> Result<Response<pb::ReadIndexReply>, Status> {
-        check_header(req.into_inner().header.as_ref(), &self.tracker.cluster.get())?;
+    async fn read_index(
+        &self,
+        req: Request<pb::ReadIndexRequest>,
+    ) -> Result<Response<pb::ReadIndexReply>, Status> {
+        check_header(
+            req.into_inner().header.as_ref(),
+            &self.tracker.cluster.get(),
+        )?;
         let index = self.tracker.read_index().await?;
         Ok(Response::new(pb::ReadIndexReply { index }))
     }
@@ -87,31 +117,47 @@ impl RaftService {
         RaftService { tracker }
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, req: Request<pb::RaftMessage>) -> Result<T, Status> {
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<T, Status> {
         let msg = req.into_inner();
         check_header(msg.header.as_ref(), &self.tracker.cluster.get())?;
-        serde_json::from_slice(&msg.payload).map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+        serde_json::from_slice(&msg.payload)
+            .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
     }
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
     let payload = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(pb::RaftMessage { header: None, payload }))
+    Ok(Response::new(pb::RaftMessage {
+        header: None,
+        payload,
+    }))
 }
 
 #[tonic::async_trait]
 impl RaftTransport for RaftService {
-    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         let rpc = self.decode(req)?;
         encode(&self.tracker.raft().append_entries(rpc).await)
     }
 
-    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn vote(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         let rpc = self.decode(req)?;
         encode(&self.tracker.raft().vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
         let rpc = self.decode(req)?;
         encode(&self.tracker.raft().install_snapshot(rpc).await)
     }

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use failsafe_core::{is_full, overlay, place, validate_name, Candidate, Extent, ReplicationClass, HASH_LEN, ROOT_INO};
+use failsafe_core::{
+    is_full, overlay, place, validate_name, Candidate, Extent, ReplicationClass, HASH_LEN, ROOT_INO,
+};
 use failsafe_proto::pb::{self, command::Op, query_request::Query, ErrorCode, FileKind};
 use prost::Message;
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -79,7 +81,10 @@ pub struct OpError {
 
 impl OpError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> OpError {
-        OpError { code, message: message.into() }
+        OpError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -132,16 +137,22 @@ pub fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
 const ATTR_COLS: &str = "ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, version";
 
 pub fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
-    tx.query_row(&format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"), [i(ino)], attr_row)
-        .optional()?
-        .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")))
+    tx.query_row(
+        &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
+        [i(ino)],
+        attr_row,
+    )
+    .optional()?
+    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")))
 }
 
 fn lookup_ino(tx: &rusqlite::Connection, parent: u64, name: &[u8]) -> OpResult<Option<u64>> {
     Ok(tx
-        .query_row("SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2", params![i(parent), name], |r| {
-            r.get::<_, i64>(0)
-        })
+        .query_row(
+            "SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2",
+            params![i(parent), name],
+            |r| r.get::<_, i64>(0),
+        )
         .optional()?
         .map(|v| v as u64))
 }
@@ -163,13 +174,28 @@ fn new_inode(
     now: i64,
     target: Option<&[u8]>,
 ) -> OpResult<pb::Attr> {
-    let ino: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_ino'", [], |r| r.get(0))?;
-    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_ino'", [ino + 1])?;
+    let ino: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_ino'", [], |r| {
+        r.get(0)
+    })?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'next_ino'",
+        [ino + 1],
+    )?;
     let nlink = if kind == FileKind::KindDir { 2 } else { 1 };
     let size = target.map_or(0, |t| t.len() as i64);
     tx.execute(
         "INSERT INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, 1, ?9)",
-        params![ino, kind as i32, mode & 0o7777, uid, gid, size, now, nlink, target],
+        params![
+            ino,
+            kind as i32,
+            mode & 0o7777,
+            uid,
+            gid,
+            size,
+            now,
+            nlink,
+            target
+        ],
     )?;
     get_attr(tx, ino as u64)
 }
@@ -198,22 +224,31 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpRes
         // them (lock, unlink, unlock). Inode numbers are never reused, and
         // session close or expiry removes them.
     } else {
-        tx.execute("UPDATE inodes SET nlink = nlink - 1, ctime = ?2 WHERE ino = ?1", params![i(ino), now])?;
+        tx.execute(
+            "UPDATE inodes SET nlink = nlink - 1, ctime = ?2 WHERE ino = ?1",
+            params![i(ino), now],
+        )?;
     }
     Ok(())
 }
 
 fn is_empty_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<bool> {
-    let n: i64 = tx.query_row("SELECT COUNT(*) FROM (SELECT 1 FROM dentries WHERE parent = ?1 LIMIT 1)", [i(ino)], |r| {
-        r.get(0)
-    })?;
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM dentries WHERE parent = ?1 LIMIT 1)",
+        [i(ino)],
+        |r| r.get(0),
+    )?;
     Ok(n == 0)
 }
 
 /// The directory holding directory `ino` (directories have exactly one entry).
 fn parent_of_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<Option<u64>> {
     Ok(tx
-        .query_row("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1", [i(ino)], |r| r.get::<_, i64>(0))
+        .query_row(
+            "SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1",
+            [i(ino)],
+            |r| r.get::<_, i64>(0),
+        )
         .optional()?
         .map(|v| v as u64))
 }
@@ -249,11 +284,22 @@ pub fn validate(cmd: &pb::Command) -> OpResult<()> {
         Some(Op::CommitExtents(c)) if c.extents.len() > 4096 || c.copies.len() > 4096 => {
             err(ErrorCode::Invalid, "at most 4096 extents per commit")
         }
-        Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per record"),
-        Some(Op::DropCopies(c)) if c.copies.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per drop"),
-        Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => err(ErrorCode::Invalid, "at most 4096 blocks per forget"),
-        Some(Op::SetHostState(c)) if !matches!(c.state.as_str(), "active" | "away" | "draining") => {
-            err(ErrorCode::Invalid, "a host state is active, away or draining")
+        Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per record")
+        }
+        Some(Op::DropCopies(c)) if c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per drop")
+        }
+        Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per forget")
+        }
+        Some(Op::SetHostState(c))
+            if !matches!(c.state.as_str(), "active" | "away" | "draining") =>
+        {
+            err(
+                ErrorCode::Invalid,
+                "a host state is active, away or draining",
+            )
         }
         Some(_) => Ok(()),
     }
@@ -293,15 +339,29 @@ pub fn apply(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<pb::Co
                     // A database failure, not a refusal: abort the whole apply.
                     return Err(rusqlite::Error::ToSqlConversionFailure(e.message.into()));
                 }
-                R::Error(pb::CommandError { code: e.code as i32, message: e.message })
+                R::Error(pb::CommandError {
+                    code: e.code as i32,
+                    message: e.message,
+                })
             }
         }
     };
-    let result = pb::CommandResult { result: Some(result) };
+    let result = pb::CommandResult {
+        result: Some(result),
+    };
     if cmd.client_id != 0 {
         tx.execute(
             "INSERT OR REPLACE INTO applied_ops VALUES (?1, ?2, ?3, ?4)",
-            params![i(cmd.client_id), i(cmd.op_id), if cmd.leader_ns > 0 { cmd.leader_ns } else { cmd.now_ns }, result.encode_to_vec()],
+            params![
+                i(cmd.client_id),
+                i(cmd.op_id),
+                if cmd.leader_ns > 0 {
+                    cmd.leader_ns
+                } else {
+                    cmd.now_ns
+                },
+                result.encode_to_vec()
+            ],
         )?;
     }
     Ok(result)
@@ -310,8 +370,14 @@ pub fn apply(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<pb::Co
 fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr>> {
     let now = cmd.now_ns;
     // What garbage collection judges by: the leader's clock, not a client's.
-    let leader_now = if cmd.leader_ns > 0 { cmd.leader_ns } else { cmd.now_ns };
-    let Some(op) = &cmd.op else { return err(ErrorCode::Invalid, "command without an operation") };
+    let leader_now = if cmd.leader_ns > 0 {
+        cmd.leader_ns
+    } else {
+        cmd.now_ns
+    };
+    let Some(op) = &cmd.op else {
+        return err(ErrorCode::Invalid, "command without an operation");
+    };
     match op {
         Op::Create(c) => {
             check_name(&c.name)?;
@@ -343,13 +409,24 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::Symlink(c) => {
             check_name(&c.name)?;
             if c.target.is_empty() || c.target.len() > 4096 || c.target.contains(&0) {
-                return err(ErrorCode::Invalid, "symlink target must be 1 to 4096 bytes without NUL");
+                return err(
+                    ErrorCode::Invalid,
+                    "symlink target must be 1 to 4096 bytes without NUL",
+                );
             }
             require_dir(tx, c.parent)?;
             if lookup_ino(tx, c.parent, &c.name)?.is_some() {
                 return err(ErrorCode::Exists, "file exists");
             }
-            let a = new_inode(tx, FileKind::KindSymlink, 0o777, c.uid, c.gid, now, Some(&c.target))?;
+            let a = new_inode(
+                tx,
+                FileKind::KindSymlink,
+                0o777,
+                c.uid,
+                c.gid,
+                now,
+                Some(&c.target),
+            )?;
             link_entry(tx, c.parent, &c.name, a.ino, now, 0)?;
             Ok(Some(a))
         }
@@ -357,20 +434,27 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
             check_name(&c.new_name)?;
             let a = get_attr(tx, c.ino)?;
             if a.kind == FileKind::KindDir as i32 {
-                return err(ErrorCode::IsDir, "hard links to directories are not allowed");
+                return err(
+                    ErrorCode::IsDir,
+                    "hard links to directories are not allowed",
+                );
             }
             require_dir(tx, c.new_parent)?;
             if lookup_ino(tx, c.new_parent, &c.new_name)?.is_some() {
                 return err(ErrorCode::Exists, "file exists");
             }
             link_entry(tx, c.new_parent, &c.new_name, c.ino, now, 0)?;
-            tx.execute("UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1", params![i(c.ino), now])?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1",
+                params![i(c.ino), now],
+            )?;
             Ok(Some(get_attr(tx, c.ino)?))
         }
         Op::Unlink(c) => {
             check_name(&c.name)?;
             require_dir(tx, c.parent)?;
-            let ino = lookup_ino(tx, c.parent, &c.name)?.ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+            let ino = lookup_ino(tx, c.parent, &c.name)?
+                .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
             if get_attr(tx, ino)?.kind == FileKind::KindDir as i32 {
                 return err(ErrorCode::IsDir, "is a directory");
             }
@@ -381,7 +465,8 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::Rmdir(c) => {
             check_name(&c.name)?;
             require_dir(tx, c.parent)?;
-            let ino = lookup_ino(tx, c.parent, &c.name)?.ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+            let ino = lookup_ino(tx, c.parent, &c.name)?
+                .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
             require_dir(tx, ino)?;
             if !is_empty_dir(tx, ino)? {
                 return err(ErrorCode::NotEmpty, "directory not empty");
@@ -456,7 +541,10 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
             Ok(None)
         }
         Op::Heartbeat(c) => {
-            let n = tx.execute("UPDATE sessions SET last_seen = ?2 WHERE session_id = ?1", params![i(c.session_id), now])?;
+            let n = tx.execute(
+                "UPDATE sessions SET last_seen = ?2 WHERE session_id = ?1",
+                params![i(c.session_id), now],
+            )?;
             if n == 0 {
                 return err(ErrorCode::NoSession, "session expired or unknown");
             }
@@ -464,7 +552,10 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         }
         Op::CloseSession(c) => {
             tx.execute("DELETE FROM locks WHERE session_id = ?1", [i(c.session_id)])?;
-            tx.execute("DELETE FROM sessions WHERE session_id = ?1", [i(c.session_id)])?;
+            tx.execute(
+                "DELETE FROM sessions WHERE session_id = ?1",
+                [i(c.session_id)],
+            )?;
             Ok(None)
         }
         Op::ExpireSessions(_) => {
@@ -476,20 +567,42 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
                 tx.execute("DELETE FROM locks WHERE session_id = ?1", [s])?;
                 tx.execute("DELETE FROM sessions WHERE session_id = ?1", [s])?;
             }
-            tx.execute("DELETE FROM applied_ops WHERE at < ?1", [now.saturating_sub(OP_RESULT_KEEP_NS)])?;
+            tx.execute(
+                "DELETE FROM applied_ops WHERE at < ?1",
+                [now.saturating_sub(OP_RESULT_KEEP_NS)],
+            )?;
             Ok(None)
         }
         Op::Lock(c) => lock(tx, c).map(|()| None),
     }
 }
 
-fn link_entry(tx: &Transaction<'_>, parent: u64, name: &[u8], ino: u64, now: i64, nlink_delta: i64) -> OpResult<()> {
-    tx.execute("INSERT INTO dentries VALUES (?1, ?2, ?3)", params![i(parent), name, i(ino)])?;
+fn link_entry(
+    tx: &Transaction<'_>,
+    parent: u64,
+    name: &[u8],
+    ino: u64,
+    now: i64,
+    nlink_delta: i64,
+) -> OpResult<()> {
+    tx.execute(
+        "INSERT INTO dentries VALUES (?1, ?2, ?3)",
+        params![i(parent), name, i(ino)],
+    )?;
     touch_dir(tx, parent, now, nlink_delta)
 }
 
-fn unlink_entry(tx: &Transaction<'_>, parent: u64, name: &[u8], now: i64, nlink_delta: i64) -> OpResult<()> {
-    tx.execute("DELETE FROM dentries WHERE parent = ?1 AND name = ?2", params![i(parent), name])?;
+fn unlink_entry(
+    tx: &Transaction<'_>,
+    parent: u64,
+    name: &[u8],
+    now: i64,
+    nlink_delta: i64,
+) -> OpResult<()> {
+    tx.execute(
+        "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
+        params![i(parent), name],
+    )?;
     touch_dir(tx, parent, now, nlink_delta)
 }
 
@@ -501,7 +614,8 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
     }
     require_dir(tx, c.parent)?;
     require_dir(tx, c.new_parent)?;
-    let src = lookup_ino(tx, c.parent, &c.name)?.ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+    let src = lookup_ino(tx, c.parent, &c.name)?
+        .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
     let src_attr = get_attr(tx, src)?;
     let src_is_dir = src_attr.kind == FileKind::KindDir as i32;
     let dst = lookup_ino(tx, c.new_parent, &c.new_name)?;
@@ -512,14 +626,24 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
         // Same inode (same entry, or two hard links): POSIX says do nothing.
         return Ok(());
     }
-    let moves_dir_between = |is_dir: bool| if is_dir && c.parent != c.new_parent { 1 } else { 0 };
+    let moves_dir_between = |is_dir: bool| {
+        if is_dir && c.parent != c.new_parent {
+            1
+        } else {
+            0
+        }
+    };
     if c.exchange {
-        let dst = dst.ok_or_else(|| OpError::new(ErrorCode::NotFound, "exchange target does not exist"))?;
+        let dst =
+            dst.ok_or_else(|| OpError::new(ErrorCode::NotFound, "exchange target does not exist"))?;
         let dst_is_dir = get_attr(tx, dst)?.kind == FileKind::KindDir as i32;
         if dst_is_dir && is_within(tx, c.parent, dst)? {
             return err(ErrorCode::Loop, "cannot move a directory into itself");
         }
-        tx.execute("UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2", params![i(c.parent), c.name, i(dst)])?;
+        tx.execute(
+            "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
+            params![i(c.parent), c.name, i(dst)],
+        )?;
         tx.execute(
             "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
             params![i(c.new_parent), c.new_name, i(src)],
@@ -528,7 +652,10 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
         touch_dir(tx, c.parent, now, -delta)?;
         touch_dir(tx, c.new_parent, now, delta)?;
         for ino in [src, dst] {
-            tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![i(ino), now])?;
+            tx.execute(
+                "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+                params![i(ino), now],
+            )?;
         }
         return Ok(());
     }
@@ -540,10 +667,18 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
         match (src_is_dir, dst_is_dir) {
             (true, false) => return err(ErrorCode::NotDir, "target is not a directory"),
             (false, true) => return err(ErrorCode::IsDir, "target is a directory"),
-            (true, true) if !is_empty_dir(tx, dst)? => return err(ErrorCode::NotEmpty, "target directory not empty"),
+            (true, true) if !is_empty_dir(tx, dst)? => {
+                return err(ErrorCode::NotEmpty, "target directory not empty")
+            }
             _ => {}
         }
-        unlink_entry(tx, c.new_parent, &c.new_name, now, if dst_is_dir { -1 } else { 0 })?;
+        unlink_entry(
+            tx,
+            c.new_parent,
+            &c.new_name,
+            now,
+            if dst_is_dir { -1 } else { 0 },
+        )?;
         if !dst_is_dir {
             // The file that replaces another is its new version (a wiki save).
             tx.execute(
@@ -558,25 +693,36 @@ fn rename(tx: &Transaction<'_>, c: &pb::Rename, now: i64, leader_now: i64) -> Op
     let delta = moves_dir_between(src_is_dir);
     unlink_entry(tx, c.parent, &c.name, now, -delta)?;
     link_entry(tx, c.new_parent, &c.new_name, src, now, delta)?;
-    tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![i(src), now])?;
+    tx.execute(
+        "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+        params![i(src), now],
+    )?;
     Ok(())
 }
 
-fn load_extents(tx: &rusqlite::Connection, ino: u64, start: u64, end: u64) -> OpResult<Vec<Extent>> {
+fn load_extents(
+    tx: &rusqlite::Connection,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> OpResult<Vec<Extent>> {
     // Extents never overlap, so those starting before `start` can reach into
     // the range only if they end after it.
     let mut stmt = tx.prepare_cached(
         "SELECT offset, length, hash, block_offset FROM extents
          WHERE ino = ?1 AND offset < ?3 AND offset + length > ?2 ORDER BY offset",
     )?;
-    let rows = stmt.query_map(params![i(ino), i(start), i(end.min(i64::MAX as u64))], |r| {
-        Ok(Extent {
-            offset: r.get::<_, i64>(0)? as u64,
-            length: r.get::<_, i64>(1)? as u64,
-            hash: r.get(2)?,
-            block_offset: r.get::<_, i64>(3)? as u64,
-        })
-    })?;
+    let rows = stmt.query_map(
+        params![i(ino), i(start), i(end.min(i64::MAX as u64))],
+        |r| {
+            Ok(Extent {
+                offset: r.get::<_, i64>(0)? as u64,
+                length: r.get::<_, i64>(1)? as u64,
+                hash: r.get(2)?,
+                block_offset: r.get::<_, i64>(3)? as u64,
+            })
+        },
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -584,7 +730,10 @@ fn load_extents(tx: &rusqlite::Connection, ino: u64, start: u64, end: u64) -> Op
 fn punch(tx: &Transaction<'_>, ino: u64, start: u64, end: u64, leader_now: i64) -> OpResult<()> {
     let old = load_extents(tx, ino, start, end)?;
     for e in &old {
-        tx.execute("DELETE FROM extents WHERE ino = ?1 AND offset = ?2", params![i(ino), i(e.offset)])?;
+        tx.execute(
+            "DELETE FROM extents WHERE ino = ?1 AND offset = ?2",
+            params![i(ino), i(e.offset)],
+        )?;
     }
     for e in overlay(&old, start, end) {
         insert_extent(tx, ino, &e)?;
@@ -618,16 +767,30 @@ fn note_unreferenced(tx: &Transaction<'_>, hashes: &[Vec<u8>], at: i64) -> OpRes
 /// Largest file offset we accept: keeps `offset + length` inside SQLite's i64.
 const MAX_FILE_BYTES: u64 = 1 << 60;
 
-fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64, leader_now: i64) -> OpResult<pb::Attr> {
+fn set_attr(
+    tx: &Transaction<'_>,
+    c: &pb::SetAttr,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
     if let Some(mode) = c.mode {
-        tx.execute("UPDATE inodes SET mode = ?2 WHERE ino = ?1", params![i(c.ino), mode & 0o7777])?;
+        tx.execute(
+            "UPDATE inodes SET mode = ?2 WHERE ino = ?1",
+            params![i(c.ino), mode & 0o7777],
+        )?;
     }
     if let Some(uid) = c.uid {
-        tx.execute("UPDATE inodes SET uid = ?2 WHERE ino = ?1", params![i(c.ino), uid])?;
+        tx.execute(
+            "UPDATE inodes SET uid = ?2 WHERE ino = ?1",
+            params![i(c.ino), uid],
+        )?;
     }
     if let Some(gid) = c.gid {
-        tx.execute("UPDATE inodes SET gid = ?2 WHERE ino = ?1", params![i(c.ino), gid])?;
+        tx.execute(
+            "UPDATE inodes SET gid = ?2 WHERE ino = ?1",
+            params![i(c.ino), gid],
+        )?;
     }
     if let Some(size) = c.size {
         if a.kind != FileKind::KindFile as i32 {
@@ -645,16 +808,30 @@ fn set_attr(tx: &Transaction<'_>, c: &pb::SetAttr, now: i64, leader_now: i64) ->
         )?;
     }
     if let Some(t) = c.atime_ns {
-        tx.execute("UPDATE inodes SET atime = ?2 WHERE ino = ?1", params![i(c.ino), t])?;
+        tx.execute(
+            "UPDATE inodes SET atime = ?2 WHERE ino = ?1",
+            params![i(c.ino), t],
+        )?;
     }
     if let Some(t) = c.mtime_ns {
-        tx.execute("UPDATE inodes SET mtime = ?2 WHERE ino = ?1", params![i(c.ino), t])?;
+        tx.execute(
+            "UPDATE inodes SET mtime = ?2 WHERE ino = ?1",
+            params![i(c.ino), t],
+        )?;
     }
-    tx.execute("UPDATE inodes SET ctime = ?2 WHERE ino = ?1", params![i(c.ino), now])?;
+    tx.execute(
+        "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+        params![i(c.ino), now],
+    )?;
     get_attr(tx, c.ino)
 }
 
-fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_now: i64) -> OpResult<pb::Attr> {
+fn commit_extents(
+    tx: &Transaction<'_>,
+    c: &pb::CommitExtents,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
     if a.kind != FileKind::KindFile as i32 {
         return err(ErrorCode::IsDir, "extents belong to regular files");
@@ -663,18 +840,40 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_
     let base = if c.append { a.size } else { 0 };
     let mut size = a.size;
     for e in &c.extents {
-        let e = &pb::Extent { offset: e.offset.saturating_add(base), ..e.clone() };
+        let e = &pb::Extent {
+            offset: e.offset.saturating_add(base),
+            ..e.clone()
+        };
         if e.hash.len() != HASH_LEN || e.length == 0 {
-            return err(ErrorCode::Invalid, "an extent needs a 32-byte hash and a length");
+            return err(
+                ErrorCode::Invalid,
+                "an extent needs a 32-byte hash and a length",
+            );
         }
-        let end = e.offset.checked_add(e.length).filter(|&end| end <= MAX_FILE_BYTES);
-        let Some(end) = end else { return err(ErrorCode::Invalid, "extent beyond the largest file size") };
-        let block_size: Option<i64> =
-            tx.query_row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| r.get(0)).optional()?;
+        let end = e
+            .offset
+            .checked_add(e.length)
+            .filter(|&end| end <= MAX_FILE_BYTES);
+        let Some(end) = end else {
+            return err(ErrorCode::Invalid, "extent beyond the largest file size");
+        };
+        let block_size: Option<i64> = tx
+            .query_row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| {
+                r.get(0)
+            })
+            .optional()?;
         match block_size {
-            None => return err(ErrorCode::Invalid, "extent names a block with no recorded copies"),
+            None => {
+                return err(
+                    ErrorCode::Invalid,
+                    "extent names a block with no recorded copies",
+                )
+            }
             Some(bs) if e.block_offset.saturating_add(e.length) > bs as u64 => {
-                return err(ErrorCode::Invalid, "extent reaches past the end of its block")
+                return err(
+                    ErrorCode::Invalid,
+                    "extent reaches past the end of its block",
+                )
             }
             _ => {}
         }
@@ -684,7 +883,12 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_
             params![i(c.ino), i(e.offset), e.hash],
         )?;
         punch(tx, c.ino, e.offset, end, leader_now)?;
-        let ext = Extent { offset: e.offset, length: e.length, hash: e.hash.clone(), block_offset: e.block_offset };
+        let ext = Extent {
+            offset: e.offset,
+            length: e.length,
+            hash: e.hash.clone(),
+            block_offset: e.block_offset,
+        };
         insert_extent(tx, c.ino, &ext)?;
         size = size.max(end);
     }
@@ -698,14 +902,27 @@ fn commit_extents(tx: &Transaction<'_>, c: &pb::CommitExtents, now: i64, leader_
 /// Records copies. A block no extent points at yet (its write is not
 /// committed) is idle from `leader_now`, which gives the write the grace
 /// period to commit before garbage collection may take it.
-fn record_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies], leader_now: i64) -> OpResult<()> {
+fn record_copies(
+    tx: &Transaction<'_>,
+    copies: &[pb::BlockCopies],
+    leader_now: i64,
+) -> OpResult<()> {
     for b in copies {
         if b.hash.len() != HASH_LEN || b.size as usize > failsafe_core::MAX_BLOCK_BYTES {
-            return err(ErrorCode::Invalid, "block copies need a 32-byte hash and a size within the block limit");
+            return err(
+                ErrorCode::Invalid,
+                "block copies need a 32-byte hash and a size within the block limit",
+            );
         }
-        tx.execute("INSERT OR IGNORE INTO blocks (hash, size) VALUES (?1, ?2)", params![b.hash, i(b.size)])?;
+        tx.execute(
+            "INSERT OR IGNORE INTO blocks (hash, size) VALUES (?1, ?2)",
+            params![b.hash, i(b.size)],
+        )?;
         for d in &b.device_ids {
-            tx.execute("INSERT OR IGNORE INTO copies (hash, device_id) VALUES (?1, ?2)", params![b.hash, i(*d)])?;
+            tx.execute(
+                "INSERT OR IGNORE INTO copies (hash, device_id) VALUES (?1, ?2)",
+                params![b.hash, i(*d)],
+            )?;
         }
         tx.execute(
             "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
@@ -734,7 +951,10 @@ fn drop_copies(tx: &Transaction<'_>, copies: &[pb::BlockCopies], keep: usize) ->
                     continue;
                 }
             }
-            tx.execute("DELETE FROM copies WHERE hash = ?1 AND device_id = ?2", params![b.hash, i(*d)])?;
+            tx.execute(
+                "DELETE FROM copies WHERE hash = ?1 AND device_id = ?2",
+                params![b.hash, i(*d)],
+            )?;
         }
     }
     Ok(())
@@ -749,9 +969,17 @@ fn forget_blocks(tx: &Transaction<'_>, hashes: &[Vec<u8>], idle_before: i64) -> 
         if h.len() != HASH_LEN {
             return err(ErrorCode::Invalid, "a block hash is 32 bytes");
         }
-        let referenced: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)", [h], |r| r.get(0))?;
-        let since: i64 =
-            tx.query_row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| r.get(0)).optional()?.unwrap_or(0);
+        let referenced: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
+            [h],
+            |r| r.get(0),
+        )?;
+        let since: i64 = tx
+            .query_row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
         if referenced || since >= idle_before {
             continue;
         }
@@ -767,19 +995,27 @@ fn forget_blocks(tx: &Transaction<'_>, hashes: &[Vec<u8>], idle_before: i64) -> 
 /// on the leader's clock.
 pub fn host_states(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, String, i64, i64)>> {
     conn.prepare_cached("SELECT host_id, state, until, since FROM host_states")?
-        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect()
 }
 
 /// Devices of hosts that are away or draining.
-pub fn held_back_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
-    conn.prepare_cached("SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id")?
-        .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
-        .collect()
+pub fn held_back_devices(
+    conn: &rusqlite::Connection,
+) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
+    conn.prepare_cached(
+        "SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id",
+    )?
+    .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
+    .collect()
 }
 
 /// Devices of hosts that are away (shipped).
-pub fn away_devices(conn: &rusqlite::Connection) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
+pub fn away_devices(
+    conn: &rusqlite::Connection,
+) -> rusqlite::Result<std::collections::BTreeSet<u64>> {
     conn.prepare_cached(
         "SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id WHERE s.state = 'away'",
     )?
@@ -800,8 +1036,14 @@ pub fn ship_risk(
     other_zones: bool,
     with_names: bool,
 ) -> rusqlite::Result<(u64, u64, Vec<String>)> {
-    let zone: String =
-        conn.query_row("SELECT zone FROM hosts WHERE host_id = ?1", [i(host_id)], |r| r.get(0)).optional()?.unwrap_or_default();
+    let zone: String = conn
+        .query_row(
+            "SELECT zone FROM hosts WHERE host_id = ?1",
+            [i(host_id)],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or_default();
     let live: std::collections::BTreeSet<u64> = live.iter().copied().collect();
     let held: Vec<Vec<u8>> = conn
         .prepare(
@@ -838,17 +1080,28 @@ pub fn ship_risk(
             break;
         }
     }
-    Ok((held.len() as u64, risky.len() as u64, names.into_iter().collect()))
+    Ok((
+        held.len() as u64,
+        risky.len() as u64,
+        names.into_iter().collect(),
+    ))
 }
 
 /// An older version of block `hash` that `device_id` holds (by the records),
 /// following the lineage back up to 64 versions (a page saved many times
 /// while a host was away): the base for a delta.
-pub fn delta_base(conn: &rusqlite::Connection, hash: &[u8], device_id: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+pub fn delta_base(
+    conn: &rusqlite::Connection,
+    hash: &[u8],
+    device_id: u64,
+) -> rusqlite::Result<Option<Vec<u8>>> {
     let mut at = hash.to_vec();
     for _ in 0..64 {
-        let prev: Option<Vec<u8>> =
-            conn.query_row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| r.get(0)).optional()?;
+        let prev: Option<Vec<u8>> = conn
+            .query_row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| {
+                r.get(0)
+            })
+            .optional()?;
         let Some(prev) = prev else { return Ok(None) };
         let held: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM copies WHERE hash = ?1 AND device_id = ?2)",
@@ -869,7 +1122,12 @@ pub fn delta_base(conn: &rusqlite::Connection, hash: &[u8], device_id: u64) -> r
 /// Its copies are dropped at once, so repair rebuilds them without waiting
 /// for anything: the data is not coming back. A gone device that is
 /// reported again is a device again, without copies.
-fn report_devices(tx: &Transaction<'_>, host_id: u64, devices: &[pb::DeviceInfo], leader_now: i64) -> OpResult<()> {
+fn report_devices(
+    tx: &Transaction<'_>,
+    host_id: u64,
+    devices: &[pb::DeviceInfo],
+    leader_now: i64,
+) -> OpResult<()> {
     let known: Vec<i64> = tx
         .prepare_cached(
             "SELECT device_id FROM devices WHERE host_id = ?1
@@ -882,7 +1140,10 @@ fn report_devices(tx: &Transaction<'_>, host_id: u64, devices: &[pb::DeviceInfo]
             continue;
         }
         let dropped = tx.execute("DELETE FROM copies WHERE device_id = ?1", [id])?;
-        tx.execute("INSERT OR REPLACE INTO gone_devices VALUES (?1, ?2)", params![id, leader_now])?;
+        tx.execute(
+            "INSERT OR REPLACE INTO gone_devices VALUES (?1, ?2)",
+            params![id, leader_now],
+        )?;
         tracing::warn!(
             host = format!("{host_id:016x}"),
             device = format!("{:016x}", id as u64),
@@ -891,7 +1152,10 @@ fn report_devices(tx: &Transaction<'_>, host_id: u64, devices: &[pb::DeviceInfo]
         );
     }
     for d in devices {
-        tx.execute("DELETE FROM gone_devices WHERE device_id = ?1", [i(d.device_id)])?;
+        tx.execute(
+            "DELETE FROM gone_devices WHERE device_id = ?1",
+            [i(d.device_id)],
+        )?;
         tx.execute(
             "INSERT INTO devices (device_id, host_id, path, capacity, free, used, blocks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(device_id) DO UPDATE SET host_id = ?2, path = ?3, capacity = ?4, free = ?5, used = ?6, blocks = ?7",
@@ -924,19 +1188,30 @@ fn lock(tx: &Transaction<'_>, c: &pb::Lock) -> OpResult<()> {
     if kind == pb::LockKind::Unspecified || ltype == pb::LockType::Unspecified {
         return err(ErrorCode::Invalid, "lock kind and type are required");
     }
-    let (start, end) = if kind == pb::LockKind::LockFlock { (0, u64::MAX) } else { (c.start, c.end) };
+    let (start, end) = if kind == pb::LockKind::LockFlock {
+        (0, u64::MAX)
+    } else {
+        (c.start, c.end)
+    };
     if start >= end {
         return err(ErrorCode::Invalid, "empty lock range");
     }
-    let exists: Option<i64> =
-        tx.query_row("SELECT 1 FROM sessions WHERE session_id = ?1", [i(c.session_id)], |r| r.get(0)).optional()?;
+    let exists: Option<i64> = tx
+        .query_row(
+            "SELECT 1 FROM sessions WHERE session_id = ?1",
+            [i(c.session_id)],
+            |r| r.get(0),
+        )
+        .optional()?;
     if exists.is_none() {
         return err(ErrorCode::NoSession, "session expired or unknown");
     }
     // No inode check: a file unlinked while open can still be locked and
     // unlocked through its descriptors.
     let held: Vec<HeldLock> = tx
-        .prepare_cached("SELECT session_id, owner, ltype, start, end FROM locks WHERE ino = ?1 AND kind = ?2")?
+        .prepare_cached(
+            "SELECT session_id, owner, ltype, start, end FROM locks WHERE ino = ?1 AND kind = ?2",
+        )?
         .query_map(params![i(c.ino), c.kind], |r| {
             Ok(HeldLock {
                 session_id: r.get::<_, i64>(0)? as u64,
@@ -967,33 +1242,57 @@ fn lock(tx: &Transaction<'_>, c: &pb::Lock) -> OpResult<()> {
     let insert = |h: &HeldLock| {
         tx.execute(
             "INSERT INTO locks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![i(c.ino), i(h.session_id), i(h.owner), c.kind, h.ltype, i(h.start), i(h.end)],
+            params![
+                i(c.ino),
+                i(h.session_id),
+                i(h.owner),
+                c.kind,
+                h.ltype,
+                i(h.start),
+                i(h.end)
+            ],
         )
     };
     for h in held.iter().filter(|h| mine(h)) {
         if h.start < start {
-            insert(&HeldLock { end: start.min(h.end), ..h.clone() })?;
+            insert(&HeldLock {
+                end: start.min(h.end),
+                ..h.clone()
+            })?;
         }
         if h.end > end {
-            insert(&HeldLock { start: end.max(h.start), ..h.clone() })?;
+            insert(&HeldLock {
+                start: end.max(h.start),
+                ..h.clone()
+            })?;
         }
     }
     if ltype != pb::LockType::LockUnlock {
-        insert(&HeldLock { session_id: c.session_id, owner: c.owner, ltype: ltype as i32, start, end })?;
+        insert(&HeldLock {
+            session_id: c.session_id,
+            owner: c.owner,
+            ltype: ltype as i32,
+            start,
+            end,
+        })?;
     }
     Ok(())
 }
 
 // ---------- queries ----------
 
-pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) -> OpResult<pb::query_reply::Reply> {
+pub fn query(
+    conn: &rusqlite::Connection,
+    q: &Query,
+    class: ReplicationClass,
+) -> OpResult<pb::query_reply::Reply> {
     use pb::query_reply::Reply;
     match q {
         Query::Lookup(l) => {
             check_name(&l.name)?;
             require_dir(conn, l.parent)?;
-            let ino =
-                lookup_ino(conn, l.parent, &l.name)?.ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+            let ino = lookup_ino(conn, l.parent, &l.name)?
+                .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
             Ok(Reply::Attr(get_attr(conn, ino)?))
         }
         Query::GetAttr(g) => Ok(Reply::Attr(get_attr(conn, g.ino)?)),
@@ -1006,7 +1305,11 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
             )?;
             let mut entries: Vec<pb::DirEntry> = stmt
                 .query_map(params![i(r.ino), r.after, limit + 1], |row| {
-                    Ok(pb::DirEntry { name: row.get(0)?, ino: row.get::<_, i64>(1)? as u64, kind: row.get(2)? })
+                    Ok(pb::DirEntry {
+                        name: row.get(0)?,
+                        ino: row.get::<_, i64>(1)? as u64,
+                        kind: row.get(2)?,
+                    })
                 })?
                 .collect::<Result<_, _>>()?;
             let more = entries.len() as i64 > limit;
@@ -1014,8 +1317,13 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
             Ok(Reply::DirPage(pb::DirPage { entries, more }))
         }
         Query::ReadLink(r) => {
-            let target: Option<Option<Vec<u8>>> =
-                conn.query_row("SELECT target FROM inodes WHERE ino = ?1", [i(r.ino)], |row| row.get(0)).optional()?;
+            let target: Option<Option<Vec<u8>>> = conn
+                .query_row(
+                    "SELECT target FROM inodes WHERE ino = ?1",
+                    [i(r.ino)],
+                    |row| row.get(0),
+                )
+                .optional()?;
             match target {
                 None => err(ErrorCode::NotFound, "no such inode"),
                 Some(None) => err(ErrorCode::Invalid, "not a symlink"),
@@ -1058,12 +1366,20 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
                 device_ids.extend(bc.device_ids.iter().copied());
                 copies.push(bc);
             }
-            let devices = device_locations(conn)?.into_iter().filter(|d| device_ids.contains(&d.device_id)).collect();
+            let devices = device_locations(conn)?
+                .into_iter()
+                .filter(|d| device_ids.contains(&d.device_id))
+                .collect();
             Ok(Reply::FileExtents(pb::FileExtents {
                 attr: Some(attr),
                 extents: extents
                     .into_iter()
-                    .map(|e| pb::Extent { offset: e.offset, length: e.length, hash: e.hash, block_offset: e.block_offset })
+                    .map(|e| pb::Extent {
+                        offset: e.offset,
+                        length: e.length,
+                        hash: e.hash,
+                        block_offset: e.block_offset,
+                    })
                     .collect(),
                 copies,
                 devices,
@@ -1074,36 +1390,65 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
                 return err(ErrorCode::Invalid, "at most 1024 blocks per placement");
             }
             // A client may ask for spares beyond the copy count, not for more.
-            let copies = if p.copies == 0 { class.copies } else { (p.copies as usize).min(class.copies + 4) };
+            let copies = if p.copies == 0 {
+                class.copies
+            } else {
+                (p.copies as usize).min(class.copies + 4)
+            };
             let locations = device_locations(conn)?;
             let space: BTreeMap<u64, (u64, u64)> = conn
                 .prepare_cached("SELECT device_id, capacity, free FROM devices")?
-                .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))))?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        (r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64),
+                    ))
+                })?
                 .collect::<Result<_, _>>()?;
             // Shipped and draining hosts take no new blocks.
             let leaving = held_back_devices(conn)?;
             let candidates: Vec<Candidate> = locations
                 .iter()
                 .filter(|d| !leaving.contains(&d.device_id))
-                .filter(|d| space.get(&d.device_id).is_some_and(|&(capacity, free)| !is_full(capacity, free)))
-                .map(|d| Candidate { device_id: d.device_id, host_id: d.host_id, zone: d.zone.clone() })
+                .filter(|d| {
+                    space
+                        .get(&d.device_id)
+                        .is_some_and(|&(capacity, free)| !is_full(capacity, free))
+                })
+                .map(|d| Candidate {
+                    device_id: d.device_id,
+                    host_id: d.host_id,
+                    zone: d.zone.clone(),
+                })
                 .collect();
             // The quorum follows the replication class and the devices that
             // exist, not the ones with room: full devices do not lower it.
             let quorum = class.quorum_for(class.copies.min(locations.len()));
             if candidates.len() < quorum {
-                return err(ErrorCode::NoSpace, "too few devices have room for new blocks");
+                return err(
+                    ErrorCode::NoSpace,
+                    "too few devices have room for new blocks",
+                );
             }
             let choices = p
                 .hashes
                 .iter()
-                .map(|h| pb::PlacementChoice { hash: h.clone(), device_ids: place(h, &candidates, copies) })
+                .map(|h| pb::PlacementChoice {
+                    hash: h.clone(),
+                    device_ids: place(h, &candidates, copies),
+                })
                 .collect::<Vec<_>>();
-            Ok(Reply::Placement(pb::Placement { choices, devices: locations, write_quorum: quorum as u32 }))
+            Ok(Reply::Placement(pb::Placement {
+                choices,
+                devices: locations,
+                write_quorum: quorum as u32,
+            }))
         }
         Query::ListLocks(l) => {
             let locks = conn
-                .prepare_cached("SELECT session_id, owner, kind, ltype, start, end FROM locks WHERE ino = ?1")?
+                .prepare_cached(
+                    "SELECT session_id, owner, kind, ltype, start, end FROM locks WHERE ino = ?1",
+                )?
                 .query_map([i(l.ino)], |r| {
                     Ok(pb::LockInfo {
                         session_id: r.get::<_, i64>(0)? as u64,
@@ -1121,12 +1466,21 @@ pub fn query(conn: &rusqlite::Connection, q: &Query, class: ReplicationClass) ->
 }
 
 fn block_copies(conn: &rusqlite::Connection, hash: &[u8]) -> OpResult<pb::BlockCopies> {
-    let size: i64 = conn.query_row("SELECT size FROM blocks WHERE hash = ?1", [hash], |r| r.get(0)).optional()?.unwrap_or(0);
+    let size: i64 = conn
+        .query_row("SELECT size FROM blocks WHERE hash = ?1", [hash], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .unwrap_or(0);
     let device_ids = conn
         .prepare_cached("SELECT device_id FROM copies WHERE hash = ?1")?
         .query_map([hash], |r| Ok(r.get::<_, i64>(0)? as u64))?
         .collect::<Result<_, _>>()?;
-    Ok(pb::BlockCopies { hash: hash.to_vec(), size: size as u64, device_ids })
+    Ok(pb::BlockCopies {
+        hash: hash.to_vec(),
+        size: size as u64,
+        device_ids,
+    })
 }
 
 /// A device that is not gone (SQL, over `devices` as `d` or unaliased).
@@ -1152,7 +1506,9 @@ pub fn device_locations(conn: &rusqlite::Connection) -> OpResult<Vec<pb::DeviceL
 
 pub fn hosts(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, String, String)>> {
     conn.prepare_cached("SELECT host_id, zone, addr FROM hosts ORDER BY zone, host_id")?
-        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?)))?
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+        })?
         .collect()
 }
 
@@ -1212,7 +1568,10 @@ fn id_list(ids: &[u64]) -> String {
     if ids.is_empty() {
         return "NULL".into();
     }
-    ids.iter().map(|&d| i(d).to_string()).collect::<Vec<_>>().join(",")
+    ids.iter()
+        .map(|&d| i(d).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Blocks referenced by files with fewer than `copies` copies on `live`
@@ -1223,7 +1582,11 @@ pub struct ReplicationCounts {
     pub unavailable: u64,
 }
 
-pub fn replication_counts(conn: &rusqlite::Connection, live: &[u64], copies: usize) -> rusqlite::Result<ReplicationCounts> {
+pub fn replication_counts(
+    conn: &rusqlite::Connection,
+    live: &[u64],
+    copies: usize,
+) -> rusqlite::Result<ReplicationCounts> {
     let sql = format!(
         "SELECT COALESCE(SUM(n < ?1), 0), COALESCE(SUM(n = 0), 0) FROM (
            SELECT (SELECT COUNT(*) FROM copies c WHERE c.hash = r.hash AND c.device_id IN ({})) AS n
@@ -1231,7 +1594,10 @@ pub fn replication_counts(conn: &rusqlite::Connection, live: &[u64], copies: usi
         id_list(live)
     );
     conn.query_row(&sql, [copies as i64], |r| {
-        Ok(ReplicationCounts { under_replicated: r.get::<_, i64>(0)? as u64, unavailable: r.get::<_, i64>(1)? as u64 })
+        Ok(ReplicationCounts {
+            under_replicated: r.get::<_, i64>(0)? as u64,
+            unavailable: r.get::<_, i64>(1)? as u64,
+        })
     })
 }
 
@@ -1264,14 +1630,21 @@ pub fn repair_candidates(
     );
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare(&sql)?
-        .query_map(params![copies as i64, targets.len() as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(
+            params![copies as i64, targets.len() as i64, after, limit as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
         .collect::<Result<_, _>>()?;
     holders_of(conn, rows)
 }
 
 /// Up to `limit` blocks files reference, after `after` in hash order, with
 /// their holders: what rebalancing looks at, a slice at a time.
-pub fn referenced_after(conn: &rusqlite::Connection, after: &[u8], limit: usize) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+pub fn referenced_after(
+    conn: &rusqlite::Connection,
+    after: &[u8],
+    limit: usize,
+) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare_cached(
             "SELECT b.hash, b.size FROM blocks b WHERE b.hash > ?1
@@ -1317,12 +1690,22 @@ pub fn device_space(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<DeviceS
 }
 
 /// Each block's recorded copies, in `hash`'s order.
-fn holders_of(conn: &rusqlite::Connection, rows: Vec<(Vec<u8>, i64)>) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
-    let mut holders = conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
+fn holders_of(
+    conn: &rusqlite::Connection,
+    rows: Vec<(Vec<u8>, i64)>,
+) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+    let mut holders =
+        conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
     rows.into_iter()
         .map(|(hash, size)| {
-            let devices = holders.query_map([&hash], |r| Ok(r.get::<_, i64>(0)? as u64))?.collect::<Result<_, _>>()?;
-            Ok(failsafe_core::BlockView { hash, size: size as u64, holders: devices })
+            let devices = holders
+                .query_map([&hash], |r| Ok(r.get::<_, i64>(0)? as u64))?
+                .collect::<Result<_, _>>()?;
+            Ok(failsafe_core::BlockView {
+                hash,
+                size: size as u64,
+                holders: devices,
+            })
         })
         .collect()
 }
@@ -1346,14 +1729,20 @@ pub fn over_replicated(
     );
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare(&sql)?
-        .query_map(params![copies as i64, after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![copies as i64, after, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .collect::<Result<_, _>>()?;
     holders_of(conn, rows)
 }
 
 /// Blocks no extent references that have been idle since before
 /// `idle_before` (see `idle_blocks`), each with its recorded copies.
-pub fn garbage(conn: &rusqlite::Connection, idle_before: i64, limit: usize) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
+pub fn garbage(
+    conn: &rusqlite::Connection,
+    idle_before: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<failsafe_core::BlockView>> {
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare_cached(
             "SELECT b.hash, b.size FROM blocks b LEFT JOIN idle_blocks i ON i.hash = b.hash
@@ -1371,16 +1760,23 @@ pub fn garbage(conn: &rusqlite::Connection, idle_before: i64, limit: usize) -> r
 
 /// The devices each of `hashes` is recorded on; `None` for a block the
 /// tracker does not know (any more).
-pub fn recorded(conn: &rusqlite::Connection, hashes: &[Vec<u8>]) -> rusqlite::Result<Vec<Option<Vec<u64>>>> {
+pub fn recorded(
+    conn: &rusqlite::Connection,
+    hashes: &[Vec<u8>],
+) -> rusqlite::Result<Vec<Option<Vec<u64>>>> {
     let mut known = conn.prepare_cached("SELECT 1 FROM blocks WHERE hash = ?1")?;
-    let mut holders = conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
+    let mut holders =
+        conn.prepare_cached("SELECT device_id FROM copies WHERE hash = ?1 ORDER BY device_id")?;
     hashes
         .iter()
         .map(|h| {
             if !known.exists([h])? {
                 return Ok(None);
             }
-            holders.query_map([h], |r| Ok(r.get::<_, i64>(0)? as u64))?.collect::<Result<_, _>>().map(Some)
+            holders
+                .query_map([h], |r| Ok(r.get::<_, i64>(0)? as u64))?
+                .collect::<Result<_, _>>()
+                .map(Some)
         })
         .collect()
 }
@@ -1395,7 +1791,9 @@ pub fn copies_on(
     hashes: &[Vec<u8>],
 ) -> rusqlite::Result<Option<std::collections::BTreeSet<Vec<u8>>>> {
     let mine = conn
-        .prepare_cached(&format!("SELECT 1 FROM devices WHERE device_id = ?1 AND host_id = ?2 AND {LIVE_DEVICE}"))?
+        .prepare_cached(&format!(
+            "SELECT 1 FROM devices WHERE device_id = ?1 AND host_id = ?2 AND {LIVE_DEVICE}"
+        ))?
         .exists(params![i(device_id), i(host_id)])?;
     if !mine {
         return Ok(None);
@@ -1428,32 +1826,78 @@ mod tests {
     /// Applies `op` as proposed by the leader at `leader_ns`.
     fn run_at(conn: &mut rusqlite::Connection, op: Op, leader_ns: i64) -> pb::CommandResult {
         let tx = conn.transaction().expect("transaction");
-        let r = apply(&tx, &pb::Command { now_ns: 1, leader_ns, op: Some(op), ..Default::default() }).expect("apply");
+        let r = apply(
+            &tx,
+            &pb::Command {
+                now_ns: 1,
+                leader_ns,
+                op: Some(op),
+                ..Default::default()
+            },
+        )
+        .expect("apply");
         tx.commit().expect("commit");
         r
     }
 
     fn device(id: u64, free: u64) -> pb::DeviceInfo {
         let path = format!("/d{id}");
-        pb::DeviceInfo { device_id: id, host_id: 7, path, capacity_bytes: 1 << 40, free_bytes: free, ..Default::default() }
+        pb::DeviceInfo {
+            device_id: id,
+            host_id: 7,
+            path,
+            capacity_bytes: 1 << 40,
+            free_bytes: free,
+            ..Default::default()
+        }
     }
 
     const ROOMY: u64 = 1 << 39;
 
     fn copies(hash: &[u8], devices: &[u64]) -> pb::BlockCopies {
-        pb::BlockCopies { hash: hash.to_vec(), size: 10, device_ids: devices.to_vec() }
+        pb::BlockCopies {
+            hash: hash.to_vec(),
+            size: 10,
+            device_ids: devices.to_vec(),
+        }
     }
 
     fn ok(r: pb::CommandResult) {
-        assert!(!matches!(r.result, Some(pb::command_result::Result::Error(_))), "{r:?}");
+        assert!(
+            !matches!(r.result, Some(pb::command_result::Result::Error(_))),
+            "{r:?}"
+        );
     }
 
     /// A file whose one extent names block `hash`, recorded on `devices`.
     fn file_with_block(conn: &mut rusqlite::Connection, name: &[u8], hash: &[u8], devices: &[u64]) {
-        let r = run(conn, Op::Create(pb::Create { parent: ROOT_INO, name: name.to_vec(), mode: 0o644, ..Default::default() }));
-        let Some(pb::command_result::Result::Attr(a)) = r.result else { panic!("create: {r:?}") };
-        let extent = pb::Extent { offset: 0, length: 10, hash: hash.to_vec(), block_offset: 0 };
-        ok(run(conn, Op::CommitExtents(pb::CommitExtents { ino: a.ino, extents: vec![extent], copies: vec![copies(hash, devices)], append: false })));
+        let r = run(
+            conn,
+            Op::Create(pb::Create {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                mode: 0o644,
+                ..Default::default()
+            }),
+        );
+        let Some(pb::command_result::Result::Attr(a)) = r.result else {
+            panic!("create: {r:?}")
+        };
+        let extent = pb::Extent {
+            offset: 0,
+            length: 10,
+            hash: hash.to_vec(),
+            block_offset: 0,
+        };
+        ok(run(
+            conn,
+            Op::CommitExtents(pb::CommitExtents {
+                ino: a.ino,
+                extents: vec![extent],
+                copies: vec![copies(hash, devices)],
+                append: false,
+            }),
+        ));
     }
 
     #[test]
@@ -1461,13 +1905,36 @@ mod tests {
         let mut conn = db();
         let (x, y) = ([1u8; 32], [2u8; 32]);
         file_with_block(&mut conn, b"f", &x, &[1, 2, 3]);
-        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[2, 9]), copies(&y, &[1])], keep: 0 })));
-        assert_eq!(block_copies(&conn, &x).expect("copies").device_ids, vec![1, 3]);
+        ok(run(
+            &mut conn,
+            Op::DropCopies(pb::DropCopies {
+                copies: vec![copies(&x, &[2, 9]), copies(&y, &[1])],
+                keep: 0,
+            }),
+        ));
+        assert_eq!(
+            block_copies(&conn, &x).expect("copies").device_ids,
+            vec![1, 3]
+        );
         // The size is still known, so the block can be recorded again.
-        ok(run(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&x, &[2])] })));
+        ok(run(
+            &mut conn,
+            Op::RecordCopies(pb::RecordCopies {
+                copies: vec![copies(&x, &[2])],
+            }),
+        ));
         assert_eq!(block_copies(&conn, &x).expect("copies").device_ids.len(), 3);
-        let bad = run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(b"short", &[1])], keep: 0 }));
-        assert!(matches!(bad.result, Some(pb::command_result::Result::Error(_))));
+        let bad = run(
+            &mut conn,
+            Op::DropCopies(pb::DropCopies {
+                copies: vec![copies(b"short", &[1])],
+                keep: 0,
+            }),
+        );
+        assert!(matches!(
+            bad.result,
+            Some(pb::command_result::Result::Error(_))
+        ));
     }
 
     #[test]
@@ -1477,25 +1944,56 @@ mod tests {
         file_with_block(&mut conn, b"b", &[2u8; 32], &[1, 2]);
         file_with_block(&mut conn, b"c", &[3u8; 32], &[3]);
         // An unreferenced block does not count.
-        ok(run(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&[4u8; 32], &[1])] })));
+        ok(run(
+            &mut conn,
+            Op::RecordCopies(pb::RecordCopies {
+                copies: vec![copies(&[4u8; 32], &[1])],
+            }),
+        ));
         let all = replication_counts(&conn, &[1, 2, 3], 3).expect("counts");
-        assert_eq!(all, ReplicationCounts { under_replicated: 2, unavailable: 0 });
+        assert_eq!(
+            all,
+            ReplicationCounts {
+                under_replicated: 2,
+                unavailable: 0
+            }
+        );
         let without_3 = replication_counts(&conn, &[1, 2], 3).expect("counts");
-        assert_eq!(without_3, ReplicationCounts { under_replicated: 3, unavailable: 1 });
-        assert_eq!(replication_counts(&conn, &[], 3).expect("counts").unavailable, 3);
+        assert_eq!(
+            without_3,
+            ReplicationCounts {
+                under_replicated: 3,
+                unavailable: 1
+            }
+        );
+        assert_eq!(
+            replication_counts(&conn, &[], 3)
+                .expect("counts")
+                .unavailable,
+            3
+        );
 
         // Repair: device 3 down (still counted), device 4 a free target.
-        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 4], &[1, 2, 4], 3, &[], 10).expect("candidates");
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 4], &[1, 2, 4], 3, &[], 10)
+            .expect("candidates");
         let hashes: Vec<u8> = c.iter().map(|b| b.hash[0]).collect();
         // Block 3 lives only on the down device: nothing to read it from.
         assert_eq!(hashes, vec![2]);
         assert_eq!(c[0].holders, vec![1, 2]);
         // Fewest copies first; among equals, the cursor puts blocks after it first.
         file_with_block(&mut conn, b"e", &[5u8; 32], &[1, 2]);
-        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[2u8; 32], 10).expect("candidates");
-        assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 5, 2]);
-        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[], 10).expect("candidates");
-        assert_eq!(c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(), vec![3, 2, 5]);
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[2u8; 32], 10)
+            .expect("candidates");
+        assert_eq!(
+            c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(),
+            vec![3, 5, 2]
+        );
+        let c = repair_candidates(&conn, &[1, 2, 3, 4], &[1, 2, 3, 4], &[4], 3, &[], 10)
+            .expect("candidates");
+        assert_eq!(
+            c.iter().map(|b| b.hash[0]).collect::<Vec<_>>(),
+            vec![3, 2, 5]
+        );
     }
 
     #[test]
@@ -1510,39 +2008,106 @@ mod tests {
         ok(run(&mut conn, host));
         file_with_block(&mut conn, b"f", &[1u8; 32], &[1, 2]);
         // The disk behind device 1 was replaced: a fresh directory, device 3.
-        let report = |devices| Op::ReportDevices(pb::ReportDevices { host_id: 7, devices });
-        ok(run_at(&mut conn, report(vec![device(2, ROOMY), device(3, ROOMY)]), 50));
-        assert_eq!(block_copies(&conn, &[1u8; 32]).expect("copies").device_ids, vec![2]);
-        let states: Vec<(u64, String)> = devices(&conn).expect("devices").into_iter().map(|d| (d.device_id, d.state)).collect();
-        assert_eq!(states, vec![(1, "gone".into()), (2, "ok".into()), (3, "ok".into())]);
+        let report = |devices| {
+            Op::ReportDevices(pb::ReportDevices {
+                host_id: 7,
+                devices,
+            })
+        };
+        ok(run_at(
+            &mut conn,
+            report(vec![device(2, ROOMY), device(3, ROOMY)]),
+            50,
+        ));
+        assert_eq!(
+            block_copies(&conn, &[1u8; 32]).expect("copies").device_ids,
+            vec![2]
+        );
+        let states: Vec<(u64, String)> = devices(&conn)
+            .expect("devices")
+            .into_iter()
+            .map(|d| (d.device_id, d.state))
+            .collect();
+        assert_eq!(
+            states,
+            vec![(1, "gone".into()), (2, "ok".into()), (3, "ok".into())]
+        );
         // Short of copies at once: no waiting for the host to be declared dead.
-        assert_eq!(replication_counts(&conn, &[1, 2, 3], 2).expect("counts").under_replicated, 1);
+        assert_eq!(
+            replication_counts(&conn, &[1, 2, 3], 2)
+                .expect("counts")
+                .under_replicated,
+            1
+        );
         // Neither placement nor repair sees it.
-        let place = Query::Place(pb::Place { hashes: vec![vec![9; 32]], copies: 0 });
-        let Reply::Placement(p) = query(&conn, &place, ReplicationClass::default()).expect("place") else { panic!() };
+        let place = Query::Place(pb::Place {
+            hashes: vec![vec![9; 32]],
+            copies: 0,
+        });
+        let Reply::Placement(p) = query(&conn, &place, ReplicationClass::default()).expect("place")
+        else {
+            panic!()
+        };
         assert!(p.choices[0].device_ids.iter().all(|&d| d != 1), "{p:?}");
-        assert!(device_space(&conn).expect("space").iter().all(|d| d.location.device_id != 1));
+        assert!(device_space(&conn)
+            .expect("space")
+            .iter()
+            .all(|d| d.location.device_id != 1));
         // Reported again (it was only left out of the configuration): a device again.
-        ok(run(&mut conn, report(vec![device(1, ROOMY), device(2, ROOMY), device(3, ROOMY)])));
-        assert!(devices(&conn).expect("devices").iter().all(|d| d.state == "ok"));
+        ok(run(
+            &mut conn,
+            report(vec![device(1, ROOMY), device(2, ROOMY), device(3, ROOMY)]),
+        ));
+        assert!(devices(&conn)
+            .expect("devices")
+            .iter()
+            .all(|d| d.state == "ok"));
     }
 
     #[test]
     fn a_full_device_takes_no_new_copies() {
         let mut conn = db();
-        let devices_now = vec![device(1, ROOMY), device(2, 1 << 20), device(3, ROOMY), device(4, ROOMY)];
-        let host = pb::RegisterHost { host_id: 7, zone: "a".into(), addr: "h:1".into(), devices: devices_now };
+        let devices_now = vec![
+            device(1, ROOMY),
+            device(2, 1 << 20),
+            device(3, ROOMY),
+            device(4, ROOMY),
+        ];
+        let host = pb::RegisterHost {
+            host_id: 7,
+            zone: "a".into(),
+            addr: "h:1".into(),
+            devices: devices_now,
+        };
         ok(run(&mut conn, Op::RegisterHost(host)));
-        let states: Vec<String> = devices(&conn).expect("devices").into_iter().map(|d| d.state).collect();
+        let states: Vec<String> = devices(&conn)
+            .expect("devices")
+            .into_iter()
+            .map(|d| d.state)
+            .collect();
         assert_eq!(states, vec!["ok", "full", "ok", "ok"]);
         for n in 0u8..20 {
-            let place = Query::Place(pb::Place { hashes: vec![vec![n; 32]], copies: 0 });
-            let Reply::Placement(p) = query(&conn, &place, ReplicationClass::default()).expect("place") else { panic!() };
+            let place = Query::Place(pb::Place {
+                hashes: vec![vec![n; 32]],
+                copies: 0,
+            });
+            let Reply::Placement(p) =
+                query(&conn, &place, ReplicationClass::default()).expect("place")
+            else {
+                panic!()
+            };
             assert_eq!(p.choices[0].device_ids.len(), 3);
             assert!(!p.choices[0].device_ids.contains(&2));
         }
         let space = device_space(&conn).expect("space");
-        assert_eq!(space.iter().filter(|d| !d.has_room()).map(|d| d.location.device_id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            space
+                .iter()
+                .filter(|d| !d.has_room())
+                .map(|d| d.location.device_id)
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 
     #[test]
@@ -1554,71 +2119,155 @@ mod tests {
         assert_eq!(over.len(), 1);
         assert_eq!(over[0].holders, vec![1, 2, 3, 4]);
         // Only up copies count: with device 4 down it is not over.
-        assert!(over_replicated(&conn, &[1, 2, 3], 3, &[], 10).expect("over").is_empty());
+        assert!(over_replicated(&conn, &[1, 2, 3], 3, &[], 10)
+            .expect("over")
+            .is_empty());
         // Two drops planned against a view that has since lost copies: only
         // one goes, three stay.
-        ok(run(&mut conn, Op::DropCopies(pb::DropCopies { copies: vec![copies(&x, &[1, 2])], keep: 3 })));
-        assert_eq!(block_copies(&conn, &x).expect("copies").device_ids, vec![2, 3, 4]);
-        assert!(over_replicated(&conn, &[1, 2, 3, 4], 3, &[], 10).expect("over").is_empty());
+        ok(run(
+            &mut conn,
+            Op::DropCopies(pb::DropCopies {
+                copies: vec![copies(&x, &[1, 2])],
+                keep: 3,
+            }),
+        ));
+        assert_eq!(
+            block_copies(&conn, &x).expect("copies").device_ids,
+            vec![2, 3, 4]
+        );
+        assert!(over_replicated(&conn, &[1, 2, 3, 4], 3, &[], 10)
+            .expect("over")
+            .is_empty());
     }
 
     #[test]
     fn unreferenced_blocks_become_garbage_after_the_grace_period() {
         let mut conn = db();
         let (old, new, stray) = ([1u8; 32], [2u8; 32], [3u8; 32]);
-        let create =
-            |name: &[u8]| Op::Create(pb::Create { parent: ROOT_INO, name: name.to_vec(), mode: 0o644, ..Default::default() });
+        let create = |name: &[u8]| {
+            Op::Create(pb::Create {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                mode: 0o644,
+                ..Default::default()
+            })
+        };
         let f = run(&mut conn, create(b"f"));
-        let Some(pb::command_result::Result::Attr(a)) = f.result else { panic!("create: {f:?}") };
+        let Some(pb::command_result::Result::Attr(a)) = f.result else {
+            panic!("create: {f:?}")
+        };
         let commit = |hash: &[u8; 32]| {
-            let extent = pb::Extent { offset: 0, length: 10, hash: hash.to_vec(), block_offset: 0 };
+            let extent = pb::Extent {
+                offset: 0,
+                length: 10,
+                hash: hash.to_vec(),
+                block_offset: 0,
+            };
             let copies = vec![copies(hash, &[1, 2])];
-            Op::CommitExtents(pb::CommitExtents { ino: a.ino, extents: vec![extent], copies, append: false })
+            Op::CommitExtents(pb::CommitExtents {
+                ino: a.ino,
+                extents: vec![extent],
+                copies,
+                append: false,
+            })
         };
         ok(run_at(&mut conn, commit(&old), 100));
-        assert!(garbage(&conn, i64::MAX, 10).expect("garbage").is_empty(), "referenced");
+        assert!(
+            garbage(&conn, i64::MAX, 10).expect("garbage").is_empty(),
+            "referenced"
+        );
         // Overwritten at 200: the old block is idle from then.
         ok(run_at(&mut conn, commit(&new), 200));
         // A block put and recorded at 300 whose commit has not come yet.
-        ok(run_at(&mut conn, Op::RecordCopies(pb::RecordCopies { copies: vec![copies(&stray, &[1])] }), 300));
-        let hashes = |v: Vec<failsafe_core::BlockView>| v.into_iter().map(|b| b.hash[0]).collect::<Vec<_>>();
+        ok(run_at(
+            &mut conn,
+            Op::RecordCopies(pb::RecordCopies {
+                copies: vec![copies(&stray, &[1])],
+            }),
+            300,
+        ));
+        let hashes =
+            |v: Vec<failsafe_core::BlockView>| v.into_iter().map(|b| b.hash[0]).collect::<Vec<_>>();
         assert!(garbage(&conn, 200, 10).expect("garbage").is_empty());
         assert_eq!(hashes(garbage(&conn, 201, 10).expect("garbage")), vec![1]);
-        assert_eq!(hashes(garbage(&conn, 301, 10).expect("garbage")), vec![1, 3]);
-        assert_eq!(garbage(&conn, 201, 10).expect("garbage")[0].holders, vec![1, 2]);
+        assert_eq!(
+            hashes(garbage(&conn, 301, 10).expect("garbage")),
+            vec![1, 3]
+        );
+        assert_eq!(
+            garbage(&conn, 201, 10).expect("garbage")[0].holders,
+            vec![1, 2]
+        );
 
         // Forgetting re-checks: the stray block is too young at 250, the
         // referenced one is never forgotten.
         let all = vec![old.to_vec(), new.to_vec(), stray.to_vec()];
-        let forget = |before| Op::ForgetBlocks(pb::ForgetBlocks { hashes: all.clone(), idle_before_ns: before });
+        let forget = |before| {
+            Op::ForgetBlocks(pb::ForgetBlocks {
+                hashes: all.clone(),
+                idle_before_ns: before,
+            })
+        };
         ok(run(&mut conn, forget(250)));
-        assert_eq!(recorded(&conn, &all).expect("recorded"), vec![None, Some(vec![1, 2]), Some(vec![1])]);
+        assert_eq!(
+            recorded(&conn, &all).expect("recorded"),
+            vec![None, Some(vec![1, 2]), Some(vec![1])]
+        );
         // The stray block's write commits after all: referenced, not garbage.
-        let late = pb::Extent { offset: 10, length: 10, hash: stray.to_vec(), block_offset: 0 };
-        let commit_late = pb::CommitExtents { ino: a.ino, extents: vec![late], copies: vec![copies(&stray, &[1])], append: false };
+        let late = pb::Extent {
+            offset: 10,
+            length: 10,
+            hash: stray.to_vec(),
+            block_offset: 0,
+        };
+        let commit_late = pb::CommitExtents {
+            ino: a.ino,
+            extents: vec![late],
+            copies: vec![copies(&stray, &[1])],
+            append: false,
+        };
         ok(run_at(&mut conn, Op::CommitExtents(commit_late), 400));
         ok(run(&mut conn, forget(i64::MAX)));
         assert!(recorded(&conn, &[stray.to_vec()]).expect("recorded")[0].is_some());
 
         // Renamed over: the replaced file's blocks are idle from the rename.
         let g = run(&mut conn, create(b"g"));
-        let Some(pb::command_result::Result::Attr(_)) = g.result else { panic!("create: {g:?}") };
+        let Some(pb::command_result::Result::Attr(_)) = g.result else {
+            panic!("create: {g:?}")
+        };
         let (name, new_name) = (b"g".to_vec(), b"f".to_vec());
-        let rename = pb::Rename { parent: ROOT_INO, name, new_parent: ROOT_INO, new_name, ..Default::default() };
+        let rename = pb::Rename {
+            parent: ROOT_INO,
+            name,
+            new_parent: ROOT_INO,
+            new_name,
+            ..Default::default()
+        };
         let rename = Op::Rename(rename);
         ok(run_at(&mut conn, rename, 500));
-        assert_eq!(hashes(garbage(&conn, 501, 10).expect("garbage")), vec![2, 3]);
+        assert_eq!(
+            hashes(garbage(&conn, 501, 10).expect("garbage")),
+            vec![2, 3]
+        );
         assert!(garbage(&conn, 500, 10).expect("garbage").is_empty());
     }
 
     #[test]
     fn a_host_sees_only_its_own_devices_records() {
         let mut conn = db();
-        let host = pb::RegisterHost { host_id: 7, zone: "a".into(), addr: "h:1".into(), devices: vec![device(1, ROOMY)] };
+        let host = pb::RegisterHost {
+            host_id: 7,
+            zone: "a".into(),
+            addr: "h:1".into(),
+            devices: vec![device(1, ROOMY)],
+        };
         ok(run(&mut conn, Op::RegisterHost(host)));
         file_with_block(&mut conn, b"f", &[1u8; 32], &[1, 2]);
         let asked = vec![vec![1u8; 32], vec![2u8; 32]];
-        assert_eq!(copies_on(&conn, 7, 1, &asked).expect("copies"), Some([vec![1u8; 32]].into_iter().collect()));
+        assert_eq!(
+            copies_on(&conn, 7, 1, &asked).expect("copies"),
+            Some([vec![1u8; 32]].into_iter().collect())
+        );
         // Device 2 is not host 7's; device 1 is not host 8's.
         assert_eq!(copies_on(&conn, 7, 2, &asked).expect("copies"), None);
         assert_eq!(copies_on(&conn, 8, 1, &asked).expect("copies"), None);

@@ -37,9 +37,14 @@ impl Env {
     pub async fn start(n: usize) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let fsd = sibling_binary("fsd").expect("the fsd binary (cargo build --bins)");
-        let mut cluster = LocalCluster::start(dir.path(), &["a", "b", "c"], &fsd, 0, &[]).expect("start hosts");
+        let mut cluster =
+            LocalCluster::start(dir.path(), &["a", "b", "c"], &fsd, 0, &[]).expect("start hosts");
         cluster.bootstrap().await.expect("bootstrap");
-        let mut env = Env { cluster, dir, mounts: Vec::new() };
+        let mut env = Env {
+            cluster,
+            dir,
+            mounts: Vec::new(),
+        };
         for i in 0..n {
             let zone = ["a", "b", "c"][i % 3];
             env.mount(zone);
@@ -52,7 +57,10 @@ impl Env {
         let path = self.dir.path().join(format!("mnt{i}"));
         let log = self.dir.path().join(format!("mount{i}.log"));
         let spec = format!("{}:/", self.cluster.addrs().join(","));
-        let opts = format!("zone={zone},cache_dir={}", self.dir.path().join(format!("cache{i}")).display());
+        let opts = format!(
+            "zone={zone},cache_dir={}",
+            self.dir.path().join(format!("cache{i}")).display()
+        );
         let cmd = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"));
         let m = LocalMount::start(cmd, &spec, &path, &opts, &log).expect("mount");
         self.mounts.push(Mount(m));

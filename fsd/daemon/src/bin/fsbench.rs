@@ -40,10 +40,14 @@ struct Row {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .init();
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(bench(args))
 }
 
@@ -81,7 +85,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let fsd = sibling_binary("fsd")?;
     let mut cluster = LocalCluster::start(&root, &["a", "b", "c"], &fsd, 0, &[])?;
-    let client = cluster.bootstrap().await.context("bootstrapping the cluster")?;
+    let client = cluster
+        .bootstrap()
+        .await
+        .context("bootstrapping the cluster")?;
     let secs = args.seconds;
     let n = args.concurrency;
     let mut rows = Vec::new();
@@ -97,12 +104,18 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let creates = rate(secs, n, move |t, i| {
         let c = c.clone();
         async move {
-            c.create(dir, format!("f-{t}-{i}").as_bytes(), 0o644, true).await?;
+            c.create(dir, format!("f-{t}-{i}").as_bytes(), 0o644, true)
+                .await?;
             Ok(())
         }
     })
     .await?;
-    rows.push(Row { what: "create (metadata commit)", unit: "ops/s", value: creates, baseline: Some(("local fsync'd SQLite commits", sqlite_commits)) });
+    rows.push(Row {
+        what: "create (metadata commit)",
+        unit: "ops/s",
+        value: creates,
+        baseline: Some(("local fsync'd SQLite commits", sqlite_commits)),
+    });
 
     let c = client.clone();
     let renames = rate(secs, n, move |t, i| {
@@ -112,13 +125,24 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             if i == 0 {
                 c.create(dir, &name(0), 0o644, true).await?;
             }
-            let r = failsafe_client::pb::Rename { parent: dir, name: name(i), new_parent: dir, new_name: name(i + 1), ..Default::default() };
+            let r = failsafe_client::pb::Rename {
+                parent: dir,
+                name: name(i),
+                new_parent: dir,
+                new_name: name(i + 1),
+                ..Default::default()
+            };
             c.rename(r).await?;
             Ok(())
         }
     })
     .await?;
-    rows.push(Row { what: "rename (metadata commit)", unit: "ops/s", value: renames, baseline: Some(("local fsync'd SQLite commits", sqlite_commits)) });
+    rows.push(Row {
+        what: "rename (metadata commit)",
+        unit: "ops/s",
+        value: renames,
+        baseline: Some(("local fsync'd SQLite commits", sqlite_commits)),
+    });
 
     let probe = client.create(dir, b"probe", 0o644, true).await?.ino;
     let c = client.clone();
@@ -130,7 +154,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     })
     .await?;
-    rows.push(Row { what: "getattr (linearizable read)", unit: "ops/s", value: reads, baseline: Some(("local SQLite point reads", sqlite_reads)) });
+    rows.push(Row {
+        what: "getattr (linearizable read)",
+        unit: "ops/s",
+        value: reads,
+        baseline: Some(("local SQLite point reads", sqlite_reads)),
+    });
 
     let block = vec![0u8; failsafe_core::MAX_BLOCK_BYTES];
     let blocks_written = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -147,9 +176,17 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     })
     .await?;
     let mb = failsafe_core::MAX_BLOCK_BYTES as f64 / (1024.0 * 1024.0);
-    rows.push(Row { what: "block put, 4 MiB, to write quorum", unit: "MiB/s", value: puts * mb, baseline: Some(("local write+fsync", disk_write)) });
+    rows.push(Row {
+        what: "block put, 4 MiB, to write quorum",
+        unit: "MiB/s",
+        value: puts * mb,
+        baseline: Some(("local write+fsync", disk_write)),
+    });
 
-    let written: Vec<_> = blocks_written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let written: Vec<_> = blocks_written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     anyhow::ensure!(!written.is_empty(), "no blocks written");
     let status = client.status().await?;
     let locations: Vec<failsafe_client::pb::DeviceLocation> = status
@@ -157,7 +194,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .iter()
         .filter_map(|d| {
             let h = status.hosts.iter().find(|h| h.host_id == d.host_id)?;
-            Some(failsafe_client::pb::DeviceLocation { device_id: d.device_id, host_id: d.host_id, zone: h.zone.clone(), addr: h.addr.clone() })
+            Some(failsafe_client::pb::DeviceLocation {
+                device_id: d.device_id,
+                host_id: d.host_id,
+                zone: h.zone.clone(),
+                addr: h.addr.clone(),
+            })
         })
         .collect();
     let (c, w, l) = (client.clone(), Arc::new(written), Arc::new(locations));
@@ -170,14 +212,29 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     })
     .await?;
-    rows.push(Row { what: "block get, 4 MiB, hash verified", unit: "MiB/s", value: gets * mb, baseline: Some(("local read", disk_read)) });
+    rows.push(Row {
+        what: "block get, 4 MiB, hash verified",
+        unit: "MiB/s",
+        value: gets * mb,
+        baseline: Some(("local read", disk_read)),
+    });
 
     println!("failsafe bench: 3 fsd hosts on loopback, {n} client tasks, {secs} s per row\n");
-    println!("{:<36} {:>12} {:<6}  {:>8}  baseline", "measurement", "value", "unit", "ratio");
+    println!(
+        "{:<36} {:>12} {:<6}  {:>8}  baseline",
+        "measurement", "value", "unit", "ratio"
+    );
     for r in &rows {
         let (bname, bval) = r.baseline.unwrap_or(("", 0.0));
-        let ratio = if bval > 0.0 { format!("{:.3}", r.value / bval) } else { "-".into() };
-        println!("{:<36} {:>12.1} {:<6}  {:>8}  {bname} = {bval:.1}", r.what, r.value, r.unit, ratio);
+        let ratio = if bval > 0.0 {
+            format!("{:.3}", r.value / bval)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<36} {:>12.1} {:<6}  {:>8}  {bname} = {bval:.1}",
+            r.what, r.value, r.unit, ratio
+        );
     }
     if args.json {
         let v: Vec<_> = rows

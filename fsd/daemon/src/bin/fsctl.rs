@@ -14,7 +14,14 @@ use failsafe_proto::header;
 #[command(version)]
 struct Args {
     /// Some members of the cluster, comma-separated host:port.
-    #[arg(long, short, env = "FAILSAFE_CLUSTER", default_value = "127.0.0.1:7000", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        short,
+        env = "FAILSAFE_CLUSTER",
+        default_value = "127.0.0.1:7000",
+        value_delimiter = ',',
+        global = true
+    )]
     cluster: Vec<String>,
     /// Deadline of one request, in ms.
     #[arg(long, default_value_t = 3000, global = true)]
@@ -100,12 +107,16 @@ fn parse_host_id(host_id: &str) -> anyhow::Result<u64> {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fsctl: {e}");
@@ -126,7 +137,9 @@ async fn connect(args: &Args) -> anyhow::Result<Client> {
         name: "fsctl".into(),
         ..ClientConfig::default()
     };
-    Client::connect(cfg).await.with_context(|| format!("cannot reach the cluster at {}", args.cluster.join(",")))
+    Client::connect(cfg)
+        .await
+        .with_context(|| format!("cannot reach the cluster at {}", args.cluster.join(",")))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -138,12 +151,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| anyhow::anyhow!("init at {addr}: {}", s.message()))?
                 .into_inner();
-            println!("created cluster {} with host {:016x} at {addr}", r.cluster_id, r.host_id);
+            println!(
+                "created cluster {} with host {:016x} at {addr}",
+                r.cluster_id, r.host_id
+            );
             println!("add hosts with: fsctl --cluster {addr} host add HOST:PORT");
         }
         Cmd::Status { json } => {
             let client = connect(&args).await?;
-            let status = client.status().await.context("cannot read the cluster status")?;
+            let status = client
+                .status()
+                .await
+                .context("cannot read the cluster status")?;
             let reach = reachability(&status, timeout.min(Duration::from_millis(800))).await;
             if *json {
                 let mut v = serde_json::to_value(&status)?;
@@ -156,16 +175,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Cmd::Host(HostCmd::Add { addr }) => {
             let client = connect(&args).await?;
             admin_for(addr, timeout)?
-                .adopt(pb::AdoptRequest { header: Some(header("")), cluster_id: client.cluster_id().to_string() })
+                .adopt(pb::AdoptRequest {
+                    header: Some(header("")),
+                    cluster_id: client.cluster_id().to_string(),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("{addr}: {}", s.message()))?;
             let id = client.add_host(addr).await?;
             println!("host {id:016x} at {addr} is now a member");
         }
-        Cmd::Host(HostCmd::Ship { host_id, hours, force }) => {
+        Cmd::Host(HostCmd::Ship {
+            host_id,
+            hours,
+            force,
+        }) => {
             let id = parse_host_id(host_id)?;
             let client = connect(&args).await?;
-            let r = client.ship_host(id, hours.saturating_mul(3_600_000), *force).await?;
+            let r = client
+                .ship_host(id, hours.saturating_mul(3_600_000), *force)
+                .await?;
             if !r.shipped {
                 eprintln!("refusing to ship host {id:016x}: these files have a block with too few live copies elsewhere:");
                 for f in &r.at_risk {
@@ -174,7 +202,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::bail!("not shipped (wait for repair to finish, or --force)");
             }
             if !r.at_risk.is_empty() {
-                eprintln!("warning: shipped with {} files at risk (--force)", r.at_risk.len());
+                eprintln!(
+                    "warning: shipped with {} files at risk (--force)",
+                    r.at_risk.len()
+                );
             }
             println!(
                 "host {id:016x} may now be shut down and shipped: its {} blocks have enough copies elsewhere; \
@@ -192,18 +223,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let id = parse_host_id(host_id)?;
             let client = connect(&args).await?;
             let r = client.drain_host(id).await?;
-            println!("draining host {id:016x}: {} blocks held, {} to copy elsewhere", r.blocks_held, r.to_move);
+            println!(
+                "draining host {id:016x}: {} blocks held, {} to copy elsewhere",
+                r.blocks_held, r.to_move
+            );
             if *no_wait {
                 return Ok(());
             }
             let bar = indicatif::ProgressBar::new(r.to_move.max(1));
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} blocks moved, {elapsed} elapsed, ETA {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} blocks moved, {elapsed} elapsed, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             loop {
                 let s = client.status().await?;
-                let Some(row) = s.hosts.iter().find(|h| h.host_id == id) else { anyhow::bail!("host {id:016x} is gone") };
+                let Some(row) = s.hosts.iter().find(|h| h.host_id == id) else {
+                    anyhow::bail!("host {id:016x} is gone")
+                };
                 if s.leader_id != 0 && row.admin == "draining" && s.role == "leader" {
                     bar.set_position(r.to_move.saturating_sub(row.to_move));
                     if row.to_move == 0 {
@@ -226,7 +264,16 @@ async fn reachability(s: &pb::StatusReply, timeout: Duration) -> Vec<(String, bo
     let checks = s.hosts.iter().map(|h| async move {
         let ok = match admin_for(&h.addr, timeout) {
             Ok(mut a) => {
-                matches!(tokio::time::timeout(timeout, a.hello(pb::HelloRequest { header: Some(header("")) })).await, Ok(Ok(_)))
+                matches!(
+                    tokio::time::timeout(
+                        timeout,
+                        a.hello(pb::HelloRequest {
+                            header: Some(header(""))
+                        })
+                    )
+                    .await,
+                    Ok(Ok(_))
+                )
             }
             Err(_) => false,
         };
@@ -261,8 +308,13 @@ fn mode_line(s: &pb::StatusReply) -> String {
                 n => format!("fail-safe: every block has {copies} copies ({n} host(s) down)"),
             }
         }
-        "limp" if s.leader_id == 0 => "LIMP: no tracker leader (no majority of hosts reachable)".to_string(),
-        "limp" => format!("LIMP: {} blocks below {copies} copies, {} unavailable", s.under_replicated, s.unavailable),
+        "limp" if s.leader_id == 0 => {
+            "LIMP: no tracker leader (no majority of hosts reachable)".to_string()
+        }
+        "limp" => format!(
+            "LIMP: {} blocks below {copies} copies, {} unavailable",
+            s.under_replicated, s.unavailable
+        ),
         _ => "mode unknown: the member answering is not the leader".to_string(),
     }
 }
@@ -278,10 +330,18 @@ fn duration(ms: u64) -> String {
 fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let leader = if s.leader_id == 0 { "none".to_string() } else { format!("{:016x} ({})", s.leader_id, s.leader_addr) };
+    let leader = if s.leader_id == 0 {
+        "none".to_string()
+    } else {
+        format!("{:016x} ({})", s.leader_id, s.leader_addr)
+    };
     let _ = writeln!(out, "cluster {}", s.cluster_id);
     let _ = writeln!(out, "{}", mode_line(s));
-    let _ = writeln!(out, "leader  {leader}   term {}   log {}   applied {}", s.term, s.last_log_index, s.last_applied);
+    let _ = writeln!(
+        out,
+        "leader  {leader}   term {}   log {}   applied {}",
+        s.term, s.last_log_index, s.last_applied
+    );
     let _ = writeln!(out, "files   {}   blocks {}", s.files, s.blocks);
     if let Some(r) = &s.repair {
         let _ = writeln!(
@@ -295,7 +355,14 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         );
     }
     if let Some(r) = &s.scrub {
-        let _ = writeln!(out, "scrub   {}   passes {}   checked {}   corrupt {}", r.state, r.passes, bytes(r.bytes), r.corrupt);
+        let _ = writeln!(
+            out,
+            "scrub   {}   passes {}   checked {}   corrupt {}",
+            r.state,
+            r.passes,
+            bytes(r.bytes),
+            r.corrupt
+        );
     }
     if let Some(g) = &s.gc {
         let _ = writeln!(
@@ -315,9 +382,14 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     );
     for h in &s.hosts {
         let id = format!("{:016x}", h.host_id);
-        let up = reach.iter().find(|(r, _)| *r == id).map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
+        let up = reach
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
         let state = match h.state.as_str() {
-            _ if h.admin == "away" && h.state == "down" => format!("SHIPPED {}", duration(h.down_ms)),
+            _ if h.admin == "away" && h.state == "down" => {
+                format!("SHIPPED {}", duration(h.down_ms))
+            }
             _ if h.admin == "away" => "returning".to_string(),
             "down" if h.dead => format!("DEAD {}", duration(h.down_ms)),
             "down" => format!("DOWN {}", duration(h.down_ms)),
@@ -371,7 +443,9 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     let wiki_bin = sibling_binary("wiki-cgi")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let existing = std::fs::read_to_string(dir.join("host-a/cluster.id")).ok().map(|s| s.trim().to_string());
+    let existing = std::fs::read_to_string(dir.join("host-a/cluster.id"))
+        .ok()
+        .map(|s| s.trim().to_string());
     let mut cluster = LocalCluster::start(&dir, &["a", "b", "c"], &fsd, port + 1, &[])?;
     match existing.filter(|s| !s.is_empty()) {
         Some(id) => {
@@ -393,10 +467,16 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     if is_mounted(&mnt) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&mnt).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .status();
     }
     let spec = format!("{}:/", cluster.addrs().join(","));
-    let opts = format!("zone=a,cache_dir={},allow_other", dir.join("cache").display());
+    let opts = format!(
+        "zone=a,cache_dir={},allow_other",
+        dir.join("cache").display()
+    );
     let log = std::fs::File::create(dir.join("mount.log"))?;
     let mut mount = Stopped(
         std::process::Command::new(&mount_bin)
@@ -412,10 +492,16 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !is_mounted(&mnt) {
         if let Ok(Some(s)) = mount.0.try_wait() {
-            anyhow::bail!("mount.failsafe exited with {s}; see {}", dir.join("mount.log").display());
+            anyhow::bail!(
+                "mount.failsafe exited with {s}; see {}",
+                dir.join("mount.log").display()
+            );
         }
         if std::time::Instant::now() > deadline {
-            anyhow::bail!("the mount did not come up; see {}", dir.join("mount.log").display());
+            anyhow::bail!(
+                "the mount did not come up; see {}",
+                dir.join("mount.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -435,24 +521,52 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     );
     let url = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if let Ok(Some(s)) = wiki.0.try_wait() {
-            anyhow::bail!("wiki-cgi exited with {s}; see {}", dir.join("wiki.log").display());
+            anyhow::bail!(
+                "wiki-cgi exited with {s}; see {}",
+                dir.join("wiki.log").display()
+            );
         }
         if std::time::Instant::now() > deadline {
-            anyhow::bail!("the wiki did not start; see {}", dir.join("wiki.log").display());
+            anyhow::bail!(
+                "the wiki did not start; see {}",
+                dir.join("wiki.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let pids: Vec<String> = cluster.hosts.iter().map(|h| format!("{}={}", h.zone, h.pid().unwrap_or(0))).collect();
-    println!("\nready: mount {} url {url} hosts {} pids {}", mnt.display(), cluster.addrs().join(","), pids.join(","));
+    let pids: Vec<String> = cluster
+        .hosts
+        .iter()
+        .map(|h| format!("{}={}", h.zone, h.pid().unwrap_or(0)))
+        .collect();
+    println!(
+        "\nready: mount {} url {url} hosts {} pids {}",
+        mnt.display(),
+        cluster.addrs().join(","),
+        pids.join(",")
+    );
     let b = &cluster.hosts[1];
     println!("\nOpen {url} and edit pages. The pages live on all three hosts. To see a host fail:");
-    println!("  kill -9 {}      # from another terminal: host b dies; keep editing, nothing is lost", b.pid().unwrap_or(0));
+    println!(
+        "  kill -9 {}      # from another terminal: host b dies; keep editing, nothing is lost",
+        b.pid().unwrap_or(0)
+    );
     println!("  then press Enter here to restart every host that is down; it catches up");
-    println!("  {} --cluster {} status", std::env::current_exe()?.display(), cluster.addrs().join(","));
-    println!("Ctrl-C stops the wiki, unmounts and stops the hosts; logs are in {}.", dir.display());
+    println!(
+        "  {} --cluster {} status",
+        std::env::current_exe()?.display(),
+        cluster.addrs().join(",")
+    );
+    println!(
+        "Ctrl-C stops the wiki, unmounts and stops the hosts; logs are in {}.",
+        dir.display()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (enter_tx, mut enter_rx) = tokio::sync::mpsc::channel::<()>(4);
     std::thread::spawn(move || {
@@ -493,7 +607,10 @@ async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
     terminate(&mut wiki.0);
     terminate(&mut mount.0);
     if is_mounted(&mnt) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&mnt).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&mnt)
+            .status();
     }
     cluster.stop_all();
     Ok(())

@@ -37,19 +37,24 @@ fn main() {
 fn start() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = Config::load(args.config.as_deref(), args.raw)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("listen: binding {}", cfg.listen))?;
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("listen: binding {}", cfg.listen))?;
         let local = listener.local_addr()?;
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("data_dir: creating {}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("data_dir: creating {}", cfg.data_dir.display()))?;
         // Where scripts and test harnesses find the port when it was 0.
         std::fs::write(cfg.data_dir.join("fsd.addr"), format!("{local}\n"))?;
         let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}

@@ -15,7 +15,10 @@ use failsafe_fsd::httpc::{form_value, request};
 use failsafe_fsd::local::{self, is_mounted, sibling_binary, LocalCluster, Stopped};
 
 #[derive(Parser)]
-#[command(version, about = "Benchmark the wiki on a failsafe mount against a local directory")]
+#[command(
+    version,
+    about = "Benchmark the wiki on a failsafe mount against a local directory"
+)]
 struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 10)]
@@ -34,7 +37,11 @@ fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
 
 fn drive(port: u16, secs: u64, editors: usize, readers: usize) -> (f64, f64, u64) {
     let stop = Arc::new(AtomicBool::new(false));
-    let (saves, reads, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (saves, reads, errors) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let mut threads = Vec::new();
     for who in 0..editors {
         let (stop, saves, errors) = (stop.clone(), saves.clone(), errors.clone());
@@ -48,7 +55,8 @@ fn drive(port: u16, secs: u64, editors: usize, readers: usize) -> (f64, f64, u64
                     let form = request(port, "GET", &format!("/edit/{page}"), "", &cookie).ok()?;
                     let base = form_value(&form.body, "base")?.to_string();
                     let csrf = form_value(&form.body, "csrf")?.to_string();
-                    let text = format!("Revision {n} of {page}, saved by editor {who}.+").repeat(20);
+                    let text =
+                        format!("Revision {n} of {page}, saved by editor {who}.+").repeat(20);
                     let body = format!("base={base}&csrf={csrf}&summary=bench&text={text}");
                     let r = request(port, "POST", &format!("/save/{page}"), &body, &cookie).ok()?;
                     (r.status == 303).then_some(())
@@ -81,16 +89,25 @@ fn drive(port: u16, secs: u64, editors: usize, readers: usize) -> (f64, f64, u64
         let _ = t.join();
     }
     let s = started.elapsed().as_secs_f64();
-    (saves.load(Ordering::Relaxed) as f64 / s, reads.load(Ordering::Relaxed) as f64 / s, errors.load(Ordering::Relaxed))
+    (
+        saves.load(Ordering::Relaxed) as f64 / s,
+        reads.load(Ordering::Relaxed) as f64 / s,
+        errors.load(Ordering::Relaxed),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // SAFETY: geteuid has no preconditions.
-    anyhow::ensure!(unsafe { libc::geteuid() } == 0, "wikibench mounts with FUSE: run it as root");
+    anyhow::ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "wikibench mounts with FUSE: run it as root"
+    );
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
 
     // Baseline: the same wiki on a local directory.
     let (local_wiki, port) = start_wiki(&root.join("local"))?;
@@ -103,7 +120,14 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&mnt)?;
     let spec = format!("{}:/", cluster.addrs().join(","));
     let opts = format!("zone=a,cache_dir={}", root.join("cache").display());
-    let mount = Stopped(Command::new(sibling_binary("mount-failsafe")?).arg(&spec).arg(&mnt).args(["-f", "-o", &opts]).stderr(Stdio::null()).spawn()?);
+    let mount = Stopped(
+        Command::new(sibling_binary("mount-failsafe")?)
+            .arg(&spec)
+            .arg(&mnt)
+            .args(["-f", "-o", &opts])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_mounted(&mnt) {
         anyhow::ensure!(Instant::now() < deadline, "the mount did not come up");
@@ -117,10 +141,24 @@ fn main() -> anyhow::Result<()> {
     drop(mount);
     cluster.stop_all();
 
-    println!("wikibench: wiki-cgi over HTTP, {} editors + {} readers, {} s per row\n", args.editors, args.readers, args.seconds);
-    println!("{:<34} {:>10} {:>10} {:>8}  {:>13} {:>13}", "setup", "saves/s", "reads/s", "errors", "saves vs local", "reads vs local");
-    for (name, (s, r, e)) in [("local directory (baseline)", local), ("failsafe, 3 hosts up", up), ("failsafe, 1 of 3 hosts down", down)] {
-        println!("{name:<34} {s:>10.1} {r:>10.1} {e:>8}  {:>13.3} {:>13.3}", s / local.0.max(1e-9), r / local.1.max(1e-9));
+    println!(
+        "wikibench: wiki-cgi over HTTP, {} editors + {} readers, {} s per row\n",
+        args.editors, args.readers, args.seconds
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}  {:>13} {:>13}",
+        "setup", "saves/s", "reads/s", "errors", "saves vs local", "reads vs local"
+    );
+    for (name, (s, r, e)) in [
+        ("local directory (baseline)", local),
+        ("failsafe, 3 hosts up", up),
+        ("failsafe, 1 of 3 hosts down", down),
+    ] {
+        println!(
+            "{name:<34} {s:>10.1} {r:>10.1} {e:>8}  {:>13.3} {:>13.3}",
+            s / local.0.max(1e-9),
+            r / local.1.max(1e-9)
+        );
     }
     Ok(())
 }

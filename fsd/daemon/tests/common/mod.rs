@@ -23,25 +23,57 @@ impl TestCluster {
     pub async fn start_zones(zones: &[&str], extra: &[&str]) -> (TestCluster, Client) {
         let dir = tempfile::tempdir().expect("tempdir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut c = LocalCluster::start(dir.path(), zones, Path::new(env!("CARGO_BIN_EXE_fsd")), 0, &extra)
-            .expect("start fsd processes");
+        let mut c = LocalCluster::start(
+            dir.path(),
+            zones,
+            Path::new(env!("CARGO_BIN_EXE_fsd")),
+            0,
+            &extra,
+        )
+        .expect("start fsd processes");
         let client = c.bootstrap().await.expect("bootstrap");
-        (TestCluster { c, dir, expected_errors: Vec::new() }, client)
+        (
+            TestCluster {
+                c,
+                dir,
+                expected_errors: Vec::new(),
+            },
+            client,
+        )
     }
 
     /// A fresh client with short deadlines, preferring `zone` for reads.
     pub async fn client_in(&self, zone: &str) -> Client {
-        Client::connect(ClientConfig { zone: Some(zone.into()), ..self.c.client_config() }).await.expect("client")
+        Client::connect(ClientConfig {
+            zone: Some(zone.into()),
+            ..self.c.client_config()
+        })
+        .await
+        .expect("client")
     }
 
     pub async fn status(&self) -> pb::StatusReply {
-        self.c.client().await.expect("client").status().await.expect("status")
+        self.c
+            .client()
+            .await
+            .expect("client")
+            .status()
+            .await
+            .expect("status")
     }
 
     /// Index of the current leader among the hosts.
     pub async fn leader(&self) -> usize {
-        let s = self.c.wait_for(Duration::from_secs(20), "a leader", |s| s.leader_id != 0).await.expect("leader");
-        self.c.hosts.iter().position(|h| h.addr == s.leader_addr).expect("leader is one of ours")
+        let s = self
+            .c
+            .wait_for(Duration::from_secs(20), "a leader", |s| s.leader_id != 0)
+            .await
+            .expect("leader");
+        self.c
+            .hosts
+            .iter()
+            .position(|h| h.addr == s.leader_addr)
+            .expect("leader is one of ours")
     }
 
     /// The status as the member at host `i` sees it.
@@ -77,7 +109,9 @@ impl TestCluster {
                     || l.contains("err=timeout after")
                     || (l.contains("openraft::") && l.contains("transport error"))
             };
-            let lines = log.lines().filter(|l| l.contains(" ERROR ") && !expected_by_openraft(l));
+            let lines = log
+                .lines()
+                .filter(|l| l.contains(" ERROR ") && !expected_by_openraft(l));
             for line in lines {
                 if !self.expected_errors.iter().any(|e| line.contains(e)) {
                     panic!("unexpected error in {}: {line}", h.log_path().display());
@@ -106,7 +140,9 @@ pub const ROOT: u64 = 1;
 
 /// Deterministic test data.
 pub fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 pub use failsafe_fsd::httpc::{request as http, Reply};
