@@ -15,7 +15,7 @@ use crate::workload::{Kind, Op, LOG, PAGES};
 
 /// What one mount shows at the end.
 #[derive(Debug, Default)]
-pub struct FinalView {
+pub(crate) struct FinalView {
     pub client: usize,
     /// Path (relative to the root) -> what it holds; None when absent.
     pub files: BTreeMap<String, Option<Seen>>,
@@ -24,7 +24,7 @@ pub struct FinalView {
 
 /// What a file or page was found to hold.
 #[derive(Debug, Clone)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// The revision its header claims (None: no header).
     pub rev: Option<u64>,
     /// The hash of its content, comparable with the write's.
@@ -32,13 +32,13 @@ pub struct Seen {
 }
 
 impl Seen {
-    pub fn page(name: &str, content: &[u8]) -> Seen {
+    pub(crate) fn page(name: &str, content: &[u8]) -> Seen {
         Seen {
             rev: crate::workload::parse_rev(name, content),
             hash: crate::workload::hash(content),
         }
     }
-    pub fn file(content: &[u8]) -> Seen {
+    pub(crate) fn file(content: &[u8]) -> Seen {
         Seen {
             rev: None,
             hash: crate::workload::hash(content),
@@ -47,7 +47,7 @@ impl Seen {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Violation {
+pub(crate) struct Violation {
     pub rule: &'static str,
     pub detail: String,
 }
@@ -76,7 +76,7 @@ fn page_writes(ops: &[Op]) -> HashMap<&str, PageWrites<'_>> {
 }
 
 /// Reads against the writes: nothing never written, nothing stale.
-pub fn check_reads(ops: &[Op]) -> Vec<Violation> {
+pub(crate) fn check_reads(ops: &[Op]) -> Vec<Violation> {
     let pages = page_writes(ops);
     let mut out = Vec::new();
     for r in ops
@@ -137,7 +137,7 @@ pub fn check_reads(ops: &[Op]) -> Vec<Violation> {
 }
 
 /// The final state on every mount against the acknowledged writes.
-pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
+pub(crate) fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
     let pages = page_writes(ops);
     let mut out = Vec::new();
     for view in views {
@@ -260,7 +260,7 @@ pub fn check_final(ops: &[Op], views: &[FinalView]) -> Vec<Violation> {
 }
 
 /// Failed operations, when the scenario promises nobody notices.
-pub fn check_failures(ops: &[Op]) -> Vec<Violation> {
+pub(crate) fn check_failures(ops: &[Op]) -> Vec<Violation> {
     ops.iter()
         .filter(|o| !o.ok)
         .map(|o| {

@@ -16,16 +16,16 @@ use crate::check::Seen;
 use crate::workload::{Ctx, Kind};
 
 /// The logical path of a wiki page in the history.
-pub fn page_path(name: &str) -> String {
+pub(crate) fn page_path(name: &str) -> String {
     format!("wiki/{name}")
 }
 
-pub fn page_name(c: usize, w: usize, p: usize) -> String {
+pub(crate) fn page_name(c: usize, w: usize, p: usize) -> String {
     format!("C{c}W{w}P{p}")
 }
 
 /// Starts `wiki-cgi serve` on `data` at a free loopback port.
-pub fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
+pub(crate) fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
     let mut cmd = Command::new(sibling_binary("wiki-cgi")?);
     die_with_parent(&mut cmd);
     local::start_wiki(cmd, data)
@@ -47,7 +47,7 @@ fn page_text(name: &str, rev: u64, size: usize) -> (String, String) {
 }
 
 /// What a page view shows: its revision and checksum (None: no such page).
-pub fn parse_view(name: &str, html: &str) -> Option<Seen> {
+pub(crate) fn parse_view(name: &str, html: &str) -> Option<Seen> {
     if html.contains("does not exist yet") {
         return None;
     }
@@ -79,7 +79,7 @@ fn http_err(what: &str, status: u16) -> std::io::Error {
 }
 
 /// One editor: opens the edit form and saves, like a person with a browser.
-pub fn editor(ctx: Ctx, w: usize, port: u16) {
+pub(crate) fn editor(ctx: Ctx, w: usize, port: u16) {
     let me = format!("c{}w{w}", ctx.client);
     let cookie = format!(
         "wikicsrf={:032x}",
@@ -122,7 +122,7 @@ pub fn editor(ctx: Ctx, w: usize, port: u16) {
 }
 
 /// One reader: views pages of the editors on the other web host.
-pub fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
+pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
     let me = format!("c{}r{r}", ctx.client);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     while !ctx.stop.load(Ordering::Relaxed) {
@@ -165,7 +165,7 @@ pub fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
 }
 
 /// Every page the history saved, as the wiki at `port` shows it now.
-pub fn final_pages(
+pub(crate) fn final_pages(
     port: u16,
     ops: &[crate::workload::Op],
 ) -> std::collections::BTreeMap<String, Option<Seen>> {

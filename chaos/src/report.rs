@@ -13,7 +13,7 @@ use crate::scenario::{FaultKind, Scenario};
 use crate::workload::{Kind, Op};
 
 #[derive(Debug, Clone, Serialize)]
-pub struct FaultWindow {
+pub(crate) struct FaultWindow {
     pub kind: FaultKind,
     pub host: usize,
     pub what: String,
@@ -22,7 +22,7 @@ pub struct FaultWindow {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub count: usize,
     pub p50_ms: f64,
     pub p90_ms: f64,
@@ -47,7 +47,7 @@ fn latency<'a>(ops: impl Iterator<Item = &'a Op>) -> Latency {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub scenario: String,
     pub description: String,
     pub seed: u64,
@@ -81,7 +81,7 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(s: &Scenario, seed: u64, netns: bool) -> Report {
+    pub(crate) fn new(s: &Scenario, seed: u64, netns: bool) -> Report {
         Report {
             scenario: s.name.clone(),
             description: s.description.clone(),
@@ -108,7 +108,12 @@ impl Report {
         }
     }
 
-    pub fn finish(&mut self, ops: Vec<Op>, faults: Vec<FaultWindow>, violations: Vec<Violation>) {
+    pub(crate) fn finish(
+        &mut self,
+        ops: Vec<Op>,
+        faults: Vec<FaultWindow>,
+        violations: Vec<Violation>,
+    ) {
         self.operations = ops.len();
         self.failed_operations = ops.iter().filter(|o| !o.ok).count();
         for o in ops.iter().filter(|o| !o.ok) {
@@ -152,11 +157,11 @@ impl Report {
         self.ops = ops;
     }
 
-    pub fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.violations.is_empty()
     }
 
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut s = String::new();
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
         s += &format!(
@@ -209,7 +214,7 @@ impl Report {
     }
 
     /// Writes summary.txt, report.json, history.jsonl and latency.svg.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+    pub(crate) fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("summary.txt"), self.summary())?;
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;

@@ -14,7 +14,7 @@ use crate::workload::{self, History, Kind, LOG, PAGES, SCRATCH};
 use crate::world::World;
 
 /// Set by SIGINT/SIGTERM: the run stops early and cleans up.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// One step of the schedule.
 struct Step {
@@ -120,7 +120,7 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
 
 /// Blocks below their copy count, as the leader judges it (None: the
 /// member that answered cannot judge).
-pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u64> {
+pub(crate) fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u64> {
     match s.mode.as_str() {
         "fail-safe" => Some(0),
         "limp" => Some(s.under_replicated.max(1)),
@@ -128,7 +128,7 @@ pub fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u64> {
     }
 }
 
-pub async fn run(
+pub(crate) async fn run(
     s: &Scenario,
     work: &Path,
     report_dir: &Path,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Scenario {
+pub(crate) struct Scenario {
     pub name: String,
     #[serde(default)]
     pub description: String,
@@ -48,7 +48,7 @@ fn default_clients() -> usize {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Workload {
+pub(crate) struct Workload {
     /// "files": file operations through the mounts; "http": wiki-cgi served
     /// from each mount, driven through its edit form and page views.
     #[serde(default)]
@@ -80,7 +80,7 @@ fn static_pages() -> usize {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Mode {
+pub(crate) enum Mode {
     #[default]
     Files,
     Http,
@@ -115,7 +115,7 @@ impl Default for Workload {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckConfig {
+pub(crate) struct CheckConfig {
     /// No operation may fail (true for single-host faults: nobody may notice).
     #[serde(default = "yes")]
     pub no_failures: bool,
@@ -148,7 +148,7 @@ impl Default for CheckConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum FaultKind {
+pub(crate) enum FaultKind {
     /// `kill -9`; restarted (same address) when the fault ends.
     Kill9,
     /// SIGSTOP; SIGCONT when it ends.
@@ -189,7 +189,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Faults that need network namespaces (root and iproute2).
-    pub fn needs_netns(self) -> bool {
+    pub(crate) fn needs_netns(self) -> bool {
         matches!(
             self,
             FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut
@@ -199,7 +199,7 @@ impl FaultKind {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Fault {
+pub(crate) struct Fault {
     pub at_s: f64,
     pub kind: FaultKind,
     /// "leader", "follower", "zone:NAME" or "host:N" (0-based). Default: a follower.
@@ -229,7 +229,7 @@ fn every_s() -> f64 {
 
 impl Fault {
     /// When the fault (all its repeats) is over.
-    pub fn end_s(&self, hosts: usize) -> f64 {
+    pub(crate) fn end_s(&self, hosts: usize) -> f64 {
         match self.kind {
             FaultKind::RollingRestart => self.at_s + self.every_s * hosts as f64,
             FaultKind::Bitrot | FaultKind::AddHost => self.at_s,
@@ -240,7 +240,7 @@ impl Fault {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Sabotage {
+pub(crate) enum Sabotage {
     /// Halfway through, a page is overwritten behind the workload's back
     /// (through the mount, not recorded): the checker must report it.
     WriteBehindMount,
@@ -250,7 +250,7 @@ pub enum Sabotage {
 }
 
 impl Scenario {
-    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Scenario> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let s: Scenario =
@@ -260,7 +260,7 @@ impl Scenario {
         Ok(s)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
         if self.zones.is_empty() || self.zones.len() > 9 {
             bail!("zones: 1 to 9 hosts");
         }
@@ -310,7 +310,7 @@ impl Scenario {
 
     /// A long random soak: single-host faults one after another, each
     /// followed by time to heal.
-    pub fn random(seed: u64, duration_s: f64, hosts: usize) -> Scenario {
+    pub(crate) fn random(seed: u64, duration_s: f64, hosts: usize) -> Scenario {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let kinds = [
             FaultKind::Kill9,

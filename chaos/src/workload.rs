@@ -19,7 +19,7 @@ use crate::scenario::Workload;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// mkdir of a page's lock directory (and its rmdir).
     Lock,
     Unlock,
@@ -36,7 +36,7 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Op {
+pub(crate) struct Op {
     pub client: usize,
     pub worker: String,
     pub kind: Kind,
@@ -59,30 +59,30 @@ pub struct Op {
 }
 
 impl Op {
-    pub fn took_ms(&self) -> f64 {
+    pub(crate) fn took_ms(&self) -> f64 {
         self.end_ms - self.start_ms
     }
 }
 
 #[derive(Clone)]
-pub struct History {
+pub(crate) struct History {
     t0: Instant,
     ops: Arc<Mutex<Vec<Op>>>,
 }
 
 impl History {
-    pub fn new() -> History {
+    pub(crate) fn new() -> History {
         History {
             t0: Instant::now(),
             ops: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
-    pub fn now_ms(&self) -> f64 {
+    pub(crate) fn now_ms(&self) -> f64 {
         self.t0.elapsed().as_secs_f64() * 1000.0
     }
 
-    pub fn t0(&self) -> Instant {
+    pub(crate) fn t0(&self) -> Instant {
         self.t0
     }
 
@@ -92,21 +92,21 @@ impl History {
         }
     }
 
-    pub fn snapshot(&self) -> Vec<Op> {
+    pub(crate) fn snapshot(&self) -> Vec<Op> {
         self.ops.lock().map(|o| o.clone()).unwrap_or_default()
     }
 }
 
-pub fn hash(bytes: &[u8]) -> String {
+pub(crate) fn hash(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-pub const PAGES: &str = "pages";
-pub const SCRATCH: &str = "scratch";
-pub const LOG: &str = "changes.log";
+pub(crate) const PAGES: &str = "pages";
+pub(crate) const SCRATCH: &str = "scratch";
+pub(crate) const LOG: &str = "changes.log";
 
 /// The page names of editor `w` on client `c`.
-pub fn page_name(c: usize, w: usize, p: usize) -> String {
+pub(crate) fn page_name(c: usize, w: usize, p: usize) -> String {
     format!("c{c}w{w}-p{p}.txt")
 }
 
@@ -114,7 +114,7 @@ pub fn page_name(c: usize, w: usize, p: usize) -> String {
 /// mostly stay from one revision to the next, as wiki edits do: each
 /// revision rewrites a few lines and grows or shrinks the page a little, so
 /// torn or mixed content shows and a returning host can get deltas.
-pub fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
+pub(crate) fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
     let mut s = format!("page {page} rev {rev}\n");
     let lines = size / 48 + (rev as usize % 5);
     for i in 0..lines {
@@ -128,7 +128,7 @@ pub fn page_content(page: &str, rev: u64, size: usize) -> Vec<u8> {
 }
 
 /// The revision a page's content claims, if it has a well-formed header.
-pub fn parse_rev(page: &str, content: &[u8]) -> Option<u64> {
+pub(crate) fn parse_rev(page: &str, content: &[u8]) -> Option<u64> {
     let first = content.split(|b| *b == b'\n').next()?;
     let first = std::str::from_utf8(first).ok()?;
     first
@@ -137,7 +137,7 @@ pub fn parse_rev(page: &str, content: &[u8]) -> Option<u64> {
         .ok()
 }
 
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub history: History,
     pub stop: Arc<AtomicBool>,
     pub cfg: Workload,
@@ -147,7 +147,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// Runs `f`, records it, returns its result.
-    pub fn record<T>(
+    pub(crate) fn record<T>(
         &self,
         worker: &str,
         kind: Kind,
@@ -195,14 +195,18 @@ impl Ctx {
 }
 
 /// The name of static page `i`: written once, read ever after, like most of a wiki.
-pub fn static_page(i: usize) -> String {
+pub(crate) fn static_page(i: usize) -> String {
     format!("static-{i}.txt")
 }
 
 /// Creates the directories the workload uses and its static pages (through
 /// one mount, recorded as saves); returns the static pages' hashes, which
 /// are also their block names (one block each).
-pub fn prepare(root: &Path, history: &History, cfg: &Workload) -> std::io::Result<Vec<String>> {
+pub(crate) fn prepare(
+    root: &Path,
+    history: &History,
+    cfg: &Workload,
+) -> std::io::Result<Vec<String>> {
     for d in [PAGES, SCRATCH, "locks"] {
         match fs::create_dir(root.join(d)) {
             Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
@@ -241,7 +245,7 @@ pub fn prepare(root: &Path, history: &History, cfg: &Workload) -> std::io::Resul
 
 /// One editor: saves its pages in turn, appends to the log, and now and then
 /// creates a scratch file and deletes the previous one.
-pub fn editor(ctx: Ctx, w: usize) {
+pub(crate) fn editor(ctx: Ctx, w: usize) {
     let me = format!("c{}w{w}", ctx.client);
     let mut rev = 0u64;
     let mut prev_scratch: Option<String> = None;
@@ -344,7 +348,7 @@ pub fn editor(ctx: Ctx, w: usize) {
 
 /// One reader: reads pages of the editors on other mounts (all editors when
 /// there is one mount), now and then the log and the page directory.
-pub fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
+pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
     let me = format!("c{}r{r}", ctx.client);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut k = 0u64;

@@ -15,7 +15,7 @@ use crate::scenario::{FaultKind, Scenario};
 /// fsd's port when every host has an address of its own.
 const PORT: u16 = 7000;
 
-pub struct World {
+pub(crate) struct World {
     pub net: Option<Net>,
     pub cluster: LocalCluster,
     pub mounts: Vec<LocalMount>,
@@ -35,7 +35,11 @@ pub struct World {
 impl World {
     /// Builds the network (if `use_net`), starts and bootstraps the hosts,
     /// and mounts the clients.
-    pub async fn build(s: &Scenario, work: &Path, net: Option<Net>) -> anyhow::Result<World> {
+    pub(crate) async fn build(
+        s: &Scenario,
+        work: &Path,
+        net: Option<Net>,
+    ) -> anyhow::Result<World> {
         let fsd = sibling_binary("fsd")?;
         let mut flags = vec!["--report-interval-ms".to_string(), "1000".to_string()];
         flags.extend(s.fsd_flags.iter().cloned());
@@ -117,7 +121,7 @@ impl World {
 
     /// A blank box joins: a new host in `zone`, admitted to the cluster (a
     /// learner that catches up, then a voter); copies reach it by rebalancing.
-    pub async fn add_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
+    pub(crate) async fn add_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
         let h = self.start_new_host(zone, device_mb)?;
         self.zones.push(zone.to_string());
         let client = self.client().await?;
@@ -138,7 +142,7 @@ impl World {
 
     /// Ships host `i` (refused if that would put files at risk), then shuts
     /// it down; returns the blocks it holds.
-    pub async fn ship(&mut self, i: usize) -> anyhow::Result<u64> {
+    pub(crate) async fn ship(&mut self, i: usize) -> anyhow::Result<u64> {
         let id = self.host_id(i).await?;
         let r = self.client().await?.ship_host(id, 3_600_000, false).await?;
         if !r.shipped {
@@ -149,14 +153,18 @@ impl World {
     }
 
     /// Starts draining host `i`; returns the blocks it must move.
-    pub async fn drain(&mut self, i: usize) -> anyhow::Result<u64> {
+    pub(crate) async fn drain(&mut self, i: usize) -> anyhow::Result<u64> {
         let id = self.host_id(i).await?;
         Ok(self.client().await?.drain_host(id).await?.to_move)
     }
 
     /// Waits (up to `timeout`) until nothing depends on draining host `i`,
     /// removes it from the cluster and stops it.
-    pub async fn remove_drained(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn remove_drained(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let id = self.host_id(i).await?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
@@ -201,12 +209,12 @@ impl World {
         Ok(())
     }
 
-    pub async fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn client(&self) -> anyhow::Result<Client> {
         self.cluster.client().await
     }
 
     /// The cluster status, from whichever member answers.
-    pub async fn status(&self) -> Option<pb::StatusReply> {
+    pub(crate) async fn status(&self) -> Option<pb::StatusReply> {
         let client = self.client().await.ok()?;
         tokio::time::timeout(Duration::from_secs(3), client.status())
             .await
@@ -215,7 +223,7 @@ impl World {
     }
 
     /// The host index the status names as leader.
-    pub async fn leader(&self) -> Option<usize> {
+    pub(crate) async fn leader(&self) -> Option<usize> {
         let s = self.status().await?;
         let addr = s
             .hosts
@@ -227,7 +235,7 @@ impl World {
     }
 
     /// Resolves a fault target to a host index.
-    pub async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
+    pub(crate) async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
         let n = self.cluster.hosts.len();
         if let Some(i) = target
             .strip_prefix("host:")
@@ -260,7 +268,7 @@ impl World {
     }
 
     /// Starts fault `kind` on host `i`; returns a description.
-    pub fn start_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
+    pub(crate) fn start_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
         let zone = self.zones[i].clone();
         Ok(match kind {
             FaultKind::Kill9 | FaultKind::LeaderKill => {
@@ -361,7 +369,7 @@ impl World {
     }
 
     /// Ends fault `kind` on host `i`.
-    pub fn end_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
+    pub(crate) fn end_fault(&mut self, kind: FaultKind, i: usize) -> anyhow::Result<String> {
         Ok(match kind {
             FaultKind::Kill9 | FaultKind::LeaderKill | FaultKind::WipeDevice => {
                 self.cluster.restart(i, true)?;
@@ -406,7 +414,7 @@ impl World {
     }
 
     /// Copies every host's and mount's log into `dir`.
-    pub fn save_logs(&self, dir: &Path) {
+    pub(crate) fn save_logs(&self, dir: &Path) {
         for (i, h) in self.cluster.hosts.iter().enumerate() {
             let _ = std::fs::copy(h.log_path(), dir.join(format!("fsd-{i}-{}.log", h.zone)));
         }
@@ -416,7 +424,7 @@ impl World {
     }
 
     /// Unmounts, stops every process, removes tmpfs devices and namespaces.
-    pub fn teardown(&mut self) {
+    pub(crate) fn teardown(&mut self) {
         for m in &mut self.mounts {
             m.unmount();
         }
@@ -438,7 +446,7 @@ impl Drop for World {
 
 impl World {
     /// Stored copies whose bytes no longer match their name (the hash).
-    pub fn corrupt_copies(&self) -> Vec<PathBuf> {
+    pub(crate) fn corrupt_copies(&self) -> Vec<PathBuf> {
         let mut bad = Vec::new();
         for dev in &self.devices {
             let mut stack = vec![dev.join("blocks")];

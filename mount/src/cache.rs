@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use failsafe_core::{block_hash, hash_hex};
 
-pub struct BlockCache {
+pub(crate) struct BlockCache {
     dir: PathBuf,
     limit: u64,
     /// Insertion order and sizes, for eviction. A std Mutex: short sections,
@@ -18,7 +18,7 @@ pub struct BlockCache {
 
 impl BlockCache {
     /// Opens (and empties) a cache directory holding at most `limit` bytes.
-    pub fn open(dir: &Path, limit: u64) -> std::io::Result<BlockCache> {
+    pub(crate) fn open(dir: &Path, limit: u64) -> std::io::Result<BlockCache> {
         std::fs::create_dir_all(dir)?;
         // Starting empty keeps the size accounting exact; the blocks are one
         // fetch away.
@@ -32,7 +32,7 @@ impl BlockCache {
         })
     }
 
-    pub fn get(&self, hash: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn get(&self, hash: &[u8]) -> Option<Vec<u8>> {
         let path = self.dir.join(hash_hex(hash));
         let data = std::fs::read(&path).ok()?;
         if block_hash(&data)[..] != hash[..] {
@@ -42,7 +42,7 @@ impl BlockCache {
         Some(data)
     }
 
-    pub fn put(&self, hash: &[u8], data: &[u8]) {
+    pub(crate) fn put(&self, hash: &[u8], data: &[u8]) {
         if self.limit == 0 || data.len() as u64 > self.limit {
             return;
         }

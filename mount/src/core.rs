@@ -32,10 +32,10 @@ const WRITE_BACKPRESSURE: usize = 64 << 20;
 /// Verified blocks kept in memory, so 128 KiB reads do not re-read 4 MiB.
 const MEM_BLOCKS: usize = 8;
 
-pub type Res<T> = Result<T, Errno>;
+pub(crate) type Res<T> = Result<T, Errno>;
 
 /// A directory listing as opened: (inode, kind, name), `.` and `..` first.
-pub type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
+pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 /// Recently used verified blocks, by hash.
 type MemBlocks = VecDeque<(Vec<u8>, Arc<Vec<u8>>)>;
 
@@ -43,7 +43,7 @@ fn err(e: ClientError) -> Errno {
     errno(&e)
 }
 
-pub fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -58,7 +58,7 @@ fn time(ns: i64) -> SystemTime {
     }
 }
 
-pub fn system_time_ns(t: SystemTime) -> i64 {
+pub(crate) fn system_time_ns(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,
         Err(e) => -(e.duration().as_nanos() as i64),
@@ -106,7 +106,7 @@ impl FileInner {
     }
 }
 
-pub struct Core {
+pub(crate) struct Core {
     pub client: Client,
     root: u64,
     pub read_only: bool,
@@ -144,7 +144,7 @@ fn name_bytes(name: &std::ffi::OsStr) -> Vec<u8> {
 }
 
 impl Core {
-    pub fn new(client: Client, root: u64, read_only: bool, cache: BlockCache) -> Core {
+    pub(crate) fn new(client: Client, root: u64, read_only: bool, cache: BlockCache) -> Core {
         Core {
             client,
             root,
@@ -162,7 +162,7 @@ impl Core {
     }
 
     /// FUSE inode → tracker inode (the mounted directory is FUSE's root).
-    pub fn t(&self, ino: u64) -> u64 {
+    pub(crate) fn t(&self, ino: u64) -> u64 {
         if ino == fuser::INodeNo::ROOT.0 {
             self.root
         } else {
@@ -186,7 +186,7 @@ impl Core {
         }
     }
 
-    pub fn file_attr(&self, a: &pb::Attr) -> FileAttr {
+    pub(crate) fn file_attr(&self, a: &pb::Attr) -> FileAttr {
         let size = match locked(&self.files).get(&a.ino) {
             Some(st) => a.size.max(locked(&st.inner).local_size()),
             None => a.size,
@@ -224,7 +224,7 @@ impl Core {
         }
     }
 
-    pub async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
+    pub(crate) async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
         let q = Query::Lookup(pb::Lookup {
             parent: self.t(parent),
             name: name_bytes(name),
@@ -233,7 +233,7 @@ impl Core {
         Ok(self.file_attr(&a))
     }
 
-    pub async fn getattr(&self, ino: u64) -> Res<FileAttr> {
+    pub(crate) async fn getattr(&self, ino: u64) -> Res<FileAttr> {
         let tino = self.t(ino);
         match self
             .query_attr(Query::GetAttr(pb::GetAttr { ino: tino }))
@@ -261,7 +261,7 @@ impl Core {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub async fn setattr(
+    pub(crate) async fn setattr(
         &self,
         ino: u64,
         mode: Option<u32>,
@@ -299,7 +299,7 @@ impl Core {
         Ok(self.file_attr(&a))
     }
 
-    pub async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
+    pub(crate) async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
         match self
             .client
             .query_available(Query::ReadLink(pb::ReadLink { ino: self.t(ino) }))
@@ -311,7 +311,7 @@ impl Core {
         }
     }
 
-    pub async fn mkdir(
+    pub(crate) async fn mkdir(
         &self,
         parent: u64,
         name: &std::ffi::OsStr,
@@ -332,7 +332,7 @@ impl Core {
         Ok(self.file_attr(&a))
     }
 
-    pub async fn symlink(
+    pub(crate) async fn symlink(
         &self,
         parent: u64,
         name: &std::ffi::OsStr,
@@ -352,7 +352,12 @@ impl Core {
         Ok(self.file_attr(&a))
     }
 
-    pub async fn link(&self, ino: u64, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
+    pub(crate) async fn link(
+        &self,
+        ino: u64,
+        parent: u64,
+        name: &std::ffi::OsStr,
+    ) -> Res<FileAttr> {
         self.writable()?;
         let op = Op::Link(pb::Link {
             ino: self.t(ino),
@@ -400,7 +405,7 @@ impl Core {
         }
     }
 
-    pub async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
+    pub(crate) async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
         let (parent, name) = (self.t(parent), name_bytes(name));
         let open = self.before_removal(parent, &name).await;
@@ -409,7 +414,7 @@ impl Core {
         Ok(())
     }
 
-    pub async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
+    pub(crate) async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
         self.client
             .rmdir(self.t(parent), &name_bytes(name))
@@ -417,7 +422,7 @@ impl Core {
             .map_err(err)
     }
 
-    pub async fn rename(
+    pub(crate) async fn rename(
         &self,
         parent: u64,
         name: &std::ffi::OsStr,
@@ -446,7 +451,7 @@ impl Core {
         Ok(())
     }
 
-    pub async fn statfs(&self) -> Res<pb::FsStats> {
+    pub(crate) async fn statfs(&self) -> Res<pb::FsStats> {
         match self
             .client
             .query_available(Query::StatFs(pb::StatFs {}))
@@ -515,7 +520,7 @@ impl Core {
         (fh, keep)
     }
 
-    pub async fn open(&self, ino: u64, flags: i32) -> Res<(u64, bool)> {
+    pub(crate) async fn open(&self, ino: u64, flags: i32) -> Res<(u64, bool)> {
         let acc = flags & libc::O_ACCMODE;
         if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             self.writable()?;
@@ -558,7 +563,7 @@ impl Core {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         parent: u64,
         name: &std::ffi::OsStr,
@@ -640,7 +645,7 @@ impl Core {
         Ok(b)
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
+    pub(crate) async fn read(&self, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
         let (tino, _) = self.handle_ino(fh)?;
         let st = self.state(tino).ok_or(Errno::EBADF)?;
         // An upload that commits while we fetch blocks changes which bytes
@@ -741,7 +746,7 @@ impl Core {
 
     /// Buffers a write. Returns true when the buffer is big enough that an
     /// upload should start, and whether the writer must wait for it.
-    pub fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Res<(u64, bool, bool)> {
+    pub(crate) fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Res<(u64, bool, bool)> {
         self.writable()?;
         let (tino, append) = self.handle_ino(fh)?;
         let st = self.state(tino).ok_or(Errno::EBADF)?;
@@ -761,7 +766,7 @@ impl Core {
 
     /// Stores this file's buffered bytes: blocks to the write quorum, then
     /// the extents. Reports (once) an earlier background upload's failure.
-    pub async fn flush_ino(&self, tino: u64) -> Res<()> {
+    pub(crate) async fn flush_ino(&self, tino: u64) -> Res<()> {
         let Some(st) = self.state(tino) else {
             return Ok(());
         };
@@ -773,7 +778,7 @@ impl Core {
         }
     }
 
-    pub async fn flush_fh(&self, fh: u64) -> Res<()> {
+    pub(crate) async fn flush_fh(&self, fh: u64) -> Res<()> {
         let (tino, _) = self.handle_ino(fh)?;
         self.flush_ino(tino).await
     }
@@ -861,7 +866,7 @@ impl Core {
     }
 
     /// A background upload started by a write that filled the buffer.
-    pub async fn background_upload(&self, tino: u64) {
+    pub(crate) async fn background_upload(&self, tino: u64) {
         let Some(st) = self.state(tino) else { return };
         if let Err(e) = self.upload(tino, &st).await {
             tracing::warn!(ino = tino, error = ?e, "background upload failed; the next flush retries it");
@@ -869,7 +874,7 @@ impl Core {
         }
     }
 
-    pub async fn release(&self, fh: u64, lock_owner: Option<u64>) -> Res<()> {
+    pub(crate) async fn release(&self, fh: u64, lock_owner: Option<u64>) -> Res<()> {
         let (tino, _) = self.handle_ino(fh)?;
         let flushed = self.flush_ino(tino).await;
         if let Some(owner) = lock_owner {
@@ -891,7 +896,7 @@ impl Core {
         flushed
     }
 
-    pub async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
+    pub(crate) async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Res<()> {
         if mode != 0 {
             return Err(Errno::EOPNOTSUPP);
         }
@@ -908,7 +913,7 @@ impl Core {
 
     // ---------- directories ----------
 
-    pub async fn opendir(&self, ino: u64) -> Res<u64> {
+    pub(crate) async fn opendir(&self, ino: u64) -> Res<u64> {
         let tino = self.t(ino);
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
             vec![(ino, FileType::Directory, b".".to_vec())];
@@ -941,11 +946,11 @@ impl Core {
         Ok(fh)
     }
 
-    pub fn dir_entries(&self, fh: u64) -> Option<Listing> {
+    pub(crate) fn dir_entries(&self, fh: u64) -> Option<Listing> {
         locked(&self.dirs).get(&fh).cloned()
     }
 
-    pub fn releasedir(&self, fh: u64) {
+    pub(crate) fn releasedir(&self, fh: u64) {
         locked(&self.dirs).remove(&fh);
     }
 
@@ -981,7 +986,14 @@ impl Core {
 
     /// One attempt at a lock change. `typ` is F_RDLCK, F_WRLCK or F_UNLCK;
     /// `end` is inclusive, as FUSE sends it.
-    pub async fn setlk(&self, ino: u64, owner: u64, start: u64, end: u64, typ: i32) -> Res<()> {
+    pub(crate) async fn setlk(
+        &self,
+        ino: u64,
+        owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+    ) -> Res<()> {
         let tino = self.t(ino);
         let ltype = match typ {
             libc::F_RDLCK => pb::LockType::LockRead,
@@ -1012,7 +1024,7 @@ impl Core {
     }
 
     /// The lock that would block `owner` from `typ` on [start, end], if any.
-    pub async fn getlk(
+    pub(crate) async fn getlk(
         &self,
         ino: u64,
         owner: u64,
@@ -1051,7 +1063,7 @@ impl Core {
 
     /// Drops every lock `owner` holds on `tino` through this mount (close of
     /// a POSIX lock owner's file, or the last close of a flock'ed file).
-    pub async fn unlock_owner(&self, tino: u64, owner: u64) {
+    pub(crate) async fn unlock_owner(&self, tino: u64, owner: u64) {
         if !locked(&self.lock_owners).remove(&(tino, owner)) {
             return;
         }
@@ -1068,7 +1080,7 @@ impl Core {
         }
     }
 
-    pub async fn close_session(&self) {
+    pub(crate) async fn close_session(&self) {
         if let Some(s) = self.session.lock().await.take() {
             let _ = s.close().await;
         }

@@ -5,24 +5,24 @@
 use std::collections::BTreeMap;
 
 #[derive(Debug, Default, Clone)]
-pub struct Dirty {
+pub(crate) struct Dirty {
     segments: BTreeMap<u64, Vec<u8>>,
     appends: Vec<u8>,
     bytes: usize,
 }
 
 impl Dirty {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.segments.is_empty() && self.appends.is_empty()
     }
 
     /// Buffered bytes (an overwritten byte counts once).
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// End of the last positioned write.
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.segments
             .iter()
             .next_back()
@@ -30,20 +30,20 @@ impl Dirty {
     }
 
     /// Positioned segments: each becomes one commit.
-    pub fn segment_count(&self) -> usize {
+    pub(crate) fn segment_count(&self) -> usize {
         self.segments.len()
     }
 
-    pub fn appended(&self) -> u64 {
+    pub(crate) fn appended(&self) -> u64 {
         self.appends.len() as u64
     }
 
-    pub fn append(&mut self, data: &[u8]) {
+    pub(crate) fn append(&mut self, data: &[u8]) {
         self.appends.extend_from_slice(data);
         self.bytes += data.len();
     }
 
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
+    pub(crate) fn write(&mut self, offset: u64, data: &[u8]) {
         if data.is_empty() {
             return;
         }
@@ -90,7 +90,7 @@ impl Dirty {
 
     /// Copies buffered positioned bytes over `buf`, which holds the file's
     /// bytes from `offset`.
-    pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
+    pub(crate) fn overlay(&self, offset: u64, buf: &mut [u8]) {
         let end = offset + buf.len() as u64;
         for (&s, d) in self.segments.range(..end) {
             let e = s + d.len() as u64;
@@ -105,14 +105,14 @@ impl Dirty {
     }
 
     /// Buffered appends placed after `base` (the stored size), over `buf`.
-    pub fn overlay_appends(&self, base: u64, offset: u64, buf: &mut [u8]) {
+    pub(crate) fn overlay_appends(&self, base: u64, offset: u64, buf: &mut [u8]) {
         let mut tmp = Dirty::default();
         tmp.write(base, &self.appends);
         tmp.overlay(offset, buf);
     }
 
     /// Cuts everything at and beyond `size` (a truncate).
-    pub fn truncate(&mut self, size: u64) {
+    pub(crate) fn truncate(&mut self, size: u64) {
         let mut kept = Dirty {
             appends: std::mem::take(&mut self.appends),
             ..Default::default()
@@ -128,13 +128,13 @@ impl Dirty {
         *self = kept;
     }
 
-    pub fn into_parts(self) -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
+    pub(crate) fn into_parts(self) -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
         (self.segments.into_iter().collect(), self.appends)
     }
 
     /// `newer` written over `self`: what to keep when an upload of `self`
     /// failed while `newer` was being buffered.
-    pub fn under(mut self, newer: Dirty) -> Dirty {
+    pub(crate) fn under(mut self, newer: Dirty) -> Dirty {
         let (segs, appends) = newer.into_parts();
         for (o, d) in segs {
             self.write(o, &d);

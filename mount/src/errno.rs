@@ -3,7 +3,7 @@
 use failsafe_client::{pb::ErrorCode, ClientError};
 use fuser::Errno;
 
-pub fn errno(e: &ClientError) -> Errno {
+pub(crate) fn errno(e: &ClientError) -> Errno {
     match e {
         ClientError::Refused { code, .. } => match code {
             ErrorCode::NotFound => Errno::ENOENT,

@@ -20,7 +20,7 @@ use crate::core::{now_ns, system_time_ns, Core};
 /// which is what keeps close-to-open consistency across hosts.
 const TTL: Duration = Duration::ZERO;
 
-pub struct Fs {
+pub(crate) struct Fs {
     pub core: Arc<Core>,
     pub rt: tokio::runtime::Handle,
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct MountSpec {
+pub(crate) struct MountSpec {
     /// Cluster members, `host:port`.
     pub hosts: Vec<String>,
     /// The directory of the cluster to mount, `/` for the root.
@@ -13,7 +13,7 @@ pub struct MountSpec {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Options {
+pub(crate) struct Options {
     pub zone: Option<String>,
     pub cache_dir: PathBuf,
     pub cache_bytes: u64,
@@ -39,7 +39,7 @@ impl Default for Options {
 
 /// `fsd1:7000,fsd2:7000:/wiki` → hosts and subdirectory. The path part is
 /// optional (`fsd1:7000,fsd2:7000` mounts the root).
-pub fn parse_spec(spec: &str) -> Result<MountSpec, String> {
+pub(crate) fn parse_spec(spec: &str) -> Result<MountSpec, String> {
     let (hosts, subdir) = match spec.find(":/") {
         Some(i) => (&spec[..i], &spec[i + 1..]),
         None => (spec, "/"),
@@ -88,7 +88,7 @@ fn parse_bytes(v: &str) -> Result<u64, String> {
 
 /// `-o` options, comma-separated. Generic mount options that mean nothing to
 /// a FUSE filesystem are accepted and ignored, so fstab lines work as written.
-pub fn parse_options(list: &str, opts: &mut Options) -> Result<(), String> {
+pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String> {
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (key, value) = match item.split_once('=') {
             Some((k, v)) => (k, Some(v)),

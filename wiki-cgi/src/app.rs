@@ -7,10 +7,10 @@ use crate::render::{escape, render, url_encode};
 use crate::store::{valid_name, SaveOutcome, Store, StoreError, MAX_PAGE_BYTES};
 
 /// Largest request body accepted.
-pub const MAX_BODY: usize = 2 * MAX_PAGE_BYTES;
+pub(crate) const MAX_BODY: usize = 2 * MAX_PAGE_BYTES;
 const CSRF_COOKIE: &str = "wikicsrf";
 
-pub struct Request {
+pub(crate) struct Request {
     pub method: String,
     /// Path below the wiki's root, starting with `/`.
     pub path: String,
@@ -23,7 +23,7 @@ pub struct Request {
     pub base: String,
 }
 
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -47,7 +47,7 @@ impl Response {
     }
 }
 
-pub fn status_text(code: u16) -> &'static str {
+pub(crate) fn status_text(code: u16) -> &'static str {
     match code {
         200 => "OK",
         303 => "See Other",
@@ -88,7 +88,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub fn parse_form(s: &str) -> HashMap<String, String> {
+pub(crate) fn parse_form(s: &str) -> HashMap<String, String> {
     s.split('&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
@@ -137,12 +137,12 @@ fn time_str(secs: u64) -> String {
     )
 }
 
-pub struct App {
+pub(crate) struct App {
     pub store: Store,
 }
 
 impl App {
-    pub fn handle(&self, req: &Request) -> Response {
+    pub(crate) fn handle(&self, req: &Request) -> Response {
         let mut r = self.handle_at_root(req);
         if !req.base.is_empty() {
             // Our own links are absolute from the wiki's root; user text is
@@ -459,7 +459,7 @@ Please go back and try your save again in a minute.</p>",
 }
 
 /// A line diff of two texts as HTML.
-pub fn diff_html(old: &str, new: &str) -> String {
+pub(crate) fn diff_html(old: &str, new: &str) -> String {
     let diff = similar::TextDiff::from_lines(old, new);
     let mut out = String::from("<pre class=\"diff\">");
     for change in diff.iter_all_changes() {

@@ -7,7 +7,7 @@ use pulldown_cmark::{html, CowStr, Event, LinkType, Options, Parser, Tag, TagEnd
 
 use crate::store::valid_name;
 
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -23,7 +23,7 @@ pub fn escape(s: &str) -> String {
 }
 
 /// Percent-encodes a path segment or query value.
-pub fn url_encode(s: &str) -> String {
+pub(crate) fn url_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -75,7 +75,7 @@ fn safe_url(url: &str) -> bool {
 }
 
 /// Renders page text; `exists` tells whether a linked page has been written.
-pub fn render(text: &str, exists: impl Fn(&str) -> bool) -> String {
+pub(crate) fn render(text: &str, exists: impl Fn(&str) -> bool) -> String {
     let source = expand_wikilinks(text);
     let mut opts = Options::empty();
     opts.insert(Options::ENABLE_TABLES);

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest page text accepted.
-pub const MAX_PAGE_BYTES: usize = 512 * 1024;
+pub(crate) const MAX_PAGE_BYTES: usize = 512 * 1024;
 const STALE_LOCK: Duration = Duration::from_secs(30);
 const LOCK_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Debug)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// The storage refuses writes now (EROFS, EIO, ENOSPC…).
     Unavailable(io::Error),
     Io(io::Error),
@@ -48,7 +48,7 @@ impl std::fmt::Display for StoreError {
 /// A valid page name: 1–100 characters, letters, digits, `_`, `-`, `.`,
 /// not starting with `.`. Everything else — `/`, `..`, NUL, spaces — is
 /// refused, so a name can never leave the pages directory.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.chars().count() <= 100
         && !name.starts_with('.')
@@ -58,7 +58,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Revision {
+pub(crate) struct Revision {
     pub rev: u64,
     pub time: u64,
     pub author: String,
@@ -66,7 +66,7 @@ pub struct Revision {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Change {
+pub(crate) struct Change {
     pub time: u64,
     pub page: String,
     pub rev: u64,
@@ -74,7 +74,7 @@ pub struct Change {
     pub summary: String,
 }
 
-pub enum SaveOutcome {
+pub(crate) enum SaveOutcome {
     Saved(u64),
     /// Someone saved revision `current` since the editor started from `base`.
     Conflict {
@@ -82,7 +82,7 @@ pub enum SaveOutcome {
     },
 }
 
-pub struct Store {
+pub(crate) struct Store {
     root: PathBuf,
 }
 
@@ -134,7 +134,7 @@ impl Drop for PageLock {
 }
 
 impl Store {
-    pub fn open(root: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn open(root: &Path) -> Result<Store, StoreError> {
         for d in ["pages", "attic", "history", "locks"] {
             fs::create_dir_all(root.join(d))?;
         }
@@ -173,7 +173,7 @@ impl Store {
         }
     }
 
-    pub fn read(&self, name: &str) -> Result<Option<String>, StoreError> {
+    pub(crate) fn read(&self, name: &str) -> Result<Option<String>, StoreError> {
         match fs::read(self.page_path(name)) {
             Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -181,7 +181,7 @@ impl Store {
         }
     }
 
-    pub fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+    pub(crate) fn history(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
         let text = match fs::read_to_string(self.root.join("history").join(format!("{name}.log"))) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -201,11 +201,11 @@ impl Store {
             .collect())
     }
 
-    pub fn current_rev(&self, name: &str) -> Result<u64, StoreError> {
+    pub(crate) fn current_rev(&self, name: &str) -> Result<u64, StoreError> {
         Ok(self.history(name)?.last().map_or(0, |r| r.rev))
     }
 
-    pub fn revision(&self, name: &str, rev: u64) -> Result<Option<String>, StoreError> {
+    pub(crate) fn revision(&self, name: &str, rev: u64) -> Result<Option<String>, StoreError> {
         match fs::read(self.root.join("attic").join(name).join(format!("{rev}.md"))) {
             Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -215,7 +215,7 @@ impl Store {
 
     /// Saves `text` as the next revision of `name`, if the page is still at
     /// revision `base` (the one the editor started from).
-    pub fn save(
+    pub(crate) fn save(
         &self,
         name: &str,
         text: &str,
@@ -250,7 +250,7 @@ impl Store {
     }
 
     /// The most recent changes, newest first.
-    pub fn recent(&self, limit: usize) -> Result<Vec<Change>, StoreError> {
+    pub(crate) fn recent(&self, limit: usize) -> Result<Vec<Change>, StoreError> {
         let text = match fs::read_to_string(self.root.join("changes.log")) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
@@ -273,7 +273,7 @@ impl Store {
             .collect())
     }
 
-    pub fn pages(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn pages(&self) -> Result<Vec<String>, StoreError> {
         let mut names: Vec<String> = fs::read_dir(self.root.join("pages"))?
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter_map(|n| n.strip_suffix(".md").map(str::to_string))
@@ -283,13 +283,13 @@ impl Store {
         Ok(names)
     }
 
-    pub fn exists(&self, name: &str) -> bool {
+    pub(crate) fn exists(&self, name: &str) -> bool {
         self.page_path(name).exists()
     }
 
     /// Pages whose name or text contains every word of `query`
     /// (case-insensitive), with a snippet.
-    pub fn search(&self, query: &str) -> Result<Vec<(String, String)>, StoreError> {
+    pub(crate) fn search(&self, query: &str) -> Result<Vec<(String, String)>, StoreError> {
         let words: Vec<String> = query
             .split_whitespace()
             .map(str::to_lowercase)

@@ -8,7 +8,7 @@ use failsafe_proto::pb::{
 
 use crate::{Client, ClientError};
 
-pub fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)

@@ -15,9 +15,9 @@ use crate::repair::Repair;
 use crate::scrub::Scrub;
 
 /// How long a shipped host may stay away unless told otherwise: a week.
-pub const DEFAULT_AWAY_MS: u64 = 7 * 24 * 3600 * 1000;
+pub(crate) const DEFAULT_AWAY_MS: u64 = 7 * 24 * 3600 * 1000;
 
-pub struct AdminService {
+pub(crate) struct AdminService {
     pub tracker: Arc<Tracker>,
     pub identity: Arc<Identity>,
     pub store: Arc<BlockStore>,
@@ -29,7 +29,7 @@ pub struct AdminService {
     pub gc: Arc<Gc>,
 }
 
-pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
+pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
     store
         .usage()
         .into_iter()
@@ -46,7 +46,7 @@ pub fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
 }
 
 /// Asks the host at `addr` who it is.
-pub async fn hello(
+pub(crate) async fn hello(
     addr: &str,
     cluster_id: &str,
     timeout: Duration,

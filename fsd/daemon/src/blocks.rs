@@ -19,7 +19,7 @@ use crate::repair::BadCopies;
 
 const CHUNK: usize = 256 * 1024;
 
-pub struct BlocksService {
+pub(crate) struct BlocksService {
     pub store: Arc<BlockStore>,
     pub cluster: ClusterId,
     pub metrics: Arc<Metrics>,

@@ -46,7 +46,7 @@ struct Sweep {
 }
 
 /// The gc worker's state, shared with `Admin.Status`.
-pub struct Gc {
+pub(crate) struct Gc {
     cfg: GcConfig,
     store: Arc<BlockStore>,
     metrics: Arc<Metrics>,
@@ -56,7 +56,7 @@ pub struct Gc {
 }
 
 impl Gc {
-    pub fn new(cfg: GcConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>) -> Gc {
+    pub(crate) fn new(cfg: GcConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>) -> Gc {
         Gc {
             cfg,
             store,
@@ -66,11 +66,11 @@ impl Gc {
         }
     }
 
-    pub fn set_state(&self, s: impl Into<String>) {
+    pub(crate) fn set_state(&self, s: impl Into<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
     }
 
-    pub fn status(&self) -> pb::GcStatus {
+    pub(crate) fn status(&self) -> pb::GcStatus {
         pb::GcStatus {
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             forgotten: get(&self.metrics.gc_forgotten),
@@ -81,7 +81,11 @@ impl Gc {
 
     /// One step: a batch of collection (on the leader) and of sweeping.
     /// Returns how long to wait before the next.
-    pub async fn step(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<Duration> {
+    pub(crate) async fn step(
+        &self,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> anyhow::Result<Duration> {
         if !tracker.is_initialized() {
             self.set_state("not in a cluster");
             return Ok(Duration::from_millis(500));

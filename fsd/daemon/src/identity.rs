@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-pub struct Identity {
+pub(crate) struct Identity {
     dir: PathBuf,
     pub host_id: u64,
 }
@@ -26,7 +26,7 @@ fn write_durably(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 impl Identity {
-    pub fn load_or_create(dir: &Path) -> anyhow::Result<Identity> {
+    pub(crate) fn load_or_create(dir: &Path) -> anyhow::Result<Identity> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("host.id");
@@ -49,7 +49,7 @@ impl Identity {
         })
     }
 
-    pub fn cluster_id(&self) -> anyhow::Result<String> {
+    pub(crate) fn cluster_id(&self) -> anyhow::Result<String> {
         match std::fs::read_to_string(self.dir.join("cluster.id")) {
             Ok(s) => Ok(s.trim().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
@@ -57,7 +57,7 @@ impl Identity {
         }
     }
 
-    pub fn set_cluster_id(&self, id: &str) -> anyhow::Result<()> {
+    pub(crate) fn set_cluster_id(&self, id: &str) -> anyhow::Result<()> {
         write_durably(&self.dir.join("cluster.id"), &format!("{id}\n"))
     }
 }

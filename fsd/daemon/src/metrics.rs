@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub block_puts: AtomicU64,
     pub block_put_bytes: AtomicU64,
     pub block_gets: AtomicU64,
@@ -45,16 +45,16 @@ pub struct Metrics {
     pub rebalance_copies: AtomicU64,
 }
 
-pub fn inc(c: &AtomicU64, by: u64) {
+pub(crate) fn inc(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
-pub fn get(c: &AtomicU64) -> u64 {
+pub(crate) fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
 impl Metrics {
-    pub fn render(&self, out: &mut String) {
+    pub(crate) fn render(&self, out: &mut String) {
         let rows = [
             ("failsafe_block_puts_total", "Blocks stored", &self.block_puts),
             ("failsafe_block_put_bytes_total", "Bytes of blocks stored", &self.block_put_bytes),
@@ -110,7 +110,7 @@ impl Metrics {
     }
 }
 
-pub fn gauge(
+pub(crate) fn gauge(
     out: &mut String,
     name: &str,
     help: &str,

@@ -8,14 +8,14 @@ use tokio::time::Instant;
 
 /// Spreads transfers so that they average at most `rate` bytes a second.
 /// Idle time earns no credit: a burst after a pause is paced like any other.
-pub struct Pacer {
+pub(crate) struct Pacer {
     rate: u64,
     /// When the next transfer may start. A std Mutex: held for arithmetic.
     next: Mutex<Instant>,
 }
 
 impl Pacer {
-    pub fn new(rate: u64) -> Pacer {
+    pub(crate) fn new(rate: u64) -> Pacer {
         Pacer {
             rate: rate.max(1),
             next: Mutex::new(Instant::now()),
@@ -23,7 +23,7 @@ impl Pacer {
     }
 
     /// Waits for a slot for `bytes`, reserving the time they take at the cap.
-    pub async fn take(&self, bytes: u64) {
+    pub(crate) async fn take(&self, bytes: u64) {
         let start = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
             let start = (*next).max(Instant::now());

@@ -33,7 +33,7 @@ use crate::pace::Pacer;
 /// Copies found missing or corrupt on this host (or by repair elsewhere),
 /// waiting for `copy-dropper` to drop their records.
 #[derive(Default)]
-pub struct BadCopies {
+pub(crate) struct BadCopies {
     /// A std Mutex: held for a push or a swap, never across an await.
     items: Mutex<Vec<(Vec<u8>, u64)>>,
     notify: Notify,
@@ -44,7 +44,7 @@ pub struct BadCopies {
 const MAX_BAD_PENDING: usize = 4096;
 
 impl BadCopies {
-    pub fn push(&self, hash: Vec<u8>, device: u64) {
+    pub(crate) fn push(&self, hash: Vec<u8>, device: u64) {
         {
             let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
             if items.len() >= MAX_BAD_PENDING
@@ -58,7 +58,7 @@ impl BadCopies {
     }
 
     /// What is waiting, after up to `wait` for something to arrive.
-    pub async fn next_batch(&self, wait: Duration) -> Vec<(Vec<u8>, u64)> {
+    pub(crate) async fn next_batch(&self, wait: Duration) -> Vec<(Vec<u8>, u64)> {
         if self.is_empty() {
             let _ = tokio::time::timeout(wait, self.notify.notified()).await;
         }
@@ -66,7 +66,7 @@ impl BadCopies {
     }
 
     /// Returns a batch that could not be dropped, to try again.
-    pub fn put_back(&self, batch: Vec<(Vec<u8>, u64)>) {
+    pub(crate) fn put_back(&self, batch: Vec<(Vec<u8>, u64)>) {
         for (h, d) in batch {
             self.push(h, d);
         }
@@ -81,7 +81,7 @@ impl BadCopies {
 }
 
 /// `(hash, device)` pairs as `BlockCopies`, one per hash.
-pub fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
+pub(crate) fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
     let mut by_hash: BTreeMap<&[u8], Vec<u64>> = BTreeMap::new();
     for (h, d) in pairs {
         by_hash.entry(h.as_slice()).or_default().push(*d);
@@ -97,7 +97,7 @@ pub fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
 }
 
 /// The repair worker's state, shared with `Admin.Status` and `/metrics`.
-pub struct Repair {
+pub(crate) struct Repair {
     cfg: RepairConfig,
     /// A trimmed copy stored more recently than this stays on disk (a client
     /// may have just put it again); the holder's sweep deletes it later.
@@ -125,7 +125,7 @@ enum Outcome {
 }
 
 impl Repair {
-    pub fn new(
+    pub(crate) fn new(
         cfg: RepairConfig,
         grace: Duration,
         metrics: Arc<Metrics>,
@@ -145,11 +145,11 @@ impl Repair {
         }
     }
 
-    pub fn set_state(&self, s: impl Into<String>) {
+    pub(crate) fn set_state(&self, s: impl Into<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
     }
 
-    pub fn status(&self) -> pb::RepairStatus {
+    pub(crate) fn status(&self) -> pb::RepairStatus {
         pb::RepairStatus {
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             blocks: get(&self.metrics.repair_blocks),
@@ -167,7 +167,11 @@ impl Repair {
 
     /// One round: on the leader, plan and carry out a batch of copies, then
     /// a batch of trims. Returns how long to wait before the next round.
-    pub async fn round(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<Duration> {
+    pub(crate) async fn round(
+        &self,
+        tracker: &Tracker,
+        client: &Client,
+    ) -> anyhow::Result<Duration> {
         let after = self
             .cursor
             .lock()

@@ -41,7 +41,7 @@ struct Progress {
 }
 
 /// The scrub worker's state, shared with `Admin.Status`.
-pub struct Scrub {
+pub(crate) struct Scrub {
     cfg: ScrubConfig,
     store: Arc<BlockStore>,
     metrics: Arc<Metrics>,
@@ -53,7 +53,7 @@ pub struct Scrub {
 }
 
 impl Scrub {
-    pub fn new(
+    pub(crate) fn new(
         cfg: ScrubConfig,
         store: Arc<BlockStore>,
         metrics: Arc<Metrics>,
@@ -76,7 +76,7 @@ impl Scrub {
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.cfg.bytes_per_second > 0
     }
 
@@ -84,7 +84,7 @@ impl Scrub {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
     }
 
-    pub fn status(&self) -> pb::ScrubStatus {
+    pub(crate) fn status(&self) -> pb::ScrubStatus {
         pb::ScrubStatus {
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             passes: get(&self.metrics.scrub_passes),
@@ -95,7 +95,7 @@ impl Scrub {
 
     /// One step: checks a batch of blocks, or finishes a pass, or waits for
     /// the next. Returns how long to wait before the next step.
-    pub async fn step(&self) -> anyhow::Result<Duration> {
+    pub(crate) async fn step(&self) -> anyhow::Result<Duration> {
         let devices = self.store.device_ids();
         let (device, after) = {
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -174,7 +174,7 @@ impl Scrub {
 
 /// A wait as a person reads it: "40s", "12m", "23h".
 /// What re-reading one stored block found.
-pub enum Verified {
+pub(crate) enum Verified {
     /// Its bytes match its hash; this many.
     Intact(u64),
     /// Quarantined, and queued for its record to go (repair replaces it).
@@ -185,7 +185,7 @@ pub enum Verified {
 
 /// Re-reads block `hash` on `device` through the store's hash check; a
 /// corrupt copy is quarantined by the store and queued on `bad`.
-pub async fn verify(
+pub(crate) async fn verify(
     store: &Arc<BlockStore>,
     bad: &BadCopies,
     device: u64,

@@ -7,7 +7,7 @@ use std::process::Command;
 use failsafe_fsd::local::{sibling_binary, LocalCluster, LocalMount};
 
 /// A mount of the test cluster.
-pub struct Mount(pub LocalMount);
+pub(crate) struct Mount(pub LocalMount);
 
 impl std::ops::Deref for Mount {
     type Target = LocalMount;
@@ -17,16 +17,16 @@ impl std::ops::Deref for Mount {
 }
 
 impl Mount {
-    pub fn p(&self, rel: &str) -> PathBuf {
+    pub(crate) fn p(&self, rel: &str) -> PathBuf {
         self.0.path.join(rel)
     }
 
-    pub fn unmount(&mut self) {
+    pub(crate) fn unmount(&mut self) {
         self.0.unmount();
     }
 }
 
-pub struct Env {
+pub(crate) struct Env {
     pub cluster: LocalCluster,
     pub dir: tempfile::TempDir,
     pub mounts: Vec<Mount>,
@@ -34,7 +34,7 @@ pub struct Env {
 
 impl Env {
     /// Three hosts in zones a, b, c and `n` mounts of the cluster's root.
-    pub async fn start(n: usize) -> Env {
+    pub(crate) async fn start(n: usize) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let fsd = sibling_binary("fsd").expect("the fsd binary (cargo build --bins)");
         let mut cluster =
@@ -52,7 +52,7 @@ impl Env {
         env
     }
 
-    pub fn mount(&mut self, zone: &str) -> usize {
+    pub(crate) fn mount(&mut self, zone: &str) -> usize {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt{i}"));
         let log = self.dir.path().join(format!("mount{i}.log"));
@@ -81,13 +81,13 @@ impl Drop for Env {
     }
 }
 
-pub fn tail(p: &Path) -> String {
+pub(crate) fn tail(p: &Path) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-pub fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+pub(crate) fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     match r {
         Ok(_) => 0,
         Err(e) => e.raw_os_error().unwrap_or(-1),

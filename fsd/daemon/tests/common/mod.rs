@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use failsafe_client::{pb, Client, ClientConfig};
 use failsafe_fsd::local::LocalCluster;
 
-pub struct TestCluster {
+pub(crate) struct TestCluster {
     pub c: LocalCluster,
     pub dir: tempfile::TempDir,
     /// Log lines at ERROR level that this test provokes on purpose.
@@ -16,11 +16,11 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Three hosts in zones a, b, c, bootstrapped into one cluster.
-    pub async fn start(extra: &[&str]) -> (TestCluster, Client) {
+    pub(crate) async fn start(extra: &[&str]) -> (TestCluster, Client) {
         Self::start_zones(&["a", "b", "c"], extra).await
     }
 
-    pub async fn start_zones(zones: &[&str], extra: &[&str]) -> (TestCluster, Client) {
+    pub(crate) async fn start_zones(zones: &[&str], extra: &[&str]) -> (TestCluster, Client) {
         let dir = tempfile::tempdir().expect("tempdir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut c = LocalCluster::start(
@@ -43,7 +43,7 @@ impl TestCluster {
     }
 
     /// A fresh client with short deadlines, preferring `zone` for reads.
-    pub async fn client_in(&self, zone: &str) -> Client {
+    pub(crate) async fn client_in(&self, zone: &str) -> Client {
         Client::connect(ClientConfig {
             zone: Some(zone.into()),
             ..self.c.client_config()
@@ -52,7 +52,7 @@ impl TestCluster {
         .expect("client")
     }
 
-    pub async fn status(&self) -> pb::StatusReply {
+    pub(crate) async fn status(&self) -> pb::StatusReply {
         self.c
             .client()
             .await
@@ -63,7 +63,7 @@ impl TestCluster {
     }
 
     /// Index of the current leader among the hosts.
-    pub async fn leader(&self) -> usize {
+    pub(crate) async fn leader(&self) -> usize {
         let s = self
             .c
             .wait_for(Duration::from_secs(20), "a leader", |s| s.leader_id != 0)
@@ -77,13 +77,13 @@ impl TestCluster {
     }
 
     /// The status as the member at host `i` sees it.
-    pub async fn status_at(&self, i: usize) -> Option<pb::StatusReply> {
+    pub(crate) async fn status_at(&self, i: usize) -> Option<pb::StatusReply> {
         let client = self.c.client().await.ok()?;
         client.status_of(&self.c.hosts[i].addr).await.ok()
     }
 
     /// Waits until host `i` has applied everything the leader has.
-    pub async fn wait_caught_up(&self, i: usize, timeout: Duration) {
+    pub(crate) async fn wait_caught_up(&self, i: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let leader = self.status().await;
@@ -98,7 +98,7 @@ impl TestCluster {
     }
 
     /// Fails on ERROR lines in any host's log that the test did not expect.
-    pub fn check_logs(&self) {
+    pub(crate) fn check_logs(&self) {
         for h in &self.c.hosts {
             let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
             // openraft reports a peer it cannot reach, that does not answer
@@ -136,13 +136,13 @@ impl Drop for TestCluster {
     }
 }
 
-pub const ROOT: u64 = 1;
+pub(crate) const ROOT: u64 = 1;
 
 /// Deterministic test data.
-pub fn data(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn data(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
-pub use failsafe_fsd::httpc::{request as http, Reply};
+pub(crate) use failsafe_fsd::httpc::{request as http, Reply};
