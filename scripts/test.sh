@@ -10,6 +10,7 @@ if ! command -v fusermount3 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v 
     apt-get install -y -qq fuse3 >/dev/null 2>&1 || echo "note: could not install fuse3; continuing (root mounts need none)"
 fi
 
+cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Integration tests start the fsd and mount binaries of the workspace.
 cargo build --workspace --bins --locked
