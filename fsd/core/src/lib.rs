@@ -1,6 +1,7 @@
 //! The pure domain of failsafe: what a valid name is, where copies of a block
 //! go, how many acknowledgements make a write durable, how extents overlay,
-//! which copies repair makes and which extra copies it trims.
+//! which copies repair makes and which extra copies it trims, and how a
+//! host's liveness and administrative state decide what its copies are worth.
 //!
 //! Nothing here does I/O, reads the clock or draws random numbers: placement
 //! is a function of the block hash and the layout, so every tracker member
@@ -8,11 +9,13 @@
 
 pub mod delta;
 pub mod extent;
+pub mod health;
 pub mod name;
 pub mod placement;
 pub mod repair;
 
 pub use extent::{overlay, Extent};
+pub use health::{judge, AdminState, Judgement, Liveness};
 pub use name::{validate_name, NameError};
 pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
 pub use repair::{
