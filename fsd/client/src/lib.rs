@@ -8,12 +8,14 @@
 //! write quorum has fsynced them; block reads verify the hash and fall back to
 //! the next copy on timeout, error or corruption.
 
+mod admin;
 mod blocks;
 mod error;
 mod meta;
 mod net;
 
+pub use admin::admin_for;
 pub use error::ClientError;
 pub use failsafe_proto::pb;
 pub use meta::{LockRequest, Session};
-pub use net::{admin_for, Client, ClientConfig};
+pub use net::{Client, ClientConfig};

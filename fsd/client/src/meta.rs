@@ -235,10 +235,6 @@ impl Client {
         .await
     }
 
-    pub async fn create_as(&self, c: pb::Create) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(Op::Create(c)).await
-    }
-
     pub async fn mkdir(
         &self,
         parent: u64,

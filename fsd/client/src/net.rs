@@ -187,10 +187,6 @@ impl Client {
         &self.inner.cluster_id
     }
 
-    pub fn config(&self) -> &ClientConfig {
-        &self.inner.cfg
-    }
-
     pub(crate) fn header(&self) -> Option<pb::Header> {
         Some(header(&self.inner.cluster_id))
     }
@@ -263,7 +259,15 @@ impl Client {
         }
     }
 
-    fn set_leader(&self, addr: &str) {
+    /// The leader at `addr` answered `status`: its host table is the
+    /// membership as it is.
+    pub(crate) fn follow_leader(&self, addr: &str, status: &pb::StatusReply) {
+        self.routing()
+            .replace(status.hosts.iter().map(|h| h.addr.clone()).collect());
+        self.set_leader(addr);
+    }
+
+    pub(crate) fn set_leader(&self, addr: &str) {
         let mut r = self.routing();
         r.learn(addr);
         r.leader = Some(addr.to_string());
@@ -406,197 +410,6 @@ impl Client {
             }),
         }
     }
-
-    /// Asks the members in turn who they are, until one answers.
-    pub async fn hello_any(&self) -> Result<pb::HelloReply, ClientError> {
-        let mut last = String::new();
-        for addr in self.members() {
-            let mut admin = self.admin(&addr)?;
-            let req = pb::HelloRequest {
-                header: Some(header(&self.inner.cluster_id)),
-            };
-            match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.hello(req)).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
-                Ok(Err(s)) => last = format!("{addr}: {}", s.message()),
-                Err(_) => {
-                    last = format!("{addr}: no answer within {:?}", self.inner.cfg.rpc_timeout)
-                }
-            }
-        }
-        Err(ClientError::Unavailable(format!(
-            "no member answered ({last})"
-        )))
-    }
-
-    /// The cluster as the member at `addr` sees it.
-    pub async fn status_of(&self, addr: &str) -> Result<pb::StatusReply, ClientError> {
-        let mut admin = self.admin(addr)?;
-        let req = pb::StatusRequest {
-            header: self.header(),
-        };
-        match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.status(req)).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(ClientError::Rejected {
-                addr: addr.to_string(),
-                status,
-            }),
-            Err(_) => Err(ClientError::Unavailable(format!(
-                "{addr}: no answer within {:?}",
-                self.inner.cfg.rpc_timeout
-            ))),
-        }
-    }
-
-    /// The cluster status from the leader, or from any member if none leads.
-    pub async fn status(&self) -> Result<pb::StatusReply, ClientError> {
-        let mut last = None;
-        let mut fallback = None;
-        for addr in self.members() {
-            match self.status_of(&addr).await {
-                Ok(s) if s.leader_id != 0 && s.leader_id == s.host_id => {
-                    // The leader's host table is the membership as it is.
-                    self.routing()
-                        .replace(s.hosts.iter().map(|h| h.addr.clone()).collect());
-                    self.set_leader(&addr);
-                    return Ok(s);
-                }
-                Ok(s) => {
-                    self.learn_members(s.hosts.iter().map(|h| h.addr.clone()));
-                    if !s.leader_addr.is_empty() && s.leader_addr != addr {
-                        if let Ok(l) = self.status_of(&s.leader_addr).await {
-                            if l.leader_id == l.host_id {
-                                self.routing()
-                                    .replace(l.hosts.iter().map(|h| h.addr.clone()).collect());
-                                self.set_leader(&s.leader_addr);
-                                return Ok(l);
-                            }
-                        }
-                    }
-                    fallback.get_or_insert(s);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        fallback.ok_or_else(|| {
-            last.unwrap_or_else(|| ClientError::Unavailable("no members known".into()))
-        })
-    }
-
-    /// Admin calls that only the leader answers.
-    pub async fn add_host(&self, addr: &str) -> Result<u64, ClientError> {
-        let addr = addr.to_string();
-        // Adding a host waits for it to catch up as a learner: allow more time.
-        self.with_leader_timeout(
-            "add host",
-            self.inner.cfg.op_deadline,
-            self.inner.cfg.op_deadline,
-            |leader| {
-                let req = pb::AddHostRequest {
-                    header: self.header(),
-                    addr: addr.clone(),
-                };
-                let c = self.admin(&leader);
-                async move {
-                    c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                        .add_host(req)
-                        .await
-                }
-            },
-        )
-        .await
-        .map(|r| r.into_inner().host_id)
-    }
-
-    /// Marks a host away (shipped), if that is safe or `force`d.
-    pub async fn ship_host(
-        &self,
-        host_id: u64,
-        away_ms: u64,
-        force: bool,
-    ) -> Result<pb::ShipReply, ClientError> {
-        self.with_leader("ship host", |leader| {
-            let req = pb::ShipRequest {
-                header: self.header(),
-                host_id,
-                away_ms,
-                force,
-            };
-            let c = self.admin(&leader);
-            async move {
-                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                    .ship(req)
-                    .await
-            }
-        })
-        .await
-        .map(tonic::Response::into_inner)
-    }
-
-    /// Starts draining a host: its copies move elsewhere.
-    pub async fn drain_host(&self, host_id: u64) -> Result<pb::DrainReply, ClientError> {
-        self.with_leader("drain host", |leader| {
-            let req = pb::DrainRequest {
-                header: self.header(),
-                host_id,
-            };
-            let c = self.admin(&leader);
-            async move {
-                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                    .drain(req)
-                    .await
-            }
-        })
-        .await
-        .map(tonic::Response::into_inner)
-    }
-
-    /// Removes a host from the cluster; refused while that would leave a
-    /// block below its copy count, unless `force`.
-    pub async fn remove_host(&self, host_id: u64, force: bool) -> Result<(), ClientError> {
-        self.with_leader("remove host", |leader| {
-            let req = pb::RemoveHostRequest {
-                header: self.header(),
-                host_id,
-                force,
-            };
-            let c = self.admin(&leader);
-            async move {
-                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                    .remove_host(req)
-                    .await
-            }
-        })
-        .await
-        .map(|_| ())
-    }
-}
-
-impl Client {
-    /// Leader only: records that host `host_id` is now at `addr`.
-    pub async fn update_address(&self, host_id: u64, addr: &str) -> Result<(), ClientError> {
-        let addr = addr.to_string();
-        self.with_leader("update address", |leader| {
-            let req = pb::UpdateAddressRequest {
-                header: self.header(),
-                host_id,
-                addr: addr.clone(),
-            };
-            let c = self.admin(&leader);
-            async move {
-                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                    .update_address(req)
-                    .await
-            }
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// An admin stub for one member, for calls that are not routed to the
-    /// leader (init, adopt, hello).
-    pub fn admin_at(&self, addr: &str) -> Result<AdminClient<Channel>, ClientError> {
-        self.admin(addr)
-    }
 }
 
 /// Whether a failed call never reached a server (as opposed to a server's
@@ -606,15 +419,4 @@ fn is_transport_failure(status: &tonic::Status) -> bool {
         let m = status.message();
         m.contains("tcp connect error") || m.contains("transport error") || m.contains("connection")
     }
-}
-
-/// Connects to one address without knowing any cluster: for `fsctl init` and
-/// for adopting a blank host.
-pub fn admin_for(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, ClientError> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect_lazy();
-    Ok(AdminClient::new(ch))
 }
