@@ -1,3 +1,7 @@
+//! The client library's one error type: a refusal the tracker answered, a
+//! cluster that could not be reached in time, or bad input; the mount maps
+//! each to one errno.
+
 use failsafe_proto::pb::ErrorCode;
 
 #[derive(Debug, thiserror::Error)]
