@@ -24,7 +24,7 @@ use crate::ClusterId;
 /// Creates connections to peers; channels are pooled by address, so a peer
 /// that moved is reached at its new address as soon as membership says so.
 #[derive(Clone)]
-pub struct Network {
+pub(crate) struct Network {
     cluster: ClusterId,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     heard: Heard,
@@ -101,7 +101,7 @@ impl Heard {
 }
 
 impl Network {
-    pub fn new(cluster: ClusterId) -> Network {
+    pub(crate) fn new(cluster: ClusterId) -> Network {
         Network {
             cluster,
             channels: Arc::new(Mutex::new(HashMap::new())),
@@ -170,7 +170,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-pub struct Peer {
+pub(crate) struct Peer {
     target: NodeId,
     addr: String,
     channel: Option<Channel>,

@@ -47,12 +47,12 @@ CREATE TABLE IF NOT EXISTS raft_meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
 /// The Raft log and vote in `raft.db`. Writes commit (fsync) before they are
 /// acknowledged to openraft.
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     db: Db,
 }
 
 impl LogStore {
-    pub fn open(path: &Path) -> rusqlite::Result<LogStore> {
+    pub(crate) fn open(path: &Path) -> rusqlite::Result<LogStore> {
         Ok(LogStore {
             db: Db::open("raft-log", path, LOG_SCHEMA)?,
         })
@@ -282,7 +282,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// The metadata state machine in `meta.db`, and its latest snapshot (a
 /// consistent copy of that database) in `snapshot.db` + `snapshot.json`.
 #[derive(Clone)]
-pub struct StateMachine {
+pub(crate) struct StateMachine {
     db: Db,
     dir: PathBuf,
 }
@@ -293,7 +293,7 @@ struct SnapshotFile {
 }
 
 impl StateMachine {
-    pub fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
+    pub(crate) fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
         Ok(StateMachine {
             db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?,
             dir: dir.to_path_buf(),
@@ -301,7 +301,7 @@ impl StateMachine {
     }
 
     /// The database, for queries.
-    pub fn db(&self) -> &Db {
+    pub(crate) fn db(&self) -> &Db {
         &self.db
     }
 
