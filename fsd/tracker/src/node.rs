@@ -79,15 +79,28 @@ pub enum TrackerError {
     Invalid(String),
     #[error("membership change refused: {0}")]
     Membership(String),
+    /// The tracker's databases or directory failed.
     #[error("tracker storage failed: {0}")]
-    Storage(String),
+    Storage(BoxError),
+    /// Raft stopped (a fatal storage error), or a database thread is gone.
     #[error("tracker stopped: {0}")]
-    Stopped(String),
+    Stopped(BoxError),
+}
+
+/// The cause of a storage failure or stop. It is kept whole (match on it,
+/// downcast it), and written into the message rather than returned as
+/// `source()`, so that a one-line report (`{:#}`) does not say it twice.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl TrackerError {
+    pub(crate) fn storage(e: impl Into<BoxError>) -> TrackerError {
+        TrackerError::Storage(e.into())
+    }
 }
 
 impl From<crate::db::DbGone> for TrackerError {
     fn from(e: crate::db::DbGone) -> Self {
-        TrackerError::Stopped(e.to_string())
+        TrackerError::Stopped(Box::new(e))
     }
 }
 
@@ -156,10 +169,9 @@ impl Tracker {
         cluster: ClusterId,
     ) -> Result<Tracker, TrackerError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| TrackerError::Storage(format!("{}: {e}", dir.display())))?;
-        let log = LogStore::open(&dir.join("raft.db"))
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
-        let sm = StateMachine::open(dir).map_err(|e| TrackerError::Storage(e.to_string()))?;
+            .map_err(|e| TrackerError::storage(format!("{}: {e}", dir.display())))?;
+        let log = LogStore::open(&dir.join("raft.db")).map_err(TrackerError::storage)?;
+        let sm = StateMachine::open(dir).map_err(TrackerError::storage)?;
         let config = openraft::Config {
             cluster_name: "failsafe".into(),
             heartbeat_interval: cfg.heartbeat_ms,
@@ -177,7 +189,7 @@ impl Tracker {
         let network = Network::new(cluster.clone());
         let raft = Raft::new(host_id, Arc::new(config), network.clone(), log, sm.clone())
             .await
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+            .map_err(TrackerError::storage)?;
         // Well inside the followers' lease (election_max), leaving room for
         // clock-rate differences and scheduling delays.
         let lease_ms = cfg.election_min_ms / 2;
@@ -267,7 +279,7 @@ impl Tracker {
             RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
                 TrackerError::Membership(e.to_string())
             }
-            RaftError::Fatal(f) => TrackerError::Stopped(f.to_string()),
+            RaftError::Fatal(f) => TrackerError::Stopped(Box::new(f)),
         }
     }
 
@@ -296,7 +308,7 @@ impl Tracker {
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
                 Err(TrackerError::NoQuorum(e.to_string()))
             }
-            Err(RaftError::Fatal(f)) => Err(TrackerError::Stopped(f.to_string())),
+            Err(RaftError::Fatal(f)) => Err(TrackerError::Stopped(Box::new(f))),
         }
     }
 
@@ -330,12 +342,14 @@ impl Tracker {
             .db()
             .call(move |conn| state::query(conn, &q, class))
             .await?;
-        Ok(r.unwrap_or_else(|e| {
-            Reply::Error(pb::CommandError {
+        match r {
+            Ok(reply) => Ok(reply),
+            Err(state::ApplyError::Refused(e)) => Ok(Reply::Error(pb::CommandError {
                 code: e.code as i32,
                 message: e.message,
-            })
-        }))
+            })),
+            Err(state::ApplyError::Db(e)) => Err(TrackerError::storage(e)),
+        }
     }
 
     /// Waits until a read at `consistency` may be answered from this
@@ -372,7 +386,7 @@ impl Tracker {
             .db()
             .call(move |conn| f(conn))
             .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))
+            .map_err(TrackerError::storage)
     }
 
     /// Leader only: what shipping `host_id` would put at risk — the blocks
@@ -601,7 +615,7 @@ impl Tracker {
                 ))
             })
             .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+            .map_err(TrackerError::storage)?;
         // A member removed from the cluster (a drained leader) no longer
         // knows who leads, whatever it last believed.
         let leader = m
@@ -691,7 +705,7 @@ impl Tracker {
             .db()
             .call(move |conn| state::replication_counts(conn, &live, copies))
             .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+            .map_err(TrackerError::storage)?;
         let mode = if leader.is_none() || (is_leader && counts.under_replicated > 0) {
             "limp"
         } else if is_leader {
@@ -889,7 +903,7 @@ impl Tracker {
             .db()
             .call(move |conn| state::anything_expired(conn, now))
             .await?
-            .map_err(|e| TrackerError::Storage(e.to_string()))?;
+            .map_err(TrackerError::storage)?;
         if due {
             let op = pb::command::Op::ExpireSessions(pb::ExpireSessions {});
             self.propose(pb::Command {

@@ -6,11 +6,13 @@ use failsafe_proto::pb::{self, command::Op, ErrorCode};
 use prost::Message;
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{blocks, check_name, err, hosts, i, namespace, sessions, OpResult};
+use super::{
+    blocks, check_name, err, hosts, i, namespace, sessions, ApplyError, OpError, OpResult,
+};
 
 /// Checks what can be checked without the database: names and ranges. The
 /// service refuses such a command before it reaches the log.
-pub(crate) fn validate(cmd: &pb::Command) -> OpResult<()> {
+pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
     match &cmd.op {
         None => err(ErrorCode::Invalid, "command without an operation"),
         Some(Op::Create(c)) => check_name(&c.name),
@@ -75,17 +77,16 @@ pub(crate) fn apply(
                     None => R::Ok(pb::Empty {}),
                 }
             }
-            Err(e) => {
+            Err(ApplyError::Refused(e)) => {
                 tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
-                if e.code == ErrorCode::ErrorUnspecified {
-                    // A database failure, not a refusal: abort the whole apply.
-                    return Err(rusqlite::Error::ToSqlConversionFailure(e.message.into()));
-                }
                 R::Error(pb::CommandError {
                     code: e.code as i32,
                     message: e.message,
                 })
             }
+            // Not a refusal: stop the batch. The caller's transaction rolls
+            // back, savepoint and all.
+            Err(ApplyError::Db(e)) => return Err(e),
         }
     };
     let result = pb::CommandResult {
@@ -145,5 +146,48 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::CloseSession(c) => sessions::close_session(tx, c).map(none),
         Op::ExpireSessions(_) => sessions::expire_sessions(tx, now).map(none),
         Op::Lock(c) => sessions::lock(tx, c).map(none),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use failsafe_core::ROOT_INO;
+    use failsafe_proto::pb::{self, command::Op, command_result::Result as R, ErrorCode};
+
+    use super::apply;
+    use crate::state::testing::{db, run};
+
+    fn mkdir(name: &[u8]) -> pb::Command {
+        pb::Command {
+            now_ns: 1,
+            op: Some(Op::Mkdir(pb::Mkdir {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                mode: 0o755,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_an_answer_and_a_database_fault_is_not() {
+        let mut conn = db();
+        let r = run(&mut conn, mkdir(b"d").op.expect("op"));
+        assert!(matches!(r.result, Some(R::Attr(_))), "{r:?}");
+        // Refused, in the middle of a batch that goes on and commits.
+        let tx = conn.transaction().expect("transaction");
+        let refused = apply(&tx, &mkdir(b"d")).expect("a refusal is not an error");
+        let Some(R::Error(e)) = refused.result else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(e.code, ErrorCode::Exists as i32);
+        let r = apply(&tx, &mkdir(b"e")).expect("apply");
+        assert!(matches!(r.result, Some(R::Attr(_))), "{r:?}");
+        tx.commit().expect("commit");
+        // The database failing is an error, never a refusal.
+        conn.execute_batch("DROP TABLE dentries").expect("drop");
+        let tx = conn.transaction().expect("transaction");
+        assert!(apply(&tx, &mkdir(b"f")).is_err());
     }
 }

@@ -36,7 +36,9 @@ pub(crate) use query::{counts, query};
 pub(crate) use schema::SCHEMA;
 pub(crate) use sessions::anything_expired;
 
-/// A command that was refused; its partial effects are rolled back.
+/// A command or query that was refused: the client's mistake or a lost race
+/// (no such entry, not empty, lock held). A refused command's partial
+/// effects are rolled back; the client is told why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OpError {
     pub(crate) code: ErrorCode,
@@ -52,21 +54,33 @@ impl OpError {
     }
 }
 
-impl From<rusqlite::Error> for OpError {
-    fn from(e: rusqlite::Error) -> Self {
-        // The state machine's database failing is not something a command can
-        // cause; the caller treats it as fatal (see `Failure`).
-        OpError::new(ErrorCode::ErrorUnspecified, format!("database: {e}"))
+/// Why a command was not applied, or a query not answered. A refusal is an
+/// answer, and the other commands of its batch go on; a database fault is
+/// nothing a command can cause, and stops the batch (its transaction rolls
+/// back, and openraft treats the storage error as fatal). Two variants, so
+/// one cannot pass for the other.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("refused ({:?}): {}", .0.code, .0.message)]
+    Refused(OpError),
+    #[error("state machine database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+impl From<OpError> for ApplyError {
+    fn from(e: OpError) -> Self {
+        ApplyError::Refused(e)
     }
 }
 
-type OpResult<T> = Result<T, OpError>;
+type OpResult<T> = Result<T, ApplyError>;
 
-fn err<T>(code: ErrorCode, message: impl Into<String>) -> OpResult<T> {
-    Err(OpError::new(code, message))
+/// A refusal, as the error of whichever result type the caller returns.
+fn err<T, E: From<OpError>>(code: ErrorCode, message: impl Into<String>) -> Result<T, E> {
+    Err(OpError::new(code, message).into())
 }
 
-fn check_name(name: &[u8]) -> OpResult<()> {
+fn check_name(name: &[u8]) -> Result<(), OpError> {
     validate_name(name).map_err(|e| {
         let code = match e {
             failsafe_core::NameError::TooLong(_) => ErrorCode::NameTooLong,

@@ -31,7 +31,7 @@ pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr
         attr_row,
     )
     .optional()?
-    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")))
+    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
 }
 pub(super) fn lookup_ino(
     tx: &rusqlite::Connection,
