@@ -9,6 +9,7 @@
 //! (openraft's `ensure_linearizable`); a follower asks the leader for that
 //! read index, waits until it has applied it, and answers itself.
 
+mod codec;
 mod db;
 mod network;
 mod node;
@@ -19,6 +20,6 @@ mod state;
 pub use node::{
     wall_clock_ns, ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError,
 };
-pub use raft::{NodeId, Raft, TypeConfig};
+pub use raft::{LogFormatError, NodeId, Raft, TypeConfig};
 pub use service::{MetadataService, RaftService};
 pub use state::ReplicationCounts;

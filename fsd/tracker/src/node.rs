@@ -12,7 +12,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, Raf
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 
 use crate::network::{Network, Seen};
-use crate::raft::{LogStore, NodeId, Raft, StateMachine};
+use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
 use crate::state;
 
 /// The cluster this host belongs to; empty until `fsctl init` or a join.
@@ -82,6 +82,9 @@ pub enum TrackerError {
     /// The tracker's databases or directory failed.
     #[error("tracker storage failed: {0}")]
     Storage(BoxError),
+    /// The Raft log was written by another version of fsd.
+    #[error(transparent)]
+    LogFormat(LogFormatError),
     /// Raft stopped (a fatal storage error), or a database thread is gone.
     #[error("tracker stopped: {0}")]
     Stopped(BoxError),
@@ -170,7 +173,10 @@ impl Tracker {
     ) -> Result<Tracker, TrackerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| TrackerError::storage(format!("{}: {e}", dir.display())))?;
-        let log = LogStore::open(&dir.join("raft.db")).map_err(TrackerError::storage)?;
+        let log = LogStore::open(&dir.join("raft.db")).map_err(|e| match e {
+            OpenLogError::Format(e) => TrackerError::LogFormat(e),
+            OpenLogError::Db(e) => TrackerError::storage(e),
+        })?;
         let sm = StateMachine::open(dir).map_err(TrackerError::storage)?;
         let config = openraft::Config {
             cluster_name: "failsafe".into(),
