@@ -225,8 +225,8 @@ impl Gc {
         let store = self.store.clone();
         let listed = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), BATCH))
             .await
-            .map_err(|e| TrackerError::Storage(format!("listing blocks: {e}")))?
-            .map_err(|e| TrackerError::Storage(format!("listing blocks: {e}")))?;
+            .map_err(|e| TrackerError::Storage(format!("listing blocks: {e}").into()))?
+            .map_err(|e| TrackerError::Storage(format!("listing blocks: {e}").into()))?;
         let next = |s: &mut Sweep, after: Option<Hash>| match after {
             Some(h) => s.after = Some(h),
             None => {
@@ -287,7 +287,7 @@ impl Gc {
             removed
         })
         .await
-        .map_err(|e| TrackerError::Storage(format!("deleting blocks: {e}")))?;
+        .map_err(|e| TrackerError::Storage(format!("deleting blocks: {e}").into()))?;
         for (h, bytes) in &removed {
             inc(&self.metrics.gc_files_deleted, 1);
             inc(&self.metrics.gc_bytes_deleted, *bytes);

@@ -1,8 +1,9 @@
 //! The wire protocol of failsafe: generated message types and gRPC services,
 //! plus the protocol version and the header every request carries.
 //!
-//! Metadata commands (`pb::Command`) are also the tracker's Raft log entries,
-//! so the log and the wire speak one language and need no translation layer.
+//! Metadata commands (`pb::Command`) are also the tracker's Raft log entries
+//! (`pb::RaftEntry`), stored and sent as protobuf, so the log and the wire
+//! speak one language and need no translation layer.
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {

@@ -11,18 +11,23 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("the database thread has stopped")]
-pub struct DbGone;
+pub(crate) struct DbGone;
 
 #[derive(Clone)]
-pub struct Db {
+pub(crate) struct Db {
     jobs: mpsc::Sender<Job>,
 }
 
 impl Db {
     /// Opens `path` (WAL, full fsync on commit) on a thread named `name`.
-    pub fn open(name: &str, path: &Path, schema: &str) -> rusqlite::Result<Db> {
-        let mut conn = open_connection(path)?;
+    pub(crate) fn open(name: &str, path: &Path, schema: &str) -> rusqlite::Result<Db> {
+        let conn = open_connection(path)?;
         conn.execute_batch(schema)?;
+        Db::spawn(name, conn)
+    }
+
+    /// Hands `conn`, already opened and set up, to a thread named `name`.
+    pub(crate) fn spawn(name: &str, mut conn: Connection) -> rusqlite::Result<Db> {
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name(name.to_string())
@@ -36,7 +41,7 @@ impl Db {
     }
 
     /// Runs `f` on the database thread and waits for its result.
-    pub async fn call<T: Send + 'static>(
+    pub(crate) async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> T + Send + 'static,
     ) -> Result<T, DbGone> {
@@ -50,7 +55,7 @@ impl Db {
     }
 }
 
-pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     // FULL: a commit is on disk before it returns. The Raft log promises a vote
     // and appended entries are durable before it answers; the state machine

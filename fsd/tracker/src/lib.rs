@@ -9,15 +9,17 @@
 //! (openraft's `ensure_linearizable`); a follower asks the leader for that
 //! read index, waits until it has applied it, and answers itself.
 
-pub mod db;
+mod codec;
+mod db;
 mod network;
 mod node;
-pub mod raft;
+mod raft;
 mod service;
-pub mod state;
+mod state;
 
-pub use network::Network;
 pub use node::{
     wall_clock_ns, ClusterId, Liveness, RepairView, Tracker, TrackerConfig, TrackerError,
 };
+pub use raft::{LogFormatError, NodeId, Raft, TypeConfig};
 pub use service::{MetadataService, RaftService};
+pub use state::ReplicationCounts;

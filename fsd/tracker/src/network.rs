@@ -1,5 +1,6 @@
-//! Raft messages between tracker members over gRPC (`RaftTransport`), with
-//! openraft's own request and response types carried as JSON.
+//! Raft messages between tracker members over gRPC (`RaftTransport`):
+//! entries and snapshot data as protobuf, openraft's bookkeeping as JSON
+//! (see `codec`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,13 +19,14 @@ use openraft::raft::{
 use openraft::BasicNode;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::codec::{self, CodecError};
 use crate::raft::{NodeId, TypeConfig};
 use crate::ClusterId;
 
 /// Creates connections to peers; channels are pooled by address, so a peer
 /// that moved is reached at its new address as soon as membership says so.
 #[derive(Clone)]
-pub struct Network {
+pub(crate) struct Network {
     cluster: ClusterId,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     heard: Heard,
@@ -101,7 +103,7 @@ impl Heard {
 }
 
 impl Network {
-    pub fn new(cluster: ClusterId) -> Network {
+    pub(crate) fn new(cluster: ClusterId) -> Network {
         Network {
             cluster,
             channels: Arc::new(Mutex::new(HashMap::new())),
@@ -170,7 +172,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-pub struct Peer {
+pub(crate) struct Peer {
     target: NodeId,
     addr: String,
     channel: Option<Channel>,
@@ -181,14 +183,14 @@ pub struct Peer {
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl Peer {
-    async fn call<Req, Resp, E>(
+    /// Sends `payload` (encoded by `codec`) and decodes the answer.
+    async fn call<Resp, E>(
         &self,
         method: Method,
-        req: &Req,
+        payload: Result<Vec<u8>, CodecError>,
         ttl: Duration,
     ) -> Result<Resp, RpcErr<E>>
     where
-        Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
@@ -197,8 +199,7 @@ impl Peer {
                 &std::io::Error::other(format!("bad peer address {:?}", self.addr)),
             )));
         };
-        let payload =
-            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = payload.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let msg = RaftMessage {
             header: Some(header(&self.cluster.get())),
             payload,
@@ -237,7 +238,7 @@ impl Peer {
         };
         // Any answer, even a refusal, means the peer is there.
         self.heard.answered(self.target);
-        let result: Result<Resp, RaftError<NodeId, E>> = serde_json::from_slice(&reply.payload)
+        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode_control(&reply.payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -256,7 +257,8 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.call(Method::Append, &rpc, option.hard_ttl()).await
+        self.call(Method::Append, codec::encode_append(rpc), option.hard_ttl())
+            .await
     }
 
     async fn install_snapshot(
@@ -264,7 +266,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        self.call(Method::Snapshot, &rpc, option.hard_ttl()).await
+        self.call(
+            Method::Snapshot,
+            codec::encode_snapshot(rpc),
+            option.hard_ttl(),
+        )
+        .await
     }
 
     async fn vote(
@@ -272,6 +279,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        self.call(Method::Vote, &rpc, option.hard_ttl()).await
+        self.call(Method::Vote, codec::encode_control(&rpc), option.hard_ttl())
+            .await
     }
 }

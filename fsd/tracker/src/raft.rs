@@ -14,6 +14,7 @@ use openraft::{
 };
 use rusqlite::{params, OptionalExtension};
 
+use crate::codec::{self, FORMAT_1_UP_TO};
 use crate::db::{open_connection, Db};
 use crate::state;
 
@@ -39,22 +40,89 @@ fn db_gone() -> io::Error {
 
 // ---------- log ----------
 
+/// The log database's format, in SQLite's `user_version`. Format 1 (no
+/// version: failsafe up to 9c22571) stored entries as JSON; format 2 stores
+/// each as a protobuf `RaftEntry` (see `codec`). `raft_meta` holds openraft's
+/// vote and log ids as JSON in both.
+const LOG_FORMAT: i64 = 2;
+
 const LOG_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS raft_meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
 ";
 
+/// A Raft log this fsd cannot read: written by another version.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "raft log at {} is in format {found} ({}); this fsd reads format {LOG_FORMAT} (protobuf entries); \
+     start from an empty data directory",
+    path.display(),
+    describe_format(*found)
+)]
+pub struct LogFormatError {
+    pub path: PathBuf,
+    pub found: i64,
+}
+
+fn describe_format(format: i64) -> String {
+    match format {
+        1 => format!("JSON entries, {FORMAT_1_UP_TO}"),
+        n if n > LOG_FORMAT => "written by a newer fsd".into(),
+        _ => "unknown".into(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenLogError {
+    #[error(transparent)]
+    Format(#[from] LogFormatError),
+    #[error("raft log: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// Creates a new log in the current format, or checks an existing one's.
+fn open_log(path: &Path) -> Result<rusqlite::Connection, OpenLogError> {
+    let conn = open_connection(path)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let has_log: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log')",
+        [],
+        |r| r.get(0),
+    )?;
+    let found = match (version, has_log) {
+        (0, false) => {
+            conn.execute_batch(&format!(
+                "BEGIN; {LOG_SCHEMA} PRAGMA user_version = {LOG_FORMAT}; COMMIT;"
+            ))?;
+            return Ok(conn);
+        }
+        // Format 1 predates the version number.
+        (0, true) => 1,
+        (v, _) => v,
+    };
+    if found != LOG_FORMAT {
+        return Err(LogFormatError {
+            path: path.to_path_buf(),
+            found,
+        }
+        .into());
+    }
+    conn.execute_batch(LOG_SCHEMA)?;
+    Ok(conn)
+}
+
 /// The Raft log and vote in `raft.db`. Writes commit (fsync) before they are
 /// acknowledged to openraft.
 #[derive(Clone)]
-pub struct LogStore {
+pub(crate) struct LogStore {
     db: Db,
 }
 
 impl LogStore {
-    pub fn open(path: &Path) -> rusqlite::Result<LogStore> {
+    pub(crate) fn open(path: &Path) -> Result<LogStore, OpenLogError> {
+        let conn = open_log(path)?;
         Ok(LogStore {
-            db: Db::open("raft-log", path, LOG_SCHEMA)?,
+            db: Db::spawn("raft-log", conn)?,
         })
     }
 }
@@ -90,7 +158,7 @@ fn put_meta<T: serde::Serialize>(
 }
 
 fn decode_entry(bytes: &[u8]) -> rusqlite::Result<Entry<TypeConfig>> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    codec::decode_entry(bytes).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
     })
 }
@@ -214,8 +282,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut rows = Vec::new();
         for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(&e))?;
-            rows.push((e.log_id.index as i64, bytes));
+            let idx = e.log_id.index as i64;
+            let bytes = codec::encode_entry(e).map_err(|e| StorageIOError::write_logs(&e))?;
+            rows.push((idx, bytes));
         }
         let r = self
             .db
@@ -282,7 +351,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// The metadata state machine in `meta.db`, and its latest snapshot (a
 /// consistent copy of that database) in `snapshot.db` + `snapshot.json`.
 #[derive(Clone)]
-pub struct StateMachine {
+pub(crate) struct StateMachine {
     db: Db,
     dir: PathBuf,
 }
@@ -293,7 +362,7 @@ struct SnapshotFile {
 }
 
 impl StateMachine {
-    pub fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
+    pub(crate) fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
         Ok(StateMachine {
             db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?,
             dir: dir.to_path_buf(),
@@ -301,7 +370,7 @@ impl StateMachine {
     }
 
     /// The database, for queries.
-    pub fn db(&self) -> &Db {
+    pub(crate) fn db(&self) -> &Db {
         &self.db
     }
 
@@ -535,5 +604,48 @@ mod tests {
         if let Err(e) = Suite::test_all(Builder) {
             panic!("openraft storage suite: {e}");
         }
+    }
+
+    /// A log written by failsafe up to 9c22571: entries as JSON, no format
+    /// number. Built by hand with that version's schema and rows.
+    #[test]
+    fn a_format_1_log_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.db");
+        let old = rusqlite::Connection::open(&path).expect("open");
+        old.execute_batch(
+            r#"
+            CREATE TABLE log(idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+            CREATE TABLE raft_meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
+            INSERT INTO log VALUES (1, CAST('{"log_id":{"leader_id":{"term":1,"node_id":7},"index":1},"payload":"Blank"}' AS BLOB));
+            INSERT INTO raft_meta VALUES ('vote', CAST('{"leader_id":{"term":1,"node_id":7},"committed":true}' AS BLOB));
+            "#,
+        )
+        .expect("format 1 log");
+        drop(old);
+        let Err(e) = LogStore::open(&path) else {
+            panic!("a format 1 log opened")
+        };
+        assert!(
+            matches!(e, OpenLogError::Format(LogFormatError { found: 1, .. })),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "raft log at {} is in format 1 (JSON entries, failsafe up to 9c22571); this fsd \
+                 reads format 2 (protobuf entries); start from an empty data directory",
+                path.display()
+            )
+        );
+        // A fresh log is format 2, and opens again.
+        let fresh = dir.path().join("fresh.db");
+        drop(LogStore::open(&fresh).expect("new log"));
+        let v: i64 = rusqlite::Connection::open(&fresh)
+            .expect("open")
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, LOG_FORMAT);
+        LogStore::open(&fresh).expect("format 2 log");
     }
 }

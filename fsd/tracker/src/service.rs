@@ -9,6 +9,7 @@ use failsafe_proto::pb::{
 use failsafe_proto::{check_header, not_leader};
 use tonic::{Request, Response, Status};
 
+use crate::codec::{self, CodecError};
 use crate::node::{wall_clock_ns, Tracker, TrackerError};
 
 impl From<TrackerError> for Status {
@@ -20,7 +21,9 @@ impl From<TrackerError> for Status {
             }
             TrackerError::Invalid(_) => Status::invalid_argument(e.to_string()),
             TrackerError::Membership(_) => Status::failed_precondition(e.to_string()),
-            TrackerError::Storage(_) => Status::internal(e.to_string()),
+            TrackerError::Storage(_) | TrackerError::LogFormat(_) => {
+                Status::internal(e.to_string())
+            }
         }
     }
 }
@@ -117,19 +120,23 @@ impl RaftService {
         RaftService { tracker }
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(
+    /// Checks the header and decodes the payload (see `codec`).
+    fn decode<T>(
         &self,
         req: Request<pb::RaftMessage>,
+        decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
     ) -> Result<T, Status> {
         let msg = req.into_inner();
         check_header(msg.header.as_ref(), &self.tracker.cluster.get())?;
-        serde_json::from_slice(&msg.payload)
-            .map_err(|e| Status::invalid_argument(format!("bad raft payload: {e}")))
+        decode(&msg.payload).map_err(|e| match e {
+            CodecError::Format1 => Status::failed_precondition(e.to_string()),
+            _ => Status::invalid_argument(format!("bad raft payload: {e}")),
+        })
     }
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
-    let payload = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
+    let payload = codec::encode_control(v).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Response::new(pb::RaftMessage {
         header: None,
         payload,
@@ -142,7 +149,7 @@ impl RaftTransport for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        let rpc = self.decode(req)?;
+        let rpc = self.decode(req, codec::decode_append)?;
         encode(&self.tracker.raft().append_entries(rpc).await)
     }
 
@@ -150,7 +157,7 @@ impl RaftTransport for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        let rpc = self.decode(req)?;
+        let rpc = self.decode(req, codec::decode_control)?;
         encode(&self.tracker.raft().vote(rpc).await)
     }
 
@@ -158,7 +165,7 @@ impl RaftTransport for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        let rpc = self.decode(req)?;
+        let rpc = self.decode(req, codec::decode_snapshot)?;
         encode(&self.tracker.raft().install_snapshot(rpc).await)
     }
 }

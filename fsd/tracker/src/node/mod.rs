@@ -1,0 +1,531 @@
+//! One tracker member: the Raft node, its storage, and the operations the
+//! daemon's services call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use failsafe_core::ReplicationClass;
+use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+
+use crate::network::Network;
+use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
+mod health;
+
+pub use health::{Liveness, RepairView};
+
+use crate::state;
+
+/// The cluster this host belongs to; empty until `fsctl init` or a join.
+#[derive(Clone, Default)]
+pub struct ClusterId(Arc<RwLock<String>>);
+
+impl ClusterId {
+    pub fn new(id: String) -> ClusterId {
+        ClusterId(Arc::new(RwLock::new(id)))
+    }
+    pub fn get(&self) -> String {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn set(&self, id: String) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+}
+
+/// Raft timing and log retention.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_logs: u64,
+    /// Log entries kept behind a snapshot, for followers that lag a little.
+    pub keep_logs: u64,
+    pub class: ReplicationClass,
+    /// A host the leader has not heard from for this long is dead: its
+    /// copies stop counting, and repair rebuilds them elsewhere.
+    pub dead_after_ms: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        TrackerConfig {
+            // openraft also uses the heartbeat interval as the deadline of an
+            // AppendEntries round trip, which includes the follower's fsync.
+            // A follower stands for election only after the leader lease
+            // (election_max) plus its election timeout: 1.05 to 1.4 s after
+            // the leader's last heartbeat, which keeps a failover under the
+            // 3 s after which DokuWiki calls a lock stale.
+            heartbeat_ms: 100,
+            election_min_ms: 350,
+            election_max_ms: 700,
+            snapshot_logs: 5000,
+            keep_logs: 1000,
+            class: ReplicationClass::default(),
+            dead_after_ms: 600_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("not the tracker leader")]
+    NotLeader { leader_addr: Option<String> },
+    #[error("no quorum of tracker members reachable: {0}")]
+    NoQuorum(String),
+    #[error("this host is not part of a cluster yet")]
+    NotInitialized,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// The tracker's databases or directory failed.
+    #[error("tracker storage failed: {0}")]
+    Storage(BoxError),
+    /// The Raft log was written by another version of fsd.
+    #[error(transparent)]
+    LogFormat(LogFormatError),
+    /// Raft stopped (a fatal storage error), or a database thread is gone.
+    #[error("tracker stopped: {0}")]
+    Stopped(BoxError),
+}
+
+/// The cause of a storage failure or stop. It is kept whole (match on it,
+/// downcast it), and written into the message rather than returned as
+/// `source()`, so that a one-line report (`{:#}`) does not say it twice.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl TrackerError {
+    pub(crate) fn storage(e: impl Into<BoxError>) -> TrackerError {
+        TrackerError::Storage(e.into())
+    }
+}
+
+impl From<crate::db::DbGone> for TrackerError {
+    fn from(e: crate::db::DbGone) -> Self {
+        TrackerError::Stopped(Box::new(e))
+    }
+}
+
+pub struct Tracker {
+    raft: Raft,
+    network: Network,
+    /// How fresh a quorum acknowledgement must be for a lease read (ms).
+    lease_ms: u64,
+    /// A peer silent this long is down (ms).
+    down_after_ms: u64,
+    dead_after_ms: u64,
+    sm: StateMachine,
+    pub host_id: NodeId,
+    pub cluster: ClusterId,
+    pub class: ReplicationClass,
+}
+
+impl Tracker {
+    pub async fn open(
+        dir: &Path,
+        host_id: NodeId,
+        cfg: &TrackerConfig,
+        cluster: ClusterId,
+    ) -> Result<Tracker, TrackerError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| TrackerError::storage(format!("{}: {e}", dir.display())))?;
+        let log = LogStore::open(&dir.join("raft.db")).map_err(|e| match e {
+            OpenLogError::Format(e) => TrackerError::LogFormat(e),
+            OpenLogError::Db(e) => TrackerError::storage(e),
+        })?;
+        let sm = StateMachine::open(dir).map_err(TrackerError::storage)?;
+        let config = openraft::Config {
+            cluster_name: "failsafe".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_min_ms,
+            election_timeout_max: cfg.election_max_ms,
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.keep_logs,
+            purge_batch_size: 64,
+            snapshot_max_chunk_size: 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| TrackerError::Invalid(format!("raft config: {e}")))?;
+        let network = Network::new(cluster.clone());
+        let raft = Raft::new(host_id, Arc::new(config), network.clone(), log, sm.clone())
+            .await
+            .map_err(TrackerError::storage)?;
+        // Well inside the followers' lease (election_max), leaving room for
+        // clock-rate differences and scheduling delays.
+        let lease_ms = cfg.election_min_ms / 2;
+        // Ten missed heartbeats, and never under a second: a follower busy
+        // with an fsync is not down.
+        let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
+        Ok(Tracker {
+            raft,
+            network,
+            lease_ms,
+            down_after_ms,
+            dead_after_ms: cfg.dead_after_ms,
+            sm,
+            host_id,
+            cluster,
+            class: cfg.class,
+        })
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Whether this member has ever been part of a membership.
+    pub fn is_initialized(&self) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let initialized = m.membership().nodes().next().is_some();
+        initialized
+    }
+
+    /// Makes this host a one-member cluster.
+    pub async fn initialize(&self, addr: &str) -> Result<(), TrackerError> {
+        let members = BTreeMap::from([(self.host_id, BasicNode::new(addr))]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(TrackerError::Membership(e.to_string())),
+        }
+    }
+
+    /// The leader's id and address, as this member knows them.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    fn not_leader(&self) -> TrackerError {
+        TrackerError::NotLeader {
+            leader_addr: self.leader().map(|(_, a)| a).filter(|a| !a.is_empty()),
+        }
+    }
+
+    /// Appends a command to the Raft log and returns its result once applied.
+    /// A command without a time gets this member's clock, before it enters
+    /// the log (so every member applies the same time).
+    pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        let now = wall_clock_ns();
+        if cmd.now_ns <= 0 {
+            cmd.now_ns = now;
+        }
+        cmd.leader_ns = now;
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(e) => Err(self.write_error(e)),
+        }
+    }
+
+    fn write_error(
+        &self,
+        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    ) -> TrackerError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => TrackerError::NotLeader {
+                leader_addr: f.leader_node.map(|n| n.addr),
+            },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                TrackerError::Membership(e.to_string())
+            }
+            RaftError::Fatal(f) => TrackerError::Stopped(Box::new(f)),
+        }
+    }
+
+    /// Leader only: confirms leadership with a quorum; returns the index a
+    /// linearizable read must have applied.
+    pub async fn read_index(&self) -> Result<u64, TrackerError> {
+        // Leader lease: a quorum acknowledged this leader very recently, and
+        // followers refuse to vote for anyone else for `election_max` after
+        // hearing from it, so no other leader can have committed anything
+        // since. Everything acknowledged to a client is applied here, so the
+        // applied index is a valid read point without another round trip.
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| ms < self.lease_ms)
+        {
+            return Ok(m.last_applied.map_or(0, |l| l.index));
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(TrackerError::NotLeader {
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+                Err(TrackerError::NoQuorum(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(TrackerError::Stopped(Box::new(f))),
+        }
+    }
+
+    /// A follower's linearizable read: the leader's read index, then wait
+    /// until this member has applied it.
+    async fn follower_read_index(&self, timeout: Duration) -> Result<(), TrackerError> {
+        let (_, addr) = self
+            .leader()
+            .filter(|(_, a)| !a.is_empty())
+            .ok_or_else(|| TrackerError::NoQuorum("no known leader".into()))?;
+        let index = self.network.read_index(&addr, timeout).await?;
+        if self.wait_applied(index, timeout).await {
+            Ok(())
+        } else {
+            Err(TrackerError::NoQuorum(format!(
+                "did not apply up to {index} in time"
+            )))
+        }
+    }
+
+    /// Answers a query, after confirming leadership for a linearizable one.
+    pub async fn query(
+        &self,
+        q: Query,
+        consistency: pb::Consistency,
+    ) -> Result<Reply, TrackerError> {
+        self.read_barrier(consistency).await?;
+        let class = self.class;
+        let r = self
+            .sm
+            .db()
+            .call(move |conn| state::query(conn, &q, class))
+            .await?;
+        match r {
+            Ok(reply) => Ok(reply),
+            Err(state::ApplyError::Refused(e)) => Ok(Reply::Error(pb::CommandError {
+                code: e.code as i32,
+                message: e.message,
+            })),
+            Err(state::ApplyError::Db(e)) => Err(TrackerError::storage(e)),
+        }
+    }
+
+    /// Waits until a read at `consistency` may be answered from this
+    /// member's state machine.
+    async fn read_barrier(&self, consistency: pb::Consistency) -> Result<(), TrackerError> {
+        match consistency {
+            pb::Consistency::Linearizable => {
+                let index = self.read_index().await?;
+                self.wait_applied(index, Duration::from_secs(2)).await;
+            }
+            pb::Consistency::ReadIndex if self.is_leader() => {
+                let index = self.read_index().await?;
+                self.wait_applied(index, Duration::from_secs(2)).await;
+            }
+            // Shorter than a client's RPC deadline: a follower that cannot
+            // confirm says so in time for the client to ask elsewhere.
+            pb::Consistency::ReadIndex => {
+                self.follower_read_index(Duration::from_millis(800)).await?
+            }
+            pb::Consistency::Local if !self.is_initialized() => {
+                return Err(TrackerError::NotInitialized)
+            }
+            pb::Consistency::Local => {}
+        }
+        Ok(())
+    }
+
+    /// Runs a read-only `f` on the state machine's database.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, TrackerError> {
+        self.sm
+            .db()
+            .call(move |conn| f(conn))
+            .await?
+            .map_err(TrackerError::storage)
+    }
+
+    /// Makes `host_id` at `addr` a voter: first a learner that catches up,
+    /// then a voter. Already a voter: only its address is refreshed.
+    pub async fn add_member(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.contains(&host_id) {
+            return self.set_address(host_id, addr).await;
+        }
+        self.raft
+            .add_learner(host_id, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([host_id])), false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    pub async fn remove_member(&self, host_id: NodeId) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        if voters.contains(&host_id) {
+            if voters.len() == 1 {
+                return Err(TrackerError::Membership(
+                    "cannot remove the last voter".into(),
+                ));
+            }
+            self.raft
+                .change_membership(
+                    ChangeMembers::RemoveVoters(BTreeSet::from([host_id])),
+                    false,
+                )
+                .await
+                .map_err(|e| self.write_error(e))?;
+        } else if m.membership().get_node(&host_id).is_some() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([host_id])), false)
+                .await
+                .map_err(|e| self.write_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Records a member's new address in the membership, so replication and
+    /// clients reach it there.
+    pub async fn set_address(&self, host_id: NodeId, addr: &str) -> Result<(), TrackerError> {
+        let current = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&host_id)
+            .cloned();
+        if current.as_ref().map(|n| n.addr.as_str()) == Some(addr) {
+            return Ok(());
+        }
+        self.raft
+            .change_membership(
+                ChangeMembers::SetNodes(BTreeMap::from([(host_id, BasicNode::new(addr))])),
+                true,
+            )
+            .await
+            .map_err(|e| self.write_error(e))?;
+        Ok(())
+    }
+
+    /// Waits until this member has applied at least `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "applied")
+            .await
+            .is_ok()
+    }
+
+    /// The leader expires lapsed client sessions (releasing their locks) and
+    /// forgets old operation results, proposing only when there is work.
+    pub async fn expire_sessions(&self) -> Result<(), TrackerError> {
+        if !self.is_leader() {
+            return Ok(());
+        }
+        let now = wall_clock_ns();
+        let due = self
+            .sm
+            .db()
+            .call(move |conn| state::anything_expired(conn, now))
+            .await?
+            .map_err(TrackerError::storage)?;
+        if due {
+            let op = pb::command::Op::ExpireSessions(pb::ExpireSessions {});
+            self.propose(pb::Command {
+                now_ns: now,
+                op: Some(op),
+                ..Default::default()
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Watches for this process having been suspended (SIGSTOP, a paused
+    /// VM): on waking, its election timer has long expired and it would call
+    /// an election with a stale log, whose higher term makes the healthy
+    /// leader step down. So after a suspension it holds off its own
+    /// elections until it has had time to hear from the current leader.
+    /// A plain thread, so it runs as soon as the process does.
+    pub fn guard_against_suspension(&self, election_max: Duration) {
+        let raft = self.raft.clone();
+        let spawned = std::thread::Builder::new().name("suspend-guard".into()).spawn(move || {
+            let step = Duration::from_millis(10);
+            let mut last = std::time::Instant::now();
+            let mut hold_until: Option<std::time::Instant> = None;
+            loop {
+                std::thread::sleep(step);
+                if raft.metrics().borrow().running_state.is_err() {
+                    return;
+                }
+                let now = std::time::Instant::now();
+                let gap = now.duration_since(last);
+                last = now;
+                if gap > election_max / 2 {
+                    raft.runtime_config().elect(false);
+                    hold_until = Some(now + election_max * 3);
+                    tracing::warn!(?gap, "this host was suspended; holding off elections until it hears from the leader");
+                }
+                if hold_until.is_some_and(|t| now >= t) {
+                    raft.runtime_config().elect(true);
+                    hold_until = None;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the suspension guard");
+        }
+    }
+
+    /// Waits until this member leads; false on timeout.
+    pub async fn wait_leader(&self, timeout: Duration) -> bool {
+        self.raft
+            .wait(Some(timeout))
+            .state(ServerState::Leader, "leader")
+            .await
+            .is_ok()
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+pub fn wall_clock_ns() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,193 @@
+//! Validating and applying commands: `apply` runs each in its own savepoint
+//! and records its result under its operation id; `apply_op` hands each
+//! operation to the one function that carries it out.
+
+use failsafe_proto::pb::{self, command::Op, ErrorCode};
+use prost::Message;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::{
+    blocks, check_name, err, hosts, i, namespace, sessions, ApplyError, OpError, OpResult,
+};
+
+/// Checks what can be checked without the database: names and ranges. The
+/// service refuses such a command before it reaches the log.
+pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
+    match &cmd.op {
+        None => err(ErrorCode::Invalid, "command without an operation"),
+        Some(Op::Create(c)) => check_name(&c.name),
+        Some(Op::Mkdir(c)) => check_name(&c.name),
+        Some(Op::Symlink(c)) => check_name(&c.name),
+        Some(Op::Link(c)) => check_name(&c.new_name),
+        Some(Op::Unlink(c)) => check_name(&c.name),
+        Some(Op::Rmdir(c)) => check_name(&c.name),
+        Some(Op::Rename(c)) => check_name(&c.name).and_then(|()| check_name(&c.new_name)),
+        Some(Op::CommitExtents(c)) if c.extents.len() > 4096 || c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 extents per commit")
+        }
+        Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per record")
+        }
+        Some(Op::DropCopies(c)) if c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per drop")
+        }
+        Some(Op::ForgetBlocks(c)) if c.hashes.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 blocks per forget")
+        }
+        Some(Op::SetHostState(c))
+            if !matches!(c.state.as_str(), "active" | "away" | "draining") =>
+        {
+            err(
+                ErrorCode::Invalid,
+                "a host state is active, away or draining",
+            )
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Applies one command in its own savepoint. A refused command changes
+/// nothing but the record of its operation id, so a retry gets the same answer.
+pub(crate) fn apply(
+    tx: &Transaction<'_>,
+    cmd: &pb::Command,
+) -> rusqlite::Result<pb::CommandResult> {
+    use pb::command_result::Result as R;
+    if cmd.client_id != 0 {
+        let prev: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT result FROM applied_ops WHERE client_id = ?1 AND op_id = ?2",
+                params![i(cmd.client_id), i(cmd.op_id)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(bytes) = prev {
+            if let Ok(res) = pb::CommandResult::decode(bytes.as_slice()) {
+                return Ok(res);
+            }
+        }
+    }
+    let result = {
+        tx.execute_batch("SAVEPOINT cmd")?;
+        match apply_op(tx, cmd) {
+            Ok(attr) => {
+                tx.execute_batch("RELEASE cmd")?;
+                match attr {
+                    Some(a) => R::Attr(a),
+                    None => R::Ok(pb::Empty {}),
+                }
+            }
+            Err(ApplyError::Refused(e)) => {
+                tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                R::Error(pb::CommandError {
+                    code: e.code as i32,
+                    message: e.message,
+                })
+            }
+            // Not a refusal: stop the batch. The caller's transaction rolls
+            // back, savepoint and all.
+            Err(ApplyError::Db(e)) => return Err(e),
+        }
+    };
+    let result = pb::CommandResult {
+        result: Some(result),
+    };
+    if cmd.client_id != 0 {
+        tx.execute(
+            "INSERT OR REPLACE INTO applied_ops VALUES (?1, ?2, ?3, ?4)",
+            params![
+                i(cmd.client_id),
+                i(cmd.op_id),
+                if cmd.leader_ns > 0 {
+                    cmd.leader_ns
+                } else {
+                    cmd.now_ns
+                },
+                result.encode_to_vec()
+            ],
+        )?;
+    }
+    Ok(result)
+}
+
+fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr>> {
+    let now = cmd.now_ns;
+    // What garbage collection judges by: the leader's clock, not a client's.
+    let leader_now = if cmd.leader_ns > 0 {
+        cmd.leader_ns
+    } else {
+        cmd.now_ns
+    };
+    let Some(op) = &cmd.op else {
+        return err(ErrorCode::Invalid, "command without an operation");
+    };
+    let none = |()| None;
+    match op {
+        Op::Create(c) => namespace::create(tx, c, now).map(Some),
+        Op::Mkdir(c) => namespace::mkdir(tx, c, now).map(Some),
+        Op::Symlink(c) => namespace::symlink(tx, c, now).map(Some),
+        Op::Link(c) => namespace::link(tx, c, now).map(Some),
+        Op::Unlink(c) => namespace::unlink(tx, c, now, leader_now).map(none),
+        Op::Rmdir(c) => namespace::rmdir(tx, c, now, leader_now).map(none),
+        Op::Rename(c) => namespace::rename(tx, c, now, leader_now).map(none),
+        Op::SetAttr(c) => namespace::set_attr(tx, c, now, leader_now).map(Some),
+        Op::CommitExtents(c) => blocks::commit_extents(tx, c, now, leader_now).map(Some),
+        Op::RecordCopies(c) => blocks::record_copies(tx, &c.copies, leader_now).map(none),
+        Op::DropCopies(c) => blocks::drop_copies(tx, &c.copies, c.keep as usize).map(none),
+        Op::ForgetBlocks(c) => blocks::forget_blocks(tx, &c.hashes, c.idle_before_ns).map(none),
+        Op::RegisterHost(c) => hosts::register_host(tx, c, leader_now).map(none),
+        Op::SetHostState(c) => hosts::set_host_state(tx, c, leader_now).map(none),
+        Op::RemoveHost(c) => hosts::remove_host(tx, c).map(none),
+        Op::ReportDevices(c) => {
+            hosts::report_devices(tx, c.host_id, &c.devices, leader_now).map(none)
+        }
+        Op::OpenSession(c) => sessions::open_session(tx, c, now).map(none),
+        Op::Heartbeat(c) => sessions::heartbeat(tx, c, now).map(none),
+        Op::CloseSession(c) => sessions::close_session(tx, c).map(none),
+        Op::ExpireSessions(_) => sessions::expire_sessions(tx, now).map(none),
+        Op::Lock(c) => sessions::lock(tx, c).map(none),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use failsafe_core::ROOT_INO;
+    use failsafe_proto::pb::{self, command::Op, command_result::Result as R, ErrorCode};
+
+    use super::apply;
+    use crate::state::testing::{db, run};
+
+    fn mkdir(name: &[u8]) -> pb::Command {
+        pb::Command {
+            now_ns: 1,
+            op: Some(Op::Mkdir(pb::Mkdir {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                mode: 0o755,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_an_answer_and_a_database_fault_is_not() {
+        let mut conn = db();
+        let r = run(&mut conn, mkdir(b"d").op.expect("op"));
+        assert!(matches!(r.result, Some(R::Attr(_))), "{r:?}");
+        // Refused, in the middle of a batch that goes on and commits.
+        let tx = conn.transaction().expect("transaction");
+        let refused = apply(&tx, &mkdir(b"d")).expect("a refusal is not an error");
+        let Some(R::Error(e)) = refused.result else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(e.code, ErrorCode::Exists as i32);
+        let r = apply(&tx, &mkdir(b"e")).expect("apply");
+        assert!(matches!(r.result, Some(R::Attr(_))), "{r:?}");
+        tx.commit().expect("commit");
+        // The database failing is an error, never a refusal.
+        conn.execute_batch("DROP TABLE dentries").expect("drop");
+        let tx = conn.transaction().expect("transaction");
+        assert!(apply(&tx, &mkdir(b"f")).is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! Files and directories: inodes, directory entries and attributes.
+
+use failsafe_core::ROOT_INO;
+use failsafe_proto::pb::{self, ErrorCode, FileKind};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::blocks::{note_unreferenced, punch, MAX_FILE_BYTES};
+use super::schema::ATTR_COLS;
+use super::{check_name, err, i, OpError, OpResult};
+
+pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
+    Ok(pb::Attr {
+        ino: row.get::<_, i64>(0)? as u64,
+        kind: row.get(1)?,
+        mode: row.get(2)?,
+        uid: row.get(3)?,
+        gid: row.get(4)?,
+        size: row.get::<_, i64>(5)? as u64,
+        atime_ns: row.get(6)?,
+        mtime_ns: row.get(7)?,
+        ctime_ns: row.get(8)?,
+        nlink: row.get(9)?,
+        version: row.get::<_, i64>(10)? as u64,
+    })
+}
+
+pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
+    tx.query_row(
+        &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
+        [i(ino)],
+        attr_row,
+    )
+    .optional()?
+    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
+}
+pub(super) fn lookup_ino(
+    tx: &rusqlite::Connection,
+    parent: u64,
+    name: &[u8],
+) -> OpResult<Option<u64>> {
+    Ok(tx
+        .query_row(
+            "SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2",
+            params![i(parent), name],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|v| v as u64))
+}
+
+pub(super) fn require_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
+    let a = get_attr(tx, ino)?;
+    if a.kind != FileKind::KindDir as i32 {
+        return err(ErrorCode::NotDir, format!("inode {ino} is not a directory"));
+    }
+    Ok(a)
+}
+
+fn new_inode(
+    tx: &Transaction<'_>,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    now: i64,
+    target: Option<&[u8]>,
+) -> OpResult<pb::Attr> {
+    let ino: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_ino'", [], |r| {
+        r.get(0)
+    })?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'next_ino'",
+        [ino + 1],
+    )?;
+    let nlink = if kind == FileKind::KindDir { 2 } else { 1 };
+    let size = target.map_or(0, |t| t.len() as i64);
+    tx.execute(
+        "INSERT INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, 1, ?9)",
+        params![
+            ino,
+            kind as i32,
+            mode & 0o7777,
+            uid,
+            gid,
+            size,
+            now,
+            nlink,
+            target
+        ],
+    )?;
+    get_attr(tx, ino as u64)
+}
+
+/// A directory's entries changed: bump its mtime, ctime and version.
+fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpResult<()> {
+    tx.execute(
+        "UPDATE inodes SET mtime = ?2, ctime = ?2, version = version + 1, nlink = nlink + ?3 WHERE ino = ?1",
+        params![i(ino), now, nlink_delta],
+    )?;
+    Ok(())
+}
+
+/// Drops one link to `ino`; frees the inode, its extents and locks at zero.
+fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpResult<()> {
+    let a = get_attr(tx, ino)?;
+    if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
+        tx.execute("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
+        let hashes: Vec<Vec<u8>> = tx
+            .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1")?
+            .query_map([i(ino)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        tx.execute("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
+        note_unreferenced(tx, &hashes, leader_now)?;
+        // Locks stay: descriptors open elsewhere may still hold and release
+        // them (lock, unlink, unlock). Inode numbers are never reused, and
+        // session close or expiry removes them.
+    } else {
+        tx.execute(
+            "UPDATE inodes SET nlink = nlink - 1, ctime = ?2 WHERE ino = ?1",
+            params![i(ino), now],
+        )?;
+    }
+    Ok(())
+}
+
+fn is_empty_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<bool> {
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM dentries WHERE parent = ?1 LIMIT 1)",
+        [i(ino)],
+        |r| r.get(0),
+    )?;
+    Ok(n == 0)
+}
+
+/// The directory holding directory `ino` (directories have exactly one entry).
+fn parent_of_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<Option<u64>> {
+    Ok(tx
+        .query_row(
+            "SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1",
+            [i(ino)],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map(|v| v as u64))
+}
+
+/// Whether `dir` is `ancestor` or lies beneath it.
+fn is_within(tx: &rusqlite::Connection, mut dir: u64, ancestor: u64) -> OpResult<bool> {
+    loop {
+        if dir == ancestor {
+            return Ok(true);
+        }
+        if dir == ROOT_INO {
+            return Ok(false);
+        }
+        match parent_of_dir(tx, dir)? {
+            Some(p) => dir = p,
+            None => return Ok(false),
+        }
+    }
+}
+
+pub(super) fn create(tx: &Transaction<'_>, c: &pb::Create, now: i64) -> OpResult<pb::Attr> {
+    check_name(&c.name)?;
+    require_dir(tx, c.parent)?;
+    if let Some(ino) = lookup_ino(tx, c.parent, &c.name)? {
+        if c.exclusive {
+            return err(ErrorCode::Exists, "file exists");
+        }
+        let a = get_attr(tx, ino)?;
+        if a.kind == FileKind::KindDir as i32 {
+            return err(ErrorCode::IsDir, "is a directory");
+        }
+        return Ok(a);
+    }
+    let a = new_inode(tx, FileKind::KindFile, c.mode, c.uid, c.gid, now, None)?;
+    link_entry(tx, c.parent, &c.name, a.ino, now, 0)?;
+    Ok(a)
+}
+
+pub(super) fn mkdir(tx: &Transaction<'_>, c: &pb::Mkdir, now: i64) -> OpResult<pb::Attr> {
+    check_name(&c.name)?;
+    require_dir(tx, c.parent)?;
+    if lookup_ino(tx, c.parent, &c.name)?.is_some() {
+        return err(ErrorCode::Exists, "file exists");
+    }
+    let a = new_inode(tx, FileKind::KindDir, c.mode, c.uid, c.gid, now, None)?;
+    link_entry(tx, c.parent, &c.name, a.ino, now, 1)?;
+    Ok(a)
+}
+
+pub(super) fn symlink(tx: &Transaction<'_>, c: &pb::Symlink, now: i64) -> OpResult<pb::Attr> {
+    check_name(&c.name)?;
+    if c.target.is_empty() || c.target.len() > 4096 || c.target.contains(&0) {
+        return err(
+            ErrorCode::Invalid,
+            "symlink target must be 1 to 4096 bytes without NUL",
+        );
+    }
+    require_dir(tx, c.parent)?;
+    if lookup_ino(tx, c.parent, &c.name)?.is_some() {
+        return err(ErrorCode::Exists, "file exists");
+    }
+    let a = new_inode(
+        tx,
+        FileKind::KindSymlink,
+        0o777,
+        c.uid,
+        c.gid,
+        now,
+        Some(&c.target),
+    )?;
+    link_entry(tx, c.parent, &c.name, a.ino, now, 0)?;
+    Ok(a)
+}
+
+pub(super) fn link(tx: &Transaction<'_>, c: &pb::Link, now: i64) -> OpResult<pb::Attr> {
+    check_name(&c.new_name)?;
+    let a = get_attr(tx, c.ino)?;
+    if a.kind == FileKind::KindDir as i32 {
+        return err(
+            ErrorCode::IsDir,
+            "hard links to directories are not allowed",
+        );
+    }
+    require_dir(tx, c.new_parent)?;
+    if lookup_ino(tx, c.new_parent, &c.new_name)?.is_some() {
+        return err(ErrorCode::Exists, "file exists");
+    }
+    link_entry(tx, c.new_parent, &c.new_name, c.ino, now, 0)?;
+    tx.execute(
+        "UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1",
+        params![i(c.ino), now],
+    )?;
+    get_attr(tx, c.ino)
+}
+
+pub(super) fn unlink(
+    tx: &Transaction<'_>,
+    c: &pb::Unlink,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<()> {
+    check_name(&c.name)?;
+    require_dir(tx, c.parent)?;
+    let ino = lookup_ino(tx, c.parent, &c.name)?
+        .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+    if get_attr(tx, ino)?.kind == FileKind::KindDir as i32 {
+        return err(ErrorCode::IsDir, "is a directory");
+    }
+    unlink_entry(tx, c.parent, &c.name, now, 0)?;
+    drop_link(tx, ino, now, leader_now)
+}
+
+pub(super) fn rmdir(
+    tx: &Transaction<'_>,
+    c: &pb::Rmdir,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<()> {
+    check_name(&c.name)?;
+    require_dir(tx, c.parent)?;
+    let ino = lookup_ino(tx, c.parent, &c.name)?
+        .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+    require_dir(tx, ino)?;
+    if !is_empty_dir(tx, ino)? {
+        return err(ErrorCode::NotEmpty, "directory not empty");
+    }
+    unlink_entry(tx, c.parent, &c.name, now, -1)?;
+    drop_link(tx, ino, now, leader_now)
+}
+
+fn link_entry(
+    tx: &Transaction<'_>,
+    parent: u64,
+    name: &[u8],
+    ino: u64,
+    now: i64,
+    nlink_delta: i64,
+) -> OpResult<()> {
+    tx.execute(
+        "INSERT INTO dentries VALUES (?1, ?2, ?3)",
+        params![i(parent), name, i(ino)],
+    )?;
+    touch_dir(tx, parent, now, nlink_delta)
+}
+
+fn unlink_entry(
+    tx: &Transaction<'_>,
+    parent: u64,
+    name: &[u8],
+    now: i64,
+    nlink_delta: i64,
+) -> OpResult<()> {
+    tx.execute(
+        "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
+        params![i(parent), name],
+    )?;
+    touch_dir(tx, parent, now, nlink_delta)
+}
+
+pub(super) fn rename(
+    tx: &Transaction<'_>,
+    c: &pb::Rename,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<()> {
+    check_name(&c.name)?;
+    check_name(&c.new_name)?;
+    if c.no_replace && c.exchange {
+        return err(ErrorCode::Invalid, "no-replace and exchange together");
+    }
+    require_dir(tx, c.parent)?;
+    require_dir(tx, c.new_parent)?;
+    let src = lookup_ino(tx, c.parent, &c.name)?
+        .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+    let src_attr = get_attr(tx, src)?;
+    let src_is_dir = src_attr.kind == FileKind::KindDir as i32;
+    let dst = lookup_ino(tx, c.new_parent, &c.new_name)?;
+    if src_is_dir && is_within(tx, c.new_parent, src)? {
+        return err(ErrorCode::Loop, "cannot move a directory into itself");
+    }
+    if dst == Some(src) {
+        // Same inode (same entry, or two hard links): POSIX says do nothing.
+        return Ok(());
+    }
+    let moves_dir_between = |is_dir: bool| {
+        if is_dir && c.parent != c.new_parent {
+            1
+        } else {
+            0
+        }
+    };
+    if c.exchange {
+        let dst =
+            dst.ok_or_else(|| OpError::new(ErrorCode::NotFound, "exchange target does not exist"))?;
+        let dst_is_dir = get_attr(tx, dst)?.kind == FileKind::KindDir as i32;
+        if dst_is_dir && is_within(tx, c.parent, dst)? {
+            return err(ErrorCode::Loop, "cannot move a directory into itself");
+        }
+        tx.execute(
+            "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
+            params![i(c.parent), c.name, i(dst)],
+        )?;
+        tx.execute(
+            "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
+            params![i(c.new_parent), c.new_name, i(src)],
+        )?;
+        let delta = moves_dir_between(src_is_dir) - moves_dir_between(dst_is_dir);
+        touch_dir(tx, c.parent, now, -delta)?;
+        touch_dir(tx, c.new_parent, now, delta)?;
+        for ino in [src, dst] {
+            tx.execute(
+                "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+                params![i(ino), now],
+            )?;
+        }
+        return Ok(());
+    }
+    if let Some(dst) = dst {
+        if c.no_replace {
+            return err(ErrorCode::Exists, "target exists");
+        }
+        let dst_is_dir = get_attr(tx, dst)?.kind == FileKind::KindDir as i32;
+        match (src_is_dir, dst_is_dir) {
+            (true, false) => return err(ErrorCode::NotDir, "target is not a directory"),
+            (false, true) => return err(ErrorCode::IsDir, "target is a directory"),
+            (true, true) if !is_empty_dir(tx, dst)? => {
+                return err(ErrorCode::NotEmpty, "target directory not empty")
+            }
+            _ => {}
+        }
+        unlink_entry(
+            tx,
+            c.new_parent,
+            &c.new_name,
+            now,
+            if dst_is_dir { -1 } else { 0 },
+        )?;
+        if !dst_is_dir {
+            // The file that replaces another is its new version (a wiki save).
+            tx.execute(
+                "INSERT OR IGNORE INTO lineage(hash, prev)
+                 SELECT n.hash, o.hash FROM extents n JOIN extents o ON o.ino = ?2 AND o.offset = n.offset
+                 WHERE n.ino = ?1 AND n.hash != o.hash",
+                params![i(src), i(dst)],
+            )?;
+        }
+        drop_link(tx, dst, now, leader_now)?;
+    }
+    let delta = moves_dir_between(src_is_dir);
+    unlink_entry(tx, c.parent, &c.name, now, -delta)?;
+    link_entry(tx, c.new_parent, &c.new_name, src, now, delta)?;
+    tx.execute(
+        "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+        params![i(src), now],
+    )?;
+    Ok(())
+}
+
+pub(super) fn set_attr(
+    tx: &Transaction<'_>,
+    c: &pb::SetAttr,
+    now: i64,
+    leader_now: i64,
+) -> OpResult<pb::Attr> {
+    let a = get_attr(tx, c.ino)?;
+    if let Some(mode) = c.mode {
+        tx.execute(
+            "UPDATE inodes SET mode = ?2 WHERE ino = ?1",
+            params![i(c.ino), mode & 0o7777],
+        )?;
+    }
+    if let Some(uid) = c.uid {
+        tx.execute(
+            "UPDATE inodes SET uid = ?2 WHERE ino = ?1",
+            params![i(c.ino), uid],
+        )?;
+    }
+    if let Some(gid) = c.gid {
+        tx.execute(
+            "UPDATE inodes SET gid = ?2 WHERE ino = ?1",
+            params![i(c.ino), gid],
+        )?;
+    }
+    if let Some(size) = c.size {
+        if a.kind != FileKind::KindFile as i32 {
+            return err(ErrorCode::IsDir, "only regular files have a size to set");
+        }
+        if size > MAX_FILE_BYTES {
+            return err(ErrorCode::Invalid, "file size too large");
+        }
+        if size < a.size {
+            punch(tx, c.ino, size, u64::MAX, leader_now)?;
+        }
+        tx.execute(
+            "UPDATE inodes SET size = ?2, mtime = ?3, version = version + 1 WHERE ino = ?1",
+            params![i(c.ino), i(size), now],
+        )?;
+    }
+    if let Some(t) = c.atime_ns {
+        tx.execute(
+            "UPDATE inodes SET atime = ?2 WHERE ino = ?1",
+            params![i(c.ino), t],
+        )?;
+    }
+    if let Some(t) = c.mtime_ns {
+        tx.execute(
+            "UPDATE inodes SET mtime = ?2 WHERE ino = ?1",
+            params![i(c.ino), t],
+        )?;
+    }
+    tx.execute(
+        "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
+        params![i(c.ino), now],
+    )?;
+    get_attr(tx, c.ino)
+}
