@@ -51,13 +51,16 @@ struct Host {
     block_client: tokio::sync::Mutex<Option<Client>>,
 }
 
-/// Whether device usage changed enough to be worth a Raft entry.
+/// Whether device usage changed enough to be worth a Raft entry: free space
+/// that moved by more than the slack placement tolerates
+/// (`failsafe_core::repair::USAGE_SLACK`).
 fn usage_moved(prev: &[pb::DeviceInfo], now: &[pb::DeviceInfo]) -> bool {
+    let slack = |capacity: u64| (capacity as f64 * failsafe_core::repair::USAGE_SLACK) as u64;
     prev.len() != now.len()
         || prev.iter().zip(now).any(|(a, b)| {
             a.device_id != b.device_id
                 || a.blocks != b.blocks
-                || a.free_bytes.abs_diff(b.free_bytes) > a.capacity_bytes / 100
+                || a.free_bytes.abs_diff(b.free_bytes) > slack(a.capacity_bytes)
         })
 }
 
