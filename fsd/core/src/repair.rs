@@ -120,6 +120,15 @@ pub fn plan_repair(
     plan
 }
 
+/// How roughly the tracker knows a device's free space, as a share of its
+/// capacity: a host reports its devices' space when it moved by more than
+/// this (or once a minute), so two devices whose used fractions differ by
+/// less are equally full as far as anyone can tell. Judging on the
+/// difference would let reports taken at different moments decide — say,
+/// a new box that reported after other writes to a shared filesystem would
+/// look fuller than the boxes it should take copies from.
+pub const USAGE_SLACK: f64 = 0.01;
+
 /// The fraction of a device in use (1 when its capacity is unknown).
 fn used_fraction(d: &DeviceView) -> f64 {
     if d.capacity_bytes == 0 {
@@ -169,7 +178,7 @@ pub fn plan_rebalance(
             continue;
         };
         let Some(t) = find(target) else { continue };
-        if used_fraction(t) > used_fraction(last) {
+        if fuller(t, last) == Ordering::Greater {
             continue;
         }
         plan.push(RepairAction {
@@ -190,21 +199,17 @@ pub struct TrimAction {
     pub drop: Vec<u64>,
 }
 
-/// Whether device `a` is fuller (a larger fraction used) than `b`. A device
-/// whose capacity is unknown counts as full.
+/// Whether device `a` is fuller (a larger fraction used) than `b`, by more
+/// than the reports can tell apart (`USAGE_SLACK`). A device whose capacity
+/// is unknown counts as full.
 fn fuller(a: &DeviceView, b: &DeviceView) -> Ordering {
-    let used = |d: &DeviceView| {
-        (
-            u128::from(d.capacity_bytes.saturating_sub(d.free_bytes)),
-            u128::from(d.capacity_bytes),
-        )
-    };
-    let ((ua, ca), (ub, cb)) = (used(a), used(b));
-    match (ca, cb) {
-        (0, 0) => Ordering::Equal,
-        (0, _) => Ordering::Greater,
-        (_, 0) => Ordering::Less,
-        _ => (ua * cb).cmp(&(ub * ca)),
+    let (ua, ub) = (used_fraction(a), used_fraction(b));
+    if (ua - ub).abs() <= USAGE_SLACK {
+        Ordering::Equal
+    } else if ua > ub {
+        Ordering::Greater
+    } else {
+        Ordering::Less
     }
 }
 
@@ -367,6 +372,40 @@ mod tests {
         assert!((100..190).contains(&plan.len()), "{}", plan.len());
         // Not onto a fuller device.
         devices[3].free_bytes = 0;
+        assert!(plan_rebalance(&blocks, &devices, 3).is_empty());
+    }
+
+    #[test]
+    fn devices_within_the_reports_slack_count_as_equally_full() {
+        // Four devices on one filesystem, the new one reported last, after
+        // a little more was written: 0.5% fuller by its report.
+        let mut devices: Vec<DeviceView> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, z)| dev(i as u64 + 1, z, HostHealth::Up))
+            .collect();
+        devices[3].free_bytes = 495;
+        let blocks: Vec<BlockView> = (0..200u32)
+            .map(|i| block(&i.to_le_bytes(), &[1, 2, 3]))
+            .collect();
+        let plan = plan_rebalance(&blocks, &devices, 3);
+        assert!((100..190).contains(&plan.len()), "{}", plan.len());
+        // Trimming the copy beyond the count then drops the holder
+        // placement ranks last, not the new copy.
+        for a in &plan {
+            let held = block(&a.hash, &[1, 2, 3, 4]);
+            let trim = plan_trim(&[held], &devices, 3);
+            assert_eq!(trim.len(), 1);
+            assert_ne!(trim[0].drop, vec![4], "the new copy stays");
+            // And there it stays: nothing more to move for that block.
+            let kept: Vec<u64> = [1, 2, 3, 4]
+                .into_iter()
+                .filter(|d| !trim[0].drop.contains(d))
+                .collect();
+            assert!(plan_rebalance(&[block(&a.hash, &kept)], &devices, 3).is_empty());
+        }
+        // Fuller beyond the slack: not onto it.
+        devices[3].free_bytes = 480;
         assert!(plan_rebalance(&blocks, &devices, 3).is_empty());
     }
 

@@ -9,6 +9,7 @@ use failsafe_proto::{check_header, header, not_leader, PROTOCOL_VERSION};
 use failsafe_tracker::Tracker;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::Cluster;
 use crate::gc::Gc;
 use crate::identity::Identity;
 use crate::repair::Repair;
@@ -19,6 +20,7 @@ pub(crate) const DEFAULT_AWAY_MS: u64 = 7 * 24 * 3600 * 1000;
 
 pub(crate) struct AdminService {
     pub tracker: Arc<Tracker>,
+    pub cluster: Arc<Cluster>,
     pub identity: Arc<Identity>,
     pub store: Arc<BlockStore>,
     pub zone: String,
@@ -87,20 +89,13 @@ impl AdminService {
     }
 
     async fn register(&self, hello: &pb::HelloReply) -> Result<(), Status> {
-        let cmd = pb::Command {
-            op: Some(Op::RegisterHost(pb::RegisterHost {
-                host_id: hello.host_id,
-                zone: hello.zone.clone(),
-                addr: hello.addr.clone(),
-                devices: hello.devices.clone(),
-            })),
-            ..Default::default()
-        };
-        let r = self.tracker.propose(cmd).await?;
-        if let Some(pb::command_result::Result::Error(e)) = r.result {
-            return Err(Status::invalid_argument(e.message));
-        }
-        Ok(())
+        let op = Op::RegisterHost(pb::RegisterHost {
+            host_id: hello.host_id,
+            zone: hello.zone.clone(),
+            addr: hello.addr.clone(),
+            devices: hello.devices.clone(),
+        });
+        Ok(self.cluster.propose(op).await?)
     }
 
     fn own_hello(&self) -> pb::HelloReply {
@@ -238,13 +233,11 @@ impl Admin for AdminService {
             )));
         }
         self.tracker.remove_member(req.host_id).await?;
-        let cmd = pb::Command {
-            op: Some(Op::RemoveHost(pb::RemoveHost {
+        self.cluster
+            .propose(Op::RemoveHost(pb::RemoveHost {
                 host_id: req.host_id,
-            })),
-            ..Default::default()
-        };
-        self.tracker.propose(cmd).await?;
+            }))
+            .await?;
         tracing::info!(host = format!("{:016x}", req.host_id), "host removed");
         Ok(Response::new(pb::RemoveHostReply {}))
     }
@@ -274,21 +267,13 @@ impl Admin for AdminService {
         });
         let until_ns = failsafe_tracker::wall_clock_ns()
             .saturating_add(away.as_nanos().min(i64::MAX as u128) as i64);
-        let op = Op::SetHostState(pb::SetHostState {
-            host_id: req.host_id,
-            state: "away".into(),
-            until_ns,
-        });
-        let reply = self
-            .tracker
-            .propose(pb::Command {
-                op: Some(op),
-                ..Default::default()
-            })
+        self.cluster
+            .propose(Op::SetHostState(pb::SetHostState {
+                host_id: req.host_id,
+                state: "away".into(),
+                until_ns,
+            }))
             .await?;
-        if let Some(pb::command_result::Result::Error(e)) = reply.result {
-            return Err(Status::invalid_argument(e.message));
-        }
         tracing::info!(
             host = format!("{:016x}", req.host_id),
             ?away,
@@ -310,21 +295,13 @@ impl Admin for AdminService {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
-        let op = Op::SetHostState(pb::SetHostState {
-            host_id: req.host_id,
-            state: "draining".into(),
-            until_ns: 0,
-        });
-        let reply = self
-            .tracker
-            .propose(pb::Command {
-                op: Some(op),
-                ..Default::default()
-            })
+        self.cluster
+            .propose(Op::SetHostState(pb::SetHostState {
+                host_id: req.host_id,
+                state: "draining".into(),
+                until_ns: 0,
+            }))
             .await?;
-        if let Some(pb::command_result::Result::Error(e)) = reply.result {
-            return Err(Status::invalid_argument(e.message));
-        }
         let (blocks_held, to_move) = self.tracker.drain_remaining(req.host_id).await?;
         tracing::info!(
             host = format!("{:016x}", req.host_id),

@@ -19,16 +19,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use anyhow::Context;
 use failsafe_blockstore::{BlockStore, Hash, Removal};
 use failsafe_client::Client;
 use failsafe_core::{hash_hex, HostHealth};
 use failsafe_proto::pb::{self, command::Op};
-use failsafe_tracker::{Tracker, TrackerError};
+use failsafe_tracker::TrackerError;
 use futures::StreamExt;
 use tokio::time::Instant;
 
+use crate::cluster::Cluster;
 use crate::config::GcConfig;
+use crate::lock::lock;
 use crate::metrics::{get, inc, Metrics};
+use crate::worker::{Worker, WorkerState};
 
 /// Blocks collected, or files looked at, per step.
 const BATCH: usize = 1024;
@@ -48,31 +52,34 @@ struct Sweep {
 /// The gc worker's state, shared with `Admin.Status`.
 pub(crate) struct Gc {
     cfg: GcConfig,
+    cluster: Arc<Cluster>,
     store: Arc<BlockStore>,
     metrics: Arc<Metrics>,
     /// A std Mutex: held to read or move the cursor, never across an await.
     sweep: Mutex<Sweep>,
-    state: Mutex<String>,
+    state: WorkerState,
 }
 
 impl Gc {
-    pub(crate) fn new(cfg: GcConfig, store: Arc<BlockStore>, metrics: Arc<Metrics>) -> Gc {
+    pub(crate) fn new(
+        cfg: GcConfig,
+        cluster: Arc<Cluster>,
+        store: Arc<BlockStore>,
+        metrics: Arc<Metrics>,
+    ) -> Gc {
         Gc {
             cfg,
+            cluster,
             store,
             metrics,
             sweep: Mutex::default(),
-            state: Mutex::new("starting".into()),
+            state: WorkerState::new("starting"),
         }
-    }
-
-    pub(crate) fn set_state(&self, s: impl Into<String>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
     }
 
     pub(crate) fn status(&self) -> pb::GcStatus {
         pb::GcStatus {
-            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            state: self.state.get(),
             forgotten: get(&self.metrics.gc_forgotten),
             files_deleted: get(&self.metrics.gc_files_deleted),
             bytes_deleted: get(&self.metrics.gc_bytes_deleted),
@@ -81,23 +88,15 @@ impl Gc {
 
     /// One step: a batch of collection (on the leader) and of sweeping.
     /// Returns how long to wait before the next.
-    pub(crate) async fn step(
-        &self,
-        tracker: &Tracker,
-        client: &Client,
-    ) -> anyhow::Result<Duration> {
-        if !tracker.is_initialized() {
-            self.set_state("not in a cluster");
+    async fn gc_step(&self) -> anyhow::Result<Duration> {
+        let tracker = self.cluster.tracker();
+        if tracker.cluster.get().is_empty() || !tracker.is_initialized() {
+            self.state.set("not in a cluster");
             return Ok(Duration::from_millis(500));
         }
-        let collected = match self.collect(tracker, client).await {
-            Ok(more) => more,
-            Err(e) => {
-                self.set_state(format!("error: {e:#}"));
-                return Err(e);
-            }
-        };
-        let swept = match self.sweep(tracker).await {
+        let client = self.cluster.block_client().await?;
+        let collected = self.collect(&client).await?;
+        let swept = match self.sweep().await {
             Ok(more) => more,
             // No leader to ask, or this member cannot catch up: sweep later.
             Err(
@@ -105,43 +104,39 @@ impl Gc {
                 | TrackerError::NotLeader { .. }
                 | TrackerError::NotInitialized),
             ) => {
-                self.set_state(format!("sweep waits for the tracker: {e}"));
+                self.state.set(format!("sweep waits for the tracker: {e}"));
                 return Ok(self.cfg.interval());
             }
-            Err(e) => {
-                self.set_state(format!("error: {e}"));
-                return Err(e.into());
-            }
+            Err(e) => return Err(e.into()),
         };
         if collected || swept {
             return Ok(Duration::ZERO);
         }
-        self.set_state("idle");
+        self.state.set("idle");
         Ok(self.cfg.interval())
     }
 
     /// On the leader: forgets a batch of unreferenced blocks idle past the
     /// grace period, then asks their holders to delete them. True if there
     /// may be more.
-    async fn collect(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<bool> {
+    async fn collect(&self, client: &Client) -> anyhow::Result<bool> {
+        let tracker = self.cluster.tracker();
         let Some((idle_before, garbage)) = tracker.garbage(self.cfg.grace, BATCH).await? else {
             return Ok(false);
         };
         if garbage.is_empty() {
             return Ok(false);
         }
-        self.set_state(format!("collecting {} blocks", garbage.len()));
+        self.state
+            .set(format!("collecting {} blocks", garbage.len()));
         let hashes: Vec<Vec<u8>> = garbage.iter().map(|b| b.hash.clone()).collect();
-        let cmd = pb::Command {
-            op: Some(Op::ForgetBlocks(pb::ForgetBlocks {
+        self.cluster
+            .propose(Op::ForgetBlocks(pb::ForgetBlocks {
                 hashes: hashes.clone(),
                 idle_before_ns: idle_before,
-            })),
-            ..Default::default()
-        };
-        if let Some(pb::command_result::Result::Error(e)) = tracker.propose(cmd).await?.result {
-            anyhow::bail!("forgetting garbage refused: {}", e.message);
-        }
+            }))
+            .await
+            .context("forgetting garbage")?;
         // The state machine re-checked each block as it applied the command:
         // only those it no longer knows are deleted. Never before the record
         // is gone.
@@ -192,10 +187,11 @@ impl Gc {
     /// record of and that are older than the grace period go. A pass over
     /// every device starts at most once per grace period. True if there is
     /// more to do now.
-    async fn sweep(&self, tracker: &Tracker) -> Result<bool, TrackerError> {
+    async fn sweep(&self) -> Result<bool, TrackerError> {
+        let tracker = self.cluster.tracker();
         let devices = self.store.device_ids();
         let (index, after) = {
-            let mut s = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = lock(&self.sweep);
             if s.started.is_none() {
                 if s.last_started.is_some_and(|t| t.elapsed() < self.cfg.grace) {
                     return Ok(false);
@@ -235,10 +231,7 @@ impl Gc {
             }
         };
         let Some(last) = listed.last().map(|b| b.hash) else {
-            next(
-                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
-                None,
-            );
+            next(&mut lock(&self.sweep), None);
             return Ok(true);
         };
         let cutoff = SystemTime::now()
@@ -250,20 +243,14 @@ impl Gc {
             .map(|b| b.hash.to_vec())
             .collect();
         if old.is_empty() {
-            next(
-                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
-                Some(last),
-            );
+            next(&mut lock(&self.sweep), Some(last));
             return Ok(true);
         }
-        self.set_state(format!("sweeping device {device:016x}"));
+        self.state.set(format!("sweeping device {device:016x}"));
         let Some(recorded) = tracker.copies_on(device, old.clone()).await? else {
             // Not a device the tracker knows as this host's (not reported
             // yet, or this host is no longer a member): not ours to judge.
-            next(
-                &mut self.sweep.lock().unwrap_or_else(|e| e.into_inner()),
-                None,
-            );
+            next(&mut lock(&self.sweep), None);
             return Ok(true);
         };
         let unrecorded: Vec<Hash> = old
@@ -293,9 +280,23 @@ impl Gc {
             inc(&self.metrics.gc_bytes_deleted, *bytes);
             tracing::debug!(block = %hash_hex(h), device = format!("{device:016x}"), "deleted an unrecorded block file");
         }
-        let mut s = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.sweep);
         s.deleted += removed.len() as u64;
         next(&mut s, Some(last));
         Ok(true)
+    }
+}
+
+impl Worker for Gc {
+    fn name(&self) -> &'static str {
+        "gc"
+    }
+
+    async fn step(&self) -> anyhow::Result<Duration> {
+        self.gc_step().await
+    }
+
+    fn state(&self) -> Option<&WorkerState> {
+        Some(&self.state)
     }
 }

@@ -6,17 +6,22 @@
 //! so tests bind port 0 and stop it cleanly.
 
 mod admin;
+mod announce;
 mod blocks;
+mod cluster;
 pub mod config;
 mod gc;
 pub mod httpc;
 mod identity;
 pub mod local;
+mod lock;
 mod metrics;
 mod pace;
 mod repair;
+mod returning;
 mod scrub;
 mod server;
+mod worker;
 
 pub use config::{Config, RawConfig};
 pub use server::run;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::lock::lock;
+
 /// Spreads transfers so that they average at most `rate` bytes a second.
 /// Idle time earns no credit: a burst after a pause is paced like any other.
 pub(crate) struct Pacer {
@@ -25,7 +27,7 @@ impl Pacer {
     /// Waits for a slot for `bytes`, reserving the time they take at the cap.
     pub(crate) async fn take(&self, bytes: u64) {
         let start = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = lock(&self.next);
             let start = (*next).max(Instant::now());
             *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
             start

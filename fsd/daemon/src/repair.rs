@@ -10,6 +10,9 @@
 //! "corrupt" loses its record. An extra copy loses its record first
 //! (`DropCopies`, which keeps the copy count whatever changed since the
 //! plan), and its holder is asked to delete it only once the record is gone.
+//!
+//! The `copy-dropper` worker drops the records of the bad copies queued on
+//! `BadCopies`, in batches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
@@ -22,13 +25,16 @@ use failsafe_core::{
     RepairAction, TrimAction,
 };
 use failsafe_proto::pb::{self, command::Op};
-use failsafe_tracker::Tracker;
+use failsafe_tracker::{Tracker, TrackerError};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::config::RepairConfig;
+use crate::lock::lock;
 use crate::metrics::{get, inc, Metrics};
 use crate::pace::Pacer;
+use crate::worker::{Worker, WorkerState};
 
 /// Copies found missing or corrupt on this host (or by repair elsewhere),
 /// waiting for `copy-dropper` to drop their records.
@@ -46,7 +52,7 @@ const MAX_BAD_PENDING: usize = 4096;
 impl BadCopies {
     pub(crate) fn push(&self, hash: Vec<u8>, device: u64) {
         {
-            let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            let mut items = lock(&self.items);
             if items.len() >= MAX_BAD_PENDING
                 || items.iter().any(|(h, d)| *h == hash && *d == device)
             {
@@ -62,7 +68,7 @@ impl BadCopies {
         if self.is_empty() {
             let _ = tokio::time::timeout(wait, self.notify.notified()).await;
         }
-        std::mem::take(&mut *self.items.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *lock(&self.items))
     }
 
     /// Returns a batch that could not be dropped, to try again.
@@ -73,10 +79,7 @@ impl BadCopies {
     }
 
     fn is_empty(&self) -> bool {
-        self.items
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        lock(&self.items).is_empty()
     }
 }
 
@@ -99,6 +102,7 @@ pub(crate) fn group_copies(pairs: &[(Vec<u8>, u64)]) -> Vec<pb::BlockCopies> {
 /// The repair worker's state, shared with `Admin.Status` and `/metrics`.
 pub(crate) struct Repair {
     cfg: RepairConfig,
+    cluster: Arc<Cluster>,
     /// A trimmed copy stored more recently than this stays on disk (a client
     /// may have just put it again); the holder's sweep deletes it later.
     grace: Duration,
@@ -112,28 +116,60 @@ pub(crate) struct Repair {
     extra_cursor: Mutex<Vec<u8>>,
     /// Where rebalancing looks next (all referenced blocks, in hash order).
     rebalance_cursor: Mutex<Vec<u8>>,
-    state: Mutex<String>,
+    state: WorkerState,
 }
 
 /// Blocks rebalancing looks at per round.
 const REBALANCE_SLICE: usize = 256;
 
-/// A finished copy, or why it did not happen.
-enum Outcome {
-    Copied { landed: Vec<u64> },
-    Failed(String),
+/// Why a copy of a block did not land, or did not count.
+#[derive(Debug, thiserror::Error)]
+enum CopyError {
+    #[error("no source")]
+    NoSource,
+    #[error("target has no address")]
+    NoAddress,
+    /// A host answered with an error.
+    #[error("{addr}: {message}")]
+    Host { addr: String, message: String },
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error("no intact copy could be read ({0})")]
+    NoIntactCopy(Box<CopyError>),
+    #[error("no target took the copy ({0})")]
+    NoTarget(Box<CopyError>),
+    #[error("no copy landed")]
+    NothingLanded,
+    /// The copies exist; a later round finds the block short again and the
+    /// put (idempotent) is recorded then.
+    #[error("copied to {landed:?} but not recorded: {error}")]
+    NotRecorded {
+        landed: Vec<u64>,
+        error: ClusterError,
+    },
+}
+
+impl CopyError {
+    fn host(addr: &str, status: &tonic::Status) -> CopyError {
+        CopyError::Host {
+            addr: addr.to_string(),
+            message: status.message().to_string(),
+        }
+    }
 }
 
 impl Repair {
     pub(crate) fn new(
         cfg: RepairConfig,
         grace: Duration,
+        cluster: Arc<Cluster>,
         metrics: Arc<Metrics>,
         bad: Arc<BadCopies>,
     ) -> Repair {
         let pacer = Pacer::new(cfg.bytes_per_second);
         Repair {
             cfg,
+            cluster,
             grace,
             metrics,
             bad,
@@ -141,17 +177,13 @@ impl Repair {
             cursor: Mutex::default(),
             extra_cursor: Mutex::default(),
             rebalance_cursor: Mutex::default(),
-            state: Mutex::new("starting".into()),
+            state: WorkerState::new("starting"),
         }
-    }
-
-    pub(crate) fn set_state(&self, s: impl Into<String>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
     }
 
     pub(crate) fn status(&self) -> pb::RepairStatus {
         pb::RepairStatus {
-            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            state: self.state.get(),
             blocks: get(&self.metrics.repair_blocks),
             bytes: get(&self.metrics.repair_bytes),
             failures: get(&self.metrics.repair_failures),
@@ -165,44 +197,39 @@ impl Repair {
         self.cfg.concurrency * 16
     }
 
+    /// On the leader, one round of repair; elsewhere, nothing.
+    async fn repair_step(&self) -> anyhow::Result<Duration> {
+        let tracker = self.cluster.tracker();
+        if !tracker.is_leader() {
+            self.state.set("not leader");
+            return Ok(self.cfg.interval);
+        }
+        let client = self.cluster.block_client().await?;
+        self.round(tracker, &client).await
+    }
+
     /// One round: on the leader, plan and carry out a batch of copies, then
     /// a batch of trims. Returns how long to wait before the next round.
-    pub(crate) async fn round(
-        &self,
-        tracker: &Tracker,
-        client: &Client,
-    ) -> anyhow::Result<Duration> {
-        let after = self
-            .cursor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let extra_after = self
-            .extra_cursor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let view = match tracker.repair_view(after, extra_after, self.batch()).await {
-            Ok(Some(v)) => v,
-            Ok(None) => {
-                self.set_state("not leader");
-                return Ok(self.cfg.interval);
-            }
-            Err(e) => {
-                self.set_state(format!("error: {e}"));
-                return Err(e.into());
-            }
+    async fn round(&self, tracker: &Tracker, client: &Client) -> anyhow::Result<Duration> {
+        let after = lock(&self.cursor).clone();
+        let extra_after = lock(&self.extra_cursor).clone();
+        let Some(view) = tracker
+            .repair_view(after, extra_after, self.batch())
+            .await?
+        else {
+            self.state.set("not leader");
+            return Ok(self.cfg.interval);
         };
         self.metrics
             .under_replicated
             .store(view.counts.under_replicated, Ordering::Relaxed);
         let full = view.blocks.len() >= self.batch() || view.extra.len() >= self.batch();
-        *self.cursor.lock().unwrap_or_else(|e| e.into_inner()) = view
+        *lock(&self.cursor) = view
             .blocks
             .last()
             .map(|b| b.hash.clone())
             .unwrap_or_default();
-        *self.extra_cursor.lock().unwrap_or_else(|e| e.into_inner()) = view
+        *lock(&self.extra_cursor) = view
             .extra
             .last()
             .map(|b| b.hash.clone())
@@ -224,16 +251,9 @@ impl Repair {
         if plan.is_empty() && trims.is_empty() {
             // Nothing short and nothing extra: move copies toward placement
             // (a new box gets its share), a slice of the blocks per round.
-            let after = self
-                .rebalance_cursor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let after = lock(&self.rebalance_cursor).clone();
             let blocks = tracker.referenced_after(after, REBALANCE_SLICE).await?;
-            *self
-                .rebalance_cursor
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) =
+            *lock(&self.rebalance_cursor) =
                 blocks.last().map(|b| b.hash.clone()).unwrap_or_default();
             let mut moves = plan_rebalance(&blocks, &devices, tracker.class.copies);
             for a in &mut moves {
@@ -241,17 +261,18 @@ impl Repair {
             }
             moves.retain(|a| !a.sources.is_empty());
             if moves.is_empty() {
-                self.set_state("idle");
+                self.state.set("idle");
                 return Ok(if blocks.len() == REBALANCE_SLICE {
                     Duration::from_millis(10)
                 } else {
                     self.cfg.interval
                 });
             }
-            self.set_state(format!("rebalancing {} blocks", moves.len()));
+            self.state
+                .set(format!("rebalancing {} blocks", moves.len()));
             let copied = self.repair(moves, &addrs, tracker, client).await;
             inc(&self.metrics.rebalance_copies, copied as u64);
-            self.set_state(format!(
+            self.state.set(format!(
                 "idle (last round made {copied} copies for balance)"
             ));
             return Ok(Duration::from_millis(10));
@@ -260,16 +281,10 @@ impl Repair {
         let trimmed = if trims.is_empty() {
             0
         } else {
-            self.set_state(format!("trimming {} blocks", trims.len()));
-            match self.trim(trims, &addrs, tracker, client).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.set_state(format!("error: {e:#}"));
-                    return Err(e);
-                }
-            }
+            self.state.set(format!("trimming {} blocks", trims.len()));
+            self.trim(trims, &addrs, tracker, client).await?
         };
-        self.set_state(format!(
+        self.state.set(format!(
             "idle (last round made {copied} copies, trimmed {trimmed})"
         ));
         // A full batch means more work waits: go on at once.
@@ -291,8 +306,8 @@ impl Repair {
         if plan.is_empty() {
             return 0;
         }
-        self.set_state(format!("repairing {} blocks", plan.len()));
-        let done: Vec<(RepairAction, Outcome)> = futures::stream::iter(plan)
+        self.state.set(format!("repairing {} blocks", plan.len()));
+        let done: Vec<(RepairAction, Result<Vec<u64>, CopyError>)> = futures::stream::iter(plan)
             .map(|a| async {
                 let outcome = self.copy(&a, addrs, tracker, client).await;
                 (a, outcome)
@@ -303,11 +318,11 @@ impl Repair {
         let mut copied = 0;
         for (a, outcome) in done {
             match outcome {
-                Outcome::Copied { landed } => {
+                Ok(landed) => {
                     copied += landed.len();
                     tracing::info!(block = %hash_hex(&a.hash), copies = a.counted, to = ?landed, "repaired block");
                 }
-                Outcome::Failed(why) => {
+                Err(why) => {
                     tracing::warn!(block = %hash_hex(&a.hash), %why, "repair of block failed")
                 }
             }
@@ -397,11 +412,9 @@ impl Repair {
             })
             .collect();
         let keep = tracker.class.copies as u32;
-        let cmd = pb::Command {
-            op: Some(Op::DropCopies(pb::DropCopies { copies, keep })),
-            ..Default::default()
-        };
-        propose(tracker, cmd).await?;
+        self.cluster
+            .propose(Op::DropCopies(pb::DropCopies { copies, keep }))
+            .await?;
         let now = tracker
             .recorded(plan.iter().map(|a| a.hash.clone()).collect())
             .await?;
@@ -452,7 +465,7 @@ impl Repair {
         addrs: &HashMap<u64, String>,
         tracker: &Tracker,
         client: &Client,
-    ) -> Outcome {
+    ) -> Result<Vec<u64>, CopyError> {
         let mut landed = Vec::new();
         let mut full = Vec::new();
         // A target that holds an older version of the block gets a delta.
@@ -469,13 +482,13 @@ impl Repair {
         if !full.is_empty() {
             match self.copy_whole(a, &full, addrs, client).await {
                 Ok(more) => landed.extend(more),
-                Err(why) if landed.is_empty() => return Outcome::Failed(why),
+                Err(why) if landed.is_empty() => return Err(why),
                 Err(why) => {
                     tracing::warn!(block = %hash_hex(&a.hash), %why, "some copies of a block did not land")
                 }
             }
         }
-        self.record(a, landed, tracker).await
+        self.record(a, landed).await
     }
 
     /// Sends block `a` to `target` as a delta against an older version
@@ -488,21 +501,17 @@ impl Repair {
         addrs: &HashMap<u64, String>,
         tracker: &Tracker,
         client: &Client,
-    ) -> Result<bool, String> {
-        let Some(base) = tracker
-            .delta_base(a.hash.clone(), target)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+    ) -> Result<bool, CopyError> {
+        let Some(base) = tracker.delta_base(a.hash.clone(), target).await? else {
             return Ok(false);
         };
-        let taddr = addrs.get(&target).ok_or("target has no address")?;
+        let taddr = addrs.get(&target).ok_or(CopyError::NoAddress)?;
         let signature = client
             .block_signature(taddr, target, &base)
             .await
-            .map_err(|s| format!("{taddr}: {}", s.message()))?;
+            .map_err(|s| CopyError::host(taddr, &s))?;
         let sig_len = signature.len() as u64;
-        let mut why = String::from("no source");
+        let mut why = CopyError::NoSource;
         for &src in &a.sources {
             let Some(saddr) = addrs.get(&src) else {
                 continue;
@@ -513,7 +522,7 @@ impl Repair {
             {
                 Ok(d) => d,
                 Err(s) => {
-                    why = format!("{saddr}: {}", s.message());
+                    why = CopyError::host(saddr, &s);
                     continue;
                 }
             };
@@ -526,7 +535,7 @@ impl Repair {
             client
                 .put_delta(taddr, target, &a.hash, &base, delta)
                 .await
-                .map_err(|s| format!("{taddr}: {}", s.message()))?;
+                .map_err(|s| CopyError::host(taddr, &s))?;
             inc(&self.metrics.repair_blocks, 1);
             inc(&self.metrics.repair_bytes, sent);
             inc(&self.metrics.repair_delta_blocks, 1);
@@ -545,9 +554,9 @@ impl Repair {
         targets: &[u64],
         addrs: &HashMap<u64, String>,
         client: &Client,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<u64>, CopyError> {
         let mut data = None;
-        let mut why = String::from("no source");
+        let mut why = CopyError::NoSource;
         for &src in &a.sources {
             let Some(addr) = addrs.get(&src) else {
                 continue;
@@ -565,13 +574,13 @@ impl Repair {
                         tracing::warn!(block = %hash_hex(&a.hash), device = format!("{src:016x}"), %addr, error = %s.message(), "recorded copy is missing or corrupt");
                         self.bad.push(a.hash.clone(), src);
                     }
-                    why = format!("{addr}: {}", s.message());
+                    why = CopyError::host(addr, &s);
                 }
             }
         }
         let Some(data) = data else {
             inc(&self.metrics.repair_failures, targets.len() as u64);
-            return Err(format!("no intact copy could be read ({why})"));
+            return Err(CopyError::NoIntactCopy(Box::new(why)));
         };
         let mut landed = Vec::new();
         for &target in targets {
@@ -587,45 +596,86 @@ impl Repair {
                 }
                 Err(s) => {
                     inc(&self.metrics.repair_failures, 1);
-                    why = format!("{addr}: {}", s.message());
+                    why = CopyError::host(addr, &s);
                 }
             }
         }
         if landed.is_empty() {
-            return Err(format!("no target took the copy ({why})"));
+            return Err(CopyError::NoTarget(Box::new(why)));
         }
         Ok(landed)
     }
 
     /// Records the copies that landed.
-    async fn record(&self, a: &RepairAction, landed: Vec<u64>, tracker: &Tracker) -> Outcome {
+    async fn record(&self, a: &RepairAction, landed: Vec<u64>) -> Result<Vec<u64>, CopyError> {
         if landed.is_empty() {
-            return Outcome::Failed("no copy landed".into());
+            return Err(CopyError::NothingLanded);
         }
         let copies = vec![pb::BlockCopies {
             hash: a.hash.clone(),
             size: a.size,
             device_ids: landed.clone(),
         }];
-        let cmd = pb::Command {
-            op: Some(Op::RecordCopies(pb::RecordCopies { copies })),
-            ..Default::default()
-        };
-        match propose(tracker, cmd).await {
-            Ok(()) => Outcome::Copied { landed },
-            // The copies exist; a later round finds the block short again
-            // and the put (idempotent) is recorded then.
-            Err(e) => Outcome::Failed(format!("copied to {landed:?} but not recorded: {e}")),
+        match self
+            .cluster
+            .propose(Op::RecordCopies(pb::RecordCopies { copies }))
+            .await
+        {
+            Ok(()) => Ok(landed),
+            Err(error) => Err(CopyError::NotRecorded { landed, error }),
         }
     }
 }
 
-/// Proposes a command on this member (the leader) and turns a refusal into
-/// an error.
-async fn propose(tracker: &Tracker, cmd: pb::Command) -> anyhow::Result<()> {
-    match tracker.propose(cmd).await?.result {
-        Some(pb::command_result::Result::Error(e)) => anyhow::bail!("refused: {}", e.message),
-        _ => Ok(()),
+impl Worker for Repair {
+    fn name(&self) -> &'static str {
+        "repair"
+    }
+
+    async fn step(&self) -> anyhow::Result<Duration> {
+        self.repair_step().await
+    }
+
+    fn state(&self) -> Option<&WorkerState> {
+        Some(&self.state)
+    }
+}
+
+/// The `copy-dropper` worker: drops the records of copies found missing or
+/// corrupt, in batches.
+pub(crate) struct CopyDropper {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) bad: Arc<BadCopies>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl Worker for CopyDropper {
+    fn name(&self) -> &'static str {
+        "copy-dropper"
+    }
+
+    async fn step(&self) -> anyhow::Result<Duration> {
+        let batch = self.bad.next_batch(Duration::from_secs(1)).await;
+        if batch.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let op = Op::DropCopies(pb::DropCopies {
+            copies: group_copies(&batch),
+            keep: 0,
+        });
+        match self.cluster.propose(op).await {
+            Ok(()) => {
+                inc(&self.metrics.copies_dropped, batch.len() as u64);
+                for (h, d) in &batch {
+                    tracing::info!(block = %hash_hex(h), device = format!("{d:016x}"), "dropped the record of a bad copy");
+                }
+                Ok(Duration::ZERO)
+            }
+            Err(e) => {
+                self.bad.put_back(batch);
+                Err(anyhow::Error::new(e).context("dropping bad copy records"))
+            }
+        }
     }
 }
 

@@ -11,26 +11,70 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use failsafe_blockstore::{BlockStore, Hash, StoreError};
+use failsafe_blockstore::{BlockStore, Hash, StoreError, StoredBlock};
 use failsafe_core::hash_hex;
 use failsafe_proto::pb;
 use tokio::time::Instant;
 
 use crate::config::ScrubConfig;
+use crate::lock::lock;
 use crate::metrics::{get, inc, Metrics};
 use crate::pace::Pacer;
 use crate::repair::BadCopies;
+use crate::worker::{Worker, WorkerState};
 
 /// Blocks listed per step: a step ends between batches, so the worker
 /// notices shutdown and its state stays fresh.
 const BATCH: usize = 64;
 
+/// A walk over every block on this host's devices, a device at a time and
+/// in hash order on each, a batch at a time: what scrub and a returning
+/// host's verification read.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DeviceWalk {
+    /// Index into the store's devices, and the last block passed there.
+    device: usize,
+    after: Option<Hash>,
+}
+
+impl DeviceWalk {
+    /// The next up to `limit` blocks after the last one passed, and their
+    /// device (moving on to the next device when one has no more); None
+    /// when every device is done.
+    pub(crate) async fn next(
+        &mut self,
+        store: &Arc<BlockStore>,
+        limit: usize,
+    ) -> anyhow::Result<Option<(u64, Vec<StoredBlock>)>> {
+        let devices = store.device_ids();
+        while let Some(&device) = devices.get(self.device) {
+            let (s, after) = (store.clone(), self.after);
+            let batch = tokio::task::spawn_blocking(move || s.list(device, after.as_ref(), limit))
+                .await??;
+            if !batch.is_empty() {
+                return Ok(Some((device, batch)));
+            }
+            self.device += 1;
+            self.after = None;
+        }
+        Ok(None)
+    }
+
+    /// Marks block `hash` as done: the walk goes on after it.
+    pub(crate) fn passed(&mut self, hash: Hash) {
+        self.after = Some(hash);
+    }
+
+    /// Devices finished.
+    fn devices_done(&self) -> usize {
+        self.device
+    }
+}
+
 /// Where a pass is.
 #[derive(Default)]
 struct Progress {
-    /// Index into the store's devices, and the last block checked there.
-    device: usize,
-    after: Option<Hash>,
+    walk: DeviceWalk,
     /// When the pass under way started (None: between passes).
     started: Option<Instant>,
     /// When the last pass started.
@@ -49,7 +93,7 @@ pub(crate) struct Scrub {
     pacer: Pacer,
     /// A std Mutex: held to read or update the cursor, never across an await.
     progress: Mutex<Progress>,
-    state: Mutex<String>,
+    state: WorkerState,
 }
 
 impl Scrub {
@@ -72,7 +116,7 @@ impl Scrub {
             bad,
             pacer,
             progress: Mutex::default(),
-            state: Mutex::new(state.into()),
+            state: WorkerState::new(state),
         }
     }
 
@@ -80,13 +124,9 @@ impl Scrub {
         self.cfg.bytes_per_second > 0
     }
 
-    fn set_state(&self, s: impl Into<String>) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s.into();
-    }
-
     pub(crate) fn status(&self) -> pb::ScrubStatus {
         pb::ScrubStatus {
-            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            state: self.state.get(),
             passes: get(&self.metrics.scrub_passes),
             bytes: get(&self.metrics.scrub_bytes),
             corrupt: get(&self.metrics.scrub_corrupt),
@@ -95,17 +135,17 @@ impl Scrub {
 
     /// One step: checks a batch of blocks, or finishes a pass, or waits for
     /// the next. Returns how long to wait before the next step.
-    pub(crate) async fn step(&self) -> anyhow::Result<Duration> {
-        let devices = self.store.device_ids();
-        let (device, after) = {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+    async fn scrub_step(&self) -> anyhow::Result<Duration> {
+        let mut walk = {
+            let mut p = lock(&self.progress);
             if p.started.is_none() {
                 if let Some(last) = p.last_started {
                     let due = last + self.cfg.interval;
                     if Instant::now() < due {
                         drop(p);
                         let wait = due - Instant::now();
-                        self.set_state(format!("idle (next pass in {})", rough(wait)));
+                        self.state
+                            .set(format!("idle (next pass in {})", rough(wait)));
                         return Ok(wait.min(Duration::from_secs(60)));
                     }
                 }
@@ -114,30 +154,24 @@ impl Scrub {
                     ..Progress::default()
                 };
             }
-            if p.device >= devices.len() {
-                self.finish_pass(&mut p);
-                return Ok(Duration::ZERO);
-            }
-            (devices[p.device], p.after)
+            p.walk
         };
-        self.set_state(format!(
+        self.state.set(format!(
             "scrubbing pass {}",
             get(&self.metrics.scrub_passes) + 1
         ));
-        let store = self.store.clone();
-        let batch = tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), BATCH))
-            .await??;
-        if batch.is_empty() {
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            p.device += 1;
-            p.after = None;
+        let Some((device, batch)) = walk.next(&self.store, BATCH).await? else {
+            let mut p = lock(&self.progress);
+            p.walk = walk;
+            self.finish_pass(&mut p);
             return Ok(Duration::ZERO);
-        }
+        };
+        lock(&self.progress).walk = walk;
         for b in batch {
             self.pacer.take(b.size).await;
             let check = verify(&self.store, &self.bad, device, b.hash).await?;
-            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-            p.after = Some(b.hash);
+            let mut p = lock(&self.progress);
+            p.walk.passed(b.hash);
             match check {
                 Verified::Intact(bytes) => {
                     p.blocks += 1;
@@ -162,7 +196,7 @@ impl Scrub {
             bytes = p.bytes,
             corrupt = p.corrupt,
             took = ?took,
-            devices = p.device,
+            devices = p.walk.devices_done(),
             "scrub pass finished"
         );
         *p = Progress {
@@ -172,7 +206,20 @@ impl Scrub {
     }
 }
 
-/// A wait as a person reads it: "40s", "12m", "23h".
+impl Worker for Scrub {
+    fn name(&self) -> &'static str {
+        "scrub"
+    }
+
+    async fn step(&self) -> anyhow::Result<Duration> {
+        self.scrub_step().await
+    }
+
+    fn state(&self) -> Option<&WorkerState> {
+        Some(&self.state)
+    }
+}
+
 /// What re-reading one stored block found.
 pub(crate) enum Verified {
     /// Its bytes match its hash; this many.
@@ -209,6 +256,7 @@ pub(crate) async fn verify(
     )
 }
 
+/// A wait as a person reads it: "40s", "12m", "23h".
 fn rough(d: Duration) -> String {
     match d.as_secs() {
         s if s < 120 => format!("{s}s"),

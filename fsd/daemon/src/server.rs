@@ -1,5 +1,5 @@
 //! Starting and stopping one host: identity, block store, tracker, the gRPC
-//! server, and the named background workers.
+//! server, and the named background workers (see `worker`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,59 +7,26 @@ use std::time::Duration;
 
 use anyhow::Context;
 use failsafe_blockstore::BlockStore;
-use failsafe_client::{Client, ClientConfig};
 use failsafe_proto::pb::{
-    self, admin_server::AdminServer, blocks_server::BlocksServer, command::Op,
-    metadata_server::MetadataServer, raft_transport_server::RaftTransportServer,
+    admin_server::AdminServer, blocks_server::BlocksServer, metadata_server::MetadataServer,
+    raft_transport_server::RaftTransportServer,
 };
 use failsafe_proto::MAX_MESSAGE_BYTES;
 use failsafe_tracker::{ClusterId, MetadataService, RaftService, Tracker};
 use tokio::net::TcpListener;
 
-use crate::admin::{device_infos, AdminService};
+use crate::admin::AdminService;
+use crate::announce::Announcer;
 use crate::blocks::BlocksService;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gc::Gc;
 use crate::identity::Identity;
-use crate::metrics::{gauge, inc, Metrics};
-use crate::repair::{group_copies, BadCopies, Repair};
+use crate::metrics::{gauge, Metrics};
+use crate::repair::{BadCopies, CopyDropper, Repair};
+use crate::returning::Return;
 use crate::scrub::Scrub;
-
-/// Everything the background workers share.
-struct Host {
-    /// When this process started (wall clock): a host shipped before that
-    /// has come back.
-    started_ns: i64,
-    cfg: Config,
-    advertise: String,
-    tracker: Arc<Tracker>,
-    store: Arc<BlockStore>,
-    /// Talks to the leader on this host's behalf (joins, reports, address
-    /// changes); its member list follows the membership.
-    client: tokio::sync::Mutex<Option<Client>>,
-    /// What this host last reported about its devices, and when. A std
-    /// Mutex: held for a comparison, never across an await.
-    last_report: std::sync::Mutex<Option<(Vec<pb::DeviceInfo>, std::time::Instant)>>,
-    metrics: Arc<Metrics>,
-    /// Copies found missing or corrupt, for `copy-dropper`.
-    bad: Arc<BadCopies>,
-    repair: Arc<Repair>,
-    scrub: Arc<Scrub>,
-    gc: Arc<Gc>,
-    /// Moves blocks for repair; block I/O names its hosts, so it needs no
-    /// member list beyond this host.
-    block_client: tokio::sync::Mutex<Option<Client>>,
-}
-
-/// Whether device usage changed enough to be worth a Raft entry.
-fn usage_moved(prev: &[pb::DeviceInfo], now: &[pb::DeviceInfo]) -> bool {
-    prev.len() != now.len()
-        || prev.iter().zip(now).any(|(a, b)| {
-            a.device_id != b.device_id
-                || a.blocks != b.blocks
-                || a.free_bytes.abs_diff(b.free_bytes) > a.capacity_bytes / 100
-        })
-}
+use crate::worker::{Shutdown, Worker};
 
 /// Runs a host until `shutdown` completes.
 pub async fn run(
@@ -80,13 +47,13 @@ pub async fn run(
         anyhow::bail!("cluster_id: this data dir belongs to cluster {cluster_id}, not {id}");
     }
     let store = Arc::new(BlockStore::open(&cfg.devices).context("opening devices")?);
-    let cluster = ClusterId::new(cluster_id);
+    let cluster_id = ClusterId::new(cluster_id);
     let tracker = Arc::new(
         Tracker::open(
             &cfg.data_dir.join("tracker"),
             identity.host_id,
             &cfg.tracker,
-            cluster.clone(),
+            cluster_id.clone(),
         )
         .await
         .context("opening the tracker")?,
@@ -95,18 +62,20 @@ pub async fn run(
         host = format!("{:016x}", identity.host_id),
         %advertise,
         zone = %cfg.zone,
-        cluster = %cluster.get(),
+        cluster = %cluster_id.get(),
         devices = store.device_ids().len(),
         "fsd starting"
     );
     tracker.guard_against_suspension(std::time::Duration::from_millis(
         cfg.tracker.election_max_ms,
     ));
+    let cluster = Arc::new(Cluster::new(tracker.clone(), &cfg, advertise.clone()));
     let metrics = Arc::new(Metrics::default());
     let bad = Arc::new(BadCopies::default());
     let repair = Arc::new(Repair::new(
         cfg.repair.clone(),
         cfg.gc.grace,
+        cluster.clone(),
         metrics.clone(),
         bad.clone(),
     ));
@@ -116,10 +85,16 @@ pub async fn run(
         metrics.clone(),
         bad.clone(),
     ));
-    let gc = Arc::new(Gc::new(cfg.gc.clone(), store.clone(), metrics.clone()));
+    let gc = Arc::new(Gc::new(
+        cfg.gc.clone(),
+        cluster.clone(),
+        store.clone(),
+        metrics.clone(),
+    ));
 
     let admin = AdminService {
         tracker: tracker.clone(),
+        cluster: cluster.clone(),
         identity: identity.clone(),
         store: store.clone(),
         zone: cfg.zone.clone(),
@@ -131,7 +106,7 @@ pub async fn run(
     };
     let blocks = BlocksService {
         store: store.clone(),
-        cluster: cluster.clone(),
+        cluster: cluster_id.clone(),
         metrics: metrics.clone(),
         bad: bad.clone(),
     };
@@ -165,35 +140,25 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
 
-    let host = Arc::new(Host {
-        cfg,
-        advertise,
-        tracker: tracker.clone(),
-        store,
-        client: tokio::sync::Mutex::new(None),
-        last_report: std::sync::Mutex::new(None),
-        metrics,
-        bad,
-        repair,
-        scrub,
-        gc,
-        block_client: tokio::sync::Mutex::new(None),
-        started_ns: failsafe_tracker::wall_clock_ns(),
-    });
+    let stop = Shutdown::new();
     let mut workers = vec![
-        tokio::spawn(worker("announcer", host.clone(), Host::announce)),
-        tokio::spawn(worker("session-reaper", host.clone(), Host::reap_sessions)),
-        tokio::spawn(worker("repair", host.clone(), Host::repair_round)),
-        tokio::spawn(worker("copy-dropper", host.clone(), Host::drop_bad_copies)),
-        tokio::spawn(worker("gc", host.clone(), Host::gc_step)),
-        tokio::spawn(worker("return", host.clone(), Host::return_step)),
+        stop.spawn(Arc::new(Announcer::new(
+            cluster.clone(),
+            store.clone(),
+            cfg.report_interval,
+        ))),
+        stop.spawn(Arc::new(SessionReaper(tracker.clone()))),
+        stop.spawn(repair),
+        stop.spawn(Arc::new(CopyDropper {
+            cluster: cluster.clone(),
+            bad: bad.clone(),
+            metrics,
+        })),
+        stop.spawn(gc),
+        stop.spawn(Arc::new(Return::new(cluster, store, bad))),
     ];
-    if host.scrub.enabled() {
-        workers.push(tokio::spawn(worker(
-            "scrub",
-            host.clone(),
-            Host::scrub_step,
-        )));
+    if scrub.enabled() {
+        workers.push(stop.spawn(scrub));
     }
 
     let served = tonic::transport::Server::builder()
@@ -208,295 +173,24 @@ pub async fn run(
             shutdown,
         )
         .await;
-    for w in &workers {
-        w.abort();
-    }
+    stop.stop(workers).await;
     tracker.shutdown().await;
     tracing::info!("fsd stopped");
     served.context("gRPC server")
 }
 
-/// Runs one step of a named worker again and again; a failing step is logged
-/// and retried after a back-off.
-async fn worker<F, Fut>(name: &'static str, host: Arc<Host>, step: F)
-where
-    F: Fn(Arc<Host>) -> Fut,
-    Fut: Future<Output = anyhow::Result<Duration>>,
-{
-    let mut failures = 0u32;
-    loop {
-        let pause = match step(host.clone()).await {
-            Ok(next) => {
-                failures = 0;
-                next
-            }
-            Err(e) => {
-                failures += 1;
-                if failures <= 3 || failures.is_multiple_of(20) {
-                    tracing::warn!(worker = name, error = %format!("{e:#}"), "worker step failed");
-                }
-                Duration::from_millis(250 * u64::from(failures.min(8)))
-            }
-        };
-        tokio::time::sleep(pause).await;
-    }
-}
+/// The `session-reaper` worker: the leader expires client sessions whose
+/// lease ran out, which releases their locks.
+struct SessionReaper(Arc<Tracker>);
 
-impl Host {
-    /// A client for the cluster, following the current membership.
-    async fn client(&self) -> anyhow::Result<Client> {
-        let cluster = self.tracker.cluster.get();
-        anyhow::ensure!(!cluster.is_empty(), "not part of a cluster yet");
-        let members: Vec<String> = self
-            .tracker
-            .raft()
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .filter(|(id, _)| **id != self.tracker.host_id)
-            .map(|(_, n)| n.addr.clone())
-            .chain(self.cfg.join.iter().cloned())
-            .collect();
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            c.learn_members(members);
-            return Ok(c.clone());
-        }
-        anyhow::ensure!(!members.is_empty(), "no other cluster member known");
-        let c = Client::connect(ClientConfig {
-            addrs: members,
-            cluster_id: Some(cluster),
-            rpc_timeout: self.cfg.rpc_timeout,
-            op_deadline: self.cfg.rpc_timeout * 3,
-            zone: Some(self.cfg.zone.clone()),
-            name: format!("fsd-{:016x}", self.tracker.host_id),
-            ..ClientConfig::default()
-        })
-        .await?;
-        *slot = Some(c.clone());
-        Ok(c)
+impl Worker for SessionReaper {
+    fn name(&self) -> &'static str {
+        "session-reaper"
     }
 
-    /// Joins the cluster on first start, keeps this host's address in the
-    /// membership current (a host may come back elsewhere), and reports the
-    /// devices' usage.
-    async fn announce(self: Arc<Self>) -> anyhow::Result<Duration> {
-        let t = &self.tracker;
-        if t.cluster.get().is_empty() {
-            return Ok(Duration::from_millis(500));
-        }
-        if !t.is_initialized() {
-            if self.cfg.join.is_empty() {
-                // Waiting for `fsctl host add` to bring us in.
-                return Ok(Duration::from_millis(500));
-            }
-            let client = self.client().await?;
-            client.add_host(&self.advertise).await?;
-            tracing::info!(addr = %self.advertise, "joined the cluster");
-            return Ok(Duration::from_millis(100));
-        }
-        let known = t
-            .raft()
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&t.host_id)
-            .map(|n| n.addr.clone());
-        let Some(known) = known else {
-            // Removed from, or not yet in, the membership.
-            return Ok(Duration::from_millis(500));
-        };
-        if known != self.advertise {
-            tracing::info!(old = %known, new = %self.advertise, "this host's address changed; telling the cluster");
-            if t.is_leader() {
-                t.set_address(t.host_id, &self.advertise).await?;
-            } else {
-                self.client()
-                    .await?
-                    .update_address(t.host_id, &self.advertise)
-                    .await?;
-            }
-            return Ok(Duration::from_millis(100));
-        }
-        let devices = device_infos(&self.store, t.host_id);
-        {
-            // Every report is a Raft entry: send one when usage moved, or
-            // once a minute as a sign of life.
-            let last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((prev, at)) = last.as_ref() {
-                if !usage_moved(prev, &devices) && at.elapsed() < Duration::from_secs(60) {
-                    return Ok(self.cfg.report_interval);
-                }
-            }
-        }
-        let report = Op::ReportDevices(pb::ReportDevices {
-            host_id: t.host_id,
-            devices: devices.clone(),
-        });
-        if t.is_leader() {
-            t.propose(pb::Command {
-                op: Some(report),
-                ..Default::default()
-            })
-            .await?;
-        } else {
-            self.client().await?.mutate(report).await?;
-        }
-        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((devices, std::time::Instant::now()));
-        Ok(self.cfg.report_interval)
-    }
-
-    /// A shipped host that was started again after it was shipped (it is
-    /// back, at whatever address) verifies every block it holds — corrupt
-    /// ones go to repair — and then asks to serve again. Its catch-up (the
-    /// blocks written while it was away, as deltas where it holds an older
-    /// version) runs meanwhile: repair already sends it copies.
-    async fn return_step(self: Arc<Self>) -> anyhow::Result<Duration> {
-        let t = &self.tracker;
-        let away = t.away_since().await?;
-        let Some(&(until, since)) = away.get(&t.host_id) else {
-            return Ok(Duration::from_secs(1));
-        };
-        let now = failsafe_tracker::wall_clock_ns();
-        if since >= self.started_ns && now < until {
-            // Shipped while running: still on its way out.
-            return Ok(Duration::from_secs(1));
-        }
-        let started = std::time::Instant::now();
-        tracing::info!(
-            "back from being shipped: verifying every stored block before serving reads"
-        );
-        let (mut blocks, mut corrupt) = (0u64, 0u64);
-        for device in self.store.device_ids() {
-            let mut after = None;
-            loop {
-                let store = self.store.clone();
-                let batch =
-                    tokio::task::spawn_blocking(move || store.list(device, after.as_ref(), 1024))
-                        .await??;
-                let Some(last) = batch.last().map(|b| b.hash) else {
-                    break;
-                };
-                for b in batch {
-                    match crate::scrub::verify(&self.store, &self.bad, device, b.hash).await? {
-                        crate::scrub::Verified::Intact(_) => blocks += 1,
-                        crate::scrub::Verified::Corrupt => corrupt += 1,
-                        crate::scrub::Verified::Unreadable => {}
-                    }
-                }
-                after = Some(last);
-            }
-        }
-        self.propose(Op::SetHostState(pb::SetHostState {
-            host_id: t.host_id,
-            state: "active".into(),
-            until_ns: 0,
-        }))
-        .await?;
-        tracing::info!(blocks, corrupt, took = ?started.elapsed(), "verified after shipping; serving reads again");
+    async fn step(&self) -> anyhow::Result<Duration> {
+        self.0.expire_sessions().await?;
         Ok(Duration::from_secs(1))
-    }
-
-    /// The leader expires client sessions whose lease ran out, which
-    /// releases their locks.
-    async fn reap_sessions(self: Arc<Self>) -> anyhow::Result<Duration> {
-        self.tracker.expire_sessions().await?;
-        Ok(Duration::from_secs(1))
-    }
-
-    /// Proposes a command: directly on the leader, else through the client.
-    async fn propose(&self, op: Op) -> anyhow::Result<()> {
-        if self.tracker.is_leader() {
-            let r = self
-                .tracker
-                .propose(pb::Command {
-                    op: Some(op),
-                    ..Default::default()
-                })
-                .await?;
-            if let Some(pb::command_result::Result::Error(e)) = r.result {
-                anyhow::bail!("refused: {}", e.message);
-            }
-        } else {
-            self.client().await?.mutate(op).await?;
-        }
-        Ok(())
-    }
-
-    /// The client repair moves blocks with.
-    async fn block_client(&self) -> anyhow::Result<Client> {
-        let cluster = self.tracker.cluster.get();
-        anyhow::ensure!(!cluster.is_empty(), "not part of a cluster yet");
-        let mut slot = self.block_client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Client::connect(ClientConfig {
-            addrs: vec![self.advertise.clone()],
-            cluster_id: Some(cluster),
-            rpc_timeout: self.cfg.rpc_timeout,
-            zone: Some(self.cfg.zone.clone()),
-            name: format!("fsd-repair-{:016x}", self.tracker.host_id),
-            ..ClientConfig::default()
-        })
-        .await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// On the leader, one round of repair (see `repair`).
-    async fn repair_round(self: Arc<Self>) -> anyhow::Result<Duration> {
-        if !self.tracker.is_leader() {
-            self.repair.set_state("not leader");
-            return Ok(self.cfg.repair.interval);
-        }
-        let client = self.block_client().await?;
-        self.repair.round(&self.tracker, &client).await
-    }
-
-    /// Garbage collection: on the leader, unreferenced blocks; on every
-    /// host, block files the tracker has no record of (see `gc`).
-    async fn gc_step(self: Arc<Self>) -> anyhow::Result<Duration> {
-        if self.tracker.cluster.get().is_empty() {
-            self.gc.set_state("not in a cluster");
-            return Ok(Duration::from_millis(500));
-        }
-        let client = self.block_client().await?;
-        self.gc.step(&self.tracker, &client).await
-    }
-
-    /// Re-hashes a batch of this host's blocks (see `scrub`).
-    async fn scrub_step(self: Arc<Self>) -> anyhow::Result<Duration> {
-        self.scrub.step().await
-    }
-
-    /// Drops the records of copies found missing or corrupt, in batches.
-    async fn drop_bad_copies(self: Arc<Self>) -> anyhow::Result<Duration> {
-        let batch = self.bad.next_batch(Duration::from_secs(1)).await;
-        if batch.is_empty() {
-            return Ok(Duration::ZERO);
-        }
-        let op = Op::DropCopies(pb::DropCopies {
-            copies: group_copies(&batch),
-            keep: 0,
-        });
-        match self.propose(op).await {
-            Ok(()) => {
-                inc(&self.metrics.copies_dropped, batch.len() as u64);
-                for (h, d) in &batch {
-                    tracing::info!(block = %failsafe_core::hash_hex(h), device = format!("{d:016x}"), "dropped the record of a bad copy");
-                }
-                Ok(Duration::ZERO)
-            }
-            Err(e) => {
-                self.bad.put_back(batch);
-                Err(e.context("dropping bad copy records"))
-            }
-        }
     }
 }
 
