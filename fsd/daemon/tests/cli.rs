@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use failsafe_fsd::local::LocalCluster;
+use failsafe_harness::local::LocalCluster;
 
 fn fsctl(cluster: &[String], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fsctl"))

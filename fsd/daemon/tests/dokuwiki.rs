@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http, Reply, TestCluster};
-use failsafe_fsd::local::{is_mounted, sibling_binary};
+use failsafe_harness::local::{is_mounted, sibling_binary};
 
 fn sh(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use failsafe_fsd::local::{sibling_binary, LocalCluster, LocalMount};
+use failsafe_harness::local::{sibling_binary, LocalCluster, LocalMount};
 
 /// A mount of the test cluster.
 pub(crate) struct Mount(pub LocalMount);

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use failsafe_client::{pb, Client, ClientConfig};
-use failsafe_fsd::local::LocalCluster;
+use failsafe_harness::local::LocalCluster;
 
 pub(crate) struct TestCluster {
     pub c: LocalCluster,
@@ -145,4 +145,4 @@ pub(crate) fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-pub(crate) use failsafe_fsd::httpc::{request as http, Reply};
+pub(crate) use failsafe_harness::httpc::{request as http, Reply};
