@@ -367,5 +367,5 @@ fastcgi.server = (".php" => ((
     let changes = std::fs::read_to_string(mnt.join("data/meta/failsafe/test.changes")).unwrap();
     assert_eq!(changes.lines().count(), 4, "{changes}");
     drop(setup);
-    let _ = &mut tc;
+    failsafe_harness::logs::check([dir.join("mount.log").as_path()], &tc.expected_errors).unwrap();
 }
