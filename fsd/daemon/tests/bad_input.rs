@@ -9,7 +9,7 @@ use failsafe_proto::{header, PROTOCOL_VERSION};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t70_hostile_names_are_refused_and_change_nothing() {
+async fn t85_hostile_names_are_refused_and_change_nothing() {
     let (_tc, c) = TestCluster::start(&[]).await;
     let f = c.create(ROOT, b"ok", 0o644, true).await.unwrap();
     let long = vec![b'x'; 256];
@@ -105,7 +105,7 @@ async fn t70_hostile_names_are_refused_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t71_requests_for_another_cluster_or_version_are_refused() {
+async fn t86_requests_for_another_cluster_or_version_are_refused() {
     let (tc, c) = TestCluster::start(&[]).await;
     let addr = format!("http://{}", tc.c.hosts[0].addr);
     let mut meta = pb::metadata_client::MetadataClient::connect(addr.clone())
@@ -187,7 +187,7 @@ async fn t71_requests_for_another_cluster_or_version_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t72_an_oversized_message_is_refused_and_the_daemon_stays_up() {
+async fn t87_an_oversized_message_is_refused_and_the_daemon_stays_up() {
     let (tc, c) = TestCluster::start(&[]).await;
     let addr = format!("http://{}", tc.c.hosts[1].addr);
     let mut meta = pb::metadata_client::MetadataClient::connect(addr)
@@ -221,7 +221,7 @@ async fn t72_an_oversized_message_is_refused_and_the_daemon_stays_up() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t73_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
+async fn t88_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
     let (tc, c) = TestCluster::start(&[]).await;
     let addr = format!("http://{}", tc.c.hosts[2].addr);
     let mut blocks = pb::blocks_client::BlocksClient::connect(addr)
