@@ -4,10 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Packages the tests use; the tests themselves install nothing. Installed
+# quietly when we are root with apt-get; a test whose package is missing
+# says so and skips.
+can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
 # The FUSE tests mount as root through /dev/fuse; fuse3 brings fusermount3
 # and /etc/fuse.conf for anyone running them differently.
-if ! command -v fusermount3 >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+if ! command -v fusermount3 >/dev/null 2>&1 && can_apt; then
     apt-get install -y -qq fuse3 >/dev/null 2>&1 || echo "note: could not install fuse3; continuing (root mounts need none)"
+fi
+# fsd/daemon/tests/dokuwiki.rs runs Debian's unmodified DokuWiki on a mount.
+if ! { [ -e /usr/share/dokuwiki/doku.php ] && [ -e /usr/bin/php-cgi ] && [ -e /usr/sbin/lighttpd ]; } && can_apt; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dokuwiki php-cgi lighttpd >/dev/null 2>&1 \
+        || echo "note: could not install dokuwiki, php-cgi and lighttpd; continuing (the DokuWiki test will skip)"
 fi
 
 cargo fmt --all --check

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use failsafe_fsd::httpc::{form_value, request};
-use failsafe_fsd::local::{self, die_with_parent, sibling_binary, Stopped};
+use failsafe_harness::httpc::{form_value, request};
+use failsafe_harness::local::{self, die_with_parent, sibling_binary, Stopped};
 use rand::{Rng, SeedableRng};
 
 use crate::check::Seen;

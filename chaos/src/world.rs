@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use failsafe_client::{pb, Client};
-use failsafe_fsd::local::{die_with_parent, in_netns, sibling_binary, LocalCluster, LocalMount};
+use failsafe_harness::local::{
+    die_with_parent, in_netns, sibling_binary, LocalCluster, LocalMount,
+};
 
 use crate::net::Net;
 use crate::scenario::{FaultKind, Scenario};

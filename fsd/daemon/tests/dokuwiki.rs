@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{http, Reply, TestCluster};
-use failsafe_fsd::local::{is_mounted, sibling_binary};
+use failsafe_harness::local::{is_mounted, sibling_binary};
 
 fn sh(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)
@@ -19,37 +19,13 @@ fn sh(cmd: &str, args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-/// Installs dokuwiki, php-cgi and lighttpd from Debian if they are missing.
-fn ensure_packages() {
-    let have = [
-        "/usr/share/dokuwiki/doku.php",
-        "/usr/bin/php-cgi",
-        "/usr/sbin/lighttpd",
-    ]
-    .iter()
-    .all(|p| Path::new(p).exists());
-    if have {
-        return;
-    }
-    let ok = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "dokuwiki",
-            "php-cgi",
-            "lighttpd",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "could not install dokuwiki, php-cgi and lighttpd with apt-get"
-    );
-}
+/// Debian's dokuwiki, php-cgi and lighttpd, which scripts/test.sh installs
+/// (the test does not install anything itself).
+const PACKAGES: [&str; 3] = [
+    "/usr/share/dokuwiki/doku.php",
+    "/usr/bin/php-cgi",
+    "/usr/sbin/lighttpd",
+];
 
 /// Everything this test set up outside its temp dir, undone on drop.
 struct Setup {
@@ -182,7 +158,12 @@ async fn t95_dokuwiki_runs_unmodified_on_a_failsafe_mount() {
         eprintln!("skipped: needs root (FUSE mount, bind mounts, web server)");
         return;
     }
-    ensure_packages();
+    if let Some(missing) = PACKAGES.iter().find(|p| !Path::new(p).exists()) {
+        eprintln!(
+            "skipped: {missing} is missing (scripts/test.sh installs dokuwiki, php-cgi and lighttpd)"
+        );
+        return;
+    }
     let (mut tc, _client) = TestCluster::start(&[]).await;
     let dir = tc.dir.path().to_path_buf();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -367,5 +348,5 @@ fastcgi.server = (".php" => ((
     let changes = std::fs::read_to_string(mnt.join("data/meta/failsafe/test.changes")).unwrap();
     assert_eq!(changes.lines().count(), 4, "{changes}");
     drop(setup);
-    let _ = &mut tc;
+    failsafe_harness::logs::check([dir.join("mount.log").as_path()], &tc.expected_errors).unwrap();
 }

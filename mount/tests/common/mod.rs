@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use failsafe_fsd::local::{sibling_binary, LocalCluster, LocalMount};
+use failsafe_harness::local::{sibling_binary, LocalCluster, LocalMount};
+use failsafe_harness::logs;
 
 /// A mount of the test cluster.
 pub(crate) struct Mount(pub LocalMount);
@@ -30,6 +31,11 @@ pub(crate) struct Env {
     pub cluster: LocalCluster,
     pub dir: tempfile::TempDir,
     pub mounts: Vec<Mount>,
+    /// Log lines at ERROR level (substrings) that this test provokes on
+    /// purpose. Every other ERROR line in a host's or a mount's log fails
+    /// the test when the `Env` is dropped, except openraft's about a killed
+    /// or frozen peer.
+    pub expected_errors: Vec<&'static str>,
 }
 
 impl Env {
@@ -44,6 +50,7 @@ impl Env {
             cluster,
             dir,
             mounts: Vec::new(),
+            expected_errors: Vec::new(),
         };
         for i in 0..n {
             let zone = ["a", "b", "c"][i % 3];
@@ -74,17 +81,22 @@ impl Drop for Env {
             m.unmount();
         }
         if std::thread::panicking() {
+            // The test's own failure comes first; the logs help explain it.
             for m in &self.mounts {
                 eprintln!("--- {} ---\n{}", m.log.display(), tail(&m.log));
             }
+            return;
+        }
+        let mut logs = self.cluster.log_paths();
+        logs.extend(self.mounts.iter().map(|m| m.log.clone()));
+        if let Err(e) = logs::check(logs.iter().map(PathBuf::as_path), &self.expected_errors) {
+            panic!("{e}");
         }
     }
 }
 
 pub(crate) fn tail(p: &Path) -> String {
-    let s = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+    logs::tail(p, 40)
 }
 
 pub(crate) fn errno_of(r: std::io::Result<impl Sized>) -> i32 {

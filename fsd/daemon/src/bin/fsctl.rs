@@ -1,12 +1,10 @@
 //! fsctl: administer a failsafe cluster.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use failsafe_client::{admin_for, pb, Client, ClientConfig};
-use failsafe_fsd::local::{is_mounted, sibling_binary, terminate, LocalCluster, Stopped};
 use failsafe_proto::header;
 
 /// Administer a failsafe cluster.
@@ -46,18 +44,6 @@ enum Cmd {
     /// Membership.
     #[command(subcommand)]
     Host(HostCmd),
-    /// The whole story on one machine: three hosts (zones a, b, c) on
-    /// loopback, the cluster mounted at DIR/mnt, and a wiki on the mount at
-    /// http://127.0.0.1:PORT. Stays in the foreground; Ctrl-C tears it all
-    /// down. Run again on the same DIR and the same pages come back. Needs
-    /// root (for the FUSE mount).
-    Demo {
-        #[arg(long, default_value = "failsafe-demo")]
-        dir: PathBuf,
-        /// The wiki listens on PORT; the hosts on PORT+1, PORT+2, PORT+3.
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-    },
 }
 
 #[derive(Subcommand)]
@@ -254,7 +240,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             client.remove_host(id, false).await?;
             println!("host {id:016x} drained and removed");
         }
-        Cmd::Demo { dir, port } => demo(dir, *port).await?,
     }
     Ok(())
 }
@@ -428,190 +413,4 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         );
     }
     out
-}
-
-async fn demo(dir: &std::path::Path, port: u16) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("the demo mounts the cluster with FUSE and needs root: run it with sudo");
-    }
-    if !std::path::Path::new("/dev/fuse").exists() {
-        anyhow::bail!("/dev/fuse is missing: load the fuse module (modprobe fuse), or pass the device into the container");
-    }
-    let fsd = sibling_binary("fsd")?;
-    let mount_bin = sibling_binary("mount-failsafe")?;
-    let wiki_bin = sibling_binary("wiki-cgi")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    let existing = std::fs::read_to_string(dir.join("host-a/cluster.id"))
-        .ok()
-        .map(|s| s.trim().to_string());
-    let mut cluster = LocalCluster::start(&dir, &["a", "b", "c"], &fsd, port + 1, &[])?;
-    match existing.filter(|s| !s.is_empty()) {
-        Some(id) => {
-            cluster.cluster_id = id;
-            cluster
-                .wait_for(Duration::from_secs(30), "a leader", |s| s.leader_id != 0)
-                .await
-                .context("the cluster in this directory did not come back")?;
-        }
-        None => {
-            cluster.bootstrap().await?;
-        }
-    }
-    let client = cluster.client().await?;
-    let status = client.status().await?;
-    let reach = reachability(&status, Duration::from_millis(800)).await;
-    print!("{}", render_status(&status, &reach));
-
-    let mnt = dir.join("mnt");
-    std::fs::create_dir_all(&mnt)?;
-    if is_mounted(&mnt) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&mnt)
-            .status();
-    }
-    let spec = format!("{}:/", cluster.addrs().join(","));
-    let opts = format!(
-        "zone=a,cache_dir={},allow_other",
-        dir.join("cache").display()
-    );
-    let log = std::fs::File::create(dir.join("mount.log"))?;
-    let mut mount = Stopped(
-        std::process::Command::new(&mount_bin)
-            .arg(&spec)
-            .arg(&mnt)
-            .args(["-f", "-o", &opts])
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mount.failsafe")?,
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !is_mounted(&mnt) {
-        if let Ok(Some(s)) = mount.0.try_wait() {
-            anyhow::bail!(
-                "mount.failsafe exited with {s}; see {}",
-                dir.join("mount.log").display()
-            );
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "the mount did not come up; see {}",
-                dir.join("mount.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let data = mnt.join("wiki");
-    std::fs::create_dir_all(&data)?;
-    let log = std::fs::File::create(dir.join("wiki.log"))?;
-    let mut wiki = Stopped(
-        std::process::Command::new(&wiki_bin)
-            .args(["serve", "--data"])
-            .arg(&data)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting wiki-cgi")?,
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if let Ok(Some(s)) = wiki.0.try_wait() {
-            anyhow::bail!(
-                "wiki-cgi exited with {s}; see {}",
-                dir.join("wiki.log").display()
-            );
-        }
-        if std::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "the wiki did not start; see {}",
-                dir.join("wiki.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let pids: Vec<String> = cluster
-        .hosts
-        .iter()
-        .map(|h| format!("{}={}", h.zone, h.pid().unwrap_or(0)))
-        .collect();
-    println!(
-        "\nready: mount {} url {url} hosts {} pids {}",
-        mnt.display(),
-        cluster.addrs().join(","),
-        pids.join(",")
-    );
-    let b = &cluster.hosts[1];
-    println!("\nOpen {url} and edit pages. The pages live on all three hosts. To see a host fail:");
-    println!(
-        "  kill -9 {}      # from another terminal: host b dies; keep editing, nothing is lost",
-        b.pid().unwrap_or(0)
-    );
-    println!("  then press Enter here to restart every host that is down; it catches up");
-    println!(
-        "  {} --cluster {} status",
-        std::env::current_exe()?.display(),
-        cluster.addrs().join(",")
-    );
-    println!(
-        "Ctrl-C stops the wiki, unmounts and stops the hosts; logs are in {}.",
-        dir.display()
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let (enter_tx, mut enter_rx) = tokio::sync::mpsc::channel::<()>(4);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
-            line.clear();
-            if enter_tx.blocking_send(()).is_err() {
-                return;
-            }
-        }
-    });
-    let mut reported = vec![false; cluster.hosts.len()];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            Some(()) = enter_rx.recv() => {
-                for (i, seen) in reported.iter_mut().enumerate() {
-                    if cluster.exited(i) {
-                        cluster.restart(i, true)?;
-                        *seen = false;
-                        println!("host {} restarted, pid {}", cluster.hosts[i].zone, cluster.hosts[i].pid().unwrap_or(0));
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                for (i, seen) in reported.iter_mut().enumerate() {
-                    if cluster.exited(i) && !*seen {
-                        *seen = true;
-                        println!("host {} is down; the wiki keeps working. Press Enter to restart it.", cluster.hosts[i].zone);
-                    }
-                }
-            }
-        }
-    }
-    println!("stopping: wiki, mount, hosts");
-    terminate(&mut wiki.0);
-    terminate(&mut mount.0);
-    if is_mounted(&mnt) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&mnt)
-            .status();
-    }
-    cluster.stop_all();
-    Ok(())
 }

@@ -5,12 +5,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use failsafe_client::{pb, Client, ClientConfig};
-use failsafe_fsd::local::LocalCluster;
+use failsafe_harness::local::LocalCluster;
 
 pub(crate) struct TestCluster {
     pub c: LocalCluster,
     pub dir: tempfile::TempDir,
-    /// Log lines at ERROR level that this test provokes on purpose.
+    /// Log lines at ERROR level that this test provokes on purpose
+    /// (substrings). Every other ERROR line fails the test when the cluster
+    /// is dropped, except openraft's about a killed or frozen peer.
     pub expected_errors: Vec<&'static str>,
 }
 
@@ -97,26 +99,12 @@ impl TestCluster {
         }
     }
 
-    /// Fails on ERROR lines in any host's log that the test did not expect.
+    /// Fails on ERROR lines in any host's log that the test did not expect
+    /// (see `expected_errors`). Dropping the cluster does this too; call it
+    /// to check at a point of the test's choosing.
     pub(crate) fn check_logs(&self) {
-        for h in &self.c.hosts {
-            let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
-            // openraft reports a peer it cannot reach, that does not answer
-            // in time, or whose connection a kill cut mid-call, at ERROR;
-            // with hosts killed or frozen on purpose that is expected.
-            let expected_by_openraft = |l: &str| {
-                l.contains("Unreachable node")
-                    || l.contains("err=timeout after")
-                    || (l.contains("openraft::") && l.contains("transport error"))
-            };
-            let lines = log
-                .lines()
-                .filter(|l| l.contains(" ERROR ") && !expected_by_openraft(l));
-            for line in lines {
-                if !self.expected_errors.iter().any(|e| line.contains(e)) {
-                    panic!("unexpected error in {}: {line}", h.log_path().display());
-                }
-            }
+        if let Err(e) = self.c.check_logs(&self.expected_errors) {
+            panic!("{e}");
         }
     }
 }
@@ -124,14 +112,13 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // The test's own failure comes first; the logs help explain it.
             for h in &self.c.hosts {
-                let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 eprintln!("--- last lines of {} ---", h.log_path().display());
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
+                eprintln!("{}", failsafe_harness::logs::tail(&h.log_path(), 30));
             }
+        } else {
+            self.check_logs();
         }
     }
 }
@@ -145,4 +132,4 @@ pub(crate) fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-pub(crate) use failsafe_fsd::httpc::{request as http, Reply};
+pub(crate) use failsafe_harness::httpc::{request as http, Reply};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use failsafe_fsd::local::{sibling_binary, LocalCluster};
+use failsafe_harness::local::{sibling_binary, LocalCluster};
 
 #[derive(Parser)]
 #[command(version, about = "Benchmark a three-host loopback failsafe cluster")]

@@ -1,5 +1,6 @@
-//! A cluster of real `fsd` processes on this machine, on loopback: what the
-//! demo, the integration tests and the benchmark start.
+//! A cluster of real `fsd` processes on this machine, on loopback (or in
+//! network namespaces), and the mounts and wikis on it: what the demo, the
+//! integration tests, chaos and the benchmarks start.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -220,7 +221,7 @@ pub struct LocalCluster {
     pub die_with_parent: bool,
 }
 
-/// The `fsd` binary next to the running one (target/debug or an install dir).
+/// The binary `name` next to the running one (target/debug or an install dir).
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe
@@ -363,6 +364,19 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every host's log (stdout and stderr of its fsd, across restarts).
+    pub fn log_paths(&self) -> Vec<PathBuf> {
+        self.hosts.iter().map(LocalHost::log_path).collect()
+    }
+
+    /// Fails on the first ERROR line in any host's log that neither
+    /// openraft's expected ones (a peer killed or frozen) nor any of the
+    /// `allowed` substrings match; see [`crate::logs`].
+    pub fn check_logs(&self, allowed: &[&str]) -> anyhow::Result<()> {
+        let logs = self.log_paths();
+        crate::logs::check(logs.iter().map(PathBuf::as_path), allowed)
     }
 
     pub fn addrs(&self) -> Vec<String> {

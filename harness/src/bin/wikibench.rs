@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use failsafe_fsd::httpc::{form_value, request};
-use failsafe_fsd::local::{self, is_mounted, sibling_binary, LocalCluster, Stopped};
+use failsafe_harness::httpc::{form_value, request};
+use failsafe_harness::local::{self, is_mounted, sibling_binary, LocalCluster, Stopped};
 
 #[derive(Parser)]
 #[command(

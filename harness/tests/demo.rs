@@ -1,7 +1,5 @@
-//! The one-command demo end to end: fsctl demo (hosts, mount, wiki), two
+//! The one-command demo end to end: failsafe-demo (hosts, mount, wiki), two
 //! editors and two readers over HTTP while a host is killed and restarted.
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -10,8 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::http;
-use failsafe_fsd::httpc::form_value as field;
+use failsafe_harness::httpc::{form_value as field, request as http};
 
 fn free_port_base() -> u16 {
     loop {
@@ -39,8 +36,8 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port_base();
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_fsctl"))
-        .args(["demo", "--dir"])
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_failsafe-demo"))
+        .arg("--dir")
         .arg(dir.path())
         .args(["--port", &port.to_string()])
         .stdin(Stdio::piped())
@@ -201,4 +198,16 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
         !mounts.contains(&dir.path().display().to_string()),
         "the demo unmounted"
     );
+    // Killing host b is the only fault, and openraft's complaints about it
+    // are expected; nothing else may log an error.
+    let logs: Vec<_> = [
+        "host-a/fsd.log",
+        "host-b/fsd.log",
+        "host-c/fsd.log",
+        "mount.log",
+    ]
+    .iter()
+    .map(|l| dir.path().join(l))
+    .collect();
+    failsafe_harness::logs::check(logs.iter().map(|p| p.as_path()), &[]).unwrap();
 }
