@@ -121,10 +121,11 @@ async fn metric(addr: &str, name: &str) -> Option<f64> {
 /// Blocks below their copy count, as the leader judges it (None: the
 /// member that answered cannot judge).
 pub(crate) fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u64> {
-    match s.mode.as_str() {
-        "fail-safe" => Some(0),
-        "limp" => Some(s.under_replicated.max(1)),
-        _ => None,
+    use failsafe_client::pb::ClusterMode;
+    match s.mode() {
+        ClusterMode::FailSafe => Some(0),
+        ClusterMode::Limp => Some(s.under_replicated.max(1)),
+        ClusterMode::Unknown => None,
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Judgement {
     /// Serving now: its copies are live (the fail-safe judgement, ship risk)
     /// and repair may read from it.
     pub live: bool,
+    /// Its copies may be read: up and not away (a shipped host serves no
+    /// reads until it is back and verified); a draining host is still read.
+    pub readable: bool,
     /// Up and not leaving: it may take new copies (a returning shipped host
     /// takes its catch-up before it serves).
     pub takes_copies: bool,
@@ -85,6 +88,7 @@ pub fn judge(liveness: Liveness, admin: AdminState, now_ns: i64, by_leader: bool
         health,
         counted: health != HostHealth::Dead && !draining,
         live: answering && admin == AdminState::Active,
+        readable: liveness == Liveness::Up && !matches!(admin, AdminState::Away { .. }),
         takes_copies: liveness == Liveness::Up && !draining,
     }
 }
@@ -111,7 +115,7 @@ mod tests {
     fn an_active_host_by_liveness() {
         let up = j(Liveness::Up, AdminState::Active);
         assert_eq!(up.health, HostHealth::Up);
-        assert!(up.counted && up.live && up.takes_copies && !up.dead());
+        assert!(up.counted && up.live && up.readable && up.takes_copies && !up.dead());
 
         let down = j(DOWN, AdminState::Active);
         assert_eq!(down.health, HostHealth::Down);
@@ -137,7 +141,7 @@ mod tests {
     fn a_returning_host_takes_copies_but_serves_none() {
         let back = j(Liveness::Up, AdminState::Away { until_ns: NOW + 1 });
         assert_eq!(back.health, HostHealth::Up);
-        assert!(back.counted && back.takes_copies && !back.live);
+        assert!(back.counted && back.takes_copies && !back.live && !back.readable);
     }
 
     #[test]
@@ -145,6 +149,10 @@ mod tests {
         let leaving = j(Liveness::Up, AdminState::Draining);
         assert_eq!(leaving.health, HostHealth::Leaving);
         assert!(!leaving.counted && !leaving.live && !leaving.takes_copies);
+        assert!(
+            leaving.readable,
+            "repair copies a draining host's blocks from it"
+        );
         let gone = j(DOWN, AdminState::Draining);
         assert_eq!(gone.health, HostHealth::Down);
         assert!(!gone.counted);

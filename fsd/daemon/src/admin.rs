@@ -270,7 +270,7 @@ impl Admin for AdminService {
         self.cluster
             .propose(Op::SetHostState(pb::SetHostState {
                 host_id: req.host_id,
-                state: "away".into(),
+                state: pb::HostAdminState::Away as i32,
                 until_ns,
             }))
             .await?;
@@ -298,7 +298,7 @@ impl Admin for AdminService {
         self.cluster
             .propose(Op::SetHostState(pb::SetHostState {
                 host_id: req.host_id,
-                state: "draining".into(),
+                state: pb::HostAdminState::Draining as i32,
                 until_ns: 0,
             }))
             .await?;

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use failsafe_blockstore::{BlockStore, Hash, Removal};
 use failsafe_client::Client;
-use failsafe_core::{hash_hex, HostHealth};
+use failsafe_core::{hash_hex, Liveness};
 use failsafe_proto::pb::{self, command::Op};
 use failsafe_tracker::TrackerError;
 use futures::StreamExt;
@@ -155,7 +155,7 @@ impl Gc {
                     continue;
                 };
                 // A holder that is not up sweeps its copy itself when it is back.
-                if tracker.liveness(*host).health() == HostHealth::Up {
+                if tracker.liveness(*host) == Liveness::Up {
                     deletes.push((block.hash.clone(), device, addr.clone()));
                 }
             }

@@ -77,7 +77,7 @@ impl Worker for Return {
         self.cluster
             .propose(Op::SetHostState(pb::SetHostState {
                 host_id: t.host_id,
-                state: "active".into(),
+                state: pb::HostAdminState::Active as i32,
                 until_ns: 0,
             }))
             .await?;

@@ -25,8 +25,11 @@ async fn t10_three_hosts_bootstrap_into_one_cluster() {
     let zones: BTreeSet<&str> = s.hosts.iter().map(|h| h.zone.as_str()).collect();
     assert_eq!(zones, BTreeSet::from(["a", "b", "c"]));
     assert_eq!(s.hosts.iter().filter(|h| h.role == "leader").count(), 1);
-    assert!(s.hosts.iter().all(|h| h.state == "up"), "{s:?}");
-    assert_eq!(s.mode, "fail-safe");
+    assert!(
+        s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up),
+        "{s:?}"
+    );
+    assert_eq!(s.mode(), pb::ClusterMode::FailSafe);
     assert_eq!(s.devices.len(), 3);
 }
 

@@ -89,7 +89,9 @@ async fn t60_blocks_written_while_a_host_is_down_get_their_third_copy_when_it_re
     let (mut tc, c) = TestCluster::start(FAST_REPAIR).await;
     tc.expected_errors.push(KILLED_MID_RPC);
     wait_status(&tc, PATIENCE, "fail-safe with every host up", |s| {
-        s.mode == "fail-safe" && s.copies == 3 && s.hosts.iter().all(|h| h.state == "up")
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.copies == 3
+            && s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up)
     })
     .await;
     let leader = tc.leader().await;
@@ -99,11 +101,12 @@ async fn t60_blocks_written_while_a_host_is_down_get_their_third_copy_when_it_re
     let s = wait_status(&tc, PATIENCE, "the killed host down", |s| {
         s.hosts
             .iter()
-            .any(|h| h.host_id == victim_id && h.state == "down" && !h.dead)
+            .any(|h| h.host_id == victim_id && h.state() == pb::HostLiveness::Down && !h.dead)
     })
     .await;
     assert_eq!(
-        s.mode, "fail-safe",
+        s.mode(),
+        pb::ClusterMode::FailSafe,
         "nothing is written yet, so nothing is short"
     );
 
@@ -124,13 +127,18 @@ async fn t60_blocks_written_while_a_host_is_down_get_their_third_copy_when_it_re
             .all(|d| d.len() == 2 && !d.contains(&victim_device)),
         "{copies:?}"
     );
-    let s = wait_status(&tc, PATIENCE, "limp", |s| s.mode == "limp").await;
+    let s = wait_status(&tc, PATIENCE, "a block below its copy count", |s| {
+        s.mode() == pb::ClusterMode::Limp
+    })
+    .await;
     assert_eq!((s.under_replicated, s.unavailable), (2, 0), "{s:#?}");
 
     tc.c.restart(victim, true).expect("restart");
     let started = Instant::now();
     let s = wait_status(&tc, PATIENCE, "fail-safe again", |s| {
-        s.mode == "fail-safe" && s.under_replicated == 0 && s.hosts.iter().all(|h| h.state == "up")
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.under_replicated == 0
+            && s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up)
     })
     .await;
     eprintln!("fail-safe {:?} after the restart", started.elapsed());
@@ -182,7 +190,10 @@ async fn t61_a_corrupt_copy_is_quarantined_on_read_and_copied_again() {
         assert!(Instant::now() < deadline, "three copies never recorded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
 
     // Flip a byte of the copy on host b.
     let victim = 1;
@@ -223,7 +234,7 @@ async fn t61_a_corrupt_copy_is_quarantined_on_read_and_copied_again() {
         let s = tc.status().await;
         if back
             && recorded
-            && s.mode == "fail-safe"
+            && s.mode() == pb::ClusterMode::FailSafe
             && s.repair.as_ref().is_some_and(|r| r.blocks >= 1)
         {
             break;
@@ -265,7 +276,10 @@ async fn t62_a_host_down_past_dead_after_has_its_copies_rebuilt_elsewhere() {
         assert!(Instant::now() < deadline, "three copies never recorded");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let s = wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    let s = wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
     let holders = copies_of(&c, f.ino).await.remove(0);
     assert_eq!(holders.len(), 3);
     // Repair may already have recorded a third copy the write left in flight.
@@ -279,10 +293,10 @@ async fn t62_a_host_down_past_dead_after_has_its_copies_rebuilt_elsewhere() {
 
     // Down, not dead: limp, and nothing is copied yet.
     let s = wait_status(&tc, PATIENCE, "limp with the host down", |s| {
-        s.mode == "limp"
+        s.mode() == pb::ClusterMode::Limp
             && s.hosts
                 .iter()
-                .any(|h| h.host_id == victim_id && h.state == "down" && !h.dead)
+                .any(|h| h.host_id == victim_id && h.state() == pb::HostLiveness::Down && !h.dead)
     })
     .await;
     assert_eq!((s.under_replicated, s.unavailable), (1, 0));
@@ -294,7 +308,8 @@ async fn t62_a_host_down_past_dead_after_has_its_copies_rebuilt_elsewhere() {
 
     // Dead: its copy stops counting and is rebuilt on the fourth host.
     let s = wait_status(&tc, PATIENCE, "fail-safe without the dead host", |s| {
-        s.mode == "fail-safe" && s.hosts.iter().any(|h| h.host_id == victim_id && h.dead)
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.hosts.iter().any(|h| h.host_id == victim_id && h.dead)
     })
     .await;
     assert_eq!(s.repair.as_ref().map(|r| r.blocks), Some(base + 1));
@@ -361,7 +376,10 @@ async fn t63_a_replaced_disk_is_gone_and_its_blocks_are_rebuilt_at_once() {
         .unwrap();
     c.write(f.ino, 0, &body).await.unwrap();
     wait_copies(&c, f.ino, 3).await;
-    wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
     let leader = tc.leader().await;
     let victim = (leader + 1) % 3;
     let (victim_id, old_device) = ids_of(&tc.status().await, &tc, victim);
@@ -382,12 +400,13 @@ async fn t63_a_replaced_disk_is_gone_and_its_blocks_are_rebuilt_at_once() {
             let gone = s
                 .devices
                 .iter()
-                .any(|d| d.device_id == old_device && d.state == "gone");
-            let fresh = s
-                .devices
-                .iter()
-                .any(|d| d.host_id == victim_id && d.device_id != old_device && d.state == "ok");
-            gone && fresh && s.mode == "fail-safe" && s.under_replicated == 0
+                .any(|d| d.device_id == old_device && d.state() == pb::DeviceState::Gone);
+            let fresh = s.devices.iter().any(|d| {
+                d.host_id == victim_id
+                    && d.device_id != old_device
+                    && d.state() == pb::DeviceState::Ok
+            });
+            gone && fresh && s.mode() == pb::ClusterMode::FailSafe && s.under_replicated == 0
         },
     )
     .await;
@@ -435,7 +454,10 @@ async fn t64_scrub_finds_a_corrupt_copy_nobody_reads_and_repair_replaces_it() {
     let f = c.create(ROOT, b"rots-unread", 0o644, true).await.unwrap();
     c.write(f.ino, 0, &body).await.unwrap();
     wait_copies(&c, f.ino, 3).await;
-    wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
 
     let victim = 1;
     let (_, victim_device) = ids_of(&tc.status().await, &tc, victim);
@@ -461,7 +483,7 @@ async fn t64_scrub_finds_a_corrupt_copy_nobody_reads_and_repair_replaces_it() {
         let back = std::fs::read(&path).is_ok_and(|b| b == body);
         let recorded = copies_of(&c, f.ino).await[0].contains(&victim_device);
         let s = tc.status().await;
-        if quarantined && back && recorded && s.mode == "fail-safe" {
+        if quarantined && back && recorded && s.mode() == pb::ClusterMode::FailSafe {
             break;
         }
         assert!(
@@ -535,7 +557,10 @@ async fn t65_a_dead_host_that_returns_has_its_extra_copies_trimmed() {
         .unwrap();
     c.write(f.ino, 0, &body).await.unwrap();
     wait_copies(&c, f.ino, 3).await;
-    let s = wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    let s = wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
     let leader = tc.leader().await;
     let first = copies_of(&c, f.ino).await.remove(0);
     let victim = (0..4)
@@ -551,7 +576,8 @@ async fn t65_a_dead_host_that_returns_has_its_extra_copies_trimmed() {
 
     // Dead: what it held is rebuilt on the fourth host; its records stay.
     wait_status(&tc, PATIENCE, "fail-safe without the dead host", |s| {
-        s.mode == "fail-safe" && s.hosts.iter().any(|h| h.host_id == victim_id && h.dead)
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.hosts.iter().any(|h| h.host_id == victim_id && h.dead)
     })
     .await;
     let copies = copies_of(&c, f.ino).await;
@@ -568,8 +594,8 @@ async fn t65_a_dead_host_that_returns_has_its_extra_copies_trimmed() {
     loop {
         let copies = copies_of(&c, f.ino).await;
         let s = tc.status().await;
-        let up = s.hosts.iter().all(|h| h.state == "up");
-        if up && s.mode == "fail-safe" && copies.iter().all(|d| d.len() == 3) {
+        let up = s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up);
+        if up && s.mode() == pb::ClusterMode::FailSafe && copies.iter().all(|d| d.len() == 3) {
             break;
         }
         assert!(
@@ -758,7 +784,8 @@ async fn t67_a_returning_host_receives_changed_pages_as_deltas() {
         save(&c, &format!("page{p}"), &page_text(lines, &[], 0)).await;
     }
     wait_status(&tc, PATIENCE, "fail-safe with every page written", |s| {
-        s.mode == "fail-safe" && s.hosts.iter().all(|h| h.state == "up")
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up)
     })
     .await;
     let leader = tc.leader().await;
@@ -768,7 +795,7 @@ async fn t67_a_returning_host_receives_changed_pages_as_deltas() {
     wait_status(&tc, PATIENCE, "the killed host down", |s| {
         s.hosts
             .iter()
-            .any(|h| h.host_id == victim_id && h.state == "down")
+            .any(|h| h.host_id == victim_id && h.state() == pb::HostLiveness::Down)
     })
     .await;
 
@@ -792,7 +819,9 @@ async fn t67_a_returning_host_receives_changed_pages_as_deltas() {
 
     tc.c.restart(victim, true).expect("restart");
     wait_status(&tc, PATIENCE, "fail-safe again", |s| {
-        s.mode == "fail-safe" && s.under_replicated == 0 && s.hosts.iter().all(|h| h.state == "up")
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.under_replicated == 0
+            && s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up)
     })
     .await;
     // What reached the returning host: deltas, and whole blocks if any.
@@ -856,8 +885,9 @@ async fn t68_a_shipped_host_starts_no_repair_and_catches_up_by_deltas_at_a_new_a
     for p in 0..pages {
         save(&c, &format!("page{p}"), &page_text(lines, &[], 0)).await;
     }
-    wait_status(&tc, PATIENCE, "fail-safe", |s| {
-        s.mode == "fail-safe" && s.hosts.iter().all(|h| h.state == "up")
+    wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+            && s.hosts.iter().all(|h| h.state() == pb::HostLiveness::Up)
     })
     .await;
     let leader = tc.leader().await;
@@ -890,11 +920,15 @@ async fn t68_a_shipped_host_starts_no_repair_and_catches_up_by_deltas_at_a_new_a
         .find(|h| h.host_id == victim_id)
         .expect("victim row");
     assert_eq!(
-        (row.admin.as_str(), row.state.as_str(), row.dead),
-        ("away", "down", false),
+        (row.admin(), row.state(), row.dead),
+        (pb::HostAdminState::Away, pb::HostLiveness::Down, false),
         "{row:?}"
     );
-    assert_eq!(s.mode, "limp", "two copies of what changed meanwhile");
+    assert_eq!(
+        s.mode(),
+        pb::ClusterMode::Limp,
+        "two copies of what changed meanwhile"
+    );
     assert_eq!(
         s.repair.as_ref().map(|r| r.blocks),
         Some(base),
@@ -906,11 +940,11 @@ async fn t68_a_shipped_host_starts_no_repair_and_catches_up_by_deltas_at_a_new_a
     // Back, at a new address: it verifies, catches up by deltas only, serves again.
     tc.c.restart(victim, false).expect("start at a new address");
     wait_status(&tc, PATIENCE, "fail-safe with the shipped host back", |s| {
-        s.mode == "fail-safe"
+        s.mode() == pb::ClusterMode::FailSafe
             && s.hosts.iter().any(|h| {
                 h.host_id == victim_id
-                    && h.admin == "active"
-                    && h.state == "up"
+                    && h.admin() == pb::HostAdminState::Active
+                    && h.state() == pb::HostLiveness::Up
                     && h.addr == tc.c.hosts[victim].addr
             })
     })
@@ -967,7 +1001,11 @@ async fn t69_ship_refuses_a_host_holding_the_last_good_copy() {
         "{err}"
     );
     assert!(
-        tc.status().await.hosts.iter().all(|h| h.admin == "active"),
+        tc.status()
+            .await
+            .hosts
+            .iter()
+            .all(|h| h.admin() == pb::HostAdminState::Active),
         "nothing shipped"
     );
 }
@@ -988,7 +1026,10 @@ async fn t70_a_drained_leader_hands_over_its_copies_and_leadership_and_leaves() 
         wait_copies(&c, f.ino, 3).await;
         files.push((f.ino, body));
     }
-    let s = wait_status(&tc, PATIENCE, "fail-safe", |s| s.mode == "fail-safe").await;
+    let s = wait_status(&tc, PATIENCE, "every block at its copy count", |s| {
+        s.mode() == pb::ClusterMode::FailSafe
+    })
+    .await;
     let leader = tc.leader().await;
     let (leader_id, leader_device) = ids_of(&s, &tc, leader);
     let holders = copies_of(&c, files[0].0).await.remove(0);
@@ -1019,7 +1060,7 @@ async fn t70_a_drained_leader_hands_over_its_copies_and_leadership_and_leaves() 
         "{said}"
     );
     let s = wait_status(&tc, PATIENCE, "fail-safe under a new leader", |s| {
-        s.mode == "fail-safe"
+        s.mode() == pb::ClusterMode::FailSafe
             && s.leader_id != leader_id
             && s.hosts.iter().all(|h| h.host_id != leader_id)
     })
@@ -1073,7 +1114,7 @@ async fn t71_a_blank_box_receives_its_share_of_copies_by_rebalancing() {
             all_three &= copies.len() == 3;
             on_d += usize::from(dev.is_some_and(|dv| copies.contains(&dv)));
         }
-        if all_three && on_d >= 6 && s.mode == "fail-safe" {
+        if all_three && on_d >= 6 && s.mode() == pb::ClusterMode::FailSafe {
             eprintln!(
                 "{on_d} of {} files now have a copy on the new box",
                 files.len()

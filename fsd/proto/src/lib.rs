@@ -10,6 +10,57 @@ pub mod pb {
     tonic::include_proto!("failsafe.v1");
 }
 
+/// The names states go by in status output and JSON: lowercase, stable, for
+/// operators and their scripts.
+macro_rules! labels {
+    ($($module:ident: $t:ident { $($variant:ident => $label:literal),+ $(,)? })+) => {
+        $(
+            impl pb::$t {
+                pub fn label(self) -> &'static str {
+                    match self {
+                        $(pb::$t::$variant => $label),+
+                    }
+                }
+            }
+        )+
+        /// serde adapters for the enum fields of status messages (see build.rs).
+        pub(crate) mod names {
+            $(
+                pub(crate) mod $module {
+                    use serde::{Deserialize, Deserializer, Serializer};
+
+                    use crate::pb::$t;
+
+                    pub(crate) fn serialize<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+                        s.serialize_str($t::try_from(*v).map_or("unknown", $t::label))
+                    }
+
+                    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+                        let name = String::deserialize(d)?;
+                        [$($t::$variant),+]
+                            .into_iter()
+                            .find(|v| v.label() == name)
+                            .map(|v| v as i32)
+                            .ok_or_else(|| serde::de::Error::custom(format!("unknown state {name:?}")))
+                    }
+                }
+            )+
+        }
+    };
+}
+
+labels! {
+    host_liveness: HostLiveness { Unknown => "unknown", Up => "up", Down => "down" }
+    host_admin_state: HostAdminState {
+        Unspecified => "unspecified",
+        Active => "active",
+        Away => "away",
+        Draining => "draining",
+    }
+    device_state: DeviceState { Unspecified => "unknown", Ok => "ok", Full => "full", Gone => "gone" }
+    cluster_mode: ClusterMode { Unknown => "unknown", FailSafe => "fail-safe", Limp => "limp" }
+}
+
 /// Bumped whenever a change to the `.proto` files is not backward compatible.
 pub const PROTOCOL_VERSION: u32 = 1;
 

@@ -228,7 +228,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let Some(row) = s.hosts.iter().find(|h| h.host_id == id) else {
                     anyhow::bail!("host {id:016x} is gone")
                 };
-                if s.leader_id != 0 && row.admin == "draining" && s.role == "leader" {
+                if s.leader_id != 0
+                    && row.admin() == pb::HostAdminState::Draining
+                    && s.role == "leader"
+                {
                     bar.set_position(r.to_move.saturating_sub(row.to_move));
                     if row.to_move == 0 {
                         break;
@@ -285,22 +288,28 @@ fn bytes(n: u64) -> String {
 /// The one line that says whether the cluster is fail-safe.
 fn mode_line(s: &pb::StatusReply) -> String {
     let copies = s.copies;
-    match s.mode.as_str() {
-        "fail-safe" => {
-            let down = s.hosts.iter().filter(|h| h.state == "down").count();
+    match s.mode() {
+        pb::ClusterMode::FailSafe => {
+            let down = s
+                .hosts
+                .iter()
+                .filter(|h| h.state() == pb::HostLiveness::Down)
+                .count();
             match down {
                 0 => format!("fail-safe: every block has {copies} copies"),
                 n => format!("fail-safe: every block has {copies} copies ({n} host(s) down)"),
             }
         }
-        "limp" if s.leader_id == 0 => {
+        pb::ClusterMode::Limp if s.leader_id == 0 => {
             "LIMP: no tracker leader (no majority of hosts reachable)".to_string()
         }
-        "limp" => format!(
+        pb::ClusterMode::Limp => format!(
             "LIMP: {} blocks below {copies} copies, {} unavailable",
             s.under_replicated, s.unavailable
         ),
-        _ => "mode unknown: the member answering is not the leader".to_string(),
+        pb::ClusterMode::Unknown => {
+            "mode unknown: the member answering is not the leader".to_string()
+        }
     }
 }
 
@@ -371,14 +380,16 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             .iter()
             .find(|(r, _)| *r == id)
             .map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
-        let state = match h.state.as_str() {
-            _ if h.admin == "away" && h.state == "down" => {
-                format!("SHIPPED {}", duration(h.down_ms))
+        let away = h.admin() == pb::HostAdminState::Away;
+        let state = match h.state() {
+            pb::HostLiveness::Down if away => format!("SHIPPED {}", duration(h.down_ms)),
+            _ if away => "returning".to_string(),
+            pb::HostLiveness::Down if h.dead => format!("DEAD {}", duration(h.down_ms)),
+            pb::HostLiveness::Down => format!("DOWN {}", duration(h.down_ms)),
+            pb::HostLiveness::Up if h.admin() == pb::HostAdminState::Draining => {
+                pb::HostAdminState::Draining.label().to_string()
             }
-            _ if h.admin == "away" => "returning".to_string(),
-            "down" if h.dead => format!("DEAD {}", duration(h.down_ms)),
-            "down" => format!("DOWN {}", duration(h.down_ms)),
-            other => other.to_string(),
+            other => other.label().to_string(),
         };
         let _ = writeln!(
             out,
@@ -395,10 +406,10 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         "DEVICE", "HOST", "STATE", "USED", "FREE", "CAPACITY", "BLOCKS"
     );
     for d in &s.devices {
-        let state = match d.state.as_str() {
-            "" => "?".to_string(),
-            "ok" => "ok".to_string(),
-            other => other.to_uppercase(),
+        let state = match d.state() {
+            pb::DeviceState::Unspecified => "?".to_string(),
+            pb::DeviceState::Ok => "ok".to_string(),
+            other => other.label().to_uppercase(),
         };
         let _ = writeln!(
             out,

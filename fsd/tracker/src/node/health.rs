@@ -6,41 +6,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use failsafe_core::{BlockView, Candidate, DeviceView, HostHealth};
+pub use failsafe_core::Liveness;
+use failsafe_core::{judge, AdminState, BlockView, Candidate, DeviceView, Judgement};
 use failsafe_proto::pb;
 use openraft::ServerState;
 
 use super::{wall_clock_ns, Tracker, TrackerError};
 use crate::network::Seen;
 use crate::raft::NodeId;
-use crate::state;
-
-/// How the member answering sees a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
-    Up,
-    /// No answer to the leader's heartbeats for `for_ms`; `dead` once that
-    /// is longer than `dead_after_ms`.
-    Down {
-        for_ms: u64,
-        dead: bool,
-    },
-    /// Not for this member to say (only the leader hears from every host),
-    /// or a leader that has not heard from it yet since it took over.
-    Unknown,
-}
-
-impl Liveness {
-    /// For repair, which acts only on what it knows: a host not known to be
-    /// up is neither read from nor written to, and its copies still count.
-    pub fn health(self) -> HostHealth {
-        match self {
-            Liveness::Up => HostHealth::Up,
-            Liveness::Down { dead: true, .. } => HostHealth::Dead,
-            Liveness::Down { dead: false, .. } | Liveness::Unknown => HostHealth::Down,
-        }
-    }
-}
+use crate::state::{self, admin_state, HostStates};
 
 /// What the repair worker needs from the leader's state machine.
 #[derive(Debug, Clone)]
@@ -95,15 +69,12 @@ impl Tracker {
             .map(|d| (d.location.host_id, d.location.zone.clone()))
             .collect();
         let zone = zone_of.get(&host_id).cloned().unwrap_or_default();
-        // Hosts that will still serve: up, and neither away nor draining.
+        // Hosts that will still serve.
+        let now = wall_clock_ns();
         let others_up: BTreeSet<u64> = zone_of
             .keys()
             .copied()
-            .filter(|h| {
-                *h != host_id
-                    && !states.iter().any(|(x, ..)| x == h)
-                    && self.liveness(*h) == Liveness::Up
-            })
+            .filter(|h| *h != host_id && self.judge(*h, &states, now).live)
             .collect();
         let live: Vec<u64> = space
             .iter()
@@ -139,8 +110,10 @@ impl Tracker {
         let states = self.read(state::host_states).await?;
         Ok(states
             .into_iter()
-            .filter(|(_, s, _, _)| s == "away")
-            .map(|(h, _, until, since)| (h, (until, since)))
+            .filter_map(|(h, s)| match s.admin {
+                AdminState::Away { until_ns } => Some((h, (until_ns, s.since))),
+                _ => None,
+            })
             .collect())
     }
 
@@ -153,6 +126,17 @@ impl Tracker {
     ) -> Result<Option<Vec<u8>>, TrackerError> {
         self.read(move |conn| state::delta_base(conn, &hash, device_id))
             .await
+    }
+
+    /// The one health rule (`failsafe_core::judge`) applied to host `id`,
+    /// as this member sees it at `now`.
+    fn judge(&self, id: NodeId, states: &HostStates, now: i64) -> Judgement {
+        judge(
+            self.liveness(id),
+            admin_state(states, id),
+            now,
+            self.is_leader(),
+        )
     }
 
     /// How this member sees host `id` now. Only the leader, which sends
@@ -242,42 +226,36 @@ impl Tracker {
         }
         let is_leader = m.state == ServerState::Leader;
         let states = self.read(state::host_states).await?;
-        let away = away_until(&states);
-        let draining: BTreeSet<u64> = states
-            .iter()
-            .filter(|(_, s, ..)| s == "draining")
-            .map(|(h, ..)| *h)
-            .collect();
+        let now = wall_clock_ns();
         let mut live_hosts = BTreeSet::new();
         for row in rows.values_mut() {
-            (row.admin, row.away_until_ns) = match away.get(&row.host_id) {
-                Some(&until) => ("away".into(), until),
-                None if draining.contains(&row.host_id) => ("draining".into(), 0),
-                None => ("active".into(), 0),
+            let admin = admin_state(&states, row.host_id);
+            let (shown, until) = match admin {
+                AdminState::Active => (pb::HostAdminState::Active, 0),
+                AdminState::Away { until_ns } => (pb::HostAdminState::Away, until_ns),
+                AdminState::Draining => (pb::HostAdminState::Draining, 0),
             };
-            let shipped = away
-                .get(&row.host_id)
-                .is_some_and(|&until| wall_clock_ns() < until);
-            let l = self.liveness(row.host_id);
-            (row.state, row.down_ms, row.dead) = match l {
-                Liveness::Up => ("up".into(), 0, false),
-                // A shipped host is not dead before its time is up.
-                Liveness::Down { for_ms, dead } => ("down".into(), for_ms, dead && !shipped),
-                Liveness::Unknown => ("unknown".into(), 0, false),
+            row.set_admin(shown);
+            row.away_until_ns = until;
+            let liveness = self.liveness(row.host_id);
+            let judged = judge(liveness, admin, now, is_leader);
+            let (shown, down_ms) = match liveness {
+                Liveness::Up => (pb::HostLiveness::Up, 0),
+                Liveness::Down { for_ms, .. } => (pb::HostLiveness::Down, for_ms),
+                Liveness::Unknown => (pb::HostLiveness::Unknown, 0),
             };
-            // A member that is not the leader counts the recorded copies;
-            // the leader only those on hosts it has heard from.
-            let live = match l {
-                Liveness::Up => true,
-                Liveness::Unknown => !is_leader,
-                Liveness::Down { .. } => false,
-            };
-            if live && !away.contains_key(&row.host_id) && !draining.contains(&row.host_id) {
+            row.set_state(shown);
+            row.down_ms = down_ms;
+            row.dead = judged.dead();
+            if judged.live {
                 live_hosts.insert(row.host_id);
             }
         }
         if is_leader {
-            for row in rows.values_mut().filter(|r| r.admin == "draining") {
+            for row in rows
+                .values_mut()
+                .filter(|r| r.admin() == pb::HostAdminState::Draining)
+            {
                 row.to_move = self
                     .drain_remaining(row.host_id)
                     .await
@@ -297,11 +275,11 @@ impl Tracker {
             .await?
             .map_err(TrackerError::storage)?;
         let mode = if leader.is_none() || (is_leader && counts.under_replicated > 0) {
-            "limp"
+            pb::ClusterMode::Limp
         } else if is_leader {
-            "fail-safe"
+            pb::ClusterMode::FailSafe
         } else {
-            "unknown"
+            pb::ClusterMode::Unknown
         };
         Ok(pb::StatusReply {
             cluster_id: self.cluster.get(),
@@ -320,7 +298,7 @@ impl Tracker {
             blocks,
             under_replicated: counts.under_replicated,
             unavailable: counts.unavailable,
-            mode: mode.into(),
+            mode: mode as i32,
             copies: copies as u32,
             repair: None,
             scrub: None,
@@ -342,65 +320,43 @@ impl Tracker {
         }
         let space = self.read(state::device_space).await?;
         let states = self.read(state::host_states).await?;
-        let away = away_until(&states);
         let now = wall_clock_ns();
         let mut devices = Vec::with_capacity(space.len());
-        let mut no_source = BTreeSet::new();
-        // A draining host's copies do not count (repair copies them away);
-        // it stays a source, and takes none.
-        let mut not_counted = BTreeSet::new();
+        let (mut counted, mut up, mut targets, mut no_source) =
+            (Vec::new(), Vec::new(), Vec::new(), BTreeSet::new());
         for d in space {
             let has_room = d.has_room();
             let loc = d.location;
-            let mut health = self.liveness(loc.host_id).health();
-            let draining = states
-                .iter()
-                .any(|(h, st, _, _)| *h == loc.host_id && st == "draining");
-            let has_room = has_room && !draining;
-            if draining {
-                not_counted.insert(loc.device_id);
-                if health == HostHealth::Up {
-                    health = HostHealth::Leaving;
-                }
+            let judged = self.judge(loc.host_id, &states, now);
+            let id = loc.device_id;
+            if judged.counted {
+                counted.push(id);
             }
-            if let Some(&until) = away.get(&loc.host_id) {
-                // Shipped: not dead before its time is up, and not read from
-                // (nor counted as live) until it is back and verified.
-                if health == HostHealth::Dead && now < until {
-                    health = HostHealth::Down;
-                }
-                no_source.insert(loc.device_id);
+            if judged.live {
+                up.push(id);
+            }
+            if !judged.readable {
+                no_source.insert(id);
+            }
+            // A returning shipped host takes copies (its catch-up) before it serves.
+            let has_room = has_room && judged.takes_copies;
+            if has_room {
+                targets.push(id);
             }
             let candidate = Candidate {
-                device_id: loc.device_id,
+                device_id: id,
                 host_id: loc.host_id,
                 zone: loc.zone,
             };
             let view = DeviceView {
                 candidate,
-                health,
+                health: judged.health,
                 has_room,
                 capacity_bytes: d.capacity_bytes,
                 free_bytes: d.free_bytes,
             };
             devices.push((view, loc.addr));
         }
-        let ids = |f: &dyn Fn(&DeviceView) -> bool| -> Vec<u64> {
-            devices
-                .iter()
-                .filter(|(d, _)| f(d))
-                .map(|(d, _)| d.candidate.device_id)
-                .collect()
-        };
-        let counted =
-            ids(&|d| d.health != HostHealth::Dead && !not_counted.contains(&d.candidate.device_id));
-        let up = ids(&|d| {
-            d.health == HostHealth::Up
-                && !no_source.contains(&d.candidate.device_id)
-                && !not_counted.contains(&d.candidate.device_id)
-        });
-        // A returning shipped host takes copies (its catch-up) before it serves.
-        let targets = ids(&|d| d.health == HostHealth::Up && d.has_room);
         let copies = self.class.copies;
         let (blocks, extra, counts) = self
             .read(move |conn| {
@@ -471,15 +427,6 @@ impl Tracker {
         self.read(move |conn| state::copies_on(conn, host, device_id, &hashes))
             .await
     }
-}
-
-/// The hosts that are away (shipped) among `states`, with until when.
-fn away_until(states: &[(u64, String, i64, i64)]) -> BTreeMap<u64, i64> {
-    states
-        .iter()
-        .filter(|(_, s, ..)| s == "away")
-        .map(|(h, _, until, _)| (*h, *until))
-        .collect()
 }
 
 fn role_of(id: NodeId, leader: Option<NodeId>, voters: &BTreeSet<NodeId>) -> String {

@@ -35,7 +35,12 @@ pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
             err(ErrorCode::Invalid, "at most 4096 blocks per forget")
         }
         Some(Op::SetHostState(c))
-            if !matches!(c.state.as_str(), "active" | "away" | "draining") =>
+            if !matches!(
+                pb::HostAdminState::try_from(c.state),
+                Ok(pb::HostAdminState::Active
+                    | pb::HostAdminState::Away
+                    | pb::HostAdminState::Draining)
+            ) =>
         {
             err(
                 ErrorCode::Invalid,

@@ -2,9 +2,9 @@
 //! states (away, draining), what shipping a host would put at risk, and the
 //! lineage that lets a returning host receive deltas.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use failsafe_core::is_full;
+use failsafe_core::{is_full, AdminState};
 use failsafe_proto::pb::{self, ErrorCode};
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -33,7 +33,7 @@ pub(super) fn set_host_state(
     c: &pb::SetHostState,
     leader_now: i64,
 ) -> OpResult<()> {
-    if c.state == "active" {
+    if c.state() == pb::HostAdminState::Active {
         tx.execute("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
     } else {
         tx.execute(
@@ -117,14 +117,33 @@ pub(super) fn report_devices(
     Ok(())
 }
 
-/// Hosts in an administrative state: (host, state, until, since), times
-/// on the leader's clock.
-pub(crate) fn host_states(
-    conn: &rusqlite::Connection,
-) -> rusqlite::Result<Vec<(u64, String, i64, i64)>> {
+/// A host an administrator put in a state other than active, since when
+/// (the leader's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldState {
+    pub(crate) admin: AdminState,
+    pub(crate) since: i64,
+}
+
+/// Hosts in an administrative state other than active.
+pub(crate) type HostStates = BTreeMap<u64, HeldState>;
+
+/// What an administrator has said about `host_id`.
+pub(crate) fn admin_state(states: &HostStates, host_id: u64) -> AdminState {
+    states.get(&host_id).map_or(AdminState::Active, |s| s.admin)
+}
+
+pub(crate) fn host_states(conn: &rusqlite::Connection) -> rusqlite::Result<HostStates> {
     conn.prepare_cached("SELECT host_id, state, until, since FROM host_states")?
         .query_map([], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+            let until_ns = r.get(2)?;
+            let admin = match pb::HostAdminState::try_from(r.get::<_, i32>(1)?) {
+                Ok(pb::HostAdminState::Away) => AdminState::Away { until_ns },
+                Ok(pb::HostAdminState::Draining) => AdminState::Draining,
+                _ => AdminState::Active,
+            };
+            let since = r.get(3)?;
+            Ok((r.get::<_, i64>(0)? as u64, HeldState { admin, since }))
         })?
         .collect()
 }
@@ -141,9 +160,9 @@ pub(super) fn held_back_devices(conn: &rusqlite::Connection) -> rusqlite::Result
 /// Devices of hosts that are away (shipped).
 pub(super) fn away_devices(conn: &rusqlite::Connection) -> rusqlite::Result<BTreeSet<u64>> {
     conn.prepare_cached(
-        "SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id WHERE s.state = 'away'",
+        "SELECT d.device_id FROM devices d JOIN host_states s ON s.host_id = d.host_id WHERE s.state = ?1",
     )?
-    .query_map([], |r| r.get::<_, i64>(0).map(|d| d as u64))?
+    .query_map([pb::HostAdminState::Away as i32], |r| r.get::<_, i64>(0).map(|d| d as u64))?
     .collect()
 }
 
@@ -266,8 +285,8 @@ pub(crate) fn hosts(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<(u64, S
         .collect()
 }
 
-/// Every device with its state: "gone" (no longer reported by its host),
-/// "full" (less free space than its reserve) or "ok".
+/// Every device with its state: gone (no longer reported by its host), full
+/// (less free space than its reserve) or ok.
 pub(crate) fn devices(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<pb::DeviceStatus>> {
     conn.prepare_cached(
         "SELECT device_id, host_id, path, capacity, used, blocks, free,
@@ -277,11 +296,11 @@ pub(crate) fn devices(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<pb::D
     .query_map([], |r| {
         let (capacity_bytes, free_bytes) = (r.get::<_, i64>(3)? as u64, r.get::<_, i64>(6)? as u64);
         let state = if r.get::<_, bool>(7)? {
-            "gone"
+            pb::DeviceState::Gone
         } else if is_full(capacity_bytes, free_bytes) {
-            "full"
+            pb::DeviceState::Full
         } else {
-            "ok"
+            pb::DeviceState::Ok
         };
         Ok(pb::DeviceStatus {
             device_id: r.get::<_, i64>(0)? as u64,
@@ -291,7 +310,7 @@ pub(crate) fn devices(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<pb::D
             used_bytes: r.get::<_, i64>(4)? as u64,
             blocks: r.get::<_, i64>(5)? as u64,
             free_bytes,
-            state: state.into(),
+            state: state as i32,
         })
     })?
     .collect()
@@ -335,15 +354,13 @@ mod tests {
             block_copies(&conn, &[1u8; 32]).expect("copies").device_ids,
             vec![2]
         );
-        let states: Vec<(u64, String)> = devices(&conn)
+        let states: Vec<(u64, pb::DeviceState)> = devices(&conn)
             .expect("devices")
             .into_iter()
-            .map(|d| (d.device_id, d.state))
+            .map(|d| (d.device_id, d.state()))
             .collect();
-        assert_eq!(
-            states,
-            vec![(1, "gone".into()), (2, "ok".into()), (3, "ok".into())]
-        );
+        use pb::DeviceState::{Gone, Ok as Fine};
+        assert_eq!(states, vec![(1, Gone), (2, Fine), (3, Fine)]);
         // Short of copies at once: no waiting for the host to be declared dead.
         assert_eq!(
             replication_counts(&conn, &[1, 2, 3], 2)
@@ -373,6 +390,6 @@ mod tests {
         assert!(devices(&conn)
             .expect("devices")
             .iter()
-            .all(|d| d.state == "ok"));
+            .all(|d| d.state() == pb::DeviceState::Ok));
     }
 }

@@ -31,7 +31,9 @@ pub(crate) use health::{
     copies_on, device_space, garbage, over_replicated, recorded, referenced_after,
     repair_candidates, replication_counts,
 };
-pub(crate) use hosts::{delta_base, devices, host_states, hosts, ship_risk};
+pub(crate) use hosts::{
+    admin_state, delta_base, devices, host_states, hosts, ship_risk, HostStates,
+};
 pub(crate) use query::{counts, query};
 pub(crate) use schema::SCHEMA;
 pub(crate) use sessions::anything_expired;

@@ -254,12 +254,13 @@ mod tests {
             devices: devices_now,
         };
         ok(run(&mut conn, Op::RegisterHost(host)));
-        let states: Vec<String> = devices(&conn)
+        let states: Vec<pb::DeviceState> = devices(&conn)
             .expect("devices")
             .into_iter()
-            .map(|d| d.state)
+            .map(|d| d.state())
             .collect();
-        assert_eq!(states, vec!["ok", "full", "ok", "ok"]);
+        use pb::DeviceState::{Full, Ok as Fine};
+        assert_eq!(states, vec![Fine, Full, Fine, Fine]);
         for n in 0u8..20 {
             let place = Query::Place(pb::Place {
                 hashes: vec![vec![n; 32]],

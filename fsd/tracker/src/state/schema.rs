@@ -45,9 +45,10 @@ CREATE TABLE IF NOT EXISTS idle_blocks(hash BLOB PRIMARY KEY, since INTEGER NOT 
 -- again): a host that holds the older one receives the newer as a delta.
 -- One row per newer block, dropped when that block is forgotten.
 CREATE TABLE IF NOT EXISTS lineage(hash BLOB PRIMARY KEY, prev BLOB NOT NULL) WITHOUT ROWID;
--- Hosts in an administrative state other than active: away (shipped)
--- until a time (the leader's clock).
-CREATE TABLE IF NOT EXISTS host_states(host_id INTEGER PRIMARY KEY, state TEXT NOT NULL, until INTEGER NOT NULL, since INTEGER NOT NULL);
+-- Hosts in an administrative state other than active (state: a
+-- HostAdminState number): away (shipped) until a time (the leader's clock),
+-- or draining.
+CREATE TABLE IF NOT EXISTS host_states(host_id INTEGER PRIMARY KEY, state INTEGER NOT NULL, until INTEGER NOT NULL, since INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
