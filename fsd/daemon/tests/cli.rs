@@ -3,9 +3,9 @@
 
 mod common;
 
+use common::PATIENCE;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use failsafe_harness::local::LocalCluster;
 
@@ -45,7 +45,7 @@ async fn t80_fsctl_init_add_status_remove() {
     for a in &addrs[1..] {
         ok(fsctl(&addrs[..1], &["host", "add", a]));
     }
-    c.wait_for(Duration::from_secs(20), "three voters", |s| {
+    c.wait_for(PATIENCE, "three voters", |s| {
         s.hosts.iter().filter(|h| h.voter).count() == 3
     })
     .await
@@ -116,14 +116,14 @@ async fn t81_a_host_started_with_join_admits_itself() {
     let dir = tc.dir.path().join("host-c");
     tc.c.add_host(&dir, "c", 0, &[join, cid]).unwrap();
     let s =
-        tc.c.wait_for(Duration::from_secs(20), "the joined host a voter", |s| {
+        tc.c.wait_for(PATIENCE, "the joined host a voter", |s| {
             s.hosts.iter().filter(|h| h.voter).count() == 3 && s.devices.len() == 3
         })
         .await
         .unwrap();
     assert!(s.hosts.iter().any(|h| h.zone == "c"));
     c.create(1, b"after-join", 0o644, true).await.unwrap();
-    tc.wait_caught_up(2, Duration::from_secs(10)).await;
+    tc.wait_caught_up(2, PATIENCE).await;
 }
 
 #[test]

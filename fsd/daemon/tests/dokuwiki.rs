@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http, Reply, TestCluster};
+use common::{http, Reply, TestCluster, PATIENCE};
 use failsafe_harness::local::{is_mounted, sibling_binary};
 
 fn sh(cmd: &str, args: &[&str]) -> bool {
@@ -191,7 +191,7 @@ async fn t95_dokuwiki_runs_unmodified_on_a_failsafe_mount() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + PATIENCE;
     while !is_mounted(&mnt) {
         assert!(Instant::now() < deadline, "mount did not come up");
         std::thread::sleep(Duration::from_millis(50));
@@ -280,7 +280,7 @@ fastcgi.server = (".php" => ((
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + PATIENCE;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
             Instant::now() < deadline,
@@ -333,7 +333,7 @@ fastcgi.server = (".php" => ((
         assert!(revs.body.contains(s), "revision {s:?} in the history");
     }
     tc.c.restart(2, true).unwrap();
-    tc.wait_caught_up(2, Duration::from_secs(20)).await;
+    tc.wait_caught_up(2, PATIENCE).await;
 
     // The files are DokuWiki's own, on the mount.
     let page = std::fs::read_to_string(mnt.join("data/pages/failsafe/test.txt")).unwrap();

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{data, TestCluster, ROOT};
+use common::{data, TestCluster, PATIENCE, ROOT};
 use failsafe_client::pb::{self, query_reply::Reply, query_request::Query, Consistency};
 use failsafe_client::Client;
 
@@ -56,7 +56,7 @@ async fn t31_frozen_leader_is_replaced_and_steps_down_after_thaw() {
     tc.c.thaw(old);
     // The old leader learns the newer term and follows; nobody else claims
     // to lead in any term.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + PATIENCE;
     loop {
         let views: Vec<_> = futures::future::join_all((0..3).map(|i| tc.status_at(i))).await;
         let views: Vec<pb::StatusReply> = views.into_iter().flatten().collect();
@@ -90,7 +90,7 @@ async fn t31_frozen_leader_is_replaced_and_steps_down_after_thaw() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.create(ROOT, b"after", 0o644, true).await.unwrap();
-    tc.wait_caught_up(old, Duration::from_secs(10)).await;
+    tc.wait_caught_up(old, PATIENCE).await;
     assert_eq!(
         names_at(&tc, &c, old).await,
         vec![b"after".to_vec(), b"before".to_vec(), b"during".to_vec()]
@@ -109,7 +109,7 @@ async fn t40_restarted_host_replays_the_log_and_answers_the_same() {
             .unwrap();
     }
     tc.c.restart(victim, true).unwrap();
-    tc.wait_caught_up(victim, Duration::from_secs(20)).await;
+    tc.wait_caught_up(victim, PATIENCE).await;
     let expect = names_at(&tc, &c, leader).await;
     assert_eq!(expect.len(), 20);
     assert_eq!(names_at(&tc, &c, victim).await, expect);
@@ -129,14 +129,14 @@ async fn t41_restarted_host_installs_a_snapshot_after_the_log_was_compacted() {
     }
     // The leader snapshots and purges the entries the victim still lacks.
     let s =
-        tc.c.wait_for(Duration::from_secs(20), "log purged past the victim", |s| {
+        tc.c.wait_for(PATIENCE, "log purged past the victim", |s| {
             s.purged_index > victim_applied + 1
         })
         .await
         .unwrap();
     assert!(s.snapshot_index > 20, "the leader compacted its log: {s:?}");
     tc.c.restart(victim, true).unwrap();
-    tc.wait_caught_up(victim, Duration::from_secs(30)).await;
+    tc.wait_caught_up(victim, PATIENCE).await;
     let log = std::fs::read_to_string(tc.c.hosts[victim].log_path()).unwrap();
     assert!(
         log.contains("installed tracker snapshot"),
@@ -148,7 +148,7 @@ async fn t41_restarted_host_installs_a_snapshot_after_the_log_was_compacted() {
     );
     // And it keeps following the log after the snapshot.
     c.create(ROOT, b"later", 0o644, true).await.unwrap();
-    tc.wait_caught_up(victim, Duration::from_secs(10)).await;
+    tc.wait_caught_up(victim, PATIENCE).await;
     assert_eq!(names_at(&tc, &c, victim).await.len(), 151);
 }
 
@@ -171,19 +171,15 @@ async fn t42_host_restarted_on_another_port_rejoins_as_the_same_host() {
     let new_addr = tc.c.hosts[moved].addr.clone();
     assert_ne!(new_addr, old_addr);
     let s =
-        tc.c.wait_for(
-            Duration::from_secs(20),
-            "the host at its new address",
-            |s| {
-                s.hosts
-                    .iter()
-                    .any(|h| h.host_id == id && h.addr == new_addr && h.voter)
-            },
-        )
+        tc.c.wait_for(PATIENCE, "the host at its new address", |s| {
+            s.hosts
+                .iter()
+                .any(|h| h.host_id == id && h.addr == new_addr && h.voter)
+        })
         .await
         .unwrap();
     assert_eq!(s.hosts.len(), 3, "the same host, not a new one");
-    tc.wait_caught_up(moved, Duration::from_secs(20)).await;
+    tc.wait_caught_up(moved, PATIENCE).await;
     assert_eq!(names_at(&tc, &c, moved).await, vec![b"while-away".to_vec()]);
     // With another host down, the moved host is needed for a majority.
     let now_leading = tc.leader().await;
@@ -209,7 +205,7 @@ async fn t50_a_block_written_with_quorum_survives_the_loss_of_any_one_host() {
             .expect("read with one host down");
         assert!(got == body, "content intact with host {victim} down");
         tc.c.restart(victim, true).unwrap();
-        tc.wait_caught_up(victim, Duration::from_secs(20)).await;
+        tc.wait_caught_up(victim, PATIENCE).await;
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{data, TestCluster, ROOT};
+use common::{data, TestCluster, PATIENCE, ROOT};
 use failsafe_client::{pb, LockRequest};
 use pb::{ErrorCode, FileKind};
 
@@ -450,7 +450,7 @@ async fn t25_lock_of_a_session_that_stops_heartbeating_is_released() {
     assert_eq!(code(c2.lock(&live, req(2)).await), ErrorCode::WouldBlock);
     // The client crashes: no more heartbeats, no unlock.
     dead.abandon();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = std::time::Instant::now() + PATIENCE;
     loop {
         match c2.lock(&live, req(2)).await {
             Ok(()) => break,

@@ -68,7 +68,7 @@ impl TestCluster {
     pub(crate) async fn leader(&self) -> usize {
         let s = self
             .c
-            .wait_for(Duration::from_secs(20), "a leader", |s| s.leader_id != 0)
+            .wait_for(PATIENCE, "a leader", |s| s.leader_id != 0)
             .await
             .expect("leader");
         self.c
@@ -124,6 +124,12 @@ impl Drop for TestCluster {
 }
 
 pub(crate) const ROOT: u64 = 1;
+
+/// How long a wait for a condition may take before the test fails. Every
+/// wait returns as soon as its condition holds, so this costs nothing when
+/// things work; it is generous because CI runs tests two at a time on a slow
+/// 2-core machine, where a cluster's round trips take many times longer.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(90);
 
 /// Deterministic test data.
 pub(crate) fn data(len: usize, seed: u8) -> Vec<u8> {

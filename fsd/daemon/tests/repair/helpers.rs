@@ -5,19 +5,13 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+pub(crate) use crate::common::PATIENCE;
 use crate::common::{self, TestCluster, ROOT};
 use failsafe_client::{pb, Client};
 
 /// openraft logs a connection cut by a kill at ERROR, as a network error
 /// rather than an unreachable node when the RPC was in flight.
 pub(crate) const KILLED_MID_RPC: &str = "transport error";
-
-/// How long a wait for a condition may take before the test fails. Every
-/// wait returns as soon as its condition holds, so this costs nothing when
-/// things work; it is generous because CI runs these tests two at a time on
-/// a slow 2-core machine, where a cluster's round trips take many times
-/// longer than here.
-pub(crate) const PATIENCE: Duration = Duration::from_secs(90);
 
 /// Repair rounds often, so the tests take seconds.
 pub(crate) const FAST_REPAIR: &[&str] = &["--repair-interval-ms=200"];
