@@ -1,5 +1,6 @@
-//! The client library of failsafe, used by `fsctl`, `mount.failsafe` and
-//! `failsafe-chaos`.
+//! The client library of failsafe, used by `fsctl`, `mount.failsafe`, `fsd`
+//! itself (its workers' way to the rest of the cluster), the test rig
+//! (`failsafe-harness`) and `failsafe-chaos`.
 //!
 //! Metadata requests go to the tracker leader, found by following leader hints
 //! and by trying every known member; every RPC has a deadline, and a mutation

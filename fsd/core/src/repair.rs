@@ -1,5 +1,7 @@
 //! Repair planning: which blocks need another copy, where to fetch it, and
-//! where to put it; and which copies beyond the copy count to trim.
+//! where to put it; which copies beyond the copy count to trim; and which
+//! copies to add so that blocks drift toward where placement wants them
+//! (rebalancing).
 //!
 //! The repair worker gathers a view (the blocks below or above their copy
 //! count, the devices and how their hosts are doing) and carries out the

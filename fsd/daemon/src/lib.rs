@@ -1,9 +1,12 @@
-//! fsd, the storage daemon of one host, and the pieces `fsctl` shares with it.
+//! fsd, the storage daemon of one host, as a library the `fsd` binary runs.
+//! (`fsctl`, the other binary of this crate, uses none of it: it speaks to
+//! fsd through `failsafe-client`.)
 //!
 //! One process is at once a tracker member (Raft + SQLite metadata), a block
 //! store for its devices, and a gRPC server for both, with `/metrics` on the
-//! same port. `run` takes its listener and a shutdown signal from the caller,
-//! so tests bind port 0 and stop it cleanly.
+//! same port. `run` takes its listener and a shutdown signal from the caller:
+//! the binary binds the configured address (port 0 picks a free one, written
+//! to `fsd.addr` in the data dir) and stops on SIGTERM or Ctrl-C.
 
 mod admin;
 mod announce;

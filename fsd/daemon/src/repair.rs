@@ -1,15 +1,17 @@
 //! Self-repair: the `repair` worker, which on the tracker leader brings
-//! blocks back to their copy count (and trims copies beyond it), and the
-//! queue of bad copies that the `copy-dropper` worker removes from the
-//! tracker's records.
+//! blocks back to their copy count (and trims copies beyond it, and when
+//! there is nothing else to do, moves copies toward where placement wants
+//! them), and the queue of bad copies that the `copy-dropper` worker
+//! removes from the tracker's records.
 //!
-//! The leader judges, the plans are `failsafe_core::plan_repair` and
-//! `plan_trim`, and this module only carries them out: fetch a block from a
-//! live holder, put it on the devices placement picks (the put verifies the
-//! hash), record the new copies. A holder that answers "missing" or
-//! "corrupt" loses its record. An extra copy loses its record first
-//! (`DropCopies`, which keeps the copy count whatever changed since the
-//! plan), and its holder is asked to delete it only once the record is gone.
+//! The leader judges, the plans are `failsafe_core::plan_repair`,
+//! `plan_trim` and `plan_rebalance`, and this module only carries them out:
+//! fetch a block from a live holder, put it on the devices placement picks
+//! (the put verifies the hash), record the new copies. A holder that
+//! answers "missing" or "corrupt" loses its record. An extra copy loses its
+//! record first (`DropCopies`, which keeps the copy count whatever changed
+//! since the plan), and its holder is asked to delete it only once the
+//! record is gone.
 //!
 //! The `copy-dropper` worker drops the records of the bad copies queued on
 //! `BadCopies`, in batches.
