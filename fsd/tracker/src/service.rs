@@ -38,15 +38,6 @@ impl MetadataService {
     }
 }
 
-fn refusal(code: pb::ErrorCode, message: String) -> pb::CommandResult {
-    pb::CommandResult {
-        result: Some(pb::command_result::Result::Error(pb::CommandError {
-            code: code as i32,
-            message,
-        })),
-    }
-}
-
 #[tonic::async_trait]
 impl Metadata for MetadataService {
     async fn mutate(
@@ -70,12 +61,6 @@ impl Metadata for MetadataService {
                 cmd.now_ns = wall_clock_ns()
             }
             Some(_) => {}
-        }
-        // Refuse what can never apply before it takes a place in the log.
-        if let Err(e) = crate::state::validate(&cmd) {
-            return Ok(Response::new(pb::MutateReply {
-                result: Some(refusal(e.code, e.message)),
-            }));
         }
         let result = self.tracker.propose(cmd).await?;
         Ok(Response::new(pb::MutateReply {

@@ -224,6 +224,16 @@ impl Tracker {
     /// A command without a time gets this member's clock, before it enters
     /// the log (so every member applies the same time).
     pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        // Refuse what can never apply before it takes a place in the log,
+        // whoever proposes it (a client's Mutate or this host's workers).
+        if let Err(e) = state::validate(&cmd) {
+            return Ok(pb::CommandResult {
+                result: Some(pb::command_result::Result::Error(pb::CommandError {
+                    code: e.code as i32,
+                    message: e.message,
+                })),
+            });
+        }
         let now = wall_clock_ns();
         if cmd.now_ns <= 0 {
             cmd.now_ns = now;
