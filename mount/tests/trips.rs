@@ -186,6 +186,7 @@ async fn round_trips_of_a_page_save() {
         .values()
         .map(|k| k["sent"].as_u64().unwrap())
         .sum();
+    eprintln!("\nRPCs by kind over the whole mount (setup included)");
     for (kind, k) in last["rpcs_by_kind"].as_object().unwrap() {
         eprintln!("  {kind:<12} {k}");
     }
