@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
@@ -15,6 +15,7 @@ use fuser::{
 };
 
 use crate::core::{now_ns, system_time_ns, Core};
+use crate::stats::{FuseOp, MountStats};
 
 /// The kernel keeps no names or attributes: every lookup and stat asks us,
 /// which is what keeps close-to-open consistency across hosts.
@@ -23,14 +24,23 @@ const TTL: Duration = Duration::ZERO;
 pub(crate) struct Fs {
     pub core: Arc<Core>,
     pub rt: tokio::runtime::Handle,
+    pub stats: Arc<MountStats>,
 }
 
 impl Fs {
-    fn run<F>(&self, f: impl FnOnce(Arc<Core>) -> F)
+    /// Runs one FUSE request as a task that replies when done, counting
+    /// the RPCs and round trips it waits for as `op`.
+    fn run<F>(&self, op: FuseOp, f: impl FnOnce(Arc<Core>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.core.clone()));
+        let request = f(self.core.clone());
+        let stats = self.stats.clone();
+        self.rt.spawn(async move {
+            let started = Instant::now();
+            let ((), cost) = failsafe_client::measure(request).await;
+            stats.record(op, cost, started.elapsed());
+        });
     }
 }
 
@@ -61,7 +71,7 @@ impl Filesystem for Fs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
-        self.run(move |c| async move {
+        self.run(FuseOp::Lookup, move |c| async move {
             match c.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
                 Err(e) => reply.error(e),
@@ -70,7 +80,7 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Getattr, move |c| async move {
             match c.getattr(ino.0).await {
                 Ok(a) => reply.attr(&TTL, &a),
                 Err(e) => reply.error(e),
@@ -96,7 +106,7 @@ impl Filesystem for Fs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Setattr, move |c| async move {
             let r = c
                 .setattr(
                     ino.0,
@@ -116,7 +126,7 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Readlink, move |c| async move {
             match c.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(e),
@@ -136,10 +146,11 @@ impl Filesystem for Fs {
     ) {
         if mode & libc::S_IFMT != libc::S_IFREG {
             // Devices, FIFOs and sockets have no meaning on shared storage.
+            self.stats.local(FuseOp::Mknod);
             return reply.error(Errno::EPERM);
         }
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.run(move |c| async move {
+        self.run(FuseOp::Mknod, move |c| async move {
             match c
                 .create(
                     parent.0,
@@ -170,7 +181,7 @@ impl Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.run(move |c| async move {
+        self.run(FuseOp::Mkdir, move |c| async move {
             match c
                 .mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid)
                 .await
@@ -183,7 +194,7 @@ impl Filesystem for Fs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.run(move |c| async move {
+        self.run(FuseOp::Unlink, move |c| async move {
             match c.unlink(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -193,7 +204,7 @@ impl Filesystem for Fs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.run(move |c| async move {
+        self.run(FuseOp::Rmdir, move |c| async move {
             match c.rmdir(parent.0, &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -216,7 +227,7 @@ impl Filesystem for Fs {
             req.uid(),
             req.gid(),
         );
-        self.run(move |c| async move {
+        self.run(FuseOp::Symlink, move |c| async move {
             match c.symlink(parent.0, &name, &target, uid, gid).await {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
                 Err(e) => reply.error(e),
@@ -235,12 +246,13 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            self.stats.local(FuseOp::Rename);
             return reply.error(Errno::EINVAL);
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let (name, newname) = (name.to_owned(), newname.to_owned());
-        self.run(move |c| async move {
+        self.run(FuseOp::Rename, move |c| async move {
             match c
                 .rename(parent.0, &name, newparent.0, &newname, no_replace, exchange)
                 .await
@@ -260,7 +272,7 @@ impl Filesystem for Fs {
         reply: ReplyEntry,
     ) {
         let newname = newname.to_owned();
-        self.run(move |c| async move {
+        self.run(FuseOp::Link, move |c| async move {
             match c.link(ino.0, newparent.0, &newname).await {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
                 Err(e) => reply.error(e),
@@ -269,7 +281,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Open, move |c| async move {
             match c.open(ino.0, flags.0).await {
                 Ok((fh, keep)) => {
                     let f = if keep {
@@ -295,7 +307,7 @@ impl Filesystem for Fs {
         reply: ReplyCreate,
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.run(move |c| async move {
+        self.run(FuseOp::Create, move |c| async move {
             match c
                 .create(parent.0, &name, mode & !umask & 0o7777, flags, uid, gid)
                 .await
@@ -319,7 +331,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Read, move |c| async move {
             match c.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(e),
@@ -341,21 +353,29 @@ impl Filesystem for Fs {
     ) {
         // Buffered synchronously, so writes keep the kernel's order.
         match self.core.buffer_write(fh.0, offset, data) {
-            Err(e) => reply.error(e),
+            Err(e) => {
+                self.stats.local(FuseOp::Write);
+                reply.error(e)
+            }
             Ok((ino, start_upload, must_wait)) => {
                 let n = data.len() as u32;
                 if !start_upload {
+                    self.stats.local(FuseOp::Write);
                     return reply.written(n);
                 }
-                self.run(move |c| async move {
-                    if must_wait {
+                if must_wait {
+                    // Backpressure: this write waits for the upload.
+                    self.run(FuseOp::Write, move |c| async move {
                         c.background_upload(ino).await;
                         reply.written(n)
-                    } else {
-                        reply.written(n);
-                        c.background_upload(ino).await;
-                    }
-                });
+                    });
+                    return;
+                }
+                self.stats.local(FuseOp::Write);
+                reply.written(n);
+                // Nobody waits for it: its RPCs count as background.
+                let c = self.core.clone();
+                self.rt.spawn(async move { c.background_upload(ino).await });
             }
         }
     }
@@ -368,7 +388,7 @@ impl Filesystem for Fs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Flush, move |c| async move {
             let r = c.flush_fh(fh.0).await;
             // close() drops the POSIX locks its process holds on the file.
             c.unlock_owner(c.t(ino.0), lock_owner.0).await;
@@ -389,7 +409,7 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Release, move |c| async move {
             match c.release(fh.0, lock_owner.map(|o| o.0)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -405,7 +425,7 @@ impl Filesystem for Fs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Fsync, move |c| async move {
             match c.flush_fh(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -414,7 +434,7 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Opendir, move |c| async move {
             match c.opendir(ino.0).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(e),
@@ -430,6 +450,7 @@ impl Filesystem for Fs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.stats.local(FuseOp::Readdir);
         let Some(entries) = self.core.dir_entries(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -455,6 +476,7 @@ impl Filesystem for Fs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.stats.local(FuseOp::Releasedir);
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -468,11 +490,12 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         // Directory changes are committed by a Raft majority before they return.
+        self.stats.local(FuseOp::Fsyncdir);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Statfs, move |c| async move {
             match c.statfs().await {
                 Ok(s) => {
                     const BS: u64 = 4096;
@@ -503,6 +526,7 @@ impl Filesystem for Fs {
         _pos: u32,
         reply: ReplyEmpty,
     ) {
+        self.stats.local(FuseOp::Setxattr);
         reply.error(Errno::ENOTSUP);
     }
 
@@ -514,10 +538,12 @@ impl Filesystem for Fs {
         _size: u32,
         reply: ReplyXattr,
     ) {
+        self.stats.local(FuseOp::Getxattr);
         reply.error(Errno::NO_XATTR);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.stats.local(FuseOp::Listxattr);
         if size == 0 {
             reply.size(0)
         } else {
@@ -526,11 +552,13 @@ impl Filesystem for Fs {
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        self.stats.local(FuseOp::Removexattr);
         reply.error(Errno::NO_XATTR);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         // The kernel checks permissions itself (default_permissions).
+        self.stats.local(FuseOp::Access);
         reply.ok();
     }
 
@@ -546,7 +574,7 @@ impl Filesystem for Fs {
         _pid: u32,
         reply: ReplyLock,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Getlk, move |c| async move {
             match c.getlk(ino.0, lock_owner.0, start, end, typ).await {
                 Ok(Some((s, e, t))) => reply.locked(s, e, t, 0),
                 Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
@@ -569,7 +597,7 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         let pid = req.pid();
-        self.run(move |c| async move {
+        self.run(FuseOp::Setlk, move |c| async move {
             let mut pause = Duration::from_millis(20);
             loop {
                 match c.setlk(ino.0, lock_owner.0, start, end, typ).await {
@@ -599,7 +627,7 @@ impl Filesystem for Fs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.run(move |c| async move {
+        self.run(FuseOp::Fallocate, move |c| async move {
             match c.fallocate(fh.0, offset, length, mode).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -619,6 +647,7 @@ impl Filesystem for Fs {
         reply: fuser::ReplyIoctl,
     ) {
         // Terminal and filesystem ioctls mean nothing here.
+        self.stats.local(FuseOp::Ioctl);
         reply.error(Errno::ENOTTY);
     }
 

@@ -12,6 +12,7 @@ mod dirty;
 mod errno;
 mod fs;
 mod options;
+mod stats;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,10 @@ use failsafe_client::{Client, ClientConfig};
 
 const USAGE: &str =
     "usage: mount.failsafe HOST:PORT[,HOST:PORT...][:/DIR] MOUNTPOINT [-f] [-o OPTIONS]
-options: zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH
+options: zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH,
+         stats=PATH (a JSON summary of RPCs and round trips per FUSE operation,
+         rewritten every second and at unmount), metrics=HOST:PORT (the same as
+         Prometheus text over HTTP)
          (generic options such as defaults, _netdev, noauto are accepted and ignored)";
 
 struct Args {
@@ -280,10 +284,21 @@ fn serve(args: Args) -> Result<(), String> {
             }
         }
     });
+    let stats = Arc::new(stats::MountStats::new(client.clone()));
+    if let Some(path) = &args.opts.stats {
+        stats::write_every_second(stats.clone(), path.clone());
+    }
+    if let Some(addr) = args.opts.metrics {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|e| format!("metrics={addr}: {e}"))?;
+        rt.spawn(stats::serve_metrics(stats.clone(), listener));
+    }
     let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
     let fs = fs::Fs {
         core: core.clone(),
         rt: rt.handle().clone(),
+        stats: stats.clone(),
     };
 
     let mut config = fuser::Config::default();
@@ -330,6 +345,11 @@ fn serve(args: Args) -> Result<(), String> {
     // Stored before exit: anything a close() already acknowledged is durable.
     rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), core.close_session()).await })
         .ok();
+    if let Some(path) = &args.opts.stats {
+        if let Err(e) = stats.write_json(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+        }
+    }
     tracing::info!("unmounted");
     served.map_err(|e| format!("serving the mount: {e}"))
 }

@@ -21,6 +21,13 @@ pub(crate) struct Options {
     pub allow_other: bool,
     pub read_only: bool,
     pub foreground: bool,
+    /// `stats=PATH`: write a JSON summary of the RPCs and sequential round
+    /// trips per FUSE operation to PATH every second and at unmount
+    /// (replaced atomically; the format is documented in `stats.rs`).
+    pub stats: Option<PathBuf>,
+    /// `metrics=ADDR`: serve the same counters as Prometheus text over HTTP
+    /// at ADDR (`host:port`, e.g. `127.0.0.1:9101`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -33,6 +40,8 @@ impl Default for Options {
             allow_other: false,
             read_only: false,
             foreground: false,
+            stats: None,
+            metrics: None,
         }
     }
 }
@@ -108,6 +117,13 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
                     .map_err(|_| "timeout is in milliseconds".to_string())?;
                 opts.rpc_timeout = Duration::from_millis(ms.max(50));
             }
+            "stats" => opts.stats = Some(PathBuf::from(need(value)?)),
+            "metrics" => {
+                let v = need(value)?;
+                opts.metrics = Some(v.parse().map_err(|_| {
+                    format!("metrics={v}: expected an address like 127.0.0.1:9101")
+                })?);
+            }
             "allow_other" => opts.allow_other = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,
@@ -164,6 +180,16 @@ mod tests {
         assert_eq!(o.cache_bytes, 512 << 20);
         assert_eq!(o.rpc_timeout, Duration::from_millis(800));
         assert!(o.allow_other && o.read_only);
+        assert_eq!(o.stats, None);
+        parse_options(
+            "stats=/run/failsafe/stats.json,metrics=127.0.0.1:9101",
+            &mut o,
+        )
+        .unwrap();
+        assert_eq!(o.stats, Some(PathBuf::from("/run/failsafe/stats.json")));
+        assert_eq!(o.metrics, Some("127.0.0.1:9101".parse().unwrap()));
+        assert!(parse_options("metrics=localhost", &mut o).is_err());
+        assert!(parse_options("stats", &mut o).is_err());
         assert!(parse_options("bogus", &mut o).is_err());
         assert!(parse_options("zone", &mut o).is_err());
     }

@@ -9,6 +9,7 @@ use failsafe_proto::header;
 use failsafe_proto::pb::{self, admin_client::AdminClient};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::stats::RpcKind;
 use crate::{Client, ClientError};
 
 impl Client {
@@ -20,7 +21,10 @@ impl Client {
             let req = pb::HelloRequest {
                 header: Some(header(&self.inner.cluster_id)),
             };
-            match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.hello(req)).await {
+            let rpc = self.inner.rpcs.start(RpcKind::Admin, true);
+            let answer = tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.hello(req)).await;
+            rpc.end_timed(&answer);
+            match answer {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => last = format!("{addr}: {}", s.message()),
                 Err(_) => {
@@ -39,7 +43,10 @@ impl Client {
         let req = pb::StatusRequest {
             header: self.header(),
         };
-        match tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.status(req)).await {
+        let rpc = self.inner.rpcs.start(RpcKind::Admin, true);
+        let answer = tokio::time::timeout(self.inner.cfg.rpc_timeout, admin.status(req)).await;
+        rpc.end_timed(&answer);
+        match answer {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(ClientError::Rejected {
                 addr: addr.to_string(),
@@ -179,7 +186,7 @@ impl Client {
         F: Fn(AdminClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.with_leader_timeout(what, rpc_timeout, op_deadline, |leader| {
+        self.with_leader_timeout(RpcKind::Admin, what, rpc_timeout, op_deadline, |leader| {
             let call = self.admin(&leader).map(&call);
             async move {
                 call.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?

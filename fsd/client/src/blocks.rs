@@ -8,6 +8,7 @@ use failsafe_core::{block_hash, hash_hex, MAX_BLOCK_BYTES};
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
 use futures::stream::{FuturesUnordered, StreamExt};
 
+use crate::stats::{fan_out_round_trip, RpcKind};
 use crate::{Client, ClientError};
 
 /// Chunk size of a block on the wire.
@@ -23,6 +24,17 @@ impl Client {
         addr: &str,
         device_id: u64,
         data: &[u8],
+    ) -> Result<(), tonic::Status> {
+        self.put_block_rpc(addr, device_id, data, true).await
+    }
+
+    /// `alone`: awaited on its own (a round trip), not one of a fan-out.
+    async fn put_block_rpc(
+        &self,
+        addr: &str,
+        device_id: u64,
+        data: &[u8],
+        alone: bool,
     ) -> Result<(), tonic::Status> {
         let hash = block_hash(data).to_vec();
         let header = self.header();
@@ -50,7 +62,10 @@ impl Client {
         let mut req = tonic::Request::new(tokio_stream::iter(chunks));
         req.set_timeout(self.inner.cfg.block_timeout);
         let started = std::time::Instant::now();
-        match tokio::time::timeout(self.inner.cfg.block_timeout, blocks.put(req)).await {
+        let rpc = self.inner.rpcs.start(RpcKind::BlockPut, alone);
+        let answer = tokio::time::timeout(self.inner.cfg.block_timeout, blocks.put(req)).await;
+        rpc.end_timed(&answer);
+        match answer {
             Ok(r) => {
                 if r.is_ok() {
                     self.record_ok(addr, started.elapsed());
@@ -72,6 +87,17 @@ impl Client {
         addr: &str,
         device_id: u64,
         hash: &[u8],
+    ) -> Result<Vec<u8>, tonic::Status> {
+        self.get_block_rpc(addr, device_id, hash, true).await
+    }
+
+    /// `alone`: awaited on its own (a round trip), not one of a fan-out.
+    async fn get_block_rpc(
+        &self,
+        addr: &str,
+        device_id: u64,
+        hash: &[u8],
+        alone: bool,
     ) -> Result<Vec<u8>, tonic::Status> {
         let mut blocks = self
             .blocks(addr)
@@ -96,7 +122,10 @@ impl Client {
             Ok(data)
         };
         let started = std::time::Instant::now();
-        let data = match tokio::time::timeout(self.inner.cfg.block_timeout, fetch).await {
+        let rpc = self.inner.rpcs.start(RpcKind::BlockGet, alone);
+        let answer = tokio::time::timeout(self.inner.cfg.block_timeout, fetch).await;
+        rpc.end_timed(&answer);
+        let data = match answer {
             Ok(r) => r?,
             Err(_) => {
                 self.record_timeout(addr);
@@ -132,7 +161,10 @@ impl Client {
         });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
-        let reply = match tokio::time::timeout(timeout, blocks.has(req)).await {
+        let rpc = self.inner.rpcs.start(RpcKind::BlockHas, true);
+        let answer = tokio::time::timeout(timeout, blocks.has(req)).await;
+        rpc.end_timed(&answer);
+        let reply = match answer {
             Ok(r) => r?.into_inner(),
             Err(_) => {
                 self.record_timeout(addr);
@@ -176,7 +208,10 @@ impl Client {
         });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
-        match tokio::time::timeout(timeout, blocks.delete(req)).await {
+        let rpc = self.inner.rpcs.start(RpcKind::BlockDelete, true);
+        let answer = tokio::time::timeout(timeout, blocks.delete(req)).await;
+        rpc.end_timed(&answer);
+        match answer {
             Ok(r) => r.map(tonic::Response::into_inner),
             Err(_) => {
                 self.record_timeout(addr);
@@ -267,7 +302,10 @@ impl Client {
         call: impl std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     ) -> Result<R, tonic::Status> {
         let started = std::time::Instant::now();
-        match tokio::time::timeout(self.inner.cfg.block_timeout, call).await {
+        let rpc = self.inner.rpcs.start(RpcKind::BlockDelta, true);
+        let answer = tokio::time::timeout(self.inner.cfg.block_timeout, call).await;
+        rpc.end_timed(&answer);
+        match answer {
             Ok(r) => {
                 let r = r?.into_inner();
                 self.record_ok(addr, started.elapsed());
@@ -350,10 +388,15 @@ impl Client {
             let client = self.clone();
             let data = data.clone();
             async move {
-                let r = client.put_block(&addr, dev, &data).await;
+                let r = client.put_block_rpc(&addr, dev, &data, false).await;
                 (dev, addr, r)
             }
         };
+        // The copies travel in parallel: one round trip; a spare sent after
+        // a failure waits for that failure first, so it adds one.
+        if want > 0 {
+            fan_out_round_trip();
+        }
         let mut running: FuturesUnordered<_> =
             targets.iter().take(want).cloned().map(start).collect();
         let mut acked = Vec::new();
@@ -374,6 +417,7 @@ impl Client {
                     tracing::debug!(device = dev, %addr, error = %s.message(), "block put failed");
                     last_error = format!("{addr}: {}", s.message());
                     if let Some(spare) = spares.next() {
+                        fan_out_round_trip();
                         running.push(start(spare));
                     }
                 }
@@ -509,7 +553,7 @@ impl Client {
             let (client, addr, dev, hash) =
                 (self.clone(), l.addr.clone(), l.device_id, hash.to_vec());
             async move {
-                let r = client.get_block(&addr, dev, &hash).await;
+                let r = client.get_block_rpc(&addr, dev, &hash, false).await;
                 (addr, r)
             }
         };
@@ -520,6 +564,9 @@ impl Client {
             if running.is_empty() {
                 match pending.next() {
                     Some(l) => {
+                        // Nothing else in flight: a round trip of its own
+                        // (a hedge sent alongside a slow copy is not).
+                        fan_out_round_trip();
                         outstanding.push(l.addr.clone());
                         running.push(fetch(l));
                     }

@@ -14,9 +14,11 @@ mod blocks;
 mod error;
 mod meta;
 mod net;
+pub mod stats;
 
 pub use admin::admin_for;
 pub use error::ClientError;
 pub use failsafe_proto::pb;
 pub use meta::{LockRequest, Session};
 pub use net::{Client, ClientConfig};
+pub use stats::{measure, OpCost, Outcome, RpcKind, RpcSnapshot};

@@ -6,6 +6,7 @@ use failsafe_proto::pb::{
     self, command::Op, command_result, query_reply::Reply, query_request::Query, Consistency,
 };
 
+use crate::stats::RpcKind;
 use crate::{Client, ClientError};
 
 pub(crate) fn now_ns() -> i64 {
@@ -60,7 +61,7 @@ impl Client {
             op: Some(op),
         };
         let reply = self
-            .with_leader("metadata change", |addr| {
+            .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
                 let req = pb::MutateRequest {
                     header: self.header(),
                     command: Some(cmd.clone()),
@@ -172,19 +173,25 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         let rpc_timeout = self.inner.cfg.rpc_timeout;
         let reply = self
-            .with_leader_timeout("metadata read", rpc_timeout, deadline, |addr| {
-                let req = pb::QueryRequest {
-                    header: self.header(),
-                    consistency: consistency as i32,
-                    query: Some(q.clone()),
-                };
-                let c = self.meta(&addr);
-                async move {
-                    c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-                        .query(req)
-                        .await
-                }
-            })
+            .with_leader_timeout(
+                RpcKind::MetaQuery,
+                "metadata read",
+                rpc_timeout,
+                deadline,
+                |addr| {
+                    let req = pb::QueryRequest {
+                        header: self.header(),
+                        consistency: consistency as i32,
+                        query: Some(q.clone()),
+                    };
+                    let c = self.meta(&addr);
+                    async move {
+                        c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                            .query(req)
+                            .await
+                    }
+                },
+            )
             .await?
             .into_inner();
         match reply.reply {
@@ -500,7 +507,10 @@ impl Client {
         };
         let mut meta = self.meta(addr)?;
         let started = std::time::Instant::now();
-        let reply = match tokio::time::timeout(self.inner.cfg.rpc_timeout, meta.query(req)).await {
+        let rpc = self.inner.rpcs.start(RpcKind::MetaQuery, true);
+        let answer = tokio::time::timeout(self.inner.cfg.rpc_timeout, meta.query(req)).await;
+        rpc.end_timed(&answer);
+        let reply = match answer {
             Ok(Ok(r)) => {
                 self.record_ok(addr, started.elapsed());
                 r.into_inner()

@@ -13,6 +13,7 @@ use failsafe_proto::{header, LEADER_ADDR_KEY, MAX_MESSAGE_BYTES};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+use crate::stats::{RpcCounters, RpcKind, RpcSnapshot};
 use crate::ClientError;
 
 #[derive(Debug, Clone)]
@@ -62,6 +63,8 @@ pub(crate) struct Inner {
     /// Where requests go. A std Mutex: held for bookkeeping, never across an
     /// await.
     routing: Mutex<Routing>,
+    /// Every RPC this client sent, by kind and outcome.
+    pub(crate) rpcs: Arc<RpcCounters>,
 }
 
 /// Which members exist, which one leads, which are suspected down, and how
@@ -162,6 +165,7 @@ impl Client {
                 next: 0,
                 rtt: HashMap::new(),
             }),
+            rpcs: Arc::default(),
             cfg,
         };
         if inner.cluster_id.is_empty() {
@@ -185,6 +189,11 @@ impl Client {
 
     pub fn cluster_id(&self) -> &str {
         &self.inner.cluster_id
+    }
+
+    /// The RPCs this client (and its clones) sent so far.
+    pub fn rpc_stats(&self) -> RpcSnapshot {
+        self.inner.rpcs.snapshot()
     }
 
     pub(crate) fn header(&self) -> Option<pb::Header> {
@@ -305,12 +314,18 @@ impl Client {
 
     /// Runs `call` against the leader until it answers, following leader hints
     /// and moving on from members that time out, within the op deadline.
-    pub(crate) async fn with_leader<T, F, Fut>(&self, what: &str, call: F) -> Result<T, ClientError>
+    pub(crate) async fn with_leader<T, F, Fut>(
+        &self,
+        kind: RpcKind,
+        what: &str,
+        call: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(String) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         self.with_leader_timeout(
+            kind,
             what,
             self.inner.cfg.rpc_timeout,
             self.inner.cfg.op_deadline,
@@ -319,8 +334,10 @@ impl Client {
         .await
     }
 
+    /// Each attempt is one RPC of `kind` and one sequential round trip.
     pub(crate) async fn with_leader_timeout<T, F, Fut>(
         &self,
+        kind: RpcKind,
         what: &str,
         rpc_timeout: Duration,
         op_deadline: Duration,
@@ -337,7 +354,10 @@ impl Client {
         loop {
             let addr = self.routing().pick();
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(rpc_timeout, call(addr.clone())).await {
+            let rpc = self.inner.rpcs.start(kind, true);
+            let answer = tokio::time::timeout(rpc_timeout, call(addr.clone())).await;
+            rpc.end_timed(&answer);
+            let outcome = match answer {
                 Ok(Ok(v)) => {
                     self.record_ok(&addr, started.elapsed());
                     self.set_leader(&addr);

@@ -60,14 +60,23 @@ impl Env {
     }
 
     pub(crate) fn mount(&mut self, zone: &str) -> usize {
+        self.mount_with(zone, "")
+    }
+
+    /// A mount with `extra` mount options (comma-separated) besides the
+    /// zone and cache directory.
+    pub(crate) fn mount_with(&mut self, zone: &str, extra: &str) -> usize {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt{i}"));
         let log = self.dir.path().join(format!("mount{i}.log"));
         let spec = format!("{}:/", self.cluster.addrs().join(","));
-        let opts = format!(
+        let mut opts = format!(
             "zone={zone},cache_dir={}",
             self.dir.path().join(format!("cache{i}")).display()
         );
+        if !extra.is_empty() {
+            opts = format!("{opts},{extra}");
+        }
         let cmd = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"));
         let m = LocalMount::start(cmd, &spec, &path, &opts, &log).expect("mount");
         self.mounts.push(Mount(m));

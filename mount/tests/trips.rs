@@ -1,0 +1,218 @@
+//! Round trips per FUSE operation, measured by the mount itself
+//! (`stats=PATH`, `metrics=ADDR`) on a real cluster and a real mount: one
+//! page save the wiki way, then a stat and a read of the page.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::Env;
+use serde_json::Value;
+
+/// Per operation: (count, rpcs, round trips).
+type Table = BTreeMap<String, (u64, u64, u64)>;
+
+fn table(v: &Value) -> Table {
+    v["ops"]
+        .as_object()
+        .expect("ops")
+        .iter()
+        .map(|(op, s)| {
+            let n = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{op}.{k}"));
+            (op.clone(), (n("count"), n("rpcs"), n("round_trips")))
+        })
+        .collect()
+}
+
+fn diff(after: &Table, before: &Table) -> Table {
+    after
+        .iter()
+        .map(|(op, a)| {
+            let b = before.get(op).copied().unwrap_or_default();
+            (op.clone(), (a.0 - b.0, a.1 - b.1, a.2 - b.2))
+        })
+        .filter(|(_, d)| d.0 > 0)
+        .collect()
+}
+
+fn print(title: &str, t: &Table) {
+    eprintln!(
+        "\n{title}\n  {:<10} {:>5} {:>5} {:>11}",
+        "op", "count", "rpcs", "round_trips"
+    );
+    let mut total = (0, 0, 0);
+    for (op, (n, r, rt)) in t {
+        eprintln!("  {op:<10} {n:>5} {r:>5} {rt:>11}");
+        total = (total.0 + n, total.1 + r, total.2 + rt);
+    }
+    eprintln!(
+        "  {:<10} {:>5} {:>5} {:>11}",
+        "total", total.0, total.1, total.2
+    );
+}
+
+/// The stats file as rewritten after `since` (it is rewritten every second).
+fn stats_after(path: &Path, since: SystemTime) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let fresh = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t > since + Duration::from_millis(50));
+        if fresh {
+            let text = fs::read_to_string(path).expect("read stats");
+            return serde_json::from_str(&text).expect("stats file is JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stats file was not rewritten"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape(addr: &str) -> String {
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trips_of_a_page_save() {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let i = env.mount_with("a", &format!("stats={},metrics={metrics}", stats.display()));
+    let m = &env.mounts[i];
+
+    // A wiki that has been running: its directories, the page, the log.
+    fs::create_dir(m.p("locks")).unwrap();
+    fs::create_dir_all(m.p("pages/ns")).unwrap();
+    fs::create_dir(m.p("meta")).unwrap();
+    fs::write(m.p("pages/ns/page.txt"), b"old text\n").unwrap();
+    fs::write(m.p("meta/changes"), b"1 created\n").unwrap();
+    let before = table(&stats_after(&stats, SystemTime::now()));
+
+    // One save, as DokuWiki does it.
+    fs::create_dir(m.p("locks/page")).unwrap();
+    let mut tmp = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.p("pages/ns/page.txt.tmp"))
+        .unwrap();
+    tmp.write_all(b"new text of the page\n").unwrap();
+    tmp.sync_all().unwrap();
+    drop(tmp);
+    fs::rename(m.p("pages/ns/page.txt.tmp"), m.p("pages/ns/page.txt")).unwrap();
+    let mut log = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(m.p("meta/changes"))
+        .unwrap();
+    log.write_all(b"2 edited\n").unwrap();
+    drop(log);
+    fs::remove_dir(m.p("locks/page")).unwrap();
+    let saved_snap = table(&stats_after(&stats, SystemTime::now()));
+
+    // A view: stat the page, then read it.
+    let meta = fs::metadata(m.p("pages/ns/page.txt")).unwrap();
+    assert_eq!(meta.len(), 21);
+    let stat_snap = table(&stats_after(&stats, SystemTime::now()));
+    assert_eq!(
+        fs::read(m.p("pages/ns/page.txt")).unwrap(),
+        b"new text of the page\n"
+    );
+    let read_snap = table(&stats_after(&stats, SystemTime::now()));
+
+    let text = scrape(&metrics);
+    assert!(text.contains("failsafe_mount_op_round_trips_bucket{op=\"mkdir\",le=\"+Inf\"}"));
+    assert!(text.contains("failsafe_client_rpcs_sent_total{kind=\"meta_mutate\"}"));
+
+    env.mounts[i].unmount();
+    let last: Value =
+        serde_json::from_str(&fs::read_to_string(&stats).expect("stats at unmount")).unwrap();
+
+    let save = diff(&saved_snap, &before);
+    let stat = diff(&stat_snap, &saved_snap);
+    let read = diff(&read_snap, &stat_snap);
+    print(
+        "one page save (mkdir lock, temp + write + fsync, rename, O_APPEND log, rmdir lock)",
+        &save,
+    );
+    print("stat of the page", &stat);
+    print("open + read of the page", &read);
+
+    // The save reached the cluster through these operations.
+    for op in [
+        "mkdir", "create", "fsync", "rename", "rmdir", "lookup", "open",
+    ] {
+        let (n, r, rt) = save.get(op).copied().unwrap_or_default();
+        assert!(
+            n > 0 && rt > 0 && rt <= r,
+            "{op} in the save: {n} ops, {r} rpcs, {rt} round trips"
+        );
+    }
+    assert!(save.get("write").is_some_and(|w| w.0 >= 2), "{save:?}");
+    let (n, _, rt) = stat
+        .values()
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+    assert!(n > 0 && rt > 0, "the stat asked the cluster: {stat:?}");
+    let (n, _, rt) = read.get("open").copied().unwrap_or_default();
+    assert!(n > 0 && rt > 0, "the open asked the cluster: {read:?}");
+
+    // The totals agree with each other.
+    let all = table(&last);
+    let op_rpcs: u64 = all.values().map(|v| v.1).sum();
+    let total = last["total_rpcs"].as_u64().unwrap();
+    let background = last["background_rpcs"].as_u64().unwrap();
+    let by_kind: u64 = last["rpcs_by_kind"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|k| k["sent"].as_u64().unwrap())
+        .sum();
+    eprintln!("\nRPCs by kind over the whole mount (setup included)");
+    for (kind, k) in last["rpcs_by_kind"].as_object().unwrap() {
+        eprintln!("  {kind:<12} {k}");
+    }
+    eprintln!("\nat unmount: {op_rpcs} RPCs in FUSE operations, {background} in the background, {total} in all");
+    assert_eq!(by_kind, total);
+    assert!(
+        op_rpcs + background <= total,
+        "{op_rpcs} + {background} > {total}"
+    );
+    assert!(total > 0 && op_rpcs > 0);
+    for (op, s) in last["ops"].as_object().unwrap() {
+        let (count, rpcs, rts) = all[op];
+        assert!(rts <= rpcs, "{op}: {rts} round trips but {rpcs} RPCs");
+        let hist: u64 = s["hist"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(hist, count, "{op}: histogram");
+    }
+    for k in last["rpcs_by_kind"].as_object().unwrap().values() {
+        let ended: u64 = ["ok", "error", "timeout", "cancelled"]
+            .iter()
+            .map(|o| k[*o].as_u64().unwrap())
+            .sum();
+        assert!(ended <= k["sent"].as_u64().unwrap());
+    }
+}
