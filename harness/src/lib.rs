@@ -11,3 +11,4 @@
 pub mod httpc;
 pub mod local;
 pub mod logs;
+pub mod relay;
