@@ -9,7 +9,6 @@
 
 mod check;
 mod http;
-mod net;
 mod report;
 mod run;
 mod scenario;
@@ -22,7 +21,13 @@ use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand};
 
+use failsafe_harness::netns as net;
+
 use crate::scenario::Scenario;
+
+/// The prefix of every namespace this tool creates; the pid of the run that
+/// made it follows, so `cleanup` can tell leftovers of dead runs.
+const PREFIX: &str = "fschaos";
 
 #[derive(Parser)]
 #[command(
@@ -150,7 +155,7 @@ fn run_one(s: &Scenario, report_dir: &Path, use_net: bool, opts: &RunOpts) -> an
     // before any other thread exists: every thread the runtime starts, and
     // every connection it makes, then lives in the test network.
     let net = if use_net {
-        let n = net::Net::create(s.zones.len(), s.clients)?;
+        let n = net::Net::create(PREFIX, s.zones.len(), s.clients)?;
         net::enter(&n.switch())?;
         Some(n)
     } else {
@@ -185,7 +190,7 @@ fn run_one(s: &Scenario, report_dir: &Path, use_net: bool, opts: &RunOpts) -> an
 
 /// Namespaces, mounts and work dirs of runs whose process is gone.
 fn cleanup_stale() {
-    for ns in net::stale_namespaces() {
+    for ns in net::stale_namespaces(PREFIX) {
         eprintln!("failsafe-chaos: removing namespace {ns} of a run that is gone");
         let _ = net::ip(&["netns", "del", &ns]);
     }

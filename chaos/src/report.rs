@@ -75,6 +75,10 @@ pub(crate) struct Report {
     pub faults: Vec<FaultWindow>,
     /// Faults this run could not inject, and why.
     pub skipped: Vec<String>,
+    /// With latency between zones: what single operations cost before the
+    /// workload starts (see `World::probe_cities`).
+    #[serde(default)]
+    pub cities: Vec<String>,
     pub violations: Vec<Violation>,
     #[serde(skip)]
     ops: Vec<Op>,
@@ -103,6 +107,7 @@ impl Report {
             corrupt_copies_at_end: 0,
             faults: Vec::new(),
             skipped: Vec::new(),
+            cities: Vec::new(),
             violations: Vec::new(),
             ops: Vec::new(),
         }
@@ -176,6 +181,9 @@ impl Report {
         }
         for k in &self.skipped {
             s += &format!("  skipped: {k}\n");
+        }
+        for c in &self.cities {
+            s += &format!("  cities: {c}\n");
         }
         s += &format!(
             "  operations {}, failed {}",

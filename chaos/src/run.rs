@@ -133,7 +133,7 @@ pub(crate) async fn run(
     s: &Scenario,
     work: &Path,
     report_dir: &Path,
-    net: Option<crate::net::Net>,
+    net: Option<failsafe_harness::netns::Net>,
     seed: u64,
 ) -> anyhow::Result<Report> {
     std::fs::create_dir_all(report_dir)?;
@@ -155,6 +155,12 @@ pub(crate) async fn run(
         s.duration_s
     );
     let mut world = World::build(s, work, net).await?;
+    if s.latency.is_some() {
+        report.cities = world.probe_cities().await?;
+        for c in &report.cities {
+            println!("  cities: {c}");
+        }
+    }
     let result = drive(s, &mut world, &mut report, seed).await;
     world.save_logs(report_dir);
     world.teardown();

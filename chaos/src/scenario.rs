@@ -37,6 +37,67 @@ pub(crate) struct Scenario {
     /// Breaks a guarantee on purpose, to show the checker catches it.
     #[serde(default)]
     pub sabotage: Option<Sabotage>,
+    /// Cities: a one-way delay on every link between zones (a relay in
+    /// front of each host; needs network namespaces).
+    #[serde(default)]
+    pub latency: Option<Latency>,
+}
+
+/// One-way delays between zones. A mount is in the zone it is placed in; a
+/// host reaching itself, or anything in its own zone, gets `intra_zone_ms`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Latency {
+    /// Between any two different zones (RTT is twice this).
+    #[serde(default)]
+    pub one_way_ms: f64,
+    /// Within one zone.
+    #[serde(default)]
+    pub intra_zone_ms: f64,
+    /// Pairs of zones that differ from `one_way_ms`.
+    #[serde(default, rename = "link")]
+    pub links: Vec<ZoneLink>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ZoneLink {
+    /// The two zones (either order).
+    pub zones: [String; 2],
+    pub one_way_ms: f64,
+}
+
+impl Latency {
+    /// The one-way delay between something in zone `a` and something in zone `b`.
+    pub(crate) fn one_way(&self, a: &str, b: &str) -> std::time::Duration {
+        let ms = self
+            .links
+            .iter()
+            .find(|l| (l.zones[0] == a && l.zones[1] == b) || (l.zones[0] == b && l.zones[1] == a))
+            .map(|l| l.one_way_ms)
+            .unwrap_or(if a == b {
+                self.intra_zone_ms
+            } else {
+                self.one_way_ms
+            });
+        std::time::Duration::from_secs_f64(ms / 1000.0)
+    }
+
+    fn validate(&self, zones: &[&str]) -> anyhow::Result<()> {
+        let ok = |ms: f64| ms.is_finite() && (0.0..=10_000.0).contains(&ms);
+        if !ok(self.one_way_ms) || !ok(self.intra_zone_ms) {
+            bail!("latency: delays are 0 to 10000 ms");
+        }
+        for l in &self.links {
+            if !ok(l.one_way_ms) {
+                bail!("latency.link {:?}: delays are 0 to 10000 ms", l.zones);
+            }
+            if let Some(z) = l.zones.iter().find(|z| !zones.contains(&z.as_str())) {
+                bail!("latency.link {:?}: no zone {z:?}", l.zones);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_zones() -> Vec<String> {
@@ -305,6 +366,15 @@ impl Scenario {
                 bail!("device_full needs device_mb (each host's device a tmpfs of that size)");
             }
         }
+        if let Some(l) = &self.latency {
+            let zones: Vec<&str> = self
+                .zones
+                .iter()
+                .map(String::as_str)
+                .chain(self.faults.iter().filter_map(|f| f.zone.as_deref()))
+                .collect();
+            l.validate(&zones)?;
+        }
         Ok(())
     }
 
@@ -362,6 +432,7 @@ impl Scenario {
             fsd_flags: Vec::new(),
             device_mb: 0,
             sabotage: None,
+            latency: None,
         }
     }
 }
@@ -390,6 +461,26 @@ mod tests {
         let bad: Result<Scenario, _> =
             toml::from_str("name = 'x'\nduration_s = 10\n[[fault]]\nat_s = 5\nkind = 'melt'\n");
         assert!(bad.is_err());
+        let cities: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 10\nzones = ['a', 'b', 'c']\n[latency]\none_way_ms = 10\n[[latency.link]]\nzones = ['c', 'a']\none_way_ms = 40\n",
+        )
+        .unwrap();
+        cities.validate().unwrap();
+        let l = cities.latency.as_ref().unwrap();
+        let ms = |a, b| l.one_way(a, b).as_millis();
+        assert_eq!(
+            (ms("a", "a"), ms("a", "b"), ms("a", "c"), ms("c", "a")),
+            (0, 10, 40, 40)
+        );
+        let unknown: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 10\n[latency]\n[[latency.link]]\nzones = ['a', 'z']\none_way_ms = 4\n",
+        )
+        .unwrap();
+        assert!(unknown
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no zone"));
         let r = Scenario::random(7, 600.0, 3);
         r.validate().unwrap();
         assert!(!r.faults.is_empty());

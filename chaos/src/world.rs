@@ -8,14 +8,18 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use failsafe_client::{pb, Client};
 use failsafe_harness::local::{
-    die_with_parent, in_netns, sibling_binary, LocalCluster, LocalMount,
+    die_with_parent, in_netns, sibling_binary, terminate, LocalCluster, LocalMount,
 };
+use failsafe_harness::relay::{self, Links};
 
-use crate::net::Net;
-use crate::scenario::{FaultKind, Scenario};
+use crate::scenario::{FaultKind, Latency, Scenario};
+use failsafe_harness::netns::Net;
 
 /// fsd's port when every host has an address of its own.
 const PORT: u16 = 7000;
+/// With latency, fsd listens here on the namespace's loopback, behind the
+/// relay that holds `PORT` on every address of the namespace.
+const BEHIND_RELAY: u16 = 7001;
 
 pub(crate) struct World {
     pub net: Option<Net>,
@@ -32,6 +36,10 @@ pub(crate) struct World {
     /// Blocks the bitrot fault prefers: ones that stay referenced and read.
     pub bitrot_candidates: Vec<String>,
     bitrot_next: usize,
+    /// Cities: the delays, each mount's zone, and each host's relay.
+    latency: Option<Latency>,
+    client_zones: Vec<String>,
+    relays: Vec<Option<std::process::Child>>,
 }
 
 impl World {
@@ -58,17 +66,162 @@ impl World {
             zones: Vec::new(),
             bitrot_candidates: Vec::new(),
             bitrot_next: 0,
+            latency: s.latency.clone(),
+            client_zones: (0..s.clients)
+                .map(|c| s.zones[c % s.zones.len()].clone())
+                .collect(),
+            relays: Vec::new(),
         };
+        if w.latency.is_some() && w.net.is_none() {
+            bail!("latency needs network namespaces (root and iproute2)");
+        }
         for zone in &s.zones {
             w.start_new_host(zone, s.device_mb)?;
-            w.zones.push(zone.clone());
         }
         w.cluster.bootstrap().await?;
         for c in 0..s.clients {
-            let zone = s.zones[c % s.zones.len()].clone();
+            let zone = w.client_zones[c].clone();
             w.mount(c, &zone)?;
         }
         Ok(w)
+    }
+
+    fn links_file(&self, i: usize) -> PathBuf {
+        self.work.join(format!("links-h{i}"))
+    }
+
+    /// Writes every relay's links file: the one-way delay from each host's
+    /// and each mount's address to that relay's host, by their zones.
+    fn write_links(&self) -> anyhow::Result<()> {
+        let (Some(lat), Some(net)) = (&self.latency, &self.net) else {
+            return Ok(());
+        };
+        for (i, zone) in self.zones.iter().enumerate() {
+            let mut links = Links::default();
+            for (k, other) in self.zones.iter().enumerate() {
+                let ip = net.host_ips[k].parse()?;
+                links.by_ip.insert(ip, lat.one_way(zone, other));
+            }
+            for (c, other) in self.client_zones.iter().enumerate() {
+                let ip = net.client_ip(c).parse()?;
+                links.by_ip.insert(ip, lat.one_way(zone, other));
+            }
+            links.write(&self.links_file(i))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the relay in front of host `i` (in its namespace), which
+    /// holds `PORT` on every address there and forwards to fsd's loopback port.
+    fn start_relay(&mut self, i: usize) -> anyhow::Result<()> {
+        let net = self.net.as_ref().context("relays need namespaces")?;
+        let child = relay::spawn_in_netns(
+            &Net::ns_path(&net.host_ns(i)),
+            &format!("0.0.0.0:{PORT}"),
+            &format!("127.0.0.1:{BEHIND_RELAY}"),
+            &self.links_file(i),
+            &self.work.join(format!("relay-h{i}.log")),
+            &format!("{}:{PORT}", net.host_ips[i]),
+        )?;
+        self.relays.resize_with(i + 1, || None);
+        self.relays[i] = Some(child);
+        Ok(())
+    }
+
+    /// Times single operations through the latency relays before the
+    /// workload starts, and fails if a commit was faster than one round trip
+    /// between two zones (the relays would not be delaying): from each
+    /// mount, three times, a 6000-byte file created, written and fsynced,
+    /// then read from another mount; and `fsctl status` from mount 0's
+    /// namespace to a host of its own zone and of another.
+    pub(crate) async fn probe_cities(&self) -> anyhow::Result<Vec<String>> {
+        use std::io::{Read, Write};
+        let (Some(lat), Some(net)) = (&self.latency, &self.net) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut min_rtt: Option<Duration> = None;
+        for a in &self.zones {
+            for b in self.zones.iter().filter(|b| *b != a) {
+                let rtt = lat.one_way(a, b) * 2;
+                min_rtt = Some(min_rtt.map_or(rtt, |m| m.min(rtt)));
+            }
+        }
+        let leader = self.leader().await.map(|l| self.zones[l].clone());
+        out.push(format!(
+            "leader in zone {}; one way between zones {}",
+            leader.as_deref().unwrap_or("?"),
+            self.zones
+                .iter()
+                .enumerate()
+                .flat_map(|(i, a)| self.zones[i + 1..].iter().map(move |b| (a, b)))
+                .map(|(a, b)| format!("{a}-{b} {} ms", lat.one_way(a, b).as_millis()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let data = vec![b'p'; 6000];
+        let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+        for (i, m) in self.mounts.iter().enumerate() {
+            let o = (i + 1) % self.mounts.len();
+            // The first round opens connections; the later ones are warm.
+            let (mut writes, mut reads) = (Vec::new(), Vec::new());
+            for round in 0..3 {
+                let name = format!("cities-probe-{i}-{round}");
+                let t = std::time::Instant::now();
+                let mut f = std::fs::File::create(m.path.join(&name))?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                drop(f);
+                let write = t.elapsed();
+                if let Some(min) = min_rtt.filter(|m| !m.is_zero()) {
+                    if write < min {
+                        bail!(
+                            "a fsynced write from mount {i} took {write:?}, less than a round trip between zones ({min:?}): the latency relays are not delaying"
+                        );
+                    }
+                }
+                let t = std::time::Instant::now();
+                let mut back = Vec::new();
+                std::fs::File::open(self.mounts[o].path.join(&name))?.read_to_end(&mut back)?;
+                let read = t.elapsed();
+                if back != data {
+                    bail!("the probe file of mount {i} read back different bytes");
+                }
+                std::fs::remove_file(m.path.join(&name))?;
+                writes.push(ms(write));
+                reads.push(ms(read));
+            }
+            out.push(format!(
+                "mount {i} (zone {}): create+write+fsync+close of 6000 bytes {} ms; mount {o} (zone {}) opens and reads it {} ms",
+                self.client_zones[i],
+                writes.join(", "),
+                self.client_zones[o],
+                reads.join(", "),
+            ));
+        }
+        let fsctl = sibling_binary("fsctl")?;
+        let zone0 = self.client_zones[0].clone();
+        let mut seen = std::collections::HashSet::new();
+        for (h, z) in self.zones.iter().enumerate() {
+            if !seen.insert(z == &zone0) {
+                continue;
+            }
+            let mut cmd = Command::new(&fsctl);
+            in_netns(&mut cmd, &Net::ns_path(&net.client_ns(0)))?;
+            cmd.args(["--cluster", &self.cluster.hosts[h].addr, "status"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let t = std::time::Instant::now();
+            let ok = cmd.status()?.success();
+            let took = t.elapsed();
+            out.push(format!(
+                "fsctl status (a new process) from mount 0's namespace (zone {zone0}) to host {h} (zone {z}, one way {} ms): {} ms{}",
+                lat.one_way(&zone0, z).as_millis(),
+                ms(took),
+                if ok { "" } else { " (failed)" }
+            ));
+        }
+        Ok(out)
     }
 
     /// Defines and starts one more fsd (not yet a member) in `zone`.
@@ -104,6 +257,8 @@ impl World {
         );
         self.devices.push(dev);
         self.fillers.push(None);
+        self.zones.push(zone.to_string());
+        let cities = self.latency.is_some();
         let port = match self.net.as_mut() {
             Some(net) => {
                 let n = if h < net.host_ips.len() {
@@ -111,12 +266,23 @@ impl World {
                 } else {
                     net.add_host()?
                 };
-                self.cluster.hosts[h].listen_ip = net.host_ips[n].clone();
-                self.cluster.hosts[h].netns = Some(Net::ns_path(&net.host_ns(n)));
-                PORT
+                let host = &mut self.cluster.hosts[h];
+                host.netns = Some(Net::ns_path(&net.host_ns(n)));
+                if cities {
+                    host.listen_ip = "127.0.0.1".into();
+                    host.advertise = Some(format!("{}:{PORT}", net.host_ips[n]));
+                    BEHIND_RELAY
+                } else {
+                    host.listen_ip = net.host_ips[n].clone();
+                    PORT
+                }
             }
             None => 0,
         };
+        if cities {
+            self.write_links()?;
+            self.start_relay(h)?;
+        }
         self.cluster.start_host(h, port)?;
         Ok(h)
     }
@@ -125,7 +291,6 @@ impl World {
     /// learner that catches up, then a voter); copies reach it by rebalancing.
     pub(crate) async fn add_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
         let h = self.start_new_host(zone, device_mb)?;
-        self.zones.push(zone.to_string());
         let client = self.client().await?;
         self.cluster.admit(h, &client).await?;
         Ok(h)
@@ -392,7 +557,13 @@ impl World {
             FaultKind::NewIp | FaultKind::Ship => match self.net.as_mut() {
                 Some(net) => {
                     let ip = net.move_host(i)?;
-                    self.cluster.hosts[i].listen_ip = ip.clone();
+                    if self.latency.is_some() {
+                        // The relay holds every address of the namespace.
+                        self.cluster.hosts[i].advertise = Some(format!("{ip}:{PORT}"));
+                        self.write_links()?;
+                    } else {
+                        self.cluster.hosts[i].listen_ip = ip.clone();
+                    }
                     self.cluster.restart(i, true)?;
                     format!("host {i} started at its new address {ip}")
                 }
@@ -423,6 +594,12 @@ impl World {
         for (i, m) in self.mounts.iter().enumerate() {
             let _ = std::fs::copy(&m.log, dir.join(format!("mount-{i}.log")));
         }
+        for i in 0..self.relays.len() {
+            let _ = std::fs::copy(
+                self.work.join(format!("relay-h{i}.log")),
+                dir.join(format!("relay-{i}.log")),
+            );
+        }
     }
 
     /// Unmounts, stops every process, removes tmpfs devices and namespaces.
@@ -431,6 +608,9 @@ impl World {
             m.unmount();
         }
         self.cluster.stop_all();
+        for mut r in std::mem::take(&mut self.relays).into_iter().flatten() {
+            terminate(&mut r);
+        }
         for t in std::mem::take(&mut self.tmpfs) {
             let _ = Command::new("umount").arg("-l").arg(&t).status();
         }

@@ -11,3 +11,5 @@
 pub mod httpc;
 pub mod local;
 pub mod logs;
+pub mod netns;
+pub mod relay;

@@ -21,6 +21,11 @@ pub struct LocalHost {
     pub listen_ip: String,
     /// A network namespace (`/run/netns/NAME`) to run it in, or the caller's.
     pub netns: Option<PathBuf>,
+    /// The address others reach it at when that is not the one it listens
+    /// on (a relay in front of it, see [`crate::relay`]); `addr` then is this.
+    pub advertise: Option<String>,
+    /// The port it listens on (0 before its first start).
+    pub port: u16,
     child: Option<Child>,
     frozen: bool,
 }
@@ -297,6 +302,8 @@ impl LocalCluster {
             extra: extra.to_vec(),
             listen_ip: "127.0.0.1".into(),
             netns: None,
+            advertise: None,
+            port: 0,
             child: None,
             frozen: false,
         });
@@ -324,6 +331,9 @@ impl LocalCluster {
         if self.die_with_parent {
             die_with_parent(&mut cmd);
         }
+        if let Some(a) = &h.advertise {
+            cmd.arg("--advertise").arg(a);
+        }
         let child = cmd
             .arg("--data-dir")
             .arg(&h.dir)
@@ -344,7 +354,12 @@ impl LocalCluster {
         loop {
             if let Ok(s) = std::fs::read_to_string(&addr_file) {
                 if s.ends_with('\n') {
-                    h.addr = s.trim().to_string();
+                    let local = s.trim().to_string();
+                    h.port = local
+                        .rsplit_once(':')
+                        .and_then(|(_, p)| p.parse().ok())
+                        .unwrap_or(0);
+                    h.addr = h.advertise.clone().unwrap_or(local);
                     return Ok(());
                 }
             }
@@ -491,15 +506,7 @@ impl LocalCluster {
     /// Restarts a killed host with its data dir, on its old port or a new one.
     pub fn restart(&mut self, i: usize, same_port: bool) -> anyhow::Result<()> {
         self.kill(i);
-        let port = if same_port {
-            self.hosts[i]
-                .addr
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        let port = if same_port { self.hosts[i].port } else { 0 };
         self.spawn(i, port)
     }
 
@@ -525,11 +532,7 @@ impl LocalCluster {
 
     /// A clean restart (SIGTERM, then start again on the same port).
     pub fn restart_graceful(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = self.hosts[i]
-            .addr
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(0);
+        let port = self.hosts[i].port;
         self.stop(i);
         self.spawn(i, port)
     }

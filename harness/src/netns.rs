@@ -1,7 +1,9 @@
 //! The test network: a switch namespace holding a bridge, and one namespace
 //! per host and per client, each joined to the bridge by its own veth pair —
 //! its own address and its own cable. Nothing is added to the caller's
-//! namespace; everything is removed by `Net::destroy` (also on drop).
+//! namespace; everything is removed by `Net::destroy` (also on drop). Chaos
+//! builds its worlds in it; with a [`crate::relay`] in front of each host it
+//! holds cities on one machine.
 //!
 //! Addresses live in 10.199.0.0/16, which exists only inside these
 //! namespaces: the switch is .0.1, host i is .1.(i+1), client i .2.(i+1),
@@ -12,11 +14,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// The prefix of every namespace this tool creates; the pid of the run that
-/// made it follows, so `cleanup` can tell leftovers of dead runs.
-pub(crate) const PREFIX: &str = "fschaos";
-
-pub(crate) struct Net {
+pub struct Net {
     run: String,
     hosts: usize,
     clients: usize,
@@ -28,7 +26,7 @@ pub(crate) struct Net {
     destroyed: bool,
 }
 
-pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -44,7 +42,7 @@ pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 /// Whether this process can build namespaces: root and iproute2.
-pub(crate) fn available() -> Result<(), String> {
+pub fn available() -> Result<(), String> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root".into());
@@ -56,25 +54,27 @@ pub(crate) fn available() -> Result<(), String> {
 }
 
 impl Net {
-    pub(crate) fn ns_path(name: &str) -> PathBuf {
+    pub fn ns_path(name: &str) -> PathBuf {
         PathBuf::from("/run/netns").join(name)
     }
-    pub(crate) fn switch(&self) -> String {
+    pub fn switch(&self) -> String {
         format!("{}-sw", self.run)
     }
-    pub(crate) fn host_ns(&self, i: usize) -> String {
+    pub fn host_ns(&self, i: usize) -> String {
         format!("{}-h{i}", self.run)
     }
-    pub(crate) fn client_ns(&self, i: usize) -> String {
+    pub fn client_ns(&self, i: usize) -> String {
         format!("{}-c{i}", self.run)
     }
-    pub(crate) fn client_ip(&self, i: usize) -> String {
+    pub fn client_ip(&self, i: usize) -> String {
         format!("10.199.2.{}", i + 1)
     }
 
-    /// Builds the switch and one namespace per host and client.
-    pub(crate) fn create(hosts: usize, clients: usize) -> anyhow::Result<Net> {
-        let run = format!("{PREFIX}{}", std::process::id());
+    /// Builds the switch and one namespace per host and client, all named
+    /// `prefix` + this process's pid + `-`... (so [`stale_namespaces`] can
+    /// tell the leftovers of runs that are gone).
+    pub fn create(prefix: &str, hosts: usize, clients: usize) -> anyhow::Result<Net> {
+        let run = format!("{prefix}{}", std::process::id());
         let net = Net {
             run,
             hosts,
@@ -124,7 +124,7 @@ impl Net {
     }
 
     /// Builds the namespace of one more host; returns its index.
-    pub(crate) fn add_host(&mut self) -> anyhow::Result<usize> {
+    pub fn add_host(&mut self) -> anyhow::Result<usize> {
         let i = self.hosts;
         let addr = format!("10.199.1.{}", i + 1);
         self.hosts += 1;
@@ -134,7 +134,7 @@ impl Net {
     }
 
     /// Pulls host i's cable (or plugs it back in).
-    pub(crate) fn set_cable(&self, i: usize, plugged: bool) -> anyhow::Result<()> {
+    pub fn set_cable(&self, i: usize, plugged: bool) -> anyhow::Result<()> {
         ip(&[
             "-n",
             &self.host_ns(i),
@@ -147,7 +147,7 @@ impl Net {
 
     /// Drops all traffic between namespace `a` and address `b_ip` both ways
     /// (`b_ns` is the namespace holding `b_ip`), as a cut line between cities would.
-    pub(crate) fn cut(&mut self, a: &str, a_ip: &str, b: &str, b_ip: &str) -> anyhow::Result<()> {
+    pub fn cut(&mut self, a: &str, a_ip: &str, b: &str, b_ip: &str) -> anyhow::Result<()> {
         for (ns, dst) in [(a, b_ip), (b, a_ip)] {
             ip(&["-n", ns, "route", "add", "blackhole", &format!("{dst}/32")])?;
             self.cuts.push((ns.to_string(), dst.to_string()));
@@ -156,7 +156,7 @@ impl Net {
     }
 
     /// Removes every cut.
-    pub(crate) fn heal(&mut self) -> anyhow::Result<()> {
+    pub fn heal(&mut self) -> anyhow::Result<()> {
         for (ns, dst) in std::mem::take(&mut self.cuts) {
             ip(&["-n", &ns, "route", "del", "blackhole", &format!("{dst}/32")])?;
         }
@@ -164,7 +164,7 @@ impl Net {
     }
 
     /// Gives host i a new address (its old one disappears); returns it.
-    pub(crate) fn move_host(&mut self, i: usize) -> anyhow::Result<String> {
+    pub fn move_host(&mut self, i: usize) -> anyhow::Result<String> {
         let ns = self.host_ns(i);
         let new = format!("10.199.3.{}", self.next_moved);
         self.next_moved += 1;
@@ -183,7 +183,7 @@ impl Net {
     }
 
     /// Deletes every namespace (and with them the veth pairs and the bridge).
-    pub(crate) fn destroy(&mut self) {
+    pub fn destroy(&mut self) {
         if self.destroyed {
             return;
         }
@@ -207,15 +207,16 @@ impl Drop for Net {
     }
 }
 
-/// Namespaces left by runs whose process is gone (a run killed with -9).
-pub(crate) fn stale_namespaces() -> Vec<String> {
+/// Namespaces named `prefix` + pid left by runs whose process is gone (a
+/// run killed with -9).
+pub fn stale_namespaces(prefix: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/run/netns") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| {
-            let Some(rest) = n.strip_prefix(PREFIX) else {
+            let Some(rest) = n.strip_prefix(prefix) else {
                 return false;
             };
             let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
@@ -227,7 +228,7 @@ pub(crate) fn stale_namespaces() -> Vec<String> {
 
 /// Makes the calling thread — and every thread and child it starts later —
 /// live in namespace `name`. Call before starting any other thread.
-pub(crate) fn enter(name: &str) -> anyhow::Result<()> {
+pub fn enter(name: &str) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(Net::ns_path(name))
         .with_context(|| format!("opening namespace {name}"))?;
