@@ -425,7 +425,9 @@ impl Report<'_> {
              target/release/failsafe-bench\n```\n\n\
              It installs bindfs with apt-get if it is missing (or skips that column, saying \
              why), writes `BENCHMARKS.md` and `bench/results.json`, and prints the table. \
-             `--quick` runs small sizes in seconds; `--help` lists the sizes.\n\n",
+             `--quick` runs small sizes in seconds; `--help` lists the sizes. (On Debian 12 the \
+             bindfs package depends on `fuse`, which `fuse3` breaks, so installing it swaps \
+             `fuse3` for `fuse`; mounts as root need neither.)\n\n",
         );
         o.push_str(&format!("This run: `{}`\n", self.invocation));
         o
