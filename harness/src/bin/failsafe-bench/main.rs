@@ -705,3 +705,39 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_are_the_counters_change_per_operation() {
+        let before = json!({"ops": {"create": {"count": 2, "rpcs": 6, "round_trips": 4},
+                                    "write": {"count": 1, "rpcs": 2, "round_trips": 2}}});
+        let after = json!({"ops": {"create": {"count": 12, "rpcs": 36, "round_trips": 24},
+                                   "write": {"count": 11, "rpcs": 22, "round_trips": 12},
+                                   "mkdir": {"count": 10, "rpcs": 10, "round_trips": 10}}});
+        let r = round_trips_between(Some(&before), Some(&after), 10.0).unwrap();
+        assert_eq!(r.round_trips_per_op, Some(4.0));
+        assert_eq!(r.rpcs_per_op, Some(6.0));
+        assert_eq!(r.delta["ops.mkdir.round_trips"], 10.0);
+        assert_eq!(r.delta["ops.create.count"], 10.0);
+        // A fresh mount (no file before) counts from zero; no file after, nothing.
+        let fresh = round_trips_between(None, Some(&after), 10.0).unwrap();
+        assert_eq!(fresh.round_trips_per_op, Some(4.6));
+        assert!(round_trips_between(Some(&before), None, 10.0).is_none());
+        // A stats file without the counters gives no number, not zero.
+        let other = json!({"uptime": 5});
+        let r = round_trips_between(None, Some(&other), 10.0).unwrap();
+        assert_eq!(r.round_trips_per_op, None);
+    }
+
+    #[test]
+    fn numbers_read_as_written() {
+        assert_eq!(thousands(10_000), "10,000");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(report::fmt_value(0.0204), "0.0204");
+        assert_eq!(report::fmt_value(23.68), "23.7");
+        assert_eq!(report::fmt_value(177_036.4), "177,036");
+    }
+}
