@@ -622,6 +622,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 },
             ),
         };
+        let load = read_trim("/proc/loadavg");
+        let load = load
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut t = match started {
             Ok(t) => t,
             Err(why) => {
@@ -641,7 +647,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        let setup = t.setup.clone();
+        let setup = format!("{} (load average 1/5/15 min at its start: {load})", t.setup);
         let data = match &t.kind {
             targets::Kind::Local => vec![t.path.clone()],
             targets::Kind::Bindfs { .. } => vec![root.join("bindfs-src"), root.join("bindfs-mnt")],
