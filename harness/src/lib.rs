@@ -2,7 +2,7 @@
 //! this machine, started the way a sysadmin would start them.
 //!
 //! The integration tests of the daemon and the mount, the chaos harness, the
-//! benchmarks (`fsbench`, `wikibench`) and the demo (`failsafe-demo`) use it.
+//! benchmarks (`failsafe-bench`, `wikibench`) and the demo (`failsafe-demo`) use it.
 //! It starts the product's binaries as processes (found next to the running
 //! executable, see [`local::sibling_binary`]) and talks to them only through
 //! the client library, so it does not link the daemon; the product never

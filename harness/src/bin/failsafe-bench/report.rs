@@ -1,0 +1,508 @@
+//! The results as a table on stdout, a JSON document and `BENCHMARKS.md`.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::api::ApiRow;
+use crate::{Cell, Config, Unit, Workload};
+
+pub(crate) struct Report<'a> {
+    pub(crate) cfg: &'a Config,
+    pub(crate) workloads: &'a [Workload],
+    pub(crate) cells: &'a BTreeMap<(&'static str, &'static str), Cell>,
+    /// Each target asked for: how it was set up, or why it was skipped.
+    pub(crate) targets: &'a [(&'static str, Result<String, String>)],
+    pub(crate) machine: &'a Value,
+    pub(crate) api_rows: &'a [ApiRow],
+    pub(crate) round_trips_enabled: bool,
+    pub(crate) cities_requested: bool,
+    pub(crate) link_ms: u32,
+    pub(crate) invocation: &'a str,
+    pub(crate) note: Option<&'a str>,
+}
+
+const TARGETS: [&str; 3] = ["local", "bindfs", "failsafe"];
+
+/// The rows of the cities section: measured once the latency relay exists
+/// (issue 11, "Cities on one machine"); until then "not yet measured".
+const CITY_ROWS: [&str; 4] = [
+    "page save, mount in the leader's city",
+    "page save, mount in a city without the leader",
+    "page read (stat, open+read of an unchanged page), mount in the leader's city",
+    "page read (stat, open+read of an unchanged page), mount in a city without the leader",
+];
+
+/// Targets from issues 11 and 12: (workload, issue, bound on failsafe /
+/// bindfs; a rate at least this, or a time at most this).
+const GOALS: [(&str, u32, f64); 9] = [
+    ("page_save_1", 11, 0.4),
+    ("page_save_n", 11, 0.6),
+    ("create", 11, 3.0),
+    ("delete", 11, 2.0),
+    ("stream_write", 11, 1.0),
+    ("page_read_warm", 12, 2.0),
+    ("page_read_cold", 12, 0.7),
+    ("ls_warm", 12, 1.0),
+    ("ls_cold", 12, 3.0),
+];
+
+pub(crate) fn fmt_value(v: f64) -> String {
+    if !v.is_finite() {
+        return "-".into();
+    }
+    let a = v.abs();
+    if a >= 1000.0 {
+        crate::thousands(v.round() as u64)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else if a == 0.0 {
+        "0".into()
+    } else {
+        // Three significant digits: 0.0123, 0.000456.
+        let decimals = (2.0 - a.log10().floor()).clamp(3.0, 9.0) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
+impl Report<'_> {
+    fn value(&self, w: &str, t: &str) -> Option<f64> {
+        self.cells.get(&(w, t))?.as_ref().ok().map(|m| m.value)
+    }
+
+    /// failsafe / `base`: the rate ratio for rates, the time ratio for times.
+    fn ratio(&self, w: &Workload, base: &str) -> Option<f64> {
+        let f = self.value(w.id, "failsafe")?;
+        let b = self.value(w.id, base)?;
+        (b > 0.0).then(|| f / b)
+    }
+
+    fn fmt_ratio(&self, w: &Workload, base: &str) -> String {
+        match self.ratio(w, base) {
+            None => "-".into(),
+            Some(r) if w.unit == Unit::Seconds => format!("{}× the time", fmt_value(r)),
+            Some(r) => fmt_value(r),
+        }
+    }
+
+    fn cell_text(&self, w: &Workload, t: &str) -> String {
+        match self.cells.get(&(w.id, t)) {
+            Some(Ok(m)) => fmt_value(m.value),
+            Some(Err(_)) => "failed".into(),
+            None => match self.targets.iter().find(|(n, _)| *n == t) {
+                Some((_, Err(_))) => "skipped".into(),
+                _ => "-".into(),
+            },
+        }
+    }
+
+    fn round_trips_text(&self, w: &Workload) -> String {
+        if !self.round_trips_enabled {
+            return "n/a".into();
+        }
+        match self.cells.get(&(w.id, "failsafe")) {
+            Some(Ok(m)) => match m.round_trips.as_ref().and_then(|r| r.round_trips_per_op) {
+                Some(rt) => format!("{} per {}", fmt_value(rt), w.per),
+                None => "n/a (no stats file)".into(),
+            },
+            _ => "-".into(),
+        }
+    }
+
+    fn rows(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![vec![
+            "workload".to_string(),
+            "local".into(),
+            "bindfs".into(),
+            "failsafe".into(),
+            "failsafe / bindfs".into(),
+            "failsafe / local".into(),
+            "round trips (failsafe)".into(),
+        ]];
+        for w in self.workloads {
+            let mut r = vec![format!("{} ({})", w.title, w.unit.label())];
+            r.extend(TARGETS.iter().map(|t| self.cell_text(w, t)));
+            r.push(self.fmt_ratio(w, "bindfs"));
+            r.push(self.fmt_ratio(w, "local"));
+            r.push(self.round_trips_text(w));
+            rows.push(r);
+        }
+        rows
+    }
+
+    pub(crate) fn table_text(&self) -> String {
+        let rows = self.rows();
+        let widths: Vec<usize> = (0..rows[0].len())
+            .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for (k, r) in rows.iter().enumerate() {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let pad = widths[i] - c.chars().count();
+                    if i == 0 {
+                        format!("{c}{}", " ".repeat(pad))
+                    } else {
+                        format!("{}{c}", " ".repeat(pad))
+                    }
+                })
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+            if k == 0 {
+                let total = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+                out.push_str(&"-".repeat(total));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn markdown_table(&self) -> String {
+        let rows = self.rows();
+        let mut out = String::new();
+        for (k, r) in rows.iter().enumerate() {
+            out.push_str(&format!("| {} |\n", r.join(" | ")));
+            if k == 0 {
+                out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+            }
+        }
+        out
+    }
+
+    fn goals(&self) -> Vec<(String, String, String, &'static str)> {
+        GOALS
+            .iter()
+            .filter_map(|&(id, issue, bound)| {
+                let w = self.workloads.iter().find(|w| w.id == id)?;
+                let (goal, met) = match (w.unit, self.ratio(w, "bindfs")) {
+                    (Unit::Seconds, r) => {
+                        (format!("≤ {bound}× bindfs's time"), r.map(|r| r <= bound))
+                    }
+                    (_, r) => (format!("≥ {bound}× bindfs"), r.map(|r| r >= bound)),
+                };
+                let verdict = match met {
+                    Some(true) => "met",
+                    Some(false) => "not met",
+                    None => "not measured",
+                };
+                Some((
+                    format!("{} (issue {issue})", w.title),
+                    goal,
+                    self.fmt_ratio(w, "bindfs"),
+                    verdict,
+                ))
+            })
+            .collect()
+    }
+
+    fn m(&self, key: &str) -> String {
+        match &self.machine[key] {
+            Value::String(s) => s.clone(),
+            Value::Null => "unknown".into(),
+            v => v.to_string(),
+        }
+    }
+
+    pub(crate) fn markdown(&self) -> String {
+        let c = self.cfg;
+        let mut o = String::new();
+        o.push_str("# Benchmarks\n\n");
+        o.push_str(
+            "Written by `failsafe-bench` (harness/src/bin/failsafe-bench/); run it again to \
+             update this file, do not edit it by hand. Every number is also in the JSON file \
+             the same run wrote.\n\n",
+        );
+        o.push_str(&format!(
+            "One sitting on {} at commit `{}`{}: the same workloads on a local directory, a \
+             bindfs passthrough of a local directory and a failsafe mount of a fresh cluster of \
+             three hosts (zones a, b, c) on loopback, all on the same disk ({} on {}). Build: \
+             {}.{}\n\n",
+            self.m("date"),
+            self.m("git_commit"),
+            if self.machine["git_dirty"] == json!(true) {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            },
+            self.machine["filesystem"]["type"].as_str().unwrap_or("?"),
+            self.machine["filesystem"]["device"].as_str().unwrap_or("?"),
+            self.m("build"),
+            if c.quick {
+                " **Quick mode: small sizes, for tests; not a measurement.**"
+            } else {
+                ""
+            },
+        ));
+        if let Some(n) = self.note {
+            o.push_str(&format!("{n}\n\n"));
+        }
+        o.push_str(&format!(
+            "Load average (1, 5, 15 min, runnable/total, last pid) at the start: {}; at the end: \
+             {}; on {} cores. Anything else running on the machine competes with the run.\n\n",
+            self.m("load_average_start"),
+            self.m("load_average_end"),
+            self.m("cores"),
+        ));
+
+        o.push_str("## Local disk, bindfs and failsafe, side by side\n\n");
+        o.push_str(&self.markdown_table());
+        o.push_str(
+            "\nRatios: for rates (ops/s, MB/s), failsafe's rate divided by the other's (1 is \
+             parity, higher is better); for times (s), how many times as long failsafe took (1 \
+             is parity, lower is better). MB is 10^6 bytes.\n\n",
+        );
+        o.push_str("How each row is measured (wall clock):\n\n");
+        o.push_str(&format!(
+            "- page save, the wiki way: mkdir a lock directory, create a temp file, write {} \
+             KiB, fsync, rename it over the page, append a line to a change log shared by all \
+             writers (O_APPEND) and fsync it, rmdir the lock. Each writer (a thread) saves its \
+             own 8 pages in turn; each saves each page once before the clock starts; then {} s.\n",
+            c.page_bytes / 1024,
+            c.seconds
+        ));
+        o.push_str(&format!(
+            "- page read: open, fstat, read the {} KiB, close, over {} pages. Warm: after reading \
+             each once, {} s of reads. Cold: each page once after the caches were made cold \
+             (see below).\n",
+            c.page_bytes / 1024,
+            c.pages,
+            c.seconds
+        ));
+        o.push_str(&format!(
+            "- create: {} files of {} KiB in one directory (open O_CREAT|O_EXCL, write, close; \
+             no fsync). `ls -l`: readdir and lstat of each, cold (caches made cold) then warm \
+             (right after). delete: unlink each, then rmdir.\n",
+            crate::thousands(c.files as u64),
+            c.file_bytes / 1024
+        ));
+        o.push_str(&format!(
+            "- stream: write {} MiB in 1 MiB writes then fsync (the time includes the fsync; \
+             every 4 KiB differs, so no deduplication helps); read it back in 1 MiB reads with \
+             cold caches.\n",
+            c.stream_bytes >> 20
+        ));
+        o.push_str(
+            "- cold: local and bindfs: `sync; echo 3 > /proc/sys/vm/drop_caches`. failsafe: a \
+             new mount process with an empty block cache, and the kernel caches dropped too (so \
+             the hosts read from disk).\n\n",
+        );
+        let notes: Vec<String> = self
+            .cells
+            .iter()
+            .filter_map(|((w, t), cell)| match cell {
+                Err(e) => Some(format!("- {t}, {w}: {e}")),
+                Ok(m) if m.note.contains("NOT cold") => Some(format!("- {t}, {w}: {}", m.note)),
+                _ => None,
+            })
+            .collect();
+        if !notes.is_empty() {
+            o.push_str("Notes and failures:\n\n");
+            o.push_str(&notes.join("\n"));
+            o.push_str("\n\n");
+        }
+        o.push_str("Targets:\n\n");
+        for (name, info) in self.targets {
+            match info {
+                Ok(setup) => o.push_str(&format!("- {name}: {setup}\n")),
+                Err(why) => o.push_str(&format!("- {name}: **skipped**: {why}\n")),
+            }
+        }
+        o.push('\n');
+
+        o.push_str("## Against the targets of issues 11 and 12\n\n");
+        o.push_str("| workload | target | failsafe / bindfs | |\n|---|---|---:|---|\n");
+        for (w, goal, got, verdict) in self.goals() {
+            o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
+        }
+        o.push_str(
+            "| page save, hosts 20 ms apart, from the leader's city (issue 11) | ≤ 3 sequential \
+             round trips, ≤ 70 ms | not yet measured | |\n\
+             | page save, hosts 20 ms apart, from another city (issue 11) | ≤ 6 sequential round \
+             trips | not yet measured | |\n\
+             | stat, open+read of an unchanged page, hosts 20 ms apart, city without the leader \
+             (issue 12) | 0 round trips to another city, < 1 ms | not yet measured | |\n\n",
+        );
+
+        o.push_str("## Round trips per operation\n\n");
+        if self.round_trips_enabled {
+            o.push_str(
+                "Read from the mount's `stats=PATH` file (column \"round trips\" above): the \
+                 change of the counters named `round_trips` over each timed part, divided by the \
+                 operations done (per save, read, file, or MiB streamed). \"n/a (no stats \
+                 file)\" where the mount wrote none. Every counter's change is in the JSON.\n\n",
+            );
+        } else {
+            o.push_str(
+                "**n/a: not measured in this run.** This `mount-failsafe` has no `stats=PATH` \
+                 option yet (issue 11, \"Count the round trips\"). The bench looks for it in \
+                 `mount-failsafe --help`; once it is there, the bench mounts with \
+                 `stats=PATH` and fills the column with no change here. The contract: PATH \
+                 holds one JSON object, rewritten as the mount runs, whose counters only grow \
+                 while the mount lives; sequential round trips to the cluster are under keys \
+                 named `round_trips` and RPCs under keys named `rpcs`, at any depth (for \
+                 example one object per FUSE operation). The bench reads it before and after \
+                 each timed part and divides the difference by the operations done. \
+                 `--round-trips on` forces the option.\n\n",
+            );
+        }
+
+        o.push_str(&format!(
+            "## Cities: hosts {} ms apart — NOT YET MEASURED\n\n",
+            self.link_ms
+        ));
+        o.push_str(&format!(
+            "These rows need the latency relay of issue 11 (\"Cities on one machine\": every \
+             link between hosts, and between the mount and the hosts, delayed by {} ms one \
+             way), which the harness does not have yet{}. No number here is measured or \
+             estimated.\n\n",
+            self.link_ms,
+            if self.cities_requested {
+                " (this run was asked for `--cities` and could not)"
+            } else {
+                ""
+            }
+        ));
+        o.push_str(
+            "| workload | time per operation | round trips per operation |\n|---|---:|---:|\n",
+        );
+        for r in CITY_ROWS {
+            o.push_str(&format!("| {r} | not yet measured | not yet measured |\n"));
+        }
+        o.push('\n');
+
+        if !self.api_rows.is_empty() {
+            o.push_str("## The failsafe cluster without FUSE (client library)\n\n");
+            o.push_str(
+                "The same cluster through `failsafe-client`, no mount: what one metadata \
+                 commit, one linearizable read and one 4 MiB block cost, to tell the mount's \
+                 share of a row above from the cluster's.\n\n",
+            );
+            o.push_str("| operation | tasks | rate | ms per operation (one task) |\n|---|---:|---:|---:|\n");
+            for r in self.api_rows {
+                o.push_str(&format!(
+                    "| {} | {} | {} {} | {} |\n",
+                    r.what,
+                    r.tasks,
+                    fmt_value(r.value),
+                    r.unit,
+                    fmt_value(r.ms_per_op)
+                ));
+            }
+            o.push('\n');
+        }
+
+        o.push_str("## Machine\n\n");
+        o.push_str(&format!(
+            "- CPU: {}, {} cores; memory {} GiB\n- kernel {}\n- data directory {} on {} ({}, \
+             mounted at {})\n- bindfs: {}\n- date {}; commit {}; {} build\n\n",
+            self.m("cpu_model"),
+            self.m("cores"),
+            self.m("memory_gib"),
+            self.m("kernel"),
+            self.m("data_dir"),
+            self.machine["filesystem"]["type"].as_str().unwrap_or("?"),
+            self.machine["filesystem"]["device"].as_str().unwrap_or("?"),
+            self.machine["filesystem"]["mount_point"]
+                .as_str()
+                .unwrap_or("?"),
+            self.m("bindfs_version"),
+            self.m("date"),
+            self.m("git_commit"),
+            self.m("build"),
+        ));
+
+        o.push_str("## How to reproduce\n\n");
+        o.push_str(
+            "As root (FUSE mounts, dropping caches), from the repository root:\n\n```\n\
+             cargo build --release --workspace --bins\n\
+             target/release/failsafe-bench\n```\n\n\
+             It installs bindfs with apt-get if it is missing (or skips that column, saying \
+             why), writes `BENCHMARKS.md` and `bench/results.json`, and prints the table. \
+             `--quick` runs small sizes in seconds; `--help` lists the sizes. (On Debian 12 the \
+             bindfs package depends on `fuse`, which `fuse3` breaks, so installing it swaps \
+             `fuse3` for `fuse`; mounts as root need neither.)\n\n",
+        );
+        o.push_str(&format!("This run: `{}`\n", self.invocation));
+        o
+    }
+
+    pub(crate) fn to_json(&self, cfg: &Config) -> Value {
+        let workloads: Vec<Value> = self
+            .workloads
+            .iter()
+            .map(|w| {
+                let mut results = serde_json::Map::new();
+                for t in TARGETS {
+                    let v = match self.cells.get(&(w.id, t)) {
+                        Some(Ok(m)) => json!({
+                            "value": m.value,
+                            "ops": m.ops,
+                            "seconds": m.secs,
+                            "note": m.note,
+                            "round_trips": m.round_trips.as_ref().map(|r| json!({
+                                "round_trips_per_op": r.round_trips_per_op,
+                                "rpcs_per_op": r.rpcs_per_op,
+                                "per": w.per,
+                                "delta": r.delta,
+                            })),
+                        }),
+                        Some(Err(e)) => json!({"error": e}),
+                        None => continue,
+                    };
+                    results.insert(t.to_string(), v);
+                }
+                json!({
+                    "id": w.id,
+                    "title": w.title,
+                    "unit": w.unit.label(),
+                    "higher_is_better": w.unit != Unit::Seconds,
+                    "results": results,
+                    "failsafe_over_bindfs": self.ratio(w, "bindfs"),
+                    "failsafe_over_local": self.ratio(w, "local"),
+                })
+            })
+            .collect();
+        let targets: serde_json::Map<String, Value> = self
+            .targets
+            .iter()
+            .map(|(n, r)| {
+                let v = match r {
+                    Ok(s) => json!({"setup": s}),
+                    Err(e) => json!({"skipped": e}),
+                };
+                (n.to_string(), v)
+            })
+            .collect();
+        json!({
+            "generated_by": "failsafe-bench",
+            "invocation": self.invocation,
+            "note": self.note,
+            "config": cfg.to_json(),
+            "machine": self.machine,
+            "targets": targets,
+            "workloads": workloads,
+            "goals": self.goals().iter().map(|(w, g, r, v)| json!({
+                "workload": w, "target": g, "failsafe_over_bindfs": r, "verdict": v
+            })).collect::<Vec<_>>(),
+            "round_trips": {
+                "enabled": self.round_trips_enabled,
+                "source": "the mount's stats=PATH file: counters named round_trips and rpcs",
+            },
+            "cities": {
+                "status": "not yet measured",
+                "requested": self.cities_requested,
+                "link_ms": self.link_ms,
+                "why": "needs the latency relay of issue 11 (Cities on one machine)",
+                "rows": CITY_ROWS.iter().map(|r| json!({"workload": r, "value": null})).collect::<Vec<_>>(),
+            },
+            "cluster_api": self.api_rows.iter().map(ApiRow::to_json).collect::<Vec<_>>(),
+        })
+    }
+}

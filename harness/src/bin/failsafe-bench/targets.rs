@@ -1,0 +1,305 @@
+//! The three targets the workloads run on: a local directory, a bindfs
+//! passthrough of a local directory, and a failsafe mount of a fresh 3-host
+//! loopback cluster. Each knows how to make its caches cold and, for
+//! failsafe, where the mount's round-trip counters are.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use failsafe_harness::local::{
+    die_with_parent, is_mounted, sibling_binary, LocalCluster, LocalMount,
+};
+
+/// The mount's stats file as read at one moment (see `RoundTrips`).
+pub(crate) type Snapshot = serde_json::Value;
+
+pub(crate) enum Kind {
+    Local,
+    /// Held for its Drop: unmounts.
+    Bindfs {
+        _mount: BindfsMount,
+    },
+    Failsafe(Box<Failsafe>),
+}
+
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    /// Where the workloads run.
+    pub(crate) path: PathBuf,
+    pub(crate) kind: Kind,
+    /// What was started, for the report.
+    pub(crate) setup: String,
+}
+
+/// `echo 3 > /proc/sys/vm/drop_caches` after a sync: the page, dentry and
+/// inode caches of every filesystem, FUSE ones included.
+pub(crate) fn drop_caches() -> anyhow::Result<()> {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .context("writing 3 to /proc/sys/vm/drop_caches (needs root)")
+}
+
+impl Target {
+    pub(crate) fn local(root: &Path) -> anyhow::Result<Target> {
+        let path = root.join("local");
+        std::fs::create_dir_all(&path)?;
+        Ok(Target {
+            name: "local",
+            setup: format!("a directory, {}", path.display()),
+            path,
+            kind: Kind::Local,
+        })
+    }
+
+    pub(crate) fn bindfs(root: &Path, bindfs: &Path) -> anyhow::Result<Target> {
+        let m = BindfsMount::start(bindfs, &root.join("bindfs-src"), &root.join("bindfs-mnt"))?;
+        Ok(Target {
+            name: "bindfs",
+            setup: format!(
+                "`bindfs -f {} {}` (defaults)",
+                m.src.display(),
+                m.mnt.display()
+            ),
+            path: m.mnt.clone(),
+            kind: Kind::Bindfs { _mount: m },
+        })
+    }
+
+    pub(crate) fn failsafe(
+        root: &Path,
+        rt: &tokio::runtime::Runtime,
+        stats: bool,
+    ) -> anyhow::Result<Target> {
+        let f = Failsafe::start(root, rt, stats)?;
+        let path = f.mnt.join("bench");
+        std::fs::create_dir_all(&path)?;
+        Ok(Target {
+            name: "failsafe",
+            setup: format!(
+                "3 fsd hosts (zones a, b, c) on loopback, data under {}; `mount-failsafe -o {}`",
+                f.root.display(),
+                f.opts(0)
+            ),
+            path,
+            kind: Kind::Failsafe(Box::new(f)),
+        })
+    }
+
+    /// Makes the next reads cold; says how, for the report. For failsafe a
+    /// fresh mount (new process, empty block cache) and dropped kernel
+    /// caches (so the hosts read from disk too); for the others dropped
+    /// kernel caches. If caches cannot be dropped the reads are warm, and
+    /// the note says so.
+    pub(crate) fn make_cold(&mut self) -> anyhow::Result<String> {
+        let dropped = drop_caches();
+        let mut note = match &dropped {
+            Ok(()) => "caches dropped".to_string(),
+            Err(e) => format!("NOT cold: could not drop caches ({e:#})"),
+        };
+        if let Kind::Failsafe(f) = &mut self.kind {
+            f.remount()?;
+            note = format!("fresh mount, empty block cache; {note}");
+        }
+        if dropped.is_err() {
+            eprintln!("failsafe-bench: {}: {note}", self.name);
+        }
+        Ok(note)
+    }
+
+    /// The mount's round-trip counters now, if it writes them.
+    pub(crate) fn snapshot(&self) -> Option<Snapshot> {
+        match &self.kind {
+            Kind::Failsafe(f) => f.read_stats(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_failsafe(&self) -> Option<&Failsafe> {
+        match &self.kind {
+            Kind::Failsafe(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// `bindfs -f SRC MNT`, a child of ours: unmounted (and the child reaped)
+/// when dropped.
+pub(crate) struct BindfsMount {
+    src: PathBuf,
+    mnt: PathBuf,
+    child: Option<Child>,
+}
+
+impl BindfsMount {
+    fn start(bindfs: &Path, src: &Path, mnt: &Path) -> anyhow::Result<BindfsMount> {
+        std::fs::create_dir_all(src)?;
+        std::fs::create_dir_all(mnt)?;
+        let mut cmd = Command::new(bindfs);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .arg("-f")
+            .arg(src)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bindfs.display()))?;
+        let mut m = BindfsMount {
+            src: src.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_mounted(mnt) {
+            if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
+                bail!("bindfs exited with {st}");
+            }
+            if Instant::now() > deadline {
+                bail!("bindfs did not mount {} within 10 s", mnt.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for BindfsMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let ok = Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            // bindfs exits once unmounted; terminate it if it has not.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            failsafe_harness::local::terminate(&mut child);
+        }
+    }
+}
+
+/// A fresh cluster of three hosts and one mount on it (zone a).
+pub(crate) struct Failsafe {
+    pub(crate) root: PathBuf,
+    pub(crate) cluster: LocalCluster,
+    pub(crate) mnt: PathBuf,
+    mount: Option<LocalMount>,
+    mount_bin: PathBuf,
+    spec: String,
+    /// Mounts so far (each gets an empty block cache of its own).
+    generation: u32,
+    /// The mount's `stats=PATH`, when the mount has that option.
+    pub(crate) stats: Option<PathBuf>,
+}
+
+/// Whether this `mount-failsafe` has the `stats=PATH` option (its usage
+/// lists the options).
+pub(crate) fn mount_has_stats_option() -> bool {
+    let Ok(bin) = sibling_binary("mount-failsafe") else {
+        return false;
+    };
+    Command::new(bin)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| {
+            let text = [o.stdout, o.stderr].concat();
+            String::from_utf8_lossy(&text).contains("stats=")
+        })
+        .unwrap_or(false)
+}
+
+impl Failsafe {
+    fn start(root: &Path, rt: &tokio::runtime::Runtime, stats: bool) -> anyhow::Result<Failsafe> {
+        let root = root.join("failsafe");
+        std::fs::create_dir_all(&root)?;
+        let fsd = sibling_binary("fsd")?;
+        let mut cluster = LocalCluster::new(&fsd, &[]);
+        cluster.die_with_parent = true;
+        for zone in ["a", "b", "c"] {
+            cluster.add_host(&root.join(format!("host-{zone}")), zone, 0, &[])?;
+        }
+        rt.block_on(cluster.bootstrap())
+            .context("bootstrapping the cluster")?;
+        let spec = format!("{}:/", cluster.addrs().join(","));
+        let mut f = Failsafe {
+            mnt: root.join("mnt"),
+            cluster,
+            mount: None,
+            mount_bin: sibling_binary("mount-failsafe")?,
+            spec,
+            generation: 0,
+            stats: stats.then(|| root.join("mount-stats.json")),
+            root,
+        };
+        f.mount()?;
+        Ok(f)
+    }
+
+    fn opts(&self, generation: u32) -> String {
+        let mut o = format!(
+            "zone=a,cache_dir={}",
+            self.root.join(format!("cache-{generation}")).display()
+        );
+        if let Some(s) = &self.stats {
+            o.push_str(&format!(",stats={}", s.display()));
+        }
+        o
+    }
+
+    fn mount(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.mount_bin);
+        die_with_parent(&mut cmd);
+        let opts = self.opts(self.generation);
+        let log = self.root.join(format!("mount-{}.log", self.generation));
+        self.mount = Some(LocalMount::start(cmd, &self.spec, &self.mnt, &opts, &log)?);
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// A new mount process with an empty block cache.
+    fn remount(&mut self) -> anyhow::Result<()> {
+        if let Some(mut m) = self.mount.take() {
+            m.unmount();
+        }
+        if let Some(s) = &self.stats {
+            let _ = std::fs::remove_file(s);
+        }
+        // Dropped after the unmount, so nothing of the old mount is cached.
+        let _ = drop_caches();
+        self.mount()
+    }
+
+    fn read_stats(&self) -> Option<Snapshot> {
+        let path = self.stats.as_ref()?;
+        // The mount rewrites the file as it goes; give it a moment to
+        // catch up with the operations just done.
+        std::thread::sleep(Duration::from_millis(300));
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut m) = self.mount.take() {
+            m.unmount();
+        }
+        self.cluster.stop_all();
+    }
+}
+
+impl Drop for Failsafe {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
