@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::api::ApiRow;
 use crate::cities::{Cities, CityRow};
-use crate::{Cell, Config, Unit, Workload};
+use crate::{Cell, Config, RoundTripCount, Unit, Workload};
 
 pub(crate) struct Report<'a> {
     pub(crate) cfg: &'a Config,
@@ -106,9 +106,28 @@ impl Report<'_> {
             return "n/a".into();
         }
         match self.cells.get(&(w.id, "failsafe")) {
-            Some(Ok(m)) => match m.round_trips.as_ref().and_then(|r| r.round_trips_per_op) {
-                Some(rt) => format!("{} per {}", fmt_value(rt), w.per),
-                None => "n/a (no stats file)".into(),
+            Some(Ok(m)) => match m.round_trips.as_ref() {
+                Some(
+                    r @ RoundTripCount {
+                        round_trips_per_op: Some(rt),
+                        ..
+                    },
+                ) => {
+                    // RPCs no operation waited for on its own (uploads a
+                    // large write leaves running) are not in the count.
+                    let bg = r.delta.get("background_rpcs").copied().unwrap_or(0.0);
+                    if bg > 0.0 {
+                        format!(
+                            "{} per {} (+{} background RPCs in all, not charged)",
+                            fmt_value(*rt),
+                            w.per,
+                            fmt_value(bg)
+                        )
+                    } else {
+                        format!("{} per {}", fmt_value(*rt), w.per)
+                    }
+                }
+                _ => "n/a (no stats file)".into(),
             },
             _ => "-".into(),
         }
@@ -333,7 +352,10 @@ impl Report<'_> {
                 "Read from the mount's `stats=PATH` file (column \"round trips\" above): the \
                  change of the counters named `round_trips` over each timed part, divided by the \
                  operations done (per save, read, file, or MiB streamed). \"n/a (no stats \
-                 file)\" where the mount wrote none. Every counter's change is in the JSON.\n\n",
+                 file)\" where the mount wrote none. The mount charges an operation only the \
+                 RPCs it waits for on its own; RPCs sent outside any operation (block uploads a \
+                 large write leaves running, heartbeats) are its `background_rpcs`, shown beside \
+                 the count when the row had any. Every counter's change is in the JSON.\n\n",
             );
         } else {
             o.push_str(
