@@ -5,13 +5,13 @@
 //! `BENCHMARKS.md`. Needs root (FUSE mounts, dropping caches).
 //!
 //! The workloads are in `workloads.rs`, the targets in `targets.rs`, the
-//! report in `report.rs`. Two parts are extension points, filled in by other
-//! work of issue 11: round trips per operation (read from the mount's
-//! `stats=PATH` file when the mount has that option) and the "cities" runs
-//! (hosts 20 ms apart, which need the latency relay); until then the report
-//! says "n/a" and "not yet measured".
+//! report in `report.rs`, the cities runs (`--cities`: hosts in network
+//! namespaces behind latency relays) in `cities.rs`. Round trips per
+//! operation come from the mount's `stats=PATH` file when the mount has that
+//! option.
 
 mod api;
+mod cities;
 mod report;
 mod targets;
 mod workloads;
@@ -78,14 +78,21 @@ struct Args {
     /// uses it when `mount-failsafe --help` lists the option.
     #[arg(long, value_enum, default_value_t = RoundTrips::Auto)]
     round_trips: RoundTrips,
-    /// Also run page save and page read with the hosts LINK_MS apart, from
-    /// the leader's city and from another (needs the latency relay, not yet
-    /// in the harness: reported as not yet measured).
+    /// Also run page save, `stat` and open+read with the hosts in three
+    /// cities RTT_MS apart (a round trip; each link delays RTT_MS/2 one
+    /// way), from a mount in the leader's city and one in another. Needs
+    /// root and iproute2 (network namespaces, a latency relay per host).
     #[arg(long)]
     cities: bool,
-    /// One-way latency between cities, for --cities.
+    /// Round trip between two cities, in ms, for --cities (0 within a city).
     #[arg(long, default_value_t = 20)]
-    link_ms: u32,
+    rtt_ms: u32,
+    /// Page saves per mount for --cities [default: 20; --quick: 3].
+    #[arg(long)]
+    city_saves: Option<usize>,
+    /// `stat`s and open+reads per mount for --cities [default: 50; --quick: 5].
+    #[arg(long)]
+    city_reads: Option<usize>,
     /// Do not apt-get install bindfs when it is missing.
     #[arg(long)]
     no_install: bool,
@@ -349,7 +356,7 @@ fn flatten(v: &Value, prefix: &str, out: &mut BTreeMap<String, f64>) {
 /// operation). The bench sums each kind, takes the difference over the
 /// timed part and divides by the operations done. A fresh mount (the cold
 /// rows) starts from zero.
-fn round_trips_between(
+pub(crate) fn round_trips_between(
     before: Option<&Snapshot>,
     after: Option<&Snapshot>,
     per: f64,
@@ -659,6 +666,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         target_info.push((label, Ok(setup)));
     }
+    let cities = args.cities.then(|| {
+        let ccfg = cities::CityConfig {
+            rtt_ms: args.rtt_ms,
+            saves: args
+                .city_saves
+                .unwrap_or(if cfg.quick { 3 } else { 20 })
+                .max(1),
+            reads: args
+                .city_reads
+                .unwrap_or(if cfg.quick { 5 } else { 50 })
+                .max(1),
+            page_bytes: cfg.page_bytes,
+            stats,
+        };
+        machine["load_average_cities_start"] = json!(read_trim("/proc/loadavg"));
+        eprintln!(
+            "failsafe-bench: cities: 3 hosts {} ms apart (round trip) ...",
+            args.rtt_ms
+        );
+        if !stats {
+            eprintln!(
+                "failsafe-bench: cities: the mount has no stats=PATH; round trips not measured"
+            );
+        }
+        cities::run(&root, &ccfg).map_err(|e| {
+            eprintln!("failsafe-bench: cities FAILED: {e:#}");
+            format!("{e:#}")
+        })
+    });
     machine["load_average_end"] = json!(read_trim("/proc/loadavg"));
     anyhow::ensure!(
         target_info.iter().any(|(_, r)| r.is_ok()),
@@ -675,17 +711,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         machine: &machine,
         api_rows: &api_rows,
         round_trips_enabled: stats,
-        cities_requested: args.cities,
-        link_ms: args.link_ms,
+        cities: cities.as_ref(),
+        rtt_ms: args.rtt_ms,
         invocation: &invocation,
         note: args.note.as_deref(),
     };
-    if args.cities {
-        eprintln!(
-            "failsafe-bench: --cities: not yet measured — the harness has no latency relay yet \
-             (issue 11, 'Cities on one machine'); the report lists the rows as not yet measured"
-        );
-    }
     println!("{}", r.table_text());
     for (path, text) in [
         (
@@ -700,10 +730,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("failsafe-bench: wrote {}", path.display());
     }
-    let failed: Vec<_> = cells
+    let mut failed: Vec<_> = cells
         .iter()
         .filter_map(|((w, t), c)| c.as_ref().err().map(|e| format!("{t} {w}: {e}")))
         .collect();
+    if let Some(Err(e)) = &cities {
+        failed.push(format!("cities: {e}"));
+    }
     anyhow::ensure!(
         failed.is_empty(),
         "some workloads failed:\n{}",

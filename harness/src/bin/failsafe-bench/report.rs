@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::api::ApiRow;
-use crate::{Cell, Config, Unit, Workload};
+use crate::cities::{Cities, CityRow};
+use crate::{Cell, Config, RoundTripCount, Unit, Workload};
 
 pub(crate) struct Report<'a> {
     pub(crate) cfg: &'a Config,
@@ -16,16 +17,16 @@ pub(crate) struct Report<'a> {
     pub(crate) machine: &'a Value,
     pub(crate) api_rows: &'a [ApiRow],
     pub(crate) round_trips_enabled: bool,
-    pub(crate) cities_requested: bool,
-    pub(crate) link_ms: u32,
+    /// The cities part: None when not asked for (`--cities`).
+    pub(crate) cities: Option<&'a Result<Cities, String>>,
+    pub(crate) rtt_ms: u32,
     pub(crate) invocation: &'a str,
     pub(crate) note: Option<&'a str>,
 }
 
 const TARGETS: [&str; 3] = ["local", "bindfs", "failsafe"];
 
-/// The rows of the cities section: measured once the latency relay exists
-/// (issue 11, "Cities on one machine"); until then "not yet measured".
+/// The rows of the cities section when it was not run.
 const CITY_ROWS: [&str; 4] = [
     "page save, mount in the leader's city",
     "page save, mount in a city without the leader",
@@ -105,9 +106,28 @@ impl Report<'_> {
             return "n/a".into();
         }
         match self.cells.get(&(w.id, "failsafe")) {
-            Some(Ok(m)) => match m.round_trips.as_ref().and_then(|r| r.round_trips_per_op) {
-                Some(rt) => format!("{} per {}", fmt_value(rt), w.per),
-                None => "n/a (no stats file)".into(),
+            Some(Ok(m)) => match m.round_trips.as_ref() {
+                Some(
+                    r @ RoundTripCount {
+                        round_trips_per_op: Some(rt),
+                        ..
+                    },
+                ) => {
+                    // RPCs no operation waited for on its own (uploads a
+                    // large write leaves running) are not in the count.
+                    let bg = r.delta.get("background_rpcs").copied().unwrap_or(0.0);
+                    if bg > 0.0 {
+                        format!(
+                            "{} per {} (+{} background RPCs in all, not charged)",
+                            fmt_value(*rt),
+                            w.per,
+                            fmt_value(bg)
+                        )
+                    } else {
+                        format!("{} per {}", fmt_value(*rt), w.per)
+                    }
+                }
+                _ => "n/a (no stats file)".into(),
             },
             _ => "-".into(),
         }
@@ -321,14 +341,10 @@ impl Report<'_> {
         for (w, goal, got, verdict) in self.goals() {
             o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
         }
-        o.push_str(
-            "| page save, hosts 20 ms apart, from the leader's city (issue 11) | ≤ 3 sequential \
-             round trips, ≤ 70 ms | not yet measured | |\n\
-             | page save, hosts 20 ms apart, from another city (issue 11) | ≤ 6 sequential round \
-             trips | not yet measured | |\n\
-             | stat, open+read of an unchanged page, hosts 20 ms apart, city without the leader \
-             (issue 12) | 0 round trips to another city, < 1 ms | not yet measured | |\n\n",
-        );
+        for (w, goal, got, verdict) in self.city_goals() {
+            o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
+        }
+        o.push('\n');
 
         o.push_str("## Round trips per operation\n\n");
         if self.round_trips_enabled {
@@ -336,7 +352,10 @@ impl Report<'_> {
                 "Read from the mount's `stats=PATH` file (column \"round trips\" above): the \
                  change of the counters named `round_trips` over each timed part, divided by the \
                  operations done (per save, read, file, or MiB streamed). \"n/a (no stats \
-                 file)\" where the mount wrote none. Every counter's change is in the JSON.\n\n",
+                 file)\" where the mount wrote none. The mount charges an operation only the \
+                 RPCs it waits for on its own; RPCs sent outside any operation (block uploads a \
+                 large write leaves running, heartbeats) are its `background_rpcs`, shown beside \
+                 the count when the row had any. Every counter's change is in the JSON.\n\n",
             );
         } else {
             o.push_str(
@@ -353,29 +372,7 @@ impl Report<'_> {
             );
         }
 
-        o.push_str(&format!(
-            "## Cities: hosts {} ms apart — NOT YET MEASURED\n\n",
-            self.link_ms
-        ));
-        o.push_str(&format!(
-            "These rows need the latency relay of issue 11 (\"Cities on one machine\": every \
-             link between hosts, and between the mount and the hosts, delayed by {} ms one \
-             way), which the harness does not have yet{}. No number here is measured or \
-             estimated.\n\n",
-            self.link_ms,
-            if self.cities_requested {
-                " (this run was asked for `--cities` and could not)"
-            } else {
-                ""
-            }
-        ));
-        o.push_str(
-            "| workload | time per operation | round trips per operation |\n|---|---:|---:|\n",
-        );
-        for r in CITY_ROWS {
-            o.push_str(&format!("| {r} | not yet measured | not yet measured |\n"));
-        }
-        o.push('\n');
+        o.push_str(&self.cities_markdown());
 
         if !self.api_rows.is_empty() {
             o.push_str("## The failsafe cluster without FUSE (client library)\n\n");
@@ -431,6 +428,251 @@ impl Report<'_> {
         );
         o.push_str(&format!("This run: `{}`\n", self.invocation));
         o
+    }
+
+    fn city_row(&self, city_leader: bool, op: &str) -> Option<&CityRow> {
+        let Some(Ok(c)) = self.cities else {
+            return None;
+        };
+        let city = if city_leader {
+            "the leader's city"
+        } else {
+            "a city without the leader"
+        };
+        c.rows.iter().find(|r| r.city == city && r.op == op)
+    }
+
+    /// The cities targets of issues 11 and 12: (workload, target, measured,
+    /// verdict).
+    fn city_goals(&self) -> Vec<(String, String, String, &'static str)> {
+        let rtt = self.rtt_ms;
+        let verdict = |m: Option<bool>| match m {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "not measured",
+        };
+        let rts = |r: &CityRow| {
+            r.round_trips
+                .map(|x| format!("{} round trips", fmt_value(x)))
+                .unwrap_or_else(|| "round trips not measured".into())
+        };
+        let mut out = Vec::new();
+        for (leader, bound, ms) in [(true, 3.0, Some(70.0)), (false, 6.0, None)] {
+            let r = self.city_row(leader, "page save");
+            let got = r.map_or("not measured".into(), |r| {
+                format!(
+                    "median {} ms, {}; {} round trips' time",
+                    fmt_value(r.median_ms),
+                    rts(r),
+                    fmt_value(r.median_ms / f64::from(rtt.max(1)))
+                )
+            });
+            let met = r.map(|r| {
+                r.round_trips.is_some_and(|x| x <= bound)
+                    && r.median_ms / f64::from(rtt.max(1)) <= bound
+                    && ms.is_none_or(|ms| r.median_ms <= ms)
+            });
+            out.push((
+                format!(
+                    "page save, hosts {rtt} ms apart, from {} (issue 11)",
+                    if leader {
+                        "the leader's city"
+                    } else {
+                        "another city"
+                    }
+                ),
+                match ms {
+                    Some(ms) => format!("≤ {bound} sequential round trips, ≤ {ms} ms"),
+                    None => format!("≤ {bound} sequential round trips"),
+                },
+                got,
+                verdict(met),
+            ));
+        }
+        for op in ["stat", "open+read"] {
+            let r = self.city_row(false, op);
+            let got = r.map_or("not measured".into(), |r| {
+                format!(
+                    "median {} ms; {}; at most {} sequential round trips to another city by time, \
+                     ≈ {} more than from the leader's city",
+                    fmt_value(r.median_ms),
+                    rts(r),
+                    self.cross_at_most(r),
+                    self.cross_extra(r).map_or("?".into(), fmt_value),
+                )
+            });
+            // Under 1 ms is under one round trip between cities: none crossed.
+            let met = r.map(|r| r.median_ms < 1.0);
+            out.push((
+                format!(
+                    "{op} of an unchanged page, hosts {rtt} ms apart, city without the leader (issue 12)"
+                ),
+                "0 round trips to another city, < 1 ms".into(),
+                got,
+                verdict(met),
+            ));
+        }
+        out
+    }
+
+    /// Sequential round trips to another city in one (median) operation,
+    /// bounded by time: each costs at least one RTT (the relays delay every
+    /// byte), so at most ⌊median / RTT⌋.
+    fn cross_at_most(&self, r: &CityRow) -> u64 {
+        (r.median_ms / f64::from(self.rtt_ms.max(1))).floor() as u64
+    }
+
+    /// For a mount in a city without the leader: its median minus the same
+    /// operation's median from the leader's city, in RTTs — the cross-city
+    /// round trips it makes beyond the other mount's.
+    fn cross_extra(&self, r: &CityRow) -> Option<f64> {
+        if r.city == "the leader's city" {
+            return None;
+        }
+        let near = self.city_row(true, r.op)?;
+        Some(((r.median_ms - near.median_ms) / f64::from(self.rtt_ms.max(1))).max(0.0))
+    }
+
+    fn cities_markdown(&self) -> String {
+        let rtt = self.rtt_ms;
+        let mut o = String::new();
+        let c = match self.cities {
+            None => {
+                o.push_str(&format!(
+                    "## Cities: hosts {rtt} ms apart — NOT MEASURED in this run\n\n\
+                     Run with `--cities` (root and iproute2: network namespaces and a latency \
+                     relay in front of each host). No number here is measured or estimated.\n\n"
+                ));
+                o.push_str(
+                    "| workload | time per operation | round trips per operation |\n|---|---:|---:|\n",
+                );
+                for r in CITY_ROWS {
+                    o.push_str(&format!("| {r} | not measured | not measured |\n"));
+                }
+                return o;
+            }
+            Some(Err(e)) => {
+                o.push_str(&format!(
+                    "## Cities: hosts {rtt} ms apart — FAILED\n\nThe run was asked for \
+                     `--cities` and could not measure it: {e}\n\nNo number here is measured \
+                     or estimated.\n"
+                ));
+                return o;
+            }
+            Some(Ok(c)) => c,
+        };
+        o.push_str(&format!(
+            "## Cities: hosts {} ms apart (round trip)\n\n",
+            c.rtt_ms
+        ));
+        o.push_str(&format!(
+            "{}. The leader was in zone {} when the mounts started and in zone {} at the end. \
+             \"20 ms apart\" means a 20 ms round trip between two cities (10 ms each way), \
+             as issues 11 and 12 took their numbers; `--rtt-ms` sets it.\n\n",
+            c.setup,
+            c.leader_zone,
+            c.leader_zone_end
+                .as_deref()
+                .unwrap_or("unknown (no status)"),
+        ));
+        o.push_str(
+            "| mount in | operation | n | median ms | p90 ms | round trips per op (mount's count) | \
+             RPCs per op | TCP segments the mount sent, by host zone | sequential round trips \
+             to another city, by time: at most ⌊median / RTT⌋ | (median − same op's median \
+             from the leader's city) / RTT |\n\
+             |---|---|---:|---:|---:|---:|---:|---|---:|---:|\n",
+        );
+        let opt = |x: Option<f64>| x.map_or("not measured".to_string(), fmt_value);
+        for r in &c.rows {
+            let segs = r.segs_by_zone.as_ref().map_or("not measured".into(), |by| {
+                by.iter()
+                    .map(|(z, n)| {
+                        let tag = if *z == r.mount_zone {
+                            " (own city)"
+                        } else {
+                            ""
+                        };
+                        format!("{z}{tag}: {n}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            o.push_str(&format!(
+                "| {} (zone {}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                r.city,
+                r.mount_zone,
+                r.op,
+                r.n,
+                fmt_value(r.median_ms),
+                fmt_value(r.p90_ms),
+                opt(r.round_trips),
+                opt(r.rpcs),
+                segs,
+                self.cross_at_most(r),
+                self.cross_extra(r).map_or("-".into(), fmt_value),
+            ));
+        }
+        o.push_str(
+            "\nHow: each mount runs its operations one at a time, each timed by wall clock \
+             (median and p90 over n). page save: the loopback workload's save (mkdir lock, \
+             create temp, write, fsync, rename over the page, append to the change log and \
+             fsync, rmdir lock), two saves before the clock as warm-up. stat: `stat` of a page \
+             mount A wrote before both groups and nobody changed since. open+read: open, fstat, \
+             read the page, close, same page. Round trips per op: the change of the mount's \
+             `stats=PATH` counters `round_trips` (and `rpcs`) over the group, summed over every \
+             FUSE operation the kernel sent, divided by n; they count the mount's own \
+             sequential round trips, not the ones a host makes to others inside one (a \
+             commit's trip to a quorum). TCP segments: `ss -ti` in the mount's namespace \
+             before and after the group, segments sent on each connection, by the zone of the \
+             host at its other end: which members the mount talks to. Round trips to another \
+             city are not counted by any process; they are bounded by time: the relays delay \
+             every byte, so each sequential round trip between cities costs at least one RTT \
+             and an operation of median m ms made at most ⌊m / RTT⌋ of them (under one RTT: \
+             none). For the mount without the leader, the last column is its extra time over \
+             the same operation from the leader's city, in RTTs: an estimate of the cross-city \
+             round trips it makes beyond the other mount's (local work is about the same for \
+             both). The mount's own round trips can go to the member in its own city (see the \
+             segments) and still each cost a trip to another city, made by that member (to the \
+             leader); the time shows it, the mount's counter does not.\n\n",
+        );
+        o
+    }
+
+    fn cities_json(&self) -> Value {
+        match self.cities {
+            None => json!({
+                "status": "not measured",
+                "requested": false,
+                "rtt_ms": self.rtt_ms,
+                "rows": CITY_ROWS.iter().map(|r| json!({"workload": r, "value": null})).collect::<Vec<_>>(),
+            }),
+            Some(Err(e)) => json!({
+                "status": "failed",
+                "requested": true,
+                "rtt_ms": self.rtt_ms,
+                "error": e,
+            }),
+            Some(Ok(c)) => json!({
+                "status": "measured",
+                "requested": true,
+                "rtt_ms": c.rtt_ms,
+                "one_way_ms": f64::from(c.rtt_ms) / 2.0,
+                "setup": c.setup,
+                "leader_zone": c.leader_zone,
+                "leader_zone_end": c.leader_zone_end,
+                "rows": c.rows.iter().map(|r| {
+                    let mut v = r.to_json();
+                    v["median_in_rtts"] = json!(r.median_ms / f64::from(c.rtt_ms.max(1)));
+                    v["round_trips_to_another_city_at_most"] = json!(self.cross_at_most(r));
+                    v["round_trips_to_another_city_beyond_leader_city_estimate"] =
+                        json!(self.cross_extra(r));
+                    v
+                }).collect::<Vec<_>>(),
+                "goals": self.city_goals().iter().map(|(w, g, m, v)| json!({
+                    "workload": w, "target": g, "measured": m, "verdict": v
+                })).collect::<Vec<_>>(),
+            }),
+        }
     }
 
     pub(crate) fn to_json(&self, cfg: &Config) -> Value {
@@ -495,13 +737,7 @@ impl Report<'_> {
                 "enabled": self.round_trips_enabled,
                 "source": "the mount's stats=PATH file: counters named round_trips and rpcs",
             },
-            "cities": {
-                "status": "not yet measured",
-                "requested": self.cities_requested,
-                "link_ms": self.link_ms,
-                "why": "needs the latency relay of issue 11 (Cities on one machine)",
-                "rows": CITY_ROWS.iter().map(|r| json!({"workload": r, "value": null})).collect::<Vec<_>>(),
-            },
+            "cities": self.cities_json(),
             "cluster_api": self.api_rows.iter().map(ApiRow::to_json).collect::<Vec<_>>(),
         })
     }

@@ -283,11 +283,9 @@ impl Failsafe {
 
     fn read_stats(&self) -> Option<Snapshot> {
         let path = self.stats.as_ref()?;
-        // The mount rewrites the file as it goes; give it a moment to
-        // catch up with the operations just done.
-        std::thread::sleep(Duration::from_millis(300));
-        let text = std::fs::read_to_string(path).ok()?;
-        serde_json::from_str(&text).ok()
+        // The mount rewrites the file every second: wait for a write that
+        // began after the operations just done.
+        crate::cities::fresh_stats(path)
     }
 
     pub(crate) fn stop(&mut self) {

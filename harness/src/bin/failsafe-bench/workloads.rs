@@ -42,7 +42,7 @@ impl Timed {
 
 /// Content of a page: `len` bytes that differ from page to page and from
 /// save to save (content-addressed storage must not deduplicate them).
-fn page_bytes(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn page_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut v = Vec::with_capacity(len);
     while v.len() < len {
@@ -60,7 +60,7 @@ fn page_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// write the new text to a temp file and fsync it, rename it over the page,
 /// append a line to the shared change log (O_APPEND) and fsync that, and
 /// drop the lock (rmdir).
-fn save_page(dir: &Path, name: &str, text: &[u8], line: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn save_page(dir: &Path, name: &str, text: &[u8], line: &[u8]) -> anyhow::Result<()> {
     let lock = dir.join("locks").join(format!("{name}.lock"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -168,7 +168,7 @@ pub(crate) fn make_read_pages(t: &Target, n: usize, len: usize) -> anyhow::Resul
 }
 
 /// open, fstat, read the whole page, close.
-fn read_page(path: &Path, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+pub(crate) fn read_page(path: &Path, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = f.metadata()?.len() as usize;
     buf.clear();
