@@ -268,11 +268,7 @@ impl Admin for AdminService {
         let until_ns = failsafe_tracker::wall_clock_ns()
             .saturating_add(away.as_nanos().min(i64::MAX as u128) as i64);
         self.cluster
-            .propose(Op::SetHostState(pb::SetHostState {
-                host_id: req.host_id,
-                state: pb::HostAdminState::Away as i32,
-                until_ns,
-            }))
+            .set_host_state(req.host_id, pb::HostAdminState::Away, until_ns)
             .await?;
         tracing::info!(
             host = format!("{:016x}", req.host_id),
@@ -296,11 +292,7 @@ impl Admin for AdminService {
         self.check(req.header.as_ref())?;
         self.require_leader()?;
         self.cluster
-            .propose(Op::SetHostState(pb::SetHostState {
-                host_id: req.host_id,
-                state: pb::HostAdminState::Draining as i32,
-                until_ns: 0,
-            }))
+            .set_host_state(req.host_id, pb::HostAdminState::Draining, 0)
             .await?;
         let (blocks_held, to_move) = self.tracker.drain_remaining(req.host_id).await?;
         tracing::info!(

@@ -159,6 +159,22 @@ impl Cluster {
 
     /// Puts a command in the log — here if this host leads, else through
     /// the leader — and waits for it to be applied. A refusal is an error.
+    /// Records what an administrator said about a host (`until_ns`: when a
+    /// shipped host is due back; 0 otherwise).
+    pub(crate) async fn set_host_state(
+        &self,
+        host_id: u64,
+        state: pb::HostAdminState,
+        until_ns: i64,
+    ) -> Result<(), ClusterError> {
+        self.propose(Op::SetHostState(pb::SetHostState {
+            host_id,
+            state: state as i32,
+            until_ns,
+        }))
+        .await
+    }
+
     pub(crate) async fn propose(&self, op: Op) -> Result<(), ClusterError> {
         if !self.tracker.is_leader() {
             self.client().await?.mutate(op).await?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use failsafe_blockstore::BlockStore;
-use failsafe_proto::pb::{self, command::Op};
+use failsafe_proto::pb;
 
 use crate::cluster::Cluster;
 use crate::repair::BadCopies;
@@ -75,11 +75,7 @@ impl Worker for Return {
             }
         }
         self.cluster
-            .propose(Op::SetHostState(pb::SetHostState {
-                host_id: t.host_id,
-                state: pb::HostAdminState::Active as i32,
-                until_ns: 0,
-            }))
+            .set_host_state(t.host_id, pb::HostAdminState::Active, 0)
             .await?;
         tracing::info!(blocks, corrupt, took = ?started.elapsed(), "verified after shipping; serving reads again");
         Ok(Duration::from_secs(1))
