@@ -1,6 +1,7 @@
 //! Starting and stopping one host: identity, block store, tracker, the gRPC
 //! server, and the named background workers (see `worker`).
 
+use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,6 +234,29 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
         &host,
         m.membership_config.membership().voter_ids().count(),
     );
+    let g = tracker.group_counts();
+    for (name, help, v) in [
+        (
+            "failsafe_tracker_entries_total",
+            "Log entries this member proposed for commands (group commit)",
+            g.entries,
+        ),
+        (
+            "failsafe_tracker_commands_total",
+            "Commands in those entries",
+            g.commands,
+        ),
+        (
+            "failsafe_tracker_batched_entries_total",
+            "Those entries that carried more than one command",
+            g.batches,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{host} {v}"
+        );
+    }
     if tracker.is_leader() {
         let under = metrics
             .under_replicated

@@ -62,7 +62,9 @@ labels! {
 }
 
 /// Bumped whenever a change to the `.proto` files is not backward compatible.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: log entries may hold a `Batch`, which a member speaking 1 would skip
+/// (an unknown field) and so apply differently from the others.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

@@ -19,9 +19,14 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    /// Opens `path` (WAL, full fsync on commit) on a thread named `name`.
-    pub(crate) fn open(name: &str, path: &Path, schema: &str) -> rusqlite::Result<Db> {
-        let conn = open_connection(path)?;
+    /// Opens `path` (WAL) on a thread named `name`.
+    pub(crate) fn open(
+        name: &str,
+        path: &Path,
+        schema: &str,
+        durability: Durability,
+    ) -> rusqlite::Result<Db> {
+        let conn = open_connection(path, durability)?;
         conn.execute_batch(schema)?;
         Db::spawn(name, conn)
     }
@@ -55,14 +60,31 @@ impl Db {
     }
 }
 
-pub(crate) fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+/// When a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Before the commit returns (an fsync per commit). The Raft log: it
+    /// promises that a vote and appended entries are durable before it
+    /// answers.
+    Commit,
+    /// At the next checkpoint; a crash of the machine (not of the process)
+    /// may lose the last commits. The state machine: it is rebuilt from the
+    /// log, which is the durable copy — it records `last_applied` with every
+    /// effect, so after such a crash it re-applies from where it really is.
+    /// Anything the log is about to forget must be checkpointed first
+    /// (`StateMachine::build_snapshot`).
+    Checkpoint,
+}
+
+pub(crate) fn open_connection(path: &Path, durability: Durability) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    // FULL: a commit is on disk before it returns. The Raft log promises a vote
-    // and appended entries are durable before it answers; the state machine
-    // records `last_applied` with every effect, so they never disagree.
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
-    )?;
+    let synchronous = match durability {
+        Durability::Commit => "FULL",
+        Durability::Checkpoint => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA foreign_keys=OFF;"
+    ))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }

@@ -15,7 +15,7 @@ use openraft::{
 use rusqlite::{params, OptionalExtension};
 
 use crate::codec::{self, FORMAT_1_UP_TO};
-use crate::db::{open_connection, Db};
+use crate::db::{open_connection, Db, Durability};
 use crate::state;
 
 pub type NodeId = u64;
@@ -82,7 +82,7 @@ pub(crate) enum OpenLogError {
 
 /// Creates a new log in the current format, or checks an existing one's.
 fn open_log(path: &Path) -> Result<rusqlite::Connection, OpenLogError> {
-    let conn = open_connection(path)?;
+    let conn = open_connection(path, Durability::Commit)?;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let has_log: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log')",
@@ -254,26 +254,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_vote(&e).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
-        let r = self
-            .db
-            .call(move |conn| put_meta(conn, "raft_meta", "committed", &committed))
-            .await;
-        r.map_err(|_| db_gone())
-            .and_then(|r| r.map_err(io::Error::other))
-            .map_err(|e| StorageIOError::write(&e).into())
-    }
-
-    async fn read_committed(&mut self) -> SResult<Option<LogId<NodeId>>> {
-        let r = self
-            .db
-            .call(|conn| get_meta::<Option<LogId<NodeId>>>(conn, "raft_meta", "committed"))
-            .await;
-        r.map_err(|_| db_gone())
-            .and_then(|r| r.map_err(io::Error::other))
-            .map(Option::flatten)
-            .map_err(|e| StorageIOError::read(&e).into())
-    }
+    // No save_committed/read_committed (openraft's defaults: nothing is
+    // stored). Saving the commit index would cost an fsync awaited before
+    // every apply; without it, a restarted member applies what it has
+    // once a leader tells it the commit index again.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
     where
@@ -364,7 +348,12 @@ struct SnapshotFile {
 impl StateMachine {
     pub(crate) fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
         Ok(StateMachine {
-            db: Db::open("state-machine", &dir.join("meta.db"), state::SCHEMA)?,
+            db: Db::open(
+                "state-machine",
+                &dir.join("meta.db"),
+                state::SCHEMA,
+                Durability::Checkpoint,
+            )?,
             dir: dir.to_path_buf(),
         })
     }
@@ -436,6 +425,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .db
             .call(move |conn| -> rusqlite::Result<Applied> {
                 let _ = std::fs::remove_file(&tmp2);
+                // Commits reach the disk at checkpoints (`Durability`): make
+                // everything applied so far durable before openraft forgets
+                // the log entries this snapshot covers.
+                checkpoint(conn)?;
                 // One statement, so the copy and `last_applied` agree.
                 conn.execute("VACUUM INTO ?1", [tmp2.to_string_lossy()])?;
                 read_applied(conn)
@@ -462,6 +455,19 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+/// Writes the state machine's WAL into its database, both fsynced.
+fn checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |r| r.get(0))?;
+    if busy != 0 {
+        // Only this thread uses the database, so nothing can hold it.
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("the state machine's checkpoint could not complete".into()),
+        ));
+    }
+    Ok(())
 }
 
 fn rand_suffix() -> u32 {
@@ -553,7 +559,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 std::fs::rename(&incoming, &db_path)
                     .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                let fresh = open_connection(&db_path)?;
+                let fresh = open_connection(&db_path, Durability::Checkpoint)?;
                 fresh.execute_batch(state::SCHEMA)?;
                 put_meta(&fresh, "meta", "last_applied", &meta.last_log_id)?;
                 put_meta(&fresh, "meta", "membership", &meta.last_membership)?;

@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use failsafe_core::ReplicationClass;
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 
 use crate::network::Network;
 use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
+mod group;
 mod health;
 
+pub use group::GroupCounts;
 pub use health::{Liveness, RepairView};
 
 use crate::state;
@@ -113,6 +115,7 @@ impl From<crate::db::DbGone> for TrackerError {
 
 pub struct Tracker {
     raft: Raft,
+    group: group::GroupCommit,
     network: Network,
     /// How fresh a quorum acknowledgement must be for a lease read (ms).
     lease_ms: u64,
@@ -164,6 +167,7 @@ impl Tracker {
         // with an fsync is not down.
         let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
         Ok(Tracker {
+            group: group::GroupCommit::start(raft.clone()),
             raft,
             network,
             lease_ms,
@@ -178,6 +182,12 @@ impl Tracker {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// What group commit has done on this member (it proposes only while
+    /// leading).
+    pub fn group_counts(&self) -> GroupCounts {
+        self.group.counts()
     }
 
     /// Whether this member has ever been part of a membership.
@@ -220,13 +230,18 @@ impl Tracker {
         }
     }
 
-    /// Appends a command to the Raft log and returns its result once applied.
-    /// A command without a time gets this member's clock, before it enters
-    /// the log (so every member applies the same time).
+    /// Appends a command to the Raft log and returns its result once applied;
+    /// commands proposed at the same time share an entry (`group`). A
+    /// command without a time gets this member's clock, before it enters
+    /// the log (so every member applies the same time). Batches are formed
+    /// here only: one proposed from outside is refused.
     pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
         // Refuse what can never apply before it takes a place in the log,
         // whoever proposes it (a client's Mutate or this host's workers).
-        if let Err(e) = state::validate(&cmd) {
+        let outside_batch = matches!(cmd.op, Some(pb::command::Op::Batch(_))).then(|| {
+            state::OpError::new(pb::ErrorCode::Invalid, "batches are formed by the leader")
+        });
+        if let Some(e) = outside_batch.or_else(|| state::validate(&cmd).err()) {
             return Ok(pb::CommandResult {
                 result: Some(pb::command_result::Result::Error(pb::CommandError {
                     code: e.code as i32,
@@ -239,25 +254,7 @@ impl Tracker {
             cmd.now_ns = now;
         }
         cmd.leader_ns = now;
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(e) => Err(self.write_error(e)),
-        }
-    }
-
-    fn write_error(
-        &self,
-        e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
-    ) -> TrackerError {
-        match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => TrackerError::NotLeader {
-                leader_addr: f.leader_node.map(|n| n.addr),
-            },
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                TrackerError::Membership(e.to_string())
-            }
-            RaftError::Fatal(f) => TrackerError::Stopped(Box::new(f)),
-        }
+        self.group.propose(cmd).await
     }
 
     /// Leader only: confirms leadership with a quorum; returns the index a
@@ -386,11 +383,11 @@ impl Tracker {
         self.raft
             .add_learner(host_id, BasicNode::new(addr), true)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(group::write_error)?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([host_id])), false)
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(group::write_error)?;
         Ok(())
     }
 
@@ -412,12 +409,12 @@ impl Tracker {
                     false,
                 )
                 .await
-                .map_err(|e| self.write_error(e))?;
+                .map_err(group::write_error)?;
         } else if m.membership().get_node(&host_id).is_some() {
             self.raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([host_id])), false)
                 .await
-                .map_err(|e| self.write_error(e))?;
+                .map_err(group::write_error)?;
         }
         Ok(())
     }
@@ -442,7 +439,7 @@ impl Tracker {
                 true,
             )
             .await
-            .map_err(|e| self.write_error(e))?;
+            .map_err(group::write_error)?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Validating and applying commands: `apply` runs each in its own savepoint
-//! and records its result under its operation id; `apply_op` hands each
-//! operation to the one function that carries it out.
+//! and records its result under its operation id (a batch, each of its
+//! commands); `apply_op` hands each operation to the one function that
+//! carries it out.
 
 use failsafe_proto::pb::{self, command::Op, ErrorCode};
 use prost::Message;
@@ -47,6 +48,18 @@ pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
                 "a host state is active, away or draining",
             )
         }
+        Some(Op::Batch(b)) => {
+            if b.commands.is_empty() {
+                return err(ErrorCode::Invalid, "an empty batch");
+            }
+            for c in &b.commands {
+                if matches!(c.op, Some(Op::Batch(_))) {
+                    return err(ErrorCode::Invalid, "a batch inside a batch");
+                }
+                validate(c)?;
+            }
+            Ok(())
+        }
         Some(_) => Ok(()),
     }
 }
@@ -58,6 +71,21 @@ pub(crate) fn apply(
     cmd: &pb::Command,
 ) -> rusqlite::Result<pb::CommandResult> {
     use pb::command_result::Result as R;
+    if let Some(Op::Batch(b)) = &cmd.op {
+        // The batch itself has no operation id and no savepoint: its
+        // commands have theirs.
+        let results = b
+            .commands
+            .iter()
+            .map(|c| match c.op {
+                Some(Op::Batch(_)) => Ok(refusal(ErrorCode::Invalid, "a batch inside a batch")),
+                _ => apply(tx, c),
+            })
+            .collect::<rusqlite::Result<_>>()?;
+        return Ok(pb::CommandResult {
+            result: Some(R::Batch(pb::BatchResult { results })),
+        });
+    }
     if cmd.client_id != 0 {
         let prev: Option<Vec<u8>> = tx
             .query_row(
@@ -115,6 +143,15 @@ pub(crate) fn apply(
     Ok(result)
 }
 
+fn refusal(code: ErrorCode, message: &str) -> pb::CommandResult {
+    pb::CommandResult {
+        result: Some(pb::command_result::Result::Error(pb::CommandError {
+            code: code as i32,
+            message: message.into(),
+        })),
+    }
+}
+
 fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr>> {
     let now = cmd.now_ns;
     // What garbage collection judges by: the leader's clock, not a client's.
@@ -151,6 +188,8 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::CloseSession(c) => sessions::close_session(tx, c).map(none),
         Op::ExpireSessions(_) => sessions::expire_sessions(tx, now).map(none),
         Op::Lock(c) => sessions::lock(tx, c).map(none),
+        // `apply` takes a batch apart before it gets here.
+        Op::Batch(_) => err(ErrorCode::Invalid, "a batch inside a batch"),
     }
 }
 
@@ -194,5 +233,78 @@ mod tests {
         conn.execute_batch("DROP TABLE dentries").expect("drop");
         let tx = conn.transaction().expect("transaction");
         assert!(apply(&tx, &mkdir(b"f")).is_err());
+    }
+
+    fn with_id(mut cmd: pb::Command, op_id: u64) -> pb::Command {
+        cmd.client_id = 7;
+        cmd.op_id = op_id;
+        cmd
+    }
+
+    fn batch(commands: Vec<pb::Command>) -> pb::Command {
+        pb::Command {
+            op: Some(Op::Batch(pb::Batch { commands })),
+            ..Default::default()
+        }
+    }
+
+    fn results(r: pb::CommandResult) -> Vec<pb::CommandResult> {
+        match r.result {
+            Some(R::Batch(b)) => b.results,
+            other => panic!("not a batch result: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_command_in_a_batch_fails_alone() {
+        let mut conn = db();
+        let entry = batch(vec![
+            with_id(mkdir(b"a"), 1),
+            with_id(mkdir(b"a"), 2),
+            with_id(mkdir(b"b"), 3),
+        ]);
+        super::validate(&entry).expect("a valid batch");
+        let tx = conn.transaction().expect("transaction");
+        let r = results(apply(&tx, &entry).expect("apply"));
+        tx.commit().expect("commit");
+        assert_eq!(r.len(), 3);
+        assert!(matches!(r[0].result, Some(R::Attr(_))), "{r:?}");
+        assert!(
+            matches!(&r[1].result, Some(R::Error(e)) if e.code == ErrorCode::Exists as i32),
+            "{r:?}"
+        );
+        assert!(matches!(r[2].result, Some(R::Attr(_))), "{r:?}");
+        let names: Vec<Vec<u8>> = conn
+            .prepare("SELECT name FROM dentries WHERE parent = ?1 ORDER BY name")
+            .expect("prepare")
+            .query_map([ROOT_INO as i64], |row| row.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(names, vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    #[test]
+    fn a_batch_applied_again_changes_nothing_and_answers_the_same() {
+        let mut conn = db();
+        let entry = batch(vec![with_id(mkdir(b"a"), 1), with_id(mkdir(b"b"), 2)]);
+        let tx = conn.transaction().expect("transaction");
+        let first = apply(&tx, &entry).expect("apply");
+        tx.commit().expect("commit");
+        // The same entry again (a replay), then one of its commands retried
+        // alone at another leader: each answers from its first application.
+        let tx = conn.transaction().expect("transaction");
+        let again = apply(&tx, &entry).expect("apply");
+        let alone = apply(&tx, &with_id(mkdir(b"b"), 2)).expect("apply");
+        tx.commit().expect("commit");
+        assert_eq!(first, again);
+        assert_eq!(results(first)[1], alone);
+    }
+
+    #[test]
+    fn batches_do_not_nest_and_are_not_empty() {
+        assert!(super::validate(&batch(vec![])).is_err());
+        assert!(super::validate(&batch(vec![batch(vec![mkdir(b"a")])])).is_err());
+        assert!(super::validate(&batch(vec![mkdir(b"bad/name")])).is_err());
     }
 }
