@@ -65,6 +65,12 @@ impl Filesystem for Fs {
                 "kernel lacks lock capabilities; locks stay local to this host"
             );
         }
+        // Lookups and readdirs in one directory run side by side (the kernel
+        // still serialises changes to it): PHP workers looking up pages in
+        // the same namespace do not queue behind each other's round trips.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::info!(?missing, "kernel lacks parallel directory operations");
+        }
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
