@@ -25,8 +25,9 @@ use crate::cache::BlockCache;
 use crate::dirty::Dirty;
 use crate::errno::errno;
 
-/// Buffered bytes per file before an upload starts on its own.
-const FLUSH_AT: usize = 8 << 20;
+/// Buffered bytes per file before an upload starts on its own: four blocks,
+/// which the client puts side by side (`put_blocks`).
+const FLUSH_AT: usize = 16 << 20;
 /// Buffered plus uploading bytes per file at which writers wait.
 const WRITE_BACKPRESSURE: usize = 64 << 20;
 /// Verified blocks kept in memory, so 128 KiB reads do not re-read 4 MiB.
