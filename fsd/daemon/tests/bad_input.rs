@@ -80,6 +80,7 @@ async fn t85_hostile_names_are_refused_and_change_nothing() {
         length: 10,
         hash: vec![0; 32],
         block_offset: 0,
+        data: Vec::new(),
     };
     assert_eq!(
         c.commit_extents(f.ino, vec![bogus], vec![])
@@ -93,6 +94,7 @@ async fn t85_hostile_names_are_refused_and_change_nothing() {
         length: 10,
         hash: vec![1; 5],
         block_offset: 0,
+        data: Vec::new(),
     };
     assert_eq!(
         c.commit_extents(f.ino, vec![short], vec![])
