@@ -23,6 +23,17 @@ pub struct Inline {
 }
 
 impl Extent {
+    /// An inline extent of `data` at `offset`, committed at `written_ns`.
+    pub fn inline(offset: u64, data: Vec<u8>, written_ns: i64) -> Extent {
+        Extent {
+            offset,
+            length: data.len() as u64,
+            hash: Vec::new(),
+            block_offset: 0,
+            inline: Some(Inline { data, written_ns }),
+        }
+    }
+
     pub fn end(&self) -> u64 {
         self.offset.saturating_add(self.length)
     }
@@ -97,16 +108,7 @@ mod tests {
     }
 
     fn inline(offset: u64, data: &[u8]) -> Extent {
-        Extent {
-            offset,
-            length: data.len() as u64,
-            hash: Vec::new(),
-            block_offset: 0,
-            inline: Some(Inline {
-                data: data.to_vec(),
-                written_ns: 7,
-            }),
-        }
+        Extent::inline(offset, data.to_vec(), 7)
     }
 
     #[test]

@@ -283,22 +283,13 @@ pub(crate) fn old_inline(
     limit: usize,
 ) -> rusqlite::Result<Vec<(u64, Extent)>> {
     conn.prepare_cached(
-        "SELECT ino, offset, length, data, written FROM extents
+        "SELECT ino, offset, data, written FROM extents
          WHERE data IS NOT NULL AND written < ?1 ORDER BY ino, offset LIMIT ?2",
     )?
     .query_map(params![written_before, limit as i64], |r| {
         Ok((
             r.get::<_, i64>(0)? as u64,
-            Extent {
-                offset: r.get::<_, i64>(1)? as u64,
-                length: r.get::<_, i64>(2)? as u64,
-                hash: Vec::new(),
-                block_offset: 0,
-                inline: Some(Inline {
-                    data: r.get(3)?,
-                    written_ns: r.get(4)?,
-                }),
-            },
+            Extent::inline(r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?),
         ))
     })?
     .collect()
