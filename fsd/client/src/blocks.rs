@@ -503,7 +503,7 @@ impl Client {
         if data.is_empty() {
             return self.getattr(ino).await;
         }
-        if data.len() <= MAX_INLINE_BYTES {
+        if data.len() <= self.inline_max_bytes() {
             let extent = pb::Extent {
                 offset,
                 length: data.len() as u64,
@@ -531,6 +531,11 @@ impl Client {
             at += b.len() as u64;
         }
         self.commit(ino, extents, copies, append).await
+    }
+
+    /// The largest write this client sends inline.
+    fn inline_max_bytes(&self) -> usize {
+        self.inner.cfg.inline_max_bytes.min(MAX_INLINE_BYTES)
     }
 
     async fn commit(
