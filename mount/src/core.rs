@@ -5,9 +5,10 @@
 //! attributes (TTL 0), so every lookup and stat asks the tracker, which is
 //! what makes an `open()` here see a `close()` on another host. File content
 //! stays in the kernel's page cache across opens only while the file's
-//! version is unchanged. Writes are buffered per file and stored (blocks to
-//! the write quorum, then extents) on flush, fsync, close, or when the buffer
-//! grows large: `close()` succeeds only once the data is durable.
+//! version is unchanged. Writes are buffered per file and stored (up to 64
+//! KiB per commit inline in the commit itself, larger as blocks to the write
+//! quorum, then extents) on flush, fsync, close, or when the buffer grows
+//! large: `close()` succeeds only once the data is durable.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use failsafe_client::pb::{
     self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind,
 };
-use failsafe_client::{Client, ClientError, LockRequest, Session};
-use failsafe_core::MAX_BLOCK_BYTES;
+use failsafe_client::{inline_bytes, malformed_inline, Client, ClientError, LockRequest, Session};
 use fuser::{Errno, FileAttr, FileType};
 
 use crate::cache::BlockCache;
@@ -722,6 +722,12 @@ impl Core {
                 if from >= to {
                     continue;
                 }
+                if !e.data.is_empty() {
+                    // Inline: the bytes came with the extents, no block to fetch.
+                    let src = inline_bytes(e, from, to).ok_or_else(|| err(malformed_inline()))?;
+                    buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+                    continue;
+                }
                 let block = self.block(&e.hash, fe).await?;
                 let b0 = (e.block_offset + (from - e.offset)) as usize;
                 let src = block.get(b0..b0 + (to - from) as usize).ok_or(Errno::EIO)?;
@@ -835,28 +841,9 @@ impl Core {
             .map(|(o, d)| (*o, d.as_slice(), false))
             .chain((!appends.is_empty()).then_some((0u64, appends.as_slice(), true)))
         {
-            let chunks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
-            let copies = self.client.put_blocks(&chunks).await.map_err(err)?;
-            let mut at = extents_at;
-            let extents = chunks
-                .iter()
-                .zip(&copies)
-                .map(|(c, b)| {
-                    let e = pb::Extent {
-                        offset: at,
-                        length: c.len() as u64,
-                        hash: b.hash.clone(),
-                        block_offset: 0,
-                    };
-                    at += c.len() as u64;
-                    e
-                })
-                .collect();
-            let r = if append {
-                self.client.commit_append(tino, extents, copies).await
-            } else {
-                self.client.commit_extents(tino, extents, copies).await
-            };
+            // Inline when small (the Raft entry is the durable copy), else
+            // blocks to the write quorum, then the extents.
+            let r = self.client.store(tino, extents_at, data, append).await;
             match r {
                 Ok(a) => attr = Some(a),
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),

@@ -15,7 +15,12 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
             ErrorCode::NameTooLong => Errno::ENAMETOOLONG,
             ErrorCode::WouldBlock => Errno::EAGAIN,
             ErrorCode::NoSpace => Errno::ENOSPC,
-            ErrorCode::NoSession | ErrorCode::ErrorUnspecified => Errno::EIO,
+            // Changed and InlineFull are answers to the blockifier and to
+            // the client library, which handle them; never a caller's.
+            ErrorCode::NoSession
+            | ErrorCode::Changed
+            | ErrorCode::InlineFull
+            | ErrorCode::ErrorUnspecified => Errno::EIO,
         },
         ClientError::Invalid(_) => Errno::EINVAL,
         ClientError::Unavailable(_)

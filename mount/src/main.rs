@@ -25,7 +25,8 @@ const USAGE: &str =
 options: zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH,
          stats=PATH (a JSON summary of RPCs and round trips per FUSE operation,
          rewritten every second and at unmount), metrics=HOST:PORT (the same as
-         Prometheus text over HTTP)
+         Prometheus text over HTTP), inline=SIZE (commits of at most SIZE,
+         64K at most and by default, travel inside the metadata commit; 0: never)
          (generic options such as defaults, _netdev, noauto are accepted and ignored)";
 
 struct Args {
@@ -244,6 +245,7 @@ fn serve(args: Args) -> Result<(), String> {
         op_deadline: Duration::from_secs(15),
         read_fallback_after: args.opts.rpc_timeout.max(Duration::from_millis(500)),
         zone: args.opts.zone.clone(),
+        inline_max_bytes: args.opts.inline_bytes as usize,
         name: format!("mount:{}", args.mountpoint.display()),
         ..ClientConfig::default()
     };

@@ -28,6 +28,10 @@ pub(crate) struct Options {
     /// `metrics=ADDR`: serve the same counters as Prometheus text over HTTP
     /// at ADDR (`host:port`, e.g. `127.0.0.1:9101`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// `inline=SIZE`: a commit of at most this much data travels inline,
+    /// inside the metadata commit (at most 64K; `inline=0` sends every
+    /// write as blocks).
+    pub inline_bytes: u64,
 }
 
 impl Default for Options {
@@ -42,6 +46,7 @@ impl Default for Options {
             foreground: false,
             stats: None,
             metrics: None,
+            inline_bytes: failsafe_core::MAX_INLINE_BYTES as u64,
         }
     }
 }
@@ -118,6 +123,13 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
                 opts.rpc_timeout = Duration::from_millis(ms.max(50));
             }
             "stats" => opts.stats = Some(PathBuf::from(need(value)?)),
+            "inline" => {
+                let n = parse_bytes(&need(value)?)?;
+                if n > failsafe_core::MAX_INLINE_BYTES as u64 {
+                    return Err(format!("inline={n}: at most 64K"));
+                }
+                opts.inline_bytes = n;
+            }
             "metrics" => {
                 let v = need(value)?;
                 opts.metrics = Some(v.parse().map_err(|_| {
@@ -189,6 +201,10 @@ mod tests {
         assert_eq!(o.stats, Some(PathBuf::from("/run/failsafe/stats.json")));
         assert_eq!(o.metrics, Some("127.0.0.1:9101".parse().unwrap()));
         assert!(parse_options("metrics=localhost", &mut o).is_err());
+        assert_eq!(o.inline_bytes, 64 << 10);
+        parse_options("inline=0", &mut o).unwrap();
+        assert_eq!(o.inline_bytes, 0);
+        assert!(parse_options("inline=65K", &mut o).is_err());
         assert!(parse_options("stats", &mut o).is_err());
         assert!(parse_options("bogus", &mut o).is_err());
         assert!(parse_options("zone", &mut o).is_err());

@@ -91,6 +91,84 @@ fn scrape(addr: &str) -> String {
     out
 }
 
+/// One save under `root`, as DokuWiki does it: mkdir the lock, write and
+/// fsync a temp file, rename it over the page, append to the change log,
+/// rmdir the lock.
+fn save_page(root: &Path) {
+    let p = |rel: &str| root.join(rel);
+    fs::create_dir(p("locks/page")).unwrap();
+    let mut tmp = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("pages/ns/page.txt.tmp"))
+        .unwrap();
+    tmp.write_all(b"new text of the page\n").unwrap();
+    tmp.sync_all().unwrap();
+    drop(tmp);
+    fs::rename(p("pages/ns/page.txt.tmp"), p("pages/ns/page.txt")).unwrap();
+    let mut log = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(p("meta/changes"))
+        .unwrap();
+    log.write_all(b"2 edited\n").unwrap();
+    drop(log);
+    fs::remove_dir(p("locks/page")).unwrap();
+}
+
+/// A wiki that has been running: its directories, the page, the log.
+fn wiki(root: &Path) {
+    fs::create_dir(root.join("locks")).unwrap();
+    fs::create_dir_all(root.join("pages/ns")).unwrap();
+    fs::create_dir(root.join("meta")).unwrap();
+    fs::write(root.join("pages/ns/page.txt"), b"old text\n").unwrap();
+    fs::write(root.join("meta/changes"), b"1 created\n").unwrap();
+}
+
+/// Sums of (count, rpcs, round trips) over all operations.
+fn totals(t: &Table) -> (u64, u64, u64) {
+    t.values()
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inline_small_writes_save_a_page_in_fewer_round_trips_than_blocks() {
+    let mut env = Env::start(0).await;
+    let mut saves = Vec::new();
+    for (name, opts) in [("blocks (inline=0)", "inline=0"), ("inline", "")] {
+        let stats = env.dir.path().join(format!("stats-{}.json", saves.len()));
+        let extra = format!("stats={}", stats.display());
+        let extra = if opts.is_empty() {
+            extra
+        } else {
+            format!("{extra},{opts}")
+        };
+        let i = env.mount_with("a", &extra);
+        let root = env.mounts[i].p(&format!("wiki{}", saves.len()));
+        fs::create_dir(&root).unwrap();
+        wiki(&root);
+        let before = table(&stats_after(&stats, SystemTime::now()));
+        save_page(&root);
+        let after = table(&stats_after(&stats, SystemTime::now()));
+        let save = diff(&after, &before);
+        print(&format!("one page save, {name}"), &save);
+        saves.push(totals(&save));
+        env.mounts[i].unmount();
+    }
+    let (blocks, inline) = (saves[0], saves[1]);
+    eprintln!(
+        "\nround trips per save: {} as blocks, {} inline",
+        blocks.2, inline.2
+    );
+    // The fsync and the append each skip a placement query and a block
+    // put: at least four round trips fewer.
+    assert!(
+        inline.2 + 4 <= blocks.2,
+        "inline {inline:?} against blocks {blocks:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trips_of_a_page_save() {
     let mut env = Env::start(0).await;
@@ -99,34 +177,10 @@ async fn round_trips_of_a_page_save() {
     let i = env.mount_with("a", &format!("stats={},metrics={metrics}", stats.display()));
     let m = &env.mounts[i];
 
-    // A wiki that has been running: its directories, the page, the log.
-    fs::create_dir(m.p("locks")).unwrap();
-    fs::create_dir_all(m.p("pages/ns")).unwrap();
-    fs::create_dir(m.p("meta")).unwrap();
-    fs::write(m.p("pages/ns/page.txt"), b"old text\n").unwrap();
-    fs::write(m.p("meta/changes"), b"1 created\n").unwrap();
+    wiki(&m.path);
     let before = table(&stats_after(&stats, SystemTime::now()));
 
-    // One save, as DokuWiki does it.
-    fs::create_dir(m.p("locks/page")).unwrap();
-    let mut tmp = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.p("pages/ns/page.txt.tmp"))
-        .unwrap();
-    tmp.write_all(b"new text of the page\n").unwrap();
-    tmp.sync_all().unwrap();
-    drop(tmp);
-    fs::rename(m.p("pages/ns/page.txt.tmp"), m.p("pages/ns/page.txt")).unwrap();
-    let mut log = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(m.p("meta/changes"))
-        .unwrap();
-    log.write_all(b"2 edited\n").unwrap();
-    drop(log);
-    fs::remove_dir(m.p("locks/page")).unwrap();
+    save_page(&m.path);
     let saved_snap = table(&stats_after(&stats, SystemTime::now()));
 
     // A view: stat the page, then read it.

@@ -4,12 +4,28 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use failsafe_core::{block_hash, hash_hex, MAX_BLOCK_BYTES};
+use failsafe_core::{block_hash, hash_hex, MAX_BLOCK_BYTES, MAX_INLINE_BYTES};
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
 use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 
 use crate::stats::{fan_out_round_trip, RpcKind};
 use crate::{Client, ClientError};
+
+/// Bytes `[from, to)` of the file from inline extent `e`; `None` when the
+/// range misses it (or the extent is malformed: shorter data than length).
+pub fn inline_bytes(e: &pb::Extent, from: u64, to: u64) -> Option<&[u8]> {
+    if from >= to || from < e.offset {
+        return None;
+    }
+    let skip = usize::try_from(from - e.offset).ok()?;
+    let len = usize::try_from(to - from).ok()?;
+    e.data.get(skip..skip.checked_add(len)?)
+}
+
+/// What a read says of an inline extent whose data is shorter than its length.
+pub fn malformed_inline() -> ClientError {
+    ClientError::Unavailable("the tracker sent an inline extent shorter than its length".into())
+}
 
 /// Chunk size of a block on the wire.
 const CHUNK: usize = 256 * 1024;
@@ -477,11 +493,43 @@ impl Client {
         Ok(acked)
     }
 
-    /// Writes `data` at `offset` of file `ino`: blocks to the quorum first,
-    /// then the extents that point at them.
+    /// Writes `data` at `offset` of file `ino` and commits it (see `store`).
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<pb::Attr, ClientError> {
+        self.store(ino, offset, data, false).await
+    }
+
+    /// Stores `data` at `offset` of file `ino` (`append`: `offset` counts
+    /// from the file's size when the tracker applies it) in one commit.
+    /// Up to `MAX_INLINE_BYTES` the bytes travel inline, in the
+    /// `CommitExtents` itself: its Raft entry, on a quorum of trackers, is
+    /// their durable copy, so there is no placement, no block put and no
+    /// copy record on the way (the leader's blockifier makes blocks of them
+    /// later). Larger data, or a file that already holds as many inline
+    /// bytes as it may, goes as blocks: to the write quorum first, then the
+    /// extents that point at them.
+    pub async fn store(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        append: bool,
+    ) -> Result<pb::Attr, ClientError> {
         if data.is_empty() {
             return self.getattr(ino).await;
+        }
+        if data.len() <= self.inline_max_bytes() {
+            let extent = pb::Extent {
+                offset,
+                length: data.len() as u64,
+                data: data.to_vec(),
+                ..Default::default()
+            };
+            match self.commit(ino, vec![extent], Vec::new(), append).await {
+                Err(e) if e.code() == Some(pb::ErrorCode::InlineFull) => {
+                    tracing::debug!(ino, "file full of inline bytes: storing as blocks");
+                }
+                r => return r,
+            }
         }
         let blocks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
         let copies = self.put_blocks(&blocks).await?;
@@ -492,11 +540,30 @@ impl Client {
                 offset: at,
                 length: b.len() as u64,
                 hash: c.hash.clone(),
-                block_offset: 0,
+                ..Default::default()
             });
             at += b.len() as u64;
         }
-        self.commit_extents(ino, extents, copies).await
+        self.commit(ino, extents, copies, append).await
+    }
+
+    /// The largest write this client sends inline.
+    fn inline_max_bytes(&self) -> usize {
+        self.inner.cfg.inline_max_bytes.min(MAX_INLINE_BYTES)
+    }
+
+    async fn commit(
+        &self,
+        ino: u64,
+        extents: Vec<pb::Extent>,
+        copies: Vec<pb::BlockCopies>,
+        append: bool,
+    ) -> Result<pb::Attr, ClientError> {
+        if append {
+            self.commit_append(ino, extents, copies).await
+        } else {
+            self.commit_extents(ino, extents, copies).await
+        }
     }
 
     /// Reads up to `length` bytes at `offset`; holes read as zeros.
@@ -512,6 +579,16 @@ impl Client {
             fe.copies.iter().map(|c| (c.hash.as_slice(), c)).collect();
         let mut cache: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         for e in &fe.extents {
+            if !e.data.is_empty() {
+                // Inline: the bytes came with the extent.
+                let from = e.offset.max(offset);
+                let to = e.offset.saturating_add(e.length).min(end);
+                if from < to {
+                    let src = inline_bytes(e, from, to).ok_or_else(malformed_inline)?;
+                    out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+                }
+                continue;
+            }
             if !cache.contains_key(&e.hash) {
                 let devices = copies
                     .get(e.hash.as_slice())

@@ -17,6 +17,7 @@ mod net;
 pub mod stats;
 
 pub use admin::admin_for;
+pub use blocks::{inline_bytes, malformed_inline};
 pub use error::ClientError;
 pub use failsafe_proto::pb;
 pub use meta::{LockRequest, Session};

@@ -37,6 +37,10 @@ pub struct ClientConfig {
     pub zone: Option<String>,
     /// A name for this client in the tracker's session table.
     pub name: String,
+    /// Writes of at most this many bytes per commit travel inline, in the
+    /// commit itself (capped at `MAX_INLINE_BYTES`); 0 sends every write as
+    /// blocks.
+    pub inline_max_bytes: usize,
 }
 
 impl Default for ClientConfig {
@@ -50,6 +54,7 @@ impl Default for ClientConfig {
             read_fallback_after: Duration::from_secs(3),
             zone: None,
             name: "client".to_string(),
+            inline_max_bytes: failsafe_core::MAX_INLINE_BYTES,
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod name;
 pub mod placement;
 pub mod repair;
 
-pub use extent::{overlay, Extent};
+pub use extent::{overlay, Extent, Inline};
 pub use health::{judge, AdminState, Judgement, Liveness};
 pub use name::{validate_name, NameError};
 pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
@@ -28,6 +28,17 @@ pub const ROOT_INO: u64 = 1;
 
 /// Largest block the client writes and a block store accepts.
 pub const MAX_BLOCK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Most bytes one metadata command may carry inline (in its extents): a
+/// commit of at most this much data travels in the Raft entry instead of
+/// in blocks.
+pub const MAX_INLINE_BYTES: usize = 64 * 1024;
+
+/// Most inline bytes one file may hold, all its inline extents together:
+/// bounds what a read of the file's extents returns while the blockifier
+/// has not caught up with a busy writer. A commit past it is refused
+/// (`INLINE_FULL`) and the client sends its data as blocks.
+pub const MAX_FILE_INLINE_BYTES: u64 = 1024 * 1024;
 
 /// Length of a block hash (BLAKE3).
 pub const HASH_LEN: usize = 32;

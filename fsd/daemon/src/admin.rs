@@ -9,6 +9,7 @@ use failsafe_proto::{check_header, header, not_leader, PROTOCOL_VERSION};
 use failsafe_tracker::Tracker;
 use tonic::{Request, Response, Status};
 
+use crate::blockify::Blockify;
 use crate::cluster::Cluster;
 use crate::gc::Gc;
 use crate::identity::Identity;
@@ -29,6 +30,7 @@ pub(crate) struct AdminService {
     pub repair: Arc<Repair>,
     pub scrub: Arc<Scrub>,
     pub gc: Arc<Gc>,
+    pub blockify: Arc<Blockify>,
 }
 
 pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -331,7 +333,8 @@ impl Admin for AdminService {
         Ok(Response::new(pb::UpdateAddressReply {}))
     }
 
-    /// The tracker's status, plus this host's repair, scrub and gc workers.
+    /// The tracker's status, plus this host's repair, scrub, gc and
+    /// blockify workers.
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
@@ -346,6 +349,7 @@ impl Admin for AdminService {
         status.repair = Some(self.repair.status());
         status.scrub = Some(self.scrub.status());
         status.gc = Some(self.gc.status());
+        status.blockify = Some(self.blockify.status());
         Ok(Response::new(status))
     }
 }

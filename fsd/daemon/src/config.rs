@@ -98,6 +98,12 @@ pub struct RawConfig {
     /// (10 minutes).
     #[arg(long)]
     pub gc_grace_ms: Option<u64>,
+    /// Small writes travel inline, inside their metadata commit; the leader
+    /// turns inline data older than this (ms) into blocks with the normal
+    /// placement and copy count. Until then the tracker's state holds it.
+    /// At least 100. Default 30000.
+    #[arg(long)]
+    pub blockify_after_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -135,6 +141,7 @@ impl RawConfig {
             scrub_mb_per_s: self.scrub_mb_per_s.or(file.scrub_mb_per_s),
             scrub_interval_ms: self.scrub_interval_ms.or(file.scrub_interval_ms),
             gc_grace_ms: self.gc_grace_ms.or(file.gc_grace_ms),
+            blockify_after_ms: self.blockify_after_ms.or(file.blockify_after_ms),
         }
     }
 }
@@ -155,6 +162,14 @@ pub struct Config {
     pub repair: RepairConfig,
     pub scrub: ScrubConfig,
     pub gc: GcConfig,
+    pub blockify: BlockifyConfig,
+}
+
+/// The blockifier.
+#[derive(Debug, Clone)]
+pub struct BlockifyConfig {
+    /// Inline data older than this becomes blocks.
+    pub after: Duration,
 }
 
 /// The repair worker's pace (who is dead is `tracker.dead_after_ms`).
@@ -280,6 +295,13 @@ impl Config {
         let gc = GcConfig {
             grace: Duration::from_millis(grace_ms),
         };
+        let blockify_ms = raw.blockify_after_ms.unwrap_or(30_000);
+        if blockify_ms < 100 {
+            bail!("blockify_after_ms: {blockify_ms} is under 100");
+        }
+        let blockify = BlockifyConfig {
+            after: Duration::from_millis(blockify_ms),
+        };
         let devices = if raw.devices.is_empty() {
             vec![data_dir.join("blocks")]
         } else {
@@ -299,6 +321,7 @@ impl Config {
             repair,
             scrub,
             gc,
+            blockify,
         })
     }
 }
@@ -363,6 +386,7 @@ mod tests {
         assert_eq!(c.scrub.interval, Duration::from_secs(86_400));
         assert_eq!(c.gc.grace, Duration::from_secs(600));
         assert_eq!(c.gc.interval(), Duration::from_secs(60));
+        assert_eq!(c.blockify.after, Duration::from_secs(30));
         let file: RawConfig = toml::from_str("scrub_mb_per_s = 0\ngc_grace_ms = 2000").unwrap();
         let c = Config::validate(
             RawConfig {
@@ -405,6 +429,13 @@ mod tests {
                     ..base()
                 },
                 "dead_after_ms:",
+            ),
+            (
+                RawConfig {
+                    blockify_after_ms: Some(10),
+                    ..base()
+                },
+                "blockify_after_ms:",
             ),
         ] {
             let err = Config::validate(raw).unwrap_err().to_string();

@@ -10,6 +10,7 @@
 
 mod admin;
 mod announce;
+mod blockify;
 mod blocks;
 mod cluster;
 pub mod config;

@@ -43,6 +43,12 @@ pub(crate) struct Metrics {
     pub repair_signature_bytes: AtomicU64,
     /// Copies repair on this host made to move blocks toward placement.
     pub rebalance_copies: AtomicU64,
+    /// Inline extents the blockifier on this host (as leader) replaced by
+    /// blocks, their bytes, and replacements refused because the extent
+    /// had been written again.
+    pub blockify_extents: AtomicU64,
+    pub blockify_bytes: AtomicU64,
+    pub blockify_changed: AtomicU64,
 }
 
 pub(crate) fn inc(c: &AtomicU64, by: u64) {
@@ -93,6 +99,17 @@ impl Metrics {
                 "failsafe_rebalance_copies_total",
                 "Copies repair on this host made to move blocks toward placement (a new box's share)",
                 &self.rebalance_copies,
+            ),
+            (
+                "failsafe_blockify_extents_total",
+                "Inline extents this host (as leader) replaced by blocks",
+                &self.blockify_extents,
+            ),
+            ("failsafe_blockify_bytes_total", "Inline bytes this host (as leader) stored as blocks", &self.blockify_bytes),
+            (
+                "failsafe_blockify_changed_total",
+                "Inline replacements refused because the extent was written again",
+                &self.blockify_changed,
             ),
             (
                 "failsafe_repair_signature_bytes_total",

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::AdminService;
 use crate::announce::Announcer;
+use crate::blockify::Blockify;
 use crate::blocks::BlocksService;
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -92,6 +93,11 @@ pub async fn run(
         store.clone(),
         metrics.clone(),
     ));
+    let blockify = Arc::new(Blockify::new(
+        cfg.blockify.clone(),
+        cluster.clone(),
+        metrics.clone(),
+    ));
 
     let admin = AdminService {
         tracker: tracker.clone(),
@@ -104,6 +110,7 @@ pub async fn run(
         repair: repair.clone(),
         scrub: scrub.clone(),
         gc: gc.clone(),
+        blockify: blockify.clone(),
     };
     let blocks = BlocksService {
         store: store.clone(),
@@ -156,6 +163,7 @@ pub async fn run(
             metrics,
         })),
         stop.spawn(gc),
+        stop.spawn(blockify),
         stop.spawn(Arc::new(Return::new(cluster, store, bad))),
     ];
     if scrub.enabled() {

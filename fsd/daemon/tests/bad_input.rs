@@ -80,6 +80,7 @@ async fn t85_hostile_names_are_refused_and_change_nothing() {
         length: 10,
         hash: vec![0; 32],
         block_offset: 0,
+        data: Vec::new(),
     };
     assert_eq!(
         c.commit_extents(f.ino, vec![bogus], vec![])
@@ -93,6 +94,7 @@ async fn t85_hostile_names_are_refused_and_change_nothing() {
         length: 10,
         hash: vec![1; 5],
         block_offset: 0,
+        data: Vec::new(),
     };
     assert_eq!(
         c.commit_extents(f.ino, vec![short], vec![])
@@ -285,4 +287,43 @@ async fn t88_a_block_whose_bytes_do_not_match_its_hash_is_refused() {
     }
     assert_eq!(n, 0);
     assert!(tc.status_at(2).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t89_inline_data_over_64_kib_or_malformed_is_refused_and_changes_nothing() {
+    let (_tc, c) = TestCluster::start(&[]).await;
+    let f = c.create(ROOT, b"page", 0o644, true).await.unwrap();
+    let inline = |offset: u64, data: Vec<u8>| pb::Extent {
+        offset,
+        length: data.len() as u64,
+        data,
+        ..Default::default()
+    };
+    let half = vec![b'x'; 32 * 1024];
+    let over = vec![
+        inline(0, half.clone()),
+        inline(1 << 20, half.clone()),
+        inline(2 << 20, b"one byte too many".to_vec()),
+    ];
+    let e = c.commit_extents(f.ino, over, vec![]).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Invalid));
+    assert!(e.to_string().contains("at most 65536"), "{e}");
+    let mut wrong_length = inline(0, b"abc".to_vec());
+    wrong_length.length = 10;
+    let e = c
+        .commit_extents(f.ino, vec![wrong_length], vec![])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Invalid));
+    assert_eq!(c.getattr(f.ino).await.unwrap().size, 0, "nothing changed");
+    // Exactly 64 KiB is fine, and reads back without a block.
+    let ok = vec![inline(0, half.clone()), inline(32 * 1024, half)];
+    assert_eq!(
+        c.commit_extents(f.ino, ok, vec![]).await.unwrap().size,
+        64 * 1024
+    );
+    assert_eq!(
+        c.read(f.ino, 0, 1 << 20).await.unwrap(),
+        vec![b'x'; 64 * 1024]
+    );
 }

@@ -19,18 +19,6 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    /// Opens `path` (WAL) on a thread named `name`.
-    pub(crate) fn open(
-        name: &str,
-        path: &Path,
-        schema: &str,
-        durability: Durability,
-    ) -> rusqlite::Result<Db> {
-        let conn = open_connection(path, durability)?;
-        conn.execute_batch(schema)?;
-        Db::spawn(name, conn)
-    }
-
     /// Hands `conn`, already opened and set up, to a thread named `name`.
     pub(crate) fn spawn(name: &str, mut conn: Connection) -> rusqlite::Result<Db> {
         let (jobs, rx) = mpsc::channel::<Job>();

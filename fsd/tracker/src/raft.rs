@@ -348,12 +348,11 @@ struct SnapshotFile {
 impl StateMachine {
     pub(crate) fn open(dir: &Path) -> rusqlite::Result<StateMachine> {
         Ok(StateMachine {
-            db: Db::open(
-                "state-machine",
-                &dir.join("meta.db"),
-                state::SCHEMA,
-                Durability::Checkpoint,
-            )?,
+            db: {
+                let conn = open_connection(&dir.join("meta.db"), Durability::Checkpoint)?;
+                state::migrate(&conn)?;
+                Db::spawn("state-machine", conn)?
+            },
             dir: dir.to_path_buf(),
         })
     }
@@ -560,7 +559,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 std::fs::rename(&incoming, &db_path)
                     .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                 let fresh = open_connection(&db_path, Durability::Checkpoint)?;
-                fresh.execute_batch(state::SCHEMA)?;
+                // A snapshot from a member of an older version is brought
+                // up to this one's schema (or refused if newer).
+                state::migrate(&fresh)?;
                 put_meta(&fresh, "meta", "last_applied", &meta.last_log_id)?;
                 put_meta(&fresh, "meta", "membership", &meta.last_membership)?;
                 *conn = fresh;

@@ -368,6 +368,16 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             bytes(g.bytes_deleted)
         );
     }
+    if let Some(b) = &s.blockify {
+        let _ = writeln!(
+            out,
+            "blockify {}   inline extents made blocks {} ({})   written again {}",
+            b.state,
+            b.extents,
+            bytes(b.bytes),
+            b.changed
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

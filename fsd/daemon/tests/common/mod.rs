@@ -33,7 +33,15 @@ impl TestCluster {
             &extra,
         )
         .expect("start fsd processes");
-        let client = c.bootstrap().await.expect("bootstrap");
+        c.bootstrap().await.expect("bootstrap");
+        // These tests are about blocks: even small writes are stored as
+        // blocks (the mount's tests cover inline writes).
+        let client = Client::connect(ClientConfig {
+            inline_max_bytes: 0,
+            ..c.client_config()
+        })
+        .await
+        .expect("client");
         (
             TestCluster {
                 c,
@@ -48,6 +56,7 @@ impl TestCluster {
     pub(crate) async fn client_in(&self, zone: &str) -> Client {
         Client::connect(ClientConfig {
             zone: Some(zone.into()),
+            inline_max_bytes: 0,
             ..self.c.client_config()
         })
         .await

@@ -581,6 +581,7 @@ async fn t66_blocks_nothing_references_are_collected_after_the_grace_period() {
         length: late_data.len() as u64,
         hash: late.hash.clone(),
         block_offset: 0,
+        data: Vec::new(),
     };
     c.commit_extents(h.ino, vec![extent], vec![late.clone()])
         .await

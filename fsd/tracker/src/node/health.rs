@@ -303,6 +303,7 @@ impl Tracker {
             repair: None,
             scrub: None,
             gc: None,
+            blockify: None,
         })
     }
 
@@ -392,6 +393,25 @@ impl Tracker {
             .read(move |conn| state::garbage(conn, idle_before, limit))
             .await?;
         Ok(Some((idle_before, blocks)))
+    }
+
+    /// Leader only (`None` elsewhere): up to `limit` inline extents
+    /// committed more than `age` ago by the leader's clock, as (inode,
+    /// extent) in file order, with their bytes — what the blockifier turns
+    /// into blocks. Read from the applied state: only committed writes.
+    pub async fn old_inline(
+        &self,
+        age: Duration,
+        limit: usize,
+    ) -> Result<Option<Vec<(u64, failsafe_core::Extent)>>, TrackerError> {
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let before = wall_clock_ns().saturating_sub(age.as_nanos().min(i64::MAX as u128) as i64);
+        let found = self
+            .read(move |conn| state::old_inline(conn, before, limit))
+            .await?;
+        Ok(Some(found))
     }
 
     /// Where each device that is not gone lives: its host and address.

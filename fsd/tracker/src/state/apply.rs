@@ -3,6 +3,7 @@
 //! commands); `apply_op` hands each operation to the one function that
 //! carries it out.
 
+use failsafe_core::MAX_INLINE_BYTES;
 use failsafe_proto::pb::{self, command::Op, ErrorCode};
 use prost::Message;
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -25,6 +26,10 @@ pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
         Some(Op::Rename(c)) => check_name(&c.name).and_then(|()| check_name(&c.new_name)),
         Some(Op::CommitExtents(c)) if c.extents.len() > 4096 || c.copies.len() > 4096 => {
             err(ErrorCode::Invalid, "at most 4096 extents per commit")
+        }
+        Some(Op::CommitExtents(c)) => check_extents(&c.extents),
+        Some(Op::ReplaceInline(c)) if c.extents.len() > 4096 || c.copies.len() > 4096 => {
+            err(ErrorCode::Invalid, "at most 4096 extents per replacement")
         }
         Some(Op::RecordCopies(c)) if c.copies.len() > 4096 => {
             err(ErrorCode::Invalid, "at most 4096 blocks per record")
@@ -62,6 +67,24 @@ pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
         }
         Some(_) => Ok(()),
     }
+}
+
+/// Each extent's shape, and at most `MAX_INLINE_BYTES` of inline data in
+/// all: the Raft entry is the inline data's durable copy, and entries stay
+/// small.
+fn check_extents(extents: &[pb::Extent]) -> Result<(), OpError> {
+    let mut inline = 0usize;
+    for e in extents {
+        blocks::check_extent(e)?;
+        inline = inline.saturating_add(e.data.len());
+    }
+    if inline > MAX_INLINE_BYTES {
+        return err(
+            ErrorCode::Invalid,
+            format!("{inline} bytes of inline data in one commit; at most {MAX_INLINE_BYTES}"),
+        );
+    }
+    Ok(())
 }
 
 /// Applies one command in its own savepoint. A refused command changes
@@ -174,6 +197,7 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::Rename(c) => namespace::rename(tx, c, now, leader_now).map(none),
         Op::SetAttr(c) => namespace::set_attr(tx, c, now, leader_now).map(Some),
         Op::CommitExtents(c) => blocks::commit_extents(tx, c, now, leader_now).map(Some),
+        Op::ReplaceInline(c) => blocks::replace_inline(tx, c, leader_now).map(none),
         Op::RecordCopies(c) => blocks::record_copies(tx, &c.copies, leader_now).map(none),
         Op::DropCopies(c) => blocks::drop_copies(tx, &c.copies, c.keep as usize).map(none),
         Op::ForgetBlocks(c) => blocks::forget_blocks(tx, &c.hashes, c.idle_before_ns).map(none),

@@ -1,7 +1,8 @@
-//! Blocks and the extents that point at them: committing a write, recording
-//! and dropping copies, and forgetting garbage.
+//! Blocks and the extents that point at them: committing a write (as
+//! blocks, or inline: the bytes in the extent itself), replacing inline
+//! extents by blocks, recording and dropping copies, and forgetting garbage.
 
-use failsafe_core::{overlay, Extent, HASH_LEN};
+use failsafe_core::{block_hash, overlay, Extent, Inline, HASH_LEN, MAX_FILE_INLINE_BYTES};
 use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -17,17 +18,25 @@ pub(super) fn load_extents(
     // Extents never overlap, so those starting before `start` can reach into
     // the range only if they end after it.
     let mut stmt = tx.prepare_cached(
-        "SELECT offset, length, hash, block_offset FROM extents
+        "SELECT offset, length, hash, block_offset, data, written FROM extents
          WHERE ino = ?1 AND offset < ?3 AND offset + length > ?2 ORDER BY offset",
     )?;
     let rows = stmt.query_map(
         params![i(ino), i(start), i(end.min(i64::MAX as u64))],
         |r| {
+            let data: Option<Vec<u8>> = r.get(4)?;
             Ok(Extent {
                 offset: r.get::<_, i64>(0)? as u64,
                 length: r.get::<_, i64>(1)? as u64,
                 hash: r.get(2)?,
                 block_offset: r.get::<_, i64>(3)? as u64,
+                inline: match data {
+                    Some(data) => Some(Inline {
+                        data,
+                        written_ns: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+                    }),
+                    None => None,
+                },
             })
         },
     )?;
@@ -52,17 +61,55 @@ pub(super) fn punch(
     for e in overlay(&old, start, end) {
         insert_extent(tx, ino, &e)?;
     }
-    let hashes: Vec<Vec<u8>> = old.into_iter().map(|e| e.hash).collect();
+    let hashes: Vec<Vec<u8>> = old
+        .into_iter()
+        .filter(|e| e.inline.is_none())
+        .map(|e| e.hash)
+        .collect();
     note_unreferenced(tx, &hashes, leader_now)
 }
 
 fn insert_extent(tx: &Transaction<'_>, ino: u64, e: &Extent) -> OpResult<()> {
+    let (data, written) = match &e.inline {
+        Some(inline) => (Some(inline.data.as_slice()), Some(inline.written_ns)),
+        None => (None, None),
+    };
     tx.execute(
-        "INSERT OR REPLACE INTO extents VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![i(ino), i(e.offset), i(e.length), e.hash, i(e.block_offset)],
+        "INSERT OR REPLACE INTO extents (ino, offset, length, hash, block_offset, data, written)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            i(ino),
+            i(e.offset),
+            i(e.length),
+            e.hash,
+            i(e.block_offset),
+            data,
+            written
+        ],
     )?;
-    tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [&e.hash])?;
+    if e.inline.is_none() {
+        tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [&e.hash])?;
+    }
     Ok(())
+}
+
+/// What an extent of a command must look like, whatever the state: a block
+/// extent names a 32-byte hash and carries no data; an inline one carries
+/// exactly its length in data, and no hash or block offset.
+pub(super) fn check_extent(e: &pb::Extent) -> Result<(), super::OpError> {
+    let ok = if e.data.is_empty() {
+        e.hash.len() == HASH_LEN && e.length > 0
+    } else {
+        e.hash.is_empty() && e.block_offset == 0 && e.length == e.data.len() as u64
+    };
+    if ok {
+        Ok(())
+    } else {
+        err(
+            ErrorCode::Invalid,
+            "an extent needs a 32-byte hash and a length, or (inline) data of its length and no hash",
+        )
+    }
 }
 
 /// Of `hashes`, the recorded blocks no extent points at any more are idle
@@ -99,12 +146,7 @@ pub(super) fn commit_extents(
             offset: e.offset.saturating_add(base),
             ..e.clone()
         };
-        if e.hash.len() != HASH_LEN || e.length == 0 {
-            return err(
-                ErrorCode::Invalid,
-                "an extent needs a 32-byte hash and a length",
-            );
-        }
+        check_extent(e)?;
         let end = e
             .offset
             .checked_add(e.length)
@@ -112,46 +154,145 @@ pub(super) fn commit_extents(
         let Some(end) = end else {
             return err(ErrorCode::Invalid, "extent beyond the largest file size");
         };
-        let block_size: Option<i64> = tx
-            .query_row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match block_size {
-            None => {
-                return err(
-                    ErrorCode::Invalid,
-                    "extent names a block with no recorded copies",
-                )
-            }
-            Some(bs) if e.block_offset.saturating_add(e.length) > bs as u64 => {
-                return err(
-                    ErrorCode::Invalid,
-                    "extent reaches past the end of its block",
-                )
-            }
-            _ => {}
+        let inline = (!e.data.is_empty()).then(|| Inline {
+            data: e.data.clone(),
+            written_ns: leader_now,
+        });
+        if inline.is_none() {
+            check_in_block(tx, e)?;
+            // Rewritten in place: the block it replaces at the same offset is its older version.
+            tx.execute(
+                "INSERT OR IGNORE INTO lineage(hash, prev) SELECT ?3, hash FROM extents
+                 WHERE ino = ?1 AND offset = ?2 AND hash != ?3 AND data IS NULL",
+                params![i(c.ino), i(e.offset), e.hash],
+            )?;
         }
-        // Rewritten in place: the block it replaces at the same offset is its older version.
-        tx.execute(
-            "INSERT OR IGNORE INTO lineage(hash, prev) SELECT ?3, hash FROM extents WHERE ino = ?1 AND offset = ?2 AND hash != ?3",
-            params![i(c.ino), i(e.offset), e.hash],
-        )?;
         punch(tx, c.ino, e.offset, end, leader_now)?;
         let ext = Extent {
             offset: e.offset,
             length: e.length,
             hash: e.hash.clone(),
             block_offset: e.block_offset,
+            inline,
         };
         insert_extent(tx, c.ino, &ext)?;
         size = size.max(end);
+    }
+    if c.extents.iter().any(|e| !e.data.is_empty()) {
+        let held: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(length), 0) FROM extents WHERE ino = ?1 AND data IS NOT NULL",
+            [i(c.ino)],
+            |r| r.get(0),
+        )?;
+        if held as u64 > MAX_FILE_INLINE_BYTES {
+            return err(
+                ErrorCode::InlineFull,
+                "the file holds as many inline bytes as it may until they become blocks",
+            );
+        }
     }
     tx.execute(
         "UPDATE inodes SET size = ?2, mtime = ?3, ctime = ?3, version = version + 1 WHERE ino = ?1",
         params![i(c.ino), i(size), now],
     )?;
     get_attr(tx, c.ino)
+}
+
+/// A block extent's block is recorded and holds the extent's bytes.
+fn check_in_block(tx: &Transaction<'_>, e: &pb::Extent) -> OpResult<()> {
+    let block_size: Option<i64> = tx
+        .query_row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match block_size {
+        None => err(
+            ErrorCode::Invalid,
+            "extent names a block with no recorded copies",
+        ),
+        Some(bs) if e.block_offset.saturating_add(e.length) > bs as u64 => err(
+            ErrorCode::Invalid,
+            "extent reaches past the end of its block",
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The blockifier's replacement of inline extents by block extents over
+/// the same bytes, all or nothing: each must still be the inline extent the
+/// leader read (same offset and length, data with the expected hash), or
+/// the command is refused with `CHANGED` and changes nothing. The file's
+/// bytes stay the same, so neither its version nor its times change.
+pub(super) fn replace_inline(
+    tx: &Transaction<'_>,
+    c: &pb::ReplaceInline,
+    leader_now: i64,
+) -> OpResult<()> {
+    let a = get_attr(tx, c.ino)?;
+    if a.kind != FileKind::KindFile as i32 {
+        return err(ErrorCode::IsDir, "extents belong to regular files");
+    }
+    if c.extents.len() != c.inline_hashes.len() {
+        return err(
+            ErrorCode::Invalid,
+            "one expected inline hash per replacing extent",
+        );
+    }
+    for (e, expected) in c.extents.iter().zip(&c.inline_hashes) {
+        if !e.data.is_empty() {
+            return err(ErrorCode::Invalid, "inline data replaced by inline data");
+        }
+        check_extent(e)?;
+        let current: Option<(i64, Option<Vec<u8>>)> = tx
+            .query_row(
+                "SELECT length, data FROM extents WHERE ino = ?1 AND offset = ?2",
+                params![i(c.ino), i(e.offset)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let same = matches!(&current, Some((len, Some(data)))
+            if *len as u64 == e.length && block_hash(data)[..] == expected[..]);
+        if !same {
+            return err(
+                ErrorCode::Changed,
+                "the inline extent changed since it was read",
+            );
+        }
+    }
+    record_copies(tx, &c.copies, leader_now)?;
+    for e in &c.extents {
+        check_in_block(tx, e)?;
+        let ext = Extent {
+            offset: e.offset,
+            length: e.length,
+            hash: e.hash.clone(),
+            block_offset: e.block_offset,
+            inline: None,
+        };
+        // Same (ino, offset): the row is replaced.
+        insert_extent(tx, c.ino, &ext)?;
+    }
+    Ok(())
+}
+
+/// Up to `limit` inline extents committed before `written_before`, by file
+/// and offset, with their bytes: what the blockifier turns into blocks.
+pub(crate) fn old_inline(
+    conn: &rusqlite::Connection,
+    written_before: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<(u64, Extent)>> {
+    conn.prepare_cached(
+        "SELECT ino, offset, data, written FROM extents
+         WHERE data IS NOT NULL AND written < ?1 ORDER BY ino, offset LIMIT ?2",
+    )?
+    .query_map(params![written_before, limit as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            Extent::inline(r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?),
+        ))
+    })?
+    .collect()
 }
 
 /// Records copies. A block no extent points at yet (its write is not
@@ -274,10 +415,254 @@ pub(super) fn block_copies(conn: &rusqlite::Connection, hash: &[u8]) -> OpResult
 
 #[cfg(test)]
 mod tests {
-    use failsafe_proto::pb::{self, command::Op};
+    use failsafe_core::{block_hash, ReplicationClass, MAX_INLINE_BYTES};
+    use failsafe_proto::pb::{
+        self, command::Op, command_result::Result as R, query_reply::Reply, query_request::Query,
+        ErrorCode,
+    };
 
-    use super::block_copies;
-    use crate::state::testing::{copies, db, file_with_block, ok, run};
+    use super::{block_copies, old_inline};
+    use crate::state::testing::{copies, create_file, db, file_with_block, ok, run, run_at};
+    use crate::state::{query, replication_counts, validate};
+
+    fn inline(offset: u64, data: &[u8]) -> pb::Extent {
+        pb::Extent {
+            offset,
+            length: data.len() as u64,
+            data: data.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn commit(ino: u64, extents: Vec<pb::Extent>, copies: Vec<pb::BlockCopies>) -> Op {
+        Op::CommitExtents(pb::CommitExtents {
+            ino,
+            extents,
+            copies,
+            append: false,
+        })
+    }
+
+    /// The file's extents as a read sees them.
+    fn read(conn: &rusqlite::Connection, ino: u64) -> pb::FileExtents {
+        let q = Query::ReadExtents(pb::ReadExtents {
+            ino,
+            offset: 0,
+            length: u64::MAX,
+        });
+        match query(conn, &q, ReplicationClass::default()) {
+            Ok(Reply::FileExtents(fe)) => fe,
+            other => panic!("read extents: {other:?}"),
+        }
+    }
+
+    /// The file's bytes, from its inline extents only.
+    fn bytes(conn: &rusqlite::Connection, ino: u64) -> Vec<u8> {
+        let fe = read(conn, ino);
+        let size = fe.attr.as_ref().map_or(0, |a| a.size) as usize;
+        let mut out = vec![0u8; size];
+        for e in &fe.extents {
+            assert!(e.hash.is_empty(), "a block extent: {e:?}");
+            assert_eq!(e.length as usize, e.data.len());
+            let at = e.offset as usize;
+            out[at..at + e.data.len()].copy_from_slice(&e.data);
+        }
+        out
+    }
+
+    fn refused(r: &pb::CommandResult) -> ErrorCode {
+        match &r.result {
+            Some(R::Error(e)) => ErrorCode::try_from(e.code).expect("code"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn inline_extents_follow_the_overlay_rules_and_need_no_copies() {
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"page");
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(0, b"hello world")], vec![]),
+        ));
+        assert_eq!(bytes(&conn, ino), b"hello world");
+        let fe = read(&conn, ino);
+        assert!(fe.copies.is_empty() && fe.devices.is_empty(), "{fe:?}");
+        // A write in the middle splits it, each piece with its own bytes.
+        ok(run(&mut conn, commit(ino, vec![inline(2, b"XY")], vec![])));
+        assert_eq!(bytes(&conn, ino), b"heXYo world");
+        assert_eq!(read(&conn, ino).extents.len(), 3);
+        // Past the end, with a hole between.
+        ok(run(&mut conn, commit(ino, vec![inline(13, b"!")], vec![])));
+        assert_eq!(bytes(&conn, ino), b"heXYo world\0\0!");
+        // A truncate cuts an inline extent like a block extent.
+        ok(run(
+            &mut conn,
+            Op::SetAttr(pb::SetAttr {
+                ino,
+                size: Some(7),
+                ..Default::default()
+            }),
+        ));
+        assert_eq!(bytes(&conn, ino), b"heXYo w");
+        // An inline extent is no block short of copies.
+        let counts = replication_counts(&conn, &[1, 2, 3], 3).expect("counts");
+        assert_eq!((counts.under_replicated, counts.unavailable), (0, 0));
+        // A block written over part of it cuts it too.
+        let x = [7u8; 32];
+        ok(run(
+            &mut conn,
+            commit(
+                ino,
+                vec![pb::Extent {
+                    offset: 1,
+                    length: 2,
+                    hash: x.to_vec(),
+                    ..Default::default()
+                }],
+                vec![copies(&x, &[1, 2])],
+            ),
+        ));
+        let fe = read(&conn, ino);
+        let shapes: Vec<(u64, u64, bool)> = fe
+            .extents
+            .iter()
+            .map(|e| (e.offset, e.length, e.data.is_empty()))
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![(0, 1, false), (1, 2, true), (3, 1, false), (4, 3, false)],
+            "{fe:?}"
+        );
+        assert_eq!(fe.extents[3].data, b"o w");
+        assert_eq!(fe.copies.len(), 1);
+    }
+
+    #[test]
+    fn a_commit_carries_at_most_64_kib_inline_and_well_formed_extents() {
+        let cmd = |extents| pb::Command {
+            op: Some(commit(2, extents, vec![])),
+            ..Default::default()
+        };
+        let half = vec![1u8; MAX_INLINE_BYTES / 2];
+        assert!(validate(&cmd(vec![inline(0, &half), inline(1 << 20, &half)])).is_ok());
+        let e = validate(&cmd(vec![
+            inline(0, &half),
+            inline(1 << 20, &half),
+            inline(1 << 21, b"x"),
+        ]))
+        .expect_err("too much inline data");
+        assert_eq!(e.code, ErrorCode::Invalid);
+        assert!(e.message.contains("at most 65536"), "{}", e.message);
+        let mut wrong_length = inline(0, b"abc");
+        wrong_length.length = 4;
+        let mut with_hash = inline(0, b"abc");
+        with_hash.hash = vec![1; 32];
+        for bad in [wrong_length, with_hash] {
+            let e = validate(&cmd(vec![bad])).expect_err("malformed");
+            assert_eq!(e.code, ErrorCode::Invalid);
+        }
+    }
+
+    #[test]
+    fn a_file_holds_a_bounded_amount_of_inline_data() {
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"log");
+        let chunk = vec![b'a'; MAX_INLINE_BYTES];
+        let limit = failsafe_core::MAX_FILE_INLINE_BYTES / MAX_INLINE_BYTES as u64;
+        for n in 0..limit {
+            ok(run(
+                &mut conn,
+                commit(ino, vec![inline(n * chunk.len() as u64, &chunk)], vec![]),
+            ));
+        }
+        let r = run(
+            &mut conn,
+            commit(
+                ino,
+                vec![inline(limit * chunk.len() as u64, b"more")],
+                vec![],
+            ),
+        );
+        assert_eq!(refused(&r), ErrorCode::InlineFull);
+        // Overwriting inline bytes does not add to them.
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(0, b"fresh")], vec![]),
+        ));
+    }
+
+    fn replace(ino: u64, offset: u64, data: &[u8], devices: &[u64]) -> Op {
+        let hash = block_hash(data);
+        Op::ReplaceInline(pb::ReplaceInline {
+            ino,
+            extents: vec![pb::Extent {
+                offset,
+                length: data.len() as u64,
+                hash: hash.to_vec(),
+                ..Default::default()
+            }],
+            inline_hashes: vec![hash.to_vec()],
+            copies: vec![pb::BlockCopies {
+                hash: hash.to_vec(),
+                size: data.len() as u64,
+                device_ids: devices.to_vec(),
+            }],
+        })
+    }
+
+    #[test]
+    fn replacing_inline_data_by_a_block_happens_only_while_it_is_unchanged() {
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"page");
+        ok(run_at(
+            &mut conn,
+            commit(ino, vec![inline(0, b"version 1")], vec![]),
+            100,
+        ));
+        let version = read(&conn, ino).attr.expect("attr").version;
+        // The blockifier sees it once it is old enough.
+        assert!(old_inline(&conn, 100, 10).expect("scan").is_empty());
+        let found = old_inline(&conn, 101, 10).expect("scan");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, ino);
+        // Meanwhile the file is written again: the replacement changes nothing.
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(0, b"version 2")], vec![]),
+        ));
+        let r = run(&mut conn, replace(ino, 0, b"version 1", &[1, 2, 3]));
+        assert_eq!(refused(&r), ErrorCode::Changed);
+        assert_eq!(bytes(&conn, ino), b"version 2");
+        let stale = block_copies(&conn, &block_hash(b"version 1")).expect("copies");
+        assert!(stale.device_ids.is_empty(), "copies recorded: {stale:?}");
+        // A replacement of what is there takes, records the copies in the
+        // same command, and leaves the file's version alone (same bytes).
+        let version = version + 1;
+        ok(run(&mut conn, replace(ino, 0, b"version 2", &[1, 2, 3])));
+        let fe = read(&conn, ino);
+        assert_eq!(fe.attr.as_ref().map(|a| a.version), Some(version));
+        assert_eq!(fe.extents.len(), 1);
+        assert_eq!(fe.extents[0].hash, block_hash(b"version 2"));
+        assert!(fe.extents[0].data.is_empty());
+        assert_eq!(fe.copies[0].device_ids, vec![1, 2, 3]);
+        assert!(old_inline(&conn, i64::MAX, 10).expect("scan").is_empty());
+        // Again (a retry): no longer inline, so nothing changes.
+        let r = run(&mut conn, replace(ino, 0, b"version 2", &[4]));
+        assert_eq!(refused(&r), ErrorCode::Changed);
+        assert_eq!(read(&conn, ino).copies[0].device_ids, vec![1, 2, 3]);
+        // Only the same offset and length count: a piece of a split extent
+        // is not the extent that was read.
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(0, b"abcdef")], vec![]),
+        ));
+        ok(run(&mut conn, commit(ino, vec![inline(2, b"X")], vec![])));
+        let r = run(&mut conn, replace(ino, 0, b"abcdef", &[1, 2, 3]));
+        assert_eq!(refused(&r), ErrorCode::Changed);
+        let r = run(&mut conn, replace(ino, 0, b"ab", &[1, 2, 3]));
+        ok(r);
+    }
 
     #[test]
     fn dropping_copies_forgets_them_and_a_missing_record_is_a_no_op() {

@@ -40,7 +40,7 @@ pub(crate) fn replication_counts(
     let sql = format!(
         "SELECT COALESCE(SUM(n < ?1), 0), COALESCE(SUM(n = 0), 0) FROM (
            SELECT (SELECT COUNT(*) FROM copies c WHERE c.hash = r.hash AND c.device_id IN ({})) AS n
-           FROM (SELECT DISTINCT hash FROM extents) r)",
+           FROM (SELECT DISTINCT hash FROM extents WHERE data IS NULL) r)",
         id_list(live)
     );
     conn.query_row(&sql, [copies as i64], |r| {
@@ -378,6 +378,7 @@ mod tests {
                 length: 10,
                 hash: hash.to_vec(),
                 block_offset: 0,
+                data: Vec::new(),
             };
             let copies = vec![copies(hash, &[1, 2])];
             Op::CommitExtents(pb::CommitExtents {
@@ -435,6 +436,7 @@ mod tests {
             length: 10,
             hash: stray.to_vec(),
             block_offset: 0,
+            data: Vec::new(),
         };
         let commit_late = pb::CommitExtents {
             ino: a.ino,

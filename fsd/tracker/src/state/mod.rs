@@ -26,6 +26,7 @@ use failsafe_core::validate_name;
 use failsafe_proto::pb::ErrorCode;
 
 pub(crate) use apply::{apply, validate};
+pub(crate) use blocks::old_inline;
 pub use health::ReplicationCounts;
 pub(crate) use health::{
     copies_on, device_space, garbage, over_replicated, recorded, referenced_after,
@@ -35,7 +36,7 @@ pub(crate) use hosts::{
     admin_state, delta_base, devices, host_states, hosts, ship_risk, HostStates,
 };
 pub(crate) use query::{counts, query};
-pub(crate) use schema::SCHEMA;
+pub(crate) use schema::migrate;
 pub(crate) use sessions::anything_expired;
 
 /// A command or query that was refused: the client's mistake or a lost race

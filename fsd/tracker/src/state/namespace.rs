@@ -106,7 +106,7 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpRes
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
         tx.execute("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
         let hashes: Vec<Vec<u8>> = tx
-            .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1")?
+            .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
             .query_map([i(ino)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         tx.execute("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
@@ -382,7 +382,7 @@ pub(super) fn rename(
             tx.execute(
                 "INSERT OR IGNORE INTO lineage(hash, prev)
                  SELECT n.hash, o.hash FROM extents n JOIN extents o ON o.ino = ?2 AND o.offset = n.offset
-                 WHERE n.ino = ?1 AND n.hash != o.hash",
+                 WHERE n.ino = ?1 AND n.hash != o.hash AND n.data IS NULL AND o.data IS NULL",
                 params![i(src), i(dst)],
             )?;
         }

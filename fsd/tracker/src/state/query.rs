@@ -108,7 +108,8 @@ fn read_extents(conn: &rusqlite::Connection, r: &pb::ReadExtents) -> OpResult<Re
     let mut device_ids = BTreeSet::new();
     let mut seen = BTreeSet::new();
     for e in &extents {
-        if !seen.insert(e.hash.clone()) {
+        // An inline extent's bytes come with it: no copies to name.
+        if e.inline.is_some() || !seen.insert(e.hash.clone()) {
             continue;
         }
         let mut bc = block_copies(conn, &e.hash)?;
@@ -130,6 +131,7 @@ fn read_extents(conn: &rusqlite::Connection, r: &pb::ReadExtents) -> OpResult<Re
                 length: e.length,
                 hash: e.hash,
                 block_offset: e.block_offset,
+                data: e.inline.map(|i| i.data).unwrap_or_default(),
             })
             .collect(),
         copies,

@@ -1,6 +1,6 @@
 //! The state machine's SQLite schema, and SQL fragments the modules share.
 
-pub(crate) const SCHEMA: &str = "
+const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS inodes(
   ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
@@ -11,9 +11,12 @@ CREATE TABLE IF NOT EXISTS dentries(
   parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
   PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
+-- An inline extent has an empty hash, its bytes in `data` and when they
+-- were committed (the leader's clock) in `written`; a block extent has NULL
+-- in both. (Both columns came with schema version 1: see `migrate`.)
 CREATE TABLE IF NOT EXISTS extents(
   ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
-  hash BLOB NOT NULL, block_offset INTEGER NOT NULL,
+  hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
   PRIMARY KEY(ino, offset)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS extents_by_hash ON extents(hash);
 CREATE TABLE IF NOT EXISTS blocks(hash BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
@@ -56,9 +59,103 @@ INSERT OR IGNORE INTO inodes VALUES (1, 2, 493, 0, 0, 0, 0, 0, 0, 2, 1, NULL);
 INSERT OR IGNORE INTO meta VALUES ('next_ino', 2);
 ";
 
+/// The state machine's schema version, in SQLite's `user_version` of
+/// `meta.db` (and so of every snapshot, a copy of it). 0: before inline
+/// extents; 1: `extents` has `data` and `written`.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+/// A state machine database written by a newer failsafe than this one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state machine database has schema version {found}; this fsd knows up to {SCHEMA_VERSION} \
+     (it was written by a newer failsafe: upgrade this host)"
+)]
+pub(crate) struct SchemaTooNew {
+    found: i64,
+}
+
+/// Creates the schema in a new database, or brings an older one (or an
+/// installed snapshot made by an older member) up to `SCHEMA_VERSION`, in
+/// one transaction. A database from a newer version is refused.
+pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+            SchemaTooNew { found: version },
+        )));
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let r = (|| {
+        conn.execute_batch(SCHEMA)?;
+        // Version 0 → 1: a table created before inline extents lacks their
+        // columns (adding nullable columns rewrites nothing).
+        let has_data: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('extents') WHERE name = 'data')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_data {
+            conn.execute_batch(
+                "ALTER TABLE extents ADD COLUMN data BLOB; ALTER TABLE extents ADD COLUMN written INTEGER;",
+            )?;
+        }
+        // What the blockifier scans for (after the columns exist).
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS extents_inline ON extents(written) WHERE data IS NOT NULL;",
+        )?;
+        conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+    })();
+    match r {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
 /// The columns `namespace::attr_row` reads, in its order.
 pub(super) const ATTR_COLS: &str =
     "ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, version";
 
 /// A device that is not gone (SQL, over `devices` as `d` or unaliased).
 pub(super) const LIVE_DEVICE: &str = "device_id NOT IN (SELECT device_id FROM gone_devices)";
+
+#[cfg(test)]
+mod tests {
+    use super::{migrate, SCHEMA_VERSION};
+
+    /// The `extents` table as it was before schema version 1.
+    const VERSION_0_EXTENTS: &str = "CREATE TABLE extents(
+      ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+      hash BLOB NOT NULL, block_offset INTEGER NOT NULL,
+      PRIMARY KEY(ino, offset)) WITHOUT ROWID;
+      INSERT INTO extents VALUES (2, 0, 10, x'01', 0);";
+
+    #[test]
+    fn a_version_0_database_gains_the_inline_columns_and_keeps_its_extents() {
+        let conn = rusqlite::Connection::open_in_memory().expect("db");
+        conn.execute_batch(VERSION_0_EXTENTS).expect("old table");
+        migrate(&conn).expect("migrate");
+        migrate(&conn).expect("migrating again changes nothing");
+        let (n, data): (i64, Option<Vec<u8>>) = conn
+            .query_row("SELECT COUNT(*), MAX(data) FROM extents", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("extents");
+        assert_eq!((n, data), (1, None));
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_version_is_refused_by_name() {
+        let conn = rusqlite::Connection::open_in_memory().expect("db");
+        conn.execute_batch("PRAGMA user_version = 99")
+            .expect("version");
+        let e = migrate(&conn).expect_err("refused").to_string();
+        assert!(e.contains("schema version 99"), "{e}");
+    }
+}

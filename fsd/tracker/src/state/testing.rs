@@ -4,11 +4,11 @@
 use failsafe_core::ROOT_INO;
 use failsafe_proto::pb::{self, command::Op};
 
-use super::{apply, SCHEMA};
+use super::{apply, migrate};
 
 pub(super) fn db() -> rusqlite::Connection {
     let conn = rusqlite::Connection::open_in_memory().expect("in-memory database");
-    conn.execute_batch(SCHEMA).expect("schema");
+    migrate(&conn).expect("schema");
     conn
 }
 
@@ -62,13 +62,8 @@ pub(super) fn ok(r: pb::CommandResult) {
     );
 }
 
-/// A file whose one extent names block `hash`, recorded on `devices`.
-pub(super) fn file_with_block(
-    conn: &mut rusqlite::Connection,
-    name: &[u8],
-    hash: &[u8],
-    devices: &[u64],
-) {
+/// A new empty file in the root directory; its inode.
+pub(super) fn create_file(conn: &mut rusqlite::Connection, name: &[u8]) -> u64 {
     let r = run(
         conn,
         Op::Create(pb::Create {
@@ -81,16 +76,28 @@ pub(super) fn file_with_block(
     let Some(pb::command_result::Result::Attr(a)) = r.result else {
         panic!("create: {r:?}")
     };
+    a.ino
+}
+
+/// A file whose one extent names block `hash`, recorded on `devices`.
+pub(super) fn file_with_block(
+    conn: &mut rusqlite::Connection,
+    name: &[u8],
+    hash: &[u8],
+    devices: &[u64],
+) {
+    let ino = create_file(conn, name);
     let extent = pb::Extent {
         offset: 0,
         length: 10,
         hash: hash.to_vec(),
         block_offset: 0,
+        data: Vec::new(),
     };
     ok(run(
         conn,
         Op::CommitExtents(pb::CommitExtents {
-            ino: a.ino,
+            ino,
             extents: vec![extent],
             copies: vec![copies(hash, devices)],
             append: false,
