@@ -10,6 +10,7 @@
 pub mod delta;
 pub mod extent;
 pub mod health;
+pub mod lease;
 pub mod name;
 pub mod placement;
 pub mod repair;
