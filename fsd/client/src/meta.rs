@@ -63,6 +63,7 @@ impl Client {
         let reply = self
             .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
                 let req = pb::MutateRequest {
+                    lease_holder: 0,
                     header: self.header(),
                     command: Some(cmd.clone()),
                 };
@@ -180,6 +181,7 @@ impl Client {
                 deadline,
                 |addr| {
                     let req = pb::QueryRequest {
+                        lease_holder: 0,
                         header: self.header(),
                         consistency: consistency as i32,
                         query: Some(q.clone()),
@@ -501,6 +503,7 @@ impl Client {
         consistency: Consistency,
     ) -> Result<Reply, ClientError> {
         let req = pb::QueryRequest {
+            lease_holder: 0,
             header: self.header(),
             consistency: consistency as i32,
             query: Some(q),

@@ -242,6 +242,21 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
         &host,
         m.membership_config.membership().voter_ids().count(),
     );
+    let (streams, objects) = tracker.lease_sizes();
+    gauge(
+        &mut out,
+        "failsafe_lease_streams",
+        "Mounts' lease streams open to this member",
+        &host,
+        streams,
+    );
+    gauge(
+        &mut out,
+        "failsafe_leased_objects",
+        "Inodes this member's lease table tracks",
+        &host,
+        objects,
+    );
     let g = tracker.group_counts();
     for (name, help, v) in [
         (

@@ -115,6 +115,7 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
         .unwrap();
     let mkdir = |h: Option<pb::Header>| pb::MutateRequest {
         header: h,
+        lease_holder: 0,
         command: Some(pb::Command {
             op: Some(pb::command::Op::Mkdir(pb::Mkdir {
                 parent: ROOT,
@@ -198,6 +199,7 @@ async fn t87_an_oversized_message_is_refused_and_the_daemon_stays_up() {
         .max_encoding_message_size(64 * 1024 * 1024);
     let req = pb::MutateRequest {
         header: Some(header(c.cluster_id())),
+        lease_holder: 0,
         command: Some(pb::Command {
             op: Some(pb::command::Op::Create(pb::Create {
                 parent: ROOT,

@@ -309,6 +309,7 @@ async fn t23_a_retried_operation_is_applied_once() {
         let req = pb::MutateRequest {
             header: Some(failsafe_proto::header(c.cluster_id())),
             command: Some(cmd.clone()),
+            lease_holder: 0,
         };
         // Follow a leader hint if the first member is not the leader.
         let r = match raw.mutate(req.clone()).await {
@@ -490,4 +491,122 @@ async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed() {
+    use pb::watch_event::Event;
+    use pb::watch_request::Msg;
+    // Slow elections make the leases long (they must fit inside the
+    // election gap), so "still waiting" below does not depend on timing.
+    let (_tc, c) =
+        TestCluster::start(&["--election-min-ms", "3000", "--election-max-ms", "6000"]).await;
+    let d = c.mkdir(ROOT, b"d", 0o755).await.unwrap();
+    let status = c.status().await.unwrap();
+    let mut raw =
+        pb::metadata_client::MetadataClient::connect(format!("http://{}", status.leader_addr))
+            .await
+            .unwrap();
+    let header = Some(failsafe_proto::header(c.cluster_id()));
+    let (to_leader, outbound) = tokio::sync::mpsc::channel(16);
+    let say = |msg| pb::WatchRequest {
+        header: header.clone(),
+        msg: Some(msg),
+    };
+    to_leader
+        .send(say(Msg::Hello(pb::WatchHello { holder: 4242 })))
+        .await
+        .unwrap();
+    let mut events = raw
+        .watch(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(PATIENCE, events.message())
+            .await
+            .expect("an event in time")
+            .expect("the stream stays up")
+            .and_then(|e| e.event)
+            .expect("an event")
+    };
+    let Event::Welcome(welcome) = next().await else {
+        panic!("no welcome")
+    };
+    assert!(welcome.lease_ms > 1000, "{welcome:?}");
+    to_leader
+        .send(say(Msg::Renew(pb::WatchRenew { seq: 1 })))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next().await,
+        Event::Renewed(pb::WatchRenewed { seq: 1 })
+    ));
+
+    // A lookup that may be cached: d's names and d itself.
+    let leased = |query| pb::QueryRequest {
+        header: header.clone(),
+        consistency: pb::Consistency::Linearizable as i32,
+        lease_holder: 4242,
+        query: Some(query),
+    };
+    let reply = raw
+        .query(leased(pb::query_request::Query::Lookup(pb::Lookup {
+            parent: ROOT,
+            name: b"d".to_vec(),
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    let lease = reply.lease.expect("a lease answer");
+    assert!(lease.granted && lease.term == welcome.term, "{lease:?}");
+
+    // Another client changes d: the holder hears of it, and the change is
+    // not done until the holder has dropped d.
+    let writer = c.clone();
+    let change = tokio::spawn(async move { writer.mkdir(d.ino, b"x", 0o755).await });
+    let Event::Invalidate(inv) = next().await else {
+        panic!("no invalidation")
+    };
+    assert!(inv.inos.contains(&d.ino), "{inv:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !change.is_finished(),
+        "the change returned before the holder acknowledged or its lease ran out"
+    );
+    to_leader
+        .send(say(Msg::Ack(pb::WatchAck {
+            change_id: inv.change_id,
+        })))
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, change)
+        .await
+        .expect("done once acknowledged")
+        .unwrap()
+        .unwrap();
+
+    // A holder that never answers holds a change up only until its leases
+    // run out.
+    to_leader
+        .send(say(Msg::Renew(pb::WatchRenew { seq: 2 })))
+        .await
+        .unwrap();
+    assert!(matches!(next().await, Event::Renewed(_)));
+    let reply = raw
+        .query(leased(pb::query_request::Query::GetAttr(pb::GetAttr {
+            ino: d.ino,
+        })))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.lease.is_some_and(|l| l.granted));
+    let started = std::time::Instant::now();
+    c.mkdir(d.ino, b"y", 0o755).await.unwrap();
+    eprintln!(
+        "a change waited {:?} for a silent holder (lease {} ms)",
+        started.elapsed(),
+        welcome.lease_ms
+    );
+    assert!(matches!(next().await, Event::Invalidate(_)));
 }

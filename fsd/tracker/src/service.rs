@@ -7,7 +7,11 @@ use failsafe_proto::pb::{
     self, command::Op, metadata_server::Metadata, raft_transport_server::RaftTransport,
 };
 use failsafe_proto::{check_header, not_leader};
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec::{self, CodecError};
 use crate::node::{wall_clock_ns, Tracker, TrackerError};
@@ -27,6 +31,9 @@ impl From<TrackerError> for Status {
         }
     }
 }
+
+/// How long a new lease stream may take to say who it is.
+const WATCH_HELLO_WITHIN: Duration = Duration::from_secs(10);
 
 pub struct MetadataService {
     tracker: Arc<Tracker>,
@@ -62,7 +69,8 @@ impl Metadata for MetadataService {
             }
             Some(_) => {}
         }
-        let result = self.tracker.propose(cmd).await?;
+        let by = (req.lease_holder != 0).then_some(req.lease_holder);
+        let result = self.tracker.propose_as(cmd, by).await?;
         Ok(Response::new(pb::MutateReply {
             result: Some(result),
         }))
@@ -79,8 +87,95 @@ impl Metadata for MetadataService {
             .ok_or_else(|| Status::invalid_argument("query without a question"))?;
         let consistency = pb::Consistency::try_from(req.consistency)
             .map_err(|_| Status::invalid_argument("unknown consistency level"))?;
+        if req.lease_holder != 0 && consistency == pb::Consistency::Linearizable {
+            let (reply, lease) = self.tracker.query_leased(q, req.lease_holder).await?;
+            return Ok(Response::new(pb::QueryReply {
+                reply: Some(reply),
+                lease: Some(lease),
+            }));
+        }
         let reply = self.tracker.query(q, consistency).await?;
-        Ok(Response::new(pb::QueryReply { reply: Some(reply) }))
+        Ok(Response::new(pb::QueryReply {
+            reply: Some(reply),
+            lease: None,
+        }))
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        use pb::watch_request::Msg;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(WATCH_HELLO_WITHIN, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello on the lease stream"))??
+            .ok_or_else(|| Status::invalid_argument("a lease stream without a hello"))?;
+        check_header(first.header.as_ref(), &self.tracker.cluster.get())?;
+        let Some(Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "a lease stream starts with a hello",
+            ));
+        };
+        if hello.holder == 0 {
+            return Err(Status::invalid_argument("lease holder 0"));
+        }
+        let Some(leases) = self.tracker.leases() else {
+            return Err(Status::failed_precondition(
+                "leases are off: Raft's election timing leaves no room for them",
+            ));
+        };
+        let Some(term) = self.tracker.lease_term() else {
+            return Err(TrackerError::NotLeader {
+                leader_addr: self
+                    .tracker
+                    .leader()
+                    .map(|(_, a)| a)
+                    .filter(|a| !a.is_empty()),
+            }
+            .into());
+        };
+        let holder = hello.holder;
+        let (id, events) = leases.open_stream(holder, term);
+        let tracker = self.tracker.clone();
+        tokio::spawn(async move {
+            let Some(leases) = tracker.leases() else {
+                return;
+            };
+            loop {
+                // A holder renews every third of a lease; a silent one is gone.
+                let next = tokio::time::timeout(
+                    Duration::from_millis(leases.lease_ms() * 3),
+                    inbound.message(),
+                )
+                .await;
+                let ok = match next {
+                    Ok(Ok(Some(m))) => match m.msg {
+                        Some(Msg::Renew(r)) => {
+                            tracker.lease_term() == Some(term) && leases.renew(holder, id, r.seq)
+                        }
+                        Some(Msg::Ack(a)) => {
+                            leases.ack(holder, a.change_id);
+                            true
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if !ok {
+                    break;
+                }
+            }
+            leases.close_stream(holder, id);
+        });
+        let stream =
+            futures::stream::unfold(
+                events,
+                |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+            );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn read_index(

@@ -15,6 +15,7 @@ use crate::network::Network;
 use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
 mod group;
 mod health;
+mod leases;
 
 pub use group::GroupCounts;
 pub use health::{Liveness, RepairView};
@@ -116,6 +117,9 @@ impl From<crate::db::DbGone> for TrackerError {
 pub struct Tracker {
     raft: Raft,
     group: group::GroupCommit,
+    /// Metadata leases while this member leads; `None` when Raft's timing
+    /// leaves no room for them (every read then asks).
+    leases: Option<leases::LeaseTable>,
     network: Network,
     /// How fresh a quorum acknowledgement must be for a lease read (ms).
     lease_ms: u64,
@@ -168,6 +172,8 @@ impl Tracker {
         let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
         Ok(Tracker {
             group: group::GroupCommit::start(raft.clone()),
+            leases: leases::lease_config(lease_ms, cfg.election_max_ms)
+                .map(leases::LeaseTable::new),
             raft,
             network,
             lease_ms,
@@ -235,7 +241,19 @@ impl Tracker {
     /// command without a time gets this member's clock, before it enters
     /// the log (so every member applies the same time). Batches are formed
     /// here only: one proposed from outside is refused.
-    pub async fn propose(&self, mut cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+    pub async fn propose(&self, cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
+        self.propose_as(cmd, None).await
+    }
+
+    /// [`Tracker::propose`] for lease holder `by` (a mount's Watch stream),
+    /// which updates its own cache from the answer. Every other holder of a
+    /// lease on what the command changed has given it up (or its leases
+    /// have run out) before this returns.
+    pub async fn propose_as(
+        &self,
+        mut cmd: pb::Command,
+        by: Option<u64>,
+    ) -> Result<pb::CommandResult, TrackerError> {
         // Refuse what can never apply before it takes a place in the log,
         // whoever proposes it (a client's Mutate or this host's workers).
         let outside_batch = matches!(cmd.op, Some(pb::command::Op::Batch(_))).then(|| {
@@ -247,6 +265,7 @@ impl Tracker {
                     code: e.code as i32,
                     message: e.message,
                 })),
+                changed: Vec::new(),
             });
         }
         let now = wall_clock_ns();
@@ -254,7 +273,41 @@ impl Tracker {
             cmd.now_ns = now;
         }
         cmd.leader_ns = now;
-        self.group.propose(cmd).await
+        let (index, result) = self.group.propose(cmd).await?;
+        if let Some(leases) = &self.leases {
+            leases.changed(&result.changed, by, index).await;
+        }
+        Ok(result)
+    }
+
+    /// The term whose leases this member may grant and renew now: it leads
+    /// and a quorum acknowledged it within its read lease.
+    pub fn lease_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.state == ServerState::Leader
+            && m.millis_since_quorum_ack
+                .is_some_and(|ms| ms < self.lease_ms))
+        .then_some(m.current_term)
+    }
+
+    /// Lease streams open here and objects the lease table tracks.
+    pub fn lease_sizes(&self) -> (usize, usize) {
+        self.leases.as_ref().map_or((0, 0), |l| l.sizes())
+    }
+
+    /// The lease table, when this member can have one.
+    pub(crate) fn leases(&self) -> Option<&leases::LeaseTable> {
+        self.leases.as_ref()
+    }
+
+    /// The last log index this member applied (a lower bound of what a read
+    /// started now will see).
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index)
     }
 
     /// Leader only: confirms leadership with a quorum; returns the index a
@@ -301,6 +354,59 @@ impl Tracker {
                 "did not apply up to {index} in time"
             )))
         }
+    }
+
+    /// A linearizable query for lease holder `holder`: the answer, and
+    /// whether it may be cached. The grant is registered before the read, so
+    /// a change applied after it finds the holder; the index reported is
+    /// taken before the read too, so it never claims more than was read.
+    pub async fn query_leased(
+        &self,
+        q: Query,
+        holder: u64,
+    ) -> Result<(Reply, pb::LeaseGrant), TrackerError> {
+        let no = pb::LeaseGrant::default();
+        let (Some(leases), Some(term)) = (self.leases(), self.lease_term()) else {
+            return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
+        };
+        let object = match &q {
+            Query::Lookup(l) => Some(l.parent),
+            Query::GetAttr(g) => Some(g.ino),
+            Query::ReadDir(r) => Some(r.ino),
+            Query::ReadLink(r) => Some(r.ino),
+            Query::ReadExtents(r) => Some(r.ino),
+            _ => None,
+        };
+        let Some(object) = object else {
+            return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
+        };
+        let mut granted = leases.grant(holder, &[object]);
+        let index = self.applied_index();
+        let mut reply = self.query(q, pb::Consistency::Linearizable).await?;
+        // A name's answer carries its inode's attributes: lease that inode
+        // too, and read its attributes again after registering, so a change
+        // to it between the two reads is not missed.
+        if let Reply::Attr(a) = &reply {
+            if granted && object != a.ino {
+                granted = leases.grant(holder, &[a.ino]);
+                if granted {
+                    reply = self
+                        .query(
+                            Query::GetAttr(pb::GetAttr { ino: a.ino }),
+                            pb::Consistency::Linearizable,
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok((
+            reply,
+            pb::LeaseGrant {
+                granted,
+                term,
+                index,
+            },
+        ))
     }
 
     /// Answers a query, after confirming leadership for a linearizable one.

@@ -107,6 +107,7 @@ pub(crate) fn apply(
             .collect::<rusqlite::Result<_>>()?;
         return Ok(pb::CommandResult {
             result: Some(R::Batch(pb::BatchResult { results })),
+            changed: Vec::new(),
         });
     }
     if cmd.client_id != 0 {
@@ -123,11 +124,14 @@ pub(crate) fn apply(
             }
         }
     }
+    let mut changed = Vec::new();
     let result = {
         tx.execute_batch("SAVEPOINT cmd")?;
+        let touched = touched(tx, cmd)?;
         match apply_op(tx, cmd) {
             Ok(attr) => {
                 tx.execute_batch("RELEASE cmd")?;
+                changed = touched;
                 match attr {
                     Some(a) => R::Attr(a),
                     None => R::Ok(pb::Empty {}),
@@ -147,6 +151,7 @@ pub(crate) fn apply(
     };
     let result = pb::CommandResult {
         result: Some(result),
+        changed,
     };
     if cmd.client_id != 0 {
         tx.execute(
@@ -166,8 +171,52 @@ pub(crate) fn apply(
     Ok(result)
 }
 
+/// The inodes `cmd` will change if it applies: whose attributes, names (a
+/// directory) or content leases on them must give up. Read before applying,
+/// so a removed or replaced inode is still found by its name.
+fn touched(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<Vec<u64>> {
+    let named = |parent: u64, name: &[u8]| -> rusqlite::Result<Option<u64>> {
+        match namespace::lookup_ino(tx, parent, name) {
+            Ok(ino) => Ok(ino),
+            Err(ApplyError::Db(e)) => Err(e),
+            Err(ApplyError::Refused(_)) => Ok(None),
+        }
+    };
+    let mut out = match &cmd.op {
+        Some(Op::Create(c)) => vec![c.parent],
+        Some(Op::Mkdir(c)) => vec![c.parent],
+        Some(Op::Symlink(c)) => vec![c.parent],
+        Some(Op::Link(c)) => vec![c.ino, c.new_parent],
+        Some(Op::Unlink(c)) => [Some(c.parent), named(c.parent, &c.name)?]
+            .into_iter()
+            .flatten()
+            .collect(),
+        Some(Op::Rmdir(c)) => [Some(c.parent), named(c.parent, &c.name)?]
+            .into_iter()
+            .flatten()
+            .collect(),
+        Some(Op::Rename(c)) => [
+            Some(c.parent),
+            Some(c.new_parent),
+            named(c.parent, &c.name)?,
+            named(c.new_parent, &c.new_name)?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        Some(Op::SetAttr(c)) => vec![c.ino],
+        Some(Op::CommitExtents(c)) => vec![c.ino],
+        Some(Op::ReplaceInline(c)) => vec![c.ino],
+        _ => Vec::new(),
+    };
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 fn refusal(code: ErrorCode, message: &str) -> pb::CommandResult {
     pb::CommandResult {
+        changed: Vec::new(),
         result: Some(pb::command_result::Result::Error(pb::CommandError {
             code: code as i32,
             message: message.into(),
