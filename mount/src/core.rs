@@ -171,6 +171,11 @@ impl Core {
         }
     }
 
+    /// The kernel's number for tracker inode `ino`.
+    pub(crate) fn kernel_ino(&self, ino: u64) -> u64 {
+        self.f(ino)
+    }
+
     fn f(&self, ino: u64) -> u64 {
         if ino == self.root {
             fuser::INodeNo::ROOT.0
@@ -225,22 +230,28 @@ impl Core {
         }
     }
 
-    pub(crate) async fn lookup(&self, parent: u64, name: &std::ffi::OsStr) -> Res<FileAttr> {
-        let q = Query::Lookup(pb::Lookup {
-            parent: self.t(parent),
-            name: name_bytes(name),
-        });
-        let a = self.query_attr(q).await.map_err(err)?;
-        Ok(self.file_attr(&a))
+    /// A name's attributes, and how long the kernel may keep them (zero
+    /// unless this mount holds a lease on the answer).
+    pub(crate) async fn lookup(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+    ) -> Res<(FileAttr, Duration)> {
+        let l = self
+            .client
+            .lookup_leased(self.t(parent), &name_bytes(name))
+            .await
+            .map_err(err)?;
+        match l.value {
+            Some(a) => Ok((self.file_attr(&a), l.ttl)),
+            None => Err(Errno::ENOENT),
+        }
     }
 
-    pub(crate) async fn getattr(&self, ino: u64) -> Res<FileAttr> {
+    pub(crate) async fn getattr(&self, ino: u64) -> Res<(FileAttr, Duration)> {
         let tino = self.t(ino);
-        match self
-            .query_attr(Query::GetAttr(pb::GetAttr { ino: tino }))
-            .await
-        {
-            Ok(a) => Ok(self.file_attr(&a)),
+        match self.client.getattr_leased(tino).await {
+            Ok(l) => Ok((self.file_attr(&l.value), l.ttl)),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Unlinked elsewhere while open here: it lives on until closed.
                 // (Only a failed commit decides that the file is gone: a
@@ -252,10 +263,13 @@ impl Core {
                     .cloned()
                     .ok_or(Errno::ESTALE)?;
                 let a = locked(&st.inner).attr.ok_or(Errno::ESTALE)?;
-                Ok(FileAttr {
-                    nlink: 0,
-                    ..self.file_attr(&a)
-                })
+                Ok((
+                    FileAttr {
+                        nlink: 0,
+                        ..self.file_attr(&a)
+                    },
+                    Duration::ZERO,
+                ))
             }
             Err(e) => Err(err(e)),
         }
@@ -527,11 +541,12 @@ impl Core {
             self.writable()?;
         }
         let tino = self.t(ino);
-        // Close-to-open: always ask the tracker what the file is now, and
-        // where its bytes are, so it stays readable if another host deletes
-        // or replaces it while it is open here.
-        let (a, extents) = match self.file_extents(tino).await {
-            Ok(fe) => (fe.attr.ok_or(Errno::EIO)?, Some(Arc::new(fe))),
+        // Close-to-open: ask the tracker what the file is now, and where its
+        // bytes are (or hold a lease on the answer, which a change elsewhere
+        // revokes before it completes), so it stays readable if another host
+        // deletes or replaces it while it is open here.
+        let (a, extents) = match self.client.extents_leased(tino).await {
+            Ok(l) => (l.value.attr.ok_or(Errno::EIO)?, Some(l.value)),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Replaced or removed between the kernel's lookup and this
                 // open: ESTALE makes the VFS look the name up again.
@@ -890,7 +905,7 @@ impl Core {
         }
         let (tino, _) = self.handle_ino(fh)?;
         let want = offset.saturating_add(length);
-        let size = self.getattr(self.f(tino)).await?.size;
+        let size = self.getattr(self.f(tino)).await?.0.size;
         if want > size {
             self.flush_ino(tino).await?;
             self.setattr(self.f(tino), None, None, None, Some(want), None, None)

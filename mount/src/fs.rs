@@ -17,8 +17,11 @@ use fuser::{
 use crate::core::{now_ns, system_time_ns, Core};
 use crate::stats::{FuseOp, MountStats};
 
-/// The kernel keeps no names or attributes: every lookup and stat asks us,
-/// which is what keeps close-to-open consistency across hosts.
+/// What the kernel may keep of the answers to changes we make (create,
+/// mkdir, ...): nothing, so every later lookup and stat asks us. Lookups and
+/// stats answered under a lease may be kept for the rest of the lease
+/// (`Core::lookup`, `Core::getattr`), because a change elsewhere tells the
+/// kernel to drop them (`main.rs`, the notifier thread) before it completes.
 const TTL: Duration = Duration::ZERO;
 
 pub(crate) struct Fs {
@@ -79,7 +82,7 @@ impl Filesystem for Fs {
         let name = name.to_owned();
         self.run(FuseOp::Lookup, move |c| async move {
             match c.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
                 Err(e) => reply.error(e),
             }
         });
@@ -88,7 +91,7 @@ impl Filesystem for Fs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.run(FuseOp::Getattr, move |c| async move {
             match c.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &a),
+                Ok((a, ttl)) => reply.attr(&ttl, &a),
                 Err(e) => reply.error(e),
             }
         });

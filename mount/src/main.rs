@@ -296,6 +296,10 @@ fn serve(args: Args) -> Result<(), String> {
             .map_err(|e| format!("metrics={addr}: {e}"))?;
         rt.spawn(stats::serve_metrics(stats.clone(), listener));
     }
+    let dropped = args.opts.leases.then(|| {
+        let _in_runtime = rt.enter();
+        client.enable_leases()
+    });
     let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
     let fs = fs::Fs {
         core: core.clone(),
@@ -320,7 +324,10 @@ fn serve(args: Args) -> Result<(), String> {
     config.n_threads = Some(1);
     let mut session = fuser::Session::new(fs, &args.mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", args.mountpoint.display()))?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), "mounted");
+    if let Some(dropped) = dropped {
+        notify_kernel(dropped, session.notifier(), core.clone())?;
+    }
+    tracing::info!(mountpoint = %args.mountpoint.display(), leases = args.opts.leases, "mounted");
     if std::env::var_os("FAILSAFE_MOUNT_DETACH").is_some() {
         redirect_logs(args.log.as_deref());
     }
@@ -354,4 +361,36 @@ fn serve(args: Args) -> Result<(), String> {
     }
     tracing::info!("unmounted");
     served.map_err(|e| format!("serving the mount: {e}"))
+}
+
+/// Tells the kernel what leases no longer cover: every name it may hold
+/// under a directory that changed, and the attributes and pages of every
+/// inode that changed; then lets the lease stream acknowledge. A thread of
+/// its own, holding no lock a request handler takes: the kernel may make a
+/// notification wait for a request in the same directory to finish.
+fn notify_kernel(
+    mut dropped: tokio::sync::mpsc::Receiver<failsafe_client::Dropped>,
+    notifier: fuser::Notifier,
+    core: Arc<core::Core>,
+) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::thread::Builder::new()
+        .name("kernel-notify".into())
+        .spawn(move || {
+            while let Some(d) = dropped.blocking_recv() {
+                for (ino, cached) in &d.inodes {
+                    let kino = fuser::INodeNo(core.kernel_ino(*ino));
+                    for name in cached.names.keys() {
+                        // ENOENT: the kernel held nothing under that name.
+                        let _ = notifier.inval_entry(kino, std::ffi::OsStr::from_bytes(name));
+                    }
+                    let _ = notifier.inval_inode(kino, 0, 0);
+                }
+                if let Some(done) = d.done {
+                    let _ = done.send(());
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("starting the kernel notifier: {e}"))
 }

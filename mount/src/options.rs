@@ -32,6 +32,11 @@ pub(crate) struct Options {
     /// inside the metadata commit (at most 64K; `inline=0` sends every
     /// write as blocks).
     pub inline_bytes: u64,
+    /// `leases`: answer lookups, stats and opens from memory while the
+    /// tracker leader leases them to this mount, with changes elsewhere
+    /// pushed here before they complete (`noleases`: ask every time, the
+    /// default until the chaos set is green with leases).
+    pub leases: bool,
 }
 
 impl Default for Options {
@@ -47,6 +52,7 @@ impl Default for Options {
             stats: None,
             metrics: None,
             inline_bytes: failsafe_core::MAX_INLINE_BYTES as u64,
+            leases: false,
         }
     }
 }
@@ -136,6 +142,8 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
                     format!("metrics={v}: expected an address like 127.0.0.1:9101")
                 })?);
             }
+            "leases" => opts.leases = true,
+            "noleases" => opts.leases = false,
             "allow_other" => opts.allow_other = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,

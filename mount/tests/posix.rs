@@ -243,7 +243,15 @@ async fn t10_posix_behaviour() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t20_close_to_open_across_two_mounts() {
-    let env = Env::start(2).await;
+    close_to_open(&Env::start(2).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t23_close_to_open_across_two_mounts_holding_leases() {
+    close_to_open(&Env::start_mounts_with(2, "leases").await);
+}
+
+fn close_to_open(env: &Env) {
     let (a, b) = (&env.mounts[0], &env.mounts[1]);
     for round in 0..20 {
         let content = format!("version {round}\n").repeat(round + 1);
@@ -283,9 +291,17 @@ async fn t20_close_to_open_across_two_mounts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
-    // A reader's lookup may find the old inode just before another mount's
-    // rename replaces it; the open must then find the new file, not ENOENT.
-    let env = Env::start(2).await;
+    replaced_by_rename(&Env::start(2).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t25_a_page_being_replaced_by_rename_never_reads_as_missing_or_stale_under_leases() {
+    replaced_by_rename(&Env::start_mounts_with(2, "leases").await);
+}
+
+/// A reader's lookup may find the old inode just before another mount's
+/// rename replaces it; the open must then find the new file, not ENOENT.
+fn replaced_by_rename(env: &Env) {
     let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
     fs::write(a.join("page.txt"), "rev 0").unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -323,7 +339,15 @@ async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t21_lock_idioms_are_atomic_across_mounts() {
-    let env = Env::start(2).await;
+    lock_idioms(&Env::start(2).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t24_lock_idioms_are_atomic_across_mounts_holding_leases() {
+    lock_idioms(&Env::start_mounts_with(2, "leases").await);
+}
+
+fn lock_idioms(env: &Env) {
     let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
     for i in 0..15 {
         // mkdir of a lock directory

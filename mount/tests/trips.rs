@@ -270,3 +270,42 @@ async fn round_trips_of_a_page_save() {
         assert!(ended <= k["sent"].as_u64().unwrap());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_leases_an_unchanged_page_is_stat_and_read_from_memory() {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    let m = &env.mounts[i];
+    wiki(&m.path);
+    // The lease stream comes up in the background; until then every read
+    // asks.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    save_page(&m.path);
+    let saved = table(&stats_after(&stats, SystemTime::now()));
+    print("one page save, holding leases", &diff(&saved, &before));
+    // The first view after the save asks (and is granted leases)...
+    let view = |m: &common::Mount| {
+        assert_eq!(fs::metadata(m.p("pages/ns/page.txt")).unwrap().len(), 21);
+        assert_eq!(
+            fs::read(m.p("pages/ns/page.txt")).unwrap(),
+            b"new text of the page\n"
+        );
+    };
+    view(m);
+    let cold = table(&stats_after(&stats, SystemTime::now()));
+    print("first stat + read of the page", &diff(&cold, &saved));
+    // ...and the next ones are answered from memory.
+    for _ in 0..5 {
+        view(m);
+    }
+    let warm = table(&stats_after(&stats, SystemTime::now()));
+    let warm_diff = diff(&warm, &cold);
+    print("five more stats + reads of the unchanged page", &warm_diff);
+    assert_eq!(
+        totals(&warm_diff).2,
+        0,
+        "an unchanged page costs no round trip: {warm_diff:?}"
+    );
+}

@@ -12,6 +12,7 @@
 mod admin;
 mod blocks;
 mod error;
+mod leases;
 mod meta;
 mod net;
 pub mod stats;
@@ -20,6 +21,7 @@ pub use admin::admin_for;
 pub use blocks::{inline_bytes, malformed_inline};
 pub use error::ClientError;
 pub use failsafe_proto::pb;
+pub use leases::{Cached, Dropped, Leased};
 pub use meta::{LockRequest, Session};
 pub use net::{Client, ClientConfig};
 pub use stats::{measure, OpCost, Outcome, RpcKind, RpcSnapshot};

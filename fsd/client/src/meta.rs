@@ -16,7 +16,7 @@ pub(crate) fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-fn refused(e: pb::CommandError) -> ClientError {
+pub(crate) fn refused(e: pb::CommandError) -> ClientError {
     ClientError::Refused {
         code: pb::ErrorCode::try_from(e.code).unwrap_or(pb::ErrorCode::ErrorUnspecified),
         message: e.message,
@@ -63,7 +63,7 @@ impl Client {
         let reply = self
             .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
                 let req = pb::MutateRequest {
-                    lease_holder: 0,
+                    lease_holder: self.lease_holder(),
                     header: self.header(),
                     command: Some(cmd.clone()),
                 };
@@ -76,7 +76,9 @@ impl Client {
             })
             .await?
             .into_inner();
-        match reply.result.and_then(|r| r.result) {
+        let result = reply.result.ok_or_else(|| unexpected("mutate"))?;
+        self.own_change(&result.changed);
+        match result.result {
             Some(command_result::Result::Error(e)) => Err(refused(e)),
             Some(r) => Ok(r),
             None => Err(unexpected("mutate")),
@@ -172,6 +174,21 @@ impl Client {
         consistency: Consistency,
         deadline: Duration,
     ) -> Result<Reply, ClientError> {
+        match self.query_leased(q, consistency, deadline, 0).await?.0 {
+            Reply::Error(e) => Err(refused(e)),
+            r => Ok(r),
+        }
+    }
+
+    /// A query for lease holder `holder` (0: none): the answer, and the
+    /// leader's word on caching it. A refusal (`NotFound`) is an answer too.
+    pub(crate) async fn query_leased(
+        &self,
+        q: Query,
+        consistency: Consistency,
+        deadline: Duration,
+        holder: u64,
+    ) -> Result<(Reply, Option<pb::LeaseGrant>), ClientError> {
         let rpc_timeout = self.inner.cfg.rpc_timeout;
         let reply = self
             .with_leader_timeout(
@@ -181,7 +198,7 @@ impl Client {
                 deadline,
                 |addr| {
                     let req = pb::QueryRequest {
-                        lease_holder: 0,
+                        lease_holder: holder,
                         header: self.header(),
                         consistency: consistency as i32,
                         query: Some(q.clone()),
@@ -197,8 +214,7 @@ impl Client {
             .await?
             .into_inner();
         match reply.reply {
-            Some(Reply::Error(e)) => Err(refused(e)),
-            Some(r) => Ok(r),
+            Some(r) => Ok((r, reply.lease)),
             None => Err(unexpected("query")),
         }
     }

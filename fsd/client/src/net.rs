@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     routing: Mutex<Routing>,
     /// Every RPC this client sent, by kind and outcome.
     pub(crate) rpcs: Arc<RpcCounters>,
+    /// Metadata leases, once enabled (`Client::enable_leases`).
+    pub(crate) leases: std::sync::OnceLock<Arc<crate::leases::LeaseCache>>,
 }
 
 /// Which members exist, which one leads, which are suspected down, and how
@@ -171,6 +173,7 @@ impl Client {
                 rtt: HashMap::new(),
             }),
             rpcs: Arc::default(),
+            leases: std::sync::OnceLock::new(),
             cfg,
         };
         if inner.cluster_id.is_empty() {
@@ -279,6 +282,30 @@ impl Client {
         self.routing()
             .replace(status.hosts.iter().map(|h| h.addr.clone()).collect());
         self.set_leader(addr);
+    }
+
+    /// The leader's address: the one last seen, else found by asking for a
+    /// read index (which follows leader hints).
+    pub(crate) async fn leader_addr(&self) -> Result<String, ClientError> {
+        if let Some(l) = self.routing().leader.clone() {
+            return Ok(l);
+        }
+        self.with_leader(RpcKind::MetaQuery, "finding the leader", |addr| {
+            let req = pb::ReadIndexRequest {
+                header: self.header(),
+            };
+            let c = self.meta(&addr);
+            async move {
+                c.map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+                    .read_index(req)
+                    .await
+            }
+        })
+        .await?;
+        self.routing()
+            .leader
+            .clone()
+            .ok_or_else(|| ClientError::Unavailable("no leader known".into()))
     }
 
     pub(crate) fn set_leader(&self, addr: &str) {

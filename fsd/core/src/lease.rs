@@ -360,6 +360,12 @@ impl<V> HolderView<V> {
         self.epoch
     }
 
+    /// [`HolderView::reconnected`] to a leader whose leases last `lease_ms`.
+    pub fn reconnected_with(&mut self, lease_ms: u64) -> u64 {
+        self.lease_ms = lease_ms;
+        self.reconnected()
+    }
+
     /// The stream broke, a renewal was refused, or the leader changed:
     /// drop everything.
     pub fn lost(&mut self) {
@@ -412,6 +418,40 @@ impl<V> HolderView<V> {
             self.cached.insert(object, value);
         }
         ok
+    }
+
+    /// [`HolderView::offer`] that changes what is cached for `object` in
+    /// place (a directory's entry learns one more name) instead of
+    /// replacing it.
+    pub fn offer_with(
+        &mut self,
+        ticket: ReadTicket,
+        object: Object,
+        index: u64,
+        granted: bool,
+        now: u64,
+        update: impl FnOnce(&mut V),
+    ) -> bool
+    where
+        V: Default,
+    {
+        let fresh = self.invalidated.get(&object).is_none_or(|&i| index >= i);
+        let ok = granted && ticket.epoch == self.epoch && fresh && now < self.expires;
+        if ok {
+            update(self.cached.entry(object).or_default());
+        }
+        ok
+    }
+
+    /// Drops `objects` and returns what was cached for them (the caller
+    /// tells the kernel about each name it had answered).
+    pub fn take(&mut self, objects: &[Object], index: u64) -> Vec<(Object, V)> {
+        let out = objects
+            .iter()
+            .filter_map(|o| self.cached.remove(o).map(|v| (*o, v)))
+            .collect();
+        self.invalidate(objects, index);
+        out
     }
 
     /// A read answered (or failed): call once per [`HolderView::read_sent`],

@@ -44,8 +44,17 @@ impl Env {
         Env::start_with(n, &[]).await
     }
 
+    /// [`Env::start`] with mount options `opts` on every mount.
+    pub(crate) async fn start_mounts_with(n: usize, opts: &str) -> Env {
+        Env::start_full(n, &[], opts).await
+    }
+
     /// The same, with `extra` flags for every fsd.
     pub(crate) async fn start_with(n: usize, extra: &[&str]) -> Env {
+        Env::start_full(n, extra, "").await
+    }
+
+    async fn start_full(n: usize, extra: &[&str], opts: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let fsd = sibling_binary("fsd").expect("the fsd binary (cargo build --bins)");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -60,7 +69,7 @@ impl Env {
         };
         for i in 0..n {
             let zone = ["a", "b", "c"][i % 3];
-            env.mount(zone);
+            env.mount_with(zone, opts);
         }
         env
     }

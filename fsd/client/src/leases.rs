@@ -1,0 +1,402 @@
+//! Metadata leases, the mount's side (the rules: `failsafe_core::lease`).
+//!
+//! [`Client::enable_leases`] keeps one Watch stream open to the tracker
+//! leader and renews it every third of a lease. Lookups, stats and the
+//! extents an open needs ([`Client::lookup_leased`], [`Client::getattr_leased`],
+//! [`Client::extents_leased`]) are answered from memory while the leases
+//! last, and otherwise ask the leader for a lease with the answer. Each
+//! invalidation drops what it names here, is handed to the owner (the mount
+//! tells the kernel), and only then acknowledged. A broken stream drops
+//! everything; the next reads ask again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use failsafe_core::lease::HolderView;
+use failsafe_proto::pb::{
+    self, query_reply::Reply, query_request::Query, watch_event::Event, watch_request::Msg,
+    Consistency, ErrorCode,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Client, ClientError};
+
+/// What this mount holds about one inode while its lease lasts.
+#[derive(Debug, Default, Clone)]
+pub struct Cached {
+    pub attr: Option<pb::Attr>,
+    /// A directory's names asked about: the inode each names, or none.
+    pub names: HashMap<Vec<u8>, Option<u64>>,
+    /// A file's extents, as an open needs them.
+    pub extents: Option<Arc<pb::FileExtents>>,
+}
+
+/// What an invalidation (or this mount's own change) took away: each inode
+/// with what was cached for it. The owner tells the kernel, then answers on
+/// the channel, if one is given, so the leader hears the acknowledgement.
+pub struct Dropped {
+    pub inodes: Vec<(u64, Cached)>,
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+pub(crate) struct LeaseCache {
+    view: Mutex<HolderView<Cached>>,
+    start: Instant,
+    /// The term of the current stream's leader; 0: no stream.
+    term: AtomicU64,
+    dropped: mpsc::Sender<Dropped>,
+}
+
+fn lock(m: &Mutex<HolderView<Cached>>) -> std::sync::MutexGuard<'_, HolderView<Cached>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LeaseCache {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// A cached answer and how long the kernel may keep it.
+#[derive(Debug, Clone)]
+pub struct Leased<T> {
+    pub value: T,
+    pub ttl: Duration,
+}
+
+impl Client {
+    /// Starts the lease stream; returns what invalidations take away, for
+    /// the owner to pass on to the kernel (and answer).
+    pub fn enable_leases(&self) -> mpsc::Receiver<Dropped> {
+        let (dropped, rx) = mpsc::channel(1024);
+        let cache = Arc::new(LeaseCache {
+            view: Mutex::new(HolderView::new(0)),
+            start: Instant::now(),
+            term: AtomicU64::new(0),
+            dropped,
+        });
+        if self.inner.leases.set(cache.clone()).is_ok() {
+            tokio::spawn(run_stream(self.clone(), cache));
+        }
+        rx
+    }
+
+    fn lease_cache(&self) -> Option<&Arc<LeaseCache>> {
+        self.inner.leases.get()
+    }
+
+    /// This client as a lease holder, while its stream is up.
+    pub(crate) fn lease_holder(&self) -> u64 {
+        match self.lease_cache() {
+            Some(c) if c.term.load(Ordering::Relaxed) != 0 => self.inner.client_id,
+            _ => 0,
+        }
+    }
+
+    /// After this client's own change to `changed`: drop them here (the
+    /// leader does not wait for the writer), so reads in flight do not
+    /// cache what they read before it, and tell the owner.
+    pub(crate) fn own_change(&self, changed: &[u64]) {
+        let Some(c) = self.lease_cache() else { return };
+        if changed.is_empty() {
+            return;
+        }
+        let inodes = lock(&c.view).take(changed, u64::MAX);
+        let _ = c.dropped.try_send(Dropped { inodes, done: None });
+    }
+
+    /// Reads `q` for the lease cache: from memory when cached, else from
+    /// the leader, caching the answer with `cache` when granted.
+    async fn leased<T>(
+        &self,
+        cached: impl Fn(&HolderView<Cached>, u64) -> Option<T>,
+        q: Query,
+        cache_it: impl FnOnce(
+            &mut HolderView<Cached>,
+            failsafe_core::lease::ReadTicket,
+            &Reply,
+            u64,
+            bool,
+            u64,
+        ) -> bool,
+        answer: impl FnOnce(Reply) -> Result<T, ClientError>,
+    ) -> Result<Leased<T>, ClientError> {
+        let Some(c) = self.lease_cache().cloned() else {
+            let r = self.query_available(q).await?;
+            return answer(r).map(|value| Leased {
+                value,
+                ttl: Duration::ZERO,
+            });
+        };
+        {
+            let view = lock(&c.view);
+            let now = c.now();
+            if let Some(value) = cached(&view, now) {
+                return Ok(Leased {
+                    value,
+                    ttl: Duration::from_millis(view.remaining(now)),
+                });
+            }
+        }
+        let term = c.term.load(Ordering::Relaxed);
+        if term == 0 {
+            let r = self.query_available(q).await?;
+            return answer(r).map(|value| Leased {
+                value,
+                ttl: Duration::ZERO,
+            });
+        }
+        let ticket = lock(&c.view).read_sent();
+        let read = self
+            .query_leased(
+                q,
+                Consistency::Linearizable,
+                self.inner.cfg.op_deadline,
+                self.inner.client_id,
+            )
+            .await;
+        let mut view = lock(&c.view);
+        let ttl = match &read {
+            Ok((reply, Some(g))) => {
+                let granted = g.granted && g.term == term && term == c.term.load(Ordering::Relaxed);
+                let now = c.now();
+                if cache_it(&mut view, ticket, reply, g.index, granted, now) {
+                    Duration::from_millis(view.remaining(now))
+                } else {
+                    Duration::ZERO
+                }
+            }
+            _ => Duration::ZERO,
+        };
+        view.read_done(ticket);
+        drop(view);
+        let (reply, _) = read?;
+        answer(reply).map(|value| Leased { value, ttl })
+    }
+
+    /// Looks `name` up in `parent`, from memory while leased; `None`: no
+    /// such name (cached too).
+    pub async fn lookup_leased(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<Leased<Option<pb::Attr>>, ClientError> {
+        let key = name.to_vec();
+        let key2 = key.clone();
+        self.leased(
+            |v, now| match *v.get(parent, now)?.names.get(&key)? {
+                None => Some(None),
+                Some(ino) => Some(Some(v.get(ino, now)?.attr?)),
+            },
+            Query::Lookup(pb::Lookup {
+                parent,
+                name: name.to_vec(),
+            }),
+            move |v, t, reply, index, granted, now| match reply {
+                Reply::Attr(a) => {
+                    let a = *a;
+                    v.offer_with(t, parent, index, granted, now, |c| {
+                        c.names.insert(key2, Some(a.ino));
+                    }) && v.offer_with(t, a.ino, index, granted, now, |c| c.attr = Some(a))
+                }
+                Reply::Error(e) if e.code == ErrorCode::NotFound as i32 => {
+                    v.offer_with(t, parent, index, granted, now, |c| {
+                        c.names.insert(key2, None);
+                    })
+                }
+                _ => false,
+            },
+            |r| match r {
+                Reply::Error(e) if e.code == ErrorCode::NotFound as i32 => Ok(None),
+                r => attr_of(r).map(Some),
+            },
+        )
+        .await
+    }
+
+    /// An inode's attributes, from memory while leased.
+    pub async fn getattr_leased(&self, ino: u64) -> Result<Leased<pb::Attr>, ClientError> {
+        self.leased(
+            |v, now| v.get(ino, now)?.attr,
+            Query::GetAttr(pb::GetAttr { ino }),
+            move |v, t, reply, index, granted, now| match reply {
+                Reply::Attr(a) => {
+                    let a = *a;
+                    v.offer_with(t, ino, index, granted, now, |c| c.attr = Some(a))
+                }
+                _ => false,
+            },
+            attr_of,
+        )
+        .await
+    }
+
+    /// A file's attributes and extents, as an open needs them, from memory
+    /// while leased.
+    pub async fn extents_leased(
+        &self,
+        ino: u64,
+    ) -> Result<Leased<Arc<pb::FileExtents>>, ClientError> {
+        self.leased(
+            |v, now| v.get(ino, now)?.extents.clone(),
+            Query::ReadExtents(pb::ReadExtents {
+                ino,
+                offset: 0,
+                length: u64::MAX >> 4,
+            }),
+            move |v, t, reply, index, granted, now| match reply {
+                Reply::FileExtents(fe) => {
+                    let fe = Arc::new(fe.clone());
+                    v.offer_with(t, ino, index, granted, now, |c| {
+                        c.attr = fe.attr;
+                        c.extents = Some(fe);
+                    })
+                }
+                _ => false,
+            },
+            |r| match r {
+                Reply::FileExtents(fe) => Ok(Arc::new(fe)),
+                Reply::Error(e) => Err(crate::meta::refused(e)),
+                _ => Err(ClientError::Unavailable("unexpected reply".into())),
+            },
+        )
+        .await
+    }
+}
+
+fn attr_of(r: Reply) -> Result<pb::Attr, ClientError> {
+    match r {
+        Reply::Attr(a) => Ok(a),
+        Reply::Error(e) => Err(crate::meta::refused(e)),
+        _ => Err(ClientError::Unavailable("unexpected reply".into())),
+    }
+}
+
+/// Keeps the lease stream up for as long as the client lives.
+async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let started = Instant::now();
+        if let Err(e) = stream_once(&client, &cache).await {
+            tracing::debug!(error = %e, "lease stream ended");
+        }
+        cache.term.store(0, Ordering::Relaxed);
+        lock(&cache.view).lost();
+        if cache.dropped.is_closed() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            pause = Duration::from_millis(50);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientError> {
+    let rpc_timeout = client.inner.cfg.rpc_timeout;
+    let addr = client.leader_addr().await?;
+    let (out, outbound) = mpsc::channel(64);
+    let say = |msg| pb::WatchRequest {
+        header: client.header(),
+        msg: Some(msg),
+    };
+    let _ = out
+        .send(say(Msg::Hello(pb::WatchHello {
+            holder: client.inner.client_id,
+        })))
+        .await;
+    let mut meta = client.meta(&addr)?;
+    let mut events = tokio::time::timeout(
+        rpc_timeout,
+        meta.watch(tokio_stream::wrappers::ReceiverStream::new(outbound)),
+    )
+    .await
+    .map_err(|_| ClientError::Unavailable(format!("{addr}: no lease stream in time")))?
+    .map_err(|status| {
+        if let Some(hint) = status
+            .metadata()
+            .get(failsafe_proto::LEADER_ADDR_KEY)
+            .and_then(|v| v.to_str().ok())
+        {
+            client.set_leader(hint);
+        }
+        ClientError::Rejected {
+            addr: addr.clone(),
+            status,
+        }
+    })?
+    .into_inner();
+    let first = tokio::time::timeout(rpc_timeout, events.message())
+        .await
+        .map_err(|_| ClientError::Unavailable(format!("{addr}: no welcome in time")))?
+        .map_err(|status| ClientError::Rejected {
+            addr: addr.clone(),
+            status,
+        })?;
+    let Some(pb::WatchEvent {
+        event: Some(Event::Welcome(welcome)),
+    }) = first
+    else {
+        return Err(ClientError::Unavailable(format!(
+            "{addr}: a lease stream without a welcome"
+        )));
+    };
+    let lease_ms = welcome.lease_ms.max(1);
+    let epoch = lock(&cache.view).reconnected_with(lease_ms);
+    cache.term.store(welcome.term, Ordering::Relaxed);
+    let mut sent: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut last_answer = cache.now();
+    let mut ticker = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1)));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let now = cache.now();
+                if now.saturating_sub(last_answer) > 2 * lease_ms {
+                    return Err(ClientError::Unavailable(format!("{addr}: renewals unanswered")));
+                }
+                seq += 1;
+                sent.push_back((seq, now));
+                if sent.len() > 64 {
+                    sent.pop_front();
+                }
+                if out.send(say(Msg::Renew(pb::WatchRenew { seq }))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            ev = events.message() => {
+                let ev = ev.map_err(|status| ClientError::Rejected { addr: addr.clone(), status })?;
+                match ev.and_then(|e| e.event) {
+                    Some(Event::Renewed(r)) => {
+                        last_answer = cache.now();
+                        while let Some(&(s, at)) = sent.front() {
+                            if s > r.seq {
+                                break;
+                            }
+                            sent.pop_front();
+                            if s == r.seq {
+                                lock(&cache.view).renewed(epoch, at);
+                            }
+                        }
+                    }
+                    Some(Event::Invalidate(inv)) => {
+                        let inodes = lock(&cache.view).take(&inv.inos, inv.index);
+                        let (done, told) = oneshot::channel();
+                        if cache.dropped.send(Dropped { inodes, done: Some(done) }).await.is_err() {
+                            return Ok(());
+                        }
+                        // The owner told the kernel (or gave up): acknowledge.
+                        let _ = tokio::time::timeout(Duration::from_millis(lease_ms), told).await;
+                        if out.send(say(Msg::Ack(pb::WatchAck { change_id: inv.change_id }))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        }
+    }
+}
