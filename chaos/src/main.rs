@@ -54,6 +54,10 @@ struct RunOpts {
     /// Keep the work directory (data dirs, mount points' caches) afterwards.
     #[arg(long)]
     keep: bool,
+    /// Extra mount options for every mount of every scenario (for example
+    /// `leases`), after the scenario's own.
+    #[arg(long)]
+    mount_options: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +119,20 @@ fn main() -> ExitCode {
             (vec![Scenario::random(opts.seed, duration, hosts)], opts)
         }
     };
+    let scenarios: Vec<Scenario> = scenarios
+        .into_iter()
+        .map(|mut s| {
+            if let Some(extra) = &opts.mount_options {
+                s.mount_options = [s.mount_options.as_str(), extra.as_str()]
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(",");
+            }
+            s
+        })
+        .collect();
     let use_net = !opts.loopback
         && match net::available() {
             Ok(()) => true,

@@ -30,6 +30,9 @@ pub(crate) struct Scenario {
     /// Extra flags for every fsd (for example a shorter dead_after).
     #[serde(default)]
     pub fsd_flags: Vec<String>,
+    /// Extra mount options for every mount (for example "leases").
+    #[serde(default)]
+    pub mount_options: String,
     /// Size of each host's block device, a tmpfs of this many MiB (0: a
     /// directory on the work disk). Needed by the `device_full` fault.
     #[serde(default)]
@@ -430,6 +433,7 @@ impl Scenario {
             faults,
             check: CheckConfig::default(),
             fsd_flags: Vec::new(),
+            mount_options: String::new(),
             device_mb: 0,
             sabotage: None,
             latency: None,

@@ -40,6 +40,8 @@ pub(crate) struct World {
     latency: Option<Latency>,
     client_zones: Vec<String>,
     relays: Vec<Option<std::process::Child>>,
+    /// Extra options for every mount (the scenario's, or `--mount-options`).
+    mount_options: String,
 }
 
 impl World {
@@ -71,6 +73,7 @@ impl World {
                 .map(|c| s.zones[c % s.zones.len()].clone())
                 .collect(),
             relays: Vec::new(),
+            mount_options: s.mount_options.clone(),
         };
         if w.latency.is_some() && w.net.is_none() {
             bail!("latency needs network namespaces (root and iproute2)");
@@ -354,10 +357,13 @@ impl World {
 
     fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
         let spec = format!("{}:/", self.cluster.addrs().join(","));
-        let opts = format!(
+        let mut opts = format!(
             "zone={zone},cache_dir={}",
             self.work.join(format!("cache{i}")).display()
         );
+        if !self.mount_options.is_empty() {
+            opts = format!("{opts},{}", self.mount_options);
+        }
         let mut cmd = Command::new(sibling_binary("mount-failsafe")?);
         if let Some(net) = &self.net {
             in_netns(&mut cmd, &Net::ns_path(&net.client_ns(i)))?;

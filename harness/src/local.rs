@@ -200,6 +200,11 @@ impl LocalMount {
     }
 
     /// SIGTERM: the mount unmounts itself; a lazy detach if it does not.
+    /// The mount process, while it runs (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn unmount(&mut self) {
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);

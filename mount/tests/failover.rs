@@ -387,3 +387,31 @@ async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_onc
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t43_a_frozen_mount_holding_leases_holds_a_writer_elsewhere_up_only_until_its_leases_run_out(
+) {
+    let env = Env::start_mounts_with(2, "leases").await;
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::write(a.p("page.txt"), "rev 0").unwrap();
+    // B reads the page (and leases what it looked at), then freezes.
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..3 {
+        assert_eq!(fs::read_to_string(b.p("page.txt")).unwrap(), "rev 0");
+    }
+    let pid = b.pid().expect("mount B runs") as i32;
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let written = fs::write(a.p("page.txt"), "rev 1");
+    let waited = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    written.unwrap();
+    eprintln!("a write waited {waited:?} for a frozen lease holder");
+    // Thawed, B sees the change at its next open: its leases ran out.
+    assert_eq!(fs::read_to_string(b.p("page.txt")).unwrap(), "rev 1");
+    // And a change while B is up reaches it the same way, with no sleep.
+    fs::write(a.p("page.txt"), "rev 2").unwrap();
+    assert_eq!(fs::read_to_string(b.p("page.txt")).unwrap(), "rev 2");
+}
