@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::gc::Gc;
 use crate::identity::Identity;
+use crate::placement::LeaderPlacement;
 use crate::repair::Repair;
 use crate::scrub::Scrub;
 
@@ -29,6 +30,7 @@ pub(crate) struct AdminService {
     pub repair: Arc<Repair>,
     pub scrub: Arc<Scrub>,
     pub gc: Arc<Gc>,
+    pub placement: Arc<LeaderPlacement>,
 }
 
 pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -331,7 +333,8 @@ impl Admin for AdminService {
         Ok(Response::new(pb::UpdateAddressReply {}))
     }
 
-    /// The tracker's status, plus this host's repair, scrub and gc workers.
+    /// The tracker's status, plus this host's repair, scrub, gc and
+    /// leader-placement workers.
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
@@ -346,6 +349,7 @@ impl Admin for AdminService {
         status.repair = Some(self.repair.status());
         status.scrub = Some(self.scrub.status());
         status.gc = Some(self.gc.status());
+        status.leader_placement = Some(self.placement.status());
         Ok(Response::new(status))
     }
 }

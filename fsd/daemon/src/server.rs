@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::gc::Gc;
 use crate::identity::Identity;
 use crate::metrics::{gauge, Metrics};
+use crate::placement::LeaderPlacement;
 use crate::repair::{BadCopies, CopyDropper, Repair};
 use crate::returning::Return;
 use crate::scrub::Scrub;
@@ -92,6 +93,8 @@ pub async fn run(
         metrics.clone(),
     ));
 
+    let placement = Arc::new(LeaderPlacement::new(tracker.clone()));
+
     let admin = AdminService {
         tracker: tracker.clone(),
         cluster: cluster.clone(),
@@ -103,6 +106,7 @@ pub async fn run(
         repair: repair.clone(),
         scrub: scrub.clone(),
         gc: gc.clone(),
+        placement: placement.clone(),
     };
     let blocks = BlocksService {
         store: store.clone(),
@@ -155,6 +159,7 @@ pub async fn run(
             metrics,
         })),
         stop.spawn(gc),
+        stop.spawn(placement),
         stop.spawn(Arc::new(Return::new(cluster, store, bad))),
     ];
     if scrub.enabled() {

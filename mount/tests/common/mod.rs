@@ -41,10 +41,16 @@ pub(crate) struct Env {
 impl Env {
     /// Three hosts in zones a, b, c and `n` mounts of the cluster's root.
     pub(crate) async fn start(n: usize) -> Env {
+        Env::start_with(n, &[]).await
+    }
+
+    /// The same, each fsd started with the flags `fsd_args` besides.
+    pub(crate) async fn start_with(n: usize, fsd_args: &[&str]) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let fsd = sibling_binary("fsd").expect("the fsd binary (cargo build --bins)");
-        let mut cluster =
-            LocalCluster::start(dir.path(), &["a", "b", "c"], &fsd, 0, &[]).expect("start hosts");
+        let fsd_args: Vec<String> = fsd_args.iter().map(|s| s.to_string()).collect();
+        let mut cluster = LocalCluster::start(dir.path(), &["a", "b", "c"], &fsd, 0, &fsd_args)
+            .expect("start hosts");
         cluster.bootstrap().await.expect("bootstrap");
         let mut env = Env {
             cluster,

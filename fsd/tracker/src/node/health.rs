@@ -303,6 +303,7 @@ impl Tracker {
             repair: None,
             scrub: None,
             gc: None,
+            leader_placement: None,
         })
     }
 

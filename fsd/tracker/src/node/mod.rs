@@ -6,15 +6,17 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use failsafe_core::ReplicationClass;
+use failsafe_core::{LeaderPolicy, ReplicationClass};
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 
 use crate::network::Network;
 use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
+mod handover;
 mod health;
 
+pub use handover::{HandedOver, LeaderSnapshot};
 pub use health::{Liveness, RepairView};
 
 use crate::state;
@@ -49,6 +51,9 @@ pub struct TrackerConfig {
     /// A host the leader has not heard from for this long is dead: its
     /// copies stop counting, and repair rebuilds them elsewhere.
     pub dead_after_ms: u64,
+    /// Leadership follows the writers (see `handover`); `None`: it stays
+    /// where elections put it.
+    pub leader_placement: Option<LeaderPolicy>,
 }
 
 impl Default for TrackerConfig {
@@ -67,6 +72,7 @@ impl Default for TrackerConfig {
             keep_logs: 1000,
             class: ReplicationClass::default(),
             dead_after_ms: 600_000,
+            leader_placement: Some(LeaderPolicy::default()),
         }
     }
 }
@@ -89,6 +95,9 @@ pub enum TrackerError {
     /// The Raft log was written by another version of fsd.
     #[error(transparent)]
     LogFormat(LogFormatError),
+    /// A leadership hand-over was refused or abandoned.
+    #[error("leadership hand-over: {0}")]
+    Handover(String),
     /// Raft stopped (a fatal storage error), or a database thread is gone.
     #[error("tracker stopped: {0}")]
     Stopped(BoxError),
@@ -120,6 +129,7 @@ pub struct Tracker {
     down_after_ms: u64,
     dead_after_ms: u64,
     sm: StateMachine,
+    placement: handover::Placement,
     pub host_id: NodeId,
     pub cluster: ClusterId,
     pub class: ReplicationClass,
@@ -170,6 +180,7 @@ impl Tracker {
             down_after_ms,
             dead_after_ms: cfg.dead_after_ms,
             sm,
+            placement: handover::Placement::new(cfg.leader_placement, cfg.election_max_ms),
             host_id,
             cluster,
             class: cfg.class,
@@ -234,6 +245,8 @@ impl Tracker {
                 })),
             });
         }
+        // Held while leadership is being handed over.
+        let _permit = self.admit().await?;
         let now = wall_clock_ns();
         if cmd.now_ns <= 0 {
             cmd.now_ns = now;
