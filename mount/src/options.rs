@@ -119,7 +119,11 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
                 .ok_or_else(|| format!("option {key} needs a value"))
         };
         match key {
-            "zone" => opts.zone = Some(need(value)?),
+            "zone" => {
+                let zone = need(value)?;
+                failsafe_core::validate_zone(&zone).map_err(|e| format!("zone: {e}"))?;
+                opts.zone = Some(zone);
+            }
             "cache_dir" => opts.cache_dir = PathBuf::from(need(value)?),
             "cache_size" => opts.cache_bytes = parse_bytes(&need(value)?)?,
             "timeout" => {
@@ -216,5 +220,6 @@ mod tests {
         assert!(parse_options("stats", &mut o).is_err());
         assert!(parse_options("bogus", &mut o).is_err());
         assert!(parse_options("zone", &mut o).is_err());
+        assert!(parse_options("zone=", &mut o).is_err());
     }
 }

@@ -60,12 +60,17 @@ impl Client {
             leader_ns: 0,
             op: Some(op),
         };
+        let writer_zone = match &self.inner.cfg.zone {
+            Some(zone) if !self.inner.cfg.background => zone.clone(),
+            _ => String::new(),
+        };
         let reply = self
             .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
                 let req = pb::MutateRequest {
                     lease_holder: self.lease_holder(),
                     header: self.header(),
                     command: Some(cmd.clone()),
+                    writer_zone: writer_zone.clone(),
                 };
                 let c = self.meta(&addr);
                 async move {

@@ -33,8 +33,13 @@ pub struct ClientConfig {
     /// How long a read waits for a linearizable answer before it settles
     /// for the freshest answer a reachable member has (no majority).
     pub read_fallback_after: Duration,
-    /// The zone this client is in: block reads prefer copies there.
+    /// The zone this client is in: block reads prefer copies there, and
+    /// its metadata changes count as that zone's writing (the tracker
+    /// leader moves to the zone that writes most).
     pub zone: Option<String>,
+    /// The cluster's own background work (an fsd's workers): its changes
+    /// do not count as its zone's writing.
+    pub background: bool,
     /// A name for this client in the tracker's session table.
     pub name: String,
     /// Writes of at most this many bytes per commit travel inline, in the
@@ -53,6 +58,7 @@ impl Default for ClientConfig {
             op_deadline: Duration::from_secs(20),
             read_fallback_after: Duration::from_secs(3),
             zone: None,
+            background: false,
             name: "client".to_string(),
             inline_max_bytes: failsafe_core::MAX_INLINE_BYTES,
         }

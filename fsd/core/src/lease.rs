@@ -310,6 +310,16 @@ impl Leases {
         });
     }
 
+    /// When the last lease granted so far runs out, by the leader's clock
+    /// (0: none is held).
+    pub fn last_expiry(&self) -> u64 {
+        self.holders
+            .values()
+            .map(|st| st.expires)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// How many holders and leased objects the table tracks (for metrics).
     pub fn sizes(&self) -> (usize, usize) {
         (self.holders.len(), self.objects.len())

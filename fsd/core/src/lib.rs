@@ -1,7 +1,8 @@
 //! The pure domain of failsafe: what a valid name is, where copies of a block
 //! go, how many acknowledgements make a write durable, how extents overlay,
 //! which copies repair makes and which extra copies it trims, and how a
-//! host's liveness and administrative state decide what its copies are worth.
+//! host's liveness and administrative state decide what its copies are worth,
+//! and which zone the tracker leader should be in.
 //!
 //! Nothing here does I/O, reads the clock or draws random numbers: placement
 //! is a function of the block hash and the layout, so every tracker member
@@ -10,6 +11,7 @@
 pub mod delta;
 pub mod extent;
 pub mod health;
+pub mod leadership;
 pub mod lease;
 pub mod name;
 pub mod placement;
@@ -17,6 +19,7 @@ pub mod repair;
 
 pub use extent::{overlay, Extent, Inline};
 pub use health::{judge, AdminState, Judgement, Liveness};
+pub use leadership::{validate_zone, LeaderPolicy, ZoneError};
 pub use name::{validate_name, NameError};
 pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
 pub use repair::{

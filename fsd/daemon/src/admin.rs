@@ -13,6 +13,7 @@ use crate::blockify::Blockify;
 use crate::cluster::Cluster;
 use crate::gc::Gc;
 use crate::identity::Identity;
+use crate::placement::LeaderPlacement;
 use crate::repair::Repair;
 use crate::scrub::Scrub;
 
@@ -31,6 +32,7 @@ pub(crate) struct AdminService {
     pub scrub: Arc<Scrub>,
     pub gc: Arc<Gc>,
     pub blockify: Arc<Blockify>,
+    pub placement: Arc<LeaderPlacement>,
 }
 
 pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -334,7 +336,7 @@ impl Admin for AdminService {
     }
 
     /// The tracker's status, plus this host's repair, scrub, gc and
-    /// blockify workers.
+    /// blockify and leader-placement workers.
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
@@ -350,6 +352,7 @@ impl Admin for AdminService {
         status.scrub = Some(self.scrub.status());
         status.gc = Some(self.gc.status());
         status.blockify = Some(self.blockify.status());
+        status.leader_placement = Some(self.placement.status());
         Ok(Response::new(status))
     }
 }

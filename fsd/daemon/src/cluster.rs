@@ -129,6 +129,7 @@ impl Cluster {
             rpc_timeout: self.rpc_timeout,
             op_deadline: self.rpc_timeout * 3,
             zone: Some(self.zone.clone()),
+            background: true,
             name: format!("fsd-{:016x}", self.tracker.host_id),
             ..ClientConfig::default()
         })
@@ -149,6 +150,7 @@ impl Cluster {
             cluster_id: Some(cluster),
             rpc_timeout: self.rpc_timeout,
             zone: Some(self.zone.clone()),
+            background: true,
             name: format!("fsd-repair-{:016x}", self.tracker.host_id),
             ..ClientConfig::default()
         })

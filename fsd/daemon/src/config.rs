@@ -104,6 +104,28 @@ pub struct RawConfig {
     /// At least 100. Default 30000.
     #[arg(long)]
     pub blockify_after_ms: Option<u64>,
+    /// Leadership follows the writers: the tracker leader hands leadership
+    /// to a caught-up voter in the zone (city) whose mounts do most of the
+    /// metadata changes, so their changes cost one inter-city round trip
+    /// instead of two. Writes pause for a few round trips during a
+    /// hand-over. Default true.
+    #[arg(long)]
+    pub leader_follows_writers: Option<bool>,
+    /// The writes judged are those of the last this many ms. Default 60000.
+    #[arg(long)]
+    pub leader_window_ms: Option<u64>,
+    /// Fewer writes than this in the window move nothing. Default 100.
+    #[arg(long)]
+    pub leader_min_writes: Option<u64>,
+    /// The share of the window's writes (percent, 51 to 100) one zone must
+    /// have done for leadership to move there. Default 67.
+    #[arg(long)]
+    pub leader_share_percent: Option<u64>,
+    /// A leader hands over only after leading this long (ms), and after a
+    /// whole window: the least time between two hand-overs, or after a
+    /// failover. Default 300000 (5 minutes).
+    #[arg(long)]
+    pub leader_min_tenure_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -142,6 +164,11 @@ impl RawConfig {
             scrub_interval_ms: self.scrub_interval_ms.or(file.scrub_interval_ms),
             gc_grace_ms: self.gc_grace_ms.or(file.gc_grace_ms),
             blockify_after_ms: self.blockify_after_ms.or(file.blockify_after_ms),
+            leader_follows_writers: self.leader_follows_writers.or(file.leader_follows_writers),
+            leader_window_ms: self.leader_window_ms.or(file.leader_window_ms),
+            leader_min_writes: self.leader_min_writes.or(file.leader_min_writes),
+            leader_share_percent: self.leader_share_percent.or(file.leader_share_percent),
+            leader_min_tenure_ms: self.leader_min_tenure_ms.or(file.leader_min_tenure_ms),
         }
     }
 }
@@ -220,6 +247,7 @@ impl Config {
     }
 
     pub fn validate(raw: RawConfig) -> anyhow::Result<Config> {
+        let leader_placement = leader_policy(&raw)?;
         let Some(data_dir) = raw.data_dir else {
             bail!("data_dir: required (where this host keeps its state)")
         };
@@ -238,10 +266,7 @@ impl Config {
             bail!("advertise: required when listen ({listen}) is a wildcard address");
         }
         let zone = raw.zone.unwrap_or_else(|| "default".into());
-        if zone.is_empty()
-            || zone.len() > 64
-            || zone.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
+        if failsafe_core::validate_zone(&zone).is_err() {
             bail!("zone: {zone:?} must be 1 to 64 printable characters without spaces");
         }
         if !raw.join.is_empty() && raw.cluster_id.is_none() {
@@ -270,6 +295,7 @@ impl Config {
         if tracker.dead_after_ms < (10 * tracker.heartbeat_ms).max(1000) {
             bail!("dead_after_ms: must be at least 1000 and at least 10 heartbeats (a host is down after that long)");
         }
+        tracker.leader_placement = leader_placement;
         let concurrency = raw.repair_concurrency.unwrap_or(4);
         if !(1..=64).contains(&concurrency) {
             bail!("repair_concurrency: {concurrency} is not between 1 and 64");
@@ -326,6 +352,43 @@ impl Config {
     }
 }
 
+/// When leadership follows the writers; `None` when it is turned off.
+fn leader_policy(raw: &RawConfig) -> anyhow::Result<Option<failsafe_core::LeaderPolicy>> {
+    if raw.leader_follows_writers == Some(false) {
+        return Ok(None);
+    }
+    let d = failsafe_core::LeaderPolicy::default();
+    let p = failsafe_core::LeaderPolicy {
+        window_ms: raw.leader_window_ms.unwrap_or(d.window_ms),
+        min_writes: raw.leader_min_writes.unwrap_or(d.min_writes),
+        share_percent: raw.leader_share_percent.unwrap_or(d.share_percent),
+        min_tenure_ms: raw.leader_min_tenure_ms.unwrap_or(d.min_tenure_ms),
+        max_lag: d.max_lag,
+    };
+    if p.window_ms < 1000 {
+        bail!("leader_window_ms: {} is under 1000", p.window_ms);
+    }
+    if p.min_writes == 0 {
+        bail!("leader_min_writes: must be at least 1");
+    }
+    if !(51..=100).contains(&p.share_percent) {
+        bail!(
+            "leader_share_percent: {} is not between 51 and 100 (two zones must not both qualify)",
+            p.share_percent
+        );
+    }
+    // A hand-over needs the old leader's vote, which it gives only once its
+    // own election is `election_max` old (openraft's leader lease).
+    let election_max = raw.election_max_ms.unwrap_or(700);
+    if p.min_tenure_ms < 1000 || p.min_tenure_ms <= election_max {
+        bail!(
+            "leader_min_tenure_ms: {} must be at least 1000 and above election_max_ms (leadership would move back and forth)",
+            p.min_tenure_ms
+        );
+    }
+    Ok(Some(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +427,24 @@ mod tests {
         assert_eq!(c.repair.concurrency, 4);
         assert_eq!(c.repair.bytes_per_second, 64 << 20);
         assert_eq!(c.tracker.dead_after_ms, 600_000);
+        assert_eq!(
+            c.tracker.leader_placement,
+            Some(failsafe_core::LeaderPolicy::default())
+        );
+        let off: RawConfig = toml::from_str("leader_follows_writers = false").unwrap();
+        let c = Config::validate(base().merge(off)).unwrap();
+        assert_eq!(c.tracker.leader_placement, None);
+        let short: RawConfig =
+            toml::from_str("leader_window_ms = 3000\nleader_min_tenure_ms = 4000").unwrap();
+        let p = Config::validate(base().merge(short))
+            .unwrap()
+            .tracker
+            .leader_placement
+            .unwrap();
+        assert_eq!(
+            (p.window_ms, p.min_tenure_ms, p.share_percent),
+            (3000, 4000, 67)
+        );
         let file: RawConfig =
             toml::from_str("repair_concurrency = 2\ndead_after_ms = 5000").unwrap();
         let c = Config::validate(
@@ -436,6 +517,20 @@ mod tests {
                     ..base()
                 },
                 "blockify_after_ms:",
+            ),
+            (
+                RawConfig {
+                    leader_share_percent: Some(50),
+                    ..base()
+                },
+                "leader_share_percent:",
+            ),
+            (
+                RawConfig {
+                    leader_min_tenure_ms: Some(10),
+                    ..base()
+                },
+                "leader_min_tenure_ms:",
             ),
         ] {
             let err = Config::validate(raw).unwrap_err().to_string();

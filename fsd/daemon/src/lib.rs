@@ -19,6 +19,7 @@ mod identity;
 mod lock;
 mod metrics;
 mod pace;
+mod placement;
 mod repair;
 mod returning;
 mod scrub;

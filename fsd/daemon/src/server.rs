@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::gc::Gc;
 use crate::identity::Identity;
 use crate::metrics::{gauge, Metrics};
+use crate::placement::LeaderPlacement;
 use crate::repair::{BadCopies, CopyDropper, Repair};
 use crate::returning::Return;
 use crate::scrub::Scrub;
@@ -99,6 +100,8 @@ pub async fn run(
         metrics.clone(),
     ));
 
+    let placement = Arc::new(LeaderPlacement::new(tracker.clone()));
+
     let admin = AdminService {
         tracker: tracker.clone(),
         cluster: cluster.clone(),
@@ -111,6 +114,7 @@ pub async fn run(
         scrub: scrub.clone(),
         gc: gc.clone(),
         blockify: blockify.clone(),
+        placement: placement.clone(),
     };
     let blocks = BlocksService {
         store: store.clone(),
@@ -164,6 +168,7 @@ pub async fn run(
         })),
         stop.spawn(gc),
         stop.spawn(blockify),
+        stop.spawn(placement),
         stop.spawn(Arc::new(Return::new(cluster, store, bad))),
     ];
     if scrub.enabled() {

@@ -125,6 +125,7 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
             })),
             ..Default::default()
         }),
+        writer_zone: String::new(),
     };
     let foreign = meta
         .mutate(mkdir(Some(header("another-cluster"))))
@@ -148,6 +149,15 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
         meta.mutate(mkdir(None)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    for zone in ["two words".to_string(), "z".repeat(65), "bell\u{7}".into()] {
+        let req = pb::MutateRequest {
+            writer_zone: zone.clone(),
+            ..mkdir(Some(header(c.cluster_id())))
+        };
+        let refused = meta.mutate(req).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{zone:?}");
+        assert!(refused.message().contains("writer_zone"), "{refused}");
+    }
 
     let mut raft = pb::raft_transport_client::RaftTransportClient::connect(addr.clone())
         .await
@@ -168,6 +178,37 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
         raft.append_entries(garbage).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // A hand-over request from another cluster, or naming a term or leader
+    // this member does not follow, makes nobody stand for election.
+    let take = |h: pb::Header, term: u64| pb::TakeLeadershipRequest {
+        header: Some(h),
+        leader_id: 1,
+        term,
+        last_log_index: 0,
+    };
+    let term = tc.status().await.term;
+    assert_eq!(
+        raft.take_leadership(take(header("another-cluster"), term))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let leader = tc.leader().await;
+    for i in (0..3).filter(|i| *i != leader) {
+        let mut at = pb::raft_transport_client::RaftTransportClient::connect(format!(
+            "http://{}",
+            tc.c.hosts[i].addr
+        ))
+        .await
+        .unwrap();
+        let stale = at
+            .take_leadership(take(header(c.cluster_id()), term + 5))
+            .await
+            .unwrap_err();
+        assert_eq!(stale.code(), Code::FailedPrecondition, "{stale}");
+    }
+    assert_eq!(tc.status().await.term, term, "no election");
 
     let mut blocks = pb::blocks_client::BlocksClient::connect(addr)
         .await
@@ -208,6 +249,7 @@ async fn t87_an_oversized_message_is_refused_and_the_daemon_stays_up() {
             })),
             ..Default::default()
         }),
+        writer_zone: String::new(),
     };
     let err = meta.mutate(req).await.unwrap_err();
     assert!(

@@ -97,6 +97,97 @@ async fn t31_frozen_leader_is_replaced_and_steps_down_after_thaw() {
     );
 }
 
+/// Leadership follows the writers, but the member it would hand over to
+/// freezes just before: the hand-over is abandoned, the leader goes on
+/// leading in the same term, and no write fails. Once the target is back,
+/// leadership does move there.
+#[tokio::test(flavor = "multi_thread")]
+async fn t32_a_hand_over_to_a_frozen_target_leaves_the_leader_leading() {
+    // A member is down after 1.5 s of silence (ten 150 ms heartbeats), so
+    // the target, frozen ~1 s before the leader's tenure ends, still looks
+    // up (and caught up, at this pace of writes) when the leader decides.
+    let (mut tc, _) = TestCluster::start(&[
+        "--heartbeat-ms",
+        "150",
+        "--leader-window-ms",
+        "3000",
+        "--leader-min-writes",
+        "20",
+        "--leader-min-tenure-ms",
+        "6000",
+    ])
+    .await;
+    let leader = tc.leader().await;
+    let term = tc.status().await.term;
+    let target = (0..3).find(|&i| i != leader).unwrap();
+    let zone = tc.c.hosts[target].zone.clone();
+    let writer = tc.client_in(&zone).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let writes = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for i in 0.. {
+            if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let name = format!("f{i}").into_bytes();
+            if let Err(e) = writer.create(ROOT, &name, 0o644, true).await {
+                failures.push(format!("create f{i}: {e}"));
+            }
+            if failures.len() > 5 {
+                break;
+            }
+            // Slow enough that the frozen target lags by fewer entries than
+            // `max_lag` (100) when the leader decides.
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        failures
+    });
+    // The placement worker says how long this leader has led, in seconds.
+    tc.c.wait_for(PATIENCE, "the leader's fifth second", |s| {
+        s.leader_placement
+            .as_ref()
+            .is_some_and(|p| p.state.starts_with("leader for 5s"))
+    })
+    .await
+    .expect("placement state");
+    tc.c.freeze(target);
+    let log = tc.c.hosts[leader].log_path();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("hand-over abandoned")
+    {
+        let placement = tc.status().await.leader_placement;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no abandoned hand-over; placement {placement:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        if line.contains("hand-over abandoned") {
+            eprintln!("{line}");
+        }
+    }
+    let s = tc.status().await;
+    assert_eq!(
+        (s.leader_addr.as_str(), s.term),
+        (tc.c.hosts[leader].addr.as_str(), term),
+        "the leader leads on in its term"
+    );
+    tc.c.thaw(target);
+    let moved =
+        tc.c.wait_for(PATIENCE, "leadership in the writing zone", |s| {
+            s.leader_addr == tc.c.hosts[target].addr
+        })
+        .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = writes.await.expect("writer task");
+    assert!(failures.is_empty(), "{failures:#?}");
+    moved.expect("the hand-over after the thaw");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn t40_restarted_host_replays_the_log_and_answers_the_same() {
     let (mut tc, c) = TestCluster::start(&[]).await;

@@ -310,6 +310,7 @@ async fn t23_a_retried_operation_is_applied_once() {
             header: Some(failsafe_proto::header(c.cluster_id())),
             command: Some(cmd.clone()),
             lease_holder: 0,
+            writer_zone: String::new(),
         };
         // Follow a leader hint if the first member is not the leader.
         let r = match raw.mutate(req.clone()).await {

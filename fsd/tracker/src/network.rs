@@ -156,6 +156,28 @@ impl Network {
             Err(_) => Err(unreachable("no answer in time".into())),
         }
     }
+
+    /// Asks the voter at `addr` to stand for election (a hand-over).
+    pub(crate) async fn take_leadership(
+        &self,
+        addr: &str,
+        mut req: failsafe_proto::pb::TakeLeadershipRequest,
+        timeout: Duration,
+    ) -> Result<(), crate::TrackerError> {
+        let failed = |why: String| crate::TrackerError::Handover(format!("{addr}: {why}"));
+        let channel = self
+            .channel(addr)
+            .ok_or_else(|| failed("bad address".into()))?;
+        req.header = Some(header(&self.cluster.get()));
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(timeout);
+        let mut client = RaftTransportClient::new(channel);
+        match tokio::time::timeout(timeout, client.take_leadership(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(failed(s.message().to_string())),
+            Err(_) => Err(failed("no answer in time".into())),
+        }
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {

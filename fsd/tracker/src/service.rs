@@ -24,7 +24,9 @@ impl From<TrackerError> for Status {
                 Status::unavailable(e.to_string())
             }
             TrackerError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            TrackerError::Membership(_) => Status::failed_precondition(e.to_string()),
+            TrackerError::Membership(_) | TrackerError::Handover(_) => {
+                Status::failed_precondition(e.to_string())
+            }
             TrackerError::Storage(_) | TrackerError::LogFormat(_) => {
                 Status::internal(e.to_string())
             }
@@ -53,6 +55,10 @@ impl Metadata for MetadataService {
     ) -> Result<Response<pb::MutateReply>, Status> {
         let req = req.into_inner();
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
+        if !req.writer_zone.is_empty() {
+            failsafe_core::validate_zone(&req.writer_zone)
+                .map_err(|e| Status::invalid_argument(format!("writer_zone: {e}")))?;
+        }
         let mut cmd = req
             .command
             .ok_or_else(|| Status::invalid_argument("mutate without a command"))?;
@@ -69,8 +75,13 @@ impl Metadata for MetadataService {
             }
             Some(_) => {}
         }
+        // A session's lease renewal is upkeep, not writing.
+        let writing = !matches!(cmd.op, Some(Op::Heartbeat(_) | Op::ExpireSessions(_)));
         let by = (req.lease_holder != 0).then_some(req.lease_holder);
         let result = self.tracker.propose_as(cmd, by).await?;
+        if writing {
+            self.tracker.note_write(&req.writer_zone);
+        }
         Ok(Response::new(pb::MutateReply {
             result: Some(result),
         }))
@@ -247,5 +258,15 @@ impl RaftTransport for RaftService {
     ) -> Result<Response<pb::RaftMessage>, Status> {
         let rpc = self.decode(req, codec::decode_snapshot)?;
         encode(&self.tracker.raft().install_snapshot(rpc).await)
+    }
+
+    async fn take_leadership(
+        &self,
+        req: Request<pb::TakeLeadershipRequest>,
+    ) -> Result<Response<pb::TakeLeadershipReply>, Status> {
+        let req = req.into_inner();
+        check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
+        self.tracker.take_leadership(&req).await?;
+        Ok(Response::new(pb::TakeLeadershipReply {}))
     }
 }

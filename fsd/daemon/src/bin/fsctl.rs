@@ -378,6 +378,23 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             b.changed
         );
     }
+    if let Some(p) = &s.leader_placement {
+        let _ = writeln!(out, "leader placement  {}", p.state);
+        let total: u64 = p.writes.iter().map(|w| w.writes).sum();
+        if total > 0 {
+            let shares: Vec<String> = p
+                .writes
+                .iter()
+                .map(|w| format!("{} {}%", w.zone, w.writes * 100 / total))
+                .collect();
+            let _ = writeln!(
+                out,
+                "writes  {}   ({total} in the last {})",
+                shares.join(", "),
+                duration(p.window_ms)
+            );
+        }
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

@@ -211,6 +211,7 @@ fn copy(e: &TrackerError) -> TrackerError {
         TrackerError::NotInitialized => TrackerError::NotInitialized,
         TrackerError::Invalid(s) => TrackerError::Invalid(s.clone()),
         TrackerError::Membership(s) => TrackerError::Membership(s.clone()),
+        TrackerError::Handover(s) => TrackerError::Handover(s.clone()),
         TrackerError::Storage(b) => TrackerError::Storage(b.to_string().into()),
         TrackerError::LogFormat(_) | TrackerError::Stopped(_) => {
             TrackerError::Stopped(e.to_string().into())

@@ -304,6 +304,7 @@ impl Tracker {
             scrub: None,
             gc: None,
             blockify: None,
+            leader_placement: None,
         })
     }
 

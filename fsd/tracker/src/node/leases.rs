@@ -51,6 +51,8 @@ struct Stream {
 
 struct Inner {
     table: Leases,
+    /// No grants or renewals (a hand-over of leadership is under way).
+    suspended: bool,
     streams: HashMap<Holder, Stream>,
     next_stream: u64,
     last_expire: u64,
@@ -75,6 +77,7 @@ impl LeaseTable {
             start: Instant::now(),
             inner: Mutex::new(Inner {
                 table: Leases::new(cfg, 0),
+                suspended: false,
                 streams: HashMap::new(),
                 next_stream: 1,
                 last_expire: 0,
@@ -139,7 +142,7 @@ impl LeaseTable {
         else {
             return false;
         };
-        if !inner.table.renew(holder, now) {
+        if inner.suspended || !inner.table.renew(holder, now) {
             return false;
         }
         if now >= inner.last_expire + 1_000 {
@@ -167,7 +170,7 @@ impl LeaseTable {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        if !inner.streams.contains_key(&holder) {
+        if inner.suspended || !inner.streams.contains_key(&holder) {
             return false;
         }
         inner.table.grant(holder, objects, now).iter().all(|g| *g)
@@ -223,10 +226,31 @@ impl LeaseTable {
         lock(&self.inner).table.end_change(id);
     }
 
+    /// Before this member hands leadership to another on purpose (which
+    /// does not wait out the election gap these leases rely on): no more
+    /// grants or renewals until the guard is dropped. Returns the guard and
+    /// how long until every lease granted so far has run out.
+    pub(crate) fn suspend(&self) -> (Suspended<'_>, Duration) {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        inner.suspended = true;
+        let left = inner.table.last_expiry().saturating_sub(now);
+        (Suspended(self), Duration::from_millis(left))
+    }
+
     /// Holders with a stream here, and objects the table tracks.
     pub(crate) fn sizes(&self) -> (usize, usize) {
         let inner = lock(&self.inner);
         (inner.streams.len(), inner.table.sizes().1)
+    }
+}
+
+/// Leases are granted and renewed again when this is dropped.
+pub(crate) struct Suspended<'a>(&'a LeaseTable);
+
+impl Drop for Suspended<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.inner).suspended = false;
     }
 }
 

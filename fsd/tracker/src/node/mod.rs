@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use failsafe_core::ReplicationClass;
+use failsafe_core::{LeaderPolicy, ReplicationClass};
 use failsafe_proto::pb::{self, query_reply::Reply, query_request::Query};
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
@@ -14,10 +14,12 @@ use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use crate::network::Network;
 use crate::raft::{LogFormatError, LogStore, NodeId, OpenLogError, Raft, StateMachine};
 mod group;
+mod handover;
 mod health;
 mod leases;
 
 pub use group::GroupCounts;
+pub use handover::{HandedOver, LeaderSnapshot};
 pub use health::{Liveness, RepairView};
 
 use crate::state;
@@ -52,6 +54,9 @@ pub struct TrackerConfig {
     /// A host the leader has not heard from for this long is dead: its
     /// copies stop counting, and repair rebuilds them elsewhere.
     pub dead_after_ms: u64,
+    /// Leadership follows the writers (see `handover`); `None`: it stays
+    /// where elections put it.
+    pub leader_placement: Option<LeaderPolicy>,
 }
 
 impl Default for TrackerConfig {
@@ -70,6 +75,7 @@ impl Default for TrackerConfig {
             keep_logs: 1000,
             class: ReplicationClass::default(),
             dead_after_ms: 600_000,
+            leader_placement: Some(LeaderPolicy::default()),
         }
     }
 }
@@ -92,6 +98,9 @@ pub enum TrackerError {
     /// The Raft log was written by another version of fsd.
     #[error(transparent)]
     LogFormat(LogFormatError),
+    /// A leadership hand-over was refused or abandoned.
+    #[error("leadership hand-over: {0}")]
+    Handover(String),
     /// Raft stopped (a fatal storage error), or a database thread is gone.
     #[error("tracker stopped: {0}")]
     Stopped(BoxError),
@@ -127,6 +136,7 @@ pub struct Tracker {
     down_after_ms: u64,
     dead_after_ms: u64,
     sm: StateMachine,
+    placement: handover::Placement,
     pub host_id: NodeId,
     pub cluster: ClusterId,
     pub class: ReplicationClass,
@@ -180,6 +190,7 @@ impl Tracker {
             down_after_ms,
             dead_after_ms: cfg.dead_after_ms,
             sm,
+            placement: handover::Placement::new(cfg.leader_placement, cfg.election_max_ms),
             host_id,
             cluster,
             class: cfg.class,
@@ -268,12 +279,17 @@ impl Tracker {
                 changed: Vec::new(),
             });
         }
-        let now = wall_clock_ns();
-        if cmd.now_ns <= 0 {
-            cmd.now_ns = now;
-        }
-        cmd.leader_ns = now;
-        let (index, result) = self.group.propose(cmd).await?;
+        let (index, result) = {
+            // Held while leadership is being handed over (not while the
+            // change waits for lease holders below).
+            let _permit = self.admit().await?;
+            let now = wall_clock_ns();
+            if cmd.now_ns <= 0 {
+                cmd.now_ns = now;
+            }
+            cmd.leader_ns = now;
+            self.group.propose(cmd).await?
+        };
         if let Some(leases) = &self.leases {
             leases.changed(&result.changed, by, index).await;
         }

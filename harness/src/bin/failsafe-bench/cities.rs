@@ -46,7 +46,26 @@ pub(crate) struct CityConfig {
     pub(crate) page_bytes: usize,
     /// Mount with `stats=PATH` (the mount has the option).
     pub(crate) stats: bool,
+    /// Then mount B saves until the tracker leader moves to its city, and
+    /// its page saves are measured again.
+    pub(crate) follow_writers: bool,
 }
+
+/// The row label of mount B's saves after the leader moved to its city.
+const MOVED: &str = "the city the leader moved to";
+
+/// fsd's leadership knobs for `follow_writers`: the leader moves once B has
+/// done two thirds of the writes of the last two minutes, which B's first
+/// pass (as many saves as A's) cannot reach, so the first two passes see
+/// the leader where it was elected.
+const FOLLOW_FLAGS: &[&str] = &[
+    "--leader-window-ms",
+    "120000",
+    "--leader-min-writes",
+    "20",
+    "--leader-min-tenure-ms",
+    "1000",
+];
 
 /// One operation measured from one mount.
 pub(crate) struct CityRow {
@@ -143,6 +162,7 @@ pub(crate) fn run(root: &Path, cfg: &CityConfig) -> anyhow::Result<Cities> {
                 one_way: Duration::from_micros(u64::from(cfg.rtt_ms) * 500),
                 client_zones: Vec::new(),
                 stats: cfg.stats,
+                follow_writers: cfg.follow_writers,
             };
             let r = w.measure(&rt, cfg);
             w.stop();
@@ -165,6 +185,7 @@ struct World<'a> {
     one_way: Duration,
     client_zones: Vec<String>,
     stats: bool,
+    follow_writers: bool,
 }
 
 impl World<'_> {
@@ -202,7 +223,12 @@ impl World<'_> {
 
     fn start(&mut self, rt: &tokio::runtime::Runtime) -> anyhow::Result<(Cities, Vec<usize>)> {
         let fsd = sibling_binary("fsd")?;
-        let mut cluster = LocalCluster::new(&fsd, &[]);
+        let flags: Vec<String> = if self.follow_writers {
+            FOLLOW_FLAGS.iter().map(|f| f.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        let mut cluster = LocalCluster::new(&fsd, &flags);
         cluster.die_with_parent = true;
         self.write_links()?;
         for (i, zone) in ZONES.iter().enumerate() {
@@ -291,17 +317,20 @@ impl World<'_> {
         rt: &tokio::runtime::Runtime,
         cfg: &CityConfig,
     ) -> anyhow::Result<Cities> {
-        let (mut cities, mounts) = self.start(rt)?;
+        let (mut cities, mut mounts) = self.start(rt)?;
+        if self.follow_writers {
+            mounts.push(1);
+        }
         // The pages both mounts read: written by mount A, then left alone.
         let shared = self.mounts[0].0.path.join("cities");
         std::fs::create_dir_all(shared.join("read"))?;
         let page = shared.join("read").join("page.txt");
         std::fs::write(&page, workloads::page_bytes(cfg.page_bytes, 0xc17e))?;
-        for c in mounts {
-            let city = if c == 0 {
-                "the leader's city"
-            } else {
-                "a city without the leader"
+        for (pass, c) in mounts.into_iter().enumerate() {
+            let city = match pass {
+                0 => "the leader's city",
+                1 => "a city without the leader",
+                _ => MOVED,
             };
             let zone = self.client_zones[c].clone();
             let (mnt, stats) = (self.mounts[c].0.path.clone(), self.mounts[c].1.clone());
@@ -320,6 +349,44 @@ impl World<'_> {
             // Warm-up: the page, the log and the lock directory exist.
             for _ in 0..2 {
                 save()?;
+            }
+            if city == MOVED {
+                let before = self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| rt.block_on(leader_zone(c)))
+                    .unwrap_or_else(|| "unknown".into());
+                eprintln!(
+                    "failsafe-bench: cities: leader in zone {before}; mount in zone {zone} saves until it moves there ..."
+                );
+                let started = Instant::now();
+                let mut saves = 0;
+                loop {
+                    save()?;
+                    saves += 1;
+                    let now_at = self
+                        .cluster
+                        .as_ref()
+                        .and_then(|c| rt.block_on(leader_zone(c)));
+                    if now_at.as_deref() == Some(zone.as_str()) {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        started.elapsed() < Duration::from_secs(600),
+                        "the leader did not move to zone {zone} within 10 minutes ({saves} saves)"
+                    );
+                }
+                eprintln!(
+                    "failsafe-bench: cities: the leader moved to zone {zone} after {saves} saves, {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                // The old leader's line says why, and how long writes paused.
+                for h in self.cluster.iter().flat_map(|c| &c.hosts) {
+                    let log = std::fs::read_to_string(h.log_path()).unwrap_or_default();
+                    for line in log.lines().filter(|l| l.contains("leadership hand")) {
+                        eprintln!("failsafe-bench: cities: host in zone {}: {line}", h.zone);
+                    }
+                }
             }
             let mut buf = Vec::new();
             workloads::read_page(&page, &mut buf)?;

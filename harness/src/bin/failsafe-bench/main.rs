@@ -93,6 +93,12 @@ struct Args {
     /// `stat`s and open+reads per mount for --cities [default: 50; --quick: 5].
     #[arg(long)]
     city_reads: Option<usize>,
+    /// With --cities: fsd moves the tracker leader to the city doing most
+    /// of the writing (a 2-minute window); after the usual rows, mount B
+    /// saves until the leader is in its city, and its page saves are
+    /// measured again ("the city the leader moved to").
+    #[arg(long)]
+    city_follow_writers: bool,
     /// Do not apt-get install bindfs when it is missing.
     #[arg(long)]
     no_install: bool,
@@ -679,6 +685,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .max(1),
             page_bytes: cfg.page_bytes,
             stats,
+            follow_writers: args.city_follow_writers,
         };
         machine["load_average_cities_start"] = json!(read_trim("/proc/loadavg"));
         eprintln!(
