@@ -32,10 +32,10 @@ pub(crate) struct Options {
     /// inside the metadata commit (at most 64K; `inline=0` sends every
     /// write as blocks).
     pub inline_bytes: u64,
-    /// `leases`: answer lookups, stats and opens from memory while the
-    /// tracker leader leases them to this mount, with changes elsewhere
-    /// pushed here before they complete (`noleases`: ask every time, the
-    /// default until the chaos set is green with leases).
+    /// `leases` (the default): answer lookups, stats and opens from memory
+    /// while the tracker leader leases them to this mount, with changes
+    /// elsewhere pushed here before they complete. `noleases`: ask the
+    /// cluster every time.
     pub leases: bool,
 }
 
@@ -52,7 +52,7 @@ impl Default for Options {
             stats: None,
             metrics: None,
             inline_bytes: failsafe_core::MAX_INLINE_BYTES as u64,
-            leases: false,
+            leases: true,
         }
     }
 }

@@ -247,8 +247,8 @@ async fn t20_close_to_open_across_two_mounts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t23_close_to_open_across_two_mounts_holding_leases() {
-    close_to_open(&Env::start_mounts_with(2, "leases").await);
+async fn t23_close_to_open_across_two_mounts_without_leases() {
+    close_to_open(&Env::start_mounts_with(2, "noleases").await);
 }
 
 fn close_to_open(env: &Env) {
@@ -295,8 +295,8 @@ async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t25_a_page_being_replaced_by_rename_never_reads_as_missing_or_stale_under_leases() {
-    replaced_by_rename(&Env::start_mounts_with(2, "leases").await);
+async fn t25_a_page_being_replaced_by_rename_never_reads_as_missing_without_leases() {
+    replaced_by_rename(&Env::start_mounts_with(2, "noleases").await);
 }
 
 /// A reader's lookup may find the old inode just before another mount's
@@ -343,8 +343,8 @@ async fn t21_lock_idioms_are_atomic_across_mounts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t24_lock_idioms_are_atomic_across_mounts_holding_leases() {
-    lock_idioms(&Env::start_mounts_with(2, "leases").await);
+async fn t24_lock_idioms_are_atomic_across_mounts_without_leases() {
+    lock_idioms(&Env::start_mounts_with(2, "noleases").await);
 }
 
 fn lock_idioms(env: &Env) {
