@@ -103,7 +103,7 @@ impl Client {
         if changed.is_empty() {
             return;
         }
-        let inodes = lock(&c.view).take(changed, u64::MAX);
+        let inodes = lock(&c.view).take(changed);
         let _ = c.dropped.try_send(Dropped { inodes, done: None });
     }
 
@@ -117,7 +117,6 @@ impl Client {
             &mut HolderView<Cached>,
             failsafe_core::lease::ReadTicket,
             &Reply,
-            u64,
             bool,
             u64,
         ) -> bool,
@@ -162,7 +161,7 @@ impl Client {
             Ok((reply, Some(g))) => {
                 let granted = g.granted && g.term == term && term == c.term.load(Ordering::Relaxed);
                 let now = c.now();
-                if cache_it(&mut view, ticket, reply, g.index, granted, now) {
+                if cache_it(&mut view, ticket, reply, granted, now) {
                     Duration::from_millis(view.remaining(now))
                 } else {
                     Duration::ZERO
@@ -194,15 +193,15 @@ impl Client {
                 parent,
                 name: name.to_vec(),
             }),
-            move |v, t, reply, index, granted, now| match reply {
+            move |v, t, reply, granted, now| match reply {
                 Reply::Attr(a) => {
                     let a = *a;
-                    v.offer_with(t, parent, index, granted, now, |c| {
+                    v.offer_with(t, parent, granted, now, |c| {
                         c.names.insert(key2, Some(a.ino));
-                    }) && v.offer_with(t, a.ino, index, granted, now, |c| c.attr = Some(a))
+                    }) && v.offer_with(t, a.ino, granted, now, |c| c.attr = Some(a))
                 }
                 Reply::Error(e) if e.code == ErrorCode::NotFound as i32 => {
-                    v.offer_with(t, parent, index, granted, now, |c| {
+                    v.offer_with(t, parent, granted, now, |c| {
                         c.names.insert(key2, None);
                     })
                 }
@@ -221,10 +220,10 @@ impl Client {
         self.leased(
             |v, now| v.get(ino, now)?.attr,
             Query::GetAttr(pb::GetAttr { ino }),
-            move |v, t, reply, index, granted, now| match reply {
+            move |v, t, reply, granted, now| match reply {
                 Reply::Attr(a) => {
                     let a = *a;
-                    v.offer_with(t, ino, index, granted, now, |c| c.attr = Some(a))
+                    v.offer_with(t, ino, granted, now, |c| c.attr = Some(a))
                 }
                 _ => false,
             },
@@ -246,10 +245,10 @@ impl Client {
                 offset: 0,
                 length: u64::MAX >> 4,
             }),
-            move |v, t, reply, index, granted, now| match reply {
+            move |v, t, reply, granted, now| match reply {
                 Reply::FileExtents(fe) => {
                     let fe = Arc::new(fe.clone());
-                    v.offer_with(t, ino, index, granted, now, |c| {
+                    v.offer_with(t, ino, granted, now, |c| {
                         c.attr = fe.attr;
                         c.extents = Some(fe);
                     })
@@ -383,7 +382,7 @@ async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientEr
                         }
                     }
                     Some(Event::Invalidate(inv)) => {
-                        let inodes = lock(&cache.view).take(&inv.inos, inv.index);
+                        let inodes = lock(&cache.view).take(&inv.inos);
                         let (done, told) = oneshot::channel();
                         if cache.dropped.send(Dropped { inodes, done: Some(done) }).await.is_err() {
                             return Ok(());

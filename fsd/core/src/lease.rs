@@ -23,13 +23,18 @@
 //! 2. The invalidation of a change and every later renewal answer travel on
 //!    the same ordered stream: a holder that never got the invalidation
 //!    never gets a later renewal either, and its leases run out at the
-//!    expiry the change waits for at the most.
-//! 3. A read answer travels beside the stream (a unary call), so it may
-//!    arrive after an invalidation of what it read. It carries the log
-//!    index it was read at, and the holder does not cache it when it read
-//!    before an invalidation it has already seen ([`HolderView::offer`]).
-//!    A grant is registered *before* the read, so a change applied after
-//!    the registration finds the holder in the table.
+//!    expiry the change waits for at the most. A renewal that arrives after
+//!    a holder's leases ran out is refused ([`Leases::renew`]): it starts
+//!    over with nothing cached, as changes meanwhile did not tell it.
+//! 3. A grant is registered *before* the read, so a change applied after
+//!    the registration finds the holder in the table, tells it, and takes
+//!    the grant back. A read answer travels beside the stream (a unary
+//!    call), so it may arrive before or after that invalidation; the holder
+//!    does not cache an answer to a read that was in flight when it saw an
+//!    invalidation of the object ([`HolderView::offer`]), and an answer it
+//!    cached before is dropped by the invalidation. Comparing log indexes
+//!    is not enough: a read done after the change is fresh, but its grant
+//!    was taken back, so the next change would not tell the holder.
 //! 4. Grants carry the stream's epoch: a grant of a leader the holder no
 //!    longer streams with is never cached, and a new leader fences its
 //!    first changes ([`Leases::new`]'s `fence_until`) until every lease of
@@ -144,6 +149,9 @@ impl Leases {
             connected: true,
         });
         st.connected = true;
+        // It dropped everything before opening a new stream: its first
+        // renewal starts afresh even when its old leases ran out.
+        st.expires = 0;
     }
 
     /// `h`'s stream closed. Its leases stand until they run out (it may not
@@ -156,10 +164,18 @@ impl Leases {
 
     /// A renewal from `h`, received at `now`: every lease it holds lasts
     /// until `lease_ms` after it sent the request. False when `h` has no
-    /// open stream here (it must reconnect and start over).
+    /// open stream here, or its leases ran out before this arrived (it must
+    /// reconnect and start over).
+    ///
+    /// Once a holder's leases ran out here, changes neither wait for it nor
+    /// tell it, yet it still has what it cached. A renewal it sent before
+    /// (or just after) its own expiry but that arrives later would make
+    /// that valid again, stale: the model test found a stalled stream whose
+    /// old renewals, all answered at once, revived a value a finished
+    /// change had replaced.
     pub fn renew(&mut self, h: Holder, now: u64) -> bool {
         match self.holders.get_mut(&h) {
-            Some(st) if st.connected => {
+            Some(st) if st.connected && (st.expires == 0 || st.expires > now) => {
                 st.expires = st.expires.max(now + self.cfg.lease_ms + self.cfg.drift_ms);
                 true
             }
@@ -194,10 +210,12 @@ impl Leases {
     }
 
     /// `objects` changed (the change is applied); `by` is the holder whose
-    /// request it was (it updates its own cache from the answer), if any.
-    /// Returns the change's id and the holders to tell about it (each must
-    /// get the objects and the change's log index on its stream). No grants
-    /// of these objects until [`Leases::end_change`].
+    /// request it was, if any: it is not waited for (it calls
+    /// [`HolderView::forget`] on the objects when it hears the answer) but
+    /// stays a holder of them. Returns the change's id and the holders to
+    /// tell about it (each must get the objects on its stream), including
+    /// those an unfinished earlier change of the same objects waits for. No
+    /// grants of these objects until [`Leases::end_change`].
     pub fn begin_change(
         &mut self,
         objects: &[Object],
@@ -222,9 +240,33 @@ impl Leases {
                 let Some(st) = self.holders.get_mut(&h) else {
                     continue;
                 };
+                if Some(h) == by {
+                    // The writer is not waited for, but stays a holder: a
+                    // read it sent before may still be answered with what
+                    // this change replaced, so the next change must tell it.
+                    os.holders.insert(h);
+                    continue;
+                }
                 st.objects.remove(&o);
-                if Some(h) != by && st.expires > now {
+                if st.expires > now {
                     waiting.insert(h, st.expires);
+                }
+            }
+        }
+        // An earlier change of the same objects took their holders out of
+        // the table; those it still waits for may still hold what it
+        // replaced, which is older than this change too. Without this, a
+        // second change of a leased object found nobody to wait for and was
+        // done while a holder still answered with the version before the
+        // first (the model test found it).
+        for c in self.changes.values() {
+            if !c.objects.iter().any(|o| objects.contains(o)) {
+                continue;
+            }
+            for (&h, &expires) in &c.waiting {
+                if Some(h) != by && expires > now {
+                    let w = waiting.entry(h).or_insert(expires);
+                    *w = (*w).max(expires);
                 }
             }
         }
@@ -337,17 +379,21 @@ pub struct HolderView<V> {
     /// is valid).
     expires: u64,
     cached: BTreeMap<Object, V>,
-    /// The log index of the last invalidation of each object, while reads
+    /// Invalidations (and forgets) seen so far, counted.
+    dropped: u64,
+    /// When each object was last invalidated (by `dropped`), while reads
     /// sent before it may still be answered.
     invalidated: BTreeMap<Object, u64>,
     /// Reads sent and not yet answered.
     in_flight: u64,
 }
 
-/// A read sent to the leader: the stream epoch it was sent under.
+/// A read sent to the leader: the stream epoch it was sent under, and how
+/// many invalidations had been seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadTicket {
     epoch: u64,
+    dropped: u64,
 }
 
 impl<V> HolderView<V> {
@@ -357,6 +403,7 @@ impl<V> HolderView<V> {
             epoch: 0,
             expires: 0,
             cached: BTreeMap::new(),
+            dropped: 0,
             invalidated: BTreeMap::new(),
             in_flight: 0,
         }
@@ -391,14 +438,14 @@ impl<V> HolderView<V> {
         }
     }
 
-    /// The leader says `objects` changed at log index `index`: drop them.
-    /// The caller tells the kernel, then acknowledges.
-    pub fn invalidate(&mut self, objects: &[Object], index: u64) {
+    /// The leader says `objects` changed: drop them. The caller tells the
+    /// kernel, then acknowledges.
+    pub fn invalidate(&mut self, objects: &[Object]) {
+        self.dropped += 1;
         for o in objects {
             self.cached.remove(o);
             if self.in_flight > 0 {
-                let e = self.invalidated.entry(*o).or_insert(index);
-                *e = (*e).max(index);
+                self.invalidated.insert(*o, self.dropped);
             }
         }
     }
@@ -406,24 +453,26 @@ impl<V> HolderView<V> {
     /// Before sending a read that may grant a lease.
     pub fn read_sent(&mut self) -> ReadTicket {
         self.in_flight += 1;
-        ReadTicket { epoch: self.epoch }
+        ReadTicket {
+            epoch: self.epoch,
+            dropped: self.dropped,
+        }
     }
 
-    /// The answer to a read: `value` of `object`, read at log index
-    /// `index`, `granted` or not. Caches it when the grant belongs to the
-    /// current stream and no invalidation newer than the read was seen.
+    /// The answer to a read: `value` of `object`, `granted` or not. Caches
+    /// it when the grant belongs to the current stream and `object` was not
+    /// invalidated (or forgotten) since the read was sent: whatever the read
+    /// returned, such a grant may have been taken back by the change.
     /// Returns whether it was cached.
     pub fn offer(
         &mut self,
         ticket: ReadTicket,
         object: Object,
         value: V,
-        index: u64,
         granted: bool,
         now: u64,
     ) -> bool {
-        let fresh = self.invalidated.get(&object).is_none_or(|&i| index >= i);
-        let ok = granted && ticket.epoch == self.epoch && fresh && now < self.expires;
+        let ok = self.may_cache(ticket, object, granted, now);
         if ok {
             self.cached.insert(object, value);
         }
@@ -437,7 +486,6 @@ impl<V> HolderView<V> {
         &mut self,
         ticket: ReadTicket,
         object: Object,
-        index: u64,
         granted: bool,
         now: u64,
         update: impl FnOnce(&mut V),
@@ -445,22 +493,30 @@ impl<V> HolderView<V> {
     where
         V: Default,
     {
-        let fresh = self.invalidated.get(&object).is_none_or(|&i| index >= i);
-        let ok = granted && ticket.epoch == self.epoch && fresh && now < self.expires;
+        let ok = self.may_cache(ticket, object, granted, now);
         if ok {
             update(self.cached.entry(object).or_default());
         }
         ok
     }
 
-    /// Drops `objects` and returns what was cached for them (the caller
-    /// tells the kernel about each name it had answered).
-    pub fn take(&mut self, objects: &[Object], index: u64) -> Vec<(Object, V)> {
+    fn may_cache(&self, ticket: ReadTicket, object: Object, granted: bool, now: u64) -> bool {
+        let fresh = self
+            .invalidated
+            .get(&object)
+            .is_none_or(|&at| at <= ticket.dropped);
+        granted && ticket.epoch == self.epoch && fresh && now < self.expires
+    }
+
+    /// Drops `objects` (as [`HolderView::invalidate`]) and returns what was
+    /// cached for them (the caller tells the kernel about each name it had
+    /// answered).
+    pub fn take(&mut self, objects: &[Object]) -> Vec<(Object, V)> {
         let out = objects
             .iter()
             .filter_map(|o| self.cached.remove(o).map(|v| (*o, v)))
             .collect();
-        self.invalidate(objects, index);
+        self.invalidate(objects);
         out
     }
 
@@ -482,9 +538,12 @@ impl<V> HolderView<V> {
         }
     }
 
-    /// Drops `object` (this mount changed it, or no longer needs it).
+    /// Drops `object` (this mount changed it, or no longer needs it). A
+    /// read of it in flight is not cached either: when this mount changed
+    /// it, the leader neither waited for nor told this mount, and the read
+    /// may have returned what the change replaced.
     pub fn forget(&mut self, object: Object) {
-        self.cached.remove(&object);
+        self.invalidate(&[object]);
     }
 
     /// How long what is cached stays valid from `now`, for the kernel's
@@ -529,6 +588,8 @@ mod tests {
         assert_eq!(l.poll_change(id, 520), ChangePoll::Done);
         l.end_change(id);
         assert_eq!(l.grant(1, &[10], 530), vec![false], "run out");
+        assert!(!l.renew(1, 530), "run out: it must start over");
+        l.connect(1);
         assert!(l.renew(1, 530));
         assert_eq!(l.grant(1, &[10], 530), vec![true]);
     }
@@ -558,7 +619,9 @@ mod tests {
         let (b, _) = l.begin_change(&[10], Some(2), 20);
         l.end_change(b);
         assert_eq!(l.grant(1, &[10], 30), vec![false]);
-        l.renew(1, 5_100);
+        // (Its leases ran out meanwhile: it starts over.)
+        l.connect(1);
+        assert!(l.renew(1, 5_100));
         assert_eq!(l.grant(1, &[10], 5_100), vec![true]);
     }
 
@@ -572,17 +635,122 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_read_before_an_invalidation_is_not_cached() {
+    fn an_answer_to_a_read_in_flight_across_an_invalidation_is_not_cached() {
         let mut v: HolderView<&str> = HolderView::new(400);
         let e = v.reconnected();
         v.renewed(e, 0);
-        let t = v.read_sent();
-        v.invalidate(&[10], 7);
-        assert!(!v.offer(t, 10, "old", 6, true, 10));
-        assert!(v.offer(t, 10, "new", 7, true, 10));
-        v.read_done(t);
+        let before = v.read_sent();
+        v.invalidate(&[10]);
+        let after = v.read_sent();
+        assert!(!v.offer(before, 10, "old or new", true, 10));
+        v.read_done(before);
+        assert!(v.offer(after, 10, "new", true, 10));
+        v.read_done(after);
         assert_eq!(v.get(10, 10), Some(&"new"));
         assert_eq!(v.get(10, 400), None, "run out");
+    }
+
+    // The model test (tests/lease_model.rs) found each of the following.
+
+    /// A leader whose `holders` connected and renewed at 0, and the view of
+    /// the first of them.
+    fn streaming(holders: &[Holder]) -> (Leases, HolderView<&'static str>) {
+        let mut l = Leases::new(CFG, 0);
+        let mut v = HolderView::new(CFG.lease_ms);
+        let e = v.reconnected();
+        for &h in holders {
+            l.connect(h);
+            assert!(l.renew(h, 0));
+        }
+        v.renewed(e, 0);
+        (l, v)
+    }
+
+    #[test]
+    fn issue_12_a_second_change_waits_for_whom_the_first_still_waits_for() {
+        let mut l = Leases::new(CFG, 0);
+        for h in [1, 2] {
+            l.connect(h);
+            assert!(l.renew(h, 0));
+        }
+        assert_eq!(l.grant(1, &[10], 0), vec![true]);
+        // 1 caches version 1; change A makes version 2 and tells 1, whose
+        // stream is slow.
+        let (a, tell) = l.begin_change(&[10], None, 10);
+        assert_eq!(tell, vec![1]);
+        // Change B makes version 3 before 1 heard of A. Were B done at
+        // once, 1 would still answer version 1 after B's writer heard.
+        let (b, tell) = l.begin_change(&[10], Some(2), 20);
+        assert_eq!(tell, vec![1]);
+        assert_eq!(l.poll_change(b, 20), ChangePoll::WaitUntil(420));
+        l.ack(1, a);
+        assert_eq!(l.poll_change(b, 30), ChangePoll::WaitUntil(420));
+        l.ack(1, b);
+        assert_eq!(l.poll_change(b, 40), ChangePoll::Done);
+    }
+
+    #[test]
+    fn issue_12_a_renewal_that_arrives_after_the_leases_ran_out_is_refused() {
+        let (mut l, mut v) = streaming(&[1]);
+        let t = v.read_sent();
+        assert_eq!(l.grant(1, &[10], 5), vec![true]);
+        assert!(v.offer(t, 10, "version 1", true, 10));
+        v.read_done(t);
+        // 1's stream stalls with a renewal sent at 300 in it. Its leases
+        // run out at 420 here; a change at 430 neither tells nor waits.
+        let (c, tell) = l.begin_change(&[10], None, 430);
+        assert!(tell.is_empty());
+        assert_eq!(l.poll_change(c, 430), ChangePoll::Done);
+        // The renewal arrives at 440. Answering it would let 1 use
+        // "version 1" until 700.
+        assert!(!l.renew(1, 440));
+        v.lost();
+        let e = v.reconnected();
+        l.connect(1);
+        assert!(l.renew(1, 450));
+        v.renewed(e, 445);
+        assert_eq!(v.get(10, 450), None);
+    }
+
+    #[test]
+    fn issue_12_a_read_granted_before_a_change_and_done_after_it_is_not_cached() {
+        let (mut l, mut v) = streaming(&[1]);
+        let t = v.read_sent();
+        assert_eq!(l.grant(1, &[10], 5), vec![true]);
+        // A change lands between the grant and the read: 1 is told, and
+        // its grant is taken back.
+        let (a, tell) = l.begin_change(&[10], None, 6);
+        assert_eq!(tell, vec![1]);
+        v.invalidate(&[10]);
+        l.ack(1, a);
+        assert_eq!(l.poll_change(a, 8), ChangePoll::Done);
+        l.end_change(a);
+        // The read returns the new version, but a later change would not
+        // tell 1: caching it would go stale.
+        assert!(!v.offer(t, 10, "version 2", true, 9));
+        v.read_done(t);
+        let (_, tell) = l.begin_change(&[10], None, 20);
+        assert!(tell.is_empty());
+    }
+
+    #[test]
+    fn issue_12_the_writer_stays_a_holder_and_its_read_in_flight_is_not_cached() {
+        let (mut l, mut v) = streaming(&[1, 2]);
+        // 1 reads 10 (granted, version 1 read), then changes it itself.
+        let t = v.read_sent();
+        assert_eq!(l.grant(1, &[10], 5), vec![true]);
+        let (a, tell) = l.begin_change(&[10], Some(1), 10);
+        assert!(tell.is_empty(), "the writer is not waited for");
+        assert_eq!(l.poll_change(a, 10), ChangePoll::Done);
+        l.end_change(a);
+        // Its read may still be answered with version 1, before or after
+        // it hears of its own change: the next change must tell it...
+        let (_, tell) = l.begin_change(&[10], Some(2), 20);
+        assert_eq!(tell, vec![1]);
+        // ...and once it forgot what it changed, the answer is not cached.
+        v.forget(10);
+        assert!(!v.offer(t, 10, "version 1", true, 30));
+        v.read_done(t);
     }
 
     #[test]
@@ -593,7 +761,7 @@ mod tests {
         let t = v.read_sent();
         let e2 = v.reconnected();
         v.renewed(e2, 5);
-        assert!(!v.offer(t, 10, "from the old leader", 3, true, 10));
+        assert!(!v.offer(t, 10, "from the old leader", true, 10));
         v.read_done(t);
         assert_eq!(v.get(10, 10), None);
     }
