@@ -369,7 +369,7 @@ fn serve(args: Args) -> Result<(), String> {
 /// its own, holding no lock a request handler takes: the kernel may make a
 /// notification wait for a request in the same directory to finish.
 fn notify_kernel(
-    mut dropped: tokio::sync::mpsc::Receiver<failsafe_client::Dropped>,
+    mut dropped: tokio::sync::mpsc::UnboundedReceiver<failsafe_client::Dropped>,
     notifier: fuser::Notifier,
     core: Arc<core::Core>,
 ) -> Result<(), String> {

@@ -41,12 +41,18 @@ pub struct Dropped {
     pub done: Option<oneshot::Sender<()>>,
 }
 
+/// Inodes cached at most; more, and the cache starts over.
+const MAX_CACHED: usize = 200_000;
+
 pub(crate) struct LeaseCache {
     view: Mutex<HolderView<Cached>>,
     start: Instant,
     /// The term of the current stream's leader; 0: no stream.
     term: AtomicU64,
-    dropped: mpsc::Sender<Dropped>,
+    /// Unbounded, so that dropping from the cache and queueing for the
+    /// kernel happen under the one lock: the kernel hears of drops in the
+    /// order they happened, and an acknowledgement never overtakes a drop.
+    dropped: mpsc::UnboundedSender<Dropped>,
 }
 
 fn lock(m: &Mutex<HolderView<Cached>>) -> std::sync::MutexGuard<'_, HolderView<Cached>> {
@@ -69,8 +75,8 @@ pub struct Leased<T> {
 impl Client {
     /// Starts the lease stream; returns what invalidations take away, for
     /// the owner to pass on to the kernel (and answer).
-    pub fn enable_leases(&self) -> mpsc::Receiver<Dropped> {
-        let (dropped, rx) = mpsc::channel(1024);
+    pub fn enable_leases(&self) -> mpsc::UnboundedReceiver<Dropped> {
+        let (dropped, rx) = mpsc::unbounded_channel();
         let cache = Arc::new(LeaseCache {
             view: Mutex::new(HolderView::new(0)),
             start: Instant::now(),
@@ -103,8 +109,9 @@ impl Client {
         if changed.is_empty() {
             return;
         }
-        let inodes = lock(&c.view).take(changed);
-        let _ = c.dropped.try_send(Dropped { inodes, done: None });
+        let mut view = lock(&c.view);
+        let inodes = view.take(changed);
+        let _ = c.dropped.send(Dropped { inodes, done: None });
     }
 
     /// Reads `q` for the lease cache: from memory when cached, else from
@@ -170,6 +177,12 @@ impl Client {
             _ => Duration::ZERO,
         };
         view.read_done(ticket);
+        // Bounded: past the limit everything goes (and the kernel is told,
+        // in order with any invalidation that follows).
+        if view.len() > MAX_CACHED {
+            let inodes = view.drain();
+            let _ = c.dropped.send(Dropped { inodes, done: None });
+        }
         drop(view);
         let (reply, _) = read?;
         answer(reply).map(|value| Leased { value, ttl })
@@ -282,7 +295,15 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             tracing::debug!(error = %e, "lease stream ended");
         }
         cache.term.store(0, Ordering::Relaxed);
-        lock(&cache.view).lost();
+        {
+            // The kernel may hold what was cached for as long as the leases
+            // lasted, and a change on the next stream would not know to
+            // wait for that: tell it now, before anything that follows.
+            let mut view = lock(&cache.view);
+            let inodes = view.drain();
+            view.lost();
+            let _ = cache.dropped.send(Dropped { inodes, done: None });
+        }
         if cache.dropped.is_closed() {
             return;
         }
@@ -382,10 +403,13 @@ async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientEr
                         }
                     }
                     Some(Event::Invalidate(inv)) => {
-                        let inodes = lock(&cache.view).take(&inv.inos);
                         let (done, told) = oneshot::channel();
-                        if cache.dropped.send(Dropped { inodes, done: Some(done) }).await.is_err() {
-                            return Ok(());
+                        {
+                            let mut view = lock(&cache.view);
+                            let inodes = view.take(&inv.inos);
+                            if cache.dropped.send(Dropped { inodes, done: Some(done) }).is_err() {
+                                return Ok(());
+                            }
                         }
                         // The owner told the kernel (or gave up): acknowledge.
                         let _ = tokio::time::timeout(Duration::from_millis(lease_ms), told).await;

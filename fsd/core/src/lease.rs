@@ -520,6 +520,22 @@ impl<V> HolderView<V> {
         out
     }
 
+    /// How many objects are cached.
+    pub fn len(&self) -> usize {
+        self.cached.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cached.is_empty()
+    }
+
+    /// Drops everything cached (to bound memory) and returns it, for the
+    /// caller to tell the kernel, as for [`HolderView::take`].
+    pub fn drain(&mut self) -> Vec<(Object, V)> {
+        let objects: Vec<Object> = self.cached.keys().copied().collect();
+        self.take(&objects)
+    }
+
     /// A read answered (or failed): call once per [`HolderView::read_sent`],
     /// after its [`HolderView::offer`]s.
     pub fn read_done(&mut self, _ticket: ReadTicket) {
