@@ -23,16 +23,6 @@ pub(crate) fn refused(e: pb::CommandError) -> ClientError {
     }
 }
 
-fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Unknown
-            | tonic::Code::Aborted
-    )
-}
 
 fn unexpected(what: &str) -> ClientError {
     ClientError::Unavailable(format!("unexpected reply to {what}"))
@@ -133,7 +123,7 @@ impl Client {
                 {
                     Ok(r) => return Ok(r),
                     Err(e @ ClientError::Refused { .. }) => return Err(e),
-                    Err(ClientError::Rejected { status, .. }) if !is_transient(&status) => {
+                    Err(ClientError::Rejected { status, .. }) if !crate::net::is_transient(&status) => {
                         return Err(ClientError::Rejected { addr, status })
                     }
                     Err(e) => why = e.to_string(),

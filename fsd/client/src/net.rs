@@ -455,18 +455,33 @@ impl Client {
             .get(LEADER_ADDR_KEY)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        match status.code() {
-            // Transient: the member is down, frozen, electing, or not the leader.
-            Code::Unavailable
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Aborted => Attempt::Retry(hint.filter(|h| !h.is_empty())),
-            _ => Attempt::Fail(ClientError::Rejected {
+        if is_transient(&status) {
+            Attempt::Retry(hint.filter(|h| !h.is_empty()))
+        } else {
+            Attempt::Fail(ClientError::Rejected {
                 addr: addr.to_string(),
                 status,
-            }),
+            })
         }
+    }
+}
+
+/// Whether another attempt (elsewhere, or later) may succeed: the member is
+/// down, frozen, electing or not the leader, or the connection broke under
+/// the call (tonic reports some HTTP/2 failures as `Internal`, not as a
+/// server's answer).
+pub(crate) fn is_transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Unknown
+        | Code::Aborted => true,
+        Code::Internal => {
+            let m = status.message();
+            m.contains("h2 protocol error") || m.contains("transport error")
+        }
+        _ => false,
     }
 }
 
