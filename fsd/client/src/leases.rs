@@ -316,8 +316,19 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
 }
 
 async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientError> {
-    let rpc_timeout = client.inner.cfg.rpc_timeout;
     let addr = client.leader_addr().await?;
+    let r = stream_at(client, cache, &addr).await;
+    if r.is_err() {
+        // Whatever went wrong there, the next stream asks who leads; a
+        // leader hint, if it gave one, was followed already.
+        client.forget_leader(&addr);
+    }
+    r
+}
+
+async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<(), ClientError> {
+    let rpc_timeout = client.inner.cfg.rpc_timeout;
+    let addr = addr.to_string();
     let (out, outbound) = mpsc::channel(64);
     let say = |msg| pb::WatchRequest {
         header: client.header(),

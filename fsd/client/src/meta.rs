@@ -23,7 +23,6 @@ pub(crate) fn refused(e: pb::CommandError) -> ClientError {
     }
 }
 
-
 fn unexpected(what: &str) -> ClientError {
     ClientError::Unavailable(format!("unexpected reply to {what}"))
 }
@@ -123,7 +122,9 @@ impl Client {
                 {
                     Ok(r) => return Ok(r),
                     Err(e @ ClientError::Refused { .. }) => return Err(e),
-                    Err(ClientError::Rejected { status, .. }) if !crate::net::is_transient(&status) => {
+                    Err(ClientError::Rejected { status, .. })
+                        if !crate::net::is_transient(&status) =>
+                    {
                         return Err(ClientError::Rejected { addr, status })
                     }
                     Err(e) => why = e.to_string(),

@@ -332,6 +332,15 @@ impl Client {
     }
 
     /// Records a call that got no answer in time.
+    /// `addr` turned out not to lead (or not to answer as the leader): ask
+    /// around again next time.
+    pub(crate) fn forget_leader(&self, addr: &str) {
+        let mut r = self.routing();
+        if r.leader.as_deref() == Some(addr) {
+            r.leader = None;
+        }
+    }
+
     pub(crate) fn record_timeout(&self, addr: &str) {
         let mut r = self.routing();
         let until = Instant::now() + self.inner.cfg.rpc_timeout * 3;
