@@ -176,54 +176,47 @@ impl LeaseTable {
         inner.table.grant(holder, objects, now).iter().all(|g| *g)
     }
 
-    /// After a change to `objects` applied at log index `index`: tells
-    /// every other holder and returns once each has acknowledged or its
-    /// leases have run out. `by`: the holder whose request it was.
-    pub(crate) async fn changed(&self, objects: &[Object], by: Option<Holder>, index: u64) {
+    /// A change to `objects` (about to be proposed, or applied at log
+    /// index `index`, 0 when not known yet): tells every other holder now,
+    /// and grants none of them until the returned change is over. `by`:
+    /// the holder whose request it is. Wait for the holders with
+    /// [`Change::done`]; dropping it ends the change without waiting (the
+    /// command failed).
+    pub(crate) fn begin(&self, objects: &[Object], by: Option<Holder>, index: u64) -> Change<'_> {
         if objects.is_empty() {
-            return;
-        }
-        let id = {
-            let now = self.now();
-            let mut inner = lock(&self.inner);
-            let (id, tell) = inner.table.begin_change(objects, by, now);
-            let event = pb::WatchEvent {
-                event: Some(Event::Invalidate(pb::Invalidate {
-                    change_id: id,
-                    index,
-                    inos: objects.to_vec(),
-                })),
+            return Change {
+                table: self,
+                id: None,
             };
-            for h in tell {
-                let sent = inner
-                    .streams
-                    .get(&h)
-                    .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
-                if !sent {
-                    // Its stream is gone or stuck: it cannot acknowledge,
-                    // so the change waits for its leases to run out.
-                    if inner.streams.remove(&h).is_some() {
-                        tracing::info!(holder = h, "lease stream stuck; closing it");
-                    }
-                    inner.table.disconnect(h);
-                }
-            }
-            id
+        }
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        let (id, tell) = inner.table.begin_change(objects, by, now);
+        let event = pb::WatchEvent {
+            event: Some(Event::Invalidate(pb::Invalidate {
+                change_id: id,
+                index,
+                inos: objects.to_vec(),
+            })),
         };
-        loop {
-            let notified = self.acked.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let poll = lock(&self.inner).table.poll_change(id, self.now());
-            match poll {
-                ChangePoll::Done => break,
-                ChangePoll::WaitUntil(t) => {
-                    let wait = Duration::from_millis(t.saturating_sub(self.now()).max(1));
-                    let _ = tokio::time::timeout(wait, notified).await;
+        for h in tell {
+            let sent = inner
+                .streams
+                .get(&h)
+                .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
+            if !sent {
+                // Its stream is gone or stuck: it cannot acknowledge, so the
+                // change waits for its leases to run out.
+                if inner.streams.remove(&h).is_some() {
+                    tracing::info!(holder = h, "lease stream stuck; closing it");
                 }
+                inner.table.disconnect(h);
             }
         }
-        lock(&self.inner).table.end_change(id);
+        Change {
+            table: self,
+            id: Some(id),
+        }
     }
 
     /// Before this member hands leadership to another on purpose (which
@@ -242,6 +235,43 @@ impl LeaseTable {
     pub(crate) fn sizes(&self) -> (usize, usize) {
         let inner = lock(&self.inner);
         (inner.streams.len(), inner.table.sizes().1)
+    }
+}
+
+/// A change that holders were told of (`LeaseTable::begin`).
+pub(crate) struct Change<'a> {
+    table: &'a LeaseTable,
+    id: Option<u64>,
+}
+
+impl Change<'_> {
+    /// Returns once every holder told has acknowledged or its leases have
+    /// run out.
+    pub(crate) async fn done(self) {
+        let Some(id) = self.id else { return };
+        let t = self.table;
+        loop {
+            let notified = t.acked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let poll = lock(&t.inner).table.poll_change(id, t.now());
+            match poll {
+                ChangePoll::Done => break,
+                ChangePoll::WaitUntil(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(t.now()).max(1));
+                    let _ = tokio::time::timeout(wait, notified).await;
+                }
+            }
+        }
+        // Dropped here: the change ends.
+    }
+}
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            lock(&self.table.inner).table.end_change(id);
+        }
     }
 }
 
@@ -288,7 +318,7 @@ mod tests {
         ));
         assert!(t.grant(7, &[42]));
         let t2 = t.clone();
-        let change = tokio::spawn(async move { t2.changed(&[42], None, 99).await });
+        let change = tokio::spawn(async move { t2.begin(&[42], None, 99).done().await });
         let Some(Ok(pb::WatchEvent {
             event: Some(Event::Invalidate(inv)),
         })) = rx.recv().await

@@ -279,6 +279,11 @@ impl Tracker {
                 changed: Vec::new(),
             });
         }
+        // Holders of what the command names are told now, in parallel with
+        // its trip through the log; those of inodes found by name (an
+        // unlinked or replaced file) once it has applied.
+        let known = state::known_touched(&cmd);
+        let early = self.leases.as_ref().map(|l| l.begin(&known, by, 0));
         let (index, result) = {
             // Held while leadership is being handed over (not while the
             // change waits for lease holders below).
@@ -291,7 +296,19 @@ impl Tracker {
             self.group.propose(cmd).await?
         };
         if let Some(leases) = &self.leases {
-            leases.changed(&result.changed, by, index).await;
+            let found: Vec<u64> = result
+                .changed
+                .iter()
+                .filter(|o| !known.contains(o))
+                .copied()
+                .collect();
+            let late = leases.begin(&found, by, index);
+            // A refused command changed nothing: no need to wait for the
+            // holders told early (dropping it ends the change).
+            if let Some(early) = early.filter(|_| !result.changed.is_empty()) {
+                early.done().await;
+            }
+            late.done().await;
         }
         Ok(result)
     }

@@ -25,7 +25,7 @@ mod testing;
 use failsafe_core::validate_name;
 use failsafe_proto::pb::ErrorCode;
 
-pub(crate) use apply::{apply, validate};
+pub(crate) use apply::{apply, known_touched, validate};
 pub(crate) use blocks::old_inline;
 pub use health::ReplicationCounts;
 pub(crate) use health::{
