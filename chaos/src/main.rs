@@ -119,20 +119,15 @@ fn main() -> ExitCode {
             (vec![Scenario::random(opts.seed, duration, hosts)], opts)
         }
     };
-    let scenarios: Vec<Scenario> = scenarios
-        .into_iter()
-        .map(|mut s| {
-            if let Some(extra) = &opts.mount_options {
-                s.mount_options = [s.mount_options.as_str(), extra.as_str()]
-                    .iter()
-                    .filter(|o| !o.is_empty())
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(",");
+    let mut scenarios = scenarios;
+    if let Some(extra) = opts.mount_options.as_deref().filter(|o| !o.is_empty()) {
+        for s in &mut scenarios {
+            if !s.mount_options.is_empty() {
+                s.mount_options.push(',');
             }
-            s
-        })
-        .collect();
+            s.mount_options.push_str(extra);
+        }
+    }
     let use_net = !opts.loopback
         && match net::available() {
             Ok(()) => true,

@@ -172,11 +172,7 @@ impl Core {
     }
 
     /// The kernel's number for tracker inode `ino`.
-    pub(crate) fn kernel_ino(&self, ino: u64) -> u64 {
-        self.f(ino)
-    }
-
-    fn f(&self, ino: u64) -> u64 {
+    pub(crate) fn f(&self, ino: u64) -> u64 {
         if ino == self.root {
             fuser::INodeNo::ROOT.0
         } else {

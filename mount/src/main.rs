@@ -379,7 +379,7 @@ fn notify_kernel(
         .spawn(move || {
             while let Some(d) = dropped.blocking_recv() {
                 for (ino, cached) in &d.inodes {
-                    let kino = fuser::INodeNo(core.kernel_ino(*ino));
+                    let kino = fuser::INodeNo(core.f(*ino));
                     for name in cached.names.keys() {
                         // ENOENT: the kernel held nothing under that name.
                         let _ = notifier.inval_entry(kino, std::ffi::OsStr::from_bytes(name));

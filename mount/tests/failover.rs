@@ -288,26 +288,6 @@ fn group_writer(
     }
 }
 
-/// Sums a counter over the hosts that are up, from their /metrics.
-fn metric_sum(env: &Env, name: &str) -> u64 {
-    let mut sum = 0;
-    for h in &env.cluster.hosts {
-        let Some(port) = h.addr.rsplit(':').next().and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        let Ok(reply) = failsafe_harness::httpc::request(port, "GET", "/metrics", "", "") else {
-            continue;
-        };
-        sum += reply
-            .body
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>();
-    }
-    sum
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_once_across_a_leader_kill(
 ) {
@@ -325,8 +305,16 @@ async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_onc
         let (s, r, d) = (stop.clone(), rec.clone(), done.clone());
         workers.push(std::thread::spawn(move || group_writer(root, w, s, r, d)));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let batched_before_kill = metric_sum(&env, "failsafe_tracker_batched_entries_total");
+    // Until the writers' commands have shared entries (the leader counts
+    // them), so the kill lands in the middle of batches.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let batched_before_kill = loop {
+        let n = env.metric_sum("failsafe_tracker_batched_entries_total");
+        if n > 0 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let status = env.cluster.client().await.unwrap().status().await.unwrap();
     let leader = env
         .cluster
@@ -336,6 +324,9 @@ async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_onc
         .expect("the leader is one of ours");
     eprintln!("kill -9 the leader, host {leader}, in the middle of the writers' batches");
     env.cluster.kill(leader);
+    let at_kill = done.lock().unwrap().len();
+    // Writers go on under the new leader (and some steps finish there)
+    // before the old one returns.
     tokio::time::sleep(Duration::from_secs(6)).await;
     env.cluster.restart(leader, true).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -357,6 +348,10 @@ async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_onc
     assert!(
         batched_before_kill > 0,
         "sixteen concurrent writers shared no log entry"
+    );
+    assert!(
+        done.len() > at_kill,
+        "no step finished after the leader was killed"
     );
     // Every step is there exactly once, seen from both mounts.
     for m in &env.mounts {
@@ -395,7 +390,7 @@ async fn t43_a_frozen_mount_holding_leases_holds_a_writer_elsewhere_up_only_unti
     let (a, b) = (&env.mounts[0], &env.mounts[1]);
     fs::write(a.p("page.txt"), "rev 0").unwrap();
     // B reads the page (and leases what it looked at), then freezes.
-    std::thread::sleep(Duration::from_secs(1));
+    env.wait_for_lease_streams(2);
     for _ in 0..3 {
         assert_eq!(fs::read_to_string(b.p("page.txt")).unwrap(), "rev 0");
     }

@@ -124,8 +124,10 @@ async fn t50_inline_data_survives_the_loss_of_any_one_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t51_inline_data_becomes_blocks_on_distinct_zones_later() {
-    let mut env = Env::start_with(1, &["--blockify-after-ms", "500"]).await;
-    let page = b"A page saved inline, made a block half a second later.\n".repeat(30);
+    // Three seconds: both appends below are inline by then, so they become
+    // one block even on a slow machine.
+    let mut env = Env::start_with(1, &["--blockify-after-ms", "3000"]).await;
+    let page = b"A page saved inline, made a block a few seconds later.\n".repeat(30);
     let m = env.mounts[0].path.clone();
     write_synced(&m.join("page.txt"), &page, false);
     // Two appends: adjacent inline extents, one block.

@@ -243,7 +243,9 @@ async fn t10_posix_behaviour() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t20_close_to_open_across_two_mounts() {
-    close_to_open(&Env::start(2).await);
+    let env = Env::start(2).await;
+    env.wait_for_lease_streams(2);
+    close_to_open(&env);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -291,7 +293,9 @@ fn close_to_open(env: &Env) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t22_a_page_being_replaced_by_rename_never_reads_as_missing() {
-    replaced_by_rename(&Env::start(2).await);
+    let env = Env::start(2).await;
+    env.wait_for_lease_streams(2);
+    replaced_by_rename(&env);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -339,7 +343,9 @@ fn replaced_by_rename(env: &Env) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t21_lock_idioms_are_atomic_across_mounts() {
-    lock_idioms(&Env::start(2).await);
+    let env = Env::start(2).await;
+    env.wait_for_lease_streams(2);
+    lock_idioms(&env);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -289,7 +289,7 @@ async fn under_leases_an_unchanged_page_is_stat_and_read_from_memory() {
     wiki(&m.path);
     // The lease stream comes up in the background; until then every read
     // asks.
-    std::thread::sleep(Duration::from_secs(1));
+    env.wait_for_lease_streams(1);
     let before = table(&stats_after(&stats, SystemTime::now()));
     save_page(&m.path);
     let saved = table(&stats_after(&stats, SystemTime::now()));

@@ -295,15 +295,21 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             tracing::debug!(error = %e, "lease stream ended");
         }
         cache.term.store(0, Ordering::Relaxed);
+        let (done, told) = oneshot::channel();
         {
             // The kernel may hold what was cached for as long as the leases
-            // lasted, and a change on the next stream would not know to
-            // wait for that: tell it now, before anything that follows.
+            // lasted, and the next stream's leader does not know to wait for
+            // that: tell the kernel, and wait until it is told before
+            // reconnecting.
             let mut view = lock(&cache.view);
             let inodes = view.drain();
             view.lost();
-            let _ = cache.dropped.send(Dropped { inodes, done: None });
+            let _ = cache.dropped.send(Dropped {
+                inodes,
+                done: Some(done),
+            });
         }
+        let _ = told.await;
         if cache.dropped.is_closed() {
             return;
         }
@@ -422,7 +428,11 @@ async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<()
                                 return Ok(());
                             }
                         }
-                        // The owner told the kernel (or gave up): acknowledge.
+                        // The owner told the kernel: acknowledge. If it takes
+                        // longer than a lease, acknowledging is still safe:
+                        // whatever the kernel was given about these inodes
+                        // was given before this invalidation, for at most
+                        // what was left of a lease then.
                         let _ = tokio::time::timeout(Duration::from_millis(lease_ms), told).await;
                         if out.send(say(Msg::Ack(pb::WatchAck { change_id: inv.change_id }))).await.is_err() {
                             return Ok(());

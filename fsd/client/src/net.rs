@@ -331,7 +331,6 @@ impl Client {
         r.rtt.insert(addr.to_string(), smoothed);
     }
 
-    /// Records a call that got no answer in time.
     /// `addr` turned out not to lead (or not to answer as the leader): ask
     /// around again next time.
     pub(crate) fn forget_leader(&self, addr: &str) {
@@ -341,6 +340,7 @@ impl Client {
         }
     }
 
+    /// Records a call that got no answer in time.
     pub(crate) fn record_timeout(&self, addr: &str) {
         let mut r = self.routing();
         let until = Instant::now() + self.inner.cfg.rpc_timeout * 3;

@@ -137,10 +137,6 @@ impl Leases {
         }
     }
 
-    pub fn config(&self) -> LeaseConfig {
-        self.cfg
-    }
-
     /// `h` opened its stream. It holds nothing until its first renewal.
     pub fn connect(&mut self, h: Holder) {
         let st = self.holders.entry(h).or_insert(HolderState {
@@ -566,10 +562,6 @@ impl<V> HolderView<V> {
     /// entry and attribute timeouts.
     pub fn remaining(&self, now: u64) -> u64 {
         self.expires.saturating_sub(now)
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch
     }
 }
 

@@ -74,6 +74,39 @@ impl Env {
         env
     }
 
+    /// Sums a counter over the hosts that are up, from their /metrics.
+    pub(crate) fn metric_sum(&self, name: &str) -> u64 {
+        let mut sum = 0;
+        for h in &self.cluster.hosts {
+            let Some(port) = h.addr.rsplit(':').next().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            let Ok(reply) = failsafe_harness::httpc::request(port, "GET", "/metrics", "", "")
+            else {
+                continue;
+            };
+            sum += reply
+                .body
+                .lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        sum
+    }
+
+    /// Waits until the leader has `n` mounts' lease streams open.
+    pub(crate) fn wait_for_lease_streams(&self, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while self.metric_sum("failsafe_lease_streams") < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} lease streams did not open"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub(crate) fn mount(&mut self, zone: &str) -> usize {
         self.mount_with(zone, "")
     }

@@ -34,8 +34,7 @@ const MAX_BYTES: usize = 1024 * 1024;
 /// wait, which is the back-pressure the mounts feel.
 const QUEUE: usize = 4096;
 
-/// A command's result and the log index of the entry that carried it.
-type Answer = Result<(u64, pb::CommandResult), TrackerError>;
+type Answer = Result<pb::CommandResult, TrackerError>;
 
 struct Pending {
     cmd: pb::Command,
@@ -143,9 +142,7 @@ async fn commit(raft: &Raft, mut group: Vec<Pending>) {
     if group.len() == 1 {
         if let Some(p) = group.pop() {
             let r = raft.client_write(p.cmd).await;
-            let _ = p
-                .reply
-                .send(r.map(|r| (r.log_id.index, r.data)).map_err(write_error));
+            let _ = p.reply.send(r.map(|r| r.data).map_err(write_error));
         }
         return;
     }
@@ -158,9 +155,8 @@ async fn commit(raft: &Raft, mut group: Vec<Pending>) {
     match raft.client_write(batch).await {
         Ok(resp) => match resp.data.result {
             Some(R::Batch(b)) if b.results.len() == n => {
-                let index = resp.log_id.index;
                 for (reply, result) in replies.into_iter().zip(b.results) {
-                    let _ = reply.send(Ok((index, result)));
+                    let _ = reply.send(Ok(result));
                 }
             }
             other => {

@@ -176,13 +176,13 @@ impl LeaseTable {
         inner.table.grant(holder, objects, now).iter().all(|g| *g)
     }
 
-    /// A change to `objects` (about to be proposed, or applied at log
-    /// index `index`, 0 when not known yet): tells every other holder now,
+    /// A change to `objects` (about to be proposed, or applied): tells every
+    /// other holder now,
     /// and grants none of them until the returned change is over. `by`:
     /// the holder whose request it is. Wait for the holders with
     /// [`Change::done`]; dropping it ends the change without waiting (the
     /// command failed).
-    pub(crate) fn begin(&self, objects: &[Object], by: Option<Holder>, index: u64) -> Change<'_> {
+    pub(crate) fn begin(&self, objects: &[Object], by: Option<Holder>) -> Change<'_> {
         if objects.is_empty() {
             return Change {
                 table: self,
@@ -195,7 +195,6 @@ impl LeaseTable {
         let event = pb::WatchEvent {
             event: Some(Event::Invalidate(pb::Invalidate {
                 change_id: id,
-                index,
                 inos: objects.to_vec(),
             })),
         };
@@ -318,14 +317,14 @@ mod tests {
         ));
         assert!(t.grant(7, &[42]));
         let t2 = t.clone();
-        let change = tokio::spawn(async move { t2.begin(&[42], None, 99).done().await });
+        let change = tokio::spawn(async move { t2.begin(&[42], None).done().await });
         let Some(Ok(pb::WatchEvent {
             event: Some(Event::Invalidate(inv)),
         })) = rx.recv().await
         else {
             panic!("no invalidation")
         };
-        assert_eq!((inv.index, inv.inos.clone()), (99, vec![42]));
+        assert_eq!(inv.inos, vec![42]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!change.is_finished(), "the change waits for the holder");
         t.ack(7, inv.change_id);

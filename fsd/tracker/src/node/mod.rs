@@ -283,8 +283,8 @@ impl Tracker {
         // its trip through the log; those of inodes found by name (an
         // unlinked or replaced file) once it has applied.
         let known = state::known_touched(&cmd);
-        let early = self.leases.as_ref().map(|l| l.begin(&known, by, 0));
-        let (index, result) = {
+        let early = self.leases.as_ref().map(|l| l.begin(&known, by));
+        let result = {
             // Held while leadership is being handed over (not while the
             // change waits for lease holders below).
             let _permit = self.admit().await?;
@@ -302,7 +302,7 @@ impl Tracker {
                 .filter(|o| !known.contains(o))
                 .copied()
                 .collect();
-            let late = leases.begin(&found, by, index);
+            let late = leases.begin(&found, by);
             // A refused command changed nothing: no need to wait for the
             // holders told early (dropping it ends the change).
             if let Some(early) = early.filter(|_| !result.changed.is_empty()) {
@@ -316,7 +316,10 @@ impl Tracker {
     /// The term whose leases this member may grant and renew now: it leads
     /// and a quorum acknowledged it within its read lease.
     pub fn lease_term(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow().clone();
+        // Asked on every leased query and renewal: read the two fields in
+        // place rather than clone the metrics.
+        let m = self.raft.metrics();
+        let m = m.borrow();
         (m.state == ServerState::Leader
             && m.millis_since_quorum_ack
                 .is_some_and(|ms| ms < self.lease_ms))
@@ -331,16 +334,6 @@ impl Tracker {
     /// The lease table, when this member can have one.
     pub(crate) fn leases(&self) -> Option<&leases::LeaseTable> {
         self.leases.as_ref()
-    }
-
-    /// The last log index this member applied (a lower bound of what a read
-    /// started now will see).
-    pub fn applied_index(&self) -> u64 {
-        self.raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map_or(0, |l| l.index)
     }
 
     /// Leader only: confirms leadership with a quorum; returns the index a
@@ -391,8 +384,7 @@ impl Tracker {
 
     /// A linearizable query for lease holder `holder`: the answer, and
     /// whether it may be cached. The grant is registered before the read, so
-    /// a change applied after it finds the holder; the index reported is
-    /// taken before the read too, so it never claims more than was read.
+    /// a change applied after it finds the holder.
     pub async fn query_leased(
         &self,
         q: Query,
@@ -414,7 +406,6 @@ impl Tracker {
             return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
         };
         let mut granted = leases.grant(holder, &[object]);
-        let index = self.applied_index();
         let mut reply = self.query(q, pb::Consistency::Linearizable).await?;
         // A name's answer carries its inode's attributes: lease that inode
         // too, and read its attributes again after registering, so a change
@@ -423,23 +414,18 @@ impl Tracker {
             if granted && object != a.ino {
                 granted = leases.grant(holder, &[a.ino]);
                 if granted {
+                    // Leadership was confirmed by the first read: this one
+                    // need only come after the registration.
                     reply = self
                         .query(
                             Query::GetAttr(pb::GetAttr { ino: a.ino }),
-                            pb::Consistency::Linearizable,
+                            pb::Consistency::Local,
                         )
                         .await?;
                 }
             }
         }
-        Ok((
-            reply,
-            pb::LeaseGrant {
-                granted,
-                term,
-                index,
-            },
-        ))
+        Ok((reply, pb::LeaseGrant { granted, term }))
     }
 
     /// Answers a query, after confirming leadership for a linearizable one.
