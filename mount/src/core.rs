@@ -35,7 +35,8 @@ const MEM_BLOCKS: usize = 8;
 
 pub(crate) type Res<T> = Result<T, Errno>;
 
-/// A directory listing as opened: (inode, kind, name), `.` and `..` first.
+/// A directory listing as opened: (kernel inode, kind, name), `.` and `..`
+/// first (both with the directory's own inode).
 pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
 /// Recently used verified blocks, by hash.
 type MemBlocks = VecDeque<(Vec<u8>, Arc<Vec<u8>>)>;
@@ -913,36 +914,38 @@ impl Core {
     // ---------- directories ----------
 
     pub(crate) async fn opendir(&self, ino: u64) -> Res<u64> {
-        let tino = self.t(ino);
+        let listing = self.client.list_leased(self.t(ino)).await.map_err(err)?;
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
-            vec![(ino, FileType::Directory, b".".to_vec())];
+            Vec::with_capacity(listing.value.len() + 2);
+        entries.push((ino, FileType::Directory, b".".to_vec()));
         entries.push((ino, FileType::Directory, b"..".to_vec()));
-        let mut after = Vec::new();
-        loop {
-            let q = Query::ReadDir(pb::ReadDir {
-                ino: tino,
-                after: after.clone(),
-                limit: 1000,
-            });
-            let page = match self.client.query_available(q).await.map_err(err)? {
-                Reply::DirPage(p) => p,
-                _ => return Err(Errno::EIO),
-            };
-            if let Some(last) = page.entries.last() {
-                after = last.name.clone();
-            }
-            entries.extend(
-                page.entries
-                    .into_iter()
-                    .map(|e| (self.f(e.ino), kind(e.kind), e.name)),
-            );
-            if !page.more {
-                break;
-            }
-        }
+        entries.extend(
+            listing
+                .value
+                .iter()
+                .map(|e| (self.f(e.ino), kind(e.kind), e.name.clone())),
+        );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         locked(&self.dirs).insert(fh, Arc::new(entries));
         Ok(fh)
+    }
+
+    /// One entry of an opened listing for readdirplus: its attributes now
+    /// and how long the kernel may keep the entry; `None` when the name is
+    /// gone since the listing was read. `dir` is the listing's directory.
+    pub(crate) async fn listed_attr(
+        &self,
+        dir: u64,
+        ino: u64,
+    ) -> Res<Option<(FileAttr, Duration)>> {
+        match self.getattr(ino).await {
+            Ok((a, _)) if a.nlink == 0 => Ok(None),
+            // The name may stay as long as the directory's listing is
+            // leased, the attributes as long as the inode's.
+            Ok((a, ttl)) => Ok(Some((a, ttl.min(self.client.listing_ttl(self.t(dir)))))),
+            Err(Errno::ESTALE) | Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub(crate) fn dir_entries(&self, fh: u64) -> Option<Listing> {

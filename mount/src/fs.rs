@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use fuser::{
     Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::core::{now_ns, system_time_ns, Core};
@@ -28,12 +28,41 @@ pub(crate) struct Fs {
     pub core: Arc<Core>,
     pub rt: tokio::runtime::Handle,
     pub stats: Arc<MountStats>,
+    /// Whether this mount holds leases (readdirplus only then).
+    pub leases: bool,
 }
 
 impl Fs {
-    /// Runs one FUSE request as a task that replies when done, counting
-    /// the RPCs and round trips it waits for as `op`.
+    /// Runs one FUSE request, counting the RPCs and round trips it waits
+    /// for as `op`. It is polled once right here, on the FUSE thread: an
+    /// answer from memory (a leased lookup, stat or open, a close with
+    /// nothing to write) replies at once, without waking a runtime thread
+    /// (on two cores that hand-off costs more than the answer). Whatever
+    /// has to wait becomes a task that replies when done, so no callback
+    /// blocks the FUSE loop.
     fn run<F>(&self, op: FuseOp, f: impl FnOnce(Arc<Core>) -> F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let request = f(self.core.clone());
+        let stats = self.stats.clone();
+        let started = Instant::now();
+        let mut task = Box::pin(async move {
+            let ((), cost) = failsafe_client::measure(request).await;
+            stats.record(op, cost, started.elapsed());
+        });
+        let _runtime = self.rt.enter();
+        // The spawned task is polled again with its own waker, so this
+        // first poll's waker need not wake anything.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
+            self.rt.spawn(task);
+        }
+    }
+
+    /// Runs one FUSE request as a task from the start: for requests that
+    /// may read local files (block cache) before their first wait.
+    fn spawn<F>(&self, op: FuseOp, f: impl FnOnce(Arc<Core>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
@@ -44,6 +73,28 @@ impl Fs {
             let ((), cost) = failsafe_client::measure(request).await;
             stats.record(op, cost, started.elapsed());
         });
+    }
+}
+
+/// Attributes for a `.` or `..` entry of readdirplus, of which the kernel
+/// uses only the inode and kind.
+fn dot_attr(ino: u64, kind: fuser::FileType) -> fuser::FileAttr {
+    fuser::FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 
@@ -73,6 +124,14 @@ impl Filesystem for Fs {
         // the same namespace do not queue behind each other's round trips.
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::info!(?missing, "kernel lacks parallel directory operations");
+        }
+        // Listings carry every entry's attributes, from memory while the
+        // directory is leased: `ls -l` and PHP's stat-after-scandir make no
+        // lookup each. Not without leases, where each would cost a trip.
+        if self.leases {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS) {
+                tracing::info!(?missing, "kernel lacks readdirplus");
+            }
         }
         let _ = config.set_max_write(1 << 20);
         Ok(())
@@ -340,7 +399,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.run(FuseOp::Read, move |c| async move {
+        self.spawn(FuseOp::Read, move |c| async move {
             match c.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(e),
@@ -477,6 +536,47 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.core.dir_entries(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        self.run(FuseOp::Readdirplus, move |c| async move {
+            let dir = entries.first().map_or(0, |e| e.0);
+            for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+                use std::os::unix::ffi::OsStrExt;
+                let (attr, ttl) = if name == b"." || name == b".." {
+                    // The kernel links no entry for these.
+                    (dot_attr(*ino, *kind), Duration::ZERO)
+                } else {
+                    match c.listed_attr(dir, *ino).await {
+                        Ok(Some(found)) => found,
+                        Ok(None) => continue,
+                        Err(e) => return reply.error(e),
+                    }
+                };
+                let name = OsStr::from_bytes(name);
+                if reply.add(
+                    INodeNo(*ino),
+                    (i + 1) as u64,
+                    name,
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
     fn releasedir(
         &self,
         _req: &Request,
@@ -535,8 +635,11 @@ impl Filesystem for Fs {
         _pos: u32,
         reply: ReplyEmpty,
     ) {
+        // ENOSYS: the kernel remembers that there are no extended
+        // attributes here and stops asking (it answers EOPNOTSUPP itself),
+        // so `ls -l`'s two getxattr calls per file cost no request each.
         self.stats.local(FuseOp::Setxattr);
-        reply.error(Errno::ENOTSUP);
+        reply.error(Errno::ENOSYS);
     }
 
     fn getxattr(
@@ -548,7 +651,7 @@ impl Filesystem for Fs {
         reply: ReplyXattr,
     ) {
         self.stats.local(FuseOp::Getxattr);
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -562,7 +665,7 @@ impl Filesystem for Fs {
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         self.stats.local(FuseOp::Removexattr);
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

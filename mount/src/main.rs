@@ -305,6 +305,7 @@ fn serve(args: Args) -> Result<(), String> {
         core: core.clone(),
         rt: rt.handle().clone(),
         stats: stats.clone(),
+        leases: args.opts.leases,
     };
 
     let mut config = fuser::Config::default();

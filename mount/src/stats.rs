@@ -82,6 +82,7 @@ fuse_ops! {
     Fsync => "fsync",
     Opendir => "opendir",
     Readdir => "readdir",
+    Readdirplus => "readdirplus",
     Releasedir => "releasedir",
     Fsyncdir => "fsyncdir",
     Statfs => "statfs",

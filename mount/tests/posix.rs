@@ -450,6 +450,91 @@ fn lock_idioms(env: &Env) {
     assert_eq!(lock(&gb, libc::F_WRLCK, 50, 10), 0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn t26_listings_follow_changes_on_the_other_mount() {
+    let env = Env::start(2).await;
+    env.wait_for_lease_streams(2);
+    listings_follow_changes(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t27_listings_follow_changes_on_the_other_mount_without_leases() {
+    listings_follow_changes(&Env::start_mounts_with(2, "noleases").await);
+}
+
+/// `ls -l` of a directory on one mount: names with sizes and modes.
+fn ls_l(dir: &Path) -> std::collections::BTreeMap<String, (u64, u32)> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                (m.len(), m.mode() & 0o7777),
+            )
+        })
+        .collect()
+}
+
+/// A directory listed on B (its listing and every entry's attributes
+/// cached there while leased) shows each change made on A at once: new,
+/// removed and renamed names, new sizes and modes; and B's own changes.
+fn listings_follow_changes(env: &Env) {
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::create_dir(a.p("pages")).unwrap();
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..30 {
+        fs::write(a.p(&format!("pages/p{i}")), vec![b'x'; i]).unwrap();
+        want.insert(format!("p{i}"), (i as u64, 0o644));
+    }
+    let (da, db) = (a.p("pages"), b.p("pages"));
+    assert_eq!(ls_l(&db), want);
+    for round in 0..15 {
+        // Listed on B, then changed on A: the next listing on B has it.
+        fs::write(da.join(format!("new{round}")), b"fresh").unwrap();
+        want.insert(format!("new{round}"), (5, 0o644));
+        assert_eq!(ls_l(&db), want, "round {round}: create");
+        // A name B's listing says is absent, created on A: B finds it.
+        let probe = format!("probe{round}");
+        assert!(!db.join(&probe).exists());
+        fs::write(da.join(&probe), b"p").unwrap();
+        assert!(
+            db.join(&probe).exists(),
+            "round {round}: lookup after create"
+        );
+        want.insert(probe, (1, 0o644));
+        fs::remove_file(da.join(format!("p{round}"))).unwrap();
+        want.remove(&format!("p{round}"));
+        assert_eq!(ls_l(&db), want, "round {round}: unlink");
+        fs::rename(
+            da.join(format!("new{round}")),
+            da.join(format!("moved{round}")),
+        )
+        .unwrap();
+        let v = want.remove(&format!("new{round}")).unwrap();
+        want.insert(format!("moved{round}"), v);
+        assert_eq!(ls_l(&db), want, "round {round}: rename");
+        // Size and mode of a listed file, changed on A.
+        fs::write(da.join("p29"), vec![b'y'; 100 + round]).unwrap();
+        fs::set_permissions(
+            da.join("p29"),
+            fs::Permissions::from_mode(0o600 + round as u32 % 2 * 0o40),
+        )
+        .unwrap();
+        want.insert(
+            "p29".into(),
+            (100 + round as u64, 0o600 + round as u32 % 2 * 0o40),
+        );
+        assert_eq!(ls_l(&db), want, "round {round}: size and mode");
+        // B's own change to the directory it listed.
+        fs::write(db.join(format!("byb{round}")), b"bb").unwrap();
+        want.insert(format!("byb{round}"), (2, 0o644));
+        assert_eq!(ls_l(&db), want, "round {round}: own create");
+        assert_eq!(ls_l(&da), want, "round {round}: seen on A");
+    }
+}
+
 fn run(cmd: &str, args: &[&str], cwd: &Path) {
     let out = std::process::Command::new(cmd)
         .args(args)

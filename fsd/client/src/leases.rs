@@ -31,6 +31,9 @@ pub struct Cached {
     pub names: HashMap<Vec<u8>, Option<u64>>,
     /// A file's extents, as an open needs them.
     pub extents: Option<Arc<pb::FileExtents>>,
+    /// A directory's whole listing (its names are in `names` too, so a
+    /// name not there does not exist).
+    pub listing: Option<Arc<Vec<pb::DirEntry>>>,
 }
 
 /// What an invalidation (or this mount's own change) took away: each inode
@@ -198,9 +201,14 @@ impl Client {
         let key = name.to_vec();
         let key2 = key.clone();
         self.leased(
-            |v, now| match *v.get(parent, now)?.names.get(&key)? {
-                None => Some(None),
-                Some(ino) => Some(Some(v.get(ino, now)?.attr?)),
+            |v, now| {
+                let dir = v.get(parent, now)?;
+                match dir.names.get(&key) {
+                    Some(None) => Some(None),
+                    Some(&Some(ino)) => Some(Some(v.get(ino, now)?.attr?)),
+                    // Not in a whole listing: no such name.
+                    None => dir.listing.as_ref().map(|_| None),
+                }
             },
             Query::Lookup(pb::Lookup {
                 parent,
@@ -277,6 +285,156 @@ impl Client {
         .await
     }
 }
+
+impl Client {
+    /// A directory's entries (without attributes), from memory while
+    /// leased, else read a page at a time with every entry's attributes,
+    /// which are cached too (under the grant of the page they came in), so
+    /// the stats of an `ls -l` that follow are answered from memory. The
+    /// listing is cached only when every page was granted and nothing in
+    /// the directory changed meanwhile.
+    pub async fn list_leased(
+        &self,
+        dir: u64,
+    ) -> Result<Leased<Arc<Vec<pb::DirEntry>>>, ClientError> {
+        let cache = self.lease_cache().cloned();
+        if let Some(c) = &cache {
+            let view = lock(&c.view);
+            let now = c.now();
+            if let Some(listing) = view.get(dir, now).and_then(|d| d.listing.clone()) {
+                return Ok(Leased {
+                    value: listing,
+                    ttl: Duration::from_millis(view.remaining(now)),
+                });
+            }
+        }
+        let term = cache.as_ref().map_or(0, |c| c.term.load(Ordering::Relaxed));
+        let leasing = cache.as_ref().filter(|_| term != 0);
+        let ticket = leasing.map(|c| lock(&c.view).read_sent());
+        let read = self.list_pages(dir, leasing.map(|_| term)).await;
+        let (Some(c), Some(ticket)) = (leasing, ticket) else {
+            return read.map(|(entries, _)| Leased {
+                value: Arc::new(entries),
+                ttl: Duration::ZERO,
+            });
+        };
+        let mut view = lock(&c.view);
+        let mut ttl = Duration::ZERO;
+        if let Ok((entries, pages)) = &read {
+            let now = c.now();
+            let mut whole = true;
+            for (page, granted) in pages {
+                let granted = *granted && term == c.term.load(Ordering::Relaxed);
+                whole &= granted;
+                for e in &entries[page.clone()] {
+                    if let Some(a) = e.attr {
+                        view.offer_with(ticket, e.ino, granted, now, |c| c.attr = Some(a));
+                    }
+                }
+            }
+            let listing: Arc<Vec<pb::DirEntry>> = Arc::new(
+                entries
+                    .iter()
+                    .map(|e| pb::DirEntry {
+                        attr: None,
+                        ..e.clone()
+                    })
+                    .collect(),
+            );
+            let cached = view.offer_with(ticket, dir, whole, now, |d| {
+                d.names
+                    .extend(listing.iter().map(|e| (e.name.clone(), Some(e.ino))));
+                d.listing = Some(listing.clone());
+            });
+            if cached {
+                ttl = Duration::from_millis(view.remaining(now));
+            }
+        }
+        view.read_done(ticket);
+        if view.len() > MAX_CACHED {
+            let inodes = view.drain();
+            let _ = c.dropped.send(Dropped { inodes, done: None });
+        }
+        drop(view);
+        let (entries, _) = read?;
+        Ok(Leased {
+            value: Arc::new(
+                entries
+                    .into_iter()
+                    .map(|e| pb::DirEntry { attr: None, ..e })
+                    .collect(),
+            ),
+            ttl,
+        })
+    }
+
+    /// How long the kernel may keep names from `dir`'s listing: the rest of
+    /// the lease while the whole listing is cached, else nothing.
+    pub fn listing_ttl(&self, dir: u64) -> Duration {
+        let Some(c) = self.lease_cache() else {
+            return Duration::ZERO;
+        };
+        let view = lock(&c.view);
+        let now = c.now();
+        match view.get(dir, now) {
+            Some(d) if d.listing.is_some() => Duration::from_millis(view.remaining(now)),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Every entry of `dir` with its attributes, a page at a time; with a
+    /// lease stream (`term`: its leader's), each page's range in the
+    /// entries and whether it was granted.
+    async fn list_pages(
+        &self,
+        dir: u64,
+        term: Option<u64>,
+    ) -> Result<(Vec<pb::DirEntry>, Vec<(std::ops::Range<usize>, bool)>), ClientError> {
+        let mut entries: Vec<pb::DirEntry> = Vec::new();
+        let mut pages = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let q = Query::ReadDir(pb::ReadDir {
+                ino: dir,
+                after: std::mem::take(&mut after),
+                limit: LIST_PAGE,
+                plus: true,
+            });
+            let (reply, granted) = match term {
+                Some(term) => {
+                    let (reply, grant) = self
+                        .query_leased(
+                            q,
+                            Consistency::Linearizable,
+                            self.inner.cfg.op_deadline,
+                            self.inner.client_id,
+                        )
+                        .await?;
+                    let granted = grant.is_some_and(|g| g.granted && g.term == term);
+                    (reply, granted)
+                }
+                None => (self.query_available(q).await?, false),
+            };
+            let page = match reply {
+                Reply::DirPage(p) => p,
+                Reply::Error(e) => return Err(crate::meta::refused(e)),
+                _ => return Err(ClientError::Unavailable("unexpected reply".into())),
+            };
+            let start = entries.len();
+            if let Some(last) = page.entries.last() {
+                after = last.name.clone();
+            }
+            entries.extend(page.entries);
+            pages.push((start..entries.len(), granted));
+            if !page.more || after.is_empty() {
+                return Ok((entries, pages));
+            }
+        }
+    }
+}
+
+/// Entries per page of a listing with attributes (about 100 bytes each).
+const LIST_PAGE: u32 = 2000;
 
 fn attr_of(r: Reply) -> Result<pb::Attr, ClientError> {
     match r {

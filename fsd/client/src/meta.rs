@@ -341,6 +341,7 @@ impl Client {
                 ino,
                 after: after.to_vec(),
                 limit,
+                plus: false,
             }))
             .await?
         {

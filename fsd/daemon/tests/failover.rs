@@ -14,6 +14,7 @@ async fn names_at(tc: &TestCluster, c: &Client, i: usize) -> Vec<Vec<u8>> {
         ino: ROOT,
         after: Vec::new(),
         limit: 10_000,
+        plus: false,
     });
     match c
         .query_at(&tc.c.hosts[i].addr, q, Consistency::Local)

@@ -406,7 +406,7 @@ impl Tracker {
             return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
         };
         let mut granted = leases.grant(holder, &[object]);
-        let mut reply = self.query(q, pb::Consistency::Linearizable).await?;
+        let mut reply = self.query(q.clone(), pb::Consistency::Linearizable).await?;
         // A name's answer carries its inode's attributes: lease that inode
         // too, and read its attributes again after registering, so a change
         // to it between the two reads is not missed.
@@ -422,6 +422,17 @@ impl Tracker {
                             pb::Consistency::Local,
                         )
                         .await?;
+                }
+            }
+        }
+        // A page of a listing with attributes: lease each entry's inode
+        // too, and read the page again after registering them (as above).
+        if let (Reply::DirPage(page), Query::ReadDir(r)) = (&reply, &q) {
+            if granted && r.plus && !page.entries.is_empty() {
+                let inos: Vec<u64> = page.entries.iter().map(|e| e.ino).collect();
+                granted = leases.grant(holder, &inos);
+                if granted {
+                    reply = self.query(q.clone(), pb::Consistency::Local).await?;
                 }
             }
         }

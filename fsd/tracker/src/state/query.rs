@@ -53,11 +53,17 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
                 name: row.get(0)?,
                 ino: row.get::<_, i64>(1)? as u64,
                 kind: row.get(2)?,
+                attr: None,
             })
         })?
         .collect::<Result<_, _>>()?;
     let more = entries.len() as i64 > limit;
     entries.truncate(limit as usize);
+    if r.plus {
+        for e in &mut entries {
+            e.attr = Some(get_attr(conn, e.ino)?);
+        }
+    }
     Ok(Reply::DirPage(pb::DirPage { entries, more }))
 }
 
