@@ -393,6 +393,7 @@ impl Core {
         let q = Query::Lookup(pb::Lookup {
             parent,
             name: name.to_vec(),
+            extents: false,
         });
         let a = self.query_attr(q).await.ok()?;
         let st = self.state(a.ino)?;
@@ -563,11 +564,7 @@ impl Core {
     async fn file_extents(&self, tino: u64) -> Result<pb::FileExtents, ClientError> {
         match self
             .client
-            .query_available(Query::ReadExtents(pb::ReadExtents {
-                ino: tino,
-                offset: 0,
-                length: u64::MAX >> 4,
-            }))
+            .query_available(Query::ReadExtents(failsafe_client::whole_file(tino)))
             .await?
         {
             Reply::FileExtents(fe) => Ok(fe),

@@ -213,6 +213,7 @@ impl Client {
             Query::Lookup(pb::Lookup {
                 parent,
                 name: name.to_vec(),
+                extents: true,
             }),
             move |v, t, reply, granted, now| match reply {
                 Reply::Attr(a) => {
@@ -220,6 +221,17 @@ impl Client {
                     v.offer_with(t, parent, granted, now, |c| {
                         c.names.insert(key2, Some(a.ino));
                     }) && v.offer_with(t, a.ino, granted, now, |c| c.attr = Some(a))
+                }
+                // A file's answer comes with what an open of it needs.
+                Reply::FileExtents(fe) => {
+                    let Some(a) = fe.attr else { return false };
+                    let fe = Arc::new(fe.clone());
+                    v.offer_with(t, parent, granted, now, |c| {
+                        c.names.insert(key2, Some(a.ino));
+                    }) && v.offer_with(t, a.ino, granted, now, |c| {
+                        c.attr = Some(a);
+                        c.extents = Some(fe);
+                    })
                 }
                 Reply::Error(e) if e.code == ErrorCode::NotFound as i32 => {
                     v.offer_with(t, parent, granted, now, |c| {
@@ -230,6 +242,7 @@ impl Client {
             },
             |r| match r {
                 Reply::Error(e) if e.code == ErrorCode::NotFound as i32 => Ok(None),
+                Reply::FileExtents(pb::FileExtents { attr: Some(a), .. }) => Ok(Some(a)),
                 r => attr_of(r).map(Some),
             },
         )
@@ -261,11 +274,7 @@ impl Client {
     ) -> Result<Leased<Arc<pb::FileExtents>>, ClientError> {
         self.leased(
             |v, now| v.get(ino, now)?.extents.clone(),
-            Query::ReadExtents(pb::ReadExtents {
-                ino,
-                offset: 0,
-                length: u64::MAX >> 4,
-            }),
+            Query::ReadExtents(failsafe_proto::whole_file(ino)),
             move |v, t, reply, granted, now| match reply {
                 Reply::FileExtents(fe) => {
                     let fe = Arc::new(fe.clone());

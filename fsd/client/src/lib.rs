@@ -20,7 +20,7 @@ pub mod stats;
 pub use admin::admin_for;
 pub use blocks::{inline_bytes, malformed_inline};
 pub use error::ClientError;
-pub use failsafe_proto::pb;
+pub use failsafe_proto::{pb, whole_file};
 pub use leases::{Cached, Dropped, Leased};
 pub use meta::{LockRequest, Session};
 pub use net::{Client, ClientConfig};

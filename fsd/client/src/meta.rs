@@ -226,6 +226,7 @@ impl Client {
         self.query_attr(Query::Lookup(pb::Lookup {
             parent,
             name: name.to_vec(),
+            extents: false,
         }))
         .await
     }

@@ -482,6 +482,7 @@ async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
             let q = pb::query_request::Query::Lookup(pb::Lookup {
                 parent: ROOT,
                 name: name.clone().into_bytes(),
+                extents: false,
             });
             let r = c
                 .query_at(&tc.c.hosts[f].addr, q, pb::Consistency::ReadIndex)
@@ -492,6 +493,28 @@ async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
             );
         }
     }
+}
+
+/// Acknowledges change `change_id` on a raw lease stream, and waits for
+/// the change to finish.
+async fn acknowledged<T: std::fmt::Debug, E: std::fmt::Debug>(
+    to_leader: &tokio::sync::mpsc::Sender<pb::WatchRequest>,
+    change_id: u64,
+    change: tokio::task::JoinHandle<Result<T, E>>,
+    header: Option<pb::Header>,
+) {
+    to_leader
+        .send(pb::WatchRequest {
+            header,
+            msg: Some(pb::watch_request::Msg::Ack(pb::WatchAck { change_id })),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, change)
+        .await
+        .expect("done once acknowledged")
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -555,6 +578,7 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
         .query(leased(pb::query_request::Query::Lookup(pb::Lookup {
             parent: ROOT,
             name: b"d".to_vec(),
+            extents: false,
         })))
         .await
         .unwrap()
@@ -575,17 +599,45 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
         !change.is_finished(),
         "the change returned before the holder acknowledged or its lease ran out"
     );
-    to_leader
-        .send(say(Msg::Ack(pb::WatchAck {
-            change_id: inv.change_id,
-        })))
-        .await
-        .unwrap();
-    tokio::time::timeout(PATIENCE, change)
-        .await
-        .expect("done once acknowledged")
-        .unwrap()
-        .unwrap();
+    acknowledged(&to_leader, inv.change_id, change, header.clone()).await;
+
+    // A file looked up with its extents: the answer is all an open needs,
+    // and the file itself is leased (a change to it is told).
+    let page = c.create(d.ino, b"page", 0o644, true).await.unwrap();
+    let lookup = |name: &[u8]| {
+        leased(pb::query_request::Query::Lookup(pb::Lookup {
+            parent: d.ino,
+            name: name.to_vec(),
+            extents: true,
+        }))
+    };
+    let reply = raw.query(lookup(b"page")).await.unwrap().into_inner();
+    assert!(reply.lease.is_some_and(|l| l.granted));
+    let Some(pb::query_reply::Reply::FileExtents(fe)) = reply.reply else {
+        panic!("a file's lookup with extents answers FileExtents: {reply:?}")
+    };
+    assert_eq!(fe.attr.map(|a| a.ino), Some(page.ino));
+    // A directory's answer stays its attributes.
+    let reply = raw.query(lookup(b"x")).await.unwrap().into_inner();
+    assert!(
+        matches!(reply.reply, Some(pb::query_reply::Reply::Attr(_))),
+        "{reply:?}"
+    );
+    let writer = c.clone();
+    let change = tokio::spawn(async move {
+        writer
+            .setattr(pb::SetAttr {
+                ino: page.ino,
+                mode: Some(0o600),
+                ..Default::default()
+            })
+            .await
+    });
+    let Event::Invalidate(inv) = next().await else {
+        panic!("no invalidation")
+    };
+    assert!(inv.inos.contains(&page.ino), "{inv:?}");
+    acknowledged(&to_leader, inv.change_id, change, header.clone()).await;
 
     // A holder that never answers holds a change up only until its leases
     // run out.

@@ -74,6 +74,15 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Response metadata key naming the leader's address on a NOT_LEADER refusal.
 pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
 
+/// A read of a whole file's extents, as an open asks for them.
+pub fn whole_file(ino: u64) -> pb::ReadExtents {
+    pb::ReadExtents {
+        ino,
+        offset: 0,
+        length: u64::MAX >> 4,
+    }
+}
+
 pub fn header(cluster_id: &str) -> pb::Header {
     pb::Header {
         cluster_id: cluster_id.to_string(),

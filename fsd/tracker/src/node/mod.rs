@@ -410,18 +410,20 @@ impl Tracker {
         // A name's answer carries its inode's attributes: lease that inode
         // too, and read its attributes again after registering, so a change
         // to it between the two reads is not missed.
-        if let Reply::Attr(a) = &reply {
-            if granted && object != a.ino {
-                granted = leases.grant(holder, &[a.ino]);
+        let named = match &reply {
+            Reply::Attr(a) => Some((a.ino, Query::GetAttr(pb::GetAttr { ino: a.ino }))),
+            Reply::FileExtents(fe) if matches!(q, Query::Lookup(_)) => fe
+                .attr
+                .map(|a| (a.ino, Query::ReadExtents(failsafe_proto::whole_file(a.ino)))),
+            _ => None,
+        };
+        if let Some((ino, again)) = named {
+            if granted && object != ino {
+                granted = leases.grant(holder, &[ino]);
                 if granted {
                     // Leadership was confirmed by the first read: this one
                     // need only come after the registration.
-                    reply = self
-                        .query(
-                            Query::GetAttr(pb::GetAttr { ino: a.ino }),
-                            pb::Consistency::Local,
-                        )
-                        .await?;
+                    reply = self.query(again, pb::Consistency::Local).await?;
                 }
             }
         }

@@ -36,7 +36,11 @@ fn lookup(conn: &rusqlite::Connection, l: &pb::Lookup) -> OpResult<Reply> {
     require_dir(conn, l.parent)?;
     let ino = lookup_ino(conn, l.parent, &l.name)?
         .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
-    Ok(Reply::Attr(get_attr(conn, ino)?))
+    let attr = get_attr(conn, ino)?;
+    if l.extents && attr.kind == pb::FileKind::KindFile as i32 {
+        return read_extents(conn, &failsafe_proto::whole_file(ino));
+    }
+    Ok(Reply::Attr(attr))
 }
 
 /// A page of a directory's entries, in name order, after `r.after`.
