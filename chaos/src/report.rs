@@ -11,14 +11,66 @@ use serde::Serialize;
 use crate::check::Violation;
 use crate::scenario::{FaultKind, Scenario};
 use crate::workload::{Kind, Op};
+use crate::world::Target;
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct FaultWindow {
     pub kind: FaultKind,
-    pub host: usize,
+    /// `"host": N` or `"mount": N`.
+    #[serde(flatten)]
+    pub target: Target,
     pub what: String,
     pub start_s: f64,
     pub end_s: f64,
+    /// The longest operation that overlapped the window, not counting the
+    /// operations of a mount it froze (they only wait): what the fault cost
+    /// everyone else.
+    pub longest_op_ms: f64,
+    pub longest_op: String,
+}
+
+impl FaultWindow {
+    pub(crate) fn new(
+        kind: FaultKind,
+        target: Target,
+        what: String,
+        start_s: f64,
+        end_s: f64,
+    ) -> FaultWindow {
+        FaultWindow {
+            kind,
+            target,
+            what,
+            start_s,
+            end_s,
+            longest_op_ms: 0.0,
+            longest_op: String::new(),
+        }
+    }
+
+    fn overlaps(&self, o: &Op) -> bool {
+        o.start_ms <= self.end_s * 1000.0 && o.end_ms >= self.start_s * 1000.0
+    }
+
+    /// Whether `o` is an operation on the mount this window froze, while frozen.
+    fn froze(&self, o: &Op) -> bool {
+        self.target == Target::Mount(o.client) && self.overlaps(o)
+    }
+}
+
+/// The longest of `ops`, and what it was.
+fn longest<'a>(ops: impl Iterator<Item = &'a Op>) -> Option<(f64, String)> {
+    let o = ops.max_by(|a, b| a.took_ms().total_cmp(&b.took_ms()))?;
+    Some((
+        o.took_ms(),
+        format!(
+            "{:?} {} by {} at {:.1} s",
+            o.kind,
+            o.path,
+            o.worker,
+            o.start_ms / 1000.0
+        ),
+    ))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -61,6 +113,12 @@ pub(crate) struct Report {
     /// The longest single operation: what, when, how long.
     pub longest_stall_ms: f64,
     pub longest_stall: String,
+    /// When a mount was frozen: the longest operation that was not one of
+    /// its own while it was frozen (those only wait for it to thaw).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_stall_unfrozen_ms: Option<f64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub longest_stall_unfrozen: String,
     pub latency: Latency,
     pub latency_by_kind: std::collections::BTreeMap<String, Latency>,
     /// Seconds from the last fault's end until every block was at its copy count.
@@ -98,6 +156,8 @@ impl Report {
             errors: Default::default(),
             longest_stall_ms: 0.0,
             longest_stall: String::new(),
+            longest_stall_unfrozen_ms: None,
+            longest_stall_unfrozen: String::new(),
             latency: Latency::default(),
             latency_by_kind: Default::default(),
             failsafe_after_s: None,
@@ -127,18 +187,25 @@ impl Report {
                 .entry(format!("{:?}", o.kind).to_lowercase())
                 .or_default() += 1;
         }
-        if let Some(o) = ops
+        if let Some((ms, what)) = longest(ops.iter()) {
+            (self.longest_stall_ms, self.longest_stall) = (ms, what);
+        }
+        let mut faults = faults;
+        let frozen = |o: &Op| faults.iter().any(|w| w.froze(o));
+        if faults.iter().any(|w| matches!(w.target, Target::Mount(_))) {
+            if let Some((ms, what)) = longest(ops.iter().filter(|o| !frozen(o))) {
+                self.longest_stall_unfrozen_ms = Some(ms);
+                self.longest_stall_unfrozen = what;
+            }
+        }
+        let longest_in: Vec<Option<(f64, String)>> = faults
             .iter()
-            .max_by(|a, b| a.took_ms().total_cmp(&b.took_ms()))
-        {
-            self.longest_stall_ms = o.took_ms();
-            self.longest_stall = format!(
-                "{:?} {} by {} at {:.1} s",
-                o.kind,
-                o.path,
-                o.worker,
-                o.start_ms / 1000.0
-            );
+            .map(|w| longest(ops.iter().filter(|o| w.overlaps(o) && !frozen(o))))
+            .collect();
+        for (w, l) in faults.iter_mut().zip(longest_in) {
+            if let Some((ms, what)) = l {
+                (w.longest_op_ms, w.longest_op) = (ms, what);
+            }
         }
         self.latency = latency(ops.iter());
         for k in [
@@ -177,7 +244,19 @@ impl Report {
             s += "  hosts ran as loopback processes (no network namespaces)\n";
         }
         for f in &self.faults {
-            s += &format!("  fault {:6.1}s–{:6.1}s  {}\n", f.start_s, f.end_s, f.what);
+            s += &format!("  fault {:6.1}s–{:6.1}s  {}", f.start_s, f.end_s, f.what);
+            if !f.longest_op.is_empty() {
+                let elsewhere = match f.target {
+                    Target::Mount(_) => " on the other mounts",
+                    Target::Host(_) => "",
+                };
+                s += &format!(
+                    "; longest operation meanwhile{elsewhere} {:.2} s ({})",
+                    f.longest_op_ms / 1000.0,
+                    f.longest_op
+                );
+            }
+            s += "\n";
         }
         for k in &self.skipped {
             s += &format!("  skipped: {k}\n");
@@ -201,6 +280,13 @@ impl Report {
             self.longest_stall_ms / 1000.0,
             self.longest_stall
         );
+        if let Some(ms) = self.longest_stall_unfrozen_ms {
+            s += &format!(
+                "  longest stall not counting a frozen mount's own operations {:.2} s ({})\n",
+                ms / 1000.0,
+                self.longest_stall_unfrozen
+            );
+        }
         match self.failsafe_after_s {
             Some(t) => s += &format!("  fail-safe {:.1} s after the last fault ended", t),
             None => s += "  never back in fail-safe mode",
@@ -311,4 +397,55 @@ impl Report {
 
 fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing the latency plot: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, start_ms: f64, end_ms: f64) -> Op {
+        Op {
+            client,
+            worker: format!("c{client}w0"),
+            kind: Kind::Save,
+            path: "pages/p".into(),
+            start_ms,
+            end_ms,
+            ok: true,
+            error: None,
+            rev: 1,
+            hash: String::new(),
+            note: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_frozen_mounts_own_waits_are_told_apart_from_what_others_waited() {
+        let s: Scenario = toml::from_str("name = 'x'\nduration_s = 30\n").unwrap();
+        let mut r = Report::new(&s, 1, false);
+        let freeze =
+            |target| FaultWindow::new(FaultKind::Freeze, target, String::new(), 10.0, 13.0);
+        r.finish(
+            vec![
+                op(1, 9_900.0, 16_000.0),  // the frozen mount's save, across the freeze
+                op(0, 10_100.0, 10_500.0), // the other mount's save, waiting out a lease
+                op(0, 20_000.0, 20_100.0),
+            ],
+            vec![freeze(Target::Mount(1))],
+            Vec::new(),
+        );
+        assert_eq!(r.longest_stall_ms, 6_100.0);
+        assert_eq!(r.longest_stall_unfrozen_ms, Some(400.0));
+        assert_eq!(r.faults[0].longest_op_ms, 400.0);
+        assert!(r.summary().contains("on the other mounts 0.40 s"));
+        // A host's freeze: every mount's operations count.
+        let mut r = Report::new(&s, 1, false);
+        r.finish(
+            vec![op(1, 9_900.0, 16_000.0), op(0, 10_100.0, 10_500.0)],
+            vec![freeze(Target::Host(1))],
+            Vec::new(),
+        );
+        assert_eq!(r.longest_stall_unfrozen_ms, None);
+        assert_eq!(r.faults[0].longest_op_ms, 6_100.0);
+    }
 }

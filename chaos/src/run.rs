@@ -11,7 +11,7 @@ use crate::http;
 use crate::report::{FaultWindow, Report};
 use crate::scenario::{FaultKind, Mode, Sabotage, Scenario};
 use crate::workload::{self, History, Kind, LOG, PAGES, SCRATCH};
-use crate::world::World;
+use crate::world::{Target, World};
 
 /// Set by SIGINT/SIGTERM: the run stops early and cleans up.
 pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -56,6 +56,15 @@ fn schedule(s: &Scenario) -> Vec<Step> {
     // Stable: a step that starts and ends at once keeps its start first.
     steps.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
     steps
+}
+
+/// Tells the workload's threads to stop when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Sleeps until `t` seconds after `t0`, or until interrupted.
@@ -177,6 +186,9 @@ async fn drive(
     let history = History::new();
     world.bitrot_candidates = workload::prepare(&world.mounts[0].path, &history, &s.workload)?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Also when this returns early with an error: the workload stops.
+    let _stop = StopOnDrop(stop.clone());
+    let revs = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut threads = Vec::new();
     // In HTTP mode, one wiki per mount: two web hosts over one wiki.
     let mut wikis = Vec::new();
@@ -192,6 +204,7 @@ async fn drive(
             cfg: s.workload.clone(),
             client: c,
             root: m.path.clone(),
+            revs: revs.clone(),
         };
         let port = wikis.get(c).map(|(_, p)| *p);
         for w in 0..s.workload.writers {
@@ -217,7 +230,7 @@ async fn drive(
     deltas
         .poll(world, "failsafe_repair_delta_blocks_total")
         .await;
-    let mut targets: std::collections::HashMap<(usize, usize), usize> = Default::default();
+    let mut targets: std::collections::HashMap<(usize, usize), Target> = Default::default();
     let mut windows: Vec<FaultWindow> = Vec::new();
     let mut limp_seen = 0u64;
     let mut last_end = 0.0f64;
@@ -240,18 +253,12 @@ async fn drive(
                 );
                 println!("  {now:6.1}s  {what}");
                 let end_s = t0.elapsed().as_secs_f64();
-                windows.push(FaultWindow {
-                    kind: f.kind,
-                    host: h,
-                    what,
-                    start_s: now,
-                    end_s,
-                });
+                windows.push(FaultWindow::new(f.kind, Target::Host(h), what, now, end_s));
                 last_end = last_end.max(end_s);
                 continue;
             }
             let target = match f.kind {
-                FaultKind::RollingRestart => step.rep,
+                FaultKind::RollingRestart => Target::Host(step.rep),
                 _ => {
                     world
                         .resolve(&f.target, seed as usize + step.fault + step.rep)
@@ -259,34 +266,32 @@ async fn drive(
                 }
             };
             targets.insert((step.fault, step.rep), target);
-            let what = if f.kind == FaultKind::DrainRemove {
-                let to_move = world.drain(target).await?;
-                format!("host {target} draining ({to_move} blocks to move), then removed")
-            } else if f.kind == FaultKind::Ship {
-                let held = world.ship(target).await?;
-                format!("host {target} shipped ({held} blocks held elsewhere too) and shut down")
-            } else {
-                world.start_fault(f.kind, target)?
+            let what = match target {
+                // Only freeze targets a mount (Scenario::validate).
+                Target::Mount(m) => world.freeze_mount(m)?,
+                Target::Host(h) if f.kind == FaultKind::DrainRemove => {
+                    let to_move = world.drain(h).await?;
+                    format!("host {h} draining ({to_move} blocks to move), then removed")
+                }
+                Target::Host(h) if f.kind == FaultKind::Ship => {
+                    let held = world.ship(h).await?;
+                    format!("host {h} shipped ({held} blocks held elsewhere too) and shut down")
+                }
+                Target::Host(h) => world.start_fault(f.kind, h)?,
             };
             println!("  {now:6.1}s  {what}");
-            windows.push(FaultWindow {
-                kind: f.kind,
-                host: target,
-                what,
-                start_s: now,
-                end_s: now,
-            });
+            windows.push(FaultWindow::new(f.kind, target, what, now, now));
         } else {
             let Some(&target) = targets.get(&(step.fault, step.rep)) else {
                 continue;
             };
-            let what = if f.kind == FaultKind::DrainRemove {
-                world
-                    .remove_drained(target, Duration::from_secs(120))
-                    .await?;
-                format!("host {target} drained, removed and stopped")
-            } else {
-                world.end_fault(f.kind, target)?
+            let what = match target {
+                Target::Mount(m) => world.thaw_mount(m)?,
+                Target::Host(h) if f.kind == FaultKind::DrainRemove => {
+                    world.remove_drained(h, Duration::from_secs(120)).await?;
+                    format!("host {h} drained, removed and stopped")
+                }
+                Target::Host(h) => world.end_fault(f.kind, h)?,
             };
             if !what.is_empty() {
                 println!("  {now:6.1}s  {what}");
@@ -294,7 +299,7 @@ async fn drive(
             if let Some(w) = windows
                 .iter_mut()
                 .rev()
-                .find(|w| w.kind == f.kind && w.host == target)
+                .find(|w| w.kind == f.kind && w.target == target)
             {
                 w.end_s = now;
             }
@@ -364,6 +369,9 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.store(true, Ordering::Relaxed);
+    // Interrupted during a mount's freeze: its requests (and the threads
+    // making them) wait until it is thawed.
+    world.thaw_mounts();
     for t in threads {
         let _ = t.join();
     }

@@ -124,9 +124,15 @@ pub(crate) struct Workload {
     /// Readers per mount: read the pages of editors on the other mounts.
     #[serde(default = "one")]
     pub readers: usize,
-    /// Pages per editor.
+    /// Pages per editor; with `shared_pages`, the pages all editors share.
     #[serde(default = "four")]
     pub pages: usize,
+    /// Editors on every mount save the same pages (a wiki served by several
+    /// web hosts), each save under the page's lock (`mkdir`), and read the
+    /// page before saving it; a page whose lock another editor holds is
+    /// skipped for now. Readers read those pages too.
+    #[serde(default)]
+    pub shared_pages: bool,
     /// Typical page size in bytes (each save varies it).
     #[serde(default = "page_bytes")]
     pub page_bytes: usize,
@@ -170,6 +176,7 @@ impl Default for Workload {
             writers: 1,
             readers: 1,
             pages: 4,
+            shared_pages: false,
             page_bytes: page_bytes(),
             think_ms: think_ms(),
             static_pages: static_pages(),
@@ -266,7 +273,9 @@ impl FaultKind {
 pub(crate) struct Fault {
     pub at_s: f64,
     pub kind: FaultKind,
-    /// "leader", "follower", "zone:NAME" or "host:N" (0-based). Default: a follower.
+    /// "leader", "follower", "zone:NAME" or "host:N" (0-based), or
+    /// "mount:N" (0-based; `freeze` only: a web host's mount process is
+    /// stopped). Default: a follower.
     #[serde(default = "follower")]
     pub target: String,
     /// How long the fault lasts.
@@ -279,6 +288,11 @@ pub(crate) struct Fault {
     /// The zone of the host `add_host` brings.
     #[serde(default)]
     pub zone: Option<String>,
+}
+
+/// The mount a fault target names ("mount:N"), if it names one.
+pub(crate) fn mount_target(target: &str) -> Option<usize> {
+    target.strip_prefix("mount:")?.parse().ok()
 }
 
 fn follower() -> String {
@@ -337,6 +351,9 @@ impl Scenario {
         if self.workload.writers == 0 || self.workload.pages == 0 {
             bail!("workload: at least one writer and one page");
         }
+        if self.workload.shared_pages && self.workload.mode != Mode::Files {
+            bail!("workload: shared_pages needs mode = \"files\"");
+        }
         let added = self
             .faults
             .iter()
@@ -355,6 +372,23 @@ impl Scenario {
                 );
             }
             let t = f.target.as_str();
+            if t.starts_with("mount:") {
+                match mount_target(t) {
+                    Some(m) if m < self.clients => {}
+                    _ => bail!(
+                        "fault target {t:?}: mount:N with N below clients ({})",
+                        self.clients
+                    ),
+                }
+                if f.kind != FaultKind::Freeze {
+                    bail!(
+                        "fault {:?} at {}s: only freeze targets a mount",
+                        f.kind,
+                        f.at_s
+                    );
+                }
+                continue;
+            }
             let ok = t == "leader"
                 || t == "follower"
                 || t.strip_prefix("zone:")
@@ -363,7 +397,7 @@ impl Scenario {
                     .and_then(|n| n.parse::<usize>().ok())
                     .is_some_and(|n| n < self.zones.len() + added);
             if !ok {
-                bail!("fault target {t:?}: leader, follower, zone:NAME or host:N");
+                bail!("fault target {t:?}: leader, follower, zone:NAME, host:N or mount:N");
             }
             if f.kind == FaultKind::DeviceFull && self.device_mb == 0 {
                 bail!("device_full needs device_mb (each host's device a tmpfs of that size)");
@@ -493,5 +527,39 @@ mod tests {
             format!("{:?}", r.faults),
             "same seed, same schedule"
         );
+    }
+
+    #[test]
+    fn a_mount_can_be_frozen_and_nothing_else_done_to_it() {
+        let with = |kind: &str, target: &str| {
+            toml::from_str::<Scenario>(&format!(
+                "name = 'x'\nduration_s = 30\nclients = 2\n[[fault]]\nat_s = 5\nkind = '{kind}'\ntarget = '{target}'\nfor_s = 3\n"
+            ))
+            .unwrap()
+        };
+        let s = with("freeze", "mount:1");
+        s.validate().unwrap();
+        assert_eq!(mount_target(&s.faults[0].target), Some(1));
+        assert_eq!(mount_target("host:1"), None);
+        assert_eq!(mount_target("leader"), None);
+        let err = |kind: &str, target: &str| with(kind, target).validate().unwrap_err().to_string();
+        assert!(
+            err("freeze", "mount:2").contains("below clients"),
+            "only 2 mounts"
+        );
+        assert!(err("freeze", "mount:x").contains("mount:N"));
+        assert!(err("kill9", "mount:0").contains("only freeze"));
+        let shared: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 30\n[workload]\nshared_pages = true\npages = 3\n",
+        )
+        .unwrap();
+        shared.validate().unwrap();
+        assert!(shared.workload.shared_pages);
+        assert!(!Workload::default().shared_pages);
+        let http: Scenario = toml::from_str(
+            "name = 'x'\nduration_s = 30\n[workload]\nmode = 'http'\nshared_pages = true\n",
+        )
+        .unwrap();
+        assert!(http.validate().unwrap_err().to_string().contains("files"));
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! Each editor owns its pages, so one page's saves are ordered by their
 //! revision number; readers read other editors' pages (on other mounts), and
-//! every editor appends to one shared change log.
+//! every editor appends to one shared change log. With `shared_pages`,
+//! editors on every mount save the same pages, serialized by the page lock
+//! and numbered from one counter while the lock is held.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +145,9 @@ pub(crate) struct Ctx {
     pub cfg: Workload,
     pub client: usize,
     pub root: PathBuf,
+    /// The last revision given to a save of a shared page, across all
+    /// editors (`shared_pages`).
+    pub revs: Arc<AtomicU64>,
 }
 
 impl Ctx {
@@ -219,6 +224,7 @@ pub(crate) fn prepare(
         cfg: cfg.clone(),
         client: 0,
         root: root.to_path_buf(),
+        revs: Arc::new(AtomicU64::new(0)),
     };
     let mut hashes = Vec::new();
     for i in 0..cfg.static_pages {
@@ -243,55 +249,22 @@ pub(crate) fn prepare(
     Ok(hashes)
 }
 
-/// One editor: saves its pages in turn, appends to the log, and now and then
-/// creates a scratch file and deletes the previous one.
+/// The name of shared page `p` (`shared_pages`: every editor saves it).
+pub(crate) fn shared_page(p: usize) -> String {
+    format!("shared-p{p}.txt")
+}
+
+/// One editor: saves pages in turn the way wikis do, appends each save to
+/// the log, and now and then creates a scratch file and deletes the
+/// previous one. Its own pages, or with `shared_pages` the pages every
+/// editor saves.
 pub(crate) fn editor(ctx: Ctx, w: usize) {
     let me = format!("c{}w{w}", ctx.client);
-    let mut rev = 0u64;
+    let mut k = 0u64;
     let mut prev_scratch: Option<String> = None;
     while !ctx.stop.load(Ordering::Relaxed) {
-        rev += 1;
-        let page = page_name(ctx.client, w, (rev as usize) % ctx.cfg.pages);
-        let lock = format!("locks/{page}.lock");
-        // A lock left by a failed unlock is ours; take it over.
-        let locked = ctx.record(
-            &me,
-            Kind::Lock,
-            &lock,
-            || match fs::create_dir(ctx.p(&lock)) {
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-                r => r,
-            },
-            |_| (rev, String::new(), String::new()),
-        );
-        if locked.is_some() {
-            let content = page_content(&page, rev, ctx.cfg.page_bytes);
-            let tmp = format!("{PAGES}/.{page}.tmp");
-            let path = format!("{PAGES}/{page}");
-            let h = hash(&content);
-            // The save is recorded even when it fails: its outcome is then unknown.
-            let saved_ok = ctx
-                .record(
-                    &me,
-                    Kind::Save,
-                    &path,
-                    || {
-                        let mut f = File::create(ctx.p(&tmp))?;
-                        f.write_all(&content)?;
-                        f.sync_all()?;
-                        drop(f);
-                        fs::rename(ctx.p(&tmp), ctx.p(&path))
-                    },
-                    |_| (rev, h.clone(), String::new()),
-                )
-                .is_some();
-            ctx.record(
-                &me,
-                Kind::Unlock,
-                &lock,
-                || fs::remove_dir(ctx.p(&lock)),
-                |_| (rev, String::new(), String::new()),
-            );
+        k += 1;
+        if let Some((rev, page, saved_ok)) = save_step(&ctx, &me, w, k) {
             let line = format!(
                 "{me} {rev} {page}{}",
                 if saved_ok { "" } else { " (save failed)" }
@@ -311,8 +284,8 @@ pub(crate) fn editor(ctx: Ctx, w: usize) {
                 |_| (rev, String::new(), line.clone()),
             );
         }
-        if rev.is_multiple_of(5) {
-            let name = format!("{SCRATCH}/{me}-{rev}");
+        if k.is_multiple_of(5) {
+            let name = format!("{SCRATCH}/{me}-{k}");
             let content = format!("scratch {name}\n").repeat(20);
             let h = hash(content.as_bytes());
             let created = ctx.record(
@@ -327,7 +300,7 @@ pub(crate) fn editor(ctx: Ctx, w: usize) {
                     f.write_all(content.as_bytes())?;
                     f.sync_all()
                 },
-                |_| (rev, h.clone(), String::new()),
+                |_| (k, h.clone(), String::new()),
             );
             if let Some(old) = prev_scratch.take() {
                 ctx.record(
@@ -335,7 +308,7 @@ pub(crate) fn editor(ctx: Ctx, w: usize) {
                     Kind::Delete,
                     &old,
                     || fs::remove_file(ctx.p(&old)),
-                    |_| (rev, String::new(), String::new()),
+                    |_| (k, String::new(), String::new()),
                 );
             }
             if created.is_some() {
@@ -346,8 +319,117 @@ pub(crate) fn editor(ctx: Ctx, w: usize) {
     }
 }
 
+/// Step `k` of editor `w`: takes the next page's lock, saves the page's
+/// next revision and unlocks it. Returns the revision, the page and whether
+/// the save was acknowledged, or None when the lock could not be taken.
+///
+/// An editor that owns its pages saves revision `k`, and takes over a lock
+/// a failed unlock of its own left behind. With shared pages a page whose
+/// lock another editor holds is skipped for now; the page is read under
+/// the lock, as a wiki reads the revision it edits; and revisions are
+/// numbered across all editors once the lock is held, so while the locks
+/// exclude each other one page's revisions are in the order of its saves,
+/// as the checker assumes, and the read must see the last save
+/// acknowledged before. A shared lock whose mkdir or rmdir failed (outcome
+/// unknown) may stay behind, held by nobody: that page is then skipped for
+/// the rest of the run (breaking the lock could let two editors hold it).
+fn save_step(ctx: &Ctx, me: &str, w: usize, k: u64) -> Option<(u64, String, bool)> {
+    let shared = ctx.cfg.shared_pages;
+    let page = if shared {
+        let first = ctx.client * ctx.cfg.writers + w;
+        shared_page((first + k as usize) % ctx.cfg.pages)
+    } else {
+        page_name(ctx.client, w, (k as usize) % ctx.cfg.pages)
+    };
+    let lock = format!("locks/{page}.lock");
+    let held = ctx.record(
+        me,
+        Kind::Lock,
+        &lock,
+        || match fs::create_dir(ctx.p(&lock)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(!shared),
+            Err(e) => Err(e),
+        },
+        |held| {
+            let note = if *held { "" } else { "held by another editor" };
+            (if shared { 0 } else { k }, String::new(), note.to_string())
+        },
+    )?;
+    if !held {
+        return None;
+    }
+    let rev = if shared {
+        let rev = ctx.revs.fetch_add(1, Ordering::SeqCst) + 1;
+        read_page(ctx, me, &page);
+        rev
+    } else {
+        k
+    };
+    let saved_ok = save_locked(ctx, me, &page, rev);
+    ctx.record(
+        me,
+        Kind::Unlock,
+        &lock,
+        || fs::remove_dir(ctx.p(&lock)),
+        |_| (rev, String::new(), String::new()),
+    );
+    Some((rev, page, saved_ok))
+}
+
+/// Saves revision `rev` of `page` (its lock held): a temp file written and
+/// fsynced, renamed over the page. Recorded even when it fails (its outcome
+/// is then unknown); returns whether it was acknowledged.
+fn save_locked(ctx: &Ctx, me: &str, page: &str, rev: u64) -> bool {
+    let content = page_content(page, rev, ctx.cfg.page_bytes);
+    let tmp = format!("{PAGES}/.{page}.{me}.tmp");
+    let path = format!("{PAGES}/{page}");
+    let h = hash(&content);
+    ctx.record(
+        me,
+        Kind::Save,
+        &path,
+        || {
+            let mut f = File::create(ctx.p(&tmp))?;
+            f.write_all(&content)?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(ctx.p(&tmp), ctx.p(&path))
+        },
+        |_| (rev, h.clone(), String::new()),
+    )
+    .is_some()
+}
+
+/// Reads `page` and records which revision it found (0: none; u64::MAX:
+/// content without a page header, noted).
+fn read_page(ctx: &Ctx, me: &str, page: &str) {
+    let path = format!("{PAGES}/{page}");
+    ctx.record(
+        me,
+        Kind::Read,
+        &path,
+        || match fs::read(ctx.p(&path)) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            r => r.map(Some),
+        },
+        |content| match content {
+            None => (0, String::new(), String::new()),
+            Some(b) => match parse_rev(page, b) {
+                Some(rev) => (rev, hash(b), String::new()),
+                None => (
+                    u64::MAX,
+                    hash(b),
+                    String::from_utf8_lossy(&b[..b.len().min(60)]).to_string(),
+                ),
+            },
+        },
+    );
+}
+
 /// One reader: reads pages of the editors on other mounts (all editors when
-/// there is one mount), now and then the log and the page directory.
+/// there is one mount; with `shared_pages`, the shared pages), now and then
+/// the log and the page directory.
 pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
     let me = format!("c{}r{r}", ctx.client);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -361,6 +443,8 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
         };
         let page = if ctx.cfg.static_pages > 0 && k.is_multiple_of(3) {
             static_page(rng.random_range(0..ctx.cfg.static_pages))
+        } else if ctx.cfg.shared_pages {
+            shared_page(rng.random_range(0..ctx.cfg.pages))
         } else {
             page_name(
                 c,
@@ -368,27 +452,7 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
                 rng.random_range(0..ctx.cfg.pages),
             )
         };
-        let path = format!("{PAGES}/{page}");
-        ctx.record(
-            &me,
-            Kind::Read,
-            &path,
-            || match fs::read(ctx.p(&path)) {
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                r => r.map(Some),
-            },
-            |content| match content {
-                None => (0, String::new(), String::new()),
-                Some(b) => match parse_rev(&page, b) {
-                    Some(rev) => (rev, hash(b), String::new()),
-                    None => (
-                        u64::MAX,
-                        hash(b),
-                        String::from_utf8_lossy(&b[..b.len().min(60)]).to_string(),
-                    ),
-                },
-            },
-        );
+        read_page(&ctx, &me, &page);
         if k.is_multiple_of(10) {
             ctx.record(
                 &me,

@@ -12,7 +12,7 @@ use failsafe_harness::local::{
 };
 use failsafe_harness::relay::{self, Links};
 
-use crate::scenario::{FaultKind, Latency, Scenario};
+use crate::scenario::{mount_target, FaultKind, Latency, Scenario};
 use failsafe_harness::netns::Net;
 
 /// fsd's port when every host has an address of its own.
@@ -20,6 +20,16 @@ const PORT: u16 = 7000;
 /// With latency, fsd listens here on the namespace's loopback, behind the
 /// relay that holds `PORT` on every address of the namespace.
 const BEHIND_RELAY: u16 = 7001;
+
+/// What a fault is done to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Target {
+    /// A storage host, by index.
+    Host(usize),
+    /// A mount (a web host's `mount-failsafe`), by index.
+    Mount(usize),
+}
 
 pub(crate) struct World {
     pub net: Option<Net>,
@@ -407,8 +417,19 @@ impl World {
         self.cluster.hosts.iter().position(|h| h.addr == addr)
     }
 
+    /// Resolves a fault target to a mount ("mount:N") or a host index.
+    pub(crate) async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<Target> {
+        if let Some(m) = mount_target(target) {
+            if m >= self.mounts.len() {
+                bail!("no mount {m}");
+            }
+            return Ok(Target::Mount(m));
+        }
+        self.resolve_host(target, pick).await.map(Target::Host)
+    }
+
     /// Resolves a fault target to a host index.
-    pub(crate) async fn resolve(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
+    async fn resolve_host(&self, target: &str, pick: usize) -> anyhow::Result<usize> {
         let n = self.cluster.hosts.len();
         if let Some(i) = target
             .strip_prefix("host:")
@@ -438,6 +459,28 @@ impl World {
         self.net
             .as_mut()
             .with_context(|| format!("{kind:?} needs network namespaces (root and iproute2)"))
+    }
+
+    /// Stops mount `m`'s process (SIGSTOP): every request to it waits,
+    /// its lease stream goes quiet; returns a description.
+    pub(crate) fn freeze_mount(&mut self, m: usize) -> anyhow::Result<String> {
+        let zone = self.client_zones.get(m).context("no such mount")?.clone();
+        self.mounts.get_mut(m).context("no such mount")?.freeze();
+        Ok(format!("SIGSTOP mount {m} (zone {zone})"))
+    }
+
+    /// SIGCONT to mount `m`: the requests that waited are served.
+    pub(crate) fn thaw_mount(&mut self, m: usize) -> anyhow::Result<String> {
+        self.mounts.get_mut(m).context("no such mount")?.thaw();
+        Ok(format!("mount {m} thawed"))
+    }
+
+    /// Thaws every mount still frozen (a run cut short): the workload's
+    /// threads wait on them.
+    pub(crate) fn thaw_mounts(&mut self) {
+        for m in self.mounts.iter_mut().filter(|m| m.is_frozen()) {
+            m.thaw();
+        }
     }
 
     /// Starts fault `kind` on host `i`; returns a description.

@@ -148,6 +148,7 @@ pub struct LocalMount {
     pub path: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    frozen: bool,
 }
 
 impl LocalMount {
@@ -178,6 +179,7 @@ impl LocalMount {
             path: path.to_path_buf(),
             log: log.to_path_buf(),
             child: Some(child),
+            frozen: false,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(path) {
@@ -199,13 +201,43 @@ impl LocalMount {
         Ok(m)
     }
 
-    /// SIGTERM: the mount unmounts itself; a lazy detach if it does not.
-    /// The mount process, while it runs (to freeze it with SIGSTOP).
+    /// The mount process, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+        }
+    }
+
+    /// SIGSTOP: the mount is there, but every request to it waits (a web
+    /// host that hangs, or a paused VM).
+    pub fn freeze(&mut self) {
+        self.signal(libc::SIGSTOP);
+        self.frozen = true;
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
+
+    /// SIGCONT: the requests that waited are served.
+    pub fn thaw(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.frozen = false;
+    }
+
+    /// SIGTERM (after SIGCONT, if frozen): the mount unmounts itself; a lazy
+    /// detach if it does not.
     pub fn unmount(&mut self) {
+        if self.frozen {
+            self.thaw();
+        }
         if let Some(mut child) = self.child.take() {
             terminate(&mut child);
         }

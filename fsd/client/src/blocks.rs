@@ -93,7 +93,7 @@ impl Client {
                 r.map(|_| ())
             }
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, self.inner.cfg.block_timeout);
                 Err(tonic::Status::cancelled(format!(
                     "block put to {addr} timed out"
                 )))
@@ -148,7 +148,7 @@ impl Client {
         let data = match answer {
             Ok(r) => r?,
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, self.inner.cfg.block_timeout);
                 return Err(tonic::Status::cancelled(format!(
                     "block get from {addr} timed out"
                 )));
@@ -181,13 +181,14 @@ impl Client {
         });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
+        let started = std::time::Instant::now();
         let rpc = self.inner.rpcs.start(RpcKind::BlockHas, true);
         let answer = tokio::time::timeout(timeout, blocks.has(req)).await;
         rpc.end_timed(&answer);
         let reply = match answer {
             Ok(r) => r?.into_inner(),
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, timeout);
                 return Err(tonic::Status::cancelled(format!(
                     "block lookup at {addr} timed out"
                 )));
@@ -228,13 +229,14 @@ impl Client {
         });
         let timeout = self.inner.cfg.rpc_timeout;
         req.set_timeout(timeout);
+        let started = std::time::Instant::now();
         let rpc = self.inner.rpcs.start(RpcKind::BlockDelete, true);
         let answer = tokio::time::timeout(timeout, blocks.delete(req)).await;
         rpc.end_timed(&answer);
         match answer {
             Ok(r) => r.map(tonic::Response::into_inner),
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, timeout);
                 Err(tonic::Status::cancelled(format!(
                     "block delete at {addr} timed out"
                 )))
@@ -332,7 +334,7 @@ impl Client {
                 Ok(r)
             }
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, self.inner.cfg.block_timeout);
                 Err(tonic::Status::cancelled(format!(
                     "block {what} at {addr} timed out"
                 )))

@@ -539,7 +539,7 @@ impl Client {
                 })
             }
             Err(_) => {
-                self.record_timeout(addr);
+                self.record_timeout(addr, started, self.inner.cfg.rpc_timeout);
                 return Err(ClientError::Unavailable(format!("{addr} did not answer")));
             }
         };

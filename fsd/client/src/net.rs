@@ -340,8 +340,24 @@ impl Client {
         }
     }
 
-    /// Records a call that got no answer in time.
-    pub(crate) fn record_timeout(&self, addr: &str) {
+    /// Records a call to `addr`, sent at `started`, that got no answer
+    /// within `timeout` (or lost its connection). Not when that was noticed
+    /// long after the timeout was due: then this process was not running
+    /// (stopped, a paused VM, starved), the member may well have answered
+    /// meanwhile, and suspecting it would ignore every hint naming it — the
+    /// leader's — for three `rpc_timeout`s after the pause (a mount thawed
+    /// after 3 s of SIGSTOP went on waiting 3 s more, asking followers).
+    pub(crate) fn record_timeout(&self, addr: &str, started: Instant, timeout: Duration) {
+        let took = started.elapsed();
+        if took > timeout + timeout / 2 {
+            tracing::info!(
+                addr,
+                ?took,
+                ?timeout,
+                "a call failed long after its timeout was due: this process stalled, the member is not suspected"
+            );
+            return;
+        }
         let mut r = self.routing();
         let until = Instant::now() + self.inner.cfg.rpc_timeout * 3;
         r.suspect.insert(addr.to_string(), until);
@@ -414,12 +430,12 @@ impl Client {
                     if is_transport_failure(&status) {
                         // Nothing listens there (killed, restarting): treat
                         // like a timeout, so hints naming it are not followed.
-                        self.record_timeout(&addr);
+                        self.record_timeout(&addr, started, rpc_timeout);
                     }
                     self.classify(&addr, status)
                 }
                 Err(_) => {
-                    self.record_timeout(&addr);
+                    self.record_timeout(&addr, started, rpc_timeout);
                     Attempt::Retry(None)
                 }
             };
@@ -500,5 +516,34 @@ fn is_transport_failure(status: &tonic::Status) -> bool {
     status.code() == Code::Unavailable && status.metadata().get(LEADER_ADDR_KEY).is_none() && {
         let m = status.message();
         m.contains("tcp connect error") || m.contains("transport error") || m.contains("connection")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_timeout_noticed_long_after_it_was_due_suspects_nobody() {
+        let client = Client::connect(ClientConfig {
+            addrs: vec!["leader:7000".into(), "follower:7000".into()],
+            cluster_id: Some("c".into()),
+            ..ClientConfig::default()
+        })
+        .await
+        .expect("no network needed with a cluster id");
+        client.set_leader("leader:7000");
+        let timeout = Duration::from_secs(1);
+        // Sent 5 s ago with a 1 s timeout: this process was stopped.
+        let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(5)) else {
+            return;
+        };
+        client.record_timeout("leader:7000", long_ago, timeout);
+        assert!(!client.is_suspect("leader:7000"));
+        assert_eq!(client.routing().pick(), "leader:7000");
+        // A timeout that fired when due (60 s: this test never takes that long).
+        client.record_timeout("leader:7000", Instant::now(), Duration::from_secs(60));
+        assert!(client.is_suspect("leader:7000"));
+        assert_eq!(client.routing().pick(), "follower:7000");
     }
 }
