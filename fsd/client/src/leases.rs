@@ -68,6 +68,13 @@ impl LeaseCache {
     }
 }
 
+/// A change this client is making, as its lease cache sees it.
+pub(crate) struct OwnChange {
+    ticket: failsafe_core::lease::ReadTicket,
+    /// The lease stream's leader term when it was sent.
+    term: u64,
+}
+
 /// A cached answer and how long the kernel may keep it.
 #[derive(Debug, Clone)]
 pub struct Leased<T> {
@@ -104,16 +111,75 @@ impl Client {
         }
     }
 
-    /// After this client's own change to `changed`: drop them here (the
-    /// leader does not wait for the writer), so reads in flight do not
-    /// cache what they read before it, and tell the owner.
-    pub(crate) fn own_change(&self, changed: &[u64]) {
+    /// Before this client sends a change: the ticket its read-back is
+    /// judged by (see [`Client::own_change`]).
+    pub(crate) fn own_change_start(&self) -> Option<OwnChange> {
+        let c = self.lease_cache()?;
+        let term = c.term.load(Ordering::Relaxed);
+        (term != 0).then(|| OwnChange {
+            ticket: lock(&c.view).read_sent(),
+            term,
+        })
+    }
+
+    /// After this client's own change (`reply`; `None` if it failed): the
+    /// leader did not wait for this writer, so what the change touched is
+    /// replaced here with what the leader read back for it when that may be
+    /// cached (a granted read-back, and nothing invalidated meanwhile), else
+    /// dropped; either way reads in flight do not cache what they read
+    /// before it, and the owner tells the kernel (the attributes only, for
+    /// what was replaced: the kernel made the change, it knows the names).
+    pub(crate) fn own_change(&self, own: Option<OwnChange>, reply: Option<&pb::MutateReply>) {
         let Some(c) = self.lease_cache() else { return };
-        if changed.is_empty() {
+        let mut view = lock(&c.view);
+        let Some(reply) = reply else {
+            if let Some(own) = own {
+                view.read_done(own.ticket);
+            }
+            return;
+        };
+        let changed = reply.result.as_ref().map_or(&[][..], |r| &r.changed[..]);
+        let granted = own.as_ref().is_some_and(|own| {
+            reply.lease.is_some_and(|g| g.granted && g.term == own.term)
+                && own.term == c.term.load(Ordering::Relaxed)
+        });
+        let mut objects: Vec<u64> = changed.to_vec();
+        objects.extend(reply.attrs.iter().map(|a| a.ino));
+        objects.sort_unstable();
+        objects.dedup();
+        if objects.is_empty() {
+            if let Some(own) = own {
+                view.read_done(own.ticket);
+            }
             return;
         }
-        let mut view = lock(&c.view);
-        let inodes = view.take(changed);
+        let now = c.now();
+        let mut inodes = Vec::with_capacity(objects.len());
+        for o in objects {
+            let attr = reply.attrs.iter().find(|a| a.ino == o).copied();
+            let replace = |cached: &mut Cached| {
+                cached.attr = attr;
+                cached.extents = None;
+                cached.listing = None;
+                for n in reply.names.iter().filter(|n| n.parent == o) {
+                    cached
+                        .names
+                        .insert(n.name.clone(), (n.ino != 0).then_some(n.ino));
+                }
+            };
+            match &own {
+                Some(own) if granted && attr.is_some() => {
+                    match view.amend(own.ticket, o, true, now, replace) {
+                        None => inodes.push((o, Cached::default())),
+                        Some(was) => inodes.push((o, was)),
+                    }
+                }
+                _ => inodes.extend(view.take(&[o])),
+            }
+        }
+        if let Some(own) = own {
+            view.read_done(own.ticket);
+        }
         let _ = c.dropped.send(Dropped { inodes, done: None });
     }
 

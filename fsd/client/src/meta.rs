@@ -53,6 +53,7 @@ impl Client {
             Some(zone) if !self.inner.cfg.background => zone.clone(),
             _ => String::new(),
         };
+        let own = self.own_change_start();
         let reply = self
             .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
                 let req = pb::MutateRequest {
@@ -68,10 +69,10 @@ impl Client {
                         .await
                 }
             })
-            .await?
-            .into_inner();
-        let result = reply.result.ok_or_else(|| unexpected("mutate"))?;
-        self.own_change(&result.changed);
+            .await
+            .map(|r| r.into_inner());
+        self.own_change(own, reply.as_ref().ok());
+        let result = reply?.result.ok_or_else(|| unexpected("mutate"))?;
         match result.result {
             Some(command_result::Result::Error(e)) => Err(refused(e)),
             Some(r) => Ok(r),

@@ -504,6 +504,36 @@ impl<V> HolderView<V> {
         granted && ticket.epoch == self.epoch && fresh && now < self.expires
     }
 
+    /// This holder's own change to `object`, read back for it by the leader
+    /// (granted or not) after the change applied, under `ticket`, taken
+    /// before the change was sent: like a read sent then and answered now.
+    /// Updates what is cached for `object` in place when it may be cached
+    /// ([`HolderView::offer`]'s rule: nothing invalidated it since the
+    /// ticket), else drops it and returns what was cached. Either way no
+    /// read sent before this one is cached for `object`: it may have
+    /// returned what the change replaced.
+    pub fn amend(
+        &mut self,
+        ticket: ReadTicket,
+        object: Object,
+        granted: bool,
+        now: u64,
+        update: impl FnOnce(&mut V),
+    ) -> Option<V>
+    where
+        V: Default,
+    {
+        if !self.may_cache(ticket, object, granted, now) {
+            return self.take(&[object]).pop().map(|(_, v)| v);
+        }
+        self.dropped += 1;
+        if self.in_flight > 0 {
+            self.invalidated.insert(object, self.dropped);
+        }
+        update(self.cached.entry(object).or_default());
+        None
+    }
+
     /// Drops `objects` (as [`HolderView::invalidate`]) and returns what was
     /// cached for them (the caller tells the kernel about each name it had
     /// answered).
@@ -656,6 +686,37 @@ mod tests {
         v.read_done(after);
         assert_eq!(v.get(10, 10), Some(&"new"));
         assert_eq!(v.get(10, 400), None, "run out");
+    }
+
+    #[test]
+    fn an_own_change_read_back_is_cached_unless_something_invalidated_it_meanwhile() {
+        let mut v: HolderView<String> = HolderView::new(400);
+        let e = v.reconnected();
+        v.renewed(e, 0);
+        let older = v.read_sent();
+        let change = v.read_sent();
+        // Read back after the change: cached, in place.
+        assert_eq!(v.amend(change, 10, true, 5, |s| s.push_str("mine")), None);
+        assert_eq!(v.get(10, 5).map(String::as_str), Some("mine"));
+        // A read sent before the change is not cached over it.
+        assert!(!v.offer(older, 10, "before".into(), true, 6));
+        v.read_done(older);
+        v.read_done(change);
+        // Invalidated while the change was on its way: dropped instead.
+        let change = v.read_sent();
+        v.invalidate(&[10]);
+        let read = v.read_sent();
+        assert!(v.offer_with(read, 11, true, 7, |s| s.push('x')));
+        v.read_done(read);
+        assert_eq!(v.amend(change, 10, true, 8, |s| s.push_str("stale")), None);
+        assert_eq!(v.get(10, 8), None);
+        // Not granted: dropped, and what was cached is handed back.
+        let change = v.read_sent();
+        assert_eq!(
+            v.amend(change, 11, false, 9, |s| s.push('y')),
+            Some("x".to_string())
+        );
+        assert_eq!(v.get(11, 9), None);
     }
 
     // The model test (tests/lease_model.rs) found each of the following.

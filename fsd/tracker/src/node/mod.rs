@@ -441,6 +441,52 @@ impl Tracker {
         Ok((reply, pb::LeaseGrant { granted, term }))
     }
 
+    /// After lease holder `holder`'s change `names` (its changed names) with
+    /// `result` applied: registers the holder on what the change touched or
+    /// made, then reads that for it, so it can cache its own change as a
+    /// leased query's answer instead of asking again. `None` when it may not
+    /// (no leases here, a refused change, or a grant refused).
+    pub async fn read_back(
+        &self,
+        holder: u64,
+        names: Vec<(u64, Vec<u8>)>,
+        result: &pb::CommandResult,
+    ) -> Result<Option<(pb::LeaseGrant, Vec<pb::Attr>, Vec<pb::NameRead>)>, TrackerError> {
+        let (Some(leases), Some(term)) = (self.leases(), self.lease_term()) else {
+            return Ok(None);
+        };
+        let mut inos = result.changed.clone();
+        match &result.result {
+            Some(pb::command_result::Result::Attr(a)) => inos.push(a.ino),
+            Some(pb::command_result::Result::Error(_)) | None => return Ok(None),
+            Some(_) => {}
+        }
+        inos.sort_unstable();
+        inos.dedup();
+        if inos.is_empty() || !leases.grant(holder, &inos) {
+            return Ok(None);
+        }
+        // The change applied here and this member still leads (the grant
+        // needed its term): read its state after registering.
+        let r = self
+            .sm
+            .db()
+            .call(move |conn| state::read_back(conn, &inos, &names))
+            .await?;
+        match r {
+            Ok((attrs, names)) => Ok(Some((
+                pb::LeaseGrant {
+                    granted: true,
+                    term,
+                },
+                attrs,
+                names,
+            ))),
+            Err(state::ApplyError::Refused(_)) => Ok(None),
+            Err(state::ApplyError::Db(e)) => Err(TrackerError::storage(e)),
+        }
+    }
+
     /// Answers a query, after confirming leadership for a linearizable one.
     pub async fn query(
         &self,

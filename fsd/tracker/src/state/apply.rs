@@ -219,6 +219,23 @@ pub(crate) fn known_touched(cmd: &pb::Command) -> Vec<u64> {
     out
 }
 
+/// The names `cmd` changes: (directory, name) pairs.
+pub(crate) fn changed_names(cmd: &pb::Command) -> Vec<(u64, Vec<u8>)> {
+    match &cmd.op {
+        Some(Op::Create(c)) => vec![(c.parent, c.name.clone())],
+        Some(Op::Mkdir(c)) => vec![(c.parent, c.name.clone())],
+        Some(Op::Symlink(c)) => vec![(c.parent, c.name.clone())],
+        Some(Op::Link(c)) => vec![(c.new_parent, c.new_name.clone())],
+        Some(Op::Unlink(c)) => vec![(c.parent, c.name.clone())],
+        Some(Op::Rmdir(c)) => vec![(c.parent, c.name.clone())],
+        Some(Op::Rename(c)) => vec![
+            (c.parent, c.name.clone()),
+            (c.new_parent, c.new_name.clone()),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 fn refusal(code: ErrorCode, message: &str) -> pb::CommandResult {
     pb::CommandResult {
         changed: Vec::new(),

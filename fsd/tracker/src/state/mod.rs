@@ -25,7 +25,7 @@ mod testing;
 use failsafe_core::validate_name;
 use failsafe_proto::pb::ErrorCode;
 
-pub(crate) use apply::{apply, known_touched, validate};
+pub(crate) use apply::{apply, changed_names, known_touched, validate};
 pub(crate) use blocks::old_inline;
 pub use health::ReplicationCounts;
 pub(crate) use health::{
@@ -35,7 +35,7 @@ pub(crate) use health::{
 pub(crate) use hosts::{
     admin_state, delta_base, devices, host_states, hosts, ship_risk, HostStates,
 };
-pub(crate) use query::{counts, query};
+pub(crate) use query::{counts, query, read_back};
 pub(crate) use schema::migrate;
 pub(crate) use sessions::anything_expired;
 

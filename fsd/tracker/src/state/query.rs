@@ -30,6 +30,32 @@ pub(crate) fn query(
     }
 }
 
+/// What a writer may cache after its change: the attributes of `inos`
+/// (those still there) and what `names` name now.
+pub(crate) fn read_back(
+    conn: &rusqlite::Connection,
+    inos: &[u64],
+    names: &[(u64, Vec<u8>)],
+) -> OpResult<(Vec<pb::Attr>, Vec<pb::NameRead>)> {
+    let mut attrs = Vec::with_capacity(inos.len());
+    for &ino in inos {
+        match get_attr(conn, ino) {
+            Ok(a) => attrs.push(a),
+            Err(super::ApplyError::Refused(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut found = Vec::with_capacity(names.len());
+    for (parent, name) in names {
+        found.push(pb::NameRead {
+            parent: *parent,
+            name: name.clone(),
+            ino: lookup_ino(conn, *parent, name)?.unwrap_or(0),
+        });
+    }
+    Ok((attrs, found))
+}
+
 /// The attributes of the entry `name` in directory `parent`.
 fn lookup(conn: &rusqlite::Connection, l: &pb::Lookup) -> OpResult<Reply> {
     check_name(&l.name)?;
