@@ -511,6 +511,27 @@ impl Client {
 /// Entries per page of a listing with attributes (about 100 bytes each).
 const LIST_PAGE: u32 = 2000;
 
+/// Caches what the leader pushed after a change (see
+/// [`HolderView::pushed`]): the attributes of the inodes it touched or made
+/// and the names it changed.
+fn refreshed(
+    view: &mut HolderView<Cached>,
+    epoch: u64,
+    now: u64,
+    attrs: &[pb::Attr],
+    names: &[pb::NameRead],
+) {
+    for a in attrs {
+        view.pushed(epoch, a.ino, now, |c| c.attr = Some(*a));
+    }
+    for n in names {
+        view.pushed(epoch, n.parent, now, |c| {
+            c.names
+                .insert(n.name.clone(), (n.ino != 0).then_some(n.ino));
+        });
+    }
+}
+
 fn attr_of(r: Reply) -> Result<pb::Attr, ClientError> {
     match r {
         Reply::Attr(a) => Ok(a),
@@ -651,6 +672,11 @@ async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<()
                                 lock(&cache.view).renewed(epoch, at);
                             }
                         }
+                    }
+                    Some(Event::Refresh(r)) => {
+                        let mut view = lock(&cache.view);
+                        let now = cache.now();
+                        refreshed(&mut view, epoch, now, &r.attrs, &r.names);
                     }
                     Some(Event::Invalidate(inv)) => {
                         let (done, told) = oneshot::channel();

@@ -91,6 +91,8 @@ struct ObjectState {
     /// The holder that last changed it, and when.
     last_change: Option<(Holder, u64)>,
     hot_until: u64,
+    /// The last change begun on it.
+    begun: ChangeId,
 }
 
 #[derive(Debug)]
@@ -224,6 +226,7 @@ impl Leases {
         for &o in objects {
             let os = self.objects.entry(o).or_default();
             os.changing += 1;
+            os.begun = id;
             if let Some(b) = by {
                 if let Some((prev, at)) = os.last_change {
                     if prev != b && now.saturating_sub(at) < self.cfg.hot_ms {
@@ -275,6 +278,20 @@ impl Leases {
             },
         );
         (id, tell)
+    }
+
+    /// Where the numbering of changes stands: see [`Leases::begun_since`].
+    pub fn change_mark(&self) -> ChangeId {
+        self.next_change
+    }
+
+    /// Whether a change of any of `objects` began since `mark`
+    /// ([`Leases::change_mark`]): what was read of them since may be older
+    /// than an invalidation already sent.
+    pub fn begun_since(&self, objects: &[Object], mark: ChangeId) -> bool {
+        objects
+            .iter()
+            .any(|o| self.objects.get(o).is_some_and(|os| os.begun >= mark))
     }
 
     /// `h` has dropped what change `id` touched.
@@ -532,6 +549,27 @@ impl<V> HolderView<V> {
         }
         update(self.cached.entry(object).or_default());
         None
+    }
+
+    /// What the leader pushed on stream `epoch` after a change (a refresh):
+    /// the stream's order makes it newer than every invalidation seen so far
+    /// and older than every one to come, so it is cached as it is (in
+    /// place) while the leases last. Returns whether it was.
+    pub fn pushed(
+        &mut self,
+        epoch: u64,
+        object: Object,
+        now: u64,
+        update: impl FnOnce(&mut V),
+    ) -> bool
+    where
+        V: Default,
+    {
+        let ok = epoch == self.epoch && now < self.expires;
+        if ok {
+            update(self.cached.entry(object).or_default());
+        }
+        ok
     }
 
     /// Drops `objects` (as [`HolderView::invalidate`]) and returns what was

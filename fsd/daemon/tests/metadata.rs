@@ -496,13 +496,13 @@ async fn t26_a_follower_answers_linearizable_reads_with_read_index() {
 }
 
 /// Acknowledges change `change_id` on a raw lease stream, and waits for
-/// the change to finish.
+/// the change to finish; returns its answer.
 async fn acknowledged<T: std::fmt::Debug, E: std::fmt::Debug>(
     to_leader: &tokio::sync::mpsc::Sender<pb::WatchRequest>,
     change_id: u64,
     change: tokio::task::JoinHandle<Result<T, E>>,
     header: Option<pb::Header>,
-) {
+) -> T {
     to_leader
         .send(pb::WatchRequest {
             header,
@@ -514,7 +514,7 @@ async fn acknowledged<T: std::fmt::Debug, E: std::fmt::Debug>(
         .await
         .expect("done once acknowledged")
         .unwrap()
-        .unwrap();
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -600,10 +600,29 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
         "the change returned before the holder acknowledged or its lease ran out"
     );
     acknowledged(&to_leader, inv.change_id, change, header.clone()).await;
+    // ...and is then sent what the change left, leased to it again: d's new
+    // attributes and its new name.
+    let Event::Refresh(r) = next().await else {
+        panic!("no refresh")
+    };
+    assert!(
+        r.attrs.iter().any(|a| a.ino == d.ino)
+            && r.names
+                .iter()
+                .any(|n| n.parent == d.ino && n.name == b"x" && n.ino != 0),
+        "{r:?}"
+    );
 
     // A file looked up with its extents: the answer is all an open needs,
-    // and the file itself is leased (a change to it is told).
-    let page = c.create(d.ino, b"page", 0o644, true).await.unwrap();
+    // and the file itself is leased (a change to it is told). (The holder
+    // holds d again: the create waits for it too.)
+    let writer = c.clone();
+    let change = tokio::spawn(async move { writer.create(d.ino, b"page", 0o644, true).await });
+    let Event::Invalidate(inv) = next().await else {
+        panic!("no invalidation")
+    };
+    let page = acknowledged(&to_leader, inv.change_id, change, header.clone()).await;
+    assert!(matches!(next().await, Event::Refresh(_)));
     let lookup = |name: &[u8]| {
         leased(pb::query_request::Query::Lookup(pb::Lookup {
             parent: d.ino,
@@ -638,6 +657,7 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
     };
     assert!(inv.inos.contains(&page.ino), "{inv:?}");
     acknowledged(&to_leader, inv.change_id, change, header.clone()).await;
+    assert!(matches!(next().await, Event::Refresh(_)));
 
     // A holder that never answers holds a change up only until its leases
     // run out.

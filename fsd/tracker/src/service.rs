@@ -78,17 +78,12 @@ impl Metadata for MetadataService {
         // A session's lease renewal is upkeep, not writing.
         let writing = !matches!(cmd.op, Some(Op::Heartbeat(_) | Op::ExpireSessions(_)));
         let by = (req.lease_holder != 0).then_some(req.lease_holder);
-        let names = by.map(|_| crate::state::changed_names(&cmd));
-        let result = self.tracker.propose_as(cmd, by).await?;
+        let (result, back) = self.tracker.propose_as(cmd, by).await?;
         if writing {
             self.tracker.note_write(&req.writer_zone);
         }
-        let back = match (by, names) {
-            (Some(holder), Some(names)) => self.tracker.read_back(holder, names, &result).await?,
-            _ => None,
-        };
         let (lease, attrs, names) = match back {
-            Some((lease, attrs, names)) => (Some(lease), attrs, names),
+            Some(b) => (Some(b.lease), b.attrs, b.names),
             None => (None, Vec::new(), Vec::new()),
         };
         Ok(Response::new(pb::MutateReply {

@@ -187,6 +187,7 @@ impl LeaseTable {
             return Change {
                 table: self,
                 id: None,
+                told: Vec::new(),
             };
         }
         let now = self.now();
@@ -198,6 +199,7 @@ impl LeaseTable {
                 inos: objects.to_vec(),
             })),
         };
+        let mut told = Vec::with_capacity(tell.len());
         for h in tell {
             let sent = inner
                 .streams
@@ -210,11 +212,68 @@ impl LeaseTable {
                     tracing::info!(holder = h, "lease stream stuck; closing it");
                 }
                 inner.table.disconnect(h);
+            } else {
+                told.push(h);
             }
         }
         Change {
             table: self,
             id: Some(id),
+            told,
+        }
+    }
+
+    /// Before reading what a finished change left for the holders it told
+    /// (`holders`): registers each on `objects` again. Returns those
+    /// registered and where the numbering of changes stood.
+    pub(crate) fn refresh_grant(
+        &self,
+        holders: &[Holder],
+        objects: &[Object],
+    ) -> (Vec<Holder>, u64) {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        let mark = inner.table.change_mark();
+        if inner.suspended || objects.is_empty() {
+            return (Vec::new(), mark);
+        }
+        let granted = holders
+            .iter()
+            .copied()
+            .filter(|h| {
+                inner.streams.contains_key(h)
+                    && inner.table.grant(*h, objects, now).iter().all(|g| *g)
+            })
+            .collect();
+        (granted, mark)
+    }
+
+    /// Pushes `refresh` (read after [`LeaseTable::refresh_grant`] returned
+    /// `mark`) to `holders`, unless a change of `objects` began since: its
+    /// invalidation may already be on their streams, ahead of this.
+    pub(crate) fn refresh_send(
+        &self,
+        holders: &[Holder],
+        objects: &[Object],
+        mark: u64,
+        refresh: pb::Refresh,
+    ) {
+        let mut inner = lock(&self.inner);
+        if inner.table.begun_since(objects, mark) {
+            return;
+        }
+        let event = pb::WatchEvent {
+            event: Some(Event::Refresh(refresh)),
+        };
+        for &h in holders {
+            let sent = inner
+                .streams
+                .get(&h)
+                .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
+            if !sent && inner.streams.remove(&h).is_some() {
+                tracing::info!(holder = h, "lease stream stuck; closing it");
+                inner.table.disconnect(h);
+            }
         }
     }
 
@@ -241,9 +300,15 @@ impl LeaseTable {
 pub(crate) struct Change<'a> {
     table: &'a LeaseTable,
     id: Option<u64>,
+    /// The holders it was sent to.
+    told: Vec<Holder>,
 }
 
 impl Change<'_> {
+    pub(crate) fn told(&self) -> &[Holder] {
+        &self.told
+    }
+
     /// Returns once every holder told has acknowledged or its leases have
     /// run out.
     pub(crate) async fn done(self) {

@@ -123,6 +123,16 @@ impl From<crate::db::DbGone> for TrackerError {
     }
 }
 
+/// What a writer may cache of its own change: read for it after the leader
+/// registered it as a holder of what the change touched or made.
+pub struct ReadBack {
+    pub lease: pb::LeaseGrant,
+    /// The attributes of those inodes (a gone one left out).
+    pub attrs: Vec<pb::Attr>,
+    /// The names the change changed, as they are now.
+    pub names: Vec<pb::NameRead>,
+}
+
 pub struct Tracker {
     raft: Raft,
     group: group::GroupCommit,
@@ -253,36 +263,40 @@ impl Tracker {
     /// the log (so every member applies the same time). Batches are formed
     /// here only: one proposed from outside is refused.
     pub async fn propose(&self, cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
-        self.propose_as(cmd, None).await
+        self.propose_as(cmd, None).await.map(|(result, _)| result)
     }
 
     /// [`Tracker::propose`] for lease holder `by` (a mount's Watch stream),
-    /// which updates its own cache from the answer. Every other holder of a
-    /// lease on what the command changed has given it up (or its leases
-    /// have run out) before this returns.
+    /// which updates its own cache from the answer: with the result, what
+    /// it may cache of what the command touched (see [`ReadBack`]). Every
+    /// other holder of a lease on what the command changed has given it up
+    /// (or its leases have run out) before this returns, and is sent a
+    /// refresh of it.
     pub async fn propose_as(
         &self,
         mut cmd: pb::Command,
         by: Option<u64>,
-    ) -> Result<pb::CommandResult, TrackerError> {
+    ) -> Result<(pb::CommandResult, Option<ReadBack>), TrackerError> {
         // Refuse what can never apply before it takes a place in the log,
         // whoever proposes it (a client's Mutate or this host's workers).
         let outside_batch = matches!(cmd.op, Some(pb::command::Op::Batch(_))).then(|| {
             state::OpError::new(pb::ErrorCode::Invalid, "batches are formed by the leader")
         });
         if let Some(e) = outside_batch.or_else(|| state::validate(&cmd).err()) {
-            return Ok(pb::CommandResult {
+            let refused = pb::CommandResult {
                 result: Some(pb::command_result::Result::Error(pb::CommandError {
                     code: e.code as i32,
                     message: e.message,
                 })),
                 changed: Vec::new(),
-            });
+            };
+            return Ok((refused, None));
         }
         // Holders of what the command names are told now, in parallel with
         // its trip through the log; those of inodes found by name (an
         // unlinked or replaced file) once it has applied.
         let known = state::known_touched(&cmd);
+        let names = state::changed_names(&cmd);
         let early = self.leases.as_ref().map(|l| l.begin(&known, by));
         let result = {
             // Held while leadership is being handed over (not while the
@@ -303,14 +317,20 @@ impl Tracker {
                 .copied()
                 .collect();
             let late = leases.begin(&found, by);
+            let mut told: Vec<u64> = late.told().to_vec();
             // A refused command changed nothing: no need to wait for the
             // holders told early (dropping it ends the change).
             if let Some(early) = early.filter(|_| !result.changed.is_empty()) {
+                told.extend_from_slice(early.told());
                 early.done().await;
             }
             late.done().await;
+            told.sort_unstable();
+            told.dedup();
+            let back = self.read_back(leases, by, told, names, &result).await?;
+            return Ok((result, back));
         }
-        Ok(result)
+        Ok((result, None))
     }
 
     /// The term whose leases this member may grant and renew now: it leads
@@ -441,18 +461,21 @@ impl Tracker {
         Ok((reply, pb::LeaseGrant { granted, term }))
     }
 
-    /// After lease holder `holder`'s change `names` (its changed names) with
-    /// `result` applied: registers the holder on what the change touched or
-    /// made, then reads that for it, so it can cache its own change as a
-    /// leased query's answer instead of asking again. `None` when it may not
-    /// (no leases here, a refused change, or a grant refused).
-    pub async fn read_back(
+    /// After a change with `result` applied and every holder it told
+    /// (`told`) done with it: registers the writer `by` and the holders told
+    /// on what it touched or made, reads that for them once, pushes it to
+    /// the holders (a refresh on their streams) and returns it for the
+    /// writer, so nobody has to ask again for what just changed. Nothing
+    /// for a refused change, or for whoever a grant is refused.
+    async fn read_back(
         &self,
-        holder: u64,
+        leases: &leases::LeaseTable,
+        by: Option<u64>,
+        told: Vec<u64>,
         names: Vec<(u64, Vec<u8>)>,
         result: &pb::CommandResult,
-    ) -> Result<Option<(pb::LeaseGrant, Vec<pb::Attr>, Vec<pb::NameRead>)>, TrackerError> {
-        let (Some(leases), Some(term)) = (self.leases(), self.lease_term()) else {
+    ) -> Result<Option<ReadBack>, TrackerError> {
+        let Some(term) = self.lease_term() else {
             return Ok(None);
         };
         let mut inos = result.changed.clone();
@@ -463,28 +486,43 @@ impl Tracker {
         }
         inos.sort_unstable();
         inos.dedup();
-        if inos.is_empty() || !leases.grant(holder, &inos) {
+        if inos.is_empty() {
             return Ok(None);
         }
-        // The change applied here and this member still leads (the grant
-        // needed its term): read its state after registering.
+        let others: Vec<u64> = told.into_iter().filter(|h| Some(*h) != by).collect();
+        let (others, mark) = leases.refresh_grant(&others, &inos);
+        let writer = by.is_some_and(|h| leases.grant(h, &inos));
+        if others.is_empty() && !writer {
+            return Ok(None);
+        }
+        // The change applied here and this member still leads (the grants
+        // needed its term): read its state after registering them.
+        let objects = inos.clone();
         let r = self
             .sm
             .db()
             .call(move |conn| state::read_back(conn, &inos, &names))
             .await?;
-        match r {
-            Ok((attrs, names)) => Ok(Some((
-                pb::LeaseGrant {
-                    granted: true,
-                    term,
-                },
-                attrs,
-                names,
-            ))),
-            Err(state::ApplyError::Refused(_)) => Ok(None),
-            Err(state::ApplyError::Db(e)) => Err(TrackerError::storage(e)),
+        let (attrs, names) = match r {
+            Ok(found) => found,
+            Err(state::ApplyError::Refused(_)) => return Ok(None),
+            Err(state::ApplyError::Db(e)) => return Err(TrackerError::storage(e)),
+        };
+        if !others.is_empty() {
+            let refresh = pb::Refresh {
+                attrs: attrs.clone(),
+                names: names.clone(),
+            };
+            leases.refresh_send(&others, &objects, mark, refresh);
         }
+        Ok(writer.then_some(ReadBack {
+            lease: pb::LeaseGrant {
+                granted: true,
+                term,
+            },
+            attrs,
+            names,
+        }))
     }
 
     /// Answers a query, after confirming leadership for a linearizable one.
