@@ -140,6 +140,19 @@ impl Sim {
                         self.mounts[h].view.invalidate(&objects);
                         self.send_up(stream, Up::Ack { change });
                     }
+                    Down::Refresh { objs, change } => {
+                        let now = self.now;
+                        for (o, version) in objs {
+                            let cached =
+                                self.mounts[h].view.pushed(epoch, o, now, |v| *v = version);
+                            if cached {
+                                self.stats.pushed += 1;
+                            }
+                            self.note(|| {
+                                format!("change {change}: v{version} of {o} cached: {cached}")
+                            });
+                        }
+                    }
                 }
             }
             Ev::ReadAnswer {
@@ -167,9 +180,16 @@ impl Sim {
                 }
             }
             Ev::WriteTimeout { h, write } => {
-                // The outcome is unknown: drop what it cached.
-                if let Some(objs) = self.mounts[h].writes.remove(&write) {
-                    objs.iter().for_each(|&o| self.mounts[h].view.forget(o));
+                // The outcome is unknown. The mount may drop what it cached
+                // of it, or (as the client does for a failed call) only
+                // close the write's ticket.
+                if let Some((objs, ticket)) = self.mounts[h].writes.remove(&write) {
+                    if self.rng.percent(50) {
+                        let now = self.now;
+                        objs.iter()
+                            .for_each(|&o| self.mounts[h].view.forget(o, now));
+                    }
+                    self.mounts[h].view.read_done(ticket);
                 }
             }
             Ev::Up { stream, msg } => {
@@ -283,16 +303,20 @@ impl Sim {
                 let objects: Vec<Object> = objs.iter().map(|&(o, _)| o).collect();
                 let (change, tell) = self.leases(leader).begin_change(&objects, by, now);
                 self.note(|| format!("{objs:?} at index {index}: change {change}, tell {tell:?}"));
+                let mut told = Vec::with_capacity(tell.len());
                 for t in tell {
                     match self.leaders[leader].stream_of.get(&t) {
-                        Some(&s) if self.streams[s].alive => self.send_down(
-                            s,
-                            Down::Invalidate {
-                                objects: objects.clone(),
-                                index,
-                                change,
-                            },
-                        ),
+                        Some(&s) if self.streams[s].alive => {
+                            told.push(t);
+                            self.send_down(
+                                s,
+                                Down::Invalidate {
+                                    objects: objects.clone(),
+                                    index,
+                                    change,
+                                },
+                            )
+                        }
                         _ => self.note(|| format!("no stream to tell {t}")),
                     }
                 }
@@ -302,6 +326,7 @@ impl Sim {
                         writer,
                         objs,
                         begun: now,
+                        told,
                     },
                 );
                 self.poll(leader, change)?;
@@ -311,17 +336,35 @@ impl Sim {
                     self.poll(leader, change)?;
                 }
             }
-            Ev::WriteAnswer { writer, objs } => {
+            Ev::AfterChange { leader, after } => {
+                if !self.deaf(leader) {
+                    self.refresh_grant(leader, after);
+                }
+            }
+            Ev::ReadBack { leader, after } => {
+                if !self.deaf(leader) {
+                    self.read_back(leader, after);
+                }
+            }
+            Ev::RefreshSend {
+                leader,
+                after,
+                read,
+            } => {
+                if !self.deaf(leader) {
+                    self.refresh_send(leader, after, read);
+                }
+            }
+            Ev::WriteAnswer { writer, objs, back } => {
                 let heard = match writer {
                     None => true,
-                    Some((h, write)) => {
-                        let heard = self.mounts[h].writes.remove(&write).is_some();
-                        if heard {
-                            objs.iter()
-                                .for_each(|&(o, _)| self.mounts[h].view.forget(o));
+                    Some((h, write)) => match self.mounts[h].writes.remove(&write) {
+                        None => false,
+                        Some((_, ticket)) => {
+                            self.own_change(h, ticket, &objs, back.as_deref());
+                            true
                         }
-                        heard
-                    }
+                    },
                 };
                 if heard {
                     for (o, version) in objs {

@@ -11,6 +11,15 @@
 //! a grant and the store read it precedes, and a change's apply and its
 //! `begin_change`, are separate steps other requests can run between.
 //!
+//! Once a change is done the leader usually reads it back (`refresh.rs`):
+//! it takes `change_mark`, grants the holders the change told and the
+//! writer its objects, reads the store (now and then slowly), and in one
+//! step checks `begun_since` and pushes what it read on those holders'
+//! streams (in order with invalidations, which `begin_change` sends in one
+//! step too); the writer gets it in its answer, a unary call that may pass
+//! stream messages or be lost, and caches it with `amend` under the ticket
+//! it took before sending the write.
+//!
 //! After every step it checks close-to-open: once the writer of a change
 //! heard that it is done, no mount's `get` returns an older version, and no
 //! mount returns a version that never existed. It also checks that a change
@@ -26,6 +35,7 @@
 //! `LEASE_MODEL_SEEDS=<n>` changes how many seeds a run explores.
 
 mod handle;
+mod refresh;
 mod world;
 
 use world::*;
@@ -71,6 +81,9 @@ fn explore(succession: Succession, test: &str) {
     assert!(total.hits > 0 && total.cached > 0, "{total:?}");
     assert!(total.completed > 0 && total.waited > 0, "{total:?}");
     assert!(total.leader_changes > 0 && total.freezes > 0, "{total:?}");
+    // Nor one that never reads back a write or pushes a refresh.
+    assert!(total.amended > 0 && total.pushed > 0, "{total:?}");
+    assert!(total.suppressed > 0, "{total:?}");
 }
 
 #[test]

@@ -63,6 +63,30 @@ pub(crate) enum Down {
         index: u64,
         change: ChangeId,
     },
+    /// What a finished change left, read for the holders it told after
+    /// registering them again (each object with the version read).
+    Refresh {
+        objs: Vec<(Object, u64)>,
+        change: ChangeId,
+    },
+}
+
+/// What a leader does for a change once it is done, before the writer
+/// hears: registers the holders it told (and the writer) on its objects
+/// again, reads them, pushes that to those holders and returns it to the
+/// writer (`refresh.rs`).
+#[derive(Debug, Clone)]
+pub(crate) struct After {
+    pub(crate) change: ChangeId,
+    pub(crate) writer: Writer,
+    /// Each object with the version the change made.
+    pub(crate) objs: Vec<(Object, u64)>,
+    /// The holders the change was sent to (before the grants); those
+    /// registered again (after them).
+    pub(crate) others: Vec<Holder>,
+    pub(crate) writer_granted: bool,
+    /// `change_mark` before the grants.
+    pub(crate) mark: ChangeId,
 }
 
 /// Who asked for a write: a mount (and its request number), or a client
@@ -141,9 +165,29 @@ pub(crate) enum Ev {
         leader: usize,
         change: ChangeId,
     },
+    /// After `poll_change` said done and `end_change` ran.
+    AfterChange {
+        leader: usize,
+        after: After,
+    },
+    /// The grants are made: read the store.
+    ReadBack {
+        leader: usize,
+        after: After,
+    },
+    /// What was read: pushed (unless a change began since the mark) and
+    /// returned to the writer.
+    RefreshSend {
+        leader: usize,
+        after: After,
+        read: Vec<(Object, u64)>,
+    },
     WriteAnswer {
         writer: Writer,
         objs: Vec<(Object, u64)>,
+        /// What the leader read back for the writer after granting it, if
+        /// it did.
+        back: Option<Vec<(Object, u64)>>,
     },
 }
 
@@ -177,6 +221,8 @@ pub(crate) struct Pending {
     pub(crate) objs: Vec<(Object, u64)>,
     /// When `begin_change` ran.
     pub(crate) begun: u64,
+    /// The holders it was sent to.
+    pub(crate) told: Vec<Holder>,
 }
 
 pub(crate) struct Leader {
@@ -204,7 +250,8 @@ pub(crate) struct Mount {
     /// Send times of the renewals not answered yet, oldest first.
     pub(crate) renewals: VecDeque<u64>,
     pub(crate) reads: BTreeMap<u64, (ReadTicket, Object)>,
-    pub(crate) writes: BTreeMap<u64, Vec<Object>>,
+    /// Writes sent, with the ticket their read-back is judged by.
+    pub(crate) writes: BTreeMap<u64, (Vec<Object>, ReadTicket)>,
     pub(crate) frozen: bool,
     /// What reached it while it was frozen, in order.
     pub(crate) backlog: Vec<Ev>,
@@ -218,6 +265,12 @@ pub(crate) struct Stats {
     pub(crate) waited: u64,
     pub(crate) leader_changes: u64,
     pub(crate) freezes: u64,
+    /// Own changes read back and cached (`amend`).
+    pub(crate) amended: u64,
+    /// Refreshes cached (`pushed`), and those not sent because a change
+    /// began since the mark.
+    pub(crate) pushed: u64,
+    pub(crate) suppressed: u64,
 }
 
 impl Stats {
@@ -228,6 +281,9 @@ impl Stats {
         self.waited += o.waited;
         self.leader_changes += o.leader_changes;
         self.freezes += o.freezes;
+        self.amended += o.amended;
+        self.pushed += o.pushed;
+        self.suppressed += o.suppressed;
     }
 }
 
@@ -493,7 +549,11 @@ impl Sim {
         self.mounts[h].stream = Some(s);
         self.note(|| format!("mount {h}: stream {s} (epoch {epoch}) to leader {l}"));
         self.send_up(s, Up::Connect);
-        self.renew(h, s);
+        // The client renews once the leader welcomed it, a round trip
+        // later: here at once, or at its next renewal tick.
+        if self.rng.percent(50) {
+            self.renew(h, s);
+        }
     }
 
     pub(crate) fn renew(&mut self, h: usize, s: usize) {
@@ -558,7 +618,9 @@ impl Sim {
         let id = self.next_request;
         if write {
             let objs = self.pick_objects();
-            self.mounts[h].writes.insert(id, objs.clone());
+            // Taken before the write is sent: its read-back is judged by it.
+            let ticket = self.mounts[h].view.read_sent();
+            self.mounts[h].writes.insert(id, (objs.clone(), ticket));
             self.note(|| format!("mount {h} writes {objs:?} (write {id})"));
             self.unary(Ev::Write {
                 leader,
@@ -595,10 +657,7 @@ impl Sim {
                     self.stats.waited += 1;
                 }
                 self.note(|| format!("change {change} done"));
-                self.unary(Ev::WriteAnswer {
-                    writer: p.writer,
-                    objs: p.objs,
-                });
+                self.after_change(l, change, p);
             }
             ChangePoll::WaitUntil(t) if t <= now => {
                 return Err(format!(
