@@ -122,20 +122,28 @@ impl Client {
         })
     }
 
-    /// After this client's own change (`reply`; `None` if it failed): the
+    /// After this client's own change `cmd` (`reply`; `None` if it failed,
+    /// when it may still have applied: what it names is dropped): the
     /// leader did not wait for this writer, so what the change touched is
     /// replaced here with what the leader read back for it when that may be
     /// cached (a granted read-back, and nothing invalidated meanwhile), else
     /// dropped; either way reads in flight do not cache what they read
     /// before it, and the owner tells the kernel (the attributes only, for
     /// what was replaced: the kernel made the change, it knows the names).
-    pub(crate) fn own_change(&self, own: Option<OwnChange>, reply: Option<&pb::MutateReply>) {
+    pub(crate) fn own_change(
+        &self,
+        own: Option<OwnChange>,
+        cmd: &pb::Command,
+        reply: Option<&pb::MutateReply>,
+    ) {
         let Some(c) = self.lease_cache() else { return };
         let mut view = lock(&c.view);
         let Some(reply) = reply else {
+            let inodes = view.take_own(&failsafe_proto::known_touched(cmd), c.now());
             if let Some(own) = own {
                 view.read_done(own.ticket);
             }
+            let _ = c.dropped.send(Dropped { inodes, done: None });
             return;
         };
         let changed = reply.result.as_ref().map_or(&[][..], |r| &r.changed[..]);
@@ -174,7 +182,7 @@ impl Client {
                         Some(was) => inodes.push((o, was)),
                     }
                 }
-                _ => inodes.extend(view.take(&[o])),
+                _ => inodes.extend(view.take_own(&[o], now)),
             }
         }
         if let Some(own) = own {

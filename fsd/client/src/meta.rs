@@ -71,7 +71,7 @@ impl Client {
             })
             .await
             .map(|r| r.into_inner());
-        self.own_change(own, reply.as_ref().ok());
+        self.own_change(own, &cmd, reply.as_ref().ok());
         let result = reply?.result.ok_or_else(|| unexpected("mutate"))?;
         match result.result {
             Some(command_result::Result::Error(e)) => Err(refused(e)),

@@ -74,6 +74,29 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Response metadata key naming the leader's address on a NOT_LEADER refusal.
 pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
 
+/// The inodes `cmd` changes if it applies that the command itself names
+/// (the directories it changes names in, the inode it changes): known
+/// before it is applied. The tracker adds those found by name (an unlinked or replaced inode).
+pub fn known_touched(cmd: &pb::Command) -> Vec<u64> {
+    use pb::command::Op;
+    let mut out = match &cmd.op {
+        Some(Op::Create(c)) => vec![c.parent],
+        Some(Op::Mkdir(c)) => vec![c.parent],
+        Some(Op::Symlink(c)) => vec![c.parent],
+        Some(Op::Link(c)) => vec![c.ino, c.new_parent],
+        Some(Op::Unlink(c)) => vec![c.parent],
+        Some(Op::Rmdir(c)) => vec![c.parent],
+        Some(Op::Rename(c)) => vec![c.parent, c.new_parent],
+        Some(Op::SetAttr(c)) => vec![c.ino],
+        Some(Op::CommitExtents(c)) => vec![c.ino],
+        Some(Op::ReplaceInline(c)) => vec![c.ino],
+        _ => Vec::new(),
+    };
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// A read of a whole file's extents, as an open asks for them.
 pub fn whole_file(ino: u64) -> pb::ReadExtents {
     pb::ReadExtents {

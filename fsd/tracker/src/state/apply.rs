@@ -182,7 +182,7 @@ fn touched(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<Vec<u64>
             Err(ApplyError::Refused(_)) => Ok(None),
         }
     };
-    let mut out = known_touched(cmd);
+    let mut out = failsafe_proto::known_touched(cmd);
     match &cmd.op {
         Some(Op::Unlink(c)) => out.extend(named(c.parent, &c.name)?),
         Some(Op::Rmdir(c)) => out.extend(named(c.parent, &c.name)?),
@@ -195,28 +195,6 @@ fn touched(tx: &Transaction<'_>, cmd: &pb::Command) -> rusqlite::Result<Vec<u64>
     out.sort_unstable();
     out.dedup();
     Ok(out)
-}
-
-/// The inodes `cmd` changes if it applies that the command itself names
-/// (the directories it changes names in, the inode it changes): known
-/// before it is applied. `touched` adds those found by name.
-pub(crate) fn known_touched(cmd: &pb::Command) -> Vec<u64> {
-    let mut out = match &cmd.op {
-        Some(Op::Create(c)) => vec![c.parent],
-        Some(Op::Mkdir(c)) => vec![c.parent],
-        Some(Op::Symlink(c)) => vec![c.parent],
-        Some(Op::Link(c)) => vec![c.ino, c.new_parent],
-        Some(Op::Unlink(c)) => vec![c.parent],
-        Some(Op::Rmdir(c)) => vec![c.parent],
-        Some(Op::Rename(c)) => vec![c.parent, c.new_parent],
-        Some(Op::SetAttr(c)) => vec![c.ino],
-        Some(Op::CommitExtents(c)) => vec![c.ino],
-        Some(Op::ReplaceInline(c)) => vec![c.ino],
-        _ => Vec::new(),
-    };
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// The names `cmd` changes: (directory, name) pairs.

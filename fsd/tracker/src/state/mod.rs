@@ -25,8 +25,9 @@ mod testing;
 use failsafe_core::validate_name;
 use failsafe_proto::pb::ErrorCode;
 
-pub(crate) use apply::{apply, changed_names, known_touched, validate};
+pub(crate) use apply::{apply, changed_names, validate};
 pub(crate) use blocks::old_inline;
+pub(crate) use failsafe_proto::known_touched;
 pub use health::ReplicationCounts;
 pub(crate) use health::{
     copies_on, device_space, garbage, over_replicated, recorded, referenced_after,
