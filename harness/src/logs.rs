@@ -10,12 +10,14 @@ use anyhow::bail;
 
 /// ERROR lines openraft writes whenever a peer is killed, frozen or cut off:
 /// a peer it cannot reach, one that does not answer in time, a connection
-/// cut mid-call. Tests kill and freeze hosts on purpose (and drop their
-/// clusters with SIGKILL), so these are expected everywhere.
+/// cut mid-call (which HTTP/2 may report as a transport or a protocol
+/// error). Tests kill and freeze hosts on purpose (and drop their clusters
+/// with SIGKILL), so these are expected everywhere.
 pub fn expected_by_openraft(line: &str) -> bool {
     line.contains("Unreachable node")
         || line.contains("err=timeout after")
-        || (line.contains("openraft::") && line.contains("transport error"))
+        || (line.contains("openraft::")
+            && (line.contains("transport error") || line.contains("h2 protocol error")))
 }
 
 /// Whether `line` is a log line at ERROR level (the field after the
@@ -62,6 +64,7 @@ mod tests {
 2025-01-01T00:00:00Z  INFO fsd: started
 2025-01-01T00:00:01Z ERROR openraft::replication: transport error: connection reset
 2025-01-01T00:00:02Z ERROR openraft::network: Unreachable node 3
+2025-01-01T00:00:02Z ERROR openraft::replication: RPCError err=NetworkError: 127.0.0.1:1: h2 protocol error: http2 error
 2025-01-01T00:00:03Z ERROR failsafe_fsd::repair: corrupt block quarantined
 2025-01-01T00:00:04Z ERROR failsafe_fsd::server: something broke
 2025-01-01T00:00:05Z  WARN failsafe_fsd::server: an ERROR in a message at WARN
