@@ -11,11 +11,15 @@
 //! `/var/lib/dokuwiki` is never touched, so runs side by side do not see
 //! each other's state.
 //!
-//! Nothing outlives a [`Server`], even when the caller is killed: lighttpd is
-//! the first process of a PID namespace of its own (util-linux `unshare
-//! --pid --fork --kill-child`), so when it goes, every php-cgi goes with it
-//! and the bind mounts go with the namespace's last process; the `unshare`
-//! process gets SIGKILL when the thread that started it exits.
+//! Nothing outlives a [`Server`], even when the caller is killed: lighttpd
+//! runs in a PID namespace of its own (util-linux `unshare --pid --fork
+//! --kill-child`) whose first process is a second `unshare --fork`, its
+//! parent. That one gets SIGKILL when the outer `unshare` dies, which gets
+//! SIGKILL when the thread that started it exits; when the first process of
+//! a PID namespace dies, the kernel kills the rest (lighttpd, every php-cgi),
+//! and the bind mounts go with the namespace's last process. (lighttpd
+//! itself cannot be that first process: dropping to www-data clears a
+//! process's parent-death signal.)
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -211,18 +215,13 @@ impl Server {
             (cstring(&state.join("acl"))?, cstring(Path::new(ACL))?),
         ];
         let mut cmd = Command::new("/usr/bin/unshare");
-        cmd.args([
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--",
-            "/usr/sbin/lighttpd",
-        ])
-        .args(["-D", "-f"])
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(run.join("lighttpd.out"))?);
+        cmd.args(["--pid", "--fork", "--kill-child", "--"])
+            .args(["/usr/bin/unshare", "--fork", "--", "/usr/sbin/lighttpd"])
+            .args(["-D", "-f"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(run.join("lighttpd.out"))?);
         die_with_parent(&mut cmd);
         private_binds(&mut cmd, binds);
         let child = cmd.spawn().context("starting unshare … lighttpd")?;
@@ -247,7 +246,7 @@ impl Server {
         Ok(s)
     }
 
-    /// The `unshare` process, parent of lighttpd (and so of php-cgi).
+    /// The outer `unshare` process, above lighttpd (and so php-cgi).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -294,15 +293,15 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // `unshare --fork` ignores SIGTERM while it waits; its one child is
-        // lighttpd.
-        let pid = child.id();
-        let children =
-            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            // SAFETY: kill(2); `c` is the child of our unreaped child, which
-            // cannot be reused while it lives.
-            unsafe { libc::kill(c, libc::SIGTERM) };
+        // `unshare --fork` ignores SIGTERM while it waits: lighttpd is told.
+        let lighttpd = descendants(child.id()).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "lighttpd")
+        });
+        if let Some(p) = lighttpd {
+            // SAFETY: kill(2) on a process below our unreaped child, found
+            // just now; its parent (the namespace's first process) reaps it
+            // only once it has exited.
+            unsafe { libc::kill(p as libc::pid_t, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while matches!(child.try_wait(), Ok(None)) {
@@ -315,6 +314,27 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `pid` and every process below it, parents first.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    out
 }
 
 fn run_chown(dir: &Path) -> anyhow::Result<()> {

@@ -670,27 +670,6 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz as f64)
 }
 
-/// `pid` and every process below it.
-fn with_descendants(pid: u32) -> Vec<u32> {
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
-            .into_iter()
-            .flatten();
-        for t in tasks.flatten() {
-            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            out.extend(
-                kids.split_whitespace()
-                    .filter_map(|k| k.parse::<u32>().ok()),
-            );
-        }
-        i += 1;
-    }
-    out
-}
-
 /// Busy and total CPU time of the whole machine so far (all cores), in
 /// ticks, from /proc/stat.
 fn machine_ticks() -> Option<(u64, u64)> {
@@ -774,7 +753,10 @@ fn measure(
     );
     // php-cgi's workers are there once it has served.
     if let Some(pid) = server.pid() {
-        groups.insert(0, ("lighttpd and php-cgi".into(), with_descendants(pid)));
+        groups.insert(
+            0,
+            ("lighttpd and php-cgi".into(), dokuwiki::descendants(pid)),
+        );
     }
     groups.push((BROWSERS.into(), vec![std::process::id()]));
     let t0 = Instant::now();

@@ -635,23 +635,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         !(only_dokuwiki && args.no_dokuwiki),
         "--only dokuwiki and --no-dokuwiki contradict each other"
     );
-    let doku_cfg = dokuwiki::DokuConfig {
-        seconds: args
-            .doku_seconds
-            .unwrap_or(if cfg.quick { 2.0 } else { 20.0 }),
-        warmup: args
-            .doku_warmup
-            .unwrap_or(if cfg.quick { 1.0 } else { 5.0 }),
-        editors: args.doku_editors,
-        readers: args.doku_readers,
-        php_children: args.doku_php_children.max(1),
-        profile_views: args
-            .doku_views
-            .unwrap_or(if cfg.quick { 8 } else { 100 })
-            .max(1),
-        profile_saves: args.doku_edits.unwrap_or(if cfg.quick { 2 } else { 5 }),
-        stats: false,
-    };
     let tmp;
     let root = match &args.dir {
         Some(d) => {
@@ -744,7 +727,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         target_info.push((label, Ok(setup)));
     }
-    let doku_cfg = dokuwiki::DokuConfig { stats, ..doku_cfg };
+    let doku_cfg = dokuwiki::DokuConfig {
+        seconds: args
+            .doku_seconds
+            .unwrap_or(if cfg.quick { 2.0 } else { 20.0 }),
+        warmup: args
+            .doku_warmup
+            .unwrap_or(if cfg.quick { 1.0 } else { 5.0 }),
+        editors: args.doku_editors,
+        readers: args.doku_readers,
+        php_children: args.doku_php_children.max(1),
+        profile_views: args
+            .doku_views
+            .unwrap_or(if cfg.quick { 8 } else { 100 })
+            .max(1),
+        profile_saves: args.doku_edits.unwrap_or(if cfg.quick { 2 } else { 5 }),
+        stats,
+    };
     let doku = (!args.no_dokuwiki).then(|| {
         machine["load_average_dokuwiki_start"] = json!(read_trim("/proc/loadavg"));
         dokuwiki::run(&root, &rt, &doku_cfg)

@@ -504,7 +504,11 @@ impl Report<'_> {
              why), writes `BENCHMARKS.md` and `bench/results.json`, and prints the table. \
              `--quick` runs small sizes in seconds; `--help` lists the sizes. (On Debian 12 the \
              bindfs package depends on `fuse`, which `fuse3` breaks, so installing it swaps \
-             `fuse3` for `fuse`; mounts as root need neither.)\n\n",
+             `fuse3` for `fuse`; mounts as root need neither.) The DokuWiki section needs \
+             Debian's `dokuwiki`, `php-cgi` and `lighttpd` (scripts/test.sh installs them; \
+             without them it says so and is skipped); `--only dokuwiki` runs it alone in a \
+             minute or two (with `--cities`, its row from a city without the leader too), \
+             `--no-dokuwiki` skips it.\n\n",
         );
         o.push_str(&format!("This run: `{}`\n", self.invocation));
         o

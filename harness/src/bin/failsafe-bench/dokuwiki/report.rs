@@ -294,7 +294,16 @@ impl Section<'_> {
          status other than 2xx or 3xx, a DokuWiki error box (`<div class=\"error\">`) in the \
          page, or a page that does not show its heading (after a save: the text just saved). \
          \"Alone\": with nothing else running, {} views of the unchanged pages, then {} \
-         edit cycles with the mount's counters read after each request.\n",
+         edit cycles with the mount's counters read after each request. Cores busy: CPU time \
+         over the measured seconds from /proc, by process, and the whole machine's from \
+         /proc/stat.\n\n\
+         Failed requests on a local directory are DokuWiki's own: it rewrites its page, \
+         metadata and cache files in place (`io_saveFile` opens them with `w`), so a reader \
+         can read one empty or half-written, render an empty page and cache that rendering \
+         until the page changes again (lighttpd's log then shows PHP's warning from \
+         `parserutils.php` line 303: a metadata file that did not unserialize). An editor \
+         that waited for a page of its own to be 1.1 s old was held by the workload, not by \
+         the storage: many waits mean the saves/s is the workload's bound.\n",
         cfg.profile_views,
         cfg.profile_saves,
         pages = cfg.pages(),
