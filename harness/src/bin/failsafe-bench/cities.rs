@@ -343,7 +343,7 @@ impl World<'_> {
         let (mut cities, mut mounts) = self.start(rt)?;
         if cfg.only_dokuwiki {
             if let Some(d) = &cfg.dokuwiki {
-                cities.dokuwiki = Some(self.dokuwiki_views(d, &cities.leader_zone));
+                cities.dokuwiki = Some(self.dokuwiki_views(rt, d, &cities.leader_zone));
             }
             if let Some(c) = &self.cluster {
                 cities.leader_zone_end = rt.block_on(leader_zone(c));
@@ -474,7 +474,7 @@ impl World<'_> {
             cities.rows.push(group("open+read", cfg.reads, &mut read)?);
             // Before the leader may move to mount B's city.
             if let (1, Some(d)) = (pass, &cfg.dokuwiki) {
-                cities.dokuwiki = Some(self.dokuwiki_views(d, &cities.leader_zone));
+                cities.dokuwiki = Some(self.dokuwiki_views(rt, d, &cities.leader_zone));
             }
         }
         if let Some(c) = &self.cluster {
@@ -488,7 +488,12 @@ impl World<'_> {
     /// the same port (the render cache is keyed by host and port) serves it
     /// through mount B, which views each page once and then `d.views` times
     /// in turn, counted.
-    fn dokuwiki_views(&self, d: &DokuCity, leader: &str) -> Result<CityViews, String> {
+    fn dokuwiki_views(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        d: &DokuCity,
+        leader: &str,
+    ) -> Result<CityViews, String> {
         let r = (|| -> anyhow::Result<CityViews> {
             if let Some(m) = failsafe_harness::dokuwiki::missing() {
                 anyhow::bail!("{m} is missing (scripts/test.sh installs it)");
@@ -534,6 +539,10 @@ impl World<'_> {
             Ok(CityViews {
                 mount_zone: self.client_zones[1].clone(),
                 leader_zone: leader.to_string(),
+                leader_zone_after: self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| rt.block_on(leader_zone(c))),
                 views,
                 segs_by_zone: segs,
             })

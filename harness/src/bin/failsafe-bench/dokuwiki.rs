@@ -1056,6 +1056,8 @@ pub(crate) fn timed_views(
 pub(crate) struct CityViews {
     pub(crate) mount_zone: String,
     pub(crate) leader_zone: String,
+    /// Where the leader was after the views (None: no status).
+    pub(crate) leader_zone_after: Option<String>,
     pub(crate) views: Profile,
     /// TCP segments mount B sent during the views, by the zone of the host.
     pub(crate) segs_by_zone: Option<BTreeMap<String, u64>>,
@@ -1092,7 +1094,9 @@ impl CityViews {
             cross.map_or("not counted".into(), |c| c.to_string()),
             fmt_value(background),
         );
+        let moved = self.leader_zone_after.as_deref() == Some(self.mount_zone.as_str());
         let verdict = match (rt, cross) {
+            _ if moved => "not shown (the leader moved to the mount's city)",
             (Some(r), _) if r == 0.0 && self.views.failed == 0 => "met",
             (Some(_), Some(c)) if c > 0 => "not met",
             (None, _) => "not measured",
@@ -1106,6 +1110,7 @@ impl CityViews {
         json!({
             "mount_zone": self.mount_zone,
             "leader_zone": self.leader_zone,
+            "leader_zone_after_the_views": self.leader_zone_after,
             "views": self.views.to_json(),
             "tcp_segments_sent_by_host_zone": self.segs_by_zone,
             "verdict": verdict,

@@ -370,8 +370,15 @@ impl Section<'_> {
                  installed, {} pages seeded through a web host there and viewed once; then a \
                  web host on the same port (DokuWiki's render cache is keyed by host and port) \
                  serving the same state through a mount in zone {}, which views each once and \
-                 then {} times in turn. {text}. Verdict: {verdict}.\n",
-                    c.leader_zone, UNCHANGED_PAGES, c.mount_zone, c.views.n,
+                 then {} times in turn (the leader in zone {} after them). {text}. Verdict: \
+                 {verdict}.\n",
+                    c.leader_zone,
+                    UNCHANGED_PAGES,
+                    c.mount_zone,
+                    c.views.n,
+                    c.leader_zone_after
+                        .as_deref()
+                        .unwrap_or("unknown (no status)"),
                 ));
                 o.push('\n');
                 profile_matrix(&mut o, &[("page view, unchanged", None, &c.views)], false);
