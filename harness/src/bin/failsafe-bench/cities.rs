@@ -30,6 +30,9 @@ use failsafe_harness::netns::{self, Net};
 use failsafe_harness::relay::{self, Links};
 use serde_json::{json, Value};
 
+use failsafe_harness::dokuwiki::{Browser, Server, ServerConfig};
+
+use crate::dokuwiki::{self, CityViews};
 use crate::workloads;
 
 /// Namespaces of this tool: `fsbench` + pid + `-`...
@@ -49,6 +52,17 @@ pub(crate) struct CityConfig {
     /// Then mount B saves until the tracker leader moves to its city, and
     /// its page saves are measured again.
     pub(crate) follow_writers: bool,
+    /// Also serve DokuWiki from mount B (before the leader moves) and count
+    /// what a page view of an unchanged page costs there.
+    pub(crate) dokuwiki: Option<DokuCity>,
+    /// Only that: none of the other rows.
+    pub(crate) only_dokuwiki: bool,
+}
+
+pub(crate) struct DokuCity {
+    /// Page views measured.
+    pub(crate) views: usize,
+    pub(crate) server: ServerConfig,
 }
 
 /// The row label of mount B's saves after the leader moved to its city.
@@ -127,6 +141,8 @@ pub(crate) struct Cities {
     pub(crate) leader_zone_end: Option<String>,
     pub(crate) rows: Vec<CityRow>,
     pub(crate) setup: String,
+    /// DokuWiki's page views from mount B, when asked for.
+    pub(crate) dokuwiki: Option<Result<CityViews, String>>,
 }
 
 /// Removes namespaces of earlier runs of this tool that are gone.
@@ -163,6 +179,7 @@ pub(crate) fn run(root: &Path, cfg: &CityConfig) -> anyhow::Result<Cities> {
                 client_zones: Vec::new(),
                 stats: cfg.stats,
                 follow_writers: cfg.follow_writers,
+                allow_other: cfg.dokuwiki.is_some(),
             };
             let r = w.measure(&rt, cfg);
             w.stop();
@@ -186,6 +203,8 @@ struct World<'a> {
     client_zones: Vec<String>,
     stats: bool,
     follow_writers: bool,
+    /// Mount with `allow_other` (DokuWiki's php-cgi runs as www-data).
+    allow_other: bool,
 }
 
 impl World<'_> {
@@ -280,6 +299,9 @@ impl World<'_> {
             if self.stats {
                 opts.push_str(&format!(",stats={}", stats.display()));
             }
+            if self.allow_other {
+                opts.push_str(",allow_other");
+            }
             let m = LocalMount::start(
                 cmd,
                 &spec,
@@ -307,6 +329,7 @@ impl World<'_> {
                 leader_zone_end: None,
                 rows: Vec::new(),
                 setup,
+                dokuwiki: None,
             },
             vec![0, 1],
         ))
@@ -318,6 +341,15 @@ impl World<'_> {
         cfg: &CityConfig,
     ) -> anyhow::Result<Cities> {
         let (mut cities, mut mounts) = self.start(rt)?;
+        if cfg.only_dokuwiki {
+            if let Some(d) = &cfg.dokuwiki {
+                cities.dokuwiki = Some(self.dokuwiki_views(rt, d, &cities.leader_zone));
+            }
+            if let Some(c) = &self.cluster {
+                cities.leader_zone_end = rt.block_on(leader_zone(c));
+            }
+            return Ok(cities);
+        }
         if self.follow_writers {
             mounts.push(1);
         }
@@ -440,11 +472,85 @@ impl World<'_> {
             cities.rows.push(group("stat", cfg.reads, &mut stat)?);
             let mut read = || workloads::read_page(&page, &mut buf);
             cities.rows.push(group("open+read", cfg.reads, &mut read)?);
+            // Before the leader may move to mount B's city.
+            if let (1, Some(d)) = (pass, &cfg.dokuwiki) {
+                cities.dokuwiki = Some(self.dokuwiki_views(rt, d, &cities.leader_zone));
+            }
         }
         if let Some(c) = &self.cluster {
             cities.leader_zone_end = rt.block_on(leader_zone(c));
         }
         Ok(cities)
+    }
+
+    /// DokuWiki's state written through mount A (in the leader's city): a
+    /// web host there installs it and seeds the pages; then a web host on
+    /// the same port (the render cache is keyed by host and port) serves it
+    /// through mount B, which views each page once and then `d.views` times
+    /// in turn, counted.
+    fn dokuwiki_views(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        d: &DokuCity,
+        leader: &str,
+    ) -> Result<CityViews, String> {
+        let r = (|| -> anyhow::Result<CityViews> {
+            if let Some(m) = failsafe_harness::dokuwiki::missing() {
+                anyhow::bail!("{m} is missing (scripts/test.sh installs it)");
+            }
+            let (a, b) = (&self.mounts[0].0.path, &self.mounts[1].0.path);
+            let state = a.join("dokuwiki");
+            eprintln!(
+                "failsafe-bench: cities: DokuWiki through mount A: installing and seeding ..."
+            );
+            failsafe_harness::dokuwiki::install_state(&state)?;
+            let cfg = ServerConfig {
+                port: failsafe_harness::dokuwiki::free_port()?,
+                ..d.server
+            };
+            {
+                let web = Server::start(&state, &self.work.join("dokuwiki-run-a"), &cfg)?;
+                dokuwiki::seed(web.port, dokuwiki::UNCHANGED_PAGES)?;
+            }
+            let web = Server::start(&b.join("dokuwiki"), &self.work.join("dokuwiki-run-b"), &cfg)?;
+            let mut browser = Browser::new(web.port);
+            let failed = dokuwiki::warm_views(&mut browser, 0);
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of the first page views through mount B failed"
+            );
+            eprintln!(
+                "failsafe-bench: cities: DokuWiki through mount B (zone {}): {} page views ...",
+                self.client_zones[1], d.views
+            );
+            let ns = self.net.client_ns(1);
+            let ss_before = ss_segments(&ns);
+            let views = dokuwiki::timed_views(
+                &mut browser,
+                0,
+                d.views,
+                self.stats.then_some(self.mounts[1].1.as_path()),
+            );
+            let ss_after = ss_segments(&ns);
+            let segs = match (ss_before, ss_after) {
+                (Some(b), Some(a)) => Some(segments_by_zone(&b, &a, &self.host_zones())),
+                _ => None,
+            };
+            Ok(CityViews {
+                mount_zone: self.client_zones[1].clone(),
+                leader_zone: leader.to_string(),
+                leader_zone_after: self
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| rt.block_on(leader_zone(c))),
+                views,
+                segs_by_zone: segs,
+            })
+        })();
+        r.map_err(|e| {
+            eprintln!("failsafe-bench: cities: DokuWiki FAILED: {e:#}");
+            format!("{e:#}")
+        })
     }
 
     /// Each host's address (as the mounts reach it) and zone.
@@ -488,14 +594,19 @@ async fn leader_zone(cluster: &LocalCluster) -> Option<String> {
 /// it every second, so wait for a write that began after the operations
 /// before this call returned (and their asynchronous releases were sent).
 pub(crate) fn fresh_stats(path: &Path) -> Option<Value> {
+    fresh_stats_at(path).map(|(v, _)| v)
+}
+
+/// `fresh_stats`, and when the mount wrote it.
+pub(crate) fn fresh_stats_at(path: &Path) -> Option<(Value, SystemTime)> {
     std::thread::sleep(Duration::from_millis(100));
     let since = SystemTime::now();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if written.is_some_and(|w| w > since) {
+        if let Some(w) = written.filter(|w| *w > since) {
             let text = std::fs::read_to_string(path).ok()?;
-            return serde_json::from_str(&text).ok();
+            return serde_json::from_str(&text).ok().map(|v| (v, w));
         }
         if Instant::now() > deadline {
             eprintln!(
@@ -562,7 +673,7 @@ fn segments_by_zone(
     by
 }
 
-fn percentile(ms: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(ms: &[f64], p: f64) -> f64 {
     if ms.is_empty() {
         return f64::NAN;
     }

@@ -6,12 +6,14 @@
 //!
 //! The workloads are in `workloads.rs`, the targets in `targets.rs`, the
 //! report in `report.rs`, the cities runs (`--cities`: hosts in network
-//! namespaces behind latency relays) in `cities.rs`. Round trips per
-//! operation come from the mount's `stats=PATH` file when the mount has that
-//! option.
+//! namespaces behind latency relays) in `cities.rs`, Debian's DokuWiki on
+//! a local directory and on failsafe (on by default; `--only dokuwiki`) in
+//! `dokuwiki.rs`. Round trips per operation come from the mount's
+//! `stats=PATH` file when the mount has that option.
 
 mod api;
 mod cities;
+mod dokuwiki;
 mod report;
 mod targets;
 mod workloads;
@@ -99,15 +101,52 @@ struct Args {
     /// measured again ("the city the leader moved to").
     #[arg(long)]
     city_follow_writers: bool,
+    /// Skip the DokuWiki section (Debian's DokuWiki, lighttpd and php-cgi on
+    /// a local directory and on a failsafe mount; with --cities, page views
+    /// from a city without the leader).
+    #[arg(long)]
+    no_dokuwiki: bool,
+    /// Run only this section (and, with --cities, only its cities row);
+    /// prints its report and writes files only where --json and --report
+    /// say.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+    /// DokuWiki: measured seconds [default: 20; --quick: 2].
+    #[arg(long)]
+    doku_seconds: Option<f64>,
+    /// DokuWiki: seconds of the same load before the measured ones
+    /// [default: 5; --quick: 1].
+    #[arg(long)]
+    doku_warmup: Option<f64>,
+    /// DokuWiki: editors (threads editing their own pages through the forms).
+    #[arg(long, default_value_t = 4)]
+    doku_editors: usize,
+    /// DokuWiki: readers (threads viewing pages).
+    #[arg(long, default_value_t = 4)]
+    doku_readers: usize,
+    /// DokuWiki: php-cgi workers (PHP_FCGI_CHILDREN), the same on every target.
+    #[arg(long, default_value_t = 8)]
+    doku_php_children: u32,
+    /// DokuWiki: page views of unchanged pages, one at a time, for the
+    /// profile (and from the city without the leader) [default: 100;
+    /// --quick: 8].
+    #[arg(long)]
+    doku_views: Option<usize>,
+    /// DokuWiki: edit cycles, one at a time, for the profile [default: 5;
+    /// --quick: 2].
+    #[arg(long)]
+    doku_edits: Option<usize>,
     /// Do not apt-get install bindfs when it is missing.
     #[arg(long)]
     no_install: bool,
-    /// Where to write every number.
-    #[arg(long, default_value = "bench/results.json")]
-    json: PathBuf,
-    /// Where to write the report.
-    #[arg(long, default_value = "BENCHMARKS.md")]
-    report: PathBuf,
+    /// Where to write every number [default: bench/results.json; with
+    /// --only: not written].
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where to write the report [default: BENCHMARKS.md; with --only: not
+    /// written].
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// A note for the report (why this run, what else ran on the machine).
     #[arg(long)]
     note: Option<String>,
@@ -118,6 +157,11 @@ enum TargetName {
     Local,
     Bindfs,
     Failsafe,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Dokuwiki,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -476,7 +520,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -586,6 +630,11 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let cfg = Config::from(&args);
+    let only_dokuwiki = args.only == Some(Section::Dokuwiki);
+    anyhow::ensure!(
+        !(only_dokuwiki && args.no_dokuwiki),
+        "--only dokuwiki and --no-dokuwiki contradict each other"
+    );
     let tmp;
     let root = match &args.dir {
         Some(d) => {
@@ -597,6 +646,11 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .prefix("failsafe-bench-")
                 .tempdir()
                 .context("creating the data directory")?;
+            // DokuWiki's web server (www-data) keeps its socket below it.
+            std::fs::set_permissions(
+                tmp.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )?;
             tmp.path().to_path_buf()
         }
     };
@@ -614,7 +668,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut cells: BTreeMap<(&'static str, &'static str), Cell> = BTreeMap::new();
     let mut target_info: Vec<(&'static str, Result<String, String>)> = Vec::new();
     let mut api_rows = Vec::new();
-    for &name in &args.targets {
+    let targets: &[TargetName] = if only_dokuwiki { &[] } else { &args.targets };
+    for &name in targets {
         let (label, started) = match name {
             TargetName::Local => ("local", Target::local(&root).map_err(|e| format!("{e:#}"))),
             TargetName::Bindfs => (
@@ -672,7 +727,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         target_info.push((label, Ok(setup)));
     }
-    let cities = args.cities.then(|| {
+    let doku_cfg = dokuwiki::DokuConfig {
+        seconds: args
+            .doku_seconds
+            .unwrap_or(if cfg.quick { 2.0 } else { 20.0 }),
+        warmup: args
+            .doku_warmup
+            .unwrap_or(if cfg.quick { 1.0 } else { 5.0 }),
+        editors: args.doku_editors,
+        readers: args.doku_readers,
+        php_children: args.doku_php_children.max(1),
+        profile_views: args
+            .doku_views
+            .unwrap_or(if cfg.quick { 8 } else { 100 })
+            .max(1),
+        profile_saves: args.doku_edits.unwrap_or(if cfg.quick { 2 } else { 5 }),
+        stats,
+    };
+    let doku = (!args.no_dokuwiki).then(|| {
+        machine["load_average_dokuwiki_start"] = json!(read_trim("/proc/loadavg"));
+        dokuwiki::run(&root, &rt, &doku_cfg)
+    });
+    if let Some(Err(why)) = &doku {
+        eprintln!("failsafe-bench: skipping dokuwiki: {why}");
+    }
+    let mut cities = args.cities.then(|| {
         let ccfg = cities::CityConfig {
             rtt_ms: args.rtt_ms,
             saves: args
@@ -685,7 +764,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .max(1),
             page_bytes: cfg.page_bytes,
             stats,
-            follow_writers: args.city_follow_writers,
+            follow_writers: args.city_follow_writers && !only_dokuwiki,
+            dokuwiki: matches!(doku, Some(Ok(_))).then(|| cities::DokuCity {
+                views: doku_cfg.profile_views,
+                server: doku_cfg.server(),
+            }),
+            only_dokuwiki,
         };
         machine["load_average_cities_start"] = json!(read_trim("/proc/loadavg"));
         eprintln!(
@@ -704,10 +788,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     });
     machine["load_average_end"] = json!(read_trim("/proc/loadavg"));
     anyhow::ensure!(
-        target_info.iter().any(|(_, r)| r.is_ok()),
+        only_dokuwiki || target_info.iter().any(|(_, r)| r.is_ok()),
         "no target could be started: {:?}",
         target_info
     );
+    let doku_ran = matches!(doku, Some(Ok(_)));
+    let doku_city = cities.as_mut().filter(|_| doku_ran).map(|c| match c {
+        Ok(c) => c
+            .dokuwiki
+            .take()
+            .unwrap_or_else(|| Err("not run in the cities part".into())),
+        Err(e) => Err(e.clone()),
+    });
 
     let invocation = std::env::args().collect::<Vec<_>>().join(" ");
     let r = report::Report {
@@ -718,19 +810,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         machine: &machine,
         api_rows: &api_rows,
         round_trips_enabled: stats,
-        cities: cities.as_ref(),
+        cities: if only_dokuwiki { None } else { cities.as_ref() },
         rtt_ms: args.rtt_ms,
         invocation: &invocation,
         note: args.note.as_deref(),
+        dokuwiki: doku.as_ref(),
+        doku_city: doku_city.as_ref(),
+        doku_cfg: &doku_cfg,
+        only_dokuwiki,
     };
     println!("{}", r.table_text());
-    for (path, text) in [
+    let (json_path, report_path) = if only_dokuwiki {
+        if args.json.is_none() && args.report.is_none() {
+            eprintln!("failsafe-bench: --only: no file written (--json, --report say where)");
+        }
+        (args.json.clone(), args.report.clone())
+    } else {
         (
-            &args.json,
-            serde_json::to_string_pretty(&r.to_json(&cfg))? + "\n",
-        ),
-        (&args.report, r.markdown()),
-    ] {
+            Some(args.json.clone().unwrap_or("bench/results.json".into())),
+            Some(args.report.clone().unwrap_or("BENCHMARKS.md".into())),
+        )
+    };
+    let mut outputs = Vec::new();
+    if let Some(p) = json_path {
+        outputs.push((p, serde_json::to_string_pretty(&r.to_json(&cfg))? + "\n"));
+    }
+    if let Some(p) = report_path {
+        outputs.push((p, r.markdown()));
+    }
+    for (path, text) in &outputs {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -743,6 +851,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     if let Some(Err(e)) = &cities {
         failed.push(format!("cities: {e}"));
+    }
+    if let Some(Ok(d)) = &doku {
+        for (t, r) in [("local", &d.local), ("failsafe", &d.failsafe)] {
+            if let Err(e) = r {
+                failed.push(format!("dokuwiki on {t}: {e}"));
+            }
+        }
+    }
+    if let Some(Err(e)) = &doku_city {
+        failed.push(format!("dokuwiki from a city without the leader: {e}"));
     }
     anyhow::ensure!(
         failed.is_empty(),

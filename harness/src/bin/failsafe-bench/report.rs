@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use crate::api::ApiRow;
 use crate::cities::{Cities, CityRow};
+use crate::dokuwiki::{self, CityViews, DokuConfig, DokuResults};
 use crate::{Cell, Config, RoundTripCount, Unit, Workload};
 
 pub(crate) struct Report<'a> {
@@ -22,6 +23,13 @@ pub(crate) struct Report<'a> {
     pub(crate) rtt_ms: u32,
     pub(crate) invocation: &'a str,
     pub(crate) note: Option<&'a str>,
+    /// The DokuWiki section: None when not asked for (`--no-dokuwiki`).
+    pub(crate) dokuwiki: Option<&'a Result<DokuResults, String>>,
+    /// Its cities row: None without `--cities`.
+    pub(crate) doku_city: Option<&'a Result<CityViews, String>>,
+    pub(crate) doku_cfg: &'a DokuConfig,
+    /// `--only dokuwiki`: the report is that section alone.
+    pub(crate) only_dokuwiki: bool,
 }
 
 const TARGETS: [&str; 3] = ["local", "bindfs", "failsafe"];
@@ -155,6 +163,9 @@ impl Report<'_> {
     }
 
     pub(crate) fn table_text(&self) -> String {
+        if self.only_dokuwiki {
+            return format!("{}{}", self.dokuwiki_markdown(), self.goals_markdown());
+        }
         let rows = self.rows();
         let widths: Vec<usize> = (0..rows[0].len())
             .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -180,6 +191,10 @@ impl Report<'_> {
                 out.push_str(&"-".repeat(total));
                 out.push('\n');
             }
+        }
+        if self.dokuwiki.is_some() {
+            out.push('\n');
+            out.push_str(&self.dokuwiki_markdown());
         }
         out
     }
@@ -230,7 +245,68 @@ impl Report<'_> {
         }
     }
 
+    fn doku(&self) -> dokuwiki::Section<'_> {
+        dokuwiki::Section {
+            runs: self.dokuwiki,
+            city: self.doku_city,
+            rtt_ms: self.rtt_ms,
+            cfg: self.doku_cfg,
+        }
+    }
+
+    fn dokuwiki_markdown(&self) -> String {
+        self.doku().markdown()
+    }
+
+    fn doku_goals(&self) -> Vec<(String, String, String, &'static str)> {
+        self.doku().goals()
+    }
+
+    fn goals_markdown(&self) -> String {
+        let mut o = String::from("| workload | target | measured | |\n|---|---|---|---|\n");
+        for (w, goal, got, verdict) in self.doku_goals() {
+            o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
+        }
+        o
+    }
+
+    /// `--only dokuwiki`: that section, the goals it measures, the machine.
+    fn dokuwiki_only_markdown(&self) -> String {
+        let mut o = String::from("# Benchmarks: the DokuWiki section alone\n\n");
+        o.push_str(&format!(
+            "Written by `failsafe-bench --only dokuwiki` on {} at commit `{}`{}; build: {}. \
+             Load average at the start: {}; at the end: {}; on {} cores.{}\n\n",
+            self.m("date"),
+            self.m("git_commit"),
+            if self.machine["git_dirty"] == json!(true) {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            },
+            self.m("build"),
+            self.m("load_average_start"),
+            self.m("load_average_end"),
+            self.m("cores"),
+            if self.cfg.quick {
+                " **Quick mode: short runs, for tests; not a measurement.**"
+            } else {
+                ""
+            },
+        ));
+        if let Some(n) = self.note {
+            o.push_str(&format!("{n}\n\n"));
+        }
+        o.push_str(&self.dokuwiki_markdown());
+        o.push_str("## Against the targets of issue 12\n\n");
+        o.push_str(&self.goals_markdown());
+        o.push_str(&format!("\nThis run: `{}`\n", self.invocation));
+        o
+    }
+
     pub(crate) fn markdown(&self) -> String {
+        if self.only_dokuwiki {
+            return self.dokuwiki_only_markdown();
+        }
         let c = self.cfg;
         let mut o = String::new();
         o.push_str("# Benchmarks\n\n");
@@ -344,6 +420,9 @@ impl Report<'_> {
         for (w, goal, got, verdict) in self.city_goals() {
             o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
         }
+        for (w, goal, got, verdict) in self.doku_goals() {
+            o.push_str(&format!("| {w} | {goal} | {got} | {verdict} |\n"));
+        }
         o.push('\n');
 
         o.push_str("## Round trips per operation\n\n");
@@ -373,6 +452,7 @@ impl Report<'_> {
         }
 
         o.push_str(&self.cities_markdown());
+        o.push_str(&self.dokuwiki_markdown());
 
         if !self.api_rows.is_empty() {
             o.push_str("## The failsafe cluster without FUSE (client library)\n\n");
@@ -424,7 +504,11 @@ impl Report<'_> {
              why), writes `BENCHMARKS.md` and `bench/results.json`, and prints the table. \
              `--quick` runs small sizes in seconds; `--help` lists the sizes. (On Debian 12 the \
              bindfs package depends on `fuse`, which `fuse3` breaks, so installing it swaps \
-             `fuse3` for `fuse`; mounts as root need neither.)\n\n",
+             `fuse3` for `fuse`; mounts as root need neither.) The DokuWiki section needs \
+             Debian's `dokuwiki`, `php-cgi` and `lighttpd` (scripts/test.sh installs them; \
+             without them it says so and is skipped); `--only dokuwiki` runs it alone in a \
+             minute or two (with `--cities`, its row from a city without the leader too), \
+             `--no-dokuwiki` skips it.\n\n",
         );
         o.push_str(&format!("This run: `{}`\n", self.invocation));
         o
@@ -738,6 +822,7 @@ impl Report<'_> {
                 "source": "the mount's stats=PATH file: counters named round_trips and rpcs",
             },
             "cities": self.cities_json(),
+            "dokuwiki": self.doku().to_json(),
             "cluster_api": self.api_rows.iter().map(ApiRow::to_json).collect::<Vec<_>>(),
         })
     }

@@ -73,7 +73,7 @@ impl Target {
         rt: &tokio::runtime::Runtime,
         stats: bool,
     ) -> anyhow::Result<Target> {
-        let f = Failsafe::start(root, rt, stats)?;
+        let f = Failsafe::start(root, rt, stats, false)?;
         let path = f.mnt.join("bench");
         std::fs::create_dir_all(&path)?;
         Ok(Target {
@@ -201,6 +201,9 @@ pub(crate) struct Failsafe {
     generation: u32,
     /// The mount's `stats=PATH`, when the mount has that option.
     pub(crate) stats: Option<PathBuf>,
+    /// Mounted with `allow_other` (users other than root, such as the web
+    /// server's www-data, may use it).
+    allow_other: bool,
 }
 
 /// Whether this `mount-failsafe` has the `stats=PATH` option (its usage
@@ -221,7 +224,14 @@ pub(crate) fn mount_has_stats_option() -> bool {
 }
 
 impl Failsafe {
-    fn start(root: &Path, rt: &tokio::runtime::Runtime, stats: bool) -> anyhow::Result<Failsafe> {
+    /// Starts three hosts under `root/failsafe`, bootstraps them and mounts
+    /// the cluster at `root/failsafe/mnt`.
+    pub(crate) fn start(
+        root: &Path,
+        rt: &tokio::runtime::Runtime,
+        stats: bool,
+        allow_other: bool,
+    ) -> anyhow::Result<Failsafe> {
         let root = root.join("failsafe");
         std::fs::create_dir_all(&root)?;
         let fsd = sibling_binary("fsd")?;
@@ -241,17 +251,21 @@ impl Failsafe {
             spec,
             generation: 0,
             stats: stats.then(|| root.join("mount-stats.json")),
+            allow_other,
             root,
         };
         f.mount()?;
         Ok(f)
     }
 
-    fn opts(&self, generation: u32) -> String {
+    pub(crate) fn opts(&self, generation: u32) -> String {
         let mut o = format!(
             "zone=a,cache_dir={}",
             self.root.join(format!("cache-{generation}")).display()
         );
+        if self.allow_other {
+            o.push_str(",allow_other");
+        }
         if let Some(s) = &self.stats {
             o.push_str(&format!(",stats={}", s.display()));
         }
@@ -286,6 +300,20 @@ impl Failsafe {
         // The mount rewrites the file every second: wait for a write that
         // began after the operations just done.
         crate::cities::fresh_stats(path)
+    }
+
+    /// The processes of the cluster and the mount, by what they are.
+    pub(crate) fn pids(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .cluster
+            .hosts
+            .iter()
+            .filter_map(|h| Some((format!("fsd (zone {})", h.zone), h.pid()?)))
+            .collect();
+        if let Some(p) = self.mount.as_ref().and_then(LocalMount::pid) {
+            v.push(("mount".into(), p));
+        }
+        v
     }
 
     pub(crate) fn stop(&mut self) {
