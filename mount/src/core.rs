@@ -227,22 +227,19 @@ impl Core {
         }
     }
 
-    /// A name's attributes, and how long the kernel may keep them (zero
-    /// unless this mount holds a lease on the answer).
+    /// A name's attributes (`None`: no such name), and how long the kernel
+    /// may keep the answer (zero unless this mount holds a lease on it).
     pub(crate) async fn lookup(
         &self,
         parent: u64,
         name: &std::ffi::OsStr,
-    ) -> Res<(FileAttr, Duration)> {
+    ) -> Res<(Option<FileAttr>, Duration)> {
         let l = self
             .client
             .lookup_leased(self.t(parent), &name_bytes(name))
             .await
             .map_err(err)?;
-        match l.value {
-            Some(a) => Ok((self.file_attr(&a), l.ttl)),
-            None => Err(Errno::ENOENT),
-        }
+        Ok((l.value.map(|a| self.file_attr(&a)), l.ttl))
     }
 
     pub(crate) async fn getattr(&self, ino: u64) -> Res<(FileAttr, Duration)> {

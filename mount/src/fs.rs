@@ -77,7 +77,7 @@ impl Fs {
 }
 
 /// Attributes for a `.` or `..` entry of readdirplus, of which the kernel
-/// uses only the inode and kind.
+/// uses only the inode and kind (or, with inode 0, a negative entry).
 fn dot_attr(ino: u64, kind: fuser::FileType) -> fuser::FileAttr {
     fuser::FileAttr {
         ino: INodeNo(ino),
@@ -141,7 +141,17 @@ impl Filesystem for Fs {
         let name = name.to_owned();
         self.run(FuseOp::Lookup, move |c| async move {
             match c.lookup(parent.0, &name).await {
-                Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
+                Ok((Some(a), ttl)) => reply.entry(&ttl, &a, Generation(0)),
+                // A leased absence: inode 0 makes the kernel keep a negative
+                // entry for the rest of the lease (a change to the
+                // directory tells it otherwise), so PHP's file_exists of
+                // missing files asks nobody.
+                Ok((None, ttl)) if !ttl.is_zero() => reply.entry(
+                    &ttl,
+                    &dot_attr(0, fuser::FileType::RegularFile),
+                    Generation(0),
+                ),
+                Ok((None, _)) => reply.error(Errno::ENOENT),
                 Err(e) => reply.error(e),
             }
         });

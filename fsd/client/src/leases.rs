@@ -195,7 +195,7 @@ impl Client {
     /// the leader, caching the answer with `cache` when granted.
     async fn leased<T>(
         &self,
-        cached: impl Fn(&HolderView<Cached>, u64) -> Option<T>,
+        cached: impl Fn(&mut HolderView<Cached>, u64) -> Option<T>,
         q: Query,
         cache_it: impl FnOnce(
             &mut HolderView<Cached>,
@@ -214,9 +214,9 @@ impl Client {
             });
         };
         {
-            let view = lock(&c.view);
+            let mut view = lock(&c.view);
             let now = c.now();
-            if let Some(value) = cached(&view, now) {
+            if let Some(value) = cached(&mut view, now) {
                 return Ok(Leased {
                     value,
                     ttl: Duration::from_millis(view.remaining(now)),
@@ -276,12 +276,18 @@ impl Client {
         let key2 = key.clone();
         self.leased(
             |v, now| {
-                let dir = v.get(parent, now)?;
+                let dir = v.get_mut(parent, now)?;
                 match dir.names.get(&key) {
                     Some(None) => Some(None),
                     Some(&Some(ino)) => Some(Some(v.get(ino, now)?.attr?)),
-                    // Not in a whole listing: no such name.
-                    None => dir.listing.as_ref().map(|_| None),
+                    // Not in a whole listing: no such name. Recorded, so
+                    // that the kernel, which may keep the answer, is told
+                    // when the directory changes.
+                    None => {
+                        dir.listing.as_ref()?;
+                        dir.names.insert(key.clone(), None);
+                        Some(None)
+                    }
                 }
             },
             Query::Lookup(pb::Lookup {

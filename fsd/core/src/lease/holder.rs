@@ -273,6 +273,16 @@ impl<V> HolderView<V> {
         }
     }
 
+    /// [`HolderView::get`] to fill in what the cached value already implies
+    /// (a name a whole listing leaves out, recorded as absent).
+    pub fn get_mut(&mut self, object: Object, now: u64) -> Option<&mut V> {
+        if now < self.expires {
+            self.cached.get_mut(&object)
+        } else {
+            None
+        }
+    }
+
     /// Drops `object`, which this mount changed (heard of at `now`), as
     /// [`HolderView::take_own`]. A read of it in flight is not cached
     /// either: the leader neither waited for nor told this mount, and the
