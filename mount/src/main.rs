@@ -300,6 +300,9 @@ fn serve(args: Args) -> Result<(), String> {
         let _in_runtime = rt.enter();
         client.enable_leases()
     });
+    if args.opts.leases && !rt.block_on(client.leases_up(Duration::from_secs(2))) {
+        tracing::info!("no lease stream yet; serving without leases until it is up");
+    }
     let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
     let fs = fs::Fs {
         core: core.clone(),

@@ -99,6 +99,20 @@ impl Client {
         rx
     }
 
+    /// Waits (at most `within`) until the lease stream is up; whether it is.
+    /// Until then every read asks the leader and nothing is cached: a mount
+    /// waits for it before it serves, so its first listings are leased.
+    pub async fn leases_up(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.lease_holder() == 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     fn lease_cache(&self) -> Option<&Arc<LeaseCache>> {
         self.inner.leases.get()
     }
