@@ -14,7 +14,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::core::{now_ns, system_time_ns, Core};
+use crate::core::{now_ns, system_time_ns, Core, DirCache};
 use crate::stats::{FuseOp, MountStats};
 
 /// What the kernel may keep of the answers to changes we make (create,
@@ -358,16 +358,19 @@ impl Filesystem for Fs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let pid = req.pid();
         self.run(FuseOp::Open, move |c| async move {
-            match c.open(ino.0, flags.0).await {
-                Ok((fh, keep)) => {
-                    let f = if keep {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(fh), f)
+            match c.open(ino.0, flags.0, pid).await {
+                Ok(o) => {
+                    let mut f = FopenFlags::empty();
+                    if o.keep {
+                        f |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    if o.noflush {
+                        f |= FopenFlags::FOPEN_NOFLUSH;
+                    }
+                    reply.opened(FileHandle(o.fh), f)
                 }
                 Err(e) => reply.error(e),
             }
@@ -514,7 +517,16 @@ impl Filesystem for Fs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.run(FuseOp::Opendir, move |c| async move {
             match c.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok((fh, cache)) => {
+                    let f = match cache {
+                        DirCache::No => FopenFlags::empty(),
+                        DirCache::Fill => FopenFlags::FOPEN_CACHE_DIR,
+                        DirCache::Keep => {
+                            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                        }
+                    };
+                    reply.opened(FileHandle(fh), f)
+                }
                 Err(e) => reply.error(e),
             }
         });
@@ -558,14 +570,17 @@ impl Filesystem for Fs {
             return reply.error(Errno::EBADF);
         };
         self.run(FuseOp::Readdirplus, move |c| async move {
-            let dir = entries.first().map_or(0, |e| e.0);
+            // Once per reply: a change to the directory after this point
+            // waits for the reply (the kernel's invalidation of a name
+            // takes the directory's lock, which this readdir holds).
+            let listing_ttl = c.listing_ttl(entries.first().map_or(0, |e| e.0));
             for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
                 use std::os::unix::ffi::OsStrExt;
                 let (attr, ttl) = if name == b"." || name == b".." {
                     // The kernel links no entry for these.
                     (dot_attr(*ino, *kind), Duration::ZERO)
                 } else {
-                    match c.listed_attr(dir, *ino).await {
+                    match c.listed_attr(listing_ttl, *ino).await {
                         Ok(Some(found)) => found,
                         Ok(None) => continue,
                         Err(e) => return reply.error(e),
@@ -722,7 +737,7 @@ impl Filesystem for Fs {
         self.run(FuseOp::Setlk, move |c| async move {
             let mut pause = Duration::from_millis(20);
             loop {
-                match c.setlk(ino.0, lock_owner.0, start, end, typ).await {
+                match c.setlk(ino.0, pid, lock_owner.0, start, end, typ).await {
                     Ok(()) => return reply.ok(),
                     Err(e) if e == Errno::EAGAIN && sleep => {
                         // FUSE delivers no interrupts: stop waiting when the

@@ -448,6 +448,37 @@ fn lock_idioms(env: &Env) {
     assert_eq!(lock(&gb, libc::F_WRLCK, 50, 10), -1, "overlap conflicts");
     drop(ga); // close drops A's POSIX locks
     assert_eq!(lock(&gb, libc::F_WRLCK, 50, 10), 0);
+    assert_eq!(lock(&gb, libc::F_UNLCK, 0, 0), 0);
+
+    // A read lock through a descriptor opened for reading (whose close
+    // sends the mount no flush) goes when it is closed; the kernel sends
+    // the release right after close returns, so B may wait a moment.
+    let eventually_locks = |f: &File, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock(f, libc::F_WRLCK, 0, 10) != 0 {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(lock(f, libc::F_UNLCK, 0, 0), 0);
+    };
+    let ra = File::open(a.join("flocked")).unwrap();
+    assert_eq!(lock(&ra, libc::F_RDLCK, 0, 10), 0);
+    assert_eq!(lock(&gb, libc::F_WRLCK, 0, 10), -1, "A's read lock holds");
+    drop(ra);
+    eventually_locks(&gb, "closing the read-only descriptor released A's lock");
+    // POSIX: closing any descriptor of the file drops the process's locks,
+    // one opened for reading before the lock was taken too.
+    let ra = File::open(a.join("flocked")).unwrap();
+    let wa = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.join("flocked"))
+        .unwrap();
+    assert_eq!(lock(&wa, libc::F_WRLCK, 0, 10), 0);
+    assert_eq!(lock(&gb, libc::F_WRLCK, 0, 10), -1, "A's write lock holds");
+    drop(ra);
+    eventually_locks(&gb, "closing another descriptor released A's lock");
+    drop(wa);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -80,6 +80,8 @@ pub(crate) struct OwnChange {
 pub struct Leased<T> {
     pub value: T,
     pub ttl: Duration,
+    /// Answered from memory (what this mount cached earlier, unchanged).
+    pub hit: bool,
 }
 
 impl Client {
@@ -225,6 +227,7 @@ impl Client {
             return answer(r).map(|value| Leased {
                 value,
                 ttl: Duration::ZERO,
+                hit: false,
             });
         };
         {
@@ -234,6 +237,7 @@ impl Client {
                 return Ok(Leased {
                     value,
                     ttl: Duration::from_millis(view.remaining(now)),
+                    hit: true,
                 });
             }
         }
@@ -243,6 +247,7 @@ impl Client {
             return answer(r).map(|value| Leased {
                 value,
                 ttl: Duration::ZERO,
+                hit: false,
             });
         }
         let ticket = lock(&c.view).read_sent();
@@ -276,7 +281,11 @@ impl Client {
         }
         drop(view);
         let (reply, _) = read?;
-        answer(reply).map(|value| Leased { value, ttl })
+        answer(reply).map(|value| Leased {
+            value,
+            ttl,
+            hit: false,
+        })
     }
 
     /// Looks `name` up in `parent`, from memory while leased; `None`: no
@@ -408,6 +417,7 @@ impl Client {
                 return Ok(Leased {
                     value: listing,
                     ttl: Duration::from_millis(view.remaining(now)),
+                    hit: true,
                 });
             }
         }
@@ -419,6 +429,7 @@ impl Client {
             return read.map(|(entries, _)| Leased {
                 value: Arc::new(entries),
                 ttl: Duration::ZERO,
+                hit: false,
             });
         };
         let mut view = lock(&c.view);
@@ -468,6 +479,7 @@ impl Client {
                     .collect(),
             ),
             ttl,
+            hit: false,
         })
     }
 
@@ -501,7 +513,8 @@ impl Client {
                 ino: dir,
                 after: std::mem::take(&mut after),
                 limit: LIST_PAGE,
-                plus: true,
+                // Attributes only to cache: without leases each stat asks.
+                plus: term.is_some(),
             });
             let (reply, granted) = match term {
                 Some(term) => {
