@@ -15,7 +15,7 @@ use openraft::{
 use rusqlite::{params, OptionalExtension};
 
 use crate::codec::{self, FORMAT_1_UP_TO};
-use crate::db::{open_connection, Db, Durability};
+use crate::db::{open_connection, CachedSql, Db, Durability};
 use crate::state;
 
 pub type NodeId = u64;
@@ -83,8 +83,8 @@ pub(crate) enum OpenLogError {
 /// Creates a new log in the current format, or checks an existing one's.
 fn open_log(path: &Path) -> Result<rusqlite::Connection, OpenLogError> {
     let conn = open_connection(path, Durability::Commit)?;
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let has_log: bool = conn.query_row(
+    let version: i64 = conn.row("PRAGMA user_version", [], |r| r.get(0))?;
+    let has_log: bool = conn.row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log')",
         [],
         |r| r.get(0),
@@ -133,7 +133,7 @@ fn get_meta<T: serde::de::DeserializeOwned>(
     key: &str,
 ) -> rusqlite::Result<Option<T>> {
     let raw: Option<Vec<u8>> = conn
-        .query_row(
+        .row(
             &format!("SELECT value FROM {table} WHERE key = ?1"),
             [key],
             |r| r.get(0),
@@ -150,7 +150,7 @@ fn put_meta<T: serde::Serialize>(
 ) -> rusqlite::Result<()> {
     let bytes =
         serde_json::to_vec(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(
+    conn.exec(
         &format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"),
         params![key, bytes],
     )?;
@@ -211,7 +211,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let last_purged: Option<LogId<NodeId>> =
                     get_meta(conn, "raft_meta", "last_purged")?;
                 let last: Option<Vec<u8>> = conn
-                    .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
+                    .row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
                         r.get(0)
                     })
                     .optional()?;
@@ -305,7 +305,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let r = self
             .db
             .call(move |conn| {
-                conn.execute("DELETE FROM log WHERE idx >= ?1", [idx])
+                conn.exec("DELETE FROM log WHERE idx >= ?1", [idx])
                     .map(|_| ())
             })
             .await;
@@ -320,7 +320,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .call(move |conn| -> rusqlite::Result<()> {
                 let tx = conn.transaction()?;
                 put_meta(&tx, "raft_meta", "last_purged", &log_id)?;
-                tx.execute("DELETE FROM log WHERE idx <= ?1", [log_id.index as i64])?;
+                tx.exec("DELETE FROM log WHERE idx <= ?1", [log_id.index as i64])?;
                 tx.commit()
             })
             .await;
@@ -429,7 +429,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 // the log entries this snapshot covers.
                 checkpoint(conn)?;
                 // One statement, so the copy and `last_applied` agree.
-                conn.execute("VACUUM INTO ?1", [tmp2.to_string_lossy()])?;
+                conn.exec("VACUUM INTO ?1", [tmp2.to_string_lossy()])?;
                 read_applied(conn)
             })
             .await
@@ -458,7 +458,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
 /// Writes the state machine's WAL into its database, both fsynced.
 fn checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
-    let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |r| r.get(0))?;
+    let busy: i64 = conn.row("PRAGMA wal_checkpoint(FULL)", [], |r| r.get(0))?;
     if busy != 0 {
         // Only this thread uses the database, so nothing can hold it.
         return Err(rusqlite::Error::SqliteFailure(
@@ -650,7 +650,7 @@ mod tests {
         drop(LogStore::open(&fresh).expect("new log"));
         let v: i64 = rusqlite::Connection::open(&fresh)
             .expect("open")
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
         assert_eq!(v, LOG_FORMAT);
         LogStore::open(&fresh).expect("format 2 log");

@@ -3,6 +3,7 @@
 //! commands); `apply_op` hands each operation to the one function that
 //! carries it out.
 
+use crate::db::CachedSql;
 use failsafe_core::MAX_INLINE_BYTES;
 use failsafe_proto::pb::{self, command::Op, ErrorCode};
 use prost::Message;
@@ -112,7 +113,7 @@ pub(crate) fn apply(
     }
     if cmd.client_id != 0 {
         let prev: Option<Vec<u8>> = tx
-            .query_row(
+            .row(
                 "SELECT result FROM applied_ops WHERE client_id = ?1 AND op_id = ?2",
                 params![i(cmd.client_id), i(cmd.op_id)],
                 |r| r.get(0),
@@ -154,7 +155,7 @@ pub(crate) fn apply(
         changed,
     };
     if cmd.client_id != 0 {
-        tx.execute(
+        tx.exec(
             "INSERT OR REPLACE INTO applied_ops VALUES (?1, ?2, ?3, ?4)",
             params![
                 i(cmd.client_id),

@@ -2,6 +2,7 @@
 //! blocks, or inline: the bytes in the extent itself), replacing inline
 //! extents by blocks, recording and dropping copies, and forgetting garbage.
 
+use crate::db::CachedSql;
 use failsafe_core::{block_hash, overlay, Extent, Inline, HASH_LEN, MAX_FILE_INLINE_BYTES};
 use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -53,7 +54,7 @@ pub(super) fn punch(
 ) -> OpResult<()> {
     let old = load_extents(tx, ino, start, end)?;
     for e in &old {
-        tx.execute(
+        tx.exec(
             "DELETE FROM extents WHERE ino = ?1 AND offset = ?2",
             params![i(ino), i(e.offset)],
         )?;
@@ -74,7 +75,7 @@ fn insert_extent(tx: &Transaction<'_>, ino: u64, e: &Extent) -> OpResult<()> {
         Some(inline) => (Some(inline.data.as_slice()), Some(inline.written_ns)),
         None => (None, None),
     };
-    tx.execute(
+    tx.exec(
         "INSERT OR REPLACE INTO extents (ino, offset, length, hash, block_offset, data, written)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -88,7 +89,7 @@ fn insert_extent(tx: &Transaction<'_>, ino: u64, e: &Extent) -> OpResult<()> {
         ],
     )?;
     if e.inline.is_none() {
-        tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [&e.hash])?;
+        tx.exec("DELETE FROM idle_blocks WHERE hash = ?1", [&e.hash])?;
     }
     Ok(())
 }
@@ -161,7 +162,7 @@ pub(super) fn commit_extents(
         if inline.is_none() {
             check_in_block(tx, e)?;
             // Rewritten in place: the block it replaces at the same offset is its older version.
-            tx.execute(
+            tx.exec(
                 "INSERT OR IGNORE INTO lineage(hash, prev) SELECT ?3, hash FROM extents
                  WHERE ino = ?1 AND offset = ?2 AND hash != ?3 AND data IS NULL",
                 params![i(c.ino), i(e.offset), e.hash],
@@ -179,7 +180,7 @@ pub(super) fn commit_extents(
         size = size.max(end);
     }
     if c.extents.iter().any(|e| !e.data.is_empty()) {
-        let held: i64 = tx.query_row(
+        let held: i64 = tx.row(
             "SELECT COALESCE(SUM(length), 0) FROM extents WHERE ino = ?1 AND data IS NOT NULL",
             [i(c.ino)],
             |r| r.get(0),
@@ -191,7 +192,7 @@ pub(super) fn commit_extents(
             );
         }
     }
-    tx.execute(
+    tx.exec(
         "UPDATE inodes SET size = ?2, mtime = ?3, ctime = ?3, version = version + 1 WHERE ino = ?1",
         params![i(c.ino), i(size), now],
     )?;
@@ -201,7 +202,7 @@ pub(super) fn commit_extents(
 /// A block extent's block is recorded and holds the extent's bytes.
 fn check_in_block(tx: &Transaction<'_>, e: &pb::Extent) -> OpResult<()> {
     let block_size: Option<i64> = tx
-        .query_row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| {
+        .row("SELECT size FROM blocks WHERE hash = ?1", [&e.hash], |r| {
             r.get(0)
         })
         .optional()?;
@@ -244,7 +245,7 @@ pub(super) fn replace_inline(
         }
         check_extent(e)?;
         let current: Option<(i64, Option<Vec<u8>>)> = tx
-            .query_row(
+            .row(
                 "SELECT length, data FROM extents WHERE ino = ?1 AND offset = ?2",
                 params![i(c.ino), i(e.offset)],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -310,17 +311,17 @@ pub(super) fn record_copies(
                 "block copies need a 32-byte hash and a size within the block limit",
             );
         }
-        tx.execute(
+        tx.exec(
             "INSERT OR IGNORE INTO blocks (hash, size) VALUES (?1, ?2)",
             params![b.hash, i(b.size)],
         )?;
         for d in &b.device_ids {
-            tx.execute(
+            tx.exec(
                 "INSERT OR IGNORE INTO copies (hash, device_id) VALUES (?1, ?2)",
                 params![b.hash, i(*d)],
             )?;
         }
-        tx.execute(
+        tx.exec(
             "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
             params![b.hash, leader_now],
         )?;
@@ -342,7 +343,7 @@ pub(super) fn drop_copies(
         }
         for d in &b.device_ids {
             if keep > 0 {
-                let others: i64 = tx.query_row(
+                let others: i64 = tx.row(
                     "SELECT COUNT(*) FROM copies WHERE hash = ?1 AND device_id != ?2",
                     params![b.hash, i(*d)],
                     |r| r.get(0),
@@ -351,7 +352,7 @@ pub(super) fn drop_copies(
                     continue;
                 }
             }
-            tx.execute(
+            tx.exec(
                 "DELETE FROM copies WHERE hash = ?1 AND device_id = ?2",
                 params![b.hash, i(*d)],
             )?;
@@ -373,13 +374,13 @@ pub(super) fn forget_blocks(
         if h.len() != HASH_LEN {
             return err(ErrorCode::Invalid, "a block hash is 32 bytes");
         }
-        let referenced: bool = tx.query_row(
+        let referenced: bool = tx.row(
             "SELECT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
             [h],
             |r| r.get(0),
         )?;
         let since: i64 = tx
-            .query_row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| {
+            .row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| {
                 r.get(0)
             })
             .optional()?
@@ -387,17 +388,17 @@ pub(super) fn forget_blocks(
         if referenced || since >= idle_before {
             continue;
         }
-        tx.execute("DELETE FROM copies WHERE hash = ?1", [h])?;
-        tx.execute("DELETE FROM blocks WHERE hash = ?1", [h])?;
-        tx.execute("DELETE FROM idle_blocks WHERE hash = ?1", [h])?;
-        tx.execute("DELETE FROM lineage WHERE hash = ?1", [h])?;
+        tx.exec("DELETE FROM copies WHERE hash = ?1", [h])?;
+        tx.exec("DELETE FROM blocks WHERE hash = ?1", [h])?;
+        tx.exec("DELETE FROM idle_blocks WHERE hash = ?1", [h])?;
+        tx.exec("DELETE FROM lineage WHERE hash = ?1", [h])?;
     }
     Ok(())
 }
 
 pub(super) fn block_copies(conn: &rusqlite::Connection, hash: &[u8]) -> OpResult<pb::BlockCopies> {
     let size: i64 = conn
-        .query_row("SELECT size FROM blocks WHERE hash = ?1", [hash], |r| {
+        .row("SELECT size FROM blocks WHERE hash = ?1", [hash], |r| {
             r.get(0)
         })
         .optional()?

@@ -3,6 +3,7 @@
 //! collection work from. Which devices count is the caller's judgement
 //! (host liveness and administrative state); these functions only count.
 
+use crate::db::CachedSql;
 use std::collections::BTreeSet;
 
 use failsafe_core::{is_full, BlockView};
@@ -43,7 +44,7 @@ pub(crate) fn replication_counts(
            FROM (SELECT DISTINCT hash FROM extents WHERE data IS NULL) r)",
         id_list(live)
     );
-    conn.query_row(&sql, [copies as i64], |r| {
+    conn.row(&sql, [copies as i64], |r| {
         Ok(ReplicationCounts {
             under_replicated: r.get::<_, i64>(0)? as u64,
             unavailable: r.get::<_, i64>(1)? as u64,

@@ -2,6 +2,7 @@
 //! states (away, draining), what shipping a host would put at risk, and the
 //! lineage that lets a returning host receive deltas.
 
+use crate::db::CachedSql;
 use std::collections::{BTreeMap, BTreeSet};
 
 use failsafe_core::{is_full, AdminState};
@@ -19,7 +20,7 @@ pub(super) fn register_host(
     if c.host_id == 0 || c.addr.is_empty() {
         return err(ErrorCode::Invalid, "a host needs an id and an address");
     }
-    tx.execute(
+    tx.exec(
         "INSERT INTO hosts VALUES (?1, ?2, ?3) ON CONFLICT(host_id) DO UPDATE SET zone = ?2, addr = ?3",
         params![i(c.host_id), c.zone, c.addr],
     )?;
@@ -34,9 +35,9 @@ pub(super) fn set_host_state(
     leader_now: i64,
 ) -> OpResult<()> {
     if c.state() == pb::HostAdminState::Active {
-        tx.execute("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
+        tx.exec("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
     } else {
-        tx.execute(
+        tx.exec(
             "INSERT OR REPLACE INTO host_states VALUES (?1, ?2, ?3, ?4)",
             params![i(c.host_id), c.state, c.until_ns, leader_now],
         )?;
@@ -46,17 +47,17 @@ pub(super) fn set_host_state(
 
 /// Forgets a host, its devices and the copies recorded on them.
 pub(super) fn remove_host(tx: &Transaction<'_>, c: &pb::RemoveHost) -> OpResult<()> {
-    tx.execute("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
+    tx.exec("DELETE FROM host_states WHERE host_id = ?1", [i(c.host_id)])?;
     let devices: Vec<i64> = tx
         .prepare("SELECT device_id FROM devices WHERE host_id = ?1")?
         .query_map([i(c.host_id)], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for d in devices {
-        tx.execute("DELETE FROM copies WHERE device_id = ?1", [d])?;
-        tx.execute("DELETE FROM gone_devices WHERE device_id = ?1", [d])?;
+        tx.exec("DELETE FROM copies WHERE device_id = ?1", [d])?;
+        tx.exec("DELETE FROM gone_devices WHERE device_id = ?1", [d])?;
     }
-    tx.execute("DELETE FROM devices WHERE host_id = ?1", [i(c.host_id)])?;
-    tx.execute("DELETE FROM hosts WHERE host_id = ?1", [i(c.host_id)])?;
+    tx.exec("DELETE FROM devices WHERE host_id = ?1", [i(c.host_id)])?;
+    tx.exec("DELETE FROM hosts WHERE host_id = ?1", [i(c.host_id)])?;
     Ok(())
 }
 
@@ -83,8 +84,8 @@ pub(super) fn report_devices(
         if devices.iter().any(|d| i(d.device_id) == id) {
             continue;
         }
-        let dropped = tx.execute("DELETE FROM copies WHERE device_id = ?1", [id])?;
-        tx.execute(
+        let dropped = tx.exec("DELETE FROM copies WHERE device_id = ?1", [id])?;
+        tx.exec(
             "INSERT OR REPLACE INTO gone_devices VALUES (?1, ?2)",
             params![id, leader_now],
         )?;
@@ -96,11 +97,11 @@ pub(super) fn report_devices(
         );
     }
     for d in devices {
-        tx.execute(
+        tx.exec(
             "DELETE FROM gone_devices WHERE device_id = ?1",
             [i(d.device_id)],
         )?;
-        tx.execute(
+        tx.exec(
             "INSERT INTO devices (device_id, host_id, path, capacity, free, used, blocks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(device_id) DO UPDATE SET host_id = ?2, path = ?3, capacity = ?4, free = ?5, used = ?6, blocks = ?7",
             params![
@@ -180,7 +181,7 @@ pub(crate) fn ship_risk(
     with_names: bool,
 ) -> rusqlite::Result<(u64, u64, Vec<String>)> {
     let zone: String = conn
-        .query_row(
+        .row(
             "SELECT zone FROM hosts WHERE host_id = ?1",
             [i(host_id)],
             |r| r.get(0),
@@ -241,12 +242,12 @@ pub(crate) fn delta_base(
     let mut at = hash.to_vec();
     for _ in 0..64 {
         let prev: Option<Vec<u8>> = conn
-            .query_row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| {
+            .row("SELECT prev FROM lineage WHERE hash = ?1", [&at], |r| {
                 r.get(0)
             })
             .optional()?;
         let Some(prev) = prev else { return Ok(None) };
-        let held: bool = conn.query_row(
+        let held: bool = conn.row(
             "SELECT EXISTS (SELECT 1 FROM copies WHERE hash = ?1 AND device_id = ?2)",
             params![prev, i(device_id)],
             |r| r.get(0),

@@ -1,5 +1,6 @@
 //! Files and directories: inodes, directory entries and attributes.
 
+use crate::db::CachedSql;
 use failsafe_core::ROOT_INO;
 use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -25,7 +26,7 @@ pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
 }
 
 pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
-    tx.query_row(
+    tx.row(
         &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
         [i(ino)],
         attr_row,
@@ -39,7 +40,7 @@ pub(super) fn lookup_ino(
     name: &[u8],
 ) -> OpResult<Option<u64>> {
     Ok(tx
-        .query_row(
+        .row(
             "SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2",
             params![i(parent), name],
             |r| r.get::<_, i64>(0),
@@ -65,16 +66,16 @@ fn new_inode(
     now: i64,
     target: Option<&[u8]>,
 ) -> OpResult<pb::Attr> {
-    let ino: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_ino'", [], |r| {
+    let ino: i64 = tx.row("SELECT value FROM meta WHERE key = 'next_ino'", [], |r| {
         r.get(0)
     })?;
-    tx.execute(
+    tx.exec(
         "UPDATE meta SET value = ?1 WHERE key = 'next_ino'",
         [ino + 1],
     )?;
     let nlink = if kind == FileKind::KindDir { 2 } else { 1 };
     let size = target.map_or(0, |t| t.len() as i64);
-    tx.execute(
+    tx.exec(
         "INSERT INTO inodes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, 1, ?9)",
         params![
             ino,
@@ -93,7 +94,7 @@ fn new_inode(
 
 /// A directory's entries changed: bump its mtime, ctime and version.
 fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpResult<()> {
-    tx.execute(
+    tx.exec(
         "UPDATE inodes SET mtime = ?2, ctime = ?2, version = version + 1, nlink = nlink + ?3 WHERE ino = ?1",
         params![i(ino), now, nlink_delta],
     )?;
@@ -104,18 +105,18 @@ fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpRe
 fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpResult<()> {
     let a = get_attr(tx, ino)?;
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
-        tx.execute("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
+        tx.exec("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
         let hashes: Vec<Vec<u8>> = tx
             .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
             .query_map([i(ino)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        tx.execute("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
+        tx.exec("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
         note_unreferenced(tx, &hashes, leader_now)?;
         // Locks stay: descriptors open elsewhere may still hold and release
         // them (lock, unlink, unlock). Inode numbers are never reused, and
         // session close or expiry removes them.
     } else {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET nlink = nlink - 1, ctime = ?2 WHERE ino = ?1",
             params![i(ino), now],
         )?;
@@ -124,7 +125,7 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpRes
 }
 
 fn is_empty_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<bool> {
-    let n: i64 = tx.query_row(
+    let n: i64 = tx.row(
         "SELECT COUNT(*) FROM (SELECT 1 FROM dentries WHERE parent = ?1 LIMIT 1)",
         [i(ino)],
         |r| r.get(0),
@@ -135,7 +136,7 @@ fn is_empty_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<bool> {
 /// The directory holding directory `ino` (directories have exactly one entry).
 fn parent_of_dir(tx: &rusqlite::Connection, ino: u64) -> OpResult<Option<u64>> {
     Ok(tx
-        .query_row(
+        .row(
             "SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1",
             [i(ino)],
             |r| r.get::<_, i64>(0),
@@ -228,7 +229,7 @@ pub(super) fn link(tx: &Transaction<'_>, c: &pb::Link, now: i64) -> OpResult<pb:
         return err(ErrorCode::Exists, "file exists");
     }
     link_entry(tx, c.new_parent, &c.new_name, c.ino, now, 0)?;
-    tx.execute(
+    tx.exec(
         "UPDATE inodes SET nlink = nlink + 1, ctime = ?2 WHERE ino = ?1",
         params![i(c.ino), now],
     )?;
@@ -278,7 +279,7 @@ fn link_entry(
     now: i64,
     nlink_delta: i64,
 ) -> OpResult<()> {
-    tx.execute(
+    tx.exec(
         "INSERT INTO dentries VALUES (?1, ?2, ?3)",
         params![i(parent), name, i(ino)],
     )?;
@@ -292,7 +293,7 @@ fn unlink_entry(
     now: i64,
     nlink_delta: i64,
 ) -> OpResult<()> {
-    tx.execute(
+    tx.exec(
         "DELETE FROM dentries WHERE parent = ?1 AND name = ?2",
         params![i(parent), name],
     )?;
@@ -338,11 +339,11 @@ pub(super) fn rename(
         if dst_is_dir && is_within(tx, c.parent, dst)? {
             return err(ErrorCode::Loop, "cannot move a directory into itself");
         }
-        tx.execute(
+        tx.exec(
             "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
             params![i(c.parent), c.name, i(dst)],
         )?;
-        tx.execute(
+        tx.exec(
             "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2",
             params![i(c.new_parent), c.new_name, i(src)],
         )?;
@@ -350,7 +351,7 @@ pub(super) fn rename(
         touch_dir(tx, c.parent, now, -delta)?;
         touch_dir(tx, c.new_parent, now, delta)?;
         for ino in [src, dst] {
-            tx.execute(
+            tx.exec(
                 "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
                 params![i(ino), now],
             )?;
@@ -379,7 +380,7 @@ pub(super) fn rename(
         )?;
         if !dst_is_dir {
             // The file that replaces another is its new version (a wiki save).
-            tx.execute(
+            tx.exec(
                 "INSERT OR IGNORE INTO lineage(hash, prev)
                  SELECT n.hash, o.hash FROM extents n JOIN extents o ON o.ino = ?2 AND o.offset = n.offset
                  WHERE n.ino = ?1 AND n.hash != o.hash AND n.data IS NULL AND o.data IS NULL",
@@ -391,7 +392,7 @@ pub(super) fn rename(
     let delta = moves_dir_between(src_is_dir);
     unlink_entry(tx, c.parent, &c.name, now, -delta)?;
     link_entry(tx, c.new_parent, &c.new_name, src, now, delta)?;
-    tx.execute(
+    tx.exec(
         "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
         params![i(src), now],
     )?;
@@ -406,19 +407,19 @@ pub(super) fn set_attr(
 ) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
     if let Some(mode) = c.mode {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET mode = ?2 WHERE ino = ?1",
             params![i(c.ino), mode & 0o7777],
         )?;
     }
     if let Some(uid) = c.uid {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET uid = ?2 WHERE ino = ?1",
             params![i(c.ino), uid],
         )?;
     }
     if let Some(gid) = c.gid {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET gid = ?2 WHERE ino = ?1",
             params![i(c.ino), gid],
         )?;
@@ -433,24 +434,24 @@ pub(super) fn set_attr(
         if size < a.size {
             punch(tx, c.ino, size, u64::MAX, leader_now)?;
         }
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET size = ?2, mtime = ?3, version = version + 1 WHERE ino = ?1",
             params![i(c.ino), i(size), now],
         )?;
     }
     if let Some(t) = c.atime_ns {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET atime = ?2 WHERE ino = ?1",
             params![i(c.ino), t],
         )?;
     }
     if let Some(t) = c.mtime_ns {
-        tx.execute(
+        tx.exec(
             "UPDATE inodes SET mtime = ?2 WHERE ino = ?1",
             params![i(c.ino), t],
         )?;
     }
-    tx.execute(
+    tx.exec(
         "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
         params![i(c.ino), now],
     )?;

@@ -1,6 +1,7 @@
 //! The queries clients ask: namespace lookups, file extents, placement of
 //! new blocks, locks and filesystem statistics. Read-only.
 
+use crate::db::CachedSql;
 use std::collections::{BTreeMap, BTreeSet};
 
 use failsafe_core::{is_full, place, Candidate, ReplicationClass};
@@ -100,7 +101,7 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
 /// A symlink's target.
 fn read_link(conn: &rusqlite::Connection, r: &pb::ReadLink) -> OpResult<Reply> {
     let target: Option<Option<Vec<u8>>> = conn
-        .query_row(
+        .row(
             "SELECT target FROM inodes WHERE ino = ?1",
             [i(r.ino)],
             |row| row.get(0),
@@ -116,13 +117,13 @@ fn read_link(conn: &rusqlite::Connection, r: &pb::ReadLink) -> OpResult<Reply> {
 /// Space and counts for `statfs`.
 fn stat_fs(conn: &rusqlite::Connection, class: ReplicationClass) -> OpResult<Reply> {
     let (total, free): (i64, i64) =
-        conn.query_row(
+        conn.row(
             &format!("SELECT COALESCE(SUM(capacity), 0), COALESCE(SUM(free), 0) FROM devices WHERE {LIVE_DEVICE}"),
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-    let files: i64 = conn.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
-    let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
+    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
+    let blocks: i64 = conn.row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
     // Every byte is stored `copies` times: report what a user can still write.
     let copies = class.copies.max(1) as u64;
     Ok(Reply::FsStats(pb::FsStats {
@@ -262,8 +263,8 @@ fn list_locks(conn: &rusqlite::Connection, l: &pb::ListLocks) -> OpResult<Reply>
 }
 
 pub(crate) fn counts(conn: &rusqlite::Connection) -> rusqlite::Result<(u64, u64)> {
-    let files: i64 = conn.query_row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
-    let blocks: i64 = conn.query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
+    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
+    let blocks: i64 = conn.row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
     Ok((files as u64, blocks as u64))
 }
 

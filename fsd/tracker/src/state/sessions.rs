@@ -1,5 +1,6 @@
 //! Client sessions and the POSIX and flock locks they hold.
 
+use crate::db::CachedSql;
 use failsafe_proto::pb::{self, ErrorCode};
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -12,7 +13,7 @@ pub(super) fn open_session(tx: &Transaction<'_>, c: &pb::OpenSession, now: i64) 
     if c.session_id == 0 || c.ttl_ms == 0 {
         return err(ErrorCode::Invalid, "a session needs an id and a lease");
     }
-    tx.execute(
+    tx.exec(
         "INSERT OR REPLACE INTO sessions VALUES (?1, ?2, ?3, ?4)",
         params![i(c.session_id), c.client_name, i(c.ttl_ms), now],
     )?;
@@ -20,7 +21,7 @@ pub(super) fn open_session(tx: &Transaction<'_>, c: &pb::OpenSession, now: i64) 
 }
 
 pub(super) fn heartbeat(tx: &Transaction<'_>, c: &pb::Heartbeat, now: i64) -> OpResult<()> {
-    let n = tx.execute(
+    let n = tx.exec(
         "UPDATE sessions SET last_seen = ?2 WHERE session_id = ?1",
         params![i(c.session_id), now],
     )?;
@@ -31,8 +32,8 @@ pub(super) fn heartbeat(tx: &Transaction<'_>, c: &pb::Heartbeat, now: i64) -> Op
 }
 
 pub(super) fn close_session(tx: &Transaction<'_>, c: &pb::CloseSession) -> OpResult<()> {
-    tx.execute("DELETE FROM locks WHERE session_id = ?1", [i(c.session_id)])?;
-    tx.execute(
+    tx.exec("DELETE FROM locks WHERE session_id = ?1", [i(c.session_id)])?;
+    tx.exec(
         "DELETE FROM sessions WHERE session_id = ?1",
         [i(c.session_id)],
     )?;
@@ -47,10 +48,10 @@ pub(super) fn expire_sessions(tx: &Transaction<'_>, now: i64) -> OpResult<()> {
         .query_map([now], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for s in expired {
-        tx.execute("DELETE FROM locks WHERE session_id = ?1", [s])?;
-        tx.execute("DELETE FROM sessions WHERE session_id = ?1", [s])?;
+        tx.exec("DELETE FROM locks WHERE session_id = ?1", [s])?;
+        tx.exec("DELETE FROM sessions WHERE session_id = ?1", [s])?;
     }
-    tx.execute(
+    tx.exec(
         "DELETE FROM applied_ops WHERE at < ?1",
         [now.saturating_sub(OP_RESULT_KEEP_NS)],
     )?;
@@ -59,7 +60,7 @@ pub(super) fn expire_sessions(tx: &Transaction<'_>, now: i64) -> OpResult<()> {
 
 /// Whether `ExpireSessions` at `now` would change anything.
 pub(crate) fn anything_expired(conn: &rusqlite::Connection, now: i64) -> rusqlite::Result<bool> {
-    let n: i64 = conn.query_row(
+    let n: i64 = conn.row(
         "SELECT (SELECT COUNT(*) FROM sessions WHERE last_seen + ttl_ms * 1000000 < ?1)
               + (SELECT COUNT(*) FROM applied_ops WHERE at < ?2)",
         params![now, now.saturating_sub(OP_RESULT_KEEP_NS)],
@@ -92,7 +93,7 @@ pub(super) fn lock(tx: &Transaction<'_>, c: &pb::Lock) -> OpResult<()> {
         return err(ErrorCode::Invalid, "empty lock range");
     }
     let exists: Option<i64> = tx
-        .query_row(
+        .row(
             "SELECT 1 FROM sessions WHERE session_id = ?1",
             [i(c.session_id)],
             |r| r.get(0),
@@ -130,12 +131,12 @@ pub(super) fn lock(tx: &Transaction<'_>, c: &pb::Lock) -> OpResult<()> {
         }
     }
     // Replace this owner's locks in the range: what lies outside stays.
-    tx.execute(
+    tx.exec(
         "DELETE FROM locks WHERE ino = ?1 AND kind = ?2 AND session_id = ?3 AND owner = ?4",
         params![i(c.ino), c.kind, i(c.session_id), i(c.owner)],
     )?;
     let insert = |h: &HeldLock| {
-        tx.execute(
+        tx.exec(
             "INSERT INTO locks VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 i(c.ino),
