@@ -1,10 +1,12 @@
 //! The tracker's Raft storage: the log and the state machine, each a SQLite
 //! database owned by its own thread (see `db`).
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use failsafe_proto::pb;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -116,6 +118,7 @@ fn open_log(path: &Path) -> Result<rusqlite::Connection, OpenLogError> {
 #[derive(Clone)]
 pub(crate) struct LogStore {
     db: Db,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl LogStore {
@@ -123,7 +126,99 @@ impl LogStore {
         let conn = open_log(path)?;
         Ok(LogStore {
             db: Db::spawn("raft-log", conn)?,
+            recent: Arc::default(),
         })
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The newest entries of the log, in memory as well: the leader's
+/// replication to each follower and every member's apply read what was
+/// just appended, and each read of the database is a trip to its thread.
+#[derive(Default)]
+struct Recent {
+    /// Consecutive indexes, each with its encoded size.
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+/// At most this many entries and bytes (encoded) stay in [`Recent`].
+const RECENT_ENTRIES: usize = 1024;
+const RECENT_BYTES: usize = 16 << 20;
+
+impl Recent {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    /// After a durable append: entries that do not follow the ones held
+    /// start the window anew.
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        let follows = match self.entries.back() {
+            Some((last, _)) => last.log_id.index + 1 == entry.log_id.index,
+            None => true,
+        };
+        if !follows {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            match self.entries.pop_front() {
+                Some((_, size)) => self.bytes -= size,
+                None => break,
+            }
+        }
+    }
+
+    /// Entries `start..end`, if all are held.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first()?;
+        let held_end = first + self.entries.len() as u64;
+        if start < first || end > held_end {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+
+    /// Forgets index `from` and after (a truncation).
+    fn truncate(&mut self, from: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= from)
+        {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Forgets index `upto` and before (a purge).
+    fn purge(&mut self, upto: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= upto)
+        {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
+        }
     }
 }
 
@@ -186,6 +281,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> SResult<Vec<Entry<TypeConfig>>> {
         let (start, end) = bound_range(&range);
+        if let Some(held) = self.recent().get(start as u64, end as u64) {
+            return Ok(held);
+        }
         let r = self
             .db
             .call(move |conn| -> rusqlite::Result<Vec<Entry<TypeConfig>>> {
@@ -265,9 +363,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
+        let mut appended = Vec::new();
         for e in entries {
             let idx = e.log_id.index as i64;
-            let bytes = codec::encode_entry(e).map_err(|e| StorageIOError::write_logs(&e))?;
+            let bytes =
+                codec::encode_entry(e.clone()).map_err(|e| StorageIOError::write_logs(&e))?;
+            appended.push((e, bytes.len()));
             rows.push((idx, bytes));
         }
         let r = self
@@ -289,6 +390,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .and_then(|r| r.map_err(io::Error::other));
         match r {
             Ok(()) => {
+                let mut recent = self.recent();
+                for (e, size) in appended {
+                    recent.push(e, size);
+                }
+                drop(recent);
                 callback.log_io_completed(Ok(()));
                 Ok(())
             }
@@ -301,6 +407,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.recent().truncate(log_id.index);
         let idx = log_id.index as i64;
         let r = self
             .db
@@ -315,6 +422,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
+        self.recent().purge(log_id.index);
         let r = self
             .db
             .call(move |conn| -> rusqlite::Result<()> {
@@ -592,6 +700,48 @@ fn meta_id(dir: &Path) -> String {
 mod tests {
     use super::*;
     use openraft::testing::{StoreBuilder, Suite};
+
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(v: Option<Vec<Entry<TypeConfig>>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn recent_entries_are_served_only_while_all_are_held() {
+        let mut r = Recent::default();
+        assert_eq!(indexes(r.get(1, 2)), None);
+        for i in 5..10 {
+            r.push(blank(i), 10);
+        }
+        assert_eq!(indexes(r.get(5, 10)), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(r.get(7, 8)), Some(vec![7]));
+        assert_eq!(indexes(r.get(4, 6)), None, "4 was never held");
+        assert_eq!(indexes(r.get(9, 11)), None, "10 is not appended yet");
+        // A truncation, then the new entries that replace it.
+        r.truncate(8);
+        assert_eq!(indexes(r.get(8, 9)), None);
+        r.push(blank(8), 10);
+        assert_eq!(indexes(r.get(5, 9)), Some(vec![5, 6, 7, 8]));
+        // A purge forgets the front; an entry that does not follow starts anew.
+        r.purge(6);
+        assert_eq!(indexes(r.get(6, 8)), None);
+        assert_eq!(indexes(r.get(7, 9)), Some(vec![7, 8]));
+        r.push(blank(20), 10);
+        assert_eq!(indexes(r.get(7, 8)), None);
+        assert_eq!(indexes(r.get(20, 21)), Some(vec![20]));
+        assert_eq!(r.bytes, 10);
+        // Bounded by count.
+        for i in 21..(21 + RECENT_ENTRIES as u64 + 10) {
+            r.push(blank(i), 1);
+        }
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+    }
 
     struct Builder;
 

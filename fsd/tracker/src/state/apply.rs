@@ -127,11 +127,11 @@ pub(crate) fn apply(
     }
     let mut changed = Vec::new();
     let result = {
-        tx.execute_batch("SAVEPOINT cmd")?;
+        tx.exec("SAVEPOINT cmd", [])?;
         let touched = touched(tx, cmd)?;
         match apply_op(tx, cmd) {
             Ok(attr) => {
-                tx.execute_batch("RELEASE cmd")?;
+                tx.exec("RELEASE cmd", [])?;
                 changed = touched;
                 match attr {
                     Some(a) => R::Attr(a),
@@ -139,7 +139,8 @@ pub(crate) fn apply(
                 }
             }
             Err(ApplyError::Refused(e)) => {
-                tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                tx.exec("ROLLBACK TO cmd", [])?;
+                tx.exec("RELEASE cmd", [])?;
                 R::Error(pb::CommandError {
                     code: e.code as i32,
                     message: e.message,
