@@ -80,17 +80,6 @@ struct Handle {
     lockers: Vec<u64>,
 }
 
-/// How the kernel may cache an opened directory's listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DirCache {
-    /// Not at all (no lease on it).
-    No,
-    /// Anew, from this listing.
-    Fill,
-    /// What it cached before is still the listing.
-    Keep,
-}
-
 /// An open file, as the kernel is told of it.
 pub(crate) struct Open {
     pub fh: u64,
@@ -965,18 +954,8 @@ impl Core {
 
     // ---------- directories ----------
 
-    /// Opens a directory's listing; with how the kernel may cache it.
-    pub(crate) async fn opendir(&self, ino: u64) -> Res<(u64, DirCache)> {
+    pub(crate) async fn opendir(&self, ino: u64) -> Res<u64> {
         let listing = self.client.list_leased(self.t(ino)).await.map_err(err)?;
-        // A leased listing may stay in the kernel's cache as long as the
-        // lease: a change to the directory drops it (the notifier tells the
-        // kernel the directory's inode changed). What the kernel cached is
-        // kept only when this listing is the one cached here before, unchanged.
-        let cache = match (listing.ttl.is_zero(), listing.hit) {
-            (true, _) => DirCache::No,
-            (false, false) => DirCache::Fill,
-            (false, true) => DirCache::Keep,
-        };
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
             Vec::with_capacity(listing.value.len() + 2);
         entries.push((ino, FileType::Directory, b".".to_vec()));
@@ -989,7 +968,7 @@ impl Core {
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         locked(&self.dirs).insert(fh, Arc::new(entries));
-        Ok((fh, cache))
+        Ok(fh)
     }
 
     /// One entry of an opened listing for readdirplus: its attributes now
@@ -1008,6 +987,26 @@ impl Core {
             Err(Errno::ESTALE) | Err(Errno::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// [`Core::listed_attr`] for a run of a listing's entries: those held
+    /// under lease answered under one lock, the others asked one by one.
+    pub(crate) async fn listed_attrs(
+        &self,
+        listing_ttl: Duration,
+        inos: &[u64],
+    ) -> Res<Vec<Option<(FileAttr, Duration)>>> {
+        let tinos: Vec<u64> = inos.iter().map(|&i| self.t(i)).collect();
+        let cached = self.client.cached_attrs(&tinos);
+        let mut out = Vec::with_capacity(inos.len());
+        for (&ino, hit) in inos.iter().zip(cached) {
+            out.push(match hit {
+                Some(l) if l.value.nlink == 0 => None,
+                Some(l) => Some((self.file_attr(&l.value), l.ttl.min(listing_ttl))),
+                None => self.listed_attr(listing_ttl, ino).await?,
+            });
+        }
+        Ok(out)
     }
 
     /// How long the kernel may keep names from `dir`'s listing (see

@@ -80,8 +80,6 @@ pub(crate) struct OwnChange {
 pub struct Leased<T> {
     pub value: T,
     pub ttl: Duration,
-    /// Answered from memory (what this mount cached earlier, unchanged).
-    pub hit: bool,
 }
 
 impl Client {
@@ -227,7 +225,6 @@ impl Client {
             return answer(r).map(|value| Leased {
                 value,
                 ttl: Duration::ZERO,
-                hit: false,
             });
         };
         {
@@ -237,7 +234,6 @@ impl Client {
                 return Ok(Leased {
                     value,
                     ttl: Duration::from_millis(view.remaining(now)),
-                    hit: true,
                 });
             }
         }
@@ -247,7 +243,6 @@ impl Client {
             return answer(r).map(|value| Leased {
                 value,
                 ttl: Duration::ZERO,
-                hit: false,
             });
         }
         let ticket = lock(&c.view).read_sent();
@@ -281,11 +276,7 @@ impl Client {
         }
         drop(view);
         let (reply, _) = read?;
-        answer(reply).map(|value| Leased {
-            value,
-            ttl,
-            hit: false,
-        })
+        answer(reply).map(|value| Leased { value, ttl })
     }
 
     /// Looks `name` up in `parent`, from memory while leased; `None`: no
@@ -417,7 +408,6 @@ impl Client {
                 return Ok(Leased {
                     value: listing,
                     ttl: Duration::from_millis(view.remaining(now)),
-                    hit: true,
                 });
             }
         }
@@ -429,7 +419,6 @@ impl Client {
             return read.map(|(entries, _)| Leased {
                 value: Arc::new(entries),
                 ttl: Duration::ZERO,
-                hit: false,
             });
         };
         let mut view = lock(&c.view);
@@ -479,8 +468,26 @@ impl Client {
                     .collect(),
             ),
             ttl,
-            hit: false,
         })
+    }
+
+    /// The attributes of `inos` this mount holds leases on, looked up under
+    /// one lock (a listing's entries, for readdirplus); `None` for each not
+    /// cached.
+    pub fn cached_attrs(&self, inos: &[u64]) -> Vec<Option<Leased<pb::Attr>>> {
+        let Some(c) = self.lease_cache() else {
+            return vec![None; inos.len()];
+        };
+        let view = lock(&c.view);
+        let now = c.now();
+        let ttl = Duration::from_millis(view.remaining(now));
+        inos.iter()
+            .map(|&ino| {
+                view.get(ino, now)
+                    .and_then(|cached| cached.attr)
+                    .map(|value| Leased { value, ttl })
+            })
+            .collect()
     }
 
     /// How long the kernel may keep names from `dir`'s listing: the rest of
