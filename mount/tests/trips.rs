@@ -340,3 +340,62 @@ async fn under_leases_an_unchanged_page_is_stat_and_read_from_memory() {
         "a page changed elsewhere costs at most one round trip: {changed:?}"
     );
 }
+
+/// Files created one after another in a directory this mount has listed:
+/// the name each create looks up first is answered from the listing, which
+/// the writer's own creates keep up to date, so each file costs only its
+/// two commits (the create, and its bytes at close); the listing shows them
+/// all, and the other mount sees them too.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_created_in_a_listed_directory_cost_only_their_commits() {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    let j = env.mount_with("b", "leases");
+    env.wait_for_lease_streams(2);
+    let dir = env.mounts[i].p("uploads");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("first"), b"1").unwrap();
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    const FILES: u64 = 20;
+    for n in 0..FILES {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("f{n}")))
+            .unwrap();
+        f.write_all(b"data").unwrap();
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let created = diff(&after, &before);
+    print("20 files created in a listed directory", &created);
+    assert!(
+        totals(&created).2 <= 2 * FILES,
+        "two commits per file and nothing else: {created:?}"
+    );
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..FILES).map(|n| format!("f{n}")).collect();
+    want.push("first".into());
+    want.sort();
+    assert_eq!(names, want, "the listing here");
+    let mut there: Vec<String> = fs::read_dir(env.mounts[j].p("uploads"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    there.sort();
+    assert_eq!(there, want, "the listing on the other mount");
+    // Removed again, one by one: the listing follows.
+    for n in 0..FILES {
+        fs::remove_file(dir.join(format!("f{n}"))).unwrap();
+    }
+    let left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, vec!["first".to_string()]);
+}

@@ -182,8 +182,13 @@ impl Client {
             let replace = |cached: &mut Cached| {
                 cached.attr = attr;
                 cached.extents = None;
-                cached.listing = None;
-                for n in reply.names.iter().filter(|n| n.parent == o) {
+                let names: Vec<&pb::NameRead> =
+                    reply.names.iter().filter(|n| n.parent == o).collect();
+                cached.listing = cached.listing.take().and_then(|mut l| {
+                    let present = |name: &[u8]| matches!(cached.names.get(name), Some(Some(_)));
+                    relist(Arc::make_mut(&mut l), &names, &reply.attrs, present).then_some(l)
+                });
+                for n in names {
                     cached
                         .names
                         .insert(n.name.clone(), (n.ino != 0).then_some(n.ino));
@@ -554,6 +559,38 @@ impl Client {
             }
         }
     }
+}
+
+/// Brings a directory's cached listing up to date with this mount's own
+/// change to it, from the names the change left (`names`: each name of the
+/// directory the leader read back, `ino` 0 for a name gone; `present`: whether
+/// a name was listed before) and the attributes of the inodes it touched or
+/// made: so the names a writer creates one after another (and the absence
+/// of the next) are still answered from memory. False (ask again) when a
+/// new entry's kind is not among `attrs`.
+fn relist(
+    entries: &mut Vec<pb::DirEntry>,
+    names: &[&pb::NameRead],
+    attrs: &[pb::Attr],
+    present: impl Fn(&[u8]) -> bool,
+) -> bool {
+    for n in names {
+        if present(&n.name) {
+            entries.retain(|e| e.name != n.name);
+        }
+        if n.ino != 0 {
+            let Some(a) = attrs.iter().find(|a| a.ino == n.ino) else {
+                return false;
+            };
+            entries.push(pb::DirEntry {
+                name: n.name.clone(),
+                ino: n.ino,
+                kind: a.kind,
+                attr: None,
+            });
+        }
+    }
+    true
 }
 
 /// Entries per page of a listing with attributes (about 100 bytes each).
