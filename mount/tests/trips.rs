@@ -399,3 +399,44 @@ async fn files_created_in_a_listed_directory_cost_only_their_commits() {
         .collect();
     assert_eq!(left, vec!["first".to_string()]);
 }
+
+/// A web host that starts cold reads a namespace's pages one after another:
+/// its first lookup there reads the directory ahead (names, attributes and
+/// each page's extents with its bytes), so the pages cost one round trip in
+/// all; and a page another mount changes afterwards is read anew.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_mount_reads_a_directory_of_pages_in_one_round_trip() {
+    let mut env = Env::start(0).await;
+    let a = env.mount_with("a", "leases");
+    const PAGES: usize = 40;
+    let page = |n: usize, v: u8| vec![b'a' + (n % 26) as u8 + v; 4096 + n];
+    fs::create_dir(env.mounts[a].p("ns")).unwrap();
+    for n in 0..PAGES {
+        fs::write(env.mounts[a].p(&format!("ns/p{n:02}")), page(n, 0)).unwrap();
+    }
+    let stats = env.dir.path().join("stats-b.json");
+    let b = env.mount_with("b", &format!("stats={},leases", stats.display()));
+    env.wait_for_lease_streams(2);
+    // Not cold enough if this mount already looked in "ns".
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    let ns = env.mounts[b].p("ns");
+    for n in 0..PAGES {
+        let mut got = Vec::new();
+        fs::File::open(ns.join(format!("p{n:02}")))
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert_eq!(got, page(n, 0), "page {n}");
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let cold = diff(&after, &before);
+    print("40 pages read by a cold mount", &cold);
+    assert!(
+        totals(&cold).2 <= 3,
+        "the directory ({PAGES} pages) is read ahead at once: {cold:?}"
+    );
+    // Changed on A: B reads the new bytes (the read-ahead leased them).
+    fs::write(env.mounts[a].p("ns/p07"), page(7, 1)).unwrap();
+    assert_eq!(fs::read(ns.join("p07")).unwrap(), page(7, 1));
+    assert_eq!(fs::read(ns.join("p08")).unwrap(), page(8, 0));
+}

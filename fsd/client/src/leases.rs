@@ -56,6 +56,8 @@ pub(crate) struct LeaseCache {
     /// kernel happen under the one lock: the kernel hears of drops in the
     /// order they happened, and an acknowledgement never overtakes a drop.
     dropped: mpsc::UnboundedSender<Dropped>,
+    /// When each directory was last read ahead (`Client::read_ahead`).
+    read_ahead: Mutex<HashMap<u64, Instant>>,
 }
 
 fn lock(m: &Mutex<HolderView<Cached>>) -> std::sync::MutexGuard<'_, HolderView<Cached>> {
@@ -92,6 +94,7 @@ impl Client {
             start: Instant::now(),
             term: AtomicU64::new(0),
             dropped,
+            read_ahead: Mutex::default(),
         });
         if self.inner.leases.set(cache.clone()).is_ok() {
             tokio::spawn(run_stream(self.clone(), cache));
@@ -293,22 +296,18 @@ impl Client {
     ) -> Result<Leased<Option<pb::Attr>>, ClientError> {
         let key = name.to_vec();
         let key2 = key.clone();
+        if let Some(c) = self.lease_cache() {
+            let miss = {
+                let mut v = lock(&c.view);
+                let now = c.now();
+                cached_lookup(&mut v, parent, name, now).is_none()
+            };
+            if miss && c.term.load(Ordering::Relaxed) != 0 {
+                self.read_ahead(parent, &c.clone()).await;
+            }
+        }
         self.leased(
-            |v, now| {
-                let dir = v.get_mut(parent, now)?;
-                match dir.names.get(&key) {
-                    Some(None) => Some(None),
-                    Some(&Some(ino)) => Some(Some(v.get(ino, now)?.attr?)),
-                    // Not in a whole listing: no such name. Recorded, so
-                    // that the kernel, which may keep the answer, is told
-                    // when the directory changes.
-                    None => {
-                        dir.listing.as_ref()?;
-                        dir.names.insert(key.clone(), None);
-                        Some(None)
-                    }
-                }
-            },
+            |v, now| cached_lookup(v, parent, &key, now),
             Query::Lookup(pb::Lookup {
                 parent,
                 name: name.to_vec(),
@@ -416,46 +415,116 @@ impl Client {
                 });
             }
         }
-        let term = cache.as_ref().map_or(0, |c| c.term.load(Ordering::Relaxed));
-        let leasing = cache.as_ref().filter(|_| term != 0);
+        let (entries, ttl) = self.list_fetch(dir, cache.as_ref(), false).await?;
+        Ok(Leased {
+            value: Arc::new(
+                entries
+                    .into_iter()
+                    .map(|e| pb::DirEntry {
+                        attr: None,
+                        extents: None,
+                        ..e
+                    })
+                    .collect(),
+            ),
+            ttl,
+        })
+    }
+
+    /// Reads ahead for a lookup in `dir` that memory cannot answer: the
+    /// first page of its listing with every entry's attributes and each
+    /// file's extents (up to `PREFETCH_INLINE_BYTES` of inline data), so
+    /// the lookups and opens of the pages that follow ask nothing — a cold
+    /// web host reads a namespace's pages one after another. At most once a
+    /// minute per directory (a directory changed elsewhere loses its
+    /// listing here; what follows is asked name by name); errors are left
+    /// to the lookup that asks anyway.
+    async fn read_ahead(&self, dir: u64, c: &Arc<LeaseCache>) {
+        {
+            let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if ahead
+                .get(&dir)
+                .is_some_and(|&at| now.duration_since(at) < READ_AHEAD_EVERY)
+            {
+                return;
+            }
+            if ahead.len() >= MAX_CACHED {
+                ahead.clear();
+            }
+            ahead.insert(dir, now);
+        }
+        let _ = self.list_fetch(dir, Some(c), true).await;
+    }
+
+    /// Reads `dir`'s listing with attributes (all of it; or, `ahead`, its
+    /// first page with each file's extents too) and caches what was granted:
+    /// each entry's attributes (and extents), and the listing itself when it
+    /// is whole, every page was granted and nothing in the directory changed
+    /// meanwhile (else the names of a granted page). Returns the entries and
+    /// how long the kernel may keep the listing.
+    async fn list_fetch(
+        &self,
+        dir: u64,
+        cache: Option<&Arc<LeaseCache>>,
+        ahead: bool,
+    ) -> Result<(Vec<pb::DirEntry>, Duration), ClientError> {
+        let term = cache.map_or(0, |c| c.term.load(Ordering::Relaxed));
+        let leasing = cache.filter(|_| term != 0);
         let ticket = leasing.map(|c| lock(&c.view).read_sent());
-        let read = self.list_pages(dir, leasing.map(|_| term)).await;
+        let read = self.list_pages(dir, leasing.map(|_| term), ahead).await;
         let (Some(c), Some(ticket)) = (leasing, ticket) else {
-            return read.map(|(entries, _)| Leased {
-                value: Arc::new(entries),
-                ttl: Duration::ZERO,
-            });
+            return read.map(|(entries, _, _)| (entries, Duration::ZERO));
         };
         let mut view = lock(&c.view);
         let mut ttl = Duration::ZERO;
-        if let Ok((entries, pages)) = &read {
+        if let Ok((entries, pages, complete)) = &read {
             let now = c.now();
-            let mut whole = true;
+            let mut whole = *complete;
             for (page, granted) in pages {
                 let granted = *granted && term == c.term.load(Ordering::Relaxed);
                 whole &= granted;
                 for e in &entries[page.clone()] {
                     if let Some(a) = e.attr {
-                        view.offer_with(ticket, e.ino, granted, now, |c| c.attr = Some(a));
+                        let fe = e.extents.clone().map(Arc::new);
+                        view.offer_with(ticket, e.ino, granted, now, |c| {
+                            c.attr = Some(a);
+                            if fe.is_some() {
+                                c.extents = fe;
+                            }
+                        });
                     }
                 }
+                if !*complete {
+                    // Part of a listing: its names, under the page's grant.
+                    view.offer_with(ticket, dir, granted, now, |d| {
+                        d.names.extend(
+                            entries[page.clone()]
+                                .iter()
+                                .map(|e| (e.name.clone(), Some(e.ino))),
+                        );
+                    });
+                }
             }
-            let listing: Arc<Vec<pb::DirEntry>> = Arc::new(
-                entries
-                    .iter()
-                    .map(|e| pb::DirEntry {
-                        attr: None,
-                        ..e.clone()
-                    })
-                    .collect(),
-            );
-            let cached = view.offer_with(ticket, dir, whole, now, |d| {
-                d.names
-                    .extend(listing.iter().map(|e| (e.name.clone(), Some(e.ino))));
-                d.listing = Some(listing.clone());
-            });
-            if cached {
-                ttl = Duration::from_millis(view.remaining(now));
+            if *complete {
+                let listing: Arc<Vec<pb::DirEntry>> = Arc::new(
+                    entries
+                        .iter()
+                        .map(|e| pb::DirEntry {
+                            attr: None,
+                            extents: None,
+                            ..e.clone()
+                        })
+                        .collect(),
+                );
+                let cached = view.offer_with(ticket, dir, whole, now, |d| {
+                    d.names
+                        .extend(listing.iter().map(|e| (e.name.clone(), Some(e.ino))));
+                    d.listing = Some(listing.clone());
+                });
+                if cached {
+                    ttl = Duration::from_millis(view.remaining(now));
+                }
             }
         }
         view.read_done(ticket);
@@ -464,16 +533,8 @@ impl Client {
             let _ = c.dropped.send(Dropped { inodes, done: None });
         }
         drop(view);
-        let (entries, _) = read?;
-        Ok(Leased {
-            value: Arc::new(
-                entries
-                    .into_iter()
-                    .map(|e| pb::DirEntry { attr: None, ..e })
-                    .collect(),
-            ),
-            ttl,
-        })
+        let (entries, _, _) = read?;
+        Ok((entries, ttl))
     }
 
     /// The attributes of `inos` this mount holds leases on, looked up under
@@ -512,11 +573,13 @@ impl Client {
     /// Every entry of `dir` with its attributes, a page at a time; with a
     /// lease stream (`term`: its leader's), each page's range in the
     /// entries and whether it was granted.
+    #[allow(clippy::type_complexity)]
     async fn list_pages(
         &self,
         dir: u64,
         term: Option<u64>,
-    ) -> Result<(Vec<pb::DirEntry>, Vec<(std::ops::Range<usize>, bool)>), ClientError> {
+        ahead: bool,
+    ) -> Result<(Vec<pb::DirEntry>, Vec<(std::ops::Range<usize>, bool)>, bool), ClientError> {
         let mut entries: Vec<pb::DirEntry> = Vec::new();
         let mut pages = Vec::new();
         let mut after = Vec::new();
@@ -527,6 +590,7 @@ impl Client {
                 limit: LIST_PAGE,
                 // Attributes only to cache: without leases each stat asks.
                 plus: term.is_some(),
+                extents: ahead && term.is_some(),
             });
             let (reply, granted) = match term {
                 Some(term) => {
@@ -555,7 +619,10 @@ impl Client {
             entries.extend(page.entries);
             pages.push((start..entries.len(), granted));
             if !page.more || after.is_empty() {
-                return Ok((entries, pages));
+                return Ok((entries, pages, true));
+            }
+            if ahead {
+                return Ok((entries, pages, false));
             }
         }
     }
@@ -587,11 +654,38 @@ fn relist(
                 ino: n.ino,
                 kind: a.kind,
                 attr: None,
+                extents: None,
             });
         }
     }
     true
 }
+
+/// `name` in `parent` from memory: its attributes, `Some(None)` for a name
+/// known to be absent, `None` when memory cannot tell.
+fn cached_lookup(
+    v: &mut HolderView<Cached>,
+    parent: u64,
+    name: &[u8],
+    now: u64,
+) -> Option<Option<pb::Attr>> {
+    let dir = v.get_mut(parent, now)?;
+    match dir.names.get(name) {
+        Some(None) => Some(None),
+        Some(&Some(ino)) => Some(Some(v.get(ino, now)?.attr?)),
+        // Not in a whole listing: no such name. Recorded, so that the
+        // kernel, which may keep the answer, is told when the directory
+        // changes.
+        None => {
+            dir.listing.as_ref()?;
+            dir.names.insert(name.to_vec(), None);
+            Some(None)
+        }
+    }
+}
+
+/// How often a directory is read ahead at most (see `Client::read_ahead`).
+const READ_AHEAD_EVERY: Duration = Duration::from_secs(60);
 
 /// Entries per page of a listing with attributes (about 100 bytes each).
 const LIST_PAGE: u32 = 2000;

@@ -344,6 +344,7 @@ impl Client {
                 after: after.to_vec(),
                 limit,
                 plus: false,
+                extents: false,
             }))
             .await?
         {

@@ -15,6 +15,7 @@ async fn names_at(tc: &TestCluster, c: &Client, i: usize) -> Vec<Vec<u8>> {
         after: Vec::new(),
         limit: 10_000,
         plus: false,
+        extents: false,
     });
     match c
         .query_at(&tc.c.hosts[i].addr, q, Consistency::Local)

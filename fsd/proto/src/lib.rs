@@ -71,6 +71,11 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// chunks well below this).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Inline bytes a listing page read ahead for a mount carries at most
+/// (`ReadDir.extents`): half a message, so the page's names, attributes and
+/// block references fit beside them.
+pub const PREFETCH_INLINE_BYTES: usize = MAX_MESSAGE_BYTES / 2;
+
 /// Response metadata key naming the leader's address on a NOT_LEADER refusal.
 pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
 

@@ -85,6 +85,7 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
                 ino: row.get::<_, i64>(1)? as u64,
                 kind: row.get(2)?,
                 attr: None,
+                extents: None,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -93,6 +94,24 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
     if r.plus {
         for e in &mut entries {
             e.attr = Some(get_attr(conn, e.ino)?);
+        }
+    }
+    if r.plus && r.extents {
+        let mut budget = failsafe_proto::PREFETCH_INLINE_BYTES;
+        for e in &mut entries {
+            if e.kind != pb::FileKind::KindFile as i32 {
+                continue;
+            }
+            let Reply::FileExtents(fe) = read_extents(conn, &failsafe_proto::whole_file(e.ino))?
+            else {
+                continue;
+            };
+            let inline: usize = fe.extents.iter().map(|x| x.data.len()).sum();
+            if inline > budget {
+                break;
+            }
+            budget -= inline;
+            e.extents = Some(fe);
         }
     }
     Ok(Reply::DirPage(pb::DirPage { entries, more }))
