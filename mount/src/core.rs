@@ -1009,6 +1009,15 @@ impl Core {
         Ok(out)
     }
 
+    /// How long the kernel may keep `name` in `parent` with the attributes
+    /// of what it names, as this mount just made it: the rest of the lease
+    /// while the leader's read-back of it is cached, else nothing. (An
+    /// invalidation the notifier sends after this waits for the reply: the
+    /// kernel holds the directory's lock through the request.)
+    pub(crate) fn entry_ttl(&self, parent: u64, name: &std::ffi::OsStr) -> Duration {
+        self.client.entry_ttl(self.t(parent), &name_bytes(name))
+    }
+
     /// How long the kernel may keep names from `dir`'s listing (see
     /// [`failsafe_client::Client::listing_ttl`]).
     pub(crate) fn listing_ttl(&self, dir: u64) -> Duration {

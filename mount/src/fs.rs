@@ -17,11 +17,14 @@ use fuser::{
 use crate::core::{now_ns, system_time_ns, Core};
 use crate::stats::{FuseOp, MountStats};
 
-/// What the kernel may keep of the answers to changes we make (create,
-/// mkdir, ...): nothing, so every later lookup and stat asks us. Lookups and
-/// stats answered under a lease may be kept for the rest of the lease
-/// (`Core::lookup`, `Core::getattr`), because a change elsewhere tells the
-/// kernel to drop them (`main.rs`, the notifier thread) before it completes.
+/// What the kernel may keep of the answers to changes we make that the
+/// lease cache does not hold (setattr, rename's attributes): nothing, so
+/// every later lookup and stat asks us. Lookups and stats answered under a
+/// lease may be kept for the rest of the lease (`Core::lookup`,
+/// `Core::getattr`), and so may a name this mount just made while the
+/// leader's read-back of it is cached (`Core::entry_ttl`), because a change
+/// elsewhere tells the kernel to drop them (`main.rs`, the notifier thread)
+/// before it completes.
 const TTL: Duration = Duration::ZERO;
 
 pub(crate) struct Fs {
@@ -242,7 +245,7 @@ impl Filesystem for Fs {
             {
                 Ok((a, fh)) => {
                     let _ = c.release(fh, None).await;
-                    reply.entry(&TTL, &a, Generation(0))
+                    reply.entry(&c.entry_ttl(parent.0, &name), &a, Generation(0))
                 }
                 Err(e) => reply.error(e),
             }
@@ -264,7 +267,7 @@ impl Filesystem for Fs {
                 .mkdir(parent.0, &name, mode & !umask & 0o7777, uid, gid)
                 .await
             {
-                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Ok(a) => reply.entry(&c.entry_ttl(parent.0, &name), &a, Generation(0)),
                 Err(e) => reply.error(e),
             }
         });
@@ -307,7 +310,7 @@ impl Filesystem for Fs {
         );
         self.run(FuseOp::Symlink, move |c| async move {
             match c.symlink(parent.0, &name, &target, uid, gid).await {
-                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Ok(a) => reply.entry(&c.entry_ttl(parent.0, &name), &a, Generation(0)),
                 Err(e) => reply.error(e),
             }
         });
@@ -352,7 +355,7 @@ impl Filesystem for Fs {
         let newname = newname.to_owned();
         self.run(FuseOp::Link, move |c| async move {
             match c.link(ino.0, newparent.0, &newname).await {
-                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Ok(a) => reply.entry(&c.entry_ttl(newparent.0, &newname), &a, Generation(0)),
                 Err(e) => reply.error(e),
             }
         });
@@ -393,9 +396,13 @@ impl Filesystem for Fs {
                 .create(parent.0, &name, mode & !umask & 0o7777, flags, uid, gid)
                 .await
             {
-                Ok((a, fh)) => {
-                    reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
-                }
+                Ok((a, fh)) => reply.created(
+                    &c.entry_ttl(parent.0, &name),
+                    &a,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
                 Err(e) => reply.error(e),
             }
         });

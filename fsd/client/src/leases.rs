@@ -537,6 +537,22 @@ impl Client {
         Ok((entries, ttl))
     }
 
+    /// How long the kernel may keep `name` in `parent` and the attributes
+    /// of what it names: the rest of the lease while both are cached here
+    /// (after this mount's own change, from the leader's read-back), else
+    /// nothing.
+    pub fn entry_ttl(&self, parent: u64, name: &[u8]) -> Duration {
+        let Some(c) = self.lease_cache() else {
+            return Duration::ZERO;
+        };
+        let mut view = lock(&c.view);
+        let now = c.now();
+        match cached_lookup(&mut view, parent, name, now) {
+            Some(Some(_)) => Duration::from_millis(view.remaining(now)),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// The attributes of `inos` this mount holds leases on, looked up under
     /// one lock (a listing's entries, for readdirplus); `None` for each not
     /// cached.
