@@ -186,13 +186,19 @@ impl Tracker {
             .map_err(TrackerError::storage)?;
         // Well inside the followers' lease (election_max), leaving room for
         // clock-rate differences and scheduling delays.
-        let lease_ms = cfg.election_min_ms / 2;
+        let quick = crate::network::QUICK_COMMIT_WITHIN.as_millis() as u64;
+        let lease_ms =
+            (cfg.election_min_ms / 2).min(cfg.election_max_ms.saturating_sub(quick + 20));
         // Ten missed heartbeats, and never under a second: a follower busy
         // with an fsync is not down.
         let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
         Ok(Tracker {
             group: group::GroupCommit::start(raft.clone()),
-            leases: leases::lease_config(lease_ms, cfg.election_max_ms)
+            // The leader's clock may put a quorum's last contact up to
+            // QUICK_COMMIT_WITHIN too late (commit-only heartbeats are
+            // answered at once): a read lease that long longer, as far as
+            // the mounts' leases are concerned.
+            leases: leases::lease_config(lease_ms + quick, cfg.election_max_ms)
                 .map(leases::LeaseTable::new),
             raft,
             network,
@@ -362,7 +368,9 @@ impl Tracker {
         // Leader lease: a quorum acknowledged this leader very recently, and
         // followers refuse to vote for anyone else for `election_max` after
         // hearing from it, so no other leader can have committed anything
-        // since. Everything acknowledged to a client is applied here, so the
+        // since. (The acknowledgement may be up to QUICK_COMMIT_WITHIN older
+        // than the metrics say: lease_ms plus that is still far inside
+        // election_max.) Everything acknowledged to a client is applied here, so the
         // applied index is a valid read point without another round trip.
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader
