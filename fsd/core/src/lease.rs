@@ -53,6 +53,13 @@
 //!    invalidations. A holder's own change sends it no invalidation, so it
 //!    caches no refresh of what it changed until the stream has caught up
 //!    with that change ([`HolderView::pushed`]).
+//! 8. A delegation ([`Leases::delegate`], for write-behind: see
+//!    docs/write-behind.md; nothing asks for one yet) makes one holder the
+//!    only one that may change an object without asking, and nobody else
+//!    holds it meanwhile. Anyone else's change or read of it first recalls
+//!    it ([`Leases::begin_recall`]): that waits, before the change is
+//!    proposed, until the delegate has committed what it did and
+//!    acknowledged, or its leases ran out.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -112,11 +119,16 @@ struct ObjectState {
     /// When grants of it were last taken back (by `Leases::taken`): a
     /// change began, or [`Leases::expire`] dropped holders of it.
     taken_back: u64,
+    /// The holder it is delegated to ([`Leases::delegate`]): the only one
+    /// that may change it, without asking, until it is recalled.
+    delegate: Option<Holder>,
 }
 
 #[derive(Debug)]
 struct Change {
     objects: Vec<Object>,
+    /// A recall ([`Leases::begin_recall`]): its end takes the delegation back.
+    recall: bool,
     /// Holders still to acknowledge, with the expiry that frees the change
     /// from waiting for each.
     waiting: BTreeMap<Holder, u64>,
@@ -217,10 +229,9 @@ impl Leases {
         let mut out = Vec::with_capacity(objects.len());
         for &o in objects {
             let ok = live
-                && self
-                    .objects
-                    .get(&o)
-                    .is_none_or(|s| s.changing == 0 && s.hot_until <= now);
+                && self.objects.get(&o).is_none_or(|s| {
+                    s.changing == 0 && s.hot_until <= now && s.delegate.is_none_or(|d| d == h)
+                });
             if ok {
                 self.objects.entry(o).or_default().holders.insert(h);
                 if let Some(st) = self.holders.get_mut(&h) {
@@ -261,6 +272,11 @@ impl Leases {
                 }
                 os.last_change = Some((b, now));
             }
+            if os.delegate.is_some_and(|d| Some(d) != by) {
+                // Recalled before this change was proposed, or its
+                // delegate's leases ran out: it is nobody's alone any more.
+                os.delegate = None;
+            }
             for h in std::mem::take(&mut os.holders) {
                 let Some(st) = self.holders.get_mut(&h) else {
                     continue;
@@ -300,10 +316,96 @@ impl Leases {
             id,
             Change {
                 objects: objects.to_vec(),
+                recall: false,
                 waiting,
             },
         );
         (id, tell)
+    }
+
+    /// Delegates `o` to `h`, if it may have it alone: `h` is live, `o` is
+    /// not changing nor hot, nobody else holds it and it is not delegated
+    /// to anyone else. `h` then holds it (as a grant would) and is the only
+    /// one that may change it without asking, until a recall
+    /// ([`Leases::begin_recall`]) or its leases run out. (Design:
+    /// docs/write-behind.md; nothing asks for delegations yet.)
+    pub fn delegate(&mut self, h: Holder, o: Object, now: u64) -> bool {
+        let live = self
+            .holders
+            .get(&h)
+            .is_some_and(|st| st.connected && st.expires > now);
+        let os = self.objects.entry(o).or_default();
+        let free = os.changing == 0
+            && os.hot_until <= now
+            && os.holders.iter().all(|&x| x == h)
+            && os.delegate.is_none_or(|d| d == h);
+        if !(live && free) {
+            return false;
+        }
+        os.delegate = Some(h);
+        os.holders.insert(h);
+        if let Some(st) = self.holders.get_mut(&h) {
+            st.objects.insert(o);
+        }
+        true
+    }
+
+    /// The holder `o` is delegated to, if its leases still last at `now`.
+    pub fn delegate_of(&self, o: Object, now: u64) -> Option<Holder> {
+        let d = self.objects.get(&o)?.delegate?;
+        self.holders
+            .get(&d)
+            .is_some_and(|st| st.expires > now)
+            .then_some(d)
+    }
+
+    /// Before `by` (a holder, or `None` for any other client) changes or
+    /// reads `objects`: the delegations of them to others must come back
+    /// first. Returns the recall (a change to poll like any other, which
+    /// must be done *before* the change is proposed or the read made) and
+    /// the delegates to tell; a delegate acknowledges once what it did
+    /// under the delegation is committed. `None`: nothing to recall. No
+    /// grants of these objects until [`Leases::end_change`], which takes
+    /// the delegations back.
+    pub fn begin_recall(
+        &mut self,
+        objects: &[Object],
+        by: Option<Holder>,
+        now: u64,
+    ) -> Option<(ChangeId, Vec<Holder>)> {
+        let mut waiting = BTreeMap::new();
+        let mut recalled = Vec::new();
+        for &o in objects {
+            let Some(os) = self.objects.get_mut(&o) else {
+                continue;
+            };
+            let Some(d) = os.delegate.filter(|&d| Some(d) != by) else {
+                continue;
+            };
+            os.changing += 1;
+            recalled.push(o);
+            if let Some(st) = self.holders.get(&d) {
+                if st.expires > now {
+                    let w = waiting.entry(d).or_insert(st.expires);
+                    *w = (*w).max(st.expires);
+                }
+            }
+        }
+        if recalled.is_empty() {
+            return None;
+        }
+        let id = self.next_change;
+        self.next_change += 1;
+        let tell = waiting.keys().copied().collect();
+        self.changes.insert(
+            id,
+            Change {
+                objects: recalled,
+                recall: true,
+                waiting,
+            },
+        );
+        Some((id, tell))
     }
 
     /// A mark to take before granting what will be pushed (a refresh):
@@ -361,6 +463,9 @@ impl Leases {
         for o in c.objects {
             if let Some(os) = self.objects.get_mut(&o) {
                 os.changing = os.changing.saturating_sub(1);
+                if c.recall {
+                    os.delegate = None;
+                }
             }
         }
     }
@@ -383,6 +488,9 @@ impl Leases {
             let before = os.holders.len();
             os.holders
                 .retain(|h| holders.get(h).is_some_and(|st| st.expires > now));
+            if os.delegate.is_some_and(|d| !os.holders.contains(&d)) {
+                os.delegate = None;
+            }
             if os.holders.len() < before {
                 // Those dropped are not told of its changes any more.
                 os.taken_back = taken;

@@ -333,3 +333,68 @@ fn a_grant_from_an_earlier_stream_is_not_cached() {
     v.read_done(t);
     assert_eq!(v.get(10, 10), None);
 }
+
+#[test]
+fn a_directory_is_delegated_only_to_a_holder_alone_and_then_leased_to_nobody_else() {
+    let mut l = Leases::new(CFG, 0);
+    for h in [1, 2] {
+        l.connect(h);
+        assert!(l.renew(h, 0));
+    }
+    assert_eq!(l.grant(2, &[10], 10), vec![true]);
+    assert!(!l.delegate(1, 10, 10), "2 holds it too");
+    assert!(l.delegate(1, 11, 10));
+    assert!(l.delegate(1, 11, 20), "again, the same holder");
+    assert_eq!(l.delegate_of(11, 20), Some(1));
+    assert_eq!(l.grant(2, &[11], 20), vec![false], "delegated to 1");
+    assert_eq!(l.grant(1, &[11], 20), vec![true]);
+    assert!(!l.delegate(2, 11, 20));
+    // Its leases run out: so does the delegation.
+    assert!(l.renew(2, 300));
+    l.expire(430);
+    assert_eq!(l.delegate_of(11, 430), None);
+    assert_eq!(l.grant(2, &[11], 430), vec![true]);
+}
+
+#[test]
+fn a_recall_waits_for_the_delegate_before_anyone_else_changes_or_reads() {
+    let mut l = Leases::new(CFG, 0);
+    for h in [1, 2] {
+        l.connect(h);
+        assert!(l.renew(h, 0));
+    }
+    assert!(l.delegate(1, 11, 10));
+    // The delegate's own change needs no recall and waits for nobody.
+    assert_eq!(l.begin_recall(&[11], Some(1), 20), None);
+    let (own, tell) = l.begin_change(&[11], Some(1), 20);
+    assert!(tell.is_empty());
+    assert_eq!(l.poll_change(own, 20), ChangePoll::Done);
+    l.end_change(own);
+    assert_eq!(l.delegate_of(11, 30), Some(1), "still 1's after its change");
+    // Another client reads it: 1 is told, and until it answers nothing
+    // of 11 is granted and the read waits.
+    let (id, tell) = l.begin_recall(&[11, 12], Some(2), 40).expect("a recall");
+    assert_eq!(tell, vec![1]);
+    assert_eq!(l.grant(2, &[11], 40), vec![false]);
+    assert_eq!(l.poll_change(id, 40), ChangePoll::WaitUntil(420));
+    // Meanwhile the delegate commits what it did (its flush), then answers.
+    let (flush, tell) = l.begin_change(&[11], Some(1), 50);
+    assert!(tell.is_empty(), "the delegate's flush waits for nobody");
+    assert_eq!(l.poll_change(flush, 50), ChangePoll::Done);
+    l.end_change(flush);
+    l.ack(1, id);
+    assert_eq!(l.poll_change(id, 60), ChangePoll::Done);
+    l.end_change(id);
+    assert_eq!(l.delegate_of(11, 60), None, "taken back");
+    assert_eq!(l.grant(2, &[11], 60), vec![true]);
+    // A delegate that never answers holds a recall up until its leases
+    // run out, no longer.
+    assert!(l.renew(1, 100));
+    assert!(l.delegate(1, 13, 100));
+    let (id, tell) = l.begin_recall(&[13], None, 110).expect("a recall");
+    assert_eq!(tell, vec![1]);
+    assert_eq!(l.poll_change(id, 110), ChangePoll::WaitUntil(520));
+    assert_eq!(l.poll_change(id, 520), ChangePoll::Done);
+    l.end_change(id);
+    assert_eq!(l.delegate_of(13, 520), None);
+}
