@@ -110,11 +110,22 @@ struct FileInner {
     unlinked: bool,
     /// Bumped whenever a commit of ours changes where the bytes are.
     generation: u64,
+    /// An O_TRUNC open emptied the file here; its next commit (the close's at
+    /// the latest) carries the truncation with the new bytes, so no other
+    /// host sees it empty in between and a crash before then leaves the old
+    /// content. Until then the stored bytes are hidden here.
+    truncated: bool,
 }
 
 impl FileInner {
     fn local_size(&self) -> u64 {
-        let stored = self.attr.as_ref().map_or(0, |a| a.size);
+        self.size_over(self.attr.as_ref().map_or(0, |a| a.size))
+    }
+
+    /// The file's size as this mount sees it, over `stored` bytes on the
+    /// tracker: what it truncated, buffered or is uploading included.
+    fn size_over(&self, stored: u64) -> u64 {
+        let stored = if self.truncated { 0 } else { stored };
         let inflight_appends = self.inflight.as_ref().map_or(0, |d| d.appended());
         let inflight = self.inflight.as_ref().map_or(0, |d| d.end());
         stored
@@ -207,7 +218,14 @@ impl Core {
 
     pub(crate) fn file_attr(&self, a: &pb::Attr) -> FileAttr {
         let size = match locked(&self.files).get(&a.ino) {
-            Some(st) => a.size.max(locked(&st.inner).local_size()),
+            Some(st) => {
+                let inner = locked(&st.inner);
+                if inner.truncated {
+                    inner.size_over(a.size)
+                } else {
+                    a.size.max(inner.local_size())
+                }
+            }
             None => a.size,
         };
         FileAttr {
@@ -581,6 +599,12 @@ impl Core {
             return Err(Errno::EISDIR);
         }
         let (fh, keep) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
+        if flags & libc::O_TRUNC != 0 {
+            if let Err(e) = self.truncate_at_open(tino).await {
+                let _ = self.release(fh, None).await;
+                return Err(e);
+            }
+        }
         // A read-only open has nothing to store at close, and its close
         // need not release POSIX locks while nobody here holds one on the
         // file: the kernel sends no flush for it (one synchronous request
@@ -630,20 +654,10 @@ impl Core {
             gid,
             exclusive,
         };
-        let mut a = self.mutate_attr(Op::Create(c)).await?;
-        if flags & libc::O_TRUNC != 0 && a.size > 0 {
-            a = self
-                .client
-                .setattr(pb::SetAttr {
-                    ino: a.ino,
-                    size: Some(0),
-                    ..Default::default()
-                })
-                .await
-                .map_err(err)?;
-        }
+        let a = self.mutate_attr(Op::Create(c)).await?;
+        let truncate = flags & libc::O_TRUNC != 0 && a.size > 0;
         locked(&self.versions).remove(&a.ino);
-        let extents = if a.size == 0 {
+        let extents = if a.size == 0 || truncate {
             Some(Arc::new(pb::FileExtents {
                 attr: Some(a),
                 ..Default::default()
@@ -652,7 +666,32 @@ impl Core {
             self.file_extents(a.ino).await.ok().map(Arc::new)
         };
         let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
+        if truncate {
+            if let Err(e) = self.truncate_at_open(a.ino).await {
+                let _ = self.release(fh, None).await;
+                return Err(e);
+            }
+        }
         Ok((self.file_attr(&a), fh))
+    }
+
+    /// An O_TRUNC open of `tino` (registered): empties it here and leaves
+    /// the truncation to its next commit (see `FileInner::truncated`). What
+    /// another descriptor buffered before is stored first: the truncation
+    /// comes after it.
+    async fn truncate_at_open(&self, tino: u64) -> Res<()> {
+        let st = self.state(tino).ok_or(Errno::EBADF)?;
+        if locked(&st.inner).local_size() == 0 {
+            return Ok(());
+        }
+        self.writable()?;
+        self.upload(tino, &st).await?;
+        let mut inner = locked(&st.inner);
+        inner.dirty.truncate(0);
+        inner.truncated = true;
+        // Reads under way read again, from the emptied file.
+        inner.generation += 1;
+        Ok(())
     }
 
     fn handle_ino(&self, fh: u64) -> Res<(u64, bool)> {
@@ -713,7 +752,7 @@ impl Core {
         offset: u64,
         size: u32,
     ) -> Res<Option<Vec<u8>>> {
-        let (extents, stored, total, unlinked, generation) = {
+        let (extents, stored, total, unlinked, generation, truncated) = {
             let inner = locked(&st.inner);
             (
                 inner.extents.clone(),
@@ -721,9 +760,12 @@ impl Core {
                 inner.local_size(),
                 inner.unlinked,
                 inner.generation,
+                inner.truncated,
             )
         };
         let extents = match extents {
+            // Emptied here by an O_TRUNC open: nothing stored shows.
+            _ if truncated => None,
             Some(e) => Some(e),
             None if unlinked && stored > 0 => return Err(Errno::ESTALE),
             None if unlinked => None,
@@ -750,10 +792,14 @@ impl Core {
                 Err(e) => return Err(err(e)),
             },
         };
-        let stored = extents
-            .as_ref()
-            .and_then(|fe| fe.attr.as_ref())
-            .map_or(stored, |a| a.size);
+        let stored = if truncated {
+            0
+        } else {
+            extents
+                .as_ref()
+                .and_then(|fe| fe.attr.as_ref())
+                .map_or(stored, |a| a.size)
+        };
         let total = total.max(stored);
         if offset >= total {
             return Ok(Some(Vec::new()));
@@ -839,22 +885,26 @@ impl Core {
 
     async fn upload(&self, tino: u64, st: &FileState) -> Res<()> {
         let _turn = st.upload.lock().await;
-        let batch = {
+        let (batch, truncate) = {
             let mut inner = locked(&st.inner);
-            if inner.dirty.is_empty() || inner.unlinked {
+            if (inner.dirty.is_empty() && !inner.truncated) || inner.unlinked {
                 return Ok(());
             }
             let d = Arc::new(std::mem::take(&mut inner.dirty));
             inner.inflight = Some(d.clone());
-            d
+            (d, inner.truncated)
         };
-        let commits = batch.segment_count() as u64 + u64::from(batch.appended() > 0);
-        let result = self.store(tino, &batch).await;
+        let data_commits = batch.segment_count() as u64 + u64::from(batch.appended() > 0);
+        let commits = data_commits.max(u64::from(truncate));
+        let result = self.store(tino, &batch, truncate).await;
         let mut inner = locked(&st.inner);
         inner.inflight = None;
         inner.generation += 1;
         match result {
             Ok(Some(a)) => {
+                // The truncation went with the first commit (a failure
+                // keeps it for the retry, which sends every byte again).
+                inner.truncated = false;
                 let mut versions = locked(&self.versions);
                 let before = inner.attr.as_ref().map(|o| o.version);
                 // Our pages are still right if only our commits happened.
@@ -879,18 +929,27 @@ impl Core {
         }
     }
 
-    /// Stores one batch. `None`: the file no longer exists on the tracker.
-    async fn store(&self, tino: u64, batch: &Dirty) -> Res<Option<pb::Attr>> {
+    /// Stores one batch, the first commit emptying the file first when
+    /// `truncate` (alone if there are no bytes). `None`: the file no longer
+    /// exists on the tracker.
+    async fn store(&self, tino: u64, batch: &Dirty, truncate: bool) -> Res<Option<pb::Attr>> {
         let (segments, appends) = batch.clone().into_parts();
         let mut attr = None;
-        for (extents_at, data, append) in segments
+        let mut truncate = truncate;
+        let writes = segments
             .iter()
             .map(|(o, d)| (*o, d.as_slice(), false))
-            .chain((!appends.is_empty()).then_some((0u64, appends.as_slice(), true)))
-        {
+            .chain((!appends.is_empty()).then_some((0u64, appends.as_slice(), true)));
+        let empty: &[u8] = &[];
+        let only_truncate = (truncate && batch.is_empty()).then_some((0u64, empty, false));
+        for (extents_at, data, append) in writes.chain(only_truncate) {
             // Inline when small (the Raft entry is the durable copy), else
             // blocks to the write quorum, then the extents.
-            let r = self.client.store(tino, extents_at, data, append).await;
+            let how = failsafe_client::Commit {
+                append,
+                truncate: std::mem::take(&mut truncate),
+            };
+            let r = self.client.store(tino, extents_at, data, how).await;
             match r {
                 Ok(a) => attr = Some(a),
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),

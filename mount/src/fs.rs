@@ -116,6 +116,12 @@ impl Filesystem for Fs {
         // Locks go to the cluster so they hold across web hosts; without
         // these the kernel would keep them on this host only.
         let want = InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS;
+        // An O_TRUNC open of an existing file comes to `open` with the flag,
+        // instead of a separate truncation first: the mount commits the
+        // truncation with the file's new bytes (`Core::truncate_at_open`).
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC) {
+            tracing::info!(?missing, "kernel lacks atomic O_TRUNC opens");
+        }
         if let Err(missing) = config.add_capabilities(want) {
             tracing::warn!(
                 ?missing,

@@ -653,3 +653,67 @@ async fn t31_git_works_inside_the_mount() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
     run("git", &["fsck", "--strict"], &repo);
 }
+
+/// A page rewritten in place (opened with O_TRUNC, then written, the way
+/// PHP's `file_put_contents` and DokuWiki's `io_saveFile` do): the other
+/// mount reads the old text until the writer's close and the new one after
+/// it, never an empty page; on the writer's mount the file is empty from
+/// the open on, as POSIX has it; and a writer killed between its open and
+/// its close leaves the old text, not an empty file.
+#[tokio::test(flavor = "multi_thread")]
+async fn t28_a_page_rewritten_in_place_is_never_empty_elsewhere_and_a_crash_keeps_it() {
+    let env = Env::start(2).await;
+    env.wait_for_lease_streams(2);
+    let (a, b) = (env.mounts[0].p("page.txt"), env.mounts[1].p("page.txt"));
+    fs::write(&a, b"the old text of the page\n").unwrap();
+    assert_eq!(fs::read(&b).unwrap(), b"the old text of the page\n");
+    for round in 0..5 {
+        let old = fs::read(&a).unwrap();
+        let new = format!("text {round}\n").into_bytes();
+        let mut w = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&a)
+            .unwrap();
+        // Here: empty from the open on (another descriptor, a stat).
+        assert_eq!(fs::read(&a).unwrap(), b"", "round {round}: here");
+        assert_eq!(fs::metadata(&a).unwrap().len(), 0);
+        // There: the old text, whole.
+        assert_eq!(fs::read(&b).unwrap(), old, "round {round}: elsewhere");
+        w.write_all(&new[..3]).unwrap();
+        assert_eq!(
+            fs::read(&a).unwrap(),
+            &new[..3],
+            "round {round}: partly written"
+        );
+        w.write_all(&new[3..]).unwrap();
+        drop(w);
+        assert_eq!(fs::read(&b).unwrap(), new, "round {round}: after the close");
+        assert_eq!(fs::read(&a).unwrap(), new);
+    }
+    // Opened with O_TRUNC and closed with nothing written: empty everywhere.
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&a)
+            .unwrap(),
+    );
+    assert_eq!(fs::read(&b).unwrap(), b"");
+    fs::write(&a, b"kept\n").unwrap();
+    assert_eq!(fs::read(&b).unwrap(), b"kept\n");
+    // The writer's web host dies between the open and the close.
+    let mut w = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&a)
+        .unwrap();
+    let _ = w.write_all(b"never closed\n");
+    let pid = env.mounts[0].pid().expect("the mount runs") as libc::pid_t;
+    // SAFETY: kill(2) on the mount process this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    drop(w);
+    assert_eq!(fs::read(&b).unwrap(), b"kept\n", "the old text stays");
+}

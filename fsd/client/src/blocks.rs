@@ -37,6 +37,17 @@ const STRAGGLER_GRACE: Duration = Duration::from_millis(200);
 /// turn (up to 4 × 4 MiB × 3 copies in flight).
 const PUTS_IN_FLIGHT: usize = 4;
 
+/// How [`Client::store`] commits its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// O_APPEND: the offset counts from the file's size when the tracker
+    /// applies the commit.
+    pub append: bool,
+    /// The file is emptied first, in the same command (an O_TRUNC open's
+    /// truncation, committed with the file's new bytes).
+    pub truncate: bool,
+}
+
 impl Client {
     /// Stores one block on one device.
     pub async fn put_block(
@@ -497,11 +508,11 @@ impl Client {
 
     /// Writes `data` at `offset` of file `ino` and commits it (see `store`).
     pub async fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<pb::Attr, ClientError> {
-        self.store(ino, offset, data, false).await
+        self.store(ino, offset, data, Commit::default()).await
     }
 
-    /// Stores `data` at `offset` of file `ino` (`append`: `offset` counts
-    /// from the file's size when the tracker applies it) in one commit.
+    /// Stores `data` at `offset` of file `ino` (see [`Commit`] for `how`) in
+    /// one commit; with `how.truncate`, also no data (the truncation alone).
     /// Up to `MAX_INLINE_BYTES` the bytes travel inline, in the
     /// `CommitExtents` itself: its Raft entry, on a quorum of trackers, is
     /// their durable copy, so there is no placement, no block put and no
@@ -514,9 +525,12 @@ impl Client {
         ino: u64,
         offset: u64,
         data: &[u8],
-        append: bool,
+        how: Commit,
     ) -> Result<pb::Attr, ClientError> {
         if data.is_empty() {
+            if how.truncate {
+                return self.commit(ino, Vec::new(), Vec::new(), how).await;
+            }
             return self.getattr(ino).await;
         }
         if data.len() <= self.inline_max_bytes() {
@@ -526,7 +540,7 @@ impl Client {
                 data: data.to_vec(),
                 ..Default::default()
             };
-            match self.commit(ino, vec![extent], Vec::new(), append).await {
+            match self.commit(ino, vec![extent], Vec::new(), how).await {
                 Err(e) if e.code() == Some(pb::ErrorCode::InlineFull) => {
                     tracing::debug!(ino, "file full of inline bytes: storing as blocks");
                 }
@@ -546,7 +560,7 @@ impl Client {
             });
             at += b.len() as u64;
         }
-        self.commit(ino, extents, copies, append).await
+        self.commit(ino, extents, copies, how).await
     }
 
     /// The largest write this client sends inline.
@@ -559,13 +573,16 @@ impl Client {
         ino: u64,
         extents: Vec<pb::Extent>,
         copies: Vec<pb::BlockCopies>,
-        append: bool,
+        how: Commit,
     ) -> Result<pb::Attr, ClientError> {
-        if append {
-            self.commit_append(ino, extents, copies).await
-        } else {
-            self.commit_extents(ino, extents, copies).await
-        }
+        self.mutate_attr(pb::command::Op::CommitExtents(pb::CommitExtents {
+            ino,
+            extents,
+            copies,
+            append: how.append,
+            truncate: how.truncate,
+        }))
+        .await
     }
 
     /// Reads up to `length` bytes at `offset`; holes read as zeros.

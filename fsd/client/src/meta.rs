@@ -80,7 +80,7 @@ impl Client {
         }
     }
 
-    async fn mutate_attr(&self, op: Op) -> Result<pb::Attr, ClientError> {
+    pub(crate) async fn mutate_attr(&self, op: Op) -> Result<pb::Attr, ClientError> {
         match self.mutate(op).await? {
             command_result::Result::Attr(a) => Ok(a),
             _ => Err(unexpected("mutate")),
@@ -403,6 +403,7 @@ impl Client {
             extents,
             copies,
             append: false,
+            truncate: false,
         }))
         .await
     }
@@ -419,6 +420,7 @@ impl Client {
             extents,
             copies,
             append: true,
+            truncate: false,
         }))
         .await
     }

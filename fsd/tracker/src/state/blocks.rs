@@ -140,8 +140,21 @@ pub(super) fn commit_extents(
         return err(ErrorCode::IsDir, "extents belong to regular files");
     }
     record_copies(tx, &c.copies, leader_now)?;
-    let base = if c.append { a.size } else { 0 };
     let mut size = a.size;
+    if c.truncate {
+        // The new bytes' blocks follow what they replace (repair sends the
+        // difference), which the truncation is about to forget.
+        for e in c.extents.iter().filter(|e| e.data.is_empty()) {
+            tx.exec(
+                "INSERT OR IGNORE INTO lineage(hash, prev) SELECT ?3, hash FROM extents
+                 WHERE ino = ?1 AND offset = ?2 AND hash != ?3 AND data IS NULL",
+                params![i(c.ino), i(e.offset), e.hash],
+            )?;
+        }
+        punch(tx, c.ino, 0, u64::MAX, leader_now)?;
+        size = 0;
+    }
+    let base = if c.append { size } else { 0 };
     for e in &c.extents {
         let e = &pb::Extent {
             offset: e.offset.saturating_add(base),
@@ -441,6 +454,7 @@ mod tests {
             extents,
             copies,
             append: false,
+            truncate: false,
         })
     }
 
@@ -476,6 +490,34 @@ mod tests {
             Some(R::Error(e)) => ErrorCode::try_from(e.code).expect("code"),
             other => panic!("not refused: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_truncating_commit_empties_the_file_first_in_the_same_command() {
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"page");
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(0, b"the old text of the page")], vec![]),
+        ));
+        let truncating = |extents: Vec<pb::Extent>| {
+            Op::CommitExtents(pb::CommitExtents {
+                ino,
+                extents,
+                truncate: true,
+                ..Default::default()
+            })
+        };
+        // Shorter new text: nothing of the old is left past it.
+        ok(run(&mut conn, truncating(vec![inline(0, b"new")])));
+        assert_eq!(bytes(&conn, ino), b"new");
+        // A hole before the new bytes reads as zeros, not as old bytes.
+        ok(run(&mut conn, truncating(vec![inline(2, b"xy")])));
+        assert_eq!(bytes(&conn, ino), b"\0\0xy");
+        // No bytes: the truncation alone.
+        ok(run(&mut conn, truncating(vec![])));
+        assert_eq!(bytes(&conn, ino), b"");
+        assert_eq!(read(&conn, ino).attr.map(|a| a.size), Some(0));
     }
 
     #[test]

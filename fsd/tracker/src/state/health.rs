@@ -387,6 +387,7 @@ mod tests {
                 extents: vec![extent],
                 copies,
                 append: false,
+                truncate: false,
             })
         };
         ok(run_at(&mut conn, commit(&old), 100));
@@ -444,6 +445,7 @@ mod tests {
             extents: vec![late],
             copies: vec![copies(&stray, &[1])],
             append: false,
+            truncate: false,
         };
         ok(run_at(&mut conn, Op::CommitExtents(commit_late), 400));
         ok(run(&mut conn, forget(i64::MAX)));

@@ -101,6 +101,7 @@ pub(super) fn file_with_block(
             extents: vec![extent],
             copies: vec![copies(hash, devices)],
             append: false,
+            truncate: false,
         }),
     ));
 }
