@@ -440,3 +440,36 @@ async fn a_cold_mount_reads_a_directory_of_pages_in_one_round_trip() {
     assert_eq!(fs::read(ns.join("p07")).unwrap(), page(7, 1));
     assert_eq!(fs::read(ns.join("p08")).unwrap(), page(8, 0));
 }
+
+/// A file this mount just wrote is read back from memory: the close's
+/// commit came back with what an open needs (its extents and bytes), so
+/// reading it again asks nothing — DokuWiki reads the metadata and cache
+/// files it has just written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_just_written_here_is_opened_again_from_memory() {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    env.wait_for_lease_streams(1);
+    let dir = env.mounts[i].p("meta");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("page.meta"), b"first").unwrap();
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    for n in 0..10 {
+        let text = format!("metadata, version {n}");
+        fs::write(dir.join("page.meta"), &text).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("page.meta")).unwrap(), text);
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let d = diff(&after, &before);
+    print("ten rewrites, each read back at once", &d);
+    let reads: u64 = ["open", "read", "lookup", "getattr"]
+        .iter()
+        .map(|op| d.get(*op).map_or(0, |t| t.2))
+        .sum();
+    assert_eq!(
+        reads, 0,
+        "reading back what was just written asks nothing: {d:?}"
+    );
+    assert!(totals(&d).2 <= 10, "one commit per rewrite: {d:?}");
+}

@@ -182,9 +182,16 @@ impl Client {
         let mut inodes = Vec::with_capacity(objects.len());
         for o in objects {
             let attr = reply.attrs.iter().find(|a| a.ino == o).copied();
+            // The bytes it stored, as an open needs them (read back with
+            // the attributes): the writer's next open asks nothing.
+            let extents = reply
+                .extents
+                .iter()
+                .find(|fe| fe.attr.is_some_and(|a| a.ino == o) && fe.attr == attr)
+                .map(|fe| Arc::new(fe.clone()));
             let replace = |cached: &mut Cached| {
                 cached.attr = attr;
-                cached.extents = None;
+                cached.extents = extents.clone();
                 let names: Vec<&pb::NameRead> =
                     reply.names.iter().filter(|n| n.parent == o).collect();
                 cached.listing = cached.listing.take().and_then(|mut l| {

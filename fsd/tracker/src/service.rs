@@ -82,15 +82,16 @@ impl Metadata for MetadataService {
         if writing {
             self.tracker.note_write(&req.writer_zone);
         }
-        let (lease, attrs, names) = match back {
-            Some(b) => (Some(b.lease), b.attrs, b.names),
-            None => (None, Vec::new(), Vec::new()),
+        let (lease, attrs, names, extents) = match back {
+            Some(b) => (Some(b.lease), b.attrs, b.names, b.extents),
+            None => (None, Vec::new(), Vec::new(), Vec::new()),
         };
         Ok(Response::new(pb::MutateReply {
             result: Some(result),
             lease,
             attrs,
             names,
+            extents,
         }))
     }
 

@@ -131,6 +131,8 @@ pub struct ReadBack {
     pub attrs: Vec<pb::Attr>,
     /// The names the change changed, as they are now.
     pub names: Vec<pb::NameRead>,
+    /// The file whose bytes it stored, as an open needs it (if small).
+    pub extents: Vec<pb::FileExtents>,
 }
 
 pub struct Tracker {
@@ -303,6 +305,10 @@ impl Tracker {
         // unlinked or replaced file) once it has applied.
         let known = state::known_touched(&cmd);
         let names = state::changed_names(&cmd);
+        let wrote = match &cmd.op {
+            Some(pb::command::Op::CommitExtents(c)) => Some(c.ino),
+            _ => None,
+        };
         let early = self.leases.as_ref().map(|l| l.begin(&known, by));
         let result = {
             // Held while leadership is being handed over (not while the
@@ -333,7 +339,9 @@ impl Tracker {
             late.done().await;
             told.sort_unstable();
             told.dedup();
-            let back = self.read_back(leases, by, told, names, &result).await?;
+            let back = self
+                .read_back(leases, by, told, names, wrote, &result)
+                .await?;
             return Ok((result, back));
         }
         Ok((result, None))
@@ -481,6 +489,7 @@ impl Tracker {
         by: Option<u64>,
         told: Vec<u64>,
         names: Vec<(u64, Vec<u8>)>,
+        wrote: Option<u64>,
         result: &pb::CommandResult,
     ) -> Result<Option<ReadBack>, TrackerError> {
         let Some(term) = self.lease_term() else {
@@ -509,9 +518,9 @@ impl Tracker {
         let r = self
             .sm
             .db()
-            .call(move |conn| state::read_back(conn, &inos, &names))
+            .call(move |conn| state::read_back(conn, &inos, &names, wrote))
             .await?;
-        let (attrs, names) = match r {
+        let (attrs, names, extents) = match r {
             Ok(found) => found,
             Err(state::ApplyError::Refused(_)) => return Ok(None),
             Err(state::ApplyError::Db(e)) => return Err(TrackerError::storage(e)),
@@ -530,6 +539,7 @@ impl Tracker {
             },
             attrs,
             names,
+            extents: if writer { extents } else { Vec::new() },
         }))
     }
 

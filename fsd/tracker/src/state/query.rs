@@ -32,12 +32,14 @@ pub(crate) fn query(
 }
 
 /// What a writer may cache after its change: the attributes of `inos`
-/// (those still there) and what `names` name now.
+/// (those still there), what `names` name now, and the extents of the file
+/// `wrote` when it holds few inline bytes (`READ_BACK_INLINE_BYTES`).
 pub(crate) fn read_back(
     conn: &rusqlite::Connection,
     inos: &[u64],
     names: &[(u64, Vec<u8>)],
-) -> OpResult<(Vec<pb::Attr>, Vec<pb::NameRead>)> {
+    wrote: Option<u64>,
+) -> OpResult<ReadBackState> {
     let mut attrs = Vec::with_capacity(inos.len());
     for &ino in inos {
         match get_attr(conn, ino) {
@@ -54,8 +56,20 @@ pub(crate) fn read_back(
             ino: lookup_ino(conn, *parent, name)?.unwrap_or(0),
         });
     }
-    Ok((attrs, found))
+    let mut extents = Vec::new();
+    if let Some(ino) = wrote.filter(|i| attrs.iter().any(|a| a.ino == *i)) {
+        if let Reply::FileExtents(fe) = read_extents(conn, &failsafe_proto::whole_file(ino))? {
+            let inline: usize = fe.extents.iter().map(|e| e.data.len()).sum();
+            if inline <= failsafe_proto::READ_BACK_INLINE_BYTES {
+                extents.push(fe);
+            }
+        }
+    }
+    Ok((attrs, found, extents))
 }
+
+/// Attributes, names and file extents a writer's read-back found.
+pub(crate) type ReadBackState = (Vec<pb::Attr>, Vec<pb::NameRead>, Vec<pb::FileExtents>);
 
 /// The attributes of the entry `name` in directory `parent`.
 fn lookup(conn: &rusqlite::Connection, l: &pb::Lookup) -> OpResult<Reply> {
