@@ -220,8 +220,9 @@ impl Core {
         let size = match locked(&self.files).get(&a.ino) {
             Some(st) => {
                 let inner = locked(&st.inner);
+                // Emptied here (O_TRUNC), the tracker's size does not count.
                 if inner.truncated {
-                    inner.size_over(a.size)
+                    inner.local_size()
                 } else {
                     a.size.max(inner.local_size())
                 }
@@ -600,10 +601,7 @@ impl Core {
         }
         let (fh, keep) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
         if flags & libc::O_TRUNC != 0 {
-            if let Err(e) = self.truncate_at_open(tino).await {
-                let _ = self.release(fh, None).await;
-                return Err(e);
-            }
+            self.truncate_at_open(tino, fh).await?;
         }
         // A read-only open has nothing to store at close, and its close
         // need not release POSIX locks while nobody here holds one on the
@@ -667,25 +665,24 @@ impl Core {
         };
         let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
         if truncate {
-            if let Err(e) = self.truncate_at_open(a.ino).await {
-                let _ = self.release(fh, None).await;
-                return Err(e);
-            }
+            self.truncate_at_open(a.ino, fh).await?;
         }
         Ok((self.file_attr(&a), fh))
     }
 
-    /// An O_TRUNC open of `tino` (registered): empties it here and leaves
-    /// the truncation to its next commit (see `FileInner::truncated`). What
-    /// another descriptor buffered before is stored first: the truncation
-    /// comes after it.
-    async fn truncate_at_open(&self, tino: u64) -> Res<()> {
+    /// An O_TRUNC open of `tino` (registered as `fh`, released again if
+    /// this fails): empties it here and leaves the truncation to its next
+    /// commit (see `FileInner::truncated`). What another descriptor
+    /// buffered before is stored first: the truncation comes after it.
+    async fn truncate_at_open(&self, tino: u64, fh: u64) -> Res<()> {
         let st = self.state(tino).ok_or(Errno::EBADF)?;
         if locked(&st.inner).local_size() == 0 {
             return Ok(());
         }
-        self.writable()?;
-        self.upload(tino, &st).await?;
+        if let Err(e) = self.upload(tino, &st).await {
+            let _ = self.release(fh, None).await;
+            return Err(e);
+        }
         let mut inner = locked(&st.inner);
         inner.dirty.truncate(0);
         inner.truncated = true;

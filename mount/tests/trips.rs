@@ -417,7 +417,6 @@ async fn a_cold_mount_reads_a_directory_of_pages_in_one_round_trip() {
     let stats = env.dir.path().join("stats-b.json");
     let b = env.mount_with("b", &format!("stats={},leases", stats.display()));
     env.wait_for_lease_streams(2);
-    // Not cold enough if this mount already looked in "ns".
     let before = table(&stats_after(&stats, SystemTime::now()));
     let ns = env.mounts[b].p("ns");
     for n in 0..PAGES {

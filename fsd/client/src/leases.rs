@@ -304,12 +304,19 @@ impl Client {
         let key = name.to_vec();
         let key2 = key.clone();
         if let Some(c) = self.lease_cache() {
-            let miss = {
+            let hit = {
                 let mut v = lock(&c.view);
                 let now = c.now();
-                cached_lookup(&mut v, parent, name, now).is_none()
+                cached_lookup(&mut v, parent, name, now).map(|value| Leased {
+                    value,
+                    ttl: Duration::from_millis(v.remaining(now)),
+                })
             };
-            if miss && c.term.load(Ordering::Relaxed) != 0 {
+            // From memory: one look, under one lock (every lookup).
+            if let Some(l) = hit {
+                return Ok(l);
+            }
+            if c.term.load(Ordering::Relaxed) != 0 {
                 self.read_ahead(parent, &c.clone()).await;
             }
         }

@@ -213,9 +213,19 @@ pub(crate) struct Peer {
     last_ok_sent: Option<Instant>,
     /// The highest commit index sent to the peer.
     told_commit: Option<u64>,
-    /// A commit-only heartbeat is on its way in the background; `Some(false)`
-    /// once it came back refused or failed (the next one is awaited).
-    behind: Arc<Mutex<Option<bool>>>,
+    /// The commit-only heartbeat sent in the background, if any.
+    behind: Arc<Mutex<Behind>>,
+}
+
+/// A commit-only heartbeat answered at once and sent in the background.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Behind {
+    /// None on its way (the last one, if any, was accepted).
+    #[default]
+    Idle,
+    Sending,
+    /// The last one was refused or failed: the next one is awaited.
+    Failed,
 }
 
 #[derive(Clone)]
@@ -333,14 +343,13 @@ impl RaftNetwork<TypeConfig> for Peer {
             && {
                 let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
                 match *behind {
-                    None => {
-                        *behind = Some(true);
+                    Behind::Idle => {
+                        *behind = Behind::Sending;
                         true
                     }
-                    Some(true) => false,
-                    Some(false) => {
-                        // The last one failed: this one is awaited.
-                        *behind = None;
+                    Behind::Sending => false,
+                    Behind::Failed => {
+                        *behind = Behind::Idle;
                         self.last_ok_sent = None;
                         false
                     }
@@ -353,7 +362,7 @@ impl RaftNetwork<TypeConfig> for Peer {
                     conn.call(Method::Append, payload, ttl).await;
                 let ok = matches!(r, Ok(AppendEntriesResponse::Success));
                 let mut behind = behind.lock().unwrap_or_else(|e| e.into_inner());
-                *behind = if ok { None } else { Some(false) };
+                *behind = if ok { Behind::Idle } else { Behind::Failed };
             });
             return Ok(AppendEntriesResponse::Success);
         }
