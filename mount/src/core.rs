@@ -21,6 +21,7 @@ use failsafe_client::pb::{
 use failsafe_client::{inline_bytes, malformed_inline, Client, ClientError, LockRequest, Session};
 use fuser::{Errno, FileAttr, FileType};
 
+use crate::behind::{Removed, WriteBehind, LOCAL_BASE};
 use crate::cache::BlockCache;
 use crate::dirty::Dirty;
 use crate::errno::errno;
@@ -151,6 +152,8 @@ pub(crate) struct Core {
     session: tokio::sync::Mutex<Option<Session>>,
     /// (inode, lock owner) pairs that took a lock through this mount.
     lock_owners: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// `writebehind`: directories delegated to this mount.
+    pub behind: Option<Arc<WriteBehind>>,
 }
 
 // Locks held in these std Mutexes guard short bookkeeping and are never held
@@ -187,15 +190,51 @@ impl Core {
             next_fh: AtomicU64::new(1),
             session: tokio::sync::Mutex::new(None),
             lock_owners: Mutex::new(Default::default()),
+            behind: None,
         }
     }
 
-    /// FUSE inode → tracker inode (the mounted directory is FUSE's root).
+    /// With `writebehind`.
+    pub(crate) fn with_write_behind(mut self) -> Core {
+        self.behind = Some(WriteBehind::new(self.client.clone()));
+        self
+    }
+
+    /// FUSE inode → tracker inode (the mounted directory is FUSE's root),
+    /// as far as known without waiting (a directory made here alone and not
+    /// flushed yet keeps its own number: see [`Core::k`]).
     pub(crate) fn t(&self, ino: u64) -> u64 {
         if ino == fuser::INodeNo::ROOT.0 {
             self.root
+        } else if ino >= LOCAL_BASE {
+            self.behind.as_ref().map_or(ino, |b| b.mapped(ino))
         } else {
             ino
+        }
+    }
+
+    /// FUSE inode → tracker inode, flushing a directory made here alone
+    /// first (write-behind).
+    pub(crate) async fn k(&self, ino: u64) -> Res<u64> {
+        match &self.behind {
+            Some(b) if ino >= LOCAL_BASE => b.resolve(ino).await,
+            _ => Ok(self.t(ino)),
+        }
+    }
+
+    /// Before an operation in directory `dir` that goes to the tracker:
+    /// what was done in it here alone goes first.
+    pub(crate) async fn settle(&self, dir: u64) {
+        if let Some(b) = &self.behind {
+            b.settle(dir).await;
+        }
+    }
+
+    /// Before a lock operation, and at unmount: everything done here alone
+    /// goes to the tracker.
+    pub(crate) async fn settle_all(&self) {
+        if let Some(b) = &self.behind {
+            b.settle_all().await;
         }
     }
 
@@ -269,18 +308,50 @@ impl Core {
         parent: u64,
         name: &std::ffi::OsStr,
     ) -> Res<(Option<FileAttr>, Duration)> {
+        let parent = self.k(parent).await?;
+        let name = name_bytes(name);
+        if let Some(b) = &self.behind {
+            if let Some(a) = b.lookup(parent, &name) {
+                let ttl = self
+                    .client
+                    .lease_now()
+                    .map_or(Duration::ZERO, |(_, left)| left);
+                return Ok((Some(self.file_attr(&a)), ttl));
+            }
+        }
         let l = self
             .client
-            .lookup_leased(self.t(parent), &name_bytes(name))
+            .lookup_leased(parent, &name)
             .await
             .map_err(err)?;
-        Ok((l.value.map(|a| self.file_attr(&a)), l.ttl))
+        let attr = l.value.map(|mut a| {
+            self.adjust(&mut a);
+            self.file_attr(&a)
+        });
+        Ok((attr, l.ttl))
+    }
+
+    /// A directory's attributes with what was made in it here alone.
+    fn adjust(&self, a: &mut pb::Attr) {
+        if let Some(b) = &self.behind {
+            b.adjust(a);
+        }
     }
 
     pub(crate) async fn getattr(&self, ino: u64) -> Res<(FileAttr, Duration)> {
-        let tino = self.t(ino);
+        if let Some(a) = self.behind.as_ref().and_then(|b| b.getattr(ino)) {
+            let ttl = self
+                .client
+                .lease_now()
+                .map_or(Duration::ZERO, |(_, left)| left);
+            return Ok((self.file_attr(&a), ttl));
+        }
+        let tino = self.k(ino).await?;
         match self.client.getattr_leased(tino).await {
-            Ok(l) => Ok((self.file_attr(&l.value), l.ttl)),
+            Ok(mut l) => {
+                self.adjust(&mut l.value);
+                Ok((self.file_attr(&l.value), l.ttl))
+            }
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Unlinked elsewhere while open here: it lives on until closed.
                 // (Only a failed commit decides that the file is gone: a
@@ -316,7 +387,7 @@ impl Core {
         mtime: Option<i64>,
     ) -> Res<FileAttr> {
         self.writable()?;
-        let tino = self.t(ino);
+        let tino = self.k(ino).await?;
         if let Some(st) = self.state(tino) {
             // Buffered bytes go first, so their commit cannot undo what this
             // sets (a size, or times that `cp -p` preserves).
@@ -346,7 +417,9 @@ impl Core {
     pub(crate) async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {
         match self
             .client
-            .query_available(Query::ReadLink(pb::ReadLink { ino: self.t(ino) }))
+            .query_available(Query::ReadLink(pb::ReadLink {
+                ino: self.k(ino).await?,
+            }))
             .await
             .map_err(err)?
         {
@@ -364,16 +437,38 @@ impl Core {
         gid: u32,
     ) -> Res<FileAttr> {
         self.writable()?;
-        let a = self
-            .mutate_attr(Op::Mkdir(pb::Mkdir {
-                parent: self.t(parent),
-                name: name_bytes(name),
-                mode,
-                uid,
-                gid,
-            }))
-            .await?;
-        Ok(self.file_attr(&a))
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        if let Some(b) = &self.behind {
+            if let Some(made) = b.mkdir(parent, &name, mode, uid, gid).await {
+                return made.map(|a| self.file_attr(&a));
+            }
+            b.settle(parent).await;
+        }
+        let op = Op::Mkdir(pb::Mkdir {
+            parent,
+            name,
+            mode,
+            uid,
+            gid,
+        });
+        match self.mutate_delegating(op, parent).await? {
+            pb::command_result::Result::Attr(a) => Ok(self.file_attr(&a)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// A change in `dir` that, with write-behind, asks for `dir` to be
+    /// delegated here.
+    async fn mutate_delegating(&self, op: Op, dir: u64) -> Res<pb::command_result::Result> {
+        let asking = failsafe_client::Behind {
+            delegate: if self.behind.is_some() { dir } else { 0 },
+            flush_of: 0,
+        };
+        let (r, delegated) = self.client.mutate_behind(op, asking).await.map_err(err)?;
+        if let (Some(b), Some(epoch)) = (&self.behind, delegated) {
+            b.granted(dir, epoch);
+        }
+        Ok(r)
     }
 
     pub(crate) async fn symlink(
@@ -385,8 +480,10 @@ impl Core {
         gid: u32,
     ) -> Res<FileAttr> {
         self.writable()?;
+        let parent = self.k(parent).await?;
+        self.settle(parent).await;
         let op = Op::Symlink(pb::Symlink {
-            parent: self.t(parent),
+            parent,
             name: name_bytes(name),
             target: target.to_vec(),
             uid,
@@ -403,9 +500,11 @@ impl Core {
         name: &std::ffi::OsStr,
     ) -> Res<FileAttr> {
         self.writable()?;
+        let (ino, parent) = (self.k(ino).await?, self.k(parent).await?);
+        self.settle(parent).await;
         let op = Op::Link(pb::Link {
-            ino: self.t(ino),
-            new_parent: self.t(parent),
+            ino,
+            new_parent: parent,
             new_name: name_bytes(name),
         });
         match self.mutate_attr(op).await {
@@ -452,7 +551,8 @@ impl Core {
 
     pub(crate) async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
-        let (parent, name) = (self.t(parent), name_bytes(name));
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        self.settle(parent).await;
         let open = self.before_removal(parent, &name).await;
         self.client.unlink(parent, &name).await.map_err(err)?;
         self.after_removal(open).await;
@@ -461,10 +561,17 @@ impl Core {
 
     pub(crate) async fn rmdir(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
-        self.client
-            .rmdir(self.t(parent), &name_bytes(name))
-            .await
-            .map_err(err)
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        let Some(b) = &self.behind else {
+            return self.client.rmdir(parent, &name).await.map_err(err);
+        };
+        match b.rmdir(parent, &name).await {
+            Removed::Here => Ok(()),
+            Removed::Elsewhere => {
+                let op = Op::Rmdir(pb::Rmdir { parent, name });
+                self.mutate_delegating(op, parent).await.map(|_| ())
+            }
+        }
     }
 
     pub(crate) async fn rename(
@@ -477,14 +584,17 @@ impl Core {
         exchange: bool,
     ) -> Res<()> {
         self.writable()?;
-        let (np, nn) = (self.t(new_parent), name_bytes(new_name));
+        let (np, nn) = (self.k(new_parent).await?, name_bytes(new_name));
+        let parent = self.k(parent).await?;
+        self.settle(parent).await;
+        self.settle(np).await;
         let replaced = if exchange || no_replace {
             None
         } else {
             self.before_removal(np, &nn).await
         };
         let r = pb::Rename {
-            parent: self.t(parent),
+            parent,
             name: name_bytes(name),
             new_parent: np,
             new_name: nn,
@@ -579,7 +689,7 @@ impl Core {
         if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             self.writable()?;
         }
-        let tino = self.t(ino);
+        let tino = self.k(ino).await?;
         // Close-to-open: ask the tracker what the file is now, and where its
         // bytes are (or hold a lease on the answer, which a change elsewhere
         // revokes before it completes), so it stays readable if another host
@@ -644,8 +754,10 @@ impl Core {
     ) -> Res<(FileAttr, u64)> {
         self.writable()?;
         let exclusive = flags & libc::O_EXCL != 0;
+        let parent = self.k(parent).await?;
+        self.settle(parent).await;
         let c = pb::Create {
-            parent: self.t(parent),
+            parent,
             name: name_bytes(name),
             mode,
             uid,
@@ -1011,7 +1123,9 @@ impl Core {
     // ---------- directories ----------
 
     pub(crate) async fn opendir(&self, ino: u64) -> Res<u64> {
-        let listing = self.client.list_leased(self.t(ino)).await.map_err(err)?;
+        let tino = self.k(ino).await?;
+        self.settle(tino).await;
+        let listing = self.client.list_leased(tino).await.map_err(err)?;
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
             Vec::with_capacity(listing.value.len() + 2);
         entries.push((ino, FileType::Directory, b".".to_vec()));
@@ -1130,7 +1244,9 @@ impl Core {
         end: u64,
         typ: i32,
     ) -> Res<()> {
-        let tino = self.t(ino);
+        let tino = self.k(ino).await?;
+        // A lock orders what this mount did before it for everyone else.
+        self.settle_all().await;
         let ltype = match typ {
             libc::F_RDLCK => pb::LockType::LockRead,
             libc::F_WRLCK => pb::LockType::LockWrite,
@@ -1175,7 +1291,7 @@ impl Core {
         end: u64,
         typ: i32,
     ) -> Res<Option<(u64, u64, i32)>> {
-        let tino = self.t(ino);
+        let tino = self.k(ino).await?;
         let end = if end >= i64::MAX as u64 {
             u64::MAX
         } else {

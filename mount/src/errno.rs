@@ -17,7 +17,9 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
             ErrorCode::NoSpace => Errno::ENOSPC,
             // Changed and InlineFull are answers to the blockifier and to
             // the client library, which handle them; never a caller's.
+            // A write-behind flush the mount could not make: it says so.
             ErrorCode::NoSession
+            | ErrorCode::DelegationLost
             | ErrorCode::Changed
             | ErrorCode::InlineFull
             | ErrorCode::ErrorUnspecified => Errno::EIO,

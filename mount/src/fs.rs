@@ -641,14 +641,32 @@ impl Filesystem for Fs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes are committed by a Raft majority before they return.
-        self.stats.local(FuseOp::Fsyncdir);
-        reply.ok();
+        // Directory changes are committed by a Raft majority before they
+        // return, except those made here alone (write-behind): flushed now.
+        if self.core.behind.is_none() {
+            self.stats.local(FuseOp::Fsyncdir);
+            return reply.ok();
+        }
+        self.run(FuseOp::Fsyncdir, move |c| async move {
+            match c.k(ino.0).await {
+                Ok(dir) => {
+                    c.settle(dir).await;
+                    reply.ok()
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        if let Some(b) = &self.core.behind {
+            b.forget(ino.0);
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -815,7 +833,11 @@ impl Filesystem for Fs {
         let core = self.core.clone();
         // Best effort: release this mount's locks now rather than at lease expiry.
         let _ = self.rt.block_on(async move {
-            tokio::time::timeout(Duration::from_secs(3), core.close_session()).await
+            tokio::time::timeout(Duration::from_secs(3), async {
+                core.settle_all().await;
+                core.close_session().await
+            })
+            .await
         });
     }
 }

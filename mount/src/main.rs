@@ -6,6 +6,7 @@
 //! serving it in the background (`-f` stays in the foreground); `umount` or
 //! SIGTERM unmounts it cleanly.
 
+mod behind;
 mod cache;
 mod core;
 mod dirty;
@@ -296,6 +297,9 @@ fn serve(args: Args) -> Result<(), String> {
             .map_err(|e| format!("metrics={addr}: {e}"))?;
         rt.spawn(stats::serve_metrics(stats.clone(), listener));
     }
+    if args.opts.write_behind && !args.opts.leases {
+        return Err("writebehind needs leases (it cannot be used with noleases)".into());
+    }
     let dropped = args.opts.leases.then(|| {
         let _in_runtime = rt.enter();
         client.enable_leases()
@@ -303,7 +307,11 @@ fn serve(args: Args) -> Result<(), String> {
     if args.opts.leases && !rt.block_on(client.leases_up(Duration::from_secs(2))) {
         tracing::info!("no lease stream yet; serving without leases until it is up");
     }
-    let core = Arc::new(core::Core::new(client, root, args.opts.read_only, cache));
+    let mut core = core::Core::new(client, root, args.opts.read_only, cache);
+    if args.opts.write_behind {
+        core = core.with_write_behind();
+    }
+    let core = Arc::new(core);
     let fs = fs::Fs {
         core: core.clone(),
         rt: rt.handle().clone(),
@@ -329,9 +337,19 @@ fn serve(args: Args) -> Result<(), String> {
     let mut session = fuser::Session::new(fs, &args.mountpoint, &config)
         .map_err(|e| format!("mounting {}: {e}", args.mountpoint.display()))?;
     if let Some(dropped) = dropped {
-        notify_kernel(dropped, session.notifier(), core.clone())?;
+        notify_kernel(
+            dropped,
+            session.notifier(),
+            core.clone(),
+            rt.handle().clone(),
+        )?;
     }
-    tracing::info!(mountpoint = %args.mountpoint.display(), leases = args.opts.leases, "mounted");
+    tracing::info!(
+        mountpoint = %args.mountpoint.display(),
+        leases = args.opts.leases,
+        writebehind = args.opts.write_behind,
+        "mounted"
+    );
     if std::env::var_os("FAILSAFE_MOUNT_DETACH").is_some() {
         redirect_logs(args.log.as_deref());
     }
@@ -372,10 +390,15 @@ fn serve(args: Args) -> Result<(), String> {
 /// inode that changed; then lets the lease stream acknowledge. A thread of
 /// its own, holding no lock a request handler takes: the kernel may make a
 /// notification wait for a request in the same directory to finish.
+///
+/// A recall of a directory delegated here (write-behind) is acknowledged
+/// only once what was done in it here alone is flushed; when the stream
+/// ended, that is flushed too, without holding up the next stream.
 fn notify_kernel(
     mut dropped: tokio::sync::mpsc::UnboundedReceiver<failsafe_client::Dropped>,
     notifier: fuser::Notifier,
     core: Arc<core::Core>,
+    rt: tokio::runtime::Handle,
 ) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
     std::thread::Builder::new()
@@ -390,9 +413,32 @@ fn notify_kernel(
                     }
                     let _ = notifier.inval_inode(kino, 0, 0);
                 }
-                if let Some(done) = d.done {
-                    let _ = done.send(());
+                let flush = match &core.behind {
+                    Some(b) if d.stream_lost => b.stream_lost(),
+                    Some(b) => b.recalled(&d.named),
+                    None => Vec::new(),
+                };
+                let mut done = d.done;
+                if d.stream_lost {
+                    if let Some(done) = done.take() {
+                        let _ = done.send(());
+                    }
                 }
+                if flush.is_empty() {
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                    continue;
+                }
+                let core = core.clone();
+                rt.spawn(async move {
+                    for dir in flush {
+                        core.settle(dir).await;
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                });
             }
         })
         .map(|_| ())

@@ -37,6 +37,14 @@ pub(crate) struct Options {
     /// elsewhere pushed here before they complete. `noleases`: ask the
     /// cluster every time.
     pub leases: bool,
+    /// `writebehind` (off by default; needs `leases`): a directory the
+    /// tracker leader delegates to this mount is changed here alone, and the
+    /// changes are flushed within 100 ms, before anyone else reads or changes
+    /// it, and before any lock operation. So far: `mkdir` and `rmdir`, so a
+    /// lock directory's pair costs no round trip. A mount frozen or cut off
+    /// for longer than its lease loses what it had not flushed (see
+    /// docs/write-behind.md).
+    pub write_behind: bool,
 }
 
 impl Default for Options {
@@ -53,6 +61,7 @@ impl Default for Options {
             metrics: None,
             inline_bytes: failsafe_core::MAX_INLINE_BYTES as u64,
             leases: true,
+            write_behind: false,
         }
     }
 }
@@ -148,6 +157,8 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
             }
             "leases" => opts.leases = true,
             "noleases" => opts.leases = false,
+            "writebehind" => opts.write_behind = true,
+            "nowritebehind" => opts.write_behind = false,
             "allow_other" => opts.allow_other = true,
             "ro" => opts.read_only = true,
             "rw" => opts.read_only = false,

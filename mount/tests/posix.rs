@@ -253,6 +253,72 @@ async fn t23_close_to_open_across_two_mounts_without_leases() {
     close_to_open(&Env::start_mounts_with(2, "noleases").await);
 }
 
+/// Write-behind (`writebehind`): the two-mount tests again, with both
+/// mounts changing directories delegated to them alone whenever the leader
+/// lets them, and lock directories that count exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn t29_two_mounts_with_writebehind() {
+    let env = Env::start_mounts_with(2, "writebehind").await;
+    env.wait_for_lease_streams(2);
+    close_to_open(&env);
+    lock_idioms(&env);
+    lock_directories_exclude_across_mounts(&env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t29b_listings_and_renames_with_writebehind() {
+    let env = Env::start_mounts_with(2, "writebehind").await;
+    env.wait_for_lease_streams(2);
+    replaced_by_rename(&env);
+    listings_follow_changes(&env);
+}
+
+/// DokuWiki's `io_lock`: a process takes a lock by making a directory
+/// (spinning while it exists) and drops it by removing it. Two threads on
+/// each mount add one to a counter under the lock, again and again: every
+/// addition counts, so the lock excluded the others each time; and the
+/// lock directories are gone at the end, on both mounts.
+fn lock_directories_exclude_across_mounts(env: &Env) {
+    let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
+    fs::create_dir(a.join("locks")).unwrap();
+    fs::write(a.join("counter"), b"0").unwrap();
+    const EACH: u64 = 25;
+    let mut workers = Vec::new();
+    for root in [&a, &b, &a, &b] {
+        let root = root.clone();
+        workers.push(std::thread::spawn(move || {
+            let lock = root.join("locks").join("counter.lock");
+            for _ in 0..EACH {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while let Err(e) = fs::create_dir(&lock) {
+                    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the lock was never free"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                let n: u64 = fs::read_to_string(root.join("counter"))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                fs::write(root.join("counter"), (n + 1).to_string()).unwrap();
+                fs::remove_dir(&lock).unwrap();
+            }
+        }));
+    }
+    for w in workers {
+        w.join().unwrap();
+    }
+    for root in [&a, &b] {
+        assert_eq!(
+            fs::read_to_string(root.join("counter")).unwrap(),
+            (4 * EACH).to_string()
+        );
+        assert_eq!(fs::read_dir(root.join("locks")).unwrap().count(), 0);
+    }
+}
+
 fn close_to_open(env: &Env) {
     let (a, b) = (&env.mounts[0], &env.mounts[1]);
     for round in 0..20 {

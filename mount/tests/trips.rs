@@ -472,3 +472,62 @@ async fn a_file_just_written_here_is_opened_again_from_memory() {
     );
     assert!(totals(&d).2 <= 10, "one commit per rewrite: {d:?}");
 }
+
+/// With `writebehind`, a directory this mount changes is delegated to it
+/// alone: a lock directory made and removed again (DokuWiki's `io_lock`)
+/// costs no round trip. Another mount sees a lock held there at once (the
+/// leader recalls the directory first) and can take it once it is dropped;
+/// one made and kept reaches the tracker without anyone asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_writebehind_a_lock_directory_costs_no_round_trip() {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},writebehind", stats.display()));
+    let j = env.mount_with("b", "");
+    env.wait_for_lease_streams(2);
+    let locks = env.mounts[i].p("locks");
+    fs::create_dir(&locks).unwrap();
+    // The first pair goes to the tracker and brings the delegation.
+    fs::create_dir(locks.join("page.lock")).unwrap();
+    fs::remove_dir(locks.join("page.lock")).unwrap();
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    const PAIRS: u64 = 20;
+    for _ in 0..PAIRS {
+        fs::create_dir(locks.join("page.lock")).unwrap();
+        assert!(locks.join("page.lock").is_dir());
+        fs::remove_dir(locks.join("page.lock")).unwrap();
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let pairs = diff(&after, &before);
+    print("20 lock directories made and removed", &pairs);
+    assert_eq!(totals(&pairs).2, 0, "no round trip: {pairs:?}");
+
+    // Held here: the other mount cannot take it.
+    fs::create_dir(locks.join("held")).unwrap();
+    let there = env.mounts[j].p("locks").join("held");
+    assert_eq!(
+        fs::create_dir(&there).unwrap_err().kind(),
+        std::io::ErrorKind::AlreadyExists
+    );
+    assert!(there.is_dir());
+    fs::remove_dir(locks.join("held")).unwrap();
+    fs::create_dir(&there).unwrap();
+    assert_eq!(
+        fs::create_dir(locks.join("held")).unwrap_err().kind(),
+        std::io::ErrorKind::AlreadyExists
+    );
+    fs::remove_dir(&there).unwrap();
+
+    // Made here alone and kept: flushed within the interval by itself.
+    let own = env.mounts[i].p("own");
+    fs::create_dir(&own).unwrap();
+    fs::create_dir(own.join("first")).unwrap();
+    fs::create_dir(own.join("kept")).unwrap();
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let flushed = diff(&after, &before);
+    print("a directory kept, half a second later", &flushed);
+    assert!(env.mounts[j].p("own").join("kept").is_dir());
+    assert!(own.join("kept").is_dir());
+}

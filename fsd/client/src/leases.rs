@@ -41,7 +41,23 @@ pub struct Cached {
 /// the channel, if one is given, so the leader hears the acknowledgement.
 pub struct Dropped {
     pub inodes: Vec<(u64, Cached)>,
+    /// What the leader's invalidation named, cached here or not (a recall of
+    /// a delegation names the directory); empty for this mount's own change.
+    pub named: Vec<u64>,
+    /// The lease stream ended: every lease and delegation is gone.
+    pub stream_lost: bool,
     pub done: Option<oneshot::Sender<()>>,
+}
+
+impl Dropped {
+    fn own(inodes: Vec<(u64, Cached)>) -> Dropped {
+        Dropped {
+            inodes,
+            named: Vec::new(),
+            stream_lost: false,
+            done: None,
+        }
+    }
 }
 
 /// Inodes cached at most; more, and the cache starts over.
@@ -75,6 +91,8 @@ pub(crate) struct OwnChange {
     ticket: failsafe_core::lease::ReadTicket,
     /// The lease stream's leader term when it was sent.
     term: u64,
+    /// The lease stream's epoch when it was sent.
+    epoch: u64,
 }
 
 /// A cached answer and how long the kernel may keep it.
@@ -120,6 +138,17 @@ impl Client {
         self.inner.leases.get()
     }
 
+    /// The lease stream's epoch and how long what it holds stays valid
+    /// (by this client's clock, from now), while the stream is up.
+    pub fn lease_now(&self) -> Option<(u64, Duration)> {
+        let c = self.lease_cache()?;
+        if c.term.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let view = lock(&c.view);
+        Some((view.epoch(), Duration::from_millis(view.remaining(c.now()))))
+    }
+
     /// This client as a lease holder, while its stream is up.
     pub(crate) fn lease_holder(&self) -> u64 {
         match self.lease_cache() {
@@ -133,9 +162,11 @@ impl Client {
     pub(crate) fn own_change_start(&self) -> Option<OwnChange> {
         let c = self.lease_cache()?;
         let term = c.term.load(Ordering::Relaxed);
+        let mut view = lock(&c.view);
         (term != 0).then(|| OwnChange {
-            ticket: lock(&c.view).read_sent(),
+            ticket: view.read_sent(),
             term,
+            epoch: view.epoch(),
         })
     }
 
@@ -147,27 +178,33 @@ impl Client {
     /// dropped; either way reads in flight do not cache what they read
     /// before it, and the owner tells the kernel (the attributes only, for
     /// what was replaced: the kernel made the change, it knows the names).
+    ///
+    /// Returns the stream epoch under which a delegation the reply grants
+    /// holds (the read-back was granted on the stream the change was sent
+    /// under, and that stream is still the current one).
     pub(crate) fn own_change(
         &self,
         own: Option<OwnChange>,
         cmd: &pb::Command,
         reply: Option<&pb::MutateReply>,
-    ) {
-        let Some(c) = self.lease_cache() else { return };
+    ) -> Option<u64> {
+        let c = self.lease_cache()?;
         let mut view = lock(&c.view);
         let Some(reply) = reply else {
             let inodes = view.take_own(&failsafe_proto::known_touched(cmd), c.now());
             if let Some(own) = own {
                 view.read_done(own.ticket);
             }
-            let _ = c.dropped.send(Dropped { inodes, done: None });
-            return;
+            let _ = c.dropped.send(Dropped::own(inodes));
+            return None;
         };
         let changed = reply.result.as_ref().map_or(&[][..], |r| &r.changed[..]);
         let granted = own.as_ref().is_some_and(|own| {
             reply.lease.is_some_and(|g| g.granted && g.term == own.term)
                 && own.term == c.term.load(Ordering::Relaxed)
+                && own.epoch == view.epoch()
         });
+        let delegated = (granted && reply.delegated).then(|| view.epoch());
         let mut objects: Vec<u64> = changed.to_vec();
         objects.extend(reply.attrs.iter().map(|a| a.ino));
         objects.sort_unstable();
@@ -176,7 +213,7 @@ impl Client {
             if let Some(own) = own {
                 view.read_done(own.ticket);
             }
-            return;
+            return delegated;
         }
         let now = c.now();
         let mut inodes = Vec::with_capacity(objects.len());
@@ -217,7 +254,8 @@ impl Client {
         if let Some(own) = own {
             view.read_done(own.ticket);
         }
-        let _ = c.dropped.send(Dropped { inodes, done: None });
+        let _ = c.dropped.send(Dropped::own(inodes));
+        delegated
     }
 
     /// Reads `q` for the lease cache: from memory when cached, else from
@@ -287,7 +325,7 @@ impl Client {
         // in order with any invalidation that follows).
         if view.len() > MAX_CACHED {
             let inodes = view.drain();
-            let _ = c.dropped.send(Dropped { inodes, done: None });
+            let _ = c.dropped.send(Dropped::own(inodes));
         }
         drop(view);
         let (reply, _) = read?;
@@ -544,7 +582,7 @@ impl Client {
         view.read_done(ticket);
         if view.len() > MAX_CACHED {
             let inodes = view.drain();
-            let _ = c.dropped.send(Dropped { inodes, done: None });
+            let _ = c.dropped.send(Dropped::own(inodes));
         }
         drop(view);
         let (entries, _, _) = read?;
@@ -769,6 +807,8 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             view.lost();
             let _ = cache.dropped.send(Dropped {
                 inodes,
+                named: Vec::new(),
+                stream_lost: true,
                 done: Some(done),
             });
         }
@@ -892,7 +932,8 @@ async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<()
                         {
                             let mut view = lock(&cache.view);
                             let inodes = view.take(&inv.inos);
-                            if cache.dropped.send(Dropped { inodes, done: Some(done) }).is_err() {
+                            let d = Dropped { inodes, named: inv.inos.clone(), stream_lost: false, done: Some(done) };
+                            if cache.dropped.send(d).is_err() {
                                 return Ok(());
                             }
                         }

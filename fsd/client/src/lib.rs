@@ -22,6 +22,6 @@ pub use blocks::{inline_bytes, malformed_inline, Commit};
 pub use error::ClientError;
 pub use failsafe_proto::{pb, whole_file};
 pub use leases::{Cached, Dropped, Leased};
-pub use meta::{LockRequest, Session};
+pub use meta::{Behind, LockRequest, Session};
 pub use net::{Client, ClientConfig};
 pub use stats::{measure, OpCost, Outcome, RpcKind, RpcSnapshot};

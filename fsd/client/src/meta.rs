@@ -39,9 +39,32 @@ pub struct LockRequest {
     pub end: u64,
 }
 
+/// What a change asks of write-behind (docs/write-behind.md): the directory
+/// to be delegated to this client after it, and the directory whose
+/// delegation it flushes; 0 for none.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Behind {
+    pub delegate: u64,
+    pub flush_of: u64,
+}
+
 impl Client {
     /// Proposes a command; retries keep its operation id, so it is applied once.
     pub async fn mutate(&self, op: Op) -> Result<command_result::Result, ClientError> {
+        self.mutate_behind(op, Behind::default())
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`Client::mutate`] with what it asks of write-behind: also returns
+    /// the lease stream epoch under which the directory asked for in
+    /// `behind.delegate` is now delegated to this client (valid while that
+    /// stream's leases are; see [`Client::lease_now`]).
+    pub async fn mutate_behind(
+        &self,
+        op: Op,
+        behind: Behind,
+    ) -> Result<(command_result::Result, Option<u64>), ClientError> {
         let cmd = pb::Command {
             client_id: self.inner.client_id,
             op_id: self.next_op_id(),
@@ -56,11 +79,19 @@ impl Client {
         let own = self.own_change_start();
         let reply = self
             .with_leader(RpcKind::MetaMutate, "metadata change", |addr| {
+                // A flush is judged by whether this client still holds the
+                // delegation, not by whether its stream is up just now.
+                let lease_holder = match behind.flush_of {
+                    0 => self.lease_holder(),
+                    _ => self.inner.client_id,
+                };
                 let req = pb::MutateRequest {
-                    lease_holder: self.lease_holder(),
+                    lease_holder,
                     header: self.header(),
                     command: Some(cmd.clone()),
                     writer_zone: writer_zone.clone(),
+                    delegate: behind.delegate,
+                    flush_of: behind.flush_of,
                 };
                 let c = self.meta(&addr);
                 async move {
@@ -71,11 +102,11 @@ impl Client {
             })
             .await
             .map(|r| r.into_inner());
-        self.own_change(own, &cmd, reply.as_ref().ok());
+        let delegated = self.own_change(own, &cmd, reply.as_ref().ok());
         let result = reply?.result.ok_or_else(|| unexpected("mutate"))?;
         match result.result {
             Some(command_result::Result::Error(e)) => Err(refused(e)),
-            Some(r) => Ok(r),
+            Some(r) => Ok((r, delegated)),
             None => Err(unexpected("mutate")),
         }
     }

@@ -122,6 +122,9 @@ struct ObjectState {
     /// The holder it is delegated to ([`Leases::delegate`]): the only one
     /// that may change it, without asking, until it is recalled.
     delegate: Option<Holder>,
+    /// Flushes of its delegate under way ([`Leases::begin_flush`]): a
+    /// recall is not done before they are.
+    flushing: u32,
 }
 
 #[derive(Debug)]
@@ -408,6 +411,52 @@ impl Leases {
         Some((id, tell))
     }
 
+    /// Every object delegated now (to recall them all: a follower's read
+    /// cannot say what it reads).
+    pub fn delegated(&self) -> Vec<Object> {
+        self.objects
+            .iter()
+            .filter(|(_, os)| os.delegate.is_some())
+            .map(|(&o, _)| o)
+            .collect()
+    }
+
+    /// Those of `objects` delegated to anyone but `by` (to recall before
+    /// an answer that tells about them is given).
+    pub fn delegated_to_others(&self, objects: &[Object], by: Option<Holder>) -> Vec<Object> {
+        objects
+            .iter()
+            .copied()
+            .filter(|o| {
+                self.objects
+                    .get(o)
+                    .and_then(|os| os.delegate)
+                    .is_some_and(|d| Some(d) != by)
+            })
+            .collect()
+    }
+
+    /// Before proposing `h`'s flush of what it did alone in `o`: whether it
+    /// still holds the delegation at `now`. If so, a recall of `o` is not
+    /// done until [`Leases::end_flush`], even if `h`'s leases run out
+    /// meanwhile: the flush is ordered before whatever waits for the recall.
+    pub fn begin_flush(&mut self, h: Holder, o: Object, now: u64) -> bool {
+        if self.delegate_of(o, now) != Some(h) {
+            return false;
+        }
+        if let Some(os) = self.objects.get_mut(&o) {
+            os.flushing += 1;
+        }
+        true
+    }
+
+    /// A flush [`Leases::begin_flush`] admitted has applied (or failed).
+    pub fn end_flush(&mut self, o: Object) {
+        if let Some(os) = self.objects.get_mut(&o) {
+            os.flushing = os.flushing.saturating_sub(1);
+        }
+    }
+
     /// A mark to take before granting what will be pushed (a refresh):
     /// see [`Leases::begun_since`].
     pub fn change_mark(&self) -> u64 {
@@ -445,6 +494,14 @@ impl Leases {
             return ChangePoll::Done;
         };
         c.waiting.retain(|_, expires| *expires > now);
+        let flushing = c.recall
+            && c.objects
+                .iter()
+                .any(|o| self.objects.get(o).is_some_and(|os| os.flushing > 0));
+        if flushing {
+            // Woken by the flush's end (an acknowledgement's wake-up).
+            return ChangePoll::WaitUntil(now + 10);
+        }
         match c.waiting.values().min() {
             // Poll again then, or on an acknowledgement; the fence is
             // checked again too.
@@ -498,8 +555,11 @@ impl Leases {
             let recently_changed = os
                 .last_change
                 .is_some_and(|(_, at)| now.saturating_sub(at) < hot_ms);
-            let keep =
-                !os.holders.is_empty() || os.changing > 0 || os.hot_until > now || recently_changed;
+            let keep = !os.holders.is_empty()
+                || os.changing > 0
+                || os.flushing > 0
+                || os.hot_until > now
+                || recently_changed;
             if !keep {
                 *forgotten = (*forgotten).max(os.taken_back);
             }

@@ -126,6 +126,8 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
             ..Default::default()
         }),
         writer_zone: String::new(),
+        delegate: 0,
+        flush_of: 0,
     };
     let foreign = meta
         .mutate(mkdir(Some(header("another-cluster"))))
@@ -250,6 +252,8 @@ async fn t87_an_oversized_message_is_refused_and_the_daemon_stays_up() {
             ..Default::default()
         }),
         writer_zone: String::new(),
+        delegate: 0,
+        flush_of: 0,
     };
     let err = meta.mutate(req).await.unwrap_err();
     assert!(

@@ -311,6 +311,7 @@ async fn t23_a_retried_operation_is_applied_once() {
             command: Some(cmd.clone()),
             lease_holder: 0,
             writer_zone: String::new(),
+            ..Default::default()
         };
         // Follow a leader hint if the first member is not the leader.
         let r = match raw.mutate(req.clone()).await {

@@ -78,13 +78,17 @@ impl Metadata for MetadataService {
         // A session's lease renewal is upkeep, not writing.
         let writing = !matches!(cmd.op, Some(Op::Heartbeat(_) | Op::ExpireSessions(_)));
         let by = (req.lease_holder != 0).then_some(req.lease_holder);
-        let (result, back) = self.tracker.propose_as(cmd, by).await?;
+        let behind = crate::node::Behind {
+            delegate: req.delegate,
+            flush_of: req.flush_of,
+        };
+        let (result, back) = self.tracker.propose_as(cmd, by, behind).await?;
         if writing {
             self.tracker.note_write(&req.writer_zone);
         }
-        let (lease, attrs, names, extents) = match back {
-            Some(b) => (Some(b.lease), b.attrs, b.names, b.extents),
-            None => (None, Vec::new(), Vec::new(), Vec::new()),
+        let (lease, attrs, names, extents, delegated) = match back {
+            Some(b) => (Some(b.lease), b.attrs, b.names, b.extents, b.delegated),
+            None => (None, Vec::new(), Vec::new(), Vec::new(), false),
         };
         Ok(Response::new(pb::MutateReply {
             result: Some(result),
@@ -92,6 +96,7 @@ impl Metadata for MetadataService {
             attrs,
             names,
             extents,
+            delegated,
         }))
     }
 
@@ -205,6 +210,11 @@ impl Metadata for MetadataService {
             req.into_inner().header.as_ref(),
             &self.tracker.cluster.get(),
         )?;
+        // A follower's read cannot say what it reads: every delegation
+        // (write-behind) comes back first.
+        if let Some(leases) = self.tracker.leases() {
+            leases.recall_all().await;
+        }
         let index = self.tracker.read_index().await?;
         Ok(Response::new(pb::ReadIndexReply { index }))
     }

@@ -291,6 +291,11 @@ impl<V> HolderView<V> {
         self.take_own(&[object], now);
     }
 
+    /// The current stream (see [`HolderView::reconnected`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// How long what is cached stays valid from `now`, for the kernel's
     /// entry and attribute timeouts.
     pub fn remaining(&self, now: u64) -> u64 {

@@ -398,3 +398,27 @@ fn a_recall_waits_for_the_delegate_before_anyone_else_changes_or_reads() {
     l.end_change(id);
     assert_eq!(l.delegate_of(13, 520), None);
 }
+
+#[test]
+fn a_flush_is_admitted_only_from_the_delegate_and_holds_a_recall_until_it_applied() {
+    let mut l = Leases::new(CFG, 0);
+    for h in [1, 2] {
+        l.connect(h);
+        assert!(l.renew(h, 0));
+    }
+    assert!(l.delegate(1, 11, 10));
+    assert!(!l.begin_flush(2, 11, 20), "not 2's");
+    assert!(!l.begin_flush(1, 12, 20), "12 is nobody's");
+    assert_eq!(l.delegated(), vec![11]);
+    assert!(l.begin_flush(1, 11, 20));
+    let (id, tell) = l.begin_recall(&[11], Some(2), 30).expect("a recall");
+    assert_eq!(tell, vec![1]);
+    // The delegate's leases run out while its flush is under way: the
+    // recall still waits for the flush, which comes first.
+    assert!(matches!(l.poll_change(id, 500), ChangePoll::WaitUntil(_)));
+    l.end_flush(11);
+    assert_eq!(l.poll_change(id, 500), ChangePoll::Done);
+    l.end_change(id);
+    assert!(!l.begin_flush(1, 11, 510), "recalled: too late to flush");
+    assert!(l.delegated().is_empty());
+}

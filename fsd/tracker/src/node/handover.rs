@@ -245,6 +245,12 @@ impl Tracker {
             .filter(|a| !a.is_empty())
             .ok_or_else(|| TrackerError::Handover(format!("no address for {to:016x}")))?;
 
+        // Delegations (write-behind) come back first, while their delegates
+        // can still flush: the target will know none of them.
+        let _no_delegations = match self.leases() {
+            Some(l) => Some(l.recall_for_handover().await),
+            None => None,
+        };
         let _held = self.placement.gate.hold();
         // Steps 1 and 2 get half the budget: they take a round trip and an
         // fsync when all is well.

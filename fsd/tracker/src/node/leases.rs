@@ -53,6 +53,8 @@ struct Inner {
     table: Leases,
     /// No grants or renewals (a hand-over of leadership is under way).
     suspended: bool,
+    /// No new delegations (a hand-over is about to begin).
+    no_delegations: u32,
     streams: HashMap<Holder, Stream>,
     next_stream: u64,
     last_expire: u64,
@@ -78,6 +80,7 @@ impl LeaseTable {
             inner: Mutex::new(Inner {
                 table: Leases::new(cfg, 0),
                 suspended: false,
+                no_delegations: 0,
                 streams: HashMap::new(),
                 next_stream: 1,
                 last_expire: 0,
@@ -193,34 +196,129 @@ impl LeaseTable {
         let now = self.now();
         let mut inner = lock(&self.inner);
         let (id, tell) = inner.table.begin_change(objects, by, now);
+        self.tell(&mut inner, id, tell, objects)
+    }
+
+    /// Sends change `id`'s invalidation of `objects` to the holders in
+    /// `tell`; the change to wait for.
+    fn tell(
+        &self,
+        inner: &mut Inner,
+        id: u64,
+        tell: Vec<Holder>,
+        objects: &[Object],
+    ) -> Change<'_> {
         let event = pb::WatchEvent {
             event: Some(Event::Invalidate(pb::Invalidate {
                 change_id: id,
                 inos: objects.to_vec(),
             })),
         };
-        let mut told = Vec::with_capacity(tell.len());
-        for h in tell {
-            let sent = inner
-                .streams
-                .get(&h)
-                .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
-            if !sent {
-                // Its stream is gone or stuck: it cannot acknowledge, so the
-                // change waits for its leases to run out.
-                if inner.streams.remove(&h).is_some() {
-                    tracing::info!(holder = h, "lease stream stuck; closing it");
-                }
-                inner.table.disconnect(h);
-            } else {
-                told.push(h);
-            }
-        }
+        let told = self.send_all(inner, tell, &event);
         Change {
             table: self,
             id: Some(id),
             told,
         }
+    }
+
+    /// After `h`'s change in directory `dir` (it asked, for write-behind):
+    /// whether `dir` is now delegated to it (see
+    /// `failsafe_core::lease::Leases::delegate`).
+    pub(crate) fn delegate(&self, h: Holder, dir: Object) -> bool {
+        let now = self.now();
+        let mut inner = lock(&self.inner);
+        if inner.suspended || inner.no_delegations > 0 || !inner.streams.contains_key(&h) {
+            return false;
+        }
+        inner.table.delegate(h, dir, now)
+    }
+
+    /// Before `by` (a holder, or `None`) changes or reads `objects`: takes
+    /// back their delegations to anyone else, waiting until each delegate
+    /// has flushed what it did alone and acknowledged (or its leases ran
+    /// out). Returns at once when none of them is delegated.
+    pub(crate) async fn recall(&self, objects: &[Object], by: Option<Holder>) {
+        if objects.is_empty() {
+            return;
+        }
+        let recall = {
+            let now = self.now();
+            let mut inner = lock(&self.inner);
+            let Some((id, tell)) = inner.table.begin_recall(objects, by, now) else {
+                return;
+            };
+            self.tell(&mut inner, id, tell, objects)
+        };
+        tracing::debug!(?objects, delegates = ?recall.told(), "recalling delegations");
+        recall.done().await;
+    }
+
+    /// Those of `objects` delegated to anyone but `by`.
+    pub(crate) fn delegated_to_others(
+        &self,
+        objects: &[Object],
+        by: Option<Holder>,
+    ) -> Vec<Object> {
+        let inner = lock(&self.inner);
+        if inner.table.sizes().1 == 0 {
+            return Vec::new();
+        }
+        inner.table.delegated_to_others(objects, by)
+    }
+
+    /// Takes back every delegation (before leadership is handed over, and
+    /// for a follower's read, which cannot say what it reads).
+    pub(crate) async fn recall_all(&self) {
+        let all = lock(&self.inner).table.delegated();
+        self.recall(&all, None).await;
+    }
+
+    /// Before leadership is handed over: no new delegations while the guard
+    /// lives, and every one granted so far taken back.
+    pub(crate) async fn recall_for_handover(&self) -> NoDelegations<'_> {
+        lock(&self.inner).no_delegations += 1;
+        let guard = NoDelegations(self);
+        self.recall_all().await;
+        guard
+    }
+
+    /// Before proposing `h`'s flush of what it did alone in `dir`: `None`
+    /// when it no longer holds the delegation (the flush must be refused).
+    /// While the guard lives, a recall of `dir` waits for it.
+    pub(crate) fn begin_flush(&self, h: Holder, dir: Object) -> Option<Flushing<'_>> {
+        let now = self.now();
+        lock(&self.inner)
+            .table
+            .begin_flush(h, dir, now)
+            .then_some(Flushing { table: self, dir })
+    }
+
+    /// Sends `event` to each of `holders`; returns those it reached (a
+    /// holder whose stream is gone or stuck is disconnected: it cannot
+    /// acknowledge, so what waits for it waits for its leases to run out).
+    fn send_all(
+        &self,
+        inner: &mut Inner,
+        holders: Vec<Holder>,
+        event: &pb::WatchEvent,
+    ) -> Vec<Holder> {
+        let mut told = Vec::with_capacity(holders.len());
+        for h in holders {
+            let sent = inner
+                .streams
+                .get(&h)
+                .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
+            if sent {
+                told.push(h);
+            } else {
+                if inner.streams.remove(&h).is_some() {
+                    tracing::info!(holder = h, "lease stream stuck; closing it");
+                }
+                inner.table.disconnect(h);
+            }
+        }
+        told
     }
 
     /// Before reading what a finished change left for the holders it told
@@ -265,16 +363,7 @@ impl LeaseTable {
         let event = pb::WatchEvent {
             event: Some(Event::Refresh(refresh)),
         };
-        for &h in holders {
-            let sent = inner
-                .streams
-                .get(&h)
-                .is_some_and(|s| s.events.try_send(Ok(event.clone())).is_ok());
-            if !sent && inner.streams.remove(&h).is_some() {
-                tracing::info!(holder = h, "lease stream stuck; closing it");
-                inner.table.disconnect(h);
-            }
-        }
+        self.send_all(&mut inner, holders.to_vec(), &event);
     }
 
     /// Before this member hands leadership to another on purpose (which
@@ -336,6 +425,29 @@ impl Drop for Change<'_> {
         if let Some(id) = self.id {
             lock(&self.table.inner).table.end_change(id);
         }
+    }
+}
+
+/// A delegate's flush under way (`LeaseTable::begin_flush`).
+pub(crate) struct Flushing<'a> {
+    table: &'a LeaseTable,
+    dir: Object,
+}
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        lock(&self.table.inner).table.end_flush(self.dir);
+        self.table.acked.notify_waiters();
+    }
+}
+
+/// Delegations are granted again when this is dropped.
+pub(crate) struct NoDelegations<'a>(&'a LeaseTable);
+
+impl Drop for NoDelegations<'_> {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.0.inner);
+        inner.no_delegations = inner.no_delegations.saturating_sub(1);
     }
 }
 

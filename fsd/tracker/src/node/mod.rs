@@ -125,7 +125,49 @@ impl From<crate::db::DbGone> for TrackerError {
 
 /// What a writer may cache of its own change: read for it after the leader
 /// registered it as a holder of what the change touched or made.
+/// What a holder's change asks of write-behind (docs/write-behind.md):
+/// `MutateRequest.delegate` and `.flush_of`, 0 for none.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Behind {
+    pub delegate: u64,
+    pub flush_of: u64,
+}
+
+fn refused(e: state::OpError) -> pb::CommandResult {
+    pb::CommandResult {
+        result: Some(pb::command_result::Result::Error(pb::CommandError {
+            code: e.code as i32,
+            message: e.message,
+        })),
+        changed: Vec::new(),
+    }
+}
+
+/// The inode a query asks about (whose lease covers the answer).
+fn query_object(q: &Query) -> Option<u64> {
+    match q {
+        Query::Lookup(l) => Some(l.parent),
+        Query::GetAttr(g) => Some(g.ino),
+        Query::ReadDir(r) => Some(r.ino),
+        Query::ReadLink(r) => Some(r.ino),
+        Query::ReadExtents(r) => Some(r.ino),
+        _ => None,
+    }
+}
+
+/// The inodes whose attributes an answer carries.
+fn reply_inos(r: &Reply) -> Vec<u64> {
+    match r {
+        Reply::Attr(a) => vec![a.ino],
+        Reply::FileExtents(fe) => fe.attr.iter().map(|a| a.ino).collect(),
+        Reply::DirPage(p) => p.entries.iter().map(|e| e.ino).collect(),
+        _ => Vec::new(),
+    }
+}
+
 pub struct ReadBack {
+    /// The directory the writer asked for is delegated to it.
+    pub delegated: bool,
     pub lease: pb::LeaseGrant,
     /// The attributes of those inodes (a gone one left out).
     pub attrs: Vec<pb::Attr>,
@@ -271,7 +313,9 @@ impl Tracker {
     /// the log (so every member applies the same time). Batches are formed
     /// here only: one proposed from outside is refused.
     pub async fn propose(&self, cmd: pb::Command) -> Result<pb::CommandResult, TrackerError> {
-        self.propose_as(cmd, None).await.map(|(result, _)| result)
+        self.propose_as(cmd, None, Behind::default())
+            .await
+            .map(|(result, _)| result)
     }
 
     /// [`Tracker::propose`] for lease holder `by` (a mount's Watch stream),
@@ -280,10 +324,16 @@ impl Tracker {
     /// other holder of a lease on what the command changed has given it up
     /// (or its leases have run out) before this returns, and is sent a
     /// refresh of it.
+    ///
+    /// Delegations (write-behind, `behind`): what the command names that is
+    /// delegated to another holder is recalled before it is proposed; a
+    /// delegate's flush is refused once it no longer holds the directory; a
+    /// holder that asked is delegated the directory after its change.
     pub async fn propose_as(
         &self,
         mut cmd: pb::Command,
         by: Option<u64>,
+        behind: Behind,
     ) -> Result<(pb::CommandResult, Option<ReadBack>), TrackerError> {
         // Refuse what can never apply before it takes a place in the log,
         // whoever proposes it (a client's Mutate or this host's workers).
@@ -291,19 +341,27 @@ impl Tracker {
             state::OpError::new(pb::ErrorCode::Invalid, "batches are formed by the leader")
         });
         if let Some(e) = outside_batch.or_else(|| state::validate(&cmd).err()) {
-            let refused = pb::CommandResult {
-                result: Some(pb::command_result::Result::Error(pb::CommandError {
-                    code: e.code as i32,
-                    message: e.message,
-                })),
-                changed: Vec::new(),
-            };
-            return Ok((refused, None));
+            return Ok((refused(e), None));
+        }
+        let known = state::known_touched(&cmd);
+        let _flushing = match (behind.flush_of, by, &self.leases) {
+            (0, _, _) => None,
+            (dir, Some(h), Some(leases)) if known.contains(&dir) => leases.begin_flush(h, dir),
+            _ => None,
+        };
+        if behind.flush_of != 0 && _flushing.is_none() {
+            let lost = state::OpError::new(
+                pb::ErrorCode::DelegationLost,
+                format!("directory {} is no longer delegated here", behind.flush_of),
+            );
+            return Ok((refused(lost), None));
+        }
+        if let Some(leases) = &self.leases {
+            leases.recall(&known, by).await;
         }
         // Holders of what the command names are told now, in parallel with
         // its trip through the log; those of inodes found by name (an
         // unlinked or replaced file) once it has applied.
-        let known = state::known_touched(&cmd);
         let names = state::changed_names(&cmd);
         let wrote = match &cmd.op {
             Some(pb::command::Op::CommitExtents(c)) => Some(c.ino),
@@ -339,9 +397,13 @@ impl Tracker {
             late.done().await;
             told.sort_unstable();
             told.dedup();
-            let back = self
+            let mut back = self
                 .read_back(leases, by, told, names, wrote, &result)
                 .await?;
+            if let (Some(b), Some(h), true) = (&mut back, by, behind.delegate != 0) {
+                b.delegated =
+                    known.contains(&behind.delegate) && leases.delegate(h, behind.delegate);
+            }
             return Ok((result, back));
         }
         Ok((result, None))
@@ -427,22 +489,17 @@ impl Tracker {
         holder: u64,
     ) -> Result<(Reply, pb::LeaseGrant), TrackerError> {
         let no = pb::LeaseGrant::default();
+        let by = Some(holder);
+        let linearizable = pb::Consistency::Linearizable;
         let (Some(leases), Some(term)) = (self.leases(), self.lease_term()) else {
-            return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
+            return Ok((self.query_by(q, linearizable, by).await?, no));
         };
-        let object = match &q {
-            Query::Lookup(l) => Some(l.parent),
-            Query::GetAttr(g) => Some(g.ino),
-            Query::ReadDir(r) => Some(r.ino),
-            Query::ReadLink(r) => Some(r.ino),
-            Query::ReadExtents(r) => Some(r.ino),
-            _ => None,
+        let Some(object) = query_object(&q) else {
+            return Ok((self.query_by(q, linearizable, by).await?, no));
         };
-        let Some(object) = object else {
-            return Ok((self.query(q, pb::Consistency::Linearizable).await?, no));
-        };
+        leases.recall(&[object], by).await;
         let mut granted = leases.grant(holder, &[object]);
-        let mut reply = self.query(q.clone(), pb::Consistency::Linearizable).await?;
+        let mut reply = self.query_by(q.clone(), linearizable, by).await?;
         // A name's answer carries its inode's attributes: lease that inode
         // too, and read its attributes again after registering, so a change
         // to it between the two reads is not missed.
@@ -459,7 +516,7 @@ impl Tracker {
                 if granted {
                     // Leadership was confirmed by the first read: this one
                     // need only come after the registration.
-                    reply = self.query(again, pb::Consistency::Local).await?;
+                    reply = self.query_by(again, pb::Consistency::Local, by).await?;
                 }
             }
         }
@@ -470,7 +527,7 @@ impl Tracker {
                 let inos: Vec<u64> = page.entries.iter().map(|e| e.ino).collect();
                 granted = leases.grant(holder, &inos);
                 if granted {
-                    reply = self.query(q.clone(), pb::Consistency::Local).await?;
+                    reply = self.query_by(q.clone(), pb::Consistency::Local, by).await?;
                 }
             }
         }
@@ -533,6 +590,7 @@ impl Tracker {
             leases.refresh_send(&others, &objects, mark, refresh);
         }
         Ok(writer.then_some(ReadBack {
+            delegated: false,
             lease: pb::LeaseGrant {
                 granted: true,
                 term,
@@ -545,6 +603,41 @@ impl Tracker {
 
     /// Answers a query, after confirming leadership for a linearizable one.
     pub async fn query(
+        &self,
+        q: Query,
+        consistency: pb::Consistency,
+    ) -> Result<Reply, TrackerError> {
+        self.query_by(q, consistency, None).await
+    }
+
+    /// [`Tracker::query`] for `by` (a lease holder, or `None`): what it asks
+    /// about, and what the answer tells about, comes back first from any
+    /// other holder it is delegated to (write-behind), so the answer has
+    /// what that holder did alone there.
+    async fn query_by(
+        &self,
+        q: Query,
+        consistency: pb::Consistency,
+        by: Option<u64>,
+    ) -> Result<Reply, TrackerError> {
+        let Some(leases) = &self.leases else {
+            return self.query_here(q, consistency).await;
+        };
+        if let Some(o) = query_object(&q) {
+            leases.recall(&[o], by).await;
+        }
+        let reply = self.query_here(q.clone(), consistency).await?;
+        let told = leases.delegated_to_others(&reply_inos(&reply), by);
+        if told.is_empty() {
+            return Ok(reply);
+        }
+        leases.recall(&told, by).await;
+        // The first read confirmed what it had to; this one comes after
+        // the delegates' flushes applied here.
+        self.query_here(q, pb::Consistency::Local).await
+    }
+
+    async fn query_here(
         &self,
         q: Query,
         consistency: pb::Consistency,
