@@ -302,6 +302,7 @@ impl World<'_> {
             if self.allow_other {
                 opts.push_str(",allow_other");
             }
+            let opts = crate::targets::with_extra(opts);
             let m = LocalMount::start(
                 cmd,
                 &spec,

@@ -150,6 +150,10 @@ struct Args {
     /// A note for the report (why this run, what else ran on the machine).
     #[arg(long)]
     note: Option<String>,
+    /// More `-o` options for every failsafe mount (comma-separated, e.g.
+    /// `writebehind`); the report's setup lines show them.
+    #[arg(long, default_value = "")]
+    mount_options: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -622,6 +626,9 @@ fn machine(root: &Path) -> Value {
 
 fn main() {
     let args = Args::parse();
+    if !args.mount_options.is_empty() {
+        let _ = targets::MOUNT_EXTRA.set(args.mount_options.clone());
+    }
     if let Err(e) = run(args) {
         eprintln!("failsafe-bench: {e:#}");
         std::process::exit(1);

@@ -12,6 +12,18 @@ use failsafe_harness::local::{
     die_with_parent, is_mounted, sibling_binary, LocalCluster, LocalMount,
 };
 
+/// `--mount-options`: added to every failsafe mount's options.
+pub(crate) static MOUNT_EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `opts` with `--mount-options` added.
+pub(crate) fn with_extra(mut opts: String) -> String {
+    if let Some(extra) = MOUNT_EXTRA.get() {
+        opts.push(',');
+        opts.push_str(extra);
+    }
+    opts
+}
+
 /// The mount's stats file as read at one moment (see `RoundTrips`).
 pub(crate) type Snapshot = serde_json::Value;
 
@@ -269,7 +281,7 @@ impl Failsafe {
         if let Some(s) = &self.stats {
             o.push_str(&format!(",stats={}", s.display()));
         }
-        o
+        with_extra(o)
     }
 
     fn mount(&mut self) -> anyhow::Result<()> {
