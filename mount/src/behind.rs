@@ -2,35 +2,47 @@
 //! docs/write-behind.md).
 //!
 //! The tracker leader may delegate a directory this mount changes (a
-//! `mkdir` or `rmdir` in it asks) to this mount alone. While it holds the
-//! delegation, and its leases last at least [`MARGIN`] longer, a `mkdir`
-//! in the directory is made here only, under an inode number from a range
-//! of this mount's own ([`LOCAL_BASE`]), and a `rmdir` of a directory made
-//! so and not yet sent takes it back: a lock directory's `mkdir`/`rmdir`
-//! pair (DokuWiki's `io_lock`, and the lock directories of many other
-//! tools) costs nothing. What is left is flushed to the leader, marked as
-//! the delegate's (`MutateRequest.flush_of`):
+//! `mkdir`, `rmdir`, `unlink` or `rename` in it asks) to this mount alone.
+//! While it holds the delegation, and its leases last at least [`MARGIN`]
+//! longer, those changes in the directory are made here only and
+//! acknowledged at once:
+//!
+//! - `mkdir`, under an inode number from a range of this mount's own
+//!   ([`LOCAL_BASE`]); a `rmdir` of a directory made so and not yet sent
+//!   takes it back, so a lock directory's `mkdir`/`rmdir` pair (DokuWiki's
+//!   `io_lock`, and the lock directories of many other tools) costs nothing;
+//! - `unlink` of a file not open here;
+//! - `rename` of a file within the directory, over nothing or over a file
+//!   not open here.
+//!
+//! What this mount sees in the directory is the tracker's listing with
+//! those changes laid over it. They are flushed to the leader in order,
+//! marked as the delegate's (`MutateRequest.flush_of`), independent ones
+//! together (the leader commits them in one group):
 //!
 //! - [`FLUSH_AFTER`] after the first change not yet flushed;
 //! - when the leader recalls the directory (another client is about to read
 //!   or change it): the invalidation is acknowledged only after the flush;
-//! - before any other operation in the directory, or on a directory made
-//!   here, and before any lock operation;
+//! - before any other operation in the directory or on a directory made
+//!   here, before an `fsync` of the directory, and before any lock
+//!   operation;
 //! - when the lease stream ends, and at unmount.
 //!
-//! The leader refuses a flush from a mount that no longer holds the
-//! delegation (its leases ran out while it was frozen or cut off): what it
-//! made alone is then lost, and said so in the log.
+//! A close or fsync still commits the file's bytes before it returns; a
+//! rename or unlink made here alone is as durable as one on a local file
+//! system before the directory is synced. The leader refuses a flush from
+//! a mount that no longer holds the delegation (its leases ran out while it
+//! was frozen or cut off): what it did alone is then lost, and said so in
+//! the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use failsafe_client::pb::{self, command::Op, command_result};
 use failsafe_client::{Behind as Asking, Client};
 use fuser::Errno;
-
-use crate::errno::errno;
+use futures::StreamExt;
 
 /// Inode numbers from here on are this mount's own (the tracker numbers
 /// from 1 upwards).
@@ -40,6 +52,8 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(100);
 /// Nothing is done alone unless the leases last at least this much longer:
 /// time for the flush.
 pub(crate) const MARGIN: Duration = Duration::from_millis(150);
+/// Independent changes of one flush sent at once, at most.
+const IN_FLIGHT: usize = 64;
 
 pub(crate) struct WriteBehind {
     client: Client,
@@ -48,8 +62,9 @@ pub(crate) struct WriteBehind {
 
 #[derive(Default)]
 struct Inner {
-    dirs: HashMap<u64, Delegation>,
-    locals: HashMap<u64, Local>,
+    dirs: BTreeMap<u64, Delegation>,
+    /// Directories made here alone, by their local inode.
+    locals: BTreeMap<u64, Local>,
     next: u64,
 }
 
@@ -58,17 +73,45 @@ struct Delegation {
     epoch: u64,
     /// Recalled, or the stream ended: nothing more is done here alone.
     gone: bool,
-    /// Directories made here alone and not flushed yet (or being flushed),
-    /// by name.
-    made: BTreeMap<Vec<u8>, u64>,
-    /// Those not taken by a flush yet, in the order they were made.
-    pending: Vec<u64>,
+    /// Names as changed here alone and not flushed yet (or being flushed).
+    names: BTreeMap<Vec<u8>, Name>,
+    /// Changes not taken by a flush yet, in the order they were made.
+    pending: Vec<Change>,
     /// One flush at a time, in order.
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
     timer: bool,
     /// The last change made here alone (the directory's mtime and ctime).
     touched_ns: i64,
+    /// Directories made here alone and not flushed yet (its link count).
+    made: u32,
+}
+
+/// A name as changed here alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Name {
+    /// A directory made here (its local inode).
+    Made(u64),
+    /// Now this inode of the tracker's (renamed to the name).
+    Is(u64),
+    /// Removed.
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+enum Change {
+    Mkdir { name: Vec<u8>, ino: u64 },
+    Unlink { name: Vec<u8> },
+    Rename { from: Vec<u8>, to: Vec<u8> },
+}
+
+impl Change {
+    fn names(&self) -> Vec<&[u8]> {
+        match self {
+            Change::Mkdir { name, .. } | Change::Unlink { name } => vec![name],
+            Change::Rename { from, to } => vec![from, to],
+        }
+    }
 }
 
 enum Local {
@@ -80,12 +123,13 @@ enum Local {
     Lost,
 }
 
-/// What [`WriteBehind::rmdir`] did.
-pub(crate) enum Removed {
-    /// It was made here alone and never sent: gone without a trace.
+/// What a change asked of [`WriteBehind`] did.
+pub(crate) enum Done {
+    /// Made here alone (acknowledge it).
     Here,
-    /// Not made here alone: remove it at the tracker.
-    Elsewhere,
+    /// It goes to the tracker (everything before it in the directory went
+    /// first).
+    Tracker,
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -100,7 +144,7 @@ impl WriteBehind {
         })
     }
 
-    /// Whether `dir` may be changed here alone now.
+    /// Whether `d` may be changed here alone now.
     fn usable(&self, d: &Delegation) -> bool {
         !d.gone
             && self
@@ -115,59 +159,96 @@ impl WriteBehind {
         let d = inner.dirs.entry(dir).or_insert_with(|| Delegation {
             epoch,
             gone: false,
-            made: BTreeMap::new(),
+            names: BTreeMap::new(),
             pending: Vec::new(),
             flush: Arc::default(),
             timer: false,
             touched_ns: 0,
+            made: 0,
         });
         d.epoch = epoch;
         d.gone = false;
     }
 
+    /// `dir/name` as changed here alone, if it was.
+    pub(crate) fn name(&self, dir: u64, name: &[u8]) -> Option<Name> {
+        lock(&self.inner).dirs.get(&dir)?.names.get(name).copied()
+    }
+
+    /// Whether `dir` may be changed here alone now (checked again when the
+    /// change is recorded).
+    fn may(&self, dir: u64) -> bool {
+        lock(&self.inner)
+            .dirs
+            .get(&dir)
+            .is_some_and(|d| self.usable(d))
+    }
+
+    /// Records `change` in `dir` and what it does to names (under the lock,
+    /// with the delegation checked again: a recall may have come since the
+    /// caller looked). False: it must go to the tracker.
+    fn record(
+        self: &Arc<Self>,
+        dir: u64,
+        change: Change,
+        names: &[(&[u8], Name)],
+        local: Option<(u64, Local)>,
+    ) -> bool {
+        let now = crate::core::now_ns();
+        let mut inner = lock(&self.inner);
+        let Some(d) = inner.dirs.get_mut(&dir) else {
+            return false;
+        };
+        if !self.usable(d) {
+            return false;
+        }
+        for (name, n) in names {
+            d.names.insert(name.to_vec(), *n);
+        }
+        if matches!(change, Change::Mkdir { .. }) {
+            d.made += 1;
+        }
+        d.pending.push(change);
+        d.touched_ns = now;
+        let start_timer = !std::mem::replace(&mut d.timer, true);
+        if let Some((ino, l)) = local {
+            inner.locals.insert(ino, l);
+        }
+        drop(inner);
+        if start_timer {
+            let me = self.clone();
+            tokio::spawn(async move { me.flush_later(dir).await });
+        }
+        true
+    }
+
     /// `mkdir dir/name` here alone, if `dir` is delegated here: `None` when
-    /// it must go to the tracker.
-    pub(crate) async fn mkdir(
+    /// it must go to the tracker. `free`: the name is free at the tracker
+    /// (nobody else can take it while the directory is delegated here).
+    pub(crate) fn mkdir(
         self: &Arc<Self>,
         dir: u64,
         name: &[u8],
+        free: bool,
         mode: u32,
         uid: u32,
         gid: u32,
     ) -> Option<Result<pb::Attr, Errno>> {
-        {
-            let inner = lock(&self.inner);
-            let d = inner.dirs.get(&dir)?;
-            if !self.usable(d) {
-                return None;
-            }
-            if d.made.contains_key(name) {
-                return Some(Err(Errno::EEXIST));
-            }
-        }
-        // The name must be free at the tracker (nobody else can take it
-        // while the directory is delegated here); usually known here.
-        match self.client.lookup_leased(dir, name).await {
-            Ok(l) if l.value.is_some() => return Some(Err(Errno::EEXIST)),
-            Ok(_) => {}
-            Err(e) => return Some(Err(errno(&e))),
-        }
-        let now = crate::core::now_ns();
-        let mut inner = lock(&self.inner);
-        inner.next += 1;
-        let ino = LOCAL_BASE + inner.next;
-        let d = inner.dirs.get_mut(&dir)?;
-        // Checked again: a recall may have come meanwhile.
-        if !self.usable(d) {
+        if !self.may(dir) {
             return None;
         }
-        if d.made.contains_key(name) {
-            return Some(Err(Errno::EEXIST));
+        match self.name(dir, name) {
+            Some(Name::Made(_) | Name::Is(_)) => return Some(Err(Errno::EEXIST)),
+            Some(Name::Gone) => {}
+            None if !free => return Some(Err(Errno::EEXIST)),
+            None => {}
         }
-        d.made.insert(name.to_vec(), ino);
-        d.pending.push(ino);
-        d.touched_ns = now;
-        let start_timer = !std::mem::replace(&mut d.timer, true);
+        let now = crate::core::now_ns();
+        let ino = {
+            let mut inner = lock(&self.inner);
+            inner.next += 1;
+            LOCAL_BASE + inner.next
+        };
         let attr = pb::Attr {
             ino,
             kind: pb::FileKind::KindDir as i32,
@@ -181,46 +262,74 @@ impl WriteBehind {
             ctime_ns: now,
             ..Default::default()
         };
-        inner.locals.insert(ino, Local::Made { parent: dir, attr });
-        drop(inner);
-        if start_timer {
-            let me = self.clone();
-            tokio::spawn(async move { me.flush_later(dir).await });
-        }
-        Some(Ok(attr))
+        let change = Change::Mkdir {
+            name: name.to_vec(),
+            ino,
+        };
+        let made = Local::Made { parent: dir, attr };
+        self.record(dir, change, &[(name, Name::Made(ino))], Some((ino, made)))
+            .then_some(Ok(attr))
     }
 
     /// `rmdir dir/name`: taken back here if it was made here alone and not
     /// sent yet (it is empty: anything done inside it flushes it first).
-    pub(crate) async fn rmdir(&self, dir: u64, name: &[u8]) -> Removed {
+    pub(crate) async fn rmdir(&self, dir: u64, name: &[u8]) -> Done {
         {
             let mut inner = lock(&self.inner);
             let Some(d) = inner.dirs.get_mut(&dir) else {
-                return Removed::Elsewhere;
+                return Done::Tracker;
             };
-            if let Some(&ino) = d.made.get(name) {
-                if let Some(i) = d.pending.iter().position(|&p| p == ino) {
-                    d.pending.remove(i);
-                    d.made.remove(name);
+            if let Some(Name::Made(ino)) = d.names.get(name).copied() {
+                let at = d
+                    .pending
+                    .iter()
+                    .position(|c| matches!(c, Change::Mkdir { ino: i, .. } if *i == ino));
+                if let Some(at) = at {
+                    d.pending.remove(at);
+                    // It was free when made: it is again (until the next
+                    // flush confirms the tracker has it so).
+                    d.names.insert(name.to_vec(), Name::Gone);
+                    d.made = d.made.saturating_sub(1);
                     d.touched_ns = crate::core::now_ns();
                     inner.locals.remove(&ino);
-                    return Removed::Here;
+                    return Done::Here;
                 }
             }
         }
-        // Being flushed, or something else made here is pending: in order.
         self.settle(dir).await;
-        Removed::Elsewhere
+        Done::Tracker
     }
 
-    /// A directory made here alone, by name.
-    pub(crate) fn lookup(&self, dir: u64, name: &[u8]) -> Option<pb::Attr> {
-        let inner = lock(&self.inner);
-        let ino = *inner.dirs.get(&dir)?.made.get(name)?;
-        match inner.locals.get(&ino) {
-            Some(Local::Made { attr, .. }) => Some(*attr),
-            _ => None,
+    /// `unlink dir/name` of a file (inode `ino`, not open here) here alone.
+    pub(crate) fn unlink(self: &Arc<Self>, dir: u64, name: &[u8]) -> Done {
+        let change = Change::Unlink {
+            name: name.to_vec(),
+        };
+        if self.record(dir, change, &[(name, Name::Gone)], None) {
+            Done::Here
+        } else {
+            Done::Tracker
         }
+    }
+
+    /// `rename dir/from dir/to` of a file (inode `ino`) over nothing or
+    /// over a file not open here, here alone.
+    pub(crate) fn rename(self: &Arc<Self>, dir: u64, from: &[u8], to: &[u8], ino: u64) -> Done {
+        let change = Change::Rename {
+            from: from.to_vec(),
+            to: to.to_vec(),
+        };
+        let names = [(from, Name::Gone), (to, Name::Is(ino))];
+        if self.record(dir, change, &names, None) {
+            Done::Here
+        } else {
+            Done::Tracker
+        }
+    }
+
+    /// Whether `dir` may be changed here alone now.
+    pub(crate) fn delegated(&self, dir: u64) -> bool {
+        self.may(dir)
     }
 
     /// The attributes of a directory made here alone and not flushed yet.
@@ -236,7 +345,7 @@ impl WriteBehind {
     pub(crate) fn adjust(&self, a: &mut pb::Attr) {
         let inner = lock(&self.inner);
         if let Some(d) = inner.dirs.get(&a.ino) {
-            a.nlink += d.made.len() as u32;
+            a.nlink += d.made;
             a.mtime_ns = a.mtime_ns.max(d.touched_ns);
             a.ctime_ns = a.ctime_ns.max(d.touched_ns);
         }
@@ -281,13 +390,14 @@ impl WriteBehind {
     /// is done in them alone. Returns those with something to flush.
     pub(crate) fn recalled(&self, inos: &[u64]) -> Vec<u64> {
         let mut inner = lock(&self.inner);
+
         let mut flush = Vec::new();
         for o in inos {
             let Some(d) = inner.dirs.get_mut(o) else {
                 continue;
             };
             d.gone = true;
-            if !d.made.is_empty() {
+            if !d.names.is_empty() {
                 flush.push(*o);
             } else if !d.timer {
                 inner.dirs.remove(o);
@@ -318,77 +428,119 @@ impl WriteBehind {
         }
     }
 
-    /// Flushes everything made in `dir` here alone, and waits for a flush
+    /// Flushes everything done in `dir` here alone, and waits for a flush
     /// already under way: afterwards the tracker has all of it (or it is
     /// reported lost).
     pub(crate) async fn settle(&self, dir: u64) {
         let flush = {
             let inner = lock(&self.inner);
             match inner.dirs.get(&dir) {
-                Some(d) if !d.made.is_empty() => d.flush.clone(),
+                Some(d) if !d.names.is_empty() => d.flush.clone(),
                 _ => return,
             }
         };
         let _one = flush.lock().await;
-        let batch: Vec<(u64, Vec<u8>, pb::Attr)> = {
+        let batch = {
             let mut inner = lock(&self.inner);
             let Some(d) = inner.dirs.get_mut(&dir) else {
                 return;
             };
-            let pending = std::mem::take(&mut d.pending);
-            let names: HashMap<u64, Vec<u8>> =
-                d.made.iter().map(|(n, &i)| (i, n.clone())).collect();
-            pending
-                .into_iter()
-                .filter_map(|ino| {
-                    let name = names.get(&ino)?.clone();
-                    match inner.locals.get(&ino) {
-                        Some(Local::Made { attr, .. }) => Some((ino, name, *attr)),
-                        _ => None,
-                    }
-                })
-                .collect()
+            std::mem::take(&mut d.pending)
         };
-        for (ino, name, attr) in batch {
-            let op = Op::Mkdir(pb::Mkdir {
-                parent: dir,
-                name: name.clone(),
-                mode: attr.mode,
-                uid: attr.uid,
-                gid: attr.gid,
-            });
-            let asking = Asking {
-                delegate: 0,
-                flush_of: dir,
-            };
-            let outcome = match self.client.mutate_behind(op, asking).await {
-                Ok((command_result::Result::Attr(a), _)) => Local::Flushed(a.ino),
-                Ok(_) => Local::Lost,
-                Err(e) => {
-                    tracing::warn!(
-                        dir,
-                        name = %String::from_utf8_lossy(&name),
-                        error = %e,
-                        "write-behind: a directory made here alone is lost"
-                    );
-                    Local::Lost
-                }
-            };
-            let mut inner = lock(&self.inner);
-            inner.locals.insert(ino, outcome);
-            if let Some(d) = inner.dirs.get_mut(&dir) {
-                if d.made.get(&name) == Some(&ino) {
-                    d.made.remove(&name);
-                }
+        // Runs of changes that touch different names go together; a change
+        // touching a name of its run starts the next.
+        let mut runs: Vec<Vec<Change>> = Vec::new();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        for c in batch.iter().cloned() {
+            let names = c.names();
+            if runs.is_empty() || names.iter().any(|n| seen.contains(*n)) {
+                runs.push(Vec::new());
+                seen.clear();
+            }
+            seen.extend(names.iter().map(|n| n.to_vec()));
+            if let Some(run) = runs.last_mut() {
+                run.push(c);
             }
         }
+        for run in runs {
+            futures::stream::iter(run)
+                .map(|c| self.send(dir, c))
+                .buffer_unordered(IN_FLIGHT)
+                .collect::<Vec<()>>()
+                .await;
+        }
         let mut inner = lock(&self.inner);
-        if inner
-            .dirs
-            .get(&dir)
-            .is_some_and(|d| d.gone && d.made.is_empty() && !d.timer)
-        {
+        let Some(d) = inner.dirs.get_mut(&dir) else {
+            return;
+        };
+        // The tracker (and this mount's lease cache, from the flush's
+        // read-back) now has what the flushed changes did to these names,
+        // unless a change made since touches them again.
+        let later: HashSet<Vec<u8>> = d
+            .pending
+            .iter()
+            .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
+            .collect();
+        // (Every change before them is flushed: this holds the flush lock.)
+        d.names.retain(|n, _| later.contains(n));
+        let flushed = batch
+            .iter()
+            .filter(|c| matches!(c, Change::Mkdir { .. }))
+            .count() as u32;
+        d.made = d.made.saturating_sub(flushed);
+        if d.gone && d.names.is_empty() && !d.timer {
             inner.dirs.remove(&dir);
+        }
+    }
+
+    /// Sends one change of `dir`'s flush.
+    async fn send(&self, dir: u64, c: Change) {
+        let op = match &c {
+            Change::Mkdir { name, ino } => {
+                let attr = match lock(&self.inner).locals.get(ino) {
+                    Some(Local::Made { attr, .. }) => *attr,
+                    _ => return,
+                };
+                Op::Mkdir(pb::Mkdir {
+                    parent: dir,
+                    name: name.clone(),
+                    mode: attr.mode,
+                    uid: attr.uid,
+                    gid: attr.gid,
+                })
+            }
+            Change::Unlink { name } => Op::Unlink(pb::Unlink {
+                parent: dir,
+                name: name.clone(),
+            }),
+            Change::Rename { from, to } => Op::Rename(pb::Rename {
+                parent: dir,
+                name: from.clone(),
+                new_parent: dir,
+                new_name: to.clone(),
+                no_replace: false,
+                exchange: false,
+            }),
+        };
+        let asking = Asking {
+            delegate: 0,
+            flush_of: dir,
+        };
+        let outcome = self.client.mutate_behind(op, asking).await;
+        if let Err(e) = &outcome {
+            tracing::warn!(
+                dir,
+                change = ?c,
+                error = %e,
+                "write-behind: a change made here alone is lost"
+            );
+        }
+        if let Change::Mkdir { ino, .. } = c {
+            let l = match outcome {
+                Ok((command_result::Result::Attr(a), _)) => Local::Flushed(a.ino),
+                _ => Local::Lost,
+            };
+            lock(&self.inner).locals.insert(ino, l);
         }
     }
 
@@ -397,7 +549,7 @@ impl WriteBehind {
         let dirs: Vec<u64> = lock(&self.inner)
             .dirs
             .iter()
-            .filter(|(_, d)| !d.made.is_empty())
+            .filter(|(_, d)| !d.names.is_empty())
             .map(|(&o, _)| o)
             .collect();
         for dir in dirs {

@@ -21,7 +21,7 @@ use failsafe_client::pb::{
 use failsafe_client::{inline_bytes, malformed_inline, Client, ClientError, LockRequest, Session};
 use fuser::{Errno, FileAttr, FileType};
 
-use crate::behind::{Removed, WriteBehind, LOCAL_BASE};
+use crate::behind::{Done, Name, WriteBehind, LOCAL_BASE};
 use crate::cache::BlockCache;
 use crate::dirty::Dirty;
 use crate::errno::errno;
@@ -311,12 +311,22 @@ impl Core {
         let parent = self.k(parent).await?;
         let name = name_bytes(name);
         if let Some(b) = &self.behind {
-            if let Some(a) = b.lookup(parent, &name) {
-                let ttl = self
-                    .client
+            let ttl = || {
+                self.client
                     .lease_now()
-                    .map_or(Duration::ZERO, |(_, left)| left);
-                return Ok((Some(self.file_attr(&a)), ttl));
+                    .map_or(Duration::ZERO, |(_, left)| left)
+            };
+            match b.name(parent, &name) {
+                Some(Name::Made(ino)) => {
+                    let a = b.getattr(ino).ok_or(Errno::EIO)?;
+                    return Ok((Some(self.file_attr(&a)), ttl()));
+                }
+                Some(Name::Is(ino)) => {
+                    let (a, ttl) = self.getattr(ino).await?;
+                    return Ok((Some(a), ttl));
+                }
+                Some(Name::Gone) => return Ok((None, ttl())),
+                None => {}
             }
         }
         let l = self
@@ -439,8 +449,14 @@ impl Core {
         self.writable()?;
         let (parent, name) = (self.k(parent).await?, name_bytes(name));
         if let Some(b) = &self.behind {
-            if let Some(made) = b.mkdir(parent, &name, mode, uid, gid).await {
-                return made.map(|a| self.file_attr(&a));
+            if b.delegated(parent) {
+                let free = match b.name(parent, &name) {
+                    Some(_) => true,
+                    None => self.named(parent, &name).await?.is_none(),
+                };
+                if let Some(made) = b.mkdir(parent, &name, free, mode, uid, gid) {
+                    return made.map(|a| self.file_attr(&a));
+                }
             }
             b.settle(parent).await;
         }
@@ -549,12 +565,50 @@ impl Core {
         }
     }
 
+    /// What `parent/name` is, from the lease cache when it can: `None` for
+    /// no such name.
+    async fn named(&self, parent: u64, name: &[u8]) -> Res<Option<pb::Attr>> {
+        let l = self.client.lookup_leased(parent, name).await.map_err(err)?;
+        Ok(l.value)
+    }
+
+    /// With write-behind and `dir` delegated here: the inode of the file
+    /// (not a directory, not open here) `dir/name` names, which may be
+    /// unlinked or renamed here alone. `Err(ENOENT)`: no such name.
+    async fn plain_file(&self, b: &WriteBehind, dir: u64, name: &[u8]) -> Res<Option<u64>> {
+        if !b.delegated(dir) {
+            return Ok(None);
+        }
+        let ino = match b.name(dir, name) {
+            Some(Name::Gone) => return Err(Errno::ENOENT),
+            Some(Name::Made(_)) => return Ok(None),
+            Some(Name::Is(ino)) => ino,
+            None => match self.named(dir, name).await? {
+                None => return Err(Errno::ENOENT),
+                Some(a) if a.kind == FileKind::KindDir as i32 => return Ok(None),
+                Some(a) => a.ino,
+            },
+        };
+        Ok(self.state(ino).is_none().then_some(ino))
+    }
+
     pub(crate) async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {
         self.writable()?;
         let (parent, name) = (self.k(parent).await?, name_bytes(name));
-        self.settle(parent).await;
+        if let Some(b) = &self.behind {
+            if self.plain_file(b, parent, &name).await?.is_some()
+                && matches!(b.unlink(parent, &name), Done::Here)
+            {
+                return Ok(());
+            }
+            b.settle(parent).await;
+        }
         let open = self.before_removal(parent, &name).await;
-        self.client.unlink(parent, &name).await.map_err(err)?;
+        let op = Op::Unlink(pb::Unlink {
+            parent,
+            name: name.clone(),
+        });
+        self.mutate_delegating(op, parent).await?;
         self.after_removal(open).await;
         Ok(())
     }
@@ -566,8 +620,8 @@ impl Core {
             return self.client.rmdir(parent, &name).await.map_err(err);
         };
         match b.rmdir(parent, &name).await {
-            Removed::Here => Ok(()),
-            Removed::Elsewhere => {
+            Done::Here => Ok(()),
+            Done::Tracker => {
                 let op = Op::Rmdir(pb::Rmdir { parent, name });
                 self.mutate_delegating(op, parent).await.map(|_| ())
             }
@@ -586,8 +640,24 @@ impl Core {
         self.writable()?;
         let (np, nn) = (self.k(new_parent).await?, name_bytes(new_name));
         let parent = self.k(parent).await?;
-        self.settle(parent).await;
-        self.settle(np).await;
+        if let Some(b) = &self.behind {
+            let name = name_bytes(name);
+            if parent == np && name != nn && !no_replace && !exchange {
+                if let Some(ino) = self.plain_file(b, parent, &name).await? {
+                    // Over nothing, or over a file not open here.
+                    let over = self.plain_file(b, parent, &nn).await;
+                    let free = matches!(over, Err(Errno::ENOENT));
+                    let replaceable = matches!(over, Ok(Some(t)) if t != ino);
+                    if (free || replaceable)
+                        && matches!(b.rename(parent, &name, &nn, ino), Done::Here)
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+            b.settle(parent).await;
+            b.settle(np).await;
+        }
         let replaced = if exchange || no_replace {
             None
         } else {
@@ -601,7 +671,11 @@ impl Core {
             no_replace,
             exchange,
         };
-        self.client.rename(r).await.map_err(err)?;
+        if parent == np {
+            self.mutate_delegating(Op::Rename(r), parent).await?;
+        } else {
+            self.client.rename(r).await.map_err(err)?;
+        }
         self.after_removal(replaced).await;
         Ok(())
     }

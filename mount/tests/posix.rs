@@ -34,7 +34,20 @@ fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> i32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t10_posix_behaviour() {
-    let env = Env::start(1).await;
+    posix_behaviour(&Env::start(1).await);
+}
+
+/// The same with write-behind: whatever the mount does alone in the
+/// directories delegated to it (lock directories, unlinks, renames) must
+/// look the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn t10b_posix_behaviour_with_writebehind() {
+    let env = Env::start_mounts_with(1, "writebehind").await;
+    env.wait_for_lease_streams(1);
+    posix_behaviour(&env);
+}
+
+fn posix_behaviour(env: &Env) {
     let m = &env.mounts[0];
 
     // create, write, read, O_EXCL, O_TRUNC, O_APPEND
@@ -647,7 +660,18 @@ fn run(cmd: &str, args: &[&str], cwd: &Path) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t30_tar_a_source_tree_in_and_diff_it() {
-    let env = Env::start(1).await;
+    tar_in_and_diff(&Env::start(1).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t30b_tar_and_git_with_writebehind() {
+    let env = Env::start_mounts_with(1, "writebehind").await;
+    env.wait_for_lease_streams(1);
+    tar_in_and_diff(&env);
+    git_works(&env);
+}
+
+fn tar_in_and_diff(env: &Env) {
     let m = &env.mounts[0];
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -676,7 +700,10 @@ async fn t30_tar_a_source_tree_in_and_diff_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t31_git_works_inside_the_mount() {
-    let env = Env::start(1).await;
+    git_works(&Env::start(1).await);
+}
+
+fn git_works(env: &Env) {
     let repo = env.mounts[0].p("repo");
     fs::create_dir(&repo).unwrap();
     run("git", &["init", "-q"], &repo);

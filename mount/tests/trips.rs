@@ -530,4 +530,53 @@ async fn with_writebehind_a_lock_directory_costs_no_round_trip() {
     print("a directory kept, half a second later", &flushed);
     assert!(env.mounts[j].p("own").join("kept").is_dir());
     assert!(own.join("kept").is_dir());
+
+    // A page saved the wiki way: the rename and the lock pair are made
+    // here alone, so only the file's commits (create, fsync, and the log's
+    // close) wait for the cluster.
+    let root = env.mounts[i].p("wiki");
+    fs::create_dir(&root).unwrap();
+    wiki(&root);
+    save_page(&root);
+    save_page(&root);
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    save_page(&root);
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let saved = diff(&after, &before);
+    print("a page saved with writebehind", &saved);
+    assert_eq!(saved.get("rename").map(|r| r.2), Some(0), "{saved:?}");
+    assert_eq!(saved.get("mkdir").map(|r| r.2), Some(0), "{saved:?}");
+    assert_eq!(saved.get("rmdir").map(|r| r.2), Some(0), "{saved:?}");
+    let page = env.mounts[j].p("wiki/pages/ns/page.txt");
+    assert_eq!(fs::read(&page).unwrap(), b"new text of the page\n");
+    let pages: Vec<_> = fs::read_dir(env.mounts[j].p("wiki/pages/ns"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        pages,
+        vec![std::ffi::OsString::from("page.txt")],
+        "no temp file left"
+    );
+
+    // Files removed here alone: no round trip each, and the other mount
+    // finds them gone.
+    let files = env.mounts[i].p("files");
+    fs::create_dir(&files).unwrap();
+    const FILES: u64 = 20;
+    for n in 0..=FILES {
+        fs::write(files.join(format!("f{n}")), b"x").unwrap();
+    }
+    fs::remove_file(files.join(format!("f{FILES}"))).unwrap();
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    for n in 0..FILES {
+        fs::remove_file(files.join(format!("f{n}"))).unwrap();
+        assert!(!files.join(format!("f{n}")).exists());
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let removed = diff(&after, &before);
+    print("20 files removed with writebehind", &removed);
+    assert_eq!(removed.get("unlink").map(|r| r.2), Some(0), "{removed:?}");
+    assert_eq!(fs::read_dir(env.mounts[j].p("files")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(&files).unwrap().count(), 0);
 }

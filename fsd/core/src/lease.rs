@@ -353,6 +353,13 @@ impl Leases {
         true
     }
 
+    /// Whether anyone but `h` holds `o`.
+    pub fn held_by_others(&self, o: Object, h: Holder) -> bool {
+        self.objects
+            .get(&o)
+            .is_some_and(|os| os.holders.iter().any(|&x| x != h))
+    }
+
     /// The holder `o` is delegated to, if its leases still last at `now`.
     pub fn delegate_of(&self, o: Object, now: u64) -> Option<Holder> {
         let d = self.objects.get(&o)?.delegate?;

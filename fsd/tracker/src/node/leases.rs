@@ -234,6 +234,11 @@ impl LeaseTable {
         inner.table.delegate(h, dir, now)
     }
 
+    /// Whether anyone but `h` holds `o`.
+    pub(crate) fn held_by_others(&self, o: Object, h: Holder) -> bool {
+        lock(&self.inner).table.held_by_others(o, h)
+    }
+
     /// Before `by` (a holder, or `None`) changes or reads `objects`: takes
     /// back their delegations to anyone else, waiting until each delegate
     /// has flushed what it did alone and acknowledged (or its leases ran

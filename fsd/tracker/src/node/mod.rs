@@ -400,9 +400,15 @@ impl Tracker {
             let mut back = self
                 .read_back(leases, by, told, names, wrote, &result)
                 .await?;
-            if let (Some(b), Some(h), true) = (&mut back, by, behind.delegate != 0) {
-                b.delegated =
-                    known.contains(&behind.delegate) && leases.delegate(h, behind.delegate);
+            let dir = behind.delegate;
+            if let (Some(b), Some(h), true) = (&mut back, by, known.contains(&dir)) {
+                // Others' grants of it (a refresh after a change of its
+                // parent gives them) are taken back first, as a change of
+                // it would.
+                if leases.held_by_others(dir, h) {
+                    leases.begin(&[dir], by).done().await;
+                }
+                b.delegated = leases.delegate(h, dir);
             }
             return Ok((result, back));
         }
