@@ -296,7 +296,7 @@ impl WriteBehind {
                 }
             }
         }
-        self.settle(dir).await;
+        self.settle_for(dir, &[name]).await;
         Done::Tracker
     }
 
@@ -541,6 +541,20 @@ impl WriteBehind {
                 _ => Local::Lost,
             };
             lock(&self.inner).locals.insert(ino, l);
+        }
+    }
+
+    /// Before a change of `names` in `dir` goes to the tracker: flushes
+    /// `dir` if something done here alone touched one of them. (Changes of
+    /// other names may stay behind: nobody else reads the directory before
+    /// it is recalled, which flushes them.)
+    pub(crate) async fn settle_for(&self, dir: u64, names: &[&[u8]]) {
+        let touched = lock(&self.inner)
+            .dirs
+            .get(&dir)
+            .is_some_and(|d| names.iter().any(|n| d.names.contains_key(*n)));
+        if touched {
+            self.settle(dir).await;
         }
     }
 

@@ -230,6 +230,14 @@ impl Core {
         }
     }
 
+    /// Before a change of `dir/name` goes to the tracker: what was done to
+    /// that name here alone goes first.
+    async fn settle_for(&self, dir: u64, name: &[u8]) {
+        if let Some(b) = &self.behind {
+            b.settle_for(dir, &[name]).await;
+        }
+    }
+
     /// Before a lock operation, and at unmount: everything done here alone
     /// goes to the tracker.
     pub(crate) async fn settle_all(&self) {
@@ -458,7 +466,7 @@ impl Core {
                     return made.map(|a| self.file_attr(&a));
                 }
             }
-            b.settle(parent).await;
+            b.settle_for(parent, &[&name]).await;
         }
         let op = Op::Mkdir(pb::Mkdir {
             parent,
@@ -496,11 +504,11 @@ impl Core {
         gid: u32,
     ) -> Res<FileAttr> {
         self.writable()?;
-        let parent = self.k(parent).await?;
-        self.settle(parent).await;
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        self.settle_for(parent, &name).await;
         let op = Op::Symlink(pb::Symlink {
             parent,
-            name: name_bytes(name),
+            name,
             target: target.to_vec(),
             uid,
             gid,
@@ -517,7 +525,7 @@ impl Core {
     ) -> Res<FileAttr> {
         self.writable()?;
         let (ino, parent) = (self.k(ino).await?, self.k(parent).await?);
-        self.settle(parent).await;
+        self.settle_for(parent, &name_bytes(name)).await;
         let op = Op::Link(pb::Link {
             ino,
             new_parent: parent,
@@ -601,7 +609,7 @@ impl Core {
             {
                 return Ok(());
             }
-            b.settle(parent).await;
+            b.settle_for(parent, &[&name]).await;
         }
         let open = self.before_removal(parent, &name).await;
         let op = Op::Unlink(pb::Unlink {
@@ -622,6 +630,11 @@ impl Core {
         match b.rmdir(parent, &name).await {
             Done::Here => Ok(()),
             Done::Tracker => {
+                // What was done inside it here alone goes first (it may
+                // have emptied it).
+                if let Ok(Some(a)) = self.named(parent, &name).await {
+                    b.settle(a.ino).await;
+                }
                 let op = Op::Rmdir(pb::Rmdir { parent, name });
                 self.mutate_delegating(op, parent).await.map(|_| ())
             }
@@ -655,8 +668,8 @@ impl Core {
                     }
                 }
             }
-            b.settle(parent).await;
-            b.settle(np).await;
+            b.settle_for(parent, &[&name]).await;
+            b.settle_for(np, &[&nn]).await;
         }
         let replaced = if exchange || no_replace {
             None
@@ -828,11 +841,11 @@ impl Core {
     ) -> Res<(FileAttr, u64)> {
         self.writable()?;
         let exclusive = flags & libc::O_EXCL != 0;
-        let parent = self.k(parent).await?;
-        self.settle(parent).await;
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        self.settle_for(parent, &name).await;
         let c = pb::Create {
             parent,
-            name: name_bytes(name),
+            name,
             mode,
             uid,
             gid,
