@@ -36,11 +36,14 @@
 //! the log.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use failsafe_client::pb::{self, command::Op, command_result};
 use failsafe_client::{Behind as Asking, Client};
+
+use crate::core::Core;
 use fuser::Errno;
 use futures::StreamExt;
 
@@ -58,14 +61,41 @@ const IN_FLIGHT: usize = 64;
 pub(crate) struct WriteBehind {
     client: Client,
     inner: Mutex<Inner>,
+    /// `Inner::kernel`'s length, read without the lock.
+    kernel_known: AtomicUsize,
+    /// Told when a file made here alone gets the tracker's inode.
+    core: std::sync::OnceLock<Weak<Core>>,
+}
+
+/// A file made here alone, taken to be created with its bytes
+/// ([`WriteBehind::take_create`]).
+pub(crate) struct Creating {
+    pub parent: u64,
+    pub name: Vec<u8>,
+    pub attr: pb::Attr,
+    /// No other flush of the directory meanwhile.
+    _flush: tokio::sync::OwnedMutexGuard<()>,
 }
 
 #[derive(Default)]
 struct Inner {
     dirs: BTreeMap<u64, Delegation>,
-    /// Directories made here alone, by their local inode.
+    /// Directories and files made here alone, by their local inode.
     locals: BTreeMap<u64, Local>,
+    /// The local inode the kernel knows each flushed one by, until it
+    /// forgets it.
+    kernel: BTreeMap<u64, u64>,
     next: u64,
+}
+
+impl Inner {
+    /// What became of the local inode `ino`.
+    fn outcome(&mut self, ino: u64, l: Local) {
+        if let Local::Flushed(real) = l {
+            self.kernel.insert(real, ino);
+        }
+        self.locals.insert(ino, l);
+    }
 }
 
 struct Delegation {
@@ -100,22 +130,39 @@ pub(crate) enum Name {
 
 #[derive(Debug, Clone)]
 enum Change {
-    Mkdir { name: Vec<u8>, ino: u64 },
-    Unlink { name: Vec<u8> },
-    Rename { from: Vec<u8>, to: Vec<u8> },
+    Mkdir {
+        name: Vec<u8>,
+        ino: u64,
+    },
+    /// A file made here alone: sent with its bytes when it is first
+    /// closed or synced, or empty when something else needs it first.
+    Create {
+        name: Vec<u8>,
+        ino: u64,
+    },
+    Unlink {
+        name: Vec<u8>,
+    },
+    Rename {
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
 }
 
 impl Change {
     fn names(&self) -> Vec<&[u8]> {
         match self {
-            Change::Mkdir { name, .. } | Change::Unlink { name } => vec![name],
+            Change::Mkdir { name, .. } | Change::Create { name, .. } | Change::Unlink { name } => {
+                vec![name]
+            }
             Change::Rename { from, to } => vec![from, to],
         }
     }
 }
 
 enum Local {
-    /// Made here alone: flushed as `Mkdir` under `parent`.
+    /// A directory or file made here alone: flushed as `Mkdir` or `Create`
+    /// under `parent`.
     Made { parent: u64, attr: pb::Attr },
     /// Flushed: the tracker's inode.
     Flushed(u64),
@@ -141,7 +188,21 @@ impl WriteBehind {
         Arc::new(WriteBehind {
             client,
             inner: Mutex::default(),
+            kernel_known: AtomicUsize::new(0),
+            core: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The mount this serves, told when a file made here alone gets the
+    /// tracker's inode (`Core::rekey`).
+    pub(crate) fn set_core(&self, core: Weak<Core>) {
+        let _ = self.core.set(core);
+    }
+
+    fn local_number(&self) -> u64 {
+        let mut inner = lock(&self.inner);
+        inner.next += 1;
+        LOCAL_BASE + inner.next
     }
 
     /// Whether `d` may be changed here alone now.
@@ -243,32 +304,124 @@ impl WriteBehind {
             None if !free => return Some(Err(Errno::EEXIST)),
             None => {}
         }
-        let now = crate::core::now_ns();
-        let ino = {
-            let mut inner = lock(&self.inner);
-            inner.next += 1;
-            LOCAL_BASE + inner.next
+        let attr = self.made(pb::FileKind::KindDir, mode, uid, gid);
+        let change = Change::Mkdir {
+            name: name.to_vec(),
+            ino: attr.ino,
         };
-        let attr = pb::Attr {
-            ino,
-            kind: pb::FileKind::KindDir as i32,
+        self.record_made(dir, name, change, attr)
+            .then_some(Ok(attr))
+    }
+
+    /// The attributes of a new inode made here alone (a number of this
+    /// mount's own).
+    fn made(&self, kind: pb::FileKind, mode: u32, uid: u32, gid: u32) -> pb::Attr {
+        let now = crate::core::now_ns();
+        pb::Attr {
+            ino: self.local_number(),
+            kind: kind as i32,
             mode: mode & 0o7777,
             uid,
             gid,
-            nlink: 2,
+            nlink: if kind == pb::FileKind::KindDir { 2 } else { 1 },
             size: 0,
             atime_ns: now,
             mtime_ns: now,
             ctime_ns: now,
             ..Default::default()
-        };
-        let change = Change::Mkdir {
-            name: name.to_vec(),
-            ino,
-        };
+        }
+    }
+
+    /// Records `change`, which made `attr`'s inode as `dir/name`.
+    fn record_made(
+        self: &Arc<Self>,
+        dir: u64,
+        name: &[u8],
+        change: Change,
+        attr: pb::Attr,
+    ) -> bool {
         let made = Local::Made { parent: dir, attr };
-        self.record(dir, change, &[(name, Name::Made(ino))], Some((ino, made)))
-            .then_some(Ok(attr))
+        self.record(
+            dir,
+            change,
+            &[(name, Name::Made(attr.ino))],
+            Some((attr.ino, made)),
+        )
+    }
+
+    /// `create dir/name` of a new file here alone (the caller knows the
+    /// name is free): its attributes, or `None` when it must go to the
+    /// tracker.
+    pub(crate) fn create(
+        self: &Arc<Self>,
+        dir: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Option<pb::Attr> {
+        if !self.may(dir) {
+            return None;
+        }
+        let attr = self.made(pb::FileKind::KindFile, mode, uid, gid);
+        let change = Change::Create {
+            name: name.to_vec(),
+            ino: attr.ino,
+        };
+        self.record_made(dir, name, change, attr).then_some(attr)
+    }
+
+    /// The file `ino` made here alone is being closed or synced: takes its
+    /// creation out of the flush, to be sent with its bytes, if no flush
+    /// has taken it and nothing made here alone before it touched its name
+    /// (else `None`: resolve it, which flushes it, and store its bytes).
+    pub(crate) fn take_create(&self, ino: u64) -> Option<Creating> {
+        let mut inner = lock(&self.inner);
+        let (parent, attr) = match inner.locals.get(&ino) {
+            Some(Local::Made { parent, attr }) => (*parent, *attr),
+            _ => return None,
+        };
+        let d = inner.dirs.get_mut(&parent)?;
+        let flush = d.flush.clone().try_lock_owned().ok()?;
+        let at = d
+            .pending
+            .iter()
+            .position(|c| matches!(c, Change::Create { ino: i, .. } if *i == ino))?;
+        let Change::Create { name, .. } = d.pending[at].clone() else {
+            return None;
+        };
+        if d.pending[..at]
+            .iter()
+            .any(|c| c.names().contains(&&name[..]))
+        {
+            return None;
+        }
+        d.pending.remove(at);
+        Some(Creating {
+            parent,
+            name,
+            attr,
+            _flush: flush,
+        })
+    }
+
+    /// A file taken by [`WriteBehind::take_create`] was created at the
+    /// tracker as `real` (`None`: it could not be, and is lost).
+    pub(crate) fn created(&self, ino: u64, c: &Creating, real: Option<u64>) {
+        let mut inner = lock(&self.inner);
+        let l = match real {
+            Some(r) => Local::Flushed(r),
+            None => Local::Lost,
+        };
+        inner.outcome(ino, l);
+        self.kernel_known
+            .store(inner.kernel.len(), Ordering::Relaxed);
+        if let Some(d) = inner.dirs.get_mut(&c.parent) {
+            let later = d.pending.iter().any(|x| x.names().contains(&&c.name[..]));
+            if !later && d.names.get(&c.name) == Some(&Name::Made(ino)) {
+                d.names.remove(&c.name);
+            }
+        }
     }
 
     /// `rmdir dir/name`: taken back here if it was made here alone and not
@@ -378,12 +531,32 @@ impl WriteBehind {
     /// The kernel forgot `ino`.
     pub(crate) fn forget(&self, ino: u64) {
         let mut inner = lock(&self.inner);
-        if matches!(
-            inner.locals.get(&ino),
-            Some(Local::Flushed(_) | Local::Lost)
-        ) {
-            inner.locals.remove(&ino);
+        match inner.locals.get(&ino) {
+            Some(Local::Flushed(real)) => {
+                let real = *real;
+                if inner.kernel.get(&real) == Some(&ino) {
+                    inner.kernel.remove(&real);
+                    self.kernel_known
+                        .store(inner.kernel.len(), Ordering::Relaxed);
+                }
+                inner.locals.remove(&ino);
+            }
+            Some(Local::Lost) => {
+                inner.locals.remove(&ino);
+            }
+            _ => {}
         }
+    }
+
+    /// The kernel's number for the tracker's inode `real`: the local one it
+    /// knows it by, while it does (a new number for a name it holds would
+    /// make it drop the name, and with it the working directory of any
+    /// process inside a directory made here).
+    pub(crate) fn kernel_ino(&self, real: u64) -> Option<u64> {
+        if self.kernel_known.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        lock(&self.inner).kernel.get(&real).copied()
     }
 
     /// The leader recalls `inos` (an invalidation names them): nothing more
@@ -509,6 +682,21 @@ impl WriteBehind {
                     gid: attr.gid,
                 })
             }
+            Change::Create { name, ino } => {
+                let attr = match lock(&self.inner).locals.get(ino) {
+                    Some(Local::Made { attr, .. }) => *attr,
+                    _ => return,
+                };
+                Op::Create(pb::Create {
+                    parent: dir,
+                    name: name.clone(),
+                    mode: attr.mode,
+                    uid: attr.uid,
+                    gid: attr.gid,
+                    exclusive: true,
+                    content: None,
+                })
+            }
             Change::Unlink { name } => Op::Unlink(pb::Unlink {
                 parent: dir,
                 name: name.clone(),
@@ -535,12 +723,23 @@ impl WriteBehind {
                 "write-behind: a change made here alone is lost"
             );
         }
-        if let Change::Mkdir { ino, .. } = c {
+        if let Change::Mkdir { ino, .. } | Change::Create { ino, .. } = c {
             let l = match outcome {
-                Ok((command_result::Result::Attr(a), _)) => Local::Flushed(a.ino),
+                Ok((command_result::Result::Attr(a), _)) => {
+                    if matches!(c, Change::Create { .. }) {
+                        // Open here: its state follows it to its inode.
+                        if let Some(core) = self.core.get().and_then(Weak::upgrade) {
+                            core.rekey(ino, &a);
+                        }
+                    }
+                    Local::Flushed(a.ino)
+                }
                 _ => Local::Lost,
             };
-            lock(&self.inner).locals.insert(ino, l);
+            let mut inner = lock(&self.inner);
+            inner.outcome(ino, l);
+            self.kernel_known
+                .store(inner.kernel.len(), Ordering::Relaxed);
         }
     }
 

@@ -251,7 +251,11 @@ impl Core {
         if ino == self.root {
             fuser::INodeNo::ROOT.0
         } else {
-            ino
+            // Made here alone, the kernel knows it by the local number.
+            self.behind
+                .as_ref()
+                .and_then(|b| b.kernel_ino(ino))
+                .unwrap_or(ino)
         }
     }
 
@@ -325,11 +329,8 @@ impl Core {
                     .map_or(Duration::ZERO, |(_, left)| left)
             };
             match b.name(parent, &name) {
-                Some(Name::Made(ino)) => {
-                    let a = b.getattr(ino).ok_or(Errno::EIO)?;
-                    return Ok((Some(self.file_attr(&a)), ttl()));
-                }
-                Some(Name::Is(ino)) => {
+                // (Made here alone, or just flushed: `getattr` knows which.)
+                Some(Name::Made(ino) | Name::Is(ino)) => {
                     let (a, ttl) = self.getattr(ino).await?;
                     return Ok((Some(a), ttl));
                 }
@@ -842,7 +843,27 @@ impl Core {
         self.writable()?;
         let exclusive = flags & libc::O_EXCL != 0;
         let (parent, name) = (self.k(parent).await?, name_bytes(name));
-        self.settle_for(parent, &name).await;
+        if let Some(b) = &self.behind {
+            if b.delegated(parent) {
+                let free = match b.name(parent, &name) {
+                    Some(Name::Gone) => true,
+                    Some(_) => false,
+                    None => self.named(parent, &name).await?.is_none(),
+                };
+                if let Some(a) = free
+                    .then(|| b.create(parent, &name, mode, uid, gid))
+                    .flatten()
+                {
+                    let extents = Some(Arc::new(pb::FileExtents {
+                        attr: Some(a),
+                        ..Default::default()
+                    }));
+                    let (fh, _) = self.register_open(a, flags & libc::O_APPEND != 0, extents);
+                    return Ok((self.file_attr(&a), fh));
+                }
+            }
+            b.settle_for(parent, &[&name]).await;
+        }
         let c = pb::Create {
             parent,
             name,
@@ -850,6 +871,7 @@ impl Core {
             uid,
             gid,
             exclusive,
+            content: None,
         };
         let a = self.mutate_attr(Op::Create(c)).await?;
         let truncate = flags & libc::O_TRUNC != 0 && a.size > 0;
@@ -1080,6 +1102,13 @@ impl Core {
     }
 
     async fn upload(&self, tino: u64, st: &FileState) -> Res<()> {
+        let tino = match self.behind.as_ref().filter(|_| tino >= LOCAL_BASE) {
+            Some(b) => match self.create_behind(b, tino, st).await? {
+                None => return Ok(()),
+                Some(real) => real,
+            },
+            None => tino,
+        };
         let _turn = st.upload.lock().await;
         let (batch, truncate) = {
             let mut inner = locked(&st.inner);
@@ -1128,6 +1157,96 @@ impl Core {
     /// Stores one batch, the first commit emptying the file first when
     /// `truncate` (alone if there are no bytes). `None`: the file no longer
     /// exists on the tracker.
+    /// Uploads a file made here alone (write-behind, local inode `tino`):
+    /// created with its bytes in one command when they are one run from
+    /// the start (what a file written and closed is), else created first.
+    /// `None`: done; else the tracker's inode, whose upload is the usual.
+    async fn create_behind(&self, b: &WriteBehind, tino: u64, st: &FileState) -> Res<Option<u64>> {
+        let turn = st.upload.lock().await;
+        let Some(c) = b.take_create(tino) else {
+            drop(turn);
+            // Flushed already (or now, in order after what came before it).
+            return self.k(tino).await.map(Some);
+        };
+        let (batch, data) = {
+            let mut inner = locked(&st.inner);
+            let d = Arc::new(std::mem::take(&mut inner.dirty));
+            let data = d.clone_from_start();
+            if data.is_some() {
+                inner.inflight = Some(d.clone());
+            } else {
+                inner.dirty =
+                    Arc::unwrap_or_clone(d.clone()).under(std::mem::take(&mut inner.dirty));
+            }
+            (d, data)
+        };
+        let bytes = data.as_deref().unwrap_or(&[]);
+        let a = &c.attr;
+        let r = self
+            .client
+            .create_with(c.parent, &c.name, a.mode, a.uid, a.gid, bytes, c.parent)
+            .await;
+        let mut inner = locked(&st.inner);
+        inner.inflight = None;
+        match r {
+            Ok(a) => {
+                b.created(tino, &c, Some(a.ino));
+                inner.generation += 1;
+                inner.attr = Some(a);
+                inner.extents = None;
+                drop(inner);
+                drop(turn);
+                self.rekey(tino, &a);
+                locked(&self.versions).insert(a.ino, a.version);
+                Ok(if data.is_some() { None } else { Some(a.ino) })
+            }
+            Err(e) => {
+                b.created(tino, &c, None);
+                if data.is_some() {
+                    inner.dirty =
+                        Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
+                }
+                tracing::error!(name = %String::from_utf8_lossy(&c.name), error = %e, "write-behind: a file made here could not be created");
+                Err(err(e))
+            }
+        }
+    }
+
+    /// A file made here alone (local inode `local`) now has the tracker's
+    /// attributes `a`: its open state, handles and version follow.
+    pub(crate) fn rekey(&self, local: u64, a: &pb::Attr) {
+        let mut files = locked(&self.files);
+        if let Some(st) = files.remove(&local) {
+            {
+                let mut inner = locked(&st.inner);
+                if inner.attr.is_none_or(|o| o.ino == local) {
+                    inner.attr = Some(*a);
+                }
+                if inner
+                    .extents
+                    .as_ref()
+                    .is_some_and(|fe| fe.attr.is_some_and(|x| x.ino == local))
+                {
+                    inner.extents = Some(Arc::new(pb::FileExtents {
+                        attr: Some(*a),
+                        ..Default::default()
+                    }));
+                }
+            }
+            files.insert(a.ino, st);
+        }
+        drop(files);
+        for h in locked(&self.handles).values_mut() {
+            if h.ino == local {
+                h.ino = a.ino;
+            }
+        }
+        let mut versions = locked(&self.versions);
+        if versions.remove(&local).is_some() {
+            versions.insert(a.ino, a.version);
+        }
+    }
+
     async fn store(&self, tino: u64, batch: &Dirty, truncate: bool) -> Res<Option<pb::Attr>> {
         let (segments, appends) = batch.clone().into_parts();
         let mut attr = None;
@@ -1167,6 +1286,8 @@ impl Core {
     pub(crate) async fn release(&self, fh: u64, lock_owner: Option<u64>) -> Res<()> {
         let (tino, _) = self.handle_ino(fh)?;
         let flushed = self.flush_ino(tino).await;
+        // A file made here alone has the tracker's inode now.
+        let (tino, _) = self.handle_ino(fh).unwrap_or((tino, false));
         if let Some(owner) = lock_owner {
             self.unlock_owner(tino, owner).await;
         }

@@ -128,6 +128,22 @@ impl Dirty {
         *self = kept;
     }
 
+    /// The whole content of a file that was empty before these writes,
+    /// when they are one run from its start (written in order, or
+    /// appended): what a file made and written through once holds.
+    pub(crate) fn clone_from_start(&self) -> Option<Vec<u8>> {
+        let mut data = match self.segments.len() {
+            0 => Vec::new(),
+            1 => match self.segments.iter().next() {
+                Some((0, d)) => d.clone(),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        data.extend_from_slice(&self.appends);
+        Some(data)
+    }
+
     pub(crate) fn into_parts(self) -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
         (self.segments.into_iter().collect(), self.appends)
     }
@@ -152,6 +168,20 @@ mod tests {
         let mut buf = vec![b'.'; len];
         d.overlay(offset, &mut buf);
         buf
+    }
+
+    #[test]
+    fn a_file_written_through_once_is_one_run_from_its_start() {
+        let mut d = Dirty::default();
+        assert_eq!(d.clone_from_start(), Some(Vec::new()));
+        d.write(0, b"hello ");
+        d.write(6, b"world");
+        assert_eq!(d.clone_from_start(), Some(b"hello world".to_vec()));
+        d.append(b"!");
+        assert_eq!(d.clone_from_start(), Some(b"hello world!".to_vec()));
+        let mut gap = Dirty::default();
+        gap.write(4, b"x");
+        assert_eq!(gap.clone_from_start(), None);
     }
 
     #[test]

@@ -312,6 +312,9 @@ fn serve(args: Args) -> Result<(), String> {
         core = core.with_write_behind();
     }
     let core = Arc::new(core);
+    if let Some(b) = &core.behind {
+        b.set_core(Arc::downgrade(&core));
+    }
     let fs = fs::Fs {
         core: core.clone(),
         rt: rt.handle().clone(),

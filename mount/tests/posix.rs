@@ -286,6 +286,63 @@ async fn t29b_listings_and_renames_with_writebehind() {
     listings_follow_changes(&env);
 }
 
+/// Four writers on one mount save their own pages the wiki way at once
+/// (lock directory, temp file, fsync, rename over the page, an append to a
+/// shared log, the lock dropped), with write-behind making the directory
+/// changes alone: every save lands, the other mount reads each page's last
+/// text and every line of the log, and no temp file or lock is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn t29c_concurrent_saves_with_writebehind() {
+    let env = Env::start_mounts_with(2, "writebehind").await;
+    env.wait_for_lease_streams(2);
+    let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
+    for d in ["locks", "pages"] {
+        fs::create_dir(a.join(d)).unwrap();
+    }
+    const SAVES: usize = 30;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let root = a.clone();
+            std::thread::spawn(move || {
+                for n in 0..SAVES {
+                    let page = format!("w{w}p{}", n % 3);
+                    let lock = root.join("locks").join(format!("{page}.lock"));
+                    fs::create_dir(&lock).unwrap();
+                    let tmp = root.join("pages").join(format!(".{page}.tmp"));
+                    let mut f = File::create(&tmp).unwrap();
+                    f.write_all(format!("{page} save {n}\n").as_bytes())
+                        .unwrap();
+                    f.sync_all().unwrap();
+                    drop(f);
+                    fs::rename(&tmp, root.join("pages").join(format!("{page}.txt"))).unwrap();
+                    let mut log = OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(root.join("changes.log"))
+                        .unwrap();
+                    log.write_all(format!("{page} {n}\n").as_bytes()).unwrap();
+                    drop(log);
+                    fs::remove_dir(&lock).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    for w in 0..4 {
+        for p in 0..3 {
+            let last = (0..SAVES).filter(|n| n % 3 == p).max().unwrap();
+            let text = fs::read_to_string(b.join("pages").join(format!("w{w}p{p}.txt"))).unwrap();
+            assert_eq!(text, format!("w{w}p{p} save {last}\n"));
+        }
+    }
+    let log = fs::read_to_string(b.join("changes.log")).unwrap();
+    assert_eq!(log.lines().count(), 4 * SAVES);
+    assert_eq!(fs::read_dir(b.join("pages")).unwrap().count(), 12);
+    assert_eq!(fs::read_dir(b.join("locks")).unwrap().count(), 0);
+}
+
 /// DokuWiki's `io_lock`: a process takes a lock by making a directory
 /// (spinning while it exists) and drops it by removing it. Two threads on
 /// each mount add one to a counter under the lock, again and again: every

@@ -531,9 +531,10 @@ async fn with_writebehind_a_lock_directory_costs_no_round_trip() {
     assert!(env.mounts[j].p("own").join("kept").is_dir());
     assert!(own.join("kept").is_dir());
 
-    // A page saved the wiki way: the rename and the lock pair are made
-    // here alone, so only the file's commits (create, fsync, and the log's
-    // close) wait for the cluster.
+    // A page saved the wiki way: the temp file is made here alone and
+    // created with its bytes at its fsync, the rename and the lock pair are
+    // made here alone, so only the fsync and the log's close wait for the
+    // cluster.
     let root = env.mounts[i].p("wiki");
     fs::create_dir(&root).unwrap();
     wiki(&root);
@@ -544,6 +545,8 @@ async fn with_writebehind_a_lock_directory_costs_no_round_trip() {
     let after = table(&stats_after(&stats, SystemTime::now()));
     let saved = diff(&after, &before);
     print("a page saved with writebehind", &saved);
+    assert_eq!(totals(&saved).2, 2, "{saved:?}");
+    assert_eq!(saved.get("create").map(|r| r.2), Some(0), "{saved:?}");
     assert_eq!(saved.get("rename").map(|r| r.2), Some(0), "{saved:?}");
     assert_eq!(saved.get("mkdir").map(|r| r.2), Some(0), "{saved:?}");
     assert_eq!(saved.get("rmdir").map(|r| r.2), Some(0), "{saved:?}");

@@ -547,6 +547,17 @@ impl Client {
                 r => return r,
             }
         }
+        let (extents, copies) = self.as_blocks(offset, data).await?;
+        self.commit(ino, extents, copies, how).await
+    }
+
+    /// Stores `data` as blocks on the write quorum: the extents that place
+    /// them at `offset`, and their copies.
+    async fn as_blocks(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(Vec<pb::Extent>, Vec<pb::BlockCopies>), ClientError> {
         let blocks: Vec<Vec<u8>> = data.chunks(MAX_BLOCK_BYTES).map(<[u8]>::to_vec).collect();
         let copies = self.put_blocks(&blocks).await?;
         let mut extents = Vec::with_capacity(blocks.len());
@@ -560,7 +571,63 @@ impl Client {
             });
             at += b.len() as u64;
         }
-        self.commit(ino, extents, copies, how).await
+        Ok((extents, copies))
+    }
+
+    /// Creates `parent/name` (which must not exist) with `data` as its
+    /// bytes, in one command (inline when small, else after its blocks are
+    /// stored): a file made and closed by one mount under write-behind.
+    /// `flush_of`: the directory delegated to this client it was made in.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_with(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        data: &[u8],
+        flush_of: u64,
+    ) -> Result<pb::Attr, ClientError> {
+        let content = if data.is_empty() {
+            None
+        } else if data.len() <= self.inline_max_bytes() {
+            Some(pb::CommitExtents {
+                extents: vec![pb::Extent {
+                    offset: 0,
+                    length: data.len() as u64,
+                    data: data.to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        } else {
+            let (extents, copies) = self.as_blocks(0, data).await?;
+            Some(pb::CommitExtents {
+                extents,
+                copies,
+                ..Default::default()
+            })
+        };
+        let op = pb::command::Op::Create(pb::Create {
+            parent,
+            name: name.to_vec(),
+            mode,
+            uid,
+            gid,
+            exclusive: true,
+            content,
+        });
+        let asking = crate::Behind {
+            delegate: 0,
+            flush_of,
+        };
+        match self.mutate_behind(op, asking).await? {
+            (pb::command_result::Result::Attr(a), _) => Ok(a),
+            _ => Err(ClientError::Unavailable(
+                "unexpected reply to a create".into(),
+            )),
+        }
     }
 
     /// The largest write this client sends inline.

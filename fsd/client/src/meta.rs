@@ -285,6 +285,7 @@ impl Client {
             uid: 0,
             gid: 0,
             exclusive,
+            content: None,
         }))
         .await
     }

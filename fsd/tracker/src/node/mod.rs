@@ -365,6 +365,8 @@ impl Tracker {
         let names = state::changed_names(&cmd);
         let wrote = match &cmd.op {
             Some(pb::command::Op::CommitExtents(c)) => Some(c.ino),
+            // Its inode is known once it applied.
+            Some(pb::command::Op::Create(c)) if c.content.is_some() => Some(0),
             _ => None,
         };
         let early = self.leases.as_ref().map(|l| l.begin(&known, by));
@@ -397,6 +399,10 @@ impl Tracker {
             late.done().await;
             told.sort_unstable();
             told.dedup();
+            let wrote = wrote.map(|ino| match &result.result {
+                Some(pb::command_result::Result::Attr(a)) if ino == 0 => a.ino,
+                _ => ino,
+            });
             let mut back = self
                 .read_back(leases, by, told, names, wrote, &result)
                 .await?;

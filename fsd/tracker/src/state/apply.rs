@@ -18,7 +18,20 @@ use super::{
 pub(crate) fn validate(cmd: &pb::Command) -> Result<(), OpError> {
     match &cmd.op {
         None => err(ErrorCode::Invalid, "command without an operation"),
-        Some(Op::Create(c)) => check_name(&c.name),
+        Some(Op::Create(c)) => {
+            check_name(&c.name)?;
+            match &c.content {
+                None => Ok(()),
+                Some(x) if !c.exclusive || x.ino != 0 || x.append || x.truncate => err(
+                    ErrorCode::Invalid,
+                    "a create's content goes with an exclusive create of a new file",
+                ),
+                Some(x) if x.extents.len() > 4096 || x.copies.len() > 4096 => {
+                    err(ErrorCode::Invalid, "at most 4096 extents per commit")
+                }
+                Some(x) => check_extents(&x.extents),
+            }
+        }
         Some(Op::Mkdir(c)) => check_name(&c.name),
         Some(Op::Symlink(c)) => check_name(&c.name),
         Some(Op::Link(c)) => check_name(&c.new_name),
@@ -239,7 +252,19 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
     };
     let none = |()| None;
     match op {
-        Op::Create(c) => namespace::create(tx, c, now).map(Some),
+        Op::Create(c) => {
+            let a = namespace::create(tx, c, now)?;
+            match &c.content {
+                None => Ok(Some(a)),
+                Some(content) => {
+                    let content = pb::CommitExtents {
+                        ino: a.ino,
+                        ..content.clone()
+                    };
+                    blocks::commit_extents(tx, &content, now, leader_now).map(Some)
+                }
+            }
+        }
         Op::Mkdir(c) => namespace::mkdir(tx, c, now).map(Some),
         Op::Symlink(c) => namespace::symlink(tx, c, now).map(Some),
         Op::Link(c) => namespace::link(tx, c, now).map(Some),
@@ -381,5 +406,55 @@ mod tests {
         assert!(super::validate(&batch(vec![])).is_err());
         assert!(super::validate(&batch(vec![batch(vec![mkdir(b"a")])])).is_err());
         assert!(super::validate(&batch(vec![mkdir(b"bad/name")])).is_err());
+    }
+
+    fn create_with(name: &[u8], exclusive: bool, data: &[u8]) -> pb::Command {
+        pb::Command {
+            now_ns: 1,
+            op: Some(Op::Create(pb::Create {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                mode: 0o644,
+                exclusive,
+                content: Some(pb::CommitExtents {
+                    extents: vec![pb::Extent {
+                        offset: 0,
+                        length: data.len() as u64,
+                        data: data.to_vec(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_file_is_created_with_its_bytes_in_one_command_or_not_at_all() {
+        let mut conn = db();
+        let cmd = create_with(b"page.txt", true, b"the text");
+        super::validate(&cmd).expect("valid");
+        let r = run(&mut conn, cmd.op.clone().expect("op"));
+        let Some(R::Attr(a)) = r.result else {
+            panic!("{r:?}")
+        };
+        assert_eq!(a.size, 8);
+        let fe = crate::state::testing::extents(&conn, a.ino);
+        assert_eq!(fe.extents.len(), 1);
+        assert_eq!(fe.extents[0].data, b"the text");
+        // Again: the name exists, so nothing is created nor written.
+        let again = run(&mut conn, cmd.op.expect("op"));
+        let Some(R::Error(e)) = again.result else {
+            panic!("{again:?}")
+        };
+        assert_eq!(e.code, ErrorCode::Exists as i32);
+        assert_eq!(
+            crate::state::testing::extents(&conn, a.ino).extents[0].data,
+            b"the text"
+        );
+        // Content only with an exclusive create of a new file.
+        assert!(super::validate(&create_with(b"other", false, b"x")).is_err());
     }
 }

@@ -429,15 +429,12 @@ pub(super) fn block_copies(conn: &rusqlite::Connection, hash: &[u8]) -> OpResult
 
 #[cfg(test)]
 mod tests {
-    use failsafe_core::{block_hash, ReplicationClass, MAX_INLINE_BYTES};
-    use failsafe_proto::pb::{
-        self, command::Op, command_result::Result as R, query_reply::Reply, query_request::Query,
-        ErrorCode,
-    };
+    use failsafe_core::{block_hash, MAX_INLINE_BYTES};
+    use failsafe_proto::pb::{self, command::Op, command_result::Result as R, ErrorCode};
 
     use super::{block_copies, old_inline};
     use crate::state::testing::{copies, create_file, db, file_with_block, ok, run, run_at};
-    use crate::state::{query, replication_counts, validate};
+    use crate::state::{replication_counts, validate};
 
     fn inline(offset: u64, data: &[u8]) -> pb::Extent {
         pb::Extent {
@@ -460,15 +457,7 @@ mod tests {
 
     /// The file's extents as a read sees them.
     fn read(conn: &rusqlite::Connection, ino: u64) -> pb::FileExtents {
-        let q = Query::ReadExtents(pb::ReadExtents {
-            ino,
-            offset: 0,
-            length: u64::MAX,
-        });
-        match query(conn, &q, ReplicationClass::default()) {
-            Ok(Reply::FileExtents(fe)) => fe,
-            other => panic!("read extents: {other:?}"),
-        }
+        crate::state::testing::extents(conn, ino)
     }
 
     /// The file's bytes, from its inline extents only.

@@ -105,3 +105,17 @@ pub(super) fn file_with_block(
         }),
     ));
 }
+
+/// The file's extents as a read sees them.
+pub(super) fn extents(conn: &rusqlite::Connection, ino: u64) -> pb::FileExtents {
+    use failsafe_proto::pb::{query_reply::Reply, query_request::Query};
+    let q = Query::ReadExtents(pb::ReadExtents {
+        ino,
+        offset: 0,
+        length: u64::MAX,
+    });
+    match super::query(conn, &q, failsafe_core::ReplicationClass::default()) {
+        Ok(Reply::FileExtents(fe)) => fe,
+        other => panic!("read extents: {other:?}"),
+    }
+}

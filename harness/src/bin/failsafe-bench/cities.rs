@@ -65,6 +65,11 @@ pub(crate) struct DokuCity {
     pub(crate) server: ServerConfig,
 }
 
+/// The row of mount B's reads of a page mount A changed just before.
+pub(crate) const CHANGED: &str = "open+read after a change elsewhere";
+/// Those reads at most (each waits for a save in the leader's city).
+const CHANGED_READS: usize = 20;
+
 /// The row label of mount B's saves after the leader moved to its city.
 const MOVED: &str = "the city the leader moved to";
 
@@ -425,54 +430,78 @@ impl World<'_> {
             workloads::read_page(&page, &mut buf)?;
             std::fs::metadata(&page)?;
             let hosts = self.host_zones();
-            let group = |op: &'static str,
-                         count: usize,
-                         f: &mut dyn FnMut() -> anyhow::Result<()>| {
-                eprintln!(
-                    "failsafe-bench: cities: mount in {city} (zone {zone}): {count} × {op} ..."
-                );
-                let before = fresh_stats(&stats);
-                let ss_before = ss_segments(&ns);
-                let mut ms = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let t = Instant::now();
-                    f()?;
-                    ms.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                let ss_after = ss_segments(&ns);
-                let after = fresh_stats(&stats);
-                let counted =
-                    crate::round_trips_between(before.as_ref(), after.as_ref(), count as f64);
-                let segs = match (ss_before, ss_after) {
-                    (Some(b), Some(a)) => Some(segments_by_zone(&b, &a, &hosts)),
-                    _ => None,
-                };
-                let row = CityRow {
-                    city,
-                    mount_zone: zone.clone(),
-                    op,
-                    n: count,
-                    median_ms: percentile(&ms, 0.5),
-                    p90_ms: percentile(&ms, 0.9),
-                    round_trips: counted.as_ref().and_then(|r| r.round_trips_per_op),
-                    rpcs: counted.as_ref().and_then(|r| r.rpcs_per_op),
-                    segs_by_zone: segs,
-                    delta: counted.map(|r| r.delta).unwrap_or_default(),
-                };
-                eprintln!(
+            // `f` returns the time to count when only part of what it does
+            // is measured (else all of it is).
+            let group =
+                |op: &'static str,
+                 count: usize,
+                 f: &mut dyn FnMut() -> anyhow::Result<Option<Duration>>| {
+                    eprintln!(
+                        "failsafe-bench: cities: mount in {city} (zone {zone}): {count} × {op} ..."
+                    );
+                    let before = fresh_stats(&stats);
+                    let ss_before = ss_segments(&ns);
+                    let mut ms = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        let t = Instant::now();
+                        let part = f()?;
+                        ms.push(part.unwrap_or_else(|| t.elapsed()).as_secs_f64() * 1e3);
+                    }
+                    let ss_after = ss_segments(&ns);
+                    let after = fresh_stats(&stats);
+                    let counted =
+                        crate::round_trips_between(before.as_ref(), after.as_ref(), count as f64);
+                    let segs = match (ss_before, ss_after) {
+                        (Some(b), Some(a)) => Some(segments_by_zone(&b, &a, &hosts)),
+                        _ => None,
+                    };
+                    let row = CityRow {
+                        city,
+                        mount_zone: zone.clone(),
+                        op,
+                        n: count,
+                        median_ms: percentile(&ms, 0.5),
+                        p90_ms: percentile(&ms, 0.9),
+                        round_trips: counted.as_ref().and_then(|r| r.round_trips_per_op),
+                        rpcs: counted.as_ref().and_then(|r| r.rpcs_per_op),
+                        segs_by_zone: segs,
+                        delta: counted.map(|r| r.delta).unwrap_or_default(),
+                    };
+                    eprintln!(
                     "failsafe-bench: cities: {op} from {city}: median {:.1} ms, p90 {:.1} ms, round trips {:?}",
                     row.median_ms, row.p90_ms, row.round_trips
                 );
-                Ok::<CityRow, anyhow::Error>(row)
-            };
+                    Ok::<CityRow, anyhow::Error>(row)
+                };
+            let mut save = || save().map(|()| None);
             cities.rows.push(group("page save", cfg.saves, &mut save)?);
             let mut stat = || {
                 std::fs::metadata(&page)?;
-                Ok(())
+                Ok(None)
             };
             cities.rows.push(group("stat", cfg.reads, &mut stat)?);
-            let mut read = || workloads::read_page(&page, &mut buf);
+            let mut read = || workloads::read_page(&page, &mut buf).map(|()| None);
             cities.rows.push(group("open+read", cfg.reads, &mut read)?);
+            if pass == 1 {
+                // Mount A (the leader's city) rewrites the page, untimed;
+                // then this mount's open+read of it is timed.
+                let there = self.mounts[0]
+                    .0
+                    .path
+                    .join("cities")
+                    .join("read")
+                    .join("page.txt");
+                let mut k = 0u64;
+                let mut changed = || {
+                    k += 1;
+                    std::fs::write(&there, workloads::page_bytes(cfg.page_bytes, 0xa000 + k))?;
+                    let t = Instant::now();
+                    workloads::read_page(&page, &mut buf)?;
+                    Ok(Some(t.elapsed()))
+                };
+                let n = cfg.reads.min(CHANGED_READS);
+                cities.rows.push(group(CHANGED, n, &mut changed)?);
+            }
             // Before the leader may move to mount B's city.
             if let (1, Some(d)) = (pass, &cfg.dokuwiki) {
                 cities.dokuwiki = Some(self.dokuwiki_views(rt, d, &cities.leader_zone));

@@ -35,11 +35,12 @@ pub(crate) struct Report<'a> {
 const TARGETS: [&str; 3] = ["local", "bindfs", "failsafe"];
 
 /// The rows of the cities section when it was not run.
-const CITY_ROWS: [&str; 4] = [
+const CITY_ROWS: [&str; 5] = [
     "page save, mount in the leader's city",
     "page save, mount in a city without the leader",
     "page read (stat, open+read of an unchanged page), mount in the leader's city",
     "page read (stat, open+read of an unchanged page), mount in a city without the leader",
+    "open+read of a page the other mount just changed, mount in a city without the leader",
 ];
 
 /// Targets from issues 11 and 12: (workload, issue, bound on failsafe /
@@ -596,6 +597,25 @@ impl Report<'_> {
                 verdict(met),
             ));
         }
+        let r = self.city_row(false, crate::cities::CHANGED);
+        let got = r.map_or("not measured".into(), |r| {
+            format!(
+                "median {} ms; {}; at most {} sequential round trips to another city by time",
+                fmt_value(r.median_ms),
+                rts(r),
+                self.cross_at_most(r),
+            )
+        });
+        // At most one RTT (and a little for the read itself).
+        let met = r.map(|r| self.cross_at_most(r) <= 1);
+        out.push((
+            format!(
+                "open+read of a page another mount just changed, hosts {rtt} ms apart, city without the leader (issue 12)"
+            ),
+            "≤ 1 round trip to another city".into(),
+            got,
+            verdict(met),
+        ));
         out
     }
 
@@ -702,7 +722,9 @@ impl Report<'_> {
              create temp, write, fsync, rename over the page, append to the change log and \
              fsync, rmdir lock), two saves before the clock as warm-up. stat: `stat` of a page \
              mount A wrote before both groups and nobody changed since. open+read: open, fstat, \
-             read the page, close, same page. Round trips per op: the change of the mount's \
+             read the page, close, same page. open+read after a change elsewhere (mount B \
+             only): mount A rewrites the page (untimed), then B's open+read of it is timed. \
+             Round trips per op: the change of the mount's \
              `stats=PATH` counters `round_trips` (and `rpcs`) over the group, summed over every \
              FUSE operation the kernel sent, divided by n; they count the mount's own \
              sequential round trips, not the ones a host makes to others inside one (a \
