@@ -111,6 +111,10 @@ struct Delegation {
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
     timer: bool,
+    /// A task flushes it now (an unlink or rename is waiting: those go at
+    /// once, in the background; lock directories and new files wait for
+    /// the timer or their close, which may make them cost nothing).
+    soon: bool,
     /// The last change made here alone (the directory's mtime and ctime).
     touched_ns: i64,
     /// Directories made here alone and not flushed yet (its link count).
@@ -140,22 +144,34 @@ enum Change {
         name: Vec<u8>,
         ino: u64,
     },
+    /// Of the file `ino` (the flush removes the name only if it still
+    /// names that file).
     Unlink {
         name: Vec<u8>,
+        ino: u64,
     },
+    /// Of the file `ino`, over the file `over` or over nothing (likewise
+    /// checked when it is flushed).
     Rename {
         from: Vec<u8>,
         to: Vec<u8>,
+        ino: u64,
+        over: Option<u64>,
     },
 }
 
 impl Change {
+    /// Sent at once (in the background): nothing can cancel it.
+    fn urgent(&self) -> bool {
+        matches!(self, Change::Unlink { .. } | Change::Rename { .. })
+    }
+
     fn names(&self) -> Vec<&[u8]> {
         match self {
-            Change::Mkdir { name, .. } | Change::Create { name, .. } | Change::Unlink { name } => {
-                vec![name]
-            }
-            Change::Rename { from, to } => vec![from, to],
+            Change::Mkdir { name, .. }
+            | Change::Create { name, .. }
+            | Change::Unlink { name, .. } => vec![name],
+            Change::Rename { from, to, .. } => vec![from, to],
         }
     }
 }
@@ -224,6 +240,7 @@ impl WriteBehind {
             pending: Vec::new(),
             flush: Arc::default(),
             timer: false,
+            soon: false,
             touched_ns: 0,
             made: 0,
         });
@@ -269,9 +286,11 @@ impl WriteBehind {
         if matches!(change, Change::Mkdir { .. }) {
             d.made += 1;
         }
+        let urgent = change.urgent();
         d.pending.push(change);
         d.touched_ns = now;
         let start_timer = !std::mem::replace(&mut d.timer, true);
+        let start_soon = urgent && !std::mem::replace(&mut d.soon, true);
         if let Some((ino, l)) = local {
             inner.locals.insert(ino, l);
         }
@@ -279,6 +298,10 @@ impl WriteBehind {
         if start_timer {
             let me = self.clone();
             tokio::spawn(async move { me.flush_later(dir).await });
+        }
+        if start_soon {
+            let me = self.clone();
+            tokio::spawn(async move { me.flush_soon(dir).await });
         }
         true
     }
@@ -454,9 +477,10 @@ impl WriteBehind {
     }
 
     /// `unlink dir/name` of a file (inode `ino`, not open here) here alone.
-    pub(crate) fn unlink(self: &Arc<Self>, dir: u64, name: &[u8]) -> Done {
+    pub(crate) fn unlink(self: &Arc<Self>, dir: u64, name: &[u8], ino: u64) -> Done {
         let change = Change::Unlink {
             name: name.to_vec(),
+            ino,
         };
         if self.record(dir, change, &[(name, Name::Gone)], None) {
             Done::Here
@@ -467,10 +491,19 @@ impl WriteBehind {
 
     /// `rename dir/from dir/to` of a file (inode `ino`) over nothing or
     /// over a file not open here, here alone.
-    pub(crate) fn rename(self: &Arc<Self>, dir: u64, from: &[u8], to: &[u8], ino: u64) -> Done {
+    pub(crate) fn rename(
+        self: &Arc<Self>,
+        dir: u64,
+        from: &[u8],
+        to: &[u8],
+        ino: u64,
+        over: Option<u64>,
+    ) -> Done {
         let change = Change::Rename {
             from: from.to_vec(),
             to: to.to_vec(),
+            ino,
+            over,
         };
         let names = [(from, Name::Gone), (to, Name::Is(ino))];
         if self.record(dir, change, &names, None) {
@@ -572,7 +605,7 @@ impl WriteBehind {
             d.gone = true;
             if !d.names.is_empty() {
                 flush.push(*o);
-            } else if !d.timer {
+            } else if !d.timer && !d.soon {
                 inner.dirs.remove(o);
             }
         }
@@ -584,6 +617,22 @@ impl WriteBehind {
     pub(crate) fn stream_lost(&self) -> Vec<u64> {
         let all: Vec<u64> = lock(&self.inner).dirs.keys().copied().collect();
         self.recalled(&all)
+    }
+
+    /// Flushes `dir` until no unlink or rename waits (those that come while
+    /// a flush is under way go together in the next).
+    async fn flush_soon(self: Arc<Self>, dir: u64) {
+        loop {
+            self.settle(dir).await;
+            let mut inner = lock(&self.inner);
+            let Some(d) = inner.dirs.get_mut(&dir) else {
+                return;
+            };
+            if !d.pending.iter().any(Change::urgent) {
+                d.soon = false;
+                return;
+            }
+        }
     }
 
     async fn flush_later(self: Arc<Self>, dir: u64) {
@@ -661,7 +710,7 @@ impl WriteBehind {
             .filter(|c| matches!(c, Change::Mkdir { .. }))
             .count() as u32;
         d.made = d.made.saturating_sub(flushed);
-        if d.gone && d.names.is_empty() && !d.timer {
+        if d.gone && d.names.is_empty() && !d.timer && !d.soon {
             inner.dirs.remove(&dir);
         }
     }
@@ -697,24 +746,41 @@ impl WriteBehind {
                     content: None,
                 })
             }
-            Change::Unlink { name } => Op::Unlink(pb::Unlink {
+            Change::Unlink { name, ino } => Op::Unlink(pb::Unlink {
                 parent: dir,
                 name: name.clone(),
+                expect: *ino,
             }),
-            Change::Rename { from, to } => Op::Rename(pb::Rename {
+            Change::Rename {
+                from,
+                to,
+                ino,
+                over,
+            } => Op::Rename(pb::Rename {
                 parent: dir,
                 name: from.clone(),
                 new_parent: dir,
                 new_name: to.clone(),
-                no_replace: false,
+                no_replace: over.is_none(),
                 exchange: false,
+                expect: *ino,
+                expect_over: over.unwrap_or(0),
             }),
         };
         let asking = Asking {
             delegate: 0,
             flush_of: dir,
         };
-        let outcome = self.client.mutate_behind(op, asking).await;
+        let mut outcome = self.client.mutate_behind(op.clone(), asking).await;
+        if matches!(&outcome, Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost)) {
+            // The delegation lapsed before this reached the leader (a new
+            // leader knows none, or this mount was cut off for a lease).
+            // Applied now if nobody changed these names meanwhile (each
+            // change says what it expects to find, and a mkdir or create
+            // never replaces anything); else lost.
+            tracing::info!(dir, change = ?c, "write-behind: delegation lapsed; applying it late");
+            outcome = self.client.mutate_behind(op, Asking::default()).await;
+        }
         if let Err(e) = &outcome {
             tracing::warn!(
                 dir,

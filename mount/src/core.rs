@@ -605,10 +605,10 @@ impl Core {
         self.writable()?;
         let (parent, name) = (self.k(parent).await?, name_bytes(name));
         if let Some(b) = &self.behind {
-            if self.plain_file(b, parent, &name).await?.is_some()
-                && matches!(b.unlink(parent, &name), Done::Here)
-            {
-                return Ok(());
+            if let Some(ino) = self.plain_file(b, parent, &name).await? {
+                if matches!(b.unlink(parent, &name, ino), Done::Here) {
+                    return Ok(());
+                }
             }
             b.settle_for(parent, &[&name]).await;
         }
@@ -616,6 +616,7 @@ impl Core {
         let op = Op::Unlink(pb::Unlink {
             parent,
             name: name.clone(),
+            expect: 0,
         });
         self.mutate_delegating(op, parent).await?;
         self.after_removal(open).await;
@@ -659,13 +660,15 @@ impl Core {
             if parent == np && name != nn && !no_replace && !exchange {
                 if let Some(ino) = self.plain_file(b, parent, &name).await? {
                     // Over nothing, or over a file not open here.
-                    let over = self.plain_file(b, parent, &nn).await;
-                    let free = matches!(over, Err(Errno::ENOENT));
-                    let replaceable = matches!(over, Ok(Some(t)) if t != ino);
-                    if (free || replaceable)
-                        && matches!(b.rename(parent, &name, &nn, ino), Done::Here)
-                    {
-                        return Ok(());
+                    let over = match self.plain_file(b, parent, &nn).await {
+                        Err(Errno::ENOENT) => Some(None),
+                        Ok(Some(t)) if t != ino => Some(Some(t)),
+                        _ => None,
+                    };
+                    if let Some(over) = over {
+                        if matches!(b.rename(parent, &name, &nn, ino, over), Done::Here) {
+                            return Ok(());
+                        }
                     }
                 }
             }
@@ -684,6 +687,7 @@ impl Core {
             new_name: nn,
             no_replace,
             exchange,
+            ..Default::default()
         };
         if parent == np {
             self.mutate_delegating(Op::Rename(r), parent).await?;
@@ -873,7 +877,10 @@ impl Core {
             exclusive,
             content: None,
         };
-        let a = self.mutate_attr(Op::Create(c)).await?;
+        let a = match self.mutate_delegating(Op::Create(c), parent).await? {
+            pb::command_result::Result::Attr(a) => a,
+            _ => return Err(Errno::EIO),
+        };
         let truncate = flags & libc::O_TRUNC != 0 && a.size > 0;
         locked(&self.versions).remove(&a.ino);
         let extents = if a.size == 0 || truncate {

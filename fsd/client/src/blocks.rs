@@ -622,7 +622,15 @@ impl Client {
             delegate: 0,
             flush_of,
         };
-        match self.mutate_behind(op, asking).await? {
+        let r = match self.mutate_behind(op.clone(), asking).await {
+            // The delegation lapsed before this reached the leader: an
+            // exclusive create is made late only if the name is still free.
+            Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
+                self.mutate_behind(op, crate::Behind::default()).await?
+            }
+            r => r?,
+        };
+        match r {
             (pb::command_result::Result::Attr(a), _) => Ok(a),
             _ => Err(ClientError::Unavailable(
                 "unexpected reply to a create".into(),

@@ -310,6 +310,7 @@ impl Client {
         self.mutate_ok(Op::Unlink(pb::Unlink {
             parent,
             name: name.to_vec(),
+            expect: 0,
         }))
         .await
     }

@@ -684,3 +684,38 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
     );
     assert!(matches!(next().await, Event::Invalidate(_)));
 }
+
+/// Write-behind: a flush from a client that holds no delegation of the
+/// directory is refused and changes nothing; a client without a lease
+/// stream is never delegated anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn t29_a_flush_without_the_delegation_is_refused() {
+    let (_tc, c) = TestCluster::start(&[]).await;
+    let d = c.mkdir(ROOT, b"d", 0o755).await.unwrap();
+    let op = pb::command::Op::Mkdir(pb::Mkdir {
+        parent: d.ino,
+        name: b"x".to_vec(),
+        mode: 0o755,
+        ..Default::default()
+    });
+    let flush = failsafe_client::Behind {
+        delegate: 0,
+        flush_of: d.ino,
+    };
+    let r = c.mutate_behind(op.clone(), flush).await;
+    assert_eq!(
+        r.err().and_then(|e| e.code()),
+        Some(ErrorCode::DelegationLost)
+    );
+    assert!(
+        c.readdir(d.ino).await.unwrap().is_empty(),
+        "nothing applied"
+    );
+    let ask = failsafe_client::Behind {
+        delegate: d.ino,
+        flush_of: 0,
+    };
+    let (_, delegated) = c.mutate_behind(op, ask).await.unwrap();
+    assert_eq!(delegated, None);
+    assert_eq!(c.readdir(d.ino).await.unwrap().len(), 1);
+}

@@ -293,10 +293,9 @@ impl LeaseTable {
     /// While the guard lives, a recall of `dir` waits for it.
     pub(crate) fn begin_flush(&self, h: Holder, dir: Object) -> Option<Flushing<'_>> {
         let now = self.now();
-        lock(&self.inner)
-            .table
-            .begin_flush(h, dir, now)
-            .then_some(Flushing { table: self, dir })
+        let admitted = lock(&self.inner).table.begin_flush(h, dir, now);
+        // (Built only when admitted: its drop takes the lock.)
+        admitted.then(|| Flushing { table: self, dir })
     }
 
     /// Sends `event` to each of `holders`; returns those it reached (a

@@ -457,4 +457,45 @@ mod tests {
         // Content only with an exclusive create of a new file.
         assert!(super::validate(&create_with(b"other", false, b"x")).is_err());
     }
+
+    #[test]
+    fn an_unlink_or_rename_that_expects_other_files_changes_nothing() {
+        use crate::state::testing::create_file;
+        let mut conn = db();
+        let (a, b) = (create_file(&mut conn, b"a"), create_file(&mut conn, b"b"));
+        let code = |r: pb::CommandResult| match r.result {
+            Some(R::Error(e)) => Some(e.code),
+            _ => None,
+        };
+        let changed = Some(ErrorCode::Changed as i32);
+        let unlink = |name: &[u8], expect| {
+            Op::Unlink(pb::Unlink {
+                parent: ROOT_INO,
+                name: name.to_vec(),
+                expect,
+            })
+        };
+        let rename = |expect, expect_over, no_replace| {
+            Op::Rename(pb::Rename {
+                parent: ROOT_INO,
+                name: b"a".to_vec(),
+                new_parent: ROOT_INO,
+                new_name: b"b".to_vec(),
+                no_replace,
+                expect,
+                expect_over,
+                ..Default::default()
+            })
+        };
+        assert_eq!(code(run(&mut conn, unlink(b"a", b))), changed);
+        assert_eq!(code(run(&mut conn, rename(b, 0, false))), changed);
+        assert_eq!(code(run(&mut conn, rename(a, a, false))), changed);
+        assert_eq!(
+            code(run(&mut conn, rename(a, 0, true))),
+            Some(ErrorCode::Exists as i32)
+        );
+        // What they expect: applied.
+        assert_eq!(code(run(&mut conn, rename(a, b, false))), None);
+        assert_eq!(code(run(&mut conn, unlink(b"b", a))), None);
+    }
 }

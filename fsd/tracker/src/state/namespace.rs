@@ -246,6 +246,9 @@ pub(super) fn unlink(
     require_dir(tx, c.parent)?;
     let ino = lookup_ino(tx, c.parent, &c.name)?
         .ok_or_else(|| OpError::new(ErrorCode::NotFound, "no such entry"))?;
+    if c.expect != 0 && ino != c.expect {
+        return err(ErrorCode::Changed, "the name names another file now");
+    }
     if get_attr(tx, ino)?.kind == FileKind::KindDir as i32 {
         return err(ErrorCode::IsDir, "is a directory");
     }
@@ -318,6 +321,9 @@ pub(super) fn rename(
     let src_attr = get_attr(tx, src)?;
     let src_is_dir = src_attr.kind == FileKind::KindDir as i32;
     let dst = lookup_ino(tx, c.new_parent, &c.new_name)?;
+    if (c.expect != 0 && src != c.expect) || (c.expect_over != 0 && dst != Some(c.expect_over)) {
+        return err(ErrorCode::Changed, "the names name other files now");
+    }
     if src_is_dir && is_within(tx, c.new_parent, src)? {
         return err(ErrorCode::Loop, "cannot move a directory into itself");
     }
