@@ -399,19 +399,25 @@ impl Client {
         .await
     }
 
-    /// An inode's attributes, from memory while leased.
+    /// An inode's attributes, from memory while leased. Asked of the
+    /// leader, a small file's answer brings its extents too: a stat after
+    /// a change elsewhere is followed by an open that asks nothing.
     pub async fn getattr_leased(&self, ino: u64) -> Result<Leased<pb::Attr>, ClientError> {
         self.leased(
             |v, now| v.get(ino, now)?.attr,
-            Query::GetAttr(pb::GetAttr { ino }),
+            Query::GetAttr(pb::GetAttr { ino, extents: true }),
             move |v, t, reply, granted, now| match reply {
                 Reply::Attr(a) => {
                     let a = *a;
                     v.offer_with(t, ino, granted, now, |c| c.attr = Some(a))
                 }
+                Reply::FileExtents(fe) => offer_extents(v, t, ino, fe, granted, now),
                 _ => false,
             },
-            attr_of,
+            |r| match r {
+                Reply::FileExtents(pb::FileExtents { attr: Some(a), .. }) => Ok(a),
+                r => attr_of(r),
+            },
         )
         .await
     }
@@ -426,13 +432,7 @@ impl Client {
             |v, now| v.get(ino, now)?.extents.clone(),
             Query::ReadExtents(failsafe_proto::whole_file(ino)),
             move |v, t, reply, granted, now| match reply {
-                Reply::FileExtents(fe) => {
-                    let fe = Arc::new(fe.clone());
-                    v.offer_with(t, ino, granted, now, |c| {
-                        c.attr = fe.attr;
-                        c.extents = Some(fe);
-                    })
-                }
+                Reply::FileExtents(fe) => offer_extents(v, t, ino, fe, granted, now),
                 _ => false,
             },
             |r| match r {
@@ -777,6 +777,22 @@ fn refreshed(
                 .insert(n.name.clone(), (n.ino != 0).then_some(n.ino));
         });
     }
+}
+
+/// Caches a file's extents (and attributes) read under ticket `t`.
+fn offer_extents(
+    v: &mut HolderView<Cached>,
+    t: failsafe_core::lease::ReadTicket,
+    ino: u64,
+    fe: &pb::FileExtents,
+    granted: bool,
+    now: u64,
+) -> bool {
+    let fe = Arc::new(fe.clone());
+    v.offer_with(t, ino, granted, now, |c| {
+        c.attr = fe.attr;
+        c.extents = Some(fe);
+    })
 }
 
 fn attr_of(r: Reply) -> Result<pb::Attr, ClientError> {

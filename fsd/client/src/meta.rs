@@ -264,7 +264,11 @@ impl Client {
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<pb::Attr, ClientError> {
-        self.query_attr(Query::GetAttr(pb::GetAttr { ino })).await
+        self.query_attr(Query::GetAttr(pb::GetAttr {
+            ino,
+            extents: false,
+        }))
+        .await
     }
 
     pub async fn setattr(&self, set: pb::SetAttr) -> Result<pb::Attr, ClientError> {

@@ -670,6 +670,7 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
     let reply = raw
         .query(leased(pb::query_request::Query::GetAttr(pb::GetAttr {
             ino: d.ino,
+            extents: false,
         })))
         .await
         .unwrap()

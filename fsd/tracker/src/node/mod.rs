@@ -516,7 +516,13 @@ impl Tracker {
         // too, and read its attributes again after registering, so a change
         // to it between the two reads is not missed.
         let named = match &reply {
-            Reply::Attr(a) => Some((a.ino, Query::GetAttr(pb::GetAttr { ino: a.ino }))),
+            Reply::Attr(a) => Some((
+                a.ino,
+                Query::GetAttr(pb::GetAttr {
+                    ino: a.ino,
+                    extents: false,
+                }),
+            )),
             Reply::FileExtents(fe) if matches!(q, Query::Lookup(_)) => fe
                 .attr
                 .map(|a| (a.ino, Query::ReadExtents(failsafe_proto::whole_file(a.ino)))),

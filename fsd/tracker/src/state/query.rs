@@ -14,6 +14,9 @@ use super::namespace::{get_attr, lookup_ino, require_dir};
 use super::schema::LIVE_DEVICE;
 use super::{check_name, err, i, OpError, OpResult};
 
+/// The largest file whose `GetAttr` answers with its extents when asked.
+const GETATTR_EXTENTS_MAX: u64 = 4 << 20;
+
 pub(crate) fn query(
     conn: &rusqlite::Connection,
     q: &Query,
@@ -21,7 +24,14 @@ pub(crate) fn query(
 ) -> OpResult<Reply> {
     match q {
         Query::Lookup(l) => lookup(conn, l),
-        Query::GetAttr(g) => get_attr(conn, g.ino).map(Reply::Attr),
+        Query::GetAttr(g) => {
+            let a = get_attr(conn, g.ino)?;
+            if g.extents && a.kind == pb::FileKind::KindFile as i32 && a.size <= GETATTR_EXTENTS_MAX
+            {
+                return read_extents(conn, &failsafe_proto::whole_file(g.ino));
+            }
+            Ok(Reply::Attr(a))
+        }
         Query::ReadDir(r) => read_dir(conn, r),
         Query::ReadLink(r) => read_link(conn, r),
         Query::StatFs(_) => stat_fs(conn, class),
