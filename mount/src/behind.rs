@@ -63,18 +63,19 @@ pub(crate) struct WriteBehind {
     inner: Mutex<Inner>,
     /// `Inner::kernel`'s length, read without the lock.
     kernel_known: AtomicUsize,
+    /// Woken when a file's creation with its bytes ends.
+    created_now: tokio::sync::Notify,
     /// Told when a file made here alone gets the tracker's inode.
     core: std::sync::OnceLock<Weak<Core>>,
 }
 
 /// A file made here alone, taken to be created with its bytes
-/// ([`WriteBehind::take_create`]).
+/// ([`WriteBehind::take_create`]); a flush of its directory waits until
+/// [`WriteBehind::created`].
 pub(crate) struct Creating {
     pub parent: u64,
     pub name: Vec<u8>,
     pub attr: pb::Attr,
-    /// No other flush of the directory meanwhile.
-    _flush: tokio::sync::OwnedMutexGuard<()>,
 }
 
 #[derive(Default)]
@@ -111,14 +112,18 @@ struct Delegation {
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
     timer: bool,
-    /// A task flushes it now (an unlink or rename is waiting: those go at
-    /// once, in the background; lock directories and new files wait for
-    /// the timer or their close, which may make them cost nothing).
+    /// A task flushes it now (a rename is waiting: those go at once, in
+    /// the background; lock directories and new files wait for the timer
+    /// or their close, which may make them cost nothing).
     soon: bool,
     /// The last change made here alone (the directory's mtime and ctime).
     touched_ns: i64,
     /// Directories made here alone and not flushed yet (its link count).
     made: u32,
+    /// Names of the changes a flush under way sends.
+    flushing: HashSet<Vec<u8>>,
+    /// Names of files being created with their bytes (`take_create`).
+    creating: HashSet<Vec<u8>>,
 }
 
 /// A name as changed here alone.
@@ -161,9 +166,12 @@ enum Change {
 }
 
 impl Change {
-    /// Sent at once (in the background): nothing can cancel it.
+    /// Sent at once, in the background: a rename is what makes a saved
+    /// page visible. (Unlinks wait for the timer like the rest: thousands
+    /// of them in a row go in a few large flushes, and this mount's cached
+    /// listing of the directory stays whole meanwhile.)
     fn urgent(&self) -> bool {
-        matches!(self, Change::Unlink { .. } | Change::Rename { .. })
+        matches!(self, Change::Rename { .. })
     }
 
     fn names(&self) -> Vec<&[u8]> {
@@ -205,6 +213,7 @@ impl WriteBehind {
             client,
             inner: Mutex::default(),
             kernel_known: AtomicUsize::new(0),
+            created_now: tokio::sync::Notify::new(),
             core: std::sync::OnceLock::new(),
         })
     }
@@ -243,6 +252,8 @@ impl WriteBehind {
             soon: false,
             touched_ns: 0,
             made: 0,
+            flushing: HashSet::new(),
+            creating: HashSet::new(),
         });
         d.epoch = epoch;
         d.gone = false;
@@ -405,7 +416,6 @@ impl WriteBehind {
             _ => return None,
         };
         let d = inner.dirs.get_mut(&parent)?;
-        let flush = d.flush.clone().try_lock_owned().ok()?;
         let at = d
             .pending
             .iter()
@@ -413,19 +423,15 @@ impl WriteBehind {
         let Change::Create { name, .. } = d.pending[at].clone() else {
             return None;
         };
-        if d.pending[..at]
+        let earlier = d.pending[..at]
             .iter()
-            .any(|c| c.names().contains(&&name[..]))
-        {
+            .any(|c| c.names().contains(&&name[..]));
+        if earlier || d.flushing.contains(&name) {
             return None;
         }
         d.pending.remove(at);
-        Some(Creating {
-            parent,
-            name,
-            attr,
-            _flush: flush,
-        })
+        d.creating.insert(name.clone());
+        Some(Creating { parent, name, attr })
     }
 
     /// A file taken by [`WriteBehind::take_create`] was created at the
@@ -440,10 +446,34 @@ impl WriteBehind {
         self.kernel_known
             .store(inner.kernel.len(), Ordering::Relaxed);
         if let Some(d) = inner.dirs.get_mut(&c.parent) {
+            d.creating.remove(&c.name);
             let later = d.pending.iter().any(|x| x.names().contains(&&c.name[..]));
             if !later && d.names.get(&c.name) == Some(&Name::Made(ino)) {
                 d.names.remove(&c.name);
             }
+        }
+        drop(inner);
+        self.created_now.notify_waiters();
+    }
+
+    /// Waits until no file of `dir` (named one of `names`, or any when
+    /// `None`) is being created with its bytes.
+    async fn creations_done(&self, dir: u64, names: Option<&[&[u8]]>) {
+        loop {
+            let notified = self.created_now.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let busy = lock(&self.inner)
+                .dirs
+                .get(&dir)
+                .is_some_and(|d| match names {
+                    None => !d.creating.is_empty(),
+                    Some(ns) => ns.iter().any(|n| d.creating.contains(*n)),
+                });
+            if !busy {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -662,12 +692,20 @@ impl WriteBehind {
             }
         };
         let _one = flush.lock().await;
+        // A file being created with its bytes was made before anything
+        // still pending: it goes first.
+        self.creations_done(dir, None).await;
         let batch = {
             let mut inner = lock(&self.inner);
             let Some(d) = inner.dirs.get_mut(&dir) else {
                 return;
             };
-            std::mem::take(&mut d.pending)
+            let batch = std::mem::take(&mut d.pending);
+            d.flushing = batch
+                .iter()
+                .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
+                .collect();
+            batch
         };
         // Runs of changes that touch different names go together; a change
         // touching a name of its run starts the next.
@@ -695,6 +733,7 @@ impl WriteBehind {
         let Some(d) = inner.dirs.get_mut(&dir) else {
             return;
         };
+        d.flushing.clear();
         // The tracker (and this mount's lease cache, from the flush's
         // read-back) now has what the flushed changes did to these names,
         // unless a change made since touches them again.
@@ -704,7 +743,10 @@ impl WriteBehind {
             .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
             .collect();
         // (Every change before them is flushed: this holds the flush lock.)
-        d.names.retain(|n, _| later.contains(n));
+        // (A file being created with its bytes keeps its name until then.)
+        let creating = &d.creating;
+        d.names
+            .retain(|n, _| later.contains(n) || creating.contains(n));
         let flushed = batch
             .iter()
             .filter(|c| matches!(c, Change::Mkdir { .. }))
@@ -814,6 +856,7 @@ impl WriteBehind {
     /// other names may stay behind: nobody else reads the directory before
     /// it is recalled, which flushes them.)
     pub(crate) async fn settle_for(&self, dir: u64, names: &[&[u8]]) {
+        self.creations_done(dir, Some(names)).await;
         let touched = lock(&self.inner)
             .dirs
             .get(&dir)
