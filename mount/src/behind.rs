@@ -55,6 +55,8 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(100);
 /// Nothing is done alone unless the leases last at least this much longer:
 /// time for the flush.
 pub(crate) const MARGIN: Duration = Duration::from_millis(150);
+/// Names a directory's `known` keeps at most (more, and it starts over).
+const KNOWN_MAX: usize = 20_000;
 /// Independent changes of one flush sent at once, at most.
 const IN_FLIGHT: usize = 64;
 
@@ -124,6 +126,11 @@ struct Delegation {
     flushing: HashSet<Vec<u8>>,
     /// Names of files being created with their bytes (`take_create`).
     creating: HashSet<Vec<u8>>,
+    /// What this mount's flushed changes left names as, answered while the
+    /// delegation holds (nobody else can change them meanwhile; a flush's
+    /// read-back the leader could not grant leaves the lease cache without
+    /// them). A change of one of them sent to the tracker forgets it.
+    known: BTreeMap<Vec<u8>, Name>,
 }
 
 /// A name as changed here alone.
@@ -254,14 +261,24 @@ impl WriteBehind {
             made: 0,
             flushing: HashSet::new(),
             creating: HashSet::new(),
+            known: BTreeMap::new(),
         });
+        if d.epoch != epoch {
+            d.known.clear();
+        }
         d.epoch = epoch;
         d.gone = false;
     }
 
     /// `dir/name` as changed here alone, if it was.
     pub(crate) fn name(&self, dir: u64, name: &[u8]) -> Option<Name> {
-        lock(&self.inner).dirs.get(&dir)?.names.get(name).copied()
+        let inner = lock(&self.inner);
+        let d = inner.dirs.get(&dir)?;
+        if let Some(n) = d.names.get(name) {
+            return Some(*n);
+        }
+        let known = d.known.get(name).copied()?;
+        self.usable(d).then_some(known)
     }
 
     /// Whether `dir` may be changed here alone now (checked again when the
@@ -292,6 +309,7 @@ impl WriteBehind {
             return false;
         }
         for (name, n) in names {
+            d.known.remove(*name);
             d.names.insert(name.to_vec(), *n);
         }
         if matches!(change, Change::Mkdir { .. }) {
@@ -450,6 +468,14 @@ impl WriteBehind {
             let later = d.pending.iter().any(|x| x.names().contains(&&c.name[..]));
             if !later && d.names.get(&c.name) == Some(&Name::Made(ino)) {
                 d.names.remove(&c.name);
+                match real {
+                    Some(r) if !d.gone => {
+                        d.known.insert(c.name.clone(), Name::Is(r));
+                    }
+                    _ => {
+                        d.known.remove(&c.name);
+                    }
+                }
             }
         }
         drop(inner);
@@ -633,6 +659,7 @@ impl WriteBehind {
                 continue;
             };
             d.gone = true;
+            d.known.clear();
             if !d.names.is_empty() {
                 flush.push(*o);
             } else if !d.timer && !d.soon {
@@ -722,15 +749,18 @@ impl WriteBehind {
                 run.push(c);
             }
         }
+        let mut all_applied = true;
         for run in runs {
-            futures::stream::iter(run)
+            let applied = futures::stream::iter(run)
                 .map(|c| self.send(dir, c))
                 .buffer_unordered(IN_FLIGHT)
-                .collect::<Vec<()>>()
+                .collect::<Vec<bool>>()
                 .await;
+            all_applied &= applied.iter().all(|a| *a);
         }
         let mut inner = lock(&self.inner);
-        let Some(d) = inner.dirs.get_mut(&dir) else {
+        let Inner { dirs, locals, .. } = &mut *inner;
+        let Some(d) = dirs.get_mut(&dir) else {
             return;
         };
         d.flushing.clear();
@@ -745,25 +775,45 @@ impl WriteBehind {
         // (Every change before them is flushed: this holds the flush lock.)
         // (A file being created with its bytes keeps its name until then.)
         let creating = &d.creating;
-        d.names
-            .retain(|n, _| later.contains(n) || creating.contains(n));
+        let mut done = Vec::new();
+        d.names.retain(|n, v| {
+            let keep = later.contains(n) || creating.contains(n);
+            if !keep {
+                done.push((n.clone(), *v));
+            }
+            keep
+        });
+        if d.gone || !all_applied || d.known.len() + done.len() > KNOWN_MAX {
+            d.known.clear();
+        } else {
+            for (n, v) in done {
+                let v = match v {
+                    Name::Made(l) => match locals.get(&l) {
+                        Some(Local::Flushed(real)) => Name::Is(*real),
+                        _ => continue,
+                    },
+                    v => v,
+                };
+                d.known.insert(n, v);
+            }
+        }
         let flushed = batch
             .iter()
             .filter(|c| matches!(c, Change::Mkdir { .. }))
             .count() as u32;
         d.made = d.made.saturating_sub(flushed);
         if d.gone && d.names.is_empty() && !d.timer && !d.soon {
-            inner.dirs.remove(&dir);
+            dirs.remove(&dir);
         }
     }
 
-    /// Sends one change of `dir`'s flush.
-    async fn send(&self, dir: u64, c: Change) {
+    /// Sends one change of `dir`'s flush; whether it applied.
+    async fn send(&self, dir: u64, c: Change) -> bool {
         let op = match &c {
             Change::Mkdir { name, ino } => {
                 let attr = match lock(&self.inner).locals.get(ino) {
                     Some(Local::Made { attr, .. }) => *attr,
-                    _ => return,
+                    _ => return false,
                 };
                 Op::Mkdir(pb::Mkdir {
                     parent: dir,
@@ -776,7 +826,7 @@ impl WriteBehind {
             Change::Create { name, ino } => {
                 let attr = match lock(&self.inner).locals.get(ino) {
                     Some(Local::Made { attr, .. }) => *attr,
-                    _ => return,
+                    _ => return false,
                 };
                 Op::Create(pb::Create {
                     parent: dir,
@@ -831,6 +881,7 @@ impl WriteBehind {
                 "write-behind: a change made here alone is lost"
             );
         }
+        let applied = outcome.is_ok();
         if let Change::Mkdir { ino, .. } | Change::Create { ino, .. } = c {
             let l = match outcome {
                 Ok((command_result::Result::Attr(a), _)) => {
@@ -849,6 +900,7 @@ impl WriteBehind {
             self.kernel_known
                 .store(inner.kernel.len(), Ordering::Relaxed);
         }
+        applied
     }
 
     /// Before a change of `names` in `dir` goes to the tracker: flushes
@@ -863,6 +915,13 @@ impl WriteBehind {
             .is_some_and(|d| names.iter().any(|n| d.names.contains_key(*n)));
         if touched {
             self.settle(dir).await;
+        }
+        // The change about to go to the tracker makes what is known of
+        // these names stale (forgotten after the flush, which adds to it).
+        if let Some(d) = lock(&self.inner).dirs.get_mut(&dir) {
+            for n in names {
+                d.known.remove(*n);
+            }
         }
     }
 
