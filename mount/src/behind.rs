@@ -20,7 +20,10 @@
 //! marked as the delegate's (`MutateRequest.flush_of`), independent ones
 //! together (the leader commits them in one group):
 //!
-//! - [`FLUSH_AFTER`] after the first change not yet flushed;
+//! - [`FLUSH_AFTER`] after each change was made (like a local file
+//!   system's journal commit interval; a lock directory's `mkdir`/`rmdir`
+//!   pair inside it never leaves), or earlier when the leases would run
+//!   out with it unflushed;
 //! - when the leader recalls the directory (another client is about to read
 //!   or change it): the invalidation is acknowledged only after the flush;
 //! - before any other operation in the directory or on a directory made
@@ -50,8 +53,9 @@ use futures::StreamExt;
 /// Inode numbers from here on are this mount's own (the tracker numbers
 /// from 1 upwards).
 pub(crate) const LOCAL_BASE: u64 = 1 << 62;
-/// A change made here alone is flushed at the latest this long after.
-pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// A change made here alone is flushed at the latest this long after
+/// (ext4 commits its journal every 5 s).
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_secs(1);
 /// Nothing is done alone unless the leases last at least this much longer:
 /// time for the flush.
 pub(crate) const MARGIN: Duration = Duration::from_millis(150);
@@ -109,7 +113,7 @@ struct Delegation {
     /// Names as changed here alone and not flushed yet (or being flushed).
     names: BTreeMap<Vec<u8>, Name>,
     /// Changes not taken by a flush yet, in the order they were made.
-    pending: Vec<Change>,
+    pending: Vec<Pending>,
     /// One flush at a time, in order.
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
@@ -144,6 +148,13 @@ pub(crate) enum Name {
     Gone,
 }
 
+/// A change not flushed yet, and when it was made.
+#[derive(Debug, Clone)]
+struct Pending {
+    change: Change,
+    at: tokio::time::Instant,
+}
+
 #[derive(Debug, Clone)]
 enum Change {
     Mkdir {
@@ -174,9 +185,11 @@ enum Change {
 
 impl Change {
     /// Sent at once, in the background: a rename is what makes a saved
-    /// page visible. (Unlinks wait for the timer like the rest: thousands
-    /// of them in a row go in a few large flushes, and this mount's cached
-    /// listing of the directory stays whole meanwhile.)
+    /// page visible, and the next save of the page makes its temp file
+    /// again under the name it renamed (its creation cannot go ahead of
+    /// the rename). Unlinks wait for the timer like the rest: thousands of
+    /// them in a row go in a few large flushes, and this mount's cached
+    /// listing of the directory stays whole meanwhile.
     fn urgent(&self) -> bool {
         matches!(self, Change::Rename { .. })
     }
@@ -316,7 +329,10 @@ impl WriteBehind {
             d.made += 1;
         }
         let urgent = change.urgent();
-        d.pending.push(change);
+        d.pending.push(Pending {
+            change,
+            at: tokio::time::Instant::now(),
+        });
         d.touched_ns = now;
         let start_timer = !std::mem::replace(&mut d.timer, true);
         let start_soon = urgent && !std::mem::replace(&mut d.soon, true);
@@ -437,13 +453,13 @@ impl WriteBehind {
         let at = d
             .pending
             .iter()
-            .position(|c| matches!(c, Change::Create { ino: i, .. } if *i == ino))?;
-        let Change::Create { name, .. } = d.pending[at].clone() else {
+            .position(|p| matches!(p.change, Change::Create { ino: i, .. } if i == ino))?;
+        let Change::Create { name, .. } = d.pending[at].change.clone() else {
             return None;
         };
         let earlier = d.pending[..at]
             .iter()
-            .any(|c| c.names().contains(&&name[..]));
+            .any(|p| p.change.names().contains(&&name[..]));
         if earlier || d.flushing.contains(&name) {
             return None;
         }
@@ -465,7 +481,10 @@ impl WriteBehind {
             .store(inner.kernel.len(), Ordering::Relaxed);
         if let Some(d) = inner.dirs.get_mut(&c.parent) {
             d.creating.remove(&c.name);
-            let later = d.pending.iter().any(|x| x.names().contains(&&c.name[..]));
+            let later = d
+                .pending
+                .iter()
+                .any(|p| p.change.names().contains(&&c.name[..]));
             if !later && d.names.get(&c.name) == Some(&Name::Made(ino)) {
                 d.names.remove(&c.name);
                 match real {
@@ -515,7 +534,7 @@ impl WriteBehind {
                 let at = d
                     .pending
                     .iter()
-                    .position(|c| matches!(c, Change::Mkdir { ino: i, .. } if *i == ino));
+                    .position(|p| matches!(p.change, Change::Mkdir { ino: i, .. } if i == ino));
                 if let Some(at) = at {
                     d.pending.remove(at);
                     // It was free when made: it is again (until the next
@@ -676,8 +695,8 @@ impl WriteBehind {
         self.recalled(&all)
     }
 
-    /// Flushes `dir` until no unlink or rename waits (those that come while
-    /// a flush is under way go together in the next).
+    /// Flushes `dir` until no rename waits (those that come while a flush
+    /// is under way go together in the next).
     async fn flush_soon(self: Arc<Self>, dir: u64) {
         loop {
             self.settle(dir).await;
@@ -685,32 +704,68 @@ impl WriteBehind {
             let Some(d) = inner.dirs.get_mut(&dir) else {
                 return;
             };
-            if !d.pending.iter().any(Change::urgent) {
+            if !d.pending.iter().any(|p| p.change.urgent()) {
                 d.soon = false;
                 return;
             }
         }
     }
 
+    /// Flushes `dir`'s changes as they come due (see [`WriteBehind::due`])
+    /// until none is left.
     async fn flush_later(self: Arc<Self>, dir: u64) {
         loop {
-            tokio::time::sleep(FLUSH_AFTER).await;
-            self.settle(dir).await;
-            let mut inner = lock(&self.inner);
-            let Some(d) = inner.dirs.get_mut(&dir) else {
-                return;
+            let (due, low) = {
+                let mut inner = lock(&self.inner);
+                let Some(d) = inner.dirs.get_mut(&dir) else {
+                    return;
+                };
+                match self.due(d) {
+                    Some(due) => due,
+                    None => {
+                        d.timer = false;
+                        return;
+                    }
+                }
             };
-            if d.pending.is_empty() {
-                d.timer = false;
-                return;
+            let now = tokio::time::Instant::now();
+            if due > now {
+                tokio::time::sleep_until(due).await;
+                continue;
             }
+            // The changes made FLUSH_AFTER ago or earlier; every one when
+            // the leases run low.
+            let made_by = now.checked_sub(FLUSH_AFTER).filter(|_| !low);
+            self.flush(dir, made_by).await;
         }
+    }
+
+    /// When `d`'s oldest change not flushed yet is due: [`FLUSH_AFTER`]
+    /// after it was made, or earlier when the leases would otherwise run
+    /// out with it unflushed (then also "low": flush every change).
+    /// `None`: nothing is pending.
+    fn due(&self, d: &Delegation) -> Option<(tokio::time::Instant, bool)> {
+        let oldest = d.pending.first()?.at;
+        let now = tokio::time::Instant::now();
+        let left = match self.client.lease_now() {
+            Some((epoch, left)) if epoch == d.epoch && !d.gone => left,
+            _ => Duration::ZERO,
+        };
+        let by_lease = now + left.saturating_sub(MARGIN);
+        let by_age = oldest + FLUSH_AFTER;
+        Some((by_age.min(by_lease), by_lease <= by_age && left < MARGIN))
     }
 
     /// Flushes everything done in `dir` here alone, and waits for a flush
     /// already under way: afterwards the tracker has all of it (or it is
     /// reported lost).
     pub(crate) async fn settle(&self, dir: u64) {
+        self.flush(dir, None).await;
+    }
+
+    /// Flushes the changes made in `dir` here alone up to `made_by` (all:
+    /// `None`), in order, after a flush already under way.
+    async fn flush(&self, dir: u64, made_by: Option<tokio::time::Instant>) {
         let flush = {
             let inner = lock(&self.inner);
             match inner.dirs.get(&dir) {
@@ -727,7 +782,11 @@ impl WriteBehind {
             let Some(d) = inner.dirs.get_mut(&dir) else {
                 return;
             };
-            let batch = std::mem::take(&mut d.pending);
+            let upto = match made_by {
+                Some(t) => d.pending.partition_point(|p| p.at <= t),
+                None => d.pending.len(),
+            };
+            let batch: Vec<Change> = d.pending.drain(..upto).map(|p| p.change).collect();
             d.flushing = batch
                 .iter()
                 .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
@@ -770,7 +829,7 @@ impl WriteBehind {
         let later: HashSet<Vec<u8>> = d
             .pending
             .iter()
-            .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
+            .flat_map(|p| p.change.names().into_iter().map(<[u8]>::to_vec))
             .collect();
         // (Every change before them is flushed: this holds the flush lock.)
         // (A file being created with its bytes keeps its name until then.)
