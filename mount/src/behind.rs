@@ -48,7 +48,6 @@ use failsafe_client::{Behind as Asking, Client};
 
 use crate::core::Core;
 use fuser::Errno;
-use futures::StreamExt;
 
 /// Inode numbers from here on are this mount's own (the tracker numbers
 /// from 1 upwards).
@@ -61,8 +60,9 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_secs(1);
 pub(crate) const MARGIN: Duration = Duration::from_millis(150);
 /// Names a directory's `known` keeps at most (more, and it starts over).
 const KNOWN_MAX: usize = 20_000;
-/// Independent changes of one flush sent at once, at most.
-const IN_FLIGHT: usize = 64;
+/// Changes of one flush sent in one request, at most (the leader's
+/// largest group of commands in one log entry).
+const FLUSH_MAX: usize = 256;
 
 pub(crate) struct WriteBehind {
     client: Client,
@@ -793,29 +793,11 @@ impl WriteBehind {
                 .collect();
             batch
         };
-        // Runs of changes that touch different names go together; a change
-        // touching a name of its run starts the next.
-        let mut runs: Vec<Vec<Change>> = Vec::new();
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
-        for c in batch.iter().cloned() {
-            let names = c.names();
-            if runs.is_empty() || names.iter().any(|n| seen.contains(*n)) {
-                runs.push(Vec::new());
-                seen.clear();
-            }
-            seen.extend(names.iter().map(|n| n.to_vec()));
-            if let Some(run) = runs.last_mut() {
-                run.push(c);
-            }
-        }
+        // In order, in requests of at most FLUSH_MAX changes (each one log
+        // entry at the leader).
         let mut all_applied = true;
-        for run in runs {
-            let applied = futures::stream::iter(run)
-                .map(|c| self.send(dir, c))
-                .buffer_unordered(IN_FLIGHT)
-                .collect::<Vec<bool>>()
-                .await;
-            all_applied &= applied.iter().all(|a| *a);
+        for chunk in batch.chunks(FLUSH_MAX) {
+            all_applied &= self.send(dir, chunk).await;
         }
         let mut inner = lock(&self.inner);
         let Inner { dirs, locals, .. } = &mut *inner;
@@ -866,14 +848,67 @@ impl WriteBehind {
         }
     }
 
-    /// Sends one change of `dir`'s flush; whether it applied.
-    async fn send(&self, dir: u64, c: Change) -> bool {
-        let op = match &c {
+    /// Sends `changes` of `dir`'s flush in one request; whether all
+    /// applied.
+    async fn send(&self, dir: u64, changes: &[Change]) -> bool {
+        let mut sent = Vec::with_capacity(changes.len());
+        let mut ops = Vec::with_capacity(changes.len());
+        for c in changes {
+            if let Some(op) = self.op_of(dir, c) {
+                sent.push(c);
+                ops.push(op);
+            }
+        }
+        let mut all_applied = sent.len() == changes.len();
+        if ops.is_empty() {
+            return all_applied;
+        }
+        let results = match self.client.flush_behind(ops.clone(), dir).await {
+            Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
+                // The delegation lapsed before this reached the leader (a
+                // new leader knows none, or this mount was cut off for a
+                // lease). Each applied now if nobody changed its names
+                // meanwhile (each change says what it expects to find, and
+                // a mkdir or create never replaces anything); else lost.
+                tracing::info!(
+                    dir,
+                    changes = ops.len(),
+                    "write-behind: delegation lapsed; applying the flush late"
+                );
+                let mut late = Vec::with_capacity(ops.len());
+                for op in ops {
+                    late.push(
+                        self.client
+                            .mutate_behind(op, Asking::default())
+                            .await
+                            .map(|(r, _)| r),
+                    );
+                }
+                late
+            }
+            Err(e) => {
+                let e = e.to_string();
+                sent.iter()
+                    .map(|_| Err(failsafe_client::ClientError::Unavailable(e.clone())))
+                    .collect()
+            }
+            Ok(results) => results,
+        };
+        for (c, outcome) in sent.into_iter().zip(results) {
+            all_applied &= self.outcome(dir, c, outcome);
+        }
+        all_applied
+    }
+
+    /// The command that sends `c` (`None`: what it made is gone here).
+    fn op_of(&self, dir: u64, c: &Change) -> Option<Op> {
+        let made_attr = |ino: &u64| match lock(&self.inner).locals.get(ino) {
+            Some(Local::Made { attr, .. }) => Some(*attr),
+            _ => None,
+        };
+        Some(match c {
             Change::Mkdir { name, ino } => {
-                let attr = match lock(&self.inner).locals.get(ino) {
-                    Some(Local::Made { attr, .. }) => *attr,
-                    _ => return false,
-                };
+                let attr = made_attr(ino)?;
                 Op::Mkdir(pb::Mkdir {
                     parent: dir,
                     name: name.clone(),
@@ -883,10 +918,7 @@ impl WriteBehind {
                 })
             }
             Change::Create { name, ino } => {
-                let attr = match lock(&self.inner).locals.get(ino) {
-                    Some(Local::Made { attr, .. }) => *attr,
-                    _ => return false,
-                };
+                let attr = made_attr(ino)?;
                 Op::Create(pb::Create {
                     parent: dir,
                     name: name.clone(),
@@ -917,21 +949,16 @@ impl WriteBehind {
                 expect: *ino,
                 expect_over: over.unwrap_or(0),
             }),
-        };
-        let asking = Asking {
-            delegate: 0,
-            flush_of: dir,
-        };
-        let mut outcome = self.client.mutate_behind(op.clone(), asking).await;
-        if matches!(&outcome, Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost)) {
-            // The delegation lapsed before this reached the leader (a new
-            // leader knows none, or this mount was cut off for a lease).
-            // Applied now if nobody changed these names meanwhile (each
-            // change says what it expects to find, and a mkdir or create
-            // never replaces anything); else lost.
-            tracing::info!(dir, change = ?c, "write-behind: delegation lapsed; applying it late");
-            outcome = self.client.mutate_behind(op, Asking::default()).await;
-        }
+        })
+    }
+
+    /// What became of the flushed change `c`; whether it applied.
+    fn outcome(
+        &self,
+        dir: u64,
+        c: &Change,
+        outcome: Result<command_result::Result, failsafe_client::ClientError>,
+    ) -> bool {
         if let Err(e) = &outcome {
             tracing::warn!(
                 dir,
@@ -943,11 +970,11 @@ impl WriteBehind {
         let applied = outcome.is_ok();
         if let Change::Mkdir { ino, .. } | Change::Create { ino, .. } = c {
             let l = match outcome {
-                Ok((command_result::Result::Attr(a), _)) => {
+                Ok(command_result::Result::Attr(a)) => {
                     if matches!(c, Change::Create { .. }) {
                         // Open here: its state follows it to its inode.
                         if let Some(core) = self.core.get().and_then(Weak::upgrade) {
-                            core.rekey(ino, &a);
+                            core.rekey(*ino, &a);
                         }
                     }
                     Local::Flushed(a.ino)
@@ -955,7 +982,7 @@ impl WriteBehind {
                 _ => Local::Lost,
             };
             let mut inner = lock(&self.inner);
-            inner.outcome(ino, l);
+            inner.outcome(*ino, l);
             self.kernel_known
                 .store(inner.kernel.len(), Ordering::Relaxed);
         }

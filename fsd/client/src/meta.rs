@@ -65,13 +65,62 @@ impl Client {
         op: Op,
         behind: Behind,
     ) -> Result<(command_result::Result, Option<u64>), ClientError> {
+        let cmd = self.command(op);
+        self.send_change(cmd, behind).await
+    }
+
+    /// A delegate's flush of `ops`, its changes of the delegated directory
+    /// `flush_of`, in one request: applied in this order in one log entry,
+    /// each refused alone if it cannot apply (its own operation id, so a
+    /// retry applies none twice). Each change's result, in order; an error
+    /// for the whole when none applied (the delegation was lost, or the
+    /// request failed: then some may have applied, as with one change).
+    pub async fn flush_behind(
+        &self,
+        ops: Vec<Op>,
+        flush_of: u64,
+    ) -> Result<Vec<Result<command_result::Result, ClientError>>, ClientError> {
+        let n = ops.len();
+        let commands = ops.into_iter().map(|op| self.command(op)).collect();
         let cmd = pb::Command {
+            now_ns: now_ns(),
+            op: Some(Op::Batch(pb::Batch { commands })),
+            ..Default::default()
+        };
+        let behind = Behind {
+            delegate: 0,
+            flush_of,
+        };
+        match self.send_change(cmd, behind).await? {
+            (command_result::Result::Batch(b), _) if b.results.len() == n => Ok(b
+                .results
+                .into_iter()
+                .map(|r| match r.result {
+                    Some(command_result::Result::Error(e)) => Err(refused(e)),
+                    Some(r) => Ok(r),
+                    None => Err(unexpected("a flush")),
+                })
+                .collect()),
+            _ => Err(unexpected("a flush")),
+        }
+    }
+
+    /// `op` as a command of this client's, under a new operation id.
+    fn command(&self, op: Op) -> pb::Command {
+        pb::Command {
             client_id: self.inner.client_id,
             op_id: self.next_op_id(),
             now_ns: now_ns(),
             leader_ns: 0,
             op: Some(op),
-        };
+        }
+    }
+
+    async fn send_change(
+        &self,
+        cmd: pb::Command,
+        behind: Behind,
+    ) -> Result<(command_result::Result, Option<u64>), ClientError> {
         let writer_zone = match &self.inner.cfg.zone {
             Some(zone) if !self.inner.cfg.background => zone.clone(),
             _ => String::new(),

@@ -720,3 +720,92 @@ async fn t29_a_flush_without_the_delegation_is_refused() {
     assert_eq!(delegated, None);
     assert_eq!(c.readdir(d.ino).await.unwrap().len(), 1);
 }
+
+/// A delegate's flush of several changes goes in one request and one log
+/// entry, in order, each applied or refused alone; a batch from anyone
+/// else, or with a change outside the delegated directory, is refused
+/// whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn t29_a_flush_of_several_changes_applies_each_alone_in_order() {
+    let (_tc, c) = TestCluster::start(&[]).await;
+    let _dropped = c.enable_leases();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while c.lease_now().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no lease stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let d = c.mkdir(ROOT, b"d", 0o755).await.unwrap();
+    let other = c.mkdir(ROOT, b"other", 0o755).await.unwrap();
+    let mkdir = |parent: u64, name: &[u8]| {
+        pb::command::Op::Mkdir(pb::Mkdir {
+            parent,
+            name: name.to_vec(),
+            mode: 0o755,
+            ..Default::default()
+        })
+    };
+    let ask = failsafe_client::Behind {
+        delegate: d.ino,
+        flush_of: 0,
+    };
+    let (_, delegated) = c.mutate_behind(mkdir(d.ino, b"first"), ask).await.unwrap();
+    assert!(delegated.is_some(), "the directory is delegated");
+
+    // Not a flush: refused, nothing applied.
+    let batch = pb::command::Op::Batch(pb::Batch {
+        commands: vec![pb::Command {
+            op: Some(mkdir(d.ino, b"outside")),
+            ..Default::default()
+        }],
+    });
+    let r = c.mutate(batch).await;
+    assert_eq!(r.err().and_then(|e| e.code()), Some(ErrorCode::Invalid));
+    // A change of another directory in the flush: refused whole.
+    let r = c
+        .flush_behind(vec![mkdir(d.ino, b"a"), mkdir(other.ino, b"b")], d.ino)
+        .await;
+    assert_eq!(
+        r.err().and_then(|e| e.code()),
+        Some(ErrorCode::DelegationLost)
+    );
+    assert_eq!(c.readdir(other.ino).await.unwrap().len(), 0);
+
+    let results = c
+        .flush_behind(
+            vec![
+                mkdir(d.ino, b"a"),
+                mkdir(d.ino, b"a"),
+                pb::command::Op::Rename(pb::Rename {
+                    parent: d.ino,
+                    name: b"a".to_vec(),
+                    new_parent: d.ino,
+                    new_name: b"b".to_vec(),
+                    no_replace: true,
+                    ..Default::default()
+                }),
+                mkdir(d.ino, b"a"),
+            ],
+            d.ino,
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert!(results[0].is_ok(), "{results:?}");
+    assert_eq!(
+        results[1].as_ref().err().and_then(|e| e.code()),
+        Some(ErrorCode::Exists)
+    );
+    assert!(results[2].is_ok() && results[3].is_ok(), "{results:?}");
+    let names: BTreeSet<Vec<u8>> = c
+        .readdir(d.ino)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    let want: BTreeSet<Vec<u8>> = [&b"a"[..], b"b", b"first"]
+        .iter()
+        .map(|n| n.to_vec())
+        .collect();
+    assert_eq!(names, want, "applied in order");
+}

@@ -98,6 +98,8 @@ pub fn known_touched(cmd: &pb::Command) -> Vec<u64> {
         Some(Op::Rename(c)) => vec![c.parent, c.new_parent],
         Some(Op::SetAttr(c)) => vec![c.ino],
         Some(Op::CommitExtents(c)) => vec![c.ino],
+        // A delegate's flush: what each of its changes names.
+        Some(Op::Batch(b)) => b.commands.iter().flat_map(known_touched).collect(),
         // Not ReplaceInline: the blockifier's change keeps a file's bytes,
         // attributes and version, so what a lease holder cached of it
         // (inline extents included: the same bytes) stays true.

@@ -26,7 +26,7 @@ use crate::raft::{NodeId, Raft};
 /// for one entry overlapping the replication of the one before it.
 const IN_FLIGHT: usize = 2;
 /// At most this many commands in one entry...
-const MAX_COMMANDS: usize = 256;
+pub(super) const MAX_COMMANDS: usize = 256;
 /// ...and about this many bytes (a command with inline data may carry up to
 /// 64 KiB; an entry stays well below the largest Raft message).
 const MAX_BYTES: usize = 1024 * 1024;
@@ -34,10 +34,12 @@ const MAX_BYTES: usize = 1024 * 1024;
 /// wait, which is the back-pressure the mounts feel.
 const QUEUE: usize = 4096;
 
-type Answer = Result<pb::CommandResult, TrackerError>;
+type Answer = Result<Vec<pb::CommandResult>, TrackerError>;
 
+/// One proposer's commands (one, or a delegate's flush: several, kept
+/// together and in order in one entry) and where their results go.
 struct Pending {
-    cmd: pb::Command,
+    cmds: Vec<pb::Command>,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -98,11 +100,22 @@ impl GroupCommit {
 
     /// Proposes `cmd` (already validated and stamped) and returns its result
     /// once it is applied.
-    pub(super) async fn propose(&self, cmd: pb::Command) -> Answer {
+    pub(super) async fn propose(
+        &self,
+        cmd: pb::Command,
+    ) -> Result<pb::CommandResult, TrackerError> {
+        let mut results = self.propose_all(vec![cmd]).await?;
+        results.pop().ok_or_else(|| malformed(1))
+    }
+
+    /// Proposes `cmds` together, in this order, in one entry (none is a
+    /// batch; at most [`MAX_COMMANDS`]) and returns their results, in the
+    /// same order, once they are applied.
+    pub(super) async fn propose_all(&self, cmds: Vec<pb::Command>) -> Answer {
         let (reply, answer) = oneshot::channel();
         let stopped = || TrackerError::Stopped("the tracker's proposer has stopped".into());
         self.queue
-            .send(Pending { cmd, reply })
+            .send(Pending { cmds, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -117,18 +130,20 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, counts: Arc<Counts>) {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.cmd.encoded_len();
+        let mut bytes: usize = first.cmds.iter().map(|c| c.encoded_len()).sum();
+        let mut commands = first.cmds.len();
         let mut group = vec![first];
-        while group.len() < MAX_COMMANDS && bytes < MAX_BYTES {
+        while commands < MAX_COMMANDS && bytes < MAX_BYTES {
             match rx.try_recv() {
                 Ok(p) => {
-                    bytes += p.cmd.encoded_len();
+                    bytes += p.cmds.iter().map(|c| c.encoded_len()).sum::<usize>();
+                    commands += p.cmds.len();
                     group.push(p);
                 }
                 Err(_) => break,
             }
         }
-        counts.add(group.len());
+        counts.add(commands);
         let raft = raft.clone();
         tokio::spawn(async move {
             commit(&raft, group).await;
@@ -137,28 +152,32 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, counts: Arc<Counts>) {
     }
 }
 
-/// Proposes one entry for `group` and hands each proposer its own result.
-async fn commit(raft: &Raft, mut group: Vec<Pending>) {
-    if group.len() == 1 {
-        if let Some(p) = group.pop() {
-            let r = raft.client_write(p.cmd).await;
-            let _ = p.reply.send(r.map(|r| r.data).map_err(write_error));
-        }
-        return;
+/// Proposes one entry for `group` and hands each proposer its own results.
+async fn commit(raft: &Raft, group: Vec<Pending>) {
+    let mut sizes = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    let mut commands = Vec::new();
+    for p in group {
+        sizes.push(p.cmds.len());
+        replies.push(p.reply);
+        commands.extend(p.cmds);
     }
-    let (commands, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let n = commands.len();
-    let batch = pb::Command {
-        op: Some(Op::Batch(pb::Batch { commands })),
-        ..Default::default()
+    let entry = if n == 1 {
+        commands.pop()
+    } else {
+        Some(pb::Command {
+            op: Some(Op::Batch(pb::Batch { commands })),
+            ..Default::default()
+        })
     };
-    match raft.client_write(batch).await {
+    let Some(entry) = entry else {
+        return;
+    };
+    let results = match raft.client_write(entry).await {
+        Ok(resp) if n == 1 => Ok(vec![resp.data]),
         Ok(resp) => match resp.data.result {
-            Some(R::Batch(b)) if b.results.len() == n => {
-                for (reply, result) in replies.into_iter().zip(b.results) {
-                    let _ = reply.send(Ok(result));
-                }
-            }
+            Some(R::Batch(b)) if b.results.len() == n => Ok(b.results),
             other => {
                 // Cannot happen with a state machine of this version; say so
                 // rather than guess which command did what.
@@ -167,20 +186,28 @@ async fn commit(raft: &Raft, mut group: Vec<Pending>) {
                     commands = n,
                     "a batch applied with a malformed result"
                 );
-                for reply in replies {
-                    let _ = reply.send(Err(TrackerError::Stopped(
-                        "a batch applied with a malformed result".into(),
-                    )));
-                }
+                Err(malformed(n))
             }
         },
+        Err(e) => Err(write_error(e)),
+    };
+    match results {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for (reply, size) in replies.into_iter().zip(sizes) {
+                let _ = reply.send(Ok(results.by_ref().take(size).collect()));
+            }
+        }
         Err(e) => {
-            let e = write_error(e);
             for reply in replies {
                 let _ = reply.send(Err(copy(&e)));
             }
         }
     }
+}
+
+fn malformed(n: usize) -> TrackerError {
+    TrackerError::Stopped(format!("a batch of {n} commands applied with a malformed result").into())
 }
 
 pub(super) fn write_error(

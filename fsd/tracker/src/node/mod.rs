@@ -133,6 +133,24 @@ pub struct Behind {
     pub flush_of: u64,
 }
 
+/// The files whose bytes `cmd` stored (a commit of extents, a create with
+/// its bytes: its inode from `result`), for the writer's read-back.
+fn wrote(cmd: &pb::Command, result: &pb::CommandResult) -> Vec<u64> {
+    use pb::command::Op;
+    use pb::command_result::Result as R;
+    match (&cmd.op, &result.result) {
+        (Some(Op::Batch(b)), Some(R::Batch(r))) => b
+            .commands
+            .iter()
+            .zip(&r.results)
+            .flat_map(|(c, r)| wrote(c, r))
+            .collect(),
+        (Some(Op::CommitExtents(c)), _) => vec![c.ino],
+        (Some(Op::Create(c)), Some(R::Attr(a))) if c.content.is_some() => vec![a.ino],
+        _ => Vec::new(),
+    }
+}
+
 fn refused(e: state::OpError) -> pb::CommandResult {
     pb::CommandResult {
         result: Some(pb::command_result::Result::Error(pb::CommandError {
@@ -337,16 +355,39 @@ impl Tracker {
     ) -> Result<(pb::CommandResult, Option<ReadBack>), TrackerError> {
         // Refuse what can never apply before it takes a place in the log,
         // whoever proposes it (a client's Mutate or this host's workers).
-        let outside_batch = matches!(cmd.op, Some(pb::command::Op::Batch(_))).then(|| {
-            state::OpError::new(pb::ErrorCode::Invalid, "batches are formed by the leader")
-        });
+        // A batch from outside is a delegate's flush: its changes of the
+        // directory, in order, in one entry, each applied or refused alone.
+        let flush_batch = match &cmd.op {
+            Some(pb::command::Op::Batch(b)) => Some(b.commands.len()),
+            _ => None,
+        };
+        let outside_batch = match flush_batch {
+            Some(_) if behind.flush_of == 0 => Some(state::OpError::new(
+                pb::ErrorCode::Invalid,
+                "batches are formed by the leader, or are a delegate's flush",
+            )),
+            Some(n) if n > group::MAX_COMMANDS => Some(state::OpError::new(
+                pb::ErrorCode::Invalid,
+                format!("a flush of {n} changes; at most {}", group::MAX_COMMANDS),
+            )),
+            _ => None,
+        };
         if let Some(e) = outside_batch.or_else(|| state::validate(&cmd).err()) {
             return Ok((refused(e), None));
         }
         let known = state::known_touched(&cmd);
+        // A flush changes only the delegated directory (each of its changes
+        // names it).
+        let within = |dir: u64| match &cmd.op {
+            Some(pb::command::Op::Batch(b)) => b
+                .commands
+                .iter()
+                .all(|c| state::known_touched(c).contains(&dir)),
+            _ => known.contains(&dir),
+        };
         let _flushing = match (behind.flush_of, by, &self.leases) {
             (0, _, _) => None,
-            (dir, Some(h), Some(leases)) if known.contains(&dir) => leases.begin_flush(h, dir),
+            (dir, Some(h), Some(leases)) if within(dir) => leases.begin_flush(h, dir),
             _ => None,
         };
         if behind.flush_of != 0 && _flushing.is_none() {
@@ -363,23 +404,41 @@ impl Tracker {
         // its trip through the log; those of inodes found by name (an
         // unlinked or replaced file) once it has applied.
         let names = state::changed_names(&cmd);
-        let wrote = match &cmd.op {
-            Some(pb::command::Op::CommitExtents(c)) => Some(c.ino),
-            // Its inode is known once it applied.
-            Some(pb::command::Op::Create(c)) if c.content.is_some() => Some(0),
-            _ => None,
-        };
         let early = self.leases.as_ref().map(|l| l.begin(&known, by));
         let result = {
             // Held while leadership is being handed over (not while the
             // change waits for lease holders below).
             let _permit = self.admit().await?;
             let now = wall_clock_ns();
-            if cmd.now_ns <= 0 {
-                cmd.now_ns = now;
+            let stamp = |c: &mut pb::Command| {
+                if c.now_ns <= 0 {
+                    c.now_ns = now;
+                }
+                c.leader_ns = now;
+            };
+            match cmd.op.take() {
+                Some(pb::command::Op::Batch(b)) => {
+                    let mut commands = b.commands;
+                    commands.iter_mut().for_each(stamp);
+                    let results = self.group.propose_all(commands.clone()).await?;
+                    let mut changed: Vec<u64> =
+                        results.iter().flat_map(|r| r.changed.clone()).collect();
+                    changed.sort_unstable();
+                    changed.dedup();
+                    cmd.op = Some(pb::command::Op::Batch(pb::Batch { commands }));
+                    pb::CommandResult {
+                        result: Some(pb::command_result::Result::Batch(pb::BatchResult {
+                            results,
+                        })),
+                        changed,
+                    }
+                }
+                op => {
+                    cmd.op = op;
+                    stamp(&mut cmd);
+                    self.group.propose(cmd.clone()).await?
+                }
             }
-            cmd.leader_ns = now;
-            self.group.propose(cmd).await?
         };
         if let Some(leases) = &self.leases {
             let found: Vec<u64> = result
@@ -399,10 +458,7 @@ impl Tracker {
             late.done().await;
             told.sort_unstable();
             told.dedup();
-            let wrote = wrote.map(|ino| match &result.result {
-                Some(pb::command_result::Result::Attr(a)) if ino == 0 => a.ino,
-                _ => ino,
-            });
+            let wrote = wrote(&cmd, &result);
             let mut back = self
                 .read_back(leases, by, told, names, wrote, &result)
                 .await?;
@@ -564,17 +620,28 @@ impl Tracker {
         by: Option<u64>,
         told: Vec<u64>,
         names: Vec<(u64, Vec<u8>)>,
-        wrote: Option<u64>,
+        wrote: Vec<u64>,
         result: &pb::CommandResult,
     ) -> Result<Option<ReadBack>, TrackerError> {
+        use pb::command_result::Result as R;
         let Some(term) = self.lease_term() else {
             return Ok(None);
         };
         let mut inos = result.changed.clone();
-        match &result.result {
-            Some(pb::command_result::Result::Attr(a)) => inos.push(a.ino),
-            Some(pb::command_result::Result::Error(_)) | None => return Ok(None),
-            Some(_) => {}
+        let results = match &result.result {
+            Some(R::Batch(b)) => &b.results[..],
+            _ => std::slice::from_ref(result),
+        };
+        for r in results {
+            if let Some(R::Attr(a)) = &r.result {
+                inos.push(a.ino);
+            }
+        }
+        if results
+            .iter()
+            .all(|r| matches!(r.result, Some(R::Error(_)) | None))
+        {
+            return Ok(None);
         }
         inos.sort_unstable();
         inos.dedup();
@@ -593,7 +660,7 @@ impl Tracker {
         let r = self
             .sm
             .db()
-            .call(move |conn| state::read_back(conn, &inos, &names, wrote))
+            .call(move |conn| state::read_back(conn, &inos, &names, &wrote))
             .await?;
         let (attrs, names, extents) = match r {
             Ok(found) => found,

@@ -225,6 +225,12 @@ pub(crate) fn changed_names(cmd: &pb::Command) -> Vec<(u64, Vec<u8>)> {
             (c.parent, c.name.clone()),
             (c.new_parent, c.new_name.clone()),
         ],
+        Some(Op::Batch(b)) => {
+            let mut all: Vec<_> = b.commands.iter().flat_map(changed_names).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        }
         _ => Vec::new(),
     }
 }

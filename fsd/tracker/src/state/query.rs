@@ -43,12 +43,12 @@ pub(crate) fn query(
 
 /// What a writer may cache after its change: the attributes of `inos`
 /// (those still there), what `names` name now, and the extents of the file
-/// `wrote` when it holds few inline bytes (`READ_BACK_INLINE_BYTES`).
+/// files `wrote` that hold few inline bytes (`READ_BACK_INLINE_BYTES`).
 pub(crate) fn read_back(
     conn: &rusqlite::Connection,
     inos: &[u64],
     names: &[(u64, Vec<u8>)],
-    wrote: Option<u64>,
+    wrote: &[u64],
 ) -> OpResult<ReadBackState> {
     let mut attrs = Vec::with_capacity(inos.len());
     for &ino in inos {
@@ -67,7 +67,7 @@ pub(crate) fn read_back(
         });
     }
     let mut extents = Vec::new();
-    if let Some(ino) = wrote.filter(|i| attrs.iter().any(|a| a.ino == *i)) {
+    for &ino in wrote.iter().filter(|i| attrs.iter().any(|a| a.ino == **i)) {
         if let Reply::FileExtents(fe) = read_extents(conn, &failsafe_proto::whole_file(ino))? {
             let inline: usize = fe.extents.iter().map(|e| e.data.len()).sum();
             if inline <= failsafe_proto::READ_BACK_INLINE_BYTES {
