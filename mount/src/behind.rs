@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use failsafe_client::pb::{self, command::Op, command_result};
-use failsafe_client::{Behind as Asking, Client};
+use failsafe_client::{Behind as Asking, Client, ClientError};
 
 use crate::core::Core;
 use fuser::Errno;
@@ -69,19 +69,18 @@ pub(crate) struct WriteBehind {
     inner: Mutex<Inner>,
     /// `Inner::kernel`'s length, read without the lock.
     kernel_known: AtomicUsize,
-    /// Woken when a file's creation with its bytes ends.
-    created_now: tokio::sync::Notify,
     /// Told when a file made here alone gets the tracker's inode.
     core: std::sync::OnceLock<Weak<Core>>,
 }
 
-/// A file made here alone, taken to be created with its bytes
-/// ([`WriteBehind::take_create`]); a flush of its directory waits until
-/// [`WriteBehind::created`].
-pub(crate) struct Creating {
-    pub parent: u64,
-    pub name: Vec<u8>,
-    pub attr: pb::Attr,
+/// How much of a directory's pending changes a flush takes.
+enum Upto {
+    All,
+    /// Those made by then.
+    Made(tokio::time::Instant),
+    /// Those up to the creation of this local file, which goes with these
+    /// bytes.
+    Create(u64, Option<pb::CommitExtents>),
 }
 
 #[derive(Default)]
@@ -118,18 +117,12 @@ struct Delegation {
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
     timer: bool,
-    /// A task flushes it now (a rename is waiting: those go at once, in
-    /// the background; lock directories and new files wait for the timer
-    /// or their close, which may make them cost nothing).
-    soon: bool,
     /// The last change made here alone (the directory's mtime and ctime).
     touched_ns: i64,
     /// Directories made here alone and not flushed yet (its link count).
     made: u32,
     /// Names of the changes a flush under way sends.
     flushing: HashSet<Vec<u8>>,
-    /// Names of files being created with their bytes (`take_create`).
-    creating: HashSet<Vec<u8>>,
     /// What this mount's flushed changes left names as, answered while the
     /// delegation holds (nobody else can change them meanwhile; a flush's
     /// read-back the leader could not grant leaves the lease cache without
@@ -184,16 +177,6 @@ enum Change {
 }
 
 impl Change {
-    /// Sent at once, in the background: a rename is what makes a saved
-    /// page visible, and the next save of the page makes its temp file
-    /// again under the name it renamed (its creation cannot go ahead of
-    /// the rename). Unlinks wait for the timer like the rest: thousands of
-    /// them in a row go in a few large flushes, and this mount's cached
-    /// listing of the directory stays whole meanwhile.
-    fn urgent(&self) -> bool {
-        matches!(self, Change::Rename { .. })
-    }
-
     fn names(&self) -> Vec<&[u8]> {
         match self {
             Change::Mkdir { name, .. }
@@ -233,7 +216,6 @@ impl WriteBehind {
             client,
             inner: Mutex::default(),
             kernel_known: AtomicUsize::new(0),
-            created_now: tokio::sync::Notify::new(),
             core: std::sync::OnceLock::new(),
         })
     }
@@ -269,11 +251,9 @@ impl WriteBehind {
             pending: Vec::new(),
             flush: Arc::default(),
             timer: false,
-            soon: false,
             touched_ns: 0,
             made: 0,
             flushing: HashSet::new(),
-            creating: HashSet::new(),
             known: BTreeMap::new(),
         });
         if d.epoch != epoch {
@@ -328,14 +308,12 @@ impl WriteBehind {
         if matches!(change, Change::Mkdir { .. }) {
             d.made += 1;
         }
-        let urgent = change.urgent();
         d.pending.push(Pending {
             change,
             at: tokio::time::Instant::now(),
         });
         d.touched_ns = now;
         let start_timer = !std::mem::replace(&mut d.timer, true);
-        let start_soon = urgent && !std::mem::replace(&mut d.soon, true);
         if let Some((ino, l)) = local {
             inner.locals.insert(ino, l);
         }
@@ -343,10 +321,6 @@ impl WriteBehind {
         if start_timer {
             let me = self.clone();
             tokio::spawn(async move { me.flush_later(dir).await });
-        }
-        if start_soon {
-            let me = self.clone();
-            tokio::spawn(async move { me.flush_soon(dir).await });
         }
         true
     }
@@ -439,87 +413,22 @@ impl WriteBehind {
         self.record_made(dir, name, change, attr).then_some(attr)
     }
 
-    /// The file `ino` made here alone is being closed or synced: takes its
-    /// creation out of the flush, to be sent with its bytes, if no flush
-    /// has taken it and nothing made here alone before it touched its name
-    /// (else `None`: resolve it, which flushes it, and store its bytes).
-    pub(crate) fn take_create(&self, ino: u64) -> Option<Creating> {
-        let mut inner = lock(&self.inner);
-        let (parent, attr) = match inner.locals.get(&ino) {
-            Some(Local::Made { parent, attr }) => (*parent, *attr),
+    /// The file `ino` made here alone is being closed or synced: creates
+    /// it with `content` (its bytes from the start; `None`: empty) in one
+    /// flush of its directory, after every change made there before it and
+    /// in the same request, so a page's temp file goes with the rename of
+    /// the one before. `None`: its creation is not pending (a flush took it
+    /// already: store its bytes the usual way).
+    pub(crate) async fn create_flushed(
+        &self,
+        ino: u64,
+        content: Option<pb::CommitExtents>,
+    ) -> Option<Result<pb::Attr, ClientError>> {
+        let dir = match lock(&self.inner).locals.get(&ino) {
+            Some(Local::Made { parent, .. }) => *parent,
             _ => return None,
         };
-        let d = inner.dirs.get_mut(&parent)?;
-        let at = d
-            .pending
-            .iter()
-            .position(|p| matches!(p.change, Change::Create { ino: i, .. } if i == ino))?;
-        let Change::Create { name, .. } = d.pending[at].change.clone() else {
-            return None;
-        };
-        let earlier = d.pending[..at]
-            .iter()
-            .any(|p| p.change.names().contains(&&name[..]));
-        if earlier || d.flushing.contains(&name) {
-            return None;
-        }
-        d.pending.remove(at);
-        d.creating.insert(name.clone());
-        Some(Creating { parent, name, attr })
-    }
-
-    /// A file taken by [`WriteBehind::take_create`] was created at the
-    /// tracker as `real` (`None`: it could not be, and is lost).
-    pub(crate) fn created(&self, ino: u64, c: &Creating, real: Option<u64>) {
-        let mut inner = lock(&self.inner);
-        let l = match real {
-            Some(r) => Local::Flushed(r),
-            None => Local::Lost,
-        };
-        inner.outcome(ino, l);
-        self.kernel_known
-            .store(inner.kernel.len(), Ordering::Relaxed);
-        if let Some(d) = inner.dirs.get_mut(&c.parent) {
-            d.creating.remove(&c.name);
-            let later = d
-                .pending
-                .iter()
-                .any(|p| p.change.names().contains(&&c.name[..]));
-            if !later && d.names.get(&c.name) == Some(&Name::Made(ino)) {
-                d.names.remove(&c.name);
-                match real {
-                    Some(r) if !d.gone => {
-                        d.known.insert(c.name.clone(), Name::Is(r));
-                    }
-                    _ => {
-                        d.known.remove(&c.name);
-                    }
-                }
-            }
-        }
-        drop(inner);
-        self.created_now.notify_waiters();
-    }
-
-    /// Waits until no file of `dir` (named one of `names`, or any when
-    /// `None`) is being created with its bytes.
-    async fn creations_done(&self, dir: u64, names: Option<&[&[u8]]>) {
-        loop {
-            let notified = self.created_now.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let busy = lock(&self.inner)
-                .dirs
-                .get(&dir)
-                .is_some_and(|d| match names {
-                    None => !d.creating.is_empty(),
-                    Some(ns) => ns.iter().any(|n| d.creating.contains(*n)),
-                });
-            if !busy {
-                return;
-            }
-            notified.await;
-        }
+        self.flush(dir, Upto::Create(ino, content)).await
     }
 
     /// `rmdir dir/name`: taken back here if it was made here alone and not
@@ -681,7 +590,7 @@ impl WriteBehind {
             d.known.clear();
             if !d.names.is_empty() {
                 flush.push(*o);
-            } else if !d.timer && !d.soon {
+            } else if !d.timer {
                 inner.dirs.remove(o);
             }
         }
@@ -693,22 +602,6 @@ impl WriteBehind {
     pub(crate) fn stream_lost(&self) -> Vec<u64> {
         let all: Vec<u64> = lock(&self.inner).dirs.keys().copied().collect();
         self.recalled(&all)
-    }
-
-    /// Flushes `dir` until no rename waits (those that come while a flush
-    /// is under way go together in the next).
-    async fn flush_soon(self: Arc<Self>, dir: u64) {
-        loop {
-            self.settle(dir).await;
-            let mut inner = lock(&self.inner);
-            let Some(d) = inner.dirs.get_mut(&dir) else {
-                return;
-            };
-            if !d.pending.iter().any(|p| p.change.urgent()) {
-                d.soon = false;
-                return;
-            }
-        }
     }
 
     /// Flushes `dir`'s changes as they come due (see [`WriteBehind::due`])
@@ -735,8 +628,11 @@ impl WriteBehind {
             }
             // The changes made FLUSH_AFTER ago or earlier; every one when
             // the leases run low.
-            let made_by = now.checked_sub(FLUSH_AFTER).filter(|_| !low);
-            self.flush(dir, made_by).await;
+            let upto = match now.checked_sub(FLUSH_AFTER).filter(|_| !low) {
+                Some(t) => Upto::Made(t),
+                None => Upto::All,
+            };
+            self.flush(dir, upto).await;
         }
     }
 
@@ -760,50 +656,55 @@ impl WriteBehind {
     /// already under way: afterwards the tracker has all of it (or it is
     /// reported lost).
     pub(crate) async fn settle(&self, dir: u64) {
-        self.flush(dir, None).await;
+        self.flush(dir, Upto::All).await;
     }
 
-    /// Flushes the changes made in `dir` here alone up to `made_by` (all:
-    /// `None`), in order, after a flush already under way.
-    async fn flush(&self, dir: u64, made_by: Option<tokio::time::Instant>) {
+    /// Flushes the changes made in `dir` here alone `upto` where it says,
+    /// in order, after a flush already under way. For [`Upto::Create`],
+    /// the file's attributes or why it could not be created (`None`: its
+    /// creation was not pending).
+    async fn flush(&self, dir: u64, upto: Upto) -> Option<Result<pb::Attr, ClientError>> {
         let flush = {
             let inner = lock(&self.inner);
             match inner.dirs.get(&dir) {
                 Some(d) if !d.names.is_empty() => d.flush.clone(),
-                _ => return,
+                _ => return None,
             }
         };
         let _one = flush.lock().await;
-        // A file being created with its bytes was made before anything
-        // still pending: it goes first.
-        self.creations_done(dir, None).await;
-        let batch = {
+        let (batch, content) = {
             let mut inner = lock(&self.inner);
-            let Some(d) = inner.dirs.get_mut(&dir) else {
-                return;
-            };
-            let upto = match made_by {
-                Some(t) => d.pending.partition_point(|p| p.at <= t),
-                None => d.pending.len(),
+            let d = inner.dirs.get_mut(&dir)?;
+            let (upto, content) = match upto {
+                Upto::All => (d.pending.len(), None),
+                Upto::Made(t) => (d.pending.partition_point(|p| p.at <= t), None),
+                Upto::Create(ino, content) => {
+                    let at = d.pending.iter().position(
+                        |p| matches!(p.change, Change::Create { ino: i, .. } if i == ino),
+                    )?;
+                    (at + 1, Some((ino, content)))
+                }
             };
             let batch: Vec<Change> = d.pending.drain(..upto).map(|p| p.change).collect();
             d.flushing = batch
                 .iter()
                 .flat_map(|c| c.names().into_iter().map(<[u8]>::to_vec))
                 .collect();
-            batch
+            (batch, content)
         };
         // In order, in requests of at most FLUSH_MAX changes (each one log
-        // entry at the leader).
+        // entry at the leader); a file created with its bytes is the last.
         let mut all_applied = true;
+        let mut created = None;
+        let mut content = content;
         for chunk in batch.chunks(FLUSH_MAX) {
-            all_applied &= self.send(dir, chunk).await;
+            let (applied, made) = self.send(dir, chunk, &mut content).await;
+            all_applied &= applied;
+            created = created.or(made);
         }
         let mut inner = lock(&self.inner);
         let Inner { dirs, locals, .. } = &mut *inner;
-        let Some(d) = dirs.get_mut(&dir) else {
-            return;
-        };
+        let d = dirs.get_mut(&dir)?;
         d.flushing.clear();
         // The tracker (and this mount's lease cache, from the flush's
         // read-back) now has what the flushed changes did to these names,
@@ -814,11 +715,9 @@ impl WriteBehind {
             .flat_map(|p| p.change.names().into_iter().map(<[u8]>::to_vec))
             .collect();
         // (Every change before them is flushed: this holds the flush lock.)
-        // (A file being created with its bytes keeps its name until then.)
-        let creating = &d.creating;
         let mut done = Vec::new();
         d.names.retain(|n, v| {
-            let keep = later.contains(n) || creating.contains(n);
+            let keep = later.contains(n);
             if !keep {
                 done.push((n.clone(), *v));
             }
@@ -843,25 +742,39 @@ impl WriteBehind {
             .filter(|c| matches!(c, Change::Mkdir { .. }))
             .count() as u32;
         d.made = d.made.saturating_sub(flushed);
-        if d.gone && d.names.is_empty() && !d.timer && !d.soon {
+        if d.gone && d.names.is_empty() && !d.timer {
             dirs.remove(&dir);
         }
+        created
     }
 
     /// Sends `changes` of `dir`'s flush in one request; whether all
-    /// applied.
-    async fn send(&self, dir: u64, changes: &[Change]) -> bool {
+    /// applied. The creation of `content`'s file, if among them, goes with
+    /// its bytes: then also its outcome.
+    async fn send(
+        &self,
+        dir: u64,
+        changes: &[Change],
+        content: &mut Option<(u64, Option<pb::CommitExtents>)>,
+    ) -> (bool, Option<Result<pb::Attr, ClientError>>) {
         let mut sent = Vec::with_capacity(changes.len());
         let mut ops = Vec::with_capacity(changes.len());
+        let mut with_bytes = None;
         for c in changes {
-            if let Some(op) = self.op_of(dir, c) {
+            if let Some(mut op) = self.op_of(dir, c) {
+                if let (Op::Create(x), Change::Create { ino, .. }) = (&mut op, c) {
+                    if content.as_ref().is_some_and(|(i, _)| i == ino) {
+                        x.content = content.take().and_then(|(_, bytes)| bytes);
+                        with_bytes = Some(*ino);
+                    }
+                }
                 sent.push(c);
                 ops.push(op);
             }
         }
         let mut all_applied = sent.len() == changes.len();
         if ops.is_empty() {
-            return all_applied;
+            return (all_applied, None);
         }
         let results = match self.client.flush_behind(ops.clone(), dir).await {
             Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
@@ -889,15 +802,25 @@ impl WriteBehind {
             Err(e) => {
                 let e = e.to_string();
                 sent.iter()
-                    .map(|_| Err(failsafe_client::ClientError::Unavailable(e.clone())))
+                    .map(|_| Err(ClientError::Unavailable(e.clone())))
                     .collect()
             }
             Ok(results) => results,
         };
+        let mut created = None;
         for (c, outcome) in sent.into_iter().zip(results) {
+            if matches!(c, Change::Create { ino, .. } if Some(*ino) == with_bytes) {
+                created = Some(match &outcome {
+                    Ok(command_result::Result::Attr(a)) => Ok(*a),
+                    Ok(_) => Err(ClientError::Unavailable(
+                        "unexpected reply to a create".into(),
+                    )),
+                    Err(e) => Err(ClientError::Unavailable(e.to_string())),
+                });
+            }
             all_applied &= self.outcome(dir, c, outcome);
         }
-        all_applied
+        (all_applied, created)
     }
 
     /// The command that sends `c` (`None`: what it made is gone here).
@@ -957,7 +880,7 @@ impl WriteBehind {
         &self,
         dir: u64,
         c: &Change,
-        outcome: Result<command_result::Result, failsafe_client::ClientError>,
+        outcome: Result<command_result::Result, ClientError>,
     ) -> bool {
         if let Err(e) = &outcome {
             tracing::warn!(
@@ -994,7 +917,6 @@ impl WriteBehind {
     /// other names may stay behind: nobody else reads the directory before
     /// it is recalled, which flushes them.)
     pub(crate) async fn settle_for(&self, dir: u64, names: &[&[u8]]) {
-        self.creations_done(dir, Some(names)).await;
         let touched = lock(&self.inner)
             .dirs
             .get(&dir)

@@ -1170,11 +1170,6 @@ impl Core {
     /// `None`: done; else the tracker's inode, whose upload is the usual.
     async fn create_behind(&self, b: &WriteBehind, tino: u64, st: &FileState) -> Res<Option<u64>> {
         let turn = st.upload.lock().await;
-        let Some(c) = b.take_create(tino) else {
-            drop(turn);
-            // Flushed already (or now, in order after what came before it).
-            return self.k(tino).await.map(Some);
-        };
         let (batch, data) = {
             let mut inner = locked(&st.inner);
             let d = Arc::new(std::mem::take(&mut inner.dirty));
@@ -1187,17 +1182,30 @@ impl Core {
             }
             (d, data)
         };
-        let bytes = data.as_deref().unwrap_or(&[]);
-        let a = &c.attr;
-        let r = self
-            .client
-            .create_with(c.parent, &c.name, a.mode, a.uid, a.gid, bytes, c.parent)
-            .await;
+        let put_back = |inner: &mut FileInner| {
+            inner.inflight = None;
+            if data.is_some() {
+                inner.dirty =
+                    Arc::unwrap_or_clone(batch.clone()).under(std::mem::take(&mut inner.dirty));
+            }
+        };
+        let content = match self.client.content_of(data.as_deref().unwrap_or(&[])).await {
+            Ok(c) => c,
+            Err(e) => {
+                put_back(&mut locked(&st.inner));
+                return Err(err(e));
+            }
+        };
+        let Some(r) = b.create_flushed(tino, content).await else {
+            // Flushed already (or now, in order after what came before it).
+            put_back(&mut locked(&st.inner));
+            drop(turn);
+            return self.k(tino).await.map(Some);
+        };
         let mut inner = locked(&st.inner);
-        inner.inflight = None;
         match r {
             Ok(a) => {
-                b.created(tino, &c, Some(a.ino));
+                inner.inflight = None;
                 inner.generation += 1;
                 inner.attr = Some(a);
                 inner.extents = None;
@@ -1208,12 +1216,8 @@ impl Core {
                 Ok(if data.is_some() { None } else { Some(a.ino) })
             }
             Err(e) => {
-                b.created(tino, &c, None);
-                if data.is_some() {
-                    inner.dirty =
-                        Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
-                }
-                tracing::error!(name = %String::from_utf8_lossy(&c.name), error = %e, "write-behind: a file made here could not be created");
+                put_back(&mut inner);
+                tracing::error!(ino = tino, error = %e, "write-behind: a file made here could not be created");
                 Err(err(e))
             }
         }

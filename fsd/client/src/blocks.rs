@@ -574,25 +574,15 @@ impl Client {
         Ok((extents, copies))
     }
 
-    /// Creates `parent/name` (which must not exist) with `data` as its
-    /// bytes, in one command (inline when small, else after its blocks are
-    /// stored): a file made and closed by one mount under write-behind.
-    /// `flush_of`: the directory delegated to this client it was made in.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create_with(
-        &self,
-        parent: u64,
-        name: &[u8],
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        data: &[u8],
-        flush_of: u64,
-    ) -> Result<pb::Attr, ClientError> {
-        let content = if data.is_empty() {
-            None
-        } else if data.len() <= self.inline_max_bytes() {
-            Some(pb::CommitExtents {
+    /// A new file's first bytes, `data`, as an exclusive create carries
+    /// them (`Create.content`): inline when small, else stored as blocks
+    /// first. `None` for no bytes.
+    pub async fn content_of(&self, data: &[u8]) -> Result<Option<pb::CommitExtents>, ClientError> {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        if data.len() <= self.inline_max_bytes() {
+            return Ok(Some(pb::CommitExtents {
                 extents: vec![pb::Extent {
                     offset: 0,
                     length: data.len() as u64,
@@ -600,42 +590,14 @@ impl Client {
                     ..Default::default()
                 }],
                 ..Default::default()
-            })
-        } else {
-            let (extents, copies) = self.as_blocks(0, data).await?;
-            Some(pb::CommitExtents {
-                extents,
-                copies,
-                ..Default::default()
-            })
-        };
-        let op = pb::command::Op::Create(pb::Create {
-            parent,
-            name: name.to_vec(),
-            mode,
-            uid,
-            gid,
-            exclusive: true,
-            content,
-        });
-        let asking = crate::Behind {
-            delegate: 0,
-            flush_of,
-        };
-        let r = match self.mutate_behind(op.clone(), asking).await {
-            // The delegation lapsed before this reached the leader: an
-            // exclusive create is made late only if the name is still free.
-            Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
-                self.mutate_behind(op, crate::Behind::default()).await?
-            }
-            r => r?,
-        };
-        match r {
-            (pb::command_result::Result::Attr(a), _) => Ok(a),
-            _ => Err(ClientError::Unavailable(
-                "unexpected reply to a create".into(),
-            )),
+            }));
         }
+        let (extents, copies) = self.as_blocks(0, data).await?;
+        Ok(Some(pb::CommitExtents {
+            extents,
+            copies,
+            ..Default::default()
+        }))
     }
 
     /// The largest write this client sends inline.
