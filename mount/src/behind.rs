@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use failsafe_client::pb::{self, command::Op, command_result};
-use failsafe_client::{Behind as Asking, Client, ClientError};
+use failsafe_client::{Client, ClientError};
 
 use crate::core::Core;
 use fuser::Errno;
@@ -776,29 +776,7 @@ impl WriteBehind {
         if ops.is_empty() {
             return (all_applied, None);
         }
-        let results = match self.client.flush_behind(ops.clone(), dir).await {
-            Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
-                // The delegation lapsed before this reached the leader (a
-                // new leader knows none, or this mount was cut off for a
-                // lease). Each applied now if nobody changed its names
-                // meanwhile (each change says what it expects to find, and
-                // a mkdir or create never replaces anything); else lost.
-                tracing::info!(
-                    dir,
-                    changes = ops.len(),
-                    "write-behind: delegation lapsed; applying the flush late"
-                );
-                let mut late = Vec::with_capacity(ops.len());
-                for op in ops {
-                    late.push(
-                        self.client
-                            .mutate_behind(op, Asking::default())
-                            .await
-                            .map(|(r, _)| r),
-                    );
-                }
-                late
-            }
+        let results = match self.client.flush_behind(ops, dir).await {
             Err(e) => {
                 let e = e.to_string();
                 sent.iter()

@@ -73,25 +73,54 @@ impl Client {
     /// `flush_of`, in one request: applied in this order in one log entry,
     /// each refused alone if it cannot apply (its own operation id, so a
     /// retry applies none twice). Each change's result, in order; an error
-    /// for the whole when none applied (the delegation was lost, or the
-    /// request failed: then some may have applied, as with one change).
+    /// for the whole when the request failed (then some may have applied,
+    /// as with one change).
+    ///
+    /// When the delegation lapsed before the flush reached the leader (a
+    /// new leader knows none, or this client was cut off for a lease), each
+    /// change is sent again alone as an ordinary one, under the same
+    /// operation id (one that did apply before the reply was lost is
+    /// answered from its first application): it applies if nobody changed
+    /// its names meanwhile (each says what it expects to find, and a mkdir
+    /// or create never replaces anything), else it is refused.
     pub async fn flush_behind(
         &self,
         ops: Vec<Op>,
         flush_of: u64,
     ) -> Result<Vec<Result<command_result::Result, ClientError>>, ClientError> {
         let n = ops.len();
-        let commands = ops.into_iter().map(|op| self.command(op)).collect();
+        let commands: Vec<pb::Command> = ops.into_iter().map(|op| self.command(op)).collect();
         let cmd = pb::Command {
             now_ns: now_ns(),
-            op: Some(Op::Batch(pb::Batch { commands })),
+            op: Some(Op::Batch(pb::Batch {
+                commands: commands.clone(),
+            })),
             ..Default::default()
         };
         let behind = Behind {
             delegate: 0,
             flush_of,
         };
-        match self.send_change(cmd, behind).await? {
+        let result = match self.send_change(cmd, behind).await {
+            Err(e) if e.code() == Some(pb::ErrorCode::DelegationLost) => {
+                tracing::info!(
+                    dir = flush_of,
+                    changes = n,
+                    "write-behind: delegation lapsed; applying the flush late"
+                );
+                let mut late = Vec::with_capacity(n);
+                for cmd in commands {
+                    late.push(
+                        self.send_change(cmd, Behind::default())
+                            .await
+                            .map(|(r, _)| r),
+                    );
+                }
+                return Ok(late);
+            }
+            r => r?,
+        };
+        match result {
             (command_result::Result::Batch(b), _) if b.results.len() == n => Ok(b
                 .results
                 .into_iter()

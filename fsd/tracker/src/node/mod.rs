@@ -385,9 +385,16 @@ impl Tracker {
                 .all(|c| state::known_touched(c).contains(&dir)),
             _ => known.contains(&dir),
         };
+        if behind.flush_of != 0 && !within(behind.flush_of) {
+            let outside = state::OpError::new(
+                pb::ErrorCode::Invalid,
+                format!("a flush of directory {} changes only it", behind.flush_of),
+            );
+            return Ok((refused(outside), None));
+        }
         let _flushing = match (behind.flush_of, by, &self.leases) {
             (0, _, _) => None,
-            (dir, Some(h), Some(leases)) if within(dir) => leases.begin_flush(h, dir),
+            (dir, Some(h), Some(leases)) => leases.begin_flush(h, dir),
             _ => None,
         };
         if behind.flush_of != 0 && _flushing.is_none() {
