@@ -24,6 +24,7 @@
 //!   system's journal commit interval; a lock directory's `mkdir`/`rmdir`
 //!   pair inside it never leaves), or earlier when the leases would run
 //!   out with it unflushed;
+//! - as soon as a full request's worth ([`FLUSH_MAX`]) waits;
 //! - when the leader recalls the directory (another client is about to read
 //!   or change it): the invalidation is acknowledged only after the flush;
 //! - before any other operation in the directory or on a directory made
@@ -63,6 +64,8 @@ const KNOWN_MAX: usize = 20_000;
 /// Changes of one flush sent in one request, at most (the leader's
 /// largest group of commands in one log entry).
 const FLUSH_MAX: usize = 256;
+/// Requests of one flush sent side by side, at most.
+const WAVE: usize = 4;
 
 pub(crate) struct WriteBehind {
     client: Client,
@@ -78,6 +81,8 @@ enum Upto {
     All,
     /// Those made by then.
     Made(tokio::time::Instant),
+    /// The first this many.
+    Oldest(usize),
     /// Those up to the creation of this local file, which goes with these
     /// bytes.
     Create(u64, Option<pb::CommitExtents>),
@@ -117,6 +122,10 @@ struct Delegation {
     flush: Arc<tokio::sync::Mutex<()>>,
     /// A timer task will flush it.
     timer: bool,
+    /// A task flushes full requests' worth of changes now (thousands of
+    /// unlinks in a row: the flush keeps pace instead of waiting for the
+    /// timer or the end).
+    full: bool,
     /// The last change made here alone (the directory's mtime and ctime).
     touched_ns: i64,
     /// Directories made here alone and not flushed yet (its link count).
@@ -251,6 +260,7 @@ impl WriteBehind {
             pending: Vec::new(),
             flush: Arc::default(),
             timer: false,
+            full: false,
             touched_ns: 0,
             made: 0,
             flushing: HashSet::new(),
@@ -314,6 +324,7 @@ impl WriteBehind {
         });
         d.touched_ns = now;
         let start_timer = !std::mem::replace(&mut d.timer, true);
+        let start_full = d.pending.len() >= FLUSH_MAX && !std::mem::replace(&mut d.full, true);
         if let Some((ino, l)) = local {
             inner.locals.insert(ino, l);
         }
@@ -321,6 +332,10 @@ impl WriteBehind {
         if start_timer {
             let me = self.clone();
             tokio::spawn(async move { me.flush_later(dir).await });
+        }
+        if start_full {
+            let me = self.clone();
+            tokio::spawn(async move { me.flush_full(dir).await });
         }
         true
     }
@@ -590,7 +605,7 @@ impl WriteBehind {
             d.known.clear();
             if !d.names.is_empty() {
                 flush.push(*o);
-            } else if !d.timer {
+            } else if !d.timer && !d.full {
                 inner.dirs.remove(o);
             }
         }
@@ -602,6 +617,22 @@ impl WriteBehind {
     pub(crate) fn stream_lost(&self) -> Vec<u64> {
         let all: Vec<u64> = lock(&self.inner).dirs.keys().copied().collect();
         self.recalled(&all)
+    }
+
+    /// Flushes `dir`'s oldest changes a full request at a time while at
+    /// least that many wait.
+    async fn flush_full(self: Arc<Self>, dir: u64) {
+        loop {
+            self.flush(dir, Upto::Oldest(FLUSH_MAX)).await;
+            let mut inner = lock(&self.inner);
+            let Some(d) = inner.dirs.get_mut(&dir) else {
+                return;
+            };
+            if d.pending.len() < FLUSH_MAX {
+                d.full = false;
+                return;
+            }
+        }
     }
 
     /// Flushes `dir`'s changes as they come due (see [`WriteBehind::due`])
@@ -678,6 +709,7 @@ impl WriteBehind {
             let (upto, content) = match upto {
                 Upto::All => (d.pending.len(), None),
                 Upto::Made(t) => (d.pending.partition_point(|p| p.at <= t), None),
+                Upto::Oldest(n) => (n.min(d.pending.len()), None),
                 Upto::Create(ino, content) => {
                     let at = d.pending.iter().position(
                         |p| matches!(p.change, Change::Create { ino: i, .. } if i == ino),
@@ -694,13 +726,39 @@ impl WriteBehind {
         };
         // In order, in requests of at most FLUSH_MAX changes (each one log
         // entry at the leader); a file created with its bytes is the last.
+        // Requests whose changes touch different names go side by side, up
+        // to WAVE at a time (their order does not matter); one touching a
+        // name of its wave waits for it.
+        let mut waves: Vec<Vec<&[Change]>> = Vec::new();
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        for chunk in batch.chunks(FLUSH_MAX) {
+            let names: Vec<&[u8]> = chunk.iter().flat_map(Change::names).collect();
+            let full = waves.last().is_none_or(|w| w.len() >= WAVE);
+            if full || names.iter().any(|n| seen.contains(n)) {
+                waves.push(Vec::new());
+                seen.clear();
+            }
+            seen.extend(names);
+            if let Some(w) = waves.last_mut() {
+                w.push(chunk);
+            }
+        }
         let mut all_applied = true;
         let mut created = None;
         let mut content = content;
-        for chunk in batch.chunks(FLUSH_MAX) {
-            let (applied, made) = self.send(dir, chunk, &mut content).await;
-            all_applied &= applied;
-            created = created.or(made);
+        for wave in waves {
+            let sends = wave.into_iter().map(|chunk| {
+                let mine = chunk.iter().any(|c| {
+                    matches!(c, Change::Create { ino, .. }
+                        if content.as_ref().is_some_and(|(i, _)| i == ino))
+                });
+                let mine = if mine { content.take() } else { None };
+                self.send(dir, chunk, mine)
+            });
+            for (applied, made) in futures::future::join_all(sends).await {
+                all_applied &= applied;
+                created = created.or(made);
+            }
         }
         let mut inner = lock(&self.inner);
         let Inner { dirs, locals, .. } = &mut *inner;
@@ -742,7 +800,7 @@ impl WriteBehind {
             .filter(|c| matches!(c, Change::Mkdir { .. }))
             .count() as u32;
         d.made = d.made.saturating_sub(flushed);
-        if d.gone && d.names.is_empty() && !d.timer {
+        if d.gone && d.names.is_empty() && !d.timer && !d.full {
             dirs.remove(&dir);
         }
         created
@@ -755,7 +813,7 @@ impl WriteBehind {
         &self,
         dir: u64,
         changes: &[Change],
-        content: &mut Option<(u64, Option<pb::CommitExtents>)>,
+        mut content: Option<(u64, Option<pb::CommitExtents>)>,
     ) -> (bool, Option<Result<pb::Attr, ClientError>>) {
         let mut sent = Vec::with_capacity(changes.len());
         let mut ops = Vec::with_capacity(changes.len());

@@ -286,6 +286,60 @@ async fn t29b_listings_and_renames_with_writebehind() {
     listings_follow_changes(&env);
 }
 
+/// Many changes in one directory with write-behind: more than one flush
+/// request's worth (256) of unlinks, renames and new files under names
+/// just removed, flushed in several requests side by side and in order:
+/// the other mount lists exactly what the first one left, with each file's
+/// last bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn t29d_many_changes_in_one_directory_with_writebehind() {
+    let env = Env::start_mounts_with(2, "writebehind").await;
+    env.wait_for_lease_streams(2);
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::create_dir(a.p("many")).unwrap();
+    let (da, db) = (a.p("many"), b.p("many"));
+    const N: usize = 700;
+    for i in 0..N {
+        fs::write(da.join(format!("f{i}")), format!("first {i}")).unwrap();
+    }
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..N {
+        match i % 3 {
+            0 => {
+                fs::remove_file(da.join(format!("f{i}"))).unwrap();
+            }
+            1 => {
+                fs::rename(da.join(format!("f{i}")), da.join(format!("g{i}"))).unwrap();
+                want.insert(format!("g{i}"), format!("first {i}"));
+            }
+            _ => {
+                want.insert(format!("f{i}"), format!("first {i}"));
+            }
+        }
+    }
+    // Names just removed, made again: after their removal in every flush.
+    for i in (0..N).step_by(3) {
+        fs::write(da.join(format!("f{i}")), format!("again {i}")).unwrap();
+        want.insert(format!("f{i}"), format!("again {i}"));
+    }
+    for i in (1..N).step_by(3).take(50) {
+        fs::remove_file(da.join(format!("g{i}"))).unwrap();
+        want.remove(&format!("g{i}"));
+    }
+    let read = |d: &std::path::Path| -> std::collections::BTreeMap<String, String> {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                let text = fs::read_to_string(d.join(&name)).unwrap();
+                (name, text)
+            })
+            .collect()
+    };
+    assert_eq!(read(&db), want, "the other mount");
+    assert_eq!(read(&da), want, "this mount");
+}
+
 /// Four writers on one mount save their own pages the wiki way at once
 /// (lock directory, temp file, fsync, rename over the page, an append to a
 /// shared log, the lock dropped), with write-behind making the directory
