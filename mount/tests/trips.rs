@@ -471,6 +471,25 @@ async fn a_file_just_written_here_is_opened_again_from_memory() {
         "reading back what was just written asks nothing: {d:?}"
     );
     assert!(totals(&d).2 <= 10, "one commit per rewrite: {d:?}");
+
+    // Written to a temp file and renamed into place (DokuWiki's indexer):
+    // the rename leaves the bytes alone, so the next open still asks
+    // nothing.
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    for n in 0..10 {
+        let text = format!("index, version {n}");
+        fs::write(dir.join("page.idx.tmp"), &text).unwrap();
+        fs::rename(dir.join("page.idx.tmp"), dir.join("page.idx")).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("page.idx")).unwrap(), text);
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let d = diff(&after, &before);
+    print("ten temp files renamed into place, each read back at once", &d);
+    let reads: u64 = ["open", "read", "lookup", "getattr"]
+        .iter()
+        .map(|op| d.get(*op).map_or(0, |t| t.2))
+        .sum();
+    assert_eq!(reads, 0, "reading back what was renamed asks nothing: {d:?}");
 }
 
 /// With `writebehind`, a directory this mount changes is delegated to it

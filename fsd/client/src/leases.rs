@@ -228,7 +228,20 @@ impl Client {
                 .map(|fe| Arc::new(fe.clone()));
             let replace = |cached: &mut Cached| {
                 cached.attr = attr;
-                cached.extents = extents.clone();
+                // A change that left the bytes alone (a rename: the same
+                // content version and size) leaves what an open needs
+                // right, under the new attributes.
+                let kept = cached.extents.take().and_then(|fe| {
+                    let (old, new) = (fe.attr?, attr?);
+                    let same =
+                        old.ino == new.ino && old.version == new.version && old.size == new.size;
+                    same.then(|| {
+                        let mut fe = Arc::unwrap_or_clone(fe);
+                        fe.attr = Some(new);
+                        Arc::new(fe)
+                    })
+                });
+                cached.extents = extents.clone().or(kept);
                 let names: Vec<&pb::NameRead> =
                     reply.names.iter().filter(|n| n.parent == o).collect();
                 cached.listing = cached.listing.take().and_then(|mut l| {
