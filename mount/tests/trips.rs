@@ -127,6 +127,15 @@ fn wiki(root: &Path) {
 }
 
 /// Sums of (count, rpcs, round trips) over all operations.
+/// Round trips of the operations that read a file: open, read, lookup,
+/// getattr.
+fn read_trips(t: &Table) -> u64 {
+    ["open", "read", "lookup", "getattr"]
+        .iter()
+        .map(|op| t.get(*op).map_or(0, |r| r.2))
+        .sum()
+}
+
 fn totals(t: &Table) -> (u64, u64, u64) {
     t.values()
         .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
@@ -462,10 +471,7 @@ async fn a_file_just_written_here_is_opened_again_from_memory() {
     let after = table(&stats_after(&stats, SystemTime::now()));
     let d = diff(&after, &before);
     print("ten rewrites, each read back at once", &d);
-    let reads: u64 = ["open", "read", "lookup", "getattr"]
-        .iter()
-        .map(|op| d.get(*op).map_or(0, |t| t.2))
-        .sum();
+    let reads = read_trips(&d);
     assert_eq!(
         reads, 0,
         "reading back what was just written asks nothing: {d:?}"
@@ -484,12 +490,15 @@ async fn a_file_just_written_here_is_opened_again_from_memory() {
     }
     let after = table(&stats_after(&stats, SystemTime::now()));
     let d = diff(&after, &before);
-    print("ten temp files renamed into place, each read back at once", &d);
-    let reads: u64 = ["open", "read", "lookup", "getattr"]
-        .iter()
-        .map(|op| d.get(*op).map_or(0, |t| t.2))
-        .sum();
-    assert_eq!(reads, 0, "reading back what was renamed asks nothing: {d:?}");
+    print(
+        "ten temp files renamed into place, each read back at once",
+        &d,
+    );
+    let reads = read_trips(&d);
+    assert_eq!(
+        reads, 0,
+        "reading back what was renamed asks nothing: {d:?}"
+    );
 }
 
 /// With `writebehind`, a directory this mount changes is delegated to it
