@@ -38,11 +38,13 @@ pub(crate) struct Options {
     /// cluster every time.
     pub leases: bool,
     /// `writebehind` (off by default; needs `leases`): a directory the
-    /// tracker leader delegates to this mount is changed here alone, and the
-    /// changes are flushed within 100 ms, before anyone else reads or changes
-    /// it, and before any lock operation. So far: `mkdir` and `rmdir`, so a
-    /// lock directory's pair costs no round trip. A mount frozen or cut off
-    /// for longer than its lease loses what it had not flushed (see
+    /// tracker leader delegates to this mount is changed here alone
+    /// (`mkdir`, `rmdir` of a directory made so, creating a file, `unlink`,
+    /// `rename` within it), and the changes are flushed within 1 s, before
+    /// anyone else reads or changes it, before any lock operation, and with
+    /// a new file's bytes at its first close or fsync (which still return
+    /// only once the bytes are on a majority). A mount frozen or cut off for
+    /// longer than its lease loses what it had not flushed (see
     /// docs/write-behind.md).
     pub write_behind: bool,
 }
