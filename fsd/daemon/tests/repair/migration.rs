@@ -230,6 +230,11 @@ async fn t69_ship_refuses_a_host_holding_the_last_good_copy() {
 async fn t70_a_drained_leader_hands_over_its_copies_and_leadership_and_leaves() {
     let (mut tc, c) = TestCluster::start_zones(&["a", "b", "c", "d"], FAST_REPAIR).await;
     tc.expected_errors.push(KILLED_MID_RPC);
+    // The leader leaves the membership: openraft stops its Raft core, and a
+    // call of its own workers still waiting on it is told so at ERROR (seen
+    // under load, one run in several).
+    tc.expected_errors
+        .push("failure receiving rx from RaftCore");
     // Six files: the leader holds copies of some (3 of 4 hosts hold each).
     let mut files = Vec::new();
     for n in 0..6u8 {
