@@ -428,6 +428,20 @@ impl WriteBehind {
         self.record_made(dir, name, change, attr).then_some(attr)
     }
 
+    /// Whether the creation of the file `ino` made here alone still waits
+    /// to be sent (then [`WriteBehind::create_flushed`] can carry its bytes).
+    pub(crate) fn creation_pending(&self, ino: u64) -> bool {
+        let inner = lock(&self.inner);
+        let Some(Local::Made { parent, .. }) = inner.locals.get(&ino) else {
+            return false;
+        };
+        inner.dirs.get(parent).is_some_and(|d| {
+            d.pending
+                .iter()
+                .any(|p| matches!(p.change, Change::Create { ino: i, .. } if i == ino))
+        })
+    }
+
     /// The file `ino` made here alone is being closed or synced: creates
     /// it with `content` (its bytes from the start; `None`: empty) in one
     /// flush of its directory, after every change made there before it and

@@ -1170,6 +1170,12 @@ impl Core {
     /// `None`: done; else the tracker's inode, whose upload is the usual.
     async fn create_behind(&self, b: &WriteBehind, tino: u64, st: &FileState) -> Res<Option<u64>> {
         let turn = st.upload.lock().await;
+        if !b.creation_pending(tino) {
+            // Flushed already: its bytes go the usual way (not stored as
+            // blocks for a creation that will not carry them).
+            drop(turn);
+            return self.k(tino).await.map(Some);
+        }
         let (batch, data) = {
             let mut inner = locked(&st.inner);
             let d = Arc::new(std::mem::take(&mut inner.dirty));

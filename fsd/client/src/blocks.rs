@@ -534,7 +534,7 @@ impl Client {
             return self.getattr(ino).await;
         }
         if data.len() <= self.inline_max_bytes() {
-            let extent = inline_extent(offset, data);
+            let extent = failsafe_proto::inline_extent(offset, data);
             match self.commit(ino, vec![extent], Vec::new(), how).await {
                 Err(e) if e.code() == Some(pb::ErrorCode::InlineFull) => {
                     tracing::debug!(ino, "file full of inline bytes: storing as blocks");
@@ -578,7 +578,7 @@ impl Client {
         }
         if data.len() <= self.inline_max_bytes() {
             return Ok(Some(pb::CommitExtents {
-                extents: vec![inline_extent(0, data)],
+                extents: vec![failsafe_proto::inline_extent(0, data)],
                 ..Default::default()
             }));
         }
@@ -749,15 +749,5 @@ impl Client {
     /// How long a block read waits for one copy before also asking the next.
     fn hedge_after(&self) -> Duration {
         (self.inner.cfg.rpc_timeout / 2).max(Duration::from_millis(100))
-    }
-}
-
-/// `data` at `offset`, carried inside the log entry.
-fn inline_extent(offset: u64, data: &[u8]) -> pb::Extent {
-    pb::Extent {
-        offset,
-        length: data.len() as u64,
-        data: data.to_vec(),
-        ..Default::default()
     }
 }

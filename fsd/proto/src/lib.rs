@@ -110,6 +110,16 @@ pub fn known_touched(cmd: &pb::Command) -> Vec<u64> {
     out
 }
 
+/// `data` at `offset` as an extent carried inside the log entry (inline).
+pub fn inline_extent(offset: u64, data: &[u8]) -> pb::Extent {
+    pb::Extent {
+        offset,
+        length: data.len() as u64,
+        data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
 /// A read of a whole file's extents, as an open asks for them.
 pub fn whole_file(ino: u64) -> pb::ReadExtents {
     pb::ReadExtents {

@@ -186,16 +186,12 @@ async fn commit(raft: &Raft, group: Vec<Pending>) {
         commands.extend(p.cmds);
     }
     let n = commands.len();
-    let entry = if n == 1 {
-        commands.pop()
-    } else {
-        Some(pb::Command {
+    let entry = match <[pb::Command; 1]>::try_from(commands) {
+        Ok([one]) => one,
+        Err(commands) => pb::Command {
             op: Some(Op::Batch(pb::Batch { commands })),
             ..Default::default()
-        })
-    };
-    let Some(entry) = entry else {
-        return;
+        },
     };
     let results = match raft.client_write(entry).await {
         Ok(resp) if n == 1 => Ok(vec![resp.data]),

@@ -133,21 +133,42 @@ pub struct Behind {
     pub flush_of: u64,
 }
 
-/// The files whose bytes `cmd` stored (a commit of extents, a create with
-/// its bytes: its inode from `result`), for the writer's read-back.
-fn wrote(cmd: &pb::Command, result: &pb::CommandResult) -> Vec<u64> {
+/// For each command of `cmd` (itself, or a flush's), the file whose bytes
+/// it stores, for the writer's read-back: a commit of extents names it, a
+/// create with its bytes makes it (`Some(0)`: its inode comes with the
+/// result). Taken before the command goes into the log.
+fn writes(cmd: &pb::Command) -> Vec<Option<u64>> {
     use pb::command::Op;
+    let one = |c: &pb::Command| match &c.op {
+        Some(Op::CommitExtents(x)) => Some(x.ino),
+        Some(Op::Create(x)) if x.content.is_some() => Some(0),
+        _ => None,
+    };
+    match &cmd.op {
+        Some(Op::Batch(b)) => b.commands.iter().map(one).collect(),
+        _ => vec![one(cmd)],
+    }
+}
+
+/// The files [`writes`] said the commands store, now that `result` is in.
+fn wrote(writes: &[Option<u64>], result: &pb::CommandResult) -> Vec<u64> {
     use pb::command_result::Result as R;
-    match (&cmd.op, &result.result) {
-        (Some(Op::Batch(b)), Some(R::Batch(r))) => b
-            .commands
-            .iter()
-            .zip(&r.results)
-            .flat_map(|(c, r)| wrote(c, r))
-            .collect(),
-        (Some(Op::CommitExtents(c)), _) => vec![c.ino],
-        (Some(Op::Create(c)), Some(R::Attr(a))) if c.content.is_some() => vec![a.ino],
-        _ => Vec::new(),
+    writes
+        .iter()
+        .zip(results_of(result))
+        .filter_map(|(w, r)| match (w, &r.result) {
+            (Some(0), Some(R::Attr(a))) => Some(a.ino),
+            (Some(0), _) => None,
+            (w, _) => *w,
+        })
+        .collect()
+}
+
+/// The results of each command `result` answers: a flush's, or itself.
+fn results_of(result: &pb::CommandResult) -> &[pb::CommandResult] {
+    match &result.result {
+        Some(pb::command_result::Result::Batch(b)) => &b.results,
+        _ => std::slice::from_ref(result),
     }
 }
 
@@ -411,6 +432,7 @@ impl Tracker {
         // its trip through the log; those of inodes found by name (an
         // unlinked or replaced file) once it has applied.
         let names = state::changed_names(&cmd);
+        let writes = writes(&cmd);
         let early = self.leases.as_ref().map(|l| l.begin(&known, by));
         let result = {
             // Held while leadership is being handed over (not while the
@@ -427,12 +449,11 @@ impl Tracker {
                 Some(pb::command::Op::Batch(b)) => {
                     let mut commands = b.commands;
                     commands.iter_mut().for_each(stamp);
-                    let results = self.group.propose_all(commands.clone()).await?;
+                    let results = self.group.propose_all(commands).await?;
                     let mut changed: Vec<u64> =
                         results.iter().flat_map(|r| r.changed.clone()).collect();
                     changed.sort_unstable();
                     changed.dedup();
-                    cmd.op = Some(pb::command::Op::Batch(pb::Batch { commands }));
                     pb::CommandResult {
                         result: Some(pb::command_result::Result::Batch(pb::BatchResult {
                             results,
@@ -443,7 +464,7 @@ impl Tracker {
                 op => {
                     cmd.op = op;
                     stamp(&mut cmd);
-                    self.group.propose(cmd.clone()).await?
+                    self.group.propose(cmd).await?
                 }
             }
         };
@@ -465,7 +486,7 @@ impl Tracker {
             late.done().await;
             told.sort_unstable();
             told.dedup();
-            let wrote = wrote(&cmd, &result);
+            let wrote = wrote(&writes, &result);
             let mut back = self
                 .read_back(leases, by, told, names, wrote, &result)
                 .await?;
@@ -635,10 +656,7 @@ impl Tracker {
             return Ok(None);
         };
         let mut inos = result.changed.clone();
-        let results = match &result.result {
-            Some(R::Batch(b)) => &b.results[..],
-            _ => std::slice::from_ref(result),
-        };
+        let results = results_of(result);
         for r in results {
             if let Some(R::Attr(a)) = &r.result {
                 inos.push(a.ino);

@@ -423,12 +423,7 @@ mod tests {
                 mode: 0o644,
                 exclusive,
                 content: Some(pb::CommitExtents {
-                    extents: vec![pb::Extent {
-                        offset: 0,
-                        length: data.len() as u64,
-                        data: data.to_vec(),
-                        ..Default::default()
-                    }],
+                    extents: vec![failsafe_proto::inline_extent(0, data)],
                     ..Default::default()
                 }),
                 ..Default::default()

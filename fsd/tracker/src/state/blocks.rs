@@ -436,14 +436,7 @@ mod tests {
     use crate::state::testing::{copies, create_file, db, file_with_block, ok, run, run_at};
     use crate::state::{replication_counts, validate};
 
-    fn inline(offset: u64, data: &[u8]) -> pb::Extent {
-        pb::Extent {
-            offset,
-            length: data.len() as u64,
-            data: data.to_vec(),
-            ..Default::default()
-        }
-    }
+    use failsafe_proto::inline_extent as inline;
 
     fn commit(ino: u64, extents: Vec<pb::Extent>, copies: Vec<pb::BlockCopies>) -> Op {
         Op::CommitExtents(pb::CommitExtents {
