@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use failsafe_client::pb::{
     self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind,
@@ -39,6 +39,40 @@ pub(crate) type Res<T> = Result<T, Errno>;
 /// A directory listing as opened: (kernel inode, kind, name), `.` and `..`
 /// first (both with the directory's own inode).
 pub(crate) type Listing = Arc<Vec<(u64, FileType, Vec<u8>)>>;
+
+/// What the kernel may do with the listing of a directory opened for
+/// reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DirCache {
+    /// Ask us for every read (no lease on the listing).
+    Off,
+    /// Drop what it cached and cache the readdirplus answers of this open.
+    Fill,
+    /// Answer from the listing it cached: unchanged since it was given,
+    /// and every name and attribute of it still valid in the kernel.
+    Keep,
+}
+
+/// How long before the kernel's names of a cached listing expire it is
+/// still given out whole: a reader of a large directory has this long to
+/// go through it (`stat` of a name whose time ran out asks us again; the
+/// leases are short, a few hundred ms, so this is too).
+const KEEP_LISTING_MARGIN: Duration = Duration::from_millis(100);
+
+/// An opened listing and, once readdirplus answered from it, until when
+/// every name it gave the kernel stays valid there.
+struct OpenDir {
+    entries: Listing,
+    cache: DirCache,
+    fresh_until: Option<Instant>,
+}
+
+/// A listing the kernel holds whole, and until when its names stay valid
+/// there (the least TTL readdirplus gave them).
+struct KernelListing {
+    entries: Listing,
+    fresh_until: Instant,
+}
 /// Recently used verified blocks, by hash.
 type MemBlocks = VecDeque<(Vec<u8>, Arc<Vec<u8>>)>;
 
@@ -144,7 +178,10 @@ pub(crate) struct Core {
     mem: Mutex<MemBlocks>,
     files: Mutex<HashMap<u64, Arc<FileState>>>,
     handles: Mutex<HashMap<u64, Handle>>,
-    dirs: Mutex<HashMap<u64, Listing>>,
+    dirs: Mutex<HashMap<u64, OpenDir>>,
+    /// Per directory, the listing this mount last gave the kernel whole by
+    /// readdirplus while the kernel cached it (`FOPEN_CACHE_DIR`).
+    kernel_listings: Mutex<HashMap<u64, KernelListing>>,
     /// The version each file had when this mount last read or wrote it: the
     /// kernel's cached pages are good while it is unchanged.
     versions: Mutex<HashMap<u64, u64>>,
@@ -186,6 +223,7 @@ impl Core {
             files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            kernel_listings: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             session: tokio::sync::Mutex::new(None),
@@ -1347,7 +1385,13 @@ impl Core {
 
     // ---------- directories ----------
 
-    pub(crate) async fn opendir(&self, ino: u64) -> Res<u64> {
+    /// Opens `ino`'s listing: its handle and what the kernel may cache of
+    /// it. The kernel keeps its cached listing only while it is the one
+    /// this mount holds under lease now and every name readdirplus gave it
+    /// is still valid there (a listing from the kernel's cache carries no
+    /// attributes and renews no name: were names to expire, `ls -l` would
+    /// look each up again).
+    pub(crate) async fn opendir(&self, ino: u64) -> Res<(u64, DirCache)> {
         let tino = self.k(ino).await?;
         self.settle(tino).await;
         let listing = self.client.list_leased(tino).await.map_err(err)?;
@@ -1361,9 +1405,30 @@ impl Core {
                 .iter()
                 .map(|e| (self.f(e.ino), kind(e.kind), e.name.clone())),
         );
+        let (entries, cache) = if self.listing_ttl(ino).is_zero() {
+            (Arc::new(entries), DirCache::Off)
+        } else {
+            let mut kept = locked(&self.kernel_listings);
+            let now = Instant::now();
+            kept.retain(|_, k| k.fresh_until > now);
+            match kept.get(&ino) {
+                Some(k) if k.fresh_until > now + KEEP_LISTING_MARGIN && *k.entries == entries => {
+                    (k.entries.clone(), DirCache::Keep)
+                }
+                _ => {
+                    kept.remove(&ino);
+                    (Arc::new(entries), DirCache::Fill)
+                }
+            }
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        locked(&self.dirs).insert(fh, Arc::new(entries));
-        Ok(fh)
+        let open = OpenDir {
+            entries,
+            cache,
+            fresh_until: None,
+        };
+        locked(&self.dirs).insert(fh, open);
+        Ok((fh, cache))
     }
 
     /// One entry of an opened listing for readdirplus: its attributes now
@@ -1420,7 +1485,30 @@ impl Core {
     }
 
     pub(crate) fn dir_entries(&self, fh: u64) -> Option<Listing> {
-        locked(&self.dirs).get(&fh).cloned()
+        locked(&self.dirs).get(&fh).map(|d| d.entries.clone())
+    }
+
+    /// Readdirplus gave the kernel names of `fh`'s listing valid there
+    /// until `until`, up to its end if `end`: a listing the kernel now
+    /// caches whole is kept for the next open while it stays fresh.
+    pub(crate) fn listed(&self, fh: u64, until: Instant, end: bool) {
+        let mut dirs = locked(&self.dirs);
+        let Some(open) = dirs.get_mut(&fh) else {
+            return;
+        };
+        let until = open.fresh_until.map_or(until, |t| t.min(until));
+        open.fresh_until = Some(until);
+        if end && open.cache == DirCache::Fill {
+            let Some(&(dir, _, _)) = open.entries.first() else {
+                return;
+            };
+            let kept = KernelListing {
+                entries: open.entries.clone(),
+                fresh_until: until,
+            };
+            drop(dirs);
+            locked(&self.kernel_listings).insert(dir, kept);
+        }
     }
 
     pub(crate) fn releasedir(&self, fh: u64) {
