@@ -130,7 +130,7 @@ async fn t51_inline_data_becomes_blocks_on_distinct_zones_later() {
     let page = b"A page saved inline, made a block a few seconds later.\n".repeat(30);
     let m = env.mounts[0].path.clone();
     write_synced(&m.join("page.txt"), &page, false);
-    // Two appends: adjacent inline extents, one block.
+    // Two appends: adjacent inline extents (joined into one), one block.
     write_synced(&m.join("changes.log"), b"first line\n", true);
     write_synced(&m.join("changes.log"), b"second line\n", true);
     let client = env.cluster.client().await.expect("client");
@@ -183,7 +183,8 @@ async fn t51_inline_data_becomes_blocks_on_distinct_zones_later() {
         .cluster
         .wait_for(PATIENCE, "fail-safe, the blockifier's work counted", |s| {
             s.mode == pb::ClusterMode::FailSafe as i32
-                && s.blockify.as_ref().is_some_and(|b| b.extents >= 3)
+                // The page's extent and the log's (its appends joined).
+                && s.blockify.as_ref().is_some_and(|b| b.extents >= 2)
         })
         .await;
     assert!(status.is_ok(), "{status:?}");

@@ -71,9 +71,11 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// chunks well below this).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// Inline bytes a file may hold for a writer's read-back to carry them
-/// (`MutateReply.extents`): a wiki page's, not a large file's.
-pub const READ_BACK_INLINE_BYTES: usize = 256 * 1024;
+/// How big a file may be for a writer's read-back to carry its extents
+/// (`MutateReply.extents`): a wiki page, not a large file or a long log
+/// (each append to which would carry the whole log back, and make the
+/// leader read all of it).
+pub const READ_BACK_FILE_BYTES: u64 = 64 * 1024;
 
 /// Inline bytes a listing page read ahead for a mount carries at most
 /// (`ReadDir.extents`): half a message, so the page's names, attributes and

@@ -10,38 +10,103 @@ use rusqlite::{params, OptionalExtension, Transaction};
 use super::namespace::get_attr;
 use super::{err, i, OpResult};
 
+/// The columns `extent_row` reads, in its order.
+const EXTENT_COLS: &str = "offset, length, hash, block_offset, data, written";
+
+fn extent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Extent> {
+    let data: Option<Vec<u8>> = r.get(4)?;
+    Ok(Extent {
+        offset: r.get::<_, i64>(0)? as u64,
+        length: r.get::<_, i64>(1)? as u64,
+        hash: r.get(2)?,
+        block_offset: r.get::<_, i64>(3)? as u64,
+        inline: match data {
+            Some(data) => Some(Inline {
+                data,
+                written_ns: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
+            }),
+            None => None,
+        },
+    })
+}
+
+/// The extents of `ino` that reach into `[start, end)`, in offset order.
+/// Two reads of the `(ino, offset)` key, so the cost follows the extents
+/// in the range, not the file's (an append to a long log reads one).
 pub(super) fn load_extents(
     tx: &rusqlite::Connection,
     ino: u64,
     start: u64,
     end: u64,
 ) -> OpResult<Vec<Extent>> {
-    // Extents never overlap, so those starting before `start` can reach into
-    // the range only if they end after it.
-    let mut stmt = tx.prepare_cached(
-        "SELECT offset, length, hash, block_offset, data, written FROM extents
-         WHERE ino = ?1 AND offset < ?3 AND offset + length > ?2 ORDER BY offset",
-    )?;
-    let rows = stmt.query_map(
-        params![i(ino), i(start), i(end.min(i64::MAX as u64))],
-        |r| {
-            let data: Option<Vec<u8>> = r.get(4)?;
-            Ok(Extent {
-                offset: r.get::<_, i64>(0)? as u64,
-                length: r.get::<_, i64>(1)? as u64,
-                hash: r.get(2)?,
-                block_offset: r.get::<_, i64>(3)? as u64,
-                inline: match data {
-                    Some(data) => Some(Inline {
-                        data,
-                        written_ns: r.get::<_, Option<i64>>(5)?.unwrap_or(0),
-                    }),
-                    None => None,
-                },
-            })
-        },
-    )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let (start, end) = (i(start.min(i64::MAX as u64)), i(end.min(i64::MAX as u64)));
+    let mut out = Vec::new();
+    // Extents never overlap: of those starting before `start`, only the
+    // last can reach into the range.
+    let before = tx
+        .prepare_cached(&format!(
+            "SELECT {EXTENT_COLS} FROM extents WHERE ino = ?1 AND offset < ?2
+             ORDER BY offset DESC LIMIT 1"
+        ))?
+        .query_row(params![i(ino), start], extent_row)
+        .optional()?;
+    out.extend(before.filter(|e| e.end() > start as u64));
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {EXTENT_COLS} FROM extents WHERE ino = ?1 AND offset >= ?2 AND offset < ?3
+         ORDER BY offset"
+    ))?;
+    for e in stmt.query_map(params![i(ino), start, end], extent_row)? {
+        out.push(e?);
+    }
+    Ok(out)
+}
+
+/// Inline extents that continue one another are joined up to this many
+/// bytes, so a file appended to a line at a time (a wiki's change log)
+/// holds a row per few KiB, not one per line; an append rewrites at most
+/// this much.
+const JOIN_INLINE_BYTES: u64 = 8 * 1024;
+
+/// Whether `b` continues `a` so that one extent can stand for both: inline
+/// bytes within [`JOIN_INLINE_BYTES`], or consecutive bytes of one block
+/// (the blockifier stores a run of inline extents as one block).
+fn continues(a: &Extent, b: &Extent) -> bool {
+    a.end() == b.offset
+        && match (&a.inline, &b.inline) {
+            (Some(_), Some(_)) => a.length + b.length <= JOIN_INLINE_BYTES,
+            (None, None) => {
+                a.hash == b.hash && a.block_offset.checked_add(a.length) == Some(b.block_offset)
+            }
+            _ => false,
+        }
+}
+
+/// Joins the extents of `ino` in and next to `[start, end)` that continue
+/// one another (see [`continues`]). The file's bytes stay the same.
+fn join_extents(tx: &Transaction<'_>, ino: u64, start: u64, end: u64) -> OpResult<()> {
+    let found = load_extents(tx, ino, start.saturating_sub(1), end.saturating_add(1))?;
+    let mut joined: Vec<(Extent, bool)> = Vec::with_capacity(found.len());
+    for e in found {
+        match joined.last_mut() {
+            Some((last, grew)) if continues(last, &e) => {
+                tx.exec(
+                    "DELETE FROM extents WHERE ino = ?1 AND offset = ?2",
+                    params![i(ino), i(e.offset)],
+                )?;
+                last.length += e.length;
+                if let (Some(a), Some(b)) = (&mut last.inline, e.inline) {
+                    a.data.extend_from_slice(&b.data);
+                    a.written_ns = a.written_ns.max(b.written_ns);
+                }
+                *grew = true;
+            }
+            _ => joined.push((e, false)),
+        }
+    }
+    for (e, _) in joined.iter().filter(|(_, grew)| *grew) {
+        insert_extent(tx, ino, e)?;
+    }
+    Ok(())
 }
 
 /// Makes `[start, end)` of `ino` a hole: extents inside go, straddling ones are cut.
@@ -155,6 +220,8 @@ pub(super) fn commit_extents(
         size = 0;
     }
     let base = if c.append { size } else { 0 };
+    // The span of the file the extents cover, where they may join others.
+    let mut written = (u64::MAX, 0u64);
     for e in &c.extents {
         let e = &pb::Extent {
             offset: e.offset.saturating_add(base),
@@ -191,6 +258,10 @@ pub(super) fn commit_extents(
         };
         insert_extent(tx, c.ino, &ext)?;
         size = size.max(end);
+        written = (written.0.min(ext.offset), written.1.max(end));
+    }
+    if written.0 < written.1 {
+        join_extents(tx, c.ino, written.0, written.1)?;
     }
     if c.extents.iter().any(|e| !e.data.is_empty()) {
         let held: i64 = tx.row(
@@ -285,6 +356,15 @@ pub(super) fn replace_inline(
         };
         // Same (ino, offset): the row is replaced.
         insert_extent(tx, c.ino, &ext)?;
+    }
+    let start = c.extents.iter().map(|e| e.offset).min();
+    let end = c
+        .extents
+        .iter()
+        .map(|e| e.offset.saturating_add(e.length))
+        .max();
+    if let (Some(start), Some(end)) = (start, end) {
+        join_extents(tx, c.ino, start, end)?;
     }
     Ok(())
 }
@@ -432,7 +512,7 @@ mod tests {
     use failsafe_core::{block_hash, MAX_INLINE_BYTES};
     use failsafe_proto::pb::{self, command::Op, command_result::Result as R, ErrorCode};
 
-    use super::{block_copies, old_inline};
+    use super::{block_copies, load_extents, old_inline, JOIN_INLINE_BYTES};
     use crate::state::testing::{copies, create_file, db, file_with_block, ok, run, run_at};
     use crate::state::{replication_counts, validate};
 
@@ -513,10 +593,11 @@ mod tests {
         assert_eq!(bytes(&conn, ino), b"hello world");
         let fe = read(&conn, ino);
         assert!(fe.copies.is_empty() && fe.devices.is_empty(), "{fe:?}");
-        // A write in the middle splits it, each piece with its own bytes.
+        // A write in the middle splits it, each piece with its own bytes;
+        // inline pieces next to one another join again.
         ok(run(&mut conn, commit(ino, vec![inline(2, b"XY")], vec![])));
         assert_eq!(bytes(&conn, ino), b"heXYo world");
-        assert_eq!(read(&conn, ino).extents.len(), 3);
+        assert_eq!(read(&conn, ino).extents.len(), 1);
         // Past the end, with a hole between.
         ok(run(&mut conn, commit(ino, vec![inline(13, b"!")], vec![])));
         assert_eq!(bytes(&conn, ino), b"heXYo world\0\0!");
@@ -556,10 +637,10 @@ mod tests {
             .collect();
         assert_eq!(
             shapes,
-            vec![(0, 1, false), (1, 2, true), (3, 1, false), (4, 3, false)],
+            vec![(0, 1, false), (1, 2, true), (3, 4, false)],
             "{fe:?}"
         );
-        assert_eq!(fe.extents[3].data, b"o w");
+        assert_eq!(fe.extents[2].data, b"Yo w");
         assert_eq!(fe.copies.len(), 1);
     }
 
@@ -676,8 +757,9 @@ mod tests {
         let r = run(&mut conn, replace(ino, 0, b"version 2", &[4]));
         assert_eq!(refused(&r), ErrorCode::Changed);
         assert_eq!(read(&conn, ino).copies[0].device_ids, vec![1, 2, 3]);
-        // Only the same offset and length count: a piece of a split extent
-        // is not the extent that was read.
+        // Only the extent there now counts: a write in the middle of the
+        // one read changed it (its pieces joined again, with the new
+        // bytes), and a piece of it is not it.
         ok(run(
             &mut conn,
             commit(ino, vec![inline(0, b"abcdef")], vec![]),
@@ -686,7 +768,107 @@ mod tests {
         let r = run(&mut conn, replace(ino, 0, b"abcdef", &[1, 2, 3]));
         assert_eq!(refused(&r), ErrorCode::Changed);
         let r = run(&mut conn, replace(ino, 0, b"ab", &[1, 2, 3]));
-        ok(r);
+        assert_eq!(refused(&r), ErrorCode::Changed);
+        ok(run(&mut conn, replace(ino, 0, b"abXdef", &[1, 2, 3])));
+    }
+
+    #[test]
+    fn appends_join_into_few_extents_and_a_blockified_run_into_one() {
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"changes.log");
+        let line = |n: usize| format!("{n:06}\tsaved page {n}\n").into_bytes();
+        let mut want = Vec::new();
+        for n in 0..2000 {
+            let l = line(n);
+            ok(run(
+                &mut conn,
+                Op::CommitExtents(pb::CommitExtents {
+                    ino,
+                    extents: vec![pb::Extent {
+                        offset: 0,
+                        length: l.len() as u64,
+                        data: l.clone(),
+                        ..Default::default()
+                    }],
+                    append: true,
+                    ..Default::default()
+                }),
+            ));
+            want.extend_from_slice(&l);
+        }
+        assert_eq!(bytes(&conn, ino), want);
+        let fe = read(&conn, ino);
+        // Each extent but the last is full but for less than a line.
+        let per = JOIN_INLINE_BYTES as usize - line(9999).len();
+        assert!(
+            fe.extents.len() <= want.len() / per + 1,
+            "{}",
+            fe.extents.len()
+        );
+        assert!(fe.extents.iter().all(|e| e.length <= JOIN_INLINE_BYTES));
+        // A range read finds exactly the extents reaching into it.
+        let inside = load_extents(&conn, ino, 9000, 9001).expect("load");
+        assert_eq!(inside.len(), 1);
+        assert!(inside[0].offset <= 9000 && inside[0].end() > 9000);
+        let span = load_extents(&conn, ino, 100, 20_000).expect("load");
+        assert_eq!(span.first().map(|e| e.offset), Some(0));
+        assert!(span
+            .last()
+            .is_some_and(|e| e.offset < 20_000 && e.end() >= 20_000));
+        // The blockifier stores the run as one block: one extent again.
+        let found = old_inline(&conn, i64::MAX, 1000).expect("scan");
+        let hash = block_hash(&want).to_vec();
+        let mut at = 0;
+        let mut extents = Vec::new();
+        let mut inline_hashes = Vec::new();
+        for (_, e) in &found {
+            let data = &e.inline.as_ref().expect("inline").data;
+            extents.push(pb::Extent {
+                offset: e.offset,
+                length: e.length,
+                hash: hash.clone(),
+                block_offset: at,
+                data: Vec::new(),
+            });
+            inline_hashes.push(block_hash(data).to_vec());
+            at += e.length;
+        }
+        ok(run(
+            &mut conn,
+            Op::ReplaceInline(pb::ReplaceInline {
+                ino,
+                extents,
+                inline_hashes,
+                copies: vec![pb::BlockCopies {
+                    hash: hash.clone(),
+                    size: want.len() as u64,
+                    device_ids: vec![1, 2],
+                }],
+            }),
+        ));
+        let fe = read(&conn, ino);
+        assert_eq!(fe.extents.len(), 1, "{:?}", fe.extents);
+        assert_eq!(
+            (fe.extents[0].length, fe.extents[0].block_offset),
+            (want.len() as u64, 0)
+        );
+        // Inline bytes after it stay apart from the block, and a hole
+        // between two inline extents keeps them apart.
+        let end = want.len() as u64;
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(end, b"tail")], vec![]),
+        ));
+        ok(run(
+            &mut conn,
+            commit(ino, vec![inline(end + 10, b"far")], vec![]),
+        ));
+        let shapes: Vec<(u64, u64)> = read(&conn, ino)
+            .extents
+            .iter()
+            .map(|e| (e.offset, e.length))
+            .collect();
+        assert_eq!(shapes, vec![(0, end), (end, 4), (end + 10, 3)]);
     }
 
     #[test]

@@ -42,8 +42,8 @@ pub(crate) fn query(
 }
 
 /// What a writer may cache after its change: the attributes of `inos`
-/// (those still there), what `names` name now, and the extents of the file
-/// files `wrote` that hold few inline bytes (`READ_BACK_INLINE_BYTES`).
+/// (those still there), what `names` name now, and the extents of the
+/// files `wrote` that are small (`READ_BACK_FILE_BYTES`).
 pub(crate) fn read_back(
     conn: &rusqlite::Connection,
     inos: &[u64],
@@ -67,12 +67,14 @@ pub(crate) fn read_back(
         });
     }
     let mut extents = Vec::new();
-    for &ino in wrote.iter().filter(|i| attrs.iter().any(|a| a.ino == **i)) {
+    let small = |i: &u64| {
+        attrs
+            .iter()
+            .any(|a| a.ino == *i && a.size <= failsafe_proto::READ_BACK_FILE_BYTES)
+    };
+    for &ino in wrote.iter().filter(|i| small(i)) {
         if let Reply::FileExtents(fe) = read_extents(conn, &failsafe_proto::whole_file(ino))? {
-            let inline: usize = fe.extents.iter().map(|e| e.data.len()).sum();
-            if inline <= failsafe_proto::READ_BACK_INLINE_BYTES {
-                extents.push(fe);
-            }
+            extents.push(fe);
         }
     }
     Ok((attrs, found, extents))
