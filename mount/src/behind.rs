@@ -39,7 +39,7 @@
 //! was frozen or cut off): what it did alone is then lost, and said so in
 //! the log.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -96,9 +96,6 @@ struct Inner {
     /// The local inode the kernel knows each flushed one by, until it
     /// forgets it.
     kernel: BTreeMap<u64, u64>,
-    /// The bytes of files made here alone and closed, by local inode: they
-    /// go with the file's creation when its directory is flushed.
-    contents: HashMap<u64, Option<pb::CommitExtents>>,
     next: u64,
 }
 
@@ -140,16 +137,6 @@ struct Delegation {
     /// read-back the leader could not grant leaves the lease cache without
     /// them). A change of one of them sent to the tracker forgets it.
     known: BTreeMap<Vec<u8>, Name>,
-}
-
-impl Delegation {
-    /// Where the creation of the file made here alone as `ino` waits among
-    /// the pending changes, if it does.
-    fn creation_at(&self, ino: u64) -> Option<usize> {
-        self.pending
-            .iter()
-            .position(|p| matches!(p.change, Change::Create { ino: i, .. } if i == ino))
-    }
 }
 
 /// A name as changed here alone.
@@ -448,52 +435,11 @@ impl WriteBehind {
         let Some(Local::Made { parent, .. }) = inner.locals.get(&ino) else {
             return false;
         };
-        inner
-            .dirs
-            .get(parent)
-            .is_some_and(|d| d.creation_at(ino).is_some())
-    }
-
-    /// The file `ino` made here alone was closed with `content` (its
-    /// `size` bytes from the start): they go with its creation when its
-    /// directory is flushed (the timer, a full request, a recall, or
-    /// whatever needs the file at the tracker), not in a request of their
-    /// own now. Gives `content` back when the creation is no longer
-    /// pending or carries bytes already (then flush it first).
-    pub(crate) fn defer_content(
-        &self,
-        ino: u64,
-        content: Option<pb::CommitExtents>,
-        size: u64,
-    ) -> Result<(), Option<pb::CommitExtents>> {
-        let mut inner = lock(&self.inner);
-        let Inner {
-            dirs,
-            locals,
-            contents,
-            ..
-        } = &mut *inner;
-        let Some(Local::Made { parent, attr }) = locals.get_mut(&ino) else {
-            return Err(content);
-        };
-        let pending = dirs
-            .get(parent)
-            .is_some_and(|d| d.creation_at(ino).is_some());
-        if !pending || contents.contains_key(&ino) {
-            return Err(content);
-        }
-        let now = crate::core::now_ns();
-        attr.size = size;
-        attr.mtime_ns = now;
-        attr.ctime_ns = now;
-        contents.insert(ino, content);
-        Ok(())
-    }
-
-    /// Whether the file `ino` made here alone was closed with bytes that
-    /// wait for its creation to be flushed.
-    pub(crate) fn content_deferred(&self, ino: u64) -> bool {
-        lock(&self.inner).contents.contains_key(&ino)
+        inner.dirs.get(parent).is_some_and(|d| {
+            d.pending
+                .iter()
+                .any(|p| matches!(p.change, Change::Create { ino: i, .. } if i == ino))
+        })
     }
 
     /// The file `ino` made here alone is being closed or synced: creates
@@ -541,35 +487,6 @@ impl WriteBehind {
         }
         self.settle_for(dir, &[name]).await;
         Done::Tracker
-    }
-
-    /// `unlink dir/name` of a file made here alone whose creation was not
-    /// sent yet: taken back, as if never made (a lock file made and
-    /// removed within the write-behind interval never reaches the
-    /// tracker). False: it goes the usual way. The caller knows it is not
-    /// open here.
-    pub(crate) fn unmake(&self, dir: u64, name: &[u8]) -> bool {
-        let mut inner = lock(&self.inner);
-        let Some(d) = inner.dirs.get_mut(&dir) else {
-            return false;
-        };
-        if !self.usable(d) {
-            return false;
-        }
-        let Some(Name::Made(ino)) = d.names.get(name).copied() else {
-            return false;
-        };
-        let Some(at) = d.creation_at(ino) else {
-            return false;
-        };
-        d.pending.remove(at);
-        // It was free when made: it is again (until the next flush
-        // confirms the tracker has it so).
-        d.names.insert(name.to_vec(), Name::Gone);
-        d.touched_ns = crate::core::now_ns();
-        inner.locals.remove(&ino);
-        inner.contents.remove(&ino);
-        true
     }
 
     /// `unlink dir/name` of a file (inode `ino`, not open here) here alone.
@@ -807,7 +724,12 @@ impl WriteBehind {
                 Upto::All => (d.pending.len(), None),
                 Upto::Made(t) => (d.pending.partition_point(|p| p.at <= t), None),
                 Upto::Oldest(n) => (n.min(d.pending.len()), None),
-                Upto::Create(ino, content) => (d.creation_at(ino)? + 1, Some((ino, content))),
+                Upto::Create(ino, content) => {
+                    let at = d.pending.iter().position(
+                        |p| matches!(p.change, Change::Create { ino: i, .. } if i == ino),
+                    )?;
+                    (at + 1, Some((ino, content)))
+                }
             };
             let batch: Vec<Change> = d.pending.drain(..upto).map(|p| p.change).collect();
             d.flushing = batch
@@ -911,20 +833,10 @@ impl WriteBehind {
         let mut ops = Vec::with_capacity(changes.len());
         let mut with_bytes = None;
         for c in changes {
-            let op = self.op_of(dir, c);
-            // Bytes a close left for the creation (dropped with it if what
-            // was made here is gone).
-            let deferred = match c {
-                Change::Create { ino, .. } => lock(&self.inner).contents.remove(ino).flatten(),
-                _ => None,
-            };
-            if let Some(mut op) = op {
+            if let Some(mut op) = self.op_of(dir, c) {
                 if let (Op::Create(x), Change::Create { ino, .. }) = (&mut op, c) {
-                    x.content = deferred;
                     if content.as_ref().is_some_and(|(i, _)| i == ino) {
-                        if let Some(bytes) = content.take().and_then(|(_, bytes)| bytes) {
-                            x.content = Some(bytes);
-                        }
+                        x.content = content.take().and_then(|(_, bytes)| bytes);
                         with_bytes = Some(*ino);
                     }
                 }

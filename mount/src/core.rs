@@ -150,10 +150,6 @@ struct FileInner {
     /// host sees it empty in between and a crash before then leaves the old
     /// content. Until then the stored bytes are hidden here.
     truncated: bool,
-    /// A file made here alone, closed: `inflight` holds the bytes that go
-    /// with its creation (`WriteBehind::defer_content`) until it has the
-    /// tracker's inode (`Core::rekey`).
-    deferred: bool,
 }
 
 impl FileInner {
@@ -455,7 +451,7 @@ impl Core {
             if let Some(size) = size {
                 locked(&st.inner).dirty.truncate(size);
             }
-            self.upload(tino, &st, true).await?;
+            self.upload(tino, &st).await?;
         }
         let set = pb::SetAttr {
             ino: tino,
@@ -647,11 +643,6 @@ impl Core {
         self.writable()?;
         let (parent, name) = (self.k(parent).await?, name_bytes(name));
         if let Some(b) = &self.behind {
-            if let Some(Name::Made(ino)) = b.name(parent, &name) {
-                if self.state(ino).is_none() && b.unmake(parent, &name) {
-                    return Ok(());
-                }
-            }
             if let Some(ino) = self.plain_file(b, parent, &name).await? {
                 if matches!(b.unlink(parent, &name, ino), Done::Here) {
                     return Ok(());
@@ -954,7 +945,7 @@ impl Core {
         if locked(&st.inner).local_size() == 0 {
             return Ok(());
         }
-        if let Err(e) = self.upload(tino, &st, true).await {
+        if let Err(e) = self.upload(tino, &st).await {
             let _ = self.release(fh, None).await;
             return Err(e);
         }
@@ -1138,13 +1129,11 @@ impl Core {
 
     /// Stores this file's buffered bytes: blocks to the write quorum, then
     /// the extents. Reports (once) an earlier background upload's failure.
-    /// Not `durable` (a close): the bytes of a file made here alone may go
-    /// with its creation when its directory is flushed.
-    pub(crate) async fn flush_ino(&self, tino: u64, durable: bool) -> Res<()> {
+    pub(crate) async fn flush_ino(&self, tino: u64) -> Res<()> {
         let Some(st) = self.state(tino) else {
             return Ok(());
         };
-        self.upload(tino, &st, durable).await?;
+        self.upload(tino, &st).await?;
         let earlier = locked(&st.inner).error.take();
         match earlier {
             Some(e) => Err(e),
@@ -1152,15 +1141,14 @@ impl Core {
         }
     }
 
-    /// [`Core::flush_ino`] of an open file.
-    pub(crate) async fn flush_fh(&self, fh: u64, durable: bool) -> Res<()> {
+    pub(crate) async fn flush_fh(&self, fh: u64) -> Res<()> {
         let (tino, _) = self.handle_ino(fh)?;
-        self.flush_ino(tino, durable).await
+        self.flush_ino(tino).await
     }
 
-    async fn upload(&self, tino: u64, st: &FileState, durable: bool) -> Res<()> {
+    async fn upload(&self, tino: u64, st: &FileState) -> Res<()> {
         let tino = match self.behind.as_ref().filter(|_| tino >= LOCAL_BASE) {
-            Some(b) => match self.create_behind(b, tino, st, durable).await? {
+            Some(b) => match self.create_behind(b, tino, st).await? {
                 None => return Ok(()),
                 Some(real) => real,
             },
@@ -1217,30 +1205,12 @@ impl Core {
     /// Uploads a file made here alone (write-behind, local inode `tino`):
     /// created with its bytes in one command when they are one run from
     /// the start (what a file written and closed is), else created first.
-    /// Not `durable` (a close): the bytes wait for the creation's flush
-    /// instead, when the creation has none yet.
     /// `None`: done; else the tracker's inode, whose upload is the usual.
-    async fn create_behind(
-        &self,
-        b: &WriteBehind,
-        tino: u64,
-        st: &FileState,
-        durable: bool,
-    ) -> Res<Option<u64>> {
+    async fn create_behind(&self, b: &WriteBehind, tino: u64, st: &FileState) -> Res<Option<u64>> {
         let turn = st.upload.lock().await;
-        let nothing_new = {
-            let inner = locked(&st.inner);
-            inner.dirty.is_empty() && !inner.truncated
-        };
-        if nothing_new && b.content_deferred(tino) {
-            // Closed before, and its bytes wait for the creation: nothing
-            // more to store (a release after the close).
-            return Ok(None);
-        }
-        if !b.creation_pending(tino) || b.content_deferred(tino) {
+        if !b.creation_pending(tino) {
             // Flushed already: its bytes go the usual way (not stored as
-            // blocks for a creation that will not carry them). Or closed
-            // before: those bytes go first, with the creation.
+            // blocks for a creation that will not carry them).
             drop(turn);
             return self.k(tino).await.map(Some);
         }
@@ -1263,23 +1233,13 @@ impl Core {
                     Arc::unwrap_or_clone(batch.clone()).under(std::mem::take(&mut inner.dirty));
             }
         };
-        let mut content = match self.client.content_of(data.as_deref().unwrap_or(&[])).await {
+        let content = match self.client.content_of(data.as_deref().unwrap_or(&[])).await {
             Ok(c) => c,
             Err(e) => {
                 put_back(&mut locked(&st.inner));
                 return Err(err(e));
             }
         };
-        if let (false, Some(d)) = (durable, &data) {
-            // Still readable here from `inflight` until the flush.
-            match b.defer_content(tino, content, d.len() as u64) {
-                Ok(()) => {
-                    locked(&st.inner).deferred = true;
-                    return Ok(None);
-                }
-                Err(c) => content = c,
-            }
-        }
         let Some(r) = b.create_flushed(tino, content).await else {
             // Flushed already (or now, in order after what came before it).
             put_back(&mut locked(&st.inner));
@@ -1316,14 +1276,6 @@ impl Core {
                 let mut inner = locked(&st.inner);
                 if inner.attr.is_none_or(|o| o.ino == local) {
                     inner.attr = Some(*a);
-                }
-                if std::mem::take(&mut inner.deferred) {
-                    // Its bytes went with the creation.
-                    inner.inflight = None;
-                    inner.generation += 1;
-                    inner.attr = Some(*a);
-                    inner.extents = None;
-                    locked(&self.versions).insert(a.ino, a.version);
                 }
                 if inner
                     .extents
@@ -1380,7 +1332,7 @@ impl Core {
     /// A background upload started by a write that filled the buffer.
     pub(crate) async fn background_upload(&self, tino: u64) {
         let Some(st) = self.state(tino) else { return };
-        if let Err(e) = self.upload(tino, &st, true).await {
+        if let Err(e) = self.upload(tino, &st).await {
             tracing::warn!(ino = tino, error = ?e, "background upload failed; the next flush retries it");
             locked(&st.inner).error = Some(e);
         }
@@ -1388,9 +1340,8 @@ impl Core {
 
     pub(crate) async fn release(&self, fh: u64, lock_owner: Option<u64>) -> Res<()> {
         let (tino, _) = self.handle_ino(fh)?;
-        let flushed = self.flush_ino(tino, false).await;
-        // A file made here alone has the tracker's inode now (unless its
-        // bytes wait for its creation's flush).
+        let flushed = self.flush_ino(tino).await;
+        // A file made here alone has the tracker's inode now.
         let (tino, _) = self.handle_ino(fh).unwrap_or((tino, false));
         if let Some(owner) = lock_owner {
             self.unlock_owner(tino, owner).await;
@@ -1425,7 +1376,7 @@ impl Core {
         let want = offset.saturating_add(length);
         let size = self.getattr(self.f(tino)).await?.0.size;
         if want > size {
-            self.flush_ino(tino, true).await?;
+            self.flush_ino(tino).await?;
             self.setattr(self.f(tino), None, None, None, Some(want), None, None)
                 .await?;
         }

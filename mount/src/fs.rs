@@ -483,7 +483,7 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         self.run(FuseOp::Flush, move |c| async move {
-            let r = c.flush_fh(fh.0, false).await;
+            let r = c.flush_fh(fh.0).await;
             // close() drops the POSIX locks its process holds on the file.
             c.unlock_owner(c.t(ino.0), lock_owner.0).await;
             match r {
@@ -520,7 +520,7 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         self.run(FuseOp::Fsync, move |c| async move {
-            match c.flush_fh(fh.0, true).await {
+            match c.flush_fh(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             }
