@@ -3,6 +3,7 @@
 //! (see `codec`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -195,6 +196,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             last_ok_sent: None,
             told_commit: None,
             behind: Arc::default(),
+            sent: Arc::default(),
         }
     }
 }
@@ -206,6 +208,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// (`node::leases::lease_config`, `Tracker::read_index`).
 pub(crate) const QUICK_COMMIT_WITHIN: Duration = Duration::from_millis(50);
 
+/// How long a commit-only heartbeat answered at once waits before it is
+/// sent: under a steady load the next change's entries go to the peer
+/// sooner and carry the new commit index themselves, so it is not sent at
+/// all (half the leader's messages per commit). A follower learns of a
+/// commit at most this much later when no change follows it.
+const COMMIT_NOTICE_AFTER: Duration = Duration::from_millis(5);
+
 /// One replication stream's (or one call's) way to a peer.
 pub(crate) struct Peer {
     conn: Conn,
@@ -215,14 +224,24 @@ pub(crate) struct Peer {
     told_commit: Option<u64>,
     /// The commit-only heartbeat sent in the background, if any.
     behind: Arc<Mutex<Behind>>,
+    /// Requests sent to the peer (not counting background heartbeats): a
+    /// heartbeat waiting to be sent is dropped once one went after it.
+    sent: Arc<AtomicU64>,
 }
 
 /// A commit-only heartbeat answered at once and sent in the background.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 enum Behind {
     /// None on its way (the last one, if any, was accepted).
     #[default]
     Idle,
+    /// The latest one, to send after `COMMIT_NOTICE_AFTER` unless another
+    /// request went to the peer after it (`Peer::sent` moved past `after`).
+    Waiting {
+        payload: Result<Vec<u8>, CodecError>,
+        ttl: Duration,
+        after: u64,
+    },
     Sending,
     /// The last one was refused or failed: the next one is awaited.
     Failed,
@@ -308,6 +327,42 @@ enum Method {
     Snapshot,
 }
 
+impl Peer {
+    /// Sends the waiting commit-only heartbeat after `COMMIT_NOTICE_AFTER`,
+    /// unless a request that went to the peer meanwhile carried the commit.
+    fn notice_later(&self) {
+        let (conn, behind, sent) = (self.conn.clone(), self.behind.clone(), self.sent.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(COMMIT_NOTICE_AFTER).await;
+            let (payload, ttl) = {
+                let mut b = behind.lock().unwrap_or_else(|e| e.into_inner());
+                match std::mem::take(&mut *b) {
+                    Behind::Waiting {
+                        payload,
+                        ttl,
+                        after,
+                    } => {
+                        if sent.load(Ordering::Relaxed) != after {
+                            return;
+                        }
+                        *b = Behind::Sending;
+                        (payload, ttl)
+                    }
+                    other => {
+                        *b = other;
+                        return;
+                    }
+                }
+            };
+            let r: Result<AppendEntriesResponse<NodeId>, RpcErr> =
+                conn.call(Method::Append, payload, ttl).await;
+            let ok = matches!(r, Ok(AppendEntriesResponse::Success));
+            let mut b = behind.lock().unwrap_or_else(|e| e.into_inner());
+            *b = if ok { Behind::Idle } else { Behind::Failed };
+        });
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Peer {
     /// Sends entries (or a heartbeat) and waits for the answer; except a
     /// heartbeat that only carries a new commit index to a peer that
@@ -339,33 +394,41 @@ impl RaftNetwork<TypeConfig> for Peer {
             && new_commit
             && self
                 .last_ok_sent
-                .is_some_and(|t| now.duration_since(t) <= QUICK_COMMIT_WITHIN)
-            && {
-                let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
-                match *behind {
-                    Behind::Idle => {
-                        *behind = Behind::Sending;
-                        true
-                    }
-                    Behind::Sending => false,
-                    Behind::Failed => {
-                        *behind = Behind::Idle;
-                        self.last_ok_sent = None;
-                        false
-                    }
+                .is_some_and(|t| now.duration_since(t) <= QUICK_COMMIT_WITHIN);
+        let payload = if quick {
+            let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+            let after = self.sent.load(Ordering::Relaxed);
+            match &mut *behind {
+                Behind::Idle => {
+                    *behind = Behind::Waiting {
+                        payload,
+                        ttl,
+                        after,
+                    };
+                    drop(behind);
+                    self.notice_later();
+                    return Ok(AppendEntriesResponse::Success);
                 }
-            };
-        if quick {
-            let (conn, behind) = (self.conn.clone(), self.behind.clone());
-            tokio::spawn(async move {
-                let r: Result<AppendEntriesResponse<NodeId>, RpcErr> =
-                    conn.call(Method::Append, payload, ttl).await;
-                let ok = matches!(r, Ok(AppendEntriesResponse::Success));
-                let mut behind = behind.lock().unwrap_or_else(|e| e.into_inner());
-                *behind = if ok { Behind::Idle } else { Behind::Failed };
-            });
-            return Ok(AppendEntriesResponse::Success);
-        }
+                Behind::Waiting { .. } => {
+                    // The newer commit index replaces the one waiting.
+                    *behind = Behind::Waiting {
+                        payload,
+                        ttl,
+                        after,
+                    };
+                    return Ok(AppendEntriesResponse::Success);
+                }
+                Behind::Sending => payload,
+                Behind::Failed => {
+                    *behind = Behind::Idle;
+                    self.last_ok_sent = None;
+                    payload
+                }
+            }
+        } else {
+            payload
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
         let r = self.conn.call(Method::Append, payload, ttl).await;
         self.last_ok_sent = match &r {
             Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)) => {
