@@ -823,9 +823,18 @@ impl Core {
         // Close-to-open: ask the tracker what the file is now, and where its
         // bytes are (or hold a lease on the answer, which a change elsewhere
         // revokes before it completes), so it stays readable if another host
-        // deletes or replaces it while it is open here.
-        let (a, extents) = match self.client.extents_leased(tino).await {
-            Ok(l) => (l.value.attr.ok_or(Errno::EIO)?, Some(l.value)),
+        // deletes or replaces it while it is open here. A write-only open
+        // reads nothing: its attributes do (a log opened to append to, whose
+        // extents a writer's read-back does not bring back once it is long).
+        let found = if acc == libc::O_WRONLY {
+            let l = self.client.getattr_leased(tino).await;
+            l.map(|l| (Some(l.value), None))
+        } else {
+            let l = self.client.extents_leased(tino).await;
+            l.map(|l| (l.value.attr, Some(l.value)))
+        };
+        let (a, extents) = match found {
+            Ok((a, extents)) => (a.ok_or(Errno::EIO)?, extents),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => {
                 // Replaced or removed between the kernel's lookup and this
                 // open: ESTALE makes the VFS look the name up again.
