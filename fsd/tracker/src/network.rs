@@ -399,23 +399,19 @@ impl RaftNetwork<TypeConfig> for Peer {
             let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
             let after = self.sent.load(Ordering::Relaxed);
             match &mut *behind {
-                Behind::Idle => {
+                Behind::Idle | Behind::Waiting { .. } => {
+                    // A newer commit index replaces one waiting, whose
+                    // timer is already running.
+                    let start = matches!(*behind, Behind::Idle);
                     *behind = Behind::Waiting {
                         payload,
                         ttl,
                         after,
                     };
                     drop(behind);
-                    self.notice_later();
-                    return Ok(AppendEntriesResponse::Success);
-                }
-                Behind::Waiting { .. } => {
-                    // The newer commit index replaces the one waiting.
-                    *behind = Behind::Waiting {
-                        payload,
-                        ttl,
-                        after,
-                    };
+                    if start {
+                        self.notice_later();
+                    }
                     return Ok(AppendEntriesResponse::Success);
                 }
                 Behind::Sending => payload,

@@ -81,6 +81,20 @@ fn continues(a: &Extent, b: &Extent) -> bool {
         }
 }
 
+/// The part of the file `extents` cover, each `base` bytes further on;
+/// `None` when there are none.
+fn span(extents: &[pb::Extent], base: u64) -> Option<(u64, u64)> {
+    let start = extents
+        .iter()
+        .map(|e| e.offset.saturating_add(base))
+        .min()?;
+    let end = extents
+        .iter()
+        .map(|e| e.offset.saturating_add(base).saturating_add(e.length))
+        .max()?;
+    Some((start, end))
+}
+
 /// Joins the extents of `ino` in and next to `[start, end)` that continue
 /// one another (see [`continues`]). The file's bytes stay the same.
 fn join_extents(tx: &Transaction<'_>, ino: u64, start: u64, end: u64) -> OpResult<()> {
@@ -220,8 +234,6 @@ pub(super) fn commit_extents(
         size = 0;
     }
     let base = if c.append { size } else { 0 };
-    // The span of the file the extents cover, where they may join others.
-    let mut written = (u64::MAX, 0u64);
     for e in &c.extents {
         let e = &pb::Extent {
             offset: e.offset.saturating_add(base),
@@ -258,10 +270,9 @@ pub(super) fn commit_extents(
         };
         insert_extent(tx, c.ino, &ext)?;
         size = size.max(end);
-        written = (written.0.min(ext.offset), written.1.max(end));
     }
-    if written.0 < written.1 {
-        join_extents(tx, c.ino, written.0, written.1)?;
+    if let Some((start, end)) = span(&c.extents, base) {
+        join_extents(tx, c.ino, start, end)?;
     }
     if c.extents.iter().any(|e| !e.data.is_empty()) {
         let held: i64 = tx.row(
@@ -357,13 +368,7 @@ pub(super) fn replace_inline(
         // Same (ino, offset): the row is replaced.
         insert_extent(tx, c.ino, &ext)?;
     }
-    let start = c.extents.iter().map(|e| e.offset).min();
-    let end = c
-        .extents
-        .iter()
-        .map(|e| e.offset.saturating_add(e.length))
-        .max();
-    if let (Some(start), Some(end)) = (start, end) {
+    if let Some((start, end)) = span(&c.extents, 0) {
         join_extents(tx, c.ino, start, end)?;
     }
     Ok(())
