@@ -92,7 +92,7 @@ impl CounterTrack {
         self.last.resize(addrs.len(), 0.0);
         self.base.resize(addrs.len(), 0.0);
         for (i, a) in addrs.iter().enumerate() {
-            if let Some(v) = metric(a, name).await {
+            if let Some(v) = metric(world, a, name).await {
                 if v < self.last[i] {
                     self.base[i] += self.last[i];
                 }
@@ -105,26 +105,14 @@ impl CounterTrack {
     }
 }
 
-/// One counter's value from a host's /metrics (plain HTTP on the gRPC port).
-async fn metric(addr: &str, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-    };
-    tokio::time::timeout(Duration::from_secs(1), fetch)
-        .await
-        .ok()
-        .flatten()
+/// One counter's value from a host's /metrics (fetched as the admin).
+async fn metric(world: &World, addr: &str, name: &str) -> Option<f64> {
+    let body = world
+        .cluster
+        .metrics_at(addr, Duration::from_secs(1))
+        .await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Blocks below their copy count, as the leader judges it (None: the

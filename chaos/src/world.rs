@@ -221,7 +221,8 @@ impl World {
             }
             let mut cmd = Command::new(&fsctl);
             in_netns(&mut cmd, &Net::ns_path(&net.client_ns(0)))?;
-            cmd.args(["--cluster", &self.cluster.hosts[h].addr, "status"])
+            cmd.args(self.cluster.fsctl_flags())
+                .args(["--cluster", &self.cluster.hosts[h].addr, "status"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
             let t = std::time::Instant::now();
@@ -368,8 +369,9 @@ impl World {
     fn mount(&mut self, i: usize, zone: &str) -> anyhow::Result<()> {
         let spec = format!("{}:/", self.cluster.addrs().join(","));
         let mut opts = format!(
-            "zone={zone},cache_dir={}",
-            self.work.join(format!("cache{i}")).display()
+            "zone={zone},cache_dir={},{}",
+            self.work.join(format!("cache{i}")).display(),
+            self.cluster.mount_cred_option()?
         );
         if !self.mount_options.is_empty() {
             opts = format!("{opts},{}", self.mount_options);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use failsafe_client::{admin_for, pb, Client, ClientConfig};
 use failsafe_proto::header;
+use failsafe_tls::{Authority, Credential, Grant, Tls, DEFAULT_DAYS};
 
 pub struct LocalHost {
     pub dir: PathBuf,
@@ -261,6 +262,11 @@ pub struct LocalCluster {
     /// Hosts get SIGKILL when the thread that started them exits (for tools
     /// that may themselves be killed: nothing outlives them).
     pub die_with_parent: bool,
+    /// The cluster's CA (`ca` beside the first host's directory), which
+    /// issues every host, mount and admin credential; none when the hosts
+    /// run `--insecure`.
+    ca_dir: Option<PathBuf>,
+    admin: std::sync::OnceLock<Tls>,
 }
 
 /// The binary `name` next to the running one (target/debug or an install dir).
@@ -292,6 +298,8 @@ impl LocalCluster {
             extra: extra.to_vec(),
             cluster_id: String::new(),
             die_with_parent: false,
+            ca_dir: None,
+            admin: std::sync::OnceLock::new(),
         }
     }
 
@@ -332,6 +340,9 @@ impl LocalCluster {
     /// Adds a host without starting it (`start_host` starts it), so it can be
     /// given a network namespace and address first.
     pub fn define_host(&mut self, dir: &Path, zone: &str, extra: &[String]) -> usize {
+        if self.ca_dir.is_none() && !self.insecure() {
+            self.ca_dir = Some(dir.parent().unwrap_or(dir).join("ca"));
+        }
         self.hosts.push(LocalHost {
             dir: dir.to_path_buf(),
             zone: zone.to_string(),
@@ -352,9 +363,171 @@ impl LocalCluster {
         self.spawn(i, port)
     }
 
+    /// Whether the hosts run `--insecure` (plaintext, no credentials).
+    pub fn insecure(&self) -> bool {
+        self.extra.iter().any(|f| f == "--insecure")
+    }
+
+    /// The cluster's CA, created on first use.
+    pub fn authority(&self) -> anyhow::Result<Authority> {
+        let dir = self
+            .ca_dir
+            .as_deref()
+            .context("an --insecure cluster has no CA")?;
+        if dir.join("ca.key").exists() {
+            Authority::open(dir)
+        } else {
+            let ca = Authority::create(dir)?;
+            ca.issue(&Grant::admin("admin")?, DEFAULT_DAYS)?
+                .save(&dir.join("admin.cred"))?;
+            Ok(ca)
+        }
+    }
+
+    /// The flags that make fsctl this cluster's admin: its CA directory (in
+    /// which fsctl finds `admin.cred`), or `--insecure`.
+    pub fn fsctl_flags(&self) -> Vec<String> {
+        match &self.ca_dir {
+            Some(dir) => vec!["--ca-dir".into(), dir.display().to_string()],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    /// The admin credential fsctl uses (in the CA's directory).
+    pub fn admin_cred_path(&self) -> Option<PathBuf> {
+        self.ca_dir.as_ref().map(|d| d.join("admin.cred"))
+    }
+
+    /// How the harness itself talks to the cluster: as its admin (who may
+    /// also read and write files), or plaintext when insecure.
+    pub fn admin_tls(&self) -> anyhow::Result<Tls> {
+        if let Some(t) = self.admin.get() {
+            return Ok(t.clone());
+        }
+        let tls = match self.admin_cred_path() {
+            None => Tls::Insecure,
+            Some(path) => {
+                self.authority()?;
+                Tls::new(Credential::load(&path)?)?
+            }
+        };
+        Ok(self.admin.get_or_init(|| tls).clone())
+    }
+
+    /// A new credential for `grant`, held in memory: what a test presents
+    /// to try what a mount, a member or an admin may do.
+    pub fn tls_for(&self, grant: &Grant) -> anyhow::Result<Tls> {
+        Tls::new(self.authority()?.issue(grant, DEFAULT_DAYS)?)
+    }
+
+    /// A raw channel to the member at `addr` (connected on first use), as
+    /// `tls`; for tests that send hand-made requests.
+    pub fn channel_as(&self, addr: &str, tls: &Tls) -> anyhow::Result<tonic::transport::Channel> {
+        Ok(tls.channel_to(addr, failsafe_tls::Expect::AnyMember, |e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(20))
+        })?)
+    }
+
+    /// `channel_as` the cluster's admin.
+    pub fn channel(&self, addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+        self.channel_as(addr, &self.admin_tls()?)
+    }
+
+    /// The /metrics text of the member at `addr`, fetched as the admin
+    /// (the port answers only members and admins); `None` if it did not
+    /// answer within `within`.
+    pub async fn metrics_at(&self, addr: &str, within: Duration) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tls = self.admin_tls().ok()?;
+        let fetch = async {
+            let mut s = tls
+                .connect_http1(addr, failsafe_tls::Expect::AnyMember)
+                .await
+                .ok()?;
+            let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut raw = Vec::new();
+            // A TLS peer that closes without close_notify still sent it all.
+            let _ = s.read_to_end(&mut raw).await;
+            let raw = String::from_utf8_lossy(&raw).to_string();
+            let (head, body) = raw.split_once("\r\n\r\n")?;
+            head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        };
+        tokio::time::timeout(within, fetch).await.ok().flatten()
+    }
+
+    /// `metrics_at` host `i`, from code that cannot await (its own thread
+    /// and runtime).
+    pub fn metrics_blocking(&self, i: usize) -> Option<String> {
+        let addr = self.hosts.get(i)?.addr.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(self.metrics_at(&addr, Duration::from_secs(5)))
+            })
+            .join()
+            .ok()
+            .flatten()
+        })
+    }
+
+    /// A mount's credential named `name` (issued once, kept in the CA's
+    /// directory); `subdir` and `read_only` as `fsctl client add` has them.
+    pub fn client_cred(
+        &self,
+        name: &str,
+        subdir: &str,
+        read_only: bool,
+    ) -> anyhow::Result<PathBuf> {
+        let ca = self.authority()?;
+        let path = ca.dir().join(format!("{name}.cred"));
+        if !path.exists() {
+            ca.issue(&Grant::client(name, subdir, read_only)?, DEFAULT_DAYS)?
+                .save(&path)?;
+        }
+        Ok(path)
+    }
+
+    /// The mount option that gives a mount its credential (a full client
+    /// one), or `insecure`.
+    pub fn mount_cred_option(&self) -> anyhow::Result<String> {
+        if self.insecure() {
+            return Ok("insecure".into());
+        }
+        Ok(format!(
+            "cred={}",
+            self.client_cred("mount", "/", false)?.display()
+        ))
+    }
+
+    /// Gives host `i` a credential of its own (for the host id in its data
+    /// dir, if it has one) unless it holds one.
+    fn ensure_host_cred(&self, i: usize) -> anyhow::Result<()> {
+        if self.insecure() {
+            return Ok(());
+        }
+        let dir = &self.hosts[i].dir;
+        let path = dir.join("host.cred");
+        if path.exists() {
+            return Ok(());
+        }
+        let id = match std::fs::read_to_string(dir.join("host.id")) {
+            Ok(s) => u64::from_str_radix(s.trim(), 16)?,
+            Err(_) => (rand::random::<u64>() >> 1).max(1),
+        };
+        self.authority()?
+            .issue(&Grant::member(id), DEFAULT_DAYS)?
+            .save(&path)
+    }
+
     fn spawn(&mut self, i: usize, port: u16) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.hosts[i].dir)?;
+        self.ensure_host_cred(i)?;
         let h = &mut self.hosts[i];
-        std::fs::create_dir_all(&h.dir)?;
         let addr_file = h.dir.join("fsd.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = OpenOptions::new()
@@ -435,10 +608,13 @@ impl LocalCluster {
         self.hosts.iter().map(|h| h.addr.clone()).collect()
     }
 
+    /// A client of the whole cluster, as its admin.
     pub fn client_config(&self) -> ClientConfig {
         ClientConfig {
             addrs: self.addrs(),
             cluster_id: Some(self.cluster_id.clone()),
+            // A CA that cannot be read fails every call with a clear error.
+            tls: self.admin_tls().unwrap_or(Tls::Insecure),
             ..ClientConfig::default()
         }
     }
@@ -451,7 +627,7 @@ impl LocalCluster {
     pub async fn bootstrap(&mut self) -> anyhow::Result<Client> {
         let timeout = Duration::from_secs(10);
         let first = self.hosts[0].addr.clone();
-        let init = admin_for(&first, timeout)?
+        let init = admin_for(&first, &self.admin_tls()?, timeout)?
             .init(pb::InitRequest { header: None })
             .await
             .with_context(|| format!("init at {first}"))?
@@ -483,7 +659,7 @@ impl LocalCluster {
     /// joins as a learner that catches up and becomes a voter.
     pub async fn admit(&self, i: usize, client: &Client) -> anyhow::Result<()> {
         let addr = &self.hosts[i].addr;
-        admin_for(addr, Duration::from_secs(10))?
+        admin_for(addr, &self.admin_tls()?, Duration::from_secs(10))?
             .adopt(pb::AdoptRequest {
                 header: Some(header("")),
                 cluster_id: self.cluster_id.clone(),

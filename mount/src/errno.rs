@@ -25,6 +25,10 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
             | ErrorCode::ErrorUnspecified => Errno::EIO,
         },
         ClientError::Invalid(_) => Errno::EINVAL,
+        ClientError::Credential(_) => Errno::EACCES,
+        ClientError::Rejected { status, .. } if status.code() == tonic::Code::PermissionDenied => {
+            Errno::EACCES
+        }
         ClientError::Unavailable(_)
         | ClientError::Rejected { .. }
         | ClientError::Quorum { .. }

@@ -23,7 +23,9 @@ use failsafe_client::{Client, ClientConfig};
 
 const USAGE: &str =
     "usage: mount.failsafe HOST:PORT[,HOST:PORT...][:/DIR] MOUNTPOINT [-f] [-o OPTIONS]
-options: zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH,
+options: cred=FILE (the mount's credential from `fsctl client add`; default
+         /etc/failsafe/client.cred), insecure (plaintext, for a cluster run --insecure),
+         zone=Z, cache_dir=PATH, cache_size=SIZE, timeout=MS, allow_other, ro, rw, log=PATH,
          stats=PATH (a JSON summary of RPCs and round trips per FUSE operation,
          rewritten every second and at unmount), metrics=HOST:PORT (the same as
          Prometheus text over HTTP), inline=SIZE (commits of at most SIZE,
@@ -233,12 +235,34 @@ fn redirect_logs(log: Option<&Path>) {
     }
 }
 
-fn serve(args: Args) -> Result<(), String> {
+fn serve(mut args: Args) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
+    let tls = if args.opts.insecure {
+        tracing::warn!("mounted insecure: plaintext, no credential");
+        failsafe_tls::Tls::Insecure
+    } else {
+        let cred = failsafe_tls::Credential::load(&args.opts.cred).map_err(|e| {
+            format!("{e:#} (a mount needs a credential from `fsctl client add`: -o cred=FILE)")
+        })?;
+        // A credential confined to a subtree mounts that subtree (and
+        // the spec's path within it).
+        if cred.grant.subdir != "/" {
+            let within = args.spec.subdir.trim_start_matches('/');
+            args.spec.subdir = format!("{}/{within}", cred.grant.subdir);
+            tracing::info!(subdir = %args.spec.subdir, "a credential confined to a subtree");
+        }
+        if cred.grant.read_only && !args.opts.read_only {
+            tracing::info!("a read-only credential: mounting read-only");
+            args.opts.read_only = true;
+        }
+        cred.check_current()
+            .and_then(|()| failsafe_tls::Tls::new(cred))
+            .map_err(|e| format!("cred={}: {e:#}", args.opts.cred.display()))?
+    };
     let cfg = ClientConfig {
         addrs: args.spec.hosts.clone(),
         rpc_timeout: args.opts.rpc_timeout,
@@ -248,6 +272,7 @@ fn serve(args: Args) -> Result<(), String> {
         zone: args.opts.zone.clone(),
         inline_max_bytes: args.opts.inline_bytes as usize,
         name: format!("mount:{}", args.mountpoint.display()),
+        tls,
         ..ClientConfig::default()
     };
     let (client, root) = rt.block_on(async {

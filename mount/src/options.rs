@@ -47,6 +47,10 @@ pub(crate) struct Options {
     /// longer than its lease loses what it had not flushed (see
     /// docs/write-behind.md).
     pub write_behind: bool,
+    /// `cred=FILE`: the mount's credential (`fsctl client add`).
+    pub cred: PathBuf,
+    /// `insecure`: plaintext, for a cluster run with `--insecure`.
+    pub insecure: bool,
 }
 
 impl Default for Options {
@@ -64,6 +68,8 @@ impl Default for Options {
             inline_bytes: failsafe_core::MAX_INLINE_BYTES as u64,
             leases: true,
             write_behind: false,
+            cred: PathBuf::from("/etc/failsafe/client.cred"),
+            insecure: false,
         }
     }
 }
@@ -136,6 +142,8 @@ pub(crate) fn parse_options(list: &str, opts: &mut Options) -> Result<(), String
                 opts.zone = Some(zone);
             }
             "cache_dir" => opts.cache_dir = PathBuf::from(need(value)?),
+            "cred" => opts.cred = PathBuf::from(need(value)?),
+            "insecure" => opts.insecure = true,
             "cache_size" => opts.cache_bytes = parse_bytes(&need(value)?)?,
             "timeout" => {
                 let ms: u64 = need(value)?

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use failsafe_proto::header;
 use failsafe_proto::pb::{self, admin_client::AdminClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::stats::RpcKind;
 use crate::{Client, ClientError};
@@ -26,7 +26,12 @@ impl Client {
             rpc.end_timed(&answer);
             match answer {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
-                Ok(Err(s)) => last = format!("{addr}: {}", s.message()),
+                Ok(Err(s)) => {
+                    if let Some(why) = failsafe_tls::explain_refusal(&s, &self.inner.cfg.tls) {
+                        return Err(ClientError::Credential(format!("{addr}: {why}")));
+                    }
+                    last = format!("{addr}: {}", s.message())
+                }
                 Err(_) => {
                     last = format!("{addr}: no answer within {:?}", self.inner.cfg.rpc_timeout)
                 }
@@ -200,11 +205,15 @@ impl Client {
 
 /// Connects to one address without knowing any cluster: for `fsctl init` and
 /// for adopting a blank host.
-pub fn admin_for(addr: &str, timeout: Duration) -> Result<AdminClient<Channel>, ClientError> {
-    let ch = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect_lazy();
+pub fn admin_for(
+    addr: &str,
+    tls: &failsafe_tls::Tls,
+    timeout: Duration,
+) -> Result<AdminClient<Channel>, ClientError> {
+    let ch = tls
+        .channel_to(addr, failsafe_tls::Expect::AnyMember, |e| {
+            e.connect_timeout(timeout).timeout(timeout)
+        })
+        .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?;
     Ok(AdminClient::new(ch))
 }

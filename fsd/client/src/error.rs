@@ -29,6 +29,10 @@ pub enum ClientError {
     BlockUnreadable { hash: String, last_error: String },
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// This client's credential was refused (or it refused a member's):
+    /// no retry helps; the message says why and what to check.
+    #[error("{0}")]
+    Credential(String),
 }
 
 impl ClientError {

@@ -10,7 +10,7 @@ use failsafe_proto::pb::{
     self, admin_client::AdminClient, blocks_client::BlocksClient, metadata_client::MetadataClient,
 };
 use failsafe_proto::{header, LEADER_ADDR_KEY, MAX_MESSAGE_BYTES};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::stats::{RpcCounters, RpcKind, RpcSnapshot};
@@ -46,6 +46,9 @@ pub struct ClientConfig {
     /// commit itself (capped at `MAX_INLINE_BYTES`); 0 sends every write as
     /// blocks.
     pub inline_max_bytes: usize,
+    /// How to talk to the members: mutual TLS with this client's credential
+    /// (every member refuses anything else unless it runs `--insecure`).
+    pub tls: failsafe_tls::Tls,
 }
 
 impl Default for ClientConfig {
@@ -61,6 +64,7 @@ impl Default for ClientConfig {
             background: false,
             name: "client".to_string(),
             inline_max_bytes: failsafe_core::MAX_INLINE_BYTES,
+            tls: failsafe_tls::Tls::Insecure,
         }
     }
 }
@@ -227,14 +231,19 @@ impl Client {
         if let Some(ch) = channels.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?
-            .connect_timeout(self.inner.cfg.rpc_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(self.inner.cfg.rpc_timeout)
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let timeout = self.inner.cfg.rpc_timeout;
+        let ch = self
+            .inner
+            .cfg
+            .tls
+            .channel_to(addr, failsafe_tls::Expect::AnyMember, |e| {
+                e.connect_timeout(timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true)
+            })
+            .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?;
         channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -475,6 +484,9 @@ impl Client {
     }
 
     fn classify(&self, addr: &str, status: tonic::Status) -> Attempt {
+        if let Some(why) = failsafe_tls::explain_refusal(&status, &self.inner.cfg.tls) {
+            return Attempt::Fail(ClientError::Credential(format!("{addr}: {why}")));
+        }
         let hint = status
             .metadata()
             .get(LEADER_ADDR_KEY)

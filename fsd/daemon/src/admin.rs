@@ -6,6 +6,7 @@ use std::time::Duration;
 use failsafe_blockstore::BlockStore;
 use failsafe_proto::pb::{self, admin_client::AdminClient, admin_server::Admin, command::Op};
 use failsafe_proto::{check_header, header, not_leader, PROTOCOL_VERSION};
+use failsafe_tls::Expect;
 use failsafe_tracker::Tracker;
 use tonic::{Request, Response, Status};
 
@@ -51,17 +52,20 @@ pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceIn
         .collect()
 }
 
-/// Asks the host at `addr` who it is.
+/// Asks the host at `addr` who it is; with `expect` naming a host, its
+/// certificate must be that host's.
 pub(crate) async fn hello(
     addr: &str,
     cluster_id: &str,
+    tls: &failsafe_tls::Tls,
+    expect: failsafe_tls::Expect,
     timeout: Duration,
 ) -> Result<pb::HelloReply, Status> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect_lazy();
+    let channel = tls
+        .channel_to(addr, expect, |e| {
+            e.connect_timeout(timeout).timeout(timeout)
+        })
+        .map_err(|e| Status::invalid_argument(format!("bad address {addr:?}: {e}")))?;
     let req = pb::HelloRequest {
         header: Some(header(cluster_id)),
     };
@@ -92,12 +96,26 @@ impl AdminService {
         }
     }
 
-    async fn register(&self, hello: &pb::HelloReply) -> Result<(), Status> {
+    /// Registers the host `hello` describes, pinning its key: the key the
+    /// host's own connection showed when it asks itself (`caller`), else
+    /// the one it says it has.
+    async fn register(
+        &self,
+        hello: &pb::HelloReply,
+        caller: Option<&failsafe_tls::Peer>,
+    ) -> Result<(), Status> {
+        let key_id = match caller {
+            Some(p) if p.grant.as_ref().is_some_and(|g| g.host_id == hello.host_id) => {
+                p.key_id.to_vec()
+            }
+            _ => hello.key_id.clone(),
+        };
         let op = Op::RegisterHost(pb::RegisterHost {
             host_id: hello.host_id,
             zone: hello.zone.clone(),
             addr: hello.addr.clone(),
             devices: hello.devices.clone(),
+            key_id,
         });
         Ok(self.cluster.propose(op).await?)
     }
@@ -111,6 +129,10 @@ impl AdminService {
             protocol_version: PROTOCOL_VERSION,
             software_version: env!("CARGO_PKG_VERSION").to_string(),
             devices: device_infos(&self.store, self.tracker.host_id),
+            key_id: match self.cluster.tls() {
+                failsafe_tls::Tls::Mutual(m) => m.cred.key_id().to_vec(),
+                failsafe_tls::Tls::Insecure => Vec::new(),
+            },
         }
     }
 }
@@ -150,7 +172,7 @@ impl Admin for AdminService {
         if !self.tracker.wait_leader(Duration::from_secs(10)).await {
             return Err(Status::unavailable("the new cluster elected no leader"));
         }
-        self.register(&self.own_hello()).await?;
+        self.register(&self.own_hello(), None).await?;
         tracing::info!(cluster = %cluster_id, "created a new cluster");
         Ok(Response::new(pb::InitReply {
             cluster_id,
@@ -197,11 +219,40 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::AddHostRequest>,
     ) -> Result<Response<pb::AddHostReply>, Status> {
+        let caller = failsafe_tls::grant_of(&req)?;
+        let peer = req.extensions().get::<failsafe_tls::Peer>().cloned();
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
         let cluster = self.tracker.cluster.get();
-        let hello = hello(&req.addr, &cluster, self.rpc_timeout).await?;
+        let tls = self.cluster.tls();
+        let any = hello(
+            &req.addr,
+            &cluster,
+            tls,
+            Expect::AnyMember,
+            self.rpc_timeout,
+        )
+        .await?;
+        // Again, now holding it to the host id it gave: its certificate
+        // must name it.
+        let hello = hello(
+            &req.addr,
+            &cluster,
+            tls,
+            Expect::Host(any.host_id),
+            self.rpc_timeout,
+        )
+        .await?;
+        if let Some(g) = caller.filter(|g| g.role == failsafe_tls::Role::Member) {
+            if g.host_id != hello.host_id {
+                return Err(Status::permission_denied(format!(
+                    "{} may add only itself, not host {:016x}",
+                    g.who(),
+                    hello.host_id
+                )));
+            }
+        }
         if hello.cluster_id != cluster {
             return Err(Status::failed_precondition(format!(
                 "host at {} belongs to cluster {:?}, not this one (adopt it first)",
@@ -214,7 +265,7 @@ impl Admin for AdminService {
             addr: req.addr.clone(),
             ..hello
         };
-        self.register(&hello).await?;
+        self.register(&hello, peer.as_ref()).await?;
         self.tracker.add_member(hello.host_id, &req.addr).await?;
         tracing::info!(host = format!("{:016x}", hello.host_id), addr = %req.addr, zone = %hello.zone, "host added");
         Ok(Response::new(pb::AddHostReply {
@@ -315,22 +366,46 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::UpdateAddressRequest>,
     ) -> Result<Response<pb::UpdateAddressReply>, Status> {
+        // A member may move only itself.
+        if let Some(g) = failsafe_tls::grant_of(&req)? {
+            if g.role == failsafe_tls::Role::Member && g.host_id != req.get_ref().host_id {
+                return Err(Status::permission_denied(format!(
+                    "{} may not move host {:016x}",
+                    g.who(),
+                    req.get_ref().host_id
+                )));
+            }
+        }
+        let peer = req.extensions().get::<failsafe_tls::Peer>().cloned();
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
         self.require_leader()?;
-        let hello = hello(&req.addr, &self.tracker.cluster.get(), self.rpc_timeout).await?;
+        // The host at the new address must hold that host's certificate.
+        let hello = hello(
+            &req.addr,
+            &self.tracker.cluster.get(),
+            self.cluster.tls(),
+            Expect::Host(req.host_id),
+            self.rpc_timeout,
+        )
+        .await?;
         if hello.host_id != req.host_id {
             return Err(Status::failed_precondition(format!(
                 "{} is host {:016x}, not {:016x}",
                 req.addr, hello.host_id, req.host_id
             )));
         }
-        self.tracker.set_address(req.host_id, &req.addr).await?;
-        self.register(&pb::HelloReply {
-            addr: req.addr.clone(),
-            ..hello
-        })
+        // Registered first: a key other than the pinned one is refused
+        // before the membership moves.
+        self.register(
+            &pb::HelloReply {
+                addr: req.addr.clone(),
+                ..hello
+            },
+            peer.as_ref(),
+        )
         .await?;
+        self.tracker.set_address(req.host_id, &req.addr).await?;
         tracing::info!(host = format!("{:016x}", req.host_id), addr = %req.addr, "host address updated");
         Ok(Response::new(pb::UpdateAddressReply {}))
     }

@@ -60,6 +60,8 @@ pub(crate) struct Cluster {
     /// Members to ask when this host knows no others (`--join`).
     join: Vec<String>,
     rpc_timeout: Duration,
+    /// This host's credential, for calling the others.
+    tls: failsafe_tls::Tls,
     /// Follows the membership.
     client: tokio::sync::Mutex<Option<Client>>,
     /// Block I/O names its hosts, so it needs no member list beyond this host.
@@ -74,6 +76,7 @@ impl Cluster {
             zone: cfg.zone.clone(),
             join: cfg.join.clone(),
             rpc_timeout: cfg.rpc_timeout,
+            tls: cfg.tls.clone(),
             client: tokio::sync::Mutex::new(None),
             block_client: tokio::sync::Mutex::new(None),
         }
@@ -81,6 +84,10 @@ impl Cluster {
 
     pub(crate) fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
+    }
+
+    pub(crate) fn tls(&self) -> &failsafe_tls::Tls {
+        &self.tls
     }
 
     pub(crate) fn advertise(&self) -> &str {
@@ -131,6 +138,7 @@ impl Cluster {
             zone: Some(self.zone.clone()),
             background: true,
             name: format!("fsd-{:016x}", self.tracker.host_id),
+            tls: self.tls.clone(),
             ..ClientConfig::default()
         })
         .await?;
@@ -152,6 +160,7 @@ impl Cluster {
             zone: Some(self.zone.clone()),
             background: true,
             name: format!("fsd-repair-{:016x}", self.tracker.host_id),
+            tls: self.tls.clone(),
             ..ClientConfig::default()
         })
         .await?;

@@ -22,6 +22,21 @@ pub struct RawConfig {
     /// listen address (which then must not be a wildcard).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Also serve /metrics in plain HTTP at this address (e.g.
+    /// 127.0.0.1:9100), for a Prometheus without a client certificate; the
+    /// main port answers only callers with a member's or admin's credential.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
+    /// This host's credential: its certificate (a member's, naming its host
+    /// id), the cluster's CA certificate and its private key, as
+    /// `fsctl host cert` writes them. Default DATA_DIR/host.cred.
+    #[arg(long, value_name = "FILE")]
+    pub cred: Option<PathBuf>,
+    /// Plaintext without credentials: anyone who reaches the port can do
+    /// anything. Only for a trusted test network; logged at every start.
+    #[arg(long)]
+    #[serde(default)]
+    pub insecure: bool,
     /// Failure domain of this host (a city, a building, a rack). Default "default".
     #[arg(long)]
     pub zone: Option<String>,
@@ -53,6 +68,10 @@ pub struct RawConfig {
     /// Log entries kept behind a snapshot. Default 1000.
     #[arg(long)]
     pub keep_logs: Option<u64>,
+    /// The largest tracker snapshot this host accepts from a leader, in
+    /// MiB. Default 4096.
+    #[arg(long)]
+    pub max_snapshot_mb: Option<u64>,
     /// Copies of every block. Default 3.
     #[arg(long)]
     pub copies: Option<usize>,
@@ -135,6 +154,9 @@ impl RawConfig {
             data_dir: self.data_dir.or(file.data_dir),
             listen: self.listen.or(file.listen),
             advertise: self.advertise.or(file.advertise),
+            cred: self.cred.or(file.cred),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            insecure: self.insecure || file.insecure,
             zone: self.zone.or(file.zone),
             devices: if self.devices.is_empty() {
                 file.devices
@@ -153,6 +175,7 @@ impl RawConfig {
             election_max_ms: self.election_max_ms.or(file.election_max_ms),
             snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
             keep_logs: self.keep_logs.or(file.keep_logs),
+            max_snapshot_mb: self.max_snapshot_mb.or(file.max_snapshot_mb),
             copies: self.copies.or(file.copies),
             write_quorum: self.write_quorum.or(file.write_quorum),
             report_interval_ms: self.report_interval_ms.or(file.report_interval_ms),
@@ -179,6 +202,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: String,
     pub advertise: Option<String>,
+    /// How this host talks to the others and who may call it.
+    pub tls: failsafe_tls::Tls,
+    /// Where /metrics is also served without TLS.
+    pub metrics_listen: Option<SocketAddr>,
     pub zone: String,
     pub devices: Vec<PathBuf>,
     pub join: Vec<String>,
@@ -272,6 +299,32 @@ impl Config {
         if !raw.join.is_empty() && raw.cluster_id.is_none() {
             bail!("cluster_id: required with join (fsctl init prints it; fsctl status shows it)");
         }
+        let tls = if raw.insecure {
+            failsafe_tls::Tls::Insecure
+        } else {
+            let path = raw.cred.unwrap_or_else(|| data_dir.join("host.cred"));
+            let cred = failsafe_tls::Credential::load(&path).with_context(|| {
+                "cred: this host needs a credential (`fsctl host cert --out FILE` issues one; \
+                 --insecure runs without, for a trusted test network only)"
+            })?;
+            if cred.grant.role != failsafe_tls::Role::Member {
+                bail!(
+                    "cred: {} is a credential for {}, not for a host",
+                    path.display(),
+                    cred.grant.who()
+                );
+            }
+            cred.check_current()
+                .with_context(|| format!("cred: {}", path.display()))?;
+            failsafe_tls::Tls::new(cred).with_context(|| format!("cred: {}", path.display()))?
+        };
+        let metrics_listen = raw
+            .metrics_listen
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .with_context(|| format!("metrics_listen: {a:?} is not host:port"))
+            })
+            .transpose()?;
         let mut tracker = failsafe_tracker::TrackerConfig::default();
         tracker.heartbeat_ms = raw.heartbeat_ms.unwrap_or(tracker.heartbeat_ms);
         tracker.election_min_ms = raw.election_min_ms.unwrap_or(tracker.election_min_ms);
@@ -283,6 +336,12 @@ impl Config {
         }
         tracker.snapshot_logs = raw.snapshot_logs.unwrap_or(tracker.snapshot_logs).max(1);
         tracker.keep_logs = raw.keep_logs.unwrap_or(tracker.keep_logs);
+        if let Some(mb) = raw.max_snapshot_mb {
+            if mb == 0 {
+                bail!("max_snapshot_mb: must be at least 1");
+            }
+            tracker.max_snapshot_bytes = mb.saturating_mul(1 << 20);
+        }
         tracker.class.copies = raw.copies.unwrap_or(tracker.class.copies);
         tracker.class.write_quorum = raw.write_quorum.unwrap_or(tracker.class.write_quorum);
         if tracker.class.copies == 0
@@ -337,6 +396,8 @@ impl Config {
             data_dir,
             listen,
             advertise: raw.advertise,
+            tls,
+            metrics_listen,
             zone,
             devices,
             join: raw.join,
@@ -399,6 +460,7 @@ mod tests {
             toml::from_str("data_dir = '/d'\nzone = 'a'\nlisten = '127.0.0.1:1'").unwrap();
         let flags = RawConfig {
             zone: Some("b".into()),
+            insecure: true,
             ..Default::default()
         };
         let c = Config::validate(flags.merge(file)).unwrap();
@@ -413,6 +475,14 @@ mod tests {
         assert!(err.to_string().starts_with("advertise:"), "{err}");
         let bad: Result<RawConfig, _> = toml::from_str("data_dir = '/d'\nzoen = 'a'");
         assert!(bad.is_err());
+        // No credential, and not --insecure: refused, saying what to do.
+        let err = Config::validate(RawConfig {
+            data_dir: Some("/nonexistent-failsafe".into()),
+            listen: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("fsctl host cert"), "{err:#}");
     }
 
     #[test]
@@ -420,6 +490,7 @@ mod tests {
         let base = || RawConfig {
             data_dir: Some("/d".into()),
             listen: Some("127.0.0.1:1".into()),
+            insecure: true,
             ..Default::default()
         };
         let c = Config::validate(base()).unwrap();

@@ -26,7 +26,10 @@ fn write_durably(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 impl Identity {
-    pub(crate) fn load_or_create(dir: &Path) -> anyhow::Result<Identity> {
+    /// The host id in `dir`, or `named` (the one this host's certificate
+    /// names) on a first start. A data dir of another host than the
+    /// certificate's is refused: a host is its key and its data together.
+    pub(crate) fn load_or_create(dir: &Path, named: Option<u64>) -> anyhow::Result<Identity> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
         let path = dir.join("host.id");
@@ -37,12 +40,19 @@ impl Identity {
                 .with_context(|| format!("{} does not hold a host id", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Keep ids below 2^63 so they read the same in any tool.
-                let id = (rand::random::<u64>() >> 1).max(1);
+                let id = named.unwrap_or_else(|| (rand::random::<u64>() >> 1).max(1));
                 write_durably(&path, &format!("{id:016x}\n"))?;
                 id
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
+        if let Some(named) = named.filter(|&n| n != host_id) {
+            anyhow::bail!(
+                "{} is host {host_id:016x}, but the credential is host {named:016x}'s \
+                 (`fsctl host cert --host-id {host_id:016x}` issues this host's)",
+                dir.display()
+            );
+        }
         Ok(Identity {
             dir: dir.to_path_buf(),
             host_id,

@@ -10,6 +10,7 @@
 
 mod admin;
 mod announce;
+mod auth;
 mod blockify;
 mod blocks;
 mod cluster;

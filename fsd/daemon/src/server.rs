@@ -31,6 +31,11 @@ use crate::returning::Return;
 use crate::scrub::Scrub;
 use crate::worker::{Shutdown, Worker};
 
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Requests one connection may have in flight at once (more wait).
+const MAX_REQUESTS_PER_CONNECTION: usize = 512;
+
 /// Runs a host until `shutdown` completes.
 pub async fn run(
     cfg: Config,
@@ -39,7 +44,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let local = listener.local_addr().context("listener address")?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
-    let identity = Arc::new(Identity::load_or_create(&cfg.data_dir)?);
+    if matches!(cfg.tls, failsafe_tls::Tls::Insecure) {
+        tracing::warn!(
+            "running --insecure: plaintext, and anyone who reaches {local} may read, \
+             change or delete everything"
+        );
+    }
+    let identity = Arc::new(Identity::load_or_create(
+        &cfg.data_dir,
+        cfg.tls.grant().map(|g| g.host_id),
+    )?);
     let mut cluster_id = identity.cluster_id()?;
     if cluster_id.is_empty() {
         if let Some(id) = &cfg.cluster_id {
@@ -57,6 +71,7 @@ pub async fn run(
             identity.host_id,
             &cfg.tracker,
             cluster_id.clone(),
+            cfg.tls.clone(),
         )
         .await
         .context("opening the tracker")?,
@@ -130,6 +145,22 @@ pub async fn run(
         "/metrics",
         axum::routing::get(move || std::future::ready(render())),
     );
+    // Plain HTTP, /metrics only, where the operator asked for it.
+    let metrics_only = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen: binding {addr}"))?;
+            tracing::info!(%addr, "serving /metrics without TLS");
+            let serve = tonic::transport::Server::builder()
+                .accept_http1(true)
+                .timeout(Duration::from_secs(10))
+                .add_routes(tonic::service::Routes::from(http.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l));
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
     let routes = tonic::service::Routes::from(http)
         .add_service(
             AdminServer::new(admin)
@@ -152,8 +183,13 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
 
+    let keys = crate::auth::Keys::default();
     let stop = Shutdown::new();
     let mut workers = vec![
+        stop.spawn(Arc::new(crate::auth::KeysWorker {
+            tracker: tracker.clone(),
+            keys: keys.clone(),
+        })),
         stop.spawn(Arc::new(Announcer::new(
             cluster.clone(),
             store.clone(),
@@ -176,17 +212,23 @@ pub async fn run(
     }
 
     let served = tonic::transport::Server::builder()
+        .layer(crate::auth::AuthorizeLayer(keys))
         .accept_http1(true)
+        // One caller cannot open streams or requests without bound: a
+        // mount has a few dozen in flight, a member a few hundred at most
+        // (group commit); beyond these, requests wait their turn.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_REQUESTS_PER_CONNECTION)
         // A last resort against a handler stuck for ever; clients give up
         // much sooner.
         .timeout(Duration::from_secs(120))
         .add_routes(routes)
         // Small replies must not wait for the peer's delayed ACK (Nagle).
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(failsafe_tls::incoming(listener, cfg.tls.clone()), shutdown)
         .await;
+    if let Some(m) = metrics_only {
+        m.abort();
+    }
     stop.stop(workers).await;
     tracker.shutdown().await;
     tracing::info!("fsd stopped");

@@ -9,8 +9,11 @@ use std::process::Command;
 
 use failsafe_harness::local::LocalCluster;
 
-fn fsctl(cluster: &[String], args: &[&str]) -> std::process::Output {
+/// fsctl as the admin of the CA in `ca` (as `--ca-dir`).
+fn fsctl_in(ca: &Path, cluster: &[String], args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_fsctl"))
+        .arg("--ca-dir")
+        .arg(ca)
         .arg("--cluster")
         .arg(cluster.join(","))
         .args(args)
@@ -30,6 +33,17 @@ fn ok(out: std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn t80_fsctl_init_add_status_remove() {
     let dir = tempfile::tempdir().unwrap();
+    // As the README has it: a credential per host from fsctl (the first
+    // creates the CA and the admin's credential), then fsd, init, add.
+    let ca = dir.path().join("ca");
+    for zone in ["a", "b", "c"] {
+        let host = dir.path().join(format!("host-{zone}"));
+        std::fs::create_dir_all(&host).unwrap();
+        let out = host.join("host.cred").display().to_string();
+        let said = ok(fsctl_in(&ca, &[], &["host", "cert", "--out", &out]));
+        assert!(said.contains("wrote "), "{said}");
+    }
+    let fsctl = |cluster: &[String], args: &[&str]| fsctl_in(&ca, cluster, args);
     let mut c = LocalCluster::start(
         dir.path(),
         &["a", "b", "c"],
@@ -128,9 +142,11 @@ async fn t81_a_host_started_with_join_admits_itself() {
 
 #[test]
 fn t82_unreachable_cluster_is_one_clear_line() {
-    let out = fsctl(
+    let dir = tempfile::tempdir().unwrap();
+    let out = fsctl_in(
+        dir.path(),
         &["127.0.0.1:1".to_string()],
-        &["--timeout-ms", "500", "status"],
+        &["--insecure", "--timeout-ms", "500", "status"],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -48,8 +48,9 @@ async fn t95_dokuwiki_runs_unmodified_on_a_failsafe_mount() {
         sibling_binary("mount-failsafe").expect("the mount binary (cargo build --bins)");
     let spec = format!("{}:/", tc.c.addrs().join(","));
     let opts = format!(
-        "zone=a,allow_other,cache_dir={}",
-        dir.join("cache").display()
+        "zone=a,allow_other,cache_dir={},{}",
+        dir.join("cache").display(),
+        tc.c.mount_cred_option().expect("a mount credential")
     );
     let log = dir.join("mount.log");
     let mount = LocalMount::start(Command::new(mount_bin), &spec, &mnt, &opts, &log)

@@ -284,7 +284,7 @@ async fn t22_exclusive_create_race_has_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t23_a_retried_operation_is_applied_once() {
-    let (_tc, c) = TestCluster::start(&[]).await;
+    let (tc, c) = TestCluster::start(&[]).await;
     let d = c.mkdir(ROOT, b"d", 0o755).await.unwrap();
     // The same command sent twice (a retry after a lost reply) keeps its op id.
     let cmd = pb::Command {
@@ -300,10 +300,7 @@ async fn t23_a_retried_operation_is_applied_once() {
             ..Default::default()
         })),
     };
-    let mut raw =
-        pb::metadata_client::MetadataClient::connect(format!("http://{}", c.members()[0]))
-            .await
-            .unwrap();
+    let mut raw = pb::metadata_client::MetadataClient::new(tc.c.channel(&c.members()[0]).unwrap());
     let mut results = Vec::new();
     for _ in 0..2 {
         let req = pb::MutateRequest {
@@ -324,9 +321,7 @@ async fn t23_a_retried_operation_is_applied_once() {
                     .to_str()
                     .unwrap()
                     .to_string();
-                raw = pb::metadata_client::MetadataClient::connect(format!("http://{leader}"))
-                    .await
-                    .unwrap();
+                raw = pb::metadata_client::MetadataClient::new(tc.c.channel(&leader).unwrap());
                 raw.mutate(req).await.unwrap().into_inner()
             }
         };
@@ -524,14 +519,12 @@ async fn t27_a_change_waits_until_every_lease_holder_has_dropped_what_it_changed
     use pb::watch_request::Msg;
     // Slow elections make the leases long (they must fit inside the
     // election gap), so "still waiting" below does not depend on timing.
-    let (_tc, c) =
+    let (tc, c) =
         TestCluster::start(&["--election-min-ms", "3000", "--election-max-ms", "6000"]).await;
     let d = c.mkdir(ROOT, b"d", 0o755).await.unwrap();
     let status = c.status().await.unwrap();
     let mut raw =
-        pb::metadata_client::MetadataClient::connect(format!("http://{}", status.leader_addr))
-            .await
-            .unwrap();
+        pb::metadata_client::MetadataClient::new(tc.c.channel(&status.leader_addr).unwrap());
     let header = Some(failsafe_proto::header(c.cluster_id()));
     let (to_leader, outbound) = tokio::sync::mpsc::channel(16);
     let say = |msg| pb::WatchRequest {

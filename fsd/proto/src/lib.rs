@@ -64,8 +64,9 @@ labels! {
 /// Bumped whenever a change to the `.proto` files is not backward compatible.
 /// 2: log entries may hold a `Batch` and extents inline data, which a
 /// member speaking 1 would skip (unknown fields) and so apply differently
-/// from the others. 3: `CommitExtents.truncate`, likewise.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// from the others. 3: `CommitExtents.truncate`, likewise. 4: `Revoke` and
+/// `RegisterHost.key_id` (pinned host keys), likewise.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

@@ -18,8 +18,8 @@ mod service;
 mod state;
 
 pub use node::{
-    wall_clock_ns, ClusterId, GroupCounts, HandedOver, LeaderSnapshot, Liveness, RepairView,
-    Tracker, TrackerConfig, TrackerError,
+    wall_clock_ns, ClusterId, GroupCounts, HandedOver, KeyBook, LeaderSnapshot, Liveness,
+    RepairView, Tracker, TrackerConfig, TrackerError,
 };
 pub use raft::{LogFormatError, NodeId, Raft, TypeConfig};
 pub use service::{MetadataService, RaftService};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use failsafe_proto::pb::{raft_transport_client::RaftTransportClient, RaftMessage};
 use failsafe_proto::{header, MAX_MESSAGE_BYTES};
+use failsafe_tls::Expect;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -18,7 +19,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::codec::{self, CodecError};
 use crate::raft::{NodeId, TypeConfig};
@@ -29,6 +30,7 @@ use crate::ClusterId;
 #[derive(Clone)]
 pub(crate) struct Network {
     cluster: ClusterId,
+    tls: failsafe_tls::Tls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     heard: Heard,
 }
@@ -104,9 +106,10 @@ impl Heard {
 }
 
 impl Network {
-    pub(crate) fn new(cluster: ClusterId) -> Network {
+    pub(crate) fn new(cluster: ClusterId, tls: failsafe_tls::Tls) -> Network {
         Network {
             cluster,
+            tls,
             channels: Arc::new(Mutex::new(HashMap::new())),
             heard: Heard::default(),
         }
@@ -116,20 +119,26 @@ impl Network {
         &self.heard
     }
 
-    fn channel(&self, addr: &str) -> Option<Channel> {
+    /// A channel to the member at `addr`; with `host`, one whose
+    /// certificate must name that host (a Raft peer), else any member's.
+    fn channel(&self, addr: &str, host: Option<NodeId>) -> Option<Channel> {
+        let key = format!("{addr}#{}", host.unwrap_or(0));
         // Held only to look up or insert; never across an await.
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(addr) {
+        if let Some(c) = map.get(&key) {
             return Some(c.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        map.insert(addr.to_string(), ch.clone());
+        let expect = host.map_or(Expect::AnyMember, Expect::Host);
+        let ch = self
+            .tls
+            .channel_to(addr, expect, |e| {
+                e.connect_timeout(Duration::from_millis(500))
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+            })
+            .ok()?;
+        map.insert(key, ch.clone());
         Some(ch)
     }
 }
@@ -145,7 +154,7 @@ impl Network {
         let unreachable =
             |why: String| crate::TrackerError::NoQuorum(format!("leader {addr}: {why}"));
         let channel = self
-            .channel(addr)
+            .channel(addr, None)
             .ok_or_else(|| unreachable("bad address".into()))?;
         let mut req = tonic::Request::new(failsafe_proto::pb::ReadIndexRequest {
             header: Some(header(&self.cluster.get())),
@@ -167,7 +176,7 @@ impl Network {
     ) -> Result<(), crate::TrackerError> {
         let failed = |why: String| crate::TrackerError::Handover(format!("{addr}: {why}"));
         let channel = self
-            .channel(addr)
+            .channel(addr, None)
             .ok_or_else(|| failed("bad address".into()))?;
         req.header = Some(header(&self.cluster.get()));
         let mut req = tonic::Request::new(req);
@@ -189,7 +198,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             conn: Conn {
                 target,
                 addr: node.addr.clone(),
-                channel: self.channel(&node.addr),
+                channel: self.channel(&node.addr, Some(target)),
                 cluster: self.cluster.clone(),
                 heard: self.heard.clone(),
             },

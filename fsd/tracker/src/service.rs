@@ -34,6 +34,97 @@ impl From<TrackerError> for Status {
     }
 }
 
+/// Refuses a command its proposer's credential does not allow: a client
+/// (or an admin) proposes file operations and its own session's upkeep (a
+/// read-only one no changes), the cluster's bookkeeping is for members, and
+/// a member reports only its own devices.
+fn may_propose(g: &failsafe_tls::Grant, cmd: &pb::Command) -> Result<(), Status> {
+    use failsafe_tls::Role;
+    let refuse = |what: &str| {
+        Err(Status::permission_denied(format!(
+            "{what} is not for {} ({} credential)",
+            g.who(),
+            g.role.a()
+        )))
+    };
+    let Some(op) = &cmd.op else { return Ok(()) };
+    if let Op::Batch(b) = op {
+        return b.commands.iter().try_for_each(|c| may_propose(g, c));
+    }
+    if let Op::Revoke(_) = op {
+        return match g.role {
+            Role::Admin => Ok(()),
+            _ => refuse("revoking a credential"),
+        };
+    }
+    match g.role {
+        Role::Member => match op {
+            Op::ReportDevices(r) if r.host_id != g.host_id => {
+                refuse(&format!("reporting the devices of host {:016x}", r.host_id))
+            }
+            _ => Ok(()),
+        },
+        Role::Client | Role::Admin => match op {
+            Op::OpenSession(_) | Op::Heartbeat(_) | Op::CloseSession(_) | Op::Lock(_) => Ok(()),
+            op if changes_files(op) && g.read_only => Err(Status::permission_denied(format!(
+                "{} may only read",
+                g.who()
+            ))),
+            op if changes_files(op) => Ok(()),
+            _ => refuse("the cluster's own bookkeeping"),
+        },
+    }
+}
+
+/// The inodes a command names: what a client confined to a subtree must
+/// find inside it.
+fn command_inodes(op: &Op, out: &mut Vec<u64>) {
+    match op {
+        Op::Create(c) => out.push(c.parent),
+        Op::Mkdir(c) => out.push(c.parent),
+        Op::Symlink(c) => out.push(c.parent),
+        Op::Link(c) => out.extend([c.ino, c.new_parent]),
+        Op::Unlink(c) => out.push(c.parent),
+        Op::Rmdir(c) => out.push(c.parent),
+        Op::Rename(c) => out.extend([c.parent, c.new_parent]),
+        Op::SetAttr(c) => out.push(c.ino),
+        Op::CommitExtents(c) => out.push(c.ino),
+        Op::Lock(c) => out.push(c.ino),
+        Op::Batch(b) => {
+            for c in b.commands.iter().filter_map(|c| c.op.as_ref()) {
+                command_inodes(c, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The inode a query names (none for placement and file system stats).
+fn query_inode(q: &pb::query_request::Query) -> Option<u64> {
+    match q {
+        pb::query_request::Query::ListLocks(l) => Some(l.ino),
+        q => crate::node::query_object(q),
+    }
+}
+
+/// The operations that change files (what a client writing does; a
+/// client's late block copies count, as part of its writes).
+fn changes_files(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Create(_)
+            | Op::Mkdir(_)
+            | Op::Symlink(_)
+            | Op::Link(_)
+            | Op::Unlink(_)
+            | Op::Rmdir(_)
+            | Op::Rename(_)
+            | Op::SetAttr(_)
+            | Op::CommitExtents(_)
+            | Op::RecordCopies(_)
+    )
+}
+
 /// How long a new lease stream may take to say who it is.
 const WATCH_HELLO_WITHIN: Duration = Duration::from_secs(10);
 
@@ -47,14 +138,56 @@ impl MetadataService {
     }
 }
 
+impl MetadataService {
+    /// Refuses a client confined to a subtree a request naming an inode
+    /// outside it (judged on state as fresh as `consistency`).
+    async fn confine(
+        &self,
+        g: &failsafe_tls::Grant,
+        inos: Vec<u64>,
+        lookup: Option<(u64, Vec<u8>)>,
+        consistency: pb::Consistency,
+    ) -> Result<(), Status> {
+        if inos.is_empty() {
+            return Ok(());
+        }
+        if self
+            .tracker
+            .inside(&g.subdir, inos, lookup, consistency)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "{} sees only {}",
+                g.who(),
+                g.subdir
+            )))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Metadata for MetadataService {
     async fn mutate(
         &self,
         req: Request<pb::MutateRequest>,
     ) -> Result<Response<pb::MutateReply>, Status> {
+        let grant = failsafe_tls::grant_of(&req)?;
         let req = req.into_inner();
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
+        if let (Some(g), Some(cmd)) = (&grant, &req.command) {
+            may_propose(g, cmd)?;
+            // A follower forwards nothing: the leader, whose state has
+            // every change this client saw answered, judges the subtree.
+            if g.subdir != "/" && self.tracker.is_leader() {
+                let mut inos = Vec::new();
+                if let Some(op) = &cmd.op {
+                    command_inodes(op, &mut inos);
+                }
+                self.confine(g, inos, None, pb::Consistency::Local).await?;
+            }
+        }
         if !req.writer_zone.is_empty() {
             failsafe_core::validate_zone(&req.writer_zone)
                 .map_err(|e| Status::invalid_argument(format!("writer_zone: {e}")))?;
@@ -104,6 +237,7 @@ impl Metadata for MetadataService {
         &self,
         req: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryReply>, Status> {
+        let grant = failsafe_tls::grant_of(&req)?;
         let req = req.into_inner();
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
         let q = req
@@ -111,6 +245,14 @@ impl Metadata for MetadataService {
             .ok_or_else(|| Status::invalid_argument("query without a question"))?;
         let consistency = pb::Consistency::try_from(req.consistency)
             .map_err(|_| Status::invalid_argument("unknown consistency level"))?;
+        if let Some(g) = grant.filter(|g| g.subdir != "/") {
+            let inos = query_inode(&q).into_iter().collect();
+            let lookup = match &q {
+                pb::query_request::Query::Lookup(l) => Some((l.parent, l.name.clone())),
+                _ => None,
+            };
+            self.confine(&g, inos, lookup, consistency).await?;
+        }
         if req.lease_holder != 0 && consistency == pb::Consistency::Linearizable {
             let (reply, lease) = self.tracker.query_leased(q, req.lease_holder).await?;
             return Ok(Response::new(pb::QueryReply {
@@ -222,11 +364,91 @@ impl Metadata for MetadataService {
 
 pub struct RaftService {
     tracker: Arc<Tracker>,
+    /// The snapshot being received, checked chunk by chunk before openraft
+    /// sees it (openraft 0.9 writes a chunk at whatever offset it names).
+    incoming: tokio::sync::Mutex<Option<Incoming>>,
+}
+
+/// A snapshot arriving: its id, the bytes so far (also in `path`, where
+/// SQLite checks it before the last chunk goes to openraft).
+struct Incoming {
+    id: String,
+    received: u64,
+    path: std::path::PathBuf,
+    file: std::fs::File,
 }
 
 impl RaftService {
     pub fn new(tracker: Arc<Tracker>) -> Self {
-        RaftService { tracker }
+        RaftService {
+            tracker,
+            incoming: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refuses a chunk out of order, past the size cap, or (the last one)
+    /// completing a database SQLite finds corrupt or foreign; keeps a copy
+    /// of the accepted bytes for that check.
+    async fn check_chunk(
+        &self,
+        rpc: &openraft::raft::InstallSnapshotRequest<crate::raft::TypeConfig>,
+    ) -> Result<(), Status> {
+        use std::io::Write;
+        let mut incoming = self.incoming.lock().await;
+        let id = &rpc.meta.snapshot_id;
+        if rpc.offset == 0 {
+            let path = self.tracker.dir().join("snapshot-incoming.db");
+            let file = std::fs::File::create(&path)
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            *incoming = Some(Incoming {
+                id: id.clone(),
+                received: 0,
+                path,
+                file,
+            });
+        }
+        let Some(inc) = incoming.as_mut().filter(|i| i.id == *id) else {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id}: a chunk at offset {} before its first chunk",
+                rpc.offset
+            )));
+        };
+        if rpc.offset != inc.received {
+            let expected = inc.received;
+            *incoming = None;
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id}: a chunk at offset {}, expected {expected}; start again",
+                rpc.offset
+            )));
+        }
+        let received = inc.received.saturating_add(rpc.data.len() as u64);
+        let cap = self.tracker.max_snapshot_bytes();
+        if received > cap {
+            *incoming = None;
+            return Err(Status::resource_exhausted(format!(
+                "snapshot {id} is larger than {cap} bytes (max_snapshot_mb)"
+            )));
+        }
+        inc.file
+            .write_all(&rpc.data)
+            .map_err(|e| Status::internal(format!("{}: {e}", inc.path.display())))?;
+        inc.received = received;
+        if rpc.done {
+            let checked = inc
+                .file
+                .sync_data()
+                .map_err(|e| e.to_string())
+                .and_then(|()| crate::state::check_snapshot(&inc.path));
+            let _ = std::fs::remove_file(&inc.path);
+            *incoming = None;
+            if let Err(why) = checked {
+                tracing::warn!(snapshot = %id, %why, "refused a snapshot");
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {id} refused: {why}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the header and decodes the payload (see `codec`).
@@ -275,6 +497,12 @@ impl RaftTransport for RaftService {
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         let rpc = self.decode(req, codec::decode_snapshot)?;
+        // Only a chunk from the leader this member follows is checked and
+        // kept: anything else openraft refuses by its vote.
+        let current = self.tracker.raft().metrics().borrow().vote;
+        if rpc.vote >= current {
+            self.check_chunk(&rpc).await?;
+        }
         encode(&self.tracker.raft().install_snapshot(rpc).await)
     }
 

@@ -78,7 +78,13 @@ async fn start_cluster(dir: &Path, fsd: &Path, base_port: u16) -> anyhow::Result
     let existing = std::fs::read_to_string(dir.join("host-a/cluster.id"))
         .ok()
         .map(|s| s.trim().to_string());
-    let mut cluster = LocalCluster::start(dir, &["a", "b", "c"], fsd, base_port, &[])?;
+    // Each host also serves /metrics in plain HTTP, 1000 ports above its own.
+    let mut cluster = LocalCluster::new(fsd, &[]);
+    for (i, zone) in ["a", "b", "c"].into_iter().enumerate() {
+        let port = base_port + i as u16;
+        let metrics = format!("--metrics-listen=127.0.0.1:{}", port.saturating_add(1000));
+        cluster.add_host(&dir.join(format!("host-{zone}")), zone, port, &[metrics])?;
+    }
     match existing.filter(|s| !s.is_empty()) {
         Some(id) => {
             cluster.cluster_id = id;
@@ -97,6 +103,7 @@ async fn start_cluster(dir: &Path, fsd: &Path, base_port: u16) -> anyhow::Result
 /// `fsctl status`, printed as it prints it.
 fn show_status(fsctl: &Path, cluster: &LocalCluster) {
     let shown = Command::new(fsctl)
+        .args(cluster.fsctl_flags())
         .arg("--cluster")
         .arg(cluster.addrs().join(","))
         .arg("status")
@@ -116,8 +123,9 @@ fn start_mount(dir: &Path, mount_bin: &Path, cluster: &LocalCluster) -> anyhow::
     }
     let spec = format!("{}:/", cluster.addrs().join(","));
     let opts = format!(
-        "zone=a,cache_dir={},allow_other",
-        dir.join("cache").display()
+        "zone=a,cache_dir={},allow_other,{}",
+        dir.join("cache").display(),
+        cluster.mount_cred_option()?
     );
     LocalMount::start(
         Command::new(mount_bin),
@@ -194,8 +202,9 @@ fn print_instructions(
     );
     println!("  then press Enter here to restart every host that is down; it catches up");
     println!(
-        "  {} --cluster {} status",
+        "  {} {} --cluster {} status",
         fsctl.display(),
+        cluster.fsctl_flags().join(" "),
         cluster.addrs().join(",")
     );
     println!(

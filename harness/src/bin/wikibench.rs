@@ -119,7 +119,11 @@ fn main() -> anyhow::Result<()> {
     let mnt = root.join("mnt");
     std::fs::create_dir_all(&mnt)?;
     let spec = format!("{}:/", cluster.addrs().join(","));
-    let opts = format!("zone=a,cache_dir={}", root.join("cache").display());
+    let opts = format!(
+        "zone=a,cache_dir={},{}",
+        root.join("cache").display(),
+        cluster.mount_cred_option()?
+    );
     let mount = Stopped(
         Command::new(sibling_binary("mount-failsafe")?)
             .arg(&spec)

@@ -77,16 +77,11 @@ impl Env {
     /// Sums a counter over the hosts that are up, from their /metrics.
     pub(crate) fn metric_sum(&self, name: &str) -> u64 {
         let mut sum = 0;
-        for h in &self.cluster.hosts {
-            let Some(port) = h.addr.rsplit(':').next().and_then(|p| p.parse().ok()) else {
+        for i in 0..self.cluster.hosts.len() {
+            let Some(body) = self.cluster.metrics_blocking(i) else {
                 continue;
             };
-            let Ok(reply) = failsafe_harness::httpc::request(port, "GET", "/metrics", "", "")
-            else {
-                continue;
-            };
-            sum += reply
-                .body
+            sum += body
                 .lines()
                 .filter(|l| l.starts_with(name) && !l.starts_with('#'))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
@@ -119,8 +114,11 @@ impl Env {
         let log = self.dir.path().join(format!("mount{i}.log"));
         let spec = format!("{}:/", self.cluster.addrs().join(","));
         let mut opts = format!(
-            "zone={zone},cache_dir={}",
-            self.dir.path().join(format!("cache{i}")).display()
+            "zone={zone},cache_dir={},{}",
+            self.dir.path().join(format!("cache{i}")).display(),
+            self.cluster
+                .mount_cred_option()
+                .expect("a mount credential")
         );
         if !extra.is_empty() {
             opts = format!("{opts},{extra}");

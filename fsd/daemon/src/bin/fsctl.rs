@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use failsafe_client::{admin_for, pb, Client, ClientConfig};
 use failsafe_proto::header;
+use failsafe_tls::{Authority, Credential, Grant, Tls, DEFAULT_DAYS};
 
 /// Administer a failsafe cluster.
 #[derive(Parser)]
@@ -24,8 +25,58 @@ struct Args {
     /// Deadline of one request, in ms.
     #[arg(long, default_value_t = 3000, global = true)]
     timeout_ms: u64,
+    /// Where the cluster's CA lives (ca.key, ca.crt, admin.cred, issued.log):
+    /// on the admin's machine, readable by root only.
+    #[arg(
+        long,
+        env = "FAILSAFE_CA",
+        default_value = "/etc/failsafe/ca",
+        global = true
+    )]
+    ca_dir: std::path::PathBuf,
+    /// The admin credential fsctl presents. Default: CA_DIR/admin.cred.
+    #[arg(long, env = "FAILSAFE_CRED", global = true)]
+    cred: Option<std::path::PathBuf>,
+    /// Plaintext without a credential, for a cluster run with --insecure.
+    #[arg(long, global = true)]
+    insecure: bool,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+impl Args {
+    /// How fsctl talks to the cluster.
+    fn tls(&self) -> anyhow::Result<Tls> {
+        if self.insecure {
+            return Ok(Tls::Insecure);
+        }
+        let path = self
+            .cred
+            .clone()
+            .unwrap_or_else(|| self.ca_dir.join("admin.cred"));
+        let cred = Credential::load(&path).with_context(|| {
+            format!(
+                "fsctl needs an admin credential: {} (`fsctl host cert` creates the CA and it \
+                 in --ca-dir; or --cred FILE)",
+                path.display()
+            )
+        })?;
+        cred.check_current()?;
+        Tls::new(cred)
+    }
+
+    /// The CA, created (with an admin credential) when there is none yet.
+    fn authority(&self) -> anyhow::Result<Authority> {
+        let fresh = !self.ca_dir.join("ca.key").exists();
+        let ca = Authority::open_or_create(&self.ca_dir)?;
+        if fresh {
+            let admin = ca.issue(&Grant::admin("admin")?, DEFAULT_DAYS)?;
+            let path = self.ca_dir.join("admin.cred");
+            admin.save(&path)?;
+            eprintln!("wrote the admin credential fsctl uses: {}", path.display());
+        }
+        Ok(ca)
+    }
 }
 
 #[derive(Subcommand)]
@@ -41,13 +92,60 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Membership.
+    /// Membership and host credentials.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Credentials for mounts (web hosts).
+    #[command(subcommand)]
+    Client(ClientCmd),
+}
+
+#[derive(Subcommand)]
+enum ClientCmd {
+    /// Issue a credential for a mount: `mount.failsafe -o cred=FILE`.
+    Add {
+        /// A name for it (a web host's): letters, digits, '-', '_', '.'.
+        name: String,
+        /// Confine it to this subtree, which it sees as its root.
+        #[arg(long, default_value = "/")]
+        subdir: String,
+        /// It may read, never change anything.
+        #[arg(long)]
+        read_only: bool,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = DEFAULT_DAYS)]
+        days: u32,
+        /// Where to write it (only its owner may read it). Default NAME.cred.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Revoke every credential issued to client NAME (as `issued.log` in
+    /// --ca-dir records them): every member refuses it within a second.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
 enum HostCmd {
+    /// Revoke a host's credential (a lost or stolen box): every member
+    /// refuses its key within a second, and its key is no longer pinned,
+    /// so the host id may come back with a new credential. Remove the host
+    /// too unless it is coming back.
+    Revoke { host_id: String },
+    /// Issue a host's credential (creating the cluster's CA first, if there
+    /// is none in --ca-dir). Copy it to the host and start fsd with
+    /// `--cred FILE` (default DATA_DIR/host.cred).
+    Cert {
+        /// Where to write it (only its owner may read it).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// For an existing host (a new certificate, e.g. before the old one
+        /// expires), by its id as `status` shows it; default: a new host.
+        #[arg(long)]
+        host_id: Option<String>,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = DEFAULT_DAYS)]
+        days: u32,
+    },
     /// Bring the blank fsd at ADDR into the cluster (as learner, then voter).
     Add { addr: String },
     /// Remove a host (by its id, as `status` shows it) from the cluster.
@@ -83,6 +181,22 @@ enum HostCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The keys of the credentials `issued.log` in `ca_dir` records for `who`
+/// (`client web1`).
+fn issued_keys(ca_dir: &std::path::Path, who: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let path = ca_dir.join("issued.log");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let key = f.next()?;
+            (f.next()? == who).then_some(key)
+        })
+        .map(|k| hex::decode(k).with_context(|| format!("{}: a bad key id", path.display())))
+        .collect()
 }
 
 fn parse_host_id(host_id: &str) -> anyhow::Result<u64> {
@@ -121,6 +235,7 @@ async fn connect(args: &Args) -> anyhow::Result<Client> {
         rpc_timeout: Duration::from_millis(args.timeout_ms),
         op_deadline: Duration::from_millis(args.timeout_ms * 3),
         name: "fsctl".into(),
+        tls: args.tls()?,
         ..ClientConfig::default()
     };
     Client::connect(cfg)
@@ -132,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     match &args.cmd {
         Cmd::Init { addr } => {
-            let r = admin_for(addr, timeout)?
+            let r = admin_for(addr, &args.tls()?, timeout)?
                 .init(pb::InitRequest { header: None })
                 .await
                 .map_err(|s| anyhow::anyhow!("init at {addr}: {}", s.message()))?
@@ -149,7 +264,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .status()
                 .await
                 .context("cannot read the cluster status")?;
-            let reach = reachability(&status, timeout.min(Duration::from_millis(800))).await;
+            let reach = reachability(
+                &status,
+                &args.tls()?,
+                timeout.min(Duration::from_millis(800)),
+            )
+            .await;
             if *json {
                 let mut v = serde_json::to_value(&status)?;
                 v["reachable"] = serde_json::to_value(&reach)?;
@@ -160,7 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Cmd::Host(HostCmd::Add { addr }) => {
             let client = connect(&args).await?;
-            admin_for(addr, timeout)?
+            admin_for(addr, &args.tls()?, timeout)?
                 .adopt(pb::AdoptRequest {
                     header: Some(header("")),
                     cluster_id: client.cluster_id().to_string(),
@@ -169,6 +289,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map_err(|s| anyhow::anyhow!("{addr}: {}", s.message()))?;
             let id = client.add_host(addr).await?;
             println!("host {id:016x} at {addr} is now a member");
+        }
+        Cmd::Host(HostCmd::Cert { out, host_id, days }) => {
+            let id = match host_id {
+                Some(h) => parse_host_id(h)?,
+                // Below 2^63, so it reads the same in any tool.
+                None => (rand::random::<u64>() >> 1).max(1),
+            };
+            let cred = args.authority()?.issue(&Grant::member(id), *days)?;
+            cred.save(out)?;
+            println!(
+                "wrote {}: host {id:016x}, valid until {}; copy it to the host and start \
+                 fsd with --cred (default DATA_DIR/host.cred)",
+                out.display(),
+                cred.expires_text()
+            );
+        }
+        Cmd::Client(ClientCmd::Add {
+            name,
+            subdir,
+            read_only,
+            days,
+            out,
+        }) => {
+            let grant = Grant::client(name, subdir, *read_only)?;
+            let cred = args.authority()?.issue(&grant, *days)?;
+            let out = out.clone().unwrap_or_else(|| format!("{name}.cred").into());
+            cred.save(&out)?;
+            println!(
+                "wrote {}: client {name}{}{}, valid until {}; mount with -o cred={}",
+                out.display(),
+                if subdir != "/" {
+                    format!(", subtree {subdir}")
+                } else {
+                    String::new()
+                },
+                if *read_only { ", read-only" } else { "" },
+                cred.expires_text(),
+                out.display()
+            );
+        }
+        Cmd::Host(HostCmd::Revoke { host_id }) => {
+            let id = parse_host_id(host_id)?;
+            let client = connect(&args).await?;
+            client
+                .mutate(pb::command::Op::Revoke(pb::Revoke {
+                    key_id: Vec::new(),
+                    host_id: id,
+                    who: format!("member {id:016x}"),
+                }))
+                .await?;
+            println!("host {id:016x}'s credential is revoked");
+        }
+        Cmd::Client(ClientCmd::Revoke { name }) => {
+            let keys = issued_keys(&args.ca_dir, &format!("client {name}"))?;
+            anyhow::ensure!(
+                !keys.is_empty(),
+                "{} records no credential for client {name}",
+                args.ca_dir.join("issued.log").display()
+            );
+            let client = connect(&args).await?;
+            for key in &keys {
+                client
+                    .mutate(pb::command::Op::Revoke(pb::Revoke {
+                        key_id: key.clone(),
+                        host_id: 0,
+                        who: format!("client {name}"),
+                    }))
+                    .await?;
+            }
+            println!("revoked {} credential(s) of client {name}", keys.len());
         }
         Cmd::Host(HostCmd::Ship {
             host_id,
@@ -248,9 +438,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Which hosts answer a hello right now, as seen from here.
-async fn reachability(s: &pb::StatusReply, timeout: Duration) -> Vec<(String, bool)> {
+async fn reachability(s: &pb::StatusReply, tls: &Tls, timeout: Duration) -> Vec<(String, bool)> {
     let checks = s.hosts.iter().map(|h| async move {
-        let ok = match admin_for(&h.addr, timeout) {
+        let ok = match admin_for(&h.addr, tls, timeout) {
             Ok(mut a) => {
                 matches!(
                     tokio::time::timeout(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::common::PATIENCE;
-use crate::common::{self, TestCluster, ROOT};
+use crate::common::{TestCluster, ROOT};
 use failsafe_client::{pb, Client};
 
 /// openraft logs a connection cut by a kill at ERROR, as a network error
@@ -61,9 +61,8 @@ pub(crate) fn ids_of(s: &pb::StatusReply, tc: &TestCluster, i: usize) -> (u64, u
 
 /// One counter or gauge from host `i`'s /metrics.
 pub(crate) fn metric(tc: &TestCluster, i: usize, name: &str) -> Option<f64> {
-    let port: u16 = tc.c.hosts[i].addr.rsplit_once(':')?.1.parse().ok()?;
-    let reply = common::http(port, "GET", "/metrics", "", "").ok()?;
-    reply.body.lines().find_map(|l| {
+    let body = tc.c.metrics_blocking(i)?;
+    body.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
         let value = rest.rsplit_once(' ')?.1;
         (rest.starts_with(' ') || rest.starts_with('{'))
@@ -153,6 +152,7 @@ pub(crate) fn fsctl(tc: &TestCluster, args: &[&str]) -> std::process::Output {
             .map(|h| h.addr.clone())
             .collect();
     std::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
+        .args(tc.c.fsctl_flags())
         .arg("--cluster")
         .arg(addrs.join(","))
         .args(args)

@@ -16,6 +16,30 @@ use crate::network::Seen;
 use crate::raft::NodeId;
 use crate::state::{self, admin_state, HostStates};
 
+/// Whom the cluster knows by which key: each host's pinned key, and the
+/// keys of revoked credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyBook {
+    pub pinned: std::collections::HashMap<u64, [u8; 32]>,
+    pub revoked: std::collections::HashSet<[u8; 32]>,
+}
+
+impl KeyBook {
+    /// Why a caller with `grant` and key `key_id` is refused, if it is.
+    pub fn refuses(&self, grant: &failsafe_tls::Grant, key_id: &[u8; 32]) -> Option<String> {
+        if self.revoked.contains(key_id) {
+            return Some(format!("the credential of {} was revoked", grant.who()));
+        }
+        match self.pinned.get(&grant.host_id) {
+            Some(k) if grant.role == failsafe_tls::Role::Member && k != key_id => Some(format!(
+                "host {:016x} is known by another key",
+                grant.host_id
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// What the repair worker needs from the leader's state machine.
 #[derive(Debug, Clone)]
 pub struct RepairView {
@@ -37,6 +61,20 @@ impl Tracker {
     /// it holds, and the files with a block that would have fewer than the
     /// write quorum of live copies left (fewer hosts if there are fewer), or
     /// none outside its zone while other zones are up.
+    /// The pinned host keys and the revoked ones, as this member has
+    /// applied them (see `state::key_book`).
+    pub async fn key_book(&self) -> Result<KeyBook, TrackerError> {
+        let (pinned, revoked) = self.read(state::key_book).await?;
+        let key = |k: Vec<u8>| <[u8; 32]>::try_from(k).ok();
+        Ok(KeyBook {
+            pinned: pinned
+                .into_iter()
+                .filter_map(|(h, k)| Some((h, key(k)?)))
+                .collect(),
+            revoked: revoked.into_iter().filter_map(key).collect(),
+        })
+    }
+
     pub async fn ship_check(&self, host_id: NodeId) -> Result<(u64, Vec<String>), TrackerError> {
         let (held, _, names) = self.risk(host_id, None, true).await?;
         Ok((held, names))

@@ -20,7 +20,7 @@ mod leases;
 
 pub use group::GroupCounts;
 pub use handover::{HandedOver, LeaderSnapshot};
-pub use health::{Liveness, RepairView};
+pub use health::{KeyBook, Liveness, RepairView};
 
 use crate::state;
 
@@ -57,6 +57,8 @@ pub struct TrackerConfig {
     /// Leadership follows the writers (see `handover`); `None`: it stays
     /// where elections put it.
     pub leader_placement: Option<LeaderPolicy>,
+    /// The largest snapshot this member accepts from a leader.
+    pub max_snapshot_bytes: u64,
 }
 
 impl Default for TrackerConfig {
@@ -76,6 +78,10 @@ impl Default for TrackerConfig {
             class: ReplicationClass::default(),
             dead_after_ms: 600_000,
             leader_placement: Some(LeaderPolicy::default()),
+            // Far above any wiki's metadata (a million files take some
+            // hundreds of MB), under what would exhaust a host's memory
+            // (openraft holds a snapshot in memory).
+            max_snapshot_bytes: 4 << 30,
         }
     }
 }
@@ -183,7 +189,7 @@ fn refused(e: state::OpError) -> pb::CommandResult {
 }
 
 /// The inode a query asks about (whose lease covers the answer).
-fn query_object(q: &Query) -> Option<u64> {
+pub(crate) fn query_object(q: &Query) -> Option<u64> {
     match q {
         Query::Lookup(l) => Some(l.parent),
         Query::GetAttr(g) => Some(g.ino),
@@ -230,17 +236,50 @@ pub struct Tracker {
     dead_after_ms: u64,
     sm: StateMachine,
     placement: handover::Placement,
+    /// Where the tracker's databases live.
+    dir: std::path::PathBuf,
+    max_snapshot_bytes: u64,
     pub host_id: NodeId,
     pub cluster: ClusterId,
     pub class: ReplicationClass,
 }
 
 impl Tracker {
+    /// The directory of the tracker's databases.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether every inode of `inos` lies under the directory at path
+    /// `subdir`, as this member's state says once it is as fresh as
+    /// `consistency` asks: what a client confined to a subtree may name.
+    pub async fn inside(
+        &self,
+        subdir: &str,
+        inos: Vec<u64>,
+        lookup: Option<(u64, Vec<u8>)>,
+        consistency: pb::Consistency,
+    ) -> Result<bool, TrackerError> {
+        self.read_barrier(consistency).await?;
+        let subdir = subdir.to_string();
+        self.read(move |conn| {
+            let lookup = lookup.as_ref().map(|(p, n)| (*p, n.as_slice()));
+            state::inside(conn, &subdir, &inos, lookup)
+        })
+        .await
+    }
+
+    /// The largest snapshot this member accepts.
+    pub fn max_snapshot_bytes(&self) -> u64 {
+        self.max_snapshot_bytes
+    }
+
     pub async fn open(
         dir: &Path,
         host_id: NodeId,
         cfg: &TrackerConfig,
         cluster: ClusterId,
+        tls: failsafe_tls::Tls,
     ) -> Result<Tracker, TrackerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| TrackerError::storage(format!("{}: {e}", dir.display())))?;
@@ -263,7 +302,7 @@ impl Tracker {
         }
         .validate()
         .map_err(|e| TrackerError::Invalid(format!("raft config: {e}")))?;
-        let network = Network::new(cluster.clone());
+        let network = Network::new(cluster.clone(), tls);
         let raft = Raft::new(host_id, Arc::new(config), network.clone(), log, sm.clone())
             .await
             .map_err(TrackerError::storage)?;
@@ -276,6 +315,8 @@ impl Tracker {
         // with an fsync is not down.
         let down_after_ms = (cfg.heartbeat_ms * 10).max(1000);
         Ok(Tracker {
+            dir: dir.to_path_buf(),
+            max_snapshot_bytes: cfg.max_snapshot_bytes,
             group: group::GroupCommit::start(raft.clone()),
             // The leader's clock may put a quorum's last contact up to
             // QUICK_COMMIT_WITHIN too late (commit-only heartbeats are

@@ -286,6 +286,7 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::RegisterHost(c) => hosts::register_host(tx, c, leader_now).map(none),
         Op::SetHostState(c) => hosts::set_host_state(tx, c, leader_now).map(none),
         Op::RemoveHost(c) => hosts::remove_host(tx, c).map(none),
+        Op::Revoke(c) => hosts::revoke(tx, c, leader_now).map(none),
         Op::ReportDevices(c) => {
             hosts::report_devices(tx, c.host_id, &c.devices, leader_now).map(none)
         }

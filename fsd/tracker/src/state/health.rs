@@ -478,6 +478,7 @@ mod tests {
         let mut conn = db();
         let host = pb::RegisterHost {
             host_id: 7,
+            key_id: Vec::new(),
             zone: "a".into(),
             addr: "h:1".into(),
             devices: vec![device(1, ROOMY)],

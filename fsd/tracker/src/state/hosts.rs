@@ -20,11 +20,103 @@ pub(super) fn register_host(
     if c.host_id == 0 || c.addr.is_empty() {
         return err(ErrorCode::Invalid, "a host needs an id and an address");
     }
+    if !c.key_id.is_empty() {
+        pin_key(tx, c.host_id, &c.key_id)?;
+    }
     tx.exec(
         "INSERT INTO hosts VALUES (?1, ?2, ?3) ON CONFLICT(host_id) DO UPDATE SET zone = ?2, addr = ?3",
         params![i(c.host_id), c.zone, c.addr],
     )?;
     report_devices(tx, c.host_id, &c.devices, leader_now)
+}
+
+/// Pins `key` as host `host_id`'s, unless it was revoked or the host is
+/// known by another key.
+fn pin_key(tx: &Transaction<'_>, host_id: u64, key: &[u8]) -> OpResult<()> {
+    if key.len() != 32 {
+        return err(ErrorCode::Invalid, "a key id is 32 bytes");
+    }
+    let revoked: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM revoked WHERE key_id = ?1)",
+        [key],
+        |r| r.get(0),
+    )?;
+    if revoked {
+        return err(
+            ErrorCode::Invalid,
+            format!("host {host_id:016x}'s credential was revoked: issue it a new one"),
+        );
+    }
+    match pinned_key(tx, host_id)? {
+        Some(p) if p != key => err(
+            ErrorCode::Invalid,
+            format!(
+                "host {host_id:016x} is known by another key; revoke that one first \
+                 (fsctl host revoke {host_id:016x})"
+            ),
+        ),
+        Some(_) => Ok(()),
+        None => {
+            tx.exec(
+                "INSERT INTO host_keys VALUES (?1, ?2)",
+                params![i(host_id), key],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// The key host `host_id` registered with, if any.
+fn pinned_key(tx: &Transaction<'_>, host_id: u64) -> rusqlite::Result<Option<Vec<u8>>> {
+    tx.query_row(
+        "SELECT key_id FROM host_keys WHERE host_id = ?1",
+        [i(host_id)],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Revokes a credential's key (or the key pinned for a host), so every
+/// member refuses it; a host's pin goes with it.
+pub(super) fn revoke(tx: &Transaction<'_>, c: &pb::Revoke, leader_now: i64) -> OpResult<()> {
+    let key = if c.key_id.is_empty() {
+        match pinned_key(tx, c.host_id)? {
+            Some(k) => k,
+            None => {
+                return err(
+                    ErrorCode::NotFound,
+                    format!("host {:016x} has no key on record", c.host_id),
+                )
+            }
+        }
+    } else if c.key_id.len() == 32 {
+        c.key_id.clone()
+    } else {
+        return err(ErrorCode::Invalid, "a key id is 32 bytes");
+    };
+    tx.exec(
+        "INSERT OR IGNORE INTO revoked VALUES (?1, ?2, ?3)",
+        params![key, c.who, leader_now],
+    )?;
+    tx.exec("DELETE FROM host_keys WHERE key_id = ?1", [&key])?;
+    Ok(())
+}
+
+/// Each host's pinned key, and the revoked keys.
+pub(crate) type Keys = (Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>);
+
+/// The pinned host keys and the revoked keys: what every member checks
+/// callers against.
+pub(crate) fn key_book(conn: &rusqlite::Connection) -> rusqlite::Result<Keys> {
+    let pinned = conn
+        .prepare("SELECT host_id, key_id FROM host_keys")?
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let revoked = conn
+        .prepare("SELECT key_id FROM revoked")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok((pinned, revoked))
 }
 
 /// Active hosts have no row; away and draining ones have one, with since
@@ -57,6 +149,7 @@ pub(super) fn remove_host(tx: &Transaction<'_>, c: &pb::RemoveHost) -> OpResult<
         tx.exec("DELETE FROM gone_devices WHERE device_id = ?1", [d])?;
     }
     tx.exec("DELETE FROM devices WHERE host_id = ?1", [i(c.host_id)])?;
+    tx.exec("DELETE FROM host_keys WHERE host_id = ?1", [i(c.host_id)])?;
     tx.exec("DELETE FROM hosts WHERE host_id = ?1", [i(c.host_id)])?;
     Ok(())
 }
@@ -329,10 +422,60 @@ mod tests {
     use crate::state::testing::*;
 
     #[test]
+    fn a_host_keeps_the_key_it_first_registered_with_until_it_is_revoked() {
+        let mut conn = db();
+        let register = |key: u8| {
+            Op::RegisterHost(pb::RegisterHost {
+                host_id: 7,
+                zone: "a".into(),
+                addr: "h:1".into(),
+                devices: vec![],
+                key_id: vec![key; 32],
+            })
+        };
+        let refused = |r: pb::CommandResult, want: &str| match r.result {
+            Some(pb::command_result::Result::Error(e)) => {
+                assert!(e.message.contains(want), "{}", e.message)
+            }
+            other => panic!("not refused: {other:?}"),
+        };
+        ok(run(&mut conn, register(1)));
+        ok(run(&mut conn, register(1)));
+        refused(run(&mut conn, register(2)), "known by another key");
+        let (pinned, revoked) = super::key_book(&conn).expect("keys");
+        assert_eq!(pinned, vec![(7, vec![1; 32])]);
+        assert!(revoked.is_empty());
+        // Revoking the host's key drops the pin; the old key stays refused,
+        // a new one is pinned.
+        let revoke = Op::Revoke(pb::Revoke {
+            key_id: vec![],
+            host_id: 7,
+            who: "member 7".into(),
+        });
+        ok(run(&mut conn, revoke));
+        refused(run(&mut conn, register(1)), "revoked");
+        ok(run(&mut conn, register(2)));
+        let (pinned, revoked) = super::key_book(&conn).expect("keys");
+        assert_eq!(pinned, vec![(7, vec![2; 32])]);
+        assert_eq!(revoked, vec![vec![1; 32]]);
+        // A client's key, by itself.
+        ok(run(
+            &mut conn,
+            Op::Revoke(pb::Revoke {
+                key_id: vec![9; 32],
+                host_id: 0,
+                who: "client web1".into(),
+            }),
+        ));
+        assert_eq!(super::key_book(&conn).expect("keys").1.len(), 2);
+    }
+
+    #[test]
     fn a_device_its_host_no_longer_reports_is_gone_and_its_copies_are_dropped() {
         let mut conn = db();
         let host = Op::RegisterHost(pb::RegisterHost {
             host_id: 7,
+            key_id: Vec::new(),
             zone: "a".into(),
             addr: "h:1".into(),
             devices: vec![device(1, ROOMY), device(2, ROOMY)],

@@ -34,10 +34,11 @@ pub(crate) use health::{
     repair_candidates, replication_counts,
 };
 pub(crate) use hosts::{
-    admin_state, delta_base, devices, host_states, hosts, ship_risk, HostStates,
+    admin_state, delta_base, devices, host_states, hosts, key_book, ship_risk, HostStates,
 };
+pub(crate) use namespace::inside;
 pub(crate) use query::{counts, query, read_back};
-pub(crate) use schema::migrate;
+pub(crate) use schema::{check_snapshot, migrate};
 pub(crate) use sessions::anything_expired;
 
 /// A command or query that was refused: the client's mistake or a lost race

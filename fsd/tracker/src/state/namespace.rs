@@ -463,3 +463,67 @@ pub(super) fn set_attr(
     )?;
     get_attr(tx, c.ino)
 }
+
+/// Whether every inode of `inos` lies under the directory at path `subdir`
+/// (or is it): some name of it sits in a directory beneath. False when
+/// `subdir` does not exist (any more). `lookup`, a name looked up in a
+/// directory, passes when it is a step of the path to `subdir` itself (how
+/// a confined mount finds its root).
+pub(crate) fn inside(
+    conn: &rusqlite::Connection,
+    subdir: &str,
+    inos: &[u64],
+    lookup: Option<(u64, &[u8])>,
+) -> rusqlite::Result<bool> {
+    let mut top = ROOT_INO;
+    let mut on_path = false;
+    for part in subdir.split('/').filter(|p| !p.is_empty()) {
+        on_path |= lookup == Some((top, part.as_bytes()));
+        let next: Option<i64> = conn
+            .prepare_cached("SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2")?
+            .query_row(params![i(top), part.as_bytes()], |r| r.get(0))
+            .optional()?;
+        match next {
+            Some(n) => top = n as u64,
+            None => return Ok(false),
+        }
+    }
+    if on_path {
+        return Ok(true);
+    }
+    let mut parents = conn.prepare_cached("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 64")?;
+    for &ino in inos {
+        if ino == top {
+            continue;
+        }
+        let mut any = false;
+        for p in parents.query_map([i(ino)], |r| r.get::<_, i64>(0))? {
+            // Directories have one parent: the walk up is the depth.
+            let mut dir = p? as u64;
+            loop {
+                if dir == top {
+                    any = true;
+                    break;
+                }
+                if dir == ROOT_INO {
+                    break;
+                }
+                let up: Option<i64> = conn
+                    .prepare_cached("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1")?
+                    .query_row([i(dir)], |r| r.get(0))
+                    .optional()?;
+                match up {
+                    Some(u) => dir = u as u64,
+                    None => break,
+                }
+            }
+            if any {
+                break;
+            }
+        }
+        if !any {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

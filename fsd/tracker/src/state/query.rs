@@ -333,6 +333,7 @@ mod tests {
         ];
         let host = pb::RegisterHost {
             host_id: 7,
+            key_id: Vec::new(),
             zone: "a".into(),
             addr: "h:1".into(),
             devices: devices_now,

@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS lineage(hash BLOB PRIMARY KEY, prev BLOB NOT NULL) WI
 -- HostAdminState number): away (shipped) until a time (the leader's clock),
 -- or draining.
 CREATE TABLE IF NOT EXISTS host_states(host_id INTEGER PRIMARY KEY, state INTEGER NOT NULL, until INTEGER NOT NULL, since INTEGER NOT NULL);
+-- The key each host registered with (the hash of its TLS certificate's
+-- public key), and the keys of revoked credentials: tables of their own, so
+-- databases and snapshots from before them need no migration.
+CREATE TABLE IF NOT EXISTS host_keys(host_id INTEGER PRIMARY KEY, key_id BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked(key_id BLOB PRIMARY KEY, who TEXT NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -112,6 +117,59 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
             Err(e)
         }
     }
+}
+
+/// The tables every state machine database has had since version 0.
+const CORE_TABLES: &[&str] = &[
+    "meta",
+    "inodes",
+    "dentries",
+    "extents",
+    "blocks",
+    "copies",
+    "hosts",
+    "devices",
+    "sessions",
+    "locks",
+    "applied_ops",
+];
+
+/// Whether the database at `path` may become this member's state: SQLite
+/// finds it intact, it holds every core table and no newer schema than
+/// this build knows. Run on a received snapshot before it replaces
+/// anything.
+pub(crate) fn check_snapshot(path: &std::path::Path) -> Result<(), String> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("not a database: {e}"))?;
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check(1)", [], |r| r.get(0))
+        .map_err(|e| format!("not a database: {e}"))?;
+    if integrity != "ok" {
+        return Err(format!("corrupt database: {integrity}"));
+    }
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(SchemaTooNew { found: version }.to_string());
+    }
+    for table in CORE_TABLES {
+        let there: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [table],
+                |r| r.get(0),
+            )
+            .map_err(|e| e.to_string())?;
+        if !there {
+            return Err(format!("not a tracker database: no table {table}"));
+        }
+    }
+    Ok(())
 }
 
 /// The columns `namespace::attr_row` reads, in its order.

@@ -247,11 +247,12 @@ impl World<'_> {
 
     fn start(&mut self, rt: &tokio::runtime::Runtime) -> anyhow::Result<(Cities, Vec<usize>)> {
         let fsd = sibling_binary("fsd")?;
-        let flags: Vec<String> = if self.follow_writers {
+        let mut flags: Vec<String> = if self.follow_writers {
             FOLLOW_FLAGS.iter().map(|f| f.to_string()).collect()
         } else {
             Vec::new()
         };
+        flags.extend(crate::targets::fsd_flags());
         let mut cluster = LocalCluster::new(&fsd, &flags);
         cluster.die_with_parent = true;
         self.write_links()?;
@@ -291,15 +292,21 @@ impl World<'_> {
         self.write_links()?;
         std::thread::sleep(Duration::from_millis(50));
         let mount_bin = sibling_binary("mount-failsafe")?;
+        let cred = self
+            .cluster
+            .as_ref()
+            .context("no cluster")?
+            .mount_cred_option()?;
         for c in 0..2 {
             let mut cmd = Command::new(&mount_bin);
             in_netns(&mut cmd, &Net::ns_path(&self.net.client_ns(c)))?;
             die_with_parent(&mut cmd);
             let stats = self.work.join(format!("mount{c}-stats.json"));
             let mut opts = format!(
-                "zone={},cache_dir={}",
+                "zone={},cache_dir={},{}",
                 self.client_zones[c],
                 self.work.join(format!("cache{c}")).display(),
+                cred,
             );
             if self.stats {
                 opts.push_str(&format!(",stats={}", stats.display()));

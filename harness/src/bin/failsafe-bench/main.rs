@@ -154,6 +154,10 @@ struct Args {
     /// `writebehind`); the report's setup lines show them.
     #[arg(long, default_value = "")]
     mount_options: String,
+    /// Run the failsafe hosts and mounts --insecure (plaintext, no
+    /// credentials): what TLS costs is the difference to a run without.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -628,6 +632,7 @@ fn main() {
     let args = Args::parse();
     if !args.mount_options.is_empty() {
         let _ = targets::MOUNT_EXTRA.set(args.mount_options.clone());
+        let _ = targets::INSECURE.set(args.insecure);
     }
     if let Err(e) = run(args) {
         eprintln!("failsafe-bench: {e:#}");

@@ -15,6 +15,18 @@ use failsafe_harness::local::{
 /// `--mount-options`: added to every failsafe mount's options.
 pub(crate) static MOUNT_EXTRA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `--insecure`: hosts and mounts without TLS.
+pub(crate) static INSECURE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// The flags every fsd of the bench gets (`--insecure`, when asked for).
+pub(crate) fn fsd_flags() -> Vec<String> {
+    if INSECURE.get().copied().unwrap_or(false) {
+        vec!["--insecure".to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
 /// `opts` with `--mount-options` added.
 pub(crate) fn with_extra(mut opts: String) -> String {
     if let Some(extra) = MOUNT_EXTRA.get() {
@@ -247,7 +259,7 @@ impl Failsafe {
         let root = root.join("failsafe");
         std::fs::create_dir_all(&root)?;
         let fsd = sibling_binary("fsd")?;
-        let mut cluster = LocalCluster::new(&fsd, &[]);
+        let mut cluster = LocalCluster::new(&fsd, &fsd_flags());
         cluster.die_with_parent = true;
         for zone in ["a", "b", "c"] {
             cluster.add_host(&root.join(format!("host-{zone}")), zone, 0, &[])?;
@@ -272,8 +284,11 @@ impl Failsafe {
 
     pub(crate) fn opts(&self, generation: u32) -> String {
         let mut o = format!(
-            "zone=a,cache_dir={}",
-            self.root.join(format!("cache-{generation}")).display()
+            "zone=a,cache_dir={},{}",
+            self.root.join(format!("cache-{generation}")).display(),
+            self.cluster
+                .mount_cred_option()
+                .unwrap_or_else(|_| "insecure".into())
         );
         if self.allow_other {
             o.push_str(",allow_other");

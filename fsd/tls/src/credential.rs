@@ -1,0 +1,183 @@
+//! A credential: one certificate (with its grant), the cluster's CA
+//! certificate it chains to, and the private key, in one PEM file only its
+//! owner reads. What fsd (`--cred`), a mount (`-o cred=`) and fsctl
+//! (`--cred`) present.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::authority::write_private;
+use crate::grant::Grant;
+use crate::{parse_cert, provider};
+
+pub struct Credential {
+    cert: CertificateDer<'static>,
+    ca: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    pub grant: Grant,
+    /// The hash of the certificate's public key: a host's identity.
+    key_id: [u8; 32],
+    expires: SystemTime,
+}
+
+impl Clone for Credential {
+    fn clone(&self) -> Self {
+        Credential {
+            cert: self.cert.clone(),
+            ca: self.ca.clone(),
+            key: self.key.clone_key(),
+            grant: self.grant.clone(),
+            key_id: self.key_id,
+            expires: self.expires,
+        }
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("grant", &self.grant)
+            .field("expires", &self.expires_text())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credential {
+    pub(crate) fn from_parts(
+        cert: CertificateDer<'static>,
+        ca: CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+    ) -> anyhow::Result<Credential> {
+        let parsed = parse_cert(&cert)?;
+        Ok(Credential {
+            cert,
+            ca,
+            key,
+            grant: parsed.grant,
+            key_id: parsed.key_id,
+            expires: parsed.expires,
+        })
+    }
+
+    /// Reads a credential file (certificate, CA certificate, key).
+    pub fn load(path: &Path) -> anyhow::Result<Credential> {
+        use std::os::unix::fs::MetadataExt;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading credential {}", path.display()))?;
+        let what = || format!("credential {}", path.display());
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(what)?;
+        let [cert, ca] = <[_; 2]>::try_from(certs).map_err(|certs| {
+            anyhow::anyhow!(
+                "{} holds {} certificates, not two (its own and the cluster's CA)",
+                what(),
+                certs.len()
+            )
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(&bytes)
+            .with_context(|| format!("{} holds no private key", what()))?;
+        let cred = Credential::from_parts(cert, ca, key).with_context(what)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "a credential readable by others than its owner: chmod 600 it"
+                );
+            }
+        }
+        Ok(cred)
+    }
+
+    /// Writes the credential to `path`, readable by its owner only.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let pem = |label: &str, der: &[u8]| pem::encode(&pem::Pem::new(label, der));
+        let text = format!(
+            "# failsafe credential: {} (expires {})\n{}{}{}",
+            self.grant.who(),
+            self.expires_text(),
+            pem("CERTIFICATE", &self.cert),
+            pem("CERTIFICATE", &self.ca),
+            pem("PRIVATE KEY", self.key.secret_der()),
+        );
+        write_private(path, &text)
+    }
+
+    pub fn key_id(&self) -> [u8; 32] {
+        self.key_id
+    }
+
+    pub fn expires(&self) -> SystemTime {
+        self.expires
+    }
+
+    pub fn expires_text(&self) -> String {
+        let secs = self
+            .expires
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        time::OffsetDateTime::from_unix_timestamp(secs as i64)
+            .map(|t| t.date().to_string())
+            .unwrap_or_else(|_| format!("{secs} s after 1970"))
+    }
+
+    /// Refuses a credential that has run out (with how to get a new one).
+    pub fn check_current(&self) -> anyhow::Result<()> {
+        if self.expires < SystemTime::now() {
+            anyhow::bail!(
+                "the credential of {} expired on {}; issue a new one with fsctl",
+                self.grant.who(),
+                self.expires_text()
+            );
+        }
+        if self.expires < SystemTime::now() + Duration::from_secs(30 * 86_400) {
+            tracing::warn!(
+                who = %self.grant.who(),
+                expires = %self.expires_text(),
+                "this credential expires within 30 days; issue a new one with fsctl"
+            );
+        }
+        Ok(())
+    }
+
+    fn roots(&self) -> anyhow::Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .context("the credential's CA certificate")?;
+        Ok(Arc::new(roots))
+    }
+
+    /// TLS for calling members: their certificate must chain to our CA.
+    pub fn client_config(&self) -> anyhow::Result<Arc<ClientConfig>> {
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
+            .context("the credential's key does not match its certificate")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// TLS for a member's server: every caller presents a certificate of our CA.
+    pub fn server_config(&self) -> anyhow::Result<Arc<ServerConfig>> {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .build()
+                .context("a verifier of callers")?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+            .context("the credential's key does not match its certificate")?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
