@@ -210,8 +210,18 @@ pub fn admin_for(
     tls: &failsafe_tls::Tls,
     timeout: Duration,
 ) -> Result<AdminClient<Channel>, ClientError> {
+    admin_at(addr, tls, failsafe_tls::Expect::AnyMember, timeout)
+}
+
+/// `admin_for` a member whose certificate must be `expect`'s.
+pub fn admin_at(
+    addr: &str,
+    tls: &failsafe_tls::Tls,
+    expect: failsafe_tls::Expect,
+    timeout: Duration,
+) -> Result<AdminClient<Channel>, ClientError> {
     let ch = tls
-        .channel_to(addr, failsafe_tls::Expect::AnyMember, |e| {
+        .channel_to(addr, expect, |e| {
             e.connect_timeout(timeout).timeout(timeout)
         })
         .map_err(|e| ClientError::Invalid(format!("bad address {addr:?}: {e}")))?;

@@ -17,7 +17,7 @@ mod meta;
 mod net;
 pub mod stats;
 
-pub use admin::admin_for;
+pub use admin::{admin_at, admin_for};
 pub use blocks::{inline_bytes, malformed_inline, Commit};
 pub use error::ClientError;
 pub use failsafe_proto::{pb, whole_file};

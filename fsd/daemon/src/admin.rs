@@ -34,6 +34,8 @@ pub(crate) struct AdminService {
     pub gc: Arc<Gc>,
     pub blockify: Arc<Blockify>,
     pub placement: Arc<LeaderPlacement>,
+    /// Where this host's credential is (a renewal is written there).
+    pub cred_path: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn device_infos(store: &BlockStore, host_id: u64) -> Vec<pb::DeviceInfo> {
@@ -129,10 +131,12 @@ impl AdminService {
             protocol_version: PROTOCOL_VERSION,
             software_version: env!("CARGO_PKG_VERSION").to_string(),
             devices: device_infos(&self.store, self.tracker.host_id),
-            key_id: match self.cluster.tls() {
-                failsafe_tls::Tls::Mutual(m) => m.cred.key_id().to_vec(),
-                failsafe_tls::Tls::Insecure => Vec::new(),
-            },
+            key_id: self
+                .cluster
+                .tls()
+                .credential()
+                .map(|c| c.key_id().to_vec())
+                .unwrap_or_default(),
         }
     }
 }
@@ -408,6 +412,52 @@ impl Admin for AdminService {
         self.tracker.set_address(req.host_id, &req.addr).await?;
         tracing::info!(host = format!("{:016x}", req.host_id), addr = %req.addr, "host address updated");
         Ok(Response::new(pb::UpdateAddressReply {}))
+    }
+
+    async fn request_certificate(
+        &self,
+        req: Request<pb::CertificateRequest>,
+    ) -> Result<Response<pb::CertificateRequestReply>, Status> {
+        self.check(req.get_ref().header.as_ref())?;
+        let cred = self
+            .cluster
+            .tls()
+            .credential()
+            .ok_or_else(|| Status::failed_precondition("this host runs --insecure"))?;
+        let csr_pem = cred.csr().map_err(|e| Status::internal(format!("{e:#}")))?;
+        Ok(Response::new(pb::CertificateRequestReply {
+            host_id: self.tracker.host_id,
+            csr_pem,
+        }))
+    }
+
+    async fn install_certificate(
+        &self,
+        req: Request<pb::InstallCertificateRequest>,
+    ) -> Result<Response<pb::InstallCertificateReply>, Status> {
+        let req = req.into_inner();
+        self.check(req.header.as_ref())?;
+        let tls = self.cluster.tls();
+        let cred = tls
+            .credential()
+            .ok_or_else(|| Status::failed_precondition("this host runs --insecure"))?;
+        let renewed = cred
+            .renewed(&req.cert_pem)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let path = self
+            .cred_path
+            .as_deref()
+            .ok_or_else(|| Status::failed_precondition("this host has no credential file"))?;
+        // On disk first: a restart keeps what the connections now use.
+        renewed
+            .save(path)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        tls.replace(renewed.clone())
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        tracing::info!(expires = %renewed.expires_text(), "renewed this host's certificate");
+        Ok(Response::new(pb::InstallCertificateReply {
+            expires: renewed.expires_text(),
+        }))
     }
 
     /// The tracker's status, plus this host's repair, scrub, gc and

@@ -204,6 +204,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// How this host talks to the others and who may call it.
     pub tls: failsafe_tls::Tls,
+    /// Its credential's file (none when insecure).
+    pub cred_path: Option<PathBuf>,
     /// Where /metrics is also served without TLS.
     pub metrics_listen: Option<SocketAddr>,
     pub zone: String,
@@ -299,24 +301,26 @@ impl Config {
         if !raw.join.is_empty() && raw.cluster_id.is_none() {
             bail!("cluster_id: required with join (fsctl init prints it; fsctl status shows it)");
         }
-        let tls = if raw.insecure {
-            failsafe_tls::Tls::Insecure
-        } else {
-            let path = raw.cred.unwrap_or_else(|| data_dir.join("host.cred"));
-            let cred = failsafe_tls::Credential::load(&path).with_context(|| {
-                "cred: this host needs a credential (`fsctl host cert --out FILE` issues one; \
+        let cred_path =
+            (!raw.insecure).then(|| raw.cred.unwrap_or_else(|| data_dir.join("host.cred")));
+        let tls = match &cred_path {
+            None => failsafe_tls::Tls::Insecure,
+            Some(path) => {
+                let cred = failsafe_tls::Credential::load(path).with_context(|| {
+                    "cred: this host needs a credential (`fsctl host cert --out FILE` issues one; \
                  --insecure runs without, for a trusted test network only)"
-            })?;
-            if cred.grant.role != failsafe_tls::Role::Member {
-                bail!(
-                    "cred: {} is a credential for {}, not for a host",
-                    path.display(),
-                    cred.grant.who()
-                );
+                })?;
+                if cred.grant.role != failsafe_tls::Role::Member {
+                    bail!(
+                        "cred: {} is a credential for {}, not for a host",
+                        path.display(),
+                        cred.grant.who()
+                    );
+                }
+                cred.check_current()
+                    .with_context(|| format!("cred: {}", path.display()))?;
+                failsafe_tls::Tls::new(cred).with_context(|| format!("cred: {}", path.display()))?
             }
-            cred.check_current()
-                .with_context(|| format!("cred: {}", path.display()))?;
-            failsafe_tls::Tls::new(cred).with_context(|| format!("cred: {}", path.display()))?
         };
         let metrics_listen = raw
             .metrics_listen
@@ -397,6 +401,7 @@ impl Config {
             listen,
             advertise: raw.advertise,
             tls,
+            cred_path,
             metrics_listen,
             zone,
             devices,

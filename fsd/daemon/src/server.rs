@@ -130,6 +130,7 @@ pub async fn run(
         gc: gc.clone(),
         blockify: blockify.clone(),
         placement: placement.clone(),
+        cred_path: cfg.cred_path.clone(),
     };
     let blocks = BlocksService {
         store: store.clone(),

@@ -142,30 +142,7 @@ impl Authority {
         not_after: std::time::SystemTime,
     ) -> anyhow::Result<Credential> {
         let key = KeyPair::generate().context("generating a key")?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, grant.who());
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        if grant.role == Role::Member {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
-            params.subject_alt_names = vec![
-                SanType::DnsName(MEMBER_NAME.try_into()?),
-                SanType::DnsName(host_name(grant.host_id).try_into()?),
-            ];
-        }
-        let text = grant.encode();
-        let content = yasna::construct_der(|w| w.write_utf8_string(&text));
-        params
-            .custom_extensions
-            .push(CustomExtension::from_oid_content(GRANT_OID, content));
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
-        params.serial_number = Some(serial());
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(grant, not_before, not_after)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
             .context("ca.crt is not a certificate")?;
         let cert = params.signed_by(&key, &issuer).context("signing")?;
@@ -179,9 +156,36 @@ impl Authority {
         Ok(cred)
     }
 
+    /// A new certificate for `grant` over the key a certificate signing
+    /// request (PEM) proves its sender holds: a renewal, the key staying
+    /// where it is. Its PEM.
+    pub fn renew(&self, csr_pem: &str, grant: &Grant, days: u32) -> anyhow::Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("not a valid certificate signing request")?;
+        let (from, until) = validity(days);
+        let params = leaf_params(grant, from, until)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
+            .context("ca.crt is not a certificate")?;
+        let cert = params
+            .signed_by(&csr.public_key, &issuer)
+            .context("signing")?;
+        let parsed = crate::parse_cert(cert.der())?;
+        self.note(&parsed.key_id, grant, parsed.expires)?;
+        Ok(cert.pem())
+    }
+
     /// Appends one line about an issued credential to `issued.log`, so an
     /// admin can find what to revoke by name.
     fn record(&self, cred: &Credential) -> anyhow::Result<()> {
+        self.note(&cred.key_id(), &cred.grant, cred.expires())
+    }
+
+    fn note(
+        &self,
+        key_id: &[u8; 32],
+        grant: &Grant,
+        expires: std::time::SystemTime,
+    ) -> anyhow::Result<()> {
         let path = self.dir.join("issued.log");
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -191,13 +195,46 @@ impl Authority {
         writeln!(
             f,
             "{}\t{}\t{}\texpires {}",
-            hex::encode(cred.key_id()),
-            cred.grant.who(),
-            cred.grant.encode(),
-            cred.expires_text()
+            hex::encode(key_id),
+            grant.who(),
+            grant.encode(),
+            crate::credential::date(expires)
         )?;
         Ok(())
     }
+}
+
+/// What every certificate of `grant` says.
+fn leaf_params(
+    grant: &Grant,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> anyhow::Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, grant.who());
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if grant.role == Role::Member {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+        params.subject_alt_names = vec![
+            SanType::DnsName(MEMBER_NAME.try_into()?),
+            SanType::DnsName(host_name(grant.host_id).try_into()?),
+        ];
+    }
+    let text = grant.encode();
+    let content = yasna::construct_der(|w| w.write_utf8_string(&text));
+    params
+        .custom_extensions
+        .push(CustomExtension::from_oid_content(GRANT_OID, content));
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 fn serial() -> SerialNumber {

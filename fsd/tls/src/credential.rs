@@ -118,14 +118,48 @@ impl Credential {
     }
 
     pub fn expires_text(&self) -> String {
-        let secs = self
-            .expires
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        time::OffsetDateTime::from_unix_timestamp(secs as i64)
-            .map(|t| t.date().to_string())
-            .unwrap_or_else(|_| format!("{secs} s after 1970"))
+        date(self.expires)
+    }
+
+    /// A certificate signing request for this credential's key (PEM): what
+    /// a renewal signs, the key never leaving its host.
+    pub fn csr(&self) -> anyhow::Result<String> {
+        let key = rcgen::KeyPair::try_from(&self.key).context("the credential's key")?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, self.grant.who());
+        Ok(params.serialize_request(&key)?.pem()?)
+    }
+
+    /// This credential with `cert_pem` (a renewal) as its certificate:
+    /// refused unless it is for the same key and grant, and chains to the
+    /// same CA.
+    pub fn renewed(&self, cert_pem: &str) -> anyhow::Result<Credential> {
+        let cert =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("not a certificate")?;
+        let new = Credential::from_parts(cert, self.ca.clone(), self.key.clone_key())?;
+        anyhow::ensure!(
+            new.key_id == self.key_id,
+            "the certificate is for another key than this credential's"
+        );
+        anyhow::ensure!(
+            new.grant == self.grant,
+            "the certificate grants {} what this one grants {}",
+            new.grant.who(),
+            self.grant.who()
+        );
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .build()
+                .context("a verifier")?;
+        verifier
+            .verify_client_cert(&new.cert, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| {
+                anyhow::anyhow!("the certificate does not check out against the CA: {e}")
+            })?;
+        Ok(new)
     }
 
     /// Refuses a credential that has run out (with how to get a new one).
@@ -180,4 +214,15 @@ impl Credential {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+}
+
+/// A time as its date (UTC), for messages and `issued.log`.
+pub(crate) fn date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| format!("{secs} s after 1970"))
 }

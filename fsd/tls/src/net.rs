@@ -34,17 +34,41 @@ pub enum Tls {
     Mutual(Arc<Mutual>),
 }
 
-pub struct Mutual {
-    pub cred: Credential,
+/// The credential in use, replaceable while connections come and go (a
+/// renewed certificate): each new connection takes the current one.
+pub struct Mutual(std::sync::RwLock<Arc<Current>>);
+
+struct Current {
+    cred: Credential,
     client: Arc<ClientConfig>,
     server: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Current {
+    fn new(cred: Credential) -> anyhow::Result<Current> {
+        let server = match cred.grant.role {
+            crate::Role::Member => Some(cred.server_config()?),
+            _ => None,
+        };
+        Ok(Current {
+            client: cred.client_config()?,
+            server,
+            cred,
+        })
+    }
+}
+
+impl Mutual {
+    fn current(&self) -> Arc<Current> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Tls::Insecure => f.write_str("Tls::Insecure"),
-            Tls::Mutual(m) => write!(f, "Tls::Mutual({})", m.cred.grant.who()),
+            Tls::Mutual(m) => write!(f, "Tls::Mutual({})", m.current().cred.grant.who()),
         }
     }
 }
@@ -63,23 +87,34 @@ impl Tls {
     /// `Credential::check_current` first (an expired one is refused by
     /// every member anyway).
     pub fn new(cred: Credential) -> anyhow::Result<Tls> {
-        let server = match cred.grant.role {
-            crate::Role::Member => Some(cred.server_config()?),
-            _ => None,
-        };
-        Ok(Tls::Mutual(Arc::new(Mutual {
-            client: cred.client_config()?,
-            server,
-            cred,
-        })))
+        Ok(Tls::Mutual(Arc::new(Mutual(std::sync::RwLock::new(
+            Arc::new(Current::new(cred)?),
+        )))))
+    }
+
+    /// The credential in use (none when insecure).
+    pub fn credential(&self) -> Option<Credential> {
+        match self {
+            Tls::Insecure => None,
+            Tls::Mutual(m) => Some(m.current().cred.clone()),
+        }
     }
 
     /// The credential's grant (none when insecure).
-    pub fn grant(&self) -> Option<&Grant> {
-        match self {
-            Tls::Insecure => None,
-            Tls::Mutual(m) => Some(&m.cred.grant),
-        }
+    pub fn grant(&self) -> Option<Grant> {
+        self.credential().map(|c| c.grant)
+    }
+
+    /// Puts `cred` (a renewed certificate of the same grant) in use for
+    /// every connection made from now on, here and through every channel
+    /// made from this `Tls`.
+    pub fn replace(&self, cred: Credential) -> anyhow::Result<()> {
+        let Tls::Mutual(m) = self else {
+            anyhow::bail!("running --insecure: no credential to replace");
+        };
+        let current = Arc::new(Current::new(cred)?);
+        *m.0.write().unwrap_or_else(|e| e.into_inner()) = current;
+        Ok(())
     }
 
     /// A channel to the member at `addr`, connected when first used.
@@ -97,7 +132,7 @@ impl Tls {
                     ServerName::try_from(MEMBER_NAME).expect("a constant DNS name")
                 });
                 endpoint.connect_with_connector_lazy(Connector {
-                    config: m.client.clone(),
+                    tls: m.clone(),
                     name,
                 })
             }
@@ -129,7 +164,7 @@ impl Tls {
         let Tls::Mutual(m) = self else {
             return Ok(Box::new(tcp));
         };
-        let mut config = (*m.client).clone();
+        let mut config = (*m.current().client).clone();
         config.alpn_protocols.clear();
         let name = match expect {
             Expect::AnyMember => MEMBER_NAME.to_string(),
@@ -146,7 +181,7 @@ impl Tls {
 
 #[derive(Clone)]
 struct Connector {
-    config: Arc<ClientConfig>,
+    tls: Arc<Mutual>,
     name: ServerName<'static>,
 }
 
@@ -160,7 +195,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (config, name) = (self.config.clone(), self.name.clone());
+        let (config, name) = (self.tls.current().client.clone(), self.name.clone());
         Box::pin(async move {
             let authority = uri
                 .authority()
@@ -270,11 +305,10 @@ impl AsyncWrite for Accepted {
 /// other). A caller refused by TLS is logged and never reaches the server.
 pub fn incoming(listener: TcpListener, tls: Tls) -> ReceiverStream<io::Result<Accepted>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let server = match &tls {
-        Tls::Mutual(m) => m.server.clone(),
+    let mutual = match &tls {
+        Tls::Mutual(m) => Some(m.clone()),
         Tls::Insecure => None,
     };
-    let insecure = matches!(tls, Tls::Insecure);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -291,7 +325,7 @@ pub fn incoming(listener: TcpListener, tls: Tls) -> ReceiverStream<io::Result<Ac
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if insecure {
+            let Some(mutual) = &mutual else {
                 let peer = Peer {
                     addr: Some(addr),
                     grant: None,
@@ -302,8 +336,9 @@ pub fn incoming(listener: TcpListener, tls: Tls) -> ReceiverStream<io::Result<Ac
                     return;
                 }
                 continue;
-            }
-            let Some(config) = server.clone() else {
+            };
+            // The credential in use now (it may have been renewed).
+            let Some(config) = mutual.current().server.clone() else {
                 tracing::error!("this credential is not a member's: it cannot serve");
                 return;
             };
@@ -384,14 +419,14 @@ pub fn require<T>(
 /// request itself).
 pub fn explain_refusal(status: &tonic::Status, tls: &Tls) -> Option<String> {
     use std::error::Error;
-    if let Tls::Mutual(m) = tls {
+    if let Some(cred) = tls.credential() {
         // Members close the connection of an expired credential, which
         // the caller sees only as a cancelled call.
-        if m.cred.expires() < std::time::SystemTime::now() {
+        if cred.expires() < std::time::SystemTime::now() {
             return Some(format!(
                 "this credential ({}) expired on {}; issue a new one with fsctl",
-                m.cred.grant.who(),
-                m.cred.expires_text()
+                cred.grant.who(),
+                cred.expires_text()
             ));
         }
     }

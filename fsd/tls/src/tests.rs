@@ -38,3 +38,29 @@ fn an_expired_credential_is_refused_before_it_is_used() {
     let err = cred.check_current().unwrap_err().to_string();
     assert!(err.contains("expired"), "{err}");
 }
+
+#[test]
+fn a_renewal_keeps_the_key_and_the_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::create(&dir.path().join("ca")).unwrap();
+    let cred = ca.issue(&Grant::member(5), 1).unwrap();
+    let pem = ca
+        .renew(&cred.csr().unwrap(), &Grant::member(5), 90)
+        .unwrap();
+    let renewed = cred.renewed(&pem).unwrap();
+    assert_eq!(renewed.key_id(), cred.key_id());
+    assert_eq!(renewed.grant, cred.grant);
+    assert!(renewed.expires() > cred.expires());
+    // Another host's grant, another CA's signature: refused.
+    let other = ca
+        .renew(&cred.csr().unwrap(), &Grant::member(6), 90)
+        .unwrap();
+    assert!(cred.renewed(&other).is_err());
+    let elsewhere = Authority::create(&dir.path().join("other")).unwrap();
+    let foreign = elsewhere
+        .renew(&cred.csr().unwrap(), &Grant::member(5), 90)
+        .unwrap();
+    assert!(cred.renewed(&foreign).is_err());
+    // A request not signed by its key is no request.
+    assert!(ca.renew("garbage", &Grant::member(5), 90).is_err());
+}

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use failsafe_client::{admin_for, pb, Client, ClientConfig};
+use failsafe_client::{admin_at, admin_for, pb, Client, ClientConfig};
 use failsafe_proto::header;
-use failsafe_tls::{Authority, Credential, Grant, Tls, DEFAULT_DAYS};
+use failsafe_tls::{Authority, Credential, Expect, Grant, Tls, DEFAULT_DAYS};
 
 /// Administer a failsafe cluster.
 #[derive(Parser)]
@@ -126,6 +126,15 @@ enum ClientCmd {
 
 #[derive(Subcommand)]
 enum HostCmd {
+    /// Renew a host's certificate before it expires, its key staying on
+    /// the host: the host sends a signing request, fsctl signs it with the
+    /// CA, the host checks, stores and uses it at once (no restart).
+    Renew {
+        host_id: String,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = DEFAULT_DAYS)]
+        days: u32,
+    },
     /// Revoke a host's credential (a lost or stolen box): every member
     /// refuses its key within a second, and its key is no longer pinned,
     /// so the host id may come back with a new credential. Remove the host
@@ -327,6 +336,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if *read_only { ", read-only" } else { "" },
                 cred.expires_text(),
                 out.display()
+            );
+        }
+        Cmd::Host(HostCmd::Renew { host_id, days }) => {
+            let id = parse_host_id(host_id)?;
+            let client = connect(&args).await?;
+            let status = client.status().await?;
+            let row = status
+                .hosts
+                .iter()
+                .find(|h| h.host_id == id)
+                .with_context(|| format!("no host {id:016x} in the cluster"))?;
+            let ca = args.authority()?;
+            // Its certificate must name it: the request is signed for
+            // that host alone.
+            let mut admin = admin_at(&row.addr, &args.tls()?, Expect::Host(id), timeout)?;
+            let req = admin
+                .request_certificate(pb::CertificateRequest {
+                    header: Some(header(client.cluster_id())),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}: {}", row.addr, s.message()))?
+                .into_inner();
+            anyhow::ensure!(
+                req.host_id == id,
+                "{} is host {:016x}, not {id:016x}",
+                row.addr,
+                req.host_id
+            );
+            let cert_pem = ca.renew(&req.csr_pem, &Grant::member(id), *days)?;
+            let done = admin
+                .install_certificate(pb::InstallCertificateRequest {
+                    header: Some(header(client.cluster_id())),
+                    cert_pem,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}: {}", row.addr, s.message()))?
+                .into_inner();
+            println!(
+                "host {id:016x}'s certificate is renewed until {}",
+                done.expires
             );
         }
         Cmd::Host(HostCmd::Revoke { host_id }) => {

@@ -52,6 +52,35 @@ impl TestCluster {
         )
     }
 
+    /// Runs `fsctl --cluster ADDRS ARGS...` as the cluster's admin.
+    pub(crate) fn fsctl(&self, args: &[&str]) -> std::process::Output {
+        let addrs: Vec<String> = self
+            .c
+            .hosts
+            .iter()
+            .filter(|h| !h.addr.is_empty())
+            .map(|h| h.addr.clone())
+            .collect();
+        std::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
+            .args(self.c.fsctl_flags())
+            .arg("--cluster")
+            .arg(addrs.join(","))
+            .args(args)
+            .output()
+            .expect("run fsctl")
+    }
+
+    /// `fsctl` that must succeed; its output.
+    pub(crate) fn fsctl_ok(&self, args: &[&str]) -> String {
+        let out = self.fsctl(args);
+        assert!(
+            out.status.success(),
+            "fsctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// A fresh client with short deadlines, preferring `zone` for reads.
     pub(crate) async fn client_in(&self, zone: &str) -> Client {
         Client::connect(ClientConfig {

@@ -143,19 +143,7 @@ pub(crate) async fn save(c: &Client, name: &str, body: &[u8]) -> u64 {
     f.ino
 }
 
-/// Runs `fsctl --cluster ADDRS ARGS...`.
+/// Runs `fsctl --cluster ADDRS ARGS...` as the cluster's admin.
 pub(crate) fn fsctl(tc: &TestCluster, args: &[&str]) -> std::process::Output {
-    let addrs: Vec<String> =
-        tc.c.hosts
-            .iter()
-            .filter(|h| !h.addr.is_empty())
-            .map(|h| h.addr.clone())
-            .collect();
-    std::process::Command::new(env!("CARGO_BIN_EXE_fsctl"))
-        .args(tc.c.fsctl_flags())
-        .arg("--cluster")
-        .arg(addrs.join(","))
-        .args(args)
-        .output()
-        .expect("run fsctl")
+    tc.fsctl(args)
 }
