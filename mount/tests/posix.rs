@@ -931,3 +931,40 @@ async fn t28_a_page_rewritten_in_place_is_never_empty_elsewhere_and_a_crash_keep
     drop(w);
     assert_eq!(fs::read(&b).unwrap(), b"kept\n", "the old text stays");
 }
+
+/// A web host's credential confined to a subtree mounts that subtree as
+/// its root and reaches nothing else; a read-only one mounts read-only.
+#[tokio::test(flavor = "multi_thread")]
+async fn t31_subtree_and_read_only_credentials_mount_as_such() {
+    let mut env = Env::start(1).await;
+    let all = env.mounts[0].path.clone();
+    fs::create_dir_all(all.join("wiki/pages")).unwrap();
+    fs::write(all.join("wiki/pages/start.txt"), b"inside\n").unwrap();
+    fs::create_dir(all.join("secret")).unwrap();
+    fs::write(all.join("secret/users.auth.php"), b"hashes\n").unwrap();
+    let web = env.cluster.client_cred("web1", "/wiki", false).unwrap();
+    let w = env.mount_with("a", &format!("cred={}", web.display()));
+    let root = env.mounts[w].path.clone();
+    let names: Vec<String> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["pages".to_string()], "its root is /wiki");
+    assert_eq!(fs::read(root.join("pages/start.txt")).unwrap(), b"inside\n");
+    fs::write(root.join("pages/new.txt"), b"written by web1\n").unwrap();
+    assert_eq!(
+        fs::read(all.join("wiki/pages/new.txt")).unwrap(),
+        b"written by web1\n"
+    );
+    assert!(!root.join("secret").exists());
+    let reader = env.cluster.client_cred("reader", "/", true).unwrap();
+    let r = env.mount_with("a", &format!("cred={}", reader.display()));
+    let ro = env.mounts[r].path.clone();
+    assert_eq!(
+        fs::read(ro.join("secret/users.auth.php")).unwrap(),
+        b"hashes\n"
+    );
+    let err = fs::write(ro.join("secret/x"), b"no").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(!all.join("secret/x").exists());
+}
