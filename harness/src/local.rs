@@ -170,7 +170,12 @@ impl LocalMount {
             .arg("-f")
             .arg("-o")
             .arg(opts)
-            .env("RUST_LOG", "info")
+            // FAILSAFE_MOUNT_LOG: a filter for the mounts' logs when
+            // chasing something (default info).
+            .env(
+                "RUST_LOG",
+                std::env::var("FAILSAFE_MOUNT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(log)?)
             .stderr(std::fs::File::options().append(true).open(log)?)

@@ -436,6 +436,7 @@ impl Client {
                     return Ok(v);
                 }
                 Ok(Err(status)) => {
+                    tracing::debug!(%addr, what, code = ?status.code(), message = %status.message(), "an attempt failed");
                     if is_transport_failure(&status) {
                         // Nothing listens there (killed, restarting): treat
                         // like a timeout, so hints naming it are not followed.

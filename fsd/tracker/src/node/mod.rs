@@ -577,12 +577,19 @@ impl Tracker {
         // hearing from it, so no other leader can have committed anything
         // since. (The acknowledgement may be up to QUICK_COMMIT_WITHIN older
         // than the metrics say: lease_ms plus that is still far inside
-        // election_max.) Everything acknowledged to a client is applied here, so the
-        // applied index is a valid read point without another round trip.
+        // election_max.) Everything this leader acknowledged to a client
+        // is applied here, so the applied index is a valid read point
+        // without another round trip -- once it has applied an entry of its
+        // own term. Before that (just elected), entries a previous leader
+        // acknowledged may be committed but not applied here yet: reading
+        // then would answer from before them (a name already renamed away
+        // still there), so the read waits for this term's first entry.
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader
             && m.millis_since_quorum_ack
                 .is_some_and(|ms| ms < self.lease_ms)
+            && m.last_applied
+                .is_some_and(|l| l.leader_id.term == m.current_term)
         {
             return Ok(m.last_applied.map_or(0, |l| l.index));
         }
