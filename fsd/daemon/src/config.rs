@@ -301,11 +301,31 @@ impl Config {
         if !raw.join.is_empty() && raw.cluster_id.is_none() {
             bail!("cluster_id: required with join (fsctl init prints it; fsctl status shows it)");
         }
+        let default_cred = raw.cred.is_none();
         let cred_path =
             (!raw.insecure).then(|| raw.cred.unwrap_or_else(|| data_dir.join("host.cred")));
         let tls = match &cred_path {
             None => failsafe_tls::Tls::Insecure,
             Some(path) => {
+                if default_cred && !path.exists() {
+                    // A first start: the host makes its key and asks for
+                    // its certificate.
+                    let asked = std::fs::create_dir_all(&data_dir)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|()| failsafe_tls::request_host_credential(&data_dir));
+                    if let Ok(csr) = asked {
+                        bail!(
+                            "cred: this host has no credential yet. Its key is in {}, and {} \
+                             asks for its certificate: on the admin's machine, `fsctl host cert \
+                             --csr host.csr --out host.cred`, then put host.cred at {} and start \
+                             again (or `fsctl host cert --out FILE` issues key and certificate \
+                             together)",
+                            data_dir.join(failsafe_tls::HOST_KEY).display(),
+                            csr.display(),
+                            path.display()
+                        );
+                    }
+                }
                 let cred = failsafe_tls::Credential::load(path).with_context(|| {
                     "cred: this host needs a credential (`fsctl host cert --out FILE` issues one; \
                  --insecure runs without, for a trusted test network only)"

@@ -36,13 +36,39 @@ async fn t80_fsctl_init_add_status_remove() {
     // As the README has it: a credential per host from fsctl (the first
     // creates the CA and the admin's credential), then fsd, init, add.
     let ca = dir.path().join("ca");
-    for zone in ["a", "b", "c"] {
+    for zone in ["a", "b"] {
         let host = dir.path().join(format!("host-{zone}"));
         std::fs::create_dir_all(&host).unwrap();
         let out = host.join("host.cred").display().to_string();
         let said = ok(fsctl_in(&ca, &[], &["host", "cert", "--out", &out]));
         assert!(said.contains("wrote "), "{said}");
     }
+    // The third asks for its certificate itself, its key staying with it:
+    // its first start makes the key and a signing request, and stops.
+    let host = dir.path().join("host-c");
+    let first = Command::new(env!("CARGO_BIN_EXE_fsd"))
+        .arg("--data-dir")
+        .arg(&host)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!first.status.success());
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(said.contains("fsctl host cert --csr"), "{said}");
+    let key = std::fs::metadata(host.join("host.key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
+    let csr = host.join("host.csr").display().to_string();
+    let out = host.join("host.cred").display().to_string();
+    ok(fsctl_in(
+        &ca,
+        &[],
+        &["host", "cert", "--csr", &csr, "--out", &out],
+    ));
+    let cred = std::fs::read_to_string(&out).unwrap();
+    assert!(!cred.contains("PRIVATE KEY"), "the key stayed on the host");
     let fsctl = |cluster: &[String], args: &[&str]| fsctl_in(&ca, cluster, args);
     let mut c = LocalCluster::start(
         dir.path(),

@@ -16,6 +16,36 @@ use crate::authority::write_private;
 use crate::grant::Grant;
 use crate::{parse_cert, provider};
 
+/// Where a host keeps the key it made itself (`request_host_credential`).
+pub const HOST_KEY: &str = "host.key";
+
+/// A host's first credential requested from the host itself, its key never
+/// leaving it: makes `dir/host.key` (once, 0600) and writes a certificate
+/// signing request for it to `dir/host.csr`, which `fsctl host cert --csr`
+/// signs. Returns the request's path.
+pub fn request_host_credential(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let key_path = dir.join(HOST_KEY);
+    let key = if key_path.exists() {
+        let pem = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("reading {}", key_path.display()))?;
+        rcgen::KeyPair::from_pem(&pem)
+            .with_context(|| format!("{} holds no key", key_path.display()))?
+    } else {
+        let key = rcgen::KeyPair::generate().context("generating a key")?;
+        write_private(&key_path, &key.serialize_pem())?;
+        key
+    };
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "a new failsafe host");
+    let csr = params.serialize_request(&key)?.pem()?;
+    let path = dir.join("host.csr");
+    std::fs::write(&path, csr).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 pub struct Credential {
     cert: CertificateDer<'static>,
     ca: CertificateDer<'static>,
@@ -81,8 +111,23 @@ impl Credential {
                 certs.len()
             )
         })?;
-        let key = PrivateKeyDer::from_pem_slice(&bytes)
-            .with_context(|| format!("{} holds no private key", what()))?;
+        // A credential signed from this host's own request holds no key:
+        // the key stayed beside it, in host.key.
+        let key = match PrivateKeyDer::from_pem_slice(&bytes) {
+            Ok(k) => k,
+            Err(_) => {
+                let beside = path.with_file_name(HOST_KEY);
+                let b = std::fs::read(&beside).with_context(|| {
+                    format!(
+                        "{} holds no private key, and {} none",
+                        what(),
+                        beside.display()
+                    )
+                })?;
+                PrivateKeyDer::from_pem_slice(&b)
+                    .with_context(|| format!("{} holds no private key", beside.display()))?
+            }
+        };
         let cred = Credential::from_parts(cert, ca, key).with_context(what)?;
         if let Ok(meta) = std::fs::metadata(path) {
             if meta.mode() & 0o077 != 0 {

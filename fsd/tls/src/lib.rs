@@ -16,7 +16,7 @@ use anyhow::Context;
 use rustls::pki_types::CertificateDer;
 
 pub use authority::{Authority, DEFAULT_DAYS};
-pub use credential::Credential;
+pub use credential::{request_host_credential, Credential, HOST_KEY};
 pub use grant::{valid_name, valid_subdir, BadGrant, Grant, Role};
 pub use net::{
     explain_refusal, grant_in, grant_of, incoming, require, Accepted, Expect, Io, Peer, Tls,

@@ -154,6 +154,11 @@ enum HostCmd {
         /// Valid for this many days.
         #[arg(long, default_value_t = DEFAULT_DAYS)]
         days: u32,
+        /// Sign the request a new host made at its first start (its
+        /// DATA_DIR/host.csr) instead: the key stays on the host, and the
+        /// file written holds the certificates only.
+        #[arg(long)]
+        csr: Option<std::path::PathBuf>,
     },
     /// Bring the blank fsd at ADDR into the cluster (as learner, then voter).
     Add { addr: String },
@@ -299,12 +304,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let id = client.add_host(addr).await?;
             println!("host {id:016x} at {addr} is now a member");
         }
-        Cmd::Host(HostCmd::Cert { out, host_id, days }) => {
+        Cmd::Host(HostCmd::Cert {
+            out,
+            host_id,
+            days,
+            csr,
+        }) => {
             let id = match host_id {
                 Some(h) => parse_host_id(h)?,
                 // Below 2^63, so it reads the same in any tool.
                 None => (rand::random::<u64>() >> 1).max(1),
             };
+            if let Some(csr) = csr {
+                let request = std::fs::read_to_string(csr)
+                    .with_context(|| format!("reading {}", csr.display()))?;
+                let certs = args
+                    .authority()?
+                    .sign_request(&request, &Grant::member(id), *days)?;
+                std::fs::write(out, certs).with_context(|| format!("writing {}", out.display()))?;
+                println!(
+                    "wrote {}: host {id:016x}, its key staying on the host; put it at \
+                     DATA_DIR/host.cred beside host.key and start fsd again",
+                    out.display()
+                );
+                return Ok(());
+            }
             let cred = args.authority()?.issue(&Grant::member(id), *days)?;
             cred.save(out)?;
             println!(
