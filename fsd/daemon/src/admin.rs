@@ -122,6 +122,14 @@ impl AdminService {
         Ok(self.cluster.propose(op).await?)
     }
 
+    /// This host's credential (refused when it runs --insecure).
+    fn own_credential(&self) -> Result<failsafe_tls::Credential, Status> {
+        self.cluster
+            .tls()
+            .credential()
+            .ok_or_else(|| Status::failed_precondition("this host runs --insecure"))
+    }
+
     fn own_hello(&self) -> pb::HelloReply {
         pb::HelloReply {
             cluster_id: self.tracker.cluster.get(),
@@ -419,11 +427,7 @@ impl Admin for AdminService {
         req: Request<pb::CertificateRequest>,
     ) -> Result<Response<pb::CertificateRequestReply>, Status> {
         self.check(req.get_ref().header.as_ref())?;
-        let cred = self
-            .cluster
-            .tls()
-            .credential()
-            .ok_or_else(|| Status::failed_precondition("this host runs --insecure"))?;
+        let cred = self.own_credential()?;
         let csr_pem = cred.csr().map_err(|e| Status::internal(format!("{e:#}")))?;
         Ok(Response::new(pb::CertificateRequestReply {
             host_id: self.tracker.host_id,
@@ -437,10 +441,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::InstallCertificateReply>, Status> {
         let req = req.into_inner();
         self.check(req.header.as_ref())?;
-        let tls = self.cluster.tls();
-        let cred = tls
-            .credential()
-            .ok_or_else(|| Status::failed_precondition("this host runs --insecure"))?;
+        let cred = self.own_credential()?;
         let renewed = cred
             .renewed(&req.cert_pem)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
@@ -452,7 +453,9 @@ impl Admin for AdminService {
         renewed
             .save(path)
             .map_err(|e| Status::internal(format!("{e:#}")))?;
-        tls.replace(renewed.clone())
+        self.cluster
+            .tls()
+            .replace(renewed.clone())
             .map_err(|e| Status::internal(format!("{e:#}")))?;
         tracing::info!(expires = %renewed.expires_text(), "renewed this host's certificate");
         Ok(Response::new(pb::InstallCertificateReply {

@@ -3,9 +3,10 @@
 //! (which metadata operations a client may propose, that a host reports
 //! only about itself) sit in the handlers, which see the message.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::future::Ready;
 use std::task::{Context, Poll};
+
+use futures::future::Either;
 
 use std::sync::{Arc, RwLock};
 
@@ -64,17 +65,13 @@ pub(crate) struct Authorize<S> {
     keys: Keys,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, B> tower_service::Service<http::Request<B>> for Authorize<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = Either<S::Future, Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -82,11 +79,8 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         match check(&self.keys, req.extensions(), req.uri().path()) {
-            Ok(()) => Box::pin(self.inner.call(req)),
-            Err(status) => {
-                let response = status.into_http::<Body>();
-                Box::pin(std::future::ready(Ok(response)))
-            }
+            Ok(()) => Either::Left(self.inner.call(req)),
+            Err(status) => Either::Right(std::future::ready(Ok(status.into_http::<Body>()))),
         }
     }
 }

@@ -47,10 +47,6 @@ pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 impl Authority {
-    pub fn cert_path(dir: &Path) -> PathBuf {
-        dir.join("ca.crt")
-    }
-
     /// Creates a new CA in `dir` (refuses if one is there).
     pub fn create(dir: &Path) -> anyhow::Result<Authority> {
         use std::os::unix::fs::DirBuilderExt;
@@ -84,7 +80,7 @@ impl Authority {
         params.serial_number = Some(serial());
         let cert = params.self_signed(&key).context("signing the CA")?;
         write_private(&dir.join("ca.key"), &key.serialize_pem())?;
-        write_private(&Authority::cert_path(dir), &cert.pem())?;
+        write_private(&dir.join("ca.crt"), &cert.pem())?;
         Ok(Authority {
             dir: dir.to_path_buf(),
             cert_pem: cert.pem(),

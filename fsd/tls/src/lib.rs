@@ -18,9 +18,7 @@ use rustls::pki_types::CertificateDer;
 pub use authority::{Authority, DEFAULT_DAYS};
 pub use credential::{request_host_credential, Credential, HOST_KEY};
 pub use grant::{valid_name, valid_subdir, BadGrant, Grant, Role};
-pub use net::{
-    explain_refusal, grant_in, grant_of, incoming, require, Accepted, Expect, Io, Peer, Tls,
-};
+pub use net::{explain_refusal, grant_of, incoming, Accepted, Expect, Io, Peer, Tls};
 
 /// The certificate extension that holds a grant: an arc of ours under
 /// 2.25 (the arc anyone may use without registration).
@@ -47,12 +45,6 @@ pub(crate) struct Parsed {
     pub expires: SystemTime,
 }
 
-/// The hash of a public key (the DER of its SubjectPublicKeyInfo): how a
-/// host is known across certificates.
-pub fn key_id_of(spki: &[u8]) -> [u8; 32] {
-    *blake3::hash(spki).as_bytes()
-}
-
 pub(crate) fn parse_cert(der: &CertificateDer<'_>) -> anyhow::Result<Parsed> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| anyhow::anyhow!("not a certificate: {e}"))?;
@@ -71,7 +63,9 @@ pub(crate) fn parse_cert(der: &CertificateDer<'_>) -> anyhow::Result<Parsed> {
     let secs = cert.validity().not_after.timestamp().max(0) as u64;
     Ok(Parsed {
         grant,
-        key_id: key_id_of(cert.public_key().raw),
+        // The hash of the public key (the DER of its SubjectPublicKeyInfo):
+        // how a host is known across certificates.
+        key_id: *blake3::hash(cert.public_key().raw).as_bytes(),
         expires: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
     })
 }

@@ -117,9 +117,9 @@ impl Tls {
         Ok(())
     }
 
-    /// A channel to the member at `addr`, connected when first used.
-    /// `endpoint` carries the caller's timeouts; its address is `addr`.
-    pub fn channel(&self, endpoint: Endpoint, expect: Expect) -> Channel {
+    /// A channel over `endpoint` (its address, the caller's timeouts),
+    /// connected when first used.
+    fn channel(&self, endpoint: Endpoint, expect: Expect) -> Channel {
         match self {
             Tls::Insecure => endpoint.connect_lazy(),
             Tls::Mutual(m) => {
@@ -388,30 +388,10 @@ async fn handshake(
 /// `--insecure` (everything), else its certificate's grant. A request that
 /// came without connection info (never from our own server) is refused.
 pub fn grant_of<T>(req: &tonic::Request<T>) -> Result<Option<Arc<Grant>>, tonic::Status> {
-    grant_in(req.extensions())
-}
-
-/// `grant_of` for a request not yet decoded (a tower layer's).
-pub fn grant_in(ext: &tonic::Extensions) -> Result<Option<Arc<Grant>>, tonic::Status> {
-    ext.get::<Peer>()
+    req.extensions()
+        .get::<Peer>()
         .map(|p| p.grant.clone())
         .ok_or_else(|| tonic::Status::permission_denied("a caller without identity"))
-}
-
-/// Refuses a caller whose role is not among `roles`.
-pub fn require<T>(
-    req: &tonic::Request<T>,
-    roles: &[crate::Role],
-    what: &str,
-) -> Result<(), tonic::Status> {
-    match grant_of(req)? {
-        Some(g) if !roles.contains(&g.role) => Err(tonic::Status::permission_denied(format!(
-            "{what} is not for {} credential ({})",
-            g.role.a(),
-            g.who()
-        ))),
-        _ => Ok(()),
-    }
 }
 
 /// Why a call failed at the TLS layer, in words an operator can act on; `None`
@@ -419,9 +399,10 @@ pub fn require<T>(
 /// request itself).
 pub fn explain_refusal(status: &tonic::Status, tls: &Tls) -> Option<String> {
     use std::error::Error;
-    if let Some(cred) = tls.credential() {
+    if let Tls::Mutual(m) = tls {
         // Members close the connection of an expired credential, which
         // the caller sees only as a cancelled call.
+        let cred = &m.current().cred;
         if cred.expires() < std::time::SystemTime::now() {
             return Some(format!(
                 "this credential ({}) expired on {}; issue a new one with fsctl",
