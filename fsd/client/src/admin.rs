@@ -37,8 +37,17 @@ impl Client {
                 }
             }
         }
+        // A plaintext client's calls to a cluster with TLS fail as
+        // transport errors, like calls to members that are down: say so,
+        // and keep retrying (it may be the latter).
+        let hint = match self.inner.cfg.tls {
+            failsafe_tls::Tls::Insecure => {
+                "; this client speaks plaintext (--insecure): a cluster with TLS refuses it"
+            }
+            failsafe_tls::Tls::Mutual(_) => "",
+        };
         Err(ClientError::Unavailable(format!(
-            "no member answered ({last})"
+            "no member answered ({last}){hint}"
         )))
     }
 

@@ -433,15 +433,5 @@ pub fn explain_refusal(status: &tonic::Status, tls: &Tls) -> Option<String> {
         }
         e = err.source();
     }
-    if matches!(tls, Tls::Insecure) {
-        let m = status.message();
-        if m.contains("h2 protocol error") || m.contains("http2 error") || m.contains("broken pipe")
-        {
-            return Some(format!(
-                "{m}: this client speaks plaintext (--insecure), which a member with TLS \
-                 refuses; give it a credential"
-            ));
-        }
-    }
     None
 }
