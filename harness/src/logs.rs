@@ -11,13 +11,15 @@ use anyhow::bail;
 /// ERROR lines openraft writes whenever a peer is killed, frozen or cut off:
 /// a peer it cannot reach, one that does not answer in time, a connection
 /// cut mid-call (which HTTP/2 may report as a transport or a protocol
-/// error). Tests kill and freeze hosts on purpose (and drop their clusters
+/// error, and over TLS also as a cancelled operation). Tests kill and freeze hosts on purpose (and drop their clusters
 /// with SIGKILL), so these are expected everywhere.
 pub fn expected_by_openraft(line: &str) -> bool {
     line.contains("Unreachable node")
         || line.contains("err=timeout after")
         || (line.contains("openraft::")
-            && (line.contains("transport error") || line.contains("h2 protocol error")))
+            && (line.contains("transport error")
+                || line.contains("h2 protocol error")
+                || line.contains("operation was canceled")))
 }
 
 /// The ERROR line fuser writes when the kernel no longer waits for the
