@@ -19,6 +19,12 @@ if ! { [ -e /usr/share/dokuwiki/doku.php ] && [ -e /usr/bin/php-cgi ] && [ -e /u
         || echo "note: could not install dokuwiki, php-cgi and lighttpd; continuing (the DokuWiki test will skip)"
 fi
 
+# A run builds everything once, from a fresh clone in CI: incremental
+# compilation only doubles what lands on disk (a CI run once failed with no
+# space left on the device) and slows a clean build. Set CARGO_INCREMENTAL=1
+# to keep it while iterating.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Integration tests start the fsd and mount binaries of the workspace.
