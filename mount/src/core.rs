@@ -10,7 +10,7 @@
 //! quorum, then extents) on flush, fsync, close, or when the buffer grows
 //! large: `close()` succeeds only once the data is durable.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -18,7 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use failsafe_client::pb::{
     self, command::Op, query_reply::Reply, query_request::Query, ErrorCode, FileKind,
 };
-use failsafe_client::{inline_bytes, malformed_inline, Client, ClientError, LockRequest, Session};
+use failsafe_client::{
+    inline_bytes, malformed_inline, Client, ClientError, LockRequest, PreparedCommit, Session,
+};
 use fuser::{Errno, FileAttr, FileType};
 
 use crate::behind::{Done, Name, WriteBehind, LOCAL_BASE};
@@ -124,11 +126,37 @@ pub(crate) struct Open {
     pub noflush: bool,
 }
 
+/// Files closed with bytes that could not be stored (the close, or the
+/// flush before it, failed): an application that ignores close()'s error
+/// (PHP does) must not lose them. Their state stays here, serving reads,
+/// and [`Core::store_kept`] tries again until the cluster takes them.
+#[derive(Default)]
+pub(crate) struct Kept {
+    /// Tracker inode -> failed attempts since it was kept.
+    files: Mutex<BTreeMap<u64, u64>>,
+    /// Attempts that failed again.
+    pub(crate) retries: AtomicU64,
+    /// Files whose bytes were stored late, after a failed close.
+    pub(crate) stored_late: AtomicU64,
+}
+
+impl Kept {
+    /// Files kept now.
+    pub(crate) fn count(&self) -> usize {
+        locked(&self.files).len()
+    }
+}
+
 /// What this mount knows about a file while it is open here.
 struct FileState {
     inner: Mutex<FileInner>,
     /// Serializes uploads of this file's buffer, so appends commit in order.
     upload: tokio::sync::Mutex<()>,
+}
+
+struct Unconfirmed {
+    commit: PreparedCommit,
+    appended: Arc<Dirty>,
 }
 
 #[derive(Default)]
@@ -139,6 +167,10 @@ struct FileInner {
     dirty: Dirty,
     /// Being uploaded now; still visible to reads until committed.
     inflight: Option<Arc<Dirty>>,
+    /// An append sent that got no answer: it may have applied. Sent again
+    /// verbatim (its operation id) before anything newer of this file, so
+    /// it applies exactly once; its bytes stay visible here meanwhile.
+    unconfirmed: Option<Unconfirmed>,
     /// A background upload failed: the next flush or fsync reports it.
     error: Option<Errno>,
     /// Gone from the tracker while open here: served from what we hold.
@@ -153,6 +185,11 @@ struct FileInner {
 }
 
 impl FileInner {
+    /// Holds bytes (or a truncation) the cluster does not have yet.
+    fn unstored(&self) -> bool {
+        !self.unlinked && (!self.dirty.is_empty() || self.truncated || self.unconfirmed.is_some())
+    }
+
     fn local_size(&self) -> u64 {
         self.size_over(self.attr.as_ref().map_or(0, |a| a.size))
     }
@@ -161,12 +198,22 @@ impl FileInner {
     /// tracker: what it truncated, buffered or is uploading included.
     fn size_over(&self, stored: u64) -> u64 {
         let stored = if self.truncated { 0 } else { stored };
-        let inflight_appends = self.inflight.as_ref().map_or(0, |d| d.appended());
         let inflight = self.inflight.as_ref().map_or(0, |d| d.end());
         stored
             .max(inflight)
             .max(self.dirty.end())
-            .max(stored + inflight_appends + self.dirty.appended())
+            .max(self.appends_base(stored) + self.dirty.appended())
+    }
+
+    /// Where the buffered appends start, over `stored` bytes: after the
+    /// unconfirmed and the inflight ones.
+    fn appends_base(&self, stored: u64) -> u64 {
+        stored
+            + self
+                .unconfirmed
+                .as_ref()
+                .map_or(0, |u| u.appended.appended())
+            + self.inflight.as_ref().map_or(0, |d| d.appended())
     }
 }
 
@@ -191,6 +238,8 @@ pub(crate) struct Core {
     lock_owners: Mutex<std::collections::HashSet<(u64, u64)>>,
     /// `writebehind`: directories delegated to this mount.
     pub behind: Option<Arc<WriteBehind>>,
+    /// Closed files whose bytes are still to be stored.
+    pub(crate) kept: Arc<Kept>,
 }
 
 // Locks held in these std Mutexes guard short bookkeeping and are never held
@@ -229,7 +278,14 @@ impl Core {
             session: tokio::sync::Mutex::new(None),
             lock_owners: Mutex::new(Default::default()),
             behind: None,
+            kept: Arc::default(),
         }
+    }
+
+    /// Counting kept files in `kept` (the metrics' copy).
+    pub(crate) fn with_kept(mut self, kept: Arc<Kept>) -> Core {
+        self.kept = kept;
+        self
     }
 
     /// With `writebehind`.
@@ -1103,22 +1159,27 @@ impl Core {
         if inner.generation != generation {
             return Ok(None);
         }
+        let unconfirmed = match &inner.unconfirmed {
+            Some(u) => {
+                u.appended.overlay_appends(stored, offset, &mut buf);
+                u.appended.appended()
+            }
+            None => 0,
+        };
         if let Some(d) = &inner.inflight {
-            d.overlay_appends(stored, offset, &mut buf);
+            d.overlay_appends(stored + unconfirmed, offset, &mut buf);
             d.overlay(offset, &mut buf);
         }
-        inner.dirty.overlay_appends(
-            stored + inner.inflight.as_ref().map_or(0, |d| d.appended()),
-            offset,
-            &mut buf,
-        );
+        inner
+            .dirty
+            .overlay_appends(inner.appends_base(stored), offset, &mut buf);
         inner.dirty.overlay(offset, &mut buf);
         Ok(Some(buf))
     }
 
-    /// Buffers a write. Returns true when the buffer is big enough that an
-    /// upload should start, and whether the writer must wait for it.
-    pub(crate) fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Res<(u64, bool, bool)> {
+    /// Buffers a write. Returns the file's inode, and true when the buffer
+    /// is big enough that an upload should start.
+    pub(crate) fn buffer_write(&self, fh: u64, offset: u64, data: &[u8]) -> Res<(u64, bool)> {
         self.writable()?;
         let (tino, append) = self.handle_ino(fh)?;
         let st = self.state(tino).ok_or(Errno::EBADF)?;
@@ -1128,12 +1189,20 @@ impl Core {
         } else {
             inner.dirty.write(offset, data);
         }
-        let pending = inner.dirty.bytes() + inner.inflight.as_ref().map_or(0, |d| d.bytes());
-        Ok((
-            tino,
-            inner.dirty.bytes() >= FLUSH_AT,
-            pending >= WRITE_BACKPRESSURE,
-        ))
+        Ok((tino, inner.dirty.bytes() >= FLUSH_AT))
+    }
+
+    /// Backpressure: the file's inode when `fh`'s file already holds as
+    /// many bytes not yet stored as a mount keeps for one file, so the next
+    /// write must wait for an upload first.
+    pub(crate) fn must_wait(&self, fh: u64) -> Option<u64> {
+        let (tino, _) = self.handle_ino(fh).ok()?;
+        let st = self.state(tino)?;
+        let inner = locked(&st.inner);
+        let pending = inner.dirty.bytes()
+            + inner.inflight.as_ref().map_or(0, |d| d.bytes())
+            + inner.unconfirmed.as_ref().map_or(0, |u| u.appended.bytes());
+        (pending >= WRITE_BACKPRESSURE).then_some(tino)
     }
 
     /// Stores this file's buffered bytes: blocks to the write quorum, then
@@ -1164,6 +1233,7 @@ impl Core {
             None => tino,
         };
         let _turn = st.upload.lock().await;
+        self.confirm(st).await?;
         let (batch, truncate) = {
             let mut inner = locked(&st.inner);
             if (inner.dirty.is_empty() && !inner.truncated) || inner.unlinked {
@@ -1201,16 +1271,68 @@ impl Core {
                 inner.dirty = Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
                 Ok(())
             }
-            Err(e) => {
+            Err((e, Some(commit))) => {
+                // Everything before the append applied; the append itself
+                // may have: it goes again as it is, before anything newer.
+                inner.truncated = commit.truncates();
+                inner.unconfirmed = Some(Unconfirmed {
+                    commit,
+                    appended: Arc::new(batch.appends_only()),
+                });
+                Err(e)
+            }
+            Err((e, None)) => {
                 inner.dirty = Arc::unwrap_or_clone(batch).under(std::mem::take(&mut inner.dirty));
                 Err(e)
             }
         }
     }
 
-    /// Stores one batch, the first commit emptying the file first when
-    /// `truncate` (alone if there are no bytes). `None`: the file no longer
-    /// exists on the tracker.
+    /// Sends again the append whose outcome was unknown, if there is one,
+    /// under its first operation id: applied once whether or not the first
+    /// attempt had. Refused (it applied nothing), its bytes go back to the
+    /// buffer, to be sent with the next upload as new.
+    async fn confirm(&self, st: &FileState) -> Res<()> {
+        let Some(mut commit) = locked(&st.inner)
+            .unconfirmed
+            .as_ref()
+            .map(|u| u.commit.clone())
+        else {
+            return Ok(());
+        };
+        let r = self.client.commit_prepared(&mut commit).await;
+        let mut inner = locked(&st.inner);
+        match r {
+            Err(e) if e.outcome_unknown() => {
+                if let Some(u) = inner.unconfirmed.as_mut() {
+                    u.commit = commit;
+                }
+                Err(err(e))
+            }
+            Ok(a) => {
+                inner.unconfirmed = None;
+                inner.generation += 1;
+                inner.truncated = false;
+                inner.attr = Some(a);
+                inner.extents = None;
+                Ok(())
+            }
+            Err(e) => {
+                let gone = e.code() == Some(ErrorCode::NotFound);
+                if let Some(u) = inner.unconfirmed.take() {
+                    inner.dirty =
+                        Arc::unwrap_or_clone(u.appended).under(std::mem::take(&mut inner.dirty));
+                }
+                inner.generation += 1;
+                if gone {
+                    inner.unlinked = true;
+                    return Ok(());
+                }
+                Err(err(e))
+            }
+        }
+    }
+
     /// Uploads a file made here alone (write-behind, local inode `tino`):
     /// created with its bytes in one command when they are one run from
     /// the start (what a file written and closed is), else created first.
@@ -1300,6 +1422,12 @@ impl Core {
             files.insert(a.ino, st);
         }
         drop(files);
+        {
+            let mut kept = locked(&self.kept.files);
+            if let Some(tries) = kept.remove(&local) {
+                kept.insert(a.ino, tries);
+            }
+        }
         for h in locked(&self.handles).values_mut() {
             if h.ino == local {
                 h.ino = a.ino;
@@ -1311,7 +1439,16 @@ impl Core {
         }
     }
 
-    async fn store(&self, tino: u64, batch: &Dirty, truncate: bool) -> Res<Option<pb::Attr>> {
+    /// Stores one batch, the first commit emptying the file first when
+    /// `truncate`. `None`: the file no longer exists on the tracker. On
+    /// failure, with the error, the append commit that got no answer (then
+    /// every commit before it applied).
+    async fn store(
+        &self,
+        tino: u64,
+        batch: &Dirty,
+        truncate: bool,
+    ) -> Result<Option<pb::Attr>, (Errno, Option<PreparedCommit>)> {
         let (segments, appends) = batch.clone().into_parts();
         let mut attr = None;
         let mut truncate = truncate;
@@ -1328,14 +1465,30 @@ impl Core {
                 append,
                 truncate: std::mem::take(&mut truncate),
             };
-            let r = self.client.store(tino, extents_at, data, how).await;
-            match r {
+            let mut commit = self
+                .client
+                .prepare_store(tino, extents_at, data, how)
+                .await
+                .map_err(|e| (err(e), None))?;
+            match self.client.commit_prepared(&mut commit).await {
                 Ok(a) => attr = Some(a),
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),
-                Err(e) => return Err(err(e)),
+                // A positioned write sent again lands the same; an append
+                // would land twice.
+                Err(e) if append && e.outcome_unknown() => return Err((err(e), Some(commit))),
+                Err(e) => return Err((err(e), None)),
             }
         }
         Ok(attr)
+    }
+
+    /// The upload a write waits for (backpressure): its failure is that
+    /// write's error. The bytes stay buffered for the next attempt.
+    pub(crate) async fn upload_for_write(&self, tino: u64) -> Res<()> {
+        let Some(st) = self.state(tino) else {
+            return Ok(());
+        };
+        self.upload(tino, &st).await
     }
 
     /// A background upload started by a write that filled the buffer.
@@ -1363,18 +1516,82 @@ impl Core {
             self.unlock_owner(tino, owner).await;
         }
         let mut files = locked(&self.files);
+        let mut kept = false;
         if let Some(st) = files.get(&tino).cloned() {
             let mut inner = locked(&st.inner);
             inner.opens = inner.opens.saturating_sub(1);
             if inner.opens == 0 {
+                kept = flushed.is_err() && inner.unstored();
                 drop(inner);
-                files.remove(&tino);
+                if kept {
+                    locked(&self.kept.files).entry(tino).or_insert(0);
+                } else {
+                    files.remove(&tino);
+                }
             }
         }
+        drop(files);
         if let Err(e) = &flushed {
-            tracing::error!(ino = tino, error = ?e, "data of a closed file could not be stored");
+            if kept {
+                tracing::error!(ino = tino, error = ?e, "data of a closed file could not be stored; kept here and stored as soon as the cluster takes it");
+            } else {
+                tracing::error!(ino = tino, error = ?e, "data of a closed file could not be stored");
+            }
         }
         flushed
+    }
+
+    /// Stores the bytes of files closed after a failed flush, every few
+    /// seconds (at most every 30 s after repeated failures), until the
+    /// cluster takes them. Runs for the life of the mount.
+    pub(crate) async fn store_kept(self: Arc<Self>) {
+        const FIRST: Duration = Duration::from_secs(2);
+        loop {
+            let waiting: Vec<(u64, u64)> = locked(&self.kept.files)
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            let pause = waiting
+                .iter()
+                .map(|(_, tries)| FIRST * (1u32 << (*tries).min(4)))
+                .min()
+                .unwrap_or(FIRST)
+                .min(Duration::from_secs(30));
+            tokio::time::sleep(pause).await;
+            for (tino, _) in waiting {
+                let r = self.flush_ino(tino).await;
+                let mut files = locked(&self.files);
+                let mut kept = locked(&self.kept.files);
+                let Some(st) = files.get(&tino).cloned() else {
+                    kept.remove(&tino);
+                    continue;
+                };
+                let inner = locked(&st.inner);
+                match r {
+                    Ok(()) if !inner.unstored() => {
+                        kept.remove(&tino);
+                        self.kept.stored_late.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            ino = tino,
+                            "data of a file closed after a failed flush is stored now"
+                        );
+                        if inner.opens == 0 {
+                            drop(inner);
+                            files.remove(&tino);
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        self.kept.retries.fetch_add(1, Ordering::Relaxed);
+                        let tries = kept.entry(tino).or_insert(0);
+                        *tries += 1;
+                        if tries.is_power_of_two() {
+                            tracing::warn!(ino = tino, tries = *tries, error = ?e, "data of a closed file still cannot be stored; trying again");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     pub(crate) async fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Res<()> {

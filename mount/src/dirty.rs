@@ -144,6 +144,13 @@ impl Dirty {
         Some(data)
     }
 
+    /// Only the appended bytes.
+    pub(crate) fn appends_only(&self) -> Dirty {
+        let mut d = Dirty::default();
+        d.append(&self.appends);
+        d
+    }
+
     pub(crate) fn into_parts(self) -> (Vec<(u64, Vec<u8>)>, Vec<u8>) {
         (self.segments.into_iter().collect(), self.appends)
     }

@@ -445,31 +445,39 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let n = data.len() as u32;
+        if let Some(ino) = self.core.must_wait(fh.0) {
+            // Backpressure: this write waits for an upload before its bytes
+            // are buffered, and the upload's failure is its error (its
+            // bytes not taken). The kernel sends a file's next write only
+            // after this one's answer, so the order holds.
+            let data = data.to_vec();
+            self.run(FuseOp::Write, move |c| async move {
+                if let Err(e) = c.upload_for_write(ino).await {
+                    tracing::warn!(ino, error = ?e, "a write waited for an upload that failed");
+                    return reply.error(e);
+                }
+                match c.buffer_write(fh.0, offset, &data) {
+                    Ok(_) => reply.written(n),
+                    Err(e) => reply.error(e),
+                }
+            });
+            return;
+        }
         // Buffered synchronously, so writes keep the kernel's order.
         match self.core.buffer_write(fh.0, offset, data) {
             Err(e) => {
                 self.stats.local(FuseOp::Write);
                 reply.error(e)
             }
-            Ok((ino, start_upload, must_wait)) => {
-                let n = data.len() as u32;
-                if !start_upload {
-                    self.stats.local(FuseOp::Write);
-                    return reply.written(n);
-                }
-                if must_wait {
-                    // Backpressure: this write waits for the upload.
-                    self.run(FuseOp::Write, move |c| async move {
-                        c.background_upload(ino).await;
-                        reply.written(n)
-                    });
-                    return;
-                }
+            Ok((ino, start_upload)) => {
                 self.stats.local(FuseOp::Write);
                 reply.written(n);
-                // Nobody waits for it: its RPCs count as background.
-                let c = self.core.clone();
-                self.rt.spawn(async move { c.background_upload(ino).await });
+                if start_upload {
+                    // Nobody waits for it: its RPCs count as background.
+                    let c = self.core.clone();
+                    self.rt.spawn(async move { c.background_upload(ino).await });
+                }
             }
         }
     }

@@ -312,7 +312,8 @@ fn serve(mut args: Args) -> Result<(), String> {
             }
         }
     });
-    let stats = Arc::new(stats::MountStats::new(client.clone()));
+    let kept = Arc::new(core::Kept::default());
+    let stats = Arc::new(stats::MountStats::new(client.clone(), kept.clone()));
     if let Some(path) = &args.opts.stats {
         stats::write_every_second(stats.clone(), path.clone());
     }
@@ -332,11 +333,12 @@ fn serve(mut args: Args) -> Result<(), String> {
     if args.opts.leases && !rt.block_on(client.leases_up(Duration::from_secs(2))) {
         tracing::info!("no lease stream yet; serving without leases until it is up");
     }
-    let mut core = core::Core::new(client, root, args.opts.read_only, cache);
+    let mut core = core::Core::new(client, root, args.opts.read_only, cache).with_kept(kept);
     if args.opts.write_behind {
         core = core.with_write_behind();
     }
     let core = Arc::new(core);
+    rt.spawn(core.clone().store_kept());
     if let Some(b) = &core.behind {
         b.set_core(Arc::downgrade(&core));
     }

@@ -26,7 +26,8 @@
 //!   "rpcs_by_kind": {
 //!     "meta_query": {"sent": 25, "ok": 25, "error": 0, "timeout": 0, "cancelled": 0},
 //!     ... one entry for every kind in `failsafe_client::RpcKind::ALL`
-//!   }
+//!   },
+//!   "kept": {"files": 0, "retries": 0, "stored_late": 0}
 //! }
 //! ```
 //!
@@ -35,6 +36,9 @@
 //! `time_us`: their total time from the request reaching the mount to the
 //! reply; `hist`: operations by their round trips. `total_rpcs` counts every
 //! RPC the mount sent, `background_rpcs` those sent outside any operation.
+//! `kept`: files closed after a failed flush whose bytes the mount still
+//! holds (`files`), attempts to store them that failed again (`retries`),
+//! and kept files stored since (`stored_late`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -43,6 +47,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use failsafe_client::{Client, OpCost, Outcome, RpcKind};
+
+use crate::core::Kept;
 
 macro_rules! fuse_ops {
     ($($v:ident => $name:literal),* $(,)?) => {
@@ -126,16 +132,18 @@ struct OpStats {
 pub(crate) struct MountStats {
     ops: Vec<OpStats>,
     client: Client,
+    kept: Arc<Kept>,
     started: Instant,
     /// One writer of the stats file at a time (the ticker, the last write).
     writing: Mutex<()>,
 }
 
 impl MountStats {
-    pub(crate) fn new(client: Client) -> MountStats {
+    pub(crate) fn new(client: Client, kept: Arc<Kept>) -> MountStats {
         MountStats {
             ops: FuseOp::ALL.iter().map(|_| OpStats::default()).collect(),
             client,
+            kept,
             started: Instant::now(),
             writing: Mutex::new(()),
         }
@@ -206,7 +214,13 @@ impl MountStats {
             }
             j.push('}');
         }
-        j.push_str("\n  }\n}\n");
+        let _ = write!(
+            j,
+            "\n  }},\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
+            self.kept.count(),
+            self.kept.retries.load(Ordering::Relaxed),
+            self.kept.stored_late.load(Ordering::Relaxed),
+        );
         j
     }
 
@@ -286,6 +300,15 @@ impl MountStats {
             t,
             "# HELP failsafe_client_background_rpcs_total RPCs sent outside any FUSE operation.\n# TYPE failsafe_client_background_rpcs_total counter\nfailsafe_client_background_rpcs_total {}\n",
             rpcs.background
+        );
+        let _ = write!(
+            t,
+            "# HELP failsafe_mount_kept_files Files closed after a failed flush whose bytes this mount still holds, to store when the cluster takes them.\n# TYPE failsafe_mount_kept_files gauge\nfailsafe_mount_kept_files {}\n\
+             # HELP failsafe_mount_kept_retries_total Attempts to store a kept file's bytes that failed again.\n# TYPE failsafe_mount_kept_retries_total counter\nfailsafe_mount_kept_retries_total {}\n\
+             # HELP failsafe_mount_kept_stored_total Kept files whose bytes were stored late.\n# TYPE failsafe_mount_kept_stored_total counter\nfailsafe_mount_kept_stored_total {}\n",
+            self.kept.count(),
+            self.kept.retries.load(Ordering::Relaxed),
+            self.kept.stored_late.load(Ordering::Relaxed),
         );
         t
     }

@@ -48,6 +48,20 @@ pub struct Commit {
     pub truncate: bool,
 }
 
+/// A commit of bytes already stored, under its operation id (see
+/// [`Client::prepare_store`]).
+#[derive(Debug, Clone)]
+pub struct PreparedCommit {
+    cmd: pb::Command,
+}
+
+impl PreparedCommit {
+    /// Whether it empties the file first (an O_TRUNC open's truncation).
+    pub fn truncates(&self) -> bool {
+        matches!(&self.cmd.op, Some(pb::command::Op::CommitExtents(c)) if c.truncate)
+    }
+}
+
 impl Client {
     /// Stores one block on one device.
     pub async fn put_block(
@@ -527,23 +541,83 @@ impl Client {
         data: &[u8],
         how: Commit,
     ) -> Result<pb::Attr, ClientError> {
-        if data.is_empty() {
-            if how.truncate {
-                return self.commit(ino, Vec::new(), Vec::new(), how).await;
-            }
+        if data.is_empty() && !how.truncate {
             return self.getattr(ino).await;
         }
-        if data.len() <= self.inline_max_bytes() {
-            let extent = failsafe_proto::inline_extent(offset, data);
-            match self.commit(ino, vec![extent], Vec::new(), how).await {
-                Err(e) if e.code() == Some(pb::ErrorCode::InlineFull) => {
-                    tracing::debug!(ino, "file full of inline bytes: storing as blocks");
+        let mut prepared = self.prepare_store(ino, offset, data, how).await?;
+        self.commit_prepared(&mut prepared).await
+    }
+
+    /// [`Client::store`]'s first half: the bytes stored (inline in the
+    /// command, or as blocks on the write quorum) and the commit that places
+    /// them, under its operation id. Sent with [`Client::commit_prepared`];
+    /// sent again verbatim after an answer that never came, it applies once
+    /// (an append must not land twice).
+    pub async fn prepare_store(
+        &self,
+        ino: u64,
+        offset: u64,
+        data: &[u8],
+        how: Commit,
+    ) -> Result<PreparedCommit, ClientError> {
+        let (extents, copies) = if data.is_empty() {
+            (Vec::new(), Vec::new())
+        } else if data.len() <= self.inline_max_bytes() {
+            (
+                vec![failsafe_proto::inline_extent(offset, data)],
+                Vec::new(),
+            )
+        } else {
+            self.as_blocks(offset, data).await?
+        };
+        Ok(PreparedCommit {
+            cmd: self.command(pb::command::Op::CommitExtents(pb::CommitExtents {
+                ino,
+                extents,
+                copies,
+                append: how.append,
+                truncate: how.truncate,
+            })),
+        })
+    }
+
+    /// Sends a prepared commit. A file that already holds as many inline
+    /// bytes as it may refuses inline ones: they are stored as blocks and
+    /// `prepared` becomes that commit, under a new operation id (the
+    /// refused one applied nothing). On an error whose outcome is unknown
+    /// ([`ClientError::outcome_unknown`]) send the same `prepared` again.
+    pub async fn commit_prepared(
+        &self,
+        prepared: &mut PreparedCommit,
+    ) -> Result<pb::Attr, ClientError> {
+        match self.mutate_attr_cmd(prepared.cmd.clone()).await {
+            Err(e) if e.code() == Some(pb::ErrorCode::InlineFull) => {
+                tracing::debug!("file full of inline bytes: storing as blocks");
+                let Some(pb::command::Op::CommitExtents(c)) = &prepared.cmd.op else {
+                    return Err(e);
+                };
+                let mut extents = Vec::with_capacity(c.extents.len());
+                let mut copies = Vec::new();
+                for x in &c.extents {
+                    if x.data.is_empty() {
+                        extents.push(x.clone());
+                        continue;
+                    }
+                    let (more, more_copies) = self.as_blocks(x.offset, &x.data).await?;
+                    extents.extend(more);
+                    copies.extend(more_copies);
                 }
-                r => return r,
+                *prepared = PreparedCommit {
+                    cmd: self.command(pb::command::Op::CommitExtents(pb::CommitExtents {
+                        extents,
+                        copies,
+                        ..c.clone()
+                    })),
+                };
+                self.mutate_attr_cmd(prepared.cmd.clone()).await
             }
+            r => r,
         }
-        let (extents, copies) = self.as_blocks(offset, data).await?;
-        self.commit(ino, extents, copies, how).await
     }
 
     /// Stores `data` as blocks on the write quorum: the extents that place
@@ -593,23 +667,6 @@ impl Client {
     /// The largest write this client sends inline.
     fn inline_max_bytes(&self) -> usize {
         self.inner.cfg.inline_max_bytes.min(MAX_INLINE_BYTES)
-    }
-
-    async fn commit(
-        &self,
-        ino: u64,
-        extents: Vec<pb::Extent>,
-        copies: Vec<pb::BlockCopies>,
-        how: Commit,
-    ) -> Result<pb::Attr, ClientError> {
-        self.mutate_attr(pb::command::Op::CommitExtents(pb::CommitExtents {
-            ino,
-            extents,
-            copies,
-            append: how.append,
-            truncate: how.truncate,
-        }))
-        .await
     }
 
     /// Reads up to `length` bytes at `offset`; holes read as zeros.

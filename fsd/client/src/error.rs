@@ -43,4 +43,11 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// Whether a change may have applied although no answer came: no
+    /// member answered in time. Anything else is a clean answer: refused,
+    /// rejected, or failed before the change was sent.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, ClientError::Unavailable(_))
+    }
 }

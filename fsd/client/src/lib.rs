@@ -18,7 +18,7 @@ mod net;
 pub mod stats;
 
 pub use admin::{admin_at, admin_for};
-pub use blocks::{inline_bytes, malformed_inline, Commit};
+pub use blocks::{inline_bytes, malformed_inline, Commit, PreparedCommit};
 pub use error::ClientError;
 pub use failsafe_proto::{pb, whole_file};
 pub use leases::{Cached, Dropped, Leased};

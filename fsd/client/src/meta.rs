@@ -135,7 +135,7 @@ impl Client {
     }
 
     /// `op` as a command of this client's, under a new operation id.
-    fn command(&self, op: Op) -> pb::Command {
+    pub(crate) fn command(&self, op: Op) -> pb::Command {
         pb::Command {
             client_id: self.inner.client_id,
             op_id: self.next_op_id(),
@@ -190,7 +190,13 @@ impl Client {
     }
 
     pub(crate) async fn mutate_attr(&self, op: Op) -> Result<pb::Attr, ClientError> {
-        match self.mutate(op).await? {
+        self.mutate_attr_cmd(self.command(op)).await
+    }
+
+    /// Sends `cmd` as it is (a retry of one whose outcome is unknown keeps
+    /// its operation id); its result must be attributes.
+    pub(crate) async fn mutate_attr_cmd(&self, cmd: pb::Command) -> Result<pb::Attr, ClientError> {
+        match self.send_change(cmd, Behind::default()).await?.0 {
             command_result::Result::Attr(a) => Ok(a),
             _ => Err(unexpected("mutate")),
         }
