@@ -147,7 +147,7 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
                 }
                 Ok(parse_view(&name, &page.body))
             },
-            |seen| match seen {
+            |seen| match seen.and_then(Option::as_ref) {
                 None => (0, String::new(), String::new()),
                 Some(Seen {
                     rev: Some(rev),

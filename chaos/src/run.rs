@@ -79,6 +79,21 @@ async fn sleep_until(t0: Instant, t: f64) -> bool {
     !INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// [`sleep_until`], restarting any host that exits meanwhile (the
+/// supervisor's part, [`World::supervise`]) about every second.
+async fn supervised_sleep(world: &mut World, t0: Instant, t: f64) -> bool {
+    loop {
+        let next = t.min(t0.elapsed().as_secs_f64() + 1.0);
+        if !sleep_until(t0, next).await {
+            return false;
+        }
+        world.supervise();
+        if next >= t {
+            return true;
+        }
+    }
+}
+
 /// Sums a counter over all hosts from their /metrics, across restarts.
 #[derive(Default)]
 struct CounterTrack {
@@ -202,6 +217,10 @@ async fn drive(
                 None => std::thread::spawn(move || workload::editor(ctx, w)),
             });
         }
+        for a in 0..s.workload.appenders {
+            let ctx = ctx(&history);
+            threads.push(std::thread::spawn(move || workload::appender(ctx, a)));
+        }
         for r in 0..s.workload.readers {
             let ctx = ctx(&history);
             let (clients, seed) = (s.clients, seed ^ ((c * 64 + r) as u64));
@@ -223,7 +242,7 @@ async fn drive(
     let mut limp_seen = 0u64;
     let mut last_end = 0.0f64;
     for step in schedule(s) {
-        if !sleep_until(t0, step.at_s).await {
+        if !supervised_sleep(world, t0, step.at_s).await {
             break;
         }
         let f = &s.faults[step.fault];
@@ -335,6 +354,7 @@ async fn drive(
         if INTERRUPTED.load(Ordering::Relaxed) {
             break;
         }
+        world.supervise();
         if now >= last_end {
             match world.status().await.as_ref().and_then(below_copy_count) {
                 Some(0) => {

@@ -37,6 +37,11 @@ pub(crate) struct Scenario {
     /// directory on the work disk). Needed by the `device_full` fault.
     #[serde(default)]
     pub device_mb: u64,
+    /// Size of the disk under each host's tracker databases, a tmpfs of
+    /// this many MiB mounted at its data dir's `tracker` (0: the work
+    /// disk). Needed by the `tracker_full` fault.
+    #[serde(default)]
+    pub tracker_mb: u64,
     /// Breaks a guarantee on purpose, to show the checker catches it.
     #[serde(default)]
     pub sabotage: Option<Sabotage>,
@@ -124,6 +129,10 @@ pub(crate) struct Workload {
     /// Readers per mount: read the pages of editors on the other mounts.
     #[serde(default = "one")]
     pub readers: usize,
+    /// Appenders per mount: each appends a line of its own to the change
+    /// log (open O_APPEND, write, fsync, close), again and again.
+    #[serde(default)]
+    pub appenders: usize,
     /// Pages per editor; with `shared_pages`, the pages all editors share.
     #[serde(default = "four")]
     pub pages: usize,
@@ -175,6 +184,7 @@ impl Default for Workload {
             mode: Mode::Files,
             writers: 1,
             readers: 1,
+            appenders: 0,
             pages: 4,
             shared_pages: false,
             page_bytes: page_bytes(),
@@ -232,6 +242,9 @@ pub(crate) enum FaultKind {
     /// The reverse: no client reaches the target's zone, which still
     /// reaches the other zones.
     ClientsCut,
+    /// One way only: the target's zone's answers to clients are lost,
+    /// while the clients' requests still arrive (and apply) there.
+    AnswersLost,
     /// Stopped, moved to a new IP address (a shipped box), started there when it ends.
     NewIp,
     /// `fsctl host ship` first (which must agree), then as `new_ip`: shut
@@ -244,6 +257,9 @@ pub(crate) enum FaultKind {
     Bitrot,
     /// The target's device filled up; freed when it ends.
     DeviceFull,
+    /// The disk under the target's tracker databases (raft.db, meta.db)
+    /// filled up; freed when it ends.
+    TrackerFull,
     /// The leader is killed (kill -9) `repeat` times, `every_s` apart, each
     /// restarted after `for_s`.
     LeaderKill,
@@ -263,7 +279,7 @@ impl FaultKind {
     pub(crate) fn needs_netns(self) -> bool {
         matches!(
             self,
-            FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut
+            FaultKind::Unplug | FaultKind::ZoneCut | FaultKind::ClientsCut | FaultKind::AnswersLost
         )
     }
 }
@@ -399,6 +415,11 @@ impl Scenario {
             if !ok {
                 bail!("fault target {t:?}: leader, follower, zone:NAME, host:N or mount:N");
             }
+            if f.kind == FaultKind::TrackerFull && self.tracker_mb == 0 {
+                bail!(
+                    "tracker_full needs tracker_mb (each host's tracker on a tmpfs of that size)"
+                );
+            }
             if f.kind == FaultKind::DeviceFull && self.device_mb == 0 {
                 bail!("device_full needs device_mb (each host's device a tmpfs of that size)");
             }
@@ -469,6 +490,7 @@ impl Scenario {
             fsd_flags: Vec::new(),
             mount_options: String::new(),
             device_mb: 0,
+            tracker_mb: 0,
             sabotage: None,
             latency: None,
         }

@@ -158,7 +158,7 @@ impl Ctx {
         kind: Kind,
         path: &str,
         f: impl FnOnce() -> std::io::Result<T>,
-        describe: impl FnOnce(&T) -> (u64, String, String),
+        describe: impl FnOnce(Option<&T>) -> (u64, String, String),
     ) -> Option<T> {
         let start_ms = self.history.now_ms();
         let r = f();
@@ -176,9 +176,11 @@ impl Ctx {
             hash: String::new(),
             note: String::new(),
         };
+        // A failed change is described too: it may have applied (its
+        // answer lost), and the checker must know what it would have written.
+        (op.rev, op.hash, op.note) = describe(r.as_ref().ok());
         match r {
             Ok(v) => {
-                (op.rev, op.hash, op.note) = describe(&v);
                 self.history.push(op);
                 Some(v)
             }
@@ -254,6 +256,36 @@ pub(crate) fn shared_page(p: usize) -> String {
     format!("shared-p{p}.txt")
 }
 
+/// One appender: appends lines of its own to the change log, one open,
+/// write, fsync and close each, as fast as they go.
+pub(crate) fn appender(ctx: Ctx, a: usize) {
+    let me = format!("c{}a{a}", ctx.client);
+    let mut k = 0u64;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        k += 1;
+        append_line(&ctx, &me, k, format!("{me} {k}"));
+    }
+}
+
+/// Appends `line` to the change log (open O_APPEND, write, fsync, close),
+/// recorded as `me`'s append for revision `rev`.
+fn append_line(ctx: &Ctx, me: &str, rev: u64, line: String) {
+    ctx.record(
+        me,
+        Kind::Append,
+        LOG,
+        || {
+            let mut f = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(ctx.p(LOG))?;
+            f.write_all(format!("{line}\n").as_bytes())?;
+            f.sync_all()
+        },
+        |_| (rev, String::new(), line.clone()),
+    );
+}
+
 /// One editor: saves pages in turn the way wikis do, appends each save to
 /// the log, and now and then creates a scratch file and deletes the
 /// previous one. Its own pages, or with `shared_pages` the pages every
@@ -269,20 +301,7 @@ pub(crate) fn editor(ctx: Ctx, w: usize) {
                 "{me} {rev} {page}{}",
                 if saved_ok { "" } else { " (save failed)" }
             );
-            ctx.record(
-                &me,
-                Kind::Append,
-                LOG,
-                || {
-                    let mut f = OpenOptions::new()
-                        .append(true)
-                        .create(true)
-                        .open(ctx.p(LOG))?;
-                    f.write_all(format!("{line}\n").as_bytes())?;
-                    f.sync_all()
-                },
-                |_| (rev, String::new(), line.clone()),
-            );
+            append_line(&ctx, &me, rev, line);
         }
         if k.is_multiple_of(5) {
             let name = format!("{SCRATCH}/{me}-{k}");
@@ -352,7 +371,11 @@ fn save_step(ctx: &Ctx, me: &str, w: usize, k: u64) -> Option<(u64, String, bool
             Err(e) => Err(e),
         },
         |held| {
-            let note = if *held { "" } else { "held by another editor" };
+            let note = if held != Some(&false) {
+                ""
+            } else {
+                "held by another editor"
+            };
             (if shared { 0 } else { k }, String::new(), note.to_string())
         },
     )?;
@@ -413,7 +436,7 @@ fn read_page(ctx: &Ctx, me: &str, page: &str) {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             r => r.map(Some),
         },
-        |content| match content {
+        |content| match content.and_then(Option::as_ref) {
             None => (0, String::new(), String::new()),
             Some(b) => match parse_rev(page, b) {
                 Some(rev) => (rev, hash(b), String::new()),
@@ -467,7 +490,7 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
                         }
                     })
                 },
-                |b| (0, hash(b), String::new()),
+                |b| (0, b.map(|b| hash(b)).unwrap_or_default(), String::new()),
             );
             ctx.record(
                 &me,
@@ -478,7 +501,13 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
                         .map(|e| e.map(|_| ()))
                         .collect::<std::io::Result<Vec<()>>>()
                 },
-                |v| (v.len() as u64, String::new(), String::new()),
+                |v| {
+                    (
+                        v.map_or(0, |v| v.len() as u64),
+                        String::new(),
+                        String::new(),
+                    )
+                },
             );
         }
         std::thread::sleep(Duration::from_millis(5));

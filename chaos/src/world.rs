@@ -40,6 +40,10 @@ pub(crate) struct World {
     tmpfs: Vec<PathBuf>,
     /// Fillers written by `device_full`, by host.
     fillers: Vec<Option<PathBuf>>,
+    /// The same for each host's tracker disk (`tracker_full`).
+    tracker_fillers: Vec<Option<PathBuf>>,
+    /// Size of each host's tracker disk (0: none of its own).
+    tracker_mb: u64,
     /// Each host's block device directory.
     pub devices: Vec<PathBuf>,
     zones: Vec<String>,
@@ -74,6 +78,8 @@ impl World {
             work: work.to_path_buf(),
             tmpfs: Vec::new(),
             fillers: Vec::new(),
+            tracker_fillers: Vec::new(),
+            tracker_mb: s.tracker_mb,
             devices: Vec::new(),
             zones: Vec::new(),
             bitrot_candidates: Vec::new(),
@@ -238,6 +244,26 @@ impl World {
         Ok(out)
     }
 
+    /// Mounts a tmpfs of `mb` MiB at `at`, unmounted at teardown.
+    fn mount_tmpfs(&mut self, at: &Path, mb: u64) -> anyhow::Result<()> {
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m"),
+                "failsafe-chaos",
+            ])
+            .arg(at)
+            .status()
+            .context("mount tmpfs")?;
+        if !ok.success() {
+            bail!("could not mount a {mb} MiB tmpfs at {}", at.display());
+        }
+        self.tmpfs.push(at.to_path_buf());
+        Ok(())
+    }
+
     /// Defines and starts one more fsd (not yet a member) in `zone`.
     fn start_new_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
         let i = self.cluster.hosts.len();
@@ -245,24 +271,12 @@ impl World {
         let dev = dir.join("dev");
         std::fs::create_dir_all(&dev)?;
         if device_mb > 0 {
-            let ok = Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={device_mb}m"),
-                    "failsafe-chaos",
-                ])
-                .arg(&dev)
-                .status()
-                .context("mount tmpfs")?;
-            if !ok.success() {
-                bail!(
-                    "could not mount a {device_mb} MiB tmpfs at {}",
-                    dev.display()
-                );
-            }
-            self.tmpfs.push(dev.clone());
+            self.mount_tmpfs(&dev, device_mb)?;
+        }
+        if self.tracker_mb > 0 {
+            let tracker = dir.join("tracker");
+            std::fs::create_dir_all(&tracker)?;
+            self.mount_tmpfs(&tracker, self.tracker_mb)?;
         }
         let h = self.cluster.define_host(
             &dir,
@@ -271,6 +285,7 @@ impl World {
         );
         self.devices.push(dev);
         self.fillers.push(None);
+        self.tracker_fillers.push(None);
         self.zones.push(zone.to_string());
         let cities = self.latency.is_some();
         let port = match self.net.as_mut() {
@@ -400,11 +415,13 @@ impl World {
 
     /// The cluster status, from whichever member answers.
     pub(crate) async fn status(&self) -> Option<pb::StatusReply> {
-        let client = self.client().await.ok()?;
-        tokio::time::timeout(Duration::from_secs(3), client.status())
-            .await
-            .ok()?
-            .ok()
+        // Connecting is bounded too: a member whose answers are lost would
+        // hold a connect for minutes.
+        tokio::time::timeout(Duration::from_secs(3), async {
+            self.client().await.ok()?.status().await.ok()
+        })
+        .await
+        .ok()?
     }
 
     /// The host index the status names as leader.
@@ -534,6 +551,18 @@ impl World {
                 }
                 format!("zone {zone} cut off from every client (it still reaches the other zones)")
             }
+            FaultKind::AnswersLost => {
+                let zones = self.zones.clone();
+                let clients = self.mounts.len();
+                let net = self.net(kind)?;
+                for a in (0..zones.len()).filter(|a| zones[*a] == zone) {
+                    for c in 0..clients {
+                        let (an, cip) = (net.host_ns(a), net.client_ip(c));
+                        net.cut_one_way(&an, &cip)?;
+                    }
+                }
+                format!("zone {zone}'s answers to every client lost (their requests still arrive)")
+            }
             FaultKind::NewIp => {
                 self.cluster.stop(i);
                 format!("host {i} (zone {zone}) shut down to be moved")
@@ -576,6 +605,12 @@ impl World {
                 self.fillers[i] = Some(filler);
                 format!("device of host {i} (zone {zone}) filled")
             }
+            FaultKind::TrackerFull => {
+                let filler = self.cluster.hosts[i].dir.join("tracker").join("filler");
+                fill(&filler);
+                self.tracker_fillers[i] = Some(filler);
+                format!("disk under the tracker of host {i} (zone {zone}) filled")
+            }
             FaultKind::RollingRestart => {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
@@ -601,7 +636,7 @@ impl World {
                 self.net(kind)?.set_cable(i, true)?;
                 format!("cable of host {i} plugged back in")
             }
-            FaultKind::ZoneCut | FaultKind::ClientsCut => {
+            FaultKind::ZoneCut | FaultKind::ClientsCut | FaultKind::AnswersLost => {
                 self.net(kind)?.heal()?;
                 "cut healed".into()
             }
@@ -632,9 +667,32 @@ impl World {
                 }
                 format!("device of host {i} freed")
             }
+            FaultKind::TrackerFull => {
+                if let Some(f) = self.tracker_fillers[i].take() {
+                    let _ = std::fs::remove_file(f);
+                }
+                format!("disk under the tracker of host {i} freed")
+            }
             FaultKind::Bitrot | FaultKind::RollingRestart | FaultKind::AddHost => String::new(),
             FaultKind::DrainRemove => bail!("{kind:?} is asynchronous"),
         })
+    }
+
+    /// What systemd's `Restart=on-failure` does for fsd: a host whose
+    /// process exited by itself (a tracker that stopped for good exits
+    /// non-zero) is started again on its port. Called about every second.
+    pub(crate) fn supervise(&mut self) {
+        for i in 0..self.cluster.hosts.len() {
+            let Some(status) = self.cluster.exited_by_itself(i) else {
+                continue;
+            };
+            println!(
+                "          host {i} exited by itself ({status}); restarting it, as systemd would"
+            );
+            if let Err(e) = self.cluster.start_host(i, self.cluster.hosts[i].port) {
+                println!("          host {i} did not start again ({e:#}); trying again shortly");
+            }
+        }
     }
 
     /// Copies every host's and mount's log into `dir`.
@@ -655,6 +713,11 @@ impl World {
 
     /// Unmounts, stops every process, removes tmpfs devices and namespaces.
     pub(crate) fn teardown(&mut self) {
+        // Cuts healed first: a mount unmounting behind one would wait out
+        // the deadlines of what it still has to store.
+        if let Some(net) = self.net.as_mut() {
+            let _ = net.heal();
+        }
         for m in &mut self.mounts {
             m.unmount();
         }
@@ -740,7 +803,10 @@ fn fill(path: &Path) {
     let Ok(mut f) = std::fs::File::create(path) else {
         return;
     };
-    let chunk = vec![0u8; 1 << 20];
-    while f.write_all(&chunk).is_ok() {}
+    // Big chunks, then small ones for what is left: full to the last page.
+    for size in [1 << 20, 4096] {
+        let chunk = vec![0u8; size];
+        while f.write_all(&chunk).is_ok() {}
+    }
     let _ = f.sync_all();
 }

@@ -736,6 +736,17 @@ impl LocalCluster {
         }
     }
 
+    /// How host `i`'s process ended if it exited by itself (not stopped or
+    /// killed through this cluster): what a supervisor (systemd's
+    /// `Restart=on-failure`) acts on. Reaps it.
+    pub fn exited_by_itself(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let h = &mut self.hosts[i];
+        let status = h.child.as_mut().and_then(|c| c.try_wait().ok().flatten())?;
+        h.child = None;
+        h.frozen = false;
+        Some(status)
+    }
+
     /// SIGTERM one host and wait for it to exit (SIGKILL after 10 s).
     pub fn stop(&mut self, i: usize) {
         let h = &mut self.hosts[i];

@@ -145,6 +145,15 @@ impl Net {
         ])
     }
 
+    /// Drops what namespace `a` sends to address `dst`, one way only: what
+    /// `dst` sends still arrives (an asymmetric route failure: requests get
+    /// through, their answers are lost). Removed by [`Net::heal`].
+    pub fn cut_one_way(&mut self, a: &str, dst: &str) -> anyhow::Result<()> {
+        ip(&["-n", a, "route", "add", "blackhole", &format!("{dst}/32")])?;
+        self.cuts.push((a.to_string(), dst.to_string()));
+        Ok(())
+    }
+
     /// Drops all traffic between namespace `a` and address `b_ip` both ways
     /// (`b_ns` is the namespace holding `b_ip`), as a cut line between cities would.
     pub fn cut(&mut self, a: &str, a_ip: &str, b: &str, b_ip: &str) -> anyhow::Result<()> {

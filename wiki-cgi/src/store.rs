@@ -154,10 +154,14 @@ impl Store {
             match fs::create_dir(&path) {
                 Ok(()) => return Ok(PageLock { path }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // Aged by the storage's clock, not this web host's: on
+                    // shared storage the lock's mtime is the storage's time,
+                    // and a web host whose clock is off would break a live
+                    // lock (or keep a dead one).
                     let age = fs::metadata(&path)
                         .and_then(|m| m.modified())
                         .ok()
-                        .and_then(|t| t.elapsed().ok());
+                        .and_then(|t| self.storage_now().ok()?.duration_since(t).ok());
                     if age.is_some_and(|a| a > STALE_LOCK) {
                         // A saver that crashed holding the lock: break it.
                         let _ = fs::remove_dir(&path);
@@ -171,6 +175,19 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// The storage's clock now: the mtime of a file written just now (on
+    /// a local disk, this host's clock; on failsafe, the tracker leader's).
+    fn storage_now(&self) -> io::Result<SystemTime> {
+        let probe = self
+            .root
+            .join("locks")
+            .join(format!(".now.{}", std::process::id()));
+        fs::write(&probe, b"")?;
+        let t = fs::metadata(&probe).and_then(|m| m.modified());
+        let _ = fs::remove_file(&probe);
+        t
     }
 
     pub(crate) fn read(&self, name: &str) -> Result<Option<String>, StoreError> {

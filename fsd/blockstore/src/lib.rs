@@ -87,6 +87,8 @@ struct Device {
     root: PathBuf,
     used_bytes: AtomicU64,
     blocks: AtomicU64,
+    /// Free space no block may take (the tracker's on a shared filesystem).
+    keep_free: AtomicU64,
 }
 
 impl Device {
@@ -119,6 +121,7 @@ impl Device {
             root: root.to_path_buf(),
             used_bytes: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
+            keep_free: AtomicU64::new(0),
         };
         let (mut used, mut count) = (0, 0);
         dev.walk(|_, size| {
@@ -223,6 +226,23 @@ impl BlockStore {
         })
     }
 
+    /// Keeps `bytes` free on every device that shares a filesystem with
+    /// `dir` (the tracker's databases): puts that would take them fail as
+    /// full, and the device reports that much less free space, so placement
+    /// skips it first.
+    pub fn keep_free_for(&self, dir: &Path, bytes: u64) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(of_dir) = fs::metadata(dir).map(|m| m.dev()) else {
+            return;
+        };
+        for d in &self.devices {
+            if fs::metadata(&d.root).is_ok_and(|m| m.dev() == of_dir) {
+                d.keep_free.store(bytes, Ordering::Relaxed);
+                tracing::info!(device = format!("{:016x}", d.id), keep_free_bytes = bytes, "device shares a filesystem with the tracker: its reserve is kept free of blocks");
+            }
+        }
+    }
+
     fn device(&self, id: u64) -> Result<&Device, StoreError> {
         self.by_id
             .get(&id)
@@ -243,7 +263,7 @@ impl BlockStore {
                     device_id: d.id,
                     path: d.root.clone(),
                     capacity_bytes,
-                    free_bytes,
+                    free_bytes: free_bytes.saturating_sub(d.keep_free.load(Ordering::Relaxed)),
                     used_bytes: d.used_bytes.load(Ordering::Relaxed),
                     blocks: d.blocks.load(Ordering::Relaxed),
                 }
@@ -253,7 +273,8 @@ impl BlockStore {
 
     /// Stores `data` as block `hash` on `device_id`, durably, after checking
     /// that the bytes hash to the name. Storing a block that is already there
-    /// succeeds without rewriting it.
+    /// succeeds without rewriting it if a sample of it matches `data` (its
+    /// size, three 4 KiB ranges); else the rotten copy is replaced.
     pub fn put(&self, device_id: u64, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
         if data.len() > MAX_BLOCK_BYTES {
             return Err(StoreError::TooLarge(data.len()));
@@ -267,17 +288,34 @@ impl BlockStore {
         }
         let dev = self.device(device_id)?;
         let path = dev.block_path(hash);
+        let mut replaced = 0;
         {
             let _held = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
-            match File::options().write(true).open(&path) {
-                // Already there: it counts as stored now.
-                Ok(f) => return f.set_modified(SystemTime::now()).map_err(io_err(&path)),
+            match File::options().read(true).write(true).open(&path) {
+                // Already there and intact as far as a sample shows: it
+                // counts as stored now (a rotten copy must not count toward
+                // the quorum: it is rewritten below).
+                Ok(f) if same_as(&f, data) => {
+                    f.set_modified(SystemTime::now()).map_err(io_err(&path))?;
+                    return f.sync_all().map_err(io_err(&path));
+                }
+                Ok(f) => {
+                    replaced = f.metadata().map_or(0, |m| m.len());
+                    tracing::warn!(path = %path.display(), "a block put again differs from the copy here: rewriting it");
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(&path)(e)),
             }
         }
+        let keep_free = dev.keep_free.load(Ordering::Relaxed);
+        if keep_free > 0
+            && fs_space(&dev.root)
+                .is_some_and(|(_, free)| free < keep_free.saturating_add(data.len() as u64))
+        {
+            return Err(StoreError::Full(device_id));
+        }
         let dir = path.parent().unwrap_or(&dev.root);
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        create_dirs_durably(&dev.root, dir)?;
         let tmp =
             dev.root
                 .join("tmp")
@@ -296,9 +334,13 @@ impl BlockStore {
             }
             return Err(StoreError::Io { path, source: e });
         }
+        if replaced > 0 {
+            dev.used_bytes.fetch_sub(replaced, Ordering::Relaxed);
+        } else {
+            dev.blocks.fetch_add(1, Ordering::Relaxed);
+        }
         dev.used_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        dev.blocks.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -459,8 +501,62 @@ impl BlockStore {
     }
 }
 
+/// Whether the block file `f` holds `data` (already checked against its
+/// hash), judged by its size and three sampled 4 KiB ranges (start,
+/// middle, end): cheap enough for every put again, and a rotten copy
+/// rarely hides from all three; the scrubber reads every byte.
+fn same_as(f: &File, data: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    const SAMPLE: usize = 4096;
+    if f.metadata().map_or(true, |m| m.len() != data.len() as u64) {
+        return false;
+    }
+    let len = data.len();
+    let starts = [
+        0,
+        (len / 2).saturating_sub(SAMPLE / 2),
+        len.saturating_sub(SAMPLE),
+    ];
+    let mut buf = vec![0u8; SAMPLE.min(len)];
+    starts.iter().all(|&at| {
+        let want = &data[at..(at + buf.len()).min(len)];
+        let got = &mut buf[..want.len()];
+        f.read_exact_at(got, at as u64).is_ok() && got == want
+    })
+}
+
+/// Creates `dir` and any missing parents up to `root`, each made durable in
+/// its parent (a crash must not lose the fan-out directory of a block whose
+/// put was acknowledged).
+fn create_dirs_durably(root: &Path, dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() && at != root {
+        missing.push(at);
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(d)(e)),
+        }
+        let parent = d.parent().unwrap_or(root);
+        File::open(parent)
+            .and_then(|p| p.sync_all())
+            .map_err(io_err(parent))?;
+    }
+    Ok(())
+}
+
 /// (capacity, free) bytes of the filesystem holding `path`.
-fn fs_space(path: &Path) -> Option<(u64, u64)> {
+pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -479,6 +575,33 @@ mod tests {
     fn store(dir: &Path, n: usize) -> BlockStore {
         let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("dev{i}"))).collect();
         BlockStore::open(&paths).unwrap()
+    }
+
+    #[test]
+    fn a_rotten_copy_put_again_is_rewritten_and_a_device_keeps_the_trackers_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), 1);
+        let d = s.device_ids()[0];
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let h = block_hash(&data);
+        s.put(d, &h, &data).unwrap();
+        let path = s.device(d).unwrap().block_path(&h);
+        let mut rotten = data.clone();
+        rotten[10_000] ^= 0xff;
+        fs::write(&path, &rotten).unwrap();
+        s.put(d, &h, &data).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data, "rewritten");
+        assert_eq!(s.usage()[0].blocks, 1);
+        assert_eq!(s.usage()[0].used_bytes, data.len() as u64);
+        // A device on the tracker's filesystem keeps its reserve free.
+        let (_, free) = fs_space(dir.path()).unwrap();
+        s.keep_free_for(dir.path(), free);
+        let other = vec![1u8; 100];
+        assert!(matches!(
+            s.put(d, &block_hash(&other), &other),
+            Err(StoreError::Full(_))
+        ));
+        assert!(s.usage()[0].free_bytes < free / 100 + 1);
     }
 
     #[test]

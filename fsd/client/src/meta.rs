@@ -91,7 +91,7 @@ impl Client {
         let n = ops.len();
         let commands: Vec<pb::Command> = ops.into_iter().map(|op| self.command(op)).collect();
         let cmd = pb::Command {
-            now_ns: now_ns(),
+            now_ns: 0,
             op: Some(Op::Batch(pb::Batch {
                 commands: commands.clone(),
             })),
@@ -136,10 +136,17 @@ impl Client {
 
     /// `op` as a command of this client's, under a new operation id.
     pub(crate) fn command(&self, op: Op) -> pb::Command {
+        // A change's times are the leader's clock (0 here: it stamps them),
+        // not this web host's, which may be off (review B5); a session's
+        // renewal carries this host's clock only for the leader to compare.
+        let now = match op {
+            Op::OpenSession(_) | Op::Heartbeat(_) => now_ns(),
+            _ => 0,
+        };
         pb::Command {
             client_id: self.inner.client_id,
             op_id: self.next_op_id(),
-            now_ns: now_ns(),
+            now_ns: now,
             leader_ns: 0,
             op: Some(op),
         }

@@ -80,6 +80,30 @@ pub(crate) async fn hello(
 }
 
 impl AdminService {
+    /// `fsctl status`'s warnings as this member sees them: web hosts whose
+    /// clock is off (the leader knows), its own tracker disk nearly full.
+    async fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.tracker.space_low() {
+            out.push(format!(
+                "the disk under the tracker of host {:016x} is nearly full: writes are refused (ENOSPC) while it leads; free space there",
+                self.tracker.host_id
+            ));
+        }
+        if let Ok(offsets) = self.tracker.clock_offsets().await {
+            for (client, ms) in offsets {
+                if ms.abs() > failsafe_tracker::CLOCK_WARN_MS {
+                    out.push(format!(
+                        "web host {client:?}: its clock is {:.1} s {} the leader's; run NTP (wiki engines compare time() with file mtimes)",
+                        ms.abs() as f64 / 1000.0,
+                        if ms > 0 { "ahead of" } else { "behind" }
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     fn check(&self, h: Option<&pb::Header>) -> Result<(), Status> {
         check_header(h, &self.tracker.cluster.get())
     }
@@ -481,6 +505,7 @@ impl Admin for AdminService {
         status.gc = Some(self.gc.status());
         status.blockify = Some(self.blockify.status());
         status.leader_placement = Some(self.placement.status());
+        status.warnings = self.warnings().await;
         Ok(Response::new(status))
     }
 }

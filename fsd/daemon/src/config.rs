@@ -72,6 +72,12 @@ pub struct RawConfig {
     /// MiB. Default 4096.
     #[arg(long)]
     pub max_snapshot_mb: Option<u64>,
+    /// Disk space, in MiB, kept for the tracker's databases alone: a file
+    /// of zeros in its directory, released when the disk fills up, and
+    /// kept free of blocks on a device that shares the filesystem. 0: none.
+    /// Default 64.
+    #[arg(long)]
+    pub tracker_reserve_mb: Option<u64>,
     /// Copies of every block. Default 3.
     #[arg(long)]
     pub copies: Option<usize>,
@@ -176,6 +182,7 @@ impl RawConfig {
             snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
             keep_logs: self.keep_logs.or(file.keep_logs),
             max_snapshot_mb: self.max_snapshot_mb.or(file.max_snapshot_mb),
+            tracker_reserve_mb: self.tracker_reserve_mb.or(file.tracker_reserve_mb),
             copies: self.copies.or(file.copies),
             write_quorum: self.write_quorum.or(file.write_quorum),
             report_interval_ms: self.report_interval_ms.or(file.report_interval_ms),
@@ -214,6 +221,8 @@ pub struct Config {
     pub cluster_id: Option<String>,
     pub rpc_timeout: Duration,
     pub tracker: failsafe_tracker::TrackerConfig,
+    /// Bytes kept for the tracker's databases alone (see `reserve.rs`).
+    pub tracker_reserve_bytes: u64,
     pub report_interval: Duration,
     pub repair: RepairConfig,
     pub scrub: ScrubConfig,
@@ -429,6 +438,7 @@ impl Config {
             cluster_id: raw.cluster_id,
             rpc_timeout: Duration::from_millis(raw.rpc_timeout_ms.unwrap_or(2000).max(10)),
             tracker,
+            tracker_reserve_bytes: raw.tracker_reserve_mb.unwrap_or(64).saturating_mul(1 << 20),
             report_interval: Duration::from_millis(raw.report_interval_ms.unwrap_or(5000).max(100)),
             repair,
             scrub,

@@ -22,6 +22,7 @@ mod metrics;
 mod pace;
 mod placement;
 mod repair;
+mod reserve;
 mod returning;
 mod scrub;
 mod server;

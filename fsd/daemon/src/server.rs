@@ -65,9 +65,13 @@ pub async fn run(
     }
     let store = Arc::new(BlockStore::open(&cfg.devices).context("opening devices")?);
     let cluster_id = ClusterId::new(cluster_id);
+    let tracker_dir = cfg.data_dir.join("tracker");
+    // Before opening the databases: on a full disk they need the reserve.
+    let space_low = crate::reserve::keep(&tracker_dir, cfg.tracker_reserve_bytes)
+        .context("the tracker's disk reserve")?;
     let tracker = Arc::new(
         Tracker::open(
-            &cfg.data_dir.join("tracker"),
+            &tracker_dir,
             identity.host_id,
             &cfg.tracker,
             cluster_id.clone(),
@@ -76,6 +80,8 @@ pub async fn run(
         .await
         .context("opening the tracker")?,
     );
+    tracker.set_space_low(space_low);
+    store.keep_free_for(&tracker_dir, cfg.tracker_reserve_bytes.saturating_mul(2));
     tracing::info!(
         host = format!("{:016x}", identity.host_id),
         %advertise,
@@ -197,6 +203,12 @@ pub async fn run(
             cfg.report_interval,
         ))),
         stop.spawn(Arc::new(SessionReaper(tracker.clone()))),
+        stop.spawn(Arc::new(crate::reserve::TrackerReserve {
+            tracker: tracker.clone(),
+            dir: tracker_dir.clone(),
+            bytes: cfg.tracker_reserve_bytes,
+            state: crate::worker::WorkerState::new("starting"),
+        })),
         stop.spawn(repair),
         stop.spawn(Arc::new(CopyDropper {
             cluster: cluster.clone(),
@@ -212,6 +224,7 @@ pub async fn run(
         workers.push(stop.spawn(scrub));
     }
 
+    let fatal = Arc::new(std::sync::Mutex::new(None));
     let served = tonic::transport::Server::builder()
         .layer(crate::auth::AuthorizeLayer(keys))
         .accept_http1(true)
@@ -225,15 +238,49 @@ pub async fn run(
         .timeout(Duration::from_secs(120))
         .add_routes(routes)
         // Small replies must not wait for the peer's delayed ACK (Nagle).
-        .serve_with_incoming_shutdown(failsafe_tls::incoming(listener, cfg.tls.clone()), shutdown)
+        .serve_with_incoming_shutdown(
+            failsafe_tls::incoming(listener, cfg.tls.clone()),
+            until_stopped(shutdown, tracker.clone(), fatal.clone()),
+        )
         .await;
     if let Some(m) = metrics_only {
         m.abort();
     }
     stop.stop(workers).await;
     tracker.shutdown().await;
+    if let Some(why) = fatal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        anyhow::bail!(
+            "the tracker stopped for good ({why}); exiting so the supervisor restarts fsd"
+        );
+    }
     tracing::info!("fsd stopped");
     served.context("gRPC server")
+}
+
+/// Resolves on `shutdown`, or when the tracker has stopped for good (then
+/// with the reason in `fatal`): either way the server stops, and in the
+/// second case fsd exits non-zero.
+async fn until_stopped(
+    shutdown: impl Future<Output = ()>,
+    tracker: Arc<Tracker>,
+    fatal: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    tokio::select! {
+        _ = shutdown => {}
+        why = tracker.stopped() => {
+            tracing::error!(reason = %why, "the tracker stopped for good (a disk full or failing under its databases?); stopping fsd");
+            *fatal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            // A graceful stop waits for open streams; a stopped tracker
+            // answers nothing useful, so do not wait long for them.
+            let _ = std::thread::Builder::new()
+                .name("fatal-exit".into())
+                .spawn(|| {
+                    std::thread::sleep(Duration::from_secs(10));
+                    eprintln!("fsd: the tracker stopped for good; exiting");
+                    std::process::exit(1);
+                });
+        }
+    }
 }
 
 /// The `session-reaper` worker: the leader expires client sessions whose
@@ -373,6 +420,22 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
             "Blocks on the device",
             &labels,
             u.blocks,
+        );
+    }
+    gauge(
+        &mut out,
+        "failsafe_tracker_disk_low",
+        "1 while the disk under this host's tracker databases is nearly full (its reserve released; as leader it refuses writes)",
+        &host,
+        u8::from(tracker.space_low()),
+    );
+    for (session, ms) in tracker.clock_offsets_now() {
+        gauge(
+            &mut out,
+            "failsafe_session_clock_offset_seconds",
+            "A web host's clock minus the leader's at its session's last renewal (leader only; one-way delay included)",
+            &format!("{{session=\"{session:016x}\"}}"),
+            ms as f64 / 1000.0,
         );
     }
     metrics.render(&mut out);

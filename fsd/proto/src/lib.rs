@@ -65,8 +65,10 @@ labels! {
 /// 2: log entries may hold a `Batch` and extents inline data, which a
 /// member speaking 1 would skip (unknown fields) and so apply differently
 /// from the others. 3: `CommitExtents.truncate`, likewise. 4: `Revoke` and
-/// `RegisterHost.key_id` (pinned host keys), likewise.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// `RegisterHost.key_id` (pinned host keys), likewise. 5: a change's mtime
+/// and ctime never go back (a leader whose clock is behind the last one's),
+/// which a member speaking 4 would apply differently.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

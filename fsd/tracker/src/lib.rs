@@ -19,7 +19,7 @@ mod state;
 
 pub use node::{
     wall_clock_ns, ClusterId, GroupCounts, HandedOver, KeyBook, LeaderSnapshot, Liveness,
-    RepairView, Tracker, TrackerConfig, TrackerError,
+    RepairView, Tracker, TrackerConfig, TrackerError, CLOCK_WARN_MS,
 };
 pub use raft::{LogFormatError, NodeId, Raft, TypeConfig};
 pub use service::{MetadataService, RaftService};

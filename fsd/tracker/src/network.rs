@@ -33,6 +33,59 @@ pub(crate) struct Network {
     tls: failsafe_tls::Tls,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     heard: Heard,
+    acked: Acked,
+}
+
+/// When each peer last accepted an AppendEntries of this member's, by the
+/// time it was *sent* and the term it was sent in: what the leader's read
+/// lease is measured from (`Tracker::read_index`). A follower that accepts
+/// an AppendEntries votes for no other candidate for `election_max` after
+/// it arrived, so a quorum of such sends younger than the lease means no
+/// other leader can exist. Read against the clock when the lease is used,
+/// so a leader paused (SIGSTOP, a stalled VM) and deposed meanwhile finds
+/// its lease long gone, whatever its metrics still say.
+#[derive(Clone, Default)]
+pub(crate) struct Acked(Arc<Mutex<HashMap<NodeId, (u64, Instant)>>>);
+
+impl Acked {
+    fn record(&self, peer: NodeId, term: u64, sent: Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let e = map.entry(peer).or_insert((term, sent));
+        if (term, sent) > *e {
+            *e = (term, sent);
+        }
+    }
+
+    /// Since when a majority of every voter set in `configs` (this member,
+    /// `me`, counting as now) has accepted AppendEntries sent in `term`.
+    pub(crate) fn quorum_since(
+        &self,
+        term: u64,
+        configs: &[std::collections::BTreeSet<NodeId>],
+        me: NodeId,
+    ) -> Option<Instant> {
+        let now = Instant::now();
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut oldest: Option<Instant> = None;
+        for voters in configs {
+            let mut times: Vec<Instant> = voters
+                .iter()
+                .filter_map(|v| match (*v == me, map.get(v)) {
+                    (true, _) => Some(now),
+                    (false, Some((t, at))) if *t == term => Some(*at),
+                    _ => None,
+                })
+                .collect();
+            let need = voters.len() / 2 + 1;
+            if times.len() < need {
+                return None;
+            }
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            let t = times[need - 1];
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+        oldest
+    }
 }
 
 /// When each peer last answered a Raft RPC from this member. The leader
@@ -112,7 +165,12 @@ impl Network {
             tls,
             channels: Arc::new(Mutex::new(HashMap::new())),
             heard: Heard::default(),
+            acked: Acked::default(),
         }
+    }
+
+    pub(crate) fn acked(&self) -> &Acked {
+        &self.acked
     }
 
     pub(crate) fn heard(&self) -> &Heard {
@@ -206,6 +264,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             told_commit: None,
             behind: Arc::default(),
             sent: Arc::default(),
+            acked: self.acked.clone(),
         }
     }
 }
@@ -236,6 +295,8 @@ pub(crate) struct Peer {
     /// Requests sent to the peer (not counting background heartbeats): a
     /// heartbeat waiting to be sent is dropped once one went after it.
     sent: Arc<AtomicU64>,
+    /// The leader's read lease (shared by every stream).
+    acked: Acked,
 }
 
 /// A commit-only heartbeat answered at once and sent in the background.
@@ -397,6 +458,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         self.told_commit = self.told_commit.max(commit);
         let ttl = option.hard_ttl();
         let heartbeat = rpc.entries.is_empty();
+        let term = rpc.vote.leader_id().term;
         let payload = codec::encode_append(rpc);
         let now = Instant::now();
         let quick = heartbeat
@@ -437,6 +499,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         let r = self.conn.call(Method::Append, payload, ttl).await;
         self.last_ok_sent = match &r {
             Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)) => {
+                self.acked.record(self.conn.target, term, now);
                 Some(now)
             }
             _ => None,

@@ -664,7 +664,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for suffix in ["-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
                 }
+                // The rename made durable before anything relies on it: a
+                // crash must not bring the old meta.db back over a log
+                // already purged up to the snapshot.
                 std::fs::rename(&incoming, &db_path)
+                    .and_then(|()| {
+                        let dir = db_path.parent().unwrap_or(std::path::Path::new("."));
+                        std::fs::File::open(dir)?.sync_all()
+                    })
                     .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                 let fresh = open_connection(&db_path, Durability::Checkpoint)?;
                 // A snapshot from a member of an older version is brought

@@ -202,11 +202,25 @@ impl Metadata for MetadataService {
                     "host membership changes go through the Admin service",
                 ))
             }
-            // Leases are judged by the leader's clock alone.
-            Some(Op::OpenSession(_) | Op::Heartbeat(_) | Op::ExpireSessions(_)) => {
-                cmd.now_ns = wall_clock_ns()
+            // Leases are judged by the leader's clocks alone: its wall
+            // clock in the log, its monotonic one for expiry (see
+            // `node::sessions`). The client's own clock is only compared.
+            Some(Op::OpenSession(pb::OpenSession { session_id, .. }))
+            | Some(Op::Heartbeat(pb::Heartbeat { session_id })) => {
+                let now = wall_clock_ns();
+                if self.tracker.is_leader() {
+                    self.tracker.heard_session(*session_id, cmd.now_ns, now);
+                }
+                cmd.now_ns = now
             }
+            Some(Op::ExpireSessions(_)) => cmd.now_ns = wall_clock_ns(),
             Some(_) => {}
+        }
+        if self.tracker.space_low() && self.tracker.is_leader() && adds_metadata(&cmd) {
+            return Ok(Response::new(pb::MutateReply {
+                result: Some(no_space(&cmd)),
+                ..Default::default()
+            }));
         }
         // A session's lease renewal is upkeep, not writing.
         let writing = !matches!(cmd.op, Some(Op::Heartbeat(_) | Op::ExpireSessions(_)));
@@ -514,5 +528,46 @@ impl RaftTransport for RaftService {
         check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
         self.tracker.take_leadership(&req).await?;
         Ok(Response::new(pb::TakeLeadershipReply {}))
+    }
+}
+
+/// Whether `cmd` makes the metadata grow: what a leader whose disk is
+/// nearly full refuses. Deletes, sessions and locks go on.
+fn adds_metadata(cmd: &pb::Command) -> bool {
+    match &cmd.op {
+        Some(Op::Batch(b)) => b.commands.iter().any(adds_metadata),
+        Some(
+            Op::Create(_)
+            | Op::Mkdir(_)
+            | Op::Symlink(_)
+            | Op::Link(_)
+            | Op::Rename(_)
+            | Op::SetAttr(_)
+            | Op::CommitExtents(_),
+        ) => true,
+        _ => false,
+    }
+}
+
+/// The answer to `cmd` from a leader whose disk is nearly full: refused
+/// (not applied, so not recorded: the same command applies once there is
+/// room), each command of a batch alike.
+fn no_space(cmd: &pb::Command) -> pb::CommandResult {
+    use pb::command_result::Result as R;
+    let refused = || pb::CommandResult {
+        result: Some(R::Error(pb::CommandError {
+            code: pb::ErrorCode::NoSpace as i32,
+            message: "the disk under the tracker's databases is nearly full".into(),
+        })),
+        changed: Vec::new(),
+    };
+    match &cmd.op {
+        Some(Op::Batch(b)) => pb::CommandResult {
+            result: Some(R::Batch(pb::BatchResult {
+                results: b.commands.iter().map(|_| refused()).collect(),
+            })),
+            changed: Vec::new(),
+        },
+        _ => refused(),
     }
 }

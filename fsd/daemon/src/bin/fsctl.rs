@@ -658,6 +658,9 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             );
         }
     }
+    for w in &s.warnings {
+        let _ = writeln!(out, "WARNING  {w}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,

@@ -343,6 +343,11 @@ impl Tracker {
         if m.state == ServerState::Leader {
             return Ok(());
         }
+        if self.space_low() {
+            return Err(TrackerError::Handover(
+                "the disk under this member's tracker is nearly full".into(),
+            ));
+        }
         if !m
             .membership_config
             .membership()

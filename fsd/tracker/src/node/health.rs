@@ -343,6 +343,7 @@ impl Tracker {
             gc: None,
             blockify: None,
             leader_placement: None,
+            warnings: Vec::new(),
         })
     }
 

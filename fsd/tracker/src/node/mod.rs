@@ -17,6 +17,8 @@ mod group;
 mod handover;
 mod health;
 mod leases;
+mod sessions;
+pub use sessions::CLOCK_WARN_MS;
 
 pub use group::GroupCounts;
 pub use handover::{HandedOver, LeaderSnapshot};
@@ -239,6 +241,11 @@ pub struct Tracker {
     /// Where the tracker's databases live.
     dir: std::path::PathBuf,
     max_snapshot_bytes: u64,
+    /// The disk under the databases is nearly full (see
+    /// [`Tracker::set_space_low`]).
+    space_low: std::sync::atomic::AtomicBool,
+    /// Sessions as the leader's monotonic clock sees them.
+    session_clock: sessions::Clock,
     pub host_id: NodeId,
     pub cluster: ClusterId,
     pub class: ReplicationClass,
@@ -317,6 +324,8 @@ impl Tracker {
         Ok(Tracker {
             dir: dir.to_path_buf(),
             max_snapshot_bytes: cfg.max_snapshot_bytes,
+            space_low: Default::default(),
+            session_clock: Default::default(),
             group: group::GroupCommit::start(raft.clone()),
             // The leader's clock may put a quorum's last contact up to
             // QUICK_COMMIT_WITHIN too late (commit-only heartbeats are
@@ -375,6 +384,42 @@ impl Tracker {
             .map(|n| n.addr.clone())
             .unwrap_or_default();
         Some((id, addr))
+    }
+
+    /// The disk under this member's databases is nearly full (the
+    /// daemon's reserve keeper says so; review B3): as leader it refuses
+    /// changes that make the metadata grow (NO_SPACE, ENOSPC to the
+    /// application) and hands leadership to a member with room, which
+    /// refuses to take it while its own disk is nearly full. Deletes,
+    /// sessions and locks go on, on the reserve.
+    pub fn set_space_low(&self, low: bool) {
+        let was = self
+            .space_low
+            .swap(low, std::sync::atomic::Ordering::Relaxed);
+        if was != low {
+            if low {
+                tracing::error!("the disk under the tracker's databases is nearly full: refusing changes that add metadata until space is freed");
+            } else {
+                tracing::info!("the disk under the tracker's databases has room again");
+            }
+        }
+    }
+
+    pub fn space_low(&self) -> bool {
+        self.space_low.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The other voters, when this member leads.
+    pub fn other_voters(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Vec::new();
+        }
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != self.host_id)
+            .collect()
     }
 
     pub fn is_leader(&self) -> bool {
@@ -553,10 +598,21 @@ impl Tracker {
         // place rather than clone the metrics.
         let m = self.raft.metrics();
         let m = m.borrow();
-        (m.state == ServerState::Leader
-            && m.millis_since_quorum_ack
-                .is_some_and(|ms| ms < self.lease_ms))
-        .then_some(m.current_term)
+        (m.state == ServerState::Leader && self.quorum_fresh(&m)).then_some(m.current_term)
+    }
+
+    /// Whether a quorum of every voter set accepted AppendEntries this
+    /// member sent in its current term within the read lease (see
+    /// `network::Acked`; measured now, not when the metrics were made).
+    fn quorum_fresh(&self, m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) -> bool {
+        self.network
+            .acked()
+            .quorum_since(
+                m.current_term,
+                m.membership_config.membership().get_joint_config(),
+                self.host_id,
+            )
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(self.lease_ms))
     }
 
     /// Lease streams open here and objects the lease table tracks.
@@ -572,24 +628,26 @@ impl Tracker {
     /// Leader only: confirms leadership with a quorum; returns the index a
     /// linearizable read must have applied.
     pub async fn read_index(&self) -> Result<u64, TrackerError> {
-        // Leader lease: a quorum acknowledged this leader very recently, and
-        // followers refuse to vote for anyone else for `election_max` after
-        // hearing from it, so no other leader can have committed anything
-        // since. (The acknowledgement may be up to QUICK_COMMIT_WITHIN older
-        // than the metrics say: lease_ms plus that is still far inside
-        // election_max.) Everything this leader acknowledged to a client
-        // is applied here, so the applied index is a valid read point
-        // without another round trip -- once it has applied an entry of its
-        // own term. Before that (just elected), entries a previous leader
-        // acknowledged may be committed but not applied here yet: reading
-        // then would answer from before them (a name already renamed away
-        // still there), so the read waits for this term's first entry.
+        // Leader lease: a quorum accepted AppendEntries this leader sent
+        // very recently (measured from when they were sent, against the
+        // clock now: see `network::Acked`), and followers refuse to vote
+        // for anyone else for `election_max` after hearing from it, so no
+        // other leader can have committed anything since. openraft's own
+        // `millis_since_quorum_ack` will not do: it is computed when the
+        // metrics were last reported, so a leader paused and deposed
+        // meanwhile would read it as fresh (review B6). Everything this
+        // leader acknowledged to a client is applied here, so the applied
+        // index is a valid read point without another round trip -- once
+        // it has applied an entry of its own term. Before that (just
+        // elected), entries a previous leader acknowledged may be committed
+        // but not applied here yet: reading then would answer from before
+        // them (a name already renamed away still there), so the read waits
+        // for this term's first entry.
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader
-            && m.millis_since_quorum_ack
-                .is_some_and(|ms| ms < self.lease_ms)
             && m.last_applied
                 .is_some_and(|l| l.leader_id.term == m.current_term)
+            && self.quorum_fresh(&m)
         {
             return Ok(m.last_applied.map_or(0, |l| l.index));
         }
@@ -945,29 +1003,6 @@ impl Tracker {
 
     /// The leader expires lapsed client sessions (releasing their locks) and
     /// forgets old operation results, proposing only when there is work.
-    pub async fn expire_sessions(&self) -> Result<(), TrackerError> {
-        if !self.is_leader() {
-            return Ok(());
-        }
-        let now = wall_clock_ns();
-        let due = self
-            .sm
-            .db()
-            .call(move |conn| state::anything_expired(conn, now))
-            .await?
-            .map_err(TrackerError::storage)?;
-        if due {
-            let op = pb::command::Op::ExpireSessions(pb::ExpireSessions {});
-            self.propose(pb::Command {
-                now_ns: now,
-                op: Some(op),
-                ..Default::default()
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
     /// Watches for this process having been suspended (SIGSTOP, a paused
     /// VM): on waking, its election timer has long expired and it would call
     /// an election with a stale log, whose higher term makes the healthy
@@ -1011,6 +1046,22 @@ impl Tracker {
             .state(ServerState::Leader, "leader")
             .await
             .is_ok()
+    }
+
+    /// Resolves when openraft has stopped for good (a storage error, such
+    /// as a full disk under raft.db or meta.db, is fatal to it), with the
+    /// reason. The process must then exit, so its supervisor restarts it:
+    /// a member that only looks alive would stay down for good.
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(f) = &rx.borrow_and_update().running_state {
+                return f.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "openraft's metrics ended".into();
+            }
+        }
     }
 
     pub async fn shutdown(&self) {

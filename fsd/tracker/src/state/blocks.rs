@@ -288,7 +288,7 @@ pub(super) fn commit_extents(
         }
     }
     tx.exec(
-        "UPDATE inodes SET size = ?2, mtime = ?3, ctime = ?3, version = version + 1 WHERE ino = ?1",
+        "UPDATE inodes SET size = ?2, mtime = MAX(mtime, ?3), ctime = MAX(ctime, ?3), version = version + 1 WHERE ino = ?1",
         params![i(c.ino), i(size), now],
     )?;
     get_attr(tx, c.ino)

@@ -39,7 +39,7 @@ pub(crate) use hosts::{
 pub(crate) use namespace::inside;
 pub(crate) use query::{counts, query, read_back};
 pub(crate) use schema::{check_snapshot, migrate};
-pub(crate) use sessions::anything_expired;
+pub(crate) use sessions::{all_sessions, anything_expired, SessionRow};
 
 /// A command or query that was refused: the client's mistake or a lost race
 /// (no such entry, not empty, lock held). A refused command's partial

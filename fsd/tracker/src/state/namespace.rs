@@ -95,7 +95,7 @@ fn new_inode(
 /// A directory's entries changed: bump its mtime, ctime and version.
 fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpResult<()> {
     tx.exec(
-        "UPDATE inodes SET mtime = ?2, ctime = ?2, version = version + 1, nlink = nlink + ?3 WHERE ino = ?1",
+        "UPDATE inodes SET mtime = MAX(mtime, ?2), ctime = MAX(ctime, ?2), version = version + 1, nlink = nlink + ?3 WHERE ino = ?1",
         params![i(ino), now, nlink_delta],
     )?;
     Ok(())
@@ -441,7 +441,7 @@ pub(super) fn set_attr(
             punch(tx, c.ino, size, u64::MAX, leader_now)?;
         }
         tx.exec(
-            "UPDATE inodes SET size = ?2, mtime = ?3, version = version + 1 WHERE ino = ?1",
+            "UPDATE inodes SET size = ?2, mtime = MAX(mtime, ?3), version = version + 1 WHERE ino = ?1",
             params![i(c.ino), i(size), now],
         )?;
     }

@@ -58,6 +58,30 @@ pub(super) fn expire_sessions(tx: &Transaction<'_>, now: i64) -> OpResult<()> {
     Ok(())
 }
 
+/// A session as the leader's reaper judges it.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionRow {
+    pub id: u64,
+    pub client_name: String,
+    pub ttl_ms: u64,
+    /// The leader's wall clock at its last renewal (ns).
+    pub last_seen: i64,
+}
+
+/// Every open session.
+pub(crate) fn all_sessions(conn: &rusqlite::Connection) -> rusqlite::Result<Vec<SessionRow>> {
+    conn.prepare("SELECT session_id, client_name, ttl_ms, last_seen FROM sessions")?
+        .query_map([], |r| {
+            Ok(SessionRow {
+                id: r.get::<_, i64>(0)? as u64,
+                client_name: r.get(1)?,
+                ttl_ms: r.get::<_, i64>(2)? as u64,
+                last_seen: r.get(3)?,
+            })
+        })?
+        .collect()
+}
+
 /// Whether `ExpireSessions` at `now` would change anything.
 pub(crate) fn anything_expired(conn: &rusqlite::Connection, now: i64) -> rusqlite::Result<bool> {
     let n: i64 = conn.row(
