@@ -1303,7 +1303,7 @@ impl Core {
         let r = self.client.commit_prepared(&mut commit).await;
         let mut inner = locked(&st.inner);
         match r {
-            Err(e) if e.outcome_unknown() => {
+            Err(e) if e.retry_verbatim() => {
                 if let Some(u) = inner.unconfirmed.as_mut() {
                     u.commit = commit;
                 }
@@ -1474,8 +1474,8 @@ impl Core {
                 Ok(a) => attr = Some(a),
                 Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(None),
                 // A positioned write sent again lands the same; an append
-                // would land twice.
-                Err(e) if append && e.outcome_unknown() => return Err((err(e), Some(commit))),
+                // would land twice (see `ClientError::retry_verbatim`).
+                Err(e) if append && e.retry_verbatim() => return Err((err(e), Some(commit))),
                 Err(e) => return Err((err(e), None)),
             }
         }

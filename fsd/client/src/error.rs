@@ -50,4 +50,13 @@ impl ClientError {
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
     }
+
+    /// Whether a change that must not apply twice (an append) is to be
+    /// sent again as it was, under its operation id, rather than taken
+    /// back: its outcome is unknown, or a leader refused it before its log
+    /// for want of disk space (NO_SPACE), which says nothing of an earlier
+    /// attempt of the same command that a deposed leader may have applied.
+    pub fn retry_verbatim(&self) -> bool {
+        self.outcome_unknown() || self.code() == Some(ErrorCode::NoSpace)
+    }
 }
