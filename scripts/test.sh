@@ -18,6 +18,11 @@ if ! { [ -e /usr/share/dokuwiki/doku.php ] && [ -e /usr/bin/php-cgi ] && [ -e /u
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dokuwiki php-cgi lighttpd >/dev/null 2>&1 \
         || echo "note: could not install dokuwiki, php-cgi and lighttpd; continuing (the DokuWiki test will skip)"
 fi
+# The chaos CI set's clock-skew scenario runs web hosts under libfaketime.
+if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 && can_apt; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null 2>&1 \
+        || echo "note: could not install faketime; continuing (the chaos CI set will fail on clock-skew)"
+fi
 
 # A run builds everything once, from a fresh clone in CI: incremental
 # compilation only doubles what lands on disk (a CI run once failed with no

@@ -5,6 +5,9 @@
 //!   unknown), every acknowledged log line exactly once, no line nobody wrote.
 //! - No read returned content that was never written, nor a revision older
 //!   than one whose save was acknowledged before the read began.
+//! - No two acknowledged saves of a page wrote the same revision (with
+//!   shared pages: one overwrote the other unseen, a lost update).
+//! - No mount showed a page's mtime going back in time.
 //! - No operation failed (when the scenario's faults are ones users must not notice).
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,28 +64,98 @@ struct PageWrites<'a> {
     by_rev: BTreeMap<u64, &'a Op>,
 }
 
+/// Every page's saves by revision; of two saves of one revision the
+/// acknowledged one (two acknowledged ones are `check_lost_updates`'s).
 fn page_writes(ops: &[Op]) -> HashMap<&str, PageWrites<'_>> {
     let mut pages: HashMap<&str, PageWrites<'_>> = HashMap::new();
     for op in ops.iter().filter(|o| o.kind == Kind::Save) {
-        pages
+        let by_rev = &mut pages
             .entry(op.path.as_str())
             .or_insert_with(|| PageWrites {
                 by_rev: BTreeMap::new(),
             })
-            .by_rev
-            .insert(op.rev, op);
+            .by_rev;
+        match by_rev.get(&op.rev) {
+            Some(had) if had.ok && !op.ok => {}
+            _ => {
+                by_rev.insert(op.rev, op);
+            }
+        }
     }
     pages
+}
+
+/// Two acknowledged saves of one page that wrote the same revision: both
+/// started from the same one, so the later overwrote the earlier unseen.
+pub(crate) fn check_lost_updates(ops: &[Op]) -> Vec<Violation> {
+    let mut seen: HashMap<(&str, u64), &Op> = HashMap::new();
+    let mut out = Vec::new();
+    for op in ops.iter().filter(|o| o.kind == Kind::Save && o.ok) {
+        if let Some(first) = seen.insert((op.path.as_str(), op.rev), op) {
+            out.push(v(
+                "lost_update",
+                format!(
+                    "{}: rev {} saved by {} at {:.0} ms and by {} at {:.0} ms, both acknowledged",
+                    op.path, op.rev, first.worker, first.start_ms, op.worker, op.start_ms
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// A page's mtime, as one mount shows it, never goes back: a stat that
+/// began after another on the same mount ended shows no older mtime.
+pub(crate) fn check_mtimes(ops: &[Op]) -> Vec<Violation> {
+    let mut by_file: HashMap<(usize, &str), Vec<&Op>> = HashMap::new();
+    for op in ops
+        .iter()
+        .filter(|o| o.kind == Kind::Stat && o.ok && o.rev > 0)
+    {
+        by_file
+            .entry((op.client, op.path.as_str()))
+            .or_default()
+            .push(op);
+    }
+    let mut out = Vec::new();
+    for ((client, path), mut stats) in by_file {
+        stats.sort_by(|a, b| a.end_ms.total_cmp(&b.end_ms));
+        let mut starts = stats.clone();
+        starts.sort_by(|a, b| a.start_ms.total_cmp(&b.start_ms));
+        // The newest mtime among stats that ended before each one began.
+        let (mut ended, mut newest): (usize, Option<&Op>) = (0, None);
+        for b in starts {
+            while ended < stats.len() && stats[ended].end_ms < b.start_ms {
+                if newest.is_none_or(|n| stats[ended].rev > n.rev) {
+                    newest = Some(stats[ended]);
+                }
+                ended += 1;
+            }
+            if let Some(a) = newest.filter(|a| a.rev > b.rev) {
+                out.push(v(
+                    "mtime_backwards",
+                    format!(
+                        "mount {client}: {path} showed mtime {:.3} s at {:.0} ms, then {:.3} s at {:.0} ms ({:.3} s earlier)",
+                        a.rev as f64 / 1e9,
+                        a.start_ms,
+                        b.rev as f64 / 1e9,
+                        b.start_ms,
+                        (a.rev - b.rev) as f64 / 1e9
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Reads against the writes: nothing never written, nothing stale.
 pub(crate) fn check_reads(ops: &[Op]) -> Vec<Violation> {
     let pages = page_writes(ops);
     let mut out = Vec::new();
-    for r in ops
-        .iter()
-        .filter(|o| o.kind == Kind::Read && o.ok && o.path.starts_with(PAGES))
-    {
+    for r in ops.iter().filter(|o| {
+        o.kind == Kind::Read && o.ok && (o.path.starts_with(PAGES) || o.path.starts_with("wiki/"))
+    }) {
         let writes = pages.get(r.path.as_str());
         // The newest revision acknowledged before this read began.
         let floor = writes
@@ -338,6 +411,49 @@ mod tests {
             check_reads(&[save(p, 1, 0.0, 10.0, true), forged])[0].rule,
             "read_never_written"
         );
+    }
+
+    #[test]
+    fn lost_updates_and_mtimes_going_back_are_caught() {
+        let p = "wiki/Shared0";
+        let mut other = save(p, 2, 12.0, 18.0, true);
+        other.worker = "c1w0".into();
+        let ops = vec![save(p, 1, 0.0, 10.0, true), save(p, 2, 11.0, 20.0, true)];
+        assert!(check_lost_updates(&ops).is_empty());
+        let both = [ops.clone(), vec![other.clone()]].concat();
+        assert_eq!(check_lost_updates(&both)[0].rule, "lost_update");
+        other.ok = false;
+        let unknown = [ops, vec![other]].concat();
+        assert!(
+            check_lost_updates(&unknown).is_empty(),
+            "a failed save may not have landed"
+        );
+
+        let stat = |client: usize, mtime: u64, start: f64| Op {
+            client,
+            kind: Kind::Stat,
+            start_ms: start,
+            end_ms: start + 1.0,
+            rev: mtime,
+            ..save(p, 0, 0.0, 0.0, true)
+        };
+        let fine = [
+            stat(0, 5, 0.0),
+            stat(0, 5, 2.0),
+            stat(0, 9, 4.0),
+            stat(1, 3, 6.0),
+        ];
+        assert!(check_mtimes(&fine).is_empty(), "{:?}", check_mtimes(&fine));
+        let overlapping = [stat(0, 9, 0.0), stat(0, 5, 0.5)];
+        assert!(
+            check_mtimes(&overlapping).is_empty(),
+            "concurrent stats may see either"
+        );
+        let back = [stat(0, 9, 0.0), stat(0, 12, 2.0), stat(0, 5, 4.0)];
+        let found = check_mtimes(&back);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].rule, "mtime_backwards");
+        assert!(found[0].detail.contains("mount 0"), "{}", found[0].detail);
     }
 
     #[test]

@@ -24,10 +24,12 @@ pub(crate) fn page_name(c: usize, w: usize, p: usize) -> String {
     format!("C{c}W{w}P{p}")
 }
 
-/// Starts `wiki-cgi serve` on `data` at a free loopback port.
-pub(crate) fn start_wiki(data: &Path) -> anyhow::Result<(Stopped, u16)> {
+/// Starts `wiki-cgi serve` on `data` at a free loopback port, its clock
+/// `clock_s` seconds off (its web host's).
+pub(crate) fn start_wiki(data: &Path, clock_s: f64) -> anyhow::Result<(Stopped, u16)> {
     let mut cmd = Command::new(sibling_binary("wiki-cgi")?);
     die_with_parent(&mut cmd);
+    crate::world::skew_clock(&mut cmd, clock_s)?;
     local::start_wiki(cmd, data)
 }
 
@@ -78,21 +80,42 @@ fn http_err(what: &str, status: u16) -> std::io::Error {
     std::io::Error::other(format!("{what}: HTTP {status}"))
 }
 
+/// The name of shared page `p` (`shared_pages`: every editor saves it).
+pub(crate) fn shared_name(p: usize) -> String {
+    format!("Shared{p}")
+}
+
+/// What a save through the edit form came to.
+enum Saved {
+    Yes,
+    /// Refused as an edit conflict: someone saved since the form was shown.
+    Conflict,
+}
+
 /// One editor: opens the edit form and saves, like a person with a browser.
+/// Its own pages, each save numbered by the editor; or with `shared_pages`
+/// the pages every editor saves, each save the revision after the one its
+/// form showed (what the wiki will number it, if nobody saved meanwhile).
+/// After each save it stats the page's file on its mount (the mtime seen).
 pub(crate) fn editor(ctx: Ctx, w: usize, port: u16) {
     let me = format!("c{}w{w}", ctx.client);
     let cookie = format!(
         "wikicsrf={:032x}",
         0xc4a0_0000u128 + (ctx.client * 64 + w) as u128
     );
-    let mut rev = 0u64;
+    let mut k = 0u64;
     while !ctx.stop.load(Ordering::Relaxed) {
-        rev += 1;
-        let name = page_name(ctx.client, w, rev as usize % ctx.cfg.pages);
-        let (text, sum) = page_text(&name, rev, ctx.cfg.page_bytes);
-        ctx.record(
+        k += 1;
+        let name = if ctx.cfg.shared_pages {
+            shared_name((ctx.client * ctx.cfg.writers + w + k as usize) % ctx.cfg.pages)
+        } else {
+            page_name(ctx.client, w, k as usize % ctx.cfg.pages)
+        };
+        // The revision and checksum the save would write, once known.
+        let first = if ctx.cfg.shared_pages { 0 } else { k };
+        let attempt = std::cell::RefCell::new((first, String::new()));
+        ctx.record_as(
             &me,
-            Kind::Save,
             &page_path(&name),
             || {
                 let form = request(port, "GET", &format!("/edit/{name}"), "", &cookie)?;
@@ -105,23 +128,65 @@ pub(crate) fn editor(ctx: Ctx, w: usize, port: u16) {
                         .ok_or_else(|| std::io::Error::other(format!("edit form without {f}")))
                 };
                 let (base, csrf) = (field("base")?, field("csrf")?);
+                let rev = if ctx.cfg.shared_pages {
+                    base.parse::<u64>()
+                        .map_err(|_| std::io::Error::other(format!("edit form base {base:?}")))?
+                        + 1
+                } else {
+                    k
+                };
+                let (text, sum) = page_text(&name, rev, ctx.cfg.page_bytes);
+                *attempt.borrow_mut() = (rev, sum);
                 let body = format!(
                     "base={base}&csrf={csrf}&summary=chaos&text={}",
                     form_encode(&text)
                 );
                 let r = request(port, "POST", &format!("/save/{name}"), &body, &cookie)?;
-                if r.status != 303 {
-                    return Err(http_err("save", r.status));
+                match r.status {
+                    303 => Ok(Saved::Yes),
+                    409 if ctx.cfg.shared_pages => Ok(Saved::Conflict),
+                    s => Err(http_err("save", s)),
                 }
-                Ok(())
             },
-            |_| (rev, sum.clone(), String::new()),
+            |saved| {
+                let (rev, sum) = attempt.borrow().clone();
+                match saved {
+                    Some(Saved::Conflict) => (Kind::Conflict, rev, String::new(), String::new()),
+                    _ => (Kind::Save, rev, sum, String::new()),
+                }
+            },
         );
+        stat_page(&ctx, &me, &name);
         std::thread::sleep(Duration::from_millis(ctx.cfg.think_ms));
     }
 }
 
-/// One reader: views pages of the editors on the other web host.
+/// Stats `name`'s file on this editor's or reader's mount and records the
+/// mtime it shows.
+fn stat_page(ctx: &Ctx, me: &str, name: &str) {
+    let file = ctx.root.join("wiki/pages").join(format!("{name}.md"));
+    ctx.record(
+        me,
+        Kind::Stat,
+        &page_path(name),
+        || match std::fs::metadata(&file) {
+            Ok(m) => Ok(Some(m.modified()?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        },
+        |t| {
+            let ns = t
+                .copied()
+                .flatten()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            (ns, String::new(), String::new())
+        },
+    );
+}
+
+/// One reader: views pages of the editors on the other web host (with
+/// `shared_pages`, the shared pages), and stats each on its own mount.
 pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
     let me = format!("c{}r{r}", ctx.client);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -131,11 +196,15 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
         } else {
             (ctx.client + 1 + rng.random_range(0..clients - 1)) % clients
         };
-        let name = page_name(
-            c,
-            rng.random_range(0..ctx.cfg.writers),
-            rng.random_range(0..ctx.cfg.pages),
-        );
+        let name = if ctx.cfg.shared_pages {
+            shared_name(rng.random_range(0..ctx.cfg.pages))
+        } else {
+            page_name(
+                c,
+                rng.random_range(0..ctx.cfg.writers),
+                rng.random_range(0..ctx.cfg.pages),
+            )
+        };
         ctx.record(
             &me,
             Kind::Read,
@@ -160,6 +229,7 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
                 ),
             },
         );
+        stat_page(&ctx, &me, &name);
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -133,6 +133,10 @@ pub(crate) struct Report {
     pub faults: Vec<FaultWindow>,
     /// Faults this run could not inject, and why.
     pub skipped: Vec<String>,
+    /// What the cluster's status warned of when the workload ended (as
+    /// `fsctl status` prints it: a web host's clock off, a disk low…).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// With latency between zones: what single operations cost before the
     /// workload starts (see `World::probe_cities`).
     #[serde(default)]
@@ -167,6 +171,7 @@ impl Report {
             corrupt_copies_at_end: 0,
             faults: Vec::new(),
             skipped: Vec::new(),
+            warnings: Vec::new(),
             cities: Vec::new(),
             violations: Vec::new(),
             ops: Vec::new(),
@@ -217,6 +222,8 @@ impl Report {
             Kind::Create,
             Kind::Delete,
             Kind::List,
+            Kind::Conflict,
+            Kind::Stat,
         ] {
             let l = latency(ops.iter().filter(|o| o.kind == k));
             if l.count > 0 {
@@ -257,6 +264,9 @@ impl Report {
                 );
             }
             s += "\n";
+        }
+        for w in &self.warnings {
+            s += &format!("  cluster warning: {w}\n");
         }
         for k in &self.skipped {
             s += &format!("  skipped: {k}\n");

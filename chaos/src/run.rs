@@ -16,6 +16,32 @@ use crate::world::{Target, World};
 /// Set by SIGINT/SIGTERM: the run stops early and cleans up.
 pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Starts a workload thread with a file-descriptor table of its own
+/// (unshare(CLONE_FILES)), and returns once it has it. The files it opens
+/// on the mounts are then not in the table every command this process
+/// spawns (ip, mount, fsd) inherits: a child's exec would close its copies,
+/// and each close is a FUSE flush that waits for the cluster, so while a
+/// fault keeps the cluster away the harness itself would stall.
+fn worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    let (ready, started) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        // SAFETY: unshare only changes this thread's own kernel task; the
+        // table it gets is a copy, so every descriptor stays valid.
+        if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+            tracing::warn!(
+                "a workload thread shares its file table with the harness ({})",
+                std::io::Error::last_os_error()
+            );
+        }
+        let _ = ready.send(());
+        f()
+    });
+    // Nothing is spawned here until the copy is taken: a pipe end of a
+    // spawn under way would be copied and held open.
+    let _ = started.recv();
+    handle
+}
+
 /// One step of the schedule.
 struct Step {
     at_s: f64,
@@ -196,8 +222,8 @@ async fn drive(
     // In HTTP mode, one wiki per mount: two web hosts over one wiki.
     let mut wikis = Vec::new();
     if s.workload.mode == Mode::Http {
-        for m in &world.mounts {
-            wikis.push(http::start_wiki(&m.path.join("wiki"))?);
+        for (c, m) in world.mounts.iter().enumerate() {
+            wikis.push(http::start_wiki(&m.path.join("wiki"), world.clock(c))?);
         }
     }
     for (c, m) in world.mounts.iter().enumerate() {
@@ -213,20 +239,20 @@ async fn drive(
         for w in 0..s.workload.writers {
             let ctx = ctx(&history);
             threads.push(match port {
-                Some(port) => std::thread::spawn(move || http::editor(ctx, w, port)),
-                None => std::thread::spawn(move || workload::editor(ctx, w)),
+                Some(port) => worker(move || http::editor(ctx, w, port)),
+                None => worker(move || workload::editor(ctx, w)),
             });
         }
         for a in 0..s.workload.appenders {
             let ctx = ctx(&history);
-            threads.push(std::thread::spawn(move || workload::appender(ctx, a)));
+            threads.push(worker(move || workload::appender(ctx, a)));
         }
         for r in 0..s.workload.readers {
             let ctx = ctx(&history);
             let (clients, seed) = (s.clients, seed ^ ((c * 64 + r) as u64));
             threads.push(match port {
-                Some(port) => std::thread::spawn(move || http::reader(ctx, r, clients, port, seed)),
-                None => std::thread::spawn(move || workload::reader(ctx, r, clients, seed)),
+                Some(port) => worker(move || http::reader(ctx, r, clients, port, seed)),
+                None => worker(move || workload::reader(ctx, r, clients, seed)),
             });
         }
     }
@@ -377,6 +403,9 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     stop.store(true, Ordering::Relaxed);
+    if let Some(st) = world.status().await {
+        report.warnings = st.warnings;
+    }
     // Interrupted during a mount's freeze: its requests (and the threads
     // making them) wait until it is thawed.
     world.thaw_mounts();
@@ -404,6 +433,8 @@ async fn drive(
     drop(wikis);
     let mut violations = check::check_reads(&ops);
     violations.extend(check::check_final(&ops, &views));
+    violations.extend(check::check_lost_updates(&ops));
+    violations.extend(check::check_mtimes(&ops));
     if s.check.no_failures {
         violations.extend(check::check_failures(&ops));
     }

@@ -49,6 +49,11 @@ pub(crate) struct Scenario {
     /// front of each host; needs network namespaces).
     #[serde(default)]
     pub latency: Option<Latency>,
+    /// Each web host's clock offset in seconds, by mount (missing: 0): the
+    /// mount and its wiki run under libfaketime (Debian's `faketime`), as on
+    /// a host whose clock is that far off.
+    #[serde(default)]
+    pub webhost_clocks_s: Vec<f64>,
 }
 
 /// One-way delays between zones. A mount is in the zone it is placed in; a
@@ -139,7 +144,10 @@ pub(crate) struct Workload {
     /// Editors on every mount save the same pages (a wiki served by several
     /// web hosts), each save under the page's lock (`mkdir`), and read the
     /// page before saving it; a page whose lock another editor holds is
-    /// skipped for now. Readers read those pages too.
+    /// skipped for now. Readers read those pages too. In "http" mode each
+    /// editor saves through the wiki's edit form from the revision it was
+    /// shown: wiki-cgi's page lock and revision check decide, and a save
+    /// refused as an edit conflict is recorded as such.
     #[serde(default)]
     pub shared_pages: bool,
     /// Typical page size in bytes (each save varies it).
@@ -367,8 +375,15 @@ impl Scenario {
         if self.workload.writers == 0 || self.workload.pages == 0 {
             bail!("workload: at least one writer and one page");
         }
-        if self.workload.shared_pages && self.workload.mode != Mode::Files {
-            bail!("workload: shared_pages needs mode = \"files\"");
+        if self.webhost_clocks_s.len() > self.clients {
+            bail!("webhost_clocks_s: one offset per mount at most");
+        }
+        if let Some(o) = self
+            .webhost_clocks_s
+            .iter()
+            .find(|o| !o.is_finite() || o.abs() > 86_400.0)
+        {
+            bail!("webhost_clocks_s: {o} is not an offset of at most a day");
         }
         let added = self
             .faults
@@ -493,6 +508,7 @@ impl Scenario {
             tracker_mb: 0,
             sabotage: None,
             latency: None,
+            webhost_clocks_s: Vec::new(),
         }
     }
 }
@@ -578,10 +594,16 @@ mod tests {
         shared.validate().unwrap();
         assert!(shared.workload.shared_pages);
         assert!(!Workload::default().shared_pages);
-        let http: Scenario = toml::from_str(
-            "name = 'x'\nduration_s = 30\n[workload]\nmode = 'http'\nshared_pages = true\n",
-        )
-        .unwrap();
-        assert!(http.validate().unwrap_err().to_string().contains("files"));
+        let clocks: Scenario =
+            toml::from_str("name = 'x'\nduration_s = 30\nwebhost_clocks_s = [90, -90, 1]\n")
+                .unwrap();
+        assert!(clocks
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("per mount"));
+        let clocks: Scenario =
+            toml::from_str("name = 'x'\nduration_s = 30\nwebhost_clocks_s = [90, -90]\n").unwrap();
+        clocks.validate().unwrap();
     }
 }

@@ -35,6 +35,12 @@ pub(crate) enum Kind {
     Delete,
     /// A directory listing.
     List,
+    /// A save the wiki refused as an edit conflict (someone saved since the
+    /// revision the editor started from): nothing written.
+    Conflict,
+    /// A stat of a page's file on a mount: `rev` holds the mtime it showed
+    /// (nanoseconds since the epoch).
+    Stat,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,13 +166,27 @@ impl Ctx {
         f: impl FnOnce() -> std::io::Result<T>,
         describe: impl FnOnce(Option<&T>) -> (u64, String, String),
     ) -> Option<T> {
+        self.record_as(worker, path, f, |r| {
+            let (rev, hash, note) = describe(r);
+            (kind, rev, hash, note)
+        })
+    }
+
+    /// `record`, with the kind of operation told by its outcome.
+    pub(crate) fn record_as<T>(
+        &self,
+        worker: &str,
+        path: &str,
+        f: impl FnOnce() -> std::io::Result<T>,
+        describe: impl FnOnce(Option<&T>) -> (Kind, u64, String, String),
+    ) -> Option<T> {
         let start_ms = self.history.now_ms();
         let r = f();
         let end_ms = self.history.now_ms();
         let mut op = Op {
             client: self.client,
             worker: worker.to_string(),
-            kind,
+            kind: Kind::Read,
             path: path.to_string(),
             start_ms,
             end_ms,
@@ -178,7 +198,7 @@ impl Ctx {
         };
         // A failed change is described too: it may have applied (its
         // answer lost), and the checker must know what it would have written.
-        (op.rev, op.hash, op.note) = describe(r.as_ref().ok());
+        (op.kind, op.rev, op.hash, op.note) = describe(r.as_ref().ok());
         match r {
             Ok(v) => {
                 self.history.push(op);

@@ -56,6 +56,25 @@ pub(crate) struct World {
     relays: Vec<Option<std::process::Child>>,
     /// Extra options for every mount (the scenario's, or `--mount-options`).
     mount_options: String,
+    /// Each web host's clock offset in seconds (`webhost_clocks_s`).
+    clocks: Vec<f64>,
+}
+
+/// Runs `cmd` with its clock `offset_s` seconds off (libfaketime preloaded;
+/// monotonic time stays true, as on a host whose wall clock is set wrong).
+pub(crate) fn skew_clock(cmd: &mut Command, offset_s: f64) -> anyhow::Result<()> {
+    if offset_s == 0.0 {
+        return Ok(());
+    }
+    let lib = std::fs::read_dir("/usr/lib")?
+        .filter_map(|d| Some(d.ok()?.path().join("faketime/libfaketimeMT.so.1")))
+        .find(|p| p.exists())
+        .context("a web host's clock offset needs libfaketime: apt-get install faketime")?;
+    cmd.env("LD_PRELOAD", lib)
+        .env("FAKETIME", format!("{offset_s:+}s"))
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("DONT_FAKE_MONOTONIC", "1");
+    Ok(())
 }
 
 impl World {
@@ -90,6 +109,7 @@ impl World {
                 .collect(),
             relays: Vec::new(),
             mount_options: s.mount_options.clone(),
+            clocks: s.webhost_clocks_s.clone(),
         };
         if w.latency.is_some() && w.net.is_none() {
             bail!("latency needs network namespaces (root and iproute2)");
@@ -396,6 +416,7 @@ impl World {
             in_netns(&mut cmd, &Net::ns_path(&net.client_ns(i)))?;
         }
         die_with_parent(&mut cmd);
+        skew_clock(&mut cmd, self.clock(i))?;
         let path = self.work.join(format!("mnt{i}"));
         let m = LocalMount::start(
             cmd,
@@ -407,6 +428,11 @@ impl World {
         .with_context(|| format!("mount {i}"))?;
         self.mounts.push(m);
         Ok(())
+    }
+
+    /// Web host `i`'s clock offset in seconds.
+    pub(crate) fn clock(&self, i: usize) -> f64 {
+        self.clocks.get(i).copied().unwrap_or(0.0)
     }
 
     pub(crate) async fn client(&self) -> anyhow::Result<Client> {

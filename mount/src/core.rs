@@ -1743,6 +1743,19 @@ impl Core {
 
     // ---------- locks ----------
 
+    /// Opens the lock session now rather than at the first lock: its
+    /// renewals tell the leader this web host's clock, so a clock that is
+    /// off shows in `fsctl status` and the metrics whether or not the wiki
+    /// ever takes a lock (most lock with mkdir).
+    pub(crate) async fn open_session(self: Arc<Self>) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.with_session(|_, _| Box::pin(async { Ok(()) })).await {
+            tracing::info!(error = %e, "no lock session yet; one opens at the first lock");
+        }
+    }
+
     async fn with_session<T>(
         &self,
         f: impl for<'a> Fn(

@@ -339,6 +339,7 @@ fn serve(mut args: Args) -> Result<(), String> {
     }
     let core = Arc::new(core);
     rt.spawn(core.clone().store_kept());
+    rt.spawn(core.clone().open_session());
     if let Some(b) = &core.behind {
         b.set_core(Arc::downgrade(&core));
     }
