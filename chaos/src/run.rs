@@ -167,6 +167,27 @@ pub(crate) fn below_copy_count(s: &failsafe_client::pb::StatusReply) -> Option<u
     }
 }
 
+/// A tracker member the leader has not brought up to date: more than this
+/// many entries behind its log, once the workload has stopped.
+const TRACKER_LAG: u64 = 64;
+
+/// A voter whose tracker is not caught up with the leader (a host that did
+/// not return by itself), as the leader that answered sees it.
+pub(crate) fn tracker_behind(s: &failsafe_client::pb::StatusReply) -> Option<String> {
+    if s.leader_id == 0 || s.leader_id != s.host_id {
+        return Some("no leader answered".into());
+    }
+    s.hosts
+        .iter()
+        .find(|h| h.voter && h.matched_index + TRACKER_LAG < s.last_log_index)
+        .map(|h| {
+            format!(
+                "the tracker of host {:016x} ({}) holds the log to {} of {}",
+                h.host_id, h.addr, h.matched_index, s.last_log_index
+            )
+        })
+}
+
 pub(crate) async fn run(
     s: &Scenario,
     work: &Path,
@@ -371,6 +392,8 @@ async fn drive(
     }
     let deadline_s = last_end + s.check.failsafe_within_s;
     let mut failsafe_at: Option<f64> = None;
+    // Why the cluster is not whole yet, when every block has its copies.
+    let mut lagging: Option<String> = None;
     loop {
         let now = t0.elapsed().as_secs_f64();
         let workload_over = now >= s.duration_s;
@@ -382,8 +405,19 @@ async fn drive(
         }
         world.supervise();
         if now >= last_end {
-            match world.status().await.as_ref().and_then(below_copy_count) {
+            let st = world.status().await;
+            let behind = if workload_over {
+                st.as_ref().map_or(Some("no answer".into()), tracker_behind)
+            } else {
+                None
+            };
+            match st.as_ref().and_then(below_copy_count) {
+                Some(0) if behind.is_some() => {
+                    lagging = behind;
+                    failsafe_at = None;
+                }
                 Some(0) => {
+                    lagging = None;
                     failsafe_at.get_or_insert(now);
                 }
                 Some(below) => {
@@ -442,10 +476,16 @@ async fn drive(
         Some(t) => report.failsafe_after_s = Some((t - last_end).max(0.0)),
         None => violations.push(check::Violation {
             rule: "not_failsafe",
-            detail: format!(
-                "blocks still below their copy count {:.0} s after the last fault ended",
-                s.check.failsafe_within_s
-            ),
+            detail: match &lagging {
+                Some(why) => format!(
+                    "not whole {:.0} s after the last fault ended: {why}",
+                    s.check.failsafe_within_s
+                ),
+                None => format!(
+                    "blocks still below their copy count {:.0} s after the last fault ended",
+                    s.check.failsafe_within_s
+                ),
+            },
         }),
     }
     let corrupt = world.corrupt_copies();
