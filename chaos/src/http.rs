@@ -230,7 +230,9 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, port: u16, seed: u64) {
             },
         );
         stat_page(&ctx, &me, &name);
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(0..=2 * ctx.cfg.read_pause_ms),
+        ));
     }
 }
 

@@ -54,6 +54,10 @@ pub(crate) struct Scenario {
     /// a host whose clock is that far off.
     #[serde(default)]
     pub webhost_clocks_s: Vec<f64>,
+    /// Extra mount options of each web host, by mount (after
+    /// `mount_options`): one web host set differently from the others.
+    #[serde(default)]
+    pub webhost_options: Vec<String>,
 }
 
 /// One-way delays between zones. A mount is in the zone it is placed in; a
@@ -156,6 +160,10 @@ pub(crate) struct Workload {
     /// Pause between one editor's operations, in ms.
     #[serde(default = "think_ms")]
     pub think_ms: u64,
+    /// Mean pause between one reader's reads, in ms (each drawn at random
+    /// from 0 to twice this, so readers' reads spread out in time).
+    #[serde(default = "read_pause_ms")]
+    pub read_pause_ms: u64,
     /// Pages written once at the start and read ever after.
     #[serde(default = "static_pages")]
     pub static_pages: usize,
@@ -185,6 +193,9 @@ fn page_bytes() -> usize {
 fn think_ms() -> u64 {
     20
 }
+fn read_pause_ms() -> u64 {
+    5
+}
 
 impl Default for Workload {
     fn default() -> Self {
@@ -197,6 +208,7 @@ impl Default for Workload {
             shared_pages: false,
             page_bytes: page_bytes(),
             think_ms: think_ms(),
+            read_pause_ms: read_pause_ms(),
             static_pages: static_pages(),
         }
     }
@@ -378,6 +390,9 @@ impl Scenario {
         if self.webhost_clocks_s.len() > self.clients {
             bail!("webhost_clocks_s: one offset per mount at most");
         }
+        if self.webhost_options.len() > self.clients {
+            bail!("webhost_options: one string of options per mount at most");
+        }
         if let Some(o) = self
             .webhost_clocks_s
             .iter()
@@ -509,6 +524,7 @@ impl Scenario {
             sabotage: None,
             latency: None,
             webhost_clocks_s: Vec::new(),
+            webhost_options: Vec::new(),
         }
     }
 }

@@ -530,6 +530,8 @@ pub(crate) fn reader(ctx: Ctx, r: usize, clients: usize, seed: u64) {
                 },
             );
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(0..=2 * ctx.cfg.read_pause_ms),
+        ));
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct World {
     mount_options: String,
     /// Each web host's clock offset in seconds (`webhost_clocks_s`).
     clocks: Vec<f64>,
+    /// Each web host's own extra mount options (`webhost_options`).
+    own_options: Vec<String>,
 }
 
 /// Runs `cmd` with its clock `offset_s` seconds off (libfaketime preloaded;
@@ -110,6 +112,7 @@ impl World {
             relays: Vec::new(),
             mount_options: s.mount_options.clone(),
             clocks: s.webhost_clocks_s.clone(),
+            own_options: s.webhost_options.clone(),
         };
         if w.latency.is_some() && w.net.is_none() {
             bail!("latency needs network namespaces (root and iproute2)");
@@ -408,8 +411,11 @@ impl World {
             self.work.join(format!("cache{i}")).display(),
             self.cluster.mount_cred_option()?
         );
-        if !self.mount_options.is_empty() {
-            opts = format!("{opts},{}", self.mount_options);
+        let own = self.own_options.get(i).map_or("", String::as_str);
+        for extra in [self.mount_options.as_str(), own] {
+            if !extra.is_empty() {
+                opts = format!("{opts},{extra}");
+            }
         }
         let mut cmd = Command::new(sibling_binary("mount-failsafe")?);
         if let Some(net) = &self.net {
