@@ -42,6 +42,10 @@ pub(crate) struct Scenario {
     /// disk). Needed by the `tracker_full` fault.
     #[serde(default)]
     pub tracker_mb: u64,
+    /// What that disk is: "tmpfs", or "ext4" (an image of `tracker_mb` MiB
+    /// on a loop device, which can be frozen: the `tracker_stall` fault).
+    #[serde(default)]
+    pub tracker_fs: TrackerFs,
     /// Breaks a guarantee on purpose, to show the checker catches it.
     #[serde(default)]
     pub sabotage: Option<Sabotage>,
@@ -280,6 +284,10 @@ pub(crate) enum FaultKind {
     /// The disk under the target's tracker databases (raft.db, meta.db)
     /// filled up; freed when it ends.
     TrackerFull,
+    /// The disk under the target's tracker databases stalls (`fsfreeze`:
+    /// every write to it waits), so its Raft core stops while the rest of
+    /// fsd, its gRPC handlers too, goes on; thawed when it ends.
+    TrackerStall,
     /// The leader is killed (kill -9) `repeat` times, `every_s` apart, each
     /// restarted after `for_s`.
     LeaderKill,
@@ -350,6 +358,14 @@ impl Fault {
             _ => self.at_s + self.every_s * (self.repeat.max(1) - 1) as f64 + self.for_s,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum TrackerFs {
+    #[default]
+    Tmpfs,
+    Ext4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,6 +461,11 @@ impl Scenario {
             if !ok {
                 bail!("fault target {t:?}: leader, follower, zone:NAME, host:N or mount:N");
             }
+            if f.kind == FaultKind::TrackerStall
+                && (self.tracker_mb == 0 || self.tracker_fs != TrackerFs::Ext4)
+            {
+                bail!("tracker_stall needs tracker_mb and tracker_fs = \"ext4\" (a disk that can be frozen)");
+            }
             if f.kind == FaultKind::TrackerFull && self.tracker_mb == 0 {
                 bail!(
                     "tracker_full needs tracker_mb (each host's tracker on a tmpfs of that size)"
@@ -521,6 +542,7 @@ impl Scenario {
             mount_options: String::new(),
             device_mb: 0,
             tracker_mb: 0,
+            tracker_fs: TrackerFs::Tmpfs,
             sabotage: None,
             latency: None,
             webhost_clocks_s: Vec::new(),

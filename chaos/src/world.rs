@@ -12,7 +12,7 @@ use failsafe_harness::local::{
 };
 use failsafe_harness::relay::{self, Links};
 
-use crate::scenario::{mount_target, FaultKind, Latency, Scenario};
+use crate::scenario::{mount_target, FaultKind, Latency, Scenario, TrackerFs};
 use failsafe_harness::netns::Net;
 
 /// fsd's port when every host has an address of its own.
@@ -44,6 +44,9 @@ pub(crate) struct World {
     tracker_fillers: Vec<Option<PathBuf>>,
     /// Size of each host's tracker disk (0: none of its own).
     tracker_mb: u64,
+    tracker_fs: TrackerFs,
+    /// Tracker disks frozen by `tracker_stall` (thawed first at teardown).
+    stalled: Vec<PathBuf>,
     /// Each host's block device directory.
     pub devices: Vec<PathBuf>,
     zones: Vec<String>,
@@ -101,6 +104,8 @@ impl World {
             fillers: Vec::new(),
             tracker_fillers: Vec::new(),
             tracker_mb: s.tracker_mb,
+            tracker_fs: s.tracker_fs,
+            stalled: Vec::new(),
             devices: Vec::new(),
             zones: Vec::new(),
             bitrot_candidates: Vec::new(),
@@ -287,6 +292,43 @@ impl World {
         Ok(())
     }
 
+    /// Mounts a fresh ext4 image of `tracker_mb` MiB (a loop device) at
+    /// `at`, unmounted at teardown (the loop device goes with it).
+    fn mount_ext4(&mut self, image: &Path, at: &Path) -> anyhow::Result<()> {
+        std::fs::File::create(image)?.set_len(self.tracker_mb << 20)?;
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image)
+            .status()
+            .context("mkfs.ext4 (e2fsprogs)")?;
+        let mounted = made.success()
+            && Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(at)
+                .status()
+                .context("mount -o loop")?
+                .success();
+        if !mounted {
+            bail!("could not mount an ext4 image at {}", at.display());
+        }
+        self.tmpfs.push(at.to_path_buf());
+        Ok(())
+    }
+
+    /// Freezes (`fsfreeze -f`) or thaws the filesystem at `at`.
+    fn fsfreeze(at: &Path, freeze: bool) -> anyhow::Result<()> {
+        let ok = Command::new("fsfreeze")
+            .arg(if freeze { "-f" } else { "-u" })
+            .arg(at)
+            .status()
+            .context("fsfreeze (util-linux)")?;
+        if !ok.success() {
+            bail!("fsfreeze {} failed", at.display());
+        }
+        Ok(())
+    }
+
     /// Defines and starts one more fsd (not yet a member) in `zone`.
     fn start_new_host(&mut self, zone: &str, device_mb: u64) -> anyhow::Result<usize> {
         let i = self.cluster.hosts.len();
@@ -299,7 +341,10 @@ impl World {
         if self.tracker_mb > 0 {
             let tracker = dir.join("tracker");
             std::fs::create_dir_all(&tracker)?;
-            self.mount_tmpfs(&tracker, self.tracker_mb)?;
+            match self.tracker_fs {
+                TrackerFs::Tmpfs => self.mount_tmpfs(&tracker, self.tracker_mb)?,
+                TrackerFs::Ext4 => self.mount_ext4(&dir.join("tracker.img"), &tracker)?,
+            }
         }
         let h = self.cluster.define_host(
             &dir,
@@ -643,6 +688,12 @@ impl World {
                 self.tracker_fillers[i] = Some(filler);
                 format!("disk under the tracker of host {i} (zone {zone}) filled")
             }
+            FaultKind::TrackerStall => {
+                let at = self.cluster.hosts[i].dir.join("tracker");
+                Self::fsfreeze(&at, true)?;
+                self.stalled.push(at);
+                format!("disk under the tracker of host {i} (zone {zone}) stalled")
+            }
             FaultKind::RollingRestart => {
                 self.cluster.restart_graceful(i)?;
                 format!("host {i} (zone {zone}) restarted cleanly")
@@ -705,6 +756,12 @@ impl World {
                 }
                 format!("disk under the tracker of host {i} freed")
             }
+            FaultKind::TrackerStall => {
+                let at = self.cluster.hosts[i].dir.join("tracker");
+                Self::fsfreeze(&at, false)?;
+                self.stalled.retain(|s| *s != at);
+                format!("disk under the tracker of host {i} runs again")
+            }
             FaultKind::Bitrot | FaultKind::RollingRestart | FaultKind::AddHost => String::new(),
             FaultKind::DrainRemove => bail!("{kind:?} is asynchronous"),
         })
@@ -745,6 +802,10 @@ impl World {
 
     /// Unmounts, stops every process, removes tmpfs devices and namespaces.
     pub(crate) fn teardown(&mut self) {
+        // A frozen disk first: everything writing to it waits, unkillably.
+        for at in std::mem::take(&mut self.stalled) {
+            let _ = Self::fsfreeze(&at, false);
+        }
         // Cuts healed first: a mount unmounting behind one would wait out
         // the deadlines of what it still has to store.
         if let Some(net) = self.net.as_mut() {
