@@ -97,6 +97,23 @@ fn time(ns: i64) -> SystemTime {
     }
 }
 
+/// A time a setattr sets: one given (`touch -d`, `cp -p`), or now — the
+/// tracker leader's clock, not this web host's, which may be off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SetTime {
+    At(i64),
+    Now,
+}
+
+impl SetTime {
+    fn at(self) -> Option<i64> {
+        match self {
+            SetTime::At(t) => Some(t),
+            SetTime::Now => None,
+        }
+    }
+}
+
 pub(crate) fn system_time_ns(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,
@@ -496,8 +513,8 @@ impl Core {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        atime: Option<i64>,
-        mtime: Option<i64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
     ) -> Res<FileAttr> {
         self.writable()?;
         let tino = self.k(ino).await?;
@@ -515,8 +532,10 @@ impl Core {
             uid,
             gid,
             size,
-            atime_ns: atime,
-            mtime_ns: mtime,
+            atime_ns: atime.and_then(SetTime::at),
+            mtime_ns: mtime.and_then(SetTime::at),
+            atime_now: matches!(atime, Some(SetTime::Now)),
+            mtime_now: matches!(mtime, Some(SetTime::Now)),
         };
         let a = self.client.setattr(set).await.map_err(err)?;
         if let Some(st) = self.state(tino) {

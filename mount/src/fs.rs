@@ -14,7 +14,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::core::{now_ns, system_time_ns, Core, DirCache};
+use crate::core::{system_time_ns, Core, DirCache, SetTime};
 use crate::stats::{FuseOp, MountStats};
 
 /// What the kernel may keep of the answers to changes we make that the
@@ -101,10 +101,10 @@ fn dot_attr(ino: u64, kind: fuser::FileType) -> fuser::FileAttr {
     }
 }
 
-fn time_ns(t: TimeOrNow) -> i64 {
+fn set_time(t: TimeOrNow) -> SetTime {
     match t {
-        TimeOrNow::SpecificTime(t) => system_time_ns(t),
-        TimeOrNow::Now => now_ns(),
+        TimeOrNow::SpecificTime(t) => SetTime::At(system_time_ns(t)),
+        TimeOrNow::Now => SetTime::Now,
     }
 }
 
@@ -201,8 +201,8 @@ impl Filesystem for Fs {
                     uid,
                     gid,
                     size,
-                    atime.map(time_ns),
-                    mtime.map(time_ns),
+                    atime.map(set_time),
+                    mtime.map(set_time),
                 )
                 .await;
             match r {

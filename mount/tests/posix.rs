@@ -968,3 +968,58 @@ async fn t31_subtree_and_read_only_credentials_mount_as_such() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     assert!(!all.join("secret/x").exists());
 }
+
+/// `touch` without a time (UTIME_NOW) stamps the tracker leader's clock,
+/// not the web host's: a mount whose clock is an hour ahead (libfaketime,
+/// Debian's `faketime`) puts no file an hour into the future, while a time
+/// given explicitly is kept as given.
+#[tokio::test(flavor = "multi_thread")]
+async fn t32_touch_stamps_the_clusters_clock_not_the_web_hosts() {
+    let Some(lib) = std::fs::read_dir("/usr/lib").ok().and_then(|d| {
+        d.filter_map(|e| Some(e.ok()?.path().join("faketime/libfaketimeMT.so.1")))
+            .find(|p| p.exists())
+    }) else {
+        eprintln!("skipped: libfaketime is missing (apt-get install faketime)");
+        return;
+    };
+    let mut env = Env::start(0).await;
+    let m = env.mount_with_env(
+        "a",
+        "",
+        &[
+            ("LD_PRELOAD", lib.display().to_string()),
+            ("FAKETIME", "+3600s".to_string()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ],
+    );
+    let f = env.mounts[m].path.join("touched.txt");
+    fs::write(&f, b"x").unwrap();
+    let now = std::time::SystemTime::now();
+    // SAFETY: a valid C string; a null `times` means UTIME_NOW for both.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c(&f).as_ptr(), std::ptr::null(), 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let off = |t: std::time::SystemTime| match t.duration_since(now) {
+        Ok(ahead) => ahead.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    };
+    let md = fs::metadata(&f).unwrap();
+    for (what, t) in [
+        ("mtime", md.modified().unwrap()),
+        ("atime", md.accessed().unwrap()),
+    ] {
+        assert!(
+            off(t).abs() < 60.0,
+            "{what} is {:.0} s off the cluster's clock",
+            off(t)
+        );
+    }
+    // An explicit time stays as given (cp -p, touch -d).
+    let given = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(given)
+        .unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().modified().unwrap(), given);
+}

@@ -68,7 +68,7 @@ labels! {
 /// `RegisterHost.key_id` (pinned host keys), likewise. 5: a change's mtime
 /// and ctime never go back (a leader whose clock is behind the last one's),
 /// which a member speaking 4 would apply differently.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

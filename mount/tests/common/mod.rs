@@ -109,6 +109,17 @@ impl Env {
     /// A mount with `extra` mount options (comma-separated) besides the
     /// zone and cache directory.
     pub(crate) fn mount_with(&mut self, zone: &str, extra: &str) -> usize {
+        self.mount_with_env(zone, extra, &[])
+    }
+
+    /// `mount_with`, the mount process started with `vars` in its
+    /// environment (a clock set off by libfaketime, say).
+    pub(crate) fn mount_with_env(
+        &mut self,
+        zone: &str,
+        extra: &str,
+        vars: &[(&str, String)],
+    ) -> usize {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt{i}"));
         let log = self.dir.path().join(format!("mount{i}.log"));
@@ -123,7 +134,8 @@ impl Env {
         if !extra.is_empty() {
             opts = format!("{opts},{extra}");
         }
-        let cmd = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mount-failsafe"));
+        cmd.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
         let m = LocalMount::start(cmd, &spec, &path, &opts, &log).expect("mount");
         self.mounts.push(Mount(m));
         i
@@ -139,6 +151,9 @@ impl Drop for Env {
             // The test's own failure comes first; the logs help explain it.
             for m in &self.mounts {
                 eprintln!("--- {} ---\n{}", m.log.display(), tail(&m.log));
+            }
+            for l in self.cluster.log_paths() {
+                eprintln!("--- {} ---\n{}", l.display(), tail(&l));
             }
             return;
         }

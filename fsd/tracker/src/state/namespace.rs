@@ -457,6 +457,19 @@ pub(super) fn set_attr(
             params![i(c.ino), t],
         )?;
     }
+    // "Now" is the leader's clock, whatever the asking web host's says.
+    if c.atime_now {
+        tx.exec(
+            "UPDATE inodes SET atime = ?2 WHERE ino = ?1",
+            params![i(c.ino), leader_now],
+        )?;
+    }
+    if c.mtime_now {
+        tx.exec(
+            "UPDATE inodes SET mtime = ?2 WHERE ino = ?1",
+            params![i(c.ino), leader_now],
+        )?;
+    }
     tx.exec(
         "UPDATE inodes SET ctime = ?2 WHERE ino = ?1",
         params![i(c.ino), now],
