@@ -43,7 +43,8 @@ pub(crate) struct Scenario {
     #[serde(default)]
     pub tracker_mb: u64,
     /// What that disk is: "tmpfs", or "ext4" (an image of `tracker_mb` MiB
-    /// on a loop device, which can be frozen: the `tracker_stall` fault).
+    /// on a loop device, a block device whose writes can be held back: the
+    /// `tracker_stall` fault).
     #[serde(default)]
     pub tracker_fs: TrackerFs,
     /// Breaks a guarantee on purpose, to show the checker catches it.
@@ -284,9 +285,11 @@ pub(crate) enum FaultKind {
     /// The disk under the target's tracker databases (raft.db, meta.db)
     /// filled up; freed when it ends.
     TrackerFull,
-    /// The disk under the target's tracker databases stalls (`fsfreeze`:
-    /// every write to it waits), so its Raft core stops while the rest of
-    /// fsd, its gRPC handlers too, goes on; thawed when it ends.
+    /// The disk under the target's tracker databases stops completing the
+    /// target's writes (a blkio cgroup holds them back: writes still reach
+    /// the page cache, reads are served, every fsync waits), so its Raft
+    /// core stops at its next log append while the rest of fsd, its gRPC
+    /// handlers too, goes on; the held writes go through when it ends.
     TrackerStall,
     /// The leader is killed (kill -9) `repeat` times, `every_s` apart, each
     /// restarted after `for_s`.
@@ -464,7 +467,7 @@ impl Scenario {
             if f.kind == FaultKind::TrackerStall
                 && (self.tracker_mb == 0 || self.tracker_fs != TrackerFs::Ext4)
             {
-                bail!("tracker_stall needs tracker_mb and tracker_fs = \"ext4\" (a disk that can be frozen)");
+                bail!("tracker_stall needs tracker_mb and tracker_fs = \"ext4\" (a block device whose writes can be held back)");
             }
             if f.kind == FaultKind::TrackerFull && self.tracker_mb == 0 {
                 bail!(

@@ -45,8 +45,9 @@ pub(crate) struct World {
     /// Size of each host's tracker disk (0: none of its own).
     tracker_mb: u64,
     tracker_fs: TrackerFs,
-    /// Tracker disks frozen by `tracker_stall` (thawed first at teardown).
-    stalled: Vec<PathBuf>,
+    /// Tracker disks stalled by `tracker_stall`, by host (released first
+    /// at teardown).
+    stalled: Vec<(usize, IoStall)>,
     /// Each host's block device directory.
     pub devices: Vec<PathBuf>,
     zones: Vec<String>,
@@ -313,19 +314,6 @@ impl World {
             bail!("could not mount an ext4 image at {}", at.display());
         }
         self.tmpfs.push(at.to_path_buf());
-        Ok(())
-    }
-
-    /// Freezes (`fsfreeze -f`) or thaws the filesystem at `at`.
-    fn fsfreeze(at: &Path, freeze: bool) -> anyhow::Result<()> {
-        let ok = Command::new("fsfreeze")
-            .arg(if freeze { "-f" } else { "-u" })
-            .arg(at)
-            .status()
-            .context("fsfreeze (util-linux)")?;
-        if !ok.success() {
-            bail!("fsfreeze {} failed", at.display());
-        }
         Ok(())
     }
 
@@ -689,9 +677,12 @@ impl World {
                 format!("disk under the tracker of host {i} (zone {zone}) filled")
             }
             FaultKind::TrackerStall => {
+                let pid = self.cluster.hosts[i]
+                    .pid()
+                    .context("tracker_stall: the host is not running")?;
                 let at = self.cluster.hosts[i].dir.join("tracker");
-                Self::fsfreeze(&at, true)?;
-                self.stalled.push(at);
+                let stall = IoStall::begin(&at, pid, &format!("h{i}"))?;
+                self.stalled.push((i, stall));
                 format!("disk under the tracker of host {i} (zone {zone}) stalled")
             }
             FaultKind::RollingRestart => {
@@ -757,9 +748,9 @@ impl World {
                 format!("disk under the tracker of host {i} freed")
             }
             FaultKind::TrackerStall => {
-                let at = self.cluster.hosts[i].dir.join("tracker");
-                Self::fsfreeze(&at, false)?;
-                self.stalled.retain(|s| *s != at);
+                if let Some(k) = self.stalled.iter().position(|(h, _)| *h == i) {
+                    self.stalled.remove(k).1.end()?;
+                }
                 format!("disk under the tracker of host {i} runs again")
             }
             FaultKind::Bitrot | FaultKind::RollingRestart | FaultKind::AddHost => String::new(),
@@ -802,9 +793,10 @@ impl World {
 
     /// Unmounts, stops every process, removes tmpfs devices and namespaces.
     pub(crate) fn teardown(&mut self) {
-        // A frozen disk first: everything writing to it waits, unkillably.
-        for at in std::mem::take(&mut self.stalled) {
-            let _ = Self::fsfreeze(&at, false);
+        // A stalled disk first: whatever waits for it (an fsync) waits
+        // unkillably.
+        for (_, stall) in std::mem::take(&mut self.stalled) {
+            let _ = stall.end();
         }
         // Cuts healed first: a mount unmounting behind one would wait out
         // the deadlines of what it still has to store.
@@ -902,4 +894,63 @@ fn fill(path: &Path) {
         while f.write_all(&chunk).is_ok() {}
     }
     let _ = f.sync_all();
+}
+
+/// A disk whose writes stop completing for one process: the process is
+/// put in a blkio cgroup (v1) whose write limit on the disk's device is
+/// one byte a second. Its writes still land in the page cache and its reads
+/// are served, but every fsync waits -- what a disk that stops answering
+/// (a SAN path failing over, a dying drive) does to a database on it.
+/// Other processes and the kernel's own writeback are not held back.
+pub(crate) struct IoStall {
+    cgroup: PathBuf,
+    /// The device, "major:minor".
+    device: String,
+    pid: u32,
+}
+
+const BLKIO: &str = "/sys/fs/cgroup/blkio";
+
+impl IoStall {
+    /// Stalls the writes of process `pid` to the disk mounted at `at`.
+    pub(crate) fn begin(at: &Path, pid: u32, name: &str) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(at)?.dev();
+        let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+        let root = Path::new(BLKIO);
+        if !root.join("blkio.throttle.write_bps_device").exists() {
+            bail!(
+                "tracker_stall needs the blkio cgroup controller (v1) at {BLKIO} with throttling"
+            );
+        }
+        let cgroup = root.join(format!("failsafe-chaos-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let stall = Self {
+            cgroup,
+            device,
+            pid,
+        };
+        std::fs::write(stall.cgroup.join("cgroup.procs"), pid.to_string())
+            .context("moving the host into its blkio cgroup")?;
+        stall.limit(1)?;
+        Ok(stall)
+    }
+
+    fn limit(&self, bytes_per_s: u64) -> anyhow::Result<()> {
+        let file = self.cgroup.join("blkio.throttle.write_bps_device");
+        std::fs::write(&file, format!("{} {bytes_per_s}", self.device))
+            .with_context(|| format!("writing {}", file.display()))
+    }
+
+    /// Lets the held writes go (they are dispatched at once) and takes the
+    /// process back out of the cgroup.
+    pub(crate) fn end(self) -> anyhow::Result<()> {
+        // 0: no limit.
+        self.limit(0)?;
+        // The process may be gone (killed, restarted meanwhile).
+        let _ = std::fs::write(Path::new(BLKIO).join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.cgroup);
+        Ok(())
+    }
 }
