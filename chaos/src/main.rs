@@ -203,6 +203,7 @@ fn run_one(s: &Scenario, report_dir: &Path, use_net: bool, opts: &RunOpts) -> an
 
 /// Namespaces, mounts and work dirs of runs whose process is gone.
 fn cleanup_stale() {
+    world::release_stale_stalls();
     for ns in net::stale_namespaces(PREFIX) {
         eprintln!("failsafe-chaos: removing namespace {ns} of a run that is gone");
         let _ = net::ip(&["netns", "del", &ns]);

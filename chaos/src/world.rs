@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use failsafe_client::{pb, Client};
 use failsafe_harness::local::{
-    die_with_parent, in_netns, sibling_binary, terminate, LocalCluster, LocalMount,
+    die_with_parent, faketime_env, in_netns, sibling_binary, terminate, LocalCluster, LocalMount,
 };
 use failsafe_harness::relay::{self, Links};
 
@@ -36,8 +36,8 @@ pub(crate) struct World {
     pub cluster: LocalCluster,
     pub mounts: Vec<LocalMount>,
     pub work: PathBuf,
-    /// tmpfs devices to unmount at the end.
-    tmpfs: Vec<PathBuf>,
+    /// Disks mounted for the run (tmpfs devices, ext4 tracker images), unmounted at the end.
+    disks: Vec<PathBuf>,
     /// Fillers written by `device_full`, by host.
     fillers: Vec<Option<PathBuf>>,
     /// The same for each host's tracker disk (`tracker_full`).
@@ -66,20 +66,14 @@ pub(crate) struct World {
     own_options: Vec<String>,
 }
 
-/// Runs `cmd` with its clock `offset_s` seconds off (libfaketime preloaded;
-/// monotonic time stays true, as on a host whose wall clock is set wrong).
+/// Runs `cmd` with its clock `offset_s` seconds off.
 pub(crate) fn skew_clock(cmd: &mut Command, offset_s: f64) -> anyhow::Result<()> {
     if offset_s == 0.0 {
         return Ok(());
     }
-    let lib = std::fs::read_dir("/usr/lib")?
-        .filter_map(|d| Some(d.ok()?.path().join("faketime/libfaketimeMT.so.1")))
-        .find(|p| p.exists())
+    let vars = faketime_env(offset_s)
         .context("a web host's clock offset needs libfaketime: apt-get install faketime")?;
-    cmd.env("LD_PRELOAD", lib)
-        .env("FAKETIME", format!("{offset_s:+}s"))
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("DONT_FAKE_MONOTONIC", "1");
+    cmd.envs(vars);
     Ok(())
 }
 
@@ -101,7 +95,7 @@ impl World {
             cluster,
             mounts: Vec::new(),
             work: work.to_path_buf(),
-            tmpfs: Vec::new(),
+            disks: Vec::new(),
             fillers: Vec::new(),
             tracker_fillers: Vec::new(),
             tracker_mb: s.tracker_mb,
@@ -289,7 +283,7 @@ impl World {
         if !ok.success() {
             bail!("could not mount a {mb} MiB tmpfs at {}", at.display());
         }
-        self.tmpfs.push(at.to_path_buf());
+        self.disks.push(at.to_path_buf());
         Ok(())
     }
 
@@ -313,7 +307,7 @@ impl World {
         if !mounted {
             bail!("could not mount an ext4 image at {}", at.display());
         }
-        self.tmpfs.push(at.to_path_buf());
+        self.disks.push(at.to_path_buf());
         Ok(())
     }
 
@@ -791,7 +785,7 @@ impl World {
         }
     }
 
-    /// Unmounts, stops every process, removes tmpfs devices and namespaces.
+    /// Unmounts, stops every process, unmounts the disks and namespaces.
     pub(crate) fn teardown(&mut self) {
         // A stalled disk first: whatever waits for it (an fsync) waits
         // unkillably.
@@ -810,7 +804,7 @@ impl World {
         for mut r in std::mem::take(&mut self.relays).into_iter().flatten() {
             terminate(&mut r);
         }
-        for t in std::mem::take(&mut self.tmpfs) {
+        for t in std::mem::take(&mut self.disks) {
             let _ = Command::new("umount").arg("-l").arg(&t).status();
         }
         if let Some(net) = self.net.as_mut() {
@@ -910,6 +904,8 @@ pub(crate) struct IoStall {
 }
 
 const BLKIO: &str = "/sys/fs/cgroup/blkio";
+/// Each stall's cgroup is named this, the run's pid, and the host.
+const STALL_PREFIX: &str = "failsafe-chaos-";
 
 impl IoStall {
     /// Stalls the writes of process `pid` to the disk mounted at `at`.
@@ -923,7 +919,7 @@ impl IoStall {
                 "tracker_stall needs the blkio cgroup controller (v1) at {BLKIO} with throttling"
             );
         }
-        let cgroup = root.join(format!("failsafe-chaos-{}-{name}", std::process::id()));
+        let cgroup = root.join(format!("{STALL_PREFIX}{}-{name}", std::process::id()));
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let stall = Self {
@@ -952,5 +948,43 @@ impl IoStall {
         let _ = std::fs::write(Path::new(BLKIO).join("cgroup.procs"), self.pid.to_string());
         let _ = std::fs::remove_dir(&self.cgroup);
         Ok(())
+    }
+}
+
+/// The stalls of runs that are gone (killed mid-stall): their limits
+/// lifted, so processes waiting for the disk go on (and can exit), their
+/// cgroups removed.
+pub(crate) fn release_stale_stalls() {
+    let Ok(dir) = std::fs::read_dir(BLKIO) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix(STALL_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("failsafe-chaos: releasing disk stall {name} of a run that is gone");
+        let limits = e.path().join("blkio.throttle.write_bps_device");
+        for device in std::fs::read_to_string(&limits)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+        {
+            let _ = std::fs::write(&limits, format!("{device} 0"));
+        }
+        for task in std::fs::read_to_string(e.path().join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = std::fs::write(Path::new(BLKIO).join("cgroup.procs"), task);
+        }
+        let _ = std::fs::remove_dir(e.path());
     }
 }

@@ -274,6 +274,23 @@ pub struct LocalCluster {
     admin: std::sync::OnceLock<Tls>,
 }
 
+/// The environment that sets a process's wall clock `offset_s` seconds
+/// off (libfaketime preloaded, Debian's `faketime`; monotonic time stays
+/// true, as on a host whose wall clock is set wrong), or None when
+/// libfaketime is not installed.
+pub fn faketime_env(offset_s: f64) -> Option<Vec<(&'static str, String)>> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(|d| Some(d.ok()?.path().join("faketime/libfaketimeMT.so.1")))
+        .find(|p| p.exists())?;
+    Some(vec![
+        ("LD_PRELOAD", lib.display().to_string()),
+        ("FAKETIME", format!("{offset_s:+}s")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ("DONT_FAKE_MONOTONIC", "1".to_string()),
+    ])
+}
+
 /// The binary `name` next to the running one (target/debug or an install dir).
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

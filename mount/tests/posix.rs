@@ -9,6 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::{errno_of, Env};
+use failsafe_harness::local::faketime_env;
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
@@ -975,23 +976,12 @@ async fn t31_subtree_and_read_only_credentials_mount_as_such() {
 /// given explicitly is kept as given.
 #[tokio::test(flavor = "multi_thread")]
 async fn t32_touch_stamps_the_clusters_clock_not_the_web_hosts() {
-    let Some(lib) = std::fs::read_dir("/usr/lib").ok().and_then(|d| {
-        d.filter_map(|e| Some(e.ok()?.path().join("faketime/libfaketimeMT.so.1")))
-            .find(|p| p.exists())
-    }) else {
+    let Some(ahead) = faketime_env(3600.0) else {
         eprintln!("skipped: libfaketime is missing (apt-get install faketime)");
         return;
     };
     let mut env = Env::start(0).await;
-    let m = env.mount_with_env(
-        "a",
-        "",
-        &[
-            ("LD_PRELOAD", lib.display().to_string()),
-            ("FAKETIME", "+3600s".to_string()),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
-        ],
-    );
+    let m = env.mount_with_env("a", "", &ahead);
     let f = env.mounts[m].path.join("touched.txt");
     fs::write(&f, b"x").unwrap();
     let now = std::time::SystemTime::now();
