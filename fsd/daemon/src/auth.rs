@@ -35,6 +35,8 @@ pub(crate) fn allowed(path: &str) -> &'static [Role] {
         ("failsafe.v1.Blocks", "Inventory" | "Delete") => &[Member],
         ("failsafe.v1.Blocks", _) => &[Member, Client, Admin],
         ("", "metrics") => &[Member, Admin],
+        // Whether this host is live and ready says nothing about the data.
+        ("", "healthz" | "readyz") | ("grpc.health.v1.Health", _) => &[Member, Client, Admin],
         _ => &[],
     }
 }
@@ -165,6 +167,12 @@ mod tests {
         }
         assert!(may("/failsafe.v1.Admin/AddHost", Admin));
         assert!(may("/metrics", Admin) && may("/metrics", Member));
+        for path in ["/healthz", "/readyz", "/grpc.health.v1.Health/Check"] {
+            assert!(
+                may(path, Client) && may(path, Member) && may(path, Admin),
+                "{path}"
+            );
+        }
         assert!(may("/failsafe.v1.Metadata/Mutate", Admin));
         assert!(!may("/failsafe.v1.Admin/RemoveHost", Member));
         assert!(!may("/failsafe.v1.RaftTransport/Vote", Admin));

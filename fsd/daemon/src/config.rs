@@ -22,9 +22,10 @@ pub struct RawConfig {
     /// listen address (which then must not be a wildcard).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Also serve /metrics in plain HTTP at this address (e.g.
-    /// 127.0.0.1:9100), for a Prometheus without a client certificate; the
-    /// main port answers only callers with a member's or admin's credential.
+    /// Also serve /metrics and the health probes (/healthz, /readyz, the
+    /// gRPC health service) in plain HTTP at this address (e.g.
+    /// 127.0.0.1:9100), for a Prometheus or a supervisor without a client
+    /// certificate; the main port answers only callers with a credential.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
     /// This host's credential: its certificate (a member's, naming its host

@@ -16,6 +16,7 @@ mod blocks;
 mod cluster;
 pub mod config;
 mod gc;
+mod health;
 mod identity;
 mod lock;
 mod metrics;

@@ -23,6 +23,7 @@ use crate::blocks::BlocksService;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gc::Gc;
+use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics::{gauge, Metrics};
 use crate::placement::LeaderPlacement;
@@ -148,27 +149,44 @@ pub async fn run(
         let (tracker, store, metrics) = (tracker.clone(), store.clone(), metrics.clone());
         move || render_metrics(&tracker, &store, &metrics)
     };
-    let http = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || std::future::ready(render())),
-    );
-    // Plain HTTP, /metrics only, where the operator asked for it.
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Arc::new(Health::new(tracker.clone(), reporter));
+    let (live, ready) = (health.clone(), health.clone());
+    let http = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(render())),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || std::future::ready(live.healthz())),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(move || std::future::ready(ready.readyz())),
+        );
+    // Plain HTTP, /metrics and the health probes (HTTP and gRPC: a
+    // Kubernetes gRPC probe speaks no TLS) only, where the operator asked
+    // for it.
     let metrics_only = match cfg.metrics_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("metrics_listen: binding {addr}"))?;
-            tracing::info!(%addr, "serving /metrics without TLS");
+            tracing::info!(%addr, "serving /metrics and health without TLS");
             let serve = tonic::transport::Server::builder()
                 .accept_http1(true)
                 .timeout(Duration::from_secs(10))
-                .add_routes(tonic::service::Routes::from(http.clone()))
+                .add_routes(
+                    tonic::service::Routes::from(http.clone()).add_service(health_service.clone()),
+                )
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l));
             Some(tokio::spawn(serve))
         }
         None => None,
     };
     let routes = tonic::service::Routes::from(http)
+        .add_service(health_service)
         .add_service(
             AdminServer::new(admin)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -203,6 +221,7 @@ pub async fn run(
             cfg.report_interval,
         ))),
         stop.spawn(Arc::new(SessionReaper(tracker.clone()))),
+        stop.spawn(health),
         stop.spawn(Arc::new(crate::reserve::TrackerReserve {
             tracker: tracker.clone(),
             dir: tracker_dir.clone(),
@@ -302,6 +321,17 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
     let mut out = String::new();
     let m = tracker.raft().metrics().borrow().clone();
     let host = format!("{{host=\"{:016x}\"}}", tracker.host_id);
+    gauge(
+        &mut out,
+        "failsafe_build_info",
+        "Always 1; the labels say which fsd runs",
+        &format!(
+            "{{version=\"{}\",protocol=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            failsafe_proto::PROTOCOL_VERSION
+        ),
+        1,
+    );
     gauge(
         &mut out,
         "failsafe_raft_term",

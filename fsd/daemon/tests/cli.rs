@@ -204,3 +204,156 @@ fn t83_bad_config_names_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("zone:"), "{err}");
 }
+
+/// A free port on loopback, for an address fsd binds itself.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// GET `path` from the plain HTTP listener at `addr`: status code and body.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).ok()?;
+    let code = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Some((code, body.to_string()))
+}
+
+/// The gRPC health service's answer for `service` at `addr` (plain).
+async fn grpc_health(addr: &str, service: &str) -> Option<i32> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = HealthClient::new(channel);
+    let reply = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    Some(reply.into_inner().status)
+}
+
+/// Polls `probe` until it holds, for up to PATIENCE.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut probe: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !probe().await {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Health as a supervisor, a load balancer and a monitoring check see it:
+/// `/healthz` (live), `/readyz` (a member of a working quorum, caught up)
+/// and the gRPC health service on the plain `--metrics-listen` address,
+/// and `fsctl status`'s exit status: 0 fail-safe, 1 limping, 2 unreachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn t84_health_probes_and_status_exit_codes_follow_the_cluster() {
+    use tonic_health::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_fsd")), &[]);
+    let mut probes = Vec::new();
+    for zone in ["a", "b", "c"] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let extra = ["--metrics-listen".to_string(), addr.clone()];
+        c.add_host(&dir.path().join(format!("host-{zone}")), zone, 0, &extra)
+            .unwrap();
+        probes.push(addr);
+    }
+    c.bootstrap().await.unwrap();
+    let mut tc = common::TestCluster {
+        c,
+        dir,
+        expected_errors: Vec::new(),
+    };
+    let code =
+        |tc: &common::TestCluster| tc.fsctl(&["--timeout-ms", "1000", "status"]).status.code();
+    let status = |p: &str, path: &str| http_get(p, path).map(|(c, _)| c);
+
+    // Fail-safe: every host live and ready, status exits 0.
+    for p in &probes {
+        until(&format!("{p} ready"), || {
+            std::future::ready(status(p, "/readyz") == Some(200))
+        })
+        .await;
+        let (live, body) = http_get(p, "/healthz").unwrap();
+        assert_eq!((live, body.as_str()), (200, "live\n"));
+        assert_eq!(
+            grpc_health(p, "").await,
+            Some(ServingStatus::Serving as i32)
+        );
+        until(&format!("{p} ready over gRPC"), || async move {
+            grpc_health(p, "failsafe.v1.Metadata").await == Some(ServingStatus::Serving as i32)
+        })
+        .await;
+    }
+    let metrics = http_get(&probes[0], "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("failsafe_build_info{version=\""),
+        "{metrics}"
+    );
+    until("fsctl status exits 0", || {
+        std::future::ready(code(&tc) == Some(0))
+    })
+    .await;
+
+    // A block with a copy on each host, then a host down: the cluster
+    // limps (nowhere to make a third copy), the other two stay ready.
+    let client = tc.client_in("a").await;
+    let file = client
+        .create(1, b"three copies", 0o644, true)
+        .await
+        .unwrap();
+    client.write(file.ino, 0, &[7u8; 70_000]).await.unwrap();
+    tc.c.kill(2);
+    until("fsctl status exits 1 (limping)", || {
+        std::future::ready(code(&tc) == Some(1))
+    })
+    .await;
+    let out = tc.fsctl(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("LIMP"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for p in &probes[..2] {
+        assert_eq!(status(p, "/readyz"), Some(200), "{p}");
+    }
+
+    // No quorum: the last host is live but not ready.
+    tc.c.kill(1);
+    until("the host without a quorum not ready", || {
+        std::future::ready(status(&probes[0], "/readyz") == Some(503))
+    })
+    .await;
+    assert_eq!(status(&probes[0], "/healthz"), Some(200));
+    let first = &probes[0];
+    until("not ready over gRPC", || async move {
+        grpc_health(first, "failsafe.v1.Metadata").await == Some(ServingStatus::NotServing as i32)
+    })
+    .await;
+    // A host answers, but no majority: limping, not unreachable.
+    assert_eq!(code(&tc), Some(1));
+    let out = String::from_utf8_lossy(&tc.fsctl(&["status"]).stdout).to_string();
+    assert!(out.contains("LIMP"), "{out}");
+
+    // Nothing answers: status exits 2.
+    tc.c.kill(0);
+    assert_eq!(code(&tc), Some(2));
+    assert_eq!(status(&probes[0], "/healthz"), None);
+}

@@ -86,7 +86,9 @@ enum Cmd {
     /// Whether the cluster is fail-safe or limping; hosts, zones, addresses,
     /// roles, up/down as the leader sees them, reachability from here;
     /// leader, term, repair, scrub and gc workers, devices (ok, full or
-    /// gone) and usage.
+    /// gone) and usage. Exits 0 when the cluster is fail-safe, 1 when it
+    /// limps (or the member answering cannot tell), 2 when it cannot be
+    /// reached.
     Status {
         /// Machine-readable output.
         #[arg(long)]
@@ -238,9 +240,33 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(args)) {
+        if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+            std::process::exit(*code);
+        }
         eprintln!("fsctl: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// An outcome that is not a failure of fsctl but must show in its exit
+/// status, already reported: `status` exits 1 when the cluster limps (or
+/// its mode is unknown) and 2 when it cannot be reached, so a monitoring
+/// check or a script can act on it.
+#[derive(Debug)]
+struct Exit(i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Reports `e` and makes fsctl exit 2: the cluster could not be reached.
+fn unreachable(e: anyhow::Error) -> anyhow::Error {
+    eprintln!("fsctl: {e:#}");
+    Exit(2).into()
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Client> {
@@ -273,11 +299,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("add hosts with: fsctl --cluster {addr} host add HOST:PORT");
         }
         Cmd::Status { json } => {
-            let client = connect(&args).await?;
+            let client = connect(&args).await.map_err(unreachable)?;
             let status = client
                 .status()
                 .await
-                .context("cannot read the cluster status")?;
+                .context("cannot read the cluster status")
+                .map_err(unreachable)?;
             let reach = reachability(
                 &status,
                 &args.tls()?,
@@ -290,6 +317,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print!("{}", render_status(&status, &reach));
+            }
+            if status.mode() != pb::ClusterMode::FailSafe {
+                return Err(Exit(1).into());
             }
         }
         Cmd::Host(HostCmd::Add { addr }) => {

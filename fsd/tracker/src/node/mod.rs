@@ -1048,6 +1048,40 @@ impl Tracker {
             .is_ok()
     }
 
+    /// Whether openraft still runs here; why not, once it stopped for good.
+    pub fn running(&self) -> Result<(), String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => Ok(()),
+            Err(f) => Err(f.to_string()),
+        }
+    }
+
+    /// Whether this member is part of a working quorum and caught up, as
+    /// a readiness probe asks, within `within`: the leader confirms its
+    /// leadership (its lease, or a round of heartbeats a quorum answers)
+    /// and has applied what it confirmed; any other member gets the
+    /// leader's read index and has applied up to it.
+    pub async fn ready(&self, within: Duration) -> Result<(), TrackerError> {
+        if !self.is_initialized() {
+            return Err(TrackerError::NotInitialized);
+        }
+        if !self.is_leader() {
+            return self.follower_read_index(within).await;
+        }
+        let index = tokio::time::timeout(within, self.read_index())
+            .await
+            .map_err(|_| {
+                TrackerError::NoQuorum(format!("no quorum confirmed this leader within {within:?}"))
+            })??;
+        if self.wait_applied(index, within).await {
+            Ok(())
+        } else {
+            Err(TrackerError::NoQuorum(format!(
+                "did not apply up to {index} in time"
+            )))
+        }
+    }
+
     /// Resolves when openraft has stopped for good (a storage error, such
     /// as a full disk under raft.db or meta.db, is fatal to it), with the
     /// reason. The process must then exit, so its supervisor restarts it:
