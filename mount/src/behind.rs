@@ -899,7 +899,7 @@ impl WriteBehind {
                     uid: attr.uid,
                     gid: attr.gid,
                     exclusive: true,
-                    content: None,
+                    ..Default::default()
                 })
             }
             Change::Unlink { name, ino } => Op::Unlink(pb::Unlink {

@@ -269,6 +269,10 @@ fn kind(k: i32) -> FileType {
     match FileKind::try_from(k) {
         Ok(FileKind::KindDir) => FileType::Directory,
         Ok(FileKind::KindSymlink) => FileType::Symlink,
+        Ok(FileKind::KindFifo) => FileType::NamedPipe,
+        Ok(FileKind::KindSocket) => FileType::Socket,
+        Ok(FileKind::KindCharDevice) => FileType::CharDevice,
+        Ok(FileKind::KindBlockDevice) => FileType::BlockDevice,
         _ => FileType::RegularFile,
     }
 }
@@ -404,7 +408,7 @@ impl Core {
             nlink: a.nlink,
             uid: a.uid,
             gid: a.gid,
-            rdev: 0,
+            rdev: a.rdev,
             blksize: 128 * 1024,
             flags: 0,
         }
@@ -609,6 +613,21 @@ impl Core {
         Ok(r)
     }
 
+    /// Makes `parent/name` at the cluster at once: `op` is the command
+    /// for the parent's and name's cluster form.
+    async fn make(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        op: impl FnOnce(u64, Vec<u8>) -> Op,
+    ) -> Res<FileAttr> {
+        self.writable()?;
+        let (parent, name) = (self.k(parent).await?, name_bytes(name));
+        self.settle_for(parent, &name).await;
+        let a = self.mutate_attr(op(parent, name)).await?;
+        Ok(self.file_attr(&a))
+    }
+
     pub(crate) async fn symlink(
         &self,
         parent: u64,
@@ -617,18 +636,46 @@ impl Core {
         uid: u32,
         gid: u32,
     ) -> Res<FileAttr> {
-        self.writable()?;
-        let (parent, name) = (self.k(parent).await?, name_bytes(name));
-        self.settle_for(parent, &name).await;
-        let op = Op::Symlink(pb::Symlink {
-            parent,
-            name,
-            target: target.to_vec(),
-            uid,
-            gid,
-        });
-        let a = self.mutate_attr(op).await?;
-        Ok(self.file_attr(&a))
+        self.make(parent, name, |parent, name| {
+            Op::Symlink(pb::Symlink {
+                parent,
+                name,
+                target: target.to_vec(),
+                uid,
+                gid,
+            })
+        })
+        .await
+    }
+
+    /// A special file (`kind` a FIFO, socket or device node): made at the
+    /// cluster at once, like a symlink; the kernel of each web host serves
+    /// it (a FIFO's pipe, a socket's binding, a device's driver) locally.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn mknod(
+        &self,
+        parent: u64,
+        name: &std::ffi::OsStr,
+        kind: FileKind,
+        mode: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Res<FileAttr> {
+        self.make(parent, name, |parent, name| {
+            Op::Create(pb::Create {
+                parent,
+                name,
+                mode,
+                uid,
+                gid,
+                exclusive: true,
+                kind: kind as i32,
+                rdev,
+                ..Default::default()
+            })
+        })
+        .await
     }
 
     pub(crate) async fn link(
@@ -997,7 +1044,7 @@ impl Core {
             uid,
             gid,
             exclusive,
-            content: None,
+            ..Default::default()
         };
         let a = match self.mutate_delegating(Op::Create(c), parent).await? {
             pb::command_result::Result::Attr(a) => a,

@@ -16,6 +16,7 @@ use fuser::{
 
 use crate::core::{system_time_ns, Core, DirCache, SetTime};
 use crate::stats::{FuseOp, MountStats};
+use failsafe_client::pb::FileKind;
 
 /// What the kernel may keep of the answers to changes we make that the
 /// lease cache does not hold (setattr, rename's attributes): nothing, so
@@ -228,15 +229,30 @@ impl Filesystem for Fs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Devices, FIFOs and sockets have no meaning on shared storage.
-            self.stats.local(FuseOp::Mknod);
-            return reply.error(Errno::EPERM);
-        }
+        let special = match mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFIFO => Some(FileKind::KindFifo),
+            libc::S_IFSOCK => Some(FileKind::KindSocket),
+            libc::S_IFCHR => Some(FileKind::KindCharDevice),
+            libc::S_IFBLK => Some(FileKind::KindBlockDevice),
+            _ => {
+                self.stats.local(FuseOp::Mknod);
+                return reply.error(Errno::EINVAL);
+            }
+        };
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        if let Some(kind) = special {
+            let mode = mode & !umask & 0o7777;
+            return self.run(FuseOp::Mknod, move |c| async move {
+                match c.mknod(parent.0, &name, kind, mode, rdev, uid, gid).await {
+                    Ok(a) => reply.entry(&c.entry_ttl(parent.0, &name), &a, Generation(0)),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.run(FuseOp::Mknod, move |c| async move {
             match c
                 .create(

@@ -1013,3 +1013,89 @@ async fn t32_touch_stamps_the_clusters_clock_not_the_web_hosts() {
         .unwrap();
     assert_eq!(fs::metadata(&f).unwrap().modified().unwrap(), given);
 }
+
+/// Special files are inodes of their own, as on a local disk: a FIFO, a
+/// unix socket's inode (bind) and character and block device nodes keep
+/// their type, permissions and device number, show so on the other mount,
+/// rename, link and unlink like any file, and refuse a name already taken
+/// (EEXIST). Each web host's kernel serves them: a FIFO carries bytes
+/// between two processes on one mount.
+#[tokio::test(flavor = "multi_thread")]
+async fn t33_special_files_are_inodes_of_their_own_on_every_mount() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::start(2).await;
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    let mknod = |p: &Path, mode: libc::mode_t, dev: libc::dev_t| {
+        // SAFETY: a valid C string.
+        let r = unsafe { libc::mknod(c(p).as_ptr(), mode, dev) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let char_dev = libc::makedev(1, 3);
+    let block_dev = libc::makedev(7, 9);
+    mknod(&a.p("fifo"), libc::S_IFIFO | 0o640, 0).unwrap();
+    mknod(&a.p("chr"), libc::S_IFCHR | 0o600, char_dev).unwrap();
+    mknod(&a.p("blk"), libc::S_IFBLK | 0o660, block_dev).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(a.p("sock")).unwrap();
+
+    for m in [a, b] {
+        let fifo = fs::symlink_metadata(m.p("fifo")).unwrap();
+        assert!(fifo.file_type().is_fifo(), "{:?}", fifo.file_type());
+        assert_eq!(fifo.mode() & 0o7777, 0o640);
+        let chr = fs::symlink_metadata(m.p("chr")).unwrap();
+        assert!(chr.file_type().is_char_device());
+        assert_eq!((chr.rdev(), chr.mode() & 0o7777), (char_dev, 0o600));
+        let blk = fs::symlink_metadata(m.p("blk")).unwrap();
+        assert!(blk.file_type().is_block_device());
+        assert_eq!(blk.rdev(), block_dev);
+        let sock = fs::symlink_metadata(m.p("sock")).unwrap();
+        assert!(sock.file_type().is_socket());
+        for special in [&fifo, &chr, &blk, &sock] {
+            assert_eq!((special.len(), special.nlink()), (0, 1));
+        }
+    }
+
+    // The socket takes connections on the web host that bound it.
+    let client = std::os::unix::net::UnixStream::connect(a.p("sock")).unwrap();
+    let (mut served, _) = listener.accept().unwrap();
+    (&client).write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    served.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+
+    // A FIFO made on mount a carries bytes between two processes on b.
+    let fifo_b = b.p("fifo");
+    let writer = std::thread::spawn(move || fs::write(fifo_b, b"through the pipe\n"));
+    assert_eq!(fs::read(b.p("fifo")).unwrap(), b"through the pipe\n");
+    writer.join().unwrap().unwrap();
+
+    // Names taken, whatever the type.
+    for name in ["fifo", "chr", "sock"] {
+        let e = mknod(&a.p(name), libc::S_IFIFO | 0o644, 0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "{name}");
+    }
+    let e = mknod(&a.p("fifo"), libc::S_IFCHR | 0o644, char_dev).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+
+    // Renamed, linked and unlinked like any file, seen so on the other mount.
+    fs::rename(a.p("fifo"), a.p("fifo2")).unwrap();
+    fs::hard_link(a.p("chr"), a.p("chr2")).unwrap();
+    fs::remove_file(a.p("blk")).unwrap();
+    drop(listener);
+    fs::remove_file(a.p("sock")).unwrap();
+    assert!(fs::symlink_metadata(b.p("fifo2"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(fs::symlink_metadata(b.p("fifo")).is_err());
+    let linked = fs::symlink_metadata(b.p("chr2")).unwrap();
+    assert_eq!((linked.nlink(), linked.rdev()), (2, char_dev));
+    assert!(fs::symlink_metadata(b.p("blk")).is_err());
+    assert!(fs::symlink_metadata(b.p("sock")).is_err());
+    // mknod makes no directory (EPERM, as on any Linux file system).
+    let e = mknod(&a.p("dir"), libc::S_IFDIR | 0o755, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+}

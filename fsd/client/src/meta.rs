@@ -380,7 +380,29 @@ impl Client {
             uid: 0,
             gid: 0,
             exclusive,
-            content: None,
+            ..Default::default()
+        }))
+        .await
+    }
+
+    /// Makes a special file: a FIFO, a unix socket's inode, or a device
+    /// node with device number `rdev` (as mknod(2); `kind` a special one).
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: pb::FileKind,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<pb::Attr, ClientError> {
+        self.mutate_attr(Op::Create(pb::Create {
+            parent,
+            name: name.to_vec(),
+            mode,
+            exclusive: true,
+            kind: kind as i32,
+            rdev,
+            ..Default::default()
         }))
         .await
     }

@@ -67,8 +67,11 @@ labels! {
 /// from the others. 3: `CommitExtents.truncate`, likewise. 4: `Revoke` and
 /// `RegisterHost.key_id` (pinned host keys), likewise. 5: a change's mtime
 /// and ctime never go back (a leader whose clock is behind the last one's),
-/// which a member speaking 4 would apply differently.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// which a member speaking 4 would apply differently. 6: `SetAttr`'s
+/// `atime_now`/`mtime_now` (UTIME_NOW stamped by the leader). 7: special
+/// files (`Create.kind`, `Create.rdev`), which a member speaking 6 would
+/// apply as regular files.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

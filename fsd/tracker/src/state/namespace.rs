@@ -22,6 +22,7 @@ pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
         ctime_ns: row.get(8)?,
         nlink: row.get(9)?,
         version: row.get::<_, i64>(10)? as u64,
+        rdev: row.get::<_, Option<u32>>(11)?.unwrap_or(0),
     })
 }
 
@@ -106,6 +107,9 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpRes
     let a = get_attr(tx, ino)?;
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
         tx.exec("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
+        if is_device(a.kind) {
+            tx.exec("DELETE FROM device_numbers WHERE ino = ?1", [i(ino)])?;
+        }
         let hashes: Vec<Vec<u8>> = tx
             .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
             .query_map([i(ino)], |r| r.get(0))?
@@ -161,8 +165,40 @@ fn is_within(tx: &rusqlite::Connection, mut dir: u64, ancestor: u64) -> OpResult
     }
 }
 
+fn is_device(kind: i32) -> bool {
+    kind == FileKind::KindCharDevice as i32 || kind == FileKind::KindBlockDevice as i32
+}
+
+/// What a `Create` makes: a file, or a special file (made exclusively and
+/// empty, as mknod does).
+fn created_kind(c: &pb::Create) -> OpResult<FileKind> {
+    let kind = match FileKind::try_from(c.kind) {
+        Ok(FileKind::KindUnspecified | FileKind::KindFile) => return Ok(FileKind::KindFile),
+        Ok(
+            k @ (FileKind::KindFifo
+            | FileKind::KindSocket
+            | FileKind::KindCharDevice
+            | FileKind::KindBlockDevice),
+        ) => k,
+        _ => {
+            return err(
+                ErrorCode::Invalid,
+                "create makes a file, a FIFO, a socket or a device node",
+            )
+        }
+    };
+    if !c.exclusive || c.content.is_some() {
+        return err(
+            ErrorCode::Invalid,
+            "a special file is made exclusively and without content",
+        );
+    }
+    Ok(kind)
+}
+
 pub(super) fn create(tx: &Transaction<'_>, c: &pb::Create, now: i64) -> OpResult<pb::Attr> {
     check_name(&c.name)?;
+    let kind = created_kind(c)?;
     require_dir(tx, c.parent)?;
     if let Some(ino) = lookup_ino(tx, c.parent, &c.name)? {
         if c.exclusive {
@@ -174,7 +210,14 @@ pub(super) fn create(tx: &Transaction<'_>, c: &pb::Create, now: i64) -> OpResult
         }
         return Ok(a);
     }
-    let a = new_inode(tx, FileKind::KindFile, c.mode, c.uid, c.gid, now, None)?;
+    let mut a = new_inode(tx, kind, c.mode, c.uid, c.gid, now, None)?;
+    if is_device(kind as i32) {
+        tx.exec(
+            "INSERT INTO device_numbers VALUES (?1, ?2)",
+            params![i(a.ino), c.rdev],
+        )?;
+        a.rdev = c.rdev;
+    }
     link_entry(tx, c.parent, &c.name, a.ino, now, 0)?;
     Ok(a)
 }
@@ -539,4 +582,95 @@ pub(crate) fn inside(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{db, run};
+    use failsafe_core::ROOT_INO;
+    use failsafe_proto::pb::{self, command::Op, command_result::Result as R, ErrorCode, FileKind};
+
+    fn mknod(kind: FileKind, exclusive: bool, rdev: u32) -> Op {
+        Op::Create(pb::Create {
+            parent: ROOT_INO,
+            name: format!("{kind:?}").into_bytes(),
+            mode: 0o640,
+            exclusive,
+            kind: kind as i32,
+            rdev,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn special_files_keep_their_kind_and_a_device_its_number_until_unlinked() {
+        let mut conn = db();
+        for kind in [
+            FileKind::KindFifo,
+            FileKind::KindSocket,
+            FileKind::KindCharDevice,
+            FileKind::KindBlockDevice,
+        ] {
+            let device = matches!(kind, FileKind::KindCharDevice | FileKind::KindBlockDevice);
+            let r = run(&mut conn, mknod(kind, true, 0x0103));
+            let Some(R::Attr(a)) = r.result else {
+                panic!("{kind:?}: {r:?}")
+            };
+            assert_eq!((a.kind, a.mode, a.size), (kind as i32, 0o640, 0));
+            assert_eq!(a.rdev, if device { 0x0103 } else { 0 }, "{kind:?}");
+            let again = super::get_attr(&conn, a.ino).unwrap();
+            assert_eq!(again.rdev, a.rdev);
+            // Made only exclusively: a second one is EEXIST.
+            let r = run(&mut conn, mknod(kind, true, 0));
+            assert!(
+                matches!(&r.result, Some(R::Error(e)) if e.code == ErrorCode::Exists as i32),
+                "{r:?}"
+            );
+        }
+        let numbers = |conn: &rusqlite::Connection| -> i64 {
+            conn.query_row("SELECT COUNT(*) FROM device_numbers", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(numbers(&conn), 2);
+        for kind in [FileKind::KindCharDevice, FileKind::KindBlockDevice] {
+            let r = run(
+                &mut conn,
+                Op::Unlink(pb::Unlink {
+                    parent: ROOT_INO,
+                    name: format!("{kind:?}").into_bytes(),
+                    ..Default::default()
+                }),
+            );
+            assert!(!matches!(r.result, Some(R::Error(_))), "{r:?}");
+        }
+        assert_eq!(
+            numbers(&conn),
+            0,
+            "an unlinked device leaves no number behind"
+        );
+    }
+
+    #[test]
+    fn a_special_file_is_made_exclusively_and_empty_and_a_directory_not_at_all() {
+        let mut conn = db();
+        for op in [
+            mknod(FileKind::KindFifo, false, 0),
+            mknod(FileKind::KindDir, true, 0),
+            mknod(FileKind::KindSymlink, true, 0),
+            Op::Create(pb::Create {
+                parent: ROOT_INO,
+                name: b"fifo with data".to_vec(),
+                exclusive: true,
+                kind: FileKind::KindFifo as i32,
+                content: Some(pb::CommitExtents::default()),
+                ..Default::default()
+            }),
+        ] {
+            let r = run(&mut conn, op);
+            assert!(
+                matches!(&r.result, Some(R::Error(e)) if e.code == ErrorCode::Invalid as i32),
+                "{r:?}"
+            );
+        }
+    }
 }

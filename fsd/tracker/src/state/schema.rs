@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS host_states(host_id INTEGER PRIMARY KEY, state INTEGE
 -- databases and snapshots from before them need no migration.
 CREATE TABLE IF NOT EXISTS host_keys(host_id INTEGER PRIMARY KEY, key_id BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked(key_id BLOB PRIMARY KEY, who TEXT NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
+-- The device number of each character or block device node (mknod): a
+-- table of its own, so databases and snapshots from before special files
+-- need no migration.
+CREATE TABLE IF NOT EXISTS device_numbers(ino INTEGER PRIMARY KEY, rdev INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -174,7 +178,8 @@ pub(crate) fn check_snapshot(path: &std::path::Path) -> Result<(), String> {
 
 /// The columns `namespace::attr_row` reads, in its order.
 pub(super) const ATTR_COLS: &str =
-    "ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, version";
+    "ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, version, \
+     (SELECT rdev FROM device_numbers WHERE device_numbers.ino = inodes.ino)";
 
 /// A device that is not gone (SQL, over `devices` as `d` or unaliased).
 pub(super) const LIVE_DEVICE: &str = "device_id NOT IN (SELECT device_id FROM gone_devices)";
