@@ -148,6 +148,11 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // No entry can have such a name; the kernel leaves NAME_MAX to us.
+        if name.len() > failsafe_core::MAX_NAME_BYTES {
+            self.stats.local(FuseOp::Lookup);
+            return reply.error(Errno::ENAMETOOLONG);
+        }
         let name = name.to_owned();
         self.run(FuseOp::Lookup, move |c| async move {
             match c.lookup(parent.0, &name).await {

@@ -1099,3 +1099,35 @@ async fn t33_special_files_are_inodes_of_their_own_on_every_mount() {
     let e = mknod(&a.p("dir"), libc::S_IFDIR | 0o755, 0).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM));
 }
+
+/// A name longer than NAME_MAX (255 bytes) is ENAMETOOLONG for every call
+/// that looks it up or makes it, never ENOENT (the kernel leaves that check
+/// to the file system); a name of 255 bytes is a name like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn t34_a_name_over_name_max_is_enametoolong() {
+    let env = Env::start(1).await;
+    let m = &env.mounts[0];
+    let (max, over) = (m.path.join("n".repeat(255)), m.path.join("n".repeat(256)));
+    fs::write(&max, b"x").unwrap();
+    fs::write(m.p("short"), b"x").unwrap();
+    let tries = [
+        ("stat", fs::metadata(&over).map(|_| ())),
+        ("unlink", fs::remove_file(&over)),
+        ("create", fs::write(&over, b"x")),
+        ("mkdir", fs::create_dir(&over)),
+        (
+            "chmod",
+            fs::set_permissions(&over, fs::Permissions::from_mode(0o600)),
+        ),
+        ("rename from", fs::rename(&over, m.p("other"))),
+        ("rename to", fs::rename(m.p("short"), &over)),
+        ("link", fs::hard_link(m.p("short"), &over)),
+        ("symlink", std::os::unix::fs::symlink("short", &over)),
+    ];
+    for (what, r) in tries {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "{what}: {e}");
+    }
+    fs::rename(&max, m.p("renamed")).unwrap();
+    assert_eq!(fs::read(m.p("renamed")).unwrap(), b"x");
+}

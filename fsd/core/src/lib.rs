@@ -20,7 +20,7 @@ pub mod repair;
 pub use extent::{overlay, Extent, Inline};
 pub use health::{judge, AdminState, Judgement, Liveness};
 pub use leadership::{validate_zone, LeaderPolicy, ZoneError};
-pub use name::{validate_name, NameError};
+pub use name::{validate_name, NameError, MAX_NAME_BYTES};
 pub use placement::{is_full, place, place_more, reserve_bytes, Candidate, ReplicationClass};
 pub use repair::{
     plan_rebalance, plan_repair, plan_trim, BlockView, DeviceView, HostHealth, RepairAction,
