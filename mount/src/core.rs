@@ -540,6 +540,7 @@ impl Core {
             mtime_ns: mtime.and_then(SetTime::at),
             atime_now: matches!(atime, Some(SetTime::Now)),
             mtime_now: matches!(mtime, Some(SetTime::Now)),
+            xattr: None,
         };
         let a = self.client.setattr(set).await.map_err(err)?;
         if let Some(st) = self.state(tino) {
@@ -548,6 +549,28 @@ impl Core {
             inner.extents = None;
         }
         Ok(self.file_attr(&a))
+    }
+
+    /// The extended attributes of `ino` (user ones: no other kind is kept).
+    pub(crate) async fn xattrs(&self, ino: u64) -> Res<Vec<pb::Xattr>> {
+        self.client.xattrs(self.k(ino).await?).await.map_err(err)
+    }
+
+    /// Sets or removes one user extended attribute of `ino` (its ctime
+    /// changes).
+    pub(crate) async fn change_xattr(&self, ino: u64, x: pb::XattrChange) -> Res<()> {
+        self.writable()?;
+        let tino = self.k(ino).await?;
+        let set = pb::SetAttr {
+            ino: tino,
+            xattr: Some(x),
+            ..Default::default()
+        };
+        let a = self.client.setattr(set).await.map_err(err)?;
+        if let Some(st) = self.state(tino) {
+            locked(&st.inner).attr = Some(a);
+        }
+        Ok(())
     }
 
     pub(crate) async fn readlink(&self, ino: u64) -> Res<Vec<u8>> {

@@ -15,6 +15,8 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
             ErrorCode::NameTooLong => Errno::ENAMETOOLONG,
             ErrorCode::WouldBlock => Errno::EAGAIN,
             ErrorCode::NoSpace => Errno::ENOSPC,
+            ErrorCode::NoData => Errno::ENODATA,
+            ErrorCode::NotPermitted => Errno::EPERM,
             // Changed and InlineFull are answers to the blockifier and to
             // the client library, which handle them; never a caller's.
             // A write-behind flush the mount could not make: it says so.

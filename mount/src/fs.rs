@@ -3,6 +3,7 @@
 //! buffered right here, in the order the kernel sent them.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +17,7 @@ use fuser::{
 
 use crate::core::{system_time_ns, Core, DirCache, SetTime};
 use crate::stats::{FuseOp, MountStats};
-use failsafe_client::pb::FileKind;
+use failsafe_client::pb::{self, FileKind};
 
 /// What the kernel may keep of the answers to changes we make that the
 /// lease cache does not hold (setattr, rename's attributes): nothing, so
@@ -736,44 +737,85 @@ impl Filesystem for Fs {
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _pos: u32,
         reply: ReplyEmpty,
     ) {
-        // ENOSYS: the kernel remembers that there are no extended
-        // attributes here and stops asking (it answers EOPNOTSUPP itself),
-        // so `ls -l`'s two getxattr calls per file cost no request each.
-        self.stats.local(FuseOp::Setxattr);
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        self.stats.local(FuseOp::Getxattr);
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.stats.local(FuseOp::Listxattr);
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
+        // Only user extended attributes are kept (security.*, trusted.* and
+        // system.* -- POSIX ACLs -- are not supported: EOPNOTSUPP).
+        if !is_user_xattr(name) {
+            self.stats.local(FuseOp::Setxattr);
+            return reply.error(Errno::EOPNOTSUPP);
         }
+        let change = pb::XattrChange {
+            name: name.as_bytes().to_vec(),
+            value: value.to_vec(),
+            flags: flags as u32,
+            remove: false,
+        };
+        self.run(FuseOp::Setxattr, move |c| async move {
+            match c.change_xattr(ino.0, change).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        self.stats.local(FuseOp::Removexattr);
-        reply.error(Errno::ENOSYS);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Answered here for the names the kernel and tools ask about on
+        // every write or listing (security.capability, security.selinux,
+        // system.posix_acl_access): there are none, at no round trip.
+        if !is_user_xattr(name) {
+            self.stats.local(FuseOp::Getxattr);
+            return reply.error(Errno::ENODATA);
+        }
+        let name = name.as_bytes().to_vec();
+        self.run(FuseOp::Getxattr, move |c| async move {
+            match c.xattrs(ino.0).await {
+                Ok(all) => match all.into_iter().find(|x| x.name == name) {
+                    Some(x) => xattr_reply(reply, size, &x.value),
+                    None => reply.error(Errno::ENODATA),
+                },
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.run(FuseOp::Listxattr, move |c| async move {
+            match c.xattrs(ino.0).await {
+                Ok(all) => {
+                    let mut names = Vec::new();
+                    for x in all {
+                        names.extend_from_slice(&x.name);
+                        names.push(0);
+                    }
+                    xattr_reply(reply, size, &names)
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if !is_user_xattr(name) {
+            self.stats.local(FuseOp::Removexattr);
+            return reply.error(Errno::ENODATA);
+        }
+        let change = pb::XattrChange {
+            name: name.as_bytes().to_vec(),
+            remove: true,
+            ..Default::default()
+        };
+        self.run(FuseOp::Removexattr, move |c| async move {
+            match c.change_xattr(ino.0, change).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -881,5 +923,24 @@ impl Filesystem for Fs {
             })
             .await
         });
+    }
+}
+
+/// A user extended attribute's name (`user.` and something).
+fn is_user_xattr(name: &OsStr) -> bool {
+    name.as_bytes()
+        .strip_prefix(b"user.")
+        .is_some_and(|n| !n.is_empty())
+}
+
+/// getxattr/listxattr's answer: the size asked for with `size` 0, the
+/// bytes when they fit in `size`, ERANGE when not.
+fn xattr_reply(reply: ReplyXattr, size: u32, bytes: &[u8]) {
+    if size == 0 {
+        reply.size(bytes.len() as u32)
+    } else if bytes.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(bytes)
     }
 }

@@ -1131,3 +1131,169 @@ async fn t34_a_name_over_name_max_is_enametoolong() {
     fs::rename(&max, m.p("renamed")).unwrap();
     assert_eq!(fs::read(m.p("renamed")).unwrap(), b"x");
 }
+
+fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let name = CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer of `value.len()` bytes.
+    let r = unsafe {
+        libc::lsetxattr(
+            c(p).as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// getxattr with a buffer of `size` bytes (0: the value's size only).
+fn getxattr(p: &Path, name: &str, size: usize) -> std::io::Result<Vec<u8>> {
+    let name = CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    // SAFETY: valid C strings and a buffer of `size` bytes.
+    let n = unsafe { libc::lgetxattr(c(p).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(if size == 0 { 0 } else { n as usize });
+    if size == 0 {
+        buf = (n as usize).to_le_bytes().to_vec();
+    }
+    Ok(buf)
+}
+
+fn listxattr(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a valid C string and a buffer of 4096 bytes.
+    let n = unsafe { libc::llistxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "{}", std::io::Error::last_os_error());
+    buf.truncate(n as usize);
+    buf.split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).to_string())
+        .collect()
+}
+
+fn errno_is(r: std::io::Result<impl std::fmt::Debug>, want: i32, what: &str) {
+    let e = r.expect_err(what);
+    assert_eq!(e.raw_os_error(), Some(want), "{what}: {e}");
+}
+
+/// User extended attributes are kept by the cluster: set on one mount,
+/// read and listed on the other, with setxattr's create/replace rules,
+/// ENODATA, ERANGE and E2BIG, kept across a rename and by `cp -a`, and
+/// refused on symlinks (EPERM, as Linux does). Other namespaces (security,
+/// trusted, system: POSIX ACLs) are not supported: EOPNOTSUPP to set,
+/// ENODATA to get.
+#[tokio::test(flavor = "multi_thread")]
+async fn t35_user_extended_attributes_are_seen_on_every_mount() {
+    let env = Env::start(2).await;
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::write(a.p("page.txt"), b"text").unwrap();
+    fs::create_dir(a.p("dir")).unwrap();
+    let before = fs::metadata(a.p("page.txt")).unwrap().ctime_nsec();
+    setxattr(&a.p("page.txt"), "user.color", b"blue", 0).unwrap();
+    setxattr(&a.p("page.txt"), "user.empty", b"", 0).unwrap();
+    setxattr(&a.p("dir"), "user.dir", b"yes", 0).unwrap();
+
+    assert_eq!(
+        getxattr(&b.p("page.txt"), "user.color", 64).unwrap(),
+        b"blue"
+    );
+    assert_eq!(getxattr(&b.p("page.txt"), "user.empty", 64).unwrap(), b"");
+    assert_eq!(
+        getxattr(&b.p("page.txt"), "user.color", 0).unwrap(),
+        4usize.to_le_bytes()
+    );
+    errno_is(
+        getxattr(&b.p("page.txt"), "user.color", 2),
+        libc::ERANGE,
+        "small buffer",
+    );
+    assert_eq!(listxattr(&b.p("page.txt")), ["user.color", "user.empty"]);
+    assert_eq!(getxattr(&b.p("dir"), "user.dir", 64).unwrap(), b"yes");
+    assert_ne!(fs::metadata(b.p("page.txt")).unwrap().ctime_nsec(), before);
+
+    // setxattr's flags, and a value replaced.
+    errno_is(
+        setxattr(&b.p("page.txt"), "user.color", b"red", libc::XATTR_CREATE),
+        libc::EEXIST,
+        "create over an existing attribute",
+    );
+    errno_is(
+        setxattr(&b.p("page.txt"), "user.none", b"x", libc::XATTR_REPLACE),
+        libc::ENODATA,
+        "replace of a missing attribute",
+    );
+    setxattr(&b.p("page.txt"), "user.color", b"red", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(
+        getxattr(&a.p("page.txt"), "user.color", 64).unwrap(),
+        b"red"
+    );
+
+    // The largest value Linux allows, and one more byte.
+    let big = vec![7u8; 65536];
+    setxattr(&a.p("page.txt"), "user.big", &big, 0).unwrap();
+    assert_eq!(getxattr(&b.p("page.txt"), "user.big", 65536).unwrap(), big);
+    errno_is(
+        setxattr(&a.p("page.txt"), "user.bigger", &vec![7u8; 65537], 0),
+        libc::E2BIG,
+        "a value over 64 KiB",
+    );
+
+    // Kept across a rename and by cp -a; removed with the name.
+    fs::rename(a.p("page.txt"), a.p("renamed.txt")).unwrap();
+    assert_eq!(
+        getxattr(&b.p("renamed.txt"), "user.color", 64).unwrap(),
+        b"red"
+    );
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(a.p("renamed.txt"))
+        .arg(a.p("copy.txt"))
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    assert_eq!(
+        getxattr(&b.p("copy.txt"), "user.color", 64).unwrap(),
+        b"red"
+    );
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::lremovexattr(c(&b.p("renamed.txt")).as_ptr(), c"user.color".as_ptr()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    errno_is(
+        getxattr(&a.p("renamed.txt"), "user.color", 64),
+        libc::ENODATA,
+        "removed",
+    );
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::lremovexattr(c(&b.p("renamed.txt")).as_ptr(), c"user.color".as_ptr()) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+
+    // Where they are not kept.
+    std::os::unix::fs::symlink("renamed.txt", a.p("link")).unwrap();
+    errno_is(
+        setxattr(&a.p("link"), "user.x", b"1", 0),
+        libc::EPERM,
+        "symlink",
+    );
+    errno_is(
+        setxattr(&a.p("renamed.txt"), "trusted.x", b"1", 0),
+        libc::EOPNOTSUPP,
+        "trusted namespace",
+    );
+    errno_is(
+        getxattr(&a.p("renamed.txt"), "security.capability", 64),
+        libc::ENODATA,
+        "security namespace",
+    );
+}

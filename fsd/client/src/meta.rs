@@ -575,6 +575,17 @@ impl Client {
         .await
     }
 
+    /// The extended attributes of `ino`, names and values, in name order.
+    pub async fn xattrs(&self, ino: u64) -> Result<Vec<pb::Xattr>, ClientError> {
+        match self
+            .query(Query::ListXattrs(pb::ListXattrs { ino }))
+            .await?
+        {
+            Reply::Xattrs(x) => Ok(x.entries),
+            _ => Err(unexpected("list xattrs")),
+        }
+    }
+
     pub async fn list_locks(&self, ino: u64) -> Result<Vec<pb::LockInfo>, ClientError> {
         match self.query(Query::ListLocks(pb::ListLocks { ino })).await? {
             Reply::LockList(l) => Ok(l.locks),

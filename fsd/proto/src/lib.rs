@@ -70,7 +70,8 @@ labels! {
 /// which a member speaking 4 would apply differently. 6: `SetAttr`'s
 /// `atime_now`/`mtime_now` (UTIME_NOW stamped by the leader). 7: special
 /// files (`Create.kind`, `Create.rdev`), which a member speaking 6 would
-/// apply as regular files.
+/// apply as regular files, and extended attributes (`SetAttr.xattr`),
+/// which it would skip.
 pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest gRPC message a client or server accepts (a block is sent in

@@ -103,6 +103,7 @@ fn command_inodes(op: &Op, out: &mut Vec<u64>) {
 fn query_inode(q: &pb::query_request::Query) -> Option<u64> {
     match q {
         pb::query_request::Query::ListLocks(l) => Some(l.ino),
+        pb::query_request::Query::ListXattrs(l) => Some(l.ino),
         q => crate::node::query_object(q),
     }
 }

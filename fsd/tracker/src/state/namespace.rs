@@ -110,6 +110,7 @@ fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpRes
         if is_device(a.kind) {
             tx.exec("DELETE FROM device_numbers WHERE ino = ?1", [i(ino)])?;
         }
+        tx.exec("DELETE FROM xattrs WHERE ino = ?1", [i(ino)])?;
         let hashes: Vec<Vec<u8>> = tx
             .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
             .query_map([i(ino)], |r| r.get(0))?
@@ -448,6 +449,79 @@ pub(super) fn rename(
     Ok(())
 }
 
+/// The longest extended attribute name and value (Linux's XATTR_NAME_MAX
+/// and XATTR_SIZE_MAX), and all of one inode's names and values together.
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_VALUE_MAX: usize = 64 << 10;
+const XATTRS_PER_INODE_BYTES: i64 = 256 << 10;
+const XATTR_CREATE: u32 = 1;
+const XATTR_REPLACE: u32 = 2;
+
+/// Sets or removes one user extended attribute of `a` (setxattr(2) and
+/// removexattr(2) rules; only `user.` names, on regular files and
+/// directories, as Linux allows for them).
+fn change_xattr(tx: &Transaction<'_>, a: &pb::Attr, x: &pb::XattrChange) -> OpResult<()> {
+    if !x.name.starts_with(b"user.") || x.name.len() == 5 || x.name.contains(&0) {
+        return err(
+            ErrorCode::Invalid,
+            "only user.NAME extended attributes are kept",
+        );
+    }
+    if x.name.len() > XATTR_NAME_MAX || x.value.len() > XATTR_VALUE_MAX {
+        return err(
+            ErrorCode::Invalid,
+            "extended attribute name or value too long",
+        );
+    }
+    if x.flags & !(XATTR_CREATE | XATTR_REPLACE) != 0 || x.flags == XATTR_CREATE | XATTR_REPLACE {
+        return err(ErrorCode::Invalid, "setxattr flags");
+    }
+    if a.kind != FileKind::KindFile as i32 && a.kind != FileKind::KindDir as i32 {
+        return err(
+            ErrorCode::NotPermitted,
+            "user extended attributes are for regular files and directories",
+        );
+    }
+    let there = tx
+        .row(
+            "SELECT 1 FROM xattrs WHERE ino = ?1 AND name = ?2",
+            params![i(a.ino), x.name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if x.remove || x.flags & XATTR_REPLACE != 0 {
+        if !there {
+            return err(ErrorCode::NoData, "no such extended attribute");
+        }
+    } else if x.flags & XATTR_CREATE != 0 && there {
+        return err(ErrorCode::Exists, "the extended attribute exists");
+    }
+    if x.remove {
+        tx.exec(
+            "DELETE FROM xattrs WHERE ino = ?1 AND name = ?2",
+            params![i(a.ino), x.name],
+        )?;
+        return Ok(());
+    }
+    let others: i64 = tx.row(
+        "SELECT COALESCE(SUM(LENGTH(name) + LENGTH(value)), 0) FROM xattrs WHERE ino = ?1 AND name != ?2",
+        params![i(a.ino), x.name],
+        |r| r.get(0),
+    )?;
+    if others + (x.name.len() + x.value.len()) as i64 > XATTRS_PER_INODE_BYTES {
+        return err(
+            ErrorCode::NoSpace,
+            "no room for more extended attributes on this inode",
+        );
+    }
+    tx.exec(
+        "INSERT OR REPLACE INTO xattrs VALUES (?1, ?2, ?3)",
+        params![i(a.ino), x.name, x.value],
+    )?;
+    Ok(())
+}
+
 pub(super) fn set_attr(
     tx: &Transaction<'_>,
     c: &pb::SetAttr,
@@ -455,6 +529,9 @@ pub(super) fn set_attr(
     leader_now: i64,
 ) -> OpResult<pb::Attr> {
     let a = get_attr(tx, c.ino)?;
+    if let Some(x) = &c.xattr {
+        change_xattr(tx, &a, x)?;
+    }
     if let Some(mode) = c.mode {
         tx.exec(
             "UPDATE inodes SET mode = ?2 WHERE ino = ?1",
@@ -672,5 +749,71 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn extended_attributes_follow_setxattr_rules_and_go_with_the_inode() {
+        use super::super::testing::create_file;
+        let mut conn = db();
+        let ino = create_file(&mut conn, b"page");
+        let set = |name: &str, len: usize, flags: u32, remove: bool| {
+            Op::SetAttr(pb::SetAttr {
+                ino,
+                xattr: Some(pb::XattrChange {
+                    name: name.as_bytes().to_vec(),
+                    value: vec![1; len],
+                    flags,
+                    remove,
+                }),
+                ..Default::default()
+            })
+        };
+        let code = |r: pb::CommandResult| match r.result {
+            Some(R::Error(e)) => e.code,
+            _ => 0,
+        };
+        // Four values of 64 KiB fit; a fifth is over the inode's 256 KiB.
+        for n in 0..3 {
+            assert_eq!(
+                code(run(&mut conn, set(&format!("user.{n}"), 65536, 0, false))),
+                0
+            );
+        }
+        assert_eq!(
+            code(run(&mut conn, set("user.3", 65536, 0, false))),
+            ErrorCode::NoSpace as i32
+        );
+        // Replacing one with a smaller value is not counted twice.
+        assert_eq!(code(run(&mut conn, set("user.0", 100, 2, false))), 0);
+        assert_eq!(
+            code(run(&mut conn, set("user.0", 1, 1, false))),
+            ErrorCode::Exists as i32
+        );
+        assert_eq!(
+            code(run(&mut conn, set("user.9", 1, 2, false))),
+            ErrorCode::NoData as i32
+        );
+        assert_eq!(
+            code(run(&mut conn, set("user.9", 0, 0, true))),
+            ErrorCode::NoData as i32
+        );
+        for bad in ["security.x", "user.", "trusted.y"] {
+            assert_eq!(
+                code(run(&mut conn, set(bad, 1, 0, false))),
+                ErrorCode::Invalid as i32
+            );
+        }
+        run(
+            &mut conn,
+            Op::Unlink(pb::Unlink {
+                parent: ROOT_INO,
+                name: b"page".to_vec(),
+                ..Default::default()
+            }),
+        );
+        let left: i64 = conn
+            .query_row("SELECT COUNT(*) FROM xattrs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "an unlinked inode leaves no attribute behind");
     }
 }

@@ -38,7 +38,23 @@ pub(crate) fn query(
         Query::ReadExtents(r) => read_extents(conn, r),
         Query::Place(p) => place_blocks(conn, p, class),
         Query::ListLocks(l) => list_locks(conn, l),
+        Query::ListXattrs(l) => list_xattrs(conn, l.ino),
     }
+}
+
+/// An inode's extended attributes, in name order.
+fn list_xattrs(conn: &rusqlite::Connection, ino: u64) -> OpResult<Reply> {
+    get_attr(conn, ino)?;
+    let entries = conn
+        .prepare_cached("SELECT name, value FROM xattrs WHERE ino = ?1 ORDER BY name")?
+        .query_map([i(ino)], |r| {
+            Ok(pb::Xattr {
+                name: r.get(0)?,
+                value: r.get(1)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Reply::Xattrs(pb::Xattrs { entries }))
 }
 
 /// What a writer may cache after its change: the attributes of `inos`

@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS revoked(key_id BLOB PRIMARY KEY, who TEXT NOT NULL, a
 -- table of its own, so databases and snapshots from before special files
 -- need no migration.
 CREATE TABLE IF NOT EXISTS device_numbers(ino INTEGER PRIMARY KEY, rdev INTEGER NOT NULL);
+-- User extended attributes (setxattr), likewise a table of their own.
+CREATE TABLE IF NOT EXISTS xattrs(
+  ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+  PRIMARY KEY(ino, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
