@@ -1297,3 +1297,193 @@ async fn t35_user_extended_attributes_are_seen_on_every_mount() {
         "security namespace",
     );
 }
+
+/// Two users who are not root, as the tests run a command as them.
+const ALICE: u32 = 65534;
+const BOB: u32 = 65533;
+
+/// Lets users who are not root reach the mounts (the test's directory is
+/// private by default; the mounts need `allow_other` too).
+fn open_to_all(env: &Env) {
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs `sh -c script` in `dir` as user and group `id` (no supplementary
+/// groups): whether it succeeded, and what it said.
+fn as_user(id: u32, dir: &Path, script: &str) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .uid(id)
+        .gid(id)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Fails unless `script` run as `id` in `dir` is refused with `why`.
+fn refused(id: u32, dir: &Path, script: &str, why: &str) {
+    let (ok, err) = as_user(id, dir, script);
+    assert!(
+        !ok && err.contains(why),
+        "{script} as {id} in {}: {err}",
+        dir.display()
+    );
+}
+
+fn allowed(id: u32, dir: &Path, script: &str) {
+    let (ok, err) = as_user(id, dir, script);
+    assert!(ok, "{script} as {id} in {}: {err}", dir.display());
+}
+
+/// A sticky directory (mode 1777, like /tmp) lets anyone make entries but
+/// only an entry's owner, the directory's owner or root rename or remove
+/// them, on every mount.
+#[tokio::test(flavor = "multi_thread")]
+async fn t36_a_sticky_directory_refuses_a_non_owners_rename_and_unlink_on_both_mounts() {
+    let env = Env::start_mounts_with(2, "allow_other").await;
+    open_to_all(&env);
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::create_dir(a.p("shared")).unwrap();
+    fs::set_permissions(a.p("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    let (sa, sb) = (a.p("shared"), b.p("shared"));
+    allowed(ALICE, &sa, "echo alice > alice.txt");
+    for dir in [&sa, &sb] {
+        refused(
+            BOB,
+            dir,
+            "mv alice.txt taken.txt",
+            "Operation not permitted",
+        );
+        refused(BOB, dir, "rm -f alice.txt", "Operation not permitted");
+        refused(
+            BOB,
+            dir,
+            "echo bob > bob.txt && mv bob.txt alice.txt",
+            "Operation not permitted",
+        );
+        allowed(BOB, dir, "rm -f bob.txt");
+    }
+    assert_eq!(fs::read(sb.join("alice.txt")).unwrap(), b"alice\n");
+    // Its owner may; so may the directory's owner.
+    allowed(ALICE, &sb, "mv alice.txt renamed.txt");
+    assert!(fs::metadata(sa.join("renamed.txt")).is_ok());
+    fs::set_permissions(a.p("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+    std::os::unix::fs::chown(&sa, Some(BOB), Some(BOB)).unwrap();
+    allowed(BOB, &sb, "rm renamed.txt");
+    assert!(fs::metadata(sa.join("renamed.txt")).is_err());
+    // Without the sticky bit, write permission on the directory is enough.
+    fs::set_permissions(a.p("shared"), fs::Permissions::from_mode(0o777)).unwrap();
+    allowed(ALICE, &sa, "echo again > alice.txt");
+    allowed(BOB, &sb, "mv alice.txt bobs-now.txt");
+}
+
+/// Set-user-ID and set-group-ID bits, and who may change owners, modes and
+/// times, as on a local disk: a write by a caller without privilege clears
+/// the set-id bits, as does a change of owner (by root too); a non-owner
+/// may not chmod, chown or set times explicitly; an owner may give a file
+/// only to a group it is in.
+#[tokio::test(flavor = "multi_thread")]
+async fn t37_set_id_bits_and_ownership_follow_the_rules_for_callers_without_privilege() {
+    use std::os::unix::fs::chown;
+    let env = Env::start_mounts_with(2, "allow_other").await;
+    open_to_all(&env);
+    let (a, b) = (&env.mounts[0], &env.mounts[1]);
+    fs::create_dir(a.p("home")).unwrap();
+    fs::set_permissions(a.p("home"), fs::Permissions::from_mode(0o777)).unwrap();
+    let (ha, hb) = (a.p("home"), b.p("home"));
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+
+    // A write by its owner (not root) clears both set-id bits.
+    fs::write(ha.join("tool"), b"#!/bin/sh\n").unwrap();
+    chown(ha.join("tool"), Some(ALICE), Some(ALICE)).unwrap();
+    fs::set_permissions(ha.join("tool"), fs::Permissions::from_mode(0o6775)).unwrap();
+    assert_eq!(mode(&hb.join("tool")), 0o6775);
+    allowed(ALICE, &hb, "echo more >> tool");
+    assert_eq!(mode(&ha.join("tool")), 0o775, "a write clears set-id bits");
+
+    // A change of owner clears them, by root too.
+    fs::set_permissions(ha.join("tool"), fs::Permissions::from_mode(0o6775)).unwrap();
+    chown(hb.join("tool"), Some(BOB), None).unwrap();
+    assert_eq!(mode(&ha.join("tool")), 0o775, "chown clears set-id bits");
+
+    // Only the owner (or root) changes mode, owner and explicit times.
+    fs::write(ha.join("bobs"), b"x").unwrap();
+    chown(ha.join("bobs"), Some(BOB), Some(BOB)).unwrap();
+    fs::set_permissions(ha.join("bobs"), fs::Permissions::from_mode(0o666)).unwrap();
+    refused(ALICE, &hb, "chmod 600 bobs", "Operation not permitted");
+    refused(ALICE, &hb, "chown 65534 bobs", "Operation not permitted");
+    refused(
+        ALICE,
+        &hb,
+        "touch -d 2001-01-01 bobs",
+        "Operation not permitted",
+    );
+    allowed(ALICE, &hb, "touch bobs");
+    allowed(BOB, &hb, "chmod 640 bobs");
+    assert_eq!(mode(&ha.join("bobs")), 0o640);
+    // An owner may not give a file away, nor to a group it is not in.
+    refused(BOB, &hb, "chown 65534 bobs", "Operation not permitted");
+    refused(BOB, &hb, "chgrp 0 bobs", "Operation not permitted");
+    allowed(BOB, &hb, "chgrp 65533 bobs");
+    // A group member's chmod of a file in another group drops set-gid.
+    allowed(BOB, &hb, "chmod 2755 bobs");
+    assert_eq!(mode(&ha.join("bobs")), 0o2755);
+    chown(ha.join("bobs"), None, Some(0)).unwrap();
+    allowed(BOB, &hb, "chmod 2755 bobs");
+    assert_eq!(
+        mode(&ha.join("bobs")),
+        0o755,
+        "not in the file's group: no set-gid"
+    );
+}
+
+/// A name already taken is EEXIST whatever stands there and whatever would
+/// be made: mkdir, symlink, link, mkfifo and an exclusive create.
+#[tokio::test(flavor = "multi_thread")]
+async fn t38_every_kind_of_creation_over_every_kind_of_entry_is_eexist() {
+    use std::os::unix::fs::symlink;
+    let env = Env::start(1).await;
+    let m = &env.mounts[0];
+    fs::write(m.p("file"), b"x").unwrap();
+    fs::create_dir(m.p("dir")).unwrap();
+    symlink("file", m.p("link")).unwrap();
+    symlink("nowhere", m.p("dangling")).unwrap();
+    let fifo = c(&m.p("fifo"));
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    for name in ["file", "dir", "link", "dangling", "fifo"] {
+        let p = m.p(name);
+        let tries = [
+            ("mkdir", fs::create_dir(&p)),
+            ("symlink", symlink("x", &p)),
+            ("link", fs::hard_link(m.p("file"), &p)),
+            (
+                "O_EXCL",
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .map(drop),
+            ),
+        ];
+        for (what, r) in tries {
+            let e = r.expect_err(what);
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::EEXIST),
+                "{what} over {name}: {e}"
+            );
+        }
+        // SAFETY: a valid C string.
+        let r = unsafe { libc::mkfifo(c(&p).as_ptr(), 0o644) };
+        let e = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!((r, e), (-1, Some(libc::EEXIST)), "mkfifo over {name}");
+    }
+}
