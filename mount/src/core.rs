@@ -765,23 +765,31 @@ impl Core {
     }
 
     /// With write-behind and `dir` delegated here: the inode of the file
-    /// (not a directory, not open here) `dir/name` names, which may be
-    /// unlinked or renamed here alone. `Err(ENOENT)`: no such name.
+    /// (not a directory, not open here, with no other hard link: its link
+    /// count seen elsewhere must change at once) `dir/name` names, which
+    /// may be unlinked or renamed here alone. `Err(ENOENT)`: no such name.
     async fn plain_file(&self, b: &WriteBehind, dir: u64, name: &[u8]) -> Res<Option<u64>> {
         if !b.delegated(dir) {
             return Ok(None);
         }
-        let ino = match b.name(dir, name) {
+        let a = match b.name(dir, name) {
             Some(Name::Gone) => return Err(Errno::ENOENT),
             Some(Name::Made(_)) => return Ok(None),
-            Some(Name::Is(ino)) => ino,
+            // Renamed here: its attributes as leased, without a round trip
+            // (not leased: taken as one link, as before the rename).
+            Some(Name::Is(ino)) => match self.client.cached_attrs(&[ino]).pop().flatten() {
+                Some(l) => l.value,
+                None => return Ok(self.state(ino).is_none().then_some(ino)),
+            },
             None => match self.named(dir, name).await? {
                 None => return Err(Errno::ENOENT),
-                Some(a) if a.kind == FileKind::KindDir as i32 => return Ok(None),
-                Some(a) => a.ino,
+                Some(a) => a,
             },
         };
-        Ok(self.state(ino).is_none().then_some(ino))
+        if a.kind == FileKind::KindDir as i32 || a.nlink > 1 {
+            return Ok(None);
+        }
+        Ok(self.state(a.ino).is_none().then_some(a.ino))
     }
 
     pub(crate) async fn unlink(&self, parent: u64, name: &std::ffi::OsStr) -> Res<()> {

@@ -1487,3 +1487,21 @@ async fn t38_every_kind_of_creation_over_every_kind_of_entry_is_eexist() {
         assert_eq!((r, e), (-1, Some(libc::EEXIST)), "mkfifo over {name}");
     }
 }
+
+/// With write-behind, unlinking one name of a file with two links is seen
+/// at once in the other name's link count (such an unlink goes to the
+/// cluster, not into the directory's pending changes).
+#[tokio::test(flavor = "multi_thread")]
+async fn t39_with_writebehind_an_unlinked_hard_link_leaves_the_count_right() {
+    let env = Env::start_mounts_with(1, "writebehind").await;
+    let m = &env.mounts[0];
+    fs::write(m.p("page"), b"x").unwrap();
+    fs::hard_link(m.p("page"), m.p("other")).unwrap();
+    assert_eq!(fs::metadata(m.p("other")).unwrap().nlink(), 2);
+    fs::remove_file(m.p("page")).unwrap();
+    assert_eq!(fs::metadata(m.p("other")).unwrap().nlink(), 1);
+    fs::hard_link(m.p("other"), m.p("page")).unwrap();
+    fs::rename(m.p("other"), m.p("renamed")).unwrap();
+    fs::remove_file(m.p("page")).unwrap();
+    assert_eq!(fs::metadata(m.p("renamed")).unwrap().nlink(), 1);
+}

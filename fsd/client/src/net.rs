@@ -306,8 +306,11 @@ impl Client {
             return Ok(l);
         }
         self.with_leader(RpcKind::MetaQuery, "finding the leader", |addr| {
+            // Only to find the leader: nothing is read after it, so no
+            // write-behind delegation need come back.
             let req = pb::ReadIndexRequest {
                 header: self.header(),
+                probe: true,
             };
             let c = self.meta(&addr);
             async move {

@@ -207,6 +207,7 @@ impl Network {
         &self,
         addr: &str,
         timeout: Duration,
+        probe: bool,
     ) -> Result<u64, crate::TrackerError> {
         use failsafe_proto::pb::metadata_client::MetadataClient;
         let unreachable =
@@ -216,6 +217,7 @@ impl Network {
             .ok_or_else(|| unreachable("bad address".into()))?;
         let mut req = tonic::Request::new(failsafe_proto::pb::ReadIndexRequest {
             header: Some(header(&self.cluster.get())),
+            probe,
         });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, MetadataClient::new(channel).read_index(req)).await {

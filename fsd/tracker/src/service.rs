@@ -363,13 +363,11 @@ impl Metadata for MetadataService {
         &self,
         req: Request<pb::ReadIndexRequest>,
     ) -> Result<Response<pb::ReadIndexReply>, Status> {
-        check_header(
-            req.into_inner().header.as_ref(),
-            &self.tracker.cluster.get(),
-        )?;
+        let req = req.into_inner();
+        check_header(req.header.as_ref(), &self.tracker.cluster.get())?;
         // A follower's read cannot say what it reads: every delegation
-        // (write-behind) comes back first.
-        if let Some(leases) = self.tracker.leases() {
+        // (write-behind) comes back first. A readiness probe reads nothing.
+        if let (false, Some(leases)) = (req.probe, self.tracker.leases()) {
             leases.recall_all().await;
         }
         let index = self.tracker.read_index().await?;

@@ -668,11 +668,18 @@ impl Tracker {
     /// A follower's linearizable read: the leader's read index, then wait
     /// until this member has applied it.
     async fn follower_read_index(&self, timeout: Duration) -> Result<(), TrackerError> {
+        self.follower_index(timeout, false).await
+    }
+
+    /// The leader's read index (`probe`: only to learn it, as a readiness
+    /// check does, so no delegation is recalled), then waits until this
+    /// member has applied it.
+    async fn follower_index(&self, timeout: Duration, probe: bool) -> Result<(), TrackerError> {
         let (_, addr) = self
             .leader()
             .filter(|(_, a)| !a.is_empty())
             .ok_or_else(|| TrackerError::NoQuorum("no known leader".into()))?;
-        let index = self.network.read_index(&addr, timeout).await?;
+        let index = self.network.read_index(&addr, timeout, probe).await?;
         if self.wait_applied(index, timeout).await {
             Ok(())
         } else {
@@ -1066,7 +1073,7 @@ impl Tracker {
             return Err(TrackerError::NotInitialized);
         }
         if !self.is_leader() {
-            return self.follower_read_index(within).await;
+            return self.follower_index(within, true).await;
         }
         let index = tokio::time::timeout(within, self.read_index())
             .await
