@@ -21,6 +21,8 @@ pub(crate) struct Metrics {
     /// Blocks below their copy count, as this host last judged them while
     /// it led the tracker.
     pub under_replicated: AtomicU64,
+    /// Hosts with devices that do not answer (down or dead), likewise.
+    pub hosts_down: AtomicU64,
     /// Copy records beyond the copy count dropped by repair on this host.
     pub copies_trimmed: AtomicU64,
     /// Bytes re-hashed by scrub, copies it found corrupt, passes finished.

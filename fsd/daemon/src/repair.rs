@@ -225,6 +225,15 @@ impl Repair {
         self.metrics
             .under_replicated
             .store(view.counts.under_replicated, Ordering::Relaxed);
+        let down: std::collections::BTreeSet<u64> = view
+            .devices
+            .iter()
+            .filter(|(d, _)| matches!(d.health, HostHealth::Down | HostHealth::Dead))
+            .map(|(d, _)| d.candidate.host_id)
+            .collect();
+        self.metrics
+            .hosts_down
+            .store(down.len() as u64, Ordering::Relaxed);
         let full = view.blocks.len() >= self.batch() || view.extra.len() >= self.batch();
         *lock(&self.cursor) = view
             .blocks

@@ -416,6 +416,15 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
             "",
             under,
         );
+        gauge(
+            &mut out,
+            "failsafe_hosts_down",
+            "Hosts with devices that do not answer the leader, down or dead (leader only)",
+            "",
+            metrics
+                .hosts_down
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
     for u in store.usage() {
         let labels = format!(

@@ -258,13 +258,9 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut probe: imp
     }
 }
 
-/// Health as a supervisor, a load balancer and a monitoring check see it:
-/// `/healthz` (live), `/readyz` (a member of a working quorum, caught up)
-/// and the gRPC health service on the plain `--metrics-listen` address,
-/// and `fsctl status`'s exit status: 0 fail-safe, 1 limping, 2 unreachable.
-#[tokio::test(flavor = "multi_thread")]
-async fn t84_health_probes_and_status_exit_codes_follow_the_cluster() {
-    use tonic_health::ServingStatus;
+/// Three hosts in zones a, b, c, each also serving /metrics and health in
+/// plain HTTP (`--metrics-listen`) at the address returned for it.
+async fn cluster_with_plain_listeners() -> (common::TestCluster, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let mut c = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_fsd")), &[]);
     let mut probes = Vec::new();
@@ -276,11 +272,70 @@ async fn t84_health_probes_and_status_exit_codes_follow_the_cluster() {
         probes.push(addr);
     }
     c.bootstrap().await.unwrap();
-    let mut tc = common::TestCluster {
+    let tc = common::TestCluster {
         c,
         dir,
         expected_errors: Vec::new(),
     };
+    (tc, probes)
+}
+
+/// Every metric the Grafana dashboard and the Prometheus alert rules in
+/// packaging/ name is one some fsd of a working cluster with a mount
+/// exports (the leader-only ones from the leader).
+#[tokio::test(flavor = "multi_thread")]
+async fn t85_every_metric_the_dashboard_and_alert_rules_use_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging");
+    let mut named = std::collections::BTreeSet::new();
+    for file in [
+        "grafana/failsafe-dashboard.json",
+        "prometheus/failsafe-alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("failsafe_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            named.insert(name);
+        }
+    }
+    assert!(named.len() >= 10, "{named:?}");
+    let (tc, probes) = cluster_with_plain_listeners().await;
+    // A mount's session (the clock offset is reported per session).
+    let client = tc.client_in("a").await;
+    let _session = client
+        .open_session(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let exported = |name: &str| {
+        probes.iter().any(|p| {
+            http_get(p, "/metrics").is_some_and(|(_, text)| {
+                text.lines().any(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|r| r.starts_with(['{', ' ']))
+                })
+            })
+        })
+    };
+    for name in &named {
+        until(&format!("{name} exported"), || {
+            std::future::ready(exported(name))
+        })
+        .await;
+    }
+}
+
+/// Health as a supervisor, a load balancer and a monitoring check see it:
+/// `/healthz` (live), `/readyz` (a member of a working quorum, caught up)
+/// and the gRPC health service on the plain `--metrics-listen` address,
+/// and `fsctl status`'s exit status: 0 fail-safe, 1 limping, 2 unreachable.
+#[tokio::test(flavor = "multi_thread")]
+async fn t84_health_probes_and_status_exit_codes_follow_the_cluster() {
+    use tonic_health::ServingStatus;
+    let (mut tc, probes) = cluster_with_plain_listeners().await;
     let code =
         |tc: &common::TestCluster| tc.fsctl(&["--timeout-ms", "1000", "status"]).status.code();
     let status = |p: &str, path: &str| http_get(p, path).map(|(c, _)| c);
