@@ -1289,6 +1289,21 @@ impl Core {
         Ok((tino, inner.dirty.bytes() >= FLUSH_AT))
     }
 
+    /// The mode a write through `fh` by a caller without CAP_FSETID leaves
+    /// the file with, when that clears set-id bits: set-user-ID always,
+    /// set-group-ID when group members may execute it (as the kernel rules
+    /// for writes through its page cache; on direct I/O it asks us).
+    pub(crate) fn mode_after_unprivileged_write(&self, fh: u64) -> Option<u32> {
+        let (tino, _) = self.handle_ino(fh).ok()?;
+        let st = self.state(tino)?;
+        let mode = locked(&st.inner).attr.as_ref()?.mode & 0o7777;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        (mode & kill != 0).then_some(mode & !kill)
+    }
+
     /// Backpressure: the file's inode when `fh`'s file already holds as
     /// many bytes not yet stored as a mount keeps for one file, so the next
     /// write must wait for an upload first.
@@ -1353,8 +1368,11 @@ impl Core {
                 inner.truncated = false;
                 let mut versions = locked(&self.versions);
                 let before = inner.attr.as_ref().map(|o| o.version);
-                // Our pages are still right if only our commits happened.
+                // Our pages are still right if only our commits happened,
+                // and held what we wrote: appends do not go through them
+                // (direct I/O, see `fs::append_io`).
                 if before.is_some_and(|v| a.version == v + commits)
+                    && batch.appended() == 0
                     && versions.get(&tino) == before.as_ref()
                 {
                     versions.insert(tino, a.version);

@@ -110,6 +110,22 @@ fn set_time(t: TimeOrNow) -> SetTime {
     }
 }
 
+/// How the kernel is to write through a handle opened with `flags`. An
+/// O_APPEND write() must land whole, as one append, whatever another host
+/// appends: through the page cache the kernel cuts a write that crosses
+/// into a page it does not hold into two requests, and a flush from another
+/// handle of the file here may store the first half before the second
+/// comes. Direct I/O sends each write() as one request (up to `max_write`,
+/// 1 MiB), so the mount buffers and commits it in one piece.
+fn append_io(flags: i32) -> FopenFlags {
+    let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+    if writes && flags & libc::O_APPEND != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 /// How long a blocking lock request waits between attempts, at most.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(500);
 
@@ -394,7 +410,7 @@ impl Filesystem for Fs {
         self.run(FuseOp::Open, move |c| async move {
             match c.open(ino.0, flags.0, pid).await {
                 Ok(o) => {
-                    let mut f = FopenFlags::empty();
+                    let mut f = append_io(flags.0);
                     if o.keep {
                         f |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
@@ -429,7 +445,7 @@ impl Filesystem for Fs {
                     &a,
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    append_io(flags),
                 ),
                 Err(e) => reply.error(e),
             }
@@ -458,16 +474,37 @@ impl Filesystem for Fs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let n = data.len() as u32;
+        let kill = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| self.core.mode_after_unprivileged_write(fh.0))
+            .flatten();
+        if let Some(mode) = kill {
+            // A direct I/O write (an O_APPEND handle's) by a caller without
+            // CAP_FSETID: the set-id bits go before its bytes are taken, as
+            // the kernel does for writes through its cache.
+            let data = data.to_vec();
+            self.run(FuseOp::Write, move |c| async move {
+                let cleared = c.setattr(ino.0, Some(mode), None, None, None, None, None);
+                if let Err(e) = cleared.await {
+                    return reply.error(e);
+                }
+                match c.buffer_write(fh.0, offset, &data) {
+                    Ok(_) => reply.written(n),
+                    Err(e) => reply.error(e),
+                }
+            });
+            return;
+        }
         if let Some(ino) = self.core.must_wait(fh.0) {
             // Backpressure: this write waits for an upload before its bytes
             // are buffered, and the upload's failure is its error (its

@@ -1507,3 +1507,93 @@ async fn t39_with_writebehind_an_unlinked_hard_link_leaves_the_count_right() {
     fs::remove_file(m.p("page")).unwrap();
     assert_eq!(fs::metadata(m.p("renamed")).unwrap().nlink(), 1);
 }
+
+/// One O_APPEND write() lands whole, however the kernel cuts it: a write
+/// that crosses a page boundary of a page not in its cache reaches the
+/// mount as two requests, and a close of another handle of the file on
+/// the same mount (a flush, which stores the file's buffered bytes) may
+/// come between them. Another mount appends meanwhile; its lines must never
+/// land inside one of ours.
+#[tokio::test(flavor = "multi_thread")]
+async fn t40_an_append_lands_whole_though_the_kernel_cuts_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let env = Env::start(2).await;
+    let (a, b) = (env.mounts[0].path.clone(), env.mounts[1].path.clone());
+    let log = "appends.log";
+    fs::write(a.join(log), "").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Lines of about 3000 bytes: nearly every one crosses a page boundary.
+    let line = |who: &str, i: usize| format!("{who} {i:06} {}\n", "x".repeat(2990 + i % 7));
+    let a_appender = {
+        let (path, stop) = (a.join(log), stop.clone());
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            let mut n = 0;
+            // At most 60 MB: the mount buffers them faster than b syncs.
+            while !stop.load(Ordering::Relaxed) && n < 20_000 {
+                f.write_all(line("a", n).as_bytes()).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let a_closer = {
+        let (path, stop) = (a.join(log), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                drop(File::open(&path).unwrap());
+            }
+        })
+    };
+    let b_appender = {
+        let (path, stop) = (b.join(log), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+                f.write_all(line("b", n).as_bytes()).unwrap();
+                f.sync_all().unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let (na, nb) = (a_appender.join().unwrap(), b_appender.join().unwrap());
+    a_closer.join().unwrap();
+    eprintln!("{na} lines from a, {nb} from b");
+    for root in [&a, &b] {
+        let text = fs::read_to_string(root.join(log)).unwrap();
+        let mut seen = 0;
+        for l in text.lines() {
+            let mut parts = l.splitn(3, ' ');
+            let (who, i) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let whole = i
+                .parse::<usize>()
+                .is_ok_and(|i| format!("{l}\n") == line(who, i));
+            assert!(whole, "a line cut or mixed: {:?}", &l[..l.len().min(80)]);
+            seen += 1;
+        }
+        assert_eq!(seen, na + nb);
+    }
+    // Appends skip the page cache: a reader that holds the file open here
+    // and has read its last page still reads what is appended after it.
+    fs::write(a.join("short.log"), "one\n").unwrap();
+    let mut reader = File::open(a.join("short.log")).unwrap();
+    let mut text = String::new();
+    reader.read_to_string(&mut text).unwrap();
+    let mut w = OpenOptions::new()
+        .append(true)
+        .open(a.join("short.log"))
+        .unwrap();
+    w.write_all(b"two\n").unwrap();
+    reader.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "one\ntwo\n");
+    drop(w);
+    assert_eq!(
+        fs::read_to_string(a.join("short.log")).unwrap(),
+        "one\ntwo\n"
+    );
+}
