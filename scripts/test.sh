@@ -23,6 +23,11 @@ if ! ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 && can_apt; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null 2>&1 \
         || echo "note: could not install faketime; continuing (the chaos CI set will fail on clock-skew)"
 fi
+# The demo's test looks at the status page and the wiki in a real browser.
+if ! command -v chromium >/dev/null 2>&1 && can_apt; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+        || echo "note: could not install chromium; continuing (the demo's test checks its pages over HTTP only)"
+fi
 
 # A run builds everything once, from a fresh clone in CI: incremental
 # compilation only doubles what lands on disk (a CI run once failed with no

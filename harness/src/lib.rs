@@ -10,6 +10,7 @@
 //! also runs Debian's unmodified DokuWiki with its state in a directory of
 //! choice ([`dokuwiki`]).
 
+pub mod browser;
 pub mod dokuwiki;
 pub mod httpc;
 pub mod local;

@@ -158,6 +158,7 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
         libc::kill(pid_b, libc::SIGKILL);
     }
     std::thread::sleep(Duration::from_secs(8));
+    host_b_down_is_shown(port, pid_b);
     demo.stdin.as_mut().unwrap().write_all(b"\n").unwrap(); // the demo restarts host b
     std::thread::sleep(Duration::from_secs(7));
     stop.store(true, Ordering::Relaxed);
@@ -210,4 +211,59 @@ fn t90_demo_wiki_keeps_working_while_a_host_is_killed_and_restarted() {
     .map(|l| dir.path().join(l))
     .collect();
     failsafe_harness::logs::check(logs.iter().map(|p| p.as_path()), &[]).unwrap();
+}
+
+/// With host b killed: host a's status page shows it down and the cluster
+/// limping, and so do the wiki's welcome page (with b's PID to kill) and
+/// its footer; over HTTP, and in a real browser when chromium is there
+/// (scripts/test.sh installs it). With FAILSAFE_SCREENSHOTS=DIR, both pages
+/// are also saved there as PNG (the README's pictures).
+fn host_b_down_is_shown(port: u16, pid_b: i32) {
+    // Host a listens on port+1; its plain HTTP address is 1000 above.
+    let status_port = port + 1 + 1000;
+    let status = http(status_port, "GET", "/", "", "").expect("status page");
+    assert_eq!(status.status, 503, "a limping cluster's page says 503 too");
+    assert!(
+        status.body.contains("LIMP: a host down (zone b)"),
+        "{}",
+        status.body
+    );
+    assert!(
+        status.body.contains("<td class=\"down\">DOWN"),
+        "{}",
+        status.body
+    );
+    let start = http(port, "GET", "/page/Start", "", "").expect("welcome page");
+    let b = start.body.as_str();
+    assert!(b.contains("Welcome to failsafe"), "{b}");
+    assert!(b.contains(&format!("kill -9 {pid_b}")), "{b}");
+    assert!(
+        b.contains(&format!("http://127.0.0.1:{status_port}/")),
+        "{b}"
+    );
+    assert!(b.contains("<span class=\"mode limp\">limp</span>"), "{b}");
+    assert!(b.contains("<span class=\"host down\""), "{b}");
+
+    if failsafe_harness::browser::chromium().is_none() {
+        eprintln!("note: chromium is not installed: the pages were checked over HTTP only");
+        return;
+    }
+    let status_url = format!("http://127.0.0.1:{status_port}/");
+    let wiki_url = format!("http://127.0.0.1:{port}/page/Start");
+    let dom = failsafe_harness::browser::dom(&status_url).expect("the status page in chromium");
+    assert!(dom.contains("LIMP: a host down (zone b)"), "{dom}");
+    assert!(dom.contains("class=\"down\">DOWN"), "{dom}");
+    let dom = failsafe_harness::browser::dom(&wiki_url).expect("the wiki in chromium");
+    assert!(dom.contains("id=\"where\""), "{dom}");
+    assert!(dom.contains("class=\"host down\""), "{dom}");
+    if let Some(dir) = std::env::var_os("FAILSAFE_SCREENSHOTS") {
+        let dir = std::path::PathBuf::from(dir);
+        for (url, name, height) in [
+            (&status_url, "status-page-limp.png", 900),
+            (&wiki_url, "demo-wiki-limp.png", 900),
+        ] {
+            failsafe_harness::browser::screenshot(url, &dir.join(name), 1100, height)
+                .expect("screenshot");
+        }
+    }
 }

@@ -257,6 +257,8 @@ pub(crate) struct Core {
     pub behind: Option<Arc<WriteBehind>>,
     /// Closed files whose bytes are still to be stored.
     pub(crate) kept: Arc<Kept>,
+    /// The cluster's status for `failsafe.hosts`.
+    view: crate::hosts_attr::ClusterView,
 }
 
 // Locks held in these std Mutexes guard short bookkeeping and are never held
@@ -300,6 +302,7 @@ impl Core {
             lock_owners: Mutex::new(Default::default()),
             behind: None,
             kept: Arc::default(),
+            view: Default::default(),
         }
     }
 
@@ -549,6 +552,21 @@ impl Core {
             inner.extents = None;
         }
         Ok(self.file_attr(&a))
+    }
+
+    /// `ino`'s `failsafe.hosts` attribute (see `hosts_attr`).
+    pub(crate) async fn hosts_attr(&self, ino: u64) -> Res<Vec<u8>> {
+        let tino = self.k(ino).await?;
+        // Not a regular file (a directory, a link): no extents, no bytes.
+        let extents = self.client.extents_leased(tino).await.ok().map(|l| l.value);
+        let status = self.view.status(&self.client).await;
+        if let Err(e) = &status {
+            tracing::debug!(error = %e, "failsafe.hosts: no member answered a status");
+        }
+        Ok(crate::hosts_attr::render(
+            status.as_deref().ok(),
+            extents.as_deref(),
+        ))
     }
 
     /// The extended attributes of `ino` (user ones: no other kind is kept).

@@ -802,6 +802,15 @@ impl Filesystem for Fs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_bytes() == crate::hosts_attr::NAME {
+            self.run(FuseOp::Getxattr, move |c| async move {
+                match c.hosts_attr(ino.0).await {
+                    Ok(v) => xattr_reply(reply, size, &v),
+                    Err(e) => reply.error(e),
+                }
+            });
+            return;
+        }
         // Answered here for the names the kernel and tools ask about on
         // every write or listing (security.capability, security.selinux,
         // system.posix_acl_access): there are none, at no round trip.

@@ -12,6 +12,7 @@ mod core;
 mod dirty;
 mod errno;
 mod fs;
+mod hosts_attr;
 mod options;
 mod stats;
 

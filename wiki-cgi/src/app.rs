@@ -111,10 +111,52 @@ fn layout(title: &str, body: &str) -> String {
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t} — failsafe wiki</title>\
 <style>body{{font-family:sans-serif;max-width:52em;margin:1em auto;padding:0 1em;color:#222}}\
 nav a{{margin-right:1em}} a.new{{color:#b00}} textarea{{width:100%;height:24em;font-family:monospace}}\
-.del{{background:#fdd}} .ins{{background:#dfd}} pre.diff{{white-space:pre-wrap}} .note{{background:#ffd;padding:.5em}}</style>\
+.del{{background:#fdd}} .ins{{background:#dfd}} pre.diff{{white-space:pre-wrap}} .note{{background:#ffd;padding:.5em}}\
+footer{{margin-top:2em;font-size:.85em;color:#555;border-top:1px solid #ddd;padding-top:.5em}}\
+.mode{{font-weight:bold;padding:0 .3em}} .mode.ok{{color:#174d17;background:#dff3df}} .mode.limp{{color:#6b3d00;background:#ffe3b3}}\
+.host.up::before{{content:\"\\25CF \";color:#2a2}} .host.down{{color:#b00}} .host.down::before{{content:\"\\25CF \";color:#b00}}</style>\
 </head><body><nav><a href=\"/page/Start\">Start</a><a href=\"/recent\">Recent changes</a><a href=\"/index\">Index</a>\
 <form style=\"display:inline\" action=\"/search\"><input name=\"q\" placeholder=\"search\"></form></nav><hr>{body}</body></html>\n",
         t = escape(title)
+    )
+}
+
+/// The footer under a page kept on a failsafe mount: the cluster's mode
+/// and the hosts that hold the page, from its `failsafe.hosts` attribute
+/// (`json`), so a host that went down shows in the wiki itself.
+fn where_footer(json: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return String::new();
+    };
+    let mode = v["mode"].as_str().unwrap_or("unknown");
+    let class = match mode {
+        "fail-safe" => "ok",
+        _ => "limp",
+    };
+    let hosts: Vec<String> = v["hosts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|h| h["holds"].as_bool() == Some(true))
+        .map(|h| {
+            let state = h["state"].as_str().unwrap_or("unknown");
+            format!(
+                "<span class=\"host {}\" title=\"{}\">zone {} {}</span>",
+                if state == "up" { "up" } else { "down" },
+                escape(h["addr"].as_str().unwrap_or("")),
+                escape(h["zone"].as_str().unwrap_or("?")),
+                escape(state)
+            )
+        })
+        .collect();
+    let held = match hosts.len() {
+        0 => String::new(),
+        _ => format!(" · this page is on {}", hosts.join(", ")),
+    };
+    format!(
+        "<footer id=\"where\">Stored on failsafe: <span class=\"mode {class}\">{}</span>{held}</footer>",
+        escape(mode)
     )
 }
 
@@ -205,8 +247,9 @@ impl App {
         let link = url_encode(name);
         let body = match self.store.read(name)? {
             Some(text) => format!(
-                "<h1>{title}</h1>{}<hr><p><a href=\"/edit/{link}\">Edit</a> · <a href=\"/history/{link}\">History</a></p>",
-                render(&text, |p| self.store.exists(p))
+                "<h1>{title}</h1>{}<hr><p><a href=\"/edit/{link}\">Edit</a> · <a href=\"/history/{link}\">History</a></p>{}",
+                render(&text, |p| self.store.exists(p)),
+                self.store.where_kept(name).map(|w| where_footer(&w)).unwrap_or_default()
             ),
             None => format!("<h1>{title}</h1><p>This page does not exist yet. <a class=\"new\" href=\"/edit/{link}\">Create it</a>.</p>"),
         };
@@ -480,6 +523,25 @@ pub(crate) fn diff_html(old: &str, new: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_footer_names_the_mode_and_the_hosts_that_hold_the_page() {
+        let json = r#"{"mode":"limp","copies":3,"held_in":"metadata","hosts":[
+            {"host":"01","zone":"a","addr":"10.0.0.1:7000","state":"up","holds":true},
+            {"host":"02","zone":"<b>","addr":"10.0.0.2:7000","state":"down","holds":true},
+            {"host":"03","zone":"c","addr":"10.0.0.3:7000","state":"up","holds":false}]}"#;
+        let f = where_footer(json);
+        assert!(f.contains("<span class=\"mode limp\">limp</span>"), "{f}");
+        assert!(f.contains("zone a up"), "{f}");
+        assert!(
+            f.contains(
+                "<span class=\"host down\" title=\"10.0.0.2:7000\">zone &lt;b&gt; down</span>"
+            ),
+            "{f}"
+        );
+        assert!(!f.contains("zone c"), "{f}");
+        assert_eq!(where_footer("not json"), "");
+    }
 
     fn app() -> (tempfile::TempDir, App) {
         let dir = tempfile::tempdir().unwrap();

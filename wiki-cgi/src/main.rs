@@ -18,6 +18,7 @@ use std::sync::Arc;
 use app::{status_text, App, Request, Response, MAX_BODY};
 
 const USAGE: &str = "usage: wiki-cgi serve --data DIR [--listen 127.0.0.1:8080]
+       wiki-cgi put --data DIR PAGE [--author NAME] [--summary TEXT] [--unless-edited] < TEXT
        (as a CGI program: WIKI_DATA_DIR=DIR, run by the web server)";
 
 fn main() {
@@ -26,6 +27,8 @@ fn main() {
         cgi()
     } else if args.first().map(String::as_str) == Some("serve") {
         serve(&args[1..])
+    } else if args.first().map(String::as_str) == Some("put") {
+        put(&args[1..])
     } else {
         eprintln!("{USAGE}");
         2
@@ -98,6 +101,80 @@ fn cgi() -> i32 {
     };
     let r = app.handle(&req);
     i32::from(write_cgi(&mut stdout, &r).is_err())
+}
+
+/// `put`: saves standard input as the next revision of a page, as an edit
+/// through the web would (page lock, history, change log). With
+/// `--unless-edited` a page someone else saved since `--author` last did
+/// is left as it is, and so is one that already holds the text.
+fn put(args: &[String]) -> i32 {
+    let (mut data, mut page) = (None, None);
+    let (mut author, mut summary) = ("wiki-cgi put".to_string(), String::new());
+    let mut unless_edited = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--data" => data = it.next().map(PathBuf::from),
+            "--author" => author = it.next().cloned().unwrap_or_default(),
+            "--summary" => summary = it.next().cloned().unwrap_or_default(),
+            "--unless-edited" => unless_edited = true,
+            p if !p.starts_with('-') && page.is_none() => page = Some(p.to_string()),
+            _ => {
+                eprintln!("{USAGE}");
+                return 2;
+            }
+        }
+    }
+    let (Some(data), Some(page)) = (data, page) else {
+        eprintln!("{USAGE}");
+        return 2;
+    };
+    if !store::valid_name(&page) {
+        eprintln!("wiki-cgi: {page:?} is not a page name (letters, digits, _ - .)");
+        return 2;
+    }
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+        eprintln!("wiki-cgi: reading the page text: {e}");
+        return 1;
+    }
+    let app = match open_app(data) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("wiki-cgi: {e}");
+            return 1;
+        }
+    };
+    let saved = (|| -> Result<Option<u64>, store::StoreError> {
+        let history = app.store.history(&page)?;
+        let base = history.last().map_or(0, |r| r.rev);
+        if unless_edited {
+            let others = history.last().is_some_and(|r| r.author != author);
+            if others || app.store.read(&page)?.as_deref() == Some(text.as_str()) {
+                return Ok(None);
+            }
+        }
+        match app.store.save(&page, &text, base, &author, &summary)? {
+            store::SaveOutcome::Saved(rev) => Ok(Some(rev)),
+            // Saved by someone else meanwhile: theirs stands.
+            store::SaveOutcome::Conflict { .. } if unless_edited => Ok(None),
+            store::SaveOutcome::Conflict { .. } => Err(store::StoreError::Busy),
+        }
+    })();
+    match saved {
+        Ok(Some(rev)) => {
+            println!("{page}: saved revision {rev}");
+            0
+        }
+        Ok(None) => {
+            println!("{page}: left as it is");
+            0
+        }
+        Err(e) => {
+            eprintln!("wiki-cgi: saving {page}: {e}");
+            1
+        }
+    }
 }
 
 fn serve(args: &[String]) -> i32 {

@@ -190,6 +190,28 @@ impl Store {
         t
     }
 
+    /// Where the storage keeps page `name`: its `failsafe.hosts` extended
+    /// attribute (JSON, see the mount's `hosts_attr`), when the pages are
+    /// on a failsafe mount; None on any other storage.
+    pub(crate) fn where_kept(&self, name: &str) -> Option<String> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.page_path(name).as_os_str().as_bytes()).ok()?;
+        let attr = c"failsafe.hosts";
+        let mut buf = vec![0u8; 16 * 1024];
+        // SAFETY: valid C strings, and a buffer of the length given.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                attr.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        let n = usize::try_from(n).ok()?;
+        buf.truncate(n);
+        String::from_utf8(buf).ok()
+    }
+
     pub(crate) fn read(&self, name: &str) -> Result<Option<String>, StoreError> {
         match fs::read(self.page_path(name)) {
             Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),

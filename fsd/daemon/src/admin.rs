@@ -21,6 +21,7 @@ use crate::scrub::Scrub;
 /// How long a shipped host may stay away unless told otherwise: a week.
 pub(crate) const DEFAULT_AWAY_MS: u64 = 7 * 24 * 3600 * 1000;
 
+#[derive(Clone)]
 pub(crate) struct AdminService {
     pub tracker: Arc<Tracker>,
     pub cluster: Arc<Cluster>,
@@ -102,6 +103,19 @@ impl AdminService {
             }
         }
         out
+    }
+
+    /// The tracker's status, plus this host's repair, scrub, gc, blockify
+    /// and leader-placement workers and what needs an operator's eye.
+    pub(crate) async fn full_status(&self) -> Result<pb::StatusReply, Status> {
+        let mut status = self.tracker.status().await?;
+        status.repair = Some(self.repair.status());
+        status.scrub = Some(self.scrub.status());
+        status.gc = Some(self.gc.status());
+        status.blockify = Some(self.blockify.status());
+        status.leader_placement = Some(self.placement.status());
+        status.warnings = self.warnings().await;
+        Ok(status)
     }
 
     fn check(&self, h: Option<&pb::Header>) -> Result<(), Status> {
@@ -499,13 +513,6 @@ impl Admin for AdminService {
         if !cluster.is_empty() {
             self.check(req.header.as_ref())?;
         }
-        let mut status = self.tracker.status().await?;
-        status.repair = Some(self.repair.status());
-        status.scrub = Some(self.scrub.status());
-        status.gc = Some(self.gc.status());
-        status.blockify = Some(self.blockify.status());
-        status.leader_placement = Some(self.placement.status());
-        status.warnings = self.warnings().await;
-        Ok(Response::new(status))
+        Ok(Response::new(self.full_status().await?))
     }
 }

@@ -37,6 +37,8 @@ pub(crate) fn allowed(path: &str) -> &'static [Role] {
         ("", "metrics") => &[Member, Admin],
         // Whether this host is live and ready says nothing about the data.
         ("", "healthz" | "readyz") | ("grpc.health.v1.Health", _) => &[Member, Client, Admin],
+        // The status page says what Admin.Status says.
+        ("", "") => &[Member, Client, Admin],
         _ => &[],
     }
 }

@@ -22,10 +22,11 @@ pub struct RawConfig {
     /// listen address (which then must not be a wildcard).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Also serve /metrics and the health probes (/healthz, /readyz, the
-    /// gRPC health service) in plain HTTP at this address (e.g.
-    /// 127.0.0.1:9100), for a Prometheus or a supervisor without a client
-    /// certificate; the main port answers only callers with a credential.
+    /// Also serve /metrics, the health probes (/healthz, /readyz, the
+    /// gRPC health service) and the status page (/) in plain HTTP at this
+    /// address (e.g. 127.0.0.1:9100), for a Prometheus, a supervisor or a
+    /// browser without a client certificate; the main port answers only
+    /// callers with a credential.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
     /// This host's credential: its certificate (a member's, naming its host
@@ -214,7 +215,8 @@ pub struct Config {
     pub tls: failsafe_tls::Tls,
     /// Its credential's file (none when insecure).
     pub cred_path: Option<PathBuf>,
-    /// Where /metrics is also served without TLS.
+    /// Where /metrics, the health probes and the status page are also
+    /// served without TLS.
     pub metrics_listen: Option<SocketAddr>,
     pub zone: String,
     pub devices: Vec<PathBuf>,

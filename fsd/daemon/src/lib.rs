@@ -1,6 +1,7 @@
 //! fsd, the storage daemon of one host, as a library the `fsd` binary runs.
-//! (`fsctl`, the other binary of this crate, uses none of it: it speaks to
-//! fsd through `failsafe-client`.)
+//! (`fsctl`, the other binary of this crate, uses only `status_text`, so
+//! it words a status as the status page does: it speaks to fsd through
+//! `failsafe-client`.)
 //!
 //! One process is at once a tracker member (Raft + SQLite metadata), a block
 //! store for its devices, and a gRPC server for both, with `/metrics` on the
@@ -27,6 +28,8 @@ mod reserve;
 mod returning;
 mod scrub;
 mod server;
+mod status_page;
+pub mod status_text;
 mod worker;
 
 pub use config::{Config, RawConfig};

@@ -152,7 +152,17 @@ pub async fn run(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Arc::new(Health::new(tracker.clone(), reporter));
     let (live, ready) = (health.clone(), health.clone());
+    let status_page = Arc::new(crate::status_page::StatusPage {
+        admin: admin.clone(),
+    });
     let http = axum::Router::new()
+        .route(
+            "/",
+            axum::routing::get(move || {
+                let p = status_page.clone();
+                async move { p.page().await }
+            }),
+        )
         .route(
             "/metrics",
             axum::routing::get(move || std::future::ready(render())),

@@ -62,6 +62,7 @@ async fn demo(dir: &Path, port: u16) -> anyhow::Result<()> {
     show_status(&fsctl, &cluster);
     let mount = start_mount(&dir, &mount_bin, &cluster)?;
     let wiki = start_wiki(&dir, &wiki_bin, &mount.path.join("wiki"), port).await?;
+    write_welcome(&wiki_bin, &mount.path.join("wiki"), &cluster, port);
     print_instructions(&dir, &fsctl, &cluster, &mount, port);
     run_until_stopped(&mut cluster).await?;
 
@@ -175,6 +176,83 @@ async fn start_wiki(
     Ok(wiki)
 }
 
+/// Where host `i`'s status page is: its plain HTTP address (`--metrics-listen`).
+fn status_url(cluster: &LocalCluster, i: usize) -> String {
+    let port = cluster.hosts[i]
+        .addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(0);
+    format!("http://127.0.0.1:{}/", port.saturating_add(1000))
+}
+
+/// The wiki's Start page tells the demo's story: what failsafe is, the
+/// status page, and which host to kill (with this run's PIDs). Written as
+/// the demo's own edit, and rewritten at each start only while nobody else
+/// has edited it.
+fn write_welcome(wiki_bin: &Path, data: &Path, cluster: &LocalCluster, port: u16) {
+    use std::io::Write;
+    let hosts: Vec<String> = cluster
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            format!(
+                "- host {z} (zone {z}): {addr}, pid {pid}, [status page]({url})",
+                z = h.zone,
+                addr = h.addr,
+                pid = h.pid().unwrap_or(0),
+                url = status_url(cluster, i)
+            )
+        })
+        .collect();
+    let b_pid = cluster.hosts.get(1).and_then(|h| h.pid()).unwrap_or(0);
+    let status = status_url(cluster, 0);
+    let text = format!(
+        "# Welcome to failsafe\n\n\
+This wiki is an ordinary file-based wiki engine. The directory it keeps its \
+pages in is a **failsafe** mount: every page is stored on three hosts in three \
+zones, and any one host can die, be unplugged or be shipped to another city \
+without the wiki noticing. The line at the bottom of each page says which \
+hosts hold it and whether the cluster is *fail-safe* (every page on every \
+zone) or *limping* (a copy missing, being repaired).\n\n\
+## Try it\n\n\
+1. Edit this page, or make a new one: [[Sandbox]].\n\
+2. Kill a host, from another terminal: `kill -9 {b_pid}` (host b). Keep editing: \
+nothing is lost and nothing waits.\n\
+3. Open the [status page]({status}): host b is down and the cluster limps. The \
+footer of a page shows it too.\n\
+4. Press Enter in the demo's terminal: host b starts again, catches up, and the \
+cluster is fail-safe again.\n\n\
+## The hosts\n\n{}\n\n\
+The wiki runs at http://127.0.0.1:{port}/.\n",
+        hosts.join("\n")
+    );
+    let child = Command::new(wiki_bin)
+        .args(["put", "--data"])
+        .arg(data)
+        .args([
+            "Start",
+            "--author",
+            "failsafe-demo",
+            "--summary",
+            "the demo's welcome",
+            "--unless-edited",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn();
+    let written = child.and_then(|mut c| {
+        if let Some(mut stdin) = c.stdin.take() {
+            stdin.write_all(text.as_bytes())?;
+        }
+        c.wait()
+    });
+    if !matches!(&written, Ok(s) if s.success()) {
+        eprintln!("(writing the welcome page failed: {written:?})");
+    }
+}
+
 /// The `ready:` line (scripts and the demo's test read it) and what to try.
 fn print_instructions(
     dir: &Path,
@@ -197,6 +275,10 @@ fn print_instructions(
     );
     let b = &cluster.hosts[1];
     println!("\nOpen {url} and edit pages. The pages live on all three hosts. To see a host fail:");
+    println!(
+        "  {}      # the cluster at a glance (each host serves one)",
+        status_url(cluster, 0)
+    );
     println!(
         "  kill -9 {}      # from another terminal: host b dies; keep editing, nothing is lost",
         b.pid().unwrap_or(0)

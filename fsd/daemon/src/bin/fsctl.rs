@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use failsafe_client::{admin_at, admin_for, pb, Client, ClientConfig};
+use failsafe_fsd::status_text::{bytes, device_state, duration, host_state, mode_line};
 use failsafe_proto::header;
 use failsafe_tls::{Authority, Credential, Expect, Grant, Tls, DEFAULT_DAYS};
 
@@ -563,57 +564,6 @@ async fn reachability(s: &pb::StatusReply, tls: &Tls, timeout: Duration) -> Vec<
     futures::future::join_all(checks).await
 }
 
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// The one line that says whether the cluster is fail-safe.
-fn mode_line(s: &pb::StatusReply) -> String {
-    let copies = s.copies;
-    match s.mode() {
-        pb::ClusterMode::FailSafe => {
-            let down = s
-                .hosts
-                .iter()
-                .filter(|h| h.state() == pb::HostLiveness::Down)
-                .count();
-            match down {
-                0 => format!("fail-safe: every block has {copies} copies"),
-                n => format!("fail-safe: every block has {copies} copies ({n} host(s) down)"),
-            }
-        }
-        pb::ClusterMode::Limp if s.leader_id == 0 => {
-            "LIMP: no tracker leader (no majority of hosts reachable)".to_string()
-        }
-        pb::ClusterMode::Limp => format!(
-            "LIMP: {} blocks below {copies} copies, {} unavailable",
-            s.under_replicated, s.unavailable
-        ),
-        pb::ClusterMode::Unknown => {
-            "mode unknown: the member answering is not the leader".to_string()
-        }
-    }
-}
-
-fn duration(ms: u64) -> String {
-    match ms / 1000 {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s => format!("{}h", s / 3600),
-    }
-}
-
 fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -703,17 +653,7 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
             .iter()
             .find(|(r, _)| *r == id)
             .map_or("?", |(_, ok)| if *ok { "up" } else { "DOWN" });
-        let away = h.admin() == pb::HostAdminState::Away;
-        let state = match h.state() {
-            pb::HostLiveness::Down if away => format!("SHIPPED {}", duration(h.down_ms)),
-            _ if away => "returning".to_string(),
-            pb::HostLiveness::Down if h.dead => format!("DEAD {}", duration(h.down_ms)),
-            pb::HostLiveness::Down => format!("DOWN {}", duration(h.down_ms)),
-            pb::HostLiveness::Up if h.admin() == pb::HostAdminState::Draining => {
-                pb::HostAdminState::Draining.label().to_string()
-            }
-            other => other.label().to_string(),
-        };
+        let state = host_state(h);
         let _ = writeln!(
             out,
             "{id:<18} {:<8} {:<22} {:<10} {:<6} {state:<12} {up:<10}",
@@ -729,11 +669,7 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         "DEVICE", "HOST", "STATE", "USED", "FREE", "CAPACITY", "BLOCKS"
     );
     for d in &s.devices {
-        let state = match d.state() {
-            pb::DeviceState::Unspecified => "?".to_string(),
-            pb::DeviceState::Ok => "ok".to_string(),
-            other => other.label().to_uppercase(),
-        };
+        let state = device_state(d);
         let _ = writeln!(
             out,
             "{:016x}   {:016x}   {state:<5} {:>10} {:>10} {:>10} {:>8}  {}",

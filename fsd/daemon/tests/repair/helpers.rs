@@ -33,6 +33,28 @@ pub(crate) async fn wait_status(
     }
 }
 
+/// Waits until host `dead` is dead and every block is whole without it;
+/// the cluster still limps, a dead voter being a member until removed.
+pub(crate) async fn wait_whole_without(tc: &TestCluster, dead: u64) -> pb::StatusReply {
+    let s = wait_status(
+        tc,
+        PATIENCE,
+        "every block whole without the dead host",
+        |s| {
+            s.under_replicated == 0
+                && s.unavailable == 0
+                && s.hosts.iter().any(|h| h.host_id == dead && h.dead)
+        },
+    )
+    .await;
+    assert_eq!(
+        s.mode(),
+        pb::ClusterMode::Limp,
+        "a dead voter is still a member"
+    );
+    s
+}
+
 /// The devices each block of file `ino` is recorded on.
 pub(crate) async fn copies_of(c: &Client, ino: u64) -> Vec<Vec<u64>> {
     let fe = c

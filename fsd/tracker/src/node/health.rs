@@ -266,6 +266,7 @@ impl Tracker {
         let states = self.read(state::host_states).await?;
         let now = wall_clock_ns();
         let mut live_hosts = BTreeSet::new();
+        let mut not_up = BTreeSet::new();
         for row in rows.values_mut() {
             let admin = admin_state(&states, row.host_id);
             let (shown, until) = match admin {
@@ -283,6 +284,9 @@ impl Tracker {
                 Liveness::Unknown => (pb::HostLiveness::Unknown, 0),
             };
             row.set_state(shown);
+            if shown != pb::HostLiveness::Up {
+                not_up.insert(row.host_id);
+            }
             row.down_ms = down_ms;
             row.dead = judged.dead();
             if judged.live {
@@ -312,7 +316,14 @@ impl Tracker {
             .call(move |conn| state::replication_counts(conn, &live, copies))
             .await?
             .map_err(TrackerError::storage)?;
-        let mode = if leader.is_none() || (is_leader && counts.under_replicated > 0) {
+        // Fail-safe means one more failure is tolerated: every block at
+        // its copy count and every voting tracker member up. With one down
+        // (even one whose copies still count, not yet dead), another
+        // failure stops metadata changes, and small files' bytes, kept in
+        // the tracker's state, have a copy fewer.
+        let voter_down = voters.iter().any(|v| not_up.contains(v));
+        let short = counts.under_replicated > 0 || voter_down;
+        let mode = if leader.is_none() || (is_leader && short) {
             pb::ClusterMode::Limp
         } else if is_leader {
             pb::ClusterMode::FailSafe
@@ -344,6 +355,7 @@ impl Tracker {
             blockify: None,
             leader_placement: None,
             warnings: Vec::new(),
+            clients: self.clients().await?,
         })
     }
 

@@ -69,6 +69,29 @@ impl Tracker {
             .collect())
     }
 
+    /// The open sessions (the mounts connected), with their web host's
+    /// clock offset where this member, as leader, has measured it.
+    pub async fn clients(&self) -> Result<Vec<pb::ClientSession>, TrackerError> {
+        let rows = self.session_rows().await?;
+        let offsets = if self.is_leader() {
+            self.sessions_clock().offset_ms.clone()
+        } else {
+            Default::default()
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let offset = offsets.get(&r.id).copied();
+                pb::ClientSession {
+                    session_id: r.id,
+                    name: r.client_name,
+                    clock_known: offset.is_some(),
+                    clock_offset_ms: offset.unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
     /// Each session's clock offset from this leader (ms), by session id.
     pub fn clock_offsets_now(&self) -> Vec<(u64, i64)> {
         if !self.is_leader() {
