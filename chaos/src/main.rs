@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use failsafe_harness::netns as net;
 
@@ -84,6 +84,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    failsafe_cli::generate_if_asked(Cli::command, "1");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -412,3 +412,95 @@ async fn t84_health_probes_and_status_exit_codes_follow_the_cluster() {
     assert_eq!(code(&tc), Some(2));
     assert_eq!(status(&probes[0], "/healthz"), None);
 }
+
+/// The Debian package (scripts/package.sh, of the debug build the test
+/// run has built): what it holds, its maintainer scripts, and `man fsctl`,
+/// `man fsd` and `man mount.failsafe` in a root it is unpacked into.
+#[test]
+fn t86_the_debian_package_holds_the_programs_units_config_and_man_pages() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tmp = tempfile::tempdir().unwrap();
+    let built = Command::new("bash")
+        .arg(repo.join("scripts/package.sh"))
+        .args(["--debug", "--no-build", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "package.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = String::from_utf8(built.stdout).unwrap().trim().to_string();
+    assert!(deb.ends_with(".deb") && Path::new(&deb).exists(), "{deb}");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fields = run(Command::new("dpkg-deb").args(["-f", &deb, "Package", "Depends"]));
+    assert!(
+        fields.contains("Package: failsafe") && fields.contains("adduser"),
+        "{fields}"
+    );
+    let contents = run(Command::new("dpkg-deb").args(["--contents", &deb]));
+    for path in [
+        "./usr/sbin/fsd",
+        "./usr/bin/fsctl",
+        "./usr/sbin/mount.failsafe",
+        "./usr/bin/wiki-cgi",
+        "./usr/bin/failsafe-chaos",
+        "./etc/failsafe/fsd.toml",
+        "./usr/lib/systemd/system/fsd.service",
+        "./usr/share/doc/failsafe/examples/systemd-srv-wiki.mount",
+        "./usr/share/man/man8/fsctl.8.gz",
+        "./usr/share/man/man8/fsd.8.gz",
+        "./usr/share/man/man8/mount.failsafe.8.gz",
+        "./usr/share/man/man1/wiki-cgi.1.gz",
+        "./usr/share/man/man1/failsafe-chaos.1.gz",
+        "./usr/share/bash-completion/completions/fsctl",
+        "./usr/share/zsh/vendor-completions/_fsctl",
+    ] {
+        assert!(
+            contents.lines().any(|l| l.ends_with(path)),
+            "{path} missing from the package:\n{contents}"
+        );
+    }
+    // Maintainer scripts: valid shell; the user made, fsd not started.
+    let control = tmp.path().join("control");
+    run(Command::new("dpkg-deb").args(["-e", &deb]).arg(&control));
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/failsafe/fsd.toml");
+    for script in ["postinst", "prerm", "postrm"] {
+        run(Command::new("sh").arg("-n").arg(control.join(script)));
+    }
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system --group"), "{postinst}");
+    assert!(!postinst.contains("systemctl start") && !postinst.contains("enable"));
+    let unit = tmp.path().join("root/usr/lib/systemd/system/fsd.service");
+    let root = tmp.path().join("root");
+    run(Command::new("dpkg-deb").args(["-x", &deb]).arg(&root));
+    assert!(std::fs::read_to_string(unit)
+        .unwrap()
+        .contains("ExecStart=/usr/sbin/fsd --config /etc/failsafe/fsd.toml"));
+    let version = run(Command::new(root.join("usr/bin/fsctl")).arg("--version"));
+    assert!(version.starts_with("fsctl "), "{version}");
+    // `man` finds the pages in the unpacked root.
+    for (page, says) in [
+        ("fsctl", "--cluster"),
+        ("fsd", "--metrics-listen"),
+        ("mount.failsafe", "failsafe.hosts"),
+        ("wiki-cgi", "--unless-edited"),
+    ] {
+        let text = run(Command::new("man")
+            .args(["-P", "cat", page])
+            .env("MANPATH", root.join("usr/share/man"))
+            .env("MANWIDTH", "100"));
+        let flat = text.replace(['\u{2010}', '\u{2212}'], "-");
+        assert!(flat.contains(says), "man {page} lacks {says}:\n{text}");
+    }
+}

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use failsafe_client::{admin_at, admin_for, pb, Client, ClientConfig};
 use failsafe_fsd::status_text::{bytes, device_state, duration, host_state, mode_line};
 use failsafe_proto::header;
@@ -11,7 +11,7 @@ use failsafe_tls::{Authority, Credential, Expect, Grant, Tls, DEFAULT_DAYS};
 
 /// Administer a failsafe cluster.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "fsctl", version)]
 struct Args {
     /// Some members of the cluster, comma-separated host:port.
     #[arg(
@@ -222,6 +222,7 @@ fn parse_host_id(host_id: &str) -> anyhow::Result<u64> {
 }
 
 fn main() {
+    failsafe_cli::generate_if_asked(Args::command, "8");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use failsafe_fsd::{Config, RawConfig};
 
 /// The failsafe storage daemon: a tracker member and a block store.
@@ -11,7 +11,7 @@ use failsafe_fsd::{Config, RawConfig};
 /// Every option can be set in the TOML file given with --config (same names,
 /// with underscores) or as a flag; flags win.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "fsd", version)]
 struct Args {
     /// TOML configuration file.
     #[arg(long, short)]
@@ -21,6 +21,7 @@ struct Args {
 }
 
 fn main() {
+    failsafe_cli::generate_if_asked(Args::command, "8");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
