@@ -11,7 +11,7 @@ use std::time::Duration;
 use failsafe_proto::pb;
 
 use crate::admin::AdminService;
-use crate::status_text::{bytes, device_state, duration, host_state, mode_line};
+use crate::status_text::{bytes, device_state, duration, host_state, mode_line, work};
 
 /// How often the page reloads itself.
 const REFRESH_S: u64 = 3;
@@ -181,44 +181,12 @@ fn render(s: &pb::StatusReply, via: Option<&str>) -> String {
     b.push_str("</table>");
 
     b.push_str("<h2>Work</h2><table id=\"work\">");
-    if let Some(r) = &s.repair {
+    for (worker, state, did) in work(s) {
         let _ = write!(
             b,
-            "<tr><th>repair</th><td>{}</td><td>{} copies made ({}), {} failed, {} trimmed</td></tr>",
-            esc(&r.state),
-            r.blocks,
-            bytes(r.bytes),
-            r.failures,
-            r.trimmed
-        );
-    }
-    if let Some(r) = &s.scrub {
-        let _ = write!(
-            b,
-            "<tr><th>scrub</th><td>{}</td><td>{} passes, {} checked, {} corrupt</td></tr>",
-            esc(&r.state),
-            r.passes,
-            bytes(r.bytes),
-            r.corrupt
-        );
-    }
-    if let Some(g) = &s.gc {
-        let _ = write!(
-            b,
-            "<tr><th>gc</th><td>{}</td><td>{} blocks forgotten, {} files deleted ({})</td></tr>",
-            esc(&g.state),
-            g.forgotten,
-            g.files_deleted,
-            bytes(g.bytes_deleted)
-        );
-    }
-    if let Some(k) = &s.blockify {
-        let _ = write!(
-            b,
-            "<tr><th>blockify</th><td>{}</td><td>{} inline extents made blocks ({})</td></tr>",
-            esc(&k.state),
-            k.extents,
-            bytes(k.bytes)
+            "<tr><th>{worker}</th><td>{}</td><td>{}</td></tr>",
+            esc(&state),
+            esc(&did)
         );
     }
     if let Some(p) = &s.leader_placement {

@@ -83,3 +83,47 @@ pub fn device_state(d: &pb::DeviceStatus) -> String {
         other => other.label().to_uppercase(),
     }
 }
+
+/// What each of the answering member's workers is doing and has done:
+/// (worker, state, counts), in the order status shows them.
+pub fn work(s: &pb::StatusReply) -> Vec<(&'static str, String, String)> {
+    let mut rows = Vec::new();
+    if let Some(r) = &s.repair {
+        let did = format!(
+            "copies made {} ({})   failed {}   trimmed {}",
+            r.blocks,
+            bytes(r.bytes),
+            r.failures,
+            r.trimmed
+        );
+        rows.push(("repair", r.state.clone(), did));
+    }
+    if let Some(r) = &s.scrub {
+        let did = format!(
+            "passes {}   checked {}   corrupt {}",
+            r.passes,
+            bytes(r.bytes),
+            r.corrupt
+        );
+        rows.push(("scrub", r.state.clone(), did));
+    }
+    if let Some(g) = &s.gc {
+        let did = format!(
+            "blocks forgotten {}   files deleted {} ({})",
+            g.forgotten,
+            g.files_deleted,
+            bytes(g.bytes_deleted)
+        );
+        rows.push(("gc", g.state.clone(), did));
+    }
+    if let Some(b) = &s.blockify {
+        let did = format!(
+            "inline extents made blocks {} ({})   written again {}",
+            b.extents,
+            bytes(b.bytes),
+            b.changed
+        );
+        rows.push(("blockify", b.state.clone(), did));
+    }
+    rows
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use failsafe_client::{admin_at, admin_for, pb, Client, ClientConfig};
-use failsafe_fsd::status_text::{bytes, device_state, duration, host_state, mode_line};
+use failsafe_fsd::status_text::{bytes, device_state, duration, host_state, mode_line, work};
 use failsafe_proto::header;
 use failsafe_tls::{Authority, Credential, Expect, Grant, Tls, DEFAULT_DAYS};
 
@@ -581,46 +581,8 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         s.term, s.last_log_index, s.last_applied
     );
     let _ = writeln!(out, "files   {}   blocks {}", s.files, s.blocks);
-    if let Some(r) = &s.repair {
-        let _ = writeln!(
-            out,
-            "repair  {}   copies made {} ({})   failed {}   trimmed {}",
-            r.state,
-            r.blocks,
-            bytes(r.bytes),
-            r.failures,
-            r.trimmed
-        );
-    }
-    if let Some(r) = &s.scrub {
-        let _ = writeln!(
-            out,
-            "scrub   {}   passes {}   checked {}   corrupt {}",
-            r.state,
-            r.passes,
-            bytes(r.bytes),
-            r.corrupt
-        );
-    }
-    if let Some(g) = &s.gc {
-        let _ = writeln!(
-            out,
-            "gc      {}   blocks forgotten {}   files deleted {} ({})",
-            g.state,
-            g.forgotten,
-            g.files_deleted,
-            bytes(g.bytes_deleted)
-        );
-    }
-    if let Some(b) = &s.blockify {
-        let _ = writeln!(
-            out,
-            "blockify {}   inline extents made blocks {} ({})   written again {}",
-            b.state,
-            b.extents,
-            bytes(b.bytes),
-            b.changed
-        );
+    for (worker, state, did) in work(s) {
+        let _ = writeln!(out, "{worker:<7} {state}   {did}");
     }
     if let Some(p) = &s.leader_placement {
         let _ = writeln!(out, "leader placement  {}", p.state);
