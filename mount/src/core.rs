@@ -121,6 +121,27 @@ pub(crate) fn system_time_ns(t: SystemTime) -> i64 {
     }
 }
 
+/// `a` as the kernel is told it, as inode `ino` of `size` bytes.
+pub(crate) fn fuse_attr(a: &pb::Attr, ino: u64, size: u64) -> FileAttr {
+    FileAttr {
+        ino: fuser::INodeNo(ino),
+        size,
+        blocks: size.div_ceil(512),
+        atime: time(a.atime_ns),
+        mtime: time(a.mtime_ns),
+        ctime: time(a.ctime_ns),
+        crtime: time(a.ctime_ns),
+        kind: kind(a.kind),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
 /// An open file.
 struct Handle {
     ino: u64,
@@ -259,6 +280,8 @@ pub(crate) struct Core {
     pub(crate) kept: Arc<Kept>,
     /// The cluster's status for `failsafe.hosts`.
     view: crate::hosts_attr::ClusterView,
+    /// The snapshot view's open files and listings.
+    pub(crate) snaps: crate::snapview::Snaps,
 }
 
 // Locks held in these std Mutexes guard short bookkeeping and are never held
@@ -267,7 +290,7 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn kind(k: i32) -> FileType {
+pub(crate) fn kind(k: i32) -> FileType {
     match FileKind::try_from(k) {
         Ok(FileKind::KindDir) => FileType::Directory,
         Ok(FileKind::KindSymlink) => FileType::Symlink,
@@ -303,6 +326,7 @@ impl Core {
             behind: None,
             kept: Arc::default(),
             view: Default::default(),
+            snaps: Default::default(),
         }
     }
 
@@ -398,23 +422,7 @@ impl Core {
             }
             None => a.size,
         };
-        FileAttr {
-            ino: fuser::INodeNo(self.f(a.ino)),
-            size,
-            blocks: size.div_ceil(512),
-            atime: time(a.atime_ns),
-            mtime: time(a.mtime_ns),
-            ctime: time(a.ctime_ns),
-            crtime: time(a.ctime_ns),
-            kind: kind(a.kind),
-            perm: (a.mode & 0o7777) as u16,
-            nlink: a.nlink,
-            uid: a.uid,
-            gid: a.gid,
-            rdev: a.rdev,
-            blksize: 128 * 1024,
-            flags: 0,
-        }
+        fuse_attr(a, self.f(a.ino), size)
     }
 
     async fn query_attr(&self, q: Query) -> Result<pb::Attr, ClientError> {
@@ -1175,6 +1183,39 @@ impl Core {
         Ok(b)
     }
 
+    /// Fills `buf` (the file's bytes from `offset` on) with what `fe`
+    /// says the first `stored` bytes are: inline bytes, and blocks fetched
+    /// (or from the caches). Holes stay as they are.
+    pub(crate) async fn fill(
+        &self,
+        fe: &pb::FileExtents,
+        offset: u64,
+        stored: u64,
+        buf: &mut [u8],
+    ) -> Res<()> {
+        let end = offset + buf.len() as u64;
+        for e in &fe.extents {
+            let (from, to) = (
+                e.offset.max(offset),
+                (e.offset + e.length).min(end).min(stored),
+            );
+            if from >= to {
+                continue;
+            }
+            if !e.data.is_empty() {
+                // Inline: the bytes came with the extents, no block to fetch.
+                let src = inline_bytes(e, from, to).ok_or_else(|| err(malformed_inline()))?;
+                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+                continue;
+            }
+            let block = self.block(&e.hash, fe).await?;
+            let b0 = (e.block_offset + (from - e.offset)) as usize;
+            let src = block.get(b0..b0 + (to - from) as usize).ok_or(Errno::EIO)?;
+            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
     pub(crate) async fn read(&self, fh: u64, offset: u64, size: u32) -> Res<Vec<u8>> {
         let (tino, _) = self.handle_ino(fh)?;
         let st = self.state(tino).ok_or(Errno::EBADF)?;
@@ -1250,25 +1291,7 @@ impl Core {
         let end = offset.saturating_add(u64::from(size)).min(total);
         let mut buf = vec![0u8; (end - offset) as usize];
         if let Some(fe) = &extents {
-            for e in &fe.extents {
-                let (from, to) = (
-                    e.offset.max(offset),
-                    (e.offset + e.length).min(end).min(stored),
-                );
-                if from >= to {
-                    continue;
-                }
-                if !e.data.is_empty() {
-                    // Inline: the bytes came with the extents, no block to fetch.
-                    let src = inline_bytes(e, from, to).ok_or_else(|| err(malformed_inline()))?;
-                    buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
-                    continue;
-                }
-                let block = self.block(&e.hash, fe).await?;
-                let b0 = (e.block_offset + (from - e.offset)) as usize;
-                let src = block.get(b0..b0 + (to - from) as usize).ok_or(Errno::EIO)?;
-                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
-            }
+            self.fill(fe, offset, stored, &mut buf).await?;
         }
         let inner = locked(&st.inner);
         if inner.generation != generation {

@@ -16,6 +16,7 @@ use fuser::{
 };
 
 use crate::core::{system_time_ns, Core, DirCache, SetTime};
+use crate::snapview;
 use crate::stats::{FuseOp, MountStats};
 use failsafe_client::pb::{self, FileKind};
 
@@ -126,6 +127,25 @@ fn append_io(flags: i32) -> FopenFlags {
     }
 }
 
+/// Whether `parent/name` is in the snapshot view: `.snapshots` in the
+/// root, or anything beneath it.
+fn in_view(parent: u64, name: &OsStr) -> bool {
+    snapview::owns(parent) || (parent == INodeNo::ROOT.0 && name.as_bytes() == snapview::NAME)
+}
+
+/// A change of `parent/name` the snapshot view refuses: anything in it
+/// (read-only), and `.snapshots` itself with `taken` (EEXIST to make it,
+/// EBUSY to take it away).
+fn view_refuses(parent: u64, name: &OsStr, taken: Errno) -> Option<Errno> {
+    if snapview::owns(parent) {
+        Some(Errno::EROFS)
+    } else if in_view(parent, name) {
+        Some(taken)
+    } else {
+        None
+    }
+}
+
 /// How long a blocking lock request waits between attempts, at most.
 const LOCK_POLL_MAX: Duration = Duration::from_millis(500);
 
@@ -171,6 +191,14 @@ impl Filesystem for Fs {
             return reply.error(Errno::ENAMETOOLONG);
         }
         let name = name.to_owned();
+        if in_view(parent.0, &name) {
+            return self.run(FuseOp::Lookup, move |c| async move {
+                match c.snap_lookup(parent.0, &name).await {
+                    Ok(a) => reply.entry(&Core::snap_ttl(parent.0), &a, Generation(0)),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.run(FuseOp::Lookup, move |c| async move {
             match c.lookup(parent.0, &name).await {
                 Ok((Some(a), ttl)) => reply.entry(&ttl, &a, Generation(0)),
@@ -190,6 +218,14 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if snapview::owns(ino.0) {
+            return self.run(FuseOp::Getattr, move |c| async move {
+                match c.snap_getattr(ino.0).await {
+                    Ok(a) => reply.attr(&Core::snap_ttl(ino.0), &a),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.run(FuseOp::Getattr, move |c| async move {
             match c.getattr(ino.0).await {
                 Ok((a, ttl)) => reply.attr(&ttl, &a),
@@ -216,6 +252,10 @@ impl Filesystem for Fs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Setattr);
+            return reply.error(Errno::EROFS);
+        }
         self.run(FuseOp::Setattr, move |c| async move {
             let r = c
                 .setattr(
@@ -236,6 +276,14 @@ impl Filesystem for Fs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        if snapview::owns(ino.0) {
+            return self.run(FuseOp::Readlink, move |c| async move {
+                match c.snap_readlink(ino.0).await {
+                    Ok(t) => reply.data(&t),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.run(FuseOp::Readlink, move |c| async move {
             match c.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
@@ -254,6 +302,10 @@ impl Filesystem for Fs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EEXIST) {
+            self.stats.local(FuseOp::Mknod);
+            return reply.error(e);
+        }
         let special = match mode & libc::S_IFMT {
             libc::S_IFREG => None,
             libc::S_IFIFO => Some(FileKind::KindFifo),
@@ -305,6 +357,10 @@ impl Filesystem for Fs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EEXIST) {
+            self.stats.local(FuseOp::Mkdir);
+            return reply.error(e);
+        }
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.run(FuseOp::Mkdir, move |c| async move {
             match c
@@ -318,6 +374,10 @@ impl Filesystem for Fs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EBUSY) {
+            self.stats.local(FuseOp::Unlink);
+            return reply.error(e);
+        }
         let name = name.to_owned();
         self.run(FuseOp::Unlink, move |c| async move {
             match c.unlink(parent.0, &name).await {
@@ -328,6 +388,10 @@ impl Filesystem for Fs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EBUSY) {
+            self.stats.local(FuseOp::Rmdir);
+            return reply.error(e);
+        }
         let name = name.to_owned();
         self.run(FuseOp::Rmdir, move |c| async move {
             match c.rmdir(parent.0, &name).await {
@@ -345,6 +409,10 @@ impl Filesystem for Fs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        if let Some(e) = view_refuses(parent.0, link_name, Errno::EEXIST) {
+            self.stats.local(FuseOp::Symlink);
+            return reply.error(e);
+        }
         use std::os::unix::ffi::OsStrExt;
         let (name, target, uid, gid) = (
             link_name.to_owned(),
@@ -370,6 +438,12 @@ impl Filesystem for Fs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EBUSY)
+            .or_else(|| view_refuses(newparent.0, newname, Errno::EBUSY))
+        {
+            self.stats.local(FuseOp::Rename);
+            return reply.error(e);
+        }
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             self.stats.local(FuseOp::Rename);
             return reply.error(Errno::EINVAL);
@@ -396,6 +470,14 @@ impl Filesystem for Fs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Link);
+            return reply.error(Errno::EROFS);
+        }
+        if let Some(e) = view_refuses(newparent.0, newname, Errno::EEXIST) {
+            self.stats.local(FuseOp::Link);
+            return reply.error(e);
+        }
         let newname = newname.to_owned();
         self.run(FuseOp::Link, move |c| async move {
             match c.link(ino.0, newparent.0, &newname).await {
@@ -406,6 +488,15 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if snapview::owns(ino.0) {
+            return self.run(FuseOp::Open, move |c| async move {
+                match c.snap_open(ino.0, flags.0).await {
+                    // A snapshot never changes: the kernel keeps what it read.
+                    Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         let pid = req.pid();
         self.run(FuseOp::Open, move |c| async move {
             match c.open(ino.0, flags.0, pid).await {
@@ -434,6 +525,10 @@ impl Filesystem for Fs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if let Some(e) = view_refuses(parent.0, name, Errno::EEXIST) {
+            self.stats.local(FuseOp::Create);
+            return reply.error(e);
+        }
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.run(FuseOp::Create, move |c| async move {
             match c
@@ -455,7 +550,7 @@ impl Filesystem for Fs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -463,6 +558,14 @@ impl Filesystem for Fs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if snapview::owns(ino.0) {
+            return self.spawn(FuseOp::Read, move |c| async move {
+                match c.snap_read(fh.0, offset, size).await {
+                    Ok(d) => reply.data(&d),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.spawn(FuseOp::Read, move |c| async move {
             match c.read(fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
@@ -549,6 +652,10 @@ impl Filesystem for Fs {
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Flush);
+            return reply.ok();
+        }
         self.run(FuseOp::Flush, move |c| async move {
             let r = c.flush_fh(fh.0).await;
             // close() drops the POSIX locks its process holds on the file.
@@ -563,13 +670,18 @@ impl Filesystem for Fs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Release);
+            self.core.snap_release(fh.0);
+            return reply.ok();
+        }
         self.run(FuseOp::Release, move |c| async move {
             match c.release(fh.0, lock_owner.map(|o| o.0)).await {
                 Ok(()) => reply.ok(),
@@ -581,11 +693,15 @@ impl Filesystem for Fs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Fsync);
+            return reply.ok();
+        }
         self.run(FuseOp::Fsync, move |c| async move {
             match c.flush_fh(fh.0).await {
                 Ok(()) => reply.ok(),
@@ -595,6 +711,20 @@ impl Filesystem for Fs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if snapview::owns(ino.0) {
+            return self.run(FuseOp::Opendir, move |c| async move {
+                match c.snap_opendir(ino.0).await {
+                    Ok(fh) if ino.0 == snapview::SNAPSHOTS_DIR => {
+                        reply.opened(FileHandle(fh), FopenFlags::empty())
+                    }
+                    Ok(fh) => reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                    ),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
         self.run(FuseOp::Opendir, move |c| async move {
             match c.opendir(ino.0).await {
                 Ok((fh, cache)) => {
@@ -621,6 +751,19 @@ impl Filesystem for Fs {
         mut reply: ReplyDirectory,
     ) {
         self.stats.local(FuseOp::Readdir);
+        if let Some(entries) = self.core.snap_entries(fh.0) {
+            for (i, (ino, kind, name, _)) in entries.iter().enumerate().skip(offset as usize) {
+                if reply.add(
+                    INodeNo(*ino),
+                    (i + 1) as u64,
+                    *kind,
+                    OsStr::from_bytes(name),
+                ) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
         let Some(entries) = self.core.dir_entries(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -641,11 +784,35 @@ impl Filesystem for Fs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if let Some(entries) = self.core.snap_entries(fh.0) {
+            self.stats.local(FuseOp::Readdirplus);
+            let ttl = Core::snap_ttl(ino.0);
+            for (i, (ino, kind, name, attr)) in entries.iter().enumerate().skip(offset as usize) {
+                // Without attributes (`.`, `..`, the snapshots themselves)
+                // the kernel links no entry and looks the name up.
+                let (attr, ttl) = match attr {
+                    Some(a) => (*a, ttl),
+                    None => (dot_attr(*ino, *kind), Duration::ZERO),
+                };
+                let name = OsStr::from_bytes(name);
+                if reply.add(
+                    INodeNo(*ino),
+                    (i + 1) as u64,
+                    name,
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+            }
+            return reply.ok();
+        }
         let Some(entries) = self.core.dir_entries(fh.0) else {
             return reply.error(Errno::EBADF);
         };
@@ -714,7 +881,9 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         self.stats.local(FuseOp::Releasedir);
-        self.core.releasedir(fh.0);
+        if !self.core.snap_release(fh.0) {
+            self.core.releasedir(fh.0);
+        }
         reply.ok();
     }
 
@@ -781,6 +950,10 @@ impl Filesystem for Fs {
         _pos: u32,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Setxattr);
+            return reply.error(Errno::EROFS);
+        }
         // Only user extended attributes are kept (security.*, trusted.* and
         // system.* -- POSIX ACLs -- are not supported: EOPNOTSUPP).
         if !is_user_xattr(name) {
@@ -820,7 +993,12 @@ impl Filesystem for Fs {
         }
         let name = name.as_bytes().to_vec();
         self.run(FuseOp::Getxattr, move |c| async move {
-            match c.xattrs(ino.0).await {
+            let all = if snapview::owns(ino.0) {
+                c.snap_xattrs(ino.0).await
+            } else {
+                c.xattrs(ino.0).await
+            };
+            match all {
                 Ok(all) => match all.into_iter().find(|x| x.name == name) {
                     Some(x) => xattr_reply(reply, size, &x.value),
                     None => reply.error(Errno::ENODATA),
@@ -832,7 +1010,12 @@ impl Filesystem for Fs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         self.run(FuseOp::Listxattr, move |c| async move {
-            match c.xattrs(ino.0).await {
+            let all = if snapview::owns(ino.0) {
+                c.snap_xattrs(ino.0).await
+            } else {
+                c.xattrs(ino.0).await
+            };
+            match all {
                 Ok(all) => {
                     let mut names = Vec::new();
                     for x in all {
@@ -847,6 +1030,10 @@ impl Filesystem for Fs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Removexattr);
+            return reply.error(Errno::EROFS);
+        }
         if !is_user_xattr(name) {
             self.stats.local(FuseOp::Removexattr);
             return reply.error(Errno::ENODATA);
@@ -882,6 +1069,10 @@ impl Filesystem for Fs {
         _pid: u32,
         reply: ReplyLock,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Getlk);
+            return reply.error(Errno::ENOLCK);
+        }
         self.run(FuseOp::Getlk, move |c| async move {
             match c.getlk(ino.0, lock_owner.0, start, end, typ).await {
                 Ok(Some((s, e, t))) => reply.locked(s, e, t, 0),
@@ -904,6 +1095,10 @@ impl Filesystem for Fs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Setlk);
+            return reply.error(Errno::ENOLCK);
+        }
         let pid = req.pid();
         self.run(FuseOp::Setlk, move |c| async move {
             let mut pause = Duration::from_millis(20);
@@ -928,13 +1123,17 @@ impl Filesystem for Fs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if snapview::owns(ino.0) {
+            self.stats.local(FuseOp::Fallocate);
+            return reply.error(Errno::EROFS);
+        }
         self.run(FuseOp::Fallocate, move |c| async move {
             match c.fallocate(fh.0, offset, length, mode).await {
                 Ok(()) => reply.ok(),

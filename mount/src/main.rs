@@ -14,6 +14,7 @@ mod errno;
 mod fs;
 mod hosts_attr;
 mod options;
+mod snapview;
 mod stats;
 
 use std::path::{Path, PathBuf};

@@ -315,13 +315,7 @@ async fn t42_group_commit_applies_every_operation_of_sixteen_writers_exactly_onc
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let status = env.cluster.client().await.unwrap().status().await.unwrap();
-    let leader = env
-        .cluster
-        .hosts
-        .iter()
-        .position(|h| h.addr == status.leader_addr)
-        .expect("the leader is one of ours");
+    let leader = env.leader().await;
     eprintln!("kill -9 the leader, host {leader}, in the middle of the writers' batches");
     env.cluster.kill(leader);
     let at_kill = done.lock().unwrap().len();

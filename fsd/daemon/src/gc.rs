@@ -95,6 +95,7 @@ impl Gc {
             return Ok(Duration::from_millis(500));
         }
         let client = self.cluster.block_client().await?;
+        let expired = self.expire_trash().await?;
         let collected = self.collect(&client).await?;
         let swept = match self.sweep().await {
             Ok(more) => more,
@@ -109,11 +110,28 @@ impl Gc {
             }
             Err(e) => return Err(e.into()),
         };
-        if collected || swept {
+        if expired || collected || swept {
             return Ok(Duration::ZERO);
         }
         self.state.set("idle");
         Ok(self.cfg.interval())
+    }
+
+    /// On the leader: forgets what the trash holds past its time (or beyond
+    /// its size); the blocks only it kept then become garbage in their
+    /// turn. True if there may be more.
+    async fn expire_trash(&self) -> anyhow::Result<bool> {
+        if !self.cluster.tracker().trash_due().await? {
+            return Ok(false);
+        }
+        self.state.set("expiring the trash");
+        self.cluster
+            .propose(Op::ExpireTrash(pb::ExpireTrash {}))
+            .await
+            .context("expiring the trash")?;
+        tracing::debug!("expired from the trash");
+        // The next step looks again.
+        Ok(true)
     }
 
     /// On the leader: forgets a batch of unreferenced blocks idle past the

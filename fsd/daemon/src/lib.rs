@@ -19,6 +19,7 @@ pub mod config;
 mod gc;
 mod health;
 mod identity;
+pub mod kept_cmd;
 mod lock;
 mod metrics;
 mod pace;

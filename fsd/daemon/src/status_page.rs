@@ -11,7 +11,7 @@ use std::time::Duration;
 use failsafe_proto::pb;
 
 use crate::admin::AdminService;
-use crate::status_text::{bytes, device_state, duration, host_state, mode_line, work};
+use crate::status_text::{bytes, device_state, duration, host_state, kept_line, mode_line, work};
 
 /// How often the page reloads itself.
 const REFRESH_S: u64 = 3;
@@ -120,8 +120,8 @@ fn render(s: &pb::StatusReply, via: Option<&str>) -> String {
     };
     let _ = write!(
         b,
-        "<p>Tracker leader: {leader}, term {} &middot; log {} &middot; {} files &middot; {} blocks, {} copies each",
-        s.term, s.last_log_index, s.files, s.blocks, s.copies
+        "<p>Tracker leader: {leader}, term {} &middot; log {} &middot; {} files &middot; {} blocks, {} copies each &middot; {}",
+        s.term, s.last_log_index, s.files, s.blocks, s.copies, esc(&kept_line(s))
     );
     if s.under_replicated > 0 || s.unavailable > 0 {
         let _ = write!(

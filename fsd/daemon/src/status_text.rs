@@ -28,6 +28,16 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
+/// What the trash and snapshots keep, in a line.
+pub fn kept_line(s: &pb::StatusReply) -> String {
+    format!(
+        "trash {} item(s), {}   snapshots {}",
+        s.trash_items,
+        bytes(s.trash_bytes),
+        s.snapshots
+    )
+}
+
 /// The one line that says whether the cluster is fail-safe.
 pub fn mode_line(s: &pb::StatusReply) -> String {
     let copies = s.copies;

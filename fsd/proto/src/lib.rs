@@ -71,8 +71,9 @@ labels! {
 /// `atime_now`/`mtime_now` (UTIME_NOW stamped by the leader). 7: special
 /// files (`Create.kind`, `Create.rdev`), which a member speaking 6 would
 /// apply as regular files, and extended attributes (`SetAttr.xattr`),
-/// which it would skip.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// which it would skip. 8: the trash and snapshots (a deleted file kept,
+/// `CreateSnapshot`), which a member speaking 7 would not apply alike.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The largest gRPC message a client or server accepts (a block is sent in
 /// chunks well below this).

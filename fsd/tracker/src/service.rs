@@ -57,6 +57,12 @@ fn may_propose(g: &failsafe_tls::Grant, cmd: &pb::Command) -> Result<(), Status>
             _ => refuse("revoking a credential"),
         };
     }
+    if is_admin_op(op) {
+        return match g.role {
+            Role::Admin | Role::Member => Ok(()),
+            Role::Client => refuse("the trash and snapshots"),
+        };
+    }
     match g.role {
         Role::Member => match op {
             Op::ReportDevices(r) if r.host_id != g.host_id => {
@@ -73,6 +79,41 @@ fn may_propose(g: &failsafe_tls::Grant, cmd: &pb::Command) -> Result<(), Status>
             op if changes_files(op) => Ok(()),
             _ => refuse("the cluster's own bookkeeping"),
         },
+    }
+}
+
+/// An operator's change of the trash or the snapshots: for admins (fsctl)
+/// and members, not for a mount's client credential.
+fn is_admin_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::SetTrashPolicy(_)
+            | Op::RestoreTrash(_)
+            | Op::PurgeTrash(_)
+            | Op::CreateSnapshot(_)
+            | Op::DeleteSnapshot(_)
+    )
+}
+
+/// What a query may ask with credential `g`: the trash's list is for
+/// admins and members (it names deleted files), and a client confined to a
+/// subtree reads no snapshot (a snapshot is not confined to it).
+fn may_ask(g: &failsafe_tls::Grant, q: &pb::query_request::Query) -> Result<(), Status> {
+    use failsafe_tls::Role;
+    use pb::query_request::Query;
+    match q {
+        Query::ListTrash(_) if g.role == Role::Client => Err(Status::permission_denied(format!(
+            "the trash is not for {} (a client credential)",
+            g.who()
+        ))),
+        Query::ListSnapshots(_) | Query::InSnapshot(_) if g.subdir != "/" => {
+            Err(Status::permission_denied(format!(
+                "{} is confined to {}; snapshots are not",
+                g.who(),
+                g.subdir
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -260,6 +301,9 @@ impl Metadata for MetadataService {
             .ok_or_else(|| Status::invalid_argument("query without a question"))?;
         let consistency = pb::Consistency::try_from(req.consistency)
             .map_err(|_| Status::invalid_argument("unknown consistency level"))?;
+        if let Some(g) = &grant {
+            may_ask(g, &q)?;
+        }
         if let Some(g) = grant.filter(|g| g.subdir != "/") {
             let inos = query_inode(&q).into_iter().collect();
             let lookup = match &q {

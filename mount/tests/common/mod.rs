@@ -102,6 +102,17 @@ impl Env {
         }
     }
 
+    /// Which of the hosts leads the tracker now.
+    pub(crate) async fn leader(&self) -> usize {
+        let client = self.cluster.client().await.expect("client");
+        let status = client.status().await.expect("status");
+        self.cluster
+            .hosts
+            .iter()
+            .position(|h| h.addr == status.leader_addr)
+            .expect("the leader is one of ours")
+    }
+
     pub(crate) fn mount(&mut self, zone: &str) -> usize {
         self.mount_with(zone, "")
     }

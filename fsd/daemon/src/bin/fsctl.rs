@@ -5,7 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use failsafe_client::{admin_at, admin_for, pb, Client, ClientConfig};
-use failsafe_fsd::status_text::{bytes, device_state, duration, host_state, mode_line, work};
+use failsafe_fsd::kept_cmd::{self, SnapshotCmd, TrashCmd};
+use failsafe_fsd::status_text::{
+    bytes, device_state, duration, host_state, kept_line, mode_line, work,
+};
 use failsafe_proto::header;
 use failsafe_tls::{Authority, Credential, Expect, Grant, Tls, DEFAULT_DAYS};
 
@@ -101,6 +104,14 @@ enum Cmd {
     /// Credentials for mounts (web hosts).
     #[command(subcommand)]
     Client(ClientCmd),
+    /// Deleted and replaced files, kept for a while: list, restore, purge,
+    /// and the policy (how long, how much, which paths never).
+    #[command(subcommand)]
+    Trash(TrashCmd),
+    /// Point-in-time copies of the namespace, readable on every mount
+    /// under .snapshots/NAME/.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
 }
 
 #[derive(Subcommand)]
@@ -434,6 +445,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 done.expires
             );
         }
+        Cmd::Trash(cmd) => kept_cmd::trash(&connect(&args).await?, cmd).await?,
+        Cmd::Snapshot(cmd) => kept_cmd::snapshot(&connect(&args).await?, cmd).await?,
         Cmd::Host(HostCmd::Revoke { host_id }) => {
             let id = parse_host_id(host_id)?;
             let client = connect(&args).await?;
@@ -580,7 +593,13 @@ fn render_status(s: &pb::StatusReply, reach: &[(String, bool)]) -> String {
         "leader  {leader}   term {}   log {}   applied {}",
         s.term, s.last_log_index, s.last_applied
     );
-    let _ = writeln!(out, "files   {}   blocks {}", s.files, s.blocks);
+    let _ = writeln!(
+        out,
+        "files   {}   blocks {}   {}",
+        s.files,
+        s.blocks,
+        kept_line(s)
+    );
     for (worker, state, did) in work(s) {
         let _ = writeln!(out, "{worker:<7} {state}   {did}");
     }

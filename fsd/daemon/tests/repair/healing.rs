@@ -582,23 +582,46 @@ async fn t66_blocks_nothing_references_are_collected_after_the_grace_period() {
         .await
         .unwrap();
 
-    // Past the grace period the old versions and the abandoned block are
-    // gone from every device; what files reference stays.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let left: Vec<BTreeSet<usize>> = [&old_f, &old_g, &abandoned.hash]
-            .iter()
-            .map(|h| hosts_with_file(&tc, h))
-            .collect();
-        if left.iter().all(BTreeSet::is_empty) {
-            break;
+    // Past the grace period the old version and the abandoned block are
+    // gone from every device; what files reference stays, and so does the
+    // replaced file's block while the trash keeps that file.
+    let gone = |hashes: &[&Vec<u8>], what: &str| {
+        let deadline = Instant::now() + PATIENCE;
+        let tc = &tc;
+        let what = what.to_string();
+        let hashes: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
+        async move {
+            loop {
+                let left: Vec<BTreeSet<usize>> =
+                    hashes.iter().map(|h| hosts_with_file(tc, h)).collect();
+                if left.iter().all(BTreeSet::is_empty) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "garbage left on hosts ({what}): {left:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "garbage left on hosts (old f, old g, abandoned): {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    gone(&[&old_f, &abandoned.hash], "old f, abandoned").await;
+    let s = tc.status().await;
+    assert_eq!(s.blocks, 4, "the tracker forgot the old blocks: {s:#?}");
+    assert_eq!(s.trash_items, 1, "the replaced file is in the trash");
+    assert_eq!(
+        hosts_with_file(&tc, &old_g).len(),
+        3,
+        "the trash keeps old g"
+    );
+    // Purged from the trash, its block is garbage in its turn.
+    c.mutate(pb::command::Op::PurgeTrash(pb::PurgeTrash {
+        path: b"/replaced".to_vec(),
+        id: 0,
+    }))
+    .await
+    .unwrap();
+    gone(&[&old_g], "old g").await;
     let s = tc.status().await;
     assert_eq!(s.blocks, 3, "the tracker forgot the old blocks: {s:#?}");
     // `replaced` is now the inode written as `replaced.tmp`.

@@ -216,7 +216,7 @@ impl Tracker {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let (hosts, devices, (files, blocks)) = self
+        let (hosts, devices, (files, blocks), kept) = self
             .sm
             .db()
             .call(|conn| -> rusqlite::Result<_> {
@@ -224,6 +224,7 @@ impl Tracker {
                     state::hosts(conn)?,
                     state::devices(conn)?,
                     state::counts(conn)?,
+                    state::kept_counts(conn)?,
                 ))
             })
             .await?
@@ -356,6 +357,9 @@ impl Tracker {
             leader_placement: None,
             warnings: Vec::new(),
             clients: self.clients().await?,
+            trash_items: kept.0,
+            trash_bytes: kept.1,
+            snapshots: kept.2,
         })
     }
 
@@ -445,6 +449,16 @@ impl Tracker {
             .read(move |conn| state::garbage(conn, idle_before, limit))
             .await?;
         Ok(Some((idle_before, blocks)))
+    }
+
+    /// Leader only: whether the trash holds items whose time has come, or
+    /// more bytes than its policy allows (what `ExpireTrash` forgets).
+    pub async fn trash_due(&self) -> Result<bool, TrackerError> {
+        if !self.is_leader() {
+            return Ok(false);
+        }
+        let now = wall_clock_ns();
+        self.read(move |conn| state::trash_due(conn, now)).await
     }
 
     /// Leader only (`None` elsewhere): up to `limit` inline extents

@@ -513,6 +513,14 @@ impl Tracker {
         }
         if let Some(leases) = &self.leases {
             leases.recall(&known, by).await;
+            // A snapshot holds what every mount did under its delegations,
+            // and a restore may put names into any directory.
+            if matches!(
+                cmd.op,
+                Some(pb::command::Op::CreateSnapshot(_) | pb::command::Op::RestoreTrash(_))
+            ) {
+                leases.recall_all().await;
+            }
         }
         // Holders of what the command names are told now, in parallel with
         // its trip through the log; those of inodes found by name (an

@@ -10,7 +10,7 @@ use prost::Message;
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{
-    blocks, check_name, err, hosts, i, namespace, sessions, ApplyError, OpError, OpResult,
+    blocks, check_name, err, hosts, i, kept, namespace, sessions, ApplyError, OpError, OpResult,
 };
 
 /// Checks what can be checked without the database: names and ranges. The
@@ -141,15 +141,18 @@ pub(crate) fn apply(
     let mut changed = Vec::new();
     let result = {
         tx.exec("SAVEPOINT cmd", [])?;
-        let touched = touched(tx, cmd)?;
-        match apply_op(tx, cmd) {
-            Ok(attr) => {
+        let mut touched = touched(tx, cmd)?;
+        let mut found = Vec::new();
+        match apply_op(tx, cmd, &mut found) {
+            Ok(result) => {
                 tx.exec("RELEASE cmd", [])?;
-                changed = touched;
-                match attr {
-                    Some(a) => R::Attr(a),
-                    None => R::Ok(pb::Empty {}),
+                if !found.is_empty() {
+                    touched.extend(found);
+                    touched.sort_unstable();
+                    touched.dedup();
                 }
+                changed = touched;
+                result
             }
             Err(ApplyError::Refused(e)) => {
                 tx.exec("ROLLBACK TO cmd", [])?;
@@ -245,7 +248,12 @@ fn refusal(code: ErrorCode, message: &str) -> pb::CommandResult {
     }
 }
 
-fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr>> {
+fn apply_op(
+    tx: &Transaction<'_>,
+    cmd: &pb::Command,
+    changed: &mut Vec<u64>,
+) -> OpResult<pb::command_result::Result> {
+    use pb::command_result::Result as R;
     let now = cmd.now_ns;
     // What garbage collection judges by: the leader's clock, not a client's.
     let leader_now = if cmd.leader_ns > 0 {
@@ -256,29 +264,29 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
     let Some(op) = &cmd.op else {
         return err(ErrorCode::Invalid, "command without an operation");
     };
-    let none = |()| None;
+    let none = |()| R::Ok(pb::Empty {});
     match op {
         Op::Create(c) => {
             let a = namespace::create(tx, c, now)?;
             match &c.content {
-                None => Ok(Some(a)),
+                None => Ok(R::Attr(a)),
                 Some(content) => {
                     let content = pb::CommitExtents {
                         ino: a.ino,
                         ..content.clone()
                     };
-                    blocks::commit_extents(tx, &content, now, leader_now).map(Some)
+                    blocks::commit_extents(tx, &content, now, leader_now).map(R::Attr)
                 }
             }
         }
-        Op::Mkdir(c) => namespace::mkdir(tx, c, now).map(Some),
-        Op::Symlink(c) => namespace::symlink(tx, c, now).map(Some),
-        Op::Link(c) => namespace::link(tx, c, now).map(Some),
+        Op::Mkdir(c) => namespace::mkdir(tx, c, now).map(R::Attr),
+        Op::Symlink(c) => namespace::symlink(tx, c, now).map(R::Attr),
+        Op::Link(c) => namespace::link(tx, c, now).map(R::Attr),
         Op::Unlink(c) => namespace::unlink(tx, c, now, leader_now).map(none),
         Op::Rmdir(c) => namespace::rmdir(tx, c, now, leader_now).map(none),
         Op::Rename(c) => namespace::rename(tx, c, now, leader_now).map(none),
-        Op::SetAttr(c) => namespace::set_attr(tx, c, now, leader_now).map(Some),
-        Op::CommitExtents(c) => blocks::commit_extents(tx, c, now, leader_now).map(Some),
+        Op::SetAttr(c) => namespace::set_attr(tx, c, now, leader_now).map(R::Attr),
+        Op::CommitExtents(c) => blocks::commit_extents(tx, c, now, leader_now).map(R::Attr),
         Op::ReplaceInline(c) => blocks::replace_inline(tx, c, leader_now).map(none),
         Op::RecordCopies(c) => blocks::record_copies(tx, &c.copies, leader_now).map(none),
         Op::DropCopies(c) => blocks::drop_copies(tx, &c.copies, c.keep as usize).map(none),
@@ -295,6 +303,12 @@ fn apply_op(tx: &Transaction<'_>, cmd: &pb::Command) -> OpResult<Option<pb::Attr
         Op::CloseSession(c) => sessions::close_session(tx, c).map(none),
         Op::ExpireSessions(_) => sessions::expire_sessions(tx, now).map(none),
         Op::Lock(c) => sessions::lock(tx, c).map(none),
+        Op::SetTrashPolicy(c) => kept::set_policy(tx, c).map(none),
+        Op::RestoreTrash(c) => kept::restore(tx, c, now, leader_now, changed).map(R::Outcome),
+        Op::PurgeTrash(c) => kept::purge(tx, c, leader_now).map(R::Outcome),
+        Op::ExpireTrash(_) => kept::expire(tx, leader_now).map(R::Outcome),
+        Op::CreateSnapshot(c) => kept::create_snapshot(tx, c, leader_now).map(R::Outcome),
+        Op::DeleteSnapshot(c) => kept::delete_snapshot(tx, c, leader_now).map(R::Outcome),
         // `apply` takes a batch apart before it gets here.
         Op::Batch(_) => err(ErrorCode::Invalid, "a batch inside a batch"),
     }

@@ -8,12 +8,13 @@ use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::namespace::get_attr;
+use super::schema::referenced;
 use super::{err, i, OpResult};
 
 /// The columns `extent_row` reads, in its order.
-const EXTENT_COLS: &str = "offset, length, hash, block_offset, data, written";
+pub(super) const EXTENT_COLS: &str = "offset, length, hash, block_offset, data, written";
 
-fn extent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Extent> {
+pub(super) fn extent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Extent> {
     let data: Option<Vec<u8>> = r.get(4)?;
     Ok(Extent {
         offset: r.get::<_, i64>(0)? as u64,
@@ -195,10 +196,11 @@ pub(super) fn check_extent(e: &pb::Extent) -> Result<(), super::OpError> {
 /// Of `hashes`, the recorded blocks no extent points at any more are idle
 /// from `at` on: garbage collection forgets them after its grace period.
 pub(super) fn note_unreferenced(tx: &Transaction<'_>, hashes: &[Vec<u8>], at: i64) -> OpResult<()> {
-    let mut mark = tx.prepare_cached(
+    let mut mark = tx.prepare_cached(&format!(
         "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2
-         WHERE EXISTS (SELECT 1 FROM blocks WHERE hash = ?1) AND NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
-    )?;
+         WHERE EXISTS (SELECT 1 FROM blocks WHERE hash = ?1) AND NOT {}",
+        referenced("?1")
+    ))?;
     for h in hashes {
         mark.execute(params![h, at])?;
     }
@@ -420,7 +422,10 @@ pub(super) fn record_copies(
             )?;
         }
         tx.exec(
-            "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2 WHERE NOT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
+            &format!(
+                "INSERT OR REPLACE INTO idle_blocks SELECT ?1, ?2 WHERE NOT {}",
+                referenced("?1")
+            ),
             params![b.hash, leader_now],
         )?;
     }
@@ -472,11 +477,8 @@ pub(super) fn forget_blocks(
         if h.len() != HASH_LEN {
             return err(ErrorCode::Invalid, "a block hash is 32 bytes");
         }
-        let referenced: bool = tx.row(
-            "SELECT EXISTS (SELECT 1 FROM extents WHERE hash = ?1)",
-            [h],
-            |r| r.get(0),
-        )?;
+        let referenced: bool =
+            tx.row(&format!("SELECT {}", referenced("?1")), [h], |r| r.get(0))?;
         let since: i64 = tx
             .row("SELECT since FROM idle_blocks WHERE hash = ?1", [h], |r| {
                 r.get(0)

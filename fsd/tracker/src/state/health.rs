@@ -11,7 +11,7 @@ use failsafe_proto::pb;
 use rusqlite::params;
 
 use super::i;
-use super::schema::LIVE_DEVICE;
+use super::schema::{referenced, LIVE_DEVICE, REFERENCED_BLOCKS};
 
 /// Device ids as an SQL list. They are integers we produce ourselves, so
 /// formatting them into the statement is safe; `NULL` matches nothing.
@@ -41,7 +41,7 @@ pub(crate) fn replication_counts(
     let sql = format!(
         "SELECT COALESCE(SUM(n < ?1), 0), COALESCE(SUM(n = 0), 0) FROM (
            SELECT (SELECT COUNT(*) FROM copies c WHERE c.hash = r.hash AND c.device_id IN ({})) AS n
-           FROM (SELECT DISTINCT hash FROM extents WHERE data IS NULL) r)",
+           FROM ({REFERENCED_BLOCKS}) r)",
         id_list(live)
     );
     conn.row(&sql, [copies as i64], |r| {
@@ -72,12 +72,13 @@ pub(crate) fn repair_candidates(
              (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({counted})) AS counted,
              (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({up})) AS live,
              (SELECT COUNT(*) FROM copies c WHERE c.hash = b.hash AND c.device_id IN ({targets})) AS on_targets
-           FROM blocks b WHERE EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash))
+           FROM blocks b WHERE {referenced})
          WHERE counted < ?1 AND live > 0 AND on_targets < ?2
          ORDER BY counted, hash <= ?3, hash LIMIT ?4",
         counted = id_list(counted),
         up = id_list(up),
         targets = id_list(targets),
+        referenced = referenced("b.hash"),
     );
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare(&sql)?
@@ -97,10 +98,11 @@ pub(crate) fn referenced_after(
     limit: usize,
 ) -> rusqlite::Result<Vec<BlockView>> {
     let rows: Vec<(Vec<u8>, i64)> = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT b.hash, b.size FROM blocks b WHERE b.hash > ?1
-               AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash) ORDER BY b.hash LIMIT ?2",
-        )?
+               AND {} ORDER BY b.hash LIMIT ?2",
+            referenced("b.hash")
+        ))?
         .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     holders_of(conn, rows)
@@ -173,10 +175,11 @@ pub(crate) fn over_replicated(
 ) -> rusqlite::Result<Vec<BlockView>> {
     let sql = format!(
         "SELECT c.hash, b.size FROM copies c JOIN blocks b ON b.hash = c.hash
-         WHERE c.device_id IN ({}) AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = c.hash)
+         WHERE c.device_id IN ({}) AND {}
          GROUP BY c.hash HAVING COUNT(*) > ?1
          ORDER BY c.hash <= ?2, c.hash LIMIT ?3",
-        id_list(up)
+        id_list(up),
+        referenced("c.hash")
     );
     let rows: Vec<(Vec<u8>, i64)> = conn
         .prepare(&sql)?
@@ -195,16 +198,19 @@ pub(crate) fn garbage(
     limit: usize,
 ) -> rusqlite::Result<Vec<BlockView>> {
     let rows: Vec<(Vec<u8>, i64)> = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT b.hash, b.size FROM blocks b LEFT JOIN idle_blocks i ON i.hash = b.hash
-             WHERE NOT EXISTS (SELECT 1 FROM extents e WHERE e.hash = b.hash) AND COALESCE(i.since, 0) < ?1
+             WHERE NOT {} AND COALESCE(i.since, 0) < ?1
                -- A shipped host's old blocks stay known: its catch-up sends
                -- deltas against them, and its sweep must not take them.
                AND NOT EXISTS (SELECT 1 FROM copies c JOIN devices d ON d.device_id = c.device_id
                                JOIN host_states s ON s.host_id = d.host_id WHERE c.hash = b.hash)
              ORDER BY b.hash LIMIT ?2",
-        )?
-        .query_map(params![idle_before, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            referenced("b.hash")
+        ))?
+        .query_map(params![idle_before, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
         .collect::<Result<_, _>>()?;
     holders_of(conn, rows)
 }
@@ -360,6 +366,19 @@ mod tests {
     #[test]
     fn unreferenced_blocks_become_garbage_after_the_grace_period() {
         let mut conn = db();
+        // With the trash off: a replaced file's blocks are unreferenced at
+        // once (the trash keeps them otherwise: `kept`'s tests).
+        let off = pb::TrashPolicy {
+            retention_ms: Some(0),
+            ..Default::default()
+        };
+        ok(run(
+            &mut conn,
+            Op::SetTrashPolicy(pb::SetTrashPolicy {
+                policy: Some(off),
+                path: Vec::new(),
+            }),
+        ));
         let (old, new, stray) = ([1u8; 32], [2u8; 32], [3u8; 32]);
         let create = |name: &[u8]| {
             Op::Create(pb::Create {

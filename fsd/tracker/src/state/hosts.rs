@@ -283,10 +283,11 @@ pub(crate) fn ship_risk(
         .unwrap_or_default();
     let live: BTreeSet<u64> = live.iter().copied().collect();
     let held: Vec<Vec<u8>> = conn
-        .prepare(
+        .prepare(&format!(
             "SELECT DISTINCT c.hash FROM copies c JOIN devices d ON d.device_id = c.device_id
-             WHERE d.host_id = ?1 AND EXISTS (SELECT 1 FROM extents e WHERE e.hash = c.hash)",
-        )?
+             WHERE d.host_id = ?1 AND {}",
+            super::schema::referenced("c.hash")
+        ))?
         .query_map([i(host_id)], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut risky = Vec::new();

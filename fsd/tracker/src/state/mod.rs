@@ -15,6 +15,7 @@ mod apply;
 mod blocks;
 mod health;
 mod hosts;
+mod kept;
 mod namespace;
 mod query;
 mod schema;
@@ -36,6 +37,7 @@ pub(crate) use health::{
 pub(crate) use hosts::{
     admin_state, delta_base, devices, host_states, hosts, key_book, ship_risk, HostStates,
 };
+pub(crate) use kept::{kept_counts, trash_due};
 pub(crate) use namespace::inside;
 pub(crate) use query::{counts, query, read_back};
 pub(crate) use schema::{check_snapshot, migrate};

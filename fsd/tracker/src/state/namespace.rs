@@ -7,7 +7,7 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::blocks::{note_unreferenced, punch, MAX_FILE_BYTES};
 use super::schema::ATTR_COLS;
-use super::{check_name, err, i, OpError, OpResult};
+use super::{check_name, err, i, kept, OpError, OpResult};
 
 pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
     Ok(pb::Attr {
@@ -102,10 +102,23 @@ fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpRe
     Ok(())
 }
 
-/// Drops one link to `ino`; frees the inode, its extents and locks at zero.
-fn drop_link(tx: &Transaction<'_>, ino: u64, now: i64, leader_now: i64) -> OpResult<()> {
+/// Drops one link to `ino`, whose entry `name` of directory `parent` went;
+/// at zero, the inode goes to the trash (if the policy keeps it) and is
+/// freed with its extents.
+pub(super) fn drop_link(
+    tx: &Transaction<'_>,
+    ino: u64,
+    parent: u64,
+    name: &[u8],
+    now: i64,
+    leader_now: i64,
+) -> OpResult<()> {
     let a = get_attr(tx, ino)?;
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
+        kept::to_trash(tx, &a, parent, name, leader_now)?;
+        if a.kind == FileKind::KindDir as i32 {
+            kept::forget_dir(tx, ino)?;
+        }
         tx.exec("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
         if is_device(a.kind) {
             tx.exec("DELETE FROM device_numbers WHERE ino = ?1", [i(ino)])?;
@@ -297,7 +310,7 @@ pub(super) fn unlink(
         return err(ErrorCode::IsDir, "is a directory");
     }
     unlink_entry(tx, c.parent, &c.name, now, 0)?;
-    drop_link(tx, ino, now, leader_now)
+    drop_link(tx, ino, c.parent, &c.name, now, leader_now)
 }
 
 pub(super) fn rmdir(
@@ -315,10 +328,10 @@ pub(super) fn rmdir(
         return err(ErrorCode::NotEmpty, "directory not empty");
     }
     unlink_entry(tx, c.parent, &c.name, now, -1)?;
-    drop_link(tx, ino, now, leader_now)
+    drop_link(tx, ino, c.parent, &c.name, now, leader_now)
 }
 
-fn link_entry(
+pub(super) fn link_entry(
     tx: &Transaction<'_>,
     parent: u64,
     name: &[u8],
@@ -333,7 +346,7 @@ fn link_entry(
     touch_dir(tx, parent, now, nlink_delta)
 }
 
-fn unlink_entry(
+pub(super) fn unlink_entry(
     tx: &Transaction<'_>,
     parent: u64,
     name: &[u8],
@@ -437,7 +450,7 @@ pub(super) fn rename(
                 params![i(src), i(dst)],
             )?;
         }
-        drop_link(tx, dst, now, leader_now)?;
+        drop_link(tx, dst, c.new_parent, &c.new_name, now, leader_now)?;
     }
     let delta = moves_dir_between(src_is_dir);
     unlink_entry(tx, c.parent, &c.name, now, -delta)?;

@@ -12,7 +12,7 @@ use super::blocks::{block_copies, load_extents};
 use super::hosts::{away_devices, device_locations, held_back_devices};
 use super::namespace::{get_attr, lookup_ino, require_dir};
 use super::schema::LIVE_DEVICE;
-use super::{check_name, err, i, OpError, OpResult};
+use super::{check_name, err, i, kept, OpError, OpResult};
 
 /// The largest file whose `GetAttr` answers with its extents when asked.
 const GETATTR_EXTENTS_MAX: u64 = 4 << 20;
@@ -39,6 +39,9 @@ pub(crate) fn query(
         Query::Place(p) => place_blocks(conn, p, class),
         Query::ListLocks(l) => list_locks(conn, l),
         Query::ListXattrs(l) => list_xattrs(conn, l.ino),
+        Query::ListTrash(l) => kept::list_trash(conn, l),
+        Query::ListSnapshots(_) => kept::list_snapshots(conn),
+        Query::InSnapshot(q) => kept::in_snapshot(conn, q),
     }
 }
 
@@ -112,6 +115,17 @@ fn lookup(conn: &rusqlite::Connection, l: &pb::Lookup) -> OpResult<Reply> {
     Ok(Reply::Attr(attr))
 }
 
+/// A directory entry from a row of (name, inode, kind).
+pub(super) fn dir_entry_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::DirEntry> {
+    Ok(pb::DirEntry {
+        name: row.get(0)?,
+        ino: row.get::<_, i64>(1)? as u64,
+        kind: row.get(2)?,
+        attr: None,
+        extents: None,
+    })
+}
+
 /// A page of a directory's entries, in name order, after `r.after`.
 fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
     require_dir(conn, r.ino)?;
@@ -121,15 +135,7 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
          WHERE d.parent = ?1 AND d.name > ?2 ORDER BY d.name LIMIT ?3",
     )?;
     let mut entries: Vec<pb::DirEntry> = stmt
-        .query_map(params![i(r.ino), r.after, limit + 1], |row| {
-            Ok(pb::DirEntry {
-                name: row.get(0)?,
-                ino: row.get::<_, i64>(1)? as u64,
-                kind: row.get(2)?,
-                attr: None,
-                extents: None,
-            })
-        })?
+        .query_map(params![i(r.ino), r.after, limit + 1], dir_entry_row)?
         .collect::<Result<_, _>>()?;
     let more = entries.len() as i64 > limit;
     entries.truncate(limit as usize);
@@ -168,6 +174,12 @@ fn read_link(conn: &rusqlite::Connection, r: &pb::ReadLink) -> OpResult<Reply> {
             |row| row.get(0),
         )
         .optional()?;
+    target_reply(target)
+}
+
+/// The answer to a read of a symlink's target: `None`, no such inode;
+/// `Some(None)`, not a symlink.
+pub(super) fn target_reply(target: Option<Option<Vec<u8>>>) -> OpResult<Reply> {
     match target {
         None => err(ErrorCode::NotFound, "no such inode"),
         Some(None) => err(ErrorCode::Invalid, "not a symlink"),
@@ -201,6 +213,16 @@ fn read_extents(conn: &rusqlite::Connection, r: &pb::ReadExtents) -> OpResult<Re
     let attr = get_attr(conn, r.ino)?;
     let end = r.offset.saturating_add(r.length.max(1));
     let extents = load_extents(conn, r.ino, r.offset, end)?;
+    file_extents(conn, attr, extents)
+}
+
+/// `extents` of the file `attr` describes (live or kept), with the copies
+/// of their blocks a client may read and where those devices are.
+pub(super) fn file_extents(
+    conn: &rusqlite::Connection,
+    attr: pb::Attr,
+    extents: Vec<failsafe_core::Extent>,
+) -> OpResult<Reply> {
     let away = away_devices(conn)?;
     let mut copies = Vec::new();
     let mut device_ids = BTreeSet::new();

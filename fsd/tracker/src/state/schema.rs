@@ -65,6 +65,40 @@ CREATE TABLE IF NOT EXISTS device_numbers(ino INTEGER PRIMARY KEY, rdev INTEGER 
 CREATE TABLE IF NOT EXISTS xattrs(
   ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
   PRIMARY KEY(ino, name)) WITHOUT ROWID;
+-- Kept copies of inodes: a snapshot's (snap = its id, from 1) or the
+-- trash's (snap = 0), with their names (snapshots only), extents and user
+-- extended attributes, as the live tables hold them. Tables of their own,
+-- so databases from before the trash need no migration.
+CREATE TABLE IF NOT EXISTS kept_inodes(
+  snap INTEGER NOT NULL, ino INTEGER NOT NULL, kind INTEGER NOT NULL, mode INTEGER NOT NULL,
+  uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
+  atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL,
+  nlink INTEGER NOT NULL, version INTEGER NOT NULL, target BLOB, rdev INTEGER,
+  PRIMARY KEY(snap, ino)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_dentries(
+  snap INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+  PRIMARY KEY(snap, parent, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kept_extents(
+  snap INTEGER NOT NULL, ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+  hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
+  PRIMARY KEY(snap, ino, offset)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kept_extents_by_hash ON kept_extents(hash);
+CREATE TABLE IF NOT EXISTS kept_xattrs(
+  snap INTEGER NOT NULL, ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+  PRIMARY KEY(snap, ino, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(
+  snap INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, path BLOB NOT NULL,
+  root INTEGER NOT NULL, created INTEGER NOT NULL);
+-- What the trash holds (its inodes are kept_inodes of snap 0): the path
+-- each had, when it was deleted and until when it is kept (the leader's
+-- clock).
+CREATE TABLE IF NOT EXISTS trash(
+  ino INTEGER PRIMARY KEY, path BLOB NOT NULL, kind INTEGER NOT NULL, size INTEGER NOT NULL,
+  deleted INTEGER NOT NULL, expires INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS trash_by_path ON trash(path);
+CREATE INDEX IF NOT EXISTS trash_by_expiry ON trash(expires);
+-- Directories whose deleted files are kept for a time of their own.
+CREATE TABLE IF NOT EXISTS trash_retention(ino INTEGER PRIMARY KEY, retention_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS applied_ops(
   client_id INTEGER NOT NULL, op_id INTEGER NOT NULL, at INTEGER NOT NULL, result BLOB NOT NULL,
   PRIMARY KEY(client_id, op_id)) WITHOUT ROWID;
@@ -184,6 +218,19 @@ pub(crate) fn check_snapshot(path: &std::path::Path) -> Result<(), String> {
 pub(super) const ATTR_COLS: &str =
     "ino, kind, mode, uid, gid, size, atime, mtime, ctime, nlink, version, \
      (SELECT rdev FROM device_numbers WHERE device_numbers.ino = inodes.ino)";
+
+/// Whether the block named by the SQL expression `hash` is referenced: by
+/// a live file's extent, or by one the trash or a snapshot keeps (SQL).
+pub(super) fn referenced(hash: &str) -> String {
+    format!(
+        "(EXISTS (SELECT 1 FROM extents WHERE hash = {hash}) \
+         OR EXISTS (SELECT 1 FROM kept_extents WHERE hash = {hash}))"
+    )
+}
+
+/// Every block a file references, live or kept (SQL: a `hash` column).
+pub(super) const REFERENCED_BLOCKS: &str = "SELECT hash FROM extents WHERE data IS NULL \
+     UNION SELECT hash FROM kept_extents WHERE data IS NULL";
 
 /// A device that is not gone (SQL, over `devices` as `d` or unaliased).
 pub(super) const LIVE_DEVICE: &str = "device_id NOT IN (SELECT device_id FROM gone_devices)";
