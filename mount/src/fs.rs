@@ -975,6 +975,11 @@ impl Filesystem for Fs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if name.as_bytes() == crate::hosts_attr::NAME && snapview::owns(ino.0) {
+            // A snapshot's bytes are where its blocks are; not said here.
+            self.stats.local(FuseOp::Getxattr);
+            return reply.error(Errno::ENODATA);
+        }
         if name.as_bytes() == crate::hosts_attr::NAME {
             self.run(FuseOp::Getxattr, move |c| async move {
                 match c.hosts_attr(ino.0).await {

@@ -628,6 +628,16 @@ async fn t91_a_mount_credential_calls_no_member_or_admin_operation() {
             ..Default::default()
         }),
         Op::RemoveHost(pb::RemoveHost { host_id: some_host }),
+        // An operator's, not a web host's: the trash and snapshots.
+        Op::ExpireTrash(pb::ExpireTrash {}),
+        Op::PurgeTrash(pb::PurgeTrash::default()),
+        Op::RestoreTrash(pb::RestoreTrash::default()),
+        Op::SetTrashPolicy(pb::SetTrashPolicy::default()),
+        Op::CreateSnapshot(pb::CreateSnapshot {
+            name: "s".into(),
+            path: b"/".to_vec(),
+        }),
+        Op::DeleteSnapshot(pb::DeleteSnapshot { name: "s".into() }),
     ];
     for op in bookkeeping {
         let what = format!("{op:?}");
@@ -643,6 +653,13 @@ async fn t91_a_mount_credential_calls_no_member_or_admin_operation() {
         }],
     });
     denied("a batch", refused(meta.mutate(propose(&cid, batch)).await));
+    // The trash names deleted files: not for a web host.
+    let list = pb::QueryRequest {
+        header: h(),
+        query: Some(pb::query_request::Query::ListTrash(pb::ListTrash::default())),
+        ..Default::default()
+    };
+    denied("ListTrash", refused(meta.query(list).await));
 
     // What a mount does is allowed: a file operation and the status.
     meta.mutate(intrude(&cid))

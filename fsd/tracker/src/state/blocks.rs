@@ -7,7 +7,7 @@ use failsafe_core::{block_hash, overlay, Extent, Inline, HASH_LEN, MAX_FILE_INLI
 use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::namespace::get_attr;
+use super::namespace::{any_attr, get_attr};
 use super::schema::referenced;
 use super::{err, i, OpResult};
 
@@ -326,7 +326,8 @@ pub(super) fn replace_inline(
     c: &pb::ReplaceInline,
     leader_now: i64,
 ) -> OpResult<()> {
-    let a = get_attr(tx, c.ino)?;
+    // A file in the trash too: its bytes are stored as blocks all the same.
+    let a = any_attr(tx, c.ino)?;
     if a.kind != FileKind::KindFile as i32 {
         return err(ErrorCode::IsDir, "extents belong to regular files");
     }

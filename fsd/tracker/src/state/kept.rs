@@ -1,10 +1,18 @@
 //! What is kept of the namespace beyond the live files: the trash (a file
 //! whose last name went, kept for its retention time) and snapshots (the
-//! namespace beneath a directory at one point in the log). Both are copies
-//! of inodes, extents and extended attributes in the `kept_*` tables (snap
-//! 0 is the trash; a snapshot also keeps its names); blocks are shared with
-//! the live files, and garbage collection keeps every block a kept extent
-//! names (`schema::referenced`).
+//! namespace beneath a directory at one point in the log).
+//!
+//! A file in the trash stays where it was, in `inodes` and `extents`, with
+//! `nlink` 0 and no name, and a `trash` row with the path it had: going to
+//! the trash costs less than being freed, and restoring is linking it
+//! again. Nobody reads or changes it meanwhile (`namespace::get_attr` does
+//! not find it); its blocks count as referenced, as every extent's do, and
+//! the blockifier stores its inline bytes as it does any file's.
+//!
+//! A snapshot is a copy of its subtree's inodes, names, extents and
+//! extended attributes in the `kept_*` tables; blocks are shared with the
+//! live files, and garbage collection keeps every block a kept extent names
+//! (`schema::referenced`).
 //!
 //! A snapshot copies its subtree's rows in one command rather than sharing
 //! them copy-on-write: the cost is one pass over the subtree when it is
@@ -17,12 +25,12 @@ use failsafe_proto::pb::{self, query_reply::Reply, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::blocks::{extent_row, note_unreferenced, EXTENT_COLS};
-use super::namespace::{attr_row, drop_link, link_entry, lookup_ino, unlink_entry};
+use super::namespace::{
+    any_attr, attr_row, drop_link, free_inode, link_entry, lookup_ino, unlink_entry,
+};
 use super::query::{dir_entry_row, file_extents, target_reply};
 use super::{check_name, err, i, OpError, OpResult};
 
-/// The trash's `snap` in the `kept_*` tables.
-const TRASH: i64 = 0;
 /// How long deleted files are kept unless the policy says otherwise.
 pub(crate) const DEFAULT_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// Paths a wiki rewrites all the time, whose old versions nobody wants
@@ -274,71 +282,49 @@ pub(super) fn set_policy(tx: &Transaction<'_>, c: &pb::SetTrashPolicy) -> OpResu
 
 // ---------- into the trash ----------
 
-/// Copies the live rows of the inodes `which` selects (SQL over `ino`,
-/// after `with`, with `?2` bound to `arg`) into the kept tables as
-/// `snap`'s: inodes, extents, extended attributes, and with `names` the
-/// entries of the directories among them. Returns how many inodes.
-fn copy_kept(
-    tx: &Transaction<'_>,
-    snap: i64,
-    (with, which, arg): (&str, &str, u64),
-    names: bool,
-) -> OpResult<usize> {
-    let copy = |sql: &str| tx.exec(&format!("{with} {sql}"), params![snap, i(arg)]);
-    let inodes = copy(&format!(
-        "INSERT OR REPLACE INTO kept_inodes SELECT ?1, ino, kind, mode, uid, gid, size, atime,
-           mtime, ctime, nlink, version, target,
-           (SELECT rdev FROM device_numbers d WHERE d.ino = inodes.ino)
-         FROM inodes WHERE {which}"
-    ))?;
-    copy(&format!(
-        "INSERT OR REPLACE INTO kept_extents SELECT ?1, ino, offset, length, hash, block_offset,
-           data, written FROM extents WHERE {which}"
-    ))?;
-    copy(&format!(
-        "INSERT OR REPLACE INTO kept_xattrs SELECT ?1, ino, name, value FROM xattrs WHERE {which}"
-    ))?;
-    if names {
-        let parents = which.replacen("ino", "parent", 1);
-        copy(&format!(
-            "INSERT OR REPLACE INTO kept_dentries SELECT ?1, parent, name, ino FROM dentries
-             WHERE {parents}"
-        ))?;
-    }
+/// Copies the live subtree beneath directory `root` into the kept tables
+/// as snapshot `snap`'s: inodes, extents, extended attributes and the
+/// directories' entries (`SUBTREE` finds the inodes). Returns how many
+/// inodes.
+fn copy_subtree(tx: &Transaction<'_>, snap: i64, root: u64) -> OpResult<usize> {
+    let copy = |sql: &str| tx.exec(&format!("{SUBTREE} {sql}"), params![snap, i(root)]);
+    let inodes = copy(
+        "INSERT INTO kept_inodes SELECT ?1, ino, kind, mode, uid, gid, size, atime, mtime, ctime,
+           nlink, version, target, (SELECT rdev FROM device_numbers d WHERE d.ino = inodes.ino)
+         FROM inodes WHERE ino IN sub",
+    )?;
+    copy(
+        "INSERT INTO kept_extents SELECT ?1, ino, offset, length, hash, block_offset, data, written
+         FROM extents WHERE ino IN sub",
+    )?;
+    copy("INSERT INTO kept_xattrs SELECT ?1, ino, name, value FROM xattrs WHERE ino IN sub")?;
+    copy(
+        "INSERT INTO kept_dentries SELECT ?1, parent, name, ino FROM dentries WHERE parent IN sub",
+    )?;
     Ok(inodes)
 }
 
-/// Forgets kept inode `ino` of `snap`: its row, extents and attributes.
-fn forget_kept(tx: &Transaction<'_>, snap: i64, ino: u64) -> OpResult<()> {
-    for table in ["kept_inodes", "kept_extents", "kept_xattrs"] {
-        tx.exec(
-            &format!("DELETE FROM {table} WHERE snap = ?1 AND ino = ?2"),
-            params![snap, i(ino)],
-        )?;
-    }
-    Ok(())
-}
-
-/// The last name of `a` (entry `name` of directory `parent`) is going: keep
-/// it in the trash if the policy says so. A directory is kept only when the
-/// trash holds something deleted from beneath it, so an `rm -rf` can be put
-/// back whole and a wiki's lock directories leave nothing behind.
+/// The last name of `a` (entry `name` of directory `parent`) is going:
+/// whether the trash keeps it (and then it has its row there). A directory
+/// is kept only when the trash holds something deleted from beneath it, so
+/// an `rm -rf` can be put back whole and a wiki's lock directories leave
+/// nothing behind.
 pub(super) fn to_trash(
     tx: &Transaction<'_>,
     a: &pb::Attr,
     parent: u64,
     name: &[u8],
     leader_now: i64,
-) -> OpResult<()> {
+) -> OpResult<bool> {
     let (dir, own) = dir_path(tx, parent)?;
     let policy = policy(tx)?;
     let retention = own.or(policy.retention_ms).unwrap_or(0);
     if retention == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let path = join(&dir, name);
     if policy.exclude.iter().any(|p| matches(p.as_bytes(), &path)) {
-        return Ok(());
+        return Ok(false);
     }
     if a.kind == FileKind::KindDir as i32 {
         let (lo, hi) = beneath(&path);
@@ -348,17 +334,16 @@ pub(super) fn to_trash(
             |r| r.get(0),
         )?;
         if !holds {
-            return Ok(());
+            return Ok(false);
         }
     }
-    copy_kept(tx, TRASH, ("", "ino = ?2", a.ino), false)?;
     let expires = leader_now
         .saturating_add(i64::try_from(retention.saturating_mul(1_000_000)).unwrap_or(i64::MAX));
     tx.exec(
         "INSERT OR REPLACE INTO trash VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![i(a.ino), path, a.kind, i(a.size), leader_now, expires],
     )?;
-    Ok(())
+    Ok(true)
 }
 
 /// A directory that is gone takes its own retention with it.
@@ -369,22 +354,15 @@ pub(super) fn forget_dir(tx: &Transaction<'_>, ino: u64) -> OpResult<()> {
 
 // ---------- out of the trash ----------
 
-/// Drops kept inode `ino` of `snap` and everything kept with it; the blocks
-/// only it referenced become idle.
-fn drop_kept_inode(tx: &Transaction<'_>, snap: i64, ino: u64, leader_now: i64) -> OpResult<()> {
-    let hashes: Vec<Vec<u8>> = tx
-        .prepare_cached(
-            "SELECT DISTINCT hash FROM kept_extents WHERE snap = ?1 AND ino = ?2 AND data IS NULL",
-        )?
-        .query_map(params![snap, i(ino)], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    forget_kept(tx, snap, ino)?;
-    note_unreferenced(tx, &hashes, leader_now)
-}
-
+/// Forgets trash item `ino` and the file it keeps.
 fn forget_item(tx: &Transaction<'_>, ino: u64, leader_now: i64) -> OpResult<()> {
     tx.exec("DELETE FROM trash WHERE ino = ?1", [i(ino)])?;
-    drop_kept_inode(tx, TRASH, ino, leader_now)
+    match any_attr(tx, ino) {
+        Ok(a) => free_inode(tx, &a, leader_now),
+        // Not there: nothing more to forget.
+        Err(super::ApplyError::Refused(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// One item of the trash.
@@ -407,13 +385,15 @@ fn item_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Item> {
 }
 
 const ITEM_COLS: &str = "t.ino, t.path, t.kind, k.uid, k.gid";
+/// The trash's items with their inodes (as `t` and `k`).
+const ITEMS: &str = "trash t JOIN inodes k ON k.ino = t.ino";
 
 /// The newest item the trash holds at exactly `path`.
 fn newest_at(tx: &rusqlite::Connection, path: &[u8]) -> OpResult<Option<Item>> {
     Ok(tx
         .row(
             &format!(
-                "SELECT {ITEM_COLS} FROM trash t JOIN kept_inodes k ON k.snap = 0 AND k.ino = t.ino
+                "SELECT {ITEM_COLS} FROM {ITEMS}
                  WHERE t.path = ?1 ORDER BY t.deleted DESC, t.ino DESC LIMIT 1"
             ),
             [path],
@@ -422,30 +402,14 @@ fn newest_at(tx: &rusqlite::Connection, path: &[u8]) -> OpResult<Option<Item>> {
         .optional()?)
 }
 
-/// Puts kept inode `item` back as entry `name` of live directory `dir`.
+/// Puts trash item `item` back as entry `name` of live directory `dir`.
 fn relink(tx: &Transaction<'_>, item: &Item, dir: u64, name: &[u8], now: i64) -> OpResult<()> {
     let is_dir = item.kind == FileKind::KindDir as i32;
     tx.exec(
-        "INSERT INTO inodes SELECT ino, kind, mode, uid, gid, size, atime, mtime, MAX(ctime, ?3),
-           ?4, version + 1, target FROM kept_inodes WHERE snap = ?1 AND ino = ?2",
-        params![TRASH, i(item.ino), now, if is_dir { 2 } else { 1 }],
-    )?;
-    tx.exec(
-        "INSERT INTO device_numbers SELECT ino, rdev FROM kept_inodes
-         WHERE snap = ?1 AND ino = ?2 AND rdev IS NOT NULL",
-        params![TRASH, i(item.ino)],
-    )?;
-    tx.exec(
-        "INSERT INTO extents SELECT ino, offset, length, hash, block_offset, data, written
-         FROM kept_extents WHERE snap = ?1 AND ino = ?2",
-        params![TRASH, i(item.ino)],
-    )?;
-    tx.exec(
-        "INSERT INTO xattrs SELECT ino, name, value FROM kept_xattrs WHERE snap = ?1 AND ino = ?2",
-        params![TRASH, i(item.ino)],
+        "UPDATE inodes SET nlink = ?2, ctime = MAX(ctime, ?3), version = version + 1 WHERE ino = ?1",
+        params![i(item.ino), if is_dir { 2 } else { 1 }, now],
     )?;
     tx.exec("DELETE FROM trash WHERE ino = ?1", [i(item.ino)])?;
-    forget_kept(tx, TRASH, item.ino)?;
     link_entry(tx, dir, name, item.ino, now, if is_dir { 1 } else { 0 })
 }
 
@@ -529,15 +493,17 @@ pub(super) fn restore(
     let items: Vec<Item> = if c.id != 0 {
         let item = tx
             .row(
-                &format!(
-                    "SELECT {ITEM_COLS} FROM trash t JOIN kept_inodes k ON k.snap = 0 AND k.ino = t.ino
-                     WHERE t.ino = ?1"
-                ),
+                &format!("SELECT {ITEM_COLS} FROM {ITEMS} WHERE t.ino = ?1"),
                 [i(c.id)],
                 item_row,
             )
             .optional()?
-            .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no item {} in the trash", c.id)))?;
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::NotFound,
+                    format!("no item {} in the trash", c.id),
+                )
+            })?;
         if item.path != from && !item.path.starts_with(&beneath(&from).0) {
             return err(
                 ErrorCode::Invalid,
@@ -553,7 +519,7 @@ pub(super) fn restore(
     } else {
         let (lo, hi) = beneath(&from);
         tx.prepare_cached(&format!(
-            "SELECT {ITEM_COLS} FROM trash t JOIN kept_inodes k ON k.snap = 0 AND k.ino = t.ino
+            "SELECT {ITEM_COLS} FROM {ITEMS}
              WHERE (t.path = ?1 OR (t.path >= ?2 AND t.path < ?3)) AND t.path > ?4
                AND t.ino = (SELECT u.ino FROM trash u WHERE u.path = t.path
                             ORDER BY u.deleted DESC, u.ino DESC LIMIT 1)
@@ -847,7 +813,7 @@ pub(super) fn create_snapshot(
         [i(snap + 1)],
     )?;
     let snap = i(snap);
-    let files = copy_kept(tx, snap, (SUBTREE, "ino IN sub", root), true)?;
+    let files = copy_subtree(tx, snap, root)?;
     tx.exec(
         "INSERT INTO snapshots VALUES (?1, ?2, ?3, ?4, ?5)",
         params![snap, c.name, path, i(root), leader_now],
@@ -973,7 +939,7 @@ pub(super) fn in_snapshot(conn: &rusqlite::Connection, q: &pb::InSnapshot) -> Op
         [snap],
         |r| r.get(0),
     )?;
-    if snap == TRASH || !known {
+    if !known {
         return err(ErrorCode::NotFound, format!("no snapshot {}", q.snapshot));
     }
     let whole = |ino| failsafe_proto::whole_file(ino);

@@ -26,7 +26,21 @@ pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
     })
 }
 
+/// A file's attributes. One in the trash (no name left, `nlink` 0) is not
+/// found: it is nobody's to read or change until it is restored.
 pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
+    tx.row(
+        &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1 AND nlink > 0"),
+        [i(ino)],
+        attr_row,
+    )
+    .optional()?
+    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
+}
+
+/// A file's attributes, in the trash or not (the blockifier stores a
+/// trashed file's bytes too; the trash restores and forgets).
+pub(super) fn any_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
     tx.row(
         &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
         [i(ino)],
@@ -93,6 +107,24 @@ fn new_inode(
     get_attr(tx, ino as u64)
 }
 
+/// Forgets inode `a` with its extents, extended attributes and device
+/// number; the blocks no file references any more are idle from
+/// `leader_now`.
+pub(super) fn free_inode(tx: &Transaction<'_>, a: &pb::Attr, leader_now: i64) -> OpResult<()> {
+    let ino = a.ino;
+    tx.exec("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
+    if is_device(a.kind) {
+        tx.exec("DELETE FROM device_numbers WHERE ino = ?1", [i(ino)])?;
+    }
+    tx.exec("DELETE FROM xattrs WHERE ino = ?1", [i(ino)])?;
+    let hashes: Vec<Vec<u8>> = tx
+        .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
+        .query_map([i(ino)], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    tx.exec("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
+    note_unreferenced(tx, &hashes, leader_now)
+}
+
 /// A directory's entries changed: bump its mtime, ctime and version.
 fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpResult<()> {
     tx.exec(
@@ -102,9 +134,9 @@ fn touch_dir(tx: &Transaction<'_>, ino: u64, now: i64, nlink_delta: i64) -> OpRe
     Ok(())
 }
 
-/// Drops one link to `ino`, whose entry `name` of directory `parent` went;
-/// at zero, the inode goes to the trash (if the policy keeps it) and is
-/// freed with its extents.
+/// Drops one link to `ino`, whose entry `name` of directory `parent` went.
+/// At zero the inode goes to the trash, where the policy keeps it: it
+/// stays as it is, with `nlink` 0 and no name; otherwise it is freed.
 pub(super) fn drop_link(
     tx: &Transaction<'_>,
     ino: u64,
@@ -115,21 +147,17 @@ pub(super) fn drop_link(
 ) -> OpResult<()> {
     let a = get_attr(tx, ino)?;
     if a.kind == FileKind::KindDir as i32 || a.nlink <= 1 {
-        kept::to_trash(tx, &a, parent, name, leader_now)?;
         if a.kind == FileKind::KindDir as i32 {
             kept::forget_dir(tx, ino)?;
         }
-        tx.exec("DELETE FROM inodes WHERE ino = ?1", [i(ino)])?;
-        if is_device(a.kind) {
-            tx.exec("DELETE FROM device_numbers WHERE ino = ?1", [i(ino)])?;
+        if kept::to_trash(tx, &a, parent, name, leader_now)? {
+            tx.exec(
+                "UPDATE inodes SET nlink = 0, ctime = MAX(ctime, ?2) WHERE ino = ?1",
+                params![i(ino), now],
+            )?;
+        } else {
+            free_inode(tx, &a, leader_now)?;
         }
-        tx.exec("DELETE FROM xattrs WHERE ino = ?1", [i(ino)])?;
-        let hashes: Vec<Vec<u8>> = tx
-            .prepare_cached("SELECT DISTINCT hash FROM extents WHERE ino = ?1 AND data IS NULL")?
-            .query_map([i(ino)], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        tx.exec("DELETE FROM extents WHERE ino = ?1", [i(ino)])?;
-        note_unreferenced(tx, &hashes, leader_now)?;
         // Locks stay: descriptors open elsewhere may still hold and release
         // them (lock, unlink, unlock). Inode numbers are never reused, and
         // session close or expiry removes them.
@@ -733,6 +761,8 @@ mod tests {
             );
             assert!(!matches!(r.result, Some(R::Error(_))), "{r:?}");
         }
+        assert_eq!(numbers(&conn), 2, "kept in the trash, number and all");
+        run(&mut conn, Op::PurgeTrash(pb::PurgeTrash::default()));
         assert_eq!(
             numbers(&conn),
             0,
@@ -824,9 +854,16 @@ mod tests {
                 ..Default::default()
             }),
         );
-        let left: i64 = conn
-            .query_row("SELECT COUNT(*) FROM xattrs", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 0, "an unlinked inode leaves no attribute behind");
+        let left = |conn: &rusqlite::Connection| -> i64 {
+            conn.query_row("SELECT COUNT(*) FROM xattrs", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(left(&conn), 3, "kept in the trash with the file");
+        run(&mut conn, Op::PurgeTrash(pb::PurgeTrash::default()));
+        assert_eq!(
+            left(&conn),
+            0,
+            "an unlinked inode leaves no attribute behind"
+        );
     }
 }

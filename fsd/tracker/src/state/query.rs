@@ -169,7 +169,7 @@ fn read_dir(conn: &rusqlite::Connection, r: &pb::ReadDir) -> OpResult<Reply> {
 fn read_link(conn: &rusqlite::Connection, r: &pb::ReadLink) -> OpResult<Reply> {
     let target: Option<Option<Vec<u8>>> = conn
         .row(
-            "SELECT target FROM inodes WHERE ino = ?1",
+            "SELECT target FROM inodes WHERE ino = ?1 AND nlink > 0",
             [i(r.ino)],
             |row| row.get(0),
         )
@@ -195,7 +195,10 @@ fn stat_fs(conn: &rusqlite::Connection, class: ReplicationClass) -> OpResult<Rep
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
+    // Not those in the trash (no name, `nlink` 0).
+    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes WHERE nlink > 0", [], |r| {
+        r.get(0)
+    })?;
     let blocks: i64 = conn.row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
     // Every byte is stored `copies` times: report what a user can still write.
     let copies = class.copies.max(1) as u64;
@@ -346,7 +349,9 @@ fn list_locks(conn: &rusqlite::Connection, l: &pb::ListLocks) -> OpResult<Reply>
 }
 
 pub(crate) fn counts(conn: &rusqlite::Connection) -> rusqlite::Result<(u64, u64)> {
-    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes", [], |r| r.get(0))?;
+    let files: i64 = conn.row("SELECT COUNT(*) FROM inodes WHERE nlink > 0", [], |r| {
+        r.get(0)
+    })?;
     let blocks: i64 = conn.row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
     Ok((files as u64, blocks as u64))
 }
