@@ -7,7 +7,7 @@ use failsafe_core::{block_hash, overlay, Extent, Inline, HASH_LEN, MAX_FILE_INLI
 use failsafe_proto::pb::{self, ErrorCode, FileKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::namespace::{any_attr, get_attr};
+use super::namespace::get_attr;
 use super::schema::referenced;
 use super::{err, i, OpResult};
 
@@ -326,8 +326,7 @@ pub(super) fn replace_inline(
     c: &pb::ReplaceInline,
     leader_now: i64,
 ) -> OpResult<()> {
-    // A file in the trash too: its bytes are stored as blocks all the same.
-    let a = any_attr(tx, c.ino)?;
+    let a = get_attr(tx, c.ino)?;
     if a.kind != FileKind::KindFile as i32 {
         return err(ErrorCode::IsDir, "extents belong to regular files");
     }
@@ -379,14 +378,20 @@ pub(super) fn replace_inline(
 
 /// Up to `limit` inline extents committed before `written_before`, by file
 /// and offset, with their bytes: what the blockifier turns into blocks.
+/// Not a file's in the trash (`nlink` 0): its bytes stay where they are
+/// until it is restored or forgotten, which costs nothing, where storing
+/// them as blocks would cost three copies' writes for what is mostly never
+/// read again.
 pub(crate) fn old_inline(
     conn: &rusqlite::Connection,
     written_before: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<(u64, Extent)>> {
     conn.prepare_cached(
-        "SELECT ino, offset, data, written FROM extents
-         WHERE data IS NOT NULL AND written < ?1 ORDER BY ino, offset LIMIT ?2",
+        "SELECT e.ino, e.offset, e.data, e.written FROM extents e
+         WHERE e.data IS NOT NULL AND e.written < ?1
+           AND EXISTS (SELECT 1 FROM inodes i WHERE i.ino = e.ino AND i.nlink > 0)
+         ORDER BY e.ino, e.offset LIMIT ?2",
     )?
     .query_map(params![written_before, limit as i64], |r| {
         Ok((

@@ -7,7 +7,7 @@
 //! the trash costs less than being freed, and restoring is linking it
 //! again. Nobody reads or changes it meanwhile (`namespace::get_attr` does
 //! not find it); its blocks count as referenced, as every extent's do, and
-//! the blockifier stores its inline bytes as it does any file's.
+//! its inline bytes stay inline (`blocks::old_inline`).
 //!
 //! A snapshot is a copy of its subtree's inodes, names, extents and
 //! extended attributes in the `kept_*` tables; blocks are shared with the
@@ -1348,6 +1348,10 @@ mod tests {
             }),
         ));
         assert_eq!(idle_blocks(&conn), 0, "the snapshot keeps H1");
+        // Repair counts it: with one of its three devices up, both blocks
+        // (H2 live, H1 the snapshot's) are short.
+        let counts = crate::state::replication_counts(&conn, &[1], 3).expect("counts");
+        assert_eq!(counts.under_replicated, 2);
         let snap = match ask(&conn, Query::ListSnapshots(pb::ListSnapshots {})) {
             Reply::SnapshotList(l) => l.snapshots[0].clone(),
             r => panic!("{r:?}"),

@@ -38,8 +38,7 @@ pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr
     .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
 }
 
-/// A file's attributes, in the trash or not (the blockifier stores a
-/// trashed file's bytes too; the trash restores and forgets).
+/// A file's attributes, in the trash or not (what the trash forgets).
 pub(super) fn any_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
     tx.row(
         &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1"),
