@@ -151,6 +151,22 @@ impl Core {
         }
     }
 
+    /// What `.snapshots/NAME` shows of snapshot `s`: the mounted directory
+    /// as the snapshot has it, so paths read as on the mount (a snapshot
+    /// keeps inode numbers, and a mount of a subtree knows its top's);
+    /// the snapshot's own top when it does not hold that directory.
+    async fn view_root(&self, s: &pb::Snapshot) -> Res<FileAttr> {
+        let top = self.t(fuser::INodeNo::ROOT.0);
+        if top != s.root {
+            match self.snap_getattr_of(s.id, top).await {
+                Ok(a) if a.kind == FileType::Directory => return Ok(a),
+                Ok(_) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.snap_getattr_of(s.id, s.root).await
+    }
+
     /// A name in the view (or `.snapshots` in the root).
     pub(crate) async fn snap_lookup(&self, parent: u64, name: &OsStr) -> Res<FileAttr> {
         if parent == SNAPSHOTS_DIR {
@@ -159,7 +175,7 @@ impl Core {
                 .iter()
                 .find(|s| s.name.as_bytes() == name.as_bytes())
                 .ok_or(Errno::ENOENT)?;
-            return self.snap_getattr_of(s.id, s.root).await;
+            return self.view_root(s).await;
         }
         if !owns(parent) {
             // The root's `.snapshots`.
@@ -214,11 +230,12 @@ impl Core {
                 None,
             ));
             for s in self.snapshots().await?.iter() {
+                let root = self.view_root(s).await?;
                 entries.push((
-                    kernel_ino(s.id, s.root)?,
+                    root.ino.0,
                     FileType::Directory,
                     s.name.as_bytes().to_vec(),
-                    None,
+                    Some(root),
                 ));
             }
         } else {

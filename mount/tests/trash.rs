@@ -302,20 +302,28 @@ async fn t93_a_snapshot_taken_under_writes_is_consistent_and_survives_a_leader_k
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t94_deleting_a_snapshot_lets_gc_take_back_what_only_it_held() {
-    let env = Env::start_with(1, &["--gc-grace-ms=2000"]).await;
+    let mut env = Env::start_with(1, &["--gc-grace-ms=2000"]).await;
     fsctl(&env, &["trash", "policy", "--retention", "0"]);
-    let f = env.mounts[0].p("big.bin");
+    fs::create_dir(env.mounts[0].p("wiki")).unwrap();
+    let f = env.mounts[0].p("wiki/big.bin");
     let body = bytes(42, 3 << 20);
     fs::write(&f, &body).unwrap();
+    // A web host that mounts the wiki's subtree.
+    let sub = env.mount_of("b", "/wiki", "", &[]);
     eventually("the file's blocks are recorded", || blocks_known(&env) >= 1).await;
     let known = blocks_known(&env);
     fsctl(&env, &["snapshot", "create", "keep"]);
     fs::remove_file(&f).unwrap();
-    // Well past the grace period, the snapshot still holds the bytes.
+    // Well past the grace period, the snapshot still holds the bytes; the
+    // subtree's mount reads it as its own paths.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(blocks_known(&env), known);
     assert_eq!(
-        fs::read(env.mounts[0].p(".snapshots/keep/big.bin")).unwrap(),
+        fs::read(env.mounts[0].p(".snapshots/keep/wiki/big.bin")).unwrap(),
+        body
+    );
+    assert_eq!(
+        fs::read(env.mounts[sub].p(".snapshots/keep/big.bin")).unwrap(),
         body
     );
     let out = fsctl(&env, &["snapshot", "delete", "keep"]);

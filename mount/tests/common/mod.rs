@@ -131,10 +131,21 @@ impl Env {
         extra: &str,
         vars: &[(&str, String)],
     ) -> usize {
+        self.mount_of(zone, "/", extra, vars)
+    }
+
+    /// A mount of the cluster's subtree `subdir`.
+    pub(crate) fn mount_of(
+        &mut self,
+        zone: &str,
+        subdir: &str,
+        extra: &str,
+        vars: &[(&str, String)],
+    ) -> usize {
         let i = self.mounts.len();
         let path = self.dir.path().join(format!("mnt{i}"));
         let log = self.dir.path().join(format!("mount{i}.log"));
-        let spec = format!("{}:/", self.cluster.addrs().join(","));
+        let spec = format!("{}:{subdir}", self.cluster.addrs().join(","));
         let mut opts = format!(
             "zone={zone},cache_dir={},{}",
             self.dir.path().join(format!("cache{i}")).display(),
