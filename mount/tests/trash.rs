@@ -255,7 +255,6 @@ async fn t93_a_snapshot_taken_under_writes_is_consistent_and_survives_a_leader_k
     .await;
     let out = fsctl(&env, &["snapshot", "create", "mid-load"]);
     assert!(out.contains("snapshot mid-load of /"), "{out}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     // Read on the other mount from the one each writer uses.
     let view = |m: usize, w: usize| env.mounts[m].p(&format!(".snapshots/mid-load/w{w}"));
     let seen: Vec<_> = (0..2)

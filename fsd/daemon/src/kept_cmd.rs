@@ -92,14 +92,18 @@ pub enum SnapshotCmd {
     Delete { name: String },
 }
 
+/// `s` as a number and the unit after it ("24h": 24, "h").
+fn number_and_unit<'a>(s: &'a str, what: &str) -> anyhow::Result<(u64, &'a str)> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n = n.parse().with_context(|| format!("{s:?} is not {what}"))?;
+    Ok((n, unit))
+}
+
 /// "24h", "7d", "90m", "30s", "1500ms", "0" as milliseconds.
 pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration (e.g. 24h, 7d, 90m, 0)"))?;
+    let (n, unit) = number_and_unit(s, "a duration (e.g. 24h, 7d, 90m, 0)")?;
     let ms = match unit {
         "" if n == 0 => 0,
         "ms" => 1,
@@ -116,11 +120,7 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<u64> {
 /// "10G", "500M", "64K", "1000" (bytes) as bytes; powers of 1024.
 pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .with_context(|| format!("{s:?} is not a size (e.g. 10G, 500M, 0)"))?;
+    let (n, unit) = number_and_unit(s, "a size (e.g. 10G, 500M, 0)")?;
     let unit = match unit.trim_end_matches(['B', 'b', 'i']) {
         "" => 1,
         "K" | "k" => 1 << 10,
@@ -201,22 +201,24 @@ pub fn cluster_path(arg: &str) -> String {
     }
 }
 
-fn ns_ago(ns: i64) -> String {
-    let now = SystemTime::now()
+/// Milliseconds from `from_ns` to `to_ns` (wall clock), 0 if negative.
+fn ms_between(from_ns: i64, to_ns: i64) -> u64 {
+    (to_ns.saturating_sub(from_ns) / 1_000_000).max(0) as u64
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
-        .as_nanos() as i64;
-    let ms = (now.saturating_sub(ns) / 1_000_000).max(0) as u64;
-    format!("{} ago", duration(ms))
+        .as_nanos() as i64
+}
+
+fn ns_ago(ns: i64) -> String {
+    format!("{} ago", duration(ms_between(ns, now_ns())))
 }
 
 fn ns_from_now(ns: i64) -> String {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_nanos() as i64;
-    let ms = (ns.saturating_sub(now) / 1_000_000).max(0) as u64;
-    duration(ms)
+    duration(ms_between(now_ns(), ns))
 }
 
 fn outcome(r: command_result::Result) -> anyhow::Result<pb::AdminOutcome> {

@@ -28,7 +28,7 @@ use super::blocks::{extent_row, note_unreferenced, EXTENT_COLS};
 use super::namespace::{
     any_attr, attr_row, drop_link, free_inode, link_entry, lookup_ino, unlink_entry,
 };
-use super::query::{dir_entry_row, file_extents, target_reply};
+use super::query::{dir_entry_row, file_extents, target_reply, xattr_row};
 use super::{check_name, err, i, OpError, OpResult};
 
 /// How long deleted files are kept unless the policy says otherwise.
@@ -766,12 +766,7 @@ pub(super) fn list_trash(conn: &rusqlite::Connection, l: &pb::ListTrash) -> OpRe
 // ---------- snapshots ----------
 
 fn check_snapshot_name(name: &str) -> Result<(), OpError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let ok = failsafe_tls::valid_name(name) && !name.starts_with('.');
     if ok {
         Ok(())
     } else {
@@ -1006,12 +1001,7 @@ pub(super) fn in_snapshot(conn: &rusqlite::Connection, q: &pb::InSnapshot) -> Op
                 .prepare_cached(
                     "SELECT name, value FROM kept_xattrs WHERE snap = ?1 AND ino = ?2 ORDER BY name",
                 )?
-                .query_map(params![snap, i(l.ino)], |r| {
-                    Ok(pb::Xattr {
-                        name: r.get(0)?,
-                        value: r.get(1)?,
-                    })
-                })?
+                .query_map(params![snap, i(l.ino)], xattr_row)?
                 .collect::<Result<_, _>>()?;
             Ok(Reply::Xattrs(pb::Xattrs { entries }))
         }

@@ -50,14 +50,17 @@ fn list_xattrs(conn: &rusqlite::Connection, ino: u64) -> OpResult<Reply> {
     get_attr(conn, ino)?;
     let entries = conn
         .prepare_cached("SELECT name, value FROM xattrs WHERE ino = ?1 ORDER BY name")?
-        .query_map([i(ino)], |r| {
-            Ok(pb::Xattr {
-                name: r.get(0)?,
-                value: r.get(1)?,
-            })
-        })?
+        .query_map([i(ino)], xattr_row)?
         .collect::<Result<_, _>>()?;
     Ok(Reply::Xattrs(pb::Xattrs { entries }))
+}
+
+/// An extended attribute from a row of (name, value).
+pub(super) fn xattr_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Xattr> {
+    Ok(pb::Xattr {
+        name: r.get(0)?,
+        value: r.get(1)?,
+    })
 }
 
 /// What a writer may cache after its change: the attributes of `inos`
