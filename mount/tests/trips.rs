@@ -409,6 +409,54 @@ async fn files_created_in_a_listed_directory_cost_only_their_commits() {
     assert_eq!(left, vec!["first".to_string()]);
 }
 
+/// A web host's mount that restarts (a new process: a new lease holder)
+/// goes on changing what the old process changed a moment before. That is
+/// not an object two web hosts bounce between them, so it is leased at
+/// once: files created in the directory cost their commits and nothing
+/// else (before, the directory counted as hot for 5 s, and every create
+/// looked its name up on the leader first).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_mount_leases_at_once_what_its_predecessor_just_changed() {
+    let mut env = Env::start(0).await;
+    let old = env.mount_with("a", "leases");
+    env.wait_for_lease_streams(1);
+    let dir = env.mounts[old].p("uploads");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("first"), b"1").unwrap();
+    env.mounts[old].unmount();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.metric_sum("failsafe_lease_streams") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old stream stays open"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    env.wait_for_lease_streams(1);
+    let dir = env.mounts[i].p("uploads");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    let before = table(&stats_after(&stats, SystemTime::now()));
+    const FILES: u64 = 20;
+    for n in 0..FILES {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("f{n}")))
+            .unwrap();
+        f.write_all(b"data").unwrap();
+    }
+    let after = table(&stats_after(&stats, SystemTime::now()));
+    let created = diff(&after, &before);
+    print("20 files created by a restarted mount", &created);
+    assert!(
+        totals(&created).2 <= 2 * FILES,
+        "two commits per file and nothing else: {created:?}"
+    );
+    assert_eq!(fs::read_dir(&dir).unwrap().count() as u64, FILES + 1);
+}
+
 /// A web host that starts cold reads a namespace's pages one after another:
 /// its first lookup there reads the directory ahead (names, attributes and
 /// each page's extents with its bytes), so the pages cost one round trip in

@@ -40,7 +40,10 @@
 //!    first changes ([`Leases::new`]'s `fence_until`) until every lease of
 //!    its predecessor has run out.
 //! 5. Objects that several holders change within `hot_ms` are not leased
-//!    for a while: every access asks, instead of every change waiting.
+//!    for a while: every access asks, instead of every change waiting. A
+//!    holder that has gone (its stream closed and its leases run out)
+//!    counts no more: a mount that restarts does not find what it changed
+//!    just before hot.
 //! 6. A holder's own change neither waits for nor tells it; it takes a
 //!    ticket before sending it, and the leader, once the change is done,
 //!    grants it what the change touched and reads that back for it: cached
@@ -269,7 +272,14 @@ impl Leases {
             os.taken_back = self.taken;
             if let Some(b) = by {
                 if let Some((prev, at)) = os.last_change {
-                    if prev != b && now.saturating_sub(at) < self.cfg.hot_ms {
+                    // A holder that has gone (stream closed, leases run
+                    // out: a web host's mount restarted, say) bounces
+                    // nothing any more: its successor is alone.
+                    let present = self
+                        .holders
+                        .get(&prev)
+                        .is_some_and(|st| st.connected || st.expires > now);
+                    if prev != b && present && now.saturating_sub(at) < self.cfg.hot_ms {
                         os.hot_until = now + self.cfg.hot_ms;
                     }
                 }

@@ -67,6 +67,34 @@ fn an_object_two_holders_change_turns_hot_and_is_not_leased() {
 }
 
 #[test]
+fn what_a_holder_that_has_gone_changed_does_not_turn_hot() {
+    // A web host's mount restarts: the old process (holder 1) changed the
+    // directory, its stream closed and its leases ran out; the new one
+    // (holder 2) changes it within `hot_ms` and may still lease it.
+    let mut l = Leases::new(CFG, 0);
+    l.connect(1);
+    l.renew(1, 0);
+    let (a, _) = l.begin_change(&[10], Some(1), 10);
+    l.end_change(a);
+    l.disconnect(1);
+    l.connect(2);
+    assert!(l.renew(2, 900));
+    let (b, _) = l.begin_change(&[10], Some(2), 900);
+    l.end_change(b);
+    assert_eq!(l.grant(2, &[10], 910), vec![true]);
+    // While it is still connected, or its leases last, it counts.
+    l.connect(3);
+    assert!(l.renew(3, 920));
+    let (c, _) = l.begin_change(&[10], Some(3), 930);
+    l.end_change(c);
+    assert_eq!(
+        l.grant(3, &[10], 940),
+        vec![false],
+        "two present holders: hot"
+    );
+}
+
+#[test]
 fn a_new_leader_fences_its_first_changes() {
     let mut l = Leases::new(CFG, 1_000);
     let (id, tell) = l.begin_change(&[10], None, 600);
