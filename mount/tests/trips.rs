@@ -129,6 +129,22 @@ fn wiki(root: &Path) {
 /// Sums of (count, rpcs, round trips) over all operations.
 /// Round trips of the operations that read a file: open, read, lookup,
 /// getattr.
+/// Creates files `f0`.. in `dir` (each made exclusively, 4 bytes written,
+/// closed) and returns what the mount did meanwhile (its `stats` file).
+fn create_files(dir: &Path, files: u64, stats: &Path) -> Table {
+    let before = table(&stats_after(stats, SystemTime::now()));
+    for n in 0..files {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("f{n}")))
+            .unwrap();
+        f.write_all(b"data").unwrap();
+    }
+    let after = table(&stats_after(stats, SystemTime::now()));
+    diff(&after, &before)
+}
+
 fn read_trips(t: &Table) -> u64 {
     ["open", "read", "lookup", "getattr"]
         .iter()
@@ -366,18 +382,8 @@ async fn files_created_in_a_listed_directory_cost_only_their_commits() {
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("first"), b"1").unwrap();
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
-    let before = table(&stats_after(&stats, SystemTime::now()));
     const FILES: u64 = 20;
-    for n in 0..FILES {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dir.join(format!("f{n}")))
-            .unwrap();
-        f.write_all(b"data").unwrap();
-    }
-    let after = table(&stats_after(&stats, SystemTime::now()));
-    let created = diff(&after, &before);
+    let created = create_files(&dir, FILES, &stats);
     print("20 files created in a listed directory", &created);
     assert!(
         totals(&created).2 <= 2 * FILES,
@@ -437,18 +443,8 @@ async fn a_restarted_mount_leases_at_once_what_its_predecessor_just_changed() {
     env.wait_for_lease_streams(1);
     let dir = env.mounts[i].p("uploads");
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
-    let before = table(&stats_after(&stats, SystemTime::now()));
     const FILES: u64 = 20;
-    for n in 0..FILES {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dir.join(format!("f{n}")))
-            .unwrap();
-        f.write_all(b"data").unwrap();
-    }
-    let after = table(&stats_after(&stats, SystemTime::now()));
-    let created = diff(&after, &before);
+    let created = create_files(&dir, FILES, &stats);
     print("20 files created by a restarted mount", &created);
     assert!(
         totals(&created).2 <= 2 * FILES,
