@@ -126,12 +126,25 @@ fn wiki(root: &Path) {
     fs::write(root.join("meta/changes"), b"1 created\n").unwrap();
 }
 
-/// Sums of (count, rpcs, round trips) over all operations.
 /// Round trips of the operations that read a file: open, read, lookup,
 /// getattr.
+fn read_trips(t: &Table) -> u64 {
+    ["open", "read", "lookup", "getattr"]
+        .iter()
+        .map(|op| t.get(*op).map_or(0, |r| r.2))
+        .sum()
+}
+
+/// Sums of (count, rpcs, round trips) over all operations.
+fn totals(t: &Table) -> (u64, u64, u64) {
+    t.values()
+        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+}
+
 /// Creates files `f0`.. in `dir` (each made exclusively, 4 bytes written,
-/// closed) and returns what the mount did meanwhile (its `stats` file).
-fn create_files(dir: &Path, files: u64, stats: &Path) -> Table {
+/// closed) and checks, from the mount's `stats` file, that each cost its
+/// two commits (the create, and its bytes at close) and nothing else.
+fn creates_cost_only_their_commits(dir: &Path, files: u64, stats: &Path, title: &str) {
     let before = table(&stats_after(stats, SystemTime::now()));
     for n in 0..files {
         let mut f = OpenOptions::new()
@@ -142,19 +155,12 @@ fn create_files(dir: &Path, files: u64, stats: &Path) -> Table {
         f.write_all(b"data").unwrap();
     }
     let after = table(&stats_after(stats, SystemTime::now()));
-    diff(&after, &before)
-}
-
-fn read_trips(t: &Table) -> u64 {
-    ["open", "read", "lookup", "getattr"]
-        .iter()
-        .map(|op| t.get(*op).map_or(0, |r| r.2))
-        .sum()
-}
-
-fn totals(t: &Table) -> (u64, u64, u64) {
-    t.values()
-        .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+    let created = diff(&after, &before);
+    print(title, &created);
+    assert!(
+        totals(&created).2 <= 2 * files,
+        "two commits per file and nothing else: {created:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -383,11 +389,11 @@ async fn files_created_in_a_listed_directory_cost_only_their_commits() {
     fs::write(dir.join("first"), b"1").unwrap();
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
     const FILES: u64 = 20;
-    let created = create_files(&dir, FILES, &stats);
-    print("20 files created in a listed directory", &created);
-    assert!(
-        totals(&created).2 <= 2 * FILES,
-        "two commits per file and nothing else: {created:?}"
+    creates_cost_only_their_commits(
+        &dir,
+        FILES,
+        &stats,
+        "20 files created in a listed directory",
     );
     let mut names: Vec<String> = fs::read_dir(&dir)
         .unwrap()
@@ -430,26 +436,14 @@ async fn a_restarted_mount_leases_at_once_what_its_predecessor_just_changed() {
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("first"), b"1").unwrap();
     env.mounts[old].unmount();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while env.metric_sum("failsafe_lease_streams") > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old stream stays open"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    env.wait_for_lease_streams_to_close();
     let stats = env.dir.path().join("stats.json");
     let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
     env.wait_for_lease_streams(1);
     let dir = env.mounts[i].p("uploads");
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
     const FILES: u64 = 20;
-    let created = create_files(&dir, FILES, &stats);
-    print("20 files created by a restarted mount", &created);
-    assert!(
-        totals(&created).2 <= 2 * FILES,
-        "two commits per file and nothing else: {created:?}"
-    );
+    creates_cost_only_their_commits(&dir, FILES, &stats, "20 files created by a restarted mount");
     assert_eq!(fs::read_dir(&dir).unwrap().count() as u64, FILES + 1);
 }
 

@@ -92,12 +92,18 @@ impl Env {
 
     /// Waits until the leader has `n` mounts' lease streams open.
     pub(crate) fn wait_for_lease_streams(&self, n: u64) {
+        self.wait_for_streams(|open| open >= n, &format!("{n} lease streams did not open"));
+    }
+
+    /// Waits until no lease stream is open (the mounts are gone).
+    pub(crate) fn wait_for_lease_streams_to_close(&self) {
+        self.wait_for_streams(|open| open == 0, "lease streams stayed open");
+    }
+
+    fn wait_for_streams(&self, done: impl Fn(u64) -> bool, failure: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-        while self.metric_sum("failsafe_lease_streams") < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{n} lease streams did not open"
-            );
+        while !done(self.metric_sum("failsafe_lease_streams")) {
+            assert!(std::time::Instant::now() < deadline, "{failure}");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
