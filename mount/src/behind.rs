@@ -40,7 +40,7 @@
 //! the log.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub(crate) struct WriteBehind {
     inner: Mutex<Inner>,
     /// `Inner::kernel`'s length, read without the lock.
     kernel_known: AtomicUsize,
+    /// Counts the changes of `Inner::kernel`: a listing whose numbers were
+    /// mapped at one count holds the numbers the kernel knows while it lasts.
+    kernel_gen: AtomicU64,
     /// Told when a file made here alone gets the tracker's inode.
     core: std::sync::OnceLock<Weak<Core>>,
 }
@@ -225,6 +228,7 @@ impl WriteBehind {
             client,
             inner: Mutex::default(),
             kernel_known: AtomicUsize::new(0),
+            kernel_gen: AtomicU64::new(0),
             core: std::sync::OnceLock::new(),
         })
     }
@@ -582,8 +586,7 @@ impl WriteBehind {
                 let real = *real;
                 if inner.kernel.get(&real) == Some(&ino) {
                     inner.kernel.remove(&real);
-                    self.kernel_known
-                        .store(inner.kernel.len(), Ordering::Relaxed);
+                    self.kernel_changed(&inner);
                 }
                 inner.locals.remove(&ino);
             }
@@ -592,6 +595,19 @@ impl WriteBehind {
             }
             _ => {}
         }
+    }
+
+    /// Called under the lock after `Inner::kernel` may have changed.
+    fn kernel_changed(&self, inner: &Inner) {
+        self.kernel_known
+            .store(inner.kernel.len(), Ordering::Relaxed);
+        self.kernel_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the numbers the kernel knows flushed inodes by have
+    /// changed: [`WriteBehind::kernel_ino`] answers alike while it stays.
+    pub(crate) fn kernel_gen(&self) -> u64 {
+        self.kernel_gen.load(Ordering::Acquire)
     }
 
     /// The kernel's number for the tracker's inode `real`: the local one it
@@ -956,8 +972,7 @@ impl WriteBehind {
             };
             let mut inner = lock(&self.inner);
             inner.outcome(*ino, l);
-            self.kernel_known
-                .store(inner.kernel.len(), Ordering::Relaxed);
+            self.kernel_changed(&inner);
         }
         applied
     }

@@ -65,14 +65,31 @@ const KEEP_LISTING_MARGIN: Duration = Duration::from_millis(100);
 /// every name it gave the kernel stays valid there.
 struct OpenDir {
     entries: Listing,
+    source: ListingSource,
     cache: DirCache,
     fresh_until: Option<Instant>,
+}
+
+/// What a listing was made from: the lease cache's listing (the same
+/// allocation only while it is unchanged, since a kept listing holds it)
+/// and the count of changes of the kernel's numbers it was mapped at.
+#[derive(Clone)]
+struct ListingSource {
+    listing: Arc<Vec<pb::DirEntry>>,
+    kernel_gen: u64,
+}
+
+impl ListingSource {
+    fn same(&self, other: &ListingSource) -> bool {
+        Arc::ptr_eq(&self.listing, &other.listing) && self.kernel_gen == other.kernel_gen
+    }
 }
 
 /// A listing the kernel holds whole, and until when its names stay valid
 /// there (the least TTL readdirplus gave them).
 struct KernelListing {
     entries: Listing,
+    source: ListingSource,
     fresh_until: Instant,
 }
 /// Recently used verified blocks, by hash.
@@ -1777,24 +1794,45 @@ impl Core {
         let tino = self.k(ino).await?;
         self.settle(tino).await;
         let listing = self.client.list_leased(tino).await.map_err(err)?;
+        let source = ListingSource {
+            listing: listing.value,
+            kernel_gen: self.behind.as_ref().map_or(0, |b| b.kernel_gen()),
+        };
+        let cached = !self.listing_ttl(ino).is_zero();
+        if cached {
+            // Unchanged since the kernel took it whole: nothing to build
+            // (a large directory's listing costs a millisecond to make).
+            let kept = locked(&self.kernel_listings);
+            if let Some(k) = kept.get(&ino).filter(|k| {
+                k.fresh_until > Instant::now() + KEEP_LISTING_MARGIN && k.source.same(&source)
+            }) {
+                let entries = k.entries.clone();
+                drop(kept);
+                return Ok((
+                    self.open_dir(entries, source, DirCache::Keep),
+                    DirCache::Keep,
+                ));
+            }
+        }
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
-            Vec::with_capacity(listing.value.len() + 2);
+            Vec::with_capacity(source.listing.len() + 2);
         entries.push((ino, FileType::Directory, b".".to_vec()));
         entries.push((ino, FileType::Directory, b"..".to_vec()));
         entries.extend(
-            listing
-                .value
+            source
+                .listing
                 .iter()
                 .map(|e| (self.f(e.ino), kind(e.kind), e.name.clone())),
         );
-        let (entries, cache) = if self.listing_ttl(ino).is_zero() {
+        let (entries, cache) = if !cached {
             (Arc::new(entries), DirCache::Off)
         } else {
             let mut kept = locked(&self.kernel_listings);
             let now = Instant::now();
             kept.retain(|_, k| k.fresh_until > now);
-            match kept.get(&ino) {
+            match kept.get_mut(&ino) {
                 Some(k) if k.fresh_until > now + KEEP_LISTING_MARGIN && *k.entries == entries => {
+                    k.source = source.clone();
                     (k.entries.clone(), DirCache::Keep)
                 }
                 _ => {
@@ -1803,14 +1841,20 @@ impl Core {
                 }
             }
         };
+        Ok((self.open_dir(entries, source, cache), cache))
+    }
+
+    /// A handle for an opened listing.
+    fn open_dir(&self, entries: Listing, source: ListingSource, cache: DirCache) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let open = OpenDir {
             entries,
+            source,
             cache,
             fresh_until: None,
         };
         locked(&self.dirs).insert(fh, open);
-        Ok((fh, cache))
+        fh
     }
 
     /// One entry of an opened listing for readdirplus: its attributes now
@@ -1886,6 +1930,7 @@ impl Core {
             };
             let kept = KernelListing {
                 entries: open.entries.clone(),
+                source: open.source.clone(),
                 fresh_until: until,
             };
             drop(dirs);
