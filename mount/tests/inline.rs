@@ -189,3 +189,53 @@ async fn t51_inline_data_becomes_blocks_on_distinct_zones_later() {
         .await;
     assert!(status.is_ok(), "{status:?}");
 }
+
+/// A backlog of more small files than one step of the blockifier takes
+/// (256): each step stores its blocks in one put and proposes their
+/// replacements side by side, then pauses; every file ends as a block of
+/// its own bytes, read back by a mount that never saw them.
+#[tokio::test(flavor = "multi_thread")]
+async fn t52_a_backlog_of_small_files_becomes_blocks_step_by_step() {
+    const FILES: usize = 600;
+    let mut env = Env::start_with(1, &["--blockify-after-ms", "2000"]).await;
+    let m = env.mounts[0].path.clone();
+    fs::create_dir(m.join("many")).expect("mkdir");
+    let body = |i: usize| format!("file {i}\n").repeat(1 + i % 40).into_bytes();
+    for i in 0..FILES {
+        fs::write(m.join(format!("many/f{i:04}")), body(i)).expect("write");
+    }
+    let status = env
+        .cluster
+        .wait_for(PATIENCE, "every small file made a block", |s| {
+            s.blockify
+                .as_ref()
+                .is_some_and(|b| b.extents >= FILES as u64)
+        })
+        .await;
+    assert!(status.is_ok(), "{status:?}");
+    let client = env.cluster.client().await.expect("client");
+    let many = client
+        .lookup(failsafe_core::ROOT_INO, b"many")
+        .await
+        .expect("lookup many");
+    for i in (0..FILES).step_by(37) {
+        let attr = client
+            .lookup(many.ino, format!("f{i:04}").as_bytes())
+            .await
+            .expect("lookup");
+        let fe = client
+            .read_extents(attr.ino, 0, u64::MAX >> 4)
+            .await
+            .expect("read extents");
+        assert!(
+            !fe.extents.is_empty() && fe.extents.iter().all(|e| e.data.is_empty()),
+            "f{i:04} is not a block: {fe:?}"
+        );
+    }
+    let c = env.mount("c");
+    let fresh = env.mounts[c].path.clone();
+    for i in 0..FILES {
+        let got = fs::read(fresh.join(format!("many/f{i:04}"))).expect("read");
+        assert_eq!(got, body(i), "f{i:04}");
+    }
+}

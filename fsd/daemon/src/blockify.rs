@@ -13,6 +13,12 @@
 //! block, unrecorded, is left to garbage collection's sweep. Proposing it
 //! again is safe for the same reason: once applied, the extents are no
 //! longer inline, so a repeat is refused and changes nothing.
+//!
+//! A step stores its blocks in one put and proposes its replacements side
+//! by side (group commit folds them into a few entries). While a backlog
+//! lasts, each step is followed by a pause of three times its length, so
+//! turning 10,000 files just written into blocks takes a quarter of the
+//! cluster's time at most and slows no client noticeably.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +35,9 @@ use crate::worker::{Worker, WorkerState};
 const BATCH: usize = 256;
 /// Bytes stored as blocks per step, at most (and one block at least).
 const STEP_BYTES: usize = 8 << 20;
+/// While a backlog lasts, steps take at most one part in this many of the
+/// time.
+const SHARE: u32 = 4;
 
 /// The blockifier's state, shared with `Admin.Status`.
 pub(crate) struct Blockify {
@@ -162,17 +171,26 @@ impl Blockify {
         let runs = runs(found, STEP_BYTES);
         self.state
             .set(format!("storing {} inline runs as blocks", runs.len()));
+        let started = tokio::time::Instant::now();
         let client = self.cluster.block_client().await?;
-        for run in &runs {
-            let block = block_of(run);
-            let hash = block_hash(&block);
-            let copies = client.put_blocks(&[block]).await?;
-            let op = replacement(run, &hash, copies);
-            let cmd = pb::Command {
-                op: Some(op),
-                ..Default::default()
-            };
-            match tracker.propose(cmd).await?.result {
+        // Every run's block in one put (several in flight), then every
+        // replacement at once: group commit makes them a few log entries
+        // instead of one each.
+        let blocks: Vec<Vec<u8>> = runs.iter().map(block_of).collect();
+        let copies = client.put_blocks(&blocks).await?;
+        let proposals = runs
+            .iter()
+            .zip(&blocks)
+            .zip(copies)
+            .map(|((run, block), copies)| {
+                let cmd = pb::Command {
+                    op: Some(replacement(run, &block_hash(block), vec![copies])),
+                    ..Default::default()
+                };
+                async move { (run, tracker.propose(cmd).await) }
+            });
+        for (run, proposed) in futures::future::join_all(proposals).await {
+            match proposed?.result {
                 Some(R::Error(e)) if e.code == ErrorCode::Changed as i32 => {
                     // Written again since it was read: the new bytes have
                     // their own age; this block is garbage.
@@ -197,7 +215,11 @@ impl Blockify {
         }
         self.state.set("idle");
         Ok(if full {
-            Duration::ZERO
+            // A backlog (10,000 small files just written) goes on after a
+            // pause, so the work is at most one part in `SHARE` of the time
+            // and never crowds out client traffic; a step slowed by that
+            // traffic waits longer.
+            started.elapsed() * (SHARE - 1)
         } else {
             self.interval()
         })
