@@ -374,10 +374,12 @@ impl Report<'_> {
         ));
         o.push_str(&format!(
             "- create: {} files of {} KiB in one directory (open O_CREAT|O_EXCL, write, close; \
-             no fsync). `ls -l`: readdir and lstat of each, cold (caches made cold) then warm \
-             (right after). delete: unlink each, then rmdir.\n",
+             no fsync). `ls -l`: readdir and lstat of each, cold (caches made cold, one \
+             listing) then warm (right after: one listing, then the median of {} more). \
+             delete: unlink each, then rmdir.\n",
             crate::thousands(c.files as u64),
-            c.file_bytes / 1024
+            c.file_bytes / 1024,
+            crate::workloads::WARM_LISTINGS
         ));
         o.push_str(&format!(
             "- stream: write {} MiB in 1 MiB writes then fsync (the time includes the fsync; \
