@@ -287,10 +287,15 @@ pub(crate) fn ls_dir(t: &mut Target, n: usize, cold: bool) -> anyhow::Result<Tim
         ensure!(seen == n as u64, "ls -l saw {seen} files, expected {n}");
         listed += n;
     }
+    let each: Vec<String> = times.iter().map(|s| format!("{:.2}", s * 1e3)).collect();
     times.sort_by(f64::total_cmp);
     let mut r = Timed::new(1, times[times.len() / 2], before, t.snapshot());
     r.ops = listed as u64;
-    r.note = note;
+    r.note = if cold {
+        note
+    } else {
+        format!("listings in turn (ms): {}", each.join(", "))
+    };
     Ok(r)
 }
 
