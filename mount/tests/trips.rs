@@ -663,3 +663,28 @@ async fn with_writebehind_a_lock_directory_costs_no_round_trip() {
     assert_eq!(fs::read_dir(env.mounts[j].p("files")).unwrap().count(), 0);
     assert_eq!(fs::read_dir(&files).unwrap().count(), 0);
 }
+
+/// A directory two web hosts change within seconds is hot: the leader
+/// refuses to lease it for a while, and says so in its metrics
+/// (`failsafe_lease_grants_refused_total{why="hot"}`), so an operator can
+/// tell why a mount keeps asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_lease_is_counted_by_why() {
+    let mut env = Env::start(0).await;
+    let a = env.mount_with("a", "leases");
+    let b = env.mount_with("b", "leases");
+    env.wait_for_lease_streams(2);
+    let hot =
+        |env: &Env| env.metric_sum_labelled("failsafe_lease_grants_refused_total", "why=\"hot\"");
+    let before = hot(&env);
+    fs::create_dir(env.mounts[a].p("shared")).unwrap();
+    fs::write(env.mounts[a].p("shared/from-a"), b"a").unwrap();
+    fs::write(env.mounts[b].p("shared/from-b"), b"b").unwrap();
+    // Looked up on A: the leader answers, and leases nothing.
+    assert!(!env.mounts[a].p("shared/nothing").exists());
+    assert!(env.mounts[a].p("shared/from-b").exists());
+    assert!(
+        hot(&env) > before,
+        "a lookup in a hot directory is counted as refused for being hot"
+    );
+}

@@ -72,6 +72,31 @@ mod tests;
 
 pub use holder::{HolderView, ReadTicket};
 
+/// Why a grant was refused (counted in fsd's `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The holder's stream closed or its leases ran out.
+    HolderGone,
+    /// A change of the object is on its way.
+    Changing,
+    /// Two holders changed it within `hot_ms`.
+    Hot,
+    /// Delegated to another holder (write-behind).
+    Delegated,
+}
+
+impl Refusal {
+    /// Its name in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::HolderGone => "holder_gone",
+            Refusal::Changing => "changing",
+            Refusal::Hot => "hot",
+            Refusal::Delegated => "delegated",
+        }
+    }
+}
+
 /// A mount, by its session id.
 pub type Holder = u64;
 /// What a lease covers: an inode (a directory's lease covers its names,
@@ -228,23 +253,39 @@ impl Leases {
     /// before the read, and take the read's log index after it. Extends
     /// nothing: a granted object is valid for as long as `h`'s renewals.
     pub fn grant(&mut self, h: Holder, objects: &[Object], now: u64) -> Vec<bool> {
+        self.grant_why(h, objects, now)
+            .iter()
+            .map(Result::is_ok)
+            .collect()
+    }
+
+    /// [`Leases::grant`], saying for each object refused why.
+    pub fn grant_why(
+        &mut self,
+        h: Holder,
+        objects: &[Object],
+        now: u64,
+    ) -> Vec<Result<(), Refusal>> {
         let live = self
             .holders
             .get(&h)
             .is_some_and(|st| st.connected && st.expires > now);
         let mut out = Vec::with_capacity(objects.len());
         for &o in objects {
-            let ok = live
-                && self.objects.get(&o).is_none_or(|s| {
-                    s.changing == 0 && s.hot_until <= now && s.delegate.is_none_or(|d| d == h)
-                });
-            if ok {
+            let why = match self.objects.get(&o) {
+                _ if !live => Err(Refusal::HolderGone),
+                Some(s) if s.changing != 0 => Err(Refusal::Changing),
+                Some(s) if s.hot_until > now => Err(Refusal::Hot),
+                Some(s) if s.delegate.is_some_and(|d| d != h) => Err(Refusal::Delegated),
+                _ => Ok(()),
+            };
+            if why.is_ok() {
                 self.objects.entry(o).or_default().holders.insert(h);
                 if let Some(st) = self.holders.get_mut(&h) {
                     st.objects.insert(o);
                 }
             }
-            out.push(ok);
+            out.push(why);
         }
         out
     }

@@ -392,6 +392,19 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
         &host,
         objects,
     );
+    let refused = "failsafe_lease_grants_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {refused} Leases this member refused a mount's read or read-back, by why\n\
+         # TYPE {refused} counter"
+    );
+    for (why, n) in tracker.lease_refusals() {
+        let _ = writeln!(
+            out,
+            "{refused}{{host=\"{:016x}\",why=\"{why}\"}} {n}",
+            tracker.host_id
+        );
+    }
     let g = tracker.group_counts();
     for (name, help, v) in [
         (

@@ -76,6 +76,12 @@ impl Env {
 
     /// Sums a counter over the hosts that are up, from their /metrics.
     pub(crate) fn metric_sum(&self, name: &str) -> u64 {
+        self.metric_sum_labelled(name, "")
+    }
+
+    /// [`Env::metric_sum`] of the lines whose labels hold `label` (such as
+    /// `why="hot"`).
+    pub(crate) fn metric_sum_labelled(&self, name: &str, label: &str) -> u64 {
         let mut sum = 0;
         for i in 0..self.cluster.hosts.len() {
             let Some(body) = self.cluster.metrics_blocking(i) else {
@@ -83,7 +89,7 @@ impl Env {
             };
             sum += body
                 .lines()
-                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter(|l| l.starts_with(name) && l.contains(label))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
                 .sum::<u64>();
         }

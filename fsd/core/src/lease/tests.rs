@@ -95,6 +95,32 @@ fn what_a_holder_that_has_gone_changed_does_not_turn_hot() {
 }
 
 #[test]
+fn a_refused_grant_says_why() {
+    let mut l = Leases::new(CFG, 0);
+    // Not connected: gone.
+    assert_eq!(l.grant_why(1, &[10], 0), vec![Err(Refusal::HolderGone)]);
+    l.connect(1);
+    assert!(l.renew(1, 0));
+    l.connect(2);
+    assert!(l.renew(2, 0));
+    // A change on its way.
+    let (a, _) = l.begin_change(&[10], Some(1), 10);
+    assert_eq!(
+        l.grant_why(2, &[11, 10], 10),
+        vec![Ok(()), Err(Refusal::Changing)]
+    );
+    l.end_change(a);
+    // Changed by two holders within hot_ms.
+    let (b, _) = l.begin_change(&[10], Some(2), 20);
+    l.end_change(b);
+    assert_eq!(l.grant_why(2, &[10], 30), vec![Err(Refusal::Hot)]);
+    // Delegated to another holder.
+    assert!(l.delegate(1, 12, 40));
+    assert_eq!(l.grant_why(2, &[12], 40), vec![Err(Refusal::Delegated)]);
+    assert_eq!(l.grant(1, &[12], 40), vec![true]);
+}
+
+#[test]
 fn a_new_leader_fences_its_first_changes() {
     let mut l = Leases::new(CFG, 1_000);
     let (id, tell) = l.begin_change(&[10], None, 600);

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use failsafe_core::lease::{ChangePoll, Holder, LeaseConfig, Leases, Object};
+use failsafe_core::lease::{ChangePoll, Holder, LeaseConfig, Leases, Object, Refusal};
 use failsafe_proto::pb::{self, watch_event::Event};
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
@@ -66,6 +66,54 @@ pub(crate) struct LeaseTable {
     inner: Mutex<Inner>,
     /// Woken by every acknowledgement and closed stream.
     acked: Notify,
+    /// Grants asked for by a read or a writer's read-back and refused, by
+    /// why (the first object refused in each), since this member started.
+    refused: Mutex<Refused>,
+}
+
+/// Refused grants by why: the lease table's reasons, and those of this
+/// member (handing leadership over; no stream from the holder).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refused {
+    holder_gone: u64,
+    changing: u64,
+    hot: u64,
+    delegated: u64,
+    handing_over: u64,
+    no_stream: u64,
+}
+
+/// Why a grant was refused here.
+enum Why {
+    Table(Refusal),
+    HandingOver,
+    NoStream,
+}
+
+impl Refused {
+    fn count(&mut self, why: Why) {
+        let n = match why {
+            Why::Table(Refusal::HolderGone) => &mut self.holder_gone,
+            Why::Table(Refusal::Changing) => &mut self.changing,
+            Why::Table(Refusal::Hot) => &mut self.hot,
+            Why::Table(Refusal::Delegated) => &mut self.delegated,
+            Why::HandingOver => &mut self.handing_over,
+            Why::NoStream => &mut self.no_stream,
+        };
+        *n += 1;
+    }
+
+    /// Each count with its name in metrics.
+    pub(crate) fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            (Refusal::HolderGone.name(), self.holder_gone),
+            (Refusal::Changing.name(), self.changing),
+            (Refusal::Hot.name(), self.hot),
+            (Refusal::Delegated.name(), self.delegated),
+            ("handing_over", self.handing_over),
+            ("no_stream", self.no_stream),
+        ]
+    }
 }
 
 fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
@@ -86,7 +134,13 @@ impl LeaseTable {
                 last_expire: 0,
             }),
             acked: Notify::new(),
+            refused: Mutex::default(),
         }
+    }
+
+    /// Grants refused so far, by why.
+    pub(crate) fn refused(&self) -> Refused {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lease_ms(&self) -> u64 {
@@ -173,10 +227,29 @@ impl LeaseTable {
         }
         let now = self.now();
         let mut inner = lock(&self.inner);
-        if inner.suspended || !inner.streams.contains_key(&holder) {
-            return false;
+        let why = if inner.suspended {
+            Some(Why::HandingOver)
+        } else if !inner.streams.contains_key(&holder) {
+            Some(Why::NoStream)
+        } else {
+            inner
+                .table
+                .grant_why(holder, objects, now)
+                .into_iter()
+                .find_map(Result::err)
+                .map(Why::Table)
+        };
+        drop(inner);
+        match why {
+            None => true,
+            Some(why) => {
+                self.refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .count(why);
+                false
+            }
         }
-        inner.table.grant(holder, objects, now).iter().all(|g| *g)
     }
 
     /// A change to `objects` (about to be proposed, or applied): tells every

@@ -628,6 +628,16 @@ impl Tracker {
         self.leases.as_ref().map_or((0, 0), |l| l.sizes())
     }
 
+    /// Grants of leases this member refused to reads and writers'
+    /// read-backs since it started, by why (`/metrics`).
+    pub fn lease_refusals(&self) -> [(&'static str, u64); 6] {
+        self.leases
+            .as_ref()
+            .map(|l| l.refused())
+            .unwrap_or_default()
+            .named()
+    }
+
     /// The lease table, when this member can have one.
     pub(crate) fn leases(&self) -> Option<&leases::LeaseTable> {
         self.leases.as_ref()
