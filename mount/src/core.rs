@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use failsafe_client::pb::{
@@ -70,18 +70,24 @@ struct OpenDir {
     fresh_until: Option<Instant>,
 }
 
-/// What a listing was made from: the lease cache's listing (the same
-/// allocation only while it is unchanged, since a kept listing holds it)
-/// and the count of changes of the kernel's numbers it was mapped at.
+/// What a listing was made from: the lease cache's listing, weakly (so the
+/// cache still changes it in place; a change it makes moves it, and this
+/// no longer reaches it), and the count of changes of the kernel's numbers
+/// it was mapped at.
 #[derive(Clone)]
 struct ListingSource {
-    listing: Arc<Vec<pb::DirEntry>>,
+    listing: Weak<Vec<pb::DirEntry>>,
     kernel_gen: u64,
 }
 
 impl ListingSource {
-    fn same(&self, other: &ListingSource) -> bool {
-        Arc::ptr_eq(&self.listing, &other.listing) && self.kernel_gen == other.kernel_gen
+    /// Made from the cache's `listing` as it is now, at the same count.
+    fn is(&self, listing: &Arc<Vec<pb::DirEntry>>, kernel_gen: u64) -> bool {
+        self.kernel_gen == kernel_gen
+            && self
+                .listing
+                .upgrade()
+                .is_some_and(|l| Arc::ptr_eq(&l, listing))
     }
 }
 
@@ -1793,10 +1799,11 @@ impl Core {
     pub(crate) async fn opendir(&self, ino: u64) -> Res<(u64, DirCache)> {
         let tino = self.k(ino).await?;
         self.settle(tino).await;
-        let listing = self.client.list_leased(tino).await.map_err(err)?;
+        let listing = self.client.list_leased(tino).await.map_err(err)?.value;
+        let kernel_gen = self.behind.as_ref().map_or(0, |b| b.kernel_gen());
         let source = ListingSource {
-            listing: listing.value,
-            kernel_gen: self.behind.as_ref().map_or(0, |b| b.kernel_gen()),
+            listing: Arc::downgrade(&listing),
+            kernel_gen,
         };
         let cached = !self.listing_ttl(ino).is_zero();
         if cached {
@@ -1804,7 +1811,8 @@ impl Core {
             // (a large directory's listing costs a millisecond to make).
             let kept = locked(&self.kernel_listings);
             if let Some(k) = kept.get(&ino).filter(|k| {
-                k.fresh_until > Instant::now() + KEEP_LISTING_MARGIN && k.source.same(&source)
+                k.fresh_until > Instant::now() + KEEP_LISTING_MARGIN
+                    && k.source.is(&listing, kernel_gen)
             }) {
                 let entries = k.entries.clone();
                 drop(kept);
@@ -1814,13 +1822,11 @@ impl Core {
                 ));
             }
         }
-        let mut entries: Vec<(u64, FileType, Vec<u8>)> =
-            Vec::with_capacity(source.listing.len() + 2);
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> = Vec::with_capacity(listing.len() + 2);
         entries.push((ino, FileType::Directory, b".".to_vec()));
         entries.push((ino, FileType::Directory, b"..".to_vec()));
         entries.extend(
-            source
-                .listing
+            listing
                 .iter()
                 .map(|e| (self.f(e.ino), kind(e.kind), e.name.clone())),
         );
