@@ -326,7 +326,38 @@ impl Failsafe {
         let path = self.stats.as_ref()?;
         // The mount rewrites the file every second: wait for a write that
         // began after the operations just done.
-        crate::cities::fresh_stats(path)
+        let mut stats = crate::cities::fresh_stats(path)?;
+        // With the cluster's lease grants refused so far, by why, summed
+        // over the hosts: a row whose lookups go to the leader says why.
+        if let Some(o) = stats.as_object_mut() {
+            o.insert("cluster_lease_refused".into(), self.lease_refusals());
+        }
+        Some(stats)
+    }
+
+    /// `failsafe_lease_grants_refused_total` of every host, summed by why.
+    fn lease_refusals(&self) -> serde_json::Value {
+        let mut by_why = serde_json::Map::new();
+        for i in 0..self.cluster.hosts.len() {
+            let Some(body) = self.cluster.metrics_blocking(i) else {
+                continue;
+            };
+            for line in body.lines() {
+                let Some(rest) = line.strip_prefix("failsafe_lease_grants_refused_total{") else {
+                    continue;
+                };
+                let why = rest
+                    .split("why=\"")
+                    .nth(1)
+                    .and_then(|w| w.split('"').next());
+                let n = line.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
+                if let (Some(why), Some(n)) = (why, n) {
+                    let sum = by_why.get(why).and_then(|v| v.as_u64()).unwrap_or(0) + n;
+                    by_why.insert(why.to_string(), sum.into());
+                }
+            }
+        }
+        serde_json::Value::Object(by_why)
     }
 
     /// The processes of the cluster and the mount, by what they are.
