@@ -428,6 +428,29 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{host} {v}"
         );
     }
+    for (name, help, ns) in [
+        (
+            "failsafe_tracker_command_wait_seconds_total",
+            "Summed over commands: from the proposal to its entry leaving for the log",
+            g.waited_ns,
+        ),
+        (
+            "failsafe_tracker_command_seconds_total",
+            "Summed over commands: from the proposal to the result",
+            g.committed_ns,
+        ),
+        (
+            "failsafe_tracker_entry_seconds_total",
+            "Summed over entries: from leaving for the log to applied on this member",
+            g.entry_ns,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{host} {:.6}",
+            ns as f64 / 1e9
+        );
+    }
     if tracker.is_leader() {
         let under = metrics
             .under_replicated

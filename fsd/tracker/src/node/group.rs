@@ -13,6 +13,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use failsafe_proto::pb::{self, command::Op, command_result::Result as R};
 use openraft::error::{ClientWriteError, RaftError};
@@ -42,6 +43,8 @@ type Answer = Result<Vec<pb::CommandResult>, TrackerError>;
 struct Pending {
     cmds: Vec<pb::Command>,
     reply: oneshot::Sender<Answer>,
+    /// When it was proposed.
+    since: Instant,
 }
 
 /// The way into the log for every command.
@@ -53,12 +56,16 @@ pub(super) struct GroupCommit {
 }
 
 /// What group commit did since this member started: log entries it
-/// proposed, commands in them, and entries that held more than one.
+/// proposed, commands in them, entries that held more than one, and where
+/// the time went.
 #[derive(Debug, Default)]
 struct Counts {
     entries: AtomicU64,
     commands: AtomicU64,
     batches: AtomicU64,
+    waited_ns: AtomicU64,
+    committed_ns: AtomicU64,
+    entry_ns: AtomicU64,
 }
 
 /// A reading of [`Counts`].
@@ -67,6 +74,13 @@ pub struct GroupCounts {
     pub entries: u64,
     pub commands: u64,
     pub batches: u64,
+    /// Summed over commands: from the proposal to its entry's leaving for
+    /// the log (waiting for room in the pipeline and for the batch).
+    pub waited_ns: u64,
+    /// Summed over commands: from the proposal to the result.
+    pub committed_ns: u64,
+    /// Summed over entries: from leaving for the log to applied here.
+    pub entry_ns: u64,
 }
 
 impl Counts {
@@ -83,7 +97,27 @@ impl Counts {
             entries: self.entries.load(Ordering::Relaxed),
             commands: self.commands.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
+            waited_ns: self.waited_ns.load(Ordering::Relaxed),
+            committed_ns: self.committed_ns.load(Ordering::Relaxed),
+            entry_ns: self.entry_ns.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts the time of one entry of `group`, which left for the log at
+    /// `left` and was applied (or failed) now.
+    fn timed(&self, group: &[(usize, Instant)], left: Instant) {
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let now = Instant::now();
+        let (mut waited, mut committed) = (0u64, 0u64);
+        for &(n, since) in group {
+            let n = n as u64;
+            waited = waited.saturating_add(ns(left.saturating_duration_since(since)) * n);
+            committed = committed.saturating_add(ns(now.saturating_duration_since(since)) * n);
+        }
+        self.waited_ns.fetch_add(waited, Ordering::Relaxed);
+        self.committed_ns.fetch_add(committed, Ordering::Relaxed);
+        self.entry_ns
+            .fetch_add(ns(now.saturating_duration_since(left)), Ordering::Relaxed);
     }
 }
 
@@ -122,19 +156,25 @@ impl GroupCommit {
     /// same order, once they are applied.
     pub(super) async fn propose_all(&self, cmds: Vec<pb::Command>) -> Answer {
         let (reply, answer) = oneshot::channel();
+        let since = Instant::now();
         let stopped = || TrackerError::Stopped("the tracker's proposer has stopped".into());
         // Alone (nothing waits for a place, and the pipeline has room): it
         // goes at once from here, without the trip through the queue.
         if self.queue.capacity() == self.queue.max_capacity() {
             if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
                 self.counts.add(cmds.len());
-                commit(&self.raft, vec![Pending { cmds, reply }]).await;
+                commit(
+                    &self.raft,
+                    &self.counts,
+                    vec![Pending { cmds, reply, since }],
+                )
+                .await;
                 drop(permit);
                 return answer.await.map_err(|_| stopped())?;
             }
         }
         self.queue
-            .send(Pending { cmds, reply })
+            .send(Pending { cmds, reply, since })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -168,19 +208,23 @@ async fn run(
         }
         counts.add(commands);
         let raft = raft.clone();
+        let counts = counts.clone();
         tokio::spawn(async move {
-            commit(&raft, group).await;
+            commit(&raft, &counts, group).await;
             drop(permit);
         });
     }
 }
 
 /// Proposes one entry for `group` and hands each proposer its own results.
-async fn commit(raft: &Raft, group: Vec<Pending>) {
+async fn commit(raft: &Raft, counts: &Counts, group: Vec<Pending>) {
+    let left = Instant::now();
     let mut sizes = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     let mut commands = Vec::new();
+    let mut times = Vec::with_capacity(group.len());
     for p in group {
+        times.push((p.cmds.len(), p.since));
         sizes.push(p.cmds.len());
         replies.push(p.reply);
         commands.extend(p.cmds);
@@ -210,6 +254,7 @@ async fn commit(raft: &Raft, group: Vec<Pending>) {
         },
         Err(e) => Err(write_error(e)),
     };
+    counts.timed(&times, left);
     match results {
         Ok(results) => {
             let mut results = results.into_iter();
