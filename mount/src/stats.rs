@@ -27,6 +27,7 @@
 //!     "meta_query": {"sent": 25, "ok": 25, "error": 0, "timeout": 0, "cancelled": 0},
 //!     ... one entry for every kind in `failsafe_client::RpcKind::ALL`
 //!   },
+//!   "lease_streams": 1,
 //!   "kept": {"files": 0, "retries": 0, "stored_late": 0}
 //! }
 //! ```
@@ -36,7 +37,8 @@
 //! `time_us`: their total time from the request reaching the mount to the
 //! reply; `hist`: operations by their round trips. `total_rpcs` counts every
 //! RPC the mount sent, `background_rpcs` those sent outside any operation.
-//! `kept`: files closed after a failed flush whose bytes the mount still
+//! `lease_streams`: lease streams welcomed so far (a mount that lost its
+//! stream starts the next with nothing cached). `kept`: files closed after a failed flush whose bytes the mount still
 //! holds (`files`), attempts to store them that failed again (`retries`),
 //! and kept files stored since (`stored_late`).
 
@@ -216,7 +218,8 @@ impl MountStats {
         }
         let _ = write!(
             j,
-            "\n  }},\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
+            "\n  }},\n  \"lease_streams\": {},\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
+            self.client.lease_streams(),
             self.kept.count(),
             self.kept.retries.load(Ordering::Relaxed),
             self.kept.stored_late.load(Ordering::Relaxed),
@@ -300,6 +303,11 @@ impl MountStats {
             t,
             "# HELP failsafe_client_background_rpcs_total RPCs sent outside any FUSE operation.\n# TYPE failsafe_client_background_rpcs_total counter\nfailsafe_client_background_rpcs_total {}\n",
             rpcs.background
+        );
+        let _ = write!(
+            t,
+            "# HELP failsafe_mount_lease_streams_total Lease streams welcomed (each after a lost one starts with an empty cache).\n# TYPE failsafe_mount_lease_streams_total counter\nfailsafe_mount_lease_streams_total {}\n",
+            self.client.lease_streams()
         );
         let _ = write!(
             t,

@@ -688,3 +688,55 @@ async fn a_refused_lease_is_counted_by_why() {
         "a lookup in a hot directory is counted as refused for being hot"
     );
 }
+
+/// A leader that does not hear from a quorum for a moment (both followers
+/// frozen for less than an election timeout: a busy machine looks the same)
+/// keeps its mounts' lease streams: a renewal that arrives then goes
+/// unanswered, and the mount's leases run on by its own clock. Before, the
+/// leader closed the stream, and the mount started over with nothing
+/// cached: every name of a large directory it was writing in was asked of
+/// the leader again (the benchmark's create row).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_without_a_quorum_for_a_moment_keeps_the_lease_streams() {
+    // Slow elections, so that the followers can be frozen well past the
+    // leader's read lease (half the shortest election timeout) and still
+    // not start an election when they wake.
+    let mut env = Env::start_with(
+        0,
+        &["--election-min-ms", "2000", "--election-max-ms", "4000"],
+    )
+    .await;
+    let stats = env.dir.path().join("stats.json");
+    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    env.wait_for_lease_streams(1);
+    let dir = env.mounts[i].p("many");
+    fs::create_dir(&dir).unwrap();
+    for n in 0..50 {
+        fs::write(dir.join(format!("f{n}")), b"x").unwrap();
+    }
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 50);
+    let streams = || {
+        stats_after(&stats, SystemTime::now())["lease_streams"]
+            .as_u64()
+            .expect("lease_streams in the stats")
+    };
+    let before = streams();
+    let leader = env.leader().await;
+    let followers: Vec<usize> = (0..3).filter(|&h| h != leader).collect();
+    // A renewal comes every third of a lease (about 0.9 s here); each
+    // freeze leaves the leader about 0.7 s past its read lease.
+    for _ in 0..4 {
+        for &f in &followers {
+            env.cluster.freeze(f);
+        }
+        std::thread::sleep(Duration::from_millis(1700));
+        for &f in &followers {
+            env.cluster.thaw(f);
+        }
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    assert_eq!(env.leader().await, leader, "the leader stayed");
+    assert_eq!(streams(), before, "the mount's lease stream stayed up");
+    // And what it caches was kept or read again: the directory lists whole.
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 50);
+}

@@ -138,6 +138,12 @@ impl Client {
         self.inner.leases.get()
     }
 
+    /// Lease streams this client has had welcomed so far (each one after a
+    /// lost stream starts empty): how often it lost what it cached.
+    pub fn lease_streams(&self) -> u64 {
+        self.lease_cache().map_or(0, |c| lock(&c.view).epoch())
+    }
+
     /// The lease stream's epoch and how long what it holds stays valid
     /// (by this client's clock, from now), while the stream is up.
     pub fn lease_now(&self) -> Option<(u64, Duration)> {
@@ -246,7 +252,11 @@ impl Client {
                     reply.names.iter().filter(|n| n.parent == o).collect();
                 cached.listing = cached.listing.take().and_then(|mut l| {
                     let present = |name: &[u8]| matches!(cached.names.get(name), Some(Some(_)));
-                    relist(Arc::make_mut(&mut l), &names, &reply.attrs, present).then_some(l)
+                    let kept = relist(Arc::make_mut(&mut l), &names, &reply.attrs, present);
+                    if !kept {
+                        tracing::debug!(ino = o, "own change: a listing it could not amend");
+                    }
+                    kept.then_some(l)
                 });
                 for n in names {
                     cached
@@ -256,16 +266,45 @@ impl Client {
             };
             match &own {
                 Some(own) if granted && attr.is_some() => {
+                    if let Some(why) = view.refusal(own.ticket, o, true, now) {
+                        tracing::debug!(ino = o, why, "own change: dropped what was cached");
+                    }
                     match view.amend(own.ticket, o, true, now, replace) {
                         None => inodes.push((o, Cached::default())),
                         Some(was) => inodes.push((o, was)),
                     }
                 }
-                _ => inodes.extend(view.take_own(&[o], now)),
+                _ => {
+                    tracing::debug!(
+                        ino = o,
+                        granted,
+                        own = own.is_some(),
+                        attr = attr.is_some(),
+                        "own change: dropped what was cached"
+                    );
+                    inodes.extend(view.take_own(&[o], now))
+                }
             }
         }
         if let Some(own) = own {
             view.read_done(own.ticket);
+        }
+        drop(view);
+        // A listing lost to this mount's own change (its read-back was not
+        // granted: a busy moment of the leader) may be read again at once:
+        // a writer creating names one after another in a large directory
+        // would otherwise ask the leader about each new name until the
+        // next read-ahead.
+        let relist: Vec<u64> = inodes
+            .iter()
+            .filter(|(_, cached)| cached.listing.is_some())
+            .map(|&(ino, _)| ino)
+            .collect();
+        if !relist.is_empty() {
+            let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
+            for ino in relist {
+                ahead.remove(&ino);
+            }
         }
         let _ = c.dropped.send(Dropped::own(inodes));
         delegated
@@ -500,10 +539,13 @@ impl Client {
     /// first page of its listing with every entry's attributes and each
     /// file's extents (up to `PREFETCH_INLINE_BYTES` of inline data), so
     /// the lookups and opens of the pages that follow ask nothing — a cold
-    /// web host reads a namespace's pages one after another. At most once a
-    /// minute per directory (a directory changed elsewhere loses its
-    /// listing here; what follows is asked name by name); errors are left
-    /// to the lookup that asks anyway.
+    /// web host reads a namespace's pages one after another — and the
+    /// pages after it up to [`AHEAD_PAGES`] with attributes only, so a
+    /// directory of that size is known whole. At most once a minute per
+    /// directory (a directory changed elsewhere loses its listing here;
+    /// what follows is asked name by name), except after the lease stream
+    /// was lost or this mount's own change lost the listing; errors are
+    /// left to the lookup that asks anyway.
     async fn read_ahead(&self, dir: u64, c: &Arc<LeaseCache>) {
         {
             let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
@@ -519,7 +561,19 @@ impl Client {
             }
             ahead.insert(dir, now);
         }
-        let _ = self.list_fetch(dir, Some(c), true).await;
+        let fetched = self.list_fetch(dir, Some(c), true).await;
+        // A listing small enough to be cached whole that was not (a page
+        // not granted: a busy moment of the leader) is read again soon.
+        if let Ok((entries, ttl)) = &fetched {
+            if ttl.is_zero() && entries.len() < AHEAD_PAGES * LIST_PAGE as usize {
+                let soon =
+                    Instant::now().checked_sub(READ_AHEAD_EVERY.saturating_sub(READ_AHEAD_RETRY));
+                let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Some(at), Some(soon)) = (ahead.get_mut(&dir), soon) {
+                    *at = soon;
+                }
+            }
+        }
     }
 
     /// Reads `dir`'s listing with attributes (all of it; or, `ahead`, its
@@ -671,7 +725,7 @@ impl Client {
                 limit: LIST_PAGE,
                 // Attributes only to cache: without leases each stat asks.
                 plus: term.is_some(),
-                extents: ahead && term.is_some(),
+                extents: ahead && pages.is_empty() && term.is_some(),
             });
             let (reply, granted) = match term {
                 Some(term) => {
@@ -702,7 +756,7 @@ impl Client {
             if !page.more || after.is_empty() {
                 return Ok((entries, pages, true));
             }
-            if ahead {
+            if ahead && pages.len() >= AHEAD_PAGES {
                 return Ok((entries, pages, false));
             }
         }
@@ -768,8 +822,16 @@ fn cached_lookup(
 /// How often a directory is read ahead at most (see `Client::read_ahead`).
 const READ_AHEAD_EVERY: Duration = Duration::from_secs(60);
 
+/// How soon a read-ahead whose listing could not be cached is tried again.
+const READ_AHEAD_RETRY: Duration = Duration::from_secs(1);
+
 /// Entries per page of a listing with attributes (about 100 bytes each).
 const LIST_PAGE: u32 = 2000;
+
+/// Pages a read-ahead reads at most (the first with each file's extents):
+/// a directory of up to 16,000 names is then cached whole, and the absence
+/// of a name a writer is about to create is known without asking.
+const AHEAD_PAGES: usize = 8;
 
 /// Caches what the leader pushed after a change (see
 /// [`HolderView::pushed`]): the attributes of the inodes it touched or made
@@ -825,6 +887,13 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             tracing::debug!(error = %e, "lease stream ended");
         }
         cache.term.store(0, Ordering::Relaxed);
+        // Everything cached goes; a directory may be read ahead again at
+        // once under the next stream.
+        cache
+            .read_ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         let (done, told) = oneshot::channel();
         {
             // The kernel may hold what was cached for as long as the leases

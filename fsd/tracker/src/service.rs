@@ -352,7 +352,7 @@ impl Metadata for MetadataService {
                 "leases are off: Raft's election timing leaves no room for them",
             ));
         };
-        let Some(term) = self.tracker.lease_term() else {
+        let Some(term) = self.tracker.lease_term_within(leases.lease_ms()).await else {
             return Err(TrackerError::NotLeader {
                 leader_addr: self
                     .tracker
@@ -378,9 +378,17 @@ impl Metadata for MetadataService {
                 .await;
                 let ok = match next {
                     Ok(Ok(Some(m))) => match m.msg {
-                        Some(Msg::Renew(r)) => {
-                            tracker.lease_term() == Some(term) && leases.renew(holder, id, r.seq)
-                        }
+                        // While this member still leads in the stream's term
+                        // but has not heard from a quorum within its read
+                        // lease (a busy moment), a renewal goes unanswered
+                        // and the stream stays: the holder's leases run out
+                        // by its own clock, and the next renewal may be
+                        // answered. Closing it would make the holder drop
+                        // everything it caches.
+                        Some(Msg::Renew(r)) => match tracker.lease_term() {
+                            Some(t) if t == term => leases.renew(holder, id, r.seq),
+                            _ => tracker.leads_in(term),
+                        },
                         Some(Msg::Ack(a)) => {
                             leases.ack(holder, a.change_id);
                             true

@@ -147,6 +147,32 @@ impl<V> HolderView<V> {
         ok
     }
 
+    /// Why an answer read under `ticket` may not be cached for `object`
+    /// (`None`: it may), for the logs.
+    pub fn refusal(
+        &self,
+        ticket: ReadTicket,
+        object: Object,
+        granted: bool,
+        now: u64,
+    ) -> Option<&'static str> {
+        if !granted {
+            Some("not granted")
+        } else if ticket.epoch != self.epoch {
+            Some("another stream since")
+        } else if self
+            .invalidated
+            .get(&object)
+            .is_some_and(|&at| at > ticket.dropped)
+        {
+            Some("changed since")
+        } else if now >= self.expires {
+            Some("leases ran out")
+        } else {
+            None
+        }
+    }
+
     fn may_cache(&self, ticket: ReadTicket, object: Object, granted: bool, now: u64) -> bool {
         let fresh = self
             .invalidated

@@ -609,6 +609,35 @@ impl Tracker {
         (m.state == ServerState::Leader && self.quorum_fresh(&m)).then_some(m.current_term)
     }
 
+    /// [`Tracker::lease_term`], waiting up to `within` for it while this
+    /// member leads but has not heard from a quorum lately (a busy moment,
+    /// not a lost leadership).
+    pub async fn lease_term_within(&self, within_ms: u64) -> Option<u64> {
+        let until = tokio::time::Instant::now() + Duration::from_millis(within_ms);
+        loop {
+            if let Some(t) = self.lease_term() {
+                return Some(t);
+            }
+            let leads = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader
+            };
+            if !leads || tokio::time::Instant::now() >= until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether this member still leads in `term` (whether or not a quorum
+    /// answered it lately).
+    pub fn leads_in(&self, term: u64) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_term == term
+    }
+
     /// Whether a quorum of every voter set accepted AppendEntries this
     /// member sent in its current term within the read lease (see
     /// `network::Acked`; measured now, not when the metrics were made).
