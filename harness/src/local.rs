@@ -479,6 +479,18 @@ impl LocalCluster {
         tokio::time::timeout(within, fetch).await.ok().flatten()
     }
 
+    /// The samples of metric `name` in host `i`'s /metrics (see
+    /// [`metric_samples`]); none if it did not answer.
+    pub fn metric_samples_of(&self, i: usize, name: &str) -> Vec<(String, f64)> {
+        self.metrics_blocking(i)
+            .map(|body| {
+                metric_samples(&body, name)
+                    .map(|(labels, v)| (labels.to_string(), v))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// `metrics_at` host `i`, from code that cannot await (its own thread
     /// and runtime).
     pub fn metrics_blocking(&self, i: usize) -> Option<String> {
@@ -812,5 +824,56 @@ impl Drop for LocalCluster {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+/// The samples of metric `name` in Prometheus text `body`: each one's labels
+/// (what is between the braces, empty without them) and value. Only lines
+/// of that very name: not those of a longer name it begins.
+pub fn metric_samples<'a>(body: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> {
+    body.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels, value.trim().parse().ok()?))
+    })
+}
+
+/// The value of `label` in a sample's labels (`why` in `host="1",why="hot"`
+/// is `hot`).
+pub fn label_value<'a>(labels: &'a str, label: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim() == label).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_samples_are_read_by_exact_name_with_their_labels() {
+        let body = "# HELP failsafe_x Things\n# TYPE failsafe_x counter\n\
+                    failsafe_x{host=\"01\",why=\"hot\"} 3\n\
+                    failsafe_x{host=\"01\",why=\"changing\"} 4.5\n\
+                    failsafe_x_total 9\n\
+                    failsafe_y 2\n";
+        let got: Vec<(&str, f64)> = metric_samples(body, "failsafe_x").collect();
+        assert_eq!(
+            got,
+            vec![
+                ("host=\"01\",why=\"hot\"", 3.0),
+                ("host=\"01\",why=\"changing\"", 4.5)
+            ]
+        );
+        assert_eq!(label_value(got[1].0, "why"), Some("changing"));
+        assert_eq!(label_value(got[1].0, "zone"), None);
+        assert_eq!(
+            metric_samples(body, "failsafe_y").collect::<Vec<_>>(),
+            vec![("", 2.0)]
+        );
     }
 }

@@ -82,18 +82,11 @@ impl Env {
     /// [`Env::metric_sum`] of the lines whose labels hold `label` (such as
     /// `why="hot"`).
     pub(crate) fn metric_sum_labelled(&self, name: &str, label: &str) -> u64 {
-        let mut sum = 0;
-        for i in 0..self.cluster.hosts.len() {
-            let Some(body) = self.cluster.metrics_blocking(i) else {
-                continue;
-            };
-            sum += body
-                .lines()
-                .filter(|l| l.starts_with(name) && l.contains(label))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-        sum
+        (0..self.cluster.hosts.len())
+            .flat_map(|i| self.cluster.metric_samples_of(i, name))
+            .filter(|(labels, _)| labels.contains(label))
+            .map(|(_, v)| v as u64)
+            .sum()
     }
 
     /// Waits until the leader has `n` mounts' lease streams open.

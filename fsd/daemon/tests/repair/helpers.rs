@@ -83,14 +83,7 @@ pub(crate) fn ids_of(s: &pb::StatusReply, tc: &TestCluster, i: usize) -> (u64, u
 
 /// One counter or gauge from host `i`'s /metrics.
 pub(crate) fn metric(tc: &TestCluster, i: usize, name: &str) -> Option<f64> {
-    let body = tc.c.metrics_blocking(i)?;
-    body.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?;
-        let value = rest.rsplit_once(' ')?.1;
-        (rest.starts_with(' ') || rest.starts_with('{'))
-            .then(|| value.parse().ok())
-            .flatten()
-    })
+    tc.c.metric_samples_of(i, name).first().map(|&(_, v)| v)
 }
 
 /// Where block `hash` lives in host `i`'s one device.

@@ -339,20 +339,12 @@ impl Failsafe {
     fn lease_refusals(&self) -> serde_json::Value {
         let mut by_why = serde_json::Map::new();
         for i in 0..self.cluster.hosts.len() {
-            let Some(body) = self.cluster.metrics_blocking(i) else {
-                continue;
-            };
-            for line in body.lines() {
-                let Some(rest) = line.strip_prefix("failsafe_lease_grants_refused_total{") else {
-                    continue;
-                };
-                let why = rest
-                    .split("why=\"")
-                    .nth(1)
-                    .and_then(|w| w.split('"').next());
-                let n = line.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
-                if let (Some(why), Some(n)) = (why, n) {
-                    let sum = by_why.get(why).and_then(|v| v.as_u64()).unwrap_or(0) + n;
+            let samples = self
+                .cluster
+                .metric_samples_of(i, "failsafe_lease_grants_refused_total");
+            for (labels, n) in samples {
+                if let Some(why) = failsafe_harness::local::label_value(&labels, "why") {
+                    let sum = by_why.get(why).and_then(|v| v.as_u64()).unwrap_or(0) + n as u64;
                     by_why.insert(why.to_string(), sum.into());
                 }
             }
