@@ -724,8 +724,11 @@ async fn a_leader_without_a_quorum_for_a_moment_keeps_the_lease_streams() {
     let leader = env.leader().await;
     let followers: Vec<usize> = (0..3).filter(|&h| h != leader).collect();
     // A renewal comes every third of a lease (about 0.9 s here); each
-    // freeze leaves the leader about 0.7 s past its read lease.
-    for _ in 0..4 {
+    // freeze leaves the leader about 0.7 s past its read lease, so most
+    // freezes catch one.
+    let unanswered = "failsafe_lease_renewals_unanswered_total";
+    let mut freezes = 0;
+    while env.metric_sum(unanswered) < 2 && freezes < 12 {
         for &f in &followers {
             env.cluster.freeze(f);
         }
@@ -734,7 +737,12 @@ async fn a_leader_without_a_quorum_for_a_moment_keeps_the_lease_streams() {
             env.cluster.thaw(f);
         }
         std::thread::sleep(Duration::from_millis(700));
+        freezes += 1;
     }
+    assert!(
+        env.metric_sum(unanswered) >= 2,
+        "renewals came while the leader lacked its quorum ({freezes} freezes)"
+    );
     assert_eq!(env.leader().await, leader, "the leader stayed");
     assert_eq!(streams(), before, "the mount's lease stream stayed up");
     // And what it caches was kept or read again: the directory lists whole.

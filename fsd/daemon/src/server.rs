@@ -405,6 +405,13 @@ fn render_metrics(tracker: &Tracker, store: &BlockStore, metrics: &Metrics) -> S
             tracker.host_id
         );
     }
+    let unanswered = "failsafe_lease_renewals_unanswered_total";
+    let _ = writeln!(
+        out,
+        "# HELP {unanswered} Lease renewals left unanswered while this member led without a quorum heard from within its read lease (a busy moment)\n\
+         # TYPE {unanswered} counter\n{unanswered}{host} {}",
+        tracker.lease_renewals_unanswered()
+    );
     let g = tracker.group_counts();
     for (name, help, v) in [
         (

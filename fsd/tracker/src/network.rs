@@ -13,7 +13,7 @@ use failsafe_tls::Expect;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -278,6 +278,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// (`node::leases::lease_config`, `Tracker::read_index`).
 pub(crate) const QUICK_COMMIT_WITHIN: Duration = Duration::from_millis(50);
 
+/// The first pause before sending again to a peer found unreachable, and
+/// the longest (see `Peer::backoff`).
+const BACKOFF_FIRST: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
 /// How long a commit-only heartbeat answered at once waits before it is
 /// sent: under a steady load the next change's entries go to the peer
 /// sooner and carry the new commit index themselves, so it is not sent at
@@ -507,6 +512,19 @@ impl RaftNetwork<TypeConfig> for Peer {
             _ => None,
         };
         r
+    }
+
+    /// After an unreachable peer (a refused connection, or no answer within
+    /// the heartbeat's deadline): try again after 20 ms, doubling up to
+    /// openraft's 500 ms. A follower that took a moment too long (an fsync,
+    /// a snapshot being built) is sent to again almost at once: a flat
+    /// 500 ms pause left the leader without a quorum heard from within its
+    /// read lease, and every mount's lease stream without renewals, when
+    /// both followers were slow together.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::successors(Some(BACKOFF_FIRST), |d| {
+            Some((*d * 2).min(BACKOFF_MAX))
+        }))
     }
 
     async fn install_snapshot(

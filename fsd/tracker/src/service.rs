@@ -387,7 +387,13 @@ impl Metadata for MetadataService {
                         // everything it caches.
                         Some(Msg::Renew(r)) => match tracker.lease_term() {
                             Some(t) if t == term => leases.renew(holder, id, r.seq),
-                            _ => tracker.leads_in(term),
+                            _ => {
+                                let leads = tracker.leads_in(term);
+                                if leads {
+                                    leases.renewal_unanswered();
+                                }
+                                leads
+                            }
                         },
                         Some(Msg::Ack(a)) => {
                             leases.ack(holder, a.change_id);

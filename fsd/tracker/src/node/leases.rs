@@ -69,6 +69,9 @@ pub(crate) struct LeaseTable {
     /// Grants asked for by a read or a writer's read-back and refused, by
     /// why (the first object refused in each), since this member started.
     refused: Mutex<Refused>,
+    /// Renewals left unanswered because this member, still leading, had not
+    /// heard from a quorum within its read lease.
+    unanswered: std::sync::atomic::AtomicU64,
 }
 
 /// Refused grants by why: the lease table's reasons, and those of this
@@ -135,7 +138,20 @@ impl LeaseTable {
             }),
             acked: Notify::new(),
             refused: Mutex::default(),
+            unanswered: Default::default(),
         }
+    }
+
+    /// A renewal goes unanswered: this member leads but has not heard from
+    /// a quorum lately (the stream stays).
+    pub(crate) fn renewal_unanswered(&self) {
+        self.unanswered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Renewals left unanswered so far.
+    pub(crate) fn unanswered(&self) -> u64 {
+        self.unanswered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Grants refused so far, by why.

@@ -652,6 +652,12 @@ impl Tracker {
             .is_some_and(|t| t.elapsed() < Duration::from_millis(self.lease_ms))
     }
 
+    /// Renewals this member left unanswered since it started, for lack of
+    /// a quorum heard from within its read lease while it led (`/metrics`).
+    pub fn lease_renewals_unanswered(&self) -> u64 {
+        self.leases.as_ref().map_or(0, |l| l.unanswered())
+    }
+
     /// Lease streams open here and objects the lease table tracks.
     pub fn lease_sizes(&self) -> (usize, usize) {
         self.leases.as_ref().map_or((0, 0), |l| l.sizes())
