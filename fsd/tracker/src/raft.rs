@@ -543,8 +543,16 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .await
             .map_err(|_| StorageIOError::write_snapshot(None, &db_gone()))?;
         let (last, membership) = r.map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let data = std::fs::read(&tmp).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-        let _ = std::fs::remove_file(&tmp);
+        // The copy is tens of megabytes: read and stored off the runtime's
+        // threads, which meanwhile answer the leader's AppendEntries (a
+        // worker blocked here made a follower miss the heartbeat's deadline).
+        let data = blocking(move || {
+            let data = std::fs::read(&tmp);
+            let _ = std::fs::remove_file(&tmp);
+            data
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, rand_suffix()),
             None => format!("0-0-{}", rand_suffix()),
@@ -554,7 +562,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        self.store_snapshot(&meta, &data)
+        let (me, stored_meta) = (self.clone(), meta.clone());
+        let data = blocking(move || me.store_snapshot(&stored_meta, &data).map(|()| data))
+            .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built tracker snapshot");
         Ok(Snapshot {
@@ -562,6 +572,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             snapshot: Box::new(Cursor::new(data)),
         })
     }
+}
+
+/// Runs file work that may take a while on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("a blocking task failed: {e}")))?
 }
 
 /// Writes the state machine's WAL into its database, both fsynced.
@@ -649,12 +668,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> SResult<()> {
         let data = snapshot.into_inner();
         let sig = meta.signature();
-        self.store_snapshot(meta, &data)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
         let db_path = self.dir.join("meta.db");
         let incoming = self.dir.join("meta-incoming.db");
-        write_durably(&incoming, &data)
-            .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
+        let (me, stored_meta, to) = (self.clone(), meta.clone(), incoming.clone());
+        // Off the runtime's threads, as in `build_snapshot`.
+        blocking(move || {
+            me.store_snapshot(&stored_meta, &data)?;
+            write_durably(&to, &data)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(sig.clone()), &e))?;
         let meta = meta.clone();
         let r = self
             .db
