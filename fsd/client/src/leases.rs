@@ -72,7 +72,7 @@ pub(crate) struct LeaseCache {
     /// kernel happen under the one lock: the kernel hears of drops in the
     /// order they happened, and an acknowledgement never overtakes a drop.
     dropped: mpsc::UnboundedSender<Dropped>,
-    /// When each directory was last read ahead (`Client::read_ahead`).
+    /// When each directory may be read ahead again (`Client::read_ahead`).
     read_ahead: Mutex<HashMap<u64, Instant>>,
 }
 
@@ -266,8 +266,10 @@ impl Client {
             };
             match &own {
                 Some(own) if granted && attr.is_some() => {
-                    if let Some(why) = view.refusal(own.ticket, o, true, now) {
-                        tracing::debug!(ino = o, why, "own change: dropped what was cached");
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        if let Some(why) = view.refusal(own.ticket, o, true, now) {
+                            tracing::debug!(ino = o, why, "own change: dropped what was cached");
+                        }
                     }
                     match view.amend(own.ticket, o, true, now, replace) {
                         None => inodes.push((o, Cached::default())),
@@ -550,28 +552,23 @@ impl Client {
         {
             let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            if ahead
-                .get(&dir)
-                .is_some_and(|&at| now.duration_since(at) < READ_AHEAD_EVERY)
-            {
+            if ahead.get(&dir).is_some_and(|&next| now < next) {
                 return;
             }
             if ahead.len() >= MAX_CACHED {
                 ahead.clear();
             }
-            ahead.insert(dir, now);
+            ahead.insert(dir, now + READ_AHEAD_EVERY);
         }
         let fetched = self.list_fetch(dir, Some(c), true).await;
         // A listing small enough to be cached whole that was not (a page
         // not granted: a busy moment of the leader) is read again soon.
         if let Ok((entries, ttl)) = &fetched {
             if ttl.is_zero() && entries.len() < AHEAD_PAGES * LIST_PAGE as usize {
-                let soon =
-                    Instant::now().checked_sub(READ_AHEAD_EVERY.saturating_sub(READ_AHEAD_RETRY));
-                let mut ahead = c.read_ahead.lock().unwrap_or_else(|e| e.into_inner());
-                if let (Some(at), Some(soon)) = (ahead.get_mut(&dir), soon) {
-                    *at = soon;
-                }
+                c.read_ahead
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(dir, Instant::now() + READ_AHEAD_RETRY);
             }
         }
     }

@@ -174,11 +174,7 @@ impl<V> HolderView<V> {
     }
 
     fn may_cache(&self, ticket: ReadTicket, object: Object, granted: bool, now: u64) -> bool {
-        let fresh = self
-            .invalidated
-            .get(&object)
-            .is_none_or(|&at| at <= ticket.dropped);
-        granted && ticket.epoch == self.epoch && fresh && now < self.expires
+        self.refusal(ticket, object, granted, now).is_none()
     }
 
     /// This holder's own change to `object`, read back for it by the leader

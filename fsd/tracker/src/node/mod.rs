@@ -618,12 +618,7 @@ impl Tracker {
             if let Some(t) = self.lease_term() {
                 return Some(t);
             }
-            let leads = {
-                let m = self.raft.metrics();
-                let m = m.borrow();
-                m.state == ServerState::Leader
-            };
-            if !leads || tokio::time::Instant::now() >= until {
+            if !self.is_leader() || tokio::time::Instant::now() >= until {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
