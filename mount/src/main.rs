@@ -323,6 +323,9 @@ fn serve(mut args: Args) -> Result<(), String> {
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(addr))
             .map_err(|e| format!("metrics={addr}: {e}"))?;
+        if let Ok(bound) = listener.local_addr() {
+            stats.set_metrics_addr(bound);
+        }
         rt.spawn(stats::serve_metrics(stats.clone(), listener));
     }
     if args.opts.write_behind && !args.opts.leases {

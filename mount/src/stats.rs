@@ -28,6 +28,7 @@
 //!     ... one entry for every kind in `failsafe_client::RpcKind::ALL`
 //!   },
 //!   "lease_streams": 1,
+//!   "metrics_addr": "127.0.0.1:9101",
 //!   "kept": {"files": 0, "retries": 0, "stored_late": 0}
 //! }
 //! ```
@@ -38,7 +39,9 @@
 //! reply; `hist`: operations by their round trips. `total_rpcs` counts every
 //! RPC the mount sent, `background_rpcs` those sent outside any operation.
 //! `lease_streams`: lease streams welcomed so far (a mount that lost its
-//! stream starts the next with nothing cached). `kept`: files closed after a failed flush whose bytes the mount still
+//! stream starts the next with nothing cached). `metrics_addr` (only with
+//! `metrics=`): the address the Prometheus listener was bound to, the port
+//! the kernel chose where `metrics=` gave port 0. `kept`: files closed after a failed flush whose bytes the mount still
 //! holds (`files`), attempts to store them that failed again (`retries`),
 //! and kept files stored since (`stored_late`).
 
@@ -138,6 +141,8 @@ pub(crate) struct MountStats {
     started: Instant,
     /// One writer of the stats file at a time (the ticker, the last write).
     writing: Mutex<()>,
+    /// Where `metrics=` was bound (the port the kernel chose for port 0).
+    metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl MountStats {
@@ -148,7 +153,13 @@ impl MountStats {
             kept,
             started: Instant::now(),
             writing: Mutex::new(()),
+            metrics_addr: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records where the Prometheus listener was bound, for the JSON.
+    pub(crate) fn set_metrics_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.metrics_addr.set(addr);
     }
 
     /// Counts one finished operation.
@@ -216,9 +227,15 @@ impl MountStats {
             }
             j.push('}');
         }
+        // Only where `metrics=` is set.
+        let metrics_addr = self
+            .metrics_addr
+            .get()
+            .map(|a| format!("\n  \"metrics_addr\": \"{a}\","))
+            .unwrap_or_default();
         let _ = write!(
             j,
-            "\n  }},\n  \"lease_streams\": {},\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
+            "\n  }},\n  \"lease_streams\": {},{metrics_addr}\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
             self.client.lease_streams(),
             self.kept.count(),
             self.kept.retries.load(Ordering::Relaxed),

@@ -74,14 +74,6 @@ fn stats_after(path: &Path, since: SystemTime) -> Value {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn scrape(addr: &str) -> String {
     let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -208,12 +200,11 @@ async fn inline_small_writes_save_a_page_in_fewer_round_trips_than_blocks() {
 async fn round_trips_of_a_page_save() {
     let mut env = Env::start(0).await;
     let stats = env.dir.path().join("stats.json");
-    let metrics = format!("127.0.0.1:{}", free_port());
     // Without leases: every lookup and stat asks the cluster, which is what
     // this table shows (the leases test below shows the difference).
     let i = env.mount_with(
         "a",
-        &format!("stats={},metrics={metrics},noleases", stats.display()),
+        &format!("stats={},metrics=127.0.0.1:0,noleases", stats.display()),
     );
     let m = &env.mounts[i];
 
@@ -231,9 +222,12 @@ async fn round_trips_of_a_page_save() {
         fs::read(m.p("pages/ns/page.txt")).unwrap(),
         b"new text of the page\n"
     );
-    let read_snap = table(&stats_after(&stats, SystemTime::now()));
+    let read_json = stats_after(&stats, SystemTime::now());
+    let read_snap = table(&read_json);
 
-    let text = scrape(&metrics);
+    // Port 0 above: the mount reports the port it was given.
+    let metrics = read_json["metrics_addr"].as_str().expect("metrics_addr");
+    let text = scrape(metrics);
     assert!(text.contains("failsafe_mount_op_round_trips_bucket{op=\"mkdir\",le=\"+Inf\"}"));
     assert!(text.contains("failsafe_client_rpcs_sent_total{kind=\"meta_mutate\"}"));
 

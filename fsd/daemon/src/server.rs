@@ -183,6 +183,11 @@ pub async fn run(
             let l = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("metrics_listen: binding {addr}"))?;
+            let addr = l.local_addr()?;
+            // Where scripts and tests find the port when it was 0, as
+            // with `fsd.addr`.
+            std::fs::write(cfg.data_dir.join("metrics.addr"), format!("{addr}\n"))
+                .context("writing metrics.addr")?;
             tracing::info!(%addr, "serving /metrics and health without TLS");
             let serve = tonic::transport::Server::builder()
                 .accept_http1(true)

@@ -205,14 +205,6 @@ fn t83_bad_config_names_the_field() {
     assert!(err.contains("zone:"), "{err}");
 }
 
-/// A free port on loopback, for an address fsd binds itself.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// GET `path` from the plain HTTP listener at `addr`: status code and body.
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -263,15 +255,23 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut probe: imp
 async fn cluster_with_plain_listeners() -> (common::TestCluster, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let mut c = LocalCluster::new(Path::new(env!("CARGO_BIN_EXE_fsd")), &[]);
-    let mut probes = Vec::new();
+    // Port 0: each fsd binds a port of its own and writes it to
+    // `metrics.addr` (a port picked here could be taken before fsd binds it).
+    let extra = ["--metrics-listen".to_string(), "127.0.0.1:0".to_string()];
     for zone in ["a", "b", "c"] {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let extra = ["--metrics-listen".to_string(), addr.clone()];
         c.add_host(&dir.path().join(format!("host-{zone}")), zone, 0, &extra)
             .unwrap();
-        probes.push(addr);
     }
     c.bootstrap().await.unwrap();
+    let mut probes = Vec::new();
+    for zone in ["a", "b", "c"] {
+        let file = dir.path().join(format!("host-{zone}/metrics.addr"));
+        until(&format!("{} written", file.display()), || {
+            std::future::ready(std::fs::read_to_string(&file).is_ok_and(|s| s.ends_with('\n')))
+        })
+        .await;
+        probes.push(std::fs::read_to_string(&file).unwrap().trim().to_string());
+    }
     let tc = common::TestCluster {
         c,
         dir,
