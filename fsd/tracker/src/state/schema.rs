@@ -14,10 +14,13 @@ CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries(ino);
 -- An inline extent has an empty hash, its bytes in `data` and when they
 -- were committed (the leader's clock) in `written`; a block extent has NULL
 -- in both. (Both columns came with schema version 1: see `migrate`.)
+-- A rowid table (since version 2), not WITHOUT ROWID: there the whole row,
+-- inline bytes included, is the B-tree's key, and every seek that compares
+-- against a row longer than a page reads its overflow pages from the file.
 CREATE TABLE IF NOT EXISTS extents(
   ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
-  PRIMARY KEY(ino, offset)) WITHOUT ROWID;
+  PRIMARY KEY(ino, offset));
 CREATE INDEX IF NOT EXISTS extents_by_hash ON extents(hash);
 CREATE TABLE IF NOT EXISTS blocks(hash BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS copies(
@@ -78,10 +81,11 @@ CREATE TABLE IF NOT EXISTS kept_inodes(
 CREATE TABLE IF NOT EXISTS kept_dentries(
   snap INTEGER NOT NULL, parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
   PRIMARY KEY(snap, parent, name)) WITHOUT ROWID;
+-- (`kept_extents` a rowid table, as `extents`, since version 2.)
 CREATE TABLE IF NOT EXISTS kept_extents(
   snap INTEGER NOT NULL, ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
-  PRIMARY KEY(snap, ino, offset)) WITHOUT ROWID;
+  PRIMARY KEY(snap, ino, offset));
 CREATE INDEX IF NOT EXISTS kept_extents_by_hash ON kept_extents(hash);
 CREATE TABLE IF NOT EXISTS kept_xattrs(
   snap INTEGER NOT NULL, ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
@@ -108,8 +112,13 @@ INSERT OR IGNORE INTO meta VALUES ('next_ino', 2);
 
 /// The state machine's schema version, in SQLite's `user_version` of
 /// `meta.db` (and so of every snapshot, a copy of it). 0: before inline
-/// extents; 1: `extents` has `data` and `written`.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// extents; 1: `extents` has `data` and `written`; 2: `extents` and
+/// `kept_extents` are rowid tables.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
+
+/// Tables that were WITHOUT ROWID before schema version 2, rebuilt as rowid
+/// tables with the same columns in the same order.
+const ROWID_SINCE_2: &[&str] = &["extents", "kept_extents"];
 
 /// A state machine database written by a newer failsafe than this one.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +134,7 @@ pub(crate) struct SchemaTooNew {
 /// installed snapshot made by an older member) up to `SCHEMA_VERSION`, in
 /// one transaction. A database from a newer version is refused.
 pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    use rusqlite::OptionalExtension;
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
@@ -133,7 +143,14 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let r = (|| {
-        conn.execute_batch(SCHEMA)?;
+        let layout = |table: &str| -> rusqlite::Result<Option<String>> {
+            conn.query_row(
+                "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .optional()
+        };
         // Version 0 → 1: a table created before inline extents lacks their
         // columns (adding nullable columns rewrites nothing).
         let has_data: bool = conn.query_row(
@@ -141,10 +158,35 @@ pub(crate) fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
             [],
             |r| r.get(0),
         )?;
-        if !has_data {
+        if layout("extents")?.is_some() && !has_data {
             conn.execute_batch(
                 "ALTER TABLE extents ADD COLUMN data BLOB; ALTER TABLE extents ADD COLUMN written INTEGER;",
             )?;
+        }
+        // Version 1 → 2: the old tables step aside (their indexes dropped,
+        // the schema makes them again on the new ones) and are copied over.
+        let mut rebuilt = Vec::new();
+        for &table in ROWID_SINCE_2 {
+            if layout(table)?.is_some_and(|sql| sql.contains("WITHOUT ROWID")) {
+                conn.execute_batch(&format!("ALTER TABLE {table} RENAME TO {table}_v1"))?;
+                let indexes: Vec<String> = conn
+                    .prepare(
+                        "SELECT name FROM sqlite_schema WHERE type = 'index' \
+                         AND tbl_name = ?1 AND sql IS NOT NULL",
+                    )?
+                    .query_map([format!("{table}_v1")], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for index in indexes {
+                    conn.execute_batch(&format!("DROP INDEX \"{index}\""))?;
+                }
+                rebuilt.push(table);
+            }
+        }
+        conn.execute_batch(SCHEMA)?;
+        for table in rebuilt {
+            conn.execute_batch(&format!(
+                "INSERT INTO {table} SELECT * FROM {table}_v1; DROP TABLE {table}_v1;"
+            ))?;
         }
         // What the blockifier scans for (after the columns exist).
         conn.execute_batch(
@@ -250,22 +292,107 @@ mod tests {
       PRIMARY KEY(ino, offset)) WITHOUT ROWID;
       INSERT INTO extents VALUES (2, 0, 10, x'01', 0);";
 
-    #[test]
-    fn a_version_0_database_gains_the_inline_columns_and_keeps_its_extents() {
+    /// A database made by `old`, migrated (twice: the second changes
+    /// nothing) to the current version.
+    fn migrated(old: &str) -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_in_memory().expect("db");
-        conn.execute_batch(VERSION_0_EXTENTS).expect("old table");
+        conn.execute_batch(old).expect("old tables");
         migrate(&conn).expect("migrate");
         migrate(&conn).expect("migrating again changes nothing");
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, SCHEMA_VERSION);
+        conn
+    }
+
+    #[test]
+    fn a_version_0_database_gains_the_inline_columns_and_keeps_its_extents() {
+        let conn = migrated(VERSION_0_EXTENTS);
         let (n, data): (i64, Option<Vec<u8>>) = conn
             .query_row("SELECT COUNT(*), MAX(data) FROM extents", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .expect("extents");
         assert_eq!((n, data), (1, None));
-        let v: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .expect("version");
-        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    /// The tables schema version 2 rebuilt, as version 1 had them, with
+    /// an inline extent longer than a page.
+    const VERSION_1_EXTENTS: &str = "CREATE TABLE extents(
+      ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+      hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
+      PRIMARY KEY(ino, offset)) WITHOUT ROWID;
+      CREATE INDEX extents_by_hash ON extents(hash);
+      CREATE INDEX extents_inline ON extents(written) WHERE data IS NOT NULL;
+      CREATE TABLE kept_extents(
+      snap INTEGER NOT NULL, ino INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+      hash BLOB NOT NULL, block_offset INTEGER NOT NULL, data BLOB, written INTEGER,
+      PRIMARY KEY(snap, ino, offset)) WITHOUT ROWID;
+      CREATE INDEX kept_extents_by_hash ON kept_extents(hash);
+      INSERT INTO extents VALUES (2, 0, 10, x'01', 0, NULL, NULL);
+      INSERT INTO extents VALUES (3, 0, 9000, x'', 0, zeroblob(9000), 7);
+      INSERT INTO kept_extents VALUES (0, 4, 0, 5000, x'', 0, zeroblob(5000), 8);
+      PRAGMA user_version = 1;";
+
+    #[test]
+    fn a_version_1_database_gets_rowid_extent_tables_with_the_same_rows() {
+        let conn = migrated(VERSION_1_EXTENTS);
+        for table in ["extents", "kept_extents"] {
+            let sql: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("table");
+            assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
+        }
+        let rows: Vec<(i64, i64, Option<i64>, Option<i64>)> = conn
+            .prepare("SELECT ino, length, LENGTH(data), written FROM extents ORDER BY ino")
+            .expect("select")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows, [(2, 10, None, None), (3, 9000, Some(9000), Some(7))]);
+        let kept: (i64, i64, i64) = conn
+            .query_row(
+                "SELECT snap, ino, LENGTH(data) FROM kept_extents",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("kept");
+        assert_eq!(kept, (0, 4, 5000));
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL \
+                 AND tbl_name IN ('extents', 'kept_extents') ORDER BY name",
+            )
+            .expect("select")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            indexes,
+            ["extents_by_hash", "extents_inline", "kept_extents_by_hash"]
+        );
+        let left: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name LIKE '%_v1'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0);
+        // The key still refuses a second row at the same place.
+        assert!(conn
+            .execute(
+                "INSERT INTO extents VALUES (2, 0, 1, x'02', 0, NULL, NULL)",
+                []
+            )
+            .is_err());
     }
 
     #[test]
