@@ -28,6 +28,7 @@
 //!     ... one entry for every kind in `failsafe_client::RpcKind::ALL`
 //!   },
 //!   "lease_streams": 1,
+//!   "lease_revalidated": 0,
 //!   "metrics_addr": "127.0.0.1:9101",
 //!   "kept": {"files": 0, "retries": 0, "stored_late": 0}
 //! }
@@ -39,7 +40,10 @@
 //! reply; `hist`: operations by their round trips. `total_rpcs` counts every
 //! RPC the mount sent, `background_rpcs` those sent outside any operation.
 //! `lease_streams`: lease streams welcomed so far (a mount that lost its
-//! stream starts the next with nothing cached). `metrics_addr` (only with
+//! stream starts the next with nothing cached, but what it finds
+//! unchanged). `lease_revalidated`:
+//! inodes cached again after a lost stream, asked about in bulk under the
+//! next one and found unchanged. `metrics_addr` (only with
 //! `metrics=`): the address the Prometheus listener was bound to, the port
 //! the kernel chose where `metrics=` gave port 0. `kept`: files closed after a failed flush whose bytes the mount still
 //! holds (`files`), attempts to store them that failed again (`retries`),
@@ -235,8 +239,9 @@ impl MountStats {
             .unwrap_or_default();
         let _ = write!(
             j,
-            "\n  }},\n  \"lease_streams\": {},{metrics_addr}\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
+            "\n  }},\n  \"lease_streams\": {},\n  \"lease_revalidated\": {},{metrics_addr}\n  \"kept\": {{\"files\": {}, \"retries\": {}, \"stored_late\": {}}}\n}}\n",
             self.client.lease_streams(),
+            self.client.lease_revalidated(),
             self.kept.count(),
             self.kept.retries.load(Ordering::Relaxed),
             self.kept.stored_late.load(Ordering::Relaxed),
@@ -325,6 +330,11 @@ impl MountStats {
             t,
             "# HELP failsafe_mount_lease_streams_total Lease streams welcomed (each after a lost one starts with an empty cache).\n# TYPE failsafe_mount_lease_streams_total counter\nfailsafe_mount_lease_streams_total {}\n",
             self.client.lease_streams()
+        );
+        let _ = write!(
+            t,
+            "# HELP failsafe_mount_lease_revalidated_total Inodes cached again after a lost lease stream (asked about in bulk and found unchanged).\n# TYPE failsafe_mount_lease_revalidated_total counter\nfailsafe_mount_lease_revalidated_total {}\n",
+            self.client.lease_revalidated()
         );
         let _ = write!(
             t,

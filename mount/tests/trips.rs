@@ -74,6 +74,17 @@ fn stats_after(path: &Path, since: SystemTime) -> Value {
     }
 }
 
+/// A cluster with two leased mounts, in zones a and b, both lease streams
+/// open; the first writes its stats to the returned path.
+async fn two_leased_mounts() -> (Env, std::path::PathBuf, usize, usize) {
+    let mut env = Env::start(0).await;
+    let stats = env.dir.path().join("stats.json");
+    let a = env.mount_with("a", &format!("stats={},leases", stats.display()));
+    let b = env.mount_with("b", "leases");
+    env.wait_for_lease_streams(2);
+    (env, stats, a, b)
+}
+
 fn scrape(addr: &str) -> String {
     let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -373,11 +384,7 @@ async fn under_leases_an_unchanged_page_is_stat_and_read_from_memory() {
 /// all, and the other mount sees them too.
 #[tokio::test(flavor = "multi_thread")]
 async fn files_created_in_a_listed_directory_cost_only_their_commits() {
-    let mut env = Env::start(0).await;
-    let stats = env.dir.path().join("stats.json");
-    let i = env.mount_with("a", &format!("stats={},leases", stats.display()));
-    let j = env.mount_with("b", "leases");
-    env.wait_for_lease_streams(2);
+    let (env, stats, i, j) = two_leased_mounts().await;
     let dir = env.mounts[i].p("uploads");
     fs::create_dir(&dir).unwrap();
     fs::write(dir.join("first"), b"1").unwrap();
@@ -744,4 +751,60 @@ async fn a_leader_without_a_quorum_for_a_moment_keeps_the_lease_streams() {
     assert_eq!(streams(), before, "the mount's lease stream stayed up");
     // And what it caches was kept or read again: the directory lists whole.
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 50);
+}
+
+/// After its lease stream is lost (here the leader is killed), a mount asks
+/// the next leader about what it had cached in one request, and keeps what
+/// did not change: its next look at an unchanged name costs no round trip,
+/// while a file another mount changed meanwhile reads new and a name made
+/// meanwhile is found.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_lost_lease_stream_the_mount_revalidates_what_it_held_in_bulk() {
+    let (mut env, stats, a, b) = two_leased_mounts().await;
+    let kept = env.mounts[a].p("kept");
+    fs::create_dir(&kept).unwrap();
+    let files: Vec<_> = (0..20).map(|n| kept.join(format!("f{n}"))).collect();
+    for f in &files {
+        fs::write(f, b"x").unwrap();
+    }
+    fs::create_dir(env.mounts[a].p("changed")).unwrap();
+    fs::write(env.mounts[a].p("changed/page"), b"old").unwrap();
+    for f in &files {
+        assert_eq!(fs::metadata(f).unwrap().len(), 1);
+    }
+    assert_eq!(fs::read(env.mounts[a].p("changed/page")).unwrap(), b"old");
+    let counter = |v: &Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}"));
+    let before = stats_after(&stats, SystemTime::now());
+
+    let leader = env.leader().await;
+    env.cluster.kill(leader);
+    // Through the next leader, the other mount changes what A had cached.
+    fs::write(env.mounts[b].p("changed/page"), b"new").unwrap();
+    fs::write(env.mounts[b].p("changed/made"), b"made").unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let v = stats_after(&stats, SystemTime::now());
+        if counter(&v, "lease_streams") > counter(&before, "lease_streams")
+            && counter(&v, "lease_revalidated") >= files.len() as u64
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no revalidation after the new lease stream: {v}"
+        );
+    };
+    for f in &files {
+        assert_eq!(fs::metadata(f).unwrap().len(), 1);
+    }
+    let looked = diff(
+        &table(&stats_after(&stats, SystemTime::now())),
+        &table(&after),
+    );
+    print("stat of 20 unchanged files after the revalidation", &looked);
+    let trips: u64 = looked.values().map(|t| t.2).sum();
+    assert_eq!(trips, 0, "{looked:?}");
+    assert_eq!(fs::read(env.mounts[a].p("changed/page")).unwrap(), b"new");
+    assert_eq!(fs::read(env.mounts[a].p("changed/made")).unwrap(), b"made");
 }

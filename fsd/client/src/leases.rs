@@ -63,6 +63,10 @@ impl Dropped {
 /// Inodes cached at most; more, and the cache starts over.
 const MAX_CACHED: usize = 200_000;
 
+/// Inodes kept for revalidation after a lost stream, at most (sixteen
+/// requests).
+const MAX_REVALIDATE_HELD: usize = 16 * failsafe_proto::MAX_REVALIDATE;
+
 pub(crate) struct LeaseCache {
     view: Mutex<HolderView<Cached>>,
     start: Instant,
@@ -74,6 +78,11 @@ pub(crate) struct LeaseCache {
     dropped: mpsc::UnboundedSender<Dropped>,
     /// When each directory may be read ahead again (`Client::read_ahead`).
     read_ahead: Mutex<HashMap<u64, Instant>>,
+    /// What was cached when the last stream was lost, for the next stream
+    /// to revalidate (`revalidate`).
+    held: Mutex<Vec<(u64, Cached)>>,
+    /// Inodes cached again by revalidations so far.
+    revalidated: AtomicU64,
 }
 
 fn lock(m: &Mutex<HolderView<Cached>>) -> std::sync::MutexGuard<'_, HolderView<Cached>> {
@@ -113,6 +122,8 @@ impl Client {
             term: AtomicU64::new(0),
             dropped,
             read_ahead: Mutex::default(),
+            held: Mutex::default(),
+            revalidated: AtomicU64::new(0),
         });
         if self.inner.leases.set(cache.clone()).is_ok() {
             tokio::spawn(run_stream(self.clone(), cache));
@@ -136,6 +147,13 @@ impl Client {
 
     fn lease_cache(&self) -> Option<&Arc<LeaseCache>> {
         self.inner.leases.get()
+    }
+
+    /// Inodes cached again after a lost stream by revalidating them in
+    /// bulk under the next one.
+    pub fn lease_revalidated(&self) -> u64 {
+        self.lease_cache()
+            .map_or(0, |c| c.revalidated.load(Ordering::Relaxed))
     }
 
     /// Lease streams this client has had welcomed so far (each one after a
@@ -875,6 +893,111 @@ fn attr_of(r: Reply) -> Result<pb::Attr, ClientError> {
     }
 }
 
+/// Under a new stream (of leader term `term`): asks the leader which of
+/// the inodes cached under the last one are unchanged, up to
+/// `MAX_REVALIDATE` in each request, and caches again what may be
+/// ([`revalidated`]), each under the rules of any leased read.
+async fn revalidate(client: Client, cache: Arc<LeaseCache>, term: u64, held: Vec<(u64, Cached)>) {
+    let mut again = 0u64;
+    'chunks: for chunk in held.chunks(failsafe_proto::MAX_REVALIDATE) {
+        // A new leader may not grant at once (its read lease starts with a
+        // quorum's answer): a read that failed or granted nothing is tried
+        // again a few times while this stream lasts.
+        let mut pause = Duration::from_millis(50);
+        for attempt in 0.. {
+            if cache.term.load(Ordering::Relaxed) != term {
+                break 'chunks;
+            }
+            let inos = chunk.iter().map(|(ino, _)| *ino).collect();
+            let ticket = lock(&cache.view).read_sent();
+            let read = client
+                .query_leased(
+                    Query::Revalidate(pb::Revalidate { inos }),
+                    Consistency::Linearizable,
+                    client.inner.cfg.op_deadline,
+                    client.inner.client_id,
+                )
+                .await;
+            let granted = {
+                let mut view = lock(&cache.view);
+                let granted = match &read {
+                    Ok((Reply::AttrList(list), Some(g))) => {
+                        let granted = g.granted
+                            && g.term == term
+                            && term == cache.term.load(Ordering::Relaxed);
+                        let current: HashMap<u64, &pb::Attr> =
+                            list.attrs.iter().map(|a| (a.ino, a)).collect();
+                        let now = cache.now();
+                        for (ino, old) in chunk {
+                            let Some(attr) = current.get(ino) else {
+                                continue;
+                            };
+                            let ok = granted && !list.refused.contains(ino);
+                            if view.offer(ticket, *ino, revalidated(old, attr), ok, now) {
+                                again += 1;
+                            }
+                        }
+                        granted
+                    }
+                    _ => false,
+                };
+                view.read_done(ticket);
+                granted
+            };
+            if granted {
+                break;
+            }
+            if attempt == 5 {
+                tracing::debug!(
+                    outcome = ?read.map(|(_, g)| g),
+                    "revalidation not granted; what is left is asked for as needed"
+                );
+                break 'chunks;
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+    cache.revalidated.fetch_add(again, Ordering::Relaxed);
+    tracing::debug!(
+        held = held.len(),
+        again,
+        "revalidated after a new lease stream"
+    );
+}
+
+/// What may be cached again of `old` now that its inode's attributes are
+/// `attr`: the attributes; a directory's names and a file's inline extents
+/// only if its version is unchanged (a name made or removed in a directory
+/// and any change to a file's bytes move its version). Extents naming
+/// blocks are not kept: their copies move without the version.
+fn revalidated(old: &Cached, attr: &pb::Attr) -> Cached {
+    let same = old
+        .attr
+        .as_ref()
+        .is_some_and(|a| a.version == attr.version && a.kind == attr.kind);
+    let extents = old
+        .extents
+        .as_ref()
+        .filter(|fe| same && fe.copies.is_empty() && fe.extents.iter().all(|e| e.hash.is_empty()))
+        .map(|fe| {
+            Arc::new(pb::FileExtents {
+                attr: Some(*attr),
+                ..(**fe).clone()
+            })
+        });
+    Cached {
+        attr: Some(*attr),
+        names: if same {
+            old.names.clone()
+        } else {
+            HashMap::new()
+        },
+        extents,
+        listing: None,
+    }
+}
+
 /// Keeps the lease stream up for as long as the client lives.
 async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
     let mut pause = Duration::from_millis(50);
@@ -900,6 +1023,23 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             let mut view = lock(&cache.view);
             let inodes = view.drain();
             view.lost();
+            // Kept to be asked about in one request under the next stream
+            // (listings not: their entries' attributes change without the
+            // directory's version).
+            *cache.held.lock().unwrap_or_else(|e| e.into_inner()) = inodes
+                .iter()
+                .filter(|(_, c)| c.attr.is_some())
+                .take(MAX_REVALIDATE_HELD)
+                .map(|(ino, c)| {
+                    (
+                        *ino,
+                        Cached {
+                            listing: None,
+                            ..c.clone()
+                        },
+                    )
+                })
+                .collect();
             let _ = cache.dropped.send(Dropped {
                 inodes,
                 named: Vec::new(),
@@ -919,7 +1059,7 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
     }
 }
 
-async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientError> {
+async fn stream_once(client: &Client, cache: &Arc<LeaseCache>) -> Result<(), ClientError> {
     let addr = client.leader_addr().await?;
     let r = stream_at(client, cache, &addr).await;
     if r.is_err() {
@@ -930,7 +1070,11 @@ async fn stream_once(client: &Client, cache: &LeaseCache) -> Result<(), ClientEr
     r
 }
 
-async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<(), ClientError> {
+async fn stream_at(
+    client: &Client,
+    cache: &Arc<LeaseCache>,
+    addr: &str,
+) -> Result<(), ClientError> {
     let rpc_timeout = client.inner.cfg.rpc_timeout;
     let addr = addr.to_string();
     let (out, outbound) = mpsc::channel(64);
@@ -982,6 +1126,15 @@ async fn stream_at(client: &Client, cache: &LeaseCache, addr: &str) -> Result<()
     let lease_ms = welcome.lease_ms.max(1);
     let epoch = lock(&cache.view).reconnected_with(lease_ms);
     cache.term.store(welcome.term, Ordering::Relaxed);
+    let held = std::mem::take(&mut *cache.held.lock().unwrap_or_else(|e| e.into_inner()));
+    if !held.is_empty() {
+        tokio::spawn(revalidate(
+            client.clone(),
+            cache.clone(),
+            welcome.term,
+            held,
+        ));
+    }
     let mut sent: VecDeque<(u64, u64)> = VecDeque::new();
     let mut seq = 0u64;
     let mut last_answer = cache.now();

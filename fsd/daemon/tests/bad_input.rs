@@ -1010,6 +1010,24 @@ async fn t96_a_subtree_credential_neither_sees_nor_touches_anything_outside() {
         "mkdir at the top",
         web.mkdir(ROOT, b"x", 0o755).await.map(drop),
     );
+    let revalidate = |inos: Vec<u64>| {
+        web.query(pb::query_request::Query::Revalidate(pb::Revalidate {
+            inos,
+        }))
+    };
+    outside(
+        "revalidate a page and a file outside",
+        revalidate(vec![f.ino, file.ino]).await.map(drop),
+    );
+    match revalidate(vec![f.ino, mine.ino]).await {
+        Ok(pb::query_reply::Reply::AttrList(l)) => assert_eq!(l.attrs.len(), 2),
+        other => panic!("revalidating inside: {other:?}"),
+    }
+    // At most MAX_REVALIDATE inodes, at least one.
+    for n in [0, failsafe_proto::MAX_REVALIDATE + 1] {
+        let e = revalidate(vec![f.ino; n]).await.expect_err("refused");
+        assert!(e.to_string().contains("1 to 1024 inodes"), "{n}: {e}");
+    }
     // Nothing outside changed.
     assert_eq!(c.read(file.ino, 0, 100).await.unwrap(), b"password hashes");
     assert_eq!(c.readdir(secret.ino).await.unwrap().len(), 1);

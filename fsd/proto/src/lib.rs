@@ -90,6 +90,9 @@ pub const READ_BACK_FILE_BYTES: u64 = 64 * 1024;
 /// block references fit beside them.
 pub const PREFETCH_INLINE_BYTES: usize = MAX_MESSAGE_BYTES / 2;
 
+/// Inodes one `Revalidate` query may name at most.
+pub const MAX_REVALIDATE: usize = 1024;
+
 /// Response metadata key naming the leader's address on a NOT_LEADER refusal.
 pub const LEADER_ADDR_KEY: &str = "x-failsafe-leader-addr";
 

@@ -304,8 +304,21 @@ impl Metadata for MetadataService {
         if let Some(g) = &grant {
             may_ask(g, &q)?;
         }
+        if let pb::query_request::Query::Revalidate(r) = &q {
+            // Checked before any lease is recalled or granted for them.
+            if r.inos.is_empty() || r.inos.len() > failsafe_proto::MAX_REVALIDATE {
+                return Err(Status::invalid_argument(format!(
+                    "a revalidation names 1 to {} inodes, not {}",
+                    failsafe_proto::MAX_REVALIDATE,
+                    r.inos.len()
+                )));
+            }
+        }
         if let Some(g) = grant.filter(|g| g.subdir != "/") {
-            let inos = query_inode(&q).into_iter().collect();
+            let inos = match &q {
+                pb::query_request::Query::Revalidate(r) => r.inos.clone(),
+                q => query_inode(q).into_iter().collect(),
+            };
             let lookup = match &q {
                 pb::query_request::Query::Lookup(l) => Some((l.parent, l.name.clone())),
                 _ => None,

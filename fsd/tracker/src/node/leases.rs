@@ -87,6 +87,7 @@ pub(crate) struct Refused {
 }
 
 /// Why a grant was refused here.
+#[derive(Clone, Copy)]
 enum Why {
     Table(Refusal),
     HandingOver,
@@ -238,34 +239,35 @@ impl LeaseTable {
     /// Before reading `objects` for `holder`: whether the answer may be
     /// cached.
     pub(crate) fn grant(&self, holder: Holder, objects: &[Object]) -> bool {
-        if objects.is_empty() {
-            return false;
-        }
+        !objects.is_empty() && self.grant_each(holder, objects).iter().all(|&g| g)
+    }
+
+    /// [`LeaseTable::grant`] for each of `objects` alone: which may be
+    /// cached.
+    pub(crate) fn grant_each(&self, holder: Holder, objects: &[Object]) -> Vec<bool> {
         let now = self.now();
         let mut inner = lock(&self.inner);
-        let why = if inner.suspended {
-            Some(Why::HandingOver)
+        let whys: Vec<Option<Why>> = if inner.suspended {
+            vec![Some(Why::HandingOver); objects.len()]
         } else if !inner.streams.contains_key(&holder) {
-            Some(Why::NoStream)
+            vec![Some(Why::NoStream); objects.len()]
         } else {
             inner
                 .table
                 .grant_why(holder, objects, now)
                 .into_iter()
-                .find_map(Result::err)
-                .map(Why::Table)
+                .map(|r| r.err().map(Why::Table))
+                .collect()
         };
         drop(inner);
-        match why {
-            None => true,
-            Some(why) => {
-                self.refused
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .count(why);
-                false
-            }
+        // One refusal counted per request, as for a single read.
+        if let Some(why) = whys.iter().flatten().next() {
+            self.refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .count(*why);
         }
+        whys.iter().map(Option::is_none).collect()
     }
 
     /// A change to `objects` (about to be proposed, or applied): tells every

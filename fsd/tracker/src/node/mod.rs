@@ -751,6 +751,24 @@ impl Tracker {
         let (Some(leases), Some(term)) = (self.leases(), self.lease_term()) else {
             return Ok((self.query_by(q, linearizable, by).await?, no));
         };
+        if let Query::Revalidate(r) = &q {
+            // Many objects at once, each granted or refused alone: register
+            // the holder on each, then read them all.
+            let inos = r.inos.clone();
+            leases.recall(&inos, by).await;
+            let each = leases.grant_each(holder, &inos);
+            let mut reply = self.query_by(q, linearizable, by).await?;
+            if let Reply::AttrList(list) = &mut reply {
+                list.refused = inos
+                    .iter()
+                    .zip(&each)
+                    .filter(|(_, &granted)| !granted)
+                    .map(|(&ino, _)| ino)
+                    .collect();
+            }
+            let granted = each.iter().any(|&g| g);
+            return Ok((reply, pb::LeaseGrant { granted, term }));
+        }
         let Some(object) = query_object(&q) else {
             return Ok((self.query_by(q, linearizable, by).await?, no));
         };

@@ -10,7 +10,8 @@ use rusqlite::{params, OptionalExtension};
 
 use super::blocks::{block_copies, load_extents};
 use super::hosts::{away_devices, device_locations, held_back_devices};
-use super::namespace::{get_attr, lookup_ino, require_dir};
+use super::namespace::{attr_row, get_attr, lookup_ino, require_dir};
+use super::schema::ATTR_COLS;
 use super::schema::LIVE_DEVICE;
 use super::{check_name, err, i, kept, OpError, OpResult};
 
@@ -42,7 +43,36 @@ pub(crate) fn query(
         Query::ListTrash(l) => kept::list_trash(conn, l),
         Query::ListSnapshots(_) => kept::list_snapshots(conn),
         Query::InSnapshot(q) => kept::in_snapshot(conn, q),
+        Query::Revalidate(r) => revalidate(conn, r),
     }
+}
+
+/// The current attributes of those of `r.inos` that still exist (linked),
+/// in the order asked.
+fn revalidate(conn: &rusqlite::Connection, r: &pb::Revalidate) -> OpResult<Reply> {
+    if r.inos.is_empty() || r.inos.len() > failsafe_proto::MAX_REVALIDATE {
+        return err(
+            ErrorCode::Invalid,
+            format!(
+                "a revalidation names 1 to {} inodes, not {}",
+                failsafe_proto::MAX_REVALIDATE,
+                r.inos.len()
+            ),
+        );
+    }
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1 AND nlink > 0"
+    ))?;
+    let mut attrs = Vec::with_capacity(r.inos.len());
+    for &ino in &r.inos {
+        if let Some(a) = stmt.query_row([i(ino)], attr_row).optional()? {
+            attrs.push(a);
+        }
+    }
+    Ok(Reply::AttrList(pb::AttrList {
+        attrs,
+        refused: Vec::new(),
+    }))
 }
 
 /// An inode's extended attributes, in name order.
