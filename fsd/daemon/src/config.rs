@@ -64,7 +64,9 @@ pub struct RawConfig {
     pub election_min_ms: Option<u64>,
     #[arg(long)]
     pub election_max_ms: Option<u64>,
-    /// Snapshot the tracker after this many log entries. Default 5000.
+    /// Snapshot the tracker every this many log entries (each member at its
+    /// own offset in the period, so that they do not all build one at
+    /// once). Default 5000.
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
     /// Log entries kept behind a snapshot. Default 1000.

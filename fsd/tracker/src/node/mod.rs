@@ -18,6 +18,7 @@ mod handover;
 mod health;
 mod leases;
 mod sessions;
+mod snapshots;
 pub use sessions::CLOCK_WARN_MS;
 
 pub use group::GroupCounts;
@@ -301,7 +302,8 @@ impl Tracker {
             election_timeout_min: cfg.election_min_ms,
             election_timeout_max: cfg.election_max_ms,
             install_snapshot_timeout: 5_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            // Each member builds its own in turn (`snapshots`).
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: cfg.keep_logs,
             purge_batch_size: 64,
             snapshot_max_chunk_size: 1024 * 1024,
@@ -313,6 +315,7 @@ impl Tracker {
         let raft = Raft::new(host_id, Arc::new(config), network.clone(), log, sm.clone())
             .await
             .map_err(TrackerError::storage)?;
+        tokio::spawn(snapshots::in_turn(raft.clone(), host_id, cfg.snapshot_logs));
         // Well inside the followers' lease (election_max), leaving room for
         // clock-rate differences and scheduling delays.
         let quick = crate::network::QUICK_COMMIT_WITHIN.as_millis() as u64;
