@@ -1201,3 +1201,85 @@ async fn stream_at(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use failsafe_proto::pb;
+
+    use super::{revalidated, Cached};
+
+    fn attr(ino: u64, kind: pb::FileKind, version: u64) -> pb::Attr {
+        pb::Attr {
+            ino,
+            kind: kind as i32,
+            version,
+            ..Default::default()
+        }
+    }
+
+    fn file_with(extent: pb::Extent, version: u64) -> Cached {
+        Cached {
+            attr: Some(attr(7, pb::FileKind::KindFile, version)),
+            extents: Some(Arc::new(pb::FileExtents {
+                attr: Some(attr(7, pb::FileKind::KindFile, version)),
+                extents: vec![extent],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn inline() -> pb::Extent {
+        pb::Extent {
+            length: 3,
+            data: b"abc".to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_unchanged_directory_keeps_its_names_but_never_its_listing() {
+        let old = Cached {
+            attr: Some(attr(2, pb::FileKind::KindDir, 5)),
+            names: HashMap::from([(b"page".to_vec(), Some(9)), (b"gone".to_vec(), None)]),
+            listing: Some(Arc::new(Vec::new())),
+            ..Default::default()
+        };
+        let mut now = attr(2, pb::FileKind::KindDir, 5);
+        now.mtime_ns = 42;
+        let kept = revalidated(&old, &now);
+        assert_eq!(kept.names, old.names);
+        assert!(kept.listing.is_none());
+        assert_eq!(kept.attr, Some(now), "the attributes are the new ones");
+        // A name made or removed moved the version: the names go.
+        let moved = revalidated(&old, &attr(2, pb::FileKind::KindDir, 6));
+        assert!(moved.names.is_empty());
+        assert_eq!(moved.attr, Some(attr(2, pb::FileKind::KindDir, 6)));
+    }
+
+    #[test]
+    fn a_file_keeps_its_inline_bytes_only_while_its_version_stands() {
+        let old = file_with(inline(), 3);
+        let kept = revalidated(&old, &attr(7, pb::FileKind::KindFile, 3));
+        let fe = kept.extents.expect("inline bytes kept");
+        assert_eq!(fe.extents, [inline()]);
+        assert_eq!(fe.attr, kept.attr, "with the new attributes");
+        assert!(revalidated(&old, &attr(7, pb::FileKind::KindFile, 4))
+            .extents
+            .is_none());
+        // Blocks are not kept: their copies move without the version.
+        let block = pb::Extent {
+            length: 4096,
+            hash: vec![1; 32],
+            ..Default::default()
+        };
+        assert!(
+            revalidated(&file_with(block, 3), &attr(7, pb::FileKind::KindFile, 3))
+                .extents
+                .is_none()
+        );
+    }
+}
