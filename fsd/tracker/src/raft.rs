@@ -245,8 +245,13 @@ fn put_meta<T: serde::Serialize>(
 ) -> rusqlite::Result<()> {
     let bytes =
         serde_json::to_vec(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    // An upsert, not INSERT OR REPLACE: a replaced row gets a new rowid,
+    // which rewrites the key's index page too (once per applied entry, for
+    // `last_applied`).
     conn.exec(
-        &format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"),
+        &format!(
+            "INSERT INTO {table} VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        ),
         params![key, bytes],
     )?;
     Ok(())
