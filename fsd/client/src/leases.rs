@@ -1025,8 +1025,10 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
             view.lost();
             // Kept to be asked about in one request under the next stream
             // (listings not: their entries' attributes change without the
-            // directory's version).
-            *cache.held.lock().unwrap_or_else(|e| e.into_inner()) = inodes
+            // directory's version). A stream that ended before its welcome
+            // dropped nothing: what the last one held is still to be asked
+            // about (a revalidation compares versions, so age is no harm).
+            let keep: Vec<(u64, Cached)> = inodes
                 .iter()
                 .filter(|(_, c)| c.attr.is_some())
                 .take(MAX_REVALIDATE_HELD)
@@ -1040,6 +1042,9 @@ async fn run_stream(client: Client, cache: Arc<LeaseCache>) {
                     )
                 })
                 .collect();
+            if !keep.is_empty() {
+                *cache.held.lock().unwrap_or_else(|e| e.into_inner()) = keep;
+            }
             let _ = cache.dropped.send(Dropped {
                 inodes,
                 named: Vec::new(),
