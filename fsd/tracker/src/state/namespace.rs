@@ -29,13 +29,18 @@ pub(super) fn attr_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<pb::Attr> {
 /// A file's attributes. One in the trash (no name left, `nlink` 0) is not
 /// found: it is nobody's to read or change until it is restored.
 pub(super) fn get_attr(tx: &rusqlite::Connection, ino: u64) -> OpResult<pb::Attr> {
+    find_attr(tx, ino)?
+        .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
+}
+
+/// [`get_attr`], with `None` for an inode that is not found.
+pub(super) fn find_attr(tx: &rusqlite::Connection, ino: u64) -> rusqlite::Result<Option<pb::Attr>> {
     tx.row(
         &format!("SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1 AND nlink > 0"),
         [i(ino)],
         attr_row,
     )
-    .optional()?
-    .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no inode {ino}")).into())
+    .optional()
 }
 
 /// A file's attributes, in the trash or not (what the trash forgets).

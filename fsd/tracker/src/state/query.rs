@@ -10,8 +10,7 @@ use rusqlite::{params, OptionalExtension};
 
 use super::blocks::{block_copies, load_extents};
 use super::hosts::{away_devices, device_locations, held_back_devices};
-use super::namespace::{attr_row, get_attr, lookup_ino, require_dir};
-use super::schema::ATTR_COLS;
+use super::namespace::{find_attr, get_attr, lookup_ino, require_dir};
 use super::schema::LIVE_DEVICE;
 use super::{check_name, err, i, kept, OpError, OpResult};
 
@@ -48,26 +47,12 @@ pub(crate) fn query(
 }
 
 /// The current attributes of those of `r.inos` that still exist (linked),
-/// in the order asked.
+/// in the order asked. (How many it may name is checked where the request
+/// comes in, before any lease is recalled or granted for them.)
 fn revalidate(conn: &rusqlite::Connection, r: &pb::Revalidate) -> OpResult<Reply> {
-    if r.inos.is_empty() || r.inos.len() > failsafe_proto::MAX_REVALIDATE {
-        return err(
-            ErrorCode::Invalid,
-            format!(
-                "a revalidation names 1 to {} inodes, not {}",
-                failsafe_proto::MAX_REVALIDATE,
-                r.inos.len()
-            ),
-        );
-    }
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ATTR_COLS} FROM inodes WHERE ino = ?1 AND nlink > 0"
-    ))?;
     let mut attrs = Vec::with_capacity(r.inos.len());
     for &ino in &r.inos {
-        if let Some(a) = stmt.query_row([i(ino)], attr_row).optional()? {
-            attrs.push(a);
-        }
+        attrs.extend(find_attr(conn, ino)?);
     }
     Ok(Reply::AttrList(pb::AttrList {
         attrs,
