@@ -153,6 +153,7 @@ mod tests {
         assert!(may("/failsafe.v1.Admin/Status", Client));
         for path in [
             "/failsafe.v1.RaftTransport/AppendEntries",
+            "/failsafe.v1.RaftTransport/AppendEntriesStream",
             "/failsafe.v1.RaftTransport/InstallSnapshot",
             "/failsafe.v1.Blocks/Inventory",
             "/failsafe.v1.Blocks/Delete",

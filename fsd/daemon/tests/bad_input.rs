@@ -177,9 +177,31 @@ async fn t86_requests_for_another_cluster_or_version_are_refused() {
         payload: b"not json".to_vec(),
     };
     assert_eq!(
-        raft.append_entries(garbage).await.unwrap_err().code(),
+        raft.append_entries(garbage.clone())
+            .await
+            .unwrap_err()
+            .code(),
         Code::InvalidArgument
     );
+    // The same on the leader's AppendEntries stream: the bad message's
+    // error ends the stream, and the member goes on.
+    for (bad, code) in [
+        (garbage, Code::InvalidArgument),
+        (
+            pb::RaftMessage {
+                header: Some(header("another-cluster")),
+                payload: b"{}".to_vec(),
+            },
+            Code::PermissionDenied,
+        ),
+    ] {
+        let mut replies = raft
+            .append_entries_stream(futures::stream::iter([bad]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(replies.message().await.unwrap_err().code(), code);
+    }
     // A hand-over request from another cluster, or naming a term or leader
     // this member does not follow, makes nobody stand for election.
     let take = |h: pb::Header, term: u64| pb::TakeLeadershipRequest {
@@ -568,6 +590,13 @@ async fn t91_a_mount_credential_calls_no_member_or_admin_operation() {
         payload: b"{}".to_vec(),
     };
     denied("AppendEntries", refused(raft.append_entries(msg()).await));
+    denied(
+        "AppendEntriesStream",
+        refused(
+            raft.append_entries_stream(futures::stream::iter([msg()]))
+                .await,
+        ),
+    );
     denied("Vote", refused(raft.vote(msg()).await));
     denied(
         "InstallSnapshot",

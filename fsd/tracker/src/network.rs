@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use failsafe_proto::pb::{raft_transport_client::RaftTransportClient, RaftMessage};
 use failsafe_proto::{header, MAX_MESSAGE_BYTES};
 use failsafe_tls::Expect;
+use futures::channel::mpsc;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -267,6 +268,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             behind: Arc::default(),
             sent: Arc::default(),
             acked: self.acked.clone(),
+            pipe: Pipe::Closed,
         }
     }
 }
@@ -304,6 +306,8 @@ pub(crate) struct Peer {
     sent: Arc<AtomicU64>,
     /// The leader's read lease (shared by every stream).
     acked: Acked,
+    /// Where this stream's AppendEntries go.
+    pipe: Pipe,
 }
 
 /// A commit-only heartbeat answered at once and sent in the background.
@@ -335,13 +339,64 @@ struct Conn {
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
+/// The leader's AppendEntries stream to one peer
+/// (`RaftTransport.AppendEntriesStream`): one long-lived HTTP/2 stream
+/// instead of a stream (headers, trailers, a task on each side) per
+/// request. openraft keeps one request in flight per peer, so each reply
+/// answers the request before it.
+#[derive(Default)]
+enum Pipe {
+    /// None open: the next request opens one.
+    #[default]
+    Closed,
+    Open {
+        requests: mpsc::Sender<RaftMessage>,
+        replies: Box<tonic::Streaming<RaftMessage>>,
+    },
+    /// The peer answered UNIMPLEMENTED (a member of an older version):
+    /// unary calls from now on.
+    Unary,
+}
+
+/// Why an exchange with a peer brought no answer.
+enum Failed {
+    TimedOut,
+    Status(tonic::Status),
+    /// The stream ended between requests (the peer restarted).
+    Ended,
+}
+
+impl Failed {
+    fn into_rpc<E: std::error::Error>(self, addr: &str) -> RpcErr<E> {
+        let unreachable = |e: std::io::Error| RPCError::Unreachable(Unreachable::new(&e));
+        match self {
+            Failed::TimedOut => unreachable(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{addr} timed out"),
+            )),
+            Failed::Ended => unreachable(std::io::Error::other(format!(
+                "{addr}: the AppendEntries stream ended"
+            ))),
+            Failed::Status(status) => {
+                let e = std::io::Error::other(format!("{addr}: {}", status.message()));
+                match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::Cancelled => unreachable(e),
+                    _ => RPCError::Network(NetworkError::new(&e)),
+                }
+            }
+        }
+    }
+}
+
 impl Conn {
-    /// Sends `payload` (encoded by `codec`) and decodes the answer.
+    /// Sends `payload` (encoded by `codec`) and decodes the answer: on
+    /// `pipe`, the peer's AppendEntries stream, if given, else unary.
     async fn call<Resp, E>(
         &self,
         method: Method,
         payload: Result<Vec<u8>, CodecError>,
         ttl: Duration,
+        pipe: Option<&mut Pipe>,
     ) -> Result<Resp, RpcErr<E>>
     where
         Resp: serde::de::DeserializeOwned,
@@ -357,12 +412,37 @@ impl Conn {
             header: Some(header(&self.cluster.get())),
             payload,
         };
-        let mut client = RaftTransportClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let mut request = tonic::Request::new(msg);
-        request.set_timeout(ttl);
         self.heard.calling(self.target);
+        let deadline = tokio::time::Instant::now() + ttl;
+        let reply = match pipe {
+            Some(pipe) if !matches!(pipe, Pipe::Unary) => {
+                Self::streamed(pipe, channel, msg, deadline).await
+            }
+            _ => Self::unary(channel, method, msg, deadline).await,
+        }
+        .map_err(|f| f.into_rpc(&self.addr))?;
+        // Any answer, even a refusal, means the peer is there.
+        self.heard.answered(self.target);
+        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode_control(&reply.payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    fn client(channel: Channel) -> RaftTransportClient<Channel> {
+        RaftTransportClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    async fn unary(
+        channel: Channel,
+        method: Method,
+        msg: RaftMessage,
+        deadline: tokio::time::Instant,
+    ) -> Result<RaftMessage, Failed> {
+        let mut client = Self::client(channel);
+        let mut request = tonic::Request::new(msg);
+        request.set_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
         let fut = async {
             match method {
                 Method::Append => client.append_entries(request).await,
@@ -370,30 +450,66 @@ impl Conn {
                 Method::Snapshot => client.install_snapshot(request).await,
             }
         };
-        let reply = match tokio::time::timeout(ttl, fut).await {
-            Err(_) => {
-                let e = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("{} timed out", self.addr),
-                );
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-            Ok(Err(status)) => {
-                let e = std::io::Error::other(format!("{}: {}", self.addr, status.message()));
-                return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::Cancelled => {
-                        RPCError::Unreachable(Unreachable::new(&e))
+        match tokio::time::timeout_at(deadline, fut).await {
+            Err(_) => Err(Failed::TimedOut),
+            Ok(Err(status)) => Err(Failed::Status(status)),
+            Ok(Ok(r)) => Ok(r.into_inner()),
+        }
+    }
+
+    /// Sends an AppendEntries on `pipe` (opening it if need be) and waits
+    /// for its answer. Anything but an answer leaves the pipe closed: a
+    /// late answer must never be taken for the next request's.
+    async fn streamed(
+        pipe: &mut Pipe,
+        channel: Channel,
+        msg: RaftMessage,
+        deadline: tokio::time::Instant,
+    ) -> Result<RaftMessage, Failed> {
+        use futures::SinkExt;
+        let (requests, mut replies) = match std::mem::take(pipe) {
+            Pipe::Open {
+                mut requests,
+                replies,
+            } => match tokio::time::timeout_at(deadline, requests.send(msg)).await {
+                Err(_) => return Err(Failed::TimedOut),
+                Ok(Err(_)) => return Err(Failed::Ended),
+                Ok(Ok(())) => (requests, replies),
+            },
+            Pipe::Closed | Pipe::Unary => {
+                let (mut requests, outbound) = mpsc::channel(1);
+                // Kept for a peer that turns out not to know streams.
+                let first = msg.clone();
+                // The first request goes out with the stream's opening (a
+                // new channel has room for it).
+                if requests.try_send(msg).is_err() {
+                    return Err(Failed::Ended);
+                }
+                let opened = tokio::time::timeout_at(
+                    deadline,
+                    Self::client(channel.clone()).append_entries_stream(outbound),
+                )
+                .await;
+                match opened {
+                    Err(_) => return Err(Failed::TimedOut),
+                    Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                        *pipe = Pipe::Unary;
+                        return Self::unary(channel, Method::Append, first, deadline).await;
                     }
-                    _ => RPCError::Network(NetworkError::new(&e)),
-                });
+                    Ok(Err(status)) => return Err(Failed::Status(status)),
+                    Ok(Ok(r)) => (requests, Box::new(r.into_inner())),
+                }
             }
-            Ok(Ok(r)) => r.into_inner(),
         };
-        // Any answer, even a refusal, means the peer is there.
-        self.heard.answered(self.target);
-        let result: Result<Resp, RaftError<NodeId, E>> = codec::decode_control(&reply.payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        match tokio::time::timeout_at(deadline, replies.message()).await {
+            Err(_) => Err(Failed::TimedOut),
+            Ok(Err(status)) => Err(Failed::Status(status)),
+            Ok(Ok(None)) => Err(Failed::Ended),
+            Ok(Ok(Some(reply))) => {
+                *pipe = Pipe::Open { requests, replies };
+                Ok(reply)
+            }
+        }
     }
 }
 
@@ -432,7 +548,7 @@ impl Peer {
                 }
             };
             let r: Result<AppendEntriesResponse<NodeId>, RpcErr> =
-                conn.call(Method::Append, payload, ttl).await;
+                conn.call(Method::Append, payload, ttl, None).await;
             let ok = matches!(r, Ok(AppendEntriesResponse::Success));
             let mut b = behind.lock().unwrap_or_else(|e| e.into_inner());
             *b = if ok { Behind::Idle } else { Behind::Failed };
@@ -503,7 +619,10 @@ impl RaftNetwork<TypeConfig> for Peer {
             payload
         };
         self.sent.fetch_add(1, Ordering::Relaxed);
-        let r = self.conn.call(Method::Append, payload, ttl).await;
+        let r = self
+            .conn
+            .call(Method::Append, payload, ttl, Some(&mut self.pipe))
+            .await;
         self.last_ok_sent = match &r {
             Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)) => {
                 self.acked.record(self.conn.target, term, now);
@@ -537,6 +656,7 @@ impl RaftNetwork<TypeConfig> for Peer {
                 Method::Snapshot,
                 codec::encode_snapshot(rpc),
                 option.hard_ttl(),
+                None,
             )
             .await
     }
@@ -547,7 +667,12 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
         self.conn
-            .call(Method::Vote, codec::encode_control(&rpc), option.hard_ttl())
+            .call(
+                Method::Vote,
+                codec::encode_control(&rpc),
+                option.hard_ttl(),
+                None,
+            )
             .await
     }
 }

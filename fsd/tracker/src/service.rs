@@ -541,13 +541,27 @@ impl RaftService {
         req: Request<pb::RaftMessage>,
         decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
     ) -> Result<T, Status> {
-        let msg = req.into_inner();
-        check_header(msg.header.as_ref(), &self.tracker.cluster.get())?;
-        decode(&msg.payload).map_err(|e| match e {
-            CodecError::Format1 => Status::failed_precondition(e.to_string()),
-            _ => Status::invalid_argument(format!("bad raft payload: {e}")),
-        })
+        decode_message(&self.tracker, req.into_inner(), decode)
     }
+}
+
+/// Checks `msg`'s header and decodes its payload (see `codec`).
+fn decode_message<T>(
+    tracker: &Tracker,
+    msg: pb::RaftMessage,
+    decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
+) -> Result<T, Status> {
+    check_header(msg.header.as_ref(), &tracker.cluster.get())?;
+    decode(&msg.payload).map_err(|e| match e {
+        CodecError::Format1 => Status::failed_precondition(e.to_string()),
+        _ => Status::invalid_argument(format!("bad raft payload: {e}")),
+    })
+}
+
+/// openraft's answer to one AppendEntries message, unary or on a stream.
+async fn answer_append(tracker: &Tracker, msg: pb::RaftMessage) -> Result<pb::RaftMessage, Status> {
+    let rpc = decode_message(tracker, msg, codec::decode_append)?;
+    encode(&tracker.raft().append_entries(rpc).await).map(Response::into_inner)
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
@@ -564,8 +578,32 @@ impl RaftTransport for RaftService {
         &self,
         req: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
-        let rpc = self.decode(req, codec::decode_append)?;
-        encode(&self.tracker.raft().append_entries(rpc).await)
+        answer_append(&self.tracker, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type AppendEntriesStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::RaftMessage, Status>> + Send>>;
+
+    /// Answers each request on the stream in turn, in this stream's own
+    /// task (no task per request); a bad message ends the stream with its
+    /// error, and the leader opens another.
+    async fn append_entries_stream(
+        &self,
+        req: Request<Streaming<pb::RaftMessage>>,
+    ) -> Result<Response<Self::AppendEntriesStreamStream>, Status> {
+        let inbound = req.into_inner();
+        let tracker = self.tracker.clone();
+        let replies = futures::stream::unfold(Some((inbound, tracker)), |open| async move {
+            let (mut inbound, tracker) = open?;
+            // The leader closed it or went away: nothing to answer.
+            let msg = inbound.message().await.ok()??;
+            let reply = answer_append(&tracker, msg).await;
+            let next = reply.is_ok().then_some((inbound, tracker));
+            Some((reply, next))
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn vote(
