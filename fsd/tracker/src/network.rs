@@ -268,7 +268,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             behind: Arc::default(),
             sent: Arc::default(),
             acked: self.acked.clone(),
-            pipe: Pipe::Closed,
+            pipe: if streams_on() {
+                Pipe::Closed
+            } else {
+                Pipe::Unary
+            },
         }
     }
 }
@@ -353,9 +357,16 @@ enum Pipe {
         requests: mpsc::Sender<RaftMessage>,
         replies: Box<tonic::Streaming<RaftMessage>>,
     },
-    /// The peer answered UNIMPLEMENTED (a member of an older version):
-    /// unary calls from now on.
+    /// Unary calls: the peer answered UNIMPLEMENTED (a member of an older
+    /// version), or streams are off (see [`streams_on`]).
     Unary,
+}
+
+/// Whether AppendEntries go on streams: off unless `FAILSAFE_RAFT_STREAM=1`
+/// is in fsd's environment, until a chaos CI failure seen once with them on
+/// (leader-kills: one save answered ENOENT) is understood.
+fn streams_on() -> bool {
+    std::env::var_os("FAILSAFE_RAFT_STREAM").is_some_and(|v| v == "1")
 }
 
 /// Why an exchange with a peer brought no answer.
