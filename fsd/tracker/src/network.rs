@@ -362,11 +362,11 @@ enum Pipe {
     Unary,
 }
 
-/// Whether AppendEntries go on streams: off unless `FAILSAFE_RAFT_STREAM=1`
-/// is in fsd's environment, until a chaos CI failure seen once with them on
-/// (leader-kills: one save answered ENOENT) is understood.
+/// Whether AppendEntries go on streams: yes unless `FAILSAFE_RAFT_STREAM=0`
+/// is in fsd's environment (for comparing the two ways, and a way back
+/// should a stream misbehave somewhere).
 fn streams_on() -> bool {
-    std::env::var_os("FAILSAFE_RAFT_STREAM").is_some_and(|v| v == "1")
+    std::env::var_os("FAILSAFE_RAFT_STREAM").is_none_or(|v| v != "0")
 }
 
 /// Why an exchange with a peer brought no answer.
