@@ -1916,6 +1916,23 @@ impl Core {
         self.client.listing_ttl(self.t(dir))
     }
 
+    /// How long the kernel may keep the names readdirplus gives it from
+    /// the listing opened as `fh` (of directory `dir`): as long as
+    /// [`Core::listing_ttl`] while that listing is still the one cached
+    /// now, else nothing. A listing opened before a change in the directory
+    /// still names what the change moved or removed (a temp file renamed
+    /// over a page, by the inode that is now the page's): given a lease,
+    /// the kernel would keep that name for it, and a later `open(O_CREAT)`
+    /// of the temp name would open the page, or a rename of it fail.
+    pub(crate) fn opened_listing_ttl(&self, fh: u64, dir: u64) -> Duration {
+        let Some(source) = locked(&self.dirs).get(&fh).map(|d| d.source.clone()) else {
+            return Duration::ZERO;
+        };
+        let kernel_gen = self.behind.as_ref().map_or(0, |b| b.kernel_gen());
+        self.client
+            .listing_ttl_if(self.t(dir), |l| source.is(l, kernel_gen))
+    }
+
     pub(crate) fn dir_entries(&self, fh: u64) -> Option<Listing> {
         locked(&self.dirs).get(&fh).map(|d| d.entries.clone())
     }

@@ -1597,3 +1597,48 @@ async fn t40_an_append_lands_whole_though_the_kernel_cuts_it() {
         "one\ntwo\n"
     );
 }
+
+/// A listing opened before a change in the directory and read after it
+/// (readdirplus from the handle's snapshot) must not leave the kernel
+/// holding a name the change moved: here the temp file renamed over the
+/// page, by the inode that is now the page's. Were that name leased to the
+/// kernel, the next save's `open(O_CREAT|O_TRUNC)` of the temp name would
+/// open the page itself and empty it, and its rename would do nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn t41_a_listing_read_after_a_rename_gives_the_kernel_no_stale_name() {
+    let env = Env::start(1).await;
+    let m = &env.mounts[0];
+    let pages = m.p("pages");
+    fs::create_dir(&pages).unwrap();
+    fs::write(pages.join("page.txt"), b"v0").unwrap();
+    for round in 1..=3u32 {
+        let text = format!("v{round}");
+        let tmp = pages.join(".page.txt.tmp");
+        fs::write(&tmp, text.as_bytes()).unwrap();
+        // Opened with the temp file in it, read after its rename.
+        let listing = fs::read_dir(&pages).unwrap();
+        fs::rename(&tmp, pages.join("page.txt")).unwrap();
+        let names: Vec<_> = listing.map(|e| e.unwrap().file_name()).collect();
+        assert!(!names.is_empty());
+        // The next save's temp file is a new file: the page keeps its text.
+        let mut next = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .unwrap();
+        next.write_all(b"next").unwrap();
+        drop(next);
+        assert_eq!(
+            fs::read_to_string(pages.join("page.txt")).unwrap(),
+            text,
+            "round {round}: creating the temp file left the page alone"
+        );
+        fs::remove_file(&tmp).unwrap();
+        assert_eq!(
+            fs::read_to_string(pages.join("page.txt")).unwrap(),
+            text,
+            "round {round}: removing the temp file left the page alone"
+        );
+    }
+}

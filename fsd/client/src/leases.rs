@@ -709,13 +709,23 @@ impl Client {
     /// How long the kernel may keep names from `dir`'s listing: the rest of
     /// the lease while the whole listing is cached, else nothing.
     pub fn listing_ttl(&self, dir: u64) -> Duration {
+        self.listing_ttl_if(dir, |_| true)
+    }
+
+    /// [`Client::listing_ttl`], if the listing cached now is one `same`
+    /// accepts (the one a reader took its names from), else nothing.
+    pub fn listing_ttl_if(
+        &self,
+        dir: u64,
+        same: impl FnOnce(&Arc<Vec<pb::DirEntry>>) -> bool,
+    ) -> Duration {
         let Some(c) = self.lease_cache() else {
             return Duration::ZERO;
         };
         let view = lock(&c.view);
         let now = c.now();
-        match view.get(dir, now) {
-            Some(d) if d.listing.is_some() => Duration::from_millis(view.remaining(now)),
+        match view.get(dir, now).and_then(|d| d.listing.as_ref()) {
+            Some(l) if same(l) => Duration::from_millis(view.remaining(now)),
             _ => Duration::ZERO,
         }
     }
