@@ -36,6 +36,24 @@ pub struct Cached {
     pub listing: Option<Arc<Vec<pb::DirEntry>>>,
 }
 
+impl Cached {
+    /// Adds what a revalidation brings back to what was cached since the
+    /// new stream came up (read under it, so as current): that stays, names
+    /// the kernel was given meanwhile among it, so that a later change of
+    /// the directory still tells the kernel to drop them.
+    fn take_back(&mut self, back: Cached) {
+        if self.attr.is_none() {
+            self.attr = back.attr;
+        }
+        for (name, ino) in back.names {
+            self.names.entry(name).or_insert(ino);
+        }
+        if self.extents.is_none() {
+            self.extents = back.extents;
+        }
+    }
+}
+
 /// What an invalidation (or this mount's own change) took away: each inode
 /// with what was cached for it. The owner tells the kernel, then answers on
 /// the channel, if one is given, so the leader hears the acknowledgement.
@@ -943,7 +961,8 @@ async fn revalidate(client: Client, cache: Arc<LeaseCache>, term: u64, held: Vec
                                 continue;
                             };
                             let ok = granted && !list.refused.contains(ino);
-                            if view.offer(ticket, *ino, revalidated(old, attr), ok, now) {
+                            let back = revalidated(old, attr);
+                            if view.offer_with(ticket, *ino, ok, now, |cur| cur.take_back(back)) {
                                 again += 1;
                             }
                         }

@@ -362,11 +362,13 @@ enum Pipe {
     Unary,
 }
 
-/// Whether AppendEntries go on streams: yes unless `FAILSAFE_RAFT_STREAM=0`
-/// is in fsd's environment (for comparing the two ways, and a way back
-/// should a stream misbehave somewhere).
+/// Whether AppendEntries go on streams: off unless `FAILSAFE_RAFT_STREAM=1`
+/// is in fsd's environment. With them on, a member restarted after the
+/// leader compacted its log sometimes never catches up (fsd failover t41
+/// under CPU load: 1 of 4 runs stuck for 90 s; 0 of 6 with them off), and
+/// the chaos CI set's leader-kills failed once; not understood yet.
 fn streams_on() -> bool {
-    std::env::var_os("FAILSAFE_RAFT_STREAM").is_none_or(|v| v != "0")
+    std::env::var_os("FAILSAFE_RAFT_STREAM").is_some_and(|v| v == "1")
 }
 
 /// Why an exchange with a peer brought no answer.
