@@ -1800,7 +1800,7 @@ impl Core {
         let tino = self.k(ino).await?;
         self.settle(tino).await;
         let listing = self.client.list_leased(tino).await.map_err(err)?.value;
-        let kernel_gen = self.behind.as_ref().map_or(0, |b| b.kernel_gen());
+        let kernel_gen = self.kernel_gen();
         let source = ListingSource {
             listing: Arc::downgrade(&listing),
             kernel_gen,
@@ -1916,19 +1916,29 @@ impl Core {
         self.client.listing_ttl(self.t(dir))
     }
 
+    /// How many times the kernel's numbers for flushed inodes have changed
+    /// (write-behind; 0 without it): a listing mapped at another count
+    /// names what the kernel no longer knows by those numbers.
+    fn kernel_gen(&self) -> u64 {
+        self.behind.as_ref().map_or(0, |b| b.kernel_gen())
+    }
+
     /// How long the kernel may keep the names readdirplus gives it from
-    /// the listing opened as `fh` (of directory `dir`): as long as
-    /// [`Core::listing_ttl`] while that listing is still the one cached
-    /// now, else nothing. A listing opened before a change in the directory
+    /// the listing opened as `fh`: as long as [`Core::listing_ttl`] while
+    /// that listing is still the one cached now, else nothing. A listing opened before a change in the directory
     /// still names what the change moved or removed (a temp file renamed
     /// over a page, by the inode that is now the page's): given a lease,
     /// the kernel would keep that name for it, and a later `open(O_CREAT)`
     /// of the temp name would open the page, or a rename of it fail.
-    pub(crate) fn opened_listing_ttl(&self, fh: u64, dir: u64) -> Duration {
-        let Some(source) = locked(&self.dirs).get(&fh).map(|d| d.source.clone()) else {
+    pub(crate) fn opened_listing_ttl(&self, fh: u64) -> Duration {
+        // An opened listing starts with its directory's `.`.
+        let Some((dir, source)) = locked(&self.dirs)
+            .get(&fh)
+            .and_then(|d| Some((d.entries.first()?.0, d.source.clone())))
+        else {
             return Duration::ZERO;
         };
-        let kernel_gen = self.behind.as_ref().map_or(0, |b| b.kernel_gen());
+        let kernel_gen = self.kernel_gen();
         self.client
             .listing_ttl_if(self.t(dir), |l| source.is(l, kernel_gen))
     }

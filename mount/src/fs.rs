@@ -823,7 +823,7 @@ impl Filesystem for Fs {
             // Once per reply: a change to the directory after this point
             // waits for the reply (the kernel's invalidation of a name
             // takes the directory's lock, which this readdir holds).
-            let listing_ttl = c.opened_listing_ttl(fh.0, entries.first().map_or(0, |e| e.0));
+            let listing_ttl = c.opened_listing_ttl(fh.0);
             // The kernel's clock for these names starts after this.
             let sent = Instant::now();
             let mut least_ttl = listing_ttl;
